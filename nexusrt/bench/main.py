@@ -1,0 +1,85 @@
+"""``nexusrt-bench``: measure one layer of the runtime on this machine.
+
+Each stage is a module ``nexusrt.bench.<stage>`` with ``add_arguments(parser)``,
+``run(args) -> dict`` (the JSON result) and ``render(result) -> str`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+STAGES = {
+    "detect": "device, profile, features and boot phase times",
+    "memory": "page map costs, arena vs cuMemAlloc, copy bandwidths",
+    "scheduler": "launch, graph-node and doorbell costs, vs PyTorch",
+    "kernels": "each decode kernel alone, as GB/s and % of measured bandwidth",
+    "decode": "ms per token against the floor and PyTorch peers",
+    "load": "weight loading speed per path against plain file reads",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexusrt-bench",
+        description="Measure NexusRT on this machine. Every figure is measured here, in this run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="stages:\n" + "\n".join(f"  {k:<10} {v}" for k, v in STAGES.items()),
+    )
+    parser.add_argument("--stage", default="detect", choices=sorted(STAGES), metavar="STAGE",
+                        help="what to measure (default: detect); see the list below")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--profile", default="auto", help="hardware profile name or 'auto' (default)")
+    parser.add_argument("--backend", choices=("cpu", "cuda"), default=None,
+                        help="force a backend (default: NEXUSRT_BACKEND, else probe)")
+    for stage in STAGES:
+        module = _stage_module(stage)
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(parser)
+    return parser
+
+
+def _stage_module(stage: str):
+    try:
+        return importlib.import_module(f"nexusrt.bench.{stage}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"nexusrt.bench.{stage}":
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = _stage_module(args.stage)
+    if module is None:
+        print(f"nexusrt-bench: stage {args.stage!r} is not available in this build", file=sys.stderr)
+        return 2
+    from ..errors import NexusRTError
+
+    try:
+        result = module.run(args)
+    except (NexusRTError, ValueError, FileNotFoundError) as exc:
+        print(f"nexusrt-bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        from .. import firmware
+
+        firmware.shutdown()
+    if args.json:
+        print(json.dumps(result, indent=2, default=_json_default))
+    else:
+        print(module.render(result))
+    return 0
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The errors NexusRT raises. Every failure a user can cause or meet has a type here."""
+
+from __future__ import annotations
+
+
+class NexusRTError(RuntimeError):
+    """Base class of every error NexusRT raises on purpose."""
+
+
+class NotInitialized(NexusRTError):
+    """A runtime API was called before ``nrt.firmware.init()``."""
+
+    def __init__(self, what: str = "this call"):
+        super().__init__(
+            f"{what} needs the runtime: call nrt.firmware.init() first "
+            "(e.g. `import nexusrt as nrt; nrt.firmware.init(profile=\"auto\")`)"
+        )
+
+
+class BackendUnavailable(NexusRTError):
+    """The requested backend cannot run on this machine (e.g. NEXUSRT_BACKEND=cuda without a driver)."""
+
+
+class CudaError(NexusRTError):
+    """A CUDA driver call failed. Carries the call, the error name and the driver's description."""
+
+    def __init__(self, call: str, code: int, name: str, text: str):
+        self.call, self.code, self.name, self.text = call, code, name, text
+        super().__init__(f"{call} failed: {name} ({code}): {text}")
+
+
+class CompileError(NexusRTError):
+    """NVRTC rejected a kernel source. Carries the file, the options and the compiler log."""
+
+    def __init__(self, source_name: str, options: list[str], log: str):
+        self.source_name, self.options, self.log = source_name, list(options), log
+        super().__init__(
+            f"NVRTC could not compile {source_name}\n"
+            f"options: {' '.join(options)}\n"
+            f"log:\n{log.strip()}"
+        )
+
+
+class OutOfMemory(NexusRTError, MemoryError):
+    """The arena cannot satisfy a request. States what was asked for and what was available."""
+
+    def __init__(self, requested: int, available: int, where: str = "device arena"):
+        self.requested, self.available = requested, available
+        super().__init__(
+            f"out of memory in the {where}: requested {requested} bytes, "
+            f"{available} bytes available"
+        )
+
+
+class ProfileMismatch(NexusRTError):
+    """A named hardware profile contradicts the device that was found."""
+
+
+class ModelError(NexusRTError):
+    """A checkpoint, config or tokenizer is missing, malformed or unsupported."""
+
+
+class SchedulerError(NexusRTError):
+    """Submitted work failed or a barrier timed out."""

@@ -1,0 +1,61 @@
+"""The firmware layer: boot, device and profile, checked driver calls, streams, doorbells.
+
+>>> import nexusrt as nrt
+>>> dev = nrt.firmware.init(profile="auto")   # CUDA when a GPU answers, else the CPU
+>>> dev.profile.name, dev.backend
+"""
+
+from __future__ import annotations
+
+from .. import runtime as _runtime
+from .boot import PHASES, boot, shutdown
+from .device import Device
+from .doorbell import Doorbell
+from .profile import HardwareProfile, profile_names
+from .streams import Event, Stream, StreamPool
+
+
+def init(profile: str = "auto", backend: str | None = None, device: int = 0,
+         arena_bytes: int | None = None) -> Device:
+    """Boot the runtime and return the :class:`Device`.
+
+    Parameters
+    ----------
+    profile : ``"auto"`` reads the hardware off the device; a name (``h100``, ``a100``,
+        ``h200``, ``l4``, ``t4``, ``p100``, ``cpu``) must match the device found.
+    backend : ``"cuda"`` or ``"cpu"``; default from ``NEXUSRT_BACKEND``, else probed.
+    device : CUDA device ordinal.
+    arena_bytes : virtual range the memory arena reserves (default: the device memory).
+
+    Calling ``init`` again while running returns the running device.
+    """
+    if _runtime.is_initialized():
+        return _runtime.current().device
+    return boot(profile=profile, backend=backend, device=device, arena_bytes=arena_bytes).device
+
+
+def runtime():
+    """The running :class:`~nexusrt.runtime.Runtime` (raises before init)."""
+    return _runtime.current("nrt.firmware.runtime()")
+
+
+def doorbell(name: str = "doorbell") -> Doorbell:
+    """A new doorbell on the running device; released at shutdown."""
+    rt = _runtime.current("nrt.firmware.doorbell()")
+    bell = Doorbell(rt.backend, name)
+    rt.closers.append(bell.close)
+    return bell
+
+
+def stream(role: str = "compute") -> Stream:
+    """The pool's stream for ``role`` (compute, compute_high, h2d, d2h, control)."""
+    return _runtime.current("nrt.firmware.stream()").streams[role]
+
+
+def event(timing: bool = True) -> Event:
+    """A new event on the running device."""
+    return Event(_runtime.current("nrt.firmware.event()").backend, timing)
+
+
+__all__ = ["init", "shutdown", "runtime", "doorbell", "stream", "event", "Device",
+           "Doorbell", "Event", "Stream", "StreamPool", "HardwareProfile", "profile_names", "PHASES"]

@@ -1,0 +1,135 @@
+"""Loaded kernels and their launches.
+
+A :class:`Kernel` knows its parameter types (a short signature such as ``"ptr ptr i32
+f32"``), so an :class:`ArgPack` can build the ``void*[]`` argument array once and a hot
+path only rewrites the fields that change before each ``cuLaunchKernel``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from ..firmware.driver import call, cu
+
+CTYPES = {
+    "ptr": ctypes.c_uint64,
+    "i32": ctypes.c_int32,
+    "u32": ctypes.c_uint32,
+    "i64": ctypes.c_int64,
+    "u64": ctypes.c_uint64,
+    "f32": ctypes.c_float,
+}
+
+
+def parse_signature(signature: str) -> list[type]:
+    types = []
+    for word in signature.split():
+        if word not in CTYPES:
+            raise ValueError(f"unknown kernel parameter type {word!r}: use {', '.join(CTYPES)}")
+        types.append(CTYPES[word])
+    return types
+
+
+class ArgPack:
+    """Kernel arguments laid out once as ctypes values plus a ``void*[]`` that points at them."""
+
+    def __init__(self, types: list[type], values=()):
+        self.values = [t() for t in types]
+        self.array = (ctypes.c_void_p * max(1, len(types)))(
+            *[ctypes.addressof(v) for v in self.values])
+        self.address = ctypes.addressof(self.array)
+        if values:
+            self.set(*values)
+
+    def set(self, *values) -> "ArgPack":
+        if len(values) != len(self.values):
+            raise ValueError(f"kernel takes {len(self.values)} arguments, got {len(values)}")
+        for slot, v in zip(self.values, values):
+            slot.value = _raw(v)
+        return self
+
+    def __setitem__(self, i: int, value) -> None:
+        self.values[i].value = _raw(value)
+
+
+def _raw(v):
+    ptr = getattr(v, "ptr", None)  # tensors pass their device address
+    return int(ptr) if ptr is not None else v
+
+
+class Kernel:
+    """One ``extern "C"`` kernel of a loaded library."""
+
+    def __init__(self, library: "Library", name: str, signature: str):
+        self.library, self.name = library, name
+        self.types = parse_signature(signature)
+        self.handle = call("cuLibraryGetKernel", library.handle, name.encode())
+        self.function = call("cuKernelGetFunction", self.handle)
+
+    def pack(self, *values) -> ArgPack:
+        return ArgPack(self.types, values)
+
+    def set_max_dynamic_shared(self, nbytes: int, device) -> None:
+        """Opt in to more than 48 KiB of dynamic shared memory."""
+        attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        call("cuKernelSetAttribute", attr, int(nbytes), self.handle, device)
+
+    def launch(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0) -> None:
+        """Launch on ``stream`` (a Stream, a raw handle or None for the legacy stream)."""
+        pack = args if isinstance(args, ArgPack) else self.pack(*args)
+        gx, gy, gz = _dim3(grid)
+        bx, by, bz = _dim3(block)
+        call("cuLaunchKernel", self.function, gx, gy, gz, bx, by, bz, int(shared),
+             _stream_handle(stream), pack.address, 0)
+
+    def launch_cluster(self, grid, block, cluster, args: "ArgPack | tuple", stream=None,
+                       shared: int = 0) -> None:
+        """Launch with a thread-block cluster shape (sm_90+) through ``cuLaunchKernelEx``."""
+        pack = args if isinstance(args, ArgPack) else self.pack(*args)
+        drv = cu()
+        config = drv.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = _dim3(grid)
+        config.blockDimX, config.blockDimY, config.blockDimZ = _dim3(block)
+        config.sharedMemBytes = int(shared)
+        config.hStream = _stream_handle(stream)
+        attr = drv.CUlaunchAttribute()
+        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        cx, cy, cz = _dim3(cluster)
+        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cx, cy, cz
+        config.attrs = [attr]
+        config.numAttrs = 1
+        call("cuLaunchKernelEx", config, self.function, pack.address, 0)
+
+
+def _dim3(d) -> tuple[int, int, int]:
+    if isinstance(d, int):
+        return d, 1, 1
+    d = tuple(int(x) for x in d)
+    return (d + (1, 1, 1))[:3]
+
+
+def _stream_handle(stream):
+    if stream is None:
+        return 0
+    return getattr(stream, "handle", stream)
+
+
+class Library:
+    """A cubin loaded with ``cuLibraryLoadData``; kernels are looked up by name."""
+
+    def __init__(self, cubin: bytes, name: str):
+        self.name = name
+        self.handle = call("cuLibraryLoadData", cubin, [], [], 0, [], [], 0)
+        self._kernels: dict[str, Kernel] = {}
+
+    def kernel(self, name: str, signature: str) -> Kernel:
+        k = self._kernels.get(name)
+        if k is None:
+            k = self._kernels[name] = Kernel(self, name, signature)
+        return k
+
+    def unload(self) -> None:
+        if self.handle is not None:
+            call("cuLibraryUnload", self.handle)
+            self.handle = None
+            self._kernels.clear()

@@ -1,0 +1,1 @@
+"""The memory layer (being written): the arena, tensors, pinned buffers, copies, stats."""

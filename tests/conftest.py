@@ -1,0 +1,42 @@
+"""Shared fixtures. GPU tests carry ``@pytest.mark.gpu`` and skip where no GPU answers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nexusrt.firmware.detect import probe_driver
+
+_GPU_OK, _GPU_REASON, _ = probe_driver() if os.environ.get("NEXUSRT_BACKEND") != "cpu" else (False, "NEXUSRT_BACKEND=cpu", 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if _GPU_OK:
+        return
+    skip = pytest.mark.skip(reason=f"no GPU: {_GPU_REASON}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def cpu_rt():
+    """A runtime on the CPU backend, shut down (and audited by its users) afterwards."""
+    import nexusrt as nrt
+
+    nrt.firmware.shutdown()
+    nrt.firmware.init(backend="cpu")
+    yield nrt.firmware.runtime()
+    nrt.firmware.shutdown()
+
+
+@pytest.fixture
+def gpu_rt():
+    """A runtime on the CUDA backend (use with ``@pytest.mark.gpu``)."""
+    import nexusrt as nrt
+
+    nrt.firmware.shutdown()
+    nrt.firmware.init(backend="cuda")
+    yield nrt.firmware.runtime()
+    nrt.firmware.shutdown()

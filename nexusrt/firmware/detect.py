@@ -30,6 +30,10 @@ def probe_driver() -> tuple[bool, str, int]:
         from cuda.bindings import driver as cu
     except Exception as exc:  # bindings missing or broken
         return False, f"cuda.bindings not importable: {exc}", 0
+    # Load kernels when their library loads, not at first use: a lazy load must wait for
+    # the device to go idle, so it deadlocks behind a stream that waits on a doorbell
+    # (seen on the H100: cuKernelGetFunction hung behind cuStreamWaitValue32).
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     try:
         (err,) = cu.cuInit(0)
     except Exception as exc:  # no libcuda: the bindings raise instead of returning

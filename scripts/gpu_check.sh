@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The full GPU check, run on a machine with a GPU (the lent H100 via the device tool, or yours):
+#   bash scripts/gpu_check.sh [tests] [detect] [memory] [scheduler] [kernels] [decode] [load] [-- PYTEST_ARGS]
+# No stage names = all of them. Logs go to $OUT (default ./out): one file per stage, and a summary printed last.
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export NEXUSRT_CACHE_DIR=${NEXUSRT_CACHE_DIR:-/tmp/nexusrt-kernels}
+stages=() pytest_args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; pytest_args=("$@"); break; fi
+  stages+=("$1"); shift
+done
+[ ${#stages[@]} -gt 0 ] || stages=(detect tests memory scheduler kernels decode load)
+summary=()
+run_stage() {  # name, command...
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-110)")")
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >"$OUT/card.txt" 2>&1
+for s in "${stages[@]}"; do
+  case $s in
+    tests) run_stage tests python3 -m pytest -m gpu -q -rs -p no:cacheprovider --timeout=300 "${pytest_args[@]}" ;;
+    detect|memory|scheduler|kernels) run_stage "$s" python3 -m nexusrt.bench.main --stage "$s" ;;
+    decode) run_stage decode python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.2-1b
+            run_stage decode8b python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.1-8b ;;
+    load) run_stage load python3 -m nexusrt.bench.main --stage load --model synthetic:llama-3.1-8b ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+cat "$OUT/card.txt"
+printf '%s\n' "${summary[@]}"

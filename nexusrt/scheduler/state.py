@@ -1,0 +1,190 @@
+"""The scheduler that lives on the runtime (``rt.scheduler``): submissions and barriers.
+
+It validates graphs against the device, hands plans to the backend's engine (CUDA streams
+or the CPU queue), remembers which stage is where on which stream, and turns what goes
+wrong while waiting into a :class:`~nexusrt.errors.SchedulerError` naming the stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+
+from ..errors import CudaError, SchedulerError
+from .contract import StageContract
+from .graph import Plan, TaskGraph
+
+# Completed records are dropped once a stream has this many outstanding, so a caller that
+# never waits does not grow the bookkeeping without bound.
+_PRUNE_AT = 4096
+
+
+def device_free_bytes(rt) -> tuple[int | None, str]:
+    """What the device can still give a stage, and where the number came from.
+
+    Prefers the arena's own accounting (what a new allocation could still get); falls back
+    to the profile's total memory.
+    """
+    arena = getattr(rt, "arena", None)
+    if arena is not None:
+        for source in (arena, getattr(arena, "core", None), _call(getattr(arena, "stats", None))):
+            for key in ("available_bytes", "free_bytes"):
+                value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+                value = _call(value)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return int(value), f"arena {key}"
+    total = getattr(getattr(rt, "profile", None), "memory_bytes", 0)
+    if total:
+        return int(total), "device memory in the profile"
+    return None, "unknown"
+
+
+def _call(v):
+    try:
+        return v() if callable(v) else v
+    except Exception:  # a stats call that fails just means no figure from there
+        return None
+
+
+def as_graph(x) -> TaskGraph:
+    """A StageContract, a TaskGraph or an iterable of stages, as a TaskGraph."""
+    if isinstance(x, TaskGraph):
+        return x
+    if isinstance(x, StageContract):
+        return TaskGraph([x], name=x.name)
+    try:
+        stages = list(x)
+    except TypeError:
+        raise TypeError(f"expected a stage, a TaskGraph or a list of stages, got {type(x).__name__}") from None
+    return TaskGraph(stages)
+
+
+class Scheduler:
+    """Submissions and barriers for one runtime."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        if rt.is_cuda:
+            from .cuda import CudaEngine
+
+            self.engine = CudaEngine(rt)
+        else:
+            from .cpu import CpuEngine
+
+            self.engine = CpuEngine(rt)
+        self.inflight: dict[str, deque] = defaultdict(deque)  # role -> (seq, stage, gate value)
+        self.last: dict[str, tuple[str, int]] = {}  # stage name -> (role, seq) of its latest submission
+        self.captured: list = []
+
+    # -- submission ---------------------------------------------------------------------------
+    def plan(self, x) -> Plan:
+        """Validate ``x`` against this runtime and return the plan, submitting nothing."""
+        free, source = device_free_bytes(self.rt)
+        return as_graph(x).validate(self.rt.backend, free, source, known=self.last.keys())
+
+    def submit(self, x) -> Plan:
+        plan = self.plan(x)
+        self.enqueue(plan)
+        return plan
+
+    def enqueue(self, plan: Plan, args_override: dict | None = None) -> None:
+        # "Next ring" gates are resolved before anything is enqueued: a stage of this same
+        # submission that rings the bell must not move the target of a waiter listed after it.
+        gates = {it.index: self.gate_value(it.stage) for it in plan.items if it.stage.gate is not None}
+        seqs = self.engine.enqueue(plan, gates, self.last, args_override)
+        for it, seq in zip(plan.items, seqs):
+            q = self.inflight[it.role]
+            q.append((seq, it.stage, gates.get(it.index)))
+            self.last[it.name] = (it.role, seq)
+            if len(q) > _PRUNE_AT:
+                self._prune(it.role)
+
+    @staticmethod
+    def gate_value(stage) -> int:
+        bell, value = stage.gate
+        return bell.count + 1 if value is None else int(value)
+
+    def _prune(self, role: str) -> None:
+        done, q = self.engine.completed(role), self.inflight[role]
+        while q and q[0][0] <= done:
+            q.popleft()
+
+    # -- barriers -----------------------------------------------------------------------------
+    def wait_barrier(self, name: str | None = None, timeout_ms: float | None = None) -> None:
+        """Wait for stage ``name`` (its latest submission) or for everything submitted."""
+        if timeout_ms is not None and timeout_ms < 0:
+            raise ValueError(f"timeout_ms must be non-negative or None, got {timeout_ms}")
+        deadline = None if timeout_ms is None else time.perf_counter() + timeout_ms / 1e3
+        if name is not None and name not in self.last:
+            raise ValueError(f"no stage named {name!r} was submitted")
+        what = "everything submitted" if name is None else f"stage {name!r}"
+        try:
+            if self.rt.is_cuda:
+                if name is None:
+                    self.engine.wait_all(deadline)
+                else:
+                    self.engine.wait(*self.last[name], deadline)
+            else:
+                self.engine.run(None if name is None else self.last[name], deadline)
+        except TimeoutError:
+            raise self._timeout_error(what, timeout_ms) from None
+        except CudaError as exc:
+            raise self._fault_error(what, exc) from exc
+        finally:
+            for role in list(self.inflight):
+                self._prune(role)
+
+    def _unfinished(self) -> list[tuple[str, int, object, int | None]]:
+        """(role, seq, stage, gate value) of the first unfinished stage on each stream."""
+        out = []
+        for role, q in self.inflight.items():
+            done = self.engine.completed(role)
+            for seq, stage, gate in q:
+                if seq > done:
+                    out.append((role, seq, stage, gate))
+                    break
+        return out
+
+    def _timeout_error(self, what: str, timeout_ms) -> SchedulerError:
+        parts, left = [], self._unfinished()
+        for role, _, stage, gate in left:
+            text = f"stage {stage.name!r} on stream {role!r}"
+            if gate is not None and stage.gate[0].value < gate:
+                bell = stage.gate[0]
+                text += f" (gated on doorbell {bell.name!r}: waits for {gate}, it is at {bell.value})"
+            parts.append(text)
+        still = "; still running: " + ", ".join(parts) if parts else ""
+        err = SchedulerError(f"wait_barrier timed out after {timeout_ms} ms waiting for {what}{still}")
+        err.stage = left[0][2].name if left else None
+        return err
+
+    def _fault_error(self, what: str, exc: CudaError) -> SchedulerError:
+        # After a fault the context is broken: the progress words are all we can still read,
+        # and they say which stage on each stream did not finish.
+        left = self._unfinished()
+        if len(left) == 1:
+            role, _, stage, _ = left[0]
+            msg = f"stage {stage.name!r} on stream {role!r} failed"
+        elif left:
+            names = ", ".join(f"{s.name!r} ({r})" for r, _, s, _ in left)
+            msg = f"a stage failed; the first unfinished stage on each stream: {names}"
+        else:
+            msg = "work outside the scheduler's stages failed (a replayed graph or a raw launch)"
+        err = SchedulerError(f"{msg} while waiting for {what}: {exc} (the CUDA context is unusable now; "
+                             "restart the process)")
+        err.stage = left[0][2].name if left else None
+        return err
+
+    def pending(self) -> int:
+        """Stages submitted and not known to be finished."""
+        return sum(1 for role in self.inflight for seq, _, _ in self.inflight[role]
+                   if seq > self.engine.completed(role))
+
+    def close(self) -> None:
+        for g in list(self.captured):
+            g.close()
+        self.captured.clear()
+        self.engine.close()
+        self.inflight.clear()
+        self.last.clear()
+

@@ -1,0 +1,113 @@
+"""Helpers shared by the launchers: constants from ``cu/common.cuh``, argument checks, occupancy.
+
+Launchers accept tensors (anything with ``.ptr``, and ideally ``.shape``/``.dtype``) or raw
+device addresses (ints). Shapes are checked whenever the argument carries one; raw
+addresses can only be checked for alignment, so callers passing ints own the shapes.
+"""
+
+from __future__ import annotations
+
+PAGE_SIZE = 16  # tokens per KV-cache page; must equal NRT_PAGE_SIZE in cu/common.cuh
+
+# Epilogue flags, identical in gemv.cu and gemm.cu.
+FLAG_BIAS = 1
+FLAG_BIAS_BF16 = 2
+FLAG_RESIDUAL = 4
+FLAG_NORM = 8
+
+def dtype_name(dtype) -> str:
+    """The memory layer's dtype name (``bf16``, ``fp32``, ``int32``...) for any spelling."""
+    from ...memory.dtypes import resolve
+
+    try:
+        return resolve(getattr(dtype, "name", dtype) if not isinstance(dtype, str) else dtype).name
+    except (ValueError, TypeError):
+        return str(dtype)
+
+
+def ptr(t) -> int:
+    """The device address of a tensor, an int address as is, 0 for None."""
+    if t is None:
+        return 0
+    p = getattr(t, "ptr", t)
+    if not isinstance(p, int):
+        p = int(p)
+    return p
+
+
+def check_tensor(t, name: str, shape: tuple[int, ...] | None, dtype: str | None) -> None:
+    """Raise ValueError if ``t`` (when it carries shape/dtype) does not match."""
+    if t is None:
+        raise ValueError(f"{name} is required")
+    if ptr(t) == 0:
+        raise ValueError(f"{name} is a null device address")
+    tshape = getattr(t, "shape", None)
+    if shape is not None and tshape is not None:
+        tshape = tuple(int(s) for s in tshape)
+        if _numel(tshape) != _numel(shape) or (len(tshape) == len(shape) and tshape != tuple(shape)):
+            raise ValueError(f"{name} has shape {tshape}, expected {tuple(shape)}")
+    tdtype = getattr(t, "dtype", None)
+    if dtype is not None and tdtype is not None and dtype_name(tdtype) != dtype:
+        raise ValueError(f"{name} has dtype {dtype_name(tdtype)}, expected {dtype}")
+
+
+def check_aligned(t, name: str, align: int) -> None:
+    if ptr(t) % align:
+        raise ValueError(f"{name} at {ptr(t):#x} is not {align}-byte aligned")
+
+
+def check_positive(**dims: int) -> None:
+    for k, v in dims.items():
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{k} must be a positive int, got {v!r}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def bias_flags(bias, bias_dtype: str | None) -> int:
+    """Flags for an optional bias of dtype bf16 or f32 (read off the tensor when it has one)."""
+    if bias is None:
+        return 0
+    name = dtype_name(bias_dtype or getattr(bias, "dtype", None) or "")
+    if name == "bf16":
+        return FLAG_BIAS | FLAG_BIAS_BF16
+    if name == "fp32":
+        return FLAG_BIAS
+    raise ValueError(f"bias must be bf16 or fp32 (pass bias_dtype= with a raw address), got {name or 'unknown'}")
+
+
+def epilogue_flags(*, m: int, n: int, k: int, rows: int, bias, bias_dtype: str | None, residual,
+                   norm_weight) -> int:
+    """Check the optional epilogue operands of a GEMV/GEMM and return the kernel's flags."""
+    flags = bias_flags(bias, bias_dtype)
+    if bias is not None:
+        check_tensor(bias, "bias", (rows,), None)
+    if residual is not None:
+        check_tensor(residual, "residual", (m, n), "fp32")
+        flags |= FLAG_RESIDUAL
+    if norm_weight is not None:
+        check_tensor(norm_weight, "norm_weight", (k,), "fp32")
+        flags |= FLAG_NORM
+    return flags
+
+
+def sm_count(rt) -> int:
+    """SMs of the runtime's device (132 on an H100 SXM)."""
+    return int(getattr(rt.profile, "sm_count", 0) or 0) or 1
+
+
+def blocks_per_sm(kernel, threads: int, shared: int) -> int:
+    """Resident blocks per SM for ``kernel`` at this block size and dynamic shared memory."""
+    from ...firmware.driver import call
+
+    n = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared))
+    return max(1, int(n))

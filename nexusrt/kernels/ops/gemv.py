@@ -1,0 +1,174 @@
+"""Decode GEMV launcher: ``y[M, N] = W[N, K] . x[M, K]`` (fp32 out, bf16 W, fp32 x), M <= 8.
+
+Epilogues: ``+ bias`` (bf16/fp32 [N]), ``+ residual`` (fp32 [M, N], may be ``y`` itself),
+fused input RMSNorm (``norm_weight`` fp32 [K]: x is normalised inside the kernel), and
+``gate_up`` (W is [2I, K], gate rows then up rows; y[M, I] = silu(gate) * up).
+
+Where N alone under-fills the chip or x does not fit in shared memory the kernel splits K;
+it then needs a zero-initialised workspace of :func:`plan_gemv` ``(...).workspace_bytes``
+(fp32 partials followed by int32 row counters that the kernel leaves at zero again, so one
+workspace serves every launch and graph replay of the same plan). Results are
+deterministic: the last split of a row sums the partials in split order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags,
+                     ptr, sm_count)
+from .spec import BenchCase, LaunchSpec
+
+SOURCE = "gemv"
+THREADS = 256
+WARPS = THREADS // 32
+SIGNATURE = "ptr ptr ptr ptr ptr ptr f32 i32 i32 i32 ptr ptr i32"
+MAX_M = 8
+SMEM_LIMIT = 48 * 1024  # staged x per block; above this K is split (no opt-in needed)
+WARP_TASKS_PER_SM = 16  # split K until about this many row-tasks per SM exist
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """How a GEMV shape is launched: kernel variant, split-K factor, smem and workspace."""
+
+    m: int
+    n: int  # outputs per token (I for gate_up)
+    k: int
+    gate_up: bool
+    mmax: int  # compiled token count (power of two >= m)
+    vec: int  # 8: 16-byte loads (K % 8 == 0); 1: scalar path
+    splits: int
+    chunks_per_split: int
+    shared: int  # dynamic shared memory bytes
+    workspace_bytes: int  # 0 when splits == 1
+
+    @property
+    def kernel_name(self) -> str:
+        return f"gemv_m{self.mmax}_{'gateup' if self.gate_up else 'rows'}_v{self.vec}"
+
+    @property
+    def rows(self) -> int:
+        """Rows of W read (2N for gate_up)."""
+        return self.n * (2 if self.gate_up else 1)
+
+    @property
+    def counters_offset(self) -> int:
+        return self.splits * self.m * self.rows * 4
+
+
+def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False, sms: int = 132,
+              splits: int | None = None) -> GemvPlan:
+    """Choose the variant and split-K factor for ``n`` outputs of length-``k`` rows, ``m`` tokens.
+
+    ``splits=None`` picks: the fewest splits whose x slice fits in shared memory, raised while
+    there are fewer than ``16 * sms`` row-tasks and every split keeps a full step of loads.
+    """
+    check_positive(n=n, k=k, m=m, sms=sms)
+    if m > MAX_M:
+        raise ValueError(f"gemv takes at most {MAX_M} tokens (m={m}); use gemm for prefill")
+    vec = 8 if k % 8 == 0 else 1
+    nchunks = k // vec
+    loads_per_step = 32 * (4 if gate_up else 8)  # chunks one warp covers per step and row
+    fit = ceil_div(m * k * 4, SMEM_LIMIT)  # splits needed for the x slice to fit
+    if splits is None:
+        want = ceil_div(WARP_TASKS_PER_SM * sms, n)
+        useful = max(1, nchunks // loads_per_step)
+        splits = max(fit, min(want, useful))
+    if not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be a positive int, got {splits!r}")
+    splits = min(splits, nchunks)
+    cps = ceil_div(nchunks, splits)
+    splits = ceil_div(nchunks, cps)  # no empty trailing split
+    shared = m * cps * vec * 4
+    if shared > SMEM_LIMIT:
+        raise ValueError(f"gemv: splits={splits} leaves {shared} bytes of x per block (limit {SMEM_LIMIT}); "
+                         f"use at least {fit} splits")
+    mmax = 1 << (m - 1).bit_length()
+    rows = n * (2 if gate_up else 1)
+    ws = 0 if splits == 1 else splits * m * rows * 4 + n * 4
+    return GemvPlan(m, n, k, gate_up, mmax, vec, splits, cps, shared, ws)
+
+
+def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str | None = None,
+         residual=None, norm_weight=None, eps: float = 1e-5, gate_up: bool = False,
+         workspace=None, splits: int | None = None) -> LaunchSpec:
+    """Launch spec for ``y = W . x`` with the optional epilogues (see the module docstring).
+
+    ``y`` fp32 [m, n]; ``w`` bf16 [n, k] ([2n, k] with ``gate_up``); ``x`` fp32 [m, k];
+    ``bias`` bf16/fp32 [n] ([2n] with gate_up); ``residual`` fp32 [m, n] (may be ``y``);
+    ``norm_weight`` fp32 [k]; ``workspace`` (zeroed, ``plan.workspace_bytes``) when the plan splits K.
+    """
+    plan = plan_gemv(n, k, m, gate_up=gate_up, sms=sm_count(rt), splits=splits)
+    rows = plan.rows
+    check_tensor(y, "y", (m, n), "fp32")
+    check_tensor(w, "w", (rows, k), "bf16")
+    check_tensor(x, "x", (m, k), "fp32")
+    flags = epilogue_flags(m=m, n=n, k=k, rows=rows, bias=bias, bias_dtype=bias_dtype, residual=residual,
+                           norm_weight=norm_weight)
+    if plan.vec == 8:
+        for t, name in ((w, "w"), (x, "x"), (norm_weight, "norm_weight")):
+            if t is not None:
+                check_aligned(t, name, 16)
+    ws_ptr = cnt_ptr = 0
+    if plan.splits > 1:
+        if workspace is None:
+            raise ValueError(f"gemv {n}x{k} (m={m}) splits K {plan.splits} ways and needs a zeroed "
+                             f"workspace of {plan.workspace_bytes} bytes (plan_gemv(...).workspace_bytes)")
+        nbytes = getattr(workspace, "nbytes", None)
+        if nbytes is not None and nbytes < plan.workspace_bytes:
+            raise ValueError(f"workspace has {nbytes} bytes, gemv needs {plan.workspace_bytes}")
+        ws_ptr = ptr(workspace)
+        cnt_ptr = ws_ptr + plan.counters_offset
+    kernel = rt.kernels.get(SOURCE, plan.kernel_name, SIGNATURE)
+    resident = blocks_per_sm(kernel, THREADS, plan.shared) * sm_count(rt)
+    grid_x = max(1, min(ceil_div(n, WARPS), resident // plan.splits))
+    args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
+                       float(eps), m, n, k, ws_ptr, cnt_ptr, flags)
+    return LaunchSpec(kernel, (grid_x, plan.splits, 1), (THREADS, 1, 1), args, plan.shared,
+                      name=f"{plan.kernel_name}[{n}x{k}]")
+
+
+def gemv_bytes(n: int, k: int, m: int = 1, *, gate_up: bool = False, residual: bool = False,
+               norm: bool = False) -> int:
+    """The fewest bytes a GEMV must move through DRAM: W once, x, y (and residual/norm weight)."""
+    rows = n * (2 if gate_up else 1)
+    return rows * k * 2 + m * k * 4 + m * n * 4 * (2 if residual else 1) + (k * 4 if norm else 0)
+
+
+def decode_shapes(config) -> list[tuple[str, int, int, dict]]:
+    """The GEMVs of one decode step: (name, n, k, epilogue kwargs) as the runner fuses them."""
+    h = config.hidden_size
+    d = config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    return [
+        ("qkv", qkv, h, {"norm": True}),
+        ("o", h, config.num_attention_heads * d, {"residual": True}),
+        ("gate_up", config.intermediate_size, h, {"norm": True, "gate_up": True}),
+        ("down", h, config.intermediate_size, {"residual": True}),
+        ("lm_head", config.vocab_size, h, {"norm": True}),
+    ]
+
+
+def bench_cases(rt, config) -> list[BenchCase]:
+    """Every decode GEMV of ``config`` at M=1, weights rotated so the L2 never holds them."""
+    from . import bench_util
+
+    cases = []
+    for name, n, k, opts in decode_shapes(config):
+        gate_up = opts.get("gate_up", False)
+        plan = plan_gemv(n, k, 1, gate_up=gate_up, sms=sm_count(rt))
+        weights = bench_util.random_weights(rt, (plan.rows, k))
+        x = bench_util.random_f32(rt, (1, k), seed=1)
+        y = bench_util.random_f32(rt, (1, n), seed=2)
+        norm_w = bench_util.random_f32(rt, (k,), seed=3, offset=1.0) if opts.get("norm") else None
+        ws = bench_util.zeros(rt, plan.workspace_bytes) if plan.splits > 1 else None
+        specs = [gemv(rt, y, w, x, n=n, k=k, gate_up=gate_up, norm_weight=norm_w,
+                      residual=y if opts.get("residual") else None, workspace=ws) for w in weights]
+        nbytes = gemv_bytes(n, k, gate_up=gate_up, residual=opts.get("residual", False),
+                            norm=opts.get("norm", False))
+        cases.append(BenchCase(
+            name=f"gemv {name} {plan.rows}x{k}", bytes_moved=nbytes, launch=bench_util.rotate(specs),
+            group="gemv", notes={"splits": plan.splits, "copies": len(weights), "kernel": plan.kernel_name,
+                                 "_keep": (weights, x, y, norm_w, ws)}))
+    return cases

@@ -1,0 +1,43 @@
+"""Every GEMV-family/elementwise kernel source compiles with NVRTC for sm_80 and sm_90a (no GPU needed)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from nexusrt.kernels.compiler import SOURCE_DIR, compile_file
+
+SOURCES = {
+    "gemv": [f"gemv_m{m}_{kind}_v{v}" for m in (1, 2, 4, 8) for kind in ("rows", "gateup") for v in (8, 1)],
+    "gemm": ["gemm_rows", "gemm_gateup", "gemm_row_rstd"],
+    "elementwise": ["embedding", "rms_norm", "silu_mul", "add_f32", "f32_to_bf16", "bf16_to_f32",
+                    "fill_uniform_bf16"],
+    "membw": ["membw_read"],
+}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_source_compiles_with_every_kernel(source, arch):
+    result = compile_file(source, arch, use_cache=False)
+    assert result.cubin[:4] == b"\x7fELF"
+    for name in SOURCES[source]:
+        assert name.encode() in result.cubin, f"{name} missing from {source}.cu for {arch}"
+
+
+def test_page_size_matches_the_header():
+    from nexusrt.kernels.ops.common import PAGE_SIZE
+
+    header = (SOURCE_DIR / "common.cuh").read_text()
+    assert int(re.search(r"#define NRT_PAGE_SIZE (\d+)", header).group(1)) == PAGE_SIZE
+
+
+def test_epilogue_flags_match_the_kernels():
+    from nexusrt.kernels.ops import common
+
+    for source in ("gemv.cu", "gemm.cu"):
+        text = (SOURCE_DIR / source).read_text()
+        for name, value in (("kBias", common.FLAG_BIAS), ("kBiasBf16", common.FLAG_BIAS_BF16),
+                            ("kResidual", common.FLAG_RESIDUAL), ("kNorm", common.FLAG_NORM)):
+            assert re.search(rf"\b{name} = {value}\b", text), f"{name} != {value} in {source}"

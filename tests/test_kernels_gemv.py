@@ -1,0 +1,224 @@
+"""Decode GEMV: the split-K planner on the CPU, the kernel against the NumPy oracle on the GPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nexusrt.kernels.ops.reference import linear_epilogue, rel_error
+
+from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
+
+BF16 = ml_dtypes.bfloat16
+FAKE_RT = SimpleNamespace(profile=SimpleNamespace(sm_count=132), kernels=None)
+
+LLAMA_1B = SimpleNamespace(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=64, vocab_size=128256)
+LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128, vocab_size=128256)
+
+
+# -- planner (CPU) ------------------------------------------------------------------------------
+def test_decode_shapes_are_the_issue_shapes():
+    got = {name: (n, k) for name, n, k, _ in decode_shapes(LLAMA_1B)}
+    assert got == {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (8192, 2048),
+                   "down": (2048, 8192), "lm_head": (128256, 2048)}
+    got8 = {name: (n, k) for name, n, k, _ in decode_shapes(LLAMA_8B)}
+    assert got8["qkv"] == (6144, 4096) and got8["down"] == (4096, 14336) and got8["gate_up"] == (14336, 4096)
+
+
+def test_plan_large_n_does_not_split():
+    for n, k in [(3072, 2048), (128256, 4096), (6144, 4096)]:
+        p = plan_gemv(n, k)
+        assert p.splits == 1 and p.workspace_bytes == 0 and p.vec == 8
+        assert p.kernel_name == "gemv_m1_rows_v8"
+
+
+def test_plan_splits_small_n_long_k_with_full_steps():
+    p = plan_gemv(2048, 8192)  # 1B down: 2048 rows leave the chip under 16 tasks per SM
+    assert p.splits == 2
+    assert p.chunks_per_split >= 256  # every split keeps at least one full step of loads per lane
+    assert p.workspace_bytes == 2 * 2048 * 4 + 2048 * 4
+    assert plan_gemv(2048, 2048).splits == 1  # one step per row: splitting would only idle lanes
+
+
+def test_plan_splits_when_x_does_not_fit_shared_memory():
+    p = plan_gemv(4096, 14336)  # 8B down: 57 KB of x
+    assert p.splits >= 2 and p.shared <= SMEM_LIMIT
+    p8 = plan_gemv(4096, 14336, m=8)
+    assert p8.shared <= SMEM_LIMIT and p8.splits >= 10 and p8.mmax == 8
+
+
+def test_plan_variants_and_ragged_k():
+    assert plan_gemv(100, 36).vec == 1  # K % 8 != 0: rows are not 16-byte aligned
+    assert plan_gemv(100, 40, m=3).mmax == 4
+    assert plan_gemv(8192, 2048, gate_up=True).kernel_name == "gemv_m1_gateup_v8"
+    assert plan_gemv(8192, 2048, gate_up=True).rows == 16384
+    p = plan_gemv(10, 64, splits=50)  # more splits than chunks: clamped, none empty
+    assert p.splits == 8 and p.chunks_per_split == 1
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        plan_gemv(10, 64, m=9)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        plan_gemv(10, 0)
+    with pytest.raises(ValueError, match="splits"):
+        plan_gemv(10, 64, splits=0)
+    with pytest.raises(ValueError, match="at least"):
+        plan_gemv(10, 40000, splits=1)
+
+
+def test_launcher_checks_shapes_before_touching_the_device():
+    y = SimpleNamespace(ptr=256, shape=(1, 64), dtype="fp32")
+    w = SimpleNamespace(ptr=512, shape=(64, 128), dtype="bf16")
+    x = SimpleNamespace(ptr=1024, shape=(1, 100), dtype="fp32")
+    with pytest.raises(ValueError, match="x has shape"):
+        gemv(FAKE_RT, y, w, x, n=64, k=128)
+    x = SimpleNamespace(ptr=1024, shape=(1, 128), dtype="bf16")
+    with pytest.raises(ValueError, match="x has dtype bf16, expected fp32"):
+        gemv(FAKE_RT, y, w, x, n=64, k=128)
+    x = SimpleNamespace(ptr=1028, shape=(1, 128), dtype="fp32")
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        gemv(FAKE_RT, y, w, x, n=64, k=128)
+    x = SimpleNamespace(ptr=1024, shape=(1, 128), dtype="fp32")
+    with pytest.raises(ValueError, match="bias must be bf16 or fp32"):
+        gemv(FAKE_RT, y, w, x, n=64, k=128, bias=4096)
+    with pytest.raises(ValueError, match="workspace"):
+        gemv(FAKE_RT, y, w, x, n=64, k=128, splits=2)
+
+
+def test_gemv_bytes_counts_weights_once():
+    assert gemv_bytes(2048, 2048) == 2048 * 2048 * 2 + 2048 * 4 + 2048 * 4
+    assert gemv_bytes(8192, 2048, gate_up=True, norm=True) == 16384 * 2048 * 2 + 2048 * 4 + 8192 * 4 + 2048 * 4
+
+
+# -- kernel (GPU) -------------------------------------------------------------------------------
+def _run(rt, w, x, *, splits=None, bias=None, residual=None, in_place=False, norm_weight=None, gate_up=False,
+         eps=1e-5):
+    import nexusrt as nrt
+
+    m, k = x.shape
+    n = w.shape[0] // (2 if gate_up else 1)
+    keep = []
+
+    def dev(a):
+        t = nrt.memory.from_numpy(a)
+        keep.append(t)
+        return t
+
+    plan = plan_gemv(n, k, m, gate_up=gate_up, sms=rt.profile.sm_count, splits=splits)
+    ws = nrt.memory.zeros((max(4, plan.workspace_bytes),), "uint8") if plan.splits > 1 else None
+    y = dev(residual.copy() if in_place else np.full((m, n), np.nan, np.float32))
+    spec = gemv(rt, y, dev(w), dev(x), n=n, k=k, m=m, splits=splits, gate_up=gate_up, workspace=ws,
+                bias=None if bias is None else dev(bias), norm_weight=None if norm_weight is None else dev(norm_weight),
+                residual=y if in_place else (None if residual is None else dev(residual)), eps=eps)
+    spec.launch(rt.streams["compute"])
+    out = y.to_numpy()
+    for t in keep + ([ws] if ws is not None else []):
+        t.free()
+    return out, plan
+
+
+def _inputs(n, k, m=1, seed=0, rows=None):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows or n, k), dtype=np.float32) * np.float32(0.05)).astype(BF16)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    return w, x
+
+
+SHAPES = [(1, 8), (7, 24), (37, 200), (33, 100), (13, 7), (5, 1), (1000, 1000), (300, 4104), (65, 2056)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gemv_plain_matches_oracle(gpu_rt, n, k, m):
+    w, x = _inputs(n, k, m, seed=n * 31 + k + m)
+    out, plan = _run(gpu_rt, w, x)
+    assert not np.isnan(out).any()
+    assert rel_error(out, linear_epilogue(w, x)) < 2e-5, plan
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", [LLAMA_1B, LLAMA_8B], ids=["1b", "8b"])
+def test_gemv_real_decode_shapes(gpu_rt, model):
+    for name, n, k, opts in decode_shapes(model):
+        gate_up = opts.get("gate_up", False)
+        rng = np.random.default_rng(n + k)
+        w, x = _inputs(n, k, rows=2 * n if gate_up else n, seed=n + k)
+        norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32) if opts.get("norm") else None
+        res = rng.standard_normal((1, n)).astype(np.float32) if opts.get("residual") else None
+        out, plan = _run(gpu_rt, w, x, norm_weight=norm_w, residual=res, in_place=res is not None, gate_up=gate_up)
+        ref = linear_epilogue(w, x, norm_weight=norm_w, residual=res, gate_up=gate_up)
+        assert rel_error(out, ref) < 5e-5, (name, plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_gemv_epilogues(gpu_rt, m):
+    rng = np.random.default_rng(m)
+    n, k = 300, 520
+    w, x = _inputs(n, k, m, seed=100 + m)
+    for bias in (rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(BF16)):
+        out, _ = _run(gpu_rt, w, x, bias=bias)
+        assert rel_error(out, linear_epilogue(w, x, bias=bias)) < 2e-5
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    for in_place in (False, True):
+        out, _ = _run(gpu_rt, w, x, residual=res, in_place=in_place)
+        assert rel_error(out, linear_epilogue(w, x, residual=res)) < 2e-5
+    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    x_big = x * 7.0  # the norm must really rescale
+    out, _ = _run(gpu_rt, w, x_big, norm_weight=norm_w, eps=1e-6)
+    assert rel_error(out, linear_epilogue(w, x_big, norm_weight=norm_w, eps=1e-6)) < 2e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,m", [(96, 512, 1), (77, 1000, 3), (40, 36, 2), (2048, 2048, 1)])
+def test_gemv_gate_up_fused(gpu_rt, n, k, m):
+    rng = np.random.default_rng(n)
+    w, x = _inputs(n, k, m, rows=2 * n, seed=n + 7)
+    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    bias = rng.standard_normal(2 * n).astype(np.float32)
+    out, _ = _run(gpu_rt, w, x, gate_up=True, norm_weight=norm_w, bias=bias)
+    assert rel_error(out, linear_epilogue(w, x, gate_up=True, norm_weight=norm_w, bias=bias)) < 3e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,m,gate_up", [(100, 4096, 1, False), (64, 3000, 4, False), (50, 1032, 2, True),
+                                           (2048, 8192, 1, False)])
+def test_gemv_split_k_is_correct_and_deterministic(gpu_rt, n, k, m, gate_up):
+    rng = np.random.default_rng(k)
+    w, x = _inputs(n, k, m, rows=2 * n if gate_up else n, seed=k + 1)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    ref = linear_epilogue(w, x, residual=res, gate_up=gate_up)
+    for splits in (3, 7):
+        a, plan = _run(gpu_rt, w, x, splits=splits, residual=res, in_place=True, gate_up=gate_up)
+        assert plan.splits > 1
+        assert rel_error(a, ref) < 2e-5, plan
+        b, _ = _run(gpu_rt, w, x, splits=splits, residual=res, in_place=True, gate_up=gate_up)
+        assert np.array_equal(a, b), "split-K results differ between identical runs"
+
+
+@pytest.mark.gpu
+def test_gemv_split_k_workspace_is_reusable(gpu_rt):
+    """The counters are left at zero, so the same workspace serves many launches (graph replays)."""
+    import nexusrt as nrt
+
+    n, k = 64, 4096
+    w, x = _inputs(n, k, seed=3)
+    plan = plan_gemv(n, k, splits=4)
+    ws = nrt.memory.zeros((plan.workspace_bytes,), "uint8")
+    tw, tx = nrt.memory.from_numpy(w), nrt.memory.from_numpy(x)
+    ty = nrt.memory.from_numpy(np.zeros((1, n), np.float32))
+    spec = gemv(gpu_rt, ty, tw, tx, n=n, k=k, splits=4, workspace=ws, residual=ty)
+    for _ in range(5):
+        spec.launch(gpu_rt.streams["compute"])
+    assert rel_error(ty.to_numpy(), 5 * linear_epilogue(w, x)) < 2e-5
+    counters = ws.to_numpy()[plan.counters_offset:plan.counters_offset + 4 * n].view(np.int32)
+    assert not counters.any()
+    for t in (ws, tw, tx, ty):
+        t.free()

@@ -1,0 +1,234 @@
+"""``nexusrt-bench --stage memory``: page costs, arena vs cuMemAlloc, copy bandwidths.
+
+Everything is measured in this run and reported as the median of many repetitions:
+
+* page create / map+access / unmap+release on a range of its own (the arena's costs);
+* arena alloc+free latency next to ``cuMemAlloc``/``cuMemFree`` of the same sizes;
+* host->device (pinned and pageable), device->host and device->device bandwidth, as a
+  fraction of the profile's peak memory bandwidth (device->device moves 2 bytes of
+  traffic per byte copied) and of the PCIe link's peak.
+
+On the CPU backend the same stage runs over host pages and NumPy copies and says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from ..memory.pages import PLAIN
+from .table import human_bytes, table
+
+ALLOC_SIZES = (4 << 10, 1 << 20, 64 << 20)
+PCIE_FALLBACK = 64e9  # PCIe Gen5 x16, raw 32 GT/s x 16 lanes / 8
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("memory stage")
+    g.add_argument("--mem-size-mib", type=int, default=256, help="bytes per bandwidth copy, MiB (default 256)")
+    g.add_argument("--mem-reps", type=int, default=20, help="repetitions per bandwidth figure (default 20)")
+    g.add_argument("--mem-alloc-reps", type=int, default=200, help="repetitions per alloc size (default 200)")
+    g.add_argument("--mem-pages", type=int, default=64, help="pages for the page-cost figures (default 64)")
+
+
+def _median_us(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+def page_costs(rt, npages: int) -> dict:
+    """Median µs per page for create, map+access, unmap+release on a fresh range."""
+    if rt.is_cuda:
+        from ..memory.provider_cuda import CudaPageProvider
+
+        p = CudaPageProvider(rt.device.ordinal)
+    else:
+        from ..memory.provider_host import HostPageProvider
+
+        p = HostPageProvider()
+    base = p.reserve(npages * p.page_bytes)
+    create, mapping, unmapping, handles = [], [], [], []
+    try:
+        for i in range(npages):
+            t0 = time.perf_counter()
+            h, _ = p.create(PLAIN)
+            t1 = time.perf_counter()
+            handles.append(h)
+            addr = base + i * p.page_bytes
+            p.map(addr, p.page_bytes, h)
+            p.set_access(addr, p.page_bytes)
+            t2 = time.perf_counter()
+            create.append(t1 - t0)
+            mapping.append(t2 - t1)
+        for i, h in enumerate(handles):
+            t0 = time.perf_counter()
+            p.unmap(base + i * p.page_bytes, p.page_bytes)
+            p.release(h)
+            unmapping.append(time.perf_counter() - t0)
+        handles = []
+    finally:
+        for i, h in enumerate(handles):  # only after a failure midway
+            p.unmap(base + i * p.page_bytes, p.page_bytes)
+            p.release(h)
+        p.free_range(base, npages * p.page_bytes)
+    return {"page_bytes": p.page_bytes, "pages": npages, "create_us": _median_us(create),
+            "map_access_us": _median_us(mapping), "unmap_release_us": _median_us(unmapping)}
+
+
+def alloc_latency(rt, reps: int) -> list[dict]:
+    """Median µs of nrt.memory.alloc + free per size, beside cuMemAlloc/cuMemFree (or np.empty)."""
+    from .. import memory
+    from ..firmware.driver import call
+
+    rows = []
+    for size in ALLOC_SIZES:
+        memory.alloc((size,), "uint8").free()  # first touch maps the pages: measure the pool
+        a_s, f_s, pa_s, pf_s = [], [], [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            t = memory.alloc((size,), "uint8")
+            t1 = time.perf_counter()
+            t.free()
+            a_s.append(t1 - t0)
+            f_s.append(time.perf_counter() - t1)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            ptr = call("cuMemAlloc", size) if rt.is_cuda else np.empty(size, np.uint8)
+            t1 = time.perf_counter()
+            if rt.is_cuda:
+                call("cuMemFree", ptr)
+            del ptr
+            pa_s.append(t1 - t0)
+            pf_s.append(time.perf_counter() - t1)
+        rows.append({"bytes": size, "arena_alloc_us": _median_us(a_s), "arena_free_us": _median_us(f_s),
+                     "peer": "cuMemAlloc/cuMemFree" if rt.is_cuda else "np.empty",
+                     "peer_alloc_us": _median_us(pa_s), "peer_free_us": _median_us(pf_s)})
+    return rows
+
+
+def pcie_link(rt) -> dict:
+    """The link's peak per direction: bus id from cuDeviceGetAttribute, speed/width from sysfs."""
+    if not rt.is_cuda:
+        return {"peak_bytes_s": None, "source": "CPU backend: no PCIe link"}
+    try:
+        dom, bus, dev = (rt.device.attribute(f"PCI_{k}_ID") for k in ("DOMAIN", "BUS", "DEVICE"))
+        path = f"/sys/bus/pci/devices/{dom:04x}:{bus:02x}:{dev:02x}.0"
+
+        def read(name):
+            with open(f"{path}/{name}") as f:
+                return f.read().split()[0]
+
+        # The current speed drops while the link idles, so take the link's maximum.
+        gts, width = float(read("max_link_speed")), int(read("max_link_width"))
+        gen = {2.5: 1, 5.0: 2, 8.0: 3, 16.0: 4, 32.0: 5, 64.0: 6}.get(gts)
+        return {"peak_bytes_s": gts * width / 8 * 1e9, "gen": gen, "width": width,
+                "source": f"{path} max link: {gts:g} GT/s x{width} (raw, before encoding)"}
+    except Exception as exc:  # no sysfs (containers, other OSes) or no attribute
+        return {"peak_bytes_s": PCIE_FALLBACK, "gen": 5, "width": 16,
+                "source": f"assumed PCIe Gen5 x16 = 64 GB/s (link not readable: {type(exc).__name__})"}
+
+
+def _time_copy(rt, dst, src, reps: int, wall: bool) -> float:
+    """Median seconds per copy: stream events for async copies, host clock for pageable ones."""
+    from .. import firmware, memory
+
+    memory.copy(dst, src)  # warm-up
+    samples = []
+    for _ in range(reps):
+        if wall or not rt.is_cuda:
+            t0 = time.perf_counter()
+            memory.copy(dst, src)
+            samples.append(time.perf_counter() - t0)
+            continue
+        route = {(False, True): "h2d", (True, False): "d2h"}.get((src.device, dst.device), "compute")
+        stream = rt.streams[route]
+        start, end = firmware.event(), firmware.event()
+        start.record(stream)
+        memory.copy_async(dst, src, stream)
+        end.record(stream)
+        end.synchronize()
+        samples.append(start.elapsed_ms(end) / 1e3)
+    return statistics.median(samples)
+
+
+def bandwidth(rt, nbytes: int, reps: int, pcie: dict) -> list[dict]:
+    from .. import memory
+
+    peak = rt.profile.peak_bandwidth_bytes_s or None
+    dev_a = memory.alloc((nbytes,), "uint8", tag="bench")
+    dev_b = memory.alloc((nbytes,), "uint8", tag="bench")
+    pinned = memory.pinned((nbytes,), "uint8", tag="bench")
+    pageable = memory.alloc((nbytes,), "uint8", device=False, tag="bench")
+    rows = []
+    try:
+        pinned.array[...] = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+        pageable.array[...] = pinned.array
+        cases = [("host->device (pinned)", dev_a, pinned, False, "pcie"),
+                 ("host->device (pageable)", dev_a, pageable, True, "pcie"),
+                 ("device->host (pinned)", pinned, dev_a, False, "pcie"),
+                 ("device->host (pageable)", pageable, dev_a, True, "pcie"),
+                 ("device->device", dev_b, dev_a, False, "memory")]
+        for name, dst, src, wall, bound in cases:
+            s = _time_copy(rt, dst, src, reps, wall)
+            traffic = nbytes * (2 if bound == "memory" else 1)
+            rows.append({
+                "copy": name, "bytes": nbytes, "seconds": s, "gb_s": nbytes / s / 1e9,
+                "traffic_gb_s": traffic / s / 1e9,
+                "timing": "host clock" if wall or not rt.is_cuda else "stream events",
+                "of_peak_bandwidth": traffic / s / peak if peak else None,
+                "of_pcie": nbytes / s / pcie["peak_bytes_s"] if bound == "pcie" and pcie["peak_bytes_s"] else None,
+            })
+        if dev_b.to_numpy()[: 1 << 16].tobytes() != pinned.array[: 1 << 16].tobytes():
+            raise RuntimeError("bandwidth copies did not reproduce the data")
+    finally:
+        for t in (dev_a, dev_b, pinned, pageable):
+            t.free()
+    return rows
+
+
+def run(args) -> dict:
+    from .. import firmware
+
+    firmware.init(profile=args.profile, backend=args.backend)
+    rt = firmware.runtime()
+    nbytes = max(1, args.mem_size_mib) << 20
+    pcie = pcie_link(rt)
+    result = {
+        "backend": rt.backend,
+        "device": rt.profile.device_name,
+        "label": ("device figures" if rt.is_cuda else
+                  "CPU figures: host pages (mmap) and NumPy copies, not a GPU measurement"),
+        "peak_bandwidth_bytes_s": rt.profile.peak_bandwidth_bytes_s or None,
+        "peak_bandwidth_source": rt.profile.peak_bandwidth_source,
+        "pcie": pcie,
+        "pages": page_costs(rt, max(1, args.mem_pages)),
+        "alloc": alloc_latency(rt, max(1, args.mem_alloc_reps)),
+        "bandwidth": bandwidth(rt, nbytes, max(1, args.mem_reps), pcie),
+    }
+    if any((b["of_pcie"] or 0) > 1.0 for b in result["bandwidth"]):
+        pcie["note"] = "a copy ran faster than this link's peak: the link figure is wrong for this machine"
+    return result
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def render(r: dict) -> str:
+    pg = r["pages"]
+    out = [f"NexusRT memory — {r['device']} ({r['label']})",
+           table(["page operation", f"µs per {human_bytes(pg['page_bytes'])} page (median of {pg['pages']})"],
+                 [["create", pg["create_us"]], ["map + access", pg["map_access_us"]],
+                  ["unmap + release", pg["unmap_release_us"]]])]
+    out.append(table(["size", "arena alloc µs", "arena free µs", "peer", "peer alloc µs", "peer free µs"],
+                     [[human_bytes(a["bytes"]), a["arena_alloc_us"], a["arena_free_us"], a["peer"],
+                       a["peer_alloc_us"], a["peer_free_us"]] for a in r["alloc"]]))
+    out.append(table(["copy", "GB/s", "% of peak BW", "% of PCIe", "timing"],
+                     [[b["copy"], b["gb_s"], _pct(b["of_peak_bandwidth"]), _pct(b["of_pcie"]), b["timing"]]
+                      for b in r["bandwidth"]]))
+    peak = r["peak_bandwidth_bytes_s"]
+    out.append(f"peak bandwidth: {peak / 1e12:.2f} TB/s ({r['peak_bandwidth_source']}); "
+               "device->device counts read + write traffic" if peak else "peak bandwidth: not known on this backend")
+    out.append(f"PCIe: {r['pcie']['source']}" + (f" — {r['pcie']['note']}" if r["pcie"].get("note") else ""))
+    return "\n\n".join(out)

@@ -1,0 +1,69 @@
+"""Copies between tensors: asynchronous on the copy streams with an event, or synchronous.
+
+Host -> device runs on the ``h2d`` stream, device -> host on ``d2h`` and device -> device
+on ``compute`` (it is a memory-bound kernel in all but name), unless a stream is given.
+The copy is ordered after earlier work on *its* stream only: to copy out a result a
+kernel wrote on another stream, make the copy stream wait first (``Event.wait_by``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .. import runtime
+from ..firmware.driver import call
+from ..firmware.streams import Event
+from .tensor import Tensor
+
+_ROUTES = {  # (src on device, dst on device) -> (driver call, default stream role)
+    (False, True): ("cuMemcpyHtoDAsync", "h2d"),
+    (True, False): ("cuMemcpyDtoHAsync", "d2h"),
+    (True, True): ("cuMemcpyDtoDAsync", "compute"),
+}
+
+
+def _check(dst, src) -> None:
+    for name, t in (("dst", dst), ("src", src)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a nexusrt Tensor, got {type(t).__name__} "
+                            "(wrap arrays with nrt.memory.from_numpy or use tensor.copy_from)")
+        t._storage.check(f"copy {name}")
+    if dst.dtype != src.dtype or dst.nbytes != src.nbytes:
+        raise ValueError(f"copy: dst is {dst.numel} x {dst.dtype}, src is {src.numel} x {src.dtype}: "
+                         "dtype and element count must match")
+
+
+def copy_async(dst: Tensor, src: Tensor, stream=None) -> Event:
+    """Queue ``dst <- src`` and return an :class:`Event` recorded after it.
+
+    ``stream`` is a role name or a Stream (default by direction, see the module).
+    Both tensors' memory stays reserved until the copy ends, even if freed meanwhile.
+    """
+    rt = runtime.current("nrt.memory.copy_async")
+    _check(dst, src)
+    route = _ROUTES.get((src.device, dst.device))
+    if not rt.is_cuda or route is None:
+        # Host to host, or the CPU backend: a plain memory copy, complete on return.
+        _wait_pending(dst, src)
+        ctypes.memmove(dst.ptr, src.ptr, dst.nbytes)
+        return Event(rt.backend, timing=False).record()
+    fn, role = route
+    s = rt.streams.get(stream or role)
+    call(fn, dst.ptr, src.ptr, dst.nbytes, s.handle)
+    event = Event(rt.backend, timing=False).record(s)
+    dst._storage.pending = src._storage.pending = event
+    return event
+
+
+def copy(dst: Tensor, src: Tensor) -> None:
+    """``dst <- src``, returning when the bytes are there (after all earlier device work)."""
+    rt = runtime.current("nrt.memory.copy")
+    _check(dst, src)
+    rt.device.synchronize()
+    copy_async(dst, src).synchronize()
+
+
+def _wait_pending(*tensors) -> None:
+    for t in tensors:
+        if t._storage.pending is not None:
+            t._storage.pending.synchronize()

@@ -1,0 +1,271 @@
+// attention_decode: one query token per sequence against the paged bf16 KV cache (GQA),
+// split-KV ("flash-decoding") so a single token still spreads over the whole GPU.
+//
+// grid (Hkv, max_splits), block 128. Block (h, s) owns KV head h and the s-th chunk of the
+// sequence, and serves all G = Hq / Hkv query heads of that group, so each K/V row is read
+// from memory exactly once. seq_len = *pos + 1 is read on the device, so the chunking is
+// decided here, not by the host: chunk = round_up(ceil(seq_len / max_splits), kTokIter),
+// nsplit = ceil(seq_len / chunk); blocks with s >= nsplit exit at once (a captured graph
+// keeps a fixed grid sized for max_context). With nsplit == 1 the block writes the output
+// directly; otherwise each block writes its partial softmax state (m, l, acc) to the
+// workspace and the last block of its KV head to finish (an atomic ticket) combines them
+// and resets the ticket to 0 for the next launch, so no second kernel is needed.
+//
+// Inside a block the D/8 lanes of a "row group" read one K row (or V row) with 16-byte
+// loads, 8 dims each; every row group keeps its own online-softmax state over the tokens
+// it saw, and the states are merged (warp shuffles, then shared memory) at the end.
+#include "attn_common.cuh"
+
+namespace {
+
+using nrt_attn::kNegBig;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxSplits = 128;  // the combine keeps one weight per (split, head) in shared memory
+
+template <int D>
+struct DecodeShape {
+    static constexpr int kRowLanes = D / 8;                // lanes per K/V row (8 dims each)
+    static constexpr int kRowGroups = kThreads / kRowLanes;  // rows read at once by a block
+};
+
+// Merge softmax state (m_o, l_o, acc_o) into (m, l, acc); all in the exp2 domain.
+template <int GM>
+__device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8], int off,
+                                            int G) {
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) break;
+        const float m_o = __shfl_xor_sync(0xffffffffu, m[g], off);
+        const float l_o = __shfl_xor_sync(0xffffffffu, l[g], off);
+        const float m_n = fmaxf(m[g], m_o);
+        const float a = exp2f(m[g] - m_n), b = exp2f(m_o - m_n);
+        l[g] = l[g] * a + l_o * b;
+        m[g] = m_n;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float acc_o = __shfl_xor_sync(0xffffffffu, acc[g][i], off);
+            acc[g][i] = acc[g][i] * a + acc_o * b;
+        }
+    }
+}
+
+// GM: compile-time bound on the group size (register arrays). kExact kernels (G == GM: 1,
+// 2, 4, 8, the common shapes) let the compiler drop every `g >= G` test; the others take G
+// at run time (3 with GM = 4; 5..7 with GM = 8), so 6 instantiations per head dim serve 1..8.
+template <int D, int GM, bool kExact>
+__device__ __forceinline__ void decode_impl(
+    const float* __restrict__ q, float* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
+    float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
+    int max_splits, float scale) {
+    if (kExact) G = GM;
+    using S = DecodeShape<D>;
+    constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
+    constexpr int kUnroll = GM <= 4 ? 4 : 2;  // tokens per row group per step (registers bound it)
+    constexpr int kTokIter = kRowGroups * kUnroll;
+
+    __shared__ float red_acc[kWarps][GM][D];
+    __shared__ float red_m[kWarps][GM], red_l[kWarps][GM];
+    __shared__ float weight[kMaxSplits][GM];
+    __shared__ int is_last;
+
+    const int kvh = blockIdx.x, split = blockIdx.y;
+    const int seq_len = *pos + 1;
+    int chunk = (seq_len + max_splits - 1) / max_splits;
+    chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
+    const int nsplit = (seq_len + chunk - 1) / chunk;
+    if (split >= nsplit) return;
+    const int start = split * chunk;
+    const int end = min(start + chunk, seq_len);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int rg = tid / kRowLanes;         // row group
+    const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
+
+    // q of the G heads, prescaled so that scores are in the exp2 domain.
+    float qr[GM][8];
+    const float qscale = scale * nrt_attn::kLog2e;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) {  // a head past the group: zeros, never used
+#pragma unroll
+            for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
+            continue;
+        }
+        const float4* src = reinterpret_cast<const float4*>(q + (long long)(kvh * G + g) * D + dim0);
+        const float4 a = src[0], b = src[1];
+        qr[g][0] = a.x * qscale; qr[g][1] = a.y * qscale; qr[g][2] = a.z * qscale; qr[g][3] = a.w * qscale;
+        qr[g][4] = b.x * qscale; qr[g][5] = b.y * qscale; qr[g][6] = b.z * qscale; qr[g][7] = b.w * qscale;
+    }
+
+    float m[GM], l[GM], acc[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = kNegBig;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+    }
+
+    for (int base = start; base < end; base += kTokIter) {
+        // Issue every K and V load of this step before using any (memory-level parallelism).
+        uint4 kraw[kUnroll], vraw[kUnroll];
+        bool valid[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int t = base + u * kRowGroups + rg;
+            valid[u] = t < end;
+            if (valid[u]) {
+                const long long off = nrt_attn::kv_offset(page_table, t, kvh, Hkv, D) + dim0;
+                kraw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
+                vraw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
+            } else {
+                kraw[u] = make_uint4(0, 0, 0, 0);
+                vraw[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        float s[kUnroll][GM];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            float kf[8];
+            nrt_attn::bf16x8_to_float(kraw[u], kf);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                if (g >= G) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dot += qr[g][i] * kf[i];
+                s[u][g] = nrt_attn::group_sum<kRowLanes>(dot);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) break;
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][g]) : mx;
+            const float alpha = exp2f(m[g] - mx);
+            m[g] = mx;
+            l[g] *= alpha;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) s[u][g] = valid[u] ? exp2f(s[u][g] - mx) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            float vf[8];
+            nrt_attn::bf16x8_to_float(vraw[u], vf);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                if (g >= G) break;
+                l[g] += s[u][g];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[g][i] += s[u][g] * vf[i];
+            }
+        }
+    }
+
+    // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...
+#pragma unroll
+    for (int off = kRowLanes; off < 32; off *= 2) merge_state<GM>(m, l, acc, off, G);
+    // ... then the warps, through shared memory.
+    if (lane < kRowLanes) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            red_m[warp][g] = m[g];
+            red_l[warp][g] = l[g];
+        }
+    }
+    __syncthreads();
+
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        float mx = kNegBig;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w][g]);
+        float sum = 0.f, a = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float c = exp2f(red_m[w][g] - mx);
+            sum += red_l[w][g] * c;
+            a += red_acc[w][g][d] * c;
+        }
+        if (nsplit == 1) {
+            out[(long long)(kvh * G + g) * D + d] = a / sum;
+        } else {
+            const long long slot = ((long long)kvh * max_splits + split) * G + g;
+            ws_acc[slot * D + d] = a;
+            if (d == 0) ws_ml[slot] = make_float2(mx, sum);
+        }
+    }
+    if (nsplit == 1) return;
+
+    // Last block of this KV head to finish combines every split.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&tickets[kvh], 1) == nsplit - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+
+    for (int g = warp; g < G; g += kWarps) {
+        const long long row = (long long)kvh * max_splits * G + g;
+        float mx = kNegBig;
+        for (int sp = lane; sp < nsplit; sp += 32) mx = fmaxf(mx, __ldcg(&ws_ml[row + (long long)sp * G]).x);
+        mx = nrt_attn::group_max<32>(mx);
+        float sum = 0.f;
+        for (int sp = lane; sp < nsplit; sp += 32) {
+            const float2 ml = __ldcg(&ws_ml[row + (long long)sp * G]);
+            const float c = exp2f(ml.x - mx);
+            weight[sp][g] = c;
+            sum += ml.y * c;
+        }
+        sum = nrt_attn::group_sum<32>(sum);
+        __syncwarp();
+        for (int sp = lane; sp < nsplit; sp += 32) weight[sp][g] /= sum;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        const float* src = ws_acc + ((long long)kvh * max_splits * G + g) * D + d;
+        float a = 0.f;
+        for (int sp = 0; sp < nsplit; ++sp) a += weight[sp][g] * __ldcg(src + (long long)sp * G * D);
+        out[(long long)(kvh * G + g) * D + d] = a;
+    }
+    if (tid == 0) tickets[kvh] = 0;  // ready for the next launch (the graph replays it)
+}
+
+}  // namespace
+
+// q fp32 [Hq*D], out fp32 [Hq*D]; ws_acc fp32 [Hkv][max_splits][G][D]; ws_ml float2
+// [Hkv][max_splits][G]; tickets int32 [Hkv], zero before the first launch. G = Hq / Hkv:
+// attention_decode_d<D>_g<G> for G in {1, 2, 4, 8}, else attention_decode_d<D>_gmax<4|8>.
+#define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale) {                                                       \
+        decode_impl<D, GM, EXACT>(q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets,  \
+                                  Hkv, G, max_splits, scale);                                       \
+    }
+
+#define NRT_DECODE_ALL_G(D)                                                                         \
+    NRT_DECODE(D, 1, true, attention_decode_d##D##_g1)                                              \
+    NRT_DECODE(D, 2, true, attention_decode_d##D##_g2)                                              \
+    NRT_DECODE(D, 4, true, attention_decode_d##D##_g4)                                              \
+    NRT_DECODE(D, 8, true, attention_decode_d##D##_g8)                                              \
+    NRT_DECODE(D, 4, false, attention_decode_d##D##_gmax4)                                          \
+    NRT_DECODE(D, 8, false, attention_decode_d##D##_gmax8)
+
+NRT_DECODE_ALL_G(64)
+NRT_DECODE_ALL_G(128)

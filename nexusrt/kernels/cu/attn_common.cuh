@@ -1,0 +1,68 @@
+// Helpers shared by the attention-side kernels (rope_append, attention_decode,
+// attention_prefill): the paged KV-cache addressing, 16-byte bf16 row loads and warp
+// reductions. Sampling does not need it.
+//
+// Paged KV cache (KERNELS.md): one pool per layer, k_pool[num_pages][Hkv][P][D] bf16 and
+// v_pool alike; page_table[logical page] -> physical page. Token t of a sequence lives in
+// page page_table[t / P], slot t % P.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda/std/cstdint>
+
+// The page size normally comes from common.cuh (owned by the GEMV/elementwise kernels);
+// the guard lets these sources compile alone and agree with it when both are included.
+#ifndef NRT_PAGE_SIZE
+#define NRT_PAGE_SIZE 16
+#endif
+
+namespace nrt_attn {
+
+constexpr int kPage = NRT_PAGE_SIZE;
+static_assert((kPage & (kPage - 1)) == 0, "the page size must be a power of two");
+
+// Element offset of (token t, kv head h, dim 0) in a pool: 64-bit, because a pool of an
+// 8B model at long context passes 2**31 elements.
+__device__ __forceinline__ long long kv_offset(const int* __restrict__ page_table, int t, int h,
+                                               int num_kv_heads, int head_dim) {
+    const long long page = page_table[t / kPage];
+    return ((page * num_kv_heads + h) * kPage + (t % kPage)) * (long long)head_dim;
+}
+
+// 8 bf16 held in 16 bytes (one vector load) as floats.
+__device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float out[8]) {
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(pairs[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// 8 consecutive bf16 (one 16-byte load; the address must be 16-byte aligned) as floats.
+__device__ __forceinline__ void load_bf16x8(const __nv_bfloat16* __restrict__ src, float out[8]) {
+    bf16x8_to_float(*reinterpret_cast<const uint4*>(src), out);
+}
+
+// Sum over groups of `width` adjacent lanes (width a power of two <= 32).
+template <int width>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int off = width / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+template <int width>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+    for (int off = width / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+// A finite "minus infinity" for running maxima: exp(kNegBig - kNegBig) is 1, not NaN, so
+// merging two empty softmax states stays well defined (their sums are 0 anyway).
+constexpr float kNegBig = -1.0e30f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+}  // namespace nrt_attn

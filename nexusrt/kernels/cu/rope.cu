@@ -1,0 +1,105 @@
+// rope_append: the step between the fused QKV GEMV and attention.
+//
+// For each of M rows (token positions *pos + m) of qkv fp32 [M, (Hq + 2*Hkv) * D]:
+//   q heads: optional per-head RMSNorm (Qwen3 q_norm), RoPE, written to q_out fp32 [M, Hq, D];
+//   k heads: optional per-head RMSNorm (k_norm), RoPE, written as bf16 into the paged k_pool;
+//   v heads: written as bf16 into the paged v_pool.
+// One warp per (row, head): a head row is D <= 256 floats, so the norm is one warp reduction
+// and each lane owns the rotate_half pairs (j, j + D/2) for j = lane, lane + 32, ...
+//
+// The angle is computed like HF: freq = float(pos) * inv_freq[j] in fp32, then cos/sin of
+// it (sincosf without fast math is accurate for the large arguments long contexts give).
+#include "attn_common.cuh"
+
+namespace {
+
+constexpr int kWarps = 4;  // heads per block
+
+template <int D>
+__device__ __forceinline__ void rope_append_impl(
+    const float* __restrict__ qkv, float* __restrict__ q_out, __nv_bfloat16* __restrict__ k_pool,
+    __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
+    const float* __restrict__ inv_freq, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+    float eps, int M, int Hq, int Hkv) {
+    static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
+    constexpr int kHalf = D / 2;
+    constexpr int kPairs = kHalf / 32;  // rotate_half pairs per lane
+
+    const int lane = threadIdx.x & 31;
+    const int head = blockIdx.x * kWarps + (threadIdx.x >> 5);  // 0 .. Hq + 2*Hkv - 1
+    const int m = blockIdx.y;
+    const int heads = Hq + 2 * Hkv;
+    if (head >= heads || m >= M) return;
+
+    const int t = *pos + m;  // absolute position of this row
+    const float* src = qkv + (long long)m * heads * D + (long long)head * D;
+
+    float x1[kPairs], x2[kPairs];
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+        x1[k] = src[lane + 32 * k];
+        x2[k] = src[kHalf + lane + 32 * k];
+    }
+
+    const bool is_q = head < Hq;
+    const bool is_k = !is_q && head < Hq + Hkv;
+    if (is_q || is_k) {
+        const float* w = is_q ? q_norm : k_norm;
+        if (w != nullptr) {
+            // HF RMSNorm in fp32: x * rsqrt(mean(x^2) + eps), then times the weight.
+            float ss = 0.f;
+#pragma unroll
+            for (int k = 0; k < kPairs; ++k) ss += x1[k] * x1[k] + x2[k] * x2[k];
+            ss = nrt_attn::group_sum<32>(ss);
+            const float r = rsqrtf(ss / (float)D + eps);
+#pragma unroll
+            for (int k = 0; k < kPairs; ++k) {
+                x1[k] = (x1[k] * r) * w[lane + 32 * k];
+                x2[k] = (x2[k] * r) * w[kHalf + lane + 32 * k];
+            }
+        }
+        const float tf = (float)t;
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) {
+            const float freq = tf * inv_freq[lane + 32 * k];
+            float s, c;
+            sincosf(freq, &s, &c);
+            const float a = x1[k], b = x2[k];
+            x1[k] = a * c - b * s;  // out[:D/2] = x1*cos - x2*sin
+            x2[k] = b * c + a * s;  // out[D/2:] = x2*cos + x1*sin
+        }
+    }
+
+    if (is_q) {
+        float* dst = q_out + ((long long)m * Hq + head) * D;
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) {
+            dst[lane + 32 * k] = x1[k];
+            dst[kHalf + lane + 32 * k] = x2[k];
+        }
+        return;
+    }
+    const int kvh = is_k ? head - Hq : head - Hq - Hkv;
+    __nv_bfloat16* dst = (is_k ? k_pool : v_pool) + nrt_attn::kv_offset(page_table, t, kvh, Hkv, D);
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+        dst[lane + 32 * k] = __float2bfloat16_rn(x1[k]);
+        dst[kHalf + lane + 32 * k] = __float2bfloat16_rn(x2[k]);
+    }
+}
+
+}  // namespace
+
+// grid (ceil((Hq + 2*Hkv) / 4), M), block 128.
+#define NRT_ROPE_APPEND(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_d##D(                     \
+        const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
+        const int* page_table, const int* pos, const float* inv_freq, const float* q_norm,          \
+        const float* k_norm, float eps, int M, int Hq, int Hkv) {                                   \
+        rope_append_impl<D>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, q_norm, k_norm,  \
+                            eps, M, Hq, Hkv);                                                       \
+    }
+
+NRT_ROPE_APPEND(64)
+NRT_ROPE_APPEND(128)
+NRT_ROPE_APPEND(256)

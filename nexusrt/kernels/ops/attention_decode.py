@@ -1,0 +1,178 @@
+"""Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache.
+
+The grid is fixed at ``(Hkv, max_splits)`` (a captured graph cannot change it); the kernel
+reads ``seq_len = *pos + 1`` and decides on the device how many of the splits do work.
+:func:`choose_splits` sizes ``max_splits`` so that a long context fills the GPU with about
+two blocks per SM; a short one uses as few splits as it has 32/64-token steps. One
+:class:`DecodeWorkspace` serves every layer (launches on one stream never overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, ptr, sm_count
+from .rope import check_pools, check_state
+from .spec import BenchCase, LaunchSpec
+
+SOURCE = "attention_decode"
+SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 8
+MAX_SPLITS = 128  # kMaxSplits in the kernel
+THREADS = 128
+
+
+def kernel_name(head_dim: int, group: int) -> str:
+    """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else."""
+    if group in (1, 2, 4, 8):
+        return f"attention_decode_d{head_dim}_g{group}"
+    return f"attention_decode_d{head_dim}_gmax{4 if group < 4 else 8}"
+
+
+def tokens_per_step(head_dim: int, group: int) -> int:
+    """Tokens one block consumes per loop step (the chunk granularity; kTokIter)."""
+    row_groups = THREADS // (head_dim // 8)
+    return row_groups * (4 if group <= 4 else 2)
+
+
+def split_plan(seq_len: int, max_splits: int, step: int) -> tuple[int, int]:
+    """(chunk, nsplit) exactly as the kernel derives them from ``seq_len = *pos + 1``:
+    chunks are multiples of ``step`` tokens and at most ``max_splits`` of them do work."""
+    chunk = ceil_div(ceil_div(seq_len, max_splits), step) * step
+    return chunk, ceil_div(seq_len, chunk)
+
+
+def choose_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int, sms: int,
+                  blocks_per_sm: int = 2) -> int:
+    """``max_splits`` for a context of up to ``max_context`` tokens on ``sms`` SMs."""
+    want = ceil_div(blocks_per_sm * sms, num_kv_heads)
+    useful = ceil_div(max_context, tokens_per_step(head_dim, group))
+    return max(1, min(MAX_SPLITS, want, useful))
+
+
+@dataclass
+class DecodeWorkspace:
+    """Partial results of the splits: ``acc`` fp32 ``[Hkv, max_splits, G, D]``, ``ml`` fp32
+    ``[Hkv, max_splits, G, 2]`` (running max and sum) and ``tickets`` int32 ``[Hkv]``, which
+    must be zero before the first launch (the kernel leaves them zero)."""
+
+    acc: object
+    ml: object
+    tickets: object
+    max_splits: int
+
+    def free(self) -> None:
+        for t in (self.acc, self.ml, self.tickets):
+            t.free()
+
+
+def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_splits: int,
+                    tag: str = "attention") -> DecodeWorkspace:
+    """Allocate a workspace on the running runtime (tickets zeroed)."""
+    from ... import memory
+
+    check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   max_splits=max_splits)
+    if max_splits > MAX_SPLITS:
+        raise ValueError(f"max_splits is {max_splits}; the kernel supports at most {MAX_SPLITS}")
+    g = num_q_heads // num_kv_heads
+    return DecodeWorkspace(
+        acc=memory.empty((num_kv_heads, max_splits, g, head_dim), "fp32", tag=tag),
+        ml=memory.empty((num_kv_heads, max_splits, g, 2), "fp32", tag=tag),
+        tickets=memory.zeros((num_kv_heads,), "int32", tag=tag),
+        max_splits=max_splits)
+
+
+def attention_decode(rt, q, out, k_pool, v_pool, page_table, pos, workspace: DecodeWorkspace, *,
+                     num_q_heads: int, num_kv_heads: int, head_dim: int,
+                     scale: float | None = None) -> LaunchSpec:
+    """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
+
+    Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
+    ``[num_pages, Hkv, PAGE_SIZE, D]`` (rope_append wrote position ``*pos`` already).
+    ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention_decode supports head_dim in {HEAD_DIMS}, got {head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    if group > MAX_GROUP:
+        raise ValueError(f"GQA group {group} (= {num_q_heads}/{num_kv_heads}) is above the "
+                         f"supported {MAX_GROUP}")
+    check_tensor(q, "q", (num_q_heads, head_dim), "fp32")
+    check_tensor(out, "out", (num_q_heads * head_dim,), "fp32")
+    check_pools(k_pool, v_pool, num_kv_heads, head_dim)
+    check_state(page_table, pos)
+    splits = workspace.max_splits
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"workspace.max_splits is {splits}; it must be in 1..{MAX_SPLITS}")
+    check_tensor(workspace.acc, "workspace.acc", (num_kv_heads, splits, group, head_dim), "fp32")
+    check_tensor(workspace.ml, "workspace.ml", (num_kv_heads, splits, group, 2), "fp32")
+    check_tensor(workspace.tickets, "workspace.tickets", (num_kv_heads,), "int32")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    name = kernel_name(head_dim, group)
+    kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
+    args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
+                       ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
+                       group, splits, scale)
+    return LaunchSpec(kernel, (num_kv_heads, splits, 1), (THREADS, 1, 1), args, 0, name)
+
+
+def bytes_moved(context: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """K and V rows read (bf16) plus q read and out written (fp32)."""
+    return 2 * context * num_kv_heads * head_dim * 2 + 2 * num_q_heads * head_dim * 4
+
+
+# Enough distinct pools that a case never finds its K/V in the 50 MB L2 of an H100.
+_ROTATE_BYTES = 160 << 20
+_MAX_COPIES = 16
+
+
+def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
+    """Decode attention of ``config``'s heads at each context length.
+
+    Each case rotates over several copies of the K/V pools (pages scattered through a
+    shuffled page table) so the bytes come from HBM, as in a real decode step where every
+    layer reads its own cache.
+    """
+    from ... import memory
+
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if d not in HEAD_DIMS or hq % hkv or hq // hkv > MAX_GROUP:
+        return []
+    rng = np.random.default_rng(0)
+    cases = []
+    for ctx in contexts:
+        pages = ceil_div(ctx, PAGE_SIZE)
+        pool_bytes = pages * hkv * PAGE_SIZE * d * 2
+        copies = max(1, min(_MAX_COPIES, ceil_div(_ROTATE_BYTES, 2 * pool_bytes)))
+        host = rng.standard_normal((pages, hkv, PAGE_SIZE, d), dtype=np.float32)
+        kv = [(memory.from_numpy(host, dtype="bf16"), memory.from_numpy(host[::-1].copy(), dtype="bf16"))
+              for _ in range(copies)]
+        q = memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
+        out = memory.empty((hq * d,), "fp32")
+        table = memory.from_numpy(rng.permutation(pages).astype(np.int32))
+        pos = memory.from_numpy(np.array([ctx - 1], dtype=np.int32))
+        # Sized for the longest context, as a runner sizes it for max_context: the short
+        # cases then show what the empty splits cost.
+        splits = choose_splits(hkv, d, hq // hkv, max(contexts), sm_count(rt))
+        ws = alloc_workspace(hq, hkv, d, splits)
+        specs = [attention_decode(rt, q, out, k, v, table, pos, ws, num_q_heads=hq, num_kv_heads=hkv,
+                                  head_dim=d) for k, v in kv]
+        state = {"i": 0}
+
+        def launch(stream, specs=specs, state=state):  # rotates copies, also while captured
+            specs[state["i"] % len(specs)].launch(stream)
+            state["i"] += 1
+
+        cases.append(BenchCase(f"attention_decode ctx{ctx} hq{hq} hkv{hkv} d{d}",
+                               bytes_moved(ctx, hq, hkv, d), launch, group="attention",
+                               notes={"context": ctx, "max_splits": splits, "pool_copies": copies,
+                                      "_keep": (kv, q, out, table, pos, ws)}))
+    return cases

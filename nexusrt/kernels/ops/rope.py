@@ -1,0 +1,109 @@
+"""Launcher for ``cu/rope.cu``: per-head q/k norm, RoPE, and the append of K and V to the
+paged cache of one layer, for M consecutive positions starting at ``*pos`` (device).
+
+The kernel reads the position from device memory, so one captured launch serves every
+decode step; everything else (pointers, head counts, eps) is fixed at capture.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, ptr
+from .spec import BenchCase, LaunchSpec
+
+SOURCE = "rope"
+SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr f32 i32 i32 i32"
+HEAD_DIMS = (64, 128, 256)
+HEADS_PER_BLOCK = 4  # one warp per head, kWarps in rope.cu
+
+
+def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
+    """Check a layer's K and V pools ``[num_pages, Hkv, PAGE_SIZE, D]`` bf16; returns num_pages."""
+    shape = getattr(k_pool, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"k_pool must be a 4-d tensor [num_pages, {num_kv_heads}, {PAGE_SIZE}, "
+                         f"{head_dim}], got shape {shape}")
+    pool_shape = (int(shape[0]), num_kv_heads, PAGE_SIZE, head_dim)
+    check_tensor(k_pool, "k_pool", pool_shape, "bf16")
+    check_tensor(v_pool, "v_pool", pool_shape, "bf16")
+    return pool_shape[0]
+
+
+def check_state(page_table, pos) -> None:
+    """The page table (int32, 1-d) and the device position word (int32)."""
+    check_tensor(page_table, "page_table", None, "int32")
+    check_tensor(pos, "pos", None, "int32")
+
+
+def rope_append(rt, qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, *, num_q_heads: int,
+                num_kv_heads: int, head_dim: int, q_norm=None, k_norm=None,
+                eps: float = 1e-6) -> LaunchSpec:
+    """Launch spec for RoPE + KV append of ``M = qkv.shape[0]`` rows.
+
+    Parameters
+    ----------
+    qkv : fp32 ``[M, (Hq + 2*Hkv) * D]``, the fused QKV projection (bias added).
+    q_out : fp32 ``[M, Hq, D]``: the normed, rotated queries.
+    k_pool, v_pool : bf16 ``[num_pages, Hkv, PAGE_SIZE, D]``, this layer's cache.
+    page_table : int32 ``[max_pages]``: logical page -> physical page (covers *pos + M - 1).
+    pos : int32 device word; row m is position ``*pos + m``.
+    inv_freq : fp32 ``[D/2]`` (RoPE scaling already folded in).
+    q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
+    """
+    check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"rope_append supports head_dim in {HEAD_DIMS}, got {head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    heads = num_q_heads + 2 * num_kv_heads
+    shape = getattr(qkv, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"qkv must be a 2-d tensor [M, {heads * head_dim}], got shape {shape}")
+    m = int(shape[0])
+    check_tensor(qkv, "qkv", (m, heads * head_dim), "fp32")
+    check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
+    check_pools(k_pool, v_pool, num_kv_heads, head_dim)
+    check_state(page_table, pos)
+    check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is not None:
+            check_tensor(w, name, (head_dim,), "fp32")
+    kernel = rt.kernels.get(SOURCE, f"rope_append_d{head_dim}", SIGNATURE)
+    args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
+                       ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads)
+    grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)
+    return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, f"rope_append_d{head_dim}")
+
+
+def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Fewest bytes: read qkv, write q (fp32) and K, V (bf16), read inv_freq."""
+    heads = num_q_heads + 2 * num_kv_heads
+    return m * (heads * head_dim * 4 + num_q_heads * head_dim * 4 + 2 * num_kv_heads * head_dim * 2) \
+        + head_dim // 2 * 4
+
+
+def bench_cases(rt, config) -> list[BenchCase]:
+    """rope_append of one decode token (M = 1) at position 1000 for ``config``'s heads."""
+    from ... import memory
+    from ...backends.cpu.ops import rope_inv_freq
+
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if d not in HEAD_DIMS:
+        return []
+    rng = np.random.default_rng(0)
+    pages = 64
+    tensors = dict(
+        qkv=memory.from_numpy(rng.standard_normal((1, (hq + 2 * hkv) * d), dtype=np.float32)),
+        q_out=memory.empty((1, hq, d), "fp32"),
+        k_pool=memory.zeros((pages, hkv, PAGE_SIZE, d), "bf16"),
+        v_pool=memory.zeros((pages, hkv, PAGE_SIZE, d), "bf16"),
+        page_table=memory.from_numpy(rng.permutation(pages).astype(np.int32)),
+        pos=memory.from_numpy(np.array([1000], dtype=np.int32)),
+        inv_freq=memory.from_numpy(rope_inv_freq(config)),
+    )
+    spec = rope_append(rt, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                       eps=float(config.rms_norm_eps), **tensors)
+
+    return [BenchCase(f"rope_append hq{hq} hkv{hkv} d{d}", bytes_moved(1, hq, hkv, d), spec.launch,
+                      group="attention", notes={"M": 1, "_keep": tuple(tensors.values())})]

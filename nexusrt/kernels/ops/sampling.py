@@ -1,0 +1,139 @@
+"""Launchers for ``cu/sampling.cu``: the next token on the device, per
+:mod:`nexusrt.engine.sampling` (greedy or temperature/top-k/top-p with a seeded draw).
+
+Two launches per token: ``sample_argmax_partial`` (many blocks; does nothing when the
+parameters ask for sampling) and ``sample_finish`` (one block), which writes the token to
+a device word and to ``ring[step % ring_size]`` (pinned host memory the host polls), then
+advances ``*pos`` and ``*step``. The parameters live in a 24-byte device struct
+(:func:`pack_params`), so a new ``generate()`` call rewrites it instead of the graph.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .common import ceil_div, check_positive, check_tensor, ptr
+from .spec import BenchCase, LaunchSpec
+
+SOURCE = "sampling"
+PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr"
+FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr i32"
+PART_CHUNK = 4096  # logits per partial-argmax block (kPartChunk)
+PART_THREADS = 256
+FINISH_THREADS = 1024
+MAX_PARTS = FINISH_THREADS  # one partial per thread of sample_finish
+PARAMS_FORMAT = "<fifiQ"  # struct SampleParams: temperature, top_k, top_p, pad, seed
+PARAMS_BYTES = struct.calcsize(PARAMS_FORMAT)
+
+
+def pack_params(temperature: float, top_k: int, top_p: float, seed: int) -> np.ndarray:
+    """The device ``SampleParams`` struct as 24 bytes (uint8), ready to copy to the device.
+
+    ``temperature`` 0 is greedy; ``top_k`` 0 means the 1024 cap; ``top_p`` in (0, 1].
+    The values are checked by :class:`nexusrt.engine.sampling.SamplingParams`; here only
+    what the struct can hold is enforced.
+    """
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed!r}")
+    if int(top_k) < 0 or int(top_k) >= 2**31:
+        raise ValueError(f"top_k must be in [0, 2**31), got {top_k!r}")
+    raw = struct.pack(PARAMS_FORMAT, float(temperature), int(top_k), float(top_p), 0, int(seed))
+    return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def num_parts(vocab: int) -> int:
+    return ceil_div(vocab, PART_CHUNK)
+
+
+@dataclass
+class SamplerBuffers:
+    """Device buffers of the sampler: ``params`` (uint8 [24]) and the partial argmax
+    (``part_val`` fp32, ``part_idx`` int32, ``num_parts(vocab)`` each)."""
+
+    params: object
+    part_val: object
+    part_idx: object
+
+    def set_params(self, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        """Rewrite the parameters (a synchronous copy; do it between graph launches)."""
+        self.params.copy_from(pack_params(temperature, top_k, top_p, seed))
+
+    def free(self) -> None:
+        for t in (self.params, self.part_val, self.part_idx):
+            t.free()
+
+
+def alloc_buffers(vocab: int, tag: str = "sampling") -> SamplerBuffers:
+    """Buffers for a ``vocab``-sized sampler on the running runtime (greedy parameters)."""
+    from ... import memory
+
+    check_positive(vocab=vocab)
+    n = num_parts(vocab)
+    if n > MAX_PARTS:
+        raise ValueError(f"vocab {vocab} is above the supported {MAX_PARTS * PART_CHUNK}")
+    return SamplerBuffers(params=memory.from_numpy(pack_params(0.0, 0, 1.0, 0), tag=tag),
+                          part_val=memory.empty((n,), "fp32", tag=tag),
+                          part_idx=memory.empty((n,), "int32", tag=tag))
+
+
+def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring_size: int
+           ) -> tuple[LaunchSpec, LaunchSpec]:
+    """The two launch specs (run in order) that sample one token from ``logits`` fp32 [vocab].
+
+    ``pos``, ``step``, ``token_out``: int32 device words; ``ring``: int32 ``[ring_size]`` that
+    the device can write (pinned host memory, mapped: with unified addressing its host
+    address is its device address).
+    """
+    shape = getattr(logits, "shape", None)
+    if shape is None:
+        raise ValueError("logits must be a tensor with a shape ([vocab] fp32)")
+    vocab = int(np.prod(shape))
+    check_positive(vocab=vocab, ring_size=ring_size)
+    n = num_parts(vocab)
+    if n > MAX_PARTS:
+        raise ValueError(f"vocab {vocab} is above the supported {MAX_PARTS * PART_CHUNK}")
+    check_tensor(logits, "logits", (vocab,), "fp32")
+    check_tensor(buffers.params, "buffers.params", (PARAMS_BYTES,), "uint8")
+    check_tensor(buffers.part_val, "buffers.part_val", (n,), "fp32")
+    check_tensor(buffers.part_idx, "buffers.part_idx", (n,), "int32")
+    for name, t in (("pos", pos), ("step", step), ("token_out", token_out)):
+        check_tensor(t, name, None, "int32")
+    check_tensor(ring, "ring", (ring_size,), "int32")
+    partial = rt.kernels.get(SOURCE, "sample_argmax_partial", PARTIAL_SIGNATURE)
+    finish = rt.kernels.get(SOURCE, "sample_finish", FINISH_SIGNATURE)
+    p_args = partial.pack(ptr(logits), vocab, ptr(buffers.params), ptr(buffers.part_val),
+                          ptr(buffers.part_idx))
+    f_args = finish.pack(ptr(logits), vocab, ptr(buffers.params), ptr(buffers.part_val),
+                         ptr(buffers.part_idx), n, ptr(pos), ptr(step), ptr(token_out), ptr(ring),
+                         ring_size)
+    return (LaunchSpec(partial, (n, 1, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_argmax_partial"),
+            LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish"))
+
+
+def bench_cases(rt, config) -> list[BenchCase]:
+    """Greedy and top-k/top-p sampling over ``config.vocab_size`` random logits."""
+    from ... import memory
+
+    vocab = config.vocab_size
+    rng = np.random.default_rng(0)
+    logits = memory.from_numpy((rng.standard_normal(vocab, dtype=np.float32) * 4).astype(np.float32))
+    words = memory.zeros((3,), "int32")  # pos, step, token
+    ring = memory.zeros((64,), "int32")  # device memory is fine for timing
+    cases = []
+    for label, params in (("greedy", (0.0, 0, 1.0, 0)), ("top-k 50 top-p 0.9", (0.8, 50, 0.9, 1)),
+                          ("top-p 0.95 (1024 cap)", (1.0, 0, 0.95, 2))):
+        bufs = alloc_buffers(vocab)
+        bufs.set_params(*params)
+        specs = sample(rt, logits, bufs, words[0:1], words[1:2], words[2:3], ring, 64)
+
+        def launch(stream, specs=specs):
+            for s in specs:
+                s.launch(stream)
+
+        cases.append(BenchCase(f"sampling {label} vocab{vocab}", vocab * 4, launch, group="sampling",
+                               notes={"vocab": vocab, "_keep": (bufs,)}))
+    cases[0].notes["_keep"] += (logits, words, ring)  # shared by the cases: freed once
+    return cases

@@ -1,0 +1,282 @@
+"""attention_decode and attention_prefill kernels: NVRTC builds and launcher checks on the
+CPU; on a GPU, results against nexusrt.backends.cpu.ops.attention over a paged cache whose
+pages are scattered through a shuffled page table."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nexusrt.engine.kv_pages import PagePool, SequencePages, pages_for, pool_shape, scatter_tokens
+from nexusrt.kernels.compiler import compile_file
+from nexusrt.kernels.ops import attention_decode as dec
+from nexusrt.kernels.ops import attention_prefill as pre
+from nexusrt.kernels.ops.common import PAGE_SIZE
+
+BF16 = ml_dtypes.bfloat16
+
+
+# ------------------------------------------------------------------------ CPU: always run
+@pytest.mark.parametrize("source", ["attention_decode", "attention_prefill"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_compiles_with_every_kernel_the_launcher_names(source, arch):
+    cubin = compile_file(source, arch, use_cache=False).cubin
+    if source == "attention_decode":
+        names = {dec.kernel_name(d, g) for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
+        assert len(names) == 12  # exact 1, 2, 4, 8 and bounded 4, 8 per head dim
+    else:
+        names = [f"attention_prefill_d{d}" for d in pre.HEAD_DIMS]
+    for name in names:
+        assert name.encode() in cubin, f"{name} missing from {source}.cu for {arch}"
+
+
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 31, 32, 33, 1000, 4097, 8192, 131072])
+@pytest.mark.parametrize("max_splits", [1, 3, 33, 128])
+@pytest.mark.parametrize("step", [16, 32, 64])
+def test_split_plan_covers_the_sequence_once(seq_len, max_splits, step):
+    chunk, nsplit = dec.split_plan(seq_len, max_splits, step)
+    assert chunk % step == 0 and 1 <= nsplit <= max_splits
+    assert (nsplit - 1) * chunk < seq_len <= nsplit * chunk  # no empty working split
+
+
+def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
+    assert dec.choose_splits(8, 128, 4, 8192, 132) == 33  # ~2 blocks per SM over 8 KV heads
+    assert dec.choose_splits(8, 128, 4, 64, 132) == 2  # 64 tokens: two 32-token steps
+    assert dec.choose_splits(1, 64, 8, 1 << 20, 132) == dec.MAX_SPLITS
+    assert dec.tokens_per_step(64, 4) == 64 and dec.tokens_per_step(128, 8) == 16
+
+
+class _FakeKernel:
+    function = None
+
+    def pack(self, *values):
+        return values
+
+
+class _FakeRT:
+    def __init__(self):
+        self.asked = []
+        self.kernels = SimpleNamespace(get=self._get)
+
+    def _get(self, source, name, signature):
+        self.asked.append((source, name, len(signature.split())))
+        return _FakeKernel()
+
+
+def _t(shape, dtype, ptr=0x1000):
+    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
+
+
+def _decode_args(hq=32, hkv=8, d=128, pages=10, splits=4):
+    g = hq // hkv
+    ws = dec.DecodeWorkspace(_t((hkv, splits, g, d), "fp32"), _t((hkv, splits, g, 2), "fp32"),
+                             _t((hkv,), "int32"), splits)
+    return dict(q=_t((hq, d), "fp32"), out=_t((hq * d,), "fp32"), k_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"),
+                v_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"), page_table=_t((pages,), "int32"),
+                pos=_t((1,), "int32"), workspace=ws)
+
+
+def test_decode_launcher_picks_the_kernel_and_grid():
+    rt = _FakeRT()
+    spec = dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128)
+    assert rt.asked == [("attention_decode", "attention_decode_d128_g4", 13)]
+    assert spec.grid == (8, 4, 1) and spec.block == (128, 1, 1)
+    assert spec.args[-1] == pytest.approx(1 / math.sqrt(128)) and spec.args[-3] == 4  # G
+    assert dec.kernel_name(64, 3) == "attention_decode_d64_gmax4"
+    assert dec.kernel_name(128, 7) == "attention_decode_d128_gmax8"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=_t((32, 64), "fp32")), "q has shape"),
+    (dict(out=_t((32 * 128,), "bf16")), "out has dtype bf16"),
+    (dict(k_pool=_t((10, 8, 8, 128), "bf16")), "k_pool has shape"),
+    (dict(v_pool=_t((11, 8, 16, 128), "bf16")), "v_pool has shape"),
+    (dict(page_table=_t((10,), "int64")), "page_table has dtype"),
+])
+def test_decode_launcher_rejects_bad_tensors_by_name(change, message):
+    args = {**_decode_args(), **change}
+    with pytest.raises(ValueError, match=message):
+        dec.attention_decode(_FakeRT(), **args, num_q_heads=32, num_kv_heads=8, head_dim=128)
+
+
+def test_decode_launcher_rejects_unsupported_shapes():
+    with pytest.raises(ValueError, match="head_dim in"):
+        dec.attention_decode(_FakeRT(), **_decode_args(d=96), num_q_heads=32, num_kv_heads=8, head_dim=96)
+    with pytest.raises(ValueError, match="GQA group 16"):
+        dec.attention_decode(_FakeRT(), **_decode_args(hq=32, hkv=2), num_q_heads=32, num_kv_heads=2,
+                             head_dim=128)
+    with pytest.raises(ValueError, match="not a multiple"):
+        dec.attention_decode(_FakeRT(), **_decode_args(), num_q_heads=30, num_kv_heads=8, head_dim=128)
+
+
+def test_prefill_launcher_grid_covers_rows_times_group():
+    rt = _FakeRT()
+    m, hq, hkv, d = 33, 28, 4, 128
+    spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "fp32"),
+                                 _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
+                                 _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+                                 head_dim=d)
+    assert spec.grid == (math.ceil(m * 7 / 16), hkv, 1)
+    with pytest.raises(ValueError, match="out has shape"):
+        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq), "fp32"),
+                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
+                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+                              head_dim=d)
+
+
+def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
+    from nexusrt.kernels.ops import rope, sampling
+
+    rt = SimpleNamespace(kernels=_FakeRT().kernels, profile=SimpleNamespace(sm_count=132))
+    cfg = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=5000,
+                          rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None)
+    cases = dec.bench_cases(rt, cfg, contexts=(128, 1024))
+    assert [c.notes["context"] for c in cases] == [128, 1024]
+    assert cases[1].bytes_moved == 2 * 1024 * 2 * 64 * 2 + 2 * 8 * 64 * 4
+    assert all(c.notes["max_splits"] == dec.choose_splits(2, 64, 4, 1024, 132) for c in cases)
+    assert cases[0].notes["pool_copies"] == 16  # small pools: the most copies, to defeat the L2
+    (r,) = rope.bench_cases(rt, cfg)
+    assert r.bytes_moved == 12 * 64 * 4 + 8 * 64 * 4 + 2 * 2 * 64 * 2 + 32 * 4
+    assert [c.bytes_moved for c in sampling.bench_cases(rt, cfg)] == [5000 * 4] * 3
+
+
+# ------------------------------------------------------------------------ GPU
+def _paged_cache(rng, seq_len, hkv, d, spare_pages=3):
+    """Random bf16 K/V for positions 0..seq_len-1 in pools whose every other slot is NaN
+    (a kernel that reads past the sequence or a wrong page returns NaN), pages shuffled."""
+    import nexusrt as nrt
+
+    num_pages = pages_for(seq_len) + spare_pages
+    pool = PagePool(num_pages, order=rng.permutation(num_pages))
+    seq = SequencePages(pool, max_pages=num_pages + 2)
+    seq.ensure(seq_len)
+    table = seq.table()
+    k = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
+    v = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
+    k_host = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    v_host = k_host.copy()
+    scatter_tokens(k_host, table, 0, k)
+    scatter_tokens(v_host, table, 0, v)
+    dev = dict(k_pool=nrt.memory.from_numpy(k_host), v_pool=nrt.memory.from_numpy(v_host),
+               page_table=nrt.memory.from_numpy(table))
+    return k.astype(np.float32), v.astype(np.float32), dev
+
+
+def _rel(out, ref):
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+DECODE_SHAPES = [  # (Hq, Hkv, D): every group size 1..8 and the real model shapes
+    (4, 4, 64), (8, 4, 128), (6, 2, 64), (16, 4, 128), (10, 2, 128), (12, 2, 64), (14, 2, 64),
+    (16, 2, 128), (32, 8, 64), (32, 8, 128), (28, 4, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", DECODE_SHAPES)
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 100, 1000, 4097])
+def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
+    import nexusrt as nrt
+    from nexusrt.backends.cpu.ops import attention
+
+    rng = np.random.default_rng(seq_len * 131 + hq * 7 + d)
+    k, v, dev = _paged_cache(rng, seq_len, hkv, d)
+    q = rng.standard_normal((hq, d), dtype=np.float32)
+    ref = attention(q[None], k, v, np.array([seq_len - 1]))[0].reshape(-1)
+    q_t = nrt.memory.from_numpy(q)
+    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
+    g = hq // hkv
+    for splits in sorted({1, dec.choose_splits(hkv, d, g, 8192, 132), dec.MAX_SPLITS}):
+        ws = dec.alloc_workspace(hq, hkv, d, splits)
+        out = nrt.memory.from_numpy(np.full(hq * d, np.nan, dtype=np.float32))
+        spec = dec.attention_decode(gpu_rt, q_t, out, pos=pos, workspace=ws, num_q_heads=hq,
+                                    num_kv_heads=hkv, head_dim=d, **dev)
+        for _ in range(2):  # a replay must find the tickets reset
+            spec.launch()
+            got = out.to_numpy()
+            assert np.isfinite(got).all(), f"unwritten outputs with max_splits={splits}"
+            assert _rel(got, ref) < 2e-5, f"max_splits={splits}"
+        assert (ws.tickets.to_numpy() == 0).all()
+
+
+PREFILL_SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", PREFILL_SHAPES)
+@pytest.mark.parametrize("start, m", [(0, 1), (0, 15), (0, 33), (7, 16), (50, 17), (200, 100), (0, 300)])
+def test_prefill_matches_reference(gpu_rt, hq, hkv, d, start, m):
+    import nexusrt as nrt
+    from nexusrt.backends.cpu.ops import attention
+
+    rng = np.random.default_rng(start * 1009 + m * 17 + hq + d)
+    k, v, dev = _paged_cache(rng, start + m, hkv, d)
+    q = rng.standard_normal((m, hq, d), dtype=np.float32)
+    ref = attention(q, k, v, start + np.arange(m)).reshape(m, hq * d)
+    out = nrt.memory.from_numpy(np.full((m, hq * d), np.nan, dtype=np.float32))
+    spec = pre.attention_prefill(gpu_rt, nrt.memory.from_numpy(q), out,
+                                 pos=nrt.memory.from_numpy(np.array([start], dtype=np.int32)),
+                                 num_q_heads=hq, num_kv_heads=hkv, head_dim=d, **dev)
+    spec.launch()
+    got = out.to_numpy()
+    assert np.isfinite(got).all()
+    assert _rel(got, ref) < 2e-5
+    # Row by row too: a masking slip shows up in a few rows only.
+    row_err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert row_err.max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 64), (28, 4, 128)])
+def test_rope_append_prefill_then_decode_steps_agree_with_reference(gpu_rt, hq, hkv, d):
+    """The kernels agree on the cache layout: what rope_append writes is what prefill and
+    decode read, across a prompt chunk and then single-token steps."""
+    import nexusrt as nrt
+    from nexusrt.backends.cpu.ops import apply_rope, attention
+    from nexusrt.kernels.ops.rope import rope_append
+
+    rng = np.random.default_rng(d)
+    prompt, steps = 37, 3
+    total = prompt + steps
+    qkv = rng.standard_normal((total, (hq + 2 * hkv) * d), dtype=np.float32)
+    inv_freq = (1.0 / np.power(np.float32(10000.0), np.arange(0, d, 2).astype(np.float32) / d)).astype(np.float32)
+    num_pages = pages_for(total) + 4
+    seq = SequencePages(PagePool(num_pages, order=rng.permutation(num_pages)), num_pages)
+    seq.ensure(total)
+    poison = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    cache = dict(k_pool=nrt.memory.from_numpy(poison), v_pool=nrt.memory.from_numpy(poison),
+                 page_table=nrt.memory.from_numpy(seq.table()))
+    pos = nrt.memory.from_numpy(np.array([0], dtype=np.int32))
+    inv = nrt.memory.from_numpy(inv_freq)
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+
+    # Reference: rotate all positions, K/V rounded to bf16 as the cache stores them.
+    q_all = apply_rope(qkv[:, :hq * d].reshape(total, hq, d), np.arange(total), inv_freq)
+    k_all = apply_rope(qkv[:, hq * d:(hq + hkv) * d].reshape(total, hkv, d), np.arange(total), inv_freq)
+    v_all = qkv[:, (hq + hkv) * d:].reshape(total, hkv, d)
+    k_all = k_all.astype(BF16).astype(np.float32)
+    v_all = v_all.astype(BF16).astype(np.float32)
+    ref = attention(q_all, k_all, v_all, np.arange(total)).reshape(total, hq * d)
+
+    q_buf = nrt.memory.empty((prompt, hq, d), "fp32")
+    out = nrt.memory.from_numpy(np.full((prompt, hq * d), np.nan, dtype=np.float32))
+    rope_append(gpu_rt, nrt.memory.from_numpy(qkv[:prompt]), q_buf, pos=pos, inv_freq=inv, **cache,
+                **heads).launch()
+    pre.attention_prefill(gpu_rt, q_buf, out, pos=pos, **cache, **heads).launch()
+    assert _rel(out.to_numpy(), ref[:prompt]) < 1e-3  # bf16 rounding of K may flip an ulp
+
+    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 4096, 132))
+    q1 = nrt.memory.empty((1, hq, d), "fp32")
+    out1 = nrt.memory.empty((hq * d,), "fp32")
+    for s in range(steps):
+        t = prompt + s
+        pos.copy_from(np.array([t], dtype=np.int32))
+        out1.copy_from(np.full(hq * d, np.nan, dtype=np.float32))
+        rope_append(gpu_rt, nrt.memory.from_numpy(qkv[t:t + 1]), q1, pos=pos, inv_freq=inv, **cache,
+                    **heads).launch()
+        dec.attention_decode(gpu_rt, q1.reshape(hq, d), out1, pos=pos, workspace=ws, **cache, **heads).launch()
+        assert _rel(out1.to_numpy(), ref[t]) < 1e-3, f"decode step {s}"

@@ -24,7 +24,7 @@ run_stage() {  # name, command...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >"$OUT/card.txt" 2>&1
 for s in "${stages[@]}"; do
   case $s in
-    tests) run_stage tests python3 -m pytest -m gpu -q -rs -p no:cacheprovider --timeout=300 "${pytest_args[@]}" ;;
+    tests) run_stage tests python3 -m pytest -m gpu -q -rs -p no:cacheprovider --timeout=${PYTEST_TIMEOUT:-120} "${pytest_args[@]}" ;;
     detect|memory|scheduler|kernels) run_stage "$s" python3 -m nexusrt.bench.main --stage "$s" ;;
     decode) run_stage decode python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.2-1b
             run_stage decode8b python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.1-8b ;;

@@ -1,0 +1,86 @@
+"""The interface the engine drives: one model, one sequence, a KV cache, logits and sampling.
+
+Two implementations: ``backends.cpu.model.CpuRunner`` (NumPy, the oracle) and the CUDA
+runner (``backends.cuda.runner.CudaRunner``, constructed as
+``CudaRunner(model: LoadedModel, runtime, max_context=None)``).
+
+State: the cache holds ``position`` tokens (positions ``0..position-1``); ``prefill``
+and ``decode`` append to it and leave the logits of the last appended token for
+``last_logits`` / ``sample``. ``reset`` empties it.
+
+Sampling is the runner's so a GPU can sample without copying logits to the host; the
+algorithm is fixed by :mod:`nexusrt.engine.sampling` (both backends give the same ids).
+
+Fast path: a runner may offer ``generate_tokens(prompt_ids, max_new_tokens, params,
+on_token) -> int`` with the meaning of :func:`generate_tokens` below (e.g. the whole
+decode loop on the device); the engine uses it when present.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+OnToken = Callable[[int], bool]
+"""Called with each generated id in order; returns True to stop. After it returns True,
+or after ``max_new_tokens`` ids, the runner calls it no more."""
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    config: object  # nexusrt.models.ModelConfig
+    position: int  # tokens in the KV cache
+    max_context: int  # most tokens the cache can hold
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache becomes empty; its memory is kept)."""
+
+    def prefill(self, token_ids: np.ndarray) -> None:
+        """Append ``token_ids`` (int32 ``[T]``, T >= 1) in one pass."""
+
+    def decode(self, token_id: int) -> None:
+        """Append one token."""
+
+    def last_logits(self) -> np.ndarray:
+        """fp32 ``[vocab]`` logits after the last appended token (a host copy)."""
+
+    def forward_all(self, token_ids: np.ndarray) -> np.ndarray:
+        """Reset, run ``token_ids`` teacher-forced, return fp32 ``[T, vocab]`` (for tests)."""
+
+    def sample(self, params, step: int) -> int:
+        """Sample the next id from the last logits (``params``: SamplingParams, ``step``: 0-based)."""
+
+    def close(self) -> None:
+        """Release weights and cache; the runner is unusable afterwards."""
+
+
+def iter_tokens(runner: ModelRunner, prompt_ids, max_new_tokens: int, params):
+    """The reference generation loop as a generator: reset, prefill, then sample / yield / decode.
+
+    Yields at most ``max_new_tokens`` ids; stops early when the cache is full (the last
+    id sampled is yielded but never fed). Closing the generator stops the loop.
+    """
+    runner.reset()
+    runner.prefill(np.asarray(prompt_ids, dtype=np.int32))
+    for step in range(max_new_tokens):
+        token = runner.sample(params, step)
+        yield token
+        if step + 1 == max_new_tokens or runner.position >= runner.max_context:
+            return
+        runner.decode(token)
+
+
+def generate_tokens(runner: ModelRunner, prompt_ids, max_new_tokens: int, params, on_token: OnToken) -> int:
+    """:func:`iter_tokens` driven by a callback: the contract of a runner's fast path.
+
+    Reports each id to ``on_token`` and stops when it returns True. Returns the ids reported.
+    A runner's own ``generate_tokens`` may be called from a worker thread (the engine
+    streams that way), so it must make its device context current itself.
+    """
+    n = 0
+    for token in iter_tokens(runner, prompt_ids, max_new_tokens, params):
+        n += 1
+        if on_token(token):
+            break
+    return n

@@ -1,0 +1,104 @@
+"""Sampling: parameters and the one algorithm both backends implement.
+
+Given fp32 logits ``l[0..V-1]``, :class:`SamplingParams` ``(temperature T, top_k, top_p,
+seed)`` and the 0-based index ``step`` of the token being generated:
+
+1. **Greedy** when ``T == 0``: ``argmax l`` (the lowest index among equal maxima).
+2. **Candidates**: ``K = min(top_k or K_MAX, K_MAX, V)`` with ``K_MAX = 1024``; the K
+   largest logits, ordered by value descending, then index ascending on ties.
+3. **Softmax** over candidates, fp32: ``z_i = l_i / T`` (IEEE division),
+   ``p_i = exp(z_i - z_0)`` (``z_0`` is the largest), prefix sums
+   ``c_j = c_{j-1} + p_j`` accumulated sequentially in fp32.
+4. **Top-p**: keep the shortest prefix ``0..n-1`` with ``c_{n-1} >= top_p * c_{K-1}``
+   (fp32 product), i.e. whose probability mass reaches ``top_p``.
+5. **Draw**: ``u = uniform(seed, step)``; in float64, ``target = u * c_{n-1}``; the pick
+   is the first candidate ``j < n`` with ``c_j > target`` (``n-1`` if none).
+
+``uniform(seed, step) = (splitmix64(seed * 0x9E3779B97F4A7C15 + step) >> 11) * 2**-53``,
+all integer arithmetic mod 2**64 (``splitmix64``: :mod:`nexusrt.models.rng`), so
+``u`` is in ``[0, 1)`` with 53 random bits. A device ``expf`` may differ from NumPy's
+by an ulp; that changes a pick only when ``u`` lands within ~1e-7 of a boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..models.rng import GAMMA, MASK64, splitmix64
+
+K_MAX = 1024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature`` 0 is greedy; ``top_k`` 0 means only the K_MAX cap; ``seed`` None
+    means "pick one" (the engine resolves it and reports it)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MASK64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def resolved(self) -> "SamplingParams":
+        """These params with a concrete seed (random when unset)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def uniform(seed: int, step: int) -> float:
+    """The draw for ``step`` under ``seed``: a float in [0, 1)."""
+    return (splitmix64((seed * GAMMA + step) & MASK64) >> 11) * 2.0 ** -53
+
+
+def candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest logits, value descending then index ascending."""
+    v = logits.shape[0]
+    k = min(k, v)
+    if k < v:
+        part = np.argpartition(-logits, k - 1)[:k]
+        threshold = logits[part].min()
+        above = np.flatnonzero(logits > threshold)
+        # Equal values at the cut: the lowest indices win, whatever argpartition chose.
+        equal = np.flatnonzero(logits == threshold)[:k - above.size]
+        idx = np.concatenate([above, equal])
+    else:
+        idx = np.arange(v)
+    return idx[np.lexsort((idx, -logits[idx]))]
+
+
+def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
+    """The next token id under ``params`` at ``step`` (see the module docstring)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    if params.greedy:
+        return int(np.argmax(logits))
+    idx = candidates(logits, min(params.top_k or K_MAX, K_MAX))
+    z = logits[idx] / np.float32(params.temperature)
+    p = np.exp(z - z[0])
+    c = np.cumsum(p, dtype=np.float32)  # numpy accumulates in order: the sequential sum
+    n = int(np.argmax(c >= np.float32(params.top_p) * c[-1])) + 1
+    target = uniform(params.seed or 0, step) * float(c[n - 1])
+    hits = np.flatnonzero(c[:n].astype(np.float64) > target)
+    return int(idx[hits[0] if hits.size else n - 1])

@@ -1,0 +1,178 @@
+"""Tokenizers: HF ``tokenizer.json`` through ``tokenizers``, a byte tokenizer for synthetic
+models, and incremental detokenisation for streaming.
+
+BOS handling follows HF: the ``tokenizer.json`` post-processor adds specials when it
+has one (Llama 3); ``add_bos_token: true`` in tokenizer_config.json makes sure the BOS
+id leads (Llama 2 style). Chat prompts are rendered text that already holds its special
+tokens, so they are encoded with ``add_special_tokens=False``, as HF does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ModelError
+from .chat import render_chat
+from .jsonfile import read_json_object
+
+
+class BaseTokenizer:
+    """What the engine needs from a tokenizer."""
+
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    chat_template: str | None = None
+    special_tokens: dict = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def invisible(self, token_id: int) -> bool:
+        """True when ``token_id`` never adds text in any context (streaming may skip it)."""
+        return False
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The rendered chat prompt (text) for ``messages``."""
+        if not self.chat_template:
+            raise ModelError(f"{self.source}: this tokenizer has no chat_template")
+        return render_chat(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    source = "tokenizer"
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer(BaseTokenizer):
+    """``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``) of a checkpoint."""
+
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer
+
+        d = Path(model_dir)
+        path = d / "tokenizer.json"
+        self.source = str(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (needed to turn text into token ids)")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelError(f"{path}: cannot load: {exc}") from None
+        cfg = self._read_config(d / "tokenizer_config.json")
+        self.special_tokens = {k: _token_text(cfg.get(k)) or "" for k in
+                               ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_id = self._tok.token_to_id(self.special_tokens["bos_token"]) if self.special_tokens["bos_token"] else None
+        eos = self._tok.token_to_id(self.special_tokens["eos_token"]) if self.special_tokens["eos_token"] else None
+        self.eos_ids = () if eos is None else (eos,)
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # the older named-templates form
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = d / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        self.chat_template = template
+
+    @staticmethod
+    def _read_config(path: Path) -> dict:
+        return read_json_object(path) if path.is_file() else {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+class ByteTokenizer(BaseTokenizer):
+    """Ids 0..255 are bytes (UTF-8), 256 is BOS, 257 is EOS; higher ids decode to nothing.
+
+    Lets synthetic models take text prompts; random weights produce ids of any size.
+    """
+
+    BOS, EOS = 256, 257
+    NAMES = {256: "<|bos|>", 257: "<|eos|>"}
+    source = "byte tokenizer"
+    chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+    def __init__(self):
+        self.bos_id = self.BOS
+        self.eos_ids = (self.EOS,)
+        self.special_tokens = {"bos_token": self.NAMES[256], "eos_token": self.NAMES[257]}
+
+    vocab_size = 258
+
+    def invisible(self, token_id: int) -> bool:
+        # Random weights pick ids far above 257; skipping them keeps streaming O(1) per token.
+        return token_id >= 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return ([self.BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        out, run = [], bytearray()
+        for i in (int(i) for i in ids):
+            if i < 256:
+                run.append(i)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            if i in self.NAMES and not skip_special_tokens:
+                out.append(self.NAMES[i])
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class IncrementalDecoder:
+    """Turns a growing id sequence into text pieces whose concatenation is the full decode.
+
+    Decoding a token alone is wrong for tokenizers whose pieces depend on their
+    neighbours (leading-space markers, bytes split across tokens), so each step decodes
+    a short window ending at the new token and emits only the text past the window's
+    old end, holding back while the tail is an incomplete UTF-8 character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: BaseTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids before this are already emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes (often ``""`` mid-character)."""
+        if self.tokenizer.invisible(int(token_id)):
+            return ""
+        self.ids.append(int(token_id))
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self._prefix:self._read])
+        after = dec(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        dec = self.tokenizer.decode
+        before, after = dec(self.ids[self._prefix:self._read]), dec(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]

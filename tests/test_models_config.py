@@ -1,0 +1,100 @@
+"""ModelConfig from HF config.json (v4 and v5 spellings), validation and presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nexusrt.errors import ModelError
+from nexusrt.models import PRESETS, ModelConfig, load_config, tensor_specs
+from nexusrt.models.presets import preset
+
+LLAMA32_1B_V4 = {  # the shape of Meta's published config.json (transformers 4.x spelling)
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 16,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+
+
+def test_v4_config_equals_the_preset():
+    cfg = ModelConfig.from_hf(LLAMA32_1B_V4)
+    assert cfg == PRESETS["llama-3.2-1b"]
+    assert cfg.eos_token_ids == (128001, 128008, 128009)
+    assert 1.2e9 < cfg.num_parameters() < 1.3e9  # Llama 3.2 1B has 1.24 B parameters
+
+
+def test_v5_rope_parameters_spelling():
+    d = {k: v for k, v in LLAMA32_1B_V4.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
+    d["rope_parameters"] = {**LLAMA32_1B_V4["rope_scaling"], "rope_theta": 500000.0}
+    d["dtype"] = "bfloat16"
+    assert ModelConfig.from_hf(d) == PRESETS["llama-3.2-1b"]
+
+
+def test_8b_preset_shape():
+    cfg = PRESETS["llama-3.1-8b"]
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.tie_word_embeddings) == (4096, 32, 128, False)
+    assert cfg.rope_scaling["factor"] == 8.0
+    assert 7.9e9 < cfg.num_parameters() < 8.1e9
+
+
+def test_defaults_and_family_switches():
+    d = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,
+         "rope_scaling": {"type": "linear", "factor": 2.0}}
+    cfg = ModelConfig.from_hf(d)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias, cfg.qk_norm) == (4, 16, True, False)
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert cfg.max_position_embeddings == 32768
+    q3 = ModelConfig.from_hf({**d, "architectures": ["Qwen3ForCausalLM"], "head_dim": 32})
+    assert (q3.attention_bias, q3.qk_norm, q3.head_dim) == (False, True, 32)
+    names = [s.name for s in tensor_specs(q3)]
+    assert "layers.1.q_norm" in names and "layers.0.q_bias" not in names
+    assert ModelConfig.from_hf({**d, "architectures": ["MistralForCausalLM"], "sliding_window": 8}).sliding_window == 8
+
+
+def test_missing_keys_name_key_and_file(tmp_path):
+    d = dict(LLAMA32_1B_V4)
+    del d["hidden_size"], d["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ModelError, match=r"config\.json: missing required keys 'hidden_size', 'vocab_size'"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel.*not supported.*LlamaForCausalLM, MistralForCausalLM, "
+                                             "Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"architectures": []}, "non-empty list"),
+    ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    ({"hidden_size": "2048"}, "hidden_size must be a positive integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "needs numeric low_freq_factor"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias"),
+])
+def test_bad_configs(change, message):
+    with pytest.raises(ModelError, match=message):
+        ModelConfig.from_hf({**LLAMA32_1B_V4, **change}, source="cfg.json")
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ModelError, match="config.json: missing"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        load_config(tmp_path)
+
+
+def test_preset_copies_are_independent():
+    a = preset("llama-3.1-8b")
+    a.rope_scaling["factor"] = 1.0
+    assert PRESETS["llama-3.1-8b"].rope_scaling["factor"] == 8.0
+    with pytest.raises(ModelError, match="unknown synthetic model 'nope'.*tiny"):
+        preset("nope")

@@ -1,0 +1,117 @@
+"""Our safetensors parser: agreement with the reference library, and every corruption it must catch."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from nexusrt.errors import ModelError
+from nexusrt.models.safetensors import SafetensorsFile, SafetensorsIndex, read_tensor
+
+RNG = np.random.default_rng(7)
+
+
+def _raw(path, header, data: bytes, length=None):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + data)
+    return path
+
+
+def _one_f32(path, shape=(2, 3), offsets=None, data=None, dtype="F32"):
+    n = int(np.prod(shape)) * 4
+    header = {"w": {"dtype": dtype, "shape": list(shape), "data_offsets": offsets or [0, n]}}
+    return _raw(path, header, RNG.standard_normal(n // 4).astype(np.float32).tobytes() if data is None else data)
+
+
+def test_agrees_with_the_reference_library(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "f32": RNG.standard_normal((3, 5)).astype(np.float32),
+        "f16": RNG.standard_normal((4,)).astype(np.float16),
+        "bf16": RNG.standard_normal((2, 3, 4)).astype(ml_dtypes.bfloat16),
+        "i64": RNG.integers(-9, 9, (6,)).astype(np.int64),
+        "u8": RNG.integers(0, 255, (7,)).astype(np.uint8),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "np"})
+    f = SafetensorsFile(path)
+    assert f.metadata == {"format": "np"}
+    assert set(f.tensors) == set(tensors)
+    raw = path.read_bytes()
+    for name, ref in tensors.items():
+        info = f.tensors[name]
+        arr = read_tensor(info)
+        assert arr.dtype == ref.dtype and arr.shape == ref.shape
+        np.testing.assert_array_equal(arr, ref)
+        # the absolute offset/nbytes are what a streaming loader reads directly
+        assert raw[info.offset:info.offset + info.nbytes] == ref.tobytes()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"\x01\x02"), "too short for the 8-byte header length"),
+    (lambda p: _raw(p, {}, b"", length=10_000), "header length 10000 is larger than the file"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 5) + b"{nope"), "header is not valid JSON"),
+    (lambda p: _raw(p, [1, 2], b""), "header must be a JSON object"),
+    (lambda p: _one_f32(p, offsets=[0, 20]), "tensor 'w': shape \\[2, 3\\] of F32 needs 24 bytes but data_offsets"),
+    (lambda p: _one_f32(p, data=b"\0" * 10), "tensor 'w': data ends at byte 24 .* only 10 data bytes"),
+    (lambda p: _one_f32(p, dtype="F8_E4M3"), "tensor 'w': unsupported dtype 'F8_E4M3'"),
+    (lambda p: _one_f32(p, offsets=[8, 4]), "data_offsets must be \\[begin, end\\]"),
+    (lambda p: _raw(p, {"w": {"dtype": "F32", "shape": [-1]}}, b""), "tensor 'w': header entry lacks data_offsets"),
+    (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
+     "tensors 'a' \\(bytes 0..16\\) and 'b' \\(bytes 8..16\\) overlap"),
+])
+def test_corrupt_files_are_rejected_naming_file_and_tensor(tmp_path, make, message):
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    with pytest.raises(ModelError, match=message) as info:
+        SafetensorsFile(path)
+    assert str(path) in str(info.value)
+
+
+def test_file_truncated_after_parsing(tmp_path):
+    path = _one_f32(tmp_path / "x.safetensors", shape=(4, 4))
+    info = SafetensorsFile(path).tensors["w"]
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ModelError, match="tensor 'w' is truncated: expected 16 elements"):
+        read_tensor(info)
+
+
+def test_sharded_index(tmp_path):
+    from safetensors.numpy import save_file
+
+    a, b = RNG.standard_normal(3).astype(np.float32), RNG.standard_normal(2).astype(np.float32)
+    save_file({"a": a}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": b}, str(tmp_path / "s2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}))
+    idx = SafetensorsIndex.from_dir(tmp_path)
+    np.testing.assert_array_equal(idx.read("b"), b)
+    assert idx.info("a").file.name == "s1.safetensors"
+    with pytest.raises(ModelError, match="tensor 'zz' not found"):
+        idx.read("zz")
+    index.write_text(json.dumps({"weight_map": {"a": "s2.safetensors", "b": "s2.safetensors"}}))
+    with pytest.raises(ModelError, match="puts 'a' in s2.safetensors, but that file has no such tensor"):
+        SafetensorsIndex.from_dir(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "b": "s3.safetensors"}}))
+    with pytest.raises(ModelError, match="shard s3.safetensors is missing \\(it should hold 'b'\\)"):
+        SafetensorsIndex.from_dir(tmp_path)
+    index.write_text("{}")
+    with pytest.raises(ModelError, match="needs a non-empty 'weight_map'"):
+        SafetensorsIndex.from_dir(tmp_path)
+
+
+def test_no_weights_and_duplicates(tmp_path):
+    with pytest.raises(ModelError, match="no \\*.safetensors weight files"):
+        SafetensorsIndex.from_dir(tmp_path)
+    _one_f32(tmp_path / "a.safetensors")
+    _one_f32(tmp_path / "b.safetensors")
+    with pytest.raises(ModelError, match="tensor 'w' appears in both"):
+        SafetensorsIndex.from_dir(tmp_path)

@@ -1,0 +1,89 @@
+"""Tokenizers against HF's AutoTokenizer; chat templates; incremental detokenisation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from helpers_hf import BOS_ID, checkpoint, copy_checkpoint  # noqa: E402
+
+from nexusrt.errors import ModelError  # noqa: E402
+from nexusrt.models.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder  # noqa: E402
+
+TEXTS = ["Hello world", "The quick brown fox, 3.14159!", "café naïve 東京 🙂 Москва", "  spaces  ", ""]
+MESSAGES = [{"role": "system", "content": "Be brief. "},
+            {"role": "user", "content": 'Hi <there> & "you" 🙂'},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Count to three."}]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from transformers import AutoTokenizer
+
+    path = checkpoint("llama")
+    return HFTokenizer(path), AutoTokenizer.from_pretrained(str(path))
+
+
+def test_encode_decode_match_hf(pair):
+    ours, hf = pair
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == hf(text).input_ids
+        assert ids[0] == BOS_ID
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == text
+
+
+def test_chat_template_matches_hf(pair):
+    ours, hf = pair
+    text = ours.apply_chat_template(MESSAGES)
+    assert text == hf.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<s><|system|>\nBe brief.</s>") and text.endswith("<|assistant|>\n")
+    assert ours.encode_chat(MESSAGES) == list(hf.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=True)["input_ids"])
+    assert ours.encode_chat(MESSAGES).count(BOS_ID) == 1  # the template's BOS only
+    with pytest.raises(ModelError, match="chat template error: unknown role tool"):
+        ours.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_add_bos_token_and_missing_template(tmp_path):
+    import json
+
+    path = copy_checkpoint("llama", tmp_path / "m")
+    tok_json = json.loads((path / "tokenizer.json").read_text())
+    tok_json["post_processor"] = None  # Llama 2 style: BOS comes from add_bos_token
+    (path / "tokenizer.json").write_text(json.dumps(tok_json))
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = True
+    del cfg["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = HFTokenizer(path)
+    assert tok.encode("Hello")[0] == BOS_ID and tok.encode("Hello")[1:] == tok.encode("Hello", False)
+    assert tok.encode("Hello", add_special_tokens=False)[0] != BOS_ID
+    with pytest.raises(ModelError, match="has no chat_template"):
+        tok.apply_chat_template(MESSAGES)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert HFTokenizer(path).apply_chat_template(MESSAGES[:2]) == '[Be brief. ][Hi <there> & "you" 🙂]'
+
+
+@pytest.mark.parametrize("which", ["hf", "bytes"])
+def test_incremental_decode_concatenates_to_full_decode(pair, which):
+    tok = pair[0] if which == "hf" else ByteTokenizer()
+    text = "Unicode: café, 東京 and 🙂🙂 — plus a tail."
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    pieces.append(dec.flush())
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 5  # it streamed, not one piece at the end
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    ids = tok.encode("hé")
+    assert ids == [256, 104, 195, 169]
+    assert tok.decode(ids + [257, 300, 104]) == "héh"
+    assert tok.decode(ids + [257], skip_special_tokens=False) == "<|bos|>hé<|eos|>"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"

@@ -34,7 +34,7 @@ def test_values_follow_the_documented_formula():
 def test_ranges_determinism_and_seeds():
     a = SyntheticWeights.from_preset("tiny", seed=0)
     q = a.load("layers.0.q")
-    assert q.shape == (64, 64) and np.abs(q).max() <= 0.02 and q.std() > 0.01
+    assert q.shape == (256, 256) and np.abs(q).max() <= 0.02 and q.std() > 0.01
     norm = a.load("final_norm")
     assert np.all((norm >= 0.95) & (norm <= 1.05)) and norm.std() > 0.01
     np.testing.assert_array_equal(SyntheticWeights.from_preset("tiny", seed=0).load("layers.0.q"), q)

@@ -30,8 +30,8 @@ def _llama3(name: str, hidden: int, intermediate: int, layers: int, head_dim: in
 PRESETS: dict[str, ModelConfig] = {
     # Small enough for NumPy in tests; vocab covers the 256 bytes + specials of ByteTokenizer.
     "tiny": ModelConfig(
-        architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, rms_norm_eps=1e-5,
+        architecture="LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512, rms_norm_eps=1e-5,
         rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
         torch_dtype="float32", source="preset tiny"),
     "llama-3.2-1b": _llama3("llama-3.2-1b", 2048, 8192, 16, 64, rope_factor=32.0, tied=True),

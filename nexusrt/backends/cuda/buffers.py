@@ -1,0 +1,75 @@
+"""Everything a runner keeps on the device besides weights: activations, the paged KV
+cache, the step state the graph reads, workspaces and the pinned token ring."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import memory
+from ...engine.kv_pages import pages_for, pool_shape
+from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops import sampling
+from ...kernels.ops.common import sm_count
+from ...kernels.ops.gemv import plan_gemv
+
+TAG = "runner"
+RING = 256  # tokens the device can be ahead of the host
+
+
+class RunnerBuffers:
+    """Device buffers sized for ``chunk`` prefill tokens and ``max_context`` cached tokens.
+
+    ``state`` is int32 ``[pos, step, token, 0]``: the decode graph reads the token and the
+    position from it and the sampler advances it, so the graph never changes per token.
+    """
+
+    def __init__(self, rt, cfg, max_context: int, chunk: int):
+        self.owned: list = []
+        h, d = cfg.hidden_size, cfg.head_dim
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = (hq + 2 * hkv) * d
+        self.chunk = chunk
+        try:
+            self.state = self._t(memory.zeros((4,), "int32", tag=TAG))
+            self.pos, self.step, self.token = self.state[0:1], self.state[1:2], self.state[2:3]
+            self.ids = self._t(memory.zeros((chunk,), "int32", tag=TAG))
+            self.hidden = self._t(memory.empty((chunk, h), "fp32", tag=TAG))
+            self.qkv = self._t(memory.empty((chunk, qkv), "fp32", tag=TAG))
+            self.q = self._t(memory.empty((chunk, hq, d), "fp32", tag=TAG))
+            self.attn = self._t(memory.empty((chunk, hq * d), "fp32", tag=TAG))
+            self.mlp = self._t(memory.empty((chunk, cfg.intermediate_size), "fp32", tag=TAG))
+            self.rstd = self._t(memory.empty((chunk,), "fp32", tag=TAG))
+            self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
+            num_pages = pages_for(max_context)
+            self.page_table = self._t(memory.from_numpy(np.arange(num_pages, dtype=np.int32), tag=TAG))
+            self.k_pools, self.v_pools = [], []
+            for _ in range(cfg.num_hidden_layers):
+                self.k_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
+                self.v_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
+            sms = sm_count(rt)
+            ws = max(plan_gemv(n, k, 1, gate_up=g, sms=sms).workspace_bytes for n, k, g in
+                     ((qkv, h, False), (h, hq * d, False), (cfg.intermediate_size, h, True),
+                      (h, cfg.intermediate_size, False), (cfg.vocab_size, h, False)))
+            self.gemv_ws = self._t(memory.zeros((max(ws, 4),), "uint8", tag=TAG))
+            splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sms)
+            self.attn_ws = attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG)
+            self.sampler = sampling.alloc_buffers(cfg.vocab_size, tag=TAG)
+            self.ring = self._t(memory.pinned((RING,), "int32", tag=TAG))
+            self.ring.array[:] = -1
+        except BaseException:
+            self.free()
+            raise
+
+    def _t(self, t):
+        self.owned.append(t)
+        return t
+
+    def free(self) -> None:
+        for t in self.owned:
+            if t.is_live:
+                t.free()
+        self.owned.clear()
+        for name in ("attn_ws", "sampler"):
+            obj = self.__dict__.pop(name, None)
+            if obj is not None:
+                obj.free()

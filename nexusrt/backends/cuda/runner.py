@@ -1,0 +1,250 @@
+"""``CudaRunner``: the ModelRunner of the CUDA backend (see nexusrt/backends/base.py).
+
+Weights and every buffer live in the arena. A prefill chunk and the decode step are
+chains of scheduler stages (step.py) captured once as CUDA graphs; a token costs one
+``cuGraphLaunch``. The sampler runs on the device and writes each token into a pinned
+ring the host polls, so the fast path (``generate_tokens``) keeps several steps queued
+and never synchronises per token.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ... import memory, scheduler
+from ...backends.cpu.ops import rope_inv_freq
+from ...errors import ModelError, NexusRTError
+from ...firmware.driver import call
+from . import step as steps
+from .buffers import RING, RunnerBuffers
+from .weights import upload
+
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_CHUNK = 256  # prefill tokens per chunk (the prefill stages' token budget)
+QUEUE_AHEAD = 8  # decode steps in flight ahead of the host in generate_tokens
+
+
+HEAD_DIMS = (64, 128)
+
+
+def _check_supported(cfg) -> None:
+    """Shapes the CUDA kernels do not cover fail here, before any memory is taken."""
+    if cfg.head_dim not in HEAD_DIMS:
+        raise ModelError(f"the CUDA backend supports head_dim {' or '.join(map(str, HEAD_DIMS))}; "
+                         f"{cfg.source or 'this model'} has head_dim {cfg.head_dim} (use backend='cpu')")
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    if group > 8:
+        raise ModelError(f"the CUDA backend supports GQA groups up to 8 query heads per KV head; "
+                         f"this model has {group}")
+
+
+class CudaRunner:
+    """One sequence on the GPU. ``CudaRunner(model, runtime, max_context=None)``."""
+
+    def __init__(self, model, rt, max_context: int | None = None, chunk: int = DEFAULT_CHUNK,
+                 progress=None):
+        cfg = model.config
+        self.config, self.rt = cfg, rt
+        _check_supported(cfg)
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            # Our attention kernels have no window: within the window the result is exact, so
+            # the context stops there instead of silently computing something else past it.
+            limit = min(limit, cfg.sliding_window)
+        self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, limit))
+        if self.max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        self.chunk = int(min(chunk, self.max_context))
+        self.stream = rt.streams["compute"]
+        self.position = 0
+        self._graphs: dict = {}
+        self._params = None
+        self._sample_specs = None
+        self.timings: dict = {}
+        rt.device.make_current()
+        self.weights = self.buffers = None
+        try:
+            t0 = time.perf_counter()
+            self.weights = upload(rt, model.weights, self.stream, progress)
+            inv = memory.from_numpy(rope_inv_freq(cfg).astype(np.float32), tag="weights")
+            self.weights.inv_freq = inv
+            self.weights.owned.append(inv)
+            self.timings["upload_s"] = time.perf_counter() - t0
+            self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk)
+            t0 = time.perf_counter()
+            self._decode_graph(sample=True)
+            self.timings["capture_s"] = time.perf_counter() - t0
+        except BaseException:
+            self.close()
+            raise
+
+    # -- graphs -------------------------------------------------------------------------------
+    def _graph(self, key, build):
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = scheduler.capture(build(), stream="compute")
+        return g
+
+    def _decode_graph(self, sample: bool):
+        return self._graph(("decode", sample), lambda: steps.decode_stages(
+            self.rt, self.config, self.weights, self.buffers, sample=sample))
+
+    def _prefill_graph(self, m: int):
+        return self._graph(("prefill", m), lambda: steps.prefill_stages(
+            self.rt, self.config, self.weights, self.buffers, m))
+
+    # -- small device writes in stream order -----------------------------------------------------
+    def _set_word(self, word, value: int) -> None:
+        call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)
+
+    def _set_ids(self, ids: np.ndarray) -> None:
+        self.stream.synchronize()  # the ids buffer may still be read by the previous chunk
+        self.buffers.ids[0:len(ids)].copy_from(ids)
+
+    # -- ModelRunner ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.stream.synchronize()
+        self.position = 0
+
+    def _check_room(self, n: int) -> None:
+        if self.position + n > self.max_context:
+            raise ModelError(f"the sequence would hold {self.position + n} tokens; this runner's context "
+                             f"is {self.max_context} (max_context=...)")
+
+    def prefill(self, token_ids) -> None:
+        ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        self._check_room(ids.size)
+        self.rt.device.make_current()
+        for start in range(0, ids.size, self.chunk):
+            part = ids[start:start + self.chunk]
+            self._set_ids(part)
+            self._set_word(self.buffers.pos, self.position)
+            self._prefill_graph(part.size).replay()
+            self.position += part.size
+        self._set_word(self.buffers.pos, self.position - 1)  # the last row's position
+
+    def decode(self, token_id: int) -> None:
+        self._check_room(1)
+        self.rt.device.make_current()
+        self._set_word(self.buffers.token, token_id)
+        self._set_word(self.buffers.pos, self.position)
+        self._decode_graph(sample=False).replay()
+        self.position += 1
+
+    def last_logits(self) -> np.ndarray:
+        self.stream.synchronize()
+        return self.buffers.logits.to_numpy().reshape(-1).astype(np.float32)
+
+    def forward_all(self, token_ids) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
+        self.reset()
+        self._check_room(ids.size)
+        out = np.empty((ids.size, self.config.vocab_size), np.float32)
+        with memory.empty((self.chunk, self.config.vocab_size), "fp32", tag="runner") as logits:
+            for start in range(0, ids.size, self.chunk):
+                part = ids[start:start + self.chunk]
+                m = part.size
+                self._set_ids(part)
+                self._set_word(self.buffers.pos, self.position)
+                stages = steps.prefill_stages(self.rt, self.config, self.weights, self.buffers, m,
+                                              all_logits=logits[0:m])
+                scheduler.submit(stages)
+                scheduler.wait_barrier()
+                out[start:start + m] = logits.to_numpy()[:m]
+                self.position += m
+        self._set_word(self.buffers.pos, self.position - 1)
+        return out
+
+    def _set_params(self, params) -> None:
+        key = (float(params.temperature), int(params.top_k or 0), float(params.top_p), int(params.seed or 0))
+        if key != self._params:
+            self.stream.synchronize()
+            self.buffers.sampler.set_params(*key)
+            self._params = key
+
+    def sample(self, params, step: int) -> int:
+        """Sample on the device from the last logits; the cache position is unchanged."""
+        self.rt.device.make_current()
+        self._set_params(params)
+        ring = self.buffers.ring.array
+        slot = step % RING
+        ring[slot] = -1
+        self._set_word(self.buffers.step, step)
+        self._set_word(self.buffers.pos, self.position - 1)
+        self._launch_sampler()
+        self.stream.synchronize()
+        return int(ring[slot])
+
+    def _launch_sampler(self) -> None:
+        if self._sample_specs is None:
+            self._sample_specs = [st.kernel for st in steps.sample_stages(self.rt, self.buffers)]
+        for spec in self._sample_specs:
+            spec.launch(self.stream)
+
+    def _wait_token(self, ring, slot: int) -> int:
+        """Spin on the ring slot; check the stream now and then so a device fault raises
+        instead of spinning forever."""
+        spins = 0
+        while ring[slot] < 0:  # the device writes the token; the host only reads memory
+            spins += 1
+            if spins % 4096 == 0 and self.stream.query() and ring[slot] < 0:
+                raise NexusRTError("the decode stream went idle without writing the next token")
+        return int(ring[slot])
+
+    def generate_tokens(self, prompt_ids, max_new_tokens: int, params, on_token) -> int:
+        """Prefill, then the whole decode loop on the device: one graph launch per token, up to
+        ``QUEUE_AHEAD`` launches in flight, tokens read from the pinned ring as they land."""
+        self.rt.device.make_current()
+        self.reset()
+        ids = np.asarray(prompt_ids, dtype=np.int32).reshape(-1)
+        self._check_room(ids.size)
+        budget = min(int(max_new_tokens), self.max_context - ids.size + 1)
+        if budget <= 0:
+            return 0
+        self._set_params(params)
+        ring = self.buffers.ring.array
+        ring[:] = -1
+        self.prefill(ids)
+        self._set_word(self.buffers.step, 0)
+        self._launch_sampler()  # first token from the prefill logits; pos -> T
+        graph = self._decode_graph(sample=True)
+        launched, got = 1, 0
+        launch_s = []
+        try:
+            while got < budget:
+                while launched < budget and launched - got < QUEUE_AHEAD:
+                    t0 = time.perf_counter()
+                    graph.replay()
+                    launch_s.append(time.perf_counter() - t0)
+                    launched += 1
+                slot = got % RING
+                token = self._wait_token(ring, slot)
+                ring[slot] = -1
+                got += 1
+                if on_token(token):
+                    break
+        finally:
+            self.stream.synchronize()
+            # Every launched step appended one token to the cache (the last sampled one is not in it).
+            self.position = ids.size + launched - 1
+            self.timings["host_launch_s"] = float(np.median(launch_s)) if launch_s else 0.0
+        return got
+
+    def close(self) -> None:
+        try:
+            self.stream.synchronize()
+        except Exception:  # closing after a device fault: release what we can
+            pass
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+        if self.buffers is not None:
+            self.buffers.free()
+            self.buffers = None
+        if self.weights is not None:
+            self.weights.free()
+            self.weights = None

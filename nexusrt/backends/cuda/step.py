@@ -1,0 +1,120 @@
+"""The forward pass as scheduler stages: one decode step, or one prefill chunk.
+
+Every stage is a kernel launch in stream order on the compute stream; a stage declares the
+tensors it reads and writes, and depends on the one before it, so the task graph is the
+same chain the token's path describes (DESIGN.md). Per-token values (token id, position)
+live in device memory, which is what lets the decode chain be captured once and replayed.
+"""
+
+from __future__ import annotations
+
+from ... import scheduler
+from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops import attention_prefill as attn_pre
+from ...kernels.ops import elementwise as ew
+from ...kernels.ops import gemm as gm
+from ...kernels.ops import gemv as gv
+from ...kernels.ops import rope
+from ...kernels.ops import sampling
+
+
+class _Chain:
+    """Stages in order, each depending on the previous one."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.stages = prefix, []
+
+    def add(self, name: str, spec, inputs=(), outputs=()) -> None:
+        deps = (self.stages[-1].name,) if self.stages else ()
+        self.stages.append(scheduler.stage(
+            name=f"{self.prefix}.{name}", kernel=spec, inputs=[t for t in inputs if t is not None],
+            outputs=list(outputs), depends_on=deps))
+
+
+def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
+    """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    qkv_n = (hq + 2 * hkv) * d
+    x = b.hidden[0:1]
+    qkv, q, attn, mlp = b.qkv[0:1], b.q[0:1], b.attn[0:1], b.mlp[0:1]
+    eps = cfg.rms_norm_eps
+    ch = _Chain("decode")
+    ch.add("embed", ew.embedding(rt, x, b.token, w.embed, m=1, hidden=h, vocab=cfg.vocab_size),
+           [b.token, w.embed], [x])
+    for i, lw in enumerate(w.layers):
+        p = f"layer{i}"
+        ch.add(f"{p}.qkv", gv.gemv(rt, qkv, lw.qkv, x, n=qkv_n, k=h, norm_weight=lw.attn_norm, eps=eps,
+                                   bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None,
+                                   workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
+        ch.add(f"{p}.rope_append", rope.rope_append(
+            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, w.inv_freq, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
+            [qkv, b.pos, b.page_table], [q, b.k_pools[i], b.v_pools[i]])
+        ch.add(f"{p}.attention", attn_dec.attention_decode(
+            rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.page_table, b.pos,
+            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
+        ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=x, workspace=b.gemv_ws),
+               [attn, lw.o], [x])
+        ch.add(f"{p}.gate_up", gv.gemv(rt, mlp, lw.gate_up, x, n=inter, k=h, norm_weight=lw.mlp_norm, eps=eps,
+                                       gate_up=True, workspace=b.gemv_ws), [x, lw.gate_up, lw.mlp_norm], [mlp])
+        ch.add(f"{p}.down", gv.gemv(rt, x, lw.down, mlp, n=h, k=inter, residual=x, workspace=b.gemv_ws),
+               [mlp, lw.down], [x])
+    ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, x, n=cfg.vocab_size, k=h, norm_weight=w.final_norm,
+                              eps=eps, workspace=b.gemv_ws), [x, w.lm_head, w.final_norm], [b.logits])
+    if sample:
+        ch.stages.extend(sample_stages(rt, b, after=ch.stages[-1].name))
+    return ch.stages
+
+
+def sample_stages(rt, b, after: str | None = None) -> list:
+    """The two sampler launches: next token into ``b.token`` and the ring; advances pos, step."""
+    logits = b.logits.reshape(b.logits.shape[-1])
+    part, finish = sampling.sample(rt, logits, b.sampler, b.pos, b.step, b.token, b.ring, b.ring.shape[0])
+    s1 = scheduler.stage(name="sample.partial", kernel=part, inputs=[b.logits], outputs=[],
+                         depends_on=(after,) if after else ())
+    s2 = scheduler.stage(name="sample.finish", kernel=finish, inputs=[b.logits],
+                         outputs=[b.token, b.state], depends_on=("sample.partial",))
+    return [s1, s2]
+
+
+def prefill_stages(rt, cfg, w, b, m: int, *, all_logits=None) -> list:
+    """``m`` prompt tokens from ``b.ids`` at positions ``*pos ..``; logits of the last row into
+    ``b.logits`` (or of every row into ``all_logits`` fp32 [m, vocab])."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    qkv_n = (hq + 2 * hkv) * d
+    x, qkv, q, attn, mlp, rstd = (b.hidden[0:m], b.qkv[0:m], b.q[0:m], b.attn[0:m], b.mlp[0:m], b.rstd[0:m])
+    eps = cfg.rms_norm_eps
+    ch = _Chain(f"prefill{m}")
+    ch.add("embed", ew.embedding(rt, x, b.ids[0:m], w.embed, m=m, hidden=h, vocab=cfg.vocab_size),
+           [b.ids, w.embed], [x])
+    for i, lw in enumerate(w.layers):
+        p = f"layer{i}"
+        ch.add(f"{p}.attn_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
+        ch.add(f"{p}.qkv", gm.gemm(rt, qkv, lw.qkv, x, m=m, n=qkv_n, k=h, norm_weight=lw.attn_norm, rstd=rstd,
+                                   bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None),
+               [x, rstd, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
+        ch.add(f"{p}.rope_append", rope.rope_append(
+            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, w.inv_freq, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
+            [qkv, b.pos, b.page_table], [q, b.k_pools[i], b.v_pools[i]])
+        ch.add(f"{p}.attention", attn_pre.attention_prefill(
+            rt, q, attn, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
+            head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
+        ch.add(f"{p}.o", gm.gemm(rt, x, lw.o, attn, m=m, n=h, k=hq * d, residual=x), [attn, lw.o], [x])
+        ch.add(f"{p}.mlp_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
+        ch.add(f"{p}.gate_up", gm.gemm(rt, mlp, lw.gate_up, x, m=m, n=inter, k=h, norm_weight=lw.mlp_norm,
+                                       rstd=rstd, gate_up=True), [x, rstd, lw.gate_up, lw.mlp_norm], [mlp])
+        ch.add(f"{p}.down", gm.gemm(rt, x, lw.down, mlp, m=m, n=h, k=inter, residual=x), [mlp, lw.down], [x])
+    if all_logits is not None:
+        ch.add("final_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
+        ch.add("lm_head", gm.gemm(rt, all_logits, w.lm_head, x, m=m, n=cfg.vocab_size, k=h,
+                                  norm_weight=w.final_norm, rstd=rstd), [x, rstd, w.lm_head], [all_logits])
+    else:
+        last = b.hidden[m - 1:m]
+        ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, last, n=cfg.vocab_size, k=h,
+                                  norm_weight=w.final_norm, eps=eps, workspace=b.gemv_ws),
+               [x, w.lm_head, w.final_norm], [b.logits])
+    return ch.stages
+

@@ -1,0 +1,180 @@
+"""``nexusrt-bench --stage decode``: ms per decode token against the floor and PyTorch peers.
+
+Batch 1, a ``--prompt-tokens`` prompt (32), ``--new-tokens`` new tokens (128), greedy, one
+warm-up then the median of ``--runs`` runs (5). The floor is the bytes one token must read
+(every weight once, plus the KV cache at the average context) divided by the read
+bandwidth measured on this card in this run by the membw probe. When torch with CUDA is
+importable, a PyTorch eager loop and a ``torch.compile(mode="reduce-overhead")`` loop of the
+same shapes run in the same process, and NexusRT's speed is given as a ratio to each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .common import add_model_argument
+from .table import table
+
+CPU_MODEL = "synthetic:tiny"
+
+
+def add_arguments(parser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--prompt-tokens", type=int, default=32, metavar="N", help="decode stage: prompt length (32)")
+    parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode stage: tokens generated (128)")
+    parser.add_argument("--runs", type=int, default=5, metavar="R", help="decode stage: timed runs, median reported (5)")
+    parser.add_argument("--no-peers", action="store_true", help="decode stage: skip the PyTorch peers")
+    parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
+
+
+def bytes_per_token(cfg, context: float) -> dict:
+    """Bytes one decode token must read: weights once (bf16; norms fp32) and K,V up to ``context``."""
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    per_layer = ((hq + 2 * hkv) * d * h + h * hq * d + 2 * inter * h + h * inter) * 2 + 2 * h * 4
+    weights = L * per_layer + cfg.vocab_size * h * 2 + h * 4 + h * 2  # lm head, final norm, one embedding row
+    kv = 2 * L * hkv * d * 2 * context
+    return {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
+
+
+def _validate(args) -> None:
+    for name in ("prompt_tokens", "new_tokens", "runs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def run(args) -> dict:
+    from .. import firmware
+    from ..engine.llm import LLM
+    from ..engine.sampling import SamplingParams
+
+    _validate(args)
+    firmware.init(profile=args.profile, backend=args.backend)
+    rt = firmware.runtime()
+    model = args.model
+    note = ""
+    if not rt.is_cuda and model != CPU_MODEL:
+        note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
+        model = CPU_MODEL
+    prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
+    t0 = time.perf_counter()
+    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16)
+    load_s = time.perf_counter() - t0
+    cfg = llm.config
+    params = SamplingParams(temperature=0.0)
+    runs = []
+    try:
+        for r in range(args.runs + 1):  # the first is the warm-up
+            stamps = []
+
+            def on_token(_tok, stamps=stamps):
+                stamps.append(time.perf_counter())
+                return False
+
+            start = time.perf_counter()
+            n = _generate(llm, prompt, args.new_tokens, params, on_token)
+            if n != args.new_tokens:
+                raise RuntimeError(f"generated {n} of {args.new_tokens} tokens")
+            if r:
+                runs.append({"ttft_s": stamps[0] - start,
+                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
+        host_launch_s = getattr(llm.runner, "timings", {}).get("host_launch_s")
+    finally:
+        llm.close()
+    ms = statistics.median(r["ms_per_token"] for r in runs)
+    ttft = statistics.median(r["ttft_s"] for r in runs)
+    avg_context = args.prompt_tokens + args.new_tokens / 2
+    nbytes = bytes_per_token(cfg, avg_context)
+    result = {
+        "backend": rt.backend, "device": rt.profile.device_name, "profile": rt.profile.name, "model": model,
+        "note": note, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
+        "load_s": load_s, "ms_per_token": ms, "ms_per_token_runs": [r["ms_per_token"] for r in runs],
+        "ttft_s": ttft, "tokens_per_s": 1e3 / ms, "bytes_per_token": nbytes,
+        "achieved_bytes_s": nbytes["total"] / (ms / 1e3), "host_launch_s_per_token": host_launch_s,
+    }
+    if rt.is_cuda:
+        from ..kernels.ops.membw import measure_read_bandwidth
+
+        bw = measure_read_bandwidth(rt)
+        floor_ms = nbytes["total"] / bw * 1e3
+        result.update(read_bandwidth_bytes_s=bw, floor_ms=floor_ms, fraction_of_floor=floor_ms / ms)
+        if not args.no_peers:
+            result["peers"] = _peers(cfg, args, ms)
+    if args.plot:
+        _plot(result, args.plot)
+    return result
+
+
+def _generate(llm, prompt, n, params, on_token) -> int:
+    runner = llm.runner
+    if hasattr(runner, "generate_tokens"):
+        return runner.generate_tokens(prompt, n, params, on_token)
+    from ..backends.base import generate_tokens
+
+    return generate_tokens(runner, prompt, n, params, on_token)
+
+
+def _peers(cfg, args, ms: float) -> dict:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"skipped": "torch has no CUDA here"}
+    except Exception as exc:  # torch missing or broken: the peers are optional
+        return {"skipped": f"torch not importable: {exc}"}
+    from .torch_peer import measure
+
+    peers = measure(cfg, args.prompt_tokens, args.new_tokens, args.runs)
+    for p in peers.values():
+        if "ms_per_token" in p:
+            p["nexusrt_speedup"] = p["ms_per_token"] / ms
+    return peers
+
+
+def _plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        raise ValueError(f"--plot needs matplotlib ({exc})") from None
+    names, values = ["NexusRT"], [result["ms_per_token"]]
+    for mode, p in (result.get("peers") or {}).items():
+        if isinstance(p, dict) and "ms_per_token" in p:
+            names.append(f"PyTorch {mode}")
+            values.append(p["ms_per_token"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, values, color=["#2a7"] + ["#888"] * (len(names) - 1))
+    if "floor_ms" in result:
+        ax.axhline(result["floor_ms"], color="r", ls="--", label=f"floor {result['floor_ms']:.3f} ms")
+        ax.legend()
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title(f"{result['model']} on {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def render(r: dict) -> str:
+    rows = [["model", r["model"]], ["device", f"{r['device']} ({r['backend']}, profile {r['profile']})"],
+            ["shape", f"batch 1, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, median of {r['runs']}"],
+            ["ms / token", f"{r['ms_per_token']:.4f}  (runs: {', '.join(f'{x:.3f}' for x in r['ms_per_token_runs'])})"],
+            ["tokens / s", f"{r['tokens_per_s']:.1f}"], ["TTFT", f"{r['ttft_s'] * 1e3:.2f} ms"],
+            ["bytes / token", f"{r['bytes_per_token']['total'] / 1e9:.3f} GB"],
+            ["achieved", f"{r['achieved_bytes_s'] / 1e9:.0f} GB/s"]]
+    if r.get("host_launch_s_per_token") is not None:
+        rows.append(["host launch / token", f"{r['host_launch_s_per_token'] * 1e6:.1f} us"])
+    if "floor_ms" in r:
+        rows += [["read BW (measured)", f"{r['read_bandwidth_bytes_s'] / 1e9:.0f} GB/s"],
+                 ["floor", f"{r['floor_ms']:.4f} ms/token"], ["fraction of floor", f"{r['fraction_of_floor']:.1%}"]]
+    for mode, p in (r.get("peers") or {}).items():
+        if isinstance(p, dict) and "ms_per_token" in p:
+            rows.append([f"PyTorch {mode}", f"{p['ms_per_token']:.4f} ms/token -> NexusRT {p['nexusrt_speedup']:.2f}x"])
+        else:
+            rows.append([f"PyTorch {mode}", str(p.get("error") or p) if isinstance(p, dict) else str(p)])
+    if r.get("note"):
+        rows.append(["note", r["note"]])
+    return table(["decode", ""], rows, title="NexusRT decode benchmark")

@@ -13,10 +13,10 @@ import statistics
 import time
 
 
-def _build(cfg, max_len: int):
+def _build(cfg, max_len: int, dev: str = "cuda"):
     import torch
 
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.num_hidden_layers
@@ -39,6 +39,9 @@ def _build(cfg, max_len: int):
 
 
 def _make_step(cfg, w, kc, vc, inv):
+    """The decode step as an nn.Module: the KV caches are registered buffers, so
+    ``torch.compile(mode="reduce-overhead")`` may update them in place inside its CUDA graph
+    (a mutated plain input would make it skip graphs)."""
     import torch
     import torch.nn.functional as F
 
@@ -46,35 +49,49 @@ def _make_step(cfg, w, kc, vc, inv):
     hq, hkv, inter, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.rms_norm_eps
     max_len = kc.shape[3]
 
-    def rms(x, wt):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * wt
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("kc", kc)
+            self.register_buffer("vc", vc)
+            self.register_buffer("inv", inv)
+            self.register_buffer("embed", w["embed"])
+            self.register_buffer("lm_head", w["lm_head"])
+            self.register_buffer("norm", w["norm"])
+            for li, lw in enumerate(w["layers"]):
+                for k, v in lw.items():
+                    self.register_buffer(f"l{li}_{k}", v)
 
-    def rope(x, pos):
-        f = pos.float() * inv
-        cos, sin = torch.cat([f.cos(), f.cos()]).to(x.dtype), torch.cat([f.sin(), f.sin()]).to(x.dtype)
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
+        def rms(self, x, wt):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * wt
 
-    def step(token, pos):
-        """token: int64 [1]; pos: int64 [1] (a tensor, so one graph serves every position)."""
-        x = w["embed"][token].view(1, 1, h)
-        mask = (torch.arange(max_len, device=token.device) <= pos).view(1, 1, 1, max_len)
-        for li, lw in enumerate(w["layers"]):
-            qkv = rms(x, lw["n1"]) @ lw["qkv"].t()
-            q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
-            q = rope(q.view(1, 1, hq, d), pos).transpose(1, 2)
-            k = rope(k.view(1, 1, hkv, d), pos).transpose(1, 2)
-            kc[li].index_copy_(2, pos, k)
-            vc[li].index_copy_(2, pos, v.view(1, 1, hkv, d).transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, kc[li], vc[li], attn_mask=mask, enable_gqa=True)
-            x = x + a.transpose(1, 2).reshape(1, 1, hq * d) @ lw["o"].t()
-            gu = rms(x, lw["n2"]) @ lw["gate_up"].t()
-            x = x + (F.silu(gu[..., :inter]) * gu[..., inter:]) @ lw["down"].t()
-        logits = rms(x, w["norm"]) @ w["lm_head"].t()
-        return logits.view(-1).argmax().view(1)
+        def rope(self, x, pos):
+            f = pos.float() * self.inv
+            cos, sin = torch.cat([f.cos(), f.cos()]).to(x.dtype), torch.cat([f.sin(), f.sin()]).to(x.dtype)
+            x1, x2 = x[..., : d // 2], x[..., d // 2:]
+            return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    return step
+        def forward(self, token, pos):
+            """token: int64 [1]; pos: int64 [1] (a tensor, so one graph serves every position)."""
+            x = self.embed[token].view(1, 1, h)
+            mask = (torch.arange(max_len, device=token.device) <= pos).view(1, 1, 1, max_len)
+            for li in range(cfg.num_hidden_layers):
+                lw = {k: getattr(self, f"l{li}_{k}") for k in ("qkv", "o", "gate_up", "down", "n1", "n2")}
+                qkv = self.rms(x, lw["n1"]) @ lw["qkv"].t()
+                q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+                q = self.rope(q.view(1, 1, hq, d), pos).transpose(1, 2)
+                k = self.rope(k.view(1, 1, hkv, d), pos).transpose(1, 2)
+                self.kc[li].index_copy_(2, pos, k)
+                self.vc[li].index_copy_(2, pos, v.view(1, 1, hkv, d).transpose(1, 2))
+                a = F.scaled_dot_product_attention(q, self.kc[li], self.vc[li], attn_mask=mask, enable_gqa=True)
+                x = x + a.transpose(1, 2).reshape(1, 1, hq * d) @ lw["o"].t()
+                gu = self.rms(x, lw["n2"]) @ lw["gate_up"].t()
+                x = x + (F.silu(gu[..., :inter]) * gu[..., inter:]) @ lw["down"].t()
+            logits = self.rms(x, self.norm) @ self.lm_head.t()
+            return logits.view(-1).argmax().view(1)
+
+    return Step()
 
 
 def measure(cfg, prompt_len: int, new_tokens: int, runs: int, modes=("eager", "compile")) -> dict:

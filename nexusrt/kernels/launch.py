@@ -74,8 +74,17 @@ class Kernel:
         attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         call("cuKernelSetAttribute", attr, int(nbytes), self.handle, device)
 
-    def launch(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0) -> None:
-        """Launch on ``stream`` (a Stream, a raw handle or None for the legacy stream)."""
+    def launch(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0,
+               pdl: bool = False) -> None:
+        """Launch on ``stream`` (a Stream, a raw handle or None for the legacy stream).
+
+        ``pdl=True`` allows programmatic dependent launch (sm_90+): the kernel may start
+        before the previous one on the stream ends, so it must call ``nrt::pdl_wait()``
+        (cu/pdl.cuh) before touching anything earlier kernels write.
+        """
+        if pdl:
+            self.launch_ex(grid, block, args, stream, shared, pdl=True)
+            return
         pack = args if isinstance(args, ArgPack) else self.pack(*args)
         gx, gy, gz = _dim3(grid)
         bx, by, bz = _dim3(block)
@@ -85,6 +94,11 @@ class Kernel:
     def launch_cluster(self, grid, block, cluster, args: "ArgPack | tuple", stream=None,
                        shared: int = 0) -> None:
         """Launch with a thread-block cluster shape (sm_90+) through ``cuLaunchKernelEx``."""
+        self.launch_ex(grid, block, args, stream, shared, cluster=cluster)
+
+    def launch_ex(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0,
+                  cluster=None, pdl: bool = False) -> None:
+        """``cuLaunchKernelEx`` with launch attributes: a cluster shape and/or PDL."""
         pack = args if isinstance(args, ArgPack) else self.pack(*args)
         drv = cu()
         config = drv.CUlaunchConfig()
@@ -92,12 +106,20 @@ class Kernel:
         config.blockDimX, config.blockDimY, config.blockDimZ = _dim3(block)
         config.sharedMemBytes = int(shared)
         config.hStream = _stream_handle(stream)
-        attr = drv.CUlaunchAttribute()
-        attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-        cx, cy, cz = _dim3(cluster)
-        attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cx, cy, cz
-        config.attrs = [attr]
-        config.numAttrs = 1
+        attrs = []
+        if cluster is not None:
+            attr = drv.CUlaunchAttribute()
+            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            cx, cy, cz = _dim3(cluster)
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cx, cy, cz
+            attrs.append(attr)
+        if pdl:
+            attr = drv.CUlaunchAttribute()
+            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(attr)
+        config.attrs = attrs
+        config.numAttrs = len(attrs)
         call("cuLaunchKernelEx", config, self.function, pack.address, 0)
 
 

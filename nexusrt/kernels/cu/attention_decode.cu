@@ -71,6 +71,7 @@ __device__ __forceinline__ void decode_impl(
     __shared__ float weight[kMaxSplits][GM];
     __shared__ int is_last;
 
+    nrt::pdl_enter();  // q and this position's K/V come from the kernel before (see pdl.cuh)
     const int kvh = blockIdx.x, split = blockIdx.y;
     const int seq_len = *pos + 1;
     int chunk = (seq_len + max_splits - 1) / max_splits;

@@ -7,6 +7,8 @@
 // page page_table[t / P], slot t % P.
 #pragma once
 
+#include "pdl.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda/std/cstdint>
 

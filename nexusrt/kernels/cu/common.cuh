@@ -2,6 +2,8 @@
 // Every kernel source includes this; keep it small and dependency-free (NVRTC has no libstdc++).
 #pragma once
 
+#include "pdl.cuh"
+
 #include <cuda_bf16.h>
 
 // Tokens per KV-cache page (exported to Python as nexusrt.kernels.ops.common.PAGE_SIZE).

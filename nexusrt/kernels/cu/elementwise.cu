@@ -8,6 +8,7 @@
 // [0, V) writes a NaN row: a bad id must never pass as plausible numbers.
 extern "C" __global__ void embedding(float* out, const int* ids, const __nv_bfloat16* table,
                                      int M, int H, int V) {
+    nrt::pdl_enter();
     const int m = blockIdx.y;
     if (m >= M) return;
     const int id = ids[m];

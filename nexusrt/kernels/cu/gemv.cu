@@ -166,6 +166,9 @@ __device__ __forceinline__ void gemv_body(float* y, const __nv_bfloat16* __restr
     int b = 0;
     Chunk<VEC> cur[RPW][U], nxt[RPW][U];
     if (j < N) load_step<VEC, RPW, U>(cur, W, j, N, K, c0, cs, 0, lane);
+    // Weights are immutable: their first loads are in flight before we wait for the kernel
+    // that produces x (programmatic dependent launch; see pdl.cuh).
+    nrt::pdl_enter();
 
     stage_x<VEC>(xs, x, norm_w, eps, M, K, c0, cs, (flags & kNorm) != 0, scratch, rstd);
 

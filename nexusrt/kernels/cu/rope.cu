@@ -22,6 +22,7 @@ __device__ __forceinline__ void rope_append_impl(
     const float* __restrict__ inv_freq, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
     float eps, int M, int Hq, int Hkv) {
     static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
+    nrt::pdl_enter();  // qkv comes from the kernel before (see pdl.cuh)
     constexpr int kHalf = D / 2;
     constexpr int kPairs = kHalf / 32;  // rotate_half pairs per lane
 

@@ -15,6 +15,7 @@
 // order) and a bitonic sort of 64-bit keys (logit, ~index). Parameters live in a device
 // struct so a new generate() call only rewrites 24 bytes, never the captured graph.
 #include <cuda/std/cstdint>
+#include "pdl.cuh"
 #include <cuda/std/climits>
 #include <cuda/std/limits>
 
@@ -230,6 +231,7 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial
     float* __restrict__ part_val, int* __restrict__ part_idx) {
     __shared__ float sv[32];
     __shared__ int si[32];
+    nrt::pdl_enter();  // the logits come from the kernel before (see pdl.cuh)
     if (params->temperature > 0.f) return;
     float best = kNegInf;
     int bi = INT_MAX;
@@ -252,6 +254,7 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
     const float* __restrict__ part_val, const int* __restrict__ part_idx, int num_parts,
     int* pos, int* step, int* token_out, int* ring, int ring_size) {
     __shared__ FinishShared sh;
+    nrt::pdl_enter();
     const int tid = threadIdx.x;
     const SampleParams p = *params;
     const int cur_step = *step;

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, ptr, sm_count
+from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .rope import check_pools, check_state
 from .spec import BenchCase, LaunchSpec
 
@@ -121,7 +121,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, page_table, pos, workspace: Dec
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale)
-    return LaunchSpec(kernel, (num_kv_heads, splits, 1), (THREADS, 1, 1), args, 0, name)
+    return LaunchSpec(kernel, (num_kv_heads, splits, 1), (THREADS, 1, 1), args, 0, name, pdl=pdl_ok(rt))
 
 
 def bytes_moved(context: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:

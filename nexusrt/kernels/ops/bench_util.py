@@ -83,4 +83,5 @@ def rotate(specs: Sequence) -> Callable[[object], None]:
         spec.launch(stream)
 
     launch.copies = len(specs)
+    launch.specs = list(specs)
     return launch

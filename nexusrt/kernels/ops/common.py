@@ -111,3 +111,9 @@ def blocks_per_sm(kernel, threads: int, shared: int) -> int:
 
     n = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared))
     return max(1, int(n))
+
+
+def pdl_ok(rt) -> bool:
+    """Programmatic dependent launch is available (sm_90+); see cu/pdl.cuh."""
+    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
+    return tuple(cc) >= (9, 0)

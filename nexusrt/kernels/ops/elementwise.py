@@ -5,7 +5,7 @@ All activations are fp32. Every launcher checks its shapes and returns a :class:
 
 from __future__ import annotations
 
-from .common import ceil_div, check_positive, check_tensor, ptr, sm_count
+from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "elementwise"
@@ -42,7 +42,9 @@ def embedding(rt, out, ids, table, *, m: int, hidden: int, vocab: int) -> Launch
     check_tensor(ids, "ids", (m,), "int32")
     check_tensor(table, "table", (vocab, hidden), "bf16")
     gx = max(1, min(ceil_div(hidden, THREADS), 64))
-    return _spec(rt, "embedding", (gx, m, 1), (THREADS, 1, 1), ptr(out), ptr(ids), ptr(table), m, hidden, vocab)
+    spec = _spec(rt, "embedding", (gx, m, 1), (THREADS, 1, 1), ptr(out), ptr(ids), ptr(table), m, hidden, vocab)
+    spec.pdl = pdl_ok(rt)  # the kernel waits before reading ids (cu/pdl.cuh)
+    return spec
 
 
 def rms_norm(rt, out, x, weight, *, rows: int, cols: int, eps: float = 1e-5, group: int = 1,

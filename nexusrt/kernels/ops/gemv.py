@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags,
-                     ptr, sm_count)
+                     pdl_ok, ptr, sm_count)
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "gemv"
@@ -25,7 +25,6 @@ WARPS = THREADS // 32
 SIGNATURE = "ptr ptr ptr ptr ptr ptr f32 i32 i32 i32 ptr ptr i32"
 MAX_M = 8
 SMEM_LIMIT = 48 * 1024  # staged x per block; above this K is split (no opt-in needed)
-WARP_TASKS_PER_SM = 16  # split K until about this many row-tasks per SM exist
 
 
 @dataclass(frozen=True)
@@ -61,20 +60,19 @@ def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False, sms: int = 1
               splits: int | None = None) -> GemvPlan:
     """Choose the variant and split-K factor for ``n`` outputs of length-``k`` rows, ``m`` tokens.
 
-    ``splits=None`` picks: the fewest splits whose x slice fits in shared memory, raised while
-    there are fewer than ``16 * sms`` row-tasks and every split keeps a full step of loads.
+    ``splits=None`` picks the fewest splits whose x slice fits in shared memory.
     """
     check_positive(n=n, k=k, m=m, sms=sms)
     if m > MAX_M:
         raise ValueError(f"gemv takes at most {MAX_M} tokens (m={m}); use gemm for prefill")
     vec = 8 if k % 8 == 0 else 1
     nchunks = k // vec
-    loads_per_step = 32 * (4 if gate_up else 8)  # chunks one warp covers per step and row
     fit = ceil_div(m * k * 4, SMEM_LIMIT)  # splits needed for the x slice to fit
     if splits is None:
-        want = ceil_div(WARP_TASKS_PER_SM * sms, n)
-        useful = max(1, nchunks // loads_per_step)
-        splits = max(fit, min(want, useful))
+        # Measured on the H100 (scripts/sweep_gemv.py, every decode shape of the 1B and 8B
+        # models): each extra split cost more than the parallelism it bought, so split only
+        # as far as the x slice must to fit in shared memory.
+        splits = fit
     if not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be a positive int, got {splits!r}")
     splits = min(splits, nchunks)
@@ -126,7 +124,7 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
     args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
                        float(eps), m, n, k, ws_ptr, cnt_ptr, flags)
     return LaunchSpec(kernel, (grid_x, plan.splits, 1), (THREADS, 1, 1), args, plan.shared,
-                      name=f"{plan.kernel_name}[{n}x{k}]")
+                      name=f"{plan.kernel_name}[{n}x{k}]", pdl=pdl_ok(rt))
 
 
 def gemv_bytes(n: int, k: int, m: int = 1, *, gate_up: bool = False, residual: bool = False,
@@ -150,21 +148,27 @@ def decode_shapes(config) -> list[tuple[str, int, int, dict]]:
     ]
 
 
-def bench_cases(rt, config) -> list[BenchCase]:
-    """Every decode GEMV of ``config`` at M=1, weights rotated so the L2 never holds them."""
+def bench_cases(rt, config, splits: int | None = None, only: str | None = None) -> list[BenchCase]:
+    """Every decode GEMV of ``config`` at M=1, weights rotated so the L2 never holds them.
+
+    ``splits`` forces a split-K factor and ``only`` one shape by name (scripts/sweep_gemv.py).
+    """
     from . import bench_util
 
     cases = []
     for name, n, k, opts in decode_shapes(config):
+        if only is not None and name != only:
+            continue
         gate_up = opts.get("gate_up", False)
-        plan = plan_gemv(n, k, 1, gate_up=gate_up, sms=sm_count(rt))
+        plan = plan_gemv(n, k, 1, gate_up=gate_up, sms=sm_count(rt), splits=splits)
         weights = bench_util.random_weights(rt, (plan.rows, k))
         x = bench_util.random_f32(rt, (1, k), seed=1)
         y = bench_util.random_f32(rt, (1, n), seed=2)
         norm_w = bench_util.random_f32(rt, (k,), seed=3, offset=1.0) if opts.get("norm") else None
         ws = bench_util.zeros(rt, plan.workspace_bytes) if plan.splits > 1 else None
         specs = [gemv(rt, y, w, x, n=n, k=k, gate_up=gate_up, norm_weight=norm_w,
-                      residual=y if opts.get("residual") else None, workspace=ws) for w in weights]
+                      residual=y if opts.get("residual") else None, workspace=ws, splits=plan.splits)
+                 for w in weights]
         nbytes = gemv_bytes(n, k, gate_up=gate_up, residual=opts.get("residual", False),
                             norm=opts.get("norm", False))
         cases.append(BenchCase(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, ptr
+from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "rope"
@@ -73,7 +73,8 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, *, nu
     args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
                        ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)
-    return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, f"rope_append_d{head_dim}")
+    return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, f"rope_append_d{head_dim}",
+                      pdl=pdl_ok(rt))
 
 
 def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import ceil_div, check_positive, check_tensor, ptr
+from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "sampling"
@@ -109,8 +109,9 @@ def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring
     f_args = finish.pack(ptr(logits), vocab, ptr(buffers.params), ptr(buffers.part_val),
                          ptr(buffers.part_idx), n, ptr(pos), ptr(step), ptr(token_out), ptr(ring),
                          ring_size)
-    return (LaunchSpec(partial, (n, 1, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_argmax_partial"),
-            LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish"))
+    pdl = pdl_ok(rt)
+    return (LaunchSpec(partial, (n, 1, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_argmax_partial", pdl),
+            LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish", pdl))
 
 
 def bench_cases(rt, config) -> list[BenchCase]:

@@ -18,9 +18,10 @@ class LaunchSpec:
     args: ArgPack
     shared: int = 0
     name: str = ""
+    pdl: bool = False  # programmatic dependent launch: only for kernels that call nrt::pdl_wait()
 
     def launch(self, stream=None) -> None:
-        self.kernel.launch(self.grid, self.block, self.args, stream, self.shared)
+        self.kernel.launch(self.grid, self.block, self.args, stream, self.shared, pdl=self.pdl)
 
 
 @dataclass

@@ -15,7 +15,7 @@ def add_model_argument(parser) -> None:
     if "--model" in getattr(parser, "_option_string_actions", {}):
         return
     parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL",
-                        help="kernels/decode stages: 'synthetic:<preset>' (e.g. synthetic:llama-3.1-8b) "
+                        help="kernels/decode/load stages: 'synthetic:<preset>' (e.g. synthetic:llama-3.1-8b) "
                              f"or a checkpoint directory (default {MODEL_DEFAULT})")
 
 

@@ -71,6 +71,8 @@ class CudaRunner:
             inv = memory.from_numpy(rope_inv_freq(cfg).astype(np.float32), tag="weights")
             self.weights.inv_freq = inv
             self.weights.owned.append(inv)
+            if self.weights.load_report is not None:
+                self.timings["load"] = self.weights.load_report.as_dict()
             self.timings["upload_s"] = time.perf_counter() - t0
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk)
             t0 = time.perf_counter()

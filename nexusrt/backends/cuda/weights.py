@@ -4,17 +4,20 @@ Linear weights are bf16 ``[out, in]``; q/k/v are fused into one ``qkv`` matrix a
 into one ``gate_up`` matrix (row order as :mod:`nexusrt.models.weights` documents), so a
 decode step runs one GEMV per group. Norm weights and biases are small and kept fp32.
 
-Checkpoint tensors stored as bf16 are copied as they are; fp32 (and fp16) tensors are
-copied as stored into a staging tensor and converted to bf16 on the GPU. Synthetic
-weights are generated on the device by ``fill_uniform_bf16``, bit-identical to the CPU
-formula, so a 16 GB model appears in seconds without crossing PCIe.
+The layout is decided first (every destination tensor allocated, each source tensor
+assigned to a destination or a row range of a fused one); then the bytes arrive:
+
+- from a checkpoint, in one streaming load (:func:`nexusrt.models.streaming.load_tensors`:
+  cuFile or double-buffered pinned staging, reads in file order, fp32 converted to bf16
+  on the GPU);
+- for synthetic weights, generated on the device by ``fill_uniform_bf16``, bit-identical to
+  the CPU formula, so a 16 GB model appears in seconds without crossing PCIe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 
 from ... import memory
@@ -45,6 +48,8 @@ class DeviceWeights:
     lm_head: object  # the embedding table itself when tied
     layers: list[LayerWeights] = field(default_factory=list)
     owned: list = field(default_factory=list)  # every tensor allocated here, freed by free()
+    inv_freq: object = None
+    load_report: object = None  # how a checkpoint's bytes arrived (path, GB/s)
 
     @property
     def nbytes(self) -> int:
@@ -57,95 +62,101 @@ class DeviceWeights:
         self.owned.clear()
 
 
-class _Uploader:
-    def __init__(self, rt, source, stream):
-        self.rt, self.source, self.stream = rt, source, stream
-        self.synthetic = isinstance(source, SyntheticWeights)
-        self.owned: list = []
+class _Layout:
+    """Allocates destinations and records which source tensor fills which (sub)tensor."""
 
-    def alloc(self, shape, dtype):
+    def __init__(self, source):
+        self.source = source
+        self.owned: list = []
+        self.assign: list[tuple[str, object]] = []  # (our tensor name, destination tensor)
+
+    def _alloc(self, shape, dtype):
         t = memory.empty(shape, dtype, tag=TAG)
         self.owned.append(t)
         return t
 
-    def small(self, name: str):
-        """A norm weight or bias as fp32 (computed or read on the host: it is tiny)."""
-        t = memory.from_numpy(np.ascontiguousarray(self.source.load(name, np.float32)), tag=TAG)
-        self.owned.append(t)
+    def one(self, name: str, dtype: str):
+        t = self._alloc(self.source.spec(name).shape, dtype)
+        self.assign.append((name, t))
         return t
 
-    def fused_small(self, layer: int, group: str):
-        t = memory.from_numpy(np.ascontiguousarray(self.source.fused(layer, group, np.float32)), tag=TAG)
-        self.owned.append(t)
-        return t
-
-    def linear_into(self, dst, name: str) -> None:
-        """Fill ``dst`` (bf16, the tensor's full extent, contiguous) with weight ``name``."""
-        spec = self.source.spec(name)
-        n = int(np.prod(spec.shape))
-        flat = dst.reshape(n)
-        if self.synthetic:
-            center, scale = KIND_PARAMS[spec.kind]
-            ew.fill_uniform_bf16(self.rt, flat, n, self.source.seed, scale, center,
-                                 tensor_index=self.source.tensor_index(name)).launch(self.stream)
-            return
-        stored = self.source.ref(name).dtype
-        if stored == "BF16":
-            flat.copy_from(self.source.load(name, ml_dtypes.bfloat16).reshape(n))
-            return
-        # fp32 / fp16: stage as fp32 on the device, convert there.
-        with memory.from_numpy(self.source.load(name, np.float32).reshape(n), tag="staging") as tmp:
-            ew.f32_to_bf16(self.rt, flat, tmp, n=n).launch(self.stream)
-            self.stream.synchronize()
-
-    def linear(self, name: str):
-        spec = self.source.spec(name)
-        t = self.alloc(spec.shape, "bf16")
-        self.linear_into(t, name)
-        return t
-
-    def fused_linear(self, layer: int, group: str):
+    def fused(self, layer: int, group: str, dtype: str):
         parts = [f"layers.{layer}.{p}" for p in FUSED[group]]
         shapes = [self.source.spec(p).shape for p in parts]
-        rows = sum(s[0] for s in shapes)
-        t = self.alloc((rows, shapes[0][1]), "bf16")
+        t = self._alloc((sum(s[0] for s in shapes),) + tuple(shapes[0][1:]), dtype)
         r0 = 0
         for p, s in zip(parts, shapes):
-            self.linear_into(t[r0:r0 + s[0]], p)
+            self.assign.append((p, t[r0:r0 + s[0]]))
             r0 += s[0]
         return t
 
 
-def upload(rt, source, stream, progress=None) -> DeviceWeights:
-    """Every weight of ``source`` (a WeightSource) in the arena; on failure nothing stays allocated."""
+def _layout(source) -> tuple[DeviceWeights, _Layout]:
     cfg = source.config
-    up = _Uploader(rt, source, stream)
+    lay = _Layout(source)
+    names = {s.name for s in source.specs()}
+    embed = lay.one("embed", "bf16")
+    lm_head = embed if cfg.tie_word_embeddings else lay.one("lm_head", "bf16")
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        has = f"layers.{i}.q_bias" in names
+        norms = f"layers.{i}.q_norm" in names
+        layers.append(LayerWeights(
+            attn_norm=lay.one(f"layers.{i}.attn_norm", "fp32"),
+            qkv=lay.fused(i, "qkv", "bf16"),
+            qkv_bias=lay.fused(i, "qkv_bias", "fp32") if has else None,
+            q_norm=lay.one(f"layers.{i}.q_norm", "fp32") if norms else None,
+            k_norm=lay.one(f"layers.{i}.k_norm", "fp32") if norms else None,
+            o=lay.one(f"layers.{i}.o", "bf16"),
+            mlp_norm=lay.one(f"layers.{i}.mlp_norm", "fp32"),
+            gate_up=lay.fused(i, "gate_up", "bf16"),
+            down=lay.one(f"layers.{i}.down", "bf16"),
+        ))
+    final_norm = lay.one("final_norm", "fp32")
+    return DeviceWeights(embed, final_norm, lm_head, layers, lay.owned), lay
+
+
+def _fill_synthetic(rt, source: SyntheticWeights, assign, stream) -> None:
+    for name, dst in assign:
+        if dst.dtype == "fp32":  # norms and biases: tiny, computed on the host
+            dst.copy_from(np.ascontiguousarray(source.load(name, np.float32)))
+            continue
+        spec = source.spec(name)
+        center, scale = KIND_PARAMS[spec.kind]
+        n = int(np.prod(spec.shape))
+        ew.fill_uniform_bf16(rt, dst.reshape(n), n, source.seed, scale, center,
+                             tensor_index=source.tensor_index(name)).launch(stream)
+
+
+def _load_checkpoint(rt, source, assign, progress):
+    from ...models.streaming import LoadItem, ProgressBar, load_tensors
+
+    items = [LoadItem(source.ref(name), dst, convert=dst.dtype) for name, dst in assign]
+    bar = progress if progress is not None else ProgressBar("loading weights")
     try:
-        embed = up.linear("embed")
-        lm_head = embed if cfg.tie_word_embeddings else up.linear("lm_head")
-        layers = []
-        names = set(s.name for s in source.specs())
-        for i in range(cfg.num_hidden_layers):
-            has = lambda short: f"layers.{i}.{short}" in names  # noqa: E731
-            layers.append(LayerWeights(
-                attn_norm=up.small(f"layers.{i}.attn_norm"),
-                qkv=up.fused_linear(i, "qkv"),
-                qkv_bias=up.fused_small(i, "qkv_bias") if has("q_bias") else None,
-                q_norm=up.small(f"layers.{i}.q_norm") if has("q_norm") else None,
-                k_norm=up.small(f"layers.{i}.k_norm") if has("k_norm") else None,
-                o=up.linear(f"layers.{i}.o"),
-                mlp_norm=up.small(f"layers.{i}.mlp_norm"),
-                gate_up=up.fused_linear(i, "gate_up"),
-                down=up.linear(f"layers.{i}.down"),
-            ))
-            if progress is not None:
-                progress(i + 1, cfg.num_hidden_layers)
-        final_norm = up.small("final_norm")
+        return load_tensors(rt, items, progress=bar)
+    finally:
+        if progress is None:
+            bar.close()
+
+
+def upload(rt, source, stream, progress=None) -> DeviceWeights:
+    """Every weight of ``source`` (a WeightSource) in the arena; on failure nothing stays allocated.
+
+    ``progress(done_bytes, total_bytes)`` is called during a checkpoint load (default: a bar
+    on stderr when it is a terminal and the load takes over a second).
+    """
+    weights, lay = _layout(source)
+    try:
+        if isinstance(source, SyntheticWeights):
+            _fill_synthetic(rt, source, lay.assign, stream)
+        else:
+            weights.load_report = _load_checkpoint(rt, source, lay.assign, progress)
         stream.synchronize()
     except BaseException:
-        stream.synchronize()
-        for t in up.owned:
-            if t.is_live:
-                t.free()
+        try:
+            stream.synchronize()
+        finally:
+            weights.free()
         raise
-    return DeviceWeights(embed, final_norm, lm_head, layers, up.owned)
+    return weights

@@ -102,6 +102,29 @@ def _route(item: LoadItem) -> Route:
     raise ModelError(f"{where(info)}: cannot convert {info.dtype} to {conv}{extra}")
 
 
+def truncation_error(items: list[LoadItem], chunk: Chunk, got: int) -> ModelError:
+    """A read of ``chunk`` came back ``got`` bytes short: name the tensor the file now ends inside.
+
+    Reads finish out of order, so the chunk that reports first may lie wholly past the
+    end; the file's size now says where it ends, and so which tensor was cut.
+    """
+    eof = chunk.offset + max(got, 0)
+    try:
+        size = os.path.getsize(chunk.file)
+    except OSError:
+        size = eof
+    if size >= chunk.offset + chunk.nbytes:  # the bytes are there: the read failed, not the file
+        info = items[chunk.pieces[0].item].info
+        return ModelError(f"{where(info)}: short read: {got} of {chunk.nbytes} bytes at offset {chunk.offset} "
+                          f"although the file holds {size} bytes")
+    eof = min(eof, size)
+    cut = next((it.info for it in items if Path(it.info.file) == chunk.file
+                and it.info.offset <= eof < it.info.offset + it.info.nbytes), None)
+    info = cut or items[chunk.pieces[0].item].info
+    return ModelError(f"{where(info)}: the file ends at byte {eof}, inside the tensor (bytes {info.offset}.."
+                      f"{info.offset + info.nbytes}) or before it: the file is truncated")
+
+
 def file_size(path: Path) -> int:
     """The file's size now (a seam: tests make a file shrink after this check)."""
     try:

@@ -253,3 +253,12 @@ def test_gpu_stream_priorities_span_the_device_range(gpu_rt):
     assert prios["compute_high"] == greatest and prios["compute"] == least
     if least != greatest:
         assert prios["compute_high"] < prios["compute"]
+
+
+def test_compiling_leaves_python_constants_alone():
+    """NVRTC once wrote an empty log's NUL into CPython's shared one-byte b" " object,
+    corrupting every b" " in the process (safetensors headers came out padded with NULs)."""
+    from nexusrt.kernels.compiler import compile_source
+
+    compile_source('extern "C" __global__ void k() {}', "tiny.cu", "sm_90a", use_cache=False)
+    assert bytes([32]) == b" " and b" " * 3 == b"   " and b"a b".split() == [b"a", b"b"]

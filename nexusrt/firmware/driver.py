@@ -83,12 +83,22 @@ def nvrtc_call(name: str, *args) -> Any:
     return _unpack(tuple(outs))
 
 
+def out_buffer(size: int) -> bytearray:
+    """A writable buffer for an NVRTC call to fill.
+
+    Never ``b" " * size``: for size 1 (an empty log is just its NUL) CPython hands back its
+    shared one-byte ``b" "`` object, and NVRTC writing into it turned every ``b" "`` in the
+    process into ``b"\\0"`` (found when safetensors headers came out padded with NULs).
+    """
+    return bytearray(max(0, int(size)))
+
+
 def nvrtc_compile(program, options: list[str], source_name: str) -> None:
     """Compile an NVRTC program; on failure raise CompileError with the log."""
     opts = [o.encode() for o in options]
     (err,) = nvrtc().nvrtcCompileProgram(program, len(opts), opts)
     if int(err) != 0:
         size = nvrtc_call("nvrtcGetProgramLogSize", program)
-        log = b" " * size
+        log = out_buffer(size)
         nvrtc_call("nvrtcGetProgramLog", program, log)
-        raise CompileError(source_name, options, log.decode(errors="replace").rstrip("\x00"))
+        raise CompileError(source_name, options, bytes(log).decode(errors="replace").rstrip("\x00"))

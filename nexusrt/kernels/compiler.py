@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..firmware.driver import nvrtc, nvrtc_call, nvrtc_compile
+from ..firmware.driver import nvrtc, nvrtc_call, nvrtc_compile, out_buffer
 
 SOURCE_DIR = Path(str(resources.files(__package__).joinpath("cu")))
 
@@ -93,10 +93,10 @@ def compile_source(source: str, name: str, arch: str, extra_options: tuple[str, 
     try:
         nvrtc_compile(program, options, name)
         size = nvrtc_call("nvrtcGetCUBINSize", program)
-        cubin = b" " * size
+        cubin = out_buffer(size)
         nvrtc_call("nvrtcGetCUBIN", program, cubin)
         log_size = nvrtc_call("nvrtcGetProgramLogSize", program)
-        log = b" " * log_size
+        log = out_buffer(log_size)
         nvrtc_call("nvrtcGetProgramLog", program, log)
     finally:
         nvrtc().nvrtcDestroyProgram(program)
@@ -105,7 +105,7 @@ def compile_source(source: str, name: str, arch: str, extra_options: tuple[str, 
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(cubin)
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    return CompileResult(cubin, False, key, log.decode(errors="replace").rstrip("\x00"))
+    return CompileResult(bytes(cubin), False, key, bytes(log).decode(errors="replace").rstrip("\x00"))
 
 
 def compile_file(name: str, arch: str, extra_options: tuple[str, ...] = (),

@@ -71,7 +71,9 @@ __device__ __forceinline__ void decode_impl(
     __shared__ float weight[kMaxSplits][GM];
     __shared__ int is_last;
 
-    nrt::pdl_enter();  // q and this position's K/V come from the kernel before (see pdl.cuh)
+    // Before pdl_wait we may read what kernels before our predecessor wrote (pdl.cuh): the
+    // position, the page table and every cached row but the newest. Only q and the newest
+    // K/V row come from the kernel right before us (rope_append).
     const int kvh = blockIdx.x, split = blockIdx.y;
     const int seq_len = *pos + 1;
     int chunk = (seq_len + max_splits - 1) / max_splits;
@@ -84,6 +86,35 @@ __device__ __forceinline__ void decode_impl(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int rg = tid / kRowLanes;         // row group
     const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
+    const int newest = seq_len - 1;          // rope_append writes this row just before us
+
+    uint4 kraw[kUnroll], vraw[kUnroll];
+    bool valid[kUnroll];
+    // Issue every K and V load of a step before using any (memory-level parallelism).
+    auto load_row = [&](int u, int t) {
+        const long long off = nrt_attn::kv_offset(page_table, t, kvh, Hkv, D) + dim0;
+        kraw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
+        vraw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
+    };
+    auto load_step = [&](int base, bool older_only) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int t = base + u * kRowGroups + rg;
+            valid[u] = t < end;
+            if (!valid[u]) {
+                kraw[u] = make_uint4(0, 0, 0, 0);
+                vraw[u] = make_uint4(0, 0, 0, 0);
+            } else if (!older_only || t != newest) {
+                load_row(u, t);
+            }
+        }
+    };
+    // The first step's older rows stream in while rope_append still runs; then wait for it.
+    load_step(start, true);
+    nrt::pdl_enter();
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+        if (start + u * kRowGroups + rg == newest && valid[u]) load_row(u, newest);
 
     // q of the G heads, prescaled so that scores are in the exp2 domain.
     float qr[GM][8];
@@ -111,22 +142,7 @@ __device__ __forceinline__ void decode_impl(
     }
 
     for (int base = start; base < end; base += kTokIter) {
-        // Issue every K and V load of this step before using any (memory-level parallelism).
-        uint4 kraw[kUnroll], vraw[kUnroll];
-        bool valid[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int t = base + u * kRowGroups + rg;
-            valid[u] = t < end;
-            if (valid[u]) {
-                const long long off = nrt_attn::kv_offset(page_table, t, kvh, Hkv, D) + dim0;
-                kraw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
-                vraw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
-            } else {
-                kraw[u] = make_uint4(0, 0, 0, 0);
-                vraw[u] = make_uint4(0, 0, 0, 0);
-            }
-        }
+        if (base != start) load_step(base, false);
         float s[kUnroll][GM];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {

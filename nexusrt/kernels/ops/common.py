@@ -114,6 +114,11 @@ def blocks_per_sm(kernel, threads: int, shared: int) -> int:
 
 
 def pdl_ok(rt) -> bool:
-    """Programmatic dependent launch is available (sm_90+); see cu/pdl.cuh."""
+    """Programmatic dependent launch is available (sm_90+; see cu/pdl.cuh) and not turned off
+    with ``NEXUSRT_PDL=0`` (for comparisons and diagnosis)."""
+    import os
+
+    if os.environ.get("NEXUSRT_PDL", "1") == "0":
+        return False
     cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
     return tuple(cc) >= (9, 0)

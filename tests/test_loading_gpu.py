@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -145,13 +146,16 @@ def test_file_shrinking_mid_load_leaks_nothing(gpu_rt, ckpt, monkeypatch, prefer
     monkeypatch.setattr(plan, "file_size", lambda p: size)  # the bounds check saw the whole file
     os.truncate(f, index.info("w32").offset + (3 << 20))
     items, owned = _items(index)
-    with pytest.raises(ModelError, match=r"model\.safetensors: tensor 'w32': the file ends at byte"):
+    with pytest.raises(ModelError) as info:
         load_tensors(gpu_rt, items, prefer=prefer, staging=SMALL)
     assert _loader_tags() == []  # pinned buffers and scratch released
     for t in owned:
         assert t.is_live  # the caller's tensors are the caller's
         t.free()
     assert memory.audit() == []
+    if "handle_register" in str(info.value):
+        _skip_if_cufile_unusable(prefer, info.value)  # cleanup was still checked above
+    assert re.search(r"model\.safetensors: tensor 'w32': the file ends at byte", str(info.value))
 
 
 def test_read_error_mid_load_leaks_nothing(gpu_rt, ckpt, monkeypatch):

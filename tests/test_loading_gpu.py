@@ -190,5 +190,7 @@ def test_bench_stage_runs_every_measure(tmp_path, capsys):
     res = json.loads(out.out)
     print(json.dumps(res["rows"], indent=1), res["reports"])
     whats = {r["what"] for r in res["rows"]}
-    assert {"plain sequential read", "nexusrt staging", "nexusrt cufile"} <= whats
+    assert {"plain sequential read", "nexusrt staging"} <= whats
+    # cuFile: measured where it works, otherwise its error is reported (the lent H100's case)
+    assert "nexusrt cufile" in whats or "handle_register" in res["reports"]["cufile"]["error"]
     assert all(res["verified"].values()) and list(tmp_path.iterdir()) == []

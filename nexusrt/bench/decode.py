@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .common import add_model_argument
+from .common import add_model_argument, resolve_model_config
 from .table import table
 
 CPU_MODEL = "synthetic:tiny"
@@ -55,6 +55,7 @@ def run(args) -> dict:
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
     model = args.model
+    resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     note = ""
     if not rt.is_cuda and model != CPU_MODEL:
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"

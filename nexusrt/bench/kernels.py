@@ -130,13 +130,13 @@ def run(args) -> dict:
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
     model = getattr(args, "model", None) or "synthetic:llama-3.2-1b"
+    config = resolve_model_config(model)  # an unknown name fails on any backend
     if not rt.is_cuda:
         return {"backend": rt.backend, "model": model,
                 "message": "the kernels stage needs the CUDA backend (no GPU answered: "
                            f"{rt.probe_reason or 'cpu backend'}); nothing was measured"}
     from ..kernels.ops.membw import measure_read_bandwidth
 
-    config = resolve_model_config(model)
     repeats = max(20, int(getattr(args, "kernel_repeats", 30)))
     wanted = getattr(args, "kernel_filter", "") or ""
     t0 = time.perf_counter()

@@ -1,0 +1,44 @@
+"""The decode benchmark on the CPU: it runs, labels itself a CPU figure, and rejects bad names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nexusrt.bench.decode import bytes_per_token
+from nexusrt.bench.main import main
+from nexusrt.models.presets import preset
+
+
+def test_cpu_run_is_labelled_and_complete(capsys):
+    rc = main(["--stage", "decode", "--backend", "cpu", "--new-tokens", "6", "--prompt-tokens", "5",
+               "--runs", "2", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    r = json.loads(out.out)
+    assert r["backend"] == "cpu" and r["model"] == "synthetic:tiny" and "CPU figure" in r["note"]
+    assert len(r["ms_per_token_runs"]) == 2 and r["ms_per_token"] > 0 and r["ttft_s"] > 0
+    assert "floor_ms" not in r  # no floor without a measured device bandwidth
+
+
+def test_unknown_synthetic_name_lists_the_presets(capsys):
+    assert main(["--stage", "decode", "--backend", "cpu", "--model", "synthetic:llama-9b"]) == 1
+    err = capsys.readouterr().err
+    assert "llama-9b" in err and "llama-3.2-1b" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", [["--runs", "0"], ["--new-tokens", "-1"]])
+def test_bad_counts_are_rejected(bad, capsys):
+    assert main(["--stage", "decode", "--backend", "cpu", *bad]) == 1
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_bytes_per_token_matches_the_published_model_sizes():
+    # Llama-3.2-1B: 1.236e9 parameters (tied) -> 2.47 GB of bf16 per token (DESIGN.md).
+    b = bytes_per_token(preset("llama-3.2-1b"), context=0)
+    assert abs(b["weights"] / 1e9 - 2.47) < 0.01 and b["kv"] == 0
+    b8 = bytes_per_token(preset("llama-3.1-8b"), context=1000)
+    # 8.03e9 parameters (16.06 GB), less the untied input embedding, of which one row is read:
+    assert abs(b8["weights"] / 1e9 - 15.01) < 0.01  # DESIGN.md: 15.0 GB/token
+    assert b8["kv"] == 2 * 32 * 8 * 128 * 2 * 1000

@@ -24,7 +24,7 @@ print(f"read bandwidth {bw / 1e9:.0f} GB/s")
 for name in a.presets:
     cfg = preset(name)
     for shape, n, k, opts in gv.decode_shapes(cfg):
-        default = gv.plan_gemv(n, k, gate_up=opts.get("gate_up", False), sms=rt.profile.sm_count).splits
+        default = gv.plan_gemv(n, k, gate_up=opts.get("gate_up", False)).splits
         for s in a.splits:
             for pdl in (False, True):
                 try:

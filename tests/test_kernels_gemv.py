@@ -111,7 +111,7 @@ def _run(rt, w, x, *, splits=None, bias=None, residual=None, in_place=False, nor
         keep.append(t)
         return t
 
-    plan = plan_gemv(n, k, m, gate_up=gate_up, sms=rt.profile.sm_count, splits=splits)
+    plan = plan_gemv(n, k, m, gate_up=gate_up, splits=splits)
     ws = nrt.memory.zeros((max(4, plan.workspace_bytes),), "uint8") if plan.splits > 1 else None
     y = dev(residual.copy() if in_place else np.full((m, n), np.nan, np.float32))
     spec = gemv(rt, y, dev(w), dev(x), n=n, k=k, m=m, splits=splits, gate_up=gate_up, workspace=ws,

@@ -15,8 +15,6 @@ RNG = np.random.default_rng(7)
 
 
 def test_announcement_example_verbatim(cpu_rt):
-    if not hasattr(nrt.memory, "alloc"):
-        pytest.skip("nrt.memory.alloc has not landed yet")
     import nexusrt as nrt2
 
     dev = nrt2.firmware.init(profile="auto")

@@ -10,7 +10,7 @@ from ...engine.kv_pages import pages_for, pool_shape
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling
 from ...kernels.ops.common import sm_count
-from ...kernels.ops.gemv import plan_gemv
+from ...kernels.ops.gemv import decode_shapes, plan_gemv
 
 TAG = "runner"
 RING = 256  # tokens the device can be ahead of the host
@@ -46,12 +46,11 @@ class RunnerBuffers:
             for _ in range(cfg.num_hidden_layers):
                 self.k_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
                 self.v_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
-            sms = sm_count(rt)
-            ws = max(plan_gemv(n, k, 1, gate_up=g, sms=sms).workspace_bytes for n, k, g in
-                     ((qkv, h, False), (h, hq * d, False), (cfg.intermediate_size, h, True),
-                      (h, cfg.intermediate_size, False), (cfg.vocab_size, h, False)))
+            # One split-K workspace serves every GEMV of the step (they run in stream order).
+            ws = max(plan_gemv(n, k, 1, gate_up=opts.get("gate_up", False)).workspace_bytes
+                     for _, n, k, opts in decode_shapes(cfg))
             self.gemv_ws = self._t(memory.zeros((max(ws, 4),), "uint8", tag=TAG))
-            splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sms)
+            splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sm_count(rt))
             self.attn_ws = attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG)
             self.sampler = sampling.alloc_buffers(cfg.vocab_size, tag=TAG)
             self.ring = self._t(memory.pinned((RING,), "int32", tag=TAG))

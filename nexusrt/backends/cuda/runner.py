@@ -17,6 +17,7 @@ from ... import memory, scheduler
 from ...backends.cpu.ops import rope_inv_freq
 from ...errors import ModelError, NexusRTError
 from ...firmware.driver import call
+from ...kernels.ops import attention_decode as attn_dec
 from . import step as steps
 from .buffers import RING, RunnerBuffers
 from .weights import upload
@@ -26,17 +27,15 @@ DEFAULT_CHUNK = 256  # prefill tokens per chunk (the prefill stages' token budge
 QUEUE_AHEAD = 8  # decode steps in flight ahead of the host in generate_tokens
 
 
-HEAD_DIMS = (64, 128)
-
-
 def _check_supported(cfg) -> None:
     """Shapes the CUDA kernels do not cover fail here, before any memory is taken."""
-    if cfg.head_dim not in HEAD_DIMS:
-        raise ModelError(f"the CUDA backend supports head_dim {' or '.join(map(str, HEAD_DIMS))}; "
+    dims = attn_dec.HEAD_DIMS  # rope takes more head dims; decode attention is the narrowest
+    if cfg.head_dim not in dims:
+        raise ModelError(f"the CUDA backend supports head_dim {' or '.join(map(str, dims))}; "
                          f"{cfg.source or 'this model'} has head_dim {cfg.head_dim} (use backend='cpu')")
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    if group > 8:
-        raise ModelError(f"the CUDA backend supports GQA groups up to 8 query heads per KV head; "
+    if group > attn_dec.MAX_GROUP:
+        raise ModelError(f"the CUDA backend supports GQA groups up to {attn_dec.MAX_GROUP} query heads per KV head; "
                          f"this model has {group}")
 
 

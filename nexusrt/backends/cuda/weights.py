@@ -51,10 +51,6 @@ class DeviceWeights:
     inv_freq: object = None
     load_report: object = None  # how a checkpoint's bytes arrived (path, GB/s)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.owned)
-
     def free(self) -> None:
         for t in self.owned:
             if t.is_live:

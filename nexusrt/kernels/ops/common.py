@@ -7,6 +7,8 @@ addresses can only be checked for alignment, so callers passing ints own the sha
 
 from __future__ import annotations
 
+import os
+
 PAGE_SIZE = 16  # tokens per KV-cache page; must equal NRT_PAGE_SIZE in cu/common.cuh
 
 # Epilogue flags, identical in gemv.cu and gemm.cu.
@@ -116,8 +118,6 @@ def blocks_per_sm(kernel, threads: int, shared: int) -> int:
 def pdl_ok(rt) -> bool:
     """Programmatic dependent launch is available (sm_90+; see cu/pdl.cuh) and not turned off
     with ``NEXUSRT_PDL=0`` (for comparisons and diagnosis)."""
-    import os
-
     if os.environ.get("NEXUSRT_PDL", "1") == "0":
         return False
     cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))

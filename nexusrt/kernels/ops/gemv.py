@@ -56,13 +56,13 @@ class GemvPlan:
         return self.splits * self.m * self.rows * 4
 
 
-def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False, sms: int = 132,
+def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False,
               splits: int | None = None) -> GemvPlan:
     """Choose the variant and split-K factor for ``n`` outputs of length-``k`` rows, ``m`` tokens.
 
     ``splits=None`` picks the fewest splits whose x slice fits in shared memory.
     """
-    check_positive(n=n, k=k, m=m, sms=sms)
+    check_positive(n=n, k=k, m=m)
     if m > MAX_M:
         raise ValueError(f"gemv takes at most {MAX_M} tokens (m={m}); use gemm for prefill")
     vec = 8 if k % 8 == 0 else 1
@@ -97,7 +97,7 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
     ``bias`` bf16/fp32 [n] ([2n] with gate_up); ``residual`` fp32 [m, n] (may be ``y``);
     ``norm_weight`` fp32 [k]; ``workspace`` (zeroed, ``plan.workspace_bytes``) when the plan splits K.
     """
-    plan = plan_gemv(n, k, m, gate_up=gate_up, sms=sm_count(rt), splits=splits)
+    plan = plan_gemv(n, k, m, gate_up=gate_up, splits=splits)
     rows = plan.rows
     check_tensor(y, "y", (m, n), "fp32")
     check_tensor(w, "w", (rows, k), "bf16")
@@ -160,7 +160,7 @@ def bench_cases(rt, config, splits: int | None = None, only: str | None = None) 
         if only is not None and name != only:
             continue
         gate_up = opts.get("gate_up", False)
-        plan = plan_gemv(n, k, 1, gate_up=gate_up, sms=sm_count(rt), splits=splits)
+        plan = plan_gemv(n, k, 1, gate_up=gate_up, splits=splits)
         weights = bench_util.random_weights(rt, (plan.rows, k))
         x = bench_util.random_f32(rt, (1, k), seed=1)
         y = bench_util.random_f32(rt, (1, n), seed=2)

@@ -195,16 +195,25 @@ def greedy(model, tok, prompt: str, n: int, device) -> str:
 
 # -- export ---------------------------------------------------------------------------------
 def export(model, tok, out: Path, heldout: list[dict]):
-    """HF layout in bf16, plus heldout.json.gz (gzip mtime 0, so its hash is reproducible)."""
+    """HF layout in bf16, plus heldout.json.gz (gzip mtime 0, so its hash is reproducible).
+
+    The tokenizer files are written by hand: ``save_pretrained`` of transformers 5 names a
+    v5-only tokenizer class and moves the chat template to a separate file; this layout
+    loads in transformers 4 and 5 and keeps every file the manifest hashes in one place.
+    """
+    import copy
+
     import torch
-    from transformers import GenerationConfig, PreTrainedTokenizerFast
+    from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    model.float()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token="<|pad|>",
-                                     chat_template=CHAT_TEMPLATE)
-    hf_tok.save_pretrained(out)
+    # A bf16 copy: rounding the training model itself would perturb the run at every save.
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": "<|pad|>",
+        "add_bos_token": False, "model_max_length": model.config.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE}, indent=1) + "\n", encoding="utf-8")
     eos = [tok.token_to_id(EOS), tok.token_to_id("<|end|>")]
     GenerationConfig(bos_token_id=tok.token_to_id(BOS), eos_token_id=eos, do_sample=False).save_pretrained(out)
     with open(out / "heldout.json.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
@@ -216,6 +225,7 @@ def sha256(path: Path) -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     import torch
 
@@ -257,7 +267,7 @@ def main(argv=None):
     order, epoch = None, -1
     use_bf16 = device.type == "cuda"
     t_train = time.time()
-    step = start
+    steps_done = start
     for step in range(start, args.steps):
         e, k = divmod(step, per_epoch)
         if e != epoch:  # replay the generator up to this epoch so a resume sees the same order
@@ -273,6 +283,7 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        steps_done = step + 1
         elapsed = elapsed_before + time.time() - t_train
         if step % 10 == 0:
             print(f"step {step} loss {loss.item():.4f} lr {lr_at(step, args):.2e} {elapsed / 60:.1f} min", flush=True)
@@ -283,7 +294,6 @@ def main(argv=None):
         if args.max_minutes and elapsed > args.max_minutes * 60:
             print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes}", flush=True)
             break
-    steps_done = step + 1
     train_minutes = (elapsed_before + time.time() - t_train) / 60
 
     export(model, tok, out, heldout)
@@ -301,7 +311,10 @@ def main(argv=None):
              "generation_config.json", "heldout.json.gz"]
     manifest = {
         "name": "nexusrt:stdlib-tiny",
-        "command": "python3 " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        # The command that reproduces the run; --resume only continues it (same order, same schedule).
+        "command": "python3 " + " ".join(shlex.quote(a) for a in ["scripts/train_reference.py",
+                                                                  *(a for a in argv if a != "--resume")]),
+        "resumed_at_step": start if args.resume else None,
         "python_version": sys.version.split()[0], "stdlib": str(stdlib), "torch": torch.__version__,
         "device": device.type, "seed": args.seed, "steps": steps_done, "planned_steps": args.steps,
         "batch": args.batch, "seq_len": args.seq_len, "training_tokens_per_epoch": len(ids),

@@ -17,7 +17,7 @@ def test_cpu_run_is_labelled_and_complete(capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     r = json.loads(out.out)
-    assert r["backend"] == "cpu" and r["model"] == "synthetic:tiny" and "CPU figure" in r["note"]
+    assert r["backend"] == "cpu" and r["model"] == "nexusrt:stdlib-tiny" and "CPU figure" in r["note"]
     assert len(r["ms_per_token_runs"]) == 2 and r["ms_per_token"] > 0 and r["ttft_s"] > 0
     assert "floor_ms" not in r  # no floor without a measured device bandwidth
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,9 @@ def test_synthetic_json_run(tmp_path, capsys):
     assert rc == 0, out.err
     assert out.err == ""  # --json: no progress bar
     res = json.loads(out.out)
-    assert "CPU backend: saved synthetic:tiny" in res["note"]
-    assert list(tmp_path.iterdir()) == []  # the temporary checkpoint is gone
+    assert "CPU backend: loaded nexusrt:stdlib-tiny" in res["note"]
+    assert list(tmp_path.iterdir()) == []  # nothing saved on the CPU
+    assert Path(res["dir"]).joinpath("model.safetensors").is_file()  # the shipped files are left alone
     whats = [(r["what"], r["cache"]) for r in res["rows"]]
     assert whats == [("plain sequential read", "cold"), ("plain sequential read", "warm"),
                      ("nexusrt staging", "cold"), ("nexusrt staging", "warm")]

@@ -28,7 +28,6 @@ import numpy as np
 from .common import SYNTHETIC_PREFIX, add_model_argument
 from .table import human_bytes, table
 
-CPU_PRESET = "tiny"
 READ_BYTES = 64 << 20
 TARGET_RATIO = 0.8
 
@@ -116,18 +115,20 @@ class _Session:
 
 def _checkpoint(args, rt) -> tuple[Path, str, dict]:
     """The directory to load, a note, and the save figures when synthetic."""
+    from ..models.shipped import DEFAULT_MODEL, PREFIX, shipped_dir
     from ..models.streaming import save_synthetic_checkpoint
 
     model = args.model
+    if model.startswith(PREFIX):
+        return shipped_dir(model), "", {}
     if not model.startswith(SYNTHETIC_PREFIX):
         if not Path(model).is_dir():
             raise ValueError(f"--model {model!r} is neither synthetic:<preset> nor a checkpoint directory")
         return Path(model), "", {}
     preset = model[len(SYNTHETIC_PREFIX):]
+    if not rt.is_cuda:  # a CPU figure: the shipped model's real files, nothing saved
+        return shipped_dir(DEFAULT_MODEL), f"CPU backend: loaded {DEFAULT_MODEL} instead of {model} (a CPU figure)", {}
     note = ""
-    if not rt.is_cuda and preset != CPU_PRESET:
-        note = f"CPU backend: saved synthetic:{CPU_PRESET} instead of {model} (a CPU figure)"
-        preset = CPU_PRESET
     base = Path(args.load_dir or os.getcwd())
     out = Path(tempfile.mkdtemp(prefix="nexusrt-load-", dir=base))
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ STAGES = {
     "kernels": "each decode kernel alone, as GB/s and % of measured bandwidth",
     "decode": "ms per token against the floor and PyTorch peers",
     "load": "weight loading speed per path against plain file reads",
+    "quality": "held-out perplexity (stdlib text), beside HF transformers' on the same tokens",
 }
 
 

@@ -1,6 +1,6 @@
 """``nexusrt``: the command line.
 
-    nexusrt generate --model DIR|synthetic:NAME --prompt TEXT [--max-new-tokens N]
+    nexusrt generate [--model DIR|synthetic:NAME|nexusrt:NAME] --prompt TEXT [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR]
                      [--chat] [--json] [--backend cpu|cuda] [--max-context N]
 
@@ -21,8 +21,9 @@ from ..errors import NexusRTError
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate a completion; streams to stdout, stats to stderr.")
-    p.add_argument("--model", required=True,
-                   help="HF checkpoint directory, or synthetic:tiny / synthetic:llama-3.2-1b / synthetic:llama-3.1-8b")
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory, a shipped model (nexusrt:stdlib-tiny, the default) or random "
+                        "weights (synthetic:tiny / synthetic:llama-3.2-1b / synthetic:llama-3.1-8b)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
@@ -47,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args) -> int:
     from ..engine.llm import LLM
+    from ..models.shipped import DEFAULT_MODEL
 
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+        print(f"nexusrt: no --model given: using {DEFAULT_MODEL} (a small model trained on Python's "
+              "standard library, shipped with nexusrt)", file=sys.stderr)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, stop=args.stop, seed=args.seed, chat=args.chat)

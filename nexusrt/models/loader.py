@@ -1,4 +1,4 @@
-"""Open a model by directory or by ``synthetic:<preset>`` name.
+"""Open a model by directory, by ``synthetic:<preset>`` name, or a shipped ``nexusrt:<name>``.
 
 A checkpoint directory holds ``config.json``, ``*.safetensors`` (one file, or shards with
 ``model.safetensors.index.json``), ``tokenizer.json`` (+ ``tokenizer_config.json``) and
@@ -17,6 +17,7 @@ from .config import ModelConfig, load_config
 from .jsonfile import read_json_object
 from .presets import PRESETS
 from .safetensors import SafetensorsIndex
+from .shipped import MANIFEST, PREFIX as SHIPPED_PREFIX, shipped_dir, shipped_names, verify_manifest
 from .synthetic import SyntheticWeights
 from .tokenizer import BaseTokenizer, ByteTokenizer, HFTokenizer
 from .weights import CheckpointWeights, WeightSource
@@ -72,25 +73,30 @@ class LoadedModel:
 
 
 def load_model(path_or_name: str | Path, seed: int = 0) -> LoadedModel:
-    """Open a checkpoint directory, or ``synthetic:<preset>`` (weights from ``seed``)."""
+    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``) or ``nexusrt:<name>``.
+
+    A directory with a ``manifest.json`` (shipped models) has every file's SHA-256 checked first.
+    """
     name = str(path_or_name)
     if name.startswith(SYNTHETIC_PREFIX):
         preset_name = name[len(SYNTHETIC_PREFIX):]
         if preset_name not in PRESETS:
             raise ModelError(f"unknown synthetic model {preset_name!r}; available: "
-                             f"{', '.join(SYNTHETIC_PREFIX + p for p in PRESETS)}")
+                             f"{', '.join([SYNTHETIC_PREFIX + p for p in PRESETS] + shipped_names())}")
         weights = SyntheticWeights.from_preset(preset_name, seed)
         # Synthetic weights are random: no eos, so benchmarks always run the asked length.
         return LoadedModel(name, weights.config, weights, ByteTokenizer(), GenerationDefaults())
-    d = Path(name)
+    d = shipped_dir(name) if name.startswith(SHIPPED_PREFIX) else Path(name)  # shipped: hashes verified
     if not d.exists():
         raise ModelError(f"model {name!r}: no such directory (or use synthetic:<preset>, presets: "
-                         f"{', '.join(PRESETS)})")
+                         f"{', '.join(PRESETS)}; or a shipped model: {', '.join(shipped_names())})")
     if not d.is_dir():
         raise ModelError(f"model {name!r}: not a directory (expected a checkpoint directory with config.json)")
+    if (d / MANIFEST).is_file() and not name.startswith(SHIPPED_PREFIX):
+        verify_manifest(d)  # e.g. a copy of a shipped model: still no silent use of a changed file
     config = load_config(d)
     tokenizer = HFTokenizer(d)
     weights = CheckpointWeights(config, SafetensorsIndex.from_dir(d))
     fallback = config.eos_token_ids or tokenizer.eos_ids
     gen = GenerationDefaults.from_file(d / "generation_config.json", fallback)
-    return LoadedModel(d.name, config, weights, tokenizer, gen, d)
+    return LoadedModel(name if name.startswith(SHIPPED_PREFIX) else d.name, config, weights, tokenizer, gen, d)

@@ -1,0 +1,99 @@
+"""``nexusrt-bench --stage quality``: held-out perplexity of a model as NexusRT runs it.
+
+The text and the windows are :mod:`nexusrt.models.quality`'s (stdlib modules no shipped
+model trained on). When torch and transformers import, HF transformers scores the same
+tokens in the same windows on the same device: fp32 always, and bf16 too on a GPU, so a
+NexusRT figure can be read against HF's own precision loss. Synthetic models have random
+weights and no quality to measure: the stage runs ``nexusrt:stdlib-tiny`` instead and says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .common import add_model_argument, resolve_model_config
+from .table import table
+
+
+def add_arguments(parser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--tokens", type=int, default=None, metavar="N",
+                        help="quality stage: score at most N held-out tokens (default: all)")
+    parser.add_argument("--window", type=int, default=None, metavar="W",
+                        help="quality stage: tokens per teacher-forced window (default 512)")
+    parser.add_argument("--no-hf", action="store_true", help="quality stage: skip the HF transformers comparison")
+
+
+def run(args) -> dict:
+    from .. import firmware
+    from ..engine.llm import LLM
+    from ..models import quality
+    from ..models.shipped import DEFAULT_MODEL
+
+    window = args.window or quality.DEFAULT_WINDOW
+    if window < 2 or (args.tokens is not None and args.tokens < 2):
+        raise ValueError(f"--window and --tokens must be >= 2, got {args.window} and {args.tokens}")
+    firmware.init(profile=args.profile, backend=args.backend)
+    rt = firmware.runtime()
+    model, note = args.model, ""
+    resolve_model_config(model)  # an unknown name fails here with the list of models
+    if model.startswith("synthetic:"):
+        note = f"{model} has random weights (no quality to measure): ran {DEFAULT_MODEL} instead"
+        model = DEFAULT_MODEL
+    t0 = time.perf_counter()
+    llm = LLM(model, max_context=window)
+    try:
+        ids = quality.heldout_tokens(llm.model.tokenizer, quality.heldout_documents(), args.tokens)
+        t1 = time.perf_counter()
+        ours = quality.perplexity(llm.runner.forward_all, ids, window)
+        seconds = time.perf_counter() - t1
+        model_dir = llm.model.path
+    finally:
+        llm.close()
+    result = {"backend": rt.backend, "device": rt.profile.device_name, "model": model, "note": note,
+              "load_s": t1 - t0, "seconds": seconds, **ours.to_dict()}
+    if not args.no_hf:
+        result["hf"] = _hf(model_dir, ids, window, "cuda" if rt.is_cuda else "cpu", ours.perplexity)
+    return result
+
+
+def _hf(model_dir, ids, window: int, device: str, ours: float) -> dict:
+    """HF transformers' perplexity on the same ids and windows, per dtype (or why it was skipped)."""
+    try:
+        import torch
+        import transformers
+    except Exception as exc:  # optional peer: torch/transformers are test-only dependencies
+        return {"skipped": f"torch/transformers not importable: {exc}"}
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "torch has no CUDA here"}
+    from ..models import quality
+
+    out = {}
+    for dtype in (("float32", "bfloat16") if device == "cuda" else ("float32",)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype), attn_implementation="eager").to(device).eval()
+
+        def forward_all(chunk, model=model):
+            with torch.no_grad():
+                x = torch.tensor(chunk[None].astype("int64"), device=device)
+                return model(x).logits[0].float().cpu().numpy()
+
+        p = quality.perplexity(forward_all, ids, window)
+        out[dtype] = {**p.to_dict(), "nexusrt_over_hf": ours / p.perplexity}
+        del model
+    return out
+
+
+def render(r: dict) -> str:
+    rows = [["model", r["model"]], ["device", f"{r['device']} ({r['backend']})"],
+            ["perplexity", f"{r['perplexity']:.4f}"],
+            ["tokens scored", f"{r['tokens']} (windows of {r['window']})"],
+            ["time", f"{r['seconds']:.2f} s ({r['tokens'] / max(r['seconds'], 1e-9):,.0f} tokens/s)"]]
+    for dtype, h in (r.get("hf") or {}).items():
+        if isinstance(h, dict):
+            rows.append([f"HF {dtype}", f"{h['perplexity']:.4f} -> NexusRT / HF {h['nexusrt_over_hf']:.5f}"])
+        else:
+            rows.append(["HF", str(h)])
+    if r.get("note"):
+        rows.append(["note", r["note"]])
+    return table(["quality", ""], rows, title="NexusRT held-out perplexity")

@@ -20,9 +20,12 @@ from tests.test_cuda_model import _check_against_hf, _hf_refs
 pytestmark = pytest.mark.gpu
 
 PATH = SHIPPED["stdlib-tiny"]
-PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main(argv):\n",
-           "class Queue:\n    \"\"\"A first-in, first-out queue.\"\"\"\n\n    def __init__(self",
-           "# Copyright 2001 Python Software Foundation\n\"\"\"Utilities for"]
+# Along HF fp32's 256-token continuation of each prompt, the two best logits stay at least
+# 1.9x HF bf16's largest logit error apart (measured on the CPU: top-2 gaps >= 0.17, bf16
+# errors <= 0.13). Prompts whose continuations pass a near-tie (e.g. "    def __repr__(self):\n",
+# gap 1e-4) would make exact equality a coin toss for any bf16 runner, HF's own included.
+PROMPTS = ["# Copyright 2001 Python Software Foundation\n\"\"\"Utilities for", "def read_config(path):\n",
+           "import re\n", "if __name__ == '__main__':\n"]
 NEW_TOKENS = 256
 
 

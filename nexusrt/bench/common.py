@@ -36,3 +36,30 @@ def resolve_model_config(spec: str):
         return load_config(spec)
     raise ValueError(f"--model {spec!r} is neither synthetic:<preset> ({', '.join(PRESETS)}) "
                      "nor a checkpoint directory")
+
+
+def add_shared_argument(parser, *names, **kwargs) -> None:
+    """Add an option several stages read (e.g. ``--prompt-tokens``) unless a stage already did;
+    each stage gives it its own default when the user leaves it out (so pass ``default=None``)."""
+    if names[0] in getattr(parser, "_option_string_actions", {}):
+        return
+    parser.add_argument(*names, **kwargs)
+
+
+def int_list(text: str | None, default: tuple[int, ...], what: str) -> list[int]:
+    """``"512,2048"`` -> ``[512, 2048]``; each a positive int, else ValueError naming ``what``."""
+    if text is None:
+        return list(default)
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            v = int(part)
+        except ValueError:
+            raise ValueError(f"{what} takes comma-separated positive integers, got {text!r}") from None
+        if v < 1:
+            raise ValueError(f"{what} values must be >= 1, got {v}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out

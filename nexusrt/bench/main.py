@@ -17,6 +17,7 @@ STAGES = {
     "scheduler": "launch, graph-node and doorbell costs, vs PyTorch",
     "kernels": "each decode kernel alone, as GB/s and % of measured bandwidth",
     "decode": "ms per token against the floor and PyTorch peers",
+    "prefill": "time to first token against the compute floor and HF transformers",
     "load": "weight loading speed per path against plain file reads",
 }
 

@@ -96,10 +96,14 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     constexpr int kBlockM = kWarps * 16;  // query rows per block
     constexpr int kK = D / 16;  // k16 slices of Q K^T
     constexpr int kN = D / 8;   // n8 tiles of the output
+    // Two buffers, each a K tile then a V tile. Q is staged in buffer 1 (it fits: kBlockM <= 2 *
+    // kBlockN) and moved to registers before tile 1 is fetched there, so a block needs 64 KiB at
+    // D = 128 and three blocks fit an SM.
+    static_assert(kBlockM <= 2 * kBlockN, "Q must fit in one K+V buffer");
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    __nv_bfloat16* Ks = Qs + kBlockM * D;   // [2][kBlockN][D]
-    __nv_bfloat16* Vs = Ks + 2 * kBlockN * D;  // [2][kBlockN][D]
+    __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    constexpr int kTile = kBlockN * D;  // elements of one K or V tile
+    __nv_bfloat16* Qs = smem + 2 * kTile;
 
     const int head = blockIdx.x;
     const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;  // longest (latest) rows first
@@ -109,7 +113,7 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     const int kv_end = start + min(M, m0 + kBlockM);  // keys the block's last valid row sees
     const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
-    load_kv_tile<D, kThreads>(Ks, Vs, k_pool, v_pool, page_table, 0, kv_end, kvh, Hkv);
+    load_kv_tile<D, kThreads>(smem, smem + kTile, k_pool, v_pool, page_table, 0, kv_end, kvh, Hkv);
     cp_async_commit();
 
     // Q rows (fp32, from rope_append) -> bf16 tile; rows past M are zeros (never stored).
@@ -134,6 +138,7 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
 #pragma unroll
     for (int kk = 0; kk < kK; ++kk)
         ldmatrix_x4(qf[kk], smem_addr(Qs + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)));
+    __syncthreads();  // every warp holds its Q rows before buffer 1 is refilled with keys
 
     float o[kN][4];
 #pragma unroll
@@ -144,14 +149,16 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     const int warp_first = start + m0 + warp * 16;
 
     for (int t = 0; t < n_tiles; ++t) {
-        if (t + 1 < n_tiles)
-            load_kv_tile<D, kThreads>(Ks + ((t + 1) & 1) * kBlockN * D, Vs + ((t + 1) & 1) * kBlockN * D, k_pool,
-                            v_pool, page_table, (t + 1) * kBlockN, kv_end, kvh, Hkv);
+        if (t + 1 < n_tiles) {
+            __nv_bfloat16* next = smem + ((t + 1) & 1) * 2 * kTile;
+            load_kv_tile<D, kThreads>(next, next + kTile, k_pool, v_pool, page_table, (t + 1) * kBlockN, kv_end,
+                                      kvh, Hkv);
+        }
         cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile t
         cp_async_wait<1>();
         __syncthreads();
-        const __nv_bfloat16* Kt = Ks + (t & 1) * kBlockN * D;
-        const __nv_bfloat16* Vt = Vs + (t & 1) * kBlockN * D;
+        const __nv_bfloat16* Kt = smem + (t & 1) * 2 * kTile;
+        const __nv_bfloat16* Vt = Kt + kTile;
         const int key0 = t * kBlockN;
 
         float s[kBlockN / 8][4];
@@ -241,15 +248,24 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
 
 }  // namespace
 
-// grid (Hq, ceil(M / (16 * W))), block 32 * W, dynamic shared memory (16 * W + 4 * 64) * D * 2 bytes.
-#define NRT_PREFILL_MMA(D, W)                                                                       \
-    extern "C" __global__ void __launch_bounds__(W * 32) attention_prefill_mma_d##D##_w##W(        \
+// grid (Hq, ceil(M / (16 * W))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes.
+// MINB: blocks per SM the register budget is capped for (3 x 4 warps fit at D = 128).
+#define NRT_PREFILL_MMA(D, W, MINB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W(  \
         const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
         const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
         prefill_mma<D, W>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2);         \
     }
 
-NRT_PREFILL_MMA(64, 4)
-NRT_PREFILL_MMA(128, 4)
-NRT_PREFILL_MMA(64, 8)
-NRT_PREFILL_MMA(128, 8)
+// Defaults from scripts/sweep_attention.py on an H200 (see kernels/NOTES_attention.md); a sweep
+// overrides them with -D.
+#ifndef NRT_MINB_D64_W4
+#define NRT_MINB_D64_W4 1
+#endif
+#ifndef NRT_MINB_D128_W4
+#define NRT_MINB_D128_W4 3
+#endif
+NRT_PREFILL_MMA(64, 4, NRT_MINB_D64_W4)
+NRT_PREFILL_MMA(128, 4, NRT_MINB_D128_W4)
+NRT_PREFILL_MMA(64, 8, 1)
+NRT_PREFILL_MMA(128, 8, 1)

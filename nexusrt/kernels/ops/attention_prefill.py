@@ -24,19 +24,22 @@ SIGNATURE = "ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 HEAD_DIMS = (64, 128)
 ROWS_PER_BLOCK = 16  # (row, head-in-group) pairs per block, kRows in the fp32 kernel
 THREADS = 128
-MMA_WARPS = 4  # warps per block of the tensor-core kernel (16 query rows each); 4 or 8 are built
+# Warps per block of the tensor-core kernel (16 query rows each; 4 and 8 are built), per head
+# dim: the faster at 8k causal on an H200 (scripts/sweep_attention.py; NOTES_attention.md).
+MMA_WARPS = {64: 4, 128: 8}
 MMA_KEYS = 64  # keys per shared-memory tile, kBlockN
 LOG2E = 1.4426950408889634
 
 
-def mma_shared_bytes(head_dim: int, warps: int = MMA_WARPS) -> int:
-    """Dynamic shared memory of the tensor-core kernel: the Q tile and double-buffered K, V tiles."""
-    return (16 * warps + 4 * MMA_KEYS) * head_dim * 2
+def mma_shared_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of the tensor-core kernel: double-buffered K and V tiles (the Q tile
+    is staged in the second buffer before the loop)."""
+    return 4 * MMA_KEYS * head_dim * 2
 
 
 def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_heads: int,
                       num_kv_heads: int, head_dim: int, scale: float | None = None,
-                      warps: int = MMA_WARPS) -> LaunchSpec:
+                      warps: int | None = None) -> LaunchSpec:
     """Launch spec: ``q`` fp32 ``[M, Hq, D]`` -> ``out`` ``[M, Hq * D]``, bf16 (tensor cores)
     or fp32 (the CUDA-core oracle).
 
@@ -61,11 +64,12 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
     check_state(page_table, pos)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if out_dtype == "bf16":
+        warps = MMA_WARPS[head_dim] if warps is None else warps
         if warps not in (4, 8):
             raise ValueError(f"the tensor-core attention is built for 4 or 8 warps per block, got {warps}")
         name = f"attention_prefill_mma_d{head_dim}_w{warps}"
         kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE)
-        shared = mma_shared_bytes(head_dim, warps)
+        shared = mma_shared_bytes(head_dim)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
         args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos), m,

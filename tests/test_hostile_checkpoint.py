@@ -167,3 +167,58 @@ def test_huge_layer_count_fails_fast_in_bounded_memory(ckpt):
     rc, out, err, rss, seconds = run_bounded(CLI, "generate", "--model", str(ckpt), "--prompt", "hi")
     assert rc == 1 and "num_hidden_layers must be an integer in [1, 1024], got 100000000" in err
     assert rss < 1024 and seconds < 30
+
+
+def _huge_checkpoint(ckpt, layers: int):
+    """A consistent checkpoint of ``layers`` big layers: a real header over a sparse data file."""
+    from nexusrt.models.config import ModelConfig
+    from nexusrt.models.weights import tensor_specs
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers, num_attention_heads=64,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    config = ModelConfig.from_hf(cfg)
+    header, offset = {}, 0
+    for spec in tensor_specs(config):
+        n = 2
+        for d in spec.shape:
+            n *= d
+        header[spec.hf_name] = {"dtype": "BF16", "shape": list(spec.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    f = ckpt / "model.safetensors"
+    with open(f, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        out.truncate(8 + len(blob) + offset)  # sparse: no disk, no page cache
+    return config
+
+
+def test_model_that_does_not_fit_is_refused_before_loading(ckpt):
+    from nexusrt.engine.fit import cpu_available, footprint
+
+    free, _ = cpu_available()
+    per_layer = 4 * 8192 * (8192 + 2 * 1024 + 8192 + 3 * 28672)
+    layers = min(1000, 4 * free // per_layer + 1)
+    config = _huge_checkpoint(ckpt, layers)
+    need = footprint(config, "cpu", 64).total
+    assert need > free
+    rc, out, err, rss, seconds = run_bounded(CLI, "generate", "--model", str(ckpt), "--prompt", "hi",
+                                             "--max-context", "64")
+    assert rc == 1, err
+    assert f"does not fit: it needs {need / 2**30:.2f} GiB" in err and "available (" in err
+    assert rss < 1024 and seconds < 30
+
+
+def test_fit_message_suggests_a_shorter_context():
+    from nexusrt.engine.fit import ModelTooLarge, check_fit
+    from nexusrt.models.presets import preset
+
+    cfg = preset("llama-3.2-1b")  # 1.24 B params: ~4.6 GiB fp32, KV 131072 tokens fp32 ~ 8 GiB
+    with pytest.raises(ModelTooLarge, match=r"m does not fit: it needs .* GiB of KV cache at 131072 tokens \(lower it "
+                                            r"with max_context / --max-context\)\) but this machine has 6.00 GiB "
+                                            r"available \(test\)") as info:
+        check_fit(cfg, "cpu", None, "m", available=(6 << 30, "test"))
+    assert info.value.available == 6 << 30 and info.value.needed > 6 << 30
+    assert check_fit(cfg, "cpu", 4096, "m", available=(6 << 30, "test")).context == 4096

@@ -20,6 +20,7 @@ from .. import runtime as runtime_mod
 from ..backends.base import generate_tokens, iter_tokens
 from ..errors import BackendUnavailable
 from ..models.loader import LoadedModel, load_model
+from .fit import check_fit
 from .sampling import SamplingParams
 from .session import GenerationResult, Session
 
@@ -68,6 +69,8 @@ class LLM:
         self.backend = backend or runtime_mod.current("nrt.LLM").backend
         self.model = load_model(path_or_name, seed=weights_seed)
         try:
+            # Refuse before reading a byte of weights, not when the machine runs out of memory.
+            check_fit(self.model.config, self.backend, max_context, str(self.model.path or self.model.name))
             self.runner = _make_runner(self.model, self.backend, max_context)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind

@@ -28,9 +28,12 @@ BACKENDS = ("cpu", "cuda")
 
 
 def _make_runner(model: LoadedModel, backend: str, max_context: int | None):
+    # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
+    name = str(model.path or model.name)
     if backend == "cpu":
         from ..backends.cpu.model import CpuRunner
 
+        check_fit(model.config, backend, max_context, name)
         return CpuRunner(model.weights, max_context)
     rt = runtime_mod.current("the CUDA runner")
     if not rt.is_cuda:
@@ -43,6 +46,7 @@ def _make_runner(model: LoadedModel, backend: str, max_context: int | None):
             raise BackendUnavailable("the CUDA model runner (nexusrt.backends.cuda.runner) is not in this "
                                      "build yet; use backend='cpu'") from None
         raise
+    check_fit(model.config, backend, max_context, name)
     return CudaRunner(model, rt, max_context=max_context)
 
 
@@ -69,8 +73,6 @@ class LLM:
         self.backend = backend or runtime_mod.current("nrt.LLM").backend
         self.model = load_model(path_or_name, seed=weights_seed)
         try:
-            # Refuse before reading a byte of weights, not when the machine runs out of memory.
-            check_fit(self.model.config, self.backend, max_context, str(self.model.path or self.model.name))
             self.runner = _make_runner(self.model, self.backend, max_context)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .config import ModelConfig, load_config
+from .hub import find_cached, looks_like_repo_id
 from .jsonfile import read_json_object
 from .paths import CheckpointDir
 from .presets import PRESETS
@@ -82,7 +83,8 @@ class LoadedModel:
 
 
 def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> LoadedModel:
-    """Open a checkpoint directory, or ``synthetic:<preset>`` (weights from ``seed``).
+    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``), or a Hugging
+    Face repo id ``org/name`` found in the local Hugging Face cache (nothing is downloaded).
 
     Every file is read from inside the directory (see :mod:`nexusrt.models.paths`);
     ``allow_paths`` lists further folders its symlinks may lead into.
@@ -96,10 +98,12 @@ def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> Loade
         weights = SyntheticWeights.from_preset(preset_name, seed)
         # Synthetic weights are random: no eos, so benchmarks always run the asked length.
         return LoadedModel(name, weights.config, weights, ByteTokenizer(), GenerationDefaults())
-    d = Path(name)
+    d, label = Path(name), Path(name).name
+    if not d.exists() and looks_like_repo_id(name):
+        d, label = find_cached(name), name
     if not d.exists():
         raise ModelError(f"model {name!r}: no such directory (or use synthetic:<preset>, presets: "
-                         f"{', '.join(PRESETS)})")
+                         f"{', '.join(PRESETS)}, or a Hugging Face repo id org/name in the local cache)")
     files = CheckpointDir(d, allow=allow_paths)
     config = load_config(files)
     tokenizer = HFTokenizer(d, files)
@@ -107,4 +111,4 @@ def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> Loade
     fallback = config.eos_token_ids or tokenizer.eos_ids
     gen = GenerationDefaults.from_file(files.file("generation_config.json", required=False), fallback,
                                        config.vocab_size)
-    return LoadedModel(d.name, config, weights, tokenizer, gen, d)
+    return LoadedModel(label, config, weights, tokenizer, gen, d)

@@ -17,7 +17,7 @@ from .jsonfile import read_bytes, read_json_object
 from .paths import CheckpointDir
 from .validate import Fields
 
-MAX_TOKENIZER_BYTES = 512 * 1024 * 1024  # the biggest real tokenizer.json files are ~35 MB
+MAX_TOKENIZER_BYTES = 128 * 1024 * 1024  # the biggest real tokenizer.json files are ~35 MB
 MAX_TEMPLATE_BYTES = 1024 * 1024
 
 

@@ -52,6 +52,14 @@ def test_four_threads_get_the_serial_results(llm):
     assert not mismatched, f"{len(mismatched)} of 100 differ from the serial results"
 
 
+def test_last_result_is_per_thread(llm):
+    mine = list(llm.stream("mine", max_new_tokens=3, temperature=0))
+    other = threading.Thread(target=lambda: list(llm.stream("another prompt", max_new_tokens=5, temperature=0)))
+    other.start()
+    other.join(timeout=60)
+    assert llm.last_result.prompt_tokens == 1 + len("mine") and llm.last_result.text == "".join(mine)
+
+
 def test_stream_not_iterated_holds_nothing_and_abandoned_stream_releases(llm):
     llm.stream("never started")  # must not take the lock
     gen = llm.stream("abandoned", max_new_tokens=50)

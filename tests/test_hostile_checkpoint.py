@@ -222,3 +222,15 @@ def test_fit_message_suggests_a_shorter_context():
         check_fit(cfg, "cpu", None, "m", available=(6 << 30, "test"))
     assert info.value.available == 6 << 30 and info.value.needed > 6 << 30
     assert check_fit(cfg, "cpu", 4096, "m", available=(6 << 30, "test")).context == 4096
+
+
+def test_template_time_limit():
+    from nexusrt.models.chat import render_chat
+    from nexusrt.models.template import Limits
+
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match="t.jinja: chat template stopped: it ran longer than 0.2 s"):
+        render_chat(loops, [{"role": "user", "content": "hi"}], source="t.jinja",
+                    limits=Limits(max_steps=10**12, seconds=0.2))
+    assert time.perf_counter() - t0 < 2

@@ -80,6 +80,7 @@ class LLM:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread that holds the lock
+        self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
@@ -99,6 +100,11 @@ class LLM:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def last_result(self) -> GenerationResult | None:
+        """The result of the last stream this thread finished (None while one runs)."""
+        return getattr(self._local, "result", None)
 
     # -- the lock -------------------------------------------------------------------------
     def _enter(self, what: str, need_open: bool = True) -> None:
@@ -160,7 +166,7 @@ class LLM:
                top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
                chat: bool = False, system: str | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are produced; afterwards ``self.last_result`` holds the
-        :class:`GenerationResult` (same arguments as :meth:`generate`, one prompt)."""
+        :class:`GenerationResult` for this thread (same arguments as :meth:`generate`, one prompt)."""
         return self._stream("stream", _messages(prompt, chat, system), max_new_tokens, temperature, top_k,
                             top_p, stop, seed)
 
@@ -177,7 +183,7 @@ class LLM:
         # closed or collected).
         self._enter(what)
         try:
-            self.last_result = None
+            self._local.result = None
             pieces: list[str] = []
             started = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, pieces.append)
         except BaseException:
@@ -202,7 +208,7 @@ class LLM:
                     tokens.close()
             else:
                 yield from self._stream_fast(fast, session, ids, max_new_tokens, params, pieces)
-            self.last_result = self._finish(session, params, extra)
+            self._local.result = self._finish(session, params, extra)
             yield from pieces
         finally:
             self._leave()

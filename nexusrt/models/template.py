@@ -109,8 +109,7 @@ def make_environment(**options):
             _check_int_args(args, kwargs, what)
             return _check_size(super().call(__context, __obj, *args, **kwargs), what)
 
-    env = LimitedSandbox(**options)
-    return env
+    return LimitedSandbox(**options)
 
 
 def finish_environment(env) -> None:
@@ -155,9 +154,9 @@ class _Tracer:
     def _tick(self):
         self.steps += 1
         if self.steps > self.limits.max_steps:
-            raise TemplateLimitError(f"ran more than {self.limits.max_steps} steps (a loop too long?)")
+            raise TemplateLimitError(f"it ran more than {self.limits.max_steps} steps (a loop too long?)")
         if self.steps % 512 == 0 and time.monotonic() > self.deadline:
-            raise TemplateLimitError(f"ran longer than {self.limits.seconds} s")
+            raise TemplateLimitError(f"it ran longer than {self.limits.seconds} s")
 
 
 def render_limited(template, source: str, limits: Limits | None = None, **context) -> str:
@@ -176,8 +175,7 @@ def render_limited(template, source: str, limits: Limits | None = None, **contex
             out.append(chunk)
         return "".join(out)
     except TemplateLimitError as exc:
-        raise ModelError(f"{source}: chat template stopped: it {exc}" if str(exc).startswith("ran")
-                         else f"{source}: chat template stopped: {exc}") from None
+        raise ModelError(f"{source}: chat template stopped: {exc}") from None
     except ModelError as exc:  # raise_exception() in the template
         raise ModelError(f"{source}: {exc}") from None
     except Exception as exc:  # any error of the template's own code (ZeroDivisionError, ...)

@@ -234,3 +234,43 @@ def test_template_time_limit():
         render_chat(loops, [{"role": "user", "content": "hi"}], source="t.jinja",
                     limits=Limits(max_steps=10**12, seconds=0.2))
     assert time.perf_counter() - t0 < 2
+
+
+_MANY_CASES = r'''
+import json, os, shutil, struct, sys, tempfile, time
+from pathlib import Path
+from nexusrt.errors import ModelError
+from nexusrt.models.chat import render_chat
+from nexusrt.models.config import load_config
+from nexusrt.models.safetensors import SafetensorsFile
+
+d = Path(tempfile.mkdtemp())
+cases = []
+(d / "config.json").write_text("[" * 1000000 + "]" * 1000000)
+cases.append(("deep config", lambda: load_config(d)))
+big = d / "big.safetensors"
+with open(big, "wb") as f:  # claims the largest header the format allows, over a sparse file
+    f.write(struct.pack("<Q", 100 * 1024 * 1024))
+    f.truncate(8 + 100 * 1024 * 1024)
+cases.append(("huge header", lambda: SafetensorsFile(big)))
+for t in ["{{ 'x' * 10**9 }}", "{{ [0] * 10**9 }}", "{{ 'ab' | center(10**9) }}", "{{ 'x' | indent(10**9) }}",
+          "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"]:
+    cases.append((t, lambda t=t: render_chat(t, [{"role": "user", "content": "hi"}], source="t.jinja")))
+for name, fn in cases:
+    t0 = time.perf_counter()
+    try:
+        fn()
+        sys.exit(f"{name}: no error")
+    except ModelError as exc:
+        assert time.perf_counter() - t0 < 10, name
+        print(name, "->", str(exc)[:80])
+shutil.rmtree(d)
+'''
+
+
+def test_many_hostile_inputs_in_one_capped_process():
+    rc, out, err, rss, seconds = run_bounded(_MANY_CASES)
+    assert rc == 0, err
+    assert len(out.splitlines()) == 7 and "t.jinja: chat template stopped" in out
+    assert rss < 1024, f"peak RSS {rss:.0f} MiB"
+    assert seconds < 60

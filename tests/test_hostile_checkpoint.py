@@ -212,7 +212,8 @@ def test_model_that_does_not_fit_is_refused_before_loading(ckpt):
 
 
 def test_fit_message_suggests_a_shorter_context():
-    from nexusrt.engine.fit import ModelTooLarge, check_fit
+    from nexusrt.engine.fit import check_fit
+    from nexusrt.errors import ModelTooLarge
     from nexusrt.models.presets import preset
 
     cfg = preset("llama-3.2-1b")  # 1.24 B params: ~4.6 GiB fp32, KV 131072 tokens fp32 ~ 8 GiB

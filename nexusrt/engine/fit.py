@@ -12,19 +12,11 @@ import os
 import resource
 from pathlib import Path
 
-from ..errors import ModelError
+from ..errors import ModelTooLarge
 from ..models.footprint import Footprint, gib, model_footprint
 
 # (weight bytes per parameter, KV bytes per element) each runner uses.
 _BYTES = {"cpu": (4, 4), "cuda": (2, 2)}
-
-
-class ModelTooLarge(ModelError, MemoryError):
-    """The model and its KV cache need more memory than the backend has."""
-
-    def __init__(self, message: str, needed: int, available: int):
-        super().__init__(message)
-        self.needed, self.available = needed, available
 
 
 def runner_context(config, backend: str, max_context: int | None) -> int:
@@ -42,6 +34,7 @@ def runner_context(config, backend: str, max_context: int | None) -> int:
 
 
 def footprint(config, backend: str, max_context: int | None) -> Footprint:
+    """What the runner of ``backend`` will hold for ``config`` (weights + KV at its context)."""
     weight_bytes, kv_bytes = _BYTES[backend]
     return model_footprint(config, weight_bytes, kv_bytes, runner_context(config, backend, max_context))
 

@@ -22,6 +22,7 @@ def looks_like_repo_id(name: str) -> bool:
 
 
 def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, found as ``huggingface_hub`` finds it."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")

@@ -37,9 +37,11 @@ class Fields:
         self.d, self.source, self.prefix = d, source, prefix
 
     def fail(self, key: str, expected: str, value: Any) -> ModelError:
+        """The error for ``key`` not being ``expected`` (names the file and the key)."""
         return ModelError(f"{self.source}: {self.prefix}{key} must be {expected}, got {_show(value)}")
 
     def has(self, key: str) -> bool:
+        """The key is present and not null."""
         return self.d.get(key) is not None
 
     def _get(self, key: str, default: Any):
@@ -81,6 +83,7 @@ class Fields:
         return value
 
     def str(self, key: str, default: Any = _MISSING, choices=None) -> Any:
+        """A string (one of ``choices`` when given); ``default`` when absent."""
         value, absent = self._get(key, default)
         if absent:
             return value

@@ -74,6 +74,22 @@ def test_page_cache_helpers(tmp_path):
     assert filesystem_of(tmp_path) != ""
 
 
+def test_drop_caches_only_when_asked(tmp_path, monkeypatch):
+    import builtins
+
+    from nexusrt.models.streaming.pagecache import DROP_CACHES, evict
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"x" * 4096)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    assert evict([f]) == "fadvise"
+    assert DROP_CACHES not in opened  # the default never writes the machine-wide switch
+    switch = tmp_path / "drop_caches"
+    assert evict([f], drop_caches=str(switch)) == "drop_caches" and switch.read_text() == "3\n"
+
+
 def np_bytes(n: int) -> bytes:
     import numpy as np
 

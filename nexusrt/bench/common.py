@@ -6,17 +6,33 @@ which registers it once per parser (argparse raises on a second registration).
 
 from __future__ import annotations
 
+import argparse
+
 MODEL_DEFAULT = "synthetic:llama-3.2-1b"
 SYNTHETIC_PREFIX = "synthetic:"
 
 
+class _ModelAction(argparse.Action):
+    """Stores ``--model`` and records that it was given (``args.model_explicit``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.model_explicit = True
+
+
 def add_model_argument(parser) -> None:
-    """Add ``--model`` to ``parser`` unless a stage already did."""
+    """Add ``--model`` to ``parser`` unless a stage already did.
+
+    ``args.model_explicit`` says whether the user named a model: a stage may substitute a
+    smaller one for the default on the CPU, never for one asked for by name.
+    """
     if "--model" in getattr(parser, "_option_string_actions", {}):
         return
-    parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL",
+    parser.set_defaults(model_explicit=False)
+    parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL", action=_ModelAction,
                         help="kernels/decode/load stages: 'synthetic:<preset>' (e.g. synthetic:llama-3.1-8b) "
-                             f"or a checkpoint directory (default {MODEL_DEFAULT})")
+                             f"or a checkpoint directory (default {MODEL_DEFAULT}; on the CPU the decode stage "
+                             "runs synthetic:tiny unless --model is given)")
 
 
 def resolve_model_config(spec: str):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
-from .table import table
+from .table import plain, table
 
 CPU_MODEL = "synthetic:tiny"
 
@@ -64,7 +64,7 @@ def run(args) -> dict:
     model = args.model
     resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     note = ""
-    if not rt.is_cuda and model != CPU_MODEL:
+    if not rt.is_cuda and model != CPU_MODEL and not getattr(args, "model_explicit", False):
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
@@ -182,7 +182,7 @@ def render(r: dict) -> str:
         if isinstance(p, dict) and "ms_per_token" in p:
             rows.append([f"PyTorch {mode}", f"{p['ms_per_token']:.4f} ms/token -> NexusRT {p['nexusrt_speedup']:.2f}x"])
         else:
-            rows.append([f"PyTorch {mode}", str(p.get("error") or p) if isinstance(p, dict) else str(p)])
+            rows.append([f"PyTorch {mode}", plain(p)])
     if r.get("note"):
         rows.append(["note", r["note"]])
     return table(["decode", ""], rows, title="NexusRT decode benchmark")

@@ -67,7 +67,7 @@ def run(args) -> dict:
     resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     notes = []
     if not rt.is_cuda:
-        if model != CPU_MODEL:
+        if model != CPU_MODEL and not getattr(args, "model_explicit", False):
             notes.append(f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)")
             model = CPU_MODEL
         if max(lengths) > CPU_MAX_TOKENS:

@@ -1,5 +1,6 @@
-"""Time the tensor-core prefill attention variants on this GPU: warps per block (4, 8) and the
-register caps the 4-warp kernels are built with (blocks per SM), at 8k causal, 32/8 heads.
+"""Time the tensor-core prefill attention variants on this GPU: every built block shape
+(warps x m16 tiles per warp) and the register caps the 4-warp kernels are built with (blocks
+per SM), at 8k causal, 32/8 heads.
 
     PYTHONPATH=. python3 scripts/sweep_attention.py
 
@@ -39,13 +40,13 @@ def main() -> None:
         flops = ap.causal_flops(TOKENS, 0, HQ, d)
         for label, opts in BUILDS.items():
             lib = Library(compile_file(ap.SOURCE_MMA, rt.profile.arch, opts, use_cache=False).cubin, label)
-            for warps in (4, 8):
-                kernel = lib.kernel(f"attention_prefill_mma_d{d}_w{warps}", ap.SIGNATURE)
+            for warps, tiles in ap.MMA_SHAPES[d]:
+                kernel = lib.kernel(f"attention_prefill_mma_d{d}_w{warps}_r{tiles}", ap.SIGNATURE)
                 shared = ap.mma_shared_bytes(d)
                 kernel.set_max_dynamic_shared(shared, rt.device.handle)
                 args = kernel.pack(q.ptr, out.ptr, cache["k_pool"].ptr, cache["v_pool"].ptr, cache["page_table"].ptr,
                                    pos.ptr, TOKENS, HQ, HKV, ap.LOG2E / d ** 0.5)
-                grid = (HQ, -(-TOKENS // (16 * warps)), 1)
+                grid = (HQ, -(-TOKENS // (16 * warps * tiles)), 1)
 
                 def launch(stream, kernel=kernel, grid=grid, warps=warps, args=args, shared=shared):
                     kernel.launch(grid, (32 * warps, 1, 1), args, stream, shared)
@@ -53,13 +54,13 @@ def main() -> None:
                 launch(rt.streams["compute"])
                 err = float(np.abs(out.to_numpy().astype(np.float32) - want).max())
                 ms = statistics.median(time_ms(rt, launch, 10))
-                rows.append((d, label, warps, ms, flops / ms / 1e9, err))
+                rows.append((d, label, f"{warps}x{tiles}", ms, flops / ms / 1e9, err))
             lib.unload()
         for t in (q, pos, ref, out, *cache.values()):
             t.free()
-    print(f"{'d':>4} {'build':<20} {'warps':>5} {'ms':>8} {'TFLOP/s':>8} {'max diff':>9}")
+    print(f"{'d':>4} {'build':<20} {'warpsxtiles':>11} {'ms':>8} {'TFLOP/s':>8} {'max diff':>9}")
     for d, label, warps, ms, tf, err in rows:
-        print(f"{d:>4} {label:<20} {warps:>5} {ms:>8.3f} {tf:>8.1f} {err:>9.2e}")
+        print(f"{d:>4} {label:<20} {warps:>11} {ms:>8.3f} {tf:>8.1f} {err:>9.2e}")
     nrt.firmware.shutdown()
 
 

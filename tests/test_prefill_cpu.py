@@ -34,8 +34,8 @@ def test_plan_covers_the_prompt_once_and_pads_only_the_last_chunk(n, start):
 
 
 def test_plan_examples():
-    assert plan_chunks(8192, BUCKETS) == [(4096, 4096), (4096, 4096)]
-    assert plan_chunks(2048, BUCKETS) == [(1024, 1024), (1024, 1024)]
+    assert plan_chunks(16384, BUCKETS) == [(8192, 8192), (8192, 8192)]
+    assert plan_chunks(3072, BUCKETS) == [(2048, 2048), (1024, 1024)]
     assert plan_chunks(4000, BUCKETS, 0, 4200) == [(4096, 4000)]  # 96 padded rows beat 9 more chunks
     assert plan_chunks(100, (64, 256)) == [(64, 64), (64, 36)]
     assert plan_chunks(1, BUCKETS) == [(64, 1)]
@@ -43,7 +43,7 @@ def test_plan_examples():
 
 def test_plan_respects_the_cache_capacity_and_rejects_what_cannot_fit():
     chunks = plan_chunks(4000, BUCKETS, 0, 4063)  # 4096 rows would not fit: smaller chunks instead
-    assert chunks[:3] == [(1024, 1024)] * 3 and sum(r for _, r in chunks) == 4000
+    assert chunks[:2] == [(2048, 2048), (1024, 1024)] and sum(r for _, r in chunks) == 4000
     assert sum(r for _, r in chunks[:-1]) + chunks[-1][0] <= 4063
     with pytest.raises(ValueError, match="cache has 100"):
         plan_chunks(50, BUCKETS, 0, 100)
@@ -52,7 +52,7 @@ def test_plan_respects_the_cache_capacity_and_rejects_what_cannot_fit():
 
 
 def test_buckets_stop_at_the_first_that_holds_the_context():
-    assert buckets_for(4096) == BUCKETS
+    assert buckets_for(4096) == (64, 256, 1024, 2048, 4096)
     assert buckets_for(128) == (64, 256)
     assert buckets_for(40) == (64,)
     assert buckets_for(100000) == BUCKETS
@@ -152,11 +152,16 @@ def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memor
     spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "bf16"),
                                  _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
                                  _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-    assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w8")
+    assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w8_r1")
     assert spec.grid == (hq, math.ceil(m / 128), 1) and spec.block == (256, 1, 1)
     assert spec.shared == pre.mma_shared_bytes(128) == 4 * 64 * 128 * 2
     assert kern.shared == spec.shared  # > 48 KiB: opted in
     assert spec.args[-1] == pytest.approx(1.4426950408889634 / math.sqrt(128))
+    with pytest.raises(ValueError, match=r"built for \(warps, tiles\)"):
+        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "bf16"),
+                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
+                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                              block=(4, 2))
     with pytest.raises(ValueError, match="out dtype fp16"):
         pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "fp16"),
                               _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),

@@ -127,3 +127,43 @@ def test_tensor_core_gemm_rejects_shapes_before_any_launch(gpu_rt):
     finally:
         lt.close()
     assert nrt.memory.stats()["by_tag"].get("cublaslt", 0) == 0
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 64), (28, 4, 128), (8, 2, 128)])
+@pytest.mark.parametrize("start, m", [(0, 1), (0, 130), (33, 200), (1000, 257)])
+def test_every_built_attention_block_shape_matches_reference(gpu_rt, hq, hkv, d, start, m):
+    """The block shapes the sweep compares (not only the default) compute the same function."""
+    import nexusrt as nrt
+    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.kernels.ops import attention_prefill as pre
+
+    rng = np.random.default_rng(start + m + d)
+    k, v, dev = _paged_cache(rng, start + m, hkv, d)
+    q = rng.standard_normal((m, hq, d), dtype=np.float32)
+    ref = attention(q, k, v, start + np.arange(m)).reshape(m, hq * d)
+    pos = nrt.memory.from_numpy(np.array([start], dtype=np.int32))
+    q_t = nrt.memory.from_numpy(q)
+    for block in pre.MMA_SHAPES[d]:
+        out = nrt.memory.from_numpy(np.full((m, hq * d), np.nan, dtype=BF16))
+        pre.attention_prefill(gpu_rt, q_t, out, pos=pos, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, block=block,
+                              **dev).launch()
+        got = out.to_numpy().astype(np.float32)
+        assert np.isfinite(got).all(), f"block {block}: unwritten rows"
+        row_err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert row_err.max() < 2e-2, f"block {block}: worst row {int(row_err.argmax())} err {row_err.max():.3e}"
+
+
+def test_tuned_gemm_keeps_the_fastest_candidate(gpu_rt):
+    import nexusrt as nrt
+    from nexusrt.kernels.ops.cublaslt import LtContext, Problem
+
+    lt = LtContext(gpu_rt)
+    try:
+        plan = lt.plan(Problem(2048, 4096, 4096, out="fp32", residual=True))
+        assert plan.count >= 1 and len(plan.times_ms) == (plan.count if plan.count > 1 else 0)
+        if plan.times_ms:
+            assert plan.times_ms[plan.choice] == min(plan.times_ms)
+            print(f"candidates {plan.count}: " + ", ".join(f"{t * 1e3:.0f}" for t in plan.times_ms) + " us")
+        assert nrt.memory.stats()["by_tag"].get("cublaslt", 0) == 32 << 20  # only the workspace stays
+    finally:
+        lt.close()

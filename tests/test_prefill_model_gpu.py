@@ -74,7 +74,7 @@ def test_chunked_and_unchunked_prefill_agree(family, gpu_rt, tmp_path_factory):
 
 @pytest.mark.parametrize("length", [1, 2, 63, 64, 65, 300, 1000, 1100, 2047])
 def test_bucketed_prefill_equals_forward_all_last_row(length, gpu_rt, tmp_path_factory):
-    """The graph path (buckets 64/256/1024/4096, a padded last chunk, the LM-head graph) against
+    """The graph path (buckets 64..2048 at this context, a padded last chunk, the LM-head graph) against
     the stage-by-stage path on the same runner."""
     path = _checkpoint("qwen2_d64", tmp_path_factory)
     ids = np.random.default_rng(length + 3).integers(0, 300, length).astype(np.int32)

@@ -163,7 +163,7 @@ def _attention_vs_sdpa(rt, cfg, runs: int) -> list[dict]:
 
     n, hq, hkv = ATTENTION_TOKENS, cfg.num_attention_heads, cfg.num_key_value_heads
     out = []
-    for d, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
+    for d, shape in ((d, ap.MMA_SHAPE[d]) for d in ap.HEAD_DIMS):
         flops = ap.causal_flops(n, 0, hq, d)
         cache = ap.random_cache(rt, n, hkv, d)
         rng = np.random.default_rng(d)
@@ -172,13 +172,14 @@ def _attention_vs_sdpa(rt, cfg, runs: int) -> list[dict]:
         pos = memory.from_numpy(np.zeros(1, np.int32), tag="bench")
         try:
             spec = ap.attention_prefill(rt, q, o, pos=pos, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                        warps=warps, **cache)
+                                        block=shape, **cache)
             ms = statistics.median(time_ms(rt, spec.launch, max(runs, 5)))
         finally:
             rt.device.synchronize()
             for t in (q, o, pos, *cache.values()):
                 t.free()
-        row = {"tokens": n, "head_dim": d, "warps": warps, "num_q_heads": hq, "num_kv_heads": hkv, "ms": ms,
+        row = {"tokens": n, "head_dim": d, "block": f"{shape[0]} warps x {16 * shape[1]} rows",
+               "num_q_heads": hq, "num_kv_heads": hkv, "ms": ms,
                "tflops": flops / (ms * 1e-3) / 1e12}
         sdpa = peer.sdpa_ms(n, hq, hkv, d, max(runs, 5))
         if "ms" in sdpa:
@@ -213,7 +214,7 @@ def render(r: dict) -> str:
         for a in att:
             s = a.get("sdpa") or {}
             arows.append([f"{a['tokens']} causal, {a['num_q_heads']}/{a['num_kv_heads']} heads, d{a['head_dim']}, "
-                          f"{a['warps']} warps",
+                          f"{a['block']}",
                           f"{a['ms']:.3f}", f"{a['tflops']:.0f}",
                           f"{s['tflops']:.0f}" if "tflops" in s else s.get("error", "-")[:40],
                           f"{a['fraction_of_sdpa']:.0%}" if "fraction_of_sdpa" in a else "-"])

@@ -10,7 +10,7 @@ most an eighth of the real rows, or when only the smallest bucket is left.
 
 from __future__ import annotations
 
-BUCKETS = (64, 256, 1024, 4096)
+BUCKETS = (64, 256, 1024, 2048, 4096, 8192)
 MAX_PAD_FRACTION = 1 / 8
 
 

@@ -5,7 +5,8 @@
 // this chunk — but it writes bf16 rows, the operand the O-projection GEMM reads.
 // q fp32 [M, Hq, D] -> out bf16 [M, Hq * D].
 //
-// A block owns 16 query rows per warp of ONE query head (4 or 8 warps: 64 or 128 rows). Blocks of the heads of
+// A block owns 16 or 32 query rows per warp (R = 1 or 2 m16 tiles: each K/V fragment read from
+// shared memory then feeds R mmas) of ONE query head, 4 or 8 warps. Blocks of the heads of
 // one GQA group are adjacent in the grid (blockIdx.x = head), so they read the same K/V
 // tiles close together in time and L2 serves all but the first. Key tiles of 64 rows are
 // gathered through the page table with cp.async (16 bytes each, zero-filled past the last
@@ -85,7 +86,7 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* Ks, __nv_bfloat16* V
     }
 }
 
-template <int D, int kWarps>
+template <int D, int kWarps, int R>
 __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ k_pool,
                                             const __nv_bfloat16* __restrict__ v_pool,
@@ -93,9 +94,11 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
                                             int M, int Hq, int Hkv, float scale_log2) {
     static_assert(D == 64 || D == 128, "head_dim 64 or 128");
     constexpr int kThreads = kWarps * 32;
-    constexpr int kBlockM = kWarps * 16;  // query rows per block
+    constexpr int kWarpRows = 16 * R;           // a warp owns R m16 tiles: each K/V fragment feeds R mmas
+    constexpr int kBlockM = kWarps * kWarpRows;  // query rows per block
     constexpr int kK = D / 16;  // k16 slices of Q K^T
     constexpr int kN = D / 8;   // n8 tiles of the output
+    constexpr int kS = kBlockN / 8;  // n8 tiles of a score row
     // Two buffers, each a K tile then a V tile. Q is staged in buffer 1 (it fits: kBlockM <= 2 *
     // kBlockN) and moved to registers before tile 1 is fetched there, so a block needs 64 KiB at
     // D = 128 and three blocks fit an SM.
@@ -134,19 +137,27 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
         *reinterpret_cast<uint4*>(Qs + swz<D>(r, col)) = packed;
     }
     __syncthreads();
-    uint32_t qf[kK][4];
+    uint32_t qf[R][kK][4];
 #pragma unroll
-    for (int kk = 0; kk < kK; ++kk)
-        ldmatrix_x4(qf[kk], smem_addr(Qs + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8)));
+    for (int mi = 0; mi < R; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < kK; ++kk)
+            ldmatrix_x4(qf[mi][kk], smem_addr(Qs + swz<D>(warp * kWarpRows + mi * 16 + (lane & 15),
+                                                          kk * 16 + (lane >> 4) * 8)));
     __syncthreads();  // every warp holds its Q rows before buffer 1 is refilled with keys
 
-    float o[kN][4];
+    float o[R][kN][4];
+    float row_max[R][2], row_sum[R][2];
 #pragma unroll
-    for (int n = 0; n < kN; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float row_max[2] = {kNegBig, kNegBig}, row_sum[2] = {0.f, 0.f};
-    // This thread's two rows (lane/4 and lane/4 + 8 of the warp's 16) as cache positions.
-    const int qpos0 = start + m0 + warp * 16 + (lane >> 2);
-    const int warp_first = start + m0 + warp * 16;
+    for (int mi = 0; mi < R; ++mi) {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) o[mi][n][0] = o[mi][n][1] = o[mi][n][2] = o[mi][n][3] = 0.f;
+        row_max[mi][0] = row_max[mi][1] = kNegBig;
+        row_sum[mi][0] = row_sum[mi][1] = 0.f;
+    }
+    // This thread's rows (lane/4 and lane/4 + 8 of each of the warp's m16 tiles) as cache positions.
+    const int warp_first = start + m0 + warp * kWarpRows;
+    const int qpos0 = warp_first + (lane >> 2);
 
     for (int t = 0; t < n_tiles; ++t) {
         if (t + 1 < n_tiles) {
@@ -161,9 +172,11 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
         const __nv_bfloat16* Vt = Kt + kTile;
         const int key0 = t * kBlockN;
 
-        float s[kBlockN / 8][4];
+        float s[R][kS][4];
 #pragma unroll
-        for (int n = 0; n < kBlockN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int mi = 0; mi < R; ++mi)
+#pragma unroll
+            for (int n = 0; n < kS; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < kK; ++kk) {
 #pragma unroll
@@ -171,101 +184,119 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
                 uint32_t b[4];
                 ldmatrix_x4(b, smem_addr(Kt + swz<D>(nn * 16 + (lane & 7) + (lane >> 4) * 8,
                                                      kk * 16 + ((lane >> 3) & 1) * 8)));
-                mma_bf16(s[2 * nn], qf[kk], b[0], b[1]);
-                mma_bf16(s[2 * nn + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+                for (int mi = 0; mi < R; ++mi) {
+                    mma_bf16(s[mi][2 * nn], qf[mi][kk], b[0], b[1]);
+                    mma_bf16(s[mi][2 * nn + 1], qf[mi][kk], b[2], b[3]);
+                }
             }
         }
         // Causal mask, only on tiles that reach past the warp's first row.
         if (key0 + kBlockN - 1 > warp_first) {
 #pragma unroll
-            for (int n = 0; n < kBlockN / 8; ++n) {
-                const int key = key0 + n * 8 + (lane & 3) * 2;
-                if (key > qpos0) s[n][0] = kNegBig;
-                if (key + 1 > qpos0) s[n][1] = kNegBig;
-                if (key > qpos0 + 8) s[n][2] = kNegBig;
-                if (key + 1 > qpos0 + 8) s[n][3] = kNegBig;
-            }
+            for (int mi = 0; mi < R; ++mi)
+#pragma unroll
+                for (int n = 0; n < kS; ++n) {
+                    const int key = key0 + n * 8 + (lane & 3) * 2;
+                    const int row = qpos0 + mi * 16;
+                    if (key > row) s[mi][n][0] = kNegBig;
+                    if (key + 1 > row) s[mi][n][1] = kNegBig;
+                    if (key > row + 8) s[mi][n][2] = kNegBig;
+                    if (key + 1 > row + 8) s[mi][n][3] = kNegBig;
+                }
         }
         // Online softmax: the 4 lanes of a quad hold one row; scores scaled into the exp2 domain.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float mx = kNegBig;
+        for (int mi = 0; mi < R; ++mi)
 #pragma unroll
-            for (int n = 0; n < kBlockN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(row_max[h], mx * scale_log2);
-            const float alpha = exp2f(row_max[h] - m_new);
-            row_max[h] = m_new;
-            float sum = 0.f;
+            for (int h = 0; h < 2; ++h) {
+                float mx = kNegBig;
 #pragma unroll
-            for (int n = 0; n < kBlockN / 8; ++n) {
-                s[n][2 * h] = exp2f(fmaf(s[n][2 * h], scale_log2, -m_new));
-                s[n][2 * h + 1] = exp2f(fmaf(s[n][2 * h + 1], scale_log2, -m_new));
-                sum += s[n][2 * h] + s[n][2 * h + 1];
+                for (int n = 0; n < kS; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * h], s[mi][n][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(row_max[mi][h], mx * scale_log2);
+                const float alpha = exp2f(row_max[mi][h] - m_new);
+                row_max[mi][h] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < kS; ++n) {
+                    s[mi][n][2 * h] = exp2f(fmaf(s[mi][n][2 * h], scale_log2, -m_new));
+                    s[mi][n][2 * h + 1] = exp2f(fmaf(s[mi][n][2 * h + 1], scale_log2, -m_new));
+                    sum += s[mi][n][2 * h] + s[mi][n][2 * h + 1];
+                }
+                row_sum[mi][h] = row_sum[mi][h] * alpha + sum;  // this lane's share; the quad is summed at the end
+#pragma unroll
+                for (int n = 0; n < kN; ++n) {
+                    o[mi][n][2 * h] *= alpha;
+                    o[mi][n][2 * h + 1] *= alpha;
+                }
             }
-            row_sum[h] = row_sum[h] * alpha + sum;  // this lane's share; the quad is summed at the end
-#pragma unroll
-            for (int n = 0; n < kN; ++n) {
-                o[n][2 * h] *= alpha;
-                o[n][2 * h + 1] *= alpha;
-            }
-        }
         // O += P V, P straight from the S registers.
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-            uint32_t pa[4];
-            pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            uint32_t pa[R][4];
+#pragma unroll
+            for (int mi = 0; mi < R; ++mi) {
+                pa[mi][0] = pack_bf16(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                pa[mi][1] = pack_bf16(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                pa[mi][2] = pack_bf16(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                pa[mi][3] = pack_bf16(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, smem_addr(Vt + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                            dd * 16 + (lane >> 4) * 8)));
-                mma_bf16(o[2 * dd], pa, b[0], b[1]);
-                mma_bf16(o[2 * dd + 1], pa, b[2], b[3]);
+#pragma unroll
+                for (int mi = 0; mi < R; ++mi) {
+                    mma_bf16(o[mi][2 * dd], pa[mi], b[0], b[1]);
+                    mma_bf16(o[mi][2 * dd + 1], pa[mi], b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float l = row_sum[h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int m = m0 + warp * 16 + (lane >> 2) + 8 * h;
-        if (m >= M) continue;
-        const float inv = 1.f / l;
-        __nv_bfloat16* dst = out + ((long long)m * Hq + head) * D + (lane & 3) * 2;
+    for (int mi = 0; mi < R; ++mi)
 #pragma unroll
-        for (int n = 0; n < kN; ++n)
-            *reinterpret_cast<uint32_t*>(dst + n * 8) = pack_bf16(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
-    }
+        for (int h = 0; h < 2; ++h) {
+            float l = row_sum[mi][h];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int m = m0 + warp * kWarpRows + mi * 16 + (lane >> 2) + 8 * h;
+            if (m >= M) continue;
+            const float inv = 1.f / l;
+            __nv_bfloat16* dst = out + ((long long)m * Hq + head) * D + (lane & 3) * 2;
+#pragma unroll
+            for (int n = 0; n < kN; ++n)
+                *reinterpret_cast<uint32_t*>(dst + n * 8) =
+                    pack_bf16(o[mi][n][2 * h] * inv, o[mi][n][2 * h + 1] * inv);
+        }
 }
 
 }  // namespace
 
-// grid (Hq, ceil(M / (16 * W))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes.
-// MINB: blocks per SM the register budget is capped for (3 x 4 warps fit at D = 128).
-#define NRT_PREFILL_MMA(D, W, MINB)                                                                 \
-    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W(  \
+// grid (Hq, ceil(M / (16 * W * R))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes.
+// W warps of R m16 tiles each; MINB: blocks per SM the register budget is capped for.
+#define NRT_PREFILL_MMA(D, W, R, MINB)                                                              \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W##_r##R( \
         const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
         const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
-        prefill_mma<D, W>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2);         \
+        prefill_mma<D, W, R>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2);      \
     }
 
-// Defaults from scripts/sweep_attention.py on an H200 (see kernels/NOTES_attention.md); a sweep
-// overrides them with -D.
+// Register caps: defaults from scripts/sweep_attention.py on an H200 (kernels/NOTES_attention.md);
+// a sweep overrides them with -D.
 #ifndef NRT_MINB_D64_W4
 #define NRT_MINB_D64_W4 1
 #endif
 #ifndef NRT_MINB_D128_W4
 #define NRT_MINB_D128_W4 3
 #endif
-NRT_PREFILL_MMA(64, 4, NRT_MINB_D64_W4)
-NRT_PREFILL_MMA(128, 4, NRT_MINB_D128_W4)
-NRT_PREFILL_MMA(64, 8, 1)
-NRT_PREFILL_MMA(128, 8, 1)
+NRT_PREFILL_MMA(64, 4, 1, NRT_MINB_D64_W4)
+NRT_PREFILL_MMA(64, 8, 1, 1)
+NRT_PREFILL_MMA(64, 4, 2, 1)
+NRT_PREFILL_MMA(128, 4, 1, NRT_MINB_D128_W4)
+NRT_PREFILL_MMA(128, 8, 1, 1)

@@ -24,9 +24,11 @@ SIGNATURE = "ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 HEAD_DIMS = (64, 128)
 ROWS_PER_BLOCK = 16  # (row, head-in-group) pairs per block, kRows in the fp32 kernel
 THREADS = 128
-# Warps per block of the tensor-core kernel (16 query rows each; 4 and 8 are built), per head
-# dim: the faster at 8k causal on an H200 (scripts/sweep_attention.py; NOTES_attention.md).
-MMA_WARPS = {64: 4, 128: 8}
+# Block shapes of the tensor-core kernel that are built, as (warps, m16 tiles per warp): a block
+# holds 16 * warps * tiles query rows. MMA_SHAPE is the one used per head dim: the fastest at 8k
+# causal on an H200 (scripts/sweep_attention.py; kernels/NOTES_attention.md).
+MMA_SHAPES = {64: ((4, 1), (8, 1), (4, 2)), 128: ((4, 1), (8, 1))}
+MMA_SHAPE = {64: (4, 1), 128: (8, 1)}
 MMA_KEYS = 64  # keys per shared-memory tile, kBlockN
 LOG2E = 1.4426950408889634
 
@@ -39,9 +41,10 @@ def mma_shared_bytes(head_dim: int) -> int:
 
 def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_heads: int,
                       num_kv_heads: int, head_dim: int, scale: float | None = None,
-                      warps: int | None = None) -> LaunchSpec:
+                      block: tuple[int, int] | None = None) -> LaunchSpec:
     """Launch spec: ``q`` fp32 ``[M, Hq, D]`` -> ``out`` ``[M, Hq * D]``, bf16 (tensor cores)
-    or fp32 (the CUDA-core oracle).
+    or fp32 (the CUDA-core oracle). ``block`` picks another built block shape of the tensor-core
+    kernel, ``(warps, tiles per warp)`` from ``MMA_SHAPES`` (for sweeps and tests).
 
     The chunk's own K and V must already be in the pools (rope_append first). ``scale``
     defaults to ``1/sqrt(D)``.
@@ -64,17 +67,19 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
     check_state(page_table, pos)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if out_dtype == "bf16":
-        warps = MMA_WARPS[head_dim] if warps is None else warps
-        if warps not in (4, 8):
-            raise ValueError(f"the tensor-core attention is built for 4 or 8 warps per block, got {warps}")
-        name = f"attention_prefill_mma_d{head_dim}_w{warps}"
+        block = MMA_SHAPE[head_dim] if block is None else tuple(block)
+        if block not in MMA_SHAPES[head_dim]:
+            raise ValueError(f"the tensor-core attention at head_dim {head_dim} is built for (warps, tiles) "
+                             f"{MMA_SHAPES[head_dim]}, got {block}")
+        warps, tiles = block
+        name = f"attention_prefill_mma_d{head_dim}_w{warps}_r{tiles}"
         kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE)
         shared = mma_shared_bytes(head_dim)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
         args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos), m,
                            num_q_heads, num_kv_heads, scale * LOG2E)
-        return LaunchSpec(kernel, (num_q_heads, ceil_div(m, 16 * warps), 1), (32 * warps, 1, 1), args, shared,
+        return LaunchSpec(kernel, (num_q_heads, ceil_div(m, 16 * warps * tiles), 1), (32 * warps, 1, 1), args, shared,
                           name=f"{name}[{m}]")
     group = num_q_heads // num_kv_heads
     name = f"attention_prefill_d{head_dim}"
@@ -132,11 +137,11 @@ def bench_cases(rt, config, tokens: int = 4096) -> list:
     for start in (0, tokens):
         pos = memory.from_numpy(np.array([start], np.int32), tag="bench")
         keep += (pos,)
-        for warps in (4, 8):
+        for shape in MMA_SHAPES[d]:
             spec = attention_prefill(rt, q, out16, pos=pos, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                     warps=warps, **cache)
+                                     block=shape, **cache)
             kv_bytes = 2 * (start + tokens) * hkv * d * 2
-            cases.append(BenchCase(f"attention_prefill_mma d{d} w{warps} rows {start}..{start + tokens}",
+            cases.append(BenchCase(f"attention_prefill_mma d{d} w{shape[0]}x{shape[1]} rows {start}..{start + tokens}",
                                    kv_bytes + tokens * hq * d * 6, spec.launch, group="attention",
                                    notes={"flops": causal_flops(tokens, start, hq, d), "_keep": keep}))
     pos0 = keep[-2]

@@ -28,6 +28,7 @@ CUDA_R_32F, CUDA_R_16BF = 0, 14  # cudaDataType_t
 COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
 OP_T = 1  # cublasOperation_t
 WORKSPACE_BYTES = 32 << 20  # what NVIDIA recommends for Hopper
+CANDIDATES = 8  # algorithms asked of the heuristic; with tuning, each is timed once per problem
 DTYPES = {"bf16": CUDA_R_16BF, "fp32": CUDA_R_32F}
 INSTALL_HINT = ("the tensor-core GEMMs run on cuBLASLt through nvmath-python: install both with "
                 "pip install 'nexusrt[cuda]' (nvmath-python and nvidia-cublas)")
@@ -79,7 +80,14 @@ class Problem:
 
 
 class LtPlan:
-    """Descriptors, layouts and the chosen algorithm for one :class:`Problem`."""
+    """Descriptors, layouts and the chosen algorithm for one :class:`Problem`.
+
+    The heuristic ranks up to :data:`CANDIDATES` algorithms. Untuned, the first is used.
+    Tuned (``ctx.tune``), each candidate runs on random operands of the problem's shape and
+    the fastest (median of a few runs, CUDA events) is kept: the heuristic's first choice was
+    measured below the best on some prefill shapes. ``choice``, ``times_ms`` record what was
+    chosen and why.
+    """
 
     def __init__(self, ctx: "LtContext", problem: Problem):
         lt = ctx.lt
@@ -99,7 +107,11 @@ class LtPlan:
             self.d = self._make(lt.matrix_layout_create(DTYPES[problem.out], *views["d"]), lt.matrix_layout_destroy)
             self.alpha = np.ones(1, np.float32)
             self.beta = np.array([1.0 if problem.residual else 0.0], np.float32)
-            self.heuristic = self._choose(ctx)
+            self.results, self.count = self._candidates(ctx)
+            self.choice, self.times_ms = 0, []
+            self.algo = self._algo(0)
+            if ctx.tune and self.count > 1:
+                self._tune(ctx)
         except BaseException:
             self.close()
             raise
@@ -108,21 +120,70 @@ class LtPlan:
         self._made.append((destroy, handle))
         return handle
 
-    def _choose(self, ctx):
+    def _candidates(self, ctx):
         lt, p = self.lt, self.problem
         pref = lt.matmul_preference_create()
         try:
             _set(lt.matmul_preference_set_attribute, pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES,
                  np.uint64(WORKSPACE_BYTES))
-            result = lt.MatmulHeuristicResult(1)
+            results = np.zeros(CANDIDATES, dtype=lt.matmul_heuristic_result_dtype)
             count = np.zeros(1, np.int32)
-            lt.matmul_algo_get_heuristic(ctx.handle, self.desc, self.a, self.b, self.d, self.d, pref, 1,
-                                         result.ptr, count.ctypes.data)
+            lt.matmul_algo_get_heuristic(ctx.handle, self.desc, self.a, self.b, self.d, self.d, pref, CANDIDATES,
+                                         results.ctypes.data, count.ctypes.data)
         finally:
             lt.matmul_preference_destroy(pref)
         if int(count[0]) < 1:
             raise NexusRTError(f"cuBLASLt found no algorithm for {p}")
-        return result
+        return results, int(count[0])
+
+    def _algo(self, i: int) -> int:
+        """Address of candidate ``i``'s algorithm (the first field of its heuristic result)."""
+        return self.results.ctypes.data + i * self.results.dtype.itemsize
+
+    def _tune(self, ctx) -> None:
+        import statistics
+
+        from ... import memory
+        from ...firmware.driver import call
+        from ...firmware.streams import Event
+        from .elementwise import fill_uniform_bf16
+
+        p, rt = self.problem, ctx.rt
+        stream = rt.streams["compute"]
+        x = memory.empty((p.m, p.k), "bf16", tag="cublaslt")
+        w = memory.empty((p.n, p.k), "bf16", tag="cublaslt")
+        y = memory.empty((p.m, p.n), p.out, tag="cublaslt")
+        bias = memory.empty((p.n,), p.bias, tag="cublaslt") if p.bias else None
+        start, stop = Event("cuda"), Event("cuda")
+        try:
+            # Random operands, never zeros (zeros run faster than real data); a residual output
+            # starts as 0.5 everywhere and grows a little with each run, which changes no timing.
+            fill_uniform_bf16(rt, x.reshape(p.m * p.k), p.m * p.k, 91, 1.0).launch(stream)
+            fill_uniform_bf16(rt, w.reshape(p.n * p.k), p.n * p.k, 92, 0.05).launch(stream)
+            if p.out == "fp32":
+                call("cuMemsetD32Async", y.ptr, 0x3F000000, p.m * p.n, stream.handle)
+            if bias is not None:
+                call("cuMemsetD8Async", bias.ptr, 0x3C, bias.nbytes, stream.handle)
+            for i in range(self.count):
+                self.algo = self._algo(i)
+                samples = []
+                for r in range(5):
+                    start.record(stream)
+                    self.run(ctx, y.ptr, w.ptr, x.ptr, bias.ptr if bias is not None else 0, int(stream.handle))
+                    stop.record(stream)
+                    stop.synchronize()
+                    if r:
+                        samples.append(start.elapsed_ms(stop))
+                self.times_ms.append(statistics.median(samples))
+        finally:
+            stream.synchronize()
+            start.destroy()
+            stop.destroy()
+            for t in (x, w, y, bias):
+                if t is not None:
+                    t.free()
+        self.choice = int(np.argmin(self.times_ms))
+        self.algo = self._algo(self.choice)
 
     def run(self, ctx: "LtContext", y: int, w: int, x: int, bias: int, stream: int) -> None:
         """Enqueue ``y = x . w^T (+ bias) (+ y)`` on ``stream`` (raw addresses and handle)."""
@@ -130,7 +191,7 @@ class LtPlan:
         if self.problem.bias is not None:
             _set(lt.matmul_desc_set_attribute, self.desc, lt.MatmulDescAttribute.BIAS_POINTER, np.uint64(bias))
         lt.matmul(ctx.handle, self.desc, self.alpha.ctypes.data, w, self.a, x, self.b, self.beta.ctypes.data,
-                  y, self.d, y, self.d, self.heuristic.ptr, ctx.workspace.ptr, WORKSPACE_BYTES, stream)
+                  y, self.d, y, self.d, self.algo, ctx.workspace.ptr, WORKSPACE_BYTES, stream)
 
     def close(self) -> None:
         while self._made:
@@ -147,12 +208,13 @@ class LtContext:
     """cuBLASLt for one owner on ``rt``'s device: handle, arena workspace, a plan per problem.
     ``close()`` releases all three (safe twice)."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, tune: bool = True):
         from ... import memory
 
         if not rt.is_cuda:
             raise BackendUnavailable("cuBLASLt needs the runtime booted on CUDA")
         self.lt = bindings()
+        self.rt, self.tune = rt, bool(tune)
         rt.device.make_current()
         try:
             self.handle = self.lt.create()

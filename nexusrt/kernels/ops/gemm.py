@@ -191,7 +191,10 @@ def _tensor_core_cases(rt, config, lt, tokens: int) -> list[BenchCase]:
              else bench_util.random_bf16(rt, (tokens, rows), seed=12))
         specs = [gemm(rt, y, w, x, m=tokens, n=rows, k=k, residual=y if residual else None, lt=lt) for w in weights]
         nbytes = rows * k * 2 + tokens * k * 2 + tokens * rows * y.itemsize * (2 if residual else 1)
-        cases.append(BenchCase(f"cublaslt {name} {tokens}x{rows}x{k}", nbytes, bench_util.rotate(specs),
+        plan = specs[0].plan
+        tuned = (f" [algo {plan.choice + 1} of {plan.count}, heuristic's first {plan.times_ms[0] * 1e3:.0f} us]"
+                 if plan.times_ms else "")
+        cases.append(BenchCase(f"cublaslt {name} {tokens}x{rows}x{k}{tuned}", nbytes, bench_util.rotate(specs),
                                group="gemm", notes={"flops": 2 * tokens * rows * k, "copies": len(weights),
                                                     "_keep": (weights, x, y)}))
     return cases

@@ -178,7 +178,8 @@ def _attention_vs_sdpa(rt, cfg, runs: int) -> list[dict]:
             rt.device.synchronize()
             for t in (q, o, pos, *cache.values()):
                 t.free()
-        row = {"tokens": n, "head_dim": d, "block": f"{shape[0]} warps x {16 * shape[1]} rows",
+        row = {"tokens": n, "head_dim": d, "block": f"{shape[0]} warps x {16 * shape[1]} rows"
+                                                      + (", Q in smem" if shape[2] else ""),
                "num_q_heads": hq, "num_kv_heads": hkv, "ms": ms,
                "tflops": flops / (ms * 1e-3) / 1e12}
         sdpa = peer.sdpa_ms(n, hq, hkv, d, max(runs, 5))

@@ -86,7 +86,7 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* Ks, __nv_bfloat16* V
     }
 }
 
-template <int D, int kWarps, int R>
+template <int D, int kWarps, int R, bool kQInSmem>
 __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ k_pool,
                                             const __nv_bfloat16* __restrict__ v_pool,
@@ -101,12 +101,13 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     constexpr int kS = kBlockN / 8;  // n8 tiles of a score row
     // Two buffers, each a K tile then a V tile. Q is staged in buffer 1 (it fits: kBlockM <= 2 *
     // kBlockN) and moved to registers before tile 1 is fetched there, so a block needs 64 KiB at
-    // D = 128 and three blocks fit an SM.
+    // D = 128 and three blocks fit an SM. With kQInSmem, Q stays in a third region and its
+    // fragments are re-read per k16 slice instead: registers for R = 2 at D = 128.
     static_assert(kBlockM <= 2 * kBlockN, "Q must fit in one K+V buffer");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     constexpr int kTile = kBlockN * D;  // elements of one K or V tile
-    __nv_bfloat16* Qs = smem + 2 * kTile;
+    __nv_bfloat16* Qs = smem + (kQInSmem ? 4 : 2) * kTile;
 
     const int head = blockIdx.x;
     const int m0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;  // longest (latest) rows first
@@ -137,14 +138,17 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
         *reinterpret_cast<uint4*>(Qs + swz<D>(r, col)) = packed;
     }
     __syncthreads();
-    uint32_t qf[R][kK][4];
+    constexpr int kQRegs = kQInSmem ? 1 : kK;  // k16 slices of Q held in registers at once
+    uint32_t qf[R][kQRegs][4];
+    if constexpr (!kQInSmem) {
 #pragma unroll
-    for (int mi = 0; mi < R; ++mi)
+        for (int mi = 0; mi < R; ++mi)
 #pragma unroll
-        for (int kk = 0; kk < kK; ++kk)
-            ldmatrix_x4(qf[mi][kk], smem_addr(Qs + swz<D>(warp * kWarpRows + mi * 16 + (lane & 15),
-                                                          kk * 16 + (lane >> 4) * 8)));
-    __syncthreads();  // every warp holds its Q rows before buffer 1 is refilled with keys
+            for (int kk = 0; kk < kK; ++kk)
+                ldmatrix_x4(qf[mi][kk], smem_addr(Qs + swz<D>(warp * kWarpRows + mi * 16 + (lane & 15),
+                                                              kk * 16 + (lane >> 4) * 8)));
+        __syncthreads();  // every warp holds its Q rows before buffer 1 is refilled with keys
+    }
 
     float o[R][kN][4];
     float row_max[R][2], row_sum[R][2];
@@ -179,6 +183,13 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
             for (int n = 0; n < kS; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < kK; ++kk) {
+            const int qk = kQInSmem ? 0 : kk;
+            if constexpr (kQInSmem) {
+#pragma unroll
+                for (int mi = 0; mi < R; ++mi)
+                    ldmatrix_x4(qf[mi][0], smem_addr(Qs + swz<D>(warp * kWarpRows + mi * 16 + (lane & 15),
+                                                                 kk * 16 + (lane >> 4) * 8)));
+            }
 #pragma unroll
             for (int nn = 0; nn < kBlockN / 16; ++nn) {
                 uint32_t b[4];
@@ -186,8 +197,8 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
                                                      kk * 16 + ((lane >> 3) & 1) * 8)));
 #pragma unroll
                 for (int mi = 0; mi < R; ++mi) {
-                    mma_bf16(s[mi][2 * nn], qf[mi][kk], b[0], b[1]);
-                    mma_bf16(s[mi][2 * nn + 1], qf[mi][kk], b[2], b[3]);
+                    mma_bf16(s[mi][2 * nn], qf[mi][qk], b[0], b[1]);
+                    mma_bf16(s[mi][2 * nn + 1], qf[mi][qk], b[2], b[3]);
                 }
             }
         }
@@ -278,13 +289,20 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
 
 }  // namespace
 
-// grid (Hq, ceil(M / (16 * W * R))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes.
+// grid (Hq, ceil(M / (16 * W * R))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes
+// (plus 16 * W * R * D * 2 with Q kept in shared memory, the _qs kernels).
 // W warps of R m16 tiles each; MINB: blocks per SM the register budget is capped for.
 #define NRT_PREFILL_MMA(D, W, R, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W##_r##R( \
         const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
         const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
-        prefill_mma<D, W, R>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2);      \
+        prefill_mma<D, W, R, false>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2); \
+    }
+#define NRT_PREFILL_MMA_QS(D, W, R, MINB)                                                           \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W##_r##R##_qs( \
+        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
+        const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
+        prefill_mma<D, W, R, true>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2); \
     }
 
 // Register caps: defaults from scripts/sweep_attention.py on an H200 (kernels/NOTES_attention.md);
@@ -300,3 +318,5 @@ NRT_PREFILL_MMA(64, 8, 1, 1)
 NRT_PREFILL_MMA(64, 4, 2, 1)
 NRT_PREFILL_MMA(128, 4, 1, NRT_MINB_D128_W4)
 NRT_PREFILL_MMA(128, 8, 1, 1)
+NRT_PREFILL_MMA_QS(128, 4, 2, 2)
+NRT_PREFILL_MMA_QS(64, 4, 2, 2)

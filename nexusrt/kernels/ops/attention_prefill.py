@@ -24,19 +24,27 @@ SIGNATURE = "ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 HEAD_DIMS = (64, 128)
 ROWS_PER_BLOCK = 16  # (row, head-in-group) pairs per block, kRows in the fp32 kernel
 THREADS = 128
-# Block shapes of the tensor-core kernel that are built, as (warps, m16 tiles per warp): a block
-# holds 16 * warps * tiles query rows. MMA_SHAPE is the one used per head dim: the fastest at 8k
-# causal on an H200 (scripts/sweep_attention.py; kernels/NOTES_attention.md).
-MMA_SHAPES = {64: ((4, 1), (8, 1), (4, 2)), 128: ((4, 1), (8, 1))}
-MMA_SHAPE = {64: (4, 1), 128: (8, 1)}
+# Block shapes of the tensor-core kernel that are built, as (warps, m16 tiles per warp, Q kept in
+# shared memory): a block holds 16 * warps * tiles query rows. MMA_SHAPE is the one used per
+# head dim: the fastest at 8k causal on an H200 (scripts/sweep_attention.py;
+# kernels/NOTES_attention.md).
+MMA_SHAPES = {64: ((4, 1, False), (8, 1, False), (4, 2, False), (4, 2, True)),
+              128: ((4, 1, False), (8, 1, False), (4, 2, True))}
+MMA_SHAPE = {64: (4, 2, False), 128: (8, 1, False)}
 MMA_KEYS = 64  # keys per shared-memory tile, kBlockN
 LOG2E = 1.4426950408889634
 
 
-def mma_shared_bytes(head_dim: int) -> int:
+def mma_kernel_name(head_dim: int, block: tuple) -> str:
+    warps, tiles, q_smem = block
+    return f"attention_prefill_mma_d{head_dim}_w{warps}_r{tiles}{'_qs' if q_smem else ''}"
+
+
+def mma_shared_bytes(head_dim: int, block: tuple | None = None) -> int:
     """Dynamic shared memory of the tensor-core kernel: double-buffered K and V tiles (the Q tile
-    is staged in the second buffer before the loop)."""
-    return 4 * MMA_KEYS * head_dim * 2
+    is staged in the second buffer before the loop), plus the Q tile when it stays in shared memory."""
+    warps, tiles, q_smem = MMA_SHAPE[head_dim] if block is None else block
+    return (4 * MMA_KEYS + (16 * warps * tiles if q_smem else 0)) * head_dim * 2
 
 
 def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_heads: int,
@@ -44,7 +52,7 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
                       block: tuple[int, int] | None = None) -> LaunchSpec:
     """Launch spec: ``q`` fp32 ``[M, Hq, D]`` -> ``out`` ``[M, Hq * D]``, bf16 (tensor cores)
     or fp32 (the CUDA-core oracle). ``block`` picks another built block shape of the tensor-core
-    kernel, ``(warps, tiles per warp)`` from ``MMA_SHAPES`` (for sweeps and tests).
+    kernel, ``(warps, tiles per warp, Q in shared memory)`` from ``MMA_SHAPES`` (for sweeps and tests).
 
     The chunk's own K and V must already be in the pools (rope_append first). ``scale``
     defaults to ``1/sqrt(D)``.
@@ -69,12 +77,12 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
     if out_dtype == "bf16":
         block = MMA_SHAPE[head_dim] if block is None else tuple(block)
         if block not in MMA_SHAPES[head_dim]:
-            raise ValueError(f"the tensor-core attention at head_dim {head_dim} is built for (warps, tiles) "
-                             f"{MMA_SHAPES[head_dim]}, got {block}")
-        warps, tiles = block
-        name = f"attention_prefill_mma_d{head_dim}_w{warps}_r{tiles}"
+            raise ValueError(f"the tensor-core attention at head_dim {head_dim} is built for (warps, tiles, "
+                             f"q_in_smem) {MMA_SHAPES[head_dim]}, got {block}")
+        warps, tiles, _ = block
+        name = mma_kernel_name(head_dim, block)
         kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE)
-        shared = mma_shared_bytes(head_dim)
+        shared = mma_shared_bytes(head_dim, block)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
         args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos), m,
@@ -141,7 +149,7 @@ def bench_cases(rt, config, tokens: int = 4096) -> list:
             spec = attention_prefill(rt, q, out16, pos=pos, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                                      block=shape, **cache)
             kv_bytes = 2 * (start + tokens) * hkv * d * 2
-            cases.append(BenchCase(f"attention_prefill_mma d{d} w{shape[0]}x{shape[1]} rows {start}..{start + tokens}",
+            cases.append(BenchCase(f"{mma_kernel_name(d, shape)} rows {start}..{start + tokens}",
                                    kv_bytes + tokens * hq * d * 6, spec.launch, group="attention",
                                    notes={"flops": causal_flops(tokens, start, hq, d), "_keep": keep}))
     pos0 = keep[-2]

@@ -29,6 +29,7 @@ COMPUTE_32F = 68  # cublasComputeType_t CUBLAS_COMPUTE_32F
 OP_T = 1  # cublasOperation_t
 WORKSPACE_BYTES = 32 << 20  # what NVIDIA recommends for Hopper
 CANDIDATES = 8  # algorithms asked of the heuristic; with tuning, each is timed once per problem
+TUNE_MIN_FLOPS = 1e10  # smaller problems keep the heuristic's first choice (tuning them costs load time)
 DTYPES = {"bf16": CUDA_R_16BF, "fp32": CUDA_R_32F}
 INSTALL_HINT = ("the tensor-core GEMMs run on cuBLASLt through nvmath-python: install both with "
                 "pip install 'nexusrt[cuda]' (nvmath-python and nvidia-cublas)")
@@ -110,7 +111,7 @@ class LtPlan:
             self.results, self.count = self._candidates(ctx)
             self.choice, self.times_ms = 0, []
             self.algo = self._algo(0)
-            if ctx.tune and self.count > 1:
+            if ctx.tune and self.count > 1 and problem.flops >= TUNE_MIN_FLOPS:
                 self._tune(ctx)
         except BaseException:
             self.close()
@@ -167,7 +168,7 @@ class LtPlan:
             for i in range(self.count):
                 self.algo = self._algo(i)
                 samples = []
-                for r in range(5):
+                for r in range(4):
                     start.record(stream)
                     self.run(ctx, y.ptr, w.ptr, x.ptr, bias.ptr if bias is not None else 0, int(stream.handle))
                     stop.record(stream)

@@ -152,10 +152,10 @@ def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memor
     spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "bf16"),
                                  _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
                                  _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-    assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w8_r1")
-    assert spec.grid == (hq, math.ceil(m / 128), 1) and spec.block == (256, 1, 1)  # MMA_SHAPE[128]
-    assert spec.shared == pre.mma_shared_bytes(128) == 4 * 64 * 128 * 2
-    assert pre.mma_shared_bytes(128, (4, 2, True)) == (4 * 64 + 128) * 128 * 2
+    assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w4_r2_qs")
+    assert spec.grid == (hq, math.ceil(m / 128), 1) and spec.block == (128, 1, 1)  # MMA_SHAPE[128]
+    assert spec.shared == pre.mma_shared_bytes(128) == (4 * 64 + 128) * 128 * 2
+    assert pre.mma_shared_bytes(128, (8, 1, False)) == 4 * 64 * 128 * 2
     assert kern.shared == spec.shared  # > 48 KiB: opted in
     assert spec.args[-1] == pytest.approx(1.4426950408889634 / math.sqrt(128))
     with pytest.raises(ValueError, match=r"built for \(warps, tiles, q_in_smem\)"):

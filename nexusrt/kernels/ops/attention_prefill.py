@@ -30,7 +30,7 @@ THREADS = 128
 # kernels/NOTES_attention.md).
 MMA_SHAPES = {64: ((4, 1, False), (8, 1, False), (4, 2, False), (4, 2, True)),
               128: ((4, 1, False), (8, 1, False), (4, 2, True))}
-MMA_SHAPE = {64: (4, 2, False), 128: (8, 1, False)}
+MMA_SHAPE = {64: (4, 2, False), 128: (4, 2, True)}
 MMA_KEYS = 64  # keys per shared-memory tile, kBlockN
 LOG2E = 1.4426950408889634
 

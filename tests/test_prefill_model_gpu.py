@@ -15,7 +15,7 @@ import pytest
 
 import nexusrt as nrt
 from tests import helpers_hf as H
-from tests.test_cuda_model import GPU_SHAPE, _check_against_hf, _hf_refs
+from tests.test_cuda_model import GPU_SHAPE, _check_against_hf, _hf_refs, check_greedy_against_hf
 
 pytestmark = pytest.mark.gpu
 
@@ -98,22 +98,9 @@ def test_bucketed_prefill_equals_forward_all_last_row(length, gpu_rt, tmp_path_f
 
 @pytest.mark.parametrize("family", ["llama_d64", "qwen3_d128"])
 def test_greedy_after_a_2k_prompt_matches_hf(family, gpu_rt, tmp_path_factory):
-    from nexusrt.engine.sampling import SamplingParams
-
     path = _checkpoint(family, tmp_path_factory)
     ids = np.random.default_rng(11).integers(0, 300, 2048).tolist()
-    model = H.load_hf(path, "float32", "cuda")
-    ref_ids, ref_logits = H.hf_greedy(model, ids, 32)
-    del model
-    llm = nrt.LLM(str(path), backend="cuda", max_context=2048 + 64)
-    try:
-        got: list[int] = []
-        llm.runner.generate_tokens(ids, 32, SamplingParams(temperature=0.0), lambda t: got.append(t) or False)
-    finally:
-        llm.close()
-    result = H.compare_greedy(got, ref_ids, ref_logits, tie_tol=0.05)
-    print(family, result)
-    assert "mismatch_at" not in result, result
+    check_greedy_against_hf(path, ids, 32, max_context=2048 + 64, label=f"{family} after 2048")
 
 
 def test_runner_frees_its_cublaslt_workspace(gpu_rt):

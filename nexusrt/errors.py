@@ -60,5 +60,13 @@ class ModelError(NexusRTError):
     """A checkpoint, config or tokenizer is missing, malformed or unsupported."""
 
 
+class ModelTooLarge(ModelError, MemoryError):
+    """The model and its KV cache need more memory than the backend has (both numbers kept)."""
+
+    def __init__(self, message: str, needed: int, available: int):
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
 class SchedulerError(NexusRTError):
     """Submitted work failed or a barrier timed out."""

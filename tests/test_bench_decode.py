@@ -42,3 +42,27 @@ def test_bytes_per_token_matches_the_published_model_sizes():
     # 8.03e9 parameters (16.06 GB), less the untied input embedding, of which one row is read:
     assert abs(b8["weights"] / 1e9 - 15.01) < 0.01  # DESIGN.md: 15.0 GB/token
     assert b8["kv"] == 2 * 32 * 8 * 128 * 2 * 1000
+
+
+def test_a_model_asked_for_by_name_runs_on_the_cpu(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from helpers_hf import checkpoint
+
+    path = str(checkpoint("qwen3"))
+    rc = main(["--stage", "decode", "--backend", "cpu", "--model", path, "--new-tokens", "3", "--prompt-tokens", "4",
+               "--runs", "1", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == path and r["note"] == ""
+
+
+def test_tables_print_no_raw_dicts():
+    from nexusrt.bench.decode import render
+    from nexusrt.bench.table import plain
+
+    assert plain({"skipped": "torch has no CUDA here", "n": [1, 2.5]}) == "skipped: torch has no CUDA here; n: 1, 2.50"
+    r = {"model": "m", "device": "d", "backend": "cpu", "profile": "cpu", "prompt_tokens": 1, "new_tokens": 1,
+         "runs": 1, "ms_per_token": 1.0, "ms_per_token_runs": [1.0], "tokens_per_s": 1e3, "ttft_s": 0.1,
+         "bytes_per_token": {"total": 1}, "achieved_bytes_s": 1.0, "peers": {"eager": {"skipped": "no torch"}}}
+    text = render(r)
+    assert "PyTorch eager  skipped: no torch" in text and "{" not in text

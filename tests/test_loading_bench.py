@@ -20,9 +20,8 @@ def _shutdown():
     nrt.firmware.shutdown()
 
 
-def test_synthetic_json_run(tmp_path, capsys):
-    rc = main(["--stage", "load", "--backend", "cpu", "--model", "synthetic:llama-3.1-8b", "--json",
-               "--load-dir", str(tmp_path), "--load-runs", "2"])
+def test_default_json_run(tmp_path, capsys):
+    rc = main(["--stage", "load", "--backend", "cpu", "--json", "--load-dir", str(tmp_path), "--load-runs", "2"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert out.err == ""  # --json: no progress bar
@@ -38,6 +37,16 @@ def test_synthetic_json_run(tmp_path, capsys):
     assert res["reports"]["staging"]["path"] == "staging" and res["verified"] == {"staging": True}
     assert [t["cache"] for t in res["targets"]] == ["cold", "warm"]
     assert res["peer"].startswith("CPU backend")
+
+
+def test_a_named_synthetic_model_is_saved_and_removed_on_the_cpu(tmp_path, capsys):
+    rc = main(["--stage", "load", "--backend", "cpu", "--model", "synthetic:tiny", "--json",
+               "--load-dir", str(tmp_path), "--load-runs", "1", "--load-no-peer"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    res = json.loads(out.out)
+    assert res["note"] == "" and res["save_s"] > 0 and res["verified"] == {"staging": True}
+    assert list(tmp_path.iterdir()) == []  # the temporary checkpoint is gone
 
 
 def test_checkpoint_dir_is_kept_and_rendered(tmp_path):
@@ -74,6 +83,22 @@ def test_page_cache_helpers(tmp_path):
     assert 0.0 <= after <= before or filesystem_of(f) == "tmpfs"  # tmpfs pages cannot be dropped
     assert evict([tmp_path / "missing"], drop_caches=str(tmp_path / "no" / "x")).startswith("failed")
     assert filesystem_of(tmp_path) != ""
+
+
+def test_drop_caches_only_when_asked(tmp_path, monkeypatch):
+    import builtins
+
+    from nexusrt.models.streaming.pagecache import DROP_CACHES, evict
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"x" * 4096)
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    assert evict([f]) == "fadvise"
+    assert DROP_CACHES not in opened  # the default never writes the machine-wide switch
+    switch = tmp_path / "drop_caches"
+    assert evict([f], drop_caches=str(switch)) == "drop_caches" and switch.read_text() == "3\n"
 
 
 def np_bytes(n: int) -> bytes:

@@ -70,11 +70,29 @@ def test_missing_keys_name_key_and_file(tmp_path):
                                              "Qwen2ForCausalLM, Qwen3ForCausalLM"),
     ({"architectures": []}, "non-empty list"),
     ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
-    ({"hidden_size": "2048"}, "hidden_size must be a positive integer"),
+    ({"num_hidden_layers": 0}, r"cfg.json: num_hidden_layers must be an integer in \[1, 1024\], got 0"),
+    ({"num_hidden_layers": 10**8}, r"num_hidden_layers must be an integer in \[1, 1024\], got 100000000"),
+    ({"hidden_size": "2048"}, "cfg.json: hidden_size must be an integer, got '2048'"),
+    ({"hidden_size": 2048.0}, "hidden_size must be an integer, got 2048.0"),
+    ({"vocab_size": True}, "vocab_size must be an integer, got True"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer in"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be an integer in"),
+    ({"head_dim": 0}, "head_dim must be an integer in"),
     ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": 0}, "rope_theta must be a positive number"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a finite number, got nan"),
+    ({"tie_word_embeddings": "false"}, "cfg.json: tie_word_embeddings must be true or false, got 'false'"),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of str"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "needs numeric low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "missing required key 'rope_scaling.low_freq_factor'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}},
+     "cfg.json: rope_scaling.factor must be a finite number, got nan"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor must be a positive number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "rope_scaling.factor must be a finite number"),
+    ({"rope_scaling": [1]}, "rope_scaling must be a JSON object"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": float("inf")}}, "rope_parameters.factor must be a finite"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias=true is not supported"),
     ({"mlp_bias": True}, "mlp_bias"),
@@ -89,6 +107,40 @@ def test_config_file_errors(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100000 + "]" * 100000, "nested deeper than 64 levels"),
+    ('{"a": ' * 70 + "1" + "}" * 70, "nested deeper than 64 levels"),
+    ('{"hidden_size": 1, "hidden_size": 2}', "key 'hidden_size' appears twice"),
+    ('{"rope_scaling": {"factor": NaN}}', r"rope_scaling.factor is nan \(numbers must be finite\)"),
+    ('{"rms_norm_eps": 1e999}', "rms_norm_eps is inf"),
+    (b'{"a": "\xff"}', "not UTF-8 text"),
+    ("[1, 2]", "expected a JSON object, got list"),
+])
+def test_hostile_json(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelError, match=f"config.json: {message}"):
+        load_config(tmp_path)
+
+
+def test_json_size_limit(tmp_path):
+    from nexusrt.models.jsonfile import read_json
+
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:  # sparse: no disk used, and the reader must stop at the limit
+        f.truncate(1 << 30)
+    with pytest.raises(ModelError, match="big.json: larger than the 1024-byte limit"):
+        read_json(path, max_bytes=1024)
+
+
+def test_special_file_is_refused(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.json")  # a plain open() would block forever
+    with pytest.raises(ModelError, match="config.json: not a regular file"):
         load_config(tmp_path)
 
 

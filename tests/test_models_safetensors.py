@@ -57,16 +57,38 @@ def test_agrees_with_the_reference_library(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_bytes(b"\x01\x02"), "too short for the 8-byte header length"),
     (lambda p: _raw(p, {}, b"", length=10_000), "header length 10000 is larger than the file"),
-    (lambda p: p.write_bytes(struct.pack("<Q", 5) + b"{nope"), "header is not valid JSON"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 5) + b"{nope"), "\\(header\\): not valid JSON"),
     (lambda p: _raw(p, [1, 2], b""), "header must be a JSON object"),
     (lambda p: _one_f32(p, offsets=[0, 20]), "tensor 'w': shape \\[2, 3\\] of F32 needs 24 bytes but data_offsets"),
     (lambda p: _one_f32(p, data=b"\0" * 10), "tensor 'w': data ends at byte 24 .* only 10 data bytes"),
-    (lambda p: _one_f32(p, dtype="F8_E4M3"), "tensor 'w': unsupported dtype 'F8_E4M3'"),
+    (lambda p: _one_f32(p, dtype="F8_E4M3FN"), "tensor 'w': unknown dtype 'F8_E4M3FN'; the format defines BOOL"),
+    (lambda p: _one_f32(p, dtype=["F32"]), "tensor 'w': unknown dtype \\['F32'\\]"),
+    (lambda p: _raw(p, {"w": {"dtype": "F32", "shape": "23", "data_offsets": [0, 0]}}, b""),
+     "tensor 'w': shape must be a list"),
+    (lambda p: _raw(p, {"w": {"dtype": "F32", "shape": [2], "data_offsets": {"a": 1}}}, b""),
+     "tensor 'w': data_offsets must be"),
+    (lambda p: _raw(p, {"w": 5}, b""), "tensor 'w': header entry must be an object, got int"),
+    (lambda p: _raw(p, {"__metadata__": {"a": 1}}, b""), "__metadata__ must be an object of strings"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 20) + b'{"a": 1, "a": 2}    '), "key 'a' appears twice"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 4000) + b"[" * 2000 + b"]" * 2000), "nested deeper than 64"),
+    (lambda p: _raw(p, {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                        "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, b"\0" * 6),
+     "tensor 'b' \\(bytes 4..6\\) leaves a gap of 2 bytes after tensor 'a'"),
+    (lambda p: _raw(p, {"b": {"dtype": "U8", "shape": [2], "data_offsets": [2, 4]}}, b"\0" * 4),
+     "leaves a gap of 2 bytes after the start of the data buffer"),
+    (lambda p: _one_f32(p, data=b"\0" * 28), "4 bytes after the last tensor .* trailing data is not allowed"),
+    (lambda p: _raw(p, {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                        "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 6),
+     "tensor 'b': data_offsets begin 2 is not a multiple of 4"),
+    (lambda p: _raw(p, {"w": {"dtype": "U8", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}}, b""),
+     "tensor 'w': shape .* of U8 overflows 64 bits"),
+    (lambda p: _raw(p, {"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0"),
+     "tensor 'w': shape \\[3\\] of F4 \\(4-bit\\) does not end on a byte boundary"),
     (lambda p: _one_f32(p, offsets=[8, 4]), "data_offsets must be \\[begin, end\\]"),
     (lambda p: _raw(p, {"w": {"dtype": "F32", "shape": [-1]}}, b""), "tensor 'w': header entry lacks data_offsets"),
     (lambda p: _raw(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16),
-     "tensors 'a' \\(bytes 0..16\\) and 'b' \\(bytes 8..16\\) overlap"),
+     "tensor 'b' \\(bytes 8..16\\) overlaps tensor 'a' \\(ends at byte 16\\)"),
 ])
 def test_corrupt_files_are_rejected_naming_file_and_tensor(tmp_path, make, message):
     path = tmp_path / "bad.safetensors"
@@ -115,3 +137,84 @@ def test_no_weights_and_duplicates(tmp_path):
     _one_f32(tmp_path / "b.safetensors")
     with pytest.raises(ModelError, match="tensor 'w' appears in both"):
         SafetensorsIndex.from_dir(tmp_path)
+
+
+def test_every_byte_dtype_the_format_defines_is_read(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "u32": RNG.integers(0, 2**32, (3,), dtype=np.uint64).astype(np.uint32),
+        "u16": RNG.integers(0, 2**16, (5,)).astype(np.uint16),
+        "f8": RNG.standard_normal(6).astype(ml_dtypes.float8_e4m3fn),
+        "f8b": RNG.standard_normal(2).astype(ml_dtypes.float8_e5m2),
+        "c64": (RNG.standard_normal(2) + 1j).astype(np.complex64),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    f = SafetensorsFile(path)
+    assert {i.dtype for i in f.tensors.values()} == {"U32", "U16", "F8_E4M3", "F8_E5M2", "C64"}
+    for name, ref in tensors.items():
+        arr = read_tensor(f.tensors[name])
+        assert arr.dtype == ref.dtype
+        np.testing.assert_array_equal(arr.view(np.uint8), ref.view(np.uint8))
+
+
+def test_packed_sub_byte_tensors_parse_but_do_not_read(tmp_path):
+    path = _raw(tmp_path / "f4.safetensors", {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0")
+    info = SafetensorsFile(path).tensors["w"]
+    assert info.nbytes == 2
+    with pytest.raises(ModelError, match="f4.safetensors: tensor 'w' is F4, a packed sub-byte type"):
+        read_tensor(info)
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/ABS/model.safetensors", "sub/../../x.safetensors"])
+def test_index_cannot_name_files_outside_the_checkpoint(tmp_path, shard):
+    other = tmp_path / "other"
+    other.mkdir()
+    _one_f32(other / "model.safetensors")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shard = shard.replace("/ABS", str(other))
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(ModelError, match=f"ckpt: shard '{shard}' is outside the checkpoint directory"):
+        SafetensorsIndex.from_dir(ckpt)
+
+
+def test_symlinks_must_stay_inside_unless_allowed(tmp_path):
+    from nexusrt.models.paths import CheckpointDir
+
+    other = tmp_path / "other"
+    other.mkdir()
+    _one_f32(other / "model.safetensors")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").symlink_to(other / "model.safetensors")
+    with pytest.raises(ModelError, match="ckpt/model.safetensors: resolves to .*other/model.safetensors, outside "
+                                         "the checkpoint directory"):
+        SafetensorsIndex.from_dir(ckpt)
+    assert "w" in SafetensorsIndex.from_dir(CheckpointDir(ckpt, allow=[other]))
+    # a link inside the directory is fine
+    (ckpt / "model.safetensors").unlink()
+    _one_f32(ckpt / "real.bin")
+    (ckpt / "model.safetensors").symlink_to("real.bin")
+    assert "w" in SafetensorsIndex.from_dir(ckpt)
+
+
+def test_hf_cache_snapshot_may_link_into_its_blobs(tmp_path):
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    _one_f32(repo / "blobs" / "deadbeef")
+    (snap / "model.safetensors").symlink_to("../../blobs/deadbeef")
+    assert SafetensorsIndex.from_dir(snap).info("w").shape == (2, 3)
+
+
+def test_weight_map_types(tmp_path):
+    _one_f32(tmp_path / "s1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    for wmap, message in (([1], "weight_map must be a JSON object, got list"),
+                          ({"w": 3}, "weight_map.w must be a string, got 3")):
+        index.write_text(json.dumps({"weight_map": wmap}))
+        with pytest.raises(ModelError, match=message):
+            SafetensorsIndex.from_dir(tmp_path)

@@ -58,8 +58,7 @@ def test_bench_quality_on_the_cpu_matches_hf(capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     r = json.loads(out.out)
-    # The default --model is a synthetic preset: random weights are replaced by the trained model.
-    assert r["model"] == "nexusrt:stdlib-tiny" and "random weights" in r["note"]
+    assert r["model"] == "nexusrt:stdlib-tiny" and r["note"] == ""  # the default without --model
     assert r["tokens"] == 600 - 3 and r["window"] == 256
     from nexusrt.models import load_model
 
@@ -74,6 +73,9 @@ def test_bench_quality_table_and_unknown_model(capsys):
                  "--model", "nexusrt:stdlib-tiny"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "tokens scored" in out and "99 (windows of 512)" in out
+    assert main(["--stage", "quality", "--backend", "cpu", "--tokens", "300", "--model", "synthetic:tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic:tiny" in out and "random weights" in out and "no checkpoint for HF" in out
     assert main(["--stage", "quality", "--backend", "cpu", "--model", "nexusrt:nope"]) == 1
     err = capsys.readouterr().err
     assert "nexusrt:nope" in err and "nexusrt:stdlib-tiny" in err

@@ -6,17 +6,34 @@ which registers it once per parser (argparse raises on a second registration).
 
 from __future__ import annotations
 
+import argparse
+
 MODEL_DEFAULT = "synthetic:llama-3.2-1b"
 SYNTHETIC_PREFIX = "synthetic:"
 
 
+class _ModelAction(argparse.Action):
+    """Stores ``--model`` and records that it was given (``args.model_explicit``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.model_explicit = True
+
+
 def add_model_argument(parser) -> None:
-    """Add ``--model`` to ``parser`` unless a stage already did."""
+    """Add ``--model`` to ``parser`` unless a stage already did.
+
+    ``args.model_explicit`` says whether the user named a model: a stage may substitute a
+    smaller one for the default on the CPU, never for one asked for by name.
+    """
     if "--model" in getattr(parser, "_option_string_actions", {}):
         return
-    parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL",
+    parser.set_defaults(model_explicit=False)
+    parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL", action=_ModelAction,
                         help="kernels/decode/load/quality stages: 'synthetic:<preset>' (e.g. synthetic:llama-3.1-8b), "
-                             f"nexusrt:stdlib-tiny or a checkpoint directory (default {MODEL_DEFAULT})")
+                             f"nexusrt:stdlib-tiny or a checkpoint directory (default {MODEL_DEFAULT}; on the CPU "
+                             "the decode and load stages, and the quality stage anywhere, run nexusrt:stdlib-tiny "
+                             "unless --model is given)")
 
 
 def resolve_model_config(spec: str):
@@ -39,3 +56,30 @@ def resolve_model_config(spec: str):
         return load_config(spec)
     raise ValueError(f"--model {spec!r} is neither synthetic:<preset> ({', '.join(PRESETS)}), "
                      f"a shipped model ({', '.join(shipped_names())}) nor a checkpoint directory")
+
+
+def add_shared_argument(parser, *names, **kwargs) -> None:
+    """Add an option several stages read (e.g. ``--prompt-tokens``) unless a stage already did;
+    each stage gives it its own default when the user leaves it out (so pass ``default=None``)."""
+    if names[0] in getattr(parser, "_option_string_actions", {}):
+        return
+    parser.add_argument(*names, **kwargs)
+
+
+def int_list(text: str | None, default: tuple[int, ...], what: str) -> list[int]:
+    """``"512,2048"`` -> ``[512, 2048]``; each a positive int, else ValueError naming ``what``."""
+    if text is None:
+        return list(default)
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            v = int(part)
+        except ValueError:
+            raise ValueError(f"{what} takes comma-separated positive integers, got {text!r}") from None
+        if v < 1:
+            raise ValueError(f"{what} values must be >= 1, got {v}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"{what} is empty")
+    return out

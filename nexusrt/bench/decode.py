@@ -15,18 +15,20 @@ import time
 
 import numpy as np
 
-from .common import add_model_argument, resolve_model_config
-from .table import table
+from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
+from .table import plain, table
 
 CPU_MODEL = "nexusrt:stdlib-tiny"  # the shipped trained model: small enough for NumPy
 
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--prompt-tokens", type=int, default=32, metavar="N", help="decode stage: prompt length (32)")
+    add_shared_argument(parser, "--prompt-tokens", default=None, metavar="N[,N...]",
+                        help="decode stage: prompt length (32); prefill stage: lengths to time (512,2048,8192)")
     parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode stage: tokens generated (128)")
-    parser.add_argument("--runs", type=int, default=5, metavar="R", help="decode stage: timed runs, median reported (5)")
-    parser.add_argument("--no-peers", action="store_true", help="decode stage: skip the PyTorch peers")
+    add_shared_argument(parser, "--runs", type=int, default=None, metavar="R",
+                        help="timed runs, median reported (decode 5, prefill 3)")
+    add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill stages: skip the PyTorch peers")
     parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
 
 
@@ -41,6 +43,11 @@ def bytes_per_token(cfg, context: float) -> dict:
 
 
 def _validate(args) -> None:
+    lengths = int_list(args.prompt_tokens, (32,), "--prompt-tokens")
+    if len(lengths) != 1:
+        raise ValueError(f"the decode stage takes one --prompt-tokens value, got {args.prompt_tokens!r}")
+    args.prompt_tokens = lengths[0]
+    args.runs = 5 if args.runs is None else args.runs
     for name in ("prompt_tokens", "new_tokens", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -57,7 +64,7 @@ def run(args) -> dict:
     model = args.model
     resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     note = ""
-    if not rt.is_cuda and model != CPU_MODEL:
+    if not rt.is_cuda and model != CPU_MODEL and not getattr(args, "model_explicit", False):
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
@@ -175,7 +182,7 @@ def render(r: dict) -> str:
         if isinstance(p, dict) and "ms_per_token" in p:
             rows.append([f"PyTorch {mode}", f"{p['ms_per_token']:.4f} ms/token -> NexusRT {p['nexusrt_speedup']:.2f}x"])
         else:
-            rows.append([f"PyTorch {mode}", str(p.get("error") or p) if isinstance(p, dict) else str(p)])
+            rows.append([f"PyTorch {mode}", plain(p)])
     if r.get("note"):
         rows.append(["note", r["note"]])
     return table(["decode", ""], rows, title="NexusRT decode benchmark")

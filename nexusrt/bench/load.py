@@ -9,8 +9,9 @@ directory, i.e. the disk being measured and not a tmpfs):
   allocated beforehand (the allocation time is shown separately);
 * ``safetensors.torch.load_file(device="cuda")`` when torch with CUDA imports.
 
-Each is measured cold (the files dropped from the page cache first: drop_caches where
-writable, else fadvise; the resident fraction is measured and shown) and warm (median
+Each is measured cold (the files dropped from the page cache first: per file with
+fadvise, or through /proc/sys/vm/drop_caches only with ``--drop-caches``; the resident
+fraction is measured and shown) and warm (median
 of ``--load-runs``). Ratios compare like with like: cold with cold, warm with warm.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import SYNTHETIC_PREFIX, add_model_argument
-from .table import human_bytes, table
+from .table import human_bytes, plain, table
 
 READ_BYTES = 64 << 20
 TARGET_RATIO = 0.8
@@ -43,6 +44,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--load-buffers", type=int, default=6, metavar="N", help="load stage: staging buffers (6)")
     g.add_argument("--load-buffer-mib", type=int, default=64, metavar="MIB", help="load stage: staging buffer MiB (64)")
     g.add_argument("--load-readers", type=int, default=3, metavar="N", help="load stage: staging reader threads (3)")
+    g.add_argument("--drop-caches", action="store_true",
+                   help="load stage: evict by writing /proc/sys/vm/drop_caches (root; empties the page cache of "
+                        "the whole machine). Default: per-file fadvise, which touches only the measured files")
     g.add_argument("--load-budget-s", type=float, default=200.0, metavar="S",
                    help="load stage: stop adding warm repetitions past this many seconds (200)")
 
@@ -88,16 +92,17 @@ def torch_load(peer, files) -> float:
 class _Session:
     """Runs each measurement cold then warm, within the time budget, and keeps the rows."""
 
-    def __init__(self, files, nbytes: int, runs: int, budget_s: float):
+    def __init__(self, files, nbytes: int, runs: int, budget_s: float, drop_caches: bool = False):
         self.files, self.nbytes, self.runs, self.budget = files, nbytes, runs, budget_s
+        self.drop_caches = drop_caches
         self.t_start = time.perf_counter()
         self.rows: list[dict] = []
         self.evicted_with = None
 
     def measure(self, what: str, fn) -> None:
-        from ..models.streaming.pagecache import evict, resident_fraction
+        from ..models.streaming.pagecache import DROP_CACHES, evict, resident_fraction
 
-        self.evicted_with = evict(self.files)
+        self.evicted_with = evict(self.files, DROP_CACHES if self.drop_caches else None)
         resident = resident_fraction(self.files)
         self._row(what, "cold", [fn()], resident)
         warm = []
@@ -126,7 +131,7 @@ def _checkpoint(args, rt) -> tuple[Path, str, dict]:
             raise ValueError(f"--model {model!r} is neither synthetic:<preset> nor a checkpoint directory")
         return Path(model), "", {}
     preset = model[len(SYNTHETIC_PREFIX):]
-    if not rt.is_cuda:  # a CPU figure: the shipped model's real files, nothing saved
+    if not rt.is_cuda and not getattr(args, "model_explicit", False):  # a CPU figure: real files, nothing saved
         return shipped_dir(DEFAULT_MODEL), f"CPU backend: loaded {DEFAULT_MODEL} instead of {model} (a CPU figure)", {}
     note = ""
     base = Path(args.load_dir or os.getcwd())
@@ -157,7 +162,7 @@ def run(args) -> dict:
         files = [f.path for f in index.files]
         infos = [i for i in index.tensors.values() if i.nbytes]
         nbytes = sum(os.path.getsize(f) for f in files)
-        s = _Session(files, nbytes, args.load_runs, args.load_budget_s)
+        s = _Session(files, nbytes, args.load_runs, args.load_budget_s, args.drop_caches)
         s.measure("plain sequential read", lambda: plain_read(files))
         t0 = time.perf_counter()
         dsts = [memory.empty((i.nbytes,), "uint8", tag="load_bench") for i in infos]
@@ -256,11 +261,11 @@ def render(res: dict) -> str:
              "?" if r["resident_before"] is None else f"{r['resident_before']:.0%}"] for r in res["rows"]]
     lines = head + ["", table(["measure", "cache", "GB/s", "s", "runs", "vs read", "cached before"], rows)]
     for path, rep in res["reports"].items():
-        why = rep.get("error") or f"{rep['why']}; {rep['details']}"
+        why = rep.get("error") or f"{rep['why']}; {plain(rep['details'])}"
         lines.append(f"{path}: {why}" + ("" if res["verified"].get(path, True) else "  BYTES DIFFER"))
-    lines.append(f"cuFile driver: {res['cufile']}")
-    lines.append(f"load_tensors(prefer='auto') uses: {res['auto_picks']}")
-    lines.append(f"peer: {res['peer']}")
+    lines.append(f"cuFile driver: {plain(res['cufile'])}")
+    lines.append(f"load_tensors(prefer='auto') uses: {plain(res['auto_picks'])}")
+    lines.append(f"peer: {plain(res['peer'])}")
     for t in res["targets"]:
         torch_s = "" if t["vs_torch"] is None else f", {t['vs_torch']:.2f}x torch"
         lines.append(f"target {t['what']} {t['cache']}: {'met' if t['meets_read'] else 'NOT met'} "

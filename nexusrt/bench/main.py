@@ -17,6 +17,7 @@ STAGES = {
     "scheduler": "launch, graph-node and doorbell costs, vs PyTorch",
     "kernels": "each decode kernel alone, as GB/s and % of measured bandwidth",
     "decode": "ms per token against the floor and PyTorch peers",
+    "prefill": "time to first token against the compute floor and HF transformers",
     "load": "weight loading speed per path against plain file reads",
     "quality": "held-out perplexity (stdlib text), beside HF transformers' on the same tokens",
 }
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="auto", help="hardware profile name or 'auto' (default)")
     parser.add_argument("--backend", choices=("cpu", "cuda"), default=None,
                         help="force a backend (default: NEXUSRT_BACKEND, else probe)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
     for stage in STAGES:
         module = _stage_module(stage)
         if module is not None and hasattr(module, "add_arguments"):
@@ -58,22 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"nexusrt-bench: stage {args.stage!r} is not available in this build", file=sys.stderr)
         return 2
-    from ..errors import NexusRTError
+    from ..cli.guard import guarded
 
-    try:
-        result = module.run(args)
-    except (NexusRTError, ValueError, FileNotFoundError) as exc:
-        print(f"nexusrt-bench: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        from .. import firmware
+    def run() -> int:
+        try:
+            result = module.run(args)
+        finally:
+            from .. import firmware
 
-        firmware.shutdown()
-    if args.json:
-        print(json.dumps(result, indent=2, default=_json_default))
-    else:
-        print(module.render(result))
-    return 0
+            firmware.shutdown()
+        if args.json:
+            print(json.dumps(result, indent=2, default=_json_default))
+        else:
+            print(module.render(result))
+        return 0
+
+    return guarded("nexusrt-bench", run, args.debug)
 
 
 def _json_default(o):

@@ -3,8 +3,9 @@
 The text and the windows are :mod:`nexusrt.models.quality`'s (stdlib modules no shipped
 model trained on). When torch and transformers import, HF transformers scores the same
 tokens in the same windows on the same device: fp32 always, and bf16 too on a GPU, so a
-NexusRT figure can be read against HF's own precision loss. Synthetic models have random
-weights and no quality to measure: the stage runs ``nexusrt:stdlib-tiny`` instead and says so.
+NexusRT figure can be read against HF's own precision loss. Without ``--model`` it measures
+``nexusrt:stdlib-tiny``; a synthetic model named explicitly runs as asked (random weights: a
+figure near chance, with no checkpoint for HF to load).
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ def run(args) -> dict:
         raise ValueError(f"--window and --tokens must be >= 2, got {args.window} and {args.tokens}")
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
-    model, note = args.model, ""
+    model = args.model if getattr(args, "model_explicit", False) else DEFAULT_MODEL
     resolve_model_config(model)  # an unknown name fails here with the list of models
-    if model.startswith("synthetic:"):
-        note = f"{model} has random weights (no quality to measure): ran {DEFAULT_MODEL} instead"
-        model = DEFAULT_MODEL
+    synthetic = model.startswith("synthetic:")
+    note = f"{model} has random weights: a figure near chance, not a quality" if synthetic else ""
     t0 = time.perf_counter()
     llm = LLM(model, max_context=window)
     try:
@@ -52,7 +52,9 @@ def run(args) -> dict:
         llm.close()
     result = {"backend": rt.backend, "device": rt.profile.device_name, "model": model, "note": note,
               "load_s": t1 - t0, "seconds": seconds, **ours.to_dict()}
-    if not args.no_hf:
+    if synthetic:
+        result["hf"] = {"skipped": "synthetic weights: no checkpoint for HF transformers"}
+    elif not args.no_hf:
         result["hf"] = _hf(model_dir, ids, window, "cuda" if rt.is_cuda else "cpu", ours.perplexity)
     return result
 
@@ -93,7 +95,7 @@ def render(r: dict) -> str:
         if isinstance(h, dict):
             rows.append([f"HF {dtype}", f"{h['perplexity']:.4f} -> NexusRT / HF {h['nexusrt_over_hf']:.5f}"])
         else:
-            rows.append(["HF", str(h)])
+            rows.append([f"HF ({dtype})", str(h)])
     if r.get("note"):
         rows.append(["note", r["note"]])
     return table(["quality", ""], rows, title="NexusRT held-out perplexity")

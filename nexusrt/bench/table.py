@@ -16,7 +16,20 @@ def table(headers: list[str], rows: list[list], title: str | None = None) -> str
     return "\n".join(lines)
 
 
+def plain(v) -> str:
+    """A value as words for a table or a line: dicts as ``key: value; ...``, lists joined, never a repr."""
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {plain(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(plain(x) for x in v) or "-"
+    if v is None:
+        return "-"
+    return _fmt(v)
+
+
 def _fmt(v) -> str:
+    if isinstance(v, (dict, list, tuple)) or v is None:
+        return plain(v)
     if isinstance(v, float):
         if v == 0:
             return "0"

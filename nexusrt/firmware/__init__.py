@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from .. import runtime as _runtime
+from ..errors import NexusRTError
 from .boot import PHASES, boot, shutdown
 from .device import Device
 from .doorbell import Doorbell
@@ -27,11 +28,27 @@ def init(profile: str = "auto", backend: str | None = None, device: int = 0,
     device : CUDA device ordinal.
     arena_bytes : virtual range the memory arena reserves (default: the device memory).
 
-    Calling ``init`` again while running returns the running device.
+    Calling ``init`` again while running returns the running device when the arguments agree
+    with it (``profile="auto"`` and ``backend=None`` agree with anything); conflicting ones
+    raise NexusRTError instead of being silently ignored: shut down first to boot differently.
     """
     if _runtime.is_initialized():
-        return _runtime.current().device
+        rt = _runtime.current()
+        _check_same(rt, profile, backend, device, arena_bytes)
+        return rt.device
     return boot(profile=profile, backend=backend, device=device, arena_bytes=arena_bytes).device
+
+
+def _check_same(rt, profile, backend, device, arena_bytes) -> None:
+    running = {"profile": rt.profile.name, "backend": rt.backend, "device": rt.device.ordinal,
+               "arena_bytes": rt.boot_args.get("arena_bytes")}
+    asked = {"profile": None if profile == "auto" else profile, "backend": backend, "device": device,
+             "arena_bytes": arena_bytes}
+    conflicts = [f"{k}={asked[k]!r} (running: {running[k]!r})" for k in asked
+                 if asked[k] is not None and asked[k] != running[k]]
+    if conflicts:
+        raise NexusRTError("nrt.firmware.init() was called again with " + ", ".join(conflicts)
+                           + "; the runtime is already up: call nrt.firmware.shutdown() first to boot differently")
 
 
 def runtime():

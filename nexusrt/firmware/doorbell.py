@@ -13,6 +13,7 @@ import time
 
 from ..errors import SchedulerError
 from .driver import call, cu
+from .waits import deadline_ms, default_timeout_ms
 
 
 class Doorbell:
@@ -60,8 +61,10 @@ class Doorbell:
         return value
 
     def host_wait(self, value: int, timeout_ms: float | None = None) -> None:
-        """Spin on the host until the word reaches ``value``; raise after ``timeout_ms``."""
-        deadline = None if timeout_ms is None else time.perf_counter() + timeout_ms / 1e3
+        """Spin on the host until the word reaches ``value``; raise after ``timeout_ms``
+        (None: the default bound of :mod:`nexusrt.firmware.waits`; ``math.inf``: no limit)."""
+        deadline = deadline_ms(timeout_ms, time.perf_counter())
+        timeout_ms = timeout_ms if timeout_ms is not None else default_timeout_ms()
         while self.value < value:
             if deadline is not None and time.perf_counter() > deadline:
                 raise SchedulerError(

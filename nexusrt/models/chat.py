@@ -2,7 +2,9 @@
 
 HF renders with a sandboxed environment, ``trim_blocks`` and ``lstrip_blocks``, a
 ``raise_exception`` helper, ``strftime_now`` and a ``tojson`` that does not HTML-escape;
-templates in the wild depend on all of these, so we provide the same.
+templates in the wild depend on all of these, so we provide the same. The environment is
+:mod:`nexusrt.models.template`'s limited sandbox: a template that loops too long or builds
+too much is stopped with an error naming its file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from ..errors import ModelError
+from .template import Limits, compile_template, finish_environment, make_environment, render_limited
 
 
 def _raise(message: str):
@@ -24,33 +27,28 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 @lru_cache(maxsize=8)
-def _compile(source: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+def _compile(text: str, source: str):
+    env = make_environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
+    finish_environment(env)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise ModelError(f"chat template does not compile: {exc}") from None
+    return compile_template(env, text, source)
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                **special_tokens) -> str:
+                source: str = "chat template", limits: Limits | None = None, **special_tokens) -> str:
     """Render ``messages`` (``[{"role": ..., "content": ...}]``) with ``template``.
 
-    ``special_tokens`` (``bos_token``, ``eos_token``, ...) are visible to the template.
+    ``special_tokens`` (``bos_token``, ``eos_token``, ...) are visible to the template;
+    ``source`` (the template's file) is named in every error. The output may be up to four
+    times the messages' text plus 1 MiB (``limits`` overrides the bounds).
     """
-    from jinja2 import TemplateError
-
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
-    try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **special_tokens)
-    except TemplateError as exc:
-        raise ModelError(f"chat template failed to render: {exc}") from None
+    if limits is None:
+        text = sum(len(str(m.get("content", ""))) for m in messages)
+        limits = Limits(max_chars=max(Limits.max_chars, 4 * text + (1 << 20)))
+    return render_limited(_compile(template, source), source, limits, messages=messages,
+                          add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                          **special_tokens)

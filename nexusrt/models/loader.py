@@ -14,12 +14,15 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .config import ModelConfig, load_config
+from .hub import find_cached, looks_like_repo_id
 from .jsonfile import read_json_object
+from .paths import CheckpointDir
 from .presets import PRESETS
 from .safetensors import SafetensorsIndex
 from .shipped import MANIFEST, PREFIX as SHIPPED_PREFIX, shipped_dir, shipped_names, verify_manifest
 from .synthetic import SyntheticWeights
 from .tokenizer import BaseTokenizer, ByteTokenizer, HFTokenizer
+from .validate import Fields
 from .weights import CheckpointWeights, WeightSource
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -40,19 +43,27 @@ class GenerationDefaults:
     max_new_tokens: int | None = None
 
     @classmethod
-    def from_file(cls, path: Path, fallback_eos: tuple[int, ...]) -> "GenerationDefaults":
-        if not path.is_file():
+    def from_file(cls, path: Path | None, fallback_eos: tuple[int, ...],
+                  vocab_size: int | None = None) -> "GenerationDefaults":
+        """Read ``generation_config.json`` (``None`` or absent: the defaults with ``fallback_eos``).
+
+        Every key NexusRT uses is type- and range-checked, sampling or not: ``top_p: 0`` is an
+        error naming the file and key, not a silent 1.0.
+        """
+        if path is None or not Path(path).is_file():
             return cls(eos_token_ids=tuple(fallback_eos))
-        d = read_json_object(path)
-        eos = d.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else tuple(fallback_eos))
-        sample = bool(d.get("do_sample", False))
+        f = Fields(read_json_object(path), str(path))
+        eos = f.ids("eos_token_id", hi=vocab_size)
+        sample = f.bool("do_sample", False)
+        temperature = f.float("temperature", 1.0, lo=0.0)
+        top_k = f.int("top_k", 0, lo=0)
+        top_p = f.float("top_p", 1.0, hi=1.0, positive=True)
         return cls(
-            eos_token_ids=eos,
-            temperature=float(d.get("temperature", 1.0) if sample else 0.0),
-            top_k=int(d.get("top_k") or 0) if sample else 0,
-            top_p=float(d.get("top_p", 1.0) or 1.0) if sample else 1.0,
-            max_new_tokens=d.get("max_new_tokens"),
+            eos_token_ids=tuple(fallback_eos) if eos is None else eos,
+            temperature=temperature if sample else 0.0,
+            top_k=top_k if sample else 0,
+            top_p=top_p if sample else 1.0,
+            max_new_tokens=f.int("max_new_tokens", None, lo=1),
         )
 
 
@@ -72,10 +83,14 @@ class LoadedModel:
         return self.generation.eos_token_ids
 
 
-def load_model(path_or_name: str | Path, seed: int = 0) -> LoadedModel:
-    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``) or ``nexusrt:<name>``.
+def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> LoadedModel:
+    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``), a shipped
+    ``nexusrt:<name>``, or a Hugging Face repo id ``org/name`` found in the local Hugging Face
+    cache (nothing is downloaded).
 
-    A directory with a ``manifest.json`` (shipped models) has every file's SHA-256 checked first.
+    Every file is read from inside the directory (see :mod:`nexusrt.models.paths`);
+    ``allow_paths`` lists further folders its symlinks may lead into. A directory with a
+    ``manifest.json`` (shipped models) has every file's SHA-256 checked first.
     """
     name = str(path_or_name)
     if name.startswith(SYNTHETIC_PREFIX):
@@ -86,17 +101,22 @@ def load_model(path_or_name: str | Path, seed: int = 0) -> LoadedModel:
         weights = SyntheticWeights.from_preset(preset_name, seed)
         # Synthetic weights are random: no eos, so benchmarks always run the asked length.
         return LoadedModel(name, weights.config, weights, ByteTokenizer(), GenerationDefaults())
-    d = shipped_dir(name) if name.startswith(SHIPPED_PREFIX) else Path(name)  # shipped: hashes verified
+    d, label = Path(name), Path(name).name
+    if name.startswith(SHIPPED_PREFIX):
+        d, label = shipped_dir(name), name  # hashes verified
+    elif not d.exists() and looks_like_repo_id(name):
+        d, label = find_cached(name), name
     if not d.exists():
         raise ModelError(f"model {name!r}: no such directory (or use synthetic:<preset>, presets: "
-                         f"{', '.join(PRESETS)}; or a shipped model: {', '.join(shipped_names())})")
-    if not d.is_dir():
-        raise ModelError(f"model {name!r}: not a directory (expected a checkpoint directory with config.json)")
+                         f"{', '.join(PRESETS)}, a shipped model: {', '.join(shipped_names())}, "
+                         "or a Hugging Face repo id org/name in the local cache)")
     if (d / MANIFEST).is_file() and not name.startswith(SHIPPED_PREFIX):
         verify_manifest(d)  # e.g. a copy of a shipped model: still no silent use of a changed file
-    config = load_config(d)
-    tokenizer = HFTokenizer(d)
-    weights = CheckpointWeights(config, SafetensorsIndex.from_dir(d))
+    files = CheckpointDir(d, allow=allow_paths)
+    config = load_config(files)
+    tokenizer = HFTokenizer(d, files)
+    weights = CheckpointWeights(config, SafetensorsIndex.from_dir(files))
     fallback = config.eos_token_ids or tokenizer.eos_ids
-    gen = GenerationDefaults.from_file(d / "generation_config.json", fallback)
-    return LoadedModel(name if name.startswith(SHIPPED_PREFIX) else d.name, config, weights, tokenizer, gen, d)
+    gen = GenerationDefaults.from_file(files.file("generation_config.json", required=False), fallback,
+                                       config.vocab_size)
+    return LoadedModel(label, config, weights, tokenizer, gen, d)

@@ -17,7 +17,6 @@ Sharded checkpoints (``model.safetensors.index.json`` with a ``weight_map``) are
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -27,17 +26,31 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import ModelError
-from .jsonfile import read_json_object
+from .jsonfile import parse_json, read_json_object
+from .paths import CheckpointDir
+from .validate import Fields
 
+# Every dtype the format defines (safetensors 0.8's Dtype enum) and its width in bits.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+# The ones a numpy array can hold as stored (the sub-byte F4/F6 are packed: no numpy view).
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "C64": np.dtype(np.complex64),
     "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu), "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+_MAX_BYTES = 1 << 64  # the reference computes sizes in a u64: a shape whose product overflows it is corrupt
 
 
 @dataclass(frozen=True)
@@ -53,11 +66,25 @@ class TensorInfo:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
+        try:
+            return DTYPES[self.dtype]
+        except KeyError:
+            raise ModelError(f"{self.file}: tensor {self.name!r} is {self.dtype}, a packed sub-byte type "
+                             "NexusRT cannot read into an array") from None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def _checked_nbytes(shape: list[int], bits: int) -> int | None:
+    """Bytes of ``shape`` at ``bits`` per element, or None when the product overflows a u64."""
+    n = bits
+    for dim in shape:
+        n *= dim
+        if n >= _MAX_BYTES * 8:
+            return None
+    return n // 8 if n % 8 == 0 else -1
 
 
 class SafetensorsFile:
@@ -75,6 +102,38 @@ class SafetensorsFile:
     def _parse(self) -> None:
         if not self.path.is_file():
             raise self._fail("file not found")
+        try:
+            raw, n, size = self._read_header()
+        except OSError as exc:
+            raise self._fail(f"cannot read: {exc.strerror or exc}") from None
+        header = parse_json(raw, f"{self.path} (header)")
+        if not isinstance(header, dict):
+            raise self._fail(f"header must be a JSON object, got {type(header).__name__}")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._fail("__metadata__ must be an object of strings")
+        self.metadata = meta
+        data_start, data_size = 8 + n, size - 8 - n
+        for name, entry in header.items():
+            self.tensors[name] = self._entry(name, entry, data_start, data_size)
+        self._check_layout(data_start, data_size)
+
+    def _check_layout(self, data_start: int, data_size: int) -> None:
+        """The data buffer is the tensors back to back: no gap, no overlap, nothing after."""
+        spans = sorted((i.offset - data_start, i.offset - data_start + i.nbytes, name)
+                       for name, i in self.tensors.items())
+        end, prev = 0, None
+        for b, e, name in spans:
+            if b != end:
+                what = "overlaps" if b < end else f"leaves a gap of {b - end} bytes after"
+                after = f"tensor {prev!r} (ends at byte {end})" if prev else "the start of the data buffer"
+                raise self._fail(f"tensor {name!r} (bytes {b}..{e}) {what} {after}; the data must be contiguous")
+            end, prev = e, name
+        if end != data_size:
+            raise self._fail(f"{data_size - end} bytes after the last tensor (the data buffer holds {data_size} "
+                             f"bytes, the tensors {end}): trailing data is not allowed")
+
+    def _read_header(self) -> tuple[bytes, int, int]:
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -86,38 +145,18 @@ class SafetensorsFile:
                                  "truncated or not a safetensors file")
             if n > _MAX_HEADER:
                 raise self._fail(f"header length {n} exceeds the {_MAX_HEADER}-byte limit")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"header is not valid JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise self._fail(f"header must be a JSON object, got {type(header).__name__}")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise self._fail("__metadata__ must be an object of strings")
-        self.metadata = meta
-        data_start, data_size = 8 + n, size - 8 - n
-        spans = []
-        for name, entry in header.items():
-            info = self._entry(name, entry, data_start, data_size)
-            self.tensors[name] = info
-            spans.append((info.offset - data_start, info.offset - data_start + info.nbytes, name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise self._fail(f"tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} (bytes {b1}..{e1}) overlap")
+            return f.read(n), n, size
 
     def _entry(self, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
         where = f"tensor {name!r}"
         if not isinstance(entry, dict):
-            raise self._fail(f"{where}: header entry must be an object, got {entry!r}")
+            raise self._fail(f"{where}: header entry must be an object, got {type(entry).__name__}")
         missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
         if missing:
             raise self._fail(f"{where}: header entry lacks {', '.join(missing)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise self._fail(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise self._fail(f"{where}: unknown dtype {dtype!r}; the format defines {', '.join(DTYPE_BITS)}")
         if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                   for s in shape):
             raise self._fail(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -126,20 +165,32 @@ class SafetensorsFile:
                 or offsets[1] < offsets[0]):
             raise self._fail(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
         begin, end = offsets
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        bits = DTYPE_BITS[dtype]
+        expected = _checked_nbytes(shape, bits)
+        if expected is None:
+            raise self._fail(f"{where}: shape {shape} of {dtype} overflows 64 bits")
+        if expected < 0:
+            raise self._fail(f"{where}: shape {shape} of {dtype} ({bits}-bit) does not end on a byte boundary")
         if end - begin != expected:
             raise self._fail(f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
                              f"{offsets} span {end - begin}")
         if end > data_size:
             raise self._fail(f"{where}: data ends at byte {end} of the data buffer but the file holds only "
                              f"{data_size} data bytes (truncated file?)")
+        # Writers order tensors by decreasing alignment so each starts on a multiple of its
+        # element size; an unaligned one is a hand-made or corrupt file.
+        align = max(1, min(bits // 8, 8))
+        if begin % align:
+            raise self._fail(f"{where}: data_offsets begin {begin} is not a multiple of {align} ({dtype} alignment)")
         return TensorInfo(name, dtype, tuple(shape), self.path, data_start + begin, end - begin)
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Read one tensor into a new array of its own dtype and shape (checks the file still holds it)."""
-    # bf16 is read as raw uint16 and viewed: the byte layout is what counts, not numpy's parsing.
-    raw_dtype = np.uint16 if info.dtype == "BF16" else info.np_dtype
+    # ml_dtypes types (bf16, fp8) are read as raw unsigned ints of their width and viewed: the
+    # byte layout is what counts, not numpy's parsing.
+    want = info.np_dtype
+    raw_dtype = want if want.kind in "biufc" else np.dtype(f"u{want.itemsize}")
     try:
         arr = np.fromfile(info.file, dtype=raw_dtype, count=info.numel, offset=info.offset)
     except OSError as exc:
@@ -147,8 +198,8 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     if arr.size != info.numel:
         raise ModelError(f"{info.file}: tensor {info.name!r} is truncated: expected {info.numel} elements "
                          f"({info.nbytes} bytes at offset {info.offset}), read {arr.size}")
-    if info.dtype == "BF16":
-        arr = arr.view(ml_dtypes.bfloat16)
+    if raw_dtype != want:
+        arr = arr.view(want)
     return arr.reshape(info.shape)
 
 
@@ -166,32 +217,37 @@ class SafetensorsIndex:
                 self.tensors[name] = info
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "SafetensorsIndex":
-        d = Path(model_dir)
-        index = d / INDEX_FILE
-        if index.is_file():
-            return cls._from_index(index)
-        paths = sorted(d.glob("*.safetensors"))
+    def from_dir(cls, model_dir: str | Path | CheckpointDir) -> "SafetensorsIndex":
+        """Every tensor of a checkpoint directory (the index and its shards, else ``*.safetensors``)."""
+        d = model_dir if isinstance(model_dir, CheckpointDir) else CheckpointDir(model_dir)
+        index = d.file(INDEX_FILE, required=False)
+        if index is not None:
+            return cls._from_index(d, index)
+        paths = d.glob("*.safetensors")
         if not paths:
             extra = " (pytorch_model.bin is not supported; convert to safetensors)" \
-                if (d / "pytorch_model.bin").exists() else ""
+                if (d.root / "pytorch_model.bin").exists() else ""
             raise ModelError(f"{d}: no *.safetensors weight files found{extra}")
         return cls([SafetensorsFile(p) for p in paths], str(d))
 
     @classmethod
-    def _from_index(cls, index: Path) -> "SafetensorsIndex":
-        wmap = read_json_object(index).get("weight_map")
-        if not isinstance(wmap, dict) or not wmap:
+    def _from_index(cls, d: CheckpointDir, index: Path) -> "SafetensorsIndex":
+        f = Fields(read_json_object(index), str(index))
+        f.obj("metadata")  # optional, but an object when present
+        wmap = f.obj("weight_map")
+        if wmap is None or not wmap.d:
             raise ModelError(f"{index}: needs a non-empty 'weight_map' object")
+        for name in wmap.d:
+            wmap.str(name)
         shards = {}
-        for shard in sorted(set(wmap.values())):
-            path = index.parent / shard
-            if not path.is_file():
-                users = sorted(k for k, v in wmap.items() if v == shard)
+        for shard in sorted(set(wmap.d.values())):
+            path = d.file(shard, required=False, what="shard")
+            if path is None:
+                users = sorted(k for k, v in wmap.d.items() if v == shard)
                 raise ModelError(f"{index}: shard {shard} is missing (it should hold {users[0]!r}"
                                  f"{f' and {len(users) - 1} more' if len(users) > 1 else ''})")
             shards[shard] = SafetensorsFile(path)
-        for name, shard in wmap.items():
+        for name, shard in wmap.d.items():
             if name not in shards[shard].tensors:
                 raise ModelError(f"{index}: weight_map puts {name!r} in {shard}, but that file has no such tensor")
         return cls(list(shards.values()), str(index))

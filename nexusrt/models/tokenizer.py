@@ -13,7 +13,12 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .chat import render_chat
-from .jsonfile import read_json_object
+from .jsonfile import read_bytes, read_json_object
+from .paths import CheckpointDir
+from .validate import Fields
+
+MAX_TOKENIZER_BYTES = 128 * 1024 * 1024  # the biggest real tokenizer.json files are ~35 MB
+MAX_TEMPLATE_BYTES = 1024 * 1024
 
 
 class BaseTokenizer:
@@ -38,55 +43,73 @@ class BaseTokenizer:
         """The rendered chat prompt (text) for ``messages``."""
         if not self.chat_template:
             raise ModelError(f"{self.source}: this tokenizer has no chat_template")
-        return render_chat(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+        return render_chat(self.chat_template, messages, add_generation_prompt, source=self.template_source,
+                           **self.special_tokens)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
     source = "tokenizer"
+    template_source = "chat template"
 
 
-def _token_text(value) -> str | None:
-    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+def _token_text(cfg: Fields, key: str) -> str:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken objects."""
+    if not cfg.has(key):
+        return ""
+    if isinstance(cfg.d[key], dict):
+        return cfg.obj(key).str("content")
+    return cfg.str(key)
+
+
+def _chat_template(files: CheckpointDir, cfg: Fields) -> tuple[str | None, str]:
+    """The chat template and the file it came from (``chat_template.jinja`` wins, as in HF)."""
+    jinja_file = files.file("chat_template.jinja", required=False)
+    if jinja_file is not None:
+        raw = read_bytes(jinja_file, MAX_TEMPLATE_BYTES, "chat template")
+        try:
+            return raw.decode("utf-8"), str(jinja_file)
+        except UnicodeDecodeError as exc:
+            raise ModelError(f"{jinja_file}: not UTF-8 text ({exc})") from None
+    source = f"{cfg.source} (chat_template)"
+    template = cfg.d.get("chat_template")
+    if isinstance(template, list):  # the older named-templates form
+        named = {}
+        for i, t in enumerate(template):
+            entry = Fields(t, cfg.source, f"chat_template[{i}].")
+            named[entry.str("name")] = entry.str("template")
+        template = named.get("default") or next(iter(named.values()), None)
+    elif template is not None:
+        template = cfg.str("chat_template")
+    if template is not None and len(template) > MAX_TEMPLATE_BYTES:
+        raise ModelError(f"{source}: longer than the {MAX_TEMPLATE_BYTES}-character limit")
+    return template, source
 
 
 class HFTokenizer(BaseTokenizer):
     """``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``) of a checkpoint."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, files: CheckpointDir | None = None):
         from tokenizers import Tokenizer
 
-        d = Path(model_dir)
-        path = d / "tokenizer.json"
-        self.source = str(path)
-        if not path.is_file():
-            raise ModelError(f"{path}: missing (needed to turn text into token ids)")
+        files = files or CheckpointDir(model_dir)
+        path = files.file("tokenizer.json", required=False)
+        self.source = str(files.root / "tokenizer.json")
+        if path is None:
+            raise ModelError(f"{self.source}: missing (needed to turn text into token ids)")
+        raw = read_bytes(path, MAX_TOKENIZER_BYTES, "tokenizer")
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ModelError(f"{path}: cannot load: {exc}") from None
-        cfg = self._read_config(d / "tokenizer_config.json")
-        self.special_tokens = {k: _token_text(cfg.get(k)) or "" for k in
-                               ("bos_token", "eos_token", "unk_token", "pad_token")}
+        cfg_path = files.file("tokenizer_config.json", required=False)
+        cfg = Fields(read_json_object(cfg_path) if cfg_path else {}, str(cfg_path or files.root / "tokenizer_config.json"))
+        self.special_tokens = {k: _token_text(cfg, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         self.bos_id = self._tok.token_to_id(self.special_tokens["bos_token"]) if self.special_tokens["bos_token"] else None
         eos = self._tok.token_to_id(self.special_tokens["eos_token"]) if self.special_tokens["eos_token"] else None
         self.eos_ids = () if eos is None else (eos,)
-        self.add_bos = bool(cfg.get("add_bos_token", False))
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # the older named-templates form
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        jinja_file = d / "chat_template.jinja"
-        if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
-        self.chat_template = template
-
-    @staticmethod
-    def _read_config(path: Path) -> dict:
-        return read_json_object(path) if path.is_file() else {}
+        self.add_bos = cfg.bool("add_bos_token", False)
+        self.chat_template, self.template_source = _chat_template(files, cfg)
 
     @property
     def vocab_size(self) -> int:

@@ -91,6 +91,8 @@ def wait_barrier(name: str | None = None, timeout_ms: float | None = None) -> No
 
     A stage that failed raises :class:`~nexusrt.errors.SchedulerError` naming it; so does a
     wait longer than ``timeout_ms`` (naming what is still running and any doorbell it waits on).
+    ``timeout_ms=None`` is the default bound, 300 s (``NEXUSRT_WAIT_TIMEOUT_S`` changes it);
+    ``math.inf`` waits without limit.
     """
     current("nrt.scheduler.wait_barrier()").wait_barrier(name, timeout_ms)
 

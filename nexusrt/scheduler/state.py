@@ -11,6 +11,7 @@ import time
 from collections import defaultdict, deque
 
 from ..errors import CudaError, SchedulerError
+from ..firmware.waits import deadline_ms, default_timeout_ms
 from .contract import StageContract
 from .graph import Plan, TaskGraph
 
@@ -111,10 +112,12 @@ class Scheduler:
 
     # -- barriers -----------------------------------------------------------------------------
     def wait_barrier(self, name: str | None = None, timeout_ms: float | None = None) -> None:
-        """Wait for stage ``name`` (its latest submission) or for everything submitted."""
-        if timeout_ms is not None and timeout_ms < 0:
-            raise ValueError(f"timeout_ms must be non-negative or None, got {timeout_ms}")
-        deadline = None if timeout_ms is None else time.perf_counter() + timeout_ms / 1e3
+        """Wait for stage ``name`` (its latest submission) or for everything submitted.
+
+        ``timeout_ms`` None means the default bound (:mod:`nexusrt.firmware.waits`), ``math.inf`` none.
+        """
+        deadline = deadline_ms(timeout_ms, time.perf_counter())
+        timeout_ms = timeout_ms if timeout_ms is not None else default_timeout_ms()
         if name is not None and name not in self.last:
             raise ValueError(f"no stage named {name!r} was submitted")
         what = "everything submitted" if name is None else f"stage {name!r}"

@@ -1,5 +1,11 @@
 """Everything a runner keeps on the device besides weights: activations, the paged KV
-cache, the step state the graph reads, workspaces and the pinned token ring."""
+cache, the step state the graph reads, workspaces and the pinned token ring.
+
+Prefill rows are sized for the largest chunk bucket. The residual stream (``hidden``) is
+fp32, as are the QKV rows RoPE reads; the operands of the tensor-core GEMMs are bf16
+(``normed``, ``attn``, ``gate_up``, ``act``). Decode reads row 0 of the shared buffers and
+keeps its own fp32 rows for the GEMVs' inputs (``dec_attn``, ``dec_mlp``).
+"""
 
 from __future__ import annotations
 
@@ -23,24 +29,31 @@ class RunnerBuffers:
     position from it and the sampler advances it, so the graph never changes per token.
     """
 
-    def __init__(self, rt, cfg, max_context: int, chunk: int):
+    def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None):
+        """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
+        (default ``max_context``; a runner adds room for the rows of a padded last chunk)."""
         self.owned: list = []
         h, d = cfg.hidden_size, cfg.head_dim
-        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         qkv = (hq + 2 * hkv) * d
         self.chunk = chunk
+        positions = max_context if positions is None else positions
         try:
             self.state = self._t(memory.zeros((4,), "int32", tag=TAG))
             self.pos, self.step, self.token = self.state[0:1], self.state[1:2], self.state[2:3]
             self.ids = self._t(memory.zeros((chunk,), "int32", tag=TAG))
+            self.prompt = self._t(memory.pinned((positions,), "int32", tag=TAG))  # ids staged for async copies
             self.hidden = self._t(memory.empty((chunk, h), "fp32", tag=TAG))
             self.qkv = self._t(memory.empty((chunk, qkv), "fp32", tag=TAG))
             self.q = self._t(memory.empty((chunk, hq, d), "fp32", tag=TAG))
-            self.attn = self._t(memory.empty((chunk, hq * d), "fp32", tag=TAG))
-            self.mlp = self._t(memory.empty((chunk, cfg.intermediate_size), "fp32", tag=TAG))
-            self.rstd = self._t(memory.empty((chunk,), "fp32", tag=TAG))
+            self.normed = self._t(memory.empty((chunk, h), "bf16", tag=TAG))
+            self.attn = self._t(memory.empty((chunk, hq * d), "bf16", tag=TAG))
+            self.gate_up = self._t(memory.empty((chunk, 2 * inter), "bf16", tag=TAG))
+            self.act = self._t(memory.empty((chunk, inter), "bf16", tag=TAG))
+            self.dec_attn = self._t(memory.empty((1, hq * d), "fp32", tag=TAG))
+            self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
-            num_pages = pages_for(max_context)
+            num_pages = pages_for(positions)
             self.page_table = self._t(memory.from_numpy(np.arange(num_pages, dtype=np.int32), tag=TAG))
             self.k_pools, self.v_pools = [], []
             for _ in range(cfg.num_hidden_layers):

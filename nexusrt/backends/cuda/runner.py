@@ -5,6 +5,11 @@ chains of scheduler stages (step.py) captured once as CUDA graphs; a token costs
 ``cuGraphLaunch``. The sampler runs on the device and writes each token into a pinned
 ring the host polls, so the fast path (``generate_tokens``) keeps several steps queued
 and never synchronises per token.
+
+Prefill runs on tensor cores (cuBLASLt GEMMs, mma.sync attention) in chunks of a few fixed
+sizes (chunks.py): one graph per size, captured when the runner is made, so any prompt
+length replays graphs that already exist; the prompt's ids are staged in pinned memory
+and copied in stream order, so no chunk waits for the host.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ from ...backends.cpu.ops import rope_inv_freq
 from ...errors import ModelError, NexusRTError
 from ...firmware.driver import call
 from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops.cublaslt import LtContext
 from . import step as steps
 from .buffers import RING, RunnerBuffers
+from .chunks import BUCKETS, buckets_for, plan_chunks
 from .weights import upload
 
 DEFAULT_MAX_CONTEXT = 4096
-DEFAULT_CHUNK = 256  # prefill tokens per chunk (the prefill stages' token budget)
 QUEUE_AHEAD = 8  # decode steps in flight ahead of the host in generate_tokens
 
 
@@ -33,6 +39,10 @@ def _check_supported(cfg) -> None:
     if cfg.head_dim not in dims:
         raise ModelError(f"the CUDA backend supports head_dim {' or '.join(map(str, dims))}; "
                          f"{cfg.source or 'this model'} has head_dim {cfg.head_dim} (use backend='cpu')")
+    for name in ("hidden_size", "intermediate_size"):  # the bf16 prefill reads rows in 16-byte vectors
+        if getattr(cfg, name) % 8:
+            raise ModelError(f"the CUDA prefill needs {name} to be a multiple of 8; this model has "
+                             f"{getattr(cfg, name)} (use backend='cpu')")
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     if group > attn_dec.MAX_GROUP:
         raise ModelError(f"the CUDA backend supports GQA groups up to {attn_dec.MAX_GROUP} query heads per KV head; "
@@ -42,7 +52,7 @@ def _check_supported(cfg) -> None:
 class CudaRunner:
     """One sequence on the GPU. ``CudaRunner(model, runtime, max_context=None)``."""
 
-    def __init__(self, model, rt, max_context: int | None = None, chunk: int = DEFAULT_CHUNK,
+    def __init__(self, model, rt, max_context: int | None = None, buckets: tuple[int, ...] = BUCKETS,
                  progress=None):
         cfg = model.config
         self.config, self.rt = cfg, rt
@@ -55,7 +65,10 @@ class CudaRunner:
         self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, limit))
         if self.max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {max_context}")
-        self.chunk = int(min(chunk, self.max_context))
+        self.buckets = buckets_for(self.max_context, buckets)
+        self.chunk = self.buckets[-1]
+        # A padded last chunk writes up to min(buckets) - 1 rows past the context.
+        self.capacity = self.max_context + self.buckets[0] - 1
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -63,8 +76,9 @@ class CudaRunner:
         self._sample_specs = None
         self.timings: dict = {}
         rt.device.make_current()
-        self.weights = self.buffers = None
+        self.weights = self.buffers = self.lt = None
         try:
+            self.lt = LtContext(rt)  # fails first, with what to install, if cuBLASLt is missing
             t0 = time.perf_counter()
             self.weights = upload(rt, model.weights, self.stream, progress)
             inv = memory.from_numpy(rope_inv_freq(cfg).astype(np.float32), tag="weights")
@@ -73,9 +87,12 @@ class CudaRunner:
             if self.weights.load_report is not None:
                 self.timings["load"] = self.weights.load_report.as_dict()
             self.timings["upload_s"] = time.perf_counter() - t0
-            self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk)
+            self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity)
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
+            self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers))
+            for m in self.buckets:
+                self._prefill_graph(m)
             self.timings["capture_s"] = time.perf_counter() - t0
         except BaseException:
             self.close()
@@ -94,15 +111,23 @@ class CudaRunner:
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(
-            self.rt, self.config, self.weights, self.buffers, m))
+            self.rt, self.config, self.weights, self.buffers, m, self.lt))
 
     # -- small device writes in stream order -----------------------------------------------------
     def _set_word(self, word, value: int) -> None:
         call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)
 
-    def _set_ids(self, ids: np.ndarray) -> None:
-        self.stream.synchronize()  # the ids buffer may still be read by the previous chunk
-        self.buffers.ids[0:len(ids)].copy_from(ids)
+    def _stage_prompt(self, ids: np.ndarray) -> None:
+        """Put the prompt into the pinned staging buffer, zeros after it (a padded chunk's rows)."""
+        self.stream.synchronize()  # once per prompt: earlier copies may still read the buffer
+        staged = self.buffers.prompt.array
+        staged[:ids.size] = ids
+        staged[ids.size:] = 0
+
+    def _copy_ids(self, offset: int, rows: int) -> None:
+        """Chunk ids from the staging buffer into ``ids``, in stream order (no host wait)."""
+        src = self.buffers.prompt.ptr + 4 * offset
+        call("cuMemcpyHtoDAsync", self.buffers.ids.ptr, src, 4 * rows, self.stream.handle)
 
     # -- ModelRunner ----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -110,6 +135,8 @@ class CudaRunner:
         self.position = 0
 
     def _check_room(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"token count must be >= 0, got {n}")
         if self.position + n > self.max_context:
             raise ModelError(f"the sequence would hold {self.position + n} tokens; this runner's context "
                              f"is {self.max_context} (max_context=...)")
@@ -120,12 +147,20 @@ class CudaRunner:
             raise ValueError("prefill needs at least one token")
         self._check_room(ids.size)
         self.rt.device.make_current()
-        for start in range(0, ids.size, self.chunk):
-            part = ids[start:start + self.chunk]
-            self._set_ids(part)
-            self._set_word(self.buffers.pos, self.position)
-            self._prefill_graph(part.size).replay()
-            self.position += part.size
+        base = self.position
+        self._stage_prompt(ids)
+        done = 0
+        for bucket, real in plan_chunks(ids.size, self.buckets, base, self.capacity):
+            self._copy_ids(done, bucket)  # past the prompt: the staged zeros
+            self._set_word(self.buffers.pos, base + done)
+            self._prefill_graph(bucket).replay()
+            done += real
+        if real > 1:  # the prompt's last row to row 0, where the LM head graph reads it
+            h = self.config.hidden_size
+            hidden = self.buffers.hidden
+            call("cuMemcpyDtoDAsync", hidden.ptr, hidden.ptr + 4 * h * (real - 1), 4 * h, self.stream.handle)
+        self._graphs[("logits",)].replay()
+        self.position = base + ids.size
         self._set_word(self.buffers.pos, self.position - 1)  # the last row's position
 
     def decode(self, token_id: int) -> None:
@@ -140,18 +175,23 @@ class CudaRunner:
         self.stream.synchronize()
         return self.buffers.logits.to_numpy().reshape(-1).astype(np.float32)
 
-    def forward_all(self, token_ids) -> np.ndarray:
+    def forward_all(self, token_ids, chunk: int | None = None) -> np.ndarray:
+        """Logits of every row (fp32 [n, vocab]) from a fresh sequence, in chunks of ``chunk``
+        rows (default: the largest bucket), submitted stage by stage (not captured)."""
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
+        chunk = min(int(chunk or self.chunk), self.chunk, 1024)  # bounds the fp32 logits buffer
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.reset()
         self._check_room(ids.size)
+        self._stage_prompt(ids)
         out = np.empty((ids.size, self.config.vocab_size), np.float32)
-        with memory.empty((self.chunk, self.config.vocab_size), "fp32", tag="runner") as logits:
-            for start in range(0, ids.size, self.chunk):
-                part = ids[start:start + self.chunk]
-                m = part.size
-                self._set_ids(part)
+        with memory.empty((chunk, self.config.vocab_size), "fp32", tag="runner") as logits:
+            for start in range(0, ids.size, chunk):
+                m = min(chunk, ids.size - start)
+                self._copy_ids(start, m)
                 self._set_word(self.buffers.pos, self.position)
-                stages = steps.prefill_stages(self.rt, self.config, self.weights, self.buffers, m,
+                stages = steps.prefill_stages(self.rt, self.config, self.weights, self.buffers, m, self.lt,
                                               all_logits=logits[0:m])
                 scheduler.submit(stages)
                 scheduler.wait_barrier()
@@ -249,3 +289,6 @@ class CudaRunner:
         if self.weights is not None:
             self.weights.free()
             self.weights = None
+        if self.lt is not None:
+            self.lt.close()
+            self.lt = None

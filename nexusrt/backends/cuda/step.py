@@ -37,7 +37,7 @@ def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     qkv_n = (hq + 2 * hkv) * d
     x = b.hidden[0:1]
-    qkv, q, attn, mlp = b.qkv[0:1], b.q[0:1], b.attn[0:1], b.mlp[0:1]
+    qkv, q, attn, mlp = b.qkv[0:1], b.q[0:1], b.dec_attn, b.dec_mlp
     eps = cfg.rms_norm_eps
     ch = _Chain("decode")
     ch.add("embed", ew.embedding(rt, x, b.token, w.embed, m=1, hidden=h, vocab=cfg.vocab_size),
@@ -78,23 +78,37 @@ def sample_stages(rt, b, after: str | None = None) -> list:
     return [s1, s2]
 
 
-def prefill_stages(rt, cfg, w, b, m: int, *, all_logits=None) -> list:
-    """``m`` prompt tokens from ``b.ids`` at positions ``*pos ..``; logits of the last row into
-    ``b.logits`` (or of every row into ``all_logits`` fp32 [m, vocab])."""
+def logits_stages(rt, cfg, w, b) -> list:
+    """The LM head alone: final norm and logits of ``b.hidden[0]`` into ``b.logits`` (after a
+    prefill, the runner copies the prompt's last row there)."""
+    ch = _Chain("logits")
+    x = b.hidden[0:1]
+    ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, x, n=cfg.vocab_size, k=cfg.hidden_size,
+                              norm_weight=w.final_norm, eps=cfg.rms_norm_eps, workspace=b.gemv_ws),
+           [x, w.lm_head, w.final_norm], [b.logits])
+    return ch.stages
+
+
+def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
+    """``m`` prompt rows from ``b.ids`` at positions ``*pos ..`` through every layer, on tensor
+    cores: bf16 operands (normed rows, attention rows, the MLP activation) into cuBLASLt
+    GEMMs (``lt``), fp32 residual stream. The hidden rows are left in ``b.hidden`` (see
+    :func:`logits_stages`); with ``all_logits`` (fp32 [m, vocab]) every row's logits too."""
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     qkv_n = (hq + 2 * hkv) * d
-    x, qkv, q, attn, mlp, rstd = (b.hidden[0:m], b.qkv[0:m], b.q[0:m], b.attn[0:m], b.mlp[0:m], b.rstd[0:m])
+    x, qkv, q, xn, attn = b.hidden[0:m], b.qkv[0:m], b.q[0:m], b.normed[0:m], b.attn[0:m]
+    gate_up, act = b.gate_up[0:m], b.act[0:m]
     eps = cfg.rms_norm_eps
     ch = _Chain(f"prefill{m}")
     ch.add("embed", ew.embedding(rt, x, b.ids[0:m], w.embed, m=m, hidden=h, vocab=cfg.vocab_size),
            [b.ids, w.embed], [x])
     for i, lw in enumerate(w.layers):
         p = f"layer{i}"
-        ch.add(f"{p}.attn_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
-        ch.add(f"{p}.qkv", gm.gemm(rt, qkv, lw.qkv, x, m=m, n=qkv_n, k=h, norm_weight=lw.attn_norm, rstd=rstd,
-                                   bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None),
-               [x, rstd, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
+        ch.add(f"{p}.attn_norm", ew.rms_norm_bf16(rt, xn, x, lw.attn_norm, rows=m, cols=h, eps=eps),
+               [x, lw.attn_norm], [xn])
+        ch.add(f"{p}.qkv", gm.gemm(rt, qkv, lw.qkv, xn, m=m, n=qkv_n, k=h, bias=lw.qkv_bias, lt=lt),
+               [xn, lw.qkv, lw.qkv_bias], [qkv])
         ch.add(f"{p}.rope_append", rope.rope_append(
             rt, qkv, q, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, w.inv_freq, num_q_heads=hq,
             num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
@@ -102,19 +116,16 @@ def prefill_stages(rt, cfg, w, b, m: int, *, all_logits=None) -> list:
         ch.add(f"{p}.attention", attn_pre.attention_prefill(
             rt, q, attn, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
             head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
-        ch.add(f"{p}.o", gm.gemm(rt, x, lw.o, attn, m=m, n=h, k=hq * d, residual=x), [attn, lw.o], [x])
-        ch.add(f"{p}.mlp_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
-        ch.add(f"{p}.gate_up", gm.gemm(rt, mlp, lw.gate_up, x, m=m, n=inter, k=h, norm_weight=lw.mlp_norm,
-                                       rstd=rstd, gate_up=True), [x, rstd, lw.gate_up, lw.mlp_norm], [mlp])
-        ch.add(f"{p}.down", gm.gemm(rt, x, lw.down, mlp, m=m, n=h, k=inter, residual=x), [mlp, lw.down], [x])
+        ch.add(f"{p}.o", gm.gemm(rt, x, lw.o, attn, m=m, n=h, k=hq * d, residual=x, lt=lt), [attn, lw.o], [x])
+        ch.add(f"{p}.mlp_norm", ew.rms_norm_bf16(rt, xn, x, lw.mlp_norm, rows=m, cols=h, eps=eps),
+               [x, lw.mlp_norm], [xn])
+        ch.add(f"{p}.gate_up", gm.gemm(rt, gate_up, lw.gate_up, xn, m=m, n=2 * inter, k=h, lt=lt),
+               [xn, lw.gate_up], [gate_up])
+        ch.add(f"{p}.silu_mul", ew.silu_mul_bf16(rt, act, gate_up, rows=m, cols=inter), [gate_up], [act])
+        ch.add(f"{p}.down", gm.gemm(rt, x, lw.down, act, m=m, n=h, k=inter, residual=x, lt=lt), [act, lw.down], [x])
     if all_logits is not None:
-        ch.add("final_rstd", gm.gemm_rstd(rt, rstd, x, m=m, k=h, eps=eps), [x], [rstd])
-        ch.add("lm_head", gm.gemm(rt, all_logits, w.lm_head, x, m=m, n=cfg.vocab_size, k=h,
-                                  norm_weight=w.final_norm, rstd=rstd), [x, rstd, w.lm_head], [all_logits])
-    else:
-        last = b.hidden[m - 1:m]
-        ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, last, n=cfg.vocab_size, k=h,
-                                  norm_weight=w.final_norm, eps=eps, workspace=b.gemv_ws),
-               [x, w.lm_head, w.final_norm], [b.logits])
+        ch.add("final_norm", ew.rms_norm_bf16(rt, xn, x, w.final_norm, rows=m, cols=h, eps=eps),
+               [x, w.final_norm], [xn])
+        ch.add("lm_head", gm.gemm(rt, all_logits, w.lm_head, xn, m=m, n=cfg.vocab_size, k=h, lt=lt),
+               [xn, w.lm_head], [all_logits])
     return ch.stages
-

@@ -1,6 +1,8 @@
 // Small elementwise kernels of the decode/prefill path: embedding, RMSNorm rows, SiLU*mul,
 // add, dtype conversions, and the on-device uniform fill used for synthetic weights.
-// All activations are fp32; weights/tables are bf16.
+// The residual stream is fp32; weights/tables are bf16. The prefill's tensor-core GEMMs read
+// bf16 operands, so two kernels here write bf16: the normalised rows (rms_norm_bf16) and the
+// gated MLP activation (silu_mul_bf16).
 #include "common.cuh"
 
 // out[m, :] = float(table[ids[m], :]) for m < M. ids come from DEVICE memory (the sampled
@@ -36,6 +38,54 @@ extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, 
     const float rstd = 1.0f / sqrtf(ss / (float)cols + eps);
     float* o = out + off;
     for (int i = lane; i < cols; i += 32) o[i] = xr[i] * rstd * w[i];
+}
+
+// RMSNorm of fp32 rows into bf16 rows (the A operand of the next GEMM), one warp per row,
+// 16-byte loads: out = bf16(x * rsqrt(mean(x^2) + eps) * w), rounded once. cols % 8 == 0.
+extern "C" __global__ void rms_norm_bf16(__nv_bfloat16* out, const float* x, const float* w, int rows,
+                                         int cols, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const float4* xr = reinterpret_cast<const float4*>(x + (size_t)r * cols);
+    const float4* wr = reinterpret_cast<const float4*>(w);
+    float ss = 0.0f;
+    for (int i = lane; i < cols / 4; i += 32) {
+        const float4 v = xr[i];
+        ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
+    }
+    ss = nrt::warp_sum(ss);
+    const float rstd = 1.0f / sqrtf(ss / (float)cols + eps);
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + (size_t)r * cols);
+    for (int i = lane; i < cols / 4; i += 32) {
+        const float4 v = xr[i], g = wr[i];
+        o[2 * i] = __floats2bfloat162_rn(v.x * rstd * g.x, v.y * rstd * g.y);
+        o[2 * i + 1] = __floats2bfloat162_rn(v.z * rstd * g.z, v.w * rstd * g.w);
+    }
+}
+
+// The gated MLP activation on the bf16 output of the fused gate_up GEMM: gu [rows, 2I] holds
+// gate in columns 0..I-1 and up in I..2I-1; out[r, c] = bf16(silu(gate) * up), computed in
+// fp32 and rounded once. 8 columns per thread (16-byte loads); cols % 8 == 0.
+extern "C" __global__ void silu_mul_bf16(__nv_bfloat16* out, const __nv_bfloat16* gu, int rows, int cols) {
+    const int r = blockIdx.y;
+    if (r >= rows) return;
+    const uint4* g = reinterpret_cast<const uint4*>(gu + (size_t)r * 2 * cols);
+    const uint4* u = reinterpret_cast<const uint4*>(gu + (size_t)r * 2 * cols + cols);
+    uint4* o = reinterpret_cast<uint4*>(out + (size_t)r * cols);
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols / 8; c += gridDim.x * blockDim.x) {
+        const uint4 gv = g[c], uv = u[c];
+        const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+        unsigned ow[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float a = nrt::silu(nrt::bf16_lo(gw[k])) * nrt::bf16_lo(uw[k]);
+            const float b = nrt::silu(nrt::bf16_hi(gw[k])) * nrt::bf16_hi(uw[k]);
+            const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+            ow[k] = *reinterpret_cast<const unsigned*>(&v);
+        }
+        o[c] = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+    }
 }
 
 // out[r, c] = silu(gate[r, c]) * up[r, c] with row strides (the fused gate_up buffer has

@@ -49,6 +49,17 @@ def random_weights(rt, shape: tuple[int, ...], *, scale: float = 0.02, min_copie
     return out
 
 
+def random_bf16(rt, shape: tuple[int, ...], *, seed: int, scale: float = 1.0):
+    """A bf16 device tensor of uniform values in +- scale, filled on the device."""
+    from ... import memory
+    from .elementwise import fill_uniform_bf16
+
+    n = int(np.prod(shape))
+    t = memory.empty(shape, "bf16", tag="bench")
+    fill_uniform_bf16(rt, t.reshape(n), n, seed, scale, 0.0).launch(rt.streams["compute"])
+    return t
+
+
 def random_f32(rt, shape: tuple[int, ...], *, seed: int, offset: float = 0.0, scale: float = 1.0):
     """A small fp32 device tensor of uniform values in offset +- scale (host-generated)."""
     from ... import memory

@@ -1,6 +1,8 @@
 """Launchers for ``cu/elementwise.cu``: embedding, RMSNorm rows, SiLU*mul, add, conversions, fill.
 
-All activations are fp32. Every launcher checks its shapes and returns a :class:`LaunchSpec`.
+The residual stream is fp32; ``rms_norm_bf16`` and ``silu_mul_bf16`` write the bf16 operands
+of the prefill's tensor-core GEMMs. Every launcher checks its shapes and returns a
+:class:`LaunchSpec`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ _SIGS = {
     "embedding": "ptr ptr ptr i32 i32 i32",
     "rms_norm": "ptr ptr ptr i32 i32 i32 i64 f32",
     "silu_mul": "ptr ptr ptr i32 i32 i64 i64",
+    "rms_norm_bf16": "ptr ptr ptr i32 i32 f32",
+    "silu_mul_bf16": "ptr ptr i32 i32",
     "add_f32": "ptr ptr ptr i64",
     "f32_to_bf16": "ptr ptr i64",
     "bf16_to_f32": "ptr ptr i64",
@@ -71,6 +75,34 @@ def rms_norm(rt, out, x, weight, *, rows: int, cols: int, eps: float = 1e-5, gro
     warps = THREADS // 32
     return _spec(rt, "rms_norm", (ceil_div(rows, warps), 1, 1), (THREADS, 1, 1), ptr(out), ptr(x), ptr(weight),
                  rows, cols, group, int(group_stride), float(eps))
+
+
+def _check_vector_cols(cols: int, what: str) -> None:
+    if cols % 8:
+        raise ValueError(f"{what} reads rows in 16-byte vectors: cols must be a multiple of 8, got {cols}")
+
+
+def rms_norm_bf16(rt, out, x, weight, *, rows: int, cols: int, eps: float = 1e-5) -> LaunchSpec:
+    """RMSNorm of fp32 rows ``x`` [rows, cols] into bf16 rows ``out`` (the next GEMM's operand),
+    with fp32 ``weight`` [cols]; computed in fp32, rounded once. ``cols`` a multiple of 8."""
+    check_positive(rows=rows, cols=cols)
+    _check_vector_cols(cols, "rms_norm_bf16")
+    check_tensor(out, "out", (rows, cols), "bf16")
+    check_tensor(x, "x", (rows, cols), "fp32")
+    check_tensor(weight, "weight", (cols,), "fp32")
+    return _spec(rt, "rms_norm_bf16", (ceil_div(rows, THREADS // 32), 1, 1), (THREADS, 1, 1), ptr(out), ptr(x),
+                 ptr(weight), rows, cols, float(eps))
+
+
+def silu_mul_bf16(rt, out, gate_up, *, rows: int, cols: int) -> LaunchSpec:
+    """``out[r, c] = silu(gate_up[r, c]) * gate_up[r, cols + c]``, bf16 in and out (the fused
+    gate_up GEMM's output [rows, 2 * cols] -> the down GEMM's operand [rows, cols])."""
+    check_positive(rows=rows, cols=cols)
+    _check_vector_cols(cols, "silu_mul_bf16")
+    check_tensor(out, "out", (rows, cols), "bf16")
+    check_tensor(gate_up, "gate_up", (rows, 2 * cols), "bf16")
+    gx = max(1, min(ceil_div(cols // 8, THREADS), 64))
+    return _spec(rt, "silu_mul_bf16", (gx, rows, 1), (THREADS, 1, 1), ptr(out), ptr(gate_up), rows, cols)
 
 
 def silu_mul(rt, out, gate, up, *, rows: int, cols: int, in_stride: int | None = None,

@@ -1,8 +1,7 @@
 """The page cache, for honest cold and warm read figures.
 
-:func:`evict` drops files from the page cache: through ``/proc/sys/vm/drop_caches``
-where it is writable (root), else per file with ``posix_fadvise(DONTNEED)`` after a
-flush (any user; clean pages only, hence the flush). :func:`resident_fraction` asks
+:func:`evict` drops files from the page cache per file with ``posix_fadvise(DONTNEED)``
+after a flush, or (asked explicitly, and root only) through ``/proc/sys/vm/drop_caches`` (any user; clean pages only, hence the flush). :func:`resident_fraction` asks
 ``mincore`` how much of the files is cached, so a report can say whether a "cold" read
 really was cold. :func:`filesystem_of` names the file system (a tmpfs "disk" is RAM).
 """
@@ -20,16 +19,22 @@ import numpy as np
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
-def evict(paths, drop_caches: str = DROP_CACHES) -> str:
-    """Drop ``paths`` from the page cache; returns how (``drop_caches``, ``fadvise`` or why not)."""
+def evict(paths, drop_caches: str | None = None) -> str:
+    """Drop ``paths`` from the page cache; returns how (``drop_caches``, ``fadvise`` or why not).
+
+    Per file with ``posix_fadvise`` unless ``drop_caches`` names the kernel's switch (pass
+    :data:`DROP_CACHES`): writing it empties the page cache of the whole machine, which
+    slows every other process on it, so only an explicit request (``--drop-caches``) uses it.
+    """
     paths = [Path(p) for p in paths]
     os.sync()  # dirty pages cannot be dropped: write them out first
-    try:
-        with open(drop_caches, "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
+    if drop_caches is not None:
+        try:
+            with open(drop_caches, "w") as f:
+                f.write("3\n")
+            return "drop_caches"
+        except OSError:
+            pass
     failures = []
     for p in paths:
         try:

@@ -60,8 +60,9 @@ class LLM:
 
     Parameters
     ----------
-    path_or_name : checkpoint directory, ``synthetic:<preset>`` (tiny, llama-3.2-1b,
-        llama-3.1-8b), or a Hugging Face repo id ``org/name`` already in the local HF cache.
+    path_or_name : checkpoint directory, ``nexusrt:stdlib-tiny`` (shipped, trained),
+        ``synthetic:<preset>`` (tiny, llama-3.2-1b, llama-3.1-8b), or a Hugging Face repo id
+        ``org/name`` already in the local HF cache.
     backend : ``"cpu"`` or ``"cuda"``; default: the running runtime's (booted here if needed).
     max_context : cap on the KV cache, below the model's ``max_position_embeddings``.
     weights_seed : seed of synthetic weights (ignored for checkpoints).

@@ -1,7 +1,7 @@
 """The models layer: HF configs, safetensors, weight names, synthetic weights, tokenizers.
 
 >>> from nexusrt.models import load_model
->>> model = load_model("synthetic:tiny")      # or a checkpoint directory
+>>> model = load_model("nexusrt:stdlib-tiny")  # shipped; or synthetic:tiny, or a checkpoint directory
 >>> model.config.hidden_size, model.weights.load("layers.0.q").shape
 """
 

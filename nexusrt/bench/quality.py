@@ -43,6 +43,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, max_context=window)
     try:
+        window = min(window, llm.runner.max_context)  # a model with a shorter context scores shorter windows
         ids = quality.heldout_tokens(llm.model.tokenizer, quality.heldout_documents(), args.tokens)
         t1 = time.perf_counter()
         ours = quality.perplexity(llm.runner.forward_all, ids, window)

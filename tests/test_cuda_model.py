@@ -112,9 +112,10 @@ def test_cuda_greedy_generation_matches_hf_generate(variant, gpu_rt, tmp_path_fa
     check_greedy_against_hf(path, ids, 32, max_context=128, label=variant)
 
 
-def check_greedy_against_hf(path, ids, new_tokens: int, max_context: int, label: str) -> None:
+def check_greedy_against_hf(path, ids, new_tokens: int, max_context: int, label: str,
+                            tie_tol: float = 0.05) -> None:
     """Greedy ``generate_tokens`` on the device's fast path equals HF ``generate`` (fp32 on the
-    GPU) but for a reported tie."""
+    GPU) but for a reported tie (HF's top-2 gap below ``tie_tol``; 0 excuses none)."""
     from nexusrt.engine.sampling import SamplingParams
 
     model = H.load_hf(path, "float32", "cuda")
@@ -127,7 +128,7 @@ def check_greedy_against_hf(path, ids, new_tokens: int, max_context: int, label:
                                    lambda t: got.append(t) or False)
     finally:
         llm.close()
-    result = H.compare_greedy(got, ref_ids, ref_logits, tie_tol=0.05)
+    result = H.compare_greedy(got, ref_ids, ref_logits, tie_tol=tie_tol)
     print(label, result)
     assert "mismatch_at" not in result, result
 

@@ -15,7 +15,7 @@ import pytest
 import nexusrt as nrt
 from nexusrt.models.shipped import DEFAULT_MODEL, SHIPPED
 from tests import helpers_hf as H
-from tests.test_cuda_model import _check_against_hf, _hf_refs
+from tests.test_cuda_model import _check_against_hf, _hf_refs, check_greedy_against_hf
 
 pytestmark = pytest.mark.gpu
 
@@ -37,22 +37,9 @@ def _tokenizer():
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_cuda_greedy_256_tokens_equal_hf_exactly(prompt, gpu_rt):
-    from nexusrt.engine.sampling import SamplingParams
-
     ids = _tokenizer().encode(prompt)
-    model = H.load_hf(PATH, "float32", "cuda")
-    ref_ids, ref_logits = H.hf_greedy(model, ids, NEW_TOKENS)
-    del model
-    llm = nrt.LLM(DEFAULT_MODEL, backend="cuda", max_context=len(ids) + NEW_TOKENS + 16)
-    try:
-        got: list[int] = []
-        llm.runner.generate_tokens(ids, NEW_TOKENS, SamplingParams(temperature=0.0),
-                                   lambda t: got.append(t) or False)
-    finally:
-        llm.close()
-    report = H.compare_greedy(got, ref_ids, ref_logits, tie_tol=0.0)  # no tie excuses a difference
-    print(repr(prompt), report)
-    assert report == {"matched": NEW_TOKENS}, report
+    check_greedy_against_hf(PATH, ids, NEW_TOKENS, max_context=len(ids) + NEW_TOKENS + 16, label=repr(prompt),
+                            tie_tol=0.0)  # no tie excuses a difference
 
 
 def test_cuda_logits_per_row_within_hf_bf16_error(gpu_rt):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from .common import add_model_argument, resolve_model_config
-from .table import table
+from .table import plain, table
 
 
 def add_arguments(parser) -> None:
@@ -96,7 +96,7 @@ def render(r: dict) -> str:
         if isinstance(h, dict):
             rows.append([f"HF {dtype}", f"{h['perplexity']:.4f} -> NexusRT / HF {h['nexusrt_over_hf']:.5f}"])
         else:
-            rows.append([f"HF ({dtype})", str(h)])
+            rows.append([f"HF ({dtype})", plain(h)])
     if r.get("note"):
         rows.append(["note", r["note"]])
     return table(["quality", ""], rows, title="NexusRT held-out perplexity")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full GPU check, run on a machine with a GPU (the lent H100 via the device tool, or yours):
-#   bash scripts/gpu_check.sh [tests] [detect] [memory] [scheduler] [kernels] [prefill] [decode] [load] [-- PYTEST_ARGS]
+#   bash scripts/gpu_check.sh [tests] [detect] [memory] [scheduler] [kernels] [prefill] [decode] [load] [quality] [-- PYTEST_ARGS]
 # No stage names = all of them. Logs go to $OUT (default ./out): one file per stage, and a summary printed last.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -12,7 +12,7 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "--" ]; then shift; pytest_args=("$@"); break; fi
   stages+=("$1"); shift
 done
-[ ${#stages[@]} -gt 0 ] || stages=(detect tests memory scheduler kernels prefill decode load)
+[ ${#stages[@]} -gt 0 ] || stages=(detect tests memory scheduler kernels prefill decode load quality)
 # nvmath-python (cuBLASLt bindings) is not on the lent GPU machine: install wheels carried in .whl/.
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import nvmath" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
@@ -35,6 +35,7 @@ for s in "${stages[@]}"; do
              run_stage prefill8b python3 -m nexusrt.bench.main --stage prefill --model synthetic:llama-3.1-8b ;;
     decode) run_stage decode python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.2-1b
             run_stage decode8b python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.1-8b ;;
+    quality) run_stage quality python3 -m nexusrt.bench.main --stage quality --backend cuda ;;
     load) run_stage load python3 -m nexusrt.bench.main --stage load --model synthetic:llama-3.1-8b ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

@@ -16,6 +16,7 @@ from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kernels.ops.common import PAGE_SIZE
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
 
@@ -50,40 +51,19 @@ def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
     assert dec.tokens_per_step(64, 4) == 64 and dec.tokens_per_step(128, 8) == 16
 
 
-class _FakeKernel:
-    function = None
-
-    def pack(self, *values):
-        return values
-
-
-class _FakeRT:
-    def __init__(self):
-        self.asked = []
-        self.kernels = SimpleNamespace(get=self._get)
-
-    def _get(self, source, name, signature):
-        self.asked.append((source, name, len(signature.split())))
-        return _FakeKernel()
-
-
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
 def _decode_args(hq=32, hkv=8, d=128, pages=10, splits=4):
     g = hq // hkv
-    ws = dec.DecodeWorkspace(_t((hkv, splits, g, d), "fp32"), _t((hkv, splits, g, 2), "fp32"),
-                             _t((hkv,), "int32"), splits)
-    return dict(q=_t((hq, d), "fp32"), out=_t((hq * d,), "fp32"), k_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"),
-                v_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"), page_table=_t((pages,), "int32"),
-                pos=_t((1,), "int32"), workspace=ws)
+    ws = dec.DecodeWorkspace(tensor((hkv, splits, g, d), "fp32"), tensor((hkv, splits, g, 2), "fp32"),
+                             tensor((hkv,), "int32"), splits)
+    return dict(q=tensor((hq, d), "fp32"), out=tensor((hq * d,), "fp32"), k_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"),
+                v_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"), page_table=tensor((pages,), "int32"),
+                pos=tensor((1,), "int32"), workspace=ws)
 
 
 def test_decode_launcher_picks_the_kernel_and_grid():
-    rt = _FakeRT()
+    rt = FakeRuntime()
     spec = dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert rt.asked == [("attention_decode", "attention_decode_d128_g4", 13)]
+    assert [(s, n, len(sig.split())) for s, n, sig in rt.asked] == [("attention_decode", "attention_decode_d128_g4", 13)]
     assert spec.grid == (8, 4, 1) and spec.block == (128, 1, 1)
     assert spec.args[-1] == pytest.approx(1 / math.sqrt(128)) and spec.args[-3] == 4  # G
     assert dec.kernel_name(64, 3) == "attention_decode_d64_gmax4"
@@ -91,47 +71,47 @@ def test_decode_launcher_picks_the_kernel_and_grid():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(q=_t((32, 64), "fp32")), "q has shape"),
-    (dict(out=_t((32 * 128,), "bf16")), "out has dtype bf16"),
-    (dict(k_pool=_t((10, 8, 8, 128), "bf16")), "k_pool has shape"),
-    (dict(v_pool=_t((11, 8, 16, 128), "bf16")), "v_pool has shape"),
-    (dict(page_table=_t((10,), "int64")), "page_table has dtype"),
+    (dict(q=tensor((32, 64), "fp32")), "q has shape"),
+    (dict(out=tensor((32 * 128,), "bf16")), "out has dtype bf16"),
+    (dict(k_pool=tensor((10, 8, 8, 128), "bf16")), "k_pool has shape"),
+    (dict(v_pool=tensor((11, 8, 16, 128), "bf16")), "v_pool has shape"),
+    (dict(page_table=tensor((10,), "int64")), "page_table has dtype"),
 ])
 def test_decode_launcher_rejects_bad_tensors_by_name(change, message):
     args = {**_decode_args(), **change}
     with pytest.raises(ValueError, match=message):
-        dec.attention_decode(_FakeRT(), **args, num_q_heads=32, num_kv_heads=8, head_dim=128)
+        dec.attention_decode(FakeRuntime(), **args, num_q_heads=32, num_kv_heads=8, head_dim=128)
 
 
 def test_decode_launcher_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim in"):
-        dec.attention_decode(_FakeRT(), **_decode_args(d=96), num_q_heads=32, num_kv_heads=8, head_dim=96)
+        dec.attention_decode(FakeRuntime(), **_decode_args(d=96), num_q_heads=32, num_kv_heads=8, head_dim=96)
     with pytest.raises(ValueError, match="GQA group 16"):
-        dec.attention_decode(_FakeRT(), **_decode_args(hq=32, hkv=2), num_q_heads=32, num_kv_heads=2,
+        dec.attention_decode(FakeRuntime(), **_decode_args(hq=32, hkv=2), num_q_heads=32, num_kv_heads=2,
                              head_dim=128)
     with pytest.raises(ValueError, match="not a multiple"):
-        dec.attention_decode(_FakeRT(), **_decode_args(), num_q_heads=30, num_kv_heads=8, head_dim=128)
+        dec.attention_decode(FakeRuntime(), **_decode_args(), num_q_heads=30, num_kv_heads=8, head_dim=128)
 
 
 def test_prefill_launcher_grid_covers_rows_times_group():
-    rt = _FakeRT()
+    rt = FakeRuntime()
     m, hq, hkv, d = 33, 28, 4, 128
-    spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "fp32"),
-                                 _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                                 _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+    spec = pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "fp32"),
+                                 tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                                 tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                                  head_dim=d)
     assert spec.grid == (math.ceil(m * 7 / 16), hkv, 1)
     with pytest.raises(ValueError, match="out has shape"):
-        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq), "fp32"),
-                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+        pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq), "fp32"),
+                              tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                              tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                               head_dim=d)
 
 
 def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
     from nexusrt.kernels.ops import rope, sampling
 
-    rt = SimpleNamespace(kernels=_FakeRT().kernels, profile=SimpleNamespace(sm_count=132))
+    rt = FakeRuntime()
     cfg = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=5000,
                           rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None)
     cases = dec.bench_cases(rt, cfg, contexts=(128, 1024))

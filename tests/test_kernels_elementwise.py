@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from nexusrt.kernels.ops import elementwise as ew
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
-FAKE_RT = SimpleNamespace(profile=SimpleNamespace(sm_count=132), kernels=None)
-
-
-def _t(shape, dtype, ptr=4096):
-    return SimpleNamespace(ptr=ptr, shape=shape, dtype=dtype)
+FAKE_RT = FakeRuntime()
 
 
 def test_fill_key_matches_the_synthetic_weights_formula():
@@ -30,20 +26,20 @@ def test_fill_key_matches_the_synthetic_weights_formula():
 
 def test_launchers_reject_bad_input():
     with pytest.raises(ValueError, match="ids has dtype fp32, expected int32"):
-        ew.embedding(FAKE_RT, _t((2, 8), "fp32"), _t((2,), "fp32"), _t((10, 8), "bf16"), m=2, hidden=8, vocab=10)
+        ew.embedding(FAKE_RT, tensor((2, 8), "fp32"), tensor((2,), "fp32"), tensor((10, 8), "bf16"), m=2, hidden=8, vocab=10)
     with pytest.raises(ValueError, match="weight has shape"):
-        ew.rms_norm(FAKE_RT, _t((4, 8), "fp32"), _t((4, 8), "fp32"), _t((9,), "fp32"), rows=4, cols=8)
+        ew.rms_norm(FAKE_RT, tensor((4, 8), "fp32"), tensor((4, 8), "fp32"), tensor((9,), "fp32"), rows=4, cols=8)
     with pytest.raises(ValueError, match="rows would overlap"):
-        ew.rms_norm(FAKE_RT, _t(None, "fp32"), _t(None, "fp32"), _t((8,), "fp32"), rows=4, cols=8, group=2,
+        ew.rms_norm(FAKE_RT, tensor(None, "fp32"), tensor(None, "fp32"), tensor((8,), "fp32"), rows=4, cols=8, group=2,
                     group_stride=8)
     with pytest.raises(ValueError, match="multiple of group"):
-        ew.rms_norm(FAKE_RT, _t(None, "fp32"), _t(None, "fp32"), _t((8,), "fp32"), rows=5, cols=8, group=2)
+        ew.rms_norm(FAKE_RT, tensor(None, "fp32"), tensor(None, "fp32"), tensor((8,), "fp32"), rows=5, cols=8, group=2)
     with pytest.raises(ValueError, match="strides"):
-        ew.silu_mul(FAKE_RT, _t((2, 8), "fp32"), _t(None, "fp32"), _t(None, "fp32"), rows=2, cols=8, in_stride=4)
+        ew.silu_mul(FAKE_RT, tensor((2, 8), "fp32"), tensor(None, "fp32"), tensor(None, "fp32"), rows=2, cols=8, in_stride=4)
     with pytest.raises(ValueError, match="null device address"):
-        ew.add(FAKE_RT, _t((4,), "fp32", ptr=0), _t((4,), "fp32"), _t((4,), "fp32"), n=4)
+        ew.add(FAKE_RT, tensor((4,), "fp32", ptr=0), tensor((4,), "fp32"), tensor((4,), "fp32"), n=4)
     with pytest.raises(ValueError, match="out has dtype fp32, expected bf16"):
-        ew.fill_uniform_bf16(FAKE_RT, _t((4,), "fp32"), 4, seed=1, scale=1.0)
+        ew.fill_uniform_bf16(FAKE_RT, tensor((4,), "fp32"), 4, seed=1, scale=1.0)
 
 
 # -- GPU ----------------------------------------------------------------------------------------

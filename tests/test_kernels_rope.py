@@ -3,7 +3,6 @@ rms_norm + apply_rope of nexusrt.backends.cpu.ops, K/V as written into a paged c
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -13,6 +12,7 @@ from nexusrt.engine.kv_pages import pool_shape
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import rope
 from nexusrt.kernels.ops.common import PAGE_SIZE
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
 
@@ -34,48 +34,38 @@ def test_page_size_agrees_with_the_kernel_headers():
             assert f"#define NRT_PAGE_SIZE {PAGE_SIZE}" in path.read_text(), header
 
 
-class _FakeRT:
-    def __init__(self):
-        self.kernels = SimpleNamespace(get=lambda source, name, sig: SimpleNamespace(
-            name=name, pack=lambda *values: values))
-
-
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
 def _args(m=3, hq=8, hkv=2, d=64, pages=4):
-    return dict(qkv=_t((m, (hq + 2 * hkv) * d), "fp32"), q_out=_t((m, hq, d), "fp32"),
-                k_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"), v_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"),
-                page_table=_t((pages,), "int32"), pos=_t((1,), "int32"), inv_freq=_t((d // 2,), "fp32"))
+    return dict(qkv=tensor((m, (hq + 2 * hkv) * d), "fp32"), q_out=tensor((m, hq, d), "fp32"),
+                k_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"), v_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"),
+                page_table=tensor((pages,), "int32"), pos=tensor((1,), "int32"), inv_freq=tensor((d // 2,), "fp32"))
 
 
 def test_launcher_grid_has_a_warp_per_head_and_a_row_per_position():
-    spec = rope.rope_append(_FakeRT(), **_args(m=3), num_q_heads=8, num_kv_heads=2, head_dim=64,
-                            q_norm=_t((64,), "fp32"), k_norm=None, eps=1e-6)
+    spec = rope.rope_append(FakeRuntime(), **_args(m=3), num_q_heads=8, num_kv_heads=2, head_dim=64,
+                            q_norm=tensor((64,), "fp32"), k_norm=None, eps=1e-6)
     assert spec.kernel.name == "rope_append_d64"
     assert spec.grid == (3, 3, 1) and spec.block == (128, 1, 1)  # 12 heads / 4 per block
     assert spec.args[7] == 0x1000 and spec.args[8] == 0  # q_norm given, k_norm null
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(qkv=_t((3, 11 * 64), "fp32")), "qkv has shape"),
-    (dict(q_out=_t((3, 8, 64), "bf16")), "q_out has dtype"),
-    (dict(inv_freq=_t((64,), "fp32")), "inv_freq has shape"),
-    (dict(pos=_t((1,), "fp32")), "pos has dtype"),
-    (dict(k_pool=_t((4, 2, 16, 64), "fp32")), "k_pool has dtype"),
+    (dict(qkv=tensor((3, 11 * 64), "fp32")), "qkv has shape"),
+    (dict(q_out=tensor((3, 8, 64), "bf16")), "q_out has dtype"),
+    (dict(inv_freq=tensor((64,), "fp32")), "inv_freq has shape"),
+    (dict(pos=tensor((1,), "fp32")), "pos has dtype"),
+    (dict(k_pool=tensor((4, 2, 16, 64), "fp32")), "k_pool has dtype"),
 ])
 def test_launcher_rejects_bad_tensors_by_name(change, message):
     with pytest.raises(ValueError, match=message):
-        rope.rope_append(_FakeRT(), **{**_args(), **change}, num_q_heads=8, num_kv_heads=2, head_dim=64)
+        rope.rope_append(FakeRuntime(), **{**_args(), **change}, num_q_heads=8, num_kv_heads=2, head_dim=64)
 
 
 def test_launcher_rejects_bad_norm_weight_and_head_dim():
     with pytest.raises(ValueError, match="k_norm has shape"):
-        rope.rope_append(_FakeRT(), **_args(), num_q_heads=8, num_kv_heads=2, head_dim=64,
-                         k_norm=_t((32,), "fp32"))
+        rope.rope_append(FakeRuntime(), **_args(), num_q_heads=8, num_kv_heads=2, head_dim=64,
+                         k_norm=tensor((32,), "fp32"))
     with pytest.raises(ValueError, match="head_dim in"):
-        rope.rope_append(_FakeRT(), **_args(d=80), num_q_heads=8, num_kv_heads=2, head_dim=80)
+        rope.rope_append(FakeRuntime(), **_args(d=80), num_q_heads=8, num_kv_heads=2, head_dim=80)
 
 
 # ------------------------------------------------------------------------ GPU

@@ -1,5 +1,5 @@
 """attention_decode and attention_prefill kernels: NVRTC builds and launcher checks on the
-CPU; on a GPU, results against nexusrt.backends.cpu.ops.attention over a paged cache whose
+CPU; on a GPU, results against nexusrt.reference.ops.attention over a paged cache whose
 pages are scattered through a shuffled page table."""
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ DECODE_SHAPES = [  # (Hq, Hkv, D): every group size 1..8 and the real model shap
 @pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 100, 1000, 4097])
 def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
 
     rng = np.random.default_rng(seq_len * 131 + hq * 7 + d)
     k, v, dev = _paged_cache(rng, seq_len, hkv, d)
@@ -191,7 +191,7 @@ PREFILL_SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64
 @pytest.mark.parametrize("start, m", [(0, 1), (0, 15), (0, 33), (7, 16), (50, 17), (200, 100), (0, 300)])
 def test_prefill_matches_reference(gpu_rt, hq, hkv, d, start, m):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
 
     rng = np.random.default_rng(start * 1009 + m * 17 + hq + d)
     k, v, dev = _paged_cache(rng, start + m, hkv, d)
@@ -216,7 +216,7 @@ def test_rope_append_prefill_then_decode_steps_agree_with_reference(gpu_rt, hq, 
     """The kernels agree on the cache layout: what rope_append writes is what prefill and
     decode read, across a prompt chunk and then single-token steps."""
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import apply_rope, attention
+    from nexusrt.reference.ops import apply_rope, attention
     from nexusrt.kernels.ops.rope import rope_append
 
     rng = np.random.default_rng(d)

@@ -55,7 +55,7 @@ def _go(rt, spec):
 
 @pytest.mark.gpu
 def test_embedding_reads_ids_from_device_memory(gpu_rt):
-    from nexusrt.backends.cpu import ops
+    from nexusrt.reference import ops
 
     rng = np.random.default_rng(0)
     vocab, h = 1000, 200
@@ -77,7 +77,7 @@ def test_embedding_reads_ids_from_device_memory(gpu_rt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,cols", [(1, 2048), (3, 4096), (7, 100), (64, 64), (1, 5)])
 def test_rms_norm_rows(gpu_rt, rows, cols):
-    from nexusrt.backends.cpu import ops
+    from nexusrt.reference import ops
 
     rng = np.random.default_rng(rows * cols)
     x = (3 * rng.standard_normal((rows, cols))).astype(np.float32)
@@ -93,7 +93,7 @@ def test_rms_norm_rows(gpu_rt, rows, cols):
 @pytest.mark.gpu
 def test_rms_norm_per_head_inside_fused_qkv(gpu_rt):
     """Qwen3 q/k norm: heads of q normalised in place inside a [T, (Hq + 2Hkv) * D] buffer."""
-    from nexusrt.backends.cpu import ops
+    from nexusrt.reference import ops
 
     t, hq, hkv, d = 3, 4, 2, 64
     width = (hq + 2 * hkv) * d
@@ -111,7 +111,7 @@ def test_rms_norm_per_head_inside_fused_qkv(gpu_rt):
 
 @pytest.mark.gpu
 def test_silu_mul_on_fused_gate_up_rows(gpu_rt):
-    from nexusrt.backends.cpu import ops
+    from nexusrt.reference import ops
 
     rows, i = 3, 300
     rng = np.random.default_rng(1)

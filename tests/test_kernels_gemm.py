@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kernels.ops.reference import linear_epilogue, rel_error
+from nexusrt.reference.ops import linear_epilogue, rel_error
 
 from nexusrt.kernels.ops.gemm import gemm, gemm_rstd
 from fakes import FakeRuntime, tensor

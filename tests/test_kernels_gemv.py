@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kernels.ops.reference import linear_epilogue, rel_error
+from nexusrt.reference.ops import linear_epilogue, rel_error
 
 from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
 from fakes import FakeRuntime

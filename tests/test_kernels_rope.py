@@ -1,5 +1,5 @@
 """rope_append kernel: NVRTC builds and launcher checks on the CPU; on a GPU, q against
-rms_norm + apply_rope of nexusrt.backends.cpu.ops, K/V as written into a paged cache."""
+rms_norm + apply_rope of nexusrt.reference.ops, K/V as written into a paged cache."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ CASES = [  # (M, Hq, Hkv, D, start, qk_norm)
 @pytest.mark.parametrize("m, hq, hkv, d, start, qk_norm", CASES)
 def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import apply_rope, rms_norm
+    from nexusrt.reference.ops import apply_rope, rms_norm
 
     rng = np.random.default_rng(m * 1000 + d + start)
     qkv = rng.standard_normal((m, (hq + 2 * hkv) * d), dtype=np.float32) * 2

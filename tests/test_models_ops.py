@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from nexusrt.backends.cpu import ops
+from nexusrt.reference import ops
 from nexusrt.models import ModelConfig
 
 torch = pytest.importorskip("torch")

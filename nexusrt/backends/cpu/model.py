@@ -12,7 +12,7 @@ import numpy as np
 
 from ...engine.sampling import sample as sample_logits
 from ...models.weights import WeightSource
-from . import ops
+from ...reference import ops
 
 _INITIAL_CACHE = 256  # tokens; the cache doubles as needed up to max_context
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ... import memory, scheduler
-from ...backends.cpu.ops import rope_inv_freq
+from ...reference.ops import rope_inv_freq
 from ...errors import ModelError, NexusRTError
 from ...firmware.driver import call
 from ...kernels.ops import attention_decode as attn_dec

@@ -87,7 +87,7 @@ def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> i
 def bench_cases(rt, config) -> list[BenchCase]:
     """rope_append of one decode token (M = 1) at position 1000 for ``config``'s heads."""
     from ... import memory
-    from ...backends.cpu.ops import rope_inv_freq
+    from ...reference.ops import rope_inv_freq
 
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if d not in HEAD_DIMS:

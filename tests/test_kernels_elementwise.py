@@ -14,14 +14,14 @@ BF16 = ml_dtypes.bfloat16
 FAKE_RT = FakeRuntime()
 
 
-def test_fill_key_matches_the_synthetic_weights_formula():
-    from nexusrt.models.rng import GAMMA
-    from nexusrt.models.synthetic import TENSOR_MUL
+def test_tensor_key_matches_the_synthetic_weights_formula():
+    from nexusrt.reference.rng import GAMMA
+    from nexusrt.reference.synthetic import TENSOR_MUL, tensor_key
 
-    assert ew.fill_key(3, 5) == (3 * GAMMA + 5 * TENSOR_MUL) % 2**64
-    assert ew.fill_key(0, 0) == 0
+    assert tensor_key(3, 5) == (3 * GAMMA + 5 * TENSOR_MUL) % 2**64
+    assert tensor_key(0, 0) == 0
     with pytest.raises(ValueError, match="seed and tensor_index"):
-        ew.fill_key(-1)
+        tensor_key(-1)
 
 
 def test_launchers_reject_bad_input():
@@ -142,7 +142,7 @@ def test_add_and_conversions(gpu_rt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,tensor_index,n", [("linear", 3, 1_000_003), ("norm", 0, 4097), ("embed", 17, 65)])
 def test_fill_uniform_matches_synthetic_weights_bit_for_bit(gpu_rt, kind, tensor_index, n):
-    from nexusrt.models.synthetic import KIND_PARAMS, synthetic_values
+    from nexusrt.reference.synthetic import KIND_PARAMS, synthetic_values
 
     center, scale = KIND_PARAMS[kind]
     seed = 1234

@@ -7,6 +7,7 @@ of the prefill's tensor-core GEMMs. Every launcher checks its shapes and returns
 
 from __future__ import annotations
 
+from ...reference.synthetic import tensor_key
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
@@ -149,27 +150,17 @@ def bf16_to_f32(rt, out, x, *, n: int) -> LaunchSpec:
     return _spec(rt, "bf16_to_f32", (_grid_1d(rt, n), 1, 1), (THREADS, 1, 1), ptr(out), ptr(x), n)
 
 
-def fill_key(seed: int, tensor_index: int = 0) -> int:
-    """The kernel's ``key`` for (seed, tensor_index), as :mod:`nexusrt.models.synthetic` defines it."""
-    from ...models.rng import GAMMA, MASK64
-    from ...models.synthetic import TENSOR_MUL
-
-    if seed < 0 or tensor_index < 0:
-        raise ValueError(f"seed and tensor_index must be >= 0, got {seed}, {tensor_index}")
-    return (seed * GAMMA + tensor_index * TENSOR_MUL) & MASK64
-
-
 def fill_uniform_bf16(rt, out, n: int, seed: int, scale: float, offset: float = 0.0, *,
                       tensor_index: int = 0) -> LaunchSpec:
     """Fill ``out`` (bf16 [n]) with ``bf16(offset + scale * x)``, x uniform in [-1, 1).
 
     Bit-identical to ``synthetic_values(seed, tensor_index, 0, n, kind)`` rounded to bf16
-    (``nexusrt.models.synthetic``) when ``(offset, scale)`` are that kind's parameters, so
+    (:mod:`nexusrt.reference.synthetic`) when ``(offset, scale)`` are that kind's parameters, so
     synthetic weights are generated on the device instead of copied from the host.
     """
     check_positive(n=n)
     check_tensor(out, "out", (n,), "bf16")
-    key = fill_key(seed, tensor_index)
+    key = tensor_key(seed, tensor_index)
     return _spec(rt, "fill_uniform_bf16", (_grid_1d(rt, n), 1, 1), (THREADS, 1, 1), ptr(out), n, key,
                  float(scale), float(offset))
 

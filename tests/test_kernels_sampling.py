@@ -1,5 +1,5 @@
 """sampling kernels: NVRTC builds and the parameter struct on the CPU; on a GPU, the token
-against nexusrt.engine.sampling.sample (the spec) for many seeds, parameters and logits,
+against nexusrt.reference.sampling.sample (the spec) for many seeds, parameters and logits,
 plus the graph state it advances (pos, step, the host ring)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from nexusrt.engine.sampling import SamplingParams, sample
+from nexusrt.reference.sampling import SamplingParams, sample
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import sampling as ops
 from fakes import FakeRuntime, tensor

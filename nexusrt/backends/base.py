@@ -9,7 +9,7 @@ and ``decode`` append to it and leave the logits of the last appended token for
 ``last_logits`` / ``sample``. ``reset`` empties it.
 
 Sampling is the runner's so a GPU can sample without copying logits to the host; the
-algorithm is fixed by :mod:`nexusrt.engine.sampling` (both backends give the same ids).
+algorithm is fixed by :mod:`nexusrt.reference.sampling` (both backends give the same ids).
 
 Fast path: a runner may offer ``generate_tokens(prompt_ids, max_new_tokens, params,
 on_token) -> int`` with the meaning of :func:`generate_tokens` below (e.g. the whole

@@ -56,7 +56,7 @@ def _validate(args) -> None:
 def run(args) -> dict:
     from .. import firmware
     from ..engine.llm import LLM
-    from ..engine.sampling import SamplingParams
+    from ..reference.sampling import SamplingParams
 
     _validate(args)
     firmware.init(profile=args.profile, backend=args.backend)

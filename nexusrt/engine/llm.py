@@ -26,7 +26,7 @@ from ..backends.base import generate_tokens, iter_tokens
 from ..errors import BackendUnavailable, NexusRTError
 from ..models.loader import LoadedModel, load_model
 from .fit import check_fit
-from .sampling import SamplingParams
+from ..reference.sampling import SamplingParams
 from .session import GenerationResult, Session
 
 BACKENDS = ("cpu", "cuda")

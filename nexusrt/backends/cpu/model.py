@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...engine.sampling import sample as sample_logits
+from ...reference.sampling import sample as sample_logits
 from ...models.weights import WeightSource
 from ...reference import ops
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..reference.rng import GAMMA, MASK64, splitmix64
+from .rng import GAMMA, MASK64, splitmix64
 
 K_MAX = 1024
 

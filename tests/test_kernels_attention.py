@@ -1,6 +1,6 @@
 """attention_decode and attention_prefill kernels: NVRTC builds and launcher checks on the
 CPU; on a GPU, results against nexusrt.reference.ops.attention over a paged cache whose
-pages are scattered through a shuffled page table."""
+blocks are scattered through a shuffled page table."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.engine.kv_pages import PagePool, SequencePages, pages_for, pool_shape, scatter_tokens
+from nexusrt.kvcache.blocks import BlockPool, SequenceBlocks, blocks_for, pool_shape, scatter_tokens
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
 from nexusrt.kernels.ops import attention_prefill as pre
-from nexusrt.kernels.ops.common import PAGE_SIZE
+from nexusrt.kvcache.blocks import BLOCK_SIZE
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
@@ -51,12 +51,12 @@ def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
     assert dec.tokens_per_step(64, 4) == 64 and dec.tokens_per_step(128, 8) == 16
 
 
-def _decode_args(hq=32, hkv=8, d=128, pages=10, splits=4):
+def _decode_args(hq=32, hkv=8, d=128, blocks=10, splits=4):
     g = hq // hkv
     ws = dec.DecodeWorkspace(tensor((hkv, splits, g, d), "fp32"), tensor((hkv, splits, g, 2), "fp32"),
                              tensor((hkv,), "int32"), splits)
-    return dict(q=tensor((hq, d), "fp32"), out=tensor((hq * d,), "fp32"), k_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"),
-                v_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"), page_table=tensor((pages,), "int32"),
+    return dict(q=tensor((hq, d), "fp32"), out=tensor((hq * d,), "fp32"), k_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"),
+                v_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"), block_table=tensor((blocks,), "int32"),
                 pos=tensor((1,), "int32"), workspace=ws)
 
 
@@ -75,7 +75,7 @@ def test_decode_launcher_picks_the_kernel_and_grid():
     (dict(out=tensor((32 * 128,), "bf16")), "out has dtype bf16"),
     (dict(k_pool=tensor((10, 8, 8, 128), "bf16")), "k_pool has shape"),
     (dict(v_pool=tensor((11, 8, 16, 128), "bf16")), "v_pool has shape"),
-    (dict(page_table=tensor((10,), "int64")), "page_table has dtype"),
+    (dict(block_table=tensor((10,), "int64")), "block_table has dtype"),
 ])
 def test_decode_launcher_rejects_bad_tensors_by_name(change, message):
     args = {**_decode_args(), **change}
@@ -97,13 +97,13 @@ def test_prefill_launcher_grid_covers_rows_times_group():
     rt = FakeRuntime()
     m, hq, hkv, d = 33, 28, 4, 128
     spec = pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "fp32"),
-                                 tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                                 tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
                                  tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                                  head_dim=d)
     assert spec.grid == (math.ceil(m * 7 / 16), hkv, 1)
     with pytest.raises(ValueError, match="out has shape"):
         pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq), "fp32"),
-                              tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
                               tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                               head_dim=d)
 
@@ -125,24 +125,24 @@ def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
 
 
 # ------------------------------------------------------------------------ GPU
-def _paged_cache(rng, seq_len, hkv, d, spare_pages=3):
+def _paged_cache(rng, seq_len, hkv, d, spare_blocks=3):
     """Random bf16 K/V for positions 0..seq_len-1 in pools whose every other slot is NaN
-    (a kernel that reads past the sequence or a wrong page returns NaN), pages shuffled."""
+    (a kernel that reads past the sequence or a wrong page returns NaN), blocks shuffled."""
     import nexusrt as nrt
 
-    num_pages = pages_for(seq_len) + spare_pages
-    pool = PagePool(num_pages, order=rng.permutation(num_pages))
-    seq = SequencePages(pool, max_pages=num_pages + 2)
+    num_blocks = blocks_for(seq_len) + spare_blocks
+    pool = BlockPool(num_blocks, order=rng.permutation(num_blocks))
+    seq = SequenceBlocks(pool, max_blocks=num_blocks + 2)
     seq.ensure(seq_len)
     table = seq.table()
     k = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
     v = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
-    k_host = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    k_host = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     v_host = k_host.copy()
     scatter_tokens(k_host, table, 0, k)
     scatter_tokens(v_host, table, 0, v)
     dev = dict(k_pool=nrt.memory.from_numpy(k_host), v_pool=nrt.memory.from_numpy(v_host),
-               page_table=nrt.memory.from_numpy(table))
+               block_table=nrt.memory.from_numpy(table))
     return k.astype(np.float32), v.astype(np.float32), dev
 
 
@@ -224,12 +224,12 @@ def test_rope_append_prefill_then_decode_steps_agree_with_reference(gpu_rt, hq, 
     total = prompt + steps
     qkv = rng.standard_normal((total, (hq + 2 * hkv) * d), dtype=np.float32)
     inv_freq = (1.0 / np.power(np.float32(10000.0), np.arange(0, d, 2).astype(np.float32) / d)).astype(np.float32)
-    num_pages = pages_for(total) + 4
-    seq = SequencePages(PagePool(num_pages, order=rng.permutation(num_pages)), num_pages)
+    num_blocks = blocks_for(total) + 4
+    seq = SequenceBlocks(BlockPool(num_blocks, order=rng.permutation(num_blocks)), num_blocks)
     seq.ensure(total)
-    poison = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    poison = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     cache = dict(k_pool=nrt.memory.from_numpy(poison), v_pool=nrt.memory.from_numpy(poison),
-                 page_table=nrt.memory.from_numpy(seq.table()))
+                 block_table=nrt.memory.from_numpy(seq.table()))
     pos = nrt.memory.from_numpy(np.array([0], dtype=np.int32))
     inv = nrt.memory.from_numpy(inv_freq)
     heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)

@@ -26,11 +26,11 @@ def test_source_compiles_with_every_kernel(source, arch):
         assert name.encode() in result.cubin, f"{name} missing from {source}.cu for {arch}"
 
 
-def test_page_size_matches_the_header():
-    from nexusrt.kernels.ops.common import PAGE_SIZE
+def test_kv_block_size_matches_the_header():
+    from nexusrt.kvcache.blocks import BLOCK_SIZE
 
     header = (SOURCE_DIR / "common.cuh").read_text()
-    assert int(re.search(r"#define NRT_PAGE_SIZE (\d+)", header).group(1)) == PAGE_SIZE
+    assert int(re.search(r"#define NRT_PAGE_SIZE (\d+)", header).group(1)) == BLOCK_SIZE
 
 
 def test_epilogue_flags_match_the_kernels():

@@ -8,10 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.engine.kv_pages import pool_shape
+from nexusrt.kvcache.blocks import pool_shape
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import rope
-from nexusrt.kernels.ops.common import PAGE_SIZE
+from nexusrt.kvcache.blocks import BLOCK_SIZE
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
@@ -31,13 +31,13 @@ def test_page_size_agrees_with_the_kernel_headers():
     for header in ("attn_common.cuh", "common.cuh"):
         path = SOURCE_DIR / header
         if path.is_file():  # common.cuh belongs to the other kernels; it may come later
-            assert f"#define NRT_PAGE_SIZE {PAGE_SIZE}" in path.read_text(), header
+            assert f"#define NRT_PAGE_SIZE {BLOCK_SIZE}" in path.read_text(), header
 
 
-def _args(m=3, hq=8, hkv=2, d=64, pages=4):
+def _args(m=3, hq=8, hkv=2, d=64, blocks=4):
     return dict(qkv=tensor((m, (hq + 2 * hkv) * d), "fp32"), q_out=tensor((m, hq, d), "fp32"),
-                k_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"), v_pool=tensor((pages, hkv, PAGE_SIZE, d), "bf16"),
-                page_table=tensor((pages,), "int32"), pos=tensor((1,), "int32"), inv_freq=tensor((d // 2,), "fp32"))
+                k_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"), v_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"),
+                block_table=tensor((blocks,), "int32"), pos=tensor((1,), "int32"), inv_freq=tensor((d // 2,), "fp32"))
 
 
 def test_launcher_grid_has_a_warp_per_head_and_a_row_per_position():
@@ -94,16 +94,16 @@ def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
     kw = (1 + 0.3 * rng.standard_normal(d)).astype(np.float32) if qk_norm else None
     eps = 1e-6
 
-    # Only the logical pages of positions start..start+m-1 get (shuffled) physical pages of a
+    # Only the logical blocks of positions start..start+m-1 get (shuffled) physical blocks of a
     # small pool; earlier entries point at page 0, which rope_append must never touch for them.
-    first, last = start // PAGE_SIZE, (start + m - 1) // PAGE_SIZE
-    num_pages = last - first + 3
+    first, last = start // BLOCK_SIZE, (start + m - 1) // BLOCK_SIZE
+    num_blocks = last - first + 3
     table = np.zeros(last + 1, dtype=np.int32)
-    table[first:] = rng.permutation(num_pages)[:last - first + 1]
-    poison = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    table[first:] = rng.permutation(num_blocks)[:last - first + 1]
+    poison = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     dev = dict(qkv=nrt.memory.from_numpy(qkv), q_out=nrt.memory.from_numpy(np.full((m, hq, d), np.nan, np.float32)),
                k_pool=nrt.memory.from_numpy(poison), v_pool=nrt.memory.from_numpy(poison),
-               page_table=nrt.memory.from_numpy(table), pos=nrt.memory.from_numpy(np.array([start], np.int32)),
+               block_table=nrt.memory.from_numpy(table), pos=nrt.memory.from_numpy(np.array([start], np.int32)),
                inv_freq=nrt.memory.from_numpy(inv_freq))
     norms = dict(q_norm=nrt.memory.from_numpy(qw) if qk_norm else None,
                  k_norm=nrt.memory.from_numpy(kw) if qk_norm else None)
@@ -124,14 +124,14 @@ def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
 
     k_pool, v_pool = dev["k_pool"].to_numpy(), dev["v_pool"].to_numpy()
     t = positions
-    k_got = k_pool[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :].astype(np.float32)
-    v_got = v_pool[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :].astype(np.float32)
+    k_got = k_pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :].astype(np.float32)
+    v_got = v_pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :].astype(np.float32)
     # bf16 rounding of fp32 values that differ in the last bits may flip one bf16 ulp.
     assert np.abs(k_got - k_ref).max() <= np.abs(k_ref).max() * 2 ** -7
     assert np.linalg.norm(k_got - k_ref) / np.linalg.norm(k_ref) < 4e-3
     np.testing.assert_array_equal(v_got, v.astype(BF16).astype(np.float32))
     # Nothing else was written: every other slot is still NaN.
-    written = np.zeros(pool_shape(num_pages, hkv, d), dtype=bool)
-    written[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :] = True
+    written = np.zeros(pool_shape(num_blocks, hkv, d), dtype=bool)
+    written[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :] = True
     assert np.isnan(k_pool.astype(np.float32)[~written]).all()
     assert np.isnan(v_pool.astype(np.float32)[~written]).all()

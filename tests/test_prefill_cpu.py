@@ -14,7 +14,7 @@ import pytest
 from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for, plan_chunks
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kernels.ops import cublaslt
-from nexusrt.kernels.ops.common import PAGE_SIZE
+from nexusrt.kvcache.blocks import BLOCK_SIZE
 from nexusrt.kernels.ops.gemm import gemm
 from fakes import FakeKernel, FakeRuntime, tensor
 
@@ -133,7 +133,7 @@ def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memor
     asked = rt.asked
     m, hq, hkv, d = 300, 28, 4, 128
     spec = pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "bf16"),
-                                 tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                                 tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
                                  tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
     assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w4_r2_qs")
     assert spec.grid == (hq, math.ceil(m / 128), 1) and spec.block == (128, 1, 1)  # MMA_SHAPE[128]
@@ -143,12 +143,12 @@ def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memor
     assert spec.args[-1] == pytest.approx(1.4426950408889634 / math.sqrt(128))
     with pytest.raises(ValueError, match=r"built for \(warps, tiles, q_in_smem\)"):
         pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "bf16"),
-                              tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
                               tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                               block=(4, 2))
     with pytest.raises(ValueError, match="out dtype fp16"):
         pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "fp16"),
-                              tensor((5, hkv, PAGE_SIZE, d), "bf16"), tensor((5, hkv, PAGE_SIZE, d), "bf16"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
                               tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
 
 

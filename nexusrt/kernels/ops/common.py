@@ -10,8 +10,6 @@ import os
 
 from ...memory.checks import check_tensor, dtype_name, ptr  # noqa: F401  (the launchers' checks)
 
-PAGE_SIZE = 16  # tokens per KV-cache page; must equal NRT_PAGE_SIZE in cu/common.cuh
-
 # Epilogue flags, identical in gemv.cu and gemm.cu.
 FLAG_BIAS = 1
 FLAG_BIAS_BF16 = 2

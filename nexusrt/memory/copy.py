@@ -11,8 +11,8 @@ from __future__ import annotations
 import ctypes
 
 from .. import runtime
-from ..firmware.driver import call
-from ..firmware.streams import Event
+from ..driver.calls import call
+from ..driver.streams import Event
 from .tensor import Tensor
 
 _ROUTES = {  # (src on device, dst on device) -> (driver call, default stream role)

@@ -66,7 +66,7 @@ def sm_count(rt) -> int:
 
 def blocks_per_sm(kernel, threads: int, shared: int) -> int:
     """Resident blocks per SM for ``kernel`` at this block size and dynamic shared memory."""
-    from ...firmware.driver import call
+    from ...driver.calls import call
 
     n = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared))
     return max(1, int(n))

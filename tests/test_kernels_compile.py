@@ -11,7 +11,7 @@ from nexusrt.kernels.compiler import SOURCE_DIR, compile_file
 SOURCES = {
     "gemv": [f"gemv_m{m}_{kind}_v{v}" for m in (1, 2, 4, 8) for kind in ("rows", "gateup") for v in (8, 1)],
     "gemm": ["gemm_rows", "gemm_gateup", "gemm_row_rstd"],
-    "elementwise": ["embedding", "rms_norm", "silu_mul", "add_f32", "f32_to_bf16", "bf16_to_f32",
+    "elementwise": ["embedding", "rms_norm_bf16", "silu_mul_bf16", "f32_to_bf16", "bf16_to_f32",
                     "fill_uniform_bf16"],
     "membw": ["membw_read"],
 }

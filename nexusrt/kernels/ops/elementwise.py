@@ -7,6 +7,8 @@ of the prefill's tensor-core GEMMs. Every launcher checks its shapes and returns
 
 from __future__ import annotations
 
+import numpy as np
+
 from ...reference.synthetic import tensor_key
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
@@ -110,14 +112,21 @@ def fill_uniform_bf16(rt, out, n: int, seed: int, scale: float, offset: float = 
 
 def bench_cases(rt, config) -> list[BenchCase]:
     """The elementwise kernel a decode step still launches: the embedding row (the decode step's
-    norms and SiLU*mul are fused into the GEMVs)."""
-    from . import bench_util
+    norms and SiLU*mul are fused into the GEMVs).
+
+    The inputs are made here with this module's own fill kernel rather than with
+    :mod:`.bench_util`, which fills its bf16 inputs with that kernel: no import circle.
+    """
+    from ... import memory
 
     h = config.hidden_size
     vocab = config.vocab_size
-    table = bench_util.random_weights(rt, (vocab, h), min_copies=1)[0]
-    ids = bench_util.ints(rt, [vocab // 3])
-    out = bench_util.random_f32(rt, (1, h), seed=4)
+    stream = rt.streams["compute"]
+    table = memory.empty((vocab, h), "bf16", tag="bench")
+    fill_uniform_bf16(rt, table.reshape(vocab * h), vocab * h, 7, 0.02).launch(stream)
+    stream.synchronize()
+    ids = memory.from_numpy(np.asarray([vocab // 3], dtype=np.int32), tag="bench")
+    out = memory.empty((1, h), "fp32", tag="bench")
     emb = embedding(rt, out, ids, table, m=1, hidden=h, vocab=vocab)
     keep = {"_keep": (table, ids, out)}
     return [BenchCase(f"embedding 1x{h}", h * 2 + h * 4 + 4, emb.launch, group="elementwise", notes=keep)]

@@ -2,7 +2,7 @@
 
 Every stage is a kernel launch in stream order on the compute stream; a stage declares the
 tensors it reads and writes, and depends on the one before it, so the task graph is the
-same chain the token's path describes (DESIGN.md). Per-token values (token id, position)
+same chain the token's path describes (ARCHITECTURE.md). Per-token values (token id, position)
 live in device memory, which is what lets the decode chain be captured once and replayed.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE
+from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
 from ...kvcache.checks import check_pools, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
@@ -139,7 +139,7 @@ def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
     """Decode attention of ``config``'s heads at each context length.
 
     Each case rotates over several copies of the K/V pools (KV blocks scattered through a
-    shuffled page table) so the bytes come from HBM, as in a real decode step where every
+    shuffled block table) so the bytes come from HBM, as in a real decode step where every
     layer reads its own cache.
     """
     from ... import memory
@@ -150,10 +150,10 @@ def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
     rng = np.random.default_rng(0)
     cases = []
     for ctx in contexts:
-        kv_blocks = ceil_div(ctx, BLOCK_SIZE)
+        kv_blocks = blocks_for(ctx)
         pool_bytes = kv_blocks * hkv * BLOCK_SIZE * d * 2
         copies = max(1, min(_MAX_COPIES, ceil_div(_ROTATE_BYTES, 2 * pool_bytes)))
-        host = rng.standard_normal((kv_blocks, hkv, BLOCK_SIZE, d), dtype=np.float32)
+        host = rng.standard_normal(pool_shape(kv_blocks, hkv, d), dtype=np.float32)
         kv = [(memory.from_numpy(host, dtype="bf16"), memory.from_numpy(host[::-1].copy(), dtype="bf16"))
               for _ in range(copies)]
         q = memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))

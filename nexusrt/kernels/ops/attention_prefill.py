@@ -106,17 +106,17 @@ def causal_flops(m: int, start: int, num_q_heads: int, head_dim: int) -> int:
 
 
 def random_cache(rt, tokens: int, num_kv_heads: int, head_dim: int, seed: int = 3) -> dict:
-    """K/V pools of random bf16 holding ``tokens`` tokens in order, an identity page table and a
+    """K/V pools of random bf16 holding ``tokens`` tokens in order, an identity block table and a
     zero position word, for benchmarks (fresh random data, never zeros)."""
     import numpy as np
 
     from ... import memory
-    from ...kvcache.blocks import BLOCK_SIZE
+    from ...kvcache.blocks import blocks_for, pool_shape
     from .elementwise import fill_uniform_bf16
 
-    kv_blocks = ceil_div(tokens, BLOCK_SIZE)
-    shape = (kv_blocks, num_kv_heads, BLOCK_SIZE, head_dim)
-    n = kv_blocks * num_kv_heads * BLOCK_SIZE * head_dim
+    kv_blocks = blocks_for(tokens)
+    shape = pool_shape(kv_blocks, num_kv_heads, head_dim)
+    n = int(np.prod(shape))
     out = {"k_pool": memory.empty(shape, "bf16", tag="bench"), "v_pool": memory.empty(shape, "bf16", tag="bench")}
     for i, t in enumerate(out.values()):
         fill_uniform_bf16(rt, t.reshape(n), n, seed, 1.0, tensor_index=i).launch(rt.streams["compute"])

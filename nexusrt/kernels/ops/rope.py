@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE
+from ...kvcache.blocks import pool_shape
 from ...kvcache.checks import check_pools, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
@@ -81,8 +81,8 @@ def bench_cases(rt, config) -> list[BenchCase]:
     tensors = dict(
         qkv=memory.from_numpy(rng.standard_normal((1, (hq + 2 * hkv) * d), dtype=np.float32)),
         q_out=memory.empty((1, hq, d), "fp32"),
-        k_pool=memory.zeros((kv_blocks, hkv, BLOCK_SIZE, d), "bf16"),
-        v_pool=memory.zeros((kv_blocks, hkv, BLOCK_SIZE, d), "bf16"),
+        k_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
+        v_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
         block_table=memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32)),
         pos=memory.from_numpy(np.array([1000], dtype=np.int32)),
         inv_freq=memory.from_numpy(rope_inv_freq(config)),

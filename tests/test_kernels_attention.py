@@ -11,11 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kvcache.blocks import BlockPool, SequenceBlocks, blocks_for, pool_shape, scatter_tokens
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
 from nexusrt.kernels.ops import attention_prefill as pre
-from nexusrt.kvcache.blocks import BLOCK_SIZE
+from nexusrt.kvcache.blocks import (BLOCK_SIZE, BlockPool, SequenceBlocks, blocks_for, pool_shape,
+                                    scatter_tokens)
+
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import ml_dtypes
 import numpy as np
 import pytest
 
 from nexusrt.kernels.ops import elementwise as ew
+
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import ml_dtypes
 import numpy as np
 import pytest
 
+from nexusrt.kernels.ops.gemm import gemm, gemm_rstd
 from nexusrt.reference.ops import linear_epilogue, rel_error
 
-from nexusrt.kernels.ops.gemm import gemm, gemm_rstd
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16

@@ -8,9 +8,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
 from nexusrt.reference.ops import linear_epilogue, rel_error
 
-from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
 from fakes import FakeRuntime
 
 BF16 = ml_dtypes.bfloat16

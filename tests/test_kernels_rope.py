@@ -3,15 +3,14 @@ rms_norm + apply_rope of nexusrt.reference.ops, K/V as written into a paged cach
 
 from __future__ import annotations
 
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kvcache.blocks import pool_shape
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import rope
-from nexusrt.kvcache.blocks import BLOCK_SIZE
+from nexusrt.kvcache.blocks import BLOCK_SIZE, pool_shape
+
 from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16

@@ -9,9 +9,10 @@ import struct
 import numpy as np
 import pytest
 
-from nexusrt.reference.sampling import SamplingParams, sample
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import sampling as ops
+from nexusrt.reference.sampling import SamplingParams, sample
+
 from fakes import FakeRuntime, tensor
 
 

@@ -14,8 +14,9 @@ import pytest
 from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for, plan_chunks
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kernels.ops import cublaslt
-from nexusrt.kvcache.blocks import BLOCK_SIZE
 from nexusrt.kernels.ops.gemm import gemm
+from nexusrt.kvcache.blocks import BLOCK_SIZE
+
 from fakes import FakeKernel, FakeRuntime, tensor
 
 

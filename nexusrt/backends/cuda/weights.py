@@ -23,8 +23,8 @@ import numpy as np
 from ... import memory
 from ...kernels.ops import elementwise as ew
 from ...models.synthetic import SyntheticWeights
-from ...reference.synthetic import KIND_PARAMS
 from ...models.weights import FUSED
+from ...reference.synthetic import KIND_PARAMS
 
 TAG = "weights"
 

@@ -21,9 +21,9 @@ import ml_dtypes
 import numpy as np
 
 from ... import runtime
+from ...reference.synthetic import KIND_PARAMS, synthetic_values
 from ..config import ModelConfig
 from ..safetensors import DTYPES as ST_DTYPES
-from ...reference.synthetic import KIND_PARAMS, synthetic_values
 from ..synthetic import SyntheticWeights
 from .writer import Entry, SafetensorsWriter, entry_nbytes
 

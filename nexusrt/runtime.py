@@ -15,9 +15,9 @@ from .errors import NotInitialized
 @dataclass
 class Runtime:
     backend: str  # "cuda" or "cpu"
-    device: Any  # firmware.device.Device
-    profile: Any = None  # firmware.profile.HardwareProfile
-    streams: Any = None  # firmware.streams.StreamPool
+    device: Any  # driver.device.Device
+    profile: Any = None  # driver.profile.HardwareProfile
+    streams: Any = None  # driver.streams.StreamPool
     arena: Any = None  # memory arena (CUDA VMM arena or the CPU arena)
     kernels: Any = None  # kernels.cache.KernelCache (CUDA only)
     scheduler: Any = None  # scheduler state (submissions, barriers)

@@ -46,7 +46,7 @@ def main() -> None:
                 kernel = lib.kernel(ap.mma_kernel_name(d, block), ap.SIGNATURE)
                 shared = ap.mma_shared_bytes(d, block)
                 kernel.set_max_dynamic_shared(shared, rt.device.handle)
-                args = kernel.pack(q.ptr, out.ptr, cache["k_pool"].ptr, cache["v_pool"].ptr, cache["page_table"].ptr,
+                args = kernel.pack(q.ptr, out.ptr, cache["k_pool"].ptr, cache["v_pool"].ptr, cache["block_table"].ptr,
                                    pos.ptr, TOKENS, HQ, HKV, ap.LOG2E / d ** 0.5)
                 grid = (HQ, -(-TOKENS // (16 * warps * tiles)), 1)
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from nexusrt.firmware.detect import probe_driver
+from nexusrt.driver.detect import probe_driver
 
 _GPU_OK, _GPU_REASON, _ = probe_driver() if os.environ.get("NEXUSRT_BACKEND") != "cpu" else (False, "NEXUSRT_BACKEND=cpu", 0)
 

@@ -42,7 +42,7 @@ def test_wait_barrier_on_a_never_rung_doorbell_ends_by_default(cpu_rt, monkeypat
 
 
 def test_default_wait_bound_and_bad_settings(monkeypatch):
-    from nexusrt.firmware.waits import DEFAULT_TIMEOUT_S, deadline_ms, default_timeout_ms
+    from nexusrt.driver.waits import DEFAULT_TIMEOUT_S, deadline_ms, default_timeout_ms
 
     monkeypatch.delenv("NEXUSRT_WAIT_TIMEOUT_S", raising=False)
     assert default_timeout_ms() == DEFAULT_TIMEOUT_S * 1e3 and deadline_ms(None, 10.0) == 10.0 + DEFAULT_TIMEOUT_S

@@ -116,7 +116,7 @@ def check_greedy_against_hf(path, ids, new_tokens: int, max_context: int, label:
                             tie_tol: float = 0.05) -> None:
     """Greedy ``generate_tokens`` on the device's fast path equals HF ``generate`` (fp32 on the
     GPU) but for a reported tie (HF's top-2 gap below ``tie_tol``; 0 excuses none)."""
-    from nexusrt.engine.sampling import SamplingParams
+    from nexusrt.reference.sampling import SamplingParams
 
     model = H.load_hf(path, "float32", "cuda")
     ref_ids, ref_logits = H.hf_greedy(model, ids, new_tokens)
@@ -153,7 +153,7 @@ def test_cuda_protocol_path_equals_fast_path(gpu_rt):
     """decode()/sample() one call at a time gives the same tokens as the graph-queued fast path,
     greedy and seeded sampling alike."""
     from nexusrt.backends.base import generate_tokens
-    from nexusrt.engine.sampling import SamplingParams
+    from nexusrt.reference.sampling import SamplingParams
 
     llm = nrt.LLM("synthetic:tiny", backend="cuda", max_context=256)
     try:

@@ -1,8 +1,7 @@
-"""nrt.LLM on the CPU backend: generate, stream, stop rules, limits, defaults, the fast path."""
+"""nrt.LLM on the CPU backend: generate, stream, stop rules, limits, defaults, the runner protocol."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -12,9 +11,10 @@ pytest.importorskip("transformers")
 from helpers_hf import EOS_ID, checkpoint, copy_checkpoint, hf_greedy, load_hf  # noqa: E402
 
 import nexusrt as nrt  # noqa: E402
-from nexusrt.backends.base import generate_tokens  # noqa: E402
+from nexusrt.backends.base import ModelRunner, generate_tokens  # noqa: E402
 from nexusrt.errors import BackendUnavailable  # noqa: E402
 from nexusrt.models.loader import GenerationDefaults  # noqa: E402
+from nexusrt.reference.sampling import SamplingParams  # noqa: E402
 
 PROMPT = "Once upon a time, a small model"
 
@@ -112,8 +112,8 @@ def test_chat_prompt(llm):
         [{"role": "user", "content": "Count to three."}]), add_special_tokens=False))
 
 
-class _FastRunner:
-    """A runner offering the fast path; it delegates to the reference loop and counts calls."""
+class _CountingRunner:
+    """A runner that counts the engine's calls of ``generate_tokens`` and passes them on."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
@@ -123,14 +123,24 @@ class _FastRunner:
 
     def generate_tokens(self, prompt_ids, max_new_tokens, params, on_token):
         self.calls += 1
-        return generate_tokens(self.inner, prompt_ids, max_new_tokens, params, on_token)
+        return self.inner.generate_tokens(prompt_ids, max_new_tokens, params, on_token)
 
 
-def test_fast_path_is_used_for_generate_and_stream(llm):
+def test_the_cpu_runner_implements_the_protocol_with_the_reference_loop(llm):
+    assert isinstance(llm.runner, ModelRunner)
+    ids = llm.tokenizer.encode(PROMPT)
+    ours, ref = [], []
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+    assert llm.runner.generate_tokens(ids, 12, params, lambda t: ours.append(t) or False) == 12
+    assert generate_tokens(llm.runner, ids, 12, params, lambda t: ref.append(t) or False) == 12
+    assert ours == ref
+
+
+def test_generate_and_stream_go_through_the_runners_generate_tokens(llm):
     ref = llm.generate(PROMPT, max_new_tokens=16, temperature=0)
     stop = ref.text[4:6]
     ref_stop = llm.generate(PROMPT, max_new_tokens=16, temperature=0, stop=stop)
-    llm.runner = fast = _FastRunner(llm.runner)
+    llm.runner = fast = _CountingRunner(llm.runner)
     assert llm.generate(PROMPT, max_new_tokens=16, temperature=0).token_ids == ref.token_ids
     assert "".join(llm.stream(PROMPT, max_new_tokens=16, temperature=0)) == ref.text
     assert "".join(llm.stream(PROMPT, max_new_tokens=16, temperature=0, stop=stop)) == ref_stop.text
@@ -149,14 +159,6 @@ def test_synthetic_tiny(cpu_rt):
 
 def test_cuda_backend_on_a_cpu_runtime_is_a_clear_error(cpu_rt):
     with pytest.raises(BackendUnavailable, match="backend='cuda' needs the runtime booted on CUDA.*use backend='cpu'"):
-        nrt.LLM("synthetic:tiny", backend="cuda")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("nexusrt.backends.cuda.runner") is not None,
-                    reason="the CUDA runner exists in this build")
-def test_cuda_runner_missing_is_a_clear_error(cpu_rt, monkeypatch):
-    monkeypatch.setattr(cpu_rt, "backend", "cuda")  # pretend the runtime booted on a GPU
-    with pytest.raises(BackendUnavailable, match="CUDA model runner .* use backend='cpu'"):
         nrt.LLM("synthetic:tiny", backend="cuda")
 
 

@@ -11,8 +11,8 @@ import pytest
 
 import nexusrt as nrt
 from nexusrt.errors import CompileError, NotInitialized, ProfileMismatch
-from nexusrt.firmware import detect, profile
-from nexusrt.firmware.driver import call
+from nexusrt.driver import detect, profile
+from nexusrt.driver.calls import call
 
 
 # ---------------------------------------------------------------- CPU: always run

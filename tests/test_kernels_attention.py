@@ -1,6 +1,6 @@
 """attention_decode and attention_prefill kernels: NVRTC builds and launcher checks on the
-CPU; on a GPU, results against nexusrt.backends.cpu.ops.attention over a paged cache whose
-pages are scattered through a shuffled page table."""
+CPU; on a GPU, results against nexusrt.reference.ops.attention over a paged cache whose
+blocks are scattered through a shuffled page table."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.engine.kv_pages import PagePool, SequencePages, pages_for, pool_shape, scatter_tokens
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
 from nexusrt.kernels.ops import attention_prefill as pre
-from nexusrt.kernels.ops.common import PAGE_SIZE
+from nexusrt.kvcache.blocks import (BLOCK_SIZE, BlockPool, SequenceBlocks, blocks_for, pool_shape,
+                                    scatter_tokens)
+
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
 
@@ -50,40 +52,19 @@ def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
     assert dec.tokens_per_step(64, 4) == 64 and dec.tokens_per_step(128, 8) == 16
 
 
-class _FakeKernel:
-    function = None
-
-    def pack(self, *values):
-        return values
-
-
-class _FakeRT:
-    def __init__(self):
-        self.asked = []
-        self.kernels = SimpleNamespace(get=self._get)
-
-    def _get(self, source, name, signature):
-        self.asked.append((source, name, len(signature.split())))
-        return _FakeKernel()
-
-
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
-def _decode_args(hq=32, hkv=8, d=128, pages=10, splits=4):
+def _decode_args(hq=32, hkv=8, d=128, blocks=10, splits=4):
     g = hq // hkv
-    ws = dec.DecodeWorkspace(_t((hkv, splits, g, d), "fp32"), _t((hkv, splits, g, 2), "fp32"),
-                             _t((hkv,), "int32"), splits)
-    return dict(q=_t((hq, d), "fp32"), out=_t((hq * d,), "fp32"), k_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"),
-                v_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"), page_table=_t((pages,), "int32"),
-                pos=_t((1,), "int32"), workspace=ws)
+    ws = dec.DecodeWorkspace(tensor((hkv, splits, g, d), "fp32"), tensor((hkv, splits, g, 2), "fp32"),
+                             tensor((hkv,), "int32"), splits)
+    return dict(q=tensor((hq, d), "fp32"), out=tensor((hq * d,), "fp32"), k_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"),
+                v_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"), block_table=tensor((blocks,), "int32"),
+                pos=tensor((1,), "int32"), workspace=ws)
 
 
 def test_decode_launcher_picks_the_kernel_and_grid():
-    rt = _FakeRT()
+    rt = FakeRuntime()
     spec = dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert rt.asked == [("attention_decode", "attention_decode_d128_g4", 13)]
+    assert [(s, n, len(sig.split())) for s, n, sig in rt.asked] == [("attention_decode", "attention_decode_d128_g4", 13)]
     assert spec.grid == (8, 4, 1) and spec.block == (128, 1, 1)
     assert spec.args[-1] == pytest.approx(1 / math.sqrt(128)) and spec.args[-3] == 4  # G
     assert dec.kernel_name(64, 3) == "attention_decode_d64_gmax4"
@@ -91,47 +72,47 @@ def test_decode_launcher_picks_the_kernel_and_grid():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(q=_t((32, 64), "fp32")), "q has shape"),
-    (dict(out=_t((32 * 128,), "bf16")), "out has dtype bf16"),
-    (dict(k_pool=_t((10, 8, 8, 128), "bf16")), "k_pool has shape"),
-    (dict(v_pool=_t((11, 8, 16, 128), "bf16")), "v_pool has shape"),
-    (dict(page_table=_t((10,), "int64")), "page_table has dtype"),
+    (dict(q=tensor((32, 64), "fp32")), "q has shape"),
+    (dict(out=tensor((32 * 128,), "bf16")), "out has dtype bf16"),
+    (dict(k_pool=tensor((10, 8, 8, 128), "bf16")), "k_pool has shape"),
+    (dict(v_pool=tensor((11, 8, 16, 128), "bf16")), "v_pool has shape"),
+    (dict(block_table=tensor((10,), "int64")), "block_table has dtype"),
 ])
 def test_decode_launcher_rejects_bad_tensors_by_name(change, message):
     args = {**_decode_args(), **change}
     with pytest.raises(ValueError, match=message):
-        dec.attention_decode(_FakeRT(), **args, num_q_heads=32, num_kv_heads=8, head_dim=128)
+        dec.attention_decode(FakeRuntime(), **args, num_q_heads=32, num_kv_heads=8, head_dim=128)
 
 
 def test_decode_launcher_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="head_dim in"):
-        dec.attention_decode(_FakeRT(), **_decode_args(d=96), num_q_heads=32, num_kv_heads=8, head_dim=96)
+        dec.attention_decode(FakeRuntime(), **_decode_args(d=96), num_q_heads=32, num_kv_heads=8, head_dim=96)
     with pytest.raises(ValueError, match="GQA group 16"):
-        dec.attention_decode(_FakeRT(), **_decode_args(hq=32, hkv=2), num_q_heads=32, num_kv_heads=2,
+        dec.attention_decode(FakeRuntime(), **_decode_args(hq=32, hkv=2), num_q_heads=32, num_kv_heads=2,
                              head_dim=128)
     with pytest.raises(ValueError, match="not a multiple"):
-        dec.attention_decode(_FakeRT(), **_decode_args(), num_q_heads=30, num_kv_heads=8, head_dim=128)
+        dec.attention_decode(FakeRuntime(), **_decode_args(), num_q_heads=30, num_kv_heads=8, head_dim=128)
 
 
 def test_prefill_launcher_grid_covers_rows_times_group():
-    rt = _FakeRT()
+    rt = FakeRuntime()
     m, hq, hkv, d = 33, 28, 4, 128
-    spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "fp32"),
-                                 _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                                 _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+    spec = pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "fp32"),
+                                 tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
+                                 tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                                  head_dim=d)
     assert spec.grid == (math.ceil(m * 7 / 16), hkv, 1)
     with pytest.raises(ValueError, match="out has shape"):
-        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq), "fp32"),
-                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
+        pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq), "fp32"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
+                              tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv,
                               head_dim=d)
 
 
 def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
     from nexusrt.kernels.ops import rope, sampling
 
-    rt = SimpleNamespace(kernels=_FakeRT().kernels, profile=SimpleNamespace(sm_count=132))
+    rt = FakeRuntime()
     cfg = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=5000,
                           rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None)
     cases = dec.bench_cases(rt, cfg, contexts=(128, 1024))
@@ -145,24 +126,24 @@ def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
 
 
 # ------------------------------------------------------------------------ GPU
-def _paged_cache(rng, seq_len, hkv, d, spare_pages=3):
+def _paged_cache(rng, seq_len, hkv, d, spare_blocks=3):
     """Random bf16 K/V for positions 0..seq_len-1 in pools whose every other slot is NaN
-    (a kernel that reads past the sequence or a wrong page returns NaN), pages shuffled."""
+    (a kernel that reads past the sequence or a wrong page returns NaN), blocks shuffled."""
     import nexusrt as nrt
 
-    num_pages = pages_for(seq_len) + spare_pages
-    pool = PagePool(num_pages, order=rng.permutation(num_pages))
-    seq = SequencePages(pool, max_pages=num_pages + 2)
+    num_blocks = blocks_for(seq_len) + spare_blocks
+    pool = BlockPool(num_blocks, order=rng.permutation(num_blocks))
+    seq = SequenceBlocks(pool, max_blocks=num_blocks + 2)
     seq.ensure(seq_len)
     table = seq.table()
     k = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
     v = rng.standard_normal((seq_len, hkv, d), dtype=np.float32).astype(BF16)
-    k_host = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    k_host = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     v_host = k_host.copy()
     scatter_tokens(k_host, table, 0, k)
     scatter_tokens(v_host, table, 0, v)
     dev = dict(k_pool=nrt.memory.from_numpy(k_host), v_pool=nrt.memory.from_numpy(v_host),
-               page_table=nrt.memory.from_numpy(table))
+               block_table=nrt.memory.from_numpy(table))
     return k.astype(np.float32), v.astype(np.float32), dev
 
 
@@ -181,7 +162,7 @@ DECODE_SHAPES = [  # (Hq, Hkv, D): every group size 1..8 and the real model shap
 @pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 100, 1000, 4097])
 def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
 
     rng = np.random.default_rng(seq_len * 131 + hq * 7 + d)
     k, v, dev = _paged_cache(rng, seq_len, hkv, d)
@@ -211,7 +192,7 @@ PREFILL_SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64
 @pytest.mark.parametrize("start, m", [(0, 1), (0, 15), (0, 33), (7, 16), (50, 17), (200, 100), (0, 300)])
 def test_prefill_matches_reference(gpu_rt, hq, hkv, d, start, m):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
 
     rng = np.random.default_rng(start * 1009 + m * 17 + hq + d)
     k, v, dev = _paged_cache(rng, start + m, hkv, d)
@@ -236,7 +217,7 @@ def test_rope_append_prefill_then_decode_steps_agree_with_reference(gpu_rt, hq, 
     """The kernels agree on the cache layout: what rope_append writes is what prefill and
     decode read, across a prompt chunk and then single-token steps."""
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import apply_rope, attention
+    from nexusrt.reference.ops import apply_rope, attention
     from nexusrt.kernels.ops.rope import rope_append
 
     rng = np.random.default_rng(d)
@@ -244,12 +225,12 @@ def test_rope_append_prefill_then_decode_steps_agree_with_reference(gpu_rt, hq, 
     total = prompt + steps
     qkv = rng.standard_normal((total, (hq + 2 * hkv) * d), dtype=np.float32)
     inv_freq = (1.0 / np.power(np.float32(10000.0), np.arange(0, d, 2).astype(np.float32) / d)).astype(np.float32)
-    num_pages = pages_for(total) + 4
-    seq = SequencePages(PagePool(num_pages, order=rng.permutation(num_pages)), num_pages)
+    num_blocks = blocks_for(total) + 4
+    seq = SequenceBlocks(BlockPool(num_blocks, order=rng.permutation(num_blocks)), num_blocks)
     seq.ensure(total)
-    poison = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    poison = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     cache = dict(k_pool=nrt.memory.from_numpy(poison), v_pool=nrt.memory.from_numpy(poison),
-                 page_table=nrt.memory.from_numpy(seq.table()))
+                 block_table=nrt.memory.from_numpy(seq.table()))
     pos = nrt.memory.from_numpy(np.array([0], dtype=np.int32))
     inv = nrt.memory.from_numpy(inv_freq)
     heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)

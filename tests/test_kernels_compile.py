@@ -11,7 +11,7 @@ from nexusrt.kernels.compiler import SOURCE_DIR, compile_file
 SOURCES = {
     "gemv": [f"gemv_m{m}_{kind}_v{v}" for m in (1, 2, 4, 8) for kind in ("rows", "gateup") for v in (8, 1)],
     "gemm": ["gemm_rows", "gemm_gateup", "gemm_row_rstd"],
-    "elementwise": ["embedding", "rms_norm", "silu_mul", "add_f32", "f32_to_bf16", "bf16_to_f32",
+    "elementwise": ["embedding", "rms_norm_bf16", "silu_mul_bf16", "f32_to_bf16", "bf16_to_f32",
                     "fill_uniform_bf16"],
     "membw": ["membw_read"],
 }
@@ -26,11 +26,11 @@ def test_source_compiles_with_every_kernel(source, arch):
         assert name.encode() in result.cubin, f"{name} missing from {source}.cu for {arch}"
 
 
-def test_page_size_matches_the_header():
-    from nexusrt.kernels.ops.common import PAGE_SIZE
+def test_kv_block_size_matches_the_header():
+    from nexusrt.kvcache.blocks import BLOCK_SIZE
 
     header = (SOURCE_DIR / "common.cuh").read_text()
-    assert int(re.search(r"#define NRT_PAGE_SIZE (\d+)", header).group(1)) == PAGE_SIZE
+    assert int(re.search(r"#define NRT_PAGE_SIZE (\d+)", header).group(1)) == BLOCK_SIZE
 
 
 def test_epilogue_flags_match_the_kernels():

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kernels.ops.reference import linear_epilogue, rel_error
-
 from nexusrt.kernels.ops.gemm import gemm, gemm_rstd
+from nexusrt.reference.ops import linear_epilogue, rel_error
+
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
-FAKE_RT = SimpleNamespace(profile=SimpleNamespace(sm_count=132), kernels=None)
-
-
-def _t(shape, dtype, ptr=4096):
-    return SimpleNamespace(ptr=ptr, shape=shape, dtype=dtype)
+FAKE_RT = FakeRuntime()
 
 
 def test_gemm_launcher_rejects_bad_shapes():
-    y, w, x = _t((16, 64), "fp32"), _t((64, 32), "bf16"), _t((16, 32), "fp32")
+    y, w, x = tensor((16, 64), "fp32"), tensor((64, 32), "bf16"), tensor((16, 32), "fp32")
     with pytest.raises(ValueError, match="w has shape"):
         gemm(FAKE_RT, y, w, x, m=16, n=64, k=32, gate_up=True)  # gate_up needs [2n, k]
     with pytest.raises(ValueError, match="needs both norm_weight and rstd"):
-        gemm(FAKE_RT, y, w, x, m=16, n=64, k=32, norm_weight=_t((32,), "fp32"))
+        gemm(FAKE_RT, y, w, x, m=16, n=64, k=32, norm_weight=tensor((32,), "fp32"))
     with pytest.raises(ValueError, match="residual has shape"):
-        gemm(FAKE_RT, y, w, x, m=16, n=64, k=32, residual=_t((16, 63), "fp32"))
+        gemm(FAKE_RT, y, w, x, m=16, n=64, k=32, residual=tensor((16, 63), "fp32"))
     with pytest.raises(ValueError, match="m must be a positive int"):
         gemm(FAKE_RT, y, w, x, m=0, n=64, k=32)
     with pytest.raises(ValueError, match="rstd has shape"):
-        gemm_rstd(FAKE_RT, _t((15,), "fp32"), x, m=16, k=32)
+        gemm_rstd(FAKE_RT, tensor((15,), "fp32"), x, m=16, k=32)
 
 
 def _run(rt, w, x, *, bias=None, residual=None, in_place=False, norm_weight=None, gate_up=False, eps=1e-5):

@@ -8,12 +8,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kernels.ops.reference import linear_epilogue, rel_error
-
 from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
+from nexusrt.reference.ops import linear_epilogue, rel_error
+
+from fakes import FakeRuntime
 
 BF16 = ml_dtypes.bfloat16
-FAKE_RT = SimpleNamespace(profile=SimpleNamespace(sm_count=132), kernels=None)
+FAKE_RT = FakeRuntime()
 
 LLAMA_1B = SimpleNamespace(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=64, vocab_size=128256)

@@ -1,18 +1,17 @@
 """rope_append kernel: NVRTC builds and launcher checks on the CPU; on a GPU, q against
-rms_norm + apply_rope of nexusrt.backends.cpu.ops, K/V as written into a paged cache."""
+rms_norm + apply_rope of nexusrt.reference.ops, K/V as written into a paged cache."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.engine.kv_pages import pool_shape
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import rope
-from nexusrt.kernels.ops.common import PAGE_SIZE
+from nexusrt.kvcache.blocks import BLOCK_SIZE, pool_shape
+
+from fakes import FakeRuntime, tensor
 
 BF16 = ml_dtypes.bfloat16
 
@@ -31,51 +30,41 @@ def test_page_size_agrees_with_the_kernel_headers():
     for header in ("attn_common.cuh", "common.cuh"):
         path = SOURCE_DIR / header
         if path.is_file():  # common.cuh belongs to the other kernels; it may come later
-            assert f"#define NRT_PAGE_SIZE {PAGE_SIZE}" in path.read_text(), header
+            assert f"#define NRT_PAGE_SIZE {BLOCK_SIZE}" in path.read_text(), header
 
 
-class _FakeRT:
-    def __init__(self):
-        self.kernels = SimpleNamespace(get=lambda source, name, sig: SimpleNamespace(
-            name=name, pack=lambda *values: values))
-
-
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
-def _args(m=3, hq=8, hkv=2, d=64, pages=4):
-    return dict(qkv=_t((m, (hq + 2 * hkv) * d), "fp32"), q_out=_t((m, hq, d), "fp32"),
-                k_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"), v_pool=_t((pages, hkv, PAGE_SIZE, d), "bf16"),
-                page_table=_t((pages,), "int32"), pos=_t((1,), "int32"), inv_freq=_t((d // 2,), "fp32"))
+def _args(m=3, hq=8, hkv=2, d=64, blocks=4):
+    return dict(qkv=tensor((m, (hq + 2 * hkv) * d), "fp32"), q_out=tensor((m, hq, d), "fp32"),
+                k_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"), v_pool=tensor((blocks, hkv, BLOCK_SIZE, d), "bf16"),
+                block_table=tensor((blocks,), "int32"), pos=tensor((1,), "int32"), inv_freq=tensor((d // 2,), "fp32"))
 
 
 def test_launcher_grid_has_a_warp_per_head_and_a_row_per_position():
-    spec = rope.rope_append(_FakeRT(), **_args(m=3), num_q_heads=8, num_kv_heads=2, head_dim=64,
-                            q_norm=_t((64,), "fp32"), k_norm=None, eps=1e-6)
+    spec = rope.rope_append(FakeRuntime(), **_args(m=3), num_q_heads=8, num_kv_heads=2, head_dim=64,
+                            q_norm=tensor((64,), "fp32"), k_norm=None, eps=1e-6)
     assert spec.kernel.name == "rope_append_d64"
     assert spec.grid == (3, 3, 1) and spec.block == (128, 1, 1)  # 12 heads / 4 per block
     assert spec.args[7] == 0x1000 and spec.args[8] == 0  # q_norm given, k_norm null
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(qkv=_t((3, 11 * 64), "fp32")), "qkv has shape"),
-    (dict(q_out=_t((3, 8, 64), "bf16")), "q_out has dtype"),
-    (dict(inv_freq=_t((64,), "fp32")), "inv_freq has shape"),
-    (dict(pos=_t((1,), "fp32")), "pos has dtype"),
-    (dict(k_pool=_t((4, 2, 16, 64), "fp32")), "k_pool has dtype"),
+    (dict(qkv=tensor((3, 11 * 64), "fp32")), "qkv has shape"),
+    (dict(q_out=tensor((3, 8, 64), "bf16")), "q_out has dtype"),
+    (dict(inv_freq=tensor((64,), "fp32")), "inv_freq has shape"),
+    (dict(pos=tensor((1,), "fp32")), "pos has dtype"),
+    (dict(k_pool=tensor((4, 2, 16, 64), "fp32")), "k_pool has dtype"),
 ])
 def test_launcher_rejects_bad_tensors_by_name(change, message):
     with pytest.raises(ValueError, match=message):
-        rope.rope_append(_FakeRT(), **{**_args(), **change}, num_q_heads=8, num_kv_heads=2, head_dim=64)
+        rope.rope_append(FakeRuntime(), **{**_args(), **change}, num_q_heads=8, num_kv_heads=2, head_dim=64)
 
 
 def test_launcher_rejects_bad_norm_weight_and_head_dim():
     with pytest.raises(ValueError, match="k_norm has shape"):
-        rope.rope_append(_FakeRT(), **_args(), num_q_heads=8, num_kv_heads=2, head_dim=64,
-                         k_norm=_t((32,), "fp32"))
+        rope.rope_append(FakeRuntime(), **_args(), num_q_heads=8, num_kv_heads=2, head_dim=64,
+                         k_norm=tensor((32,), "fp32"))
     with pytest.raises(ValueError, match="head_dim in"):
-        rope.rope_append(_FakeRT(), **_args(d=80), num_q_heads=8, num_kv_heads=2, head_dim=80)
+        rope.rope_append(FakeRuntime(), **_args(d=80), num_q_heads=8, num_kv_heads=2, head_dim=80)
 
 
 # ------------------------------------------------------------------------ GPU
@@ -95,7 +84,7 @@ CASES = [  # (M, Hq, Hkv, D, start, qk_norm)
 @pytest.mark.parametrize("m, hq, hkv, d, start, qk_norm", CASES)
 def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import apply_rope, rms_norm
+    from nexusrt.reference.ops import apply_rope, rms_norm
 
     rng = np.random.default_rng(m * 1000 + d + start)
     qkv = rng.standard_normal((m, (hq + 2 * hkv) * d), dtype=np.float32) * 2
@@ -104,16 +93,16 @@ def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
     kw = (1 + 0.3 * rng.standard_normal(d)).astype(np.float32) if qk_norm else None
     eps = 1e-6
 
-    # Only the logical pages of positions start..start+m-1 get (shuffled) physical pages of a
+    # Only the logical blocks of positions start..start+m-1 get (shuffled) physical blocks of a
     # small pool; earlier entries point at page 0, which rope_append must never touch for them.
-    first, last = start // PAGE_SIZE, (start + m - 1) // PAGE_SIZE
-    num_pages = last - first + 3
+    first, last = start // BLOCK_SIZE, (start + m - 1) // BLOCK_SIZE
+    num_blocks = last - first + 3
     table = np.zeros(last + 1, dtype=np.int32)
-    table[first:] = rng.permutation(num_pages)[:last - first + 1]
-    poison = np.full(pool_shape(num_pages, hkv, d), np.nan, dtype=BF16)
+    table[first:] = rng.permutation(num_blocks)[:last - first + 1]
+    poison = np.full(pool_shape(num_blocks, hkv, d), np.nan, dtype=BF16)
     dev = dict(qkv=nrt.memory.from_numpy(qkv), q_out=nrt.memory.from_numpy(np.full((m, hq, d), np.nan, np.float32)),
                k_pool=nrt.memory.from_numpy(poison), v_pool=nrt.memory.from_numpy(poison),
-               page_table=nrt.memory.from_numpy(table), pos=nrt.memory.from_numpy(np.array([start], np.int32)),
+               block_table=nrt.memory.from_numpy(table), pos=nrt.memory.from_numpy(np.array([start], np.int32)),
                inv_freq=nrt.memory.from_numpy(inv_freq))
     norms = dict(q_norm=nrt.memory.from_numpy(qw) if qk_norm else None,
                  k_norm=nrt.memory.from_numpy(kw) if qk_norm else None)
@@ -134,14 +123,14 @@ def test_rope_append_matches_reference(gpu_rt, m, hq, hkv, d, start, qk_norm):
 
     k_pool, v_pool = dev["k_pool"].to_numpy(), dev["v_pool"].to_numpy()
     t = positions
-    k_got = k_pool[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :].astype(np.float32)
-    v_got = v_pool[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :].astype(np.float32)
+    k_got = k_pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :].astype(np.float32)
+    v_got = v_pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :].astype(np.float32)
     # bf16 rounding of fp32 values that differ in the last bits may flip one bf16 ulp.
     assert np.abs(k_got - k_ref).max() <= np.abs(k_ref).max() * 2 ** -7
     assert np.linalg.norm(k_got - k_ref) / np.linalg.norm(k_ref) < 4e-3
     np.testing.assert_array_equal(v_got, v.astype(BF16).astype(np.float32))
     # Nothing else was written: every other slot is still NaN.
-    written = np.zeros(pool_shape(num_pages, hkv, d), dtype=bool)
-    written[table[t // PAGE_SIZE], :, t % PAGE_SIZE, :] = True
+    written = np.zeros(pool_shape(num_blocks, hkv, d), dtype=bool)
+    written[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :] = True
     assert np.isnan(k_pool.astype(np.float32)[~written]).all()
     assert np.isnan(v_pool.astype(np.float32)[~written]).all()

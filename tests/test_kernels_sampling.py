@@ -1,18 +1,19 @@
 """sampling kernels: NVRTC builds and the parameter struct on the CPU; on a GPU, the token
-against nexusrt.engine.sampling.sample (the spec) for many seeds, parameters and logits,
+against nexusrt.reference.sampling.sample (the spec) for many seeds, parameters and logits,
 plus the graph state it advances (pos, step, the host ring)."""
 
 from __future__ import annotations
 
 import struct
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from nexusrt.engine.sampling import SamplingParams, sample
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import sampling as ops
+from nexusrt.reference.sampling import SamplingParams, sample
+
+from fakes import FakeRuntime, tensor
 
 
 # ------------------------------------------------------------------------ CPU: always run
@@ -46,30 +47,21 @@ def test_kernel_source_struct_fields_are_in_the_packed_order():
     assert [" ".join(d[:-1]) for d in decls] == ["float", "int", "float", "int", "unsigned long long"]
 
 
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
-class _FakeRT:
-    kernels = SimpleNamespace(get=lambda source, name, sig: SimpleNamespace(
-        name=name, pack=lambda *values: values))
-
-
 def test_launcher_sizes_the_partial_grid_by_vocab_and_checks_tensors():
     vocab = 151936
     n = ops.num_parts(vocab)
-    bufs = ops.SamplerBuffers(_t((24,), "uint8"), _t((n,), "fp32"), _t((n,), "int32"))
-    word = _t((1,), "int32")
-    partial, finish = ops.sample(_FakeRT(), _t((vocab,), "fp32"), bufs, word, word, word,
-                                 _t((16,), "int32"), 16)
+    bufs = ops.SamplerBuffers(tensor((24,), "uint8"), tensor((n,), "fp32"), tensor((n,), "int32"))
+    word = tensor((1,), "int32")
+    partial, finish = ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word,
+                                 tensor((16,), "int32"), 16)
     assert partial.grid == (38, 1, 1) and finish.grid == (1, 1, 1) and finish.block == (1024, 1, 1)
     assert finish.args[5] == n and finish.args[-1] == 16
     with pytest.raises(ValueError, match="ring has shape"):
-        ops.sample(_FakeRT(), _t((vocab,), "fp32"), bufs, word, word, word, _t((8,), "int32"), 16)
+        ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word, tensor((8,), "int32"), 16)
     with pytest.raises(ValueError, match="logits has dtype"):
-        ops.sample(_FakeRT(), _t((vocab,), "bf16"), bufs, word, word, word, _t((16,), "int32"), 16)
+        ops.sample(FakeRuntime(), tensor((vocab,), "bf16"), bufs, word, word, word, tensor((16,), "int32"), 16)
     with pytest.raises(ValueError, match="above the supported"):
-        ops.sample(_FakeRT(), _t((5_000_000,), "fp32"), bufs, word, word, word, _t((16,), "int32"), 16)
+        ops.sample(FakeRuntime(), tensor((5_000_000,), "fp32"), bufs, word, word, word, tensor((16,), "int32"), 16)
 
 
 # ------------------------------------------------------------------------ GPU

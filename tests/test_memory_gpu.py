@@ -9,7 +9,7 @@ import pytest
 
 import nexusrt as nrt
 from nexusrt.errors import OutOfMemory
-from nexusrt.firmware.driver import call
+from nexusrt.driver.calls import call
 from nexusrt.memory import DTYPES
 
 pytestmark = pytest.mark.gpu

@@ -12,7 +12,7 @@ from helpers_hf import checkpoint, compare_greedy, hf_greedy, hf_logits, load_hf
 
 from nexusrt.backends.base import generate_tokens  # noqa: E402
 from nexusrt.backends.cpu.model import CpuRunner  # noqa: E402
-from nexusrt.engine.sampling import SamplingParams  # noqa: E402
+from nexusrt.reference.sampling import SamplingParams  # noqa: E402
 from nexusrt.models import load_model  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"

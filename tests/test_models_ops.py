@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from nexusrt.backends.cpu import ops
 from nexusrt.models import ModelConfig
+from nexusrt.reference import ops
 
 torch = pytest.importorskip("torch")
 

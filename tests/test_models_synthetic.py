@@ -8,8 +8,9 @@ import pytest
 from nexusrt.backends.base import ModelRunner
 from nexusrt.backends.cpu.model import CpuRunner
 from nexusrt.models import PRESETS, load_model, tensor_specs
-from nexusrt.models.rng import MASK64, splitmix64
-from nexusrt.models.synthetic import KIND_PARAMS, SyntheticWeights, synthetic_values
+from nexusrt.models.synthetic import SyntheticWeights
+from nexusrt.reference.rng import MASK64, splitmix64
+from nexusrt.reference.synthetic import KIND_PARAMS, synthetic_values
 
 
 def _formula(seed, t, e, kind):

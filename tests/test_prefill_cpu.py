@@ -14,8 +14,10 @@ import pytest
 from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for, plan_chunks
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kernels.ops import cublaslt
-from nexusrt.kernels.ops.common import PAGE_SIZE
 from nexusrt.kernels.ops.gemm import gemm
+from nexusrt.kvcache.blocks import BLOCK_SIZE
+
+from fakes import FakeKernel, FakeRuntime, tensor
 
 
 # ------------------------------------------------------------------ chunk planning
@@ -78,10 +80,6 @@ def test_problem_checks_name_the_bad_field():
         P(4, 8, 8, out="fp16")
 
 
-def _t(shape, dtype, ptr=0x1000):
-    return SimpleNamespace(shape=tuple(shape), dtype=dtype, ptr=ptr)
-
-
 class _FakeLt:
     def __init__(self):
         self.plans = {}
@@ -92,7 +90,7 @@ class _FakeLt:
 
 def test_bf16_activations_choose_the_tensor_core_gemm():
     lt = _FakeLt()
-    y, w, x = _t((4096, 1024), "fp32"), _t((1024, 512), "bf16", 0x2000), _t((4096, 512), "bf16", 0x3000)
+    y, w, x = tensor((4096, 1024), "fp32"), tensor((1024, 512), "bf16", 0x2000), tensor((4096, 512), "bf16", 0x3000)
     g = gemm(None, y, w, x, m=4096, n=1024, k=512, residual=y, lt=lt)
     assert g.problem == cublaslt.Problem(4096, 1024, 512, out="fp32", bias=None, residual=True)
     assert g.ptrs == (0x1000, 0x2000, 0x3000, 0)
@@ -101,16 +99,16 @@ def test_bf16_activations_choose_the_tensor_core_gemm():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lt=None), "pass lt="),
-    (dict(norm_weight=_t((512,), "fp32"), rstd=_t((8,), "fp32")), "no fused norm"),
+    (dict(norm_weight=tensor((512,), "fp32"), rstd=tensor((8,), "fp32")), "no fused norm"),
     (dict(gate_up=True), "no fused norm or gate_up"),
-    (dict(residual=_t((8, 1024), "fp32", 0x9000)), "residual must be y itself"),
-    (dict(bias=_t((1024,), "bf16")), "bias of the output's dtype"),
+    (dict(residual=tensor((8, 1024), "fp32", 0x9000)), "residual must be y itself"),
+    (dict(bias=tensor((1024,), "bf16")), "bias of the output's dtype"),
 ])
 def test_tensor_core_gemm_rejects_what_it_cannot_do(kwargs, message):
     args = dict(lt=_FakeLt())
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        gemm(None, _t((8, 1024), "fp32"), _t((1024, 512), "bf16"), _t((8, 512), "bf16"), m=8, n=1024, k=512, **args)
+        gemm(None, tensor((8, 1024), "fp32"), tensor((1024, 512), "bf16"), tensor((8, 512), "bf16"), m=8, n=1024, k=512, **args)
 
 
 def test_missing_nvmath_says_what_to_install(monkeypatch):
@@ -130,28 +128,14 @@ def test_lt_context_refuses_the_cpu_backend(cpu_rt):
 
 
 # ------------------------------------------------------------------ attention launcher
-class _FakeKernel:
-    function = None
-
-    def __init__(self):
-        self.shared = None
-
-    def pack(self, *values):
-        return values
-
-    def set_max_dynamic_shared(self, nbytes, device):
-        self.shared = nbytes
-
-
 def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memory():
-    asked = []
-    kern = _FakeKernel()
-    rt = SimpleNamespace(kernels=SimpleNamespace(get=lambda *a: asked.append(a) or kern),
-                         device=SimpleNamespace(handle=0))
+    kern = FakeKernel()
+    rt = FakeRuntime(kern)
+    asked = rt.asked
     m, hq, hkv, d = 300, 28, 4, 128
-    spec = pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "bf16"),
-                                 _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                                 _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    spec = pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "bf16"),
+                                 tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
+                                 tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
     assert asked[0][:2] == ("attention_prefill_mma", "attention_prefill_mma_d128_w4_r2_qs")
     assert spec.grid == (hq, math.ceil(m / 128), 1) and spec.block == (128, 1, 1)  # MMA_SHAPE[128]
     assert spec.shared == pre.mma_shared_bytes(128) == (4 * 64 + 128) * 128 * 2
@@ -159,14 +143,14 @@ def test_bf16_output_picks_the_tensor_core_kernel_with_its_grid_and_shared_memor
     assert kern.shared == spec.shared  # > 48 KiB: opted in
     assert spec.args[-1] == pytest.approx(1.4426950408889634 / math.sqrt(128))
     with pytest.raises(ValueError, match=r"built for \(warps, tiles, q_in_smem\)"):
-        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "bf16"),
-                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+        pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "bf16"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
+                              tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                               block=(4, 2))
     with pytest.raises(ValueError, match="out dtype fp16"):
-        pre.attention_prefill(rt, _t((m, hq, d), "fp32"), _t((m, hq * d), "fp16"),
-                              _t((5, hkv, PAGE_SIZE, d), "bf16"), _t((5, hkv, PAGE_SIZE, d), "bf16"),
-                              _t((5,), "int32"), _t((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+        pre.attention_prefill(rt, tensor((m, hq, d), "fp32"), tensor((m, hq * d), "fp16"),
+                              tensor((5, hkv, BLOCK_SIZE, d), "bf16"), tensor((5, hkv, BLOCK_SIZE, d), "bf16"),
+                              tensor((5,), "int32"), tensor((1,), "int32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
 
 
 def test_causal_flops_count_each_visible_key_once():

@@ -21,7 +21,7 @@ SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64), (28, 
                                       (0, 300), (64, 64), (1000, 129)])
 def test_mma_attention_matches_reference_and_the_fp32_kernel(gpu_rt, hq, hkv, d, start, m):
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
     from nexusrt.kernels.ops import attention_prefill as pre
 
     rng = np.random.default_rng(start * 1009 + m * 17 + hq + d + 1)
@@ -134,7 +134,7 @@ def test_tensor_core_gemm_rejects_shapes_before_any_launch(gpu_rt):
 def test_every_built_attention_block_shape_matches_reference(gpu_rt, hq, hkv, d, start, m):
     """The block shapes the sweep compares (not only the default) compute the same function."""
     import nexusrt as nrt
-    from nexusrt.backends.cpu.ops import attention
+    from nexusrt.reference.ops import attention
     from nexusrt.kernels.ops import attention_prefill as pre
 
     rng = np.random.default_rng(start + m + d)

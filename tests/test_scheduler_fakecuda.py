@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from nexusrt.errors import SchedulerError
-from nexusrt.firmware import driver
-from nexusrt.firmware.doorbell import Doorbell
-from nexusrt.firmware.streams import StreamPool
+from nexusrt.driver import calls as driver
+from nexusrt.driver.doorbell import Doorbell
+from nexusrt.driver.streams import StreamPool
 from nexusrt.kernels.launch import Kernel, parse_signature
 from nexusrt.runtime import Runtime
 from nexusrt.scheduler import CapturedGraph, Scheduler, stage

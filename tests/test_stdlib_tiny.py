@@ -21,7 +21,7 @@ from helpers_hf import hf_greedy, load_hf  # noqa: E402
 import nexusrt as nrt  # noqa: E402
 from nexusrt.backends.base import generate_tokens  # noqa: E402
 from nexusrt.backends.cpu.model import CpuRunner  # noqa: E402
-from nexusrt.engine.sampling import SamplingParams  # noqa: E402
+from nexusrt.reference.sampling import SamplingParams  # noqa: E402
 from nexusrt.models import load_model  # noqa: E402
 from nexusrt.models.shipped import DEFAULT_MODEL, SHIPPED, read_manifest, verify_manifest  # noqa: E402
 

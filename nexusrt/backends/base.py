@@ -9,11 +9,12 @@ and ``decode`` append to it and leave the logits of the last appended token for
 ``last_logits`` / ``sample``. ``reset`` empties it.
 
 Sampling is the runner's so a GPU can sample without copying logits to the host; the
-algorithm is fixed by :mod:`nexusrt.engine.sampling` (both backends give the same ids).
+algorithm is fixed by :mod:`nexusrt.reference.sampling` (both backends give the same ids).
 
-Fast path: a runner may offer ``generate_tokens(prompt_ids, max_new_tokens, params,
-on_token) -> int`` with the meaning of :func:`generate_tokens` below (e.g. the whole
-decode loop on the device); the engine uses it when present.
+Generation is the runner's too: the engine drives every runner through
+:meth:`ModelRunner.generate_tokens` alone. The CPU runner implements it with the reference
+loop (:func:`generate_tokens` below, built on the step methods); the CUDA runner with the
+whole decode loop on the device. Both must report the ids the reference loop would.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class ModelRunner(Protocol):
     def sample(self, params, step: int) -> int:
         """Sample the next id from the last logits (``params``: SamplingParams, ``step``: 0-based)."""
 
+    def generate_tokens(self, prompt_ids, max_new_tokens: int, params, on_token: OnToken) -> int:
+        """Reset, prefill ``prompt_ids`` and generate, reporting each id to ``on_token``; returns
+        the ids reported. The meaning is :func:`generate_tokens`; it may be called from a worker
+        thread (the engine streams that way), so it makes its device context current itself."""
+
     def close(self) -> None:
         """Release weights and cache; the runner is unusable afterwards."""
 
@@ -72,11 +78,9 @@ def iter_tokens(runner: ModelRunner, prompt_ids, max_new_tokens: int, params):
 
 
 def generate_tokens(runner: ModelRunner, prompt_ids, max_new_tokens: int, params, on_token: OnToken) -> int:
-    """:func:`iter_tokens` driven by a callback: the contract of a runner's fast path.
+    """:func:`iter_tokens` driven by a callback: the meaning of :meth:`ModelRunner.generate_tokens`.
 
     Reports each id to ``on_token`` and stops when it returns True. Returns the ids reported.
-    A runner's own ``generate_tokens`` may be called from a worker thread (the engine
-    streams that way), so it must make its device context current itself.
     """
     n = 0
     for token in iter_tokens(runner, prompt_ids, max_new_tokens, params):

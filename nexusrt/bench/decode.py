@@ -56,7 +56,7 @@ def _validate(args) -> None:
 def run(args) -> dict:
     from .. import firmware
     from ..engine.llm import LLM
-    from ..engine.sampling import SamplingParams
+    from ..reference.sampling import SamplingParams
 
     _validate(args)
     firmware.init(profile=args.profile, backend=args.backend)
@@ -83,7 +83,7 @@ def run(args) -> dict:
                 return False
 
             start = time.perf_counter()
-            n = _generate(llm, prompt, args.new_tokens, params, on_token)
+            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
             if n != args.new_tokens:
                 raise RuntimeError(f"generated {n} of {args.new_tokens} tokens")
             if r:
@@ -114,15 +114,6 @@ def run(args) -> dict:
     if args.plot:
         _plot(result, args.plot)
     return result
-
-
-def _generate(llm, prompt, n, params, on_token) -> int:
-    runner = llm.runner
-    if hasattr(runner, "generate_tokens"):
-        return runner.generate_tokens(prompt, n, params, on_token)
-    from ..backends.base import generate_tokens
-
-    return generate_tokens(runner, prompt, n, params, on_token)
 
 
 def _peers(cfg, args, ms: float) -> dict:

@@ -52,8 +52,8 @@ def launches_per_graph(copies: int, minimum: int = MIN_LAUNCHES_PER_GRAPH) -> in
 
 def time_case(rt, case, repeats: int) -> dict:
     """Median microseconds per launch of ``case`` (see the module docstring)."""
-    from ..firmware.driver import call, cu
-    from ..firmware.streams import Event
+    from ..driver.calls import call, cu
+    from ..driver.streams import Event
 
     stream = rt.streams["compute"]
     copies = getattr(case.launch, "copies", None) or max(

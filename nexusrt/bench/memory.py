@@ -79,7 +79,7 @@ def page_costs(rt, npages: int) -> dict:
 def alloc_latency(rt, reps: int) -> list[dict]:
     """Median µs of nrt.memory.alloc + free per size, beside cuMemAlloc/cuMemFree (or np.empty)."""
     from .. import memory
-    from ..firmware.driver import call
+    from ..driver.calls import call
 
     rows = []
     for size in ALLOC_SIZES:

@@ -55,7 +55,7 @@ def prompt_ids(n: int, vocab: int) -> np.ndarray:
 def run(args) -> dict:
     from .. import firmware
     from ..engine.llm import LLM
-    from ..engine.sampling import SamplingParams
+    from ..reference.sampling import SamplingParams
 
     lengths = int_list(args.prompt_tokens, DEFAULT_LENGTHS, "--prompt-tokens")
     runs = 3 if args.runs is None else args.runs

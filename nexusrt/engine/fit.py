@@ -66,7 +66,7 @@ def cpu_available() -> tuple[int, str]:
 def cuda_available() -> tuple[int, str]:
     """Free device memory as the driver reports it, or the arena's room if that is less."""
     from .. import runtime
-    from ..firmware.driver import call
+    from ..driver.calls import call
     from ..scheduler.state import device_free_bytes
 
     rt = runtime.current("the memory check")

@@ -18,15 +18,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from functools import partial
 from typing import Iterator
 
 from .. import runtime as runtime_mod
-from ..backends.base import generate_tokens, iter_tokens
 from ..errors import BackendUnavailable, NexusRTError
 from ..models.loader import LoadedModel, load_model
+from ..reference.sampling import SamplingParams
 from .fit import check_fit
-from .sampling import SamplingParams
 from .session import GenerationResult, Session
 
 BACKENDS = ("cpu", "cuda")
@@ -44,13 +42,8 @@ def _make_runner(model: LoadedModel, backend: str, max_context: int | None):
     if not rt.is_cuda:
         raise BackendUnavailable(f"backend='cuda' needs the runtime booted on CUDA, but it runs on {rt.backend} "
                                  f"({rt.probe_reason or 'no reason given'}); use backend='cpu'")
-    try:
-        from ..backends.cuda.runner import CudaRunner
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("nexusrt.backends.cuda"):
-            raise BackendUnavailable("the CUDA model runner (nexusrt.backends.cuda.runner) is not in this "
-                                     "build yet; use backend='cpu'") from None
-        raise
+    from ..backends.cuda.runner import CudaRunner
+
     check_fit(model.config, backend, max_context, name)
     return CudaRunner(model, rt, max_context=max_context)
 
@@ -158,9 +151,7 @@ class LLM:
         pieces: list[str] = []
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop,
                                                   seed, pieces.append)
-        fast = getattr(self.runner, "generate_tokens", None)
-        run = fast if fast is not None else partial(generate_tokens, self.runner)
-        run(ids, max_new_tokens, params, session.on_token)
+        self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
         return self._finish(session, params, extra)
 
     def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
@@ -195,28 +186,15 @@ class LLM:
     def _stream_body(self, started, max_new_tokens, pieces) -> Iterator[str]:
         session, ids, params, extra = started
         try:
-            fast = getattr(self.runner, "generate_tokens", None)
-            if fast is None:
-                tokens = iter_tokens(self.runner, ids, max_new_tokens, params)
-                try:
-                    for token in tokens:
-                        done = session.on_token(token)
-                        yield from pieces
-                        pieces.clear()
-                        if done:
-                            break
-                finally:
-                    tokens.close()
-            else:
-                yield from self._stream_fast(fast, session, ids, max_new_tokens, params, pieces)
+            yield from self._stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
             self._local.result = self._finish(session, params, extra)
             yield from pieces
         finally:
             self._leave()
 
     @staticmethod
-    def _stream_fast(fast, session, ids, max_new_tokens, params, pieces):
-        """Run a runner's callback-style fast path in a worker thread, yielding as ids arrive."""
+    def _stream_tokens(runner, session, ids, max_new_tokens, params, pieces):
+        """Run the runner's callback-style ``generate_tokens`` in a worker thread, yielding as ids arrive."""
         q: queue.Queue = queue.Queue()
         cancelled = threading.Event()
 
@@ -228,7 +206,7 @@ class LLM:
 
         def work():
             try:
-                fast(ids, max_new_tokens, params, on_token)
+                runner.generate_tokens(ids, max_new_tokens, params, on_token)
                 q.put(("end", None))
             except BaseException as exc:  # re-raised in the consumer
                 q.put(("error", exc))

@@ -1,4 +1,9 @@
-"""The firmware layer: boot, device and profile, checked driver calls, streams, doorbells.
+"""The boot layer: ``init`` composes the driver, memory and kernel layers into one runtime.
+
+The pieces it composes live below it: :mod:`nexusrt.driver` (checked driver calls, device
+and profile, streams, events, doorbells), :mod:`nexusrt.memory` (the arena) and
+:mod:`nexusrt.kernels` (the kernel cache). Their public types are re-exported here, the
+public API's one entry (``nrt.firmware``).
 
 >>> import nexusrt as nrt
 >>> dev = nrt.firmware.init(profile="auto")   # CUDA when a GPU answers, else the CPU
@@ -9,11 +14,11 @@ from __future__ import annotations
 
 from .. import runtime as _runtime
 from ..errors import NexusRTError
+from ..driver.device import Device
+from ..driver.doorbell import Doorbell
+from ..driver.profile import HardwareProfile, profile_names
+from ..driver.streams import Event, Stream, StreamPool
 from .boot import PHASES, boot, shutdown
-from .device import Device
-from .doorbell import Doorbell
-from .profile import HardwareProfile, profile_names
-from .streams import Event, Stream, StreamPool
 
 
 def init(profile: str = "auto", backend: str | None = None, device: int = 0,

@@ -1,4 +1,4 @@
-"""Boot and shutdown in named, timed phases.
+"""Boot and shutdown in named, timed phases: the one place that composes the layers below.
 
 driver probe -> context -> memory arena -> stream pool -> kernel cache -> ready.
 A failure in any phase undoes the phases before it, so a failed boot leaks nothing.
@@ -10,11 +10,14 @@ import time
 from contextlib import contextmanager
 
 from .. import runtime as runtime_mod
+from ..driver.detect import choose_backend
+from ..driver.device import Device
+from ..driver.profile import resolve
+from ..driver.streams import StreamPool
+from ..errors import NexusRTError
+from ..kernels.cache import KernelCache
+from ..memory.arena import open_arena
 from ..runtime import Runtime
-from .detect import choose_backend
-from .device import Device
-from .profile import resolve
-from .streams import StreamPool
 
 PHASES = ("driver_probe", "context", "memory_arena", "stream_pool", "kernel_cache", "ready")
 
@@ -29,8 +32,6 @@ def _phase(times: dict, name: str):
 def boot(profile: str = "auto", backend: str | None = None, device: int = 0,
          arena_bytes: int | None = None) -> Runtime:
     """Bring up the runtime; see :func:`nexusrt.firmware.init`."""
-    from ..memory.arena import open_arena  # memory layer sits above firmware
-
     if not isinstance(profile, str):
         raise TypeError(f"profile must be a string such as 'auto' or 'h100', got {type(profile).__name__}")
     times: dict[str, float] = {}
@@ -50,8 +51,6 @@ def boot(profile: str = "auto", backend: str | None = None, device: int = 0,
             rt.streams = StreamPool(rt.backend)
         with _phase(times, "kernel_cache"):
             if rt.is_cuda:
-                from ..kernels.cache import KernelCache
-
                 rt.kernels = KernelCache(prof.arch)
         with _phase(times, "ready"):
             dev.synchronize()
@@ -86,8 +85,6 @@ def _teardown(rt: Runtime) -> None:
             errors.append(f"{name}: {exc}")
     rt.closers.clear()
     if errors:
-        from ..errors import NexusRTError
-
         raise NexusRTError("shutdown could not release everything: " + "; ".join(errors))
 
 

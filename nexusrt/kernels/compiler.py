@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ..firmware.driver import nvrtc, nvrtc_call, nvrtc_compile, out_buffer
+from ..driver.calls import nvrtc, nvrtc_call, nvrtc_compile, out_buffer
 
 SOURCE_DIR = Path(str(resources.files(__package__).joinpath("cu")))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..firmware.driver import call, cu
+from ..driver.calls import call, cu
 
 CTYPES = {
     "ptr": ctypes.c_uint64,

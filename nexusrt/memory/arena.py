@@ -14,7 +14,7 @@ import threading
 from collections import deque
 
 from ..errors import OutOfMemory
-from ..firmware.driver import call
+from ..driver.calls import call
 from .core import ArenaCore, Block
 from .pinned_host import HostBlock, PinnedHost
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import ctypes
 
 from .. import runtime
-from ..firmware.driver import call
-from ..firmware.streams import Event
-from .tensor import Tensor
+from ..driver.calls import call
+from ..driver.streams import Event
 
 _ROUTES = {  # (src on device, dst on device) -> (driver call, default stream role)
     (False, True): ("cuMemcpyHtoDAsync", "h2d"),
@@ -23,18 +22,21 @@ _ROUTES = {  # (src on device, dst on device) -> (driver call, default stream ro
 
 
 def _check(dst, src) -> None:
+    # A Tensor is known by its storage: this module sits below tensor.py, whose copy_from
+    # calls it, so it does not import the Tensor class.
     for name, t in (("dst", dst), ("src", src)):
-        if not isinstance(t, Tensor):
+        storage = getattr(t, "_storage", None)
+        if storage is None:
             raise TypeError(f"{name} must be a nexusrt Tensor, got {type(t).__name__} "
                             "(wrap arrays with nrt.memory.from_numpy or use tensor.copy_from)")
-        t._storage.check(f"copy {name}")
+        storage.check(f"copy {name}")
     if dst.dtype != src.dtype or dst.nbytes != src.nbytes:
         raise ValueError(f"copy: dst is {dst.numel} x {dst.dtype}, src is {src.numel} x {src.dtype}: "
                          "dtype and element count must match")
 
 
-def copy_async(dst: Tensor, src: Tensor, stream=None) -> Event:
-    """Queue ``dst <- src`` and return an :class:`Event` recorded after it.
+def copy_async(dst, src, stream=None) -> Event:
+    """Queue ``dst <- src`` (Tensors) and return an :class:`Event` recorded after it.
 
     ``stream`` is a role name or a Stream (default by direction, see the module).
     Both tensors' memory stays reserved until the copy ends, even if freed meanwhile.
@@ -55,8 +57,8 @@ def copy_async(dst: Tensor, src: Tensor, stream=None) -> Event:
     return event
 
 
-def copy(dst: Tensor, src: Tensor) -> None:
-    """``dst <- src``, returning when the bytes are there (after all earlier device work)."""
+def copy(dst, src) -> None:
+    """``dst <- src`` (Tensors), returning when the bytes are there (after all earlier device work)."""
     rt = runtime.current("nrt.memory.copy")
     _check(dst, src)
     rt.device.synchronize()

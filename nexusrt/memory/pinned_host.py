@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CudaError, OutOfMemory
-from ..firmware.driver import call, cu
+from ..driver.calls import call, cu
 from .core import retire
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from ..errors import CudaError
-from ..firmware.driver import call, cu
+from ..driver.calls import call, cu
 from .pages import COMPRESSED, PLAIN, PageOOM
 
 _OOM_CODE = 2  # CUDA_ERROR_OUT_OF_MEMORY

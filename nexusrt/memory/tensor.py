@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .copy import copy
 from .core import DoubleFree, UseAfterFree
 from .dtypes import DType, check_shape, numel_of, resolve
 
@@ -156,8 +157,6 @@ class Tensor:
         """
         self._storage.check("tensor.copy_from()")
         if isinstance(src, Tensor):
-            from .copy import copy
-
             copy(self, src)
             return self
         a = np.asarray(src)

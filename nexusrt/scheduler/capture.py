@@ -15,8 +15,8 @@ On the CPU backend a "captured" graph is its validated plan, queued again on eac
 
 from __future__ import annotations
 
-from ..firmware.driver import call, check, cu
-from ..firmware.streams import Event
+from ..driver.calls import call, check, cu
+from ..driver.streams import Event
 from .contract import dim3
 
 

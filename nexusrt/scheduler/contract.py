@@ -20,7 +20,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..firmware.streams import ROLES
+from ..driver.streams import ROLES
 
 MIB = 1 << 20
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 from ..errors import SchedulerError
-from ..firmware.doorbell import Doorbell
-from ..firmware.streams import Event
+from ..driver.doorbell import Doorbell
+from ..driver.streams import Event
 
 
 class CudaEngine:

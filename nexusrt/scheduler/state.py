@@ -11,7 +11,7 @@ import time
 from collections import defaultdict, deque
 
 from ..errors import CudaError, SchedulerError
-from ..firmware.waits import deadline_ms, default_timeout_ms
+from ..driver.waits import deadline_ms, default_timeout_ms
 from .contract import StageContract
 from .graph import Plan, TaskGraph
 
@@ -114,7 +114,7 @@ class Scheduler:
     def wait_barrier(self, name: str | None = None, timeout_ms: float | None = None) -> None:
         """Wait for stage ``name`` (its latest submission) or for everything submitted.
 
-        ``timeout_ms`` None means the default bound (:mod:`nexusrt.firmware.waits`), ``math.inf`` none.
+        ``timeout_ms`` None means the default bound (:mod:`nexusrt.driver.waits`), ``math.inf`` none.
         """
         deadline = deadline_ms(timeout_ms, time.perf_counter())
         timeout_ms = timeout_ms if timeout_ms is not None else default_timeout_ms()

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...engine.sampling import sample as sample_logits
+from ...reference.sampling import sample as sample_logits
 from ...models.weights import WeightSource
-from . import ops
+from ..base import generate_tokens
+from ...reference import ops
 
 _INITIAL_CACHE = 256  # tokens; the cache doubles as needed up to max_context
 
@@ -96,6 +97,10 @@ class CpuRunner:
 
     def sample(self, params, step: int) -> int:
         return sample_logits(self.last_logits(), params, step)
+
+    def generate_tokens(self, prompt_ids, max_new_tokens: int, params, on_token) -> int:
+        """The reference generation loop over this runner's own steps."""
+        return generate_tokens(self, prompt_ids, max_new_tokens, params, on_token)
 
     def close(self) -> None:
         self.layers, self._k, self._v = [], [], []

@@ -1,5 +1,6 @@
 """Everything a runner keeps on the device besides weights: activations, the paged KV
-cache, the step state the graph reads, workspaces and the pinned token ring.
+cache (laid out by :mod:`nexusrt.kvcache`), the step state the graph reads, workspaces and
+the pinned token ring.
 
 Prefill rows are sized for the largest chunk bucket. The residual stream (``hidden``) is
 fp32, as are the QKV rows RoPE reads; the operands of the tensor-core GEMMs are bf16
@@ -9,14 +10,12 @@ keeps its own fp32 rows for the GEMVs' inputs (``dec_attn``, ``dec_mlp``).
 
 from __future__ import annotations
 
-import numpy as np
-
 from ... import memory
-from ...engine.kv_pages import pages_for, pool_shape
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling
 from ...kernels.ops.common import sm_count
 from ...kernels.ops.gemv import decode_shapes, plan_gemv
+from ...kvcache.blocks import BlockPool, SequenceBlocks, blocks_for, pool_shape
 
 TAG = "runner"
 RING = 256  # tokens the device can be ahead of the host
@@ -53,12 +52,15 @@ class RunnerBuffers:
             self.dec_attn = self._t(memory.empty((1, hq * d), "fp32", tag=TAG))
             self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
-            num_pages = pages_for(positions)
-            self.page_table = self._t(memory.from_numpy(np.arange(num_pages, dtype=np.int32), tag=TAG))
+            num_blocks = blocks_for(positions)
+            # One sequence holds every KV block, handed out in order (the table is 0..n-1).
+            self.kv_blocks = SequenceBlocks(BlockPool(num_blocks), num_blocks)
+            self.kv_blocks.ensure(positions)
+            self.block_table = self._t(memory.from_numpy(self.kv_blocks.table(), tag=TAG))
             self.k_pools, self.v_pools = [], []
             for _ in range(cfg.num_hidden_layers):
-                self.k_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
-                self.v_pools.append(self._t(memory.empty(pool_shape(num_pages, hkv, d), "bf16", tag="kv")))
+                self.k_pools.append(self._t(memory.empty(pool_shape(num_blocks, hkv, d), "bf16", tag="kv")))
+                self.v_pools.append(self._t(memory.empty(pool_shape(num_blocks, hkv, d), "bf16", tag="kv")))
             # One split-K workspace serves every GEMV of the step (they run in stream order).
             ws = max(plan_gemv(n, k, 1, gate_up=opts.get("gate_up", False)).workspace_bytes
                      for _, n, k, opts in decode_shapes(cfg))

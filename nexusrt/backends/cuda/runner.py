@@ -19,9 +19,9 @@ import time
 import numpy as np
 
 from ... import memory, scheduler
-from ...backends.cpu.ops import rope_inv_freq
+from ...reference.ops import rope_inv_freq
 from ...errors import ModelError, NexusRTError
-from ...firmware.driver import call
+from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
 from . import step as steps

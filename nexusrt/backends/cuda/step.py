@@ -2,7 +2,7 @@
 
 Every stage is a kernel launch in stream order on the compute stream; a stage declares the
 tensors it reads and writes, and depends on the one before it, so the task graph is the
-same chain the token's path describes (DESIGN.md). Per-token values (token id, position)
+same chain the token's path describes (ARCHITECTURE.md). Per-token values (token id, position)
 live in device memory, which is what lets the decode chain be captured once and replayed.
 """
 
@@ -48,11 +48,11 @@ def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
                                    bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None,
                                    workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
         ch.add(f"{p}.rope_append", rope.rope_append(
-            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, w.inv_freq, num_q_heads=hq,
+            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
             num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
-            [qkv, b.pos, b.page_table], [q, b.k_pools[i], b.v_pools[i]])
+            [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
-            rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.page_table, b.pos,
+            rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=x, workspace=b.gemv_ws),
                [attn, lw.o], [x])
@@ -110,11 +110,11 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
         ch.add(f"{p}.qkv", gm.gemm(rt, qkv, lw.qkv, xn, m=m, n=qkv_n, k=h, bias=lw.qkv_bias, lt=lt),
                [xn, lw.qkv, lw.qkv_bias], [qkv])
         ch.add(f"{p}.rope_append", rope.rope_append(
-            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, w.inv_freq, num_q_heads=hq,
+            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
             num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
-            [qkv, b.pos, b.page_table], [q, b.k_pools[i], b.v_pools[i]])
+            [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_pre.attention_prefill(
-            rt, q, attn, b.k_pools[i], b.v_pools[i], b.page_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
+            rt, q, attn, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
             head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gm.gemm(rt, x, lw.o, attn, m=m, n=h, k=hq * d, residual=x, lt=lt), [attn, lw.o], [x])
         ch.add(f"{p}.mlp_norm", ew.rms_norm_bf16(rt, xn, x, lw.mlp_norm, rows=m, cols=h, eps=eps),

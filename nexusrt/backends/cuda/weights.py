@@ -22,8 +22,9 @@ import numpy as np
 
 from ... import memory
 from ...kernels.ops import elementwise as ew
-from ...models.synthetic import KIND_PARAMS, SyntheticWeights
+from ...models.synthetic import SyntheticWeights
 from ...models.weights import FUSED
+from ...reference.synthetic import KIND_PARAMS
 
 TAG = "weights"
 

@@ -6,7 +6,7 @@
 
 #include <cuda_bf16.h>
 
-// Tokens per KV-cache page (exported to Python as nexusrt.kernels.ops.common.PAGE_SIZE).
+// Tokens per KV block ("page" here is the kernels' old word for it; Python: nexusrt.kvcache.blocks.BLOCK_SIZE).
 #define NRT_PAGE_SIZE 16
 
 namespace nrt {

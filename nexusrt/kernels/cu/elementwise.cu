@@ -1,5 +1,6 @@
-// Small elementwise kernels of the decode/prefill path: embedding, RMSNorm rows, SiLU*mul,
-// add, dtype conversions, and the on-device uniform fill used for synthetic weights.
+// Small elementwise kernels of the decode/prefill path: embedding, bf16 RMSNorm rows and
+// SiLU*mul for the prefill, dtype conversions, and the on-device uniform fill used for
+// synthetic weights.
 // The residual stream is fp32; weights/tables are bf16. The prefill's tensor-core GEMMs read
 // bf16 operands, so two kernels here write bf16: the normalised rows (rms_norm_bf16) and the
 // gated MLP activation (silu_mul_bf16).
@@ -19,25 +20,6 @@ extern "C" __global__ void embedding(float* out, const int* ids, const __nv_bflo
     float* o = out + (size_t)m * H;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < H; i += gridDim.x * blockDim.x)
         o[i] = ok ? nrt::bf16_bits_to_float(row[i]) : __int_as_float(0x7fc00000);
-}
-
-// RMSNorm over rows of length ``cols``, one warp per row: out = x * rsqrt(mean(x^2) + eps) * w.
-// Row r lives at (r / group) * group_stride + (r % group) * cols, so the same kernel covers
-// plain rows (group = 1, group_stride = cols) and per-head q/k norm inside a fused QKV
-// buffer (group = heads, group_stride = qkv width). out may alias x.
-extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, int rows,
-                                    int cols, int group, long long group_stride, float eps) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
-    const size_t off = (size_t)(r / group) * group_stride + (size_t)(r % group) * cols;
-    const float* xr = x + off;
-    float ss = 0.0f;
-    for (int i = lane; i < cols; i += 32) ss = fmaf(xr[i], xr[i], ss);
-    ss = nrt::warp_sum(ss);
-    const float rstd = 1.0f / sqrtf(ss / (float)cols + eps);
-    float* o = out + off;
-    for (int i = lane; i < cols; i += 32) o[i] = xr[i] * rstd * w[i];
 }
 
 // RMSNorm of fp32 rows into bf16 rows (the A operand of the next GEMM), one warp per row,
@@ -88,25 +70,6 @@ extern "C" __global__ void silu_mul_bf16(__nv_bfloat16* out, const __nv_bfloat16
     }
 }
 
-// out[r, c] = silu(gate[r, c]) * up[r, c] with row strides (the fused gate_up buffer has
-// gate at column c and up at column I + c of a row of width 2I).
-extern "C" __global__ void silu_mul(float* out, const float* gate, const float* up, int rows,
-                                    int cols, long long in_stride, long long out_stride) {
-    const int r = blockIdx.y;
-    if (r >= rows) return;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
-        const float g = gate[(size_t)r * in_stride + c];
-        out[(size_t)r * out_stride + c] = nrt::silu(g) * up[(size_t)r * in_stride + c];
-    }
-}
-
-// out = a + b over n floats; out may alias a or b.
-extern "C" __global__ void add_f32(float* out, const float* a, const float* b, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = a[i] + b[i];
-}
-
 // Round to nearest even, as PyTorch's .to(torch.bfloat16) does.
 extern "C" __global__ void f32_to_bf16(__nv_bfloat16* out, const float* in, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -121,7 +84,7 @@ extern "C" __global__ void bf16_to_f32(float* out, const __nv_bfloat16* in, long
 }
 
 // out[i] = bf16(offset + scale * x), x = float32(splitmix64(key + i) >> 40) * 2^-23 - 1 in
-// [-1, 1): bit-identical to nexusrt.models.synthetic.synthetic_values (the CPU definition of
+// [-1, 1): bit-identical to nexusrt.reference.synthetic.synthetic_values (the CPU definition of
 // synthetic weights) when key = seed * 0x9E3779B97F4A7C15 + tensor_index * 0xD1B54A32D192ED03.
 // x is exact in fp32; offset + scale * x is a rounded multiply then a rounded add (no FMA),
 // then round-to-nearest-even to bf16, as NumPy's float32 -> bfloat16 cast does.

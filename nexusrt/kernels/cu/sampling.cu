@@ -1,5 +1,5 @@
 // On-device sampling: the last step of the decode graph. From fp32 logits [vocab] pick the
-// next token exactly as nexusrt/engine/sampling.py specifies (its docstring is the spec):
+// next token exactly as nexusrt/reference/sampling.py specifies (its docstring is the spec):
 //   temperature == 0: argmax, lowest index on ties;
 //   otherwise: candidates = the K = min(top_k or 1024, 1024, vocab) largest logits, value
 //   desc then index asc; z = logit / T; c_j = running fp32 sum of exp(z_j - z_0) in rank

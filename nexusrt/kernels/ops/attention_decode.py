@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
-from .rope import check_pools, check_state
+from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
+from ...kvcache.checks import check_pools, check_state
+from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
@@ -87,13 +88,13 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
         max_splits=max_splits)
 
 
-def attention_decode(rt, q, out, k_pool, v_pool, page_table, pos, workspace: DecodeWorkspace, *,
+def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
                      scale: float | None = None) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
-    ``[num_pages, Hkv, PAGE_SIZE, D]`` (rope_append wrote position ``*pos`` already).
+    ``[num_blocks, Hkv, BLOCK_SIZE, D]`` (rope_append wrote position ``*pos`` already).
     ``scale`` defaults to ``1/sqrt(D)``.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
@@ -108,7 +109,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, page_table, pos, workspace: Dec
     check_tensor(q, "q", (num_q_heads, head_dim), "fp32")
     check_tensor(out, "out", (num_q_heads * head_dim,), "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
-    check_state(page_table, pos)
+    check_state(block_table, pos)
     splits = workspace.max_splits
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"workspace.max_splits is {splits}; it must be in 1..{MAX_SPLITS}")
@@ -118,7 +119,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, page_table, pos, workspace: Dec
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     name = kernel_name(head_dim, group)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
-    args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
+    args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale)
     return LaunchSpec(kernel, (num_kv_heads, splits, 1), (THREADS, 1, 1), args, 0, name, pdl=pdl_ok(rt))
@@ -137,8 +138,8 @@ _MAX_COPIES = 16
 def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
     """Decode attention of ``config``'s heads at each context length.
 
-    Each case rotates over several copies of the K/V pools (pages scattered through a
-    shuffled page table) so the bytes come from HBM, as in a real decode step where every
+    Each case rotates over several copies of the K/V pools (KV blocks scattered through a
+    shuffled block table) so the bytes come from HBM, as in a real decode step where every
     layer reads its own cache.
     """
     from ... import memory
@@ -149,15 +150,15 @@ def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
     rng = np.random.default_rng(0)
     cases = []
     for ctx in contexts:
-        pages = ceil_div(ctx, PAGE_SIZE)
-        pool_bytes = pages * hkv * PAGE_SIZE * d * 2
+        kv_blocks = blocks_for(ctx)
+        pool_bytes = kv_blocks * hkv * BLOCK_SIZE * d * 2
         copies = max(1, min(_MAX_COPIES, ceil_div(_ROTATE_BYTES, 2 * pool_bytes)))
-        host = rng.standard_normal((pages, hkv, PAGE_SIZE, d), dtype=np.float32)
+        host = rng.standard_normal(pool_shape(kv_blocks, hkv, d), dtype=np.float32)
         kv = [(memory.from_numpy(host, dtype="bf16"), memory.from_numpy(host[::-1].copy(), dtype="bf16"))
               for _ in range(copies)]
         q = memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
         out = memory.empty((hq * d,), "fp32")
-        table = memory.from_numpy(rng.permutation(pages).astype(np.int32))
+        table = memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32))
         pos = memory.from_numpy(np.array([ctx - 1], dtype=np.int32))
         # Sized for the longest context, as a runner sizes it for max_context: the short
         # cases then show what the empty splits cost.

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
+from ...kvcache.checks import check_pools, check_state
 from .common import ceil_div, check_positive, check_tensor, dtype_name, ptr
-from .rope import check_pools, check_state
 from .spec import LaunchSpec
 
 SOURCE = "attention_prefill"
@@ -47,7 +47,7 @@ def mma_shared_bytes(head_dim: int, block: tuple | None = None) -> int:
     return (4 * MMA_KEYS + (16 * warps * tiles if q_smem else 0)) * head_dim * 2
 
 
-def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_heads: int,
+def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_heads: int,
                       num_kv_heads: int, head_dim: int, scale: float | None = None,
                       block: tuple[int, int] | None = None) -> LaunchSpec:
     """Launch spec: ``q`` fp32 ``[M, Hq, D]`` -> ``out`` ``[M, Hq * D]``, bf16 (tensor cores)
@@ -72,7 +72,7 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
         raise ValueError(f"attention_prefill writes bf16 (tensor cores) or fp32 (oracle) rows, got out dtype {out_dtype}")
     check_tensor(out, "out", (m, num_q_heads * head_dim), out_dtype)
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
-    check_state(page_table, pos)
+    check_state(block_table, pos)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if out_dtype == "bf16":
         block = MMA_SHAPE[head_dim] if block is None else tuple(block)
@@ -85,14 +85,14 @@ def attention_prefill(rt, q, out, k_pool, v_pool, page_table, pos, *, num_q_head
         shared = mma_shared_bytes(head_dim, block)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
-        args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos), m,
+        args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos), m,
                            num_q_heads, num_kv_heads, scale * LOG2E)
         return LaunchSpec(kernel, (num_q_heads, ceil_div(m, 16 * warps * tiles), 1), (32 * warps, 1, 1), args, shared,
                           name=f"{name}[{m}]")
     group = num_q_heads // num_kv_heads
     name = f"attention_prefill_d{head_dim}"
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
-    args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos), m,
+    args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos), m,
                        num_q_heads, num_kv_heads, scale)
     grid = (ceil_div(m * group, ROWS_PER_BLOCK), num_kv_heads, 1)
     return LaunchSpec(kernel, grid, (THREADS, 1, 1), args, 0, name)
@@ -106,21 +106,21 @@ def causal_flops(m: int, start: int, num_q_heads: int, head_dim: int) -> int:
 
 
 def random_cache(rt, tokens: int, num_kv_heads: int, head_dim: int, seed: int = 3) -> dict:
-    """K/V pools of random bf16 holding ``tokens`` tokens in order, an identity page table and a
+    """K/V pools of random bf16 holding ``tokens`` tokens in order, an identity block table and a
     zero position word, for benchmarks (fresh random data, never zeros)."""
     import numpy as np
 
     from ... import memory
-    from .common import PAGE_SIZE
+    from ...kvcache.blocks import blocks_for, pool_shape
     from .elementwise import fill_uniform_bf16
 
-    pages = ceil_div(tokens, PAGE_SIZE)
-    shape = (pages, num_kv_heads, PAGE_SIZE, head_dim)
-    n = pages * num_kv_heads * PAGE_SIZE * head_dim
+    kv_blocks = blocks_for(tokens)
+    shape = pool_shape(kv_blocks, num_kv_heads, head_dim)
+    n = int(np.prod(shape))
     out = {"k_pool": memory.empty(shape, "bf16", tag="bench"), "v_pool": memory.empty(shape, "bf16", tag="bench")}
     for i, t in enumerate(out.values()):
         fill_uniform_bf16(rt, t.reshape(n), n, seed, 1.0, tensor_index=i).launch(rt.streams["compute"])
-    out["page_table"] = memory.from_numpy(np.arange(pages, dtype=np.int32), tag="bench")
+    out["block_table"] = memory.from_numpy(np.arange(kv_blocks, dtype=np.int32), tag="bench")
     return out
 
 

@@ -1,56 +1,20 @@
 """Helpers shared by the launchers: constants from ``cu/common.cuh``, argument checks, occupancy.
 
-Launchers accept tensors (anything with ``.ptr``, and ideally ``.shape``/``.dtype``) or raw
-device addresses (ints). Shapes are checked whenever the argument carries one; raw
-addresses can only be checked for alignment, so callers passing ints own the shapes.
+The tensor checks (:func:`check_tensor`, :func:`ptr`, :func:`dtype_name`) live in
+:mod:`nexusrt.memory.checks`, beside the tensors, where the KV cache's checks use them too.
 """
 
 from __future__ import annotations
 
 import os
 
-PAGE_SIZE = 16  # tokens per KV-cache page; must equal NRT_PAGE_SIZE in cu/common.cuh
+from ...memory.checks import check_tensor, dtype_name, ptr  # noqa: F401  (the launchers' checks)
 
 # Epilogue flags, identical in gemv.cu and gemm.cu.
 FLAG_BIAS = 1
 FLAG_BIAS_BF16 = 2
 FLAG_RESIDUAL = 4
 FLAG_NORM = 8
-
-def dtype_name(dtype) -> str:
-    """The memory layer's dtype name (``bf16``, ``fp32``, ``int32``...) for any spelling."""
-    from ...memory.dtypes import resolve
-
-    try:
-        return resolve(getattr(dtype, "name", dtype) if not isinstance(dtype, str) else dtype).name
-    except (ValueError, TypeError):
-        return str(dtype)
-
-
-def ptr(t) -> int:
-    """The device address of a tensor, an int address as is, 0 for None."""
-    if t is None:
-        return 0
-    p = getattr(t, "ptr", t)
-    if not isinstance(p, int):
-        p = int(p)
-    return p
-
-
-def check_tensor(t, name: str, shape: tuple[int, ...] | None, dtype: str | None) -> None:
-    """Raise ValueError if ``t`` (when it carries shape/dtype) does not match."""
-    if t is None:
-        raise ValueError(f"{name} is required")
-    if ptr(t) == 0:
-        raise ValueError(f"{name} is a null device address")
-    tshape = getattr(t, "shape", None)
-    if shape is not None and tshape is not None:
-        tshape = tuple(int(s) for s in tshape)
-        if _numel(tshape) != _numel(shape) or (len(tshape) == len(shape) and tshape != tuple(shape)):
-            raise ValueError(f"{name} has shape {tshape}, expected {tuple(shape)}")
-    tdtype = getattr(t, "dtype", None)
-    if dtype is not None and tdtype is not None and dtype_name(tdtype) != dtype:
-        raise ValueError(f"{name} has dtype {dtype_name(tdtype)}, expected {dtype}")
 
 
 def check_aligned(t, name: str, align: int) -> None:
@@ -62,13 +26,6 @@ def check_positive(**dims: int) -> None:
     for k, v in dims.items():
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{k} must be a positive int, got {v!r}")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -109,7 +66,7 @@ def sm_count(rt) -> int:
 
 def blocks_per_sm(kernel, threads: int, shared: int) -> int:
     """Resident blocks per SM for ``kernel`` at this block size and dynamic shared memory."""
-    from ...firmware.driver import call
+    from ...driver.calls import call
 
     n = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared))
     return max(1, int(n))

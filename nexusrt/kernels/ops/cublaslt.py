@@ -145,8 +145,8 @@ class LtPlan:
         import statistics
 
         from ... import memory
-        from ...firmware.driver import call
-        from ...firmware.streams import Event
+        from ...driver.calls import call
+        from ...driver.streams import Event
         from .elementwise import fill_uniform_bf16
 
         p, rt = self.problem, ctx.rt

@@ -115,7 +115,7 @@ def _fma(rt, y, w, x, *, m, n, k, bias, bias_dtype, residual, norm_weight, rstd,
 
 def time_ms(rt, launch, repeats: int = 10, warmup: int = 2) -> list[float]:
     """Milliseconds of each of ``repeats`` runs of ``launch(stream)`` between two CUDA events."""
-    from ...firmware.streams import Event
+    from ...driver.streams import Event
 
     stream = rt.streams["compute"]
     start, stop = Event("cuda"), Event("cuda")

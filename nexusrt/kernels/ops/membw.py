@@ -45,8 +45,8 @@ def measure_read_bandwidth(rt, nbytes: int = DEFAULT_BYTES, repeats: int = 20, w
     """Median read bandwidth in bytes/s over ``repeats`` timed passes (CUDA backend only)."""
     from ... import memory
     from ...errors import NexusRTError
-    from ...firmware.driver import call
-    from ...firmware.streams import Event
+    from ...driver.calls import call
+    from ...driver.streams import Event
 
     if not rt.is_cuda:
         raise NexusRTError("measure_read_bandwidth needs the CUDA backend")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PAGE_SIZE, ceil_div, check_positive, check_tensor, pdl_ok, ptr
+from ...kvcache.blocks import pool_shape
+from ...kvcache.checks import check_pools, check_state
+from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "rope"
@@ -18,25 +20,7 @@ HEAD_DIMS = (64, 128, 256)
 HEADS_PER_BLOCK = 4  # one warp per head, kWarps in rope.cu
 
 
-def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
-    """Check a layer's K and V pools ``[num_pages, Hkv, PAGE_SIZE, D]`` bf16; returns num_pages."""
-    shape = getattr(k_pool, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"k_pool must be a 4-d tensor [num_pages, {num_kv_heads}, {PAGE_SIZE}, "
-                         f"{head_dim}], got shape {shape}")
-    pool_shape = (int(shape[0]), num_kv_heads, PAGE_SIZE, head_dim)
-    check_tensor(k_pool, "k_pool", pool_shape, "bf16")
-    check_tensor(v_pool, "v_pool", pool_shape, "bf16")
-    return pool_shape[0]
-
-
-def check_state(page_table, pos) -> None:
-    """The page table (int32, 1-d) and the device position word (int32)."""
-    check_tensor(page_table, "page_table", None, "int32")
-    check_tensor(pos, "pos", None, "int32")
-
-
-def rope_append(rt, qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, *, num_q_heads: int,
+def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, num_q_heads: int,
                 num_kv_heads: int, head_dim: int, q_norm=None, k_norm=None,
                 eps: float = 1e-6) -> LaunchSpec:
     """Launch spec for RoPE + KV append of ``M = qkv.shape[0]`` rows.
@@ -45,8 +29,8 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, *, nu
     ----------
     qkv : fp32 ``[M, (Hq + 2*Hkv) * D]``, the fused QKV projection (bias added).
     q_out : fp32 ``[M, Hq, D]``: the normed, rotated queries.
-    k_pool, v_pool : bf16 ``[num_pages, Hkv, PAGE_SIZE, D]``, this layer's cache.
-    page_table : int32 ``[max_pages]``: logical page -> physical page (covers *pos + M - 1).
+    k_pool, v_pool : bf16 ``[num_blocks, Hkv, BLOCK_SIZE, D]``, this layer's cache.
+    block_table : int32 ``[max_blocks]``: logical KV block -> physical block (covers *pos + M - 1).
     pos : int32 device word; row m is position ``*pos + m``.
     inv_freq : fp32 ``[D/2]`` (RoPE scaling already folded in).
     q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
@@ -64,13 +48,13 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, *, nu
     check_tensor(qkv, "qkv", (m, heads * head_dim), "fp32")
     check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
-    check_state(page_table, pos)
+    check_state(block_table, pos)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             check_tensor(w, name, (head_dim,), "fp32")
     kernel = rt.kernels.get(SOURCE, f"rope_append_d{head_dim}", SIGNATURE)
-    args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(page_table), ptr(pos),
+    args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)
     return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, f"rope_append_d{head_dim}",
@@ -87,19 +71,19 @@ def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> i
 def bench_cases(rt, config) -> list[BenchCase]:
     """rope_append of one decode token (M = 1) at position 1000 for ``config``'s heads."""
     from ... import memory
-    from ...backends.cpu.ops import rope_inv_freq
+    from ...reference.ops import rope_inv_freq
 
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if d not in HEAD_DIMS:
         return []
     rng = np.random.default_rng(0)
-    pages = 64
+    kv_blocks = 64
     tensors = dict(
         qkv=memory.from_numpy(rng.standard_normal((1, (hq + 2 * hkv) * d), dtype=np.float32)),
         q_out=memory.empty((1, hq, d), "fp32"),
-        k_pool=memory.zeros((pages, hkv, PAGE_SIZE, d), "bf16"),
-        v_pool=memory.zeros((pages, hkv, PAGE_SIZE, d), "bf16"),
-        page_table=memory.from_numpy(rng.permutation(pages).astype(np.int32)),
+        k_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
+        v_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
+        block_table=memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32)),
         pos=memory.from_numpy(np.array([1000], dtype=np.int32)),
         inv_freq=memory.from_numpy(rope_inv_freq(config)),
     )

@@ -1,5 +1,5 @@
 """Launchers for ``cu/sampling.cu``: the next token on the device, per
-:mod:`nexusrt.engine.sampling` (greedy or temperature/top-k/top-p with a seeded draw).
+:mod:`nexusrt.reference.sampling` (greedy or temperature/top-k/top-p with a seeded draw).
 
 Two launches per token: ``sample_argmax_partial`` (many blocks; does nothing when the
 parameters ask for sampling) and ``sample_finish`` (one block), which writes the token to
@@ -33,7 +33,7 @@ def pack_params(temperature: float, top_k: int, top_p: float, seed: int) -> np.n
     """The device ``SampleParams`` struct as 24 bytes (uint8), ready to copy to the device.
 
     ``temperature`` 0 is greedy; ``top_k`` 0 means the 1024 cap; ``top_p`` in (0, 1].
-    The values are checked by :class:`nexusrt.engine.sampling.SamplingParams`; here only
+    The values are checked by :class:`nexusrt.reference.sampling.SamplingParams`; here only
     what the struct can hold is enforced.
     """
     if not 0 <= int(seed) < 2**64:

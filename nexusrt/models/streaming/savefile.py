@@ -21,9 +21,10 @@ import ml_dtypes
 import numpy as np
 
 from ... import runtime
+from ...reference.synthetic import KIND_PARAMS, synthetic_values
 from ..config import ModelConfig
 from ..safetensors import DTYPES as ST_DTYPES
-from ..synthetic import KIND_PARAMS, SyntheticWeights, synthetic_values
+from ..synthetic import SyntheticWeights
 from .writer import Entry, SafetensorsWriter, entry_nbytes
 
 SHARD_BYTES = 5_000_000_000  # HF's default max_shard_size ("5GB")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from ... import memory
 from ...errors import ModelError
-from ...firmware.driver import call
-from ...firmware.streams import Event
+from ...driver.calls import call
+from ...driver.streams import Event
 from .plan import Chunk, truncation_error, where
 from .targets import Targets, np_view
 

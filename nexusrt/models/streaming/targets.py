@@ -15,7 +15,7 @@ from collections import deque
 import numpy as np
 
 from ... import memory
-from ...firmware.streams import Event
+from ...driver.streams import Event
 from .plan import LoadItem, Route
 
 SCRATCH_TAG = "load_scratch"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nexusrt.engine.sampling import K_MAX, SamplingParams, candidates, sample, uniform
+from nexusrt.reference.sampling import K_MAX, SamplingParams, candidates, sample, uniform
 
 RNG = np.random.default_rng(99)
 

@@ -15,7 +15,7 @@ seed)`` and the 0-based index ``step`` of the token being generated:
    is the first candidate ``j < n`` with ``c_j > target`` (``n-1`` if none).
 
 ``uniform(seed, step) = (splitmix64(seed * 0x9E3779B97F4A7C15 + step) >> 11) * 2**-53``,
-all integer arithmetic mod 2**64 (``splitmix64``: :mod:`nexusrt.models.rng`), so
+all integer arithmetic mod 2**64 (``splitmix64``: :mod:`nexusrt.reference.rng`), so
 ``u`` is in ``[0, 1)`` with 53 random bits. A device ``expf`` may differ from NumPy's
 by an ulp; that changes a pick only when ``u`` lands within ~1e-7 of a boundary.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..models.rng import GAMMA, MASK64, splitmix64
+from .rng import GAMMA, MASK64, splitmix64
 
 K_MAX = 1024
 

@@ -12,7 +12,7 @@ import ctypes
 import time
 
 from ..errors import SchedulerError
-from .driver import call, cu
+from .calls import call, cu
 from .waits import deadline_ms, default_timeout_ms
 
 
@@ -62,7 +62,7 @@ class Doorbell:
 
     def host_wait(self, value: int, timeout_ms: float | None = None) -> None:
         """Spin on the host until the word reaches ``value``; raise after ``timeout_ms``
-        (None: the default bound of :mod:`nexusrt.firmware.waits`; ``math.inf``: no limit)."""
+        (None: the default bound of :mod:`nexusrt.driver.waits`; ``math.inf``: no limit)."""
         deadline = deadline_ms(timeout_ms, time.perf_counter())
         timeout_ms = timeout_ms if timeout_ms is not None else default_timeout_ms()
         while self.value < value:

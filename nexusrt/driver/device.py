@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .driver import call, cu
+from .calls import call, cu
 from .profile import HardwareProfile, cpu_profile
 
 

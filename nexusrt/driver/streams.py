@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .driver import call, cu
+from .calls import call, cu
 
 # role -> which end of the priority range it takes
 ROLES = {
@@ -40,7 +40,7 @@ class Stream:
             return True
         if err == cu().CUresult.CUDA_ERROR_NOT_READY:
             return False
-        from .driver import check
+        from .calls import check
 
         return check((err,), "cuStreamQuery")
 
@@ -125,7 +125,7 @@ class Event:
             return True
         if err == cu().CUresult.CUDA_ERROR_NOT_READY:
             return False
-        from .driver import check
+        from .calls import check
 
         return check((err,), "cuEventQuery")
 

@@ -1,4 +1,5 @@
-"""Reference NumPy ops of the decoder, in fp32. The CUDA kernels are validated against these.
+"""Reference NumPy ops of the decoder, in fp32: the CPU backend runs them and the CUDA kernels
+are validated against them (with :func:`linear_epilogue` for the GEMV/GEMM launchers' fusions).
 
 Conventions: activations are ``[T, ...]`` (T tokens); linear weights are HF's
 ``[out_features, in_features]``; RoPE uses HF's rotate-half layout (the two halves of
@@ -11,8 +12,6 @@ import math
 
 import numpy as np
 
-from ...models.config import ModelConfig
-
 F32 = np.float32
 
 
@@ -23,8 +22,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return np.asarray(weight, dtype=F32) * (x / np.sqrt(var + F32(eps)))
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config) -> np.ndarray:
     """RoPE inverse frequencies ``[head_dim // 2]`` fp32, with linear or llama3 scaling.
+
+    ``config``: a :class:`nexusrt.models.config.ModelConfig` (its ``head_dim``,
+    ``rope_theta`` and ``rope_scaling`` are read; the oracle does not import the models layer).
 
     Computed in fp32 step by step as HF does, so the angles agree to the last bit.
     """
@@ -100,3 +102,24 @@ def linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.n
 def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Rows of ``table [vocab, hidden]`` for ``ids [T]`` (a copy, fp32)."""
     return np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=F32)
+
+
+def linear_epilogue(w, x, *, bias=None, residual=None, norm_weight=None, eps: float = 1e-5,
+                    gate_up: bool = False) -> np.ndarray:
+    """``[rmsnorm](x) . w^T (+ bias)``, then ``silu(gate) * up`` for gate_up, then ``+ residual``.
+
+    ``w`` [rows, K] (bf16 or fp32; gate rows then up rows for gate_up), ``x`` fp32 [M, K].
+    """
+    xx = rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+    y = linear(xx, np.asarray(w, dtype=np.float32), None if bias is None else np.asarray(bias, np.float32))
+    if gate_up:
+        i = w.shape[0] // 2
+        y = silu_mul(y[:, :i], y[:, i:])
+    return y if residual is None else y + residual
+
+
+def rel_error(out, ref) -> float:
+    """``||out - ref|| / ||ref||`` in float64."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))

@@ -1,0 +1,135 @@
+"""Paged KV cache bookkeeping: which physical KV block holds each logical block of a sequence.
+
+Plain logic, no device. A *KV block* holds :data:`BLOCK_SIZE` consecutive tokens of one
+layer's K (or V) for every KV head ("block" as in vLLM; "page" is kept for the 2 MiB VMM
+pages of :mod:`nexusrt.memory`). A layer's cache is a pool ``[num_blocks, Hkv, BLOCK_SIZE,
+D]``; a sequence's block table maps logical block ``t // BLOCK_SIZE`` to a physical block and
+token ``t`` sits in slot ``t % BLOCK_SIZE`` of it. The same table serves every layer, so one
+:class:`BlockPool` hands out block *indices* valid in all layers' pools at once.
+
+The kernels (rope_append, attention_*) read the table as int32 from device memory; the
+runner uploads :meth:`SequenceBlocks.table` whenever :meth:`SequenceBlocks.ensure` grew it.
+:func:`scatter_tokens` / :func:`gather_tokens` are the NumPy meaning of that layout, used
+by tests and by the CPU side to check a cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OutOfMemory
+
+BLOCK_SIZE = 16  # tokens per KV block; the kernels' NRT_PAGE_SIZE (cu/common.cuh) must equal it
+
+
+def blocks_for(tokens: int) -> int:
+    """KV blocks needed to hold ``tokens`` tokens."""
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    return -(-tokens // BLOCK_SIZE)
+
+
+def pool_shape(num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """The shape of one layer's K (or V) pool."""
+    return (num_blocks, num_kv_heads, BLOCK_SIZE, head_dim)
+
+
+class BlockPool:
+    """The free physical KV blocks ``0 .. num_blocks-1``.
+
+    ``order`` sets the order blocks are handed out (a permutation of ``range(num_blocks)``);
+    tests pass a shuffled one so a sequence's blocks are scattered through the pool.
+    """
+
+    def __init__(self, num_blocks: int, order=None):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = int(num_blocks)
+        seq = list(range(self.num_blocks)) if order is None else [int(b) for b in order]
+        if sorted(seq) != list(range(self.num_blocks)):
+            raise ValueError(f"order must be a permutation of range({self.num_blocks})")
+        self._free = seq[::-1]  # pop() from the end hands them out in `order`
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` free blocks; :class:`OutOfMemory` (nothing taken) when fewer are left."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise OutOfMemory(n, len(self._free), "KV block pool (blocks)")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks) -> None:
+        """Return blocks; a block that is not allocated is a bug and raises ValueError."""
+        blocks = [int(b) for b in blocks]
+        bad = [b for b in blocks if b not in self._used]
+        if bad or len(set(blocks)) != len(blocks):
+            raise ValueError(f"freeing blocks that are not allocated (or twice): {bad or blocks}")
+        for b in blocks:
+            self._used.discard(b)
+            self._free.append(b)
+
+
+class SequenceBlocks:
+    """The block table of one sequence, grown on demand from a :class:`BlockPool`."""
+
+    def __init__(self, pool: BlockPool, max_blocks: int):
+        if max_blocks <= 0:
+            raise ValueError(f"max_blocks must be positive, got {max_blocks}")
+        self.pool, self.max_blocks = pool, int(max_blocks)
+        self.blocks: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the allocated blocks hold."""
+        return len(self.blocks) * BLOCK_SIZE
+
+    def ensure(self, tokens: int) -> bool:
+        """Make room for positions ``0 .. tokens-1``; True when blocks were added."""
+        need = blocks_for(tokens)
+        if need > self.max_blocks:
+            raise ValueError(f"{tokens} tokens need {need} KV blocks; the table holds {self.max_blocks} "
+                             f"({self.max_blocks * BLOCK_SIZE} tokens)")
+        if need <= len(self.blocks):
+            return False
+        self.blocks += self.pool.alloc(need - len(self.blocks))
+        return True
+
+    def locate(self, t: int) -> tuple[int, int]:
+        """(physical block, slot) of token ``t``."""
+        if not 0 <= t < self.capacity:
+            raise IndexError(f"token {t} is outside the {self.capacity} allocated positions")
+        return self.blocks[t // BLOCK_SIZE], t % BLOCK_SIZE
+
+    def table(self, fill: int = 0) -> np.ndarray:
+        """The int32 table ``[max_blocks]`` the kernels read; unused entries hold ``fill``
+        (never read by a kernel: they lie past the sequence length)."""
+        out = np.full(self.max_blocks, fill, dtype=np.int32)
+        out[:len(self.blocks)] = self.blocks
+        return out
+
+    def release(self) -> None:
+        """Give every block back to the pool."""
+        self.pool.free(self.blocks)
+        self.blocks = []
+
+
+def scatter_tokens(pool: np.ndarray, table, start: int, values: np.ndarray) -> None:
+    """Write ``values [T, Hkv, D]`` as positions ``start .. start+T-1`` into ``pool``
+    ``[num_blocks, Hkv, BLOCK_SIZE, D]`` through ``table`` (NumPy, in place)."""
+    table = np.asarray(table)
+    t = np.arange(start, start + values.shape[0])
+    pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :] = values
+
+
+def gather_tokens(pool: np.ndarray, table, length: int) -> np.ndarray:
+    """Positions ``0 .. length-1`` of ``pool`` through ``table`` as ``[length, Hkv, D]``."""
+    table = np.asarray(table)
+    t = np.arange(length)
+    return pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :]

@@ -1,0 +1,24 @@
+"""The checks every launcher that touches the KV cache shares (rope_append, attention_*)."""
+
+from __future__ import annotations
+
+from ..memory.checks import check_tensor
+from .blocks import BLOCK_SIZE
+
+
+def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
+    """Check a layer's K and V pools ``[num_blocks, Hkv, BLOCK_SIZE, D]`` bf16; returns num_blocks."""
+    shape = getattr(k_pool, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"k_pool must be a 4-d tensor [num_blocks, {num_kv_heads}, {BLOCK_SIZE}, "
+                         f"{head_dim}], got shape {shape}")
+    pool_shape = (int(shape[0]), num_kv_heads, BLOCK_SIZE, head_dim)
+    check_tensor(k_pool, "k_pool", pool_shape, "bf16")
+    check_tensor(v_pool, "v_pool", pool_shape, "bf16")
+    return pool_shape[0]
+
+
+def check_state(block_table, pos) -> None:
+    """The block table (int32, 1-d) and the device position word (int32)."""
+    check_tensor(block_table, "block_table", None, "int32")
+    check_tensor(pos, "pos", None, "int32")

@@ -110,3 +110,27 @@ def test_buffers_hold_a_block_table_for_every_position(cpu_rt):
         assert buffers.prompt.shape == (163,)  # a padded chunk's ids are staged too
     finally:
         buffers.free()
+
+
+def test_fit_check_counts_the_prefill_buffers_the_runner_allocates(cpu_rt):
+    from nexusrt.backends.cuda.buffers import working_bytes
+    from nexusrt.engine.fit import check_fit, footprint
+    from nexusrt.errors import ModelTooLarge
+    from nexusrt.kernels.ops.cublaslt import WORKSPACE_BYTES
+
+    cfg = _config("qwen2_bias")
+    chunk = 1024
+    buffers = RunnerBuffers(FakeRuntime(), cfg, 1000, chunk, positions=1063)
+    try:
+        rows = [buffers.hidden, buffers.qkv, buffers.q, buffers.normed, buffers.attn, buffers.gate_up, buffers.act,
+                buffers.ids]
+        tuning = 2 * (chunk * cfg.hidden_size + 2 * cfg.intermediate_size * cfg.hidden_size
+                      + chunk * 2 * cfg.intermediate_size)
+        assert working_bytes(cfg, chunk) == sum(t.nbytes for t in rows) + WORKSPACE_BYTES + tuning
+    finally:
+        buffers.free()
+    fp = footprint(cfg, "cuda", 1000)
+    assert fp.working == working_bytes(cfg, 1024) and fp.total == fp.weights + fp.kv + fp.working
+    assert footprint(cfg, "cpu", 1000).working == 0
+    with pytest.raises(ModelTooLarge, match="of prefill buffers"):
+        check_fit(cfg, "cuda", 1000, "tiny", available=(fp.weights + fp.kv, "a test"))

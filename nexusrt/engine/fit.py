@@ -34,9 +34,19 @@ def runner_context(config, backend: str, max_context: int | None) -> int:
 
 
 def footprint(config, backend: str, max_context: int | None) -> Footprint:
-    """What the runner of ``backend`` will hold for ``config`` (weights + KV at its context)."""
+    """What the runner of ``backend`` will hold for ``config`` (weights + KV at its context, and
+    on CUDA the prefill's working buffers for its largest chunk)."""
+    import dataclasses
+
     weight_bytes, kv_bytes = _BYTES[backend]
-    return model_footprint(config, weight_bytes, kv_bytes, runner_context(config, backend, max_context))
+    context = runner_context(config, backend, max_context)
+    fp = model_footprint(config, weight_bytes, kv_bytes, context)
+    if backend == "cuda":
+        from ..backends.cuda.buffers import working_bytes
+        from ..backends.cuda.chunks import buckets_for
+
+        fp = dataclasses.replace(fp, working=working_bytes(config, buckets_for(context)[-1]))
+    return fp
 
 
 def cpu_available() -> tuple[int, str]:
@@ -88,7 +98,8 @@ def check_fit(config, backend: str, max_context: int | None, name: str,
         hint = (" (lower it with max_context / --max-context)"
                 if fp.kv > fp.total // 4 and fp.weights <= free else "")
         device = "the GPU" if backend == "cuda" else "this machine"
+        working = f" + {gib(fp.working)} of prefill buffers" if fp.working else ""
         raise ModelTooLarge(
             f"{name} does not fit: it needs {gib(fp.total)} ({gib(fp.weights)} of weights + {gib(fp.kv)} of KV cache "
-            f"at {fp.context} tokens{hint}) but {device} has {gib(free)} available ({where})", fp.total, free)
+            f"at {fp.context} tokens{hint}{working}) but {device} has {gib(free)} available ({where})", fp.total, free)
     return fp

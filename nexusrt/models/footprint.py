@@ -14,15 +14,17 @@ from .config import ModelConfig
 
 @dataclass(frozen=True)
 class Footprint:
-    """Bytes of the weights and of the KV cache at ``context`` tokens."""
+    """Bytes of the weights, of the KV cache at ``context`` tokens and of the runner's working
+    buffers (activations of its largest prefill chunk, workspaces)."""
 
     weights: int
     kv: int
     context: int
+    working: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv
+        return self.weights + self.kv + self.working
 
 
 def model_footprint(config: ModelConfig, weight_bytes: int, kv_bytes: int, context: int) -> Footprint:

@@ -21,6 +21,19 @@ TAG = "runner"
 RING = 256  # tokens the device can be ahead of the host
 
 
+def working_bytes(cfg, chunk: int) -> int:
+    """Bytes of the activation rows :class:`RunnerBuffers` holds for ``chunk`` prefill rows, plus
+    the cuBLASLt workspace and the largest operands its tuning allocates for a moment (the
+    fit check adds them to weights and KV; the small decode workspaces are left out)."""
+    from ...kernels.ops.cublaslt import WORKSPACE_BYTES
+
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    per_row = 4 * h + 4 * (hq + 2 * hkv) * d + 4 * hq * d + 2 * h + 2 * hq * d + 2 * 2 * inter + 2 * inter + 4
+    tuning = 2 * (chunk * h + 2 * inter * h + chunk * 2 * inter)  # the gate_up problem's x, w, y in bf16
+    return chunk * per_row + WORKSPACE_BYTES + tuning
+
+
 class RunnerBuffers:
     """Device buffers sized for ``chunk`` prefill tokens and ``max_context`` cached tokens.
 

@@ -28,6 +28,7 @@ import numpy as np
 from ...kvcache.blocks import BLOCK_SIZE, gather_tokens, pool_shape, scatter_tokens
 from ...models.weights import WeightSource
 from ...reference import ops
+from ..base import Rows
 
 F32 = np.float32
 TILE_ROWS = 16  # rows of every BLAS call; any fixed count works, 16 keeps a lone decode cheap
@@ -44,15 +45,6 @@ class _Layer:
     mlp_norm: np.ndarray
     gate_up: np.ndarray  # [2*intermediate, hidden]
     down: np.ndarray
-
-
-@dataclass
-class Rows:
-    """One sequence's share of a pass: ``token_ids`` at positions ``start ..`` through ``table``."""
-
-    token_ids: np.ndarray  # int32 [T], T >= 1
-    start: int  # position of the first id; positions 0 .. start-1 are in the cache already
-    table: list[int]  # the sequence's block table (physical block of each logical block)
 
 
 def tiled_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

@@ -14,8 +14,8 @@ import numpy as np
 from ...kvcache.blocks import BlockPool, SequenceBlocks, blocks_for
 from ...models.weights import WeightSource
 from ...reference.sampling import sample as sample_logits
-from ..base import generate_tokens
-from .decoder import PagedDecoder, Rows
+from ..base import Rows, generate_tokens
+from .decoder import PagedDecoder
 
 
 class CpuRunner:

@@ -131,8 +131,14 @@ class LLM:
         last piece, which ``result()`` flushes); ``on_end(request)`` is called once when it ends.
         Raises ValueError for bad arguments, ``serving.QueueFull`` when the queue is full.
         """
-        return self._request("submit", prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
-                             emit, on_end).submit()
+        return self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit=emit,
+                            on_end=on_end).submit()
+
+    def prepare(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None) -> Request:
+        """:meth:`submit` without the queueing: the checked, tokenized request (``request.seq``), for
+        a caller with rules of its own (a server refusing prompt + max_tokens beyond the context)."""
+        return self._request("prepare", prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
         if not self.serves_batches:

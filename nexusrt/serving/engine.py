@@ -65,7 +65,10 @@ class Engine:
             if len(seq.output_ids) > 1:
                 m.tpot.observe((seq.t_last - seq.t_first) / (len(seq.output_ids) - 1))
         if seq.on_finish is not None:
-            seq.on_finish(seq)
+            try:
+                seq.on_finish(seq)
+            except Exception:  # the caller's problem; the blocks are back and the engine must go on
+                m.callback_errors += 1
 
     def cancel(self, seq: Sequence) -> None:
         self.end(seq, State.CANCELLED, "cancelled")

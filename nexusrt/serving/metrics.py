@@ -46,6 +46,7 @@ class EngineMetrics:
         self.generation_tokens = 0
         self.computed_tokens = 0  # ids run through the model (prefill chunks, decodes, recomputes)
         self.steps = 0
+        self.callback_errors = 0  # on_finish callbacks that raised (the engine carried on)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
 

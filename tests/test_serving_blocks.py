@@ -122,7 +122,7 @@ def test_output_blocks_are_cached_too():
     computed(bm, a)
     a.output_ids = list(range(50, 72))  # 32 ids now
     computed(bm, a)
-    assert len(a.block_keys) == 2
+    assert a.num_keyed == 2
     b = seq(list(range(10)) + list(range(50, 72)) + [3])
     bm.admit(b)
     assert b.num_cached == 2 * BLOCK_SIZE

@@ -172,3 +172,40 @@ def test_requests_that_can_never_fit_are_refused():
     with pytest.raises(ValueError, match="max_running"):
         SchedulerConfig(max_running=8, token_budget=4)
     assert BLOCK_SIZE == 16
+
+
+def test_a_shared_prompt_arriving_together_is_computed_once():
+    system = list(range(200, 264))  # 64 ids: 4 full blocks
+
+    def run(caching):
+        e = make(caching=caching, budget=512)
+        seqs = [Sequence(system + [10 + i] * (3 + i), GREEDY, 4, 4096) for i in range(6)]
+        for s in seqs:
+            e.add(s)
+        e.run_until_done()
+        assert clean(e) and not e.blocks.pending
+        return e, [s.output_ids for s in seqs]
+
+    cached, ids = run(True)
+    cold, ref = run(False)
+    assert ids == ref
+    assert cached.blocks.hits == 5 * 4  # the five later requests share the first one's four blocks
+    own = sum(3 + i for i in range(6))
+    assert cached.metrics.computed_tokens == 64 + own + 6 * 3  # the system prompt once, then decodes
+    assert cold.metrics.computed_tokens == 6 * 64 + own + 6 * 3
+
+
+def test_a_cancelled_owner_unblocks_those_waiting_for_its_prefix():
+    e = make(budget=16)
+    system = list(range(300, 348))  # 3 blocks: the owner needs three steps at a budget of 16
+    owner = Sequence(system + [1], GREEDY, 3, 4096)
+    follower = Sequence(system + [2], GREEDY, 3, 4096)
+    e.add(owner)
+    e.add(follower)
+    e.step()
+    assert follower.state is State.WAITING and e.blocks.blocked(follower)
+    e.cancel(owner)
+    assert not e.blocks.pending and not e.blocks.blocked(follower)
+    e.run_until_done()
+    assert follower.finish_reason == "length" and follower.num_cached == 16  # the one block owner finished
+    assert clean(e)

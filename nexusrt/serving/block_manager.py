@@ -9,6 +9,11 @@ whose last user ends keeps its key and waits in an LRU list; it is handed out ag
 key forgotten) only when the pool has no never-used block left, oldest first, and the
 tail blocks of a sequence go before its head (they are listed first when it ends).
 
+**Computed once.** While a running sequence computes prompt blocks no one has cached yet,
+their keys are *pending*; a waiting sequence whose next uncached block is pending is not
+admitted (:meth:`BlockManager.blocked`) until that block is cached, so 64 requests arriving
+together with one system prompt compute it once and share it, rather than 64 times.
+
 Every physical block is in exactly one place: the pool's free list, the LRU list (cached,
 unreferenced) or referenced by sequences. :meth:`BlockManager.audit` checks that.
 """
@@ -40,6 +45,7 @@ class BlockManager:
         self.key_of: dict[int, bytes] = {}  # block -> its cache key (cached blocks only)
         self.cached: dict[bytes, int] = {}  # cache key -> block
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks no sequence uses, oldest first
+        self.pending: dict[bytes, int] = {}  # key -> seq_id of the running sequence computing that block
         self.hits = 0  # blocks found in the cache
         self.lookups = 0  # full blocks looked up
 
@@ -64,6 +70,35 @@ class BlockManager:
         assert all(self.cached[k] == b for b, k in self.key_of.items()), "the cache index disagrees"
 
     # -- a sequence's blocks ------------------------------------------------------------
+    @staticmethod
+    def keys(seq: Sequence, blocks: int) -> list[bytes]:
+        """The cache keys of ``seq``'s first ``blocks`` full blocks (the chain is kept on the
+        sequence: its ids only ever grow, so a key once computed stays right)."""
+        chain, ids = seq.block_keys, seq.all_ids
+        while len(chain) < blocks:
+            i = len(chain)
+            chain.append(block_key(chain[-1] if chain else b"", ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
+        return chain[:blocks]
+
+    def blocked(self, seq: Sequence) -> bool:
+        """Whether the first block of ``seq`` that is not cached is being computed by another sequence
+        (then admitting ``seq`` now would compute it twice)."""
+        if not self.prefix_caching:
+            return False
+        for key in self.keys(seq, len(seq) // BLOCK_SIZE):
+            if key not in self.cached:
+                owner = self.pending.get(key)
+                return owner is not None and owner != seq.seq_id
+        return False
+
+    def reserve(self, seq: Sequence) -> None:
+        """Mark the full blocks ``seq`` will compute, and no one has cached or is computing, pending."""
+        if not self.prefix_caching:
+            return
+        for key in self.keys(seq, len(seq) // BLOCK_SIZE)[len(seq.block_table):]:
+            if key not in self.cached:
+                self.pending.setdefault(key, seq.seq_id)
+
     def admit(self, seq: Sequence) -> None:
         """Start ``seq``'s table (it has none): share its cached leading blocks and count them computed.
 
@@ -73,9 +108,7 @@ class BlockManager:
         seq.num_computed = seq.num_cached = 0
         if not self.prefix_caching:
             return
-        ids, parent = seq.all_ids, b""
-        for i in range((len(ids) - 1) // BLOCK_SIZE):
-            key = block_key(parent, ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+        for key in self.keys(seq, (len(seq) - 1) // BLOCK_SIZE):
             self.lookups += 1
             block = self.cached.get(key)
             if block is None:
@@ -85,9 +118,8 @@ class BlockManager:
                 del self.lru[block]
             self.refs[block] += 1
             seq.block_table.append(block)
-            seq.block_keys.append(key)
-            parent = key
         seq.num_computed = seq.num_cached = len(seq.block_table) * BLOCK_SIZE
+        seq.num_keyed = len(seq.block_table)
 
     def can_grow(self, seq: Sequence, tokens: int) -> bool:
         """Whether ``seq``'s table can cover positions ``0 .. tokens-1`` now."""
@@ -114,17 +146,21 @@ class BlockManager:
         if not self.prefix_caching:
             return
         full = seq.num_computed // BLOCK_SIZE
-        ids = seq.all_ids
-        for i in range(len(seq.block_keys), full):
-            parent = seq.block_keys[-1] if seq.block_keys else b""
-            key = block_key(parent, ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE])
+        keys = self.keys(seq, full)
+        for i in range(seq.num_keyed, full):
+            key = keys[i]
             if key not in self.cached:  # a twin computed by a sequence admitted alongside stays unkeyed
                 self.cached[key] = seq.block_table[i]
                 self.key_of[seq.block_table[i]] = key
-            seq.block_keys.append(key)
+            if self.pending.get(key) == seq.seq_id:
+                del self.pending[key]
+        seq.num_keyed = max(seq.num_keyed, full)
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; unkeyed blocks go back to the pool, keyed ones to the LRU list."""
+        for key in seq.block_keys:  # what it was computing is no longer on its way
+            if self.pending.get(key) == seq.seq_id:
+                del self.pending[key]
         for block in reversed(seq.block_table):  # tail first: evicted before the shared head
             self.refs[block] -= 1
             assert self.refs[block] >= 0, f"block {block} freed more often than taken"
@@ -133,8 +169,8 @@ class BlockManager:
                     self.lru[block] = None
                 else:
                     self.pool.free([block])
-        seq.block_table, seq.block_keys = [], []
-        seq.num_computed = 0
+        seq.block_table = []
+        seq.num_computed = seq.num_keyed = 0
 
     def clear_cache(self) -> None:
         """Forget every unreferenced cached block (they go back to the pool)."""

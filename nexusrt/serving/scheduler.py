@@ -3,7 +3,9 @@
 Each step, under a budget of ``token_budget`` ids: first every running decode (one id each,
 oldest first), then the running sequences still in their prompt (a chunk each: as much as
 the budget and the free blocks allow), then waiting sequences are admitted in arrival
-order (prefix-cache hits first, then a chunk) while fewer than ``max_running`` run.
+order (prefix-cache hits first, then a chunk) while fewer than ``max_running`` run. One
+whose next uncached block another running sequence is computing waits for it (see
+:meth:`BlockManager.blocked`): a shared prompt is computed once.
 
 **Preemption by recompute.** When a running sequence needs a block and none is free, the
 newest running sequence not yet scheduled this step gives its blocks back and returns to
@@ -95,16 +97,20 @@ class Scheduler:
                 n = min(seq.num_pending, budget, room)
                 work.append(self._take(seq, n, scheduled))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_running:
+                break
+            if self.blocks.blocked(seq):  # its prefix is being computed: share it next step instead
+                continue
             self.blocks.admit(seq)
             n = min(seq.num_pending, budget, self._room(seq))
             if n == 0:  # no free block: wait until a sequence ends
                 self.blocks.free(seq)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.state = State.RUNNING
             self.running.append(seq)
+            self.blocks.reserve(seq)
             work.append(self._take(seq, n, scheduled))
             budget -= n
         return work

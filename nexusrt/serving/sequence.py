@@ -58,7 +58,8 @@ class Sequence:
         self.on_token, self.on_finish = on_token, on_finish
         self.state = State.WAITING
         self.block_table: list[int] = []
-        self.block_keys: list[bytes] = []  # prefix-cache keys of the leading full blocks (BlockManager)
+        self.block_keys: list[bytes] = []  # prefix-cache keys of the leading full blocks of all_ids (BlockManager)
+        self.num_keyed = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_computed = 0  # ids whose K/V are in the cache
         self.num_cached = 0  # prompt ids found in the prefix cache (not computed) at the last admission
         self.preemptions = 0

@@ -141,6 +141,9 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
         body = {**head, "object": "chat.completion" if chat else "text_completion",
                 "choices": [_choice(c, result.text, finish)], "usage": _usage(result)}
         return JSONResponse(body)
+    except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
+        status = 503
+        raise
     except Exception as exc:  # the engine or the model failed this request; the server goes on
         status = 500
         return JSONResponse(BadRequest(f"generation failed: {exc}", None, 500, "server_error").body(), 500)
@@ -179,6 +182,9 @@ async def _events(state, request, c: Completion, req, bridge: Bridge, watcher, h
         yield sse("[DONE]")
         fields.update(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids), finish=finish,
                       ttft_ms=f"{result.ttft_s * 1e3:.1f}")
+    except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
+        status = 503
+        raise
     finally:
         watcher.cancel()
         if not req.ended.is_set():

@@ -62,7 +62,7 @@ class BlockManager:
 
     def audit(self) -> None:
         """Raise AssertionError unless every block is in exactly one place."""
-        free = set(self.pool._free)
+        free = set(self.pool.free_blocks)
         lru = set(self.lru)
         used = {b for b in range(self.num_blocks) if self.refs[b] > 0}
         assert not (free & lru or free & used or lru & used), "a block is in two places"

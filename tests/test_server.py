@@ -5,6 +5,7 @@ disconnects freeing KV blocks, bad requests, a full queue, SIGTERM."""
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 
@@ -156,6 +157,33 @@ def test_the_default_max_tokens_fits_what_the_context_leaves(server, client):
     prompt = "x" * 250  # the stdlib tokenizer: some 250 / k tokens; without max_tokens chat asks for 256
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
     assert r.usage.total_tokens <= 256 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_nothing_a_client_sends_crashes_the_server(server):
+    rng = random.Random(14)
+    values = [None, True, -1, 0, 1, 3, 2.5, 1e308, -1e308, "x", "", [], ["a"], [1, 2], {}, {"a": 1},
+              [[[[[]]]]], "\ud800", 2 ** 70]
+    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+              "stream", "n", "stream_options", "max_completion_tokens"]
+    codes = set()
+    for i in range(60):
+        body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for f in rng.sample(fields, 3):
+            body[f] = rng.choice(values)
+        if body.get("max_tokens") is None:  # a few tokens at most: the answer is under test, not generation
+            body["max_tokens"] = 2
+        if body.get("max_completion_tokens") not in (None, 1, 3):
+            body.pop("max_completion_tokens")
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        r = server.http.post(path, content=json.dumps(body, allow_nan=True).encode(),
+                             headers={"content-type": "application/json"})
+        codes.add(r.status_code)
+        assert r.status_code in (200, 400), (body, r.status_code, r.text)
+        if r.status_code == 400:
+            assert set(r.json()["error"]) >= {"message", "type", "param"}
+    assert codes == {200, 400}
+    assert server.http.get("/health").status_code == 200
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
 
 
 def test_metrics_are_prometheus_text(server):

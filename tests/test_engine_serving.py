@@ -126,3 +126,18 @@ def test_close_cancels_what_runs(cpu_rt):
         req.result(timeout=30)
     with pytest.raises(NexusRTError, match="after close"):
         llm.generate(["x"])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(max_batch=0), "max_batch"), (dict(kv_memory=-5), "kv_memory"),
+                                      (dict(max_waiting=True), "max_waiting"), (dict(kv_memory=100), "no KV block")])
+def test_bad_serving_arguments_are_clear_errors(cpu_rt, kw, match):
+    if match == "no KV block":  # checked when the engine starts: the block size depends on the model
+        llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)
+        try:
+            with pytest.raises(ValueError, match=match):
+                llm.generate(["x"])
+        finally:
+            llm.close()
+        return
+    with pytest.raises(ValueError, match=match):
+        nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)

@@ -27,7 +27,7 @@ from ..errors import NexusRTError
 from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
 from .prompts import chat_messages, messages_for, start_session
-from .requests import Request, make_loop
+from .requests import Request, make_loop, serving_config
 from .requests import stream as engine_stream
 from .runners import make_runner, stream_tokens
 from .session import GenerationResult, Session
@@ -70,7 +70,7 @@ class LLM:
         self.runner = None
         self._loop = None  # the serving engine's loop, started at first use (CPU backend)
         self._loop_lock = threading.Lock()
-        self._serving_args = (max_batch, kv_memory, max_waiting)
+        self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
             from .. import firmware

@@ -24,16 +24,25 @@ class Cancelled(NexusRTError):
     """The request was cancelled (by its caller, or because the LLM closed)."""
 
 
-def make_loop(cpu_runner, max_batch: int, kv_memory: int | None, max_waiting: int) -> EngineLoop:
-    """An :class:`EngineLoop` over a :class:`CpuBatchRunner` sharing ``cpu_runner``'s weights."""
+def serving_config(max_batch, kv_memory, max_waiting) -> tuple[SchedulerConfig, int, int]:
+    """Check the LLM's serving arguments: the scheduler's config, the KV bytes, the queue bound."""
     kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
     if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0:
         raise ValueError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
-    num_blocks = blocks_for_bytes(cpu_runner.config, kv)
+    if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
+        raise ValueError(f"max_waiting must be an integer >= 1, got {max_waiting!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    return SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch)), kv, max_waiting
+
+
+def make_loop(cpu_runner, config: SchedulerConfig, kv_memory: int, max_waiting: int) -> EngineLoop:
+    """An :class:`EngineLoop` over a :class:`CpuBatchRunner` sharing ``cpu_runner``'s weights
+    (arguments as :func:`serving_config` returns them)."""
+    num_blocks = blocks_for_bytes(cpu_runner.config, kv_memory)
     if num_blocks < 1:
-        raise ValueError(f"kv_memory={kv} bytes holds no KV block of this model")
+        raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
     runner = CpuBatchRunner(cpu_runner.decoder, num_blocks, cpu_runner.max_context)
-    config = SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch))
     return EngineLoop(Engine(runner, config), max_waiting=max_waiting)
 
 

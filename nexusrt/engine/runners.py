@@ -12,6 +12,7 @@ from .fit import check_fit
 
 
 def make_runner(model: LoadedModel, backend: str, max_context: int | None):
+    """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or CudaRunner)."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
     name = str(model.path or model.name)
     if backend == "cpu":

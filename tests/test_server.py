@@ -196,7 +196,7 @@ def test_metrics_are_prometheus_text(server):
 
 
 def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
-    srv = ServerProcess("--max-context", "256", "--max-batch", "1", "--max-waiting", "1")
+    srv = ServerProcess("--max-context", "2048", "--max-batch", "1", "--max-waiting", "1", "--drain-seconds", "1")
     try:
         body = {"model": MODEL, "prompt": "import sys\n", "max_tokens": 200}
         statuses, lock = [], threading.Lock()
@@ -215,17 +215,16 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
         full = [b for s, b in statuses if s == 429]
         assert full and "waiting" in full[0]["error"]["message"]
         assert any(s == 200 for s, _ in statuses)
-        # SIGTERM with a stream in flight: it exits in time, the stream ends.
-        got_first = threading.Event()
+        # SIGTERM with a stream in flight that needs longer than the 1 s drain: it is cancelled in the
+        # engine, its client gets an error event, and the server exits in time.
+        got_first, events = threading.Event(), []
 
         def stream():
-            try:
-                with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
-                    with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 250, "stream": True}) as r:
-                        for _ in r.iter_lines():
-                            got_first.set()
-            except httpx.HTTPError:
-                pass  # cut off at shutdown is fine
+            with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+                with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 2000, "stream": True}) as r:
+                    for line in r.iter_lines():
+                        events.append(line)
+                        got_first.set()
 
         t = threading.Thread(target=stream)
         t.start()
@@ -235,6 +234,8 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
         assert time.monotonic() - t0 < 10 and rc == 0, out
         t.join(timeout=10)
         assert "Traceback" not in out, out
+        last = json.loads([e for e in events if e.startswith("data: ")][-1][6:])
+        assert "shutting down" in last["error"]["message"]
         assert out.count("POST /v1/completions") == 7  # one log line per request
     finally:
         if srv.proc.poll() is None:

@@ -5,7 +5,7 @@
                      [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N]
     nexusrt chat [--model MODEL] [--system TEXT] [sampling and backend options as above]
     nexusrt serve [--model MODEL] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--kv-memory BYTES]
-                  [--max-waiting N] [--max-context N]
+                  [--max-waiting N] [--max-context N] [--drain-seconds S]
     nexusrt --version
 
 MODEL is a checkpoint directory, a shipped ``nexusrt:<name>`` (``nexusrt:stdlib-tiny``, the
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=None, metavar="N", help="cap on tokens per request")
     s.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
+    s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
+                   help="after SIGTERM, seconds requests in flight may take before they are cancelled (4)")
     s.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
     return parser
 
@@ -87,7 +89,7 @@ def _serve(args) -> int:
 
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
-                 args.allow_path)
+                 args.allow_path, args.drain_seconds)
 
 
 def _sampling(args) -> dict:

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..engine.requests import Cancelled
 from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render
@@ -94,6 +95,13 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         raise BadRequest(msg, param) from None
 
 
+def _failure(exc: Exception) -> BadRequest:
+    """The error body of a request that did not finish: 503 when shutdown cancelled it, else 500."""
+    if isinstance(exc, Cancelled):
+        return BadRequest("the server is shutting down; the request was cancelled", None, 503, "server_error")
+    return BadRequest(f"generation failed: {exc}", None, 500, "server_error")
+
+
 def _choice(c: Completion, text: str, finish) -> dict:
     if c.chat:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
@@ -134,7 +142,7 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
             if item is GONE:
                 status = 499  # nginx's "client closed request": nobody reads it
                 return Response(status_code=status)
-        result = req.result()
+        result = req.result()  # Cancelled: the server cancelled it while shutting down
         finish = FINISH_REASONS[result.finish_reason]
         fields = {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
                   "finish": finish, "ttft_ms": f"{result.ttft_s * 1e3:.1f}"}
@@ -144,9 +152,10 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
         status = 503
         raise
-    except Exception as exc:  # the engine or the model failed this request; the server goes on
-        status = 500
-        return JSONResponse(BadRequest(f"generation failed: {exc}", None, 500, "server_error").body(), 500)
+    except Exception as exc:  # cancelled at shutdown, or the engine failed it; the server goes on
+        e = _failure(exc)
+        status = e.status
+        return _error(e)
     finally:
         watcher.cancel()
         if not req.ended.is_set():  # client gone, or the handler cancelled at shutdown
@@ -167,9 +176,10 @@ async def _events(state, request, c: Completion, req, bridge: Bridge, watcher, h
             yield sse(_chunk(c, head, item))
         try:
             result = req.result()
-        except Exception as exc:
-            status = 500
-            yield sse(BadRequest(f"generation failed: {exc}", None, 500, "server_error").body())
+        except Exception as exc:  # cancelled at shutdown, or the engine failed it
+            e = _failure(exc)
+            status = e.status
+            yield sse(e.body())
             return
         tail = result.text[len("".join(sent)):]  # text held back for stop strings, flushed at the end
         finish = FINISH_REASONS[result.finish_reason]

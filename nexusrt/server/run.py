@@ -1,8 +1,9 @@
 """``nexusrt serve``: load a model, start the engine, serve HTTP with uvicorn until a signal.
 
 SIGTERM or SIGINT: the listening socket closes and ``/health`` turns 503 at once; requests in
-flight get ``GRACE_S`` seconds to finish, then are cancelled (their KV blocks freed); the
-engine stops and the process exits, well within 10 s.
+flight get ``DRAIN_S`` seconds to finish, then the engine cancels what is left (their KV blocks
+freed; their clients get a 503 error, or an error event on a stream) and uvicorn's own grace
+(``GRACE_S``) is there only for connections that still hang; the process exits within 10 s.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import logging
 import re
 import signal
 import sys
+import threading
 
-GRACE_S = 5  # seconds in-flight requests may take to finish after SIGTERM
+DRAIN_S = 4.0  # seconds in-flight requests may take to finish after SIGTERM, then they are cancelled
+GRACE_S = 6  # uvicorn's limit on open connections after the signal (the drain ends them first)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -28,8 +31,11 @@ def parse_bytes(text: str) -> int:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
-          max_context: int | None = None, max_waiting: int = 256, allow_paths=()) -> int:
-    """Serve ``model`` until SIGTERM/SIGINT; returns the exit status."""
+          max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S) -> int:
+    """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
+    flight may take to finish after the signal (0 to 8)."""
+    if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
+        raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
     import uvicorn
 
     from ..engine.llm import LLM
@@ -50,7 +56,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):  # stop taking requests at the signal, not after the grace
-                state.accepting = False
+                if state.accepting:
+                    state.accepting = False
+                    # Cancel in the engine, so every open request ends as a response, before uvicorn
+                    # would cancel the tasks themselves.
+                    threading.Timer(drain_s, llm.engine.stop).start()
                 super().handle_exit(sig, frame)
                 # uvicorn re-raises captured signals after its shutdown, which would end the process
                 # before llm.close(); a drained SIGTERM is a clean exit (status 0) instead.
@@ -59,7 +69,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                     captured.remove(sig)
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=GRACE_S, lifespan="off")
+                                timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
         Server(config).run()
         return 0
     finally:

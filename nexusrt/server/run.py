@@ -50,11 +50,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
         app = create_app(llm, model)
         state = app.state.server
         engine = llm.engine.engine  # started now: the first request should not pay for it
-        logging.getLogger("nexusrt.server").info(
-            "serving %s on http://%s:%d (cpu backend, context %d, max batch %d, %d KV blocks)", model, host, port,
-            llm.runner.max_context, max_batch, engine.blocks.num_blocks)
 
         class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if not self.should_exit:  # bound and listening (a busy port fails in there)
+                    logging.getLogger("nexusrt.server").info(
+                        "serving %s on http://%s:%d (cpu backend, context %d, max batch %d, %d KV blocks)", model,
+                        host, port, llm.runner.max_context, max_batch, engine.blocks.num_blocks)
+
             def handle_exit(self, sig, frame):  # stop taking requests at the signal, not after the grace
                 if state.accepting:
                     state.accepting = False

@@ -19,6 +19,7 @@ whole decode loop on the device. Both must report the ids the reference loop wou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -88,3 +89,35 @@ def generate_tokens(runner: ModelRunner, prompt_ids, max_new_tokens: int, params
         if on_token(token):
             break
     return n
+
+
+@dataclass
+class Rows:
+    """One sequence's share of a batched step: ``token_ids`` at positions ``start ..`` through
+    its KV block ``table`` (the physical block of each logical block, :mod:`nexusrt.kvcache`)."""
+
+    token_ids: np.ndarray  # int32 [T], T >= 1
+    start: int  # positions 0 .. start-1 are in the cache already
+    table: list[int]
+    logits: bool = False  # whether the step returns the logits of the last row
+
+
+@runtime_checkable
+class BatchRunner(Protocol):
+    """A runner of many sequences at once over one KV block pool (the serving engine drives it).
+
+    The engine owns the pool's bookkeeping (which sequence holds which block); the runner
+    owns the pools' memory and computes. A sequence's tokens must come out the same whatever
+    else is in the batch (``tests/test_cpu_batch.py``).
+    """
+
+    config: object
+    max_context: int  # most tokens one sequence may hold
+    num_blocks: int  # KV blocks in the pool
+
+    def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
+        """Append each :class:`Rows` to its sequence's cache; fp32 ``[vocab]`` logits of the last
+        row for each entry with ``logits`` set, None for the others."""
+
+    def close(self) -> None:
+        """Release the pools (the weights belong to whoever gave them)."""

@@ -4,6 +4,8 @@
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                      [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N]
     nexusrt chat [--model MODEL] [--system TEXT] [sampling and backend options as above]
+    nexusrt serve [--model MODEL] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--kv-memory BYTES]
+                  [--max-waiting N] [--max-context N] [--drain-seconds S]
     nexusrt --version
 
 MODEL is a checkpoint directory, a shipped ``nexusrt:<name>`` (``nexusrt:stdlib-tiny``, the
@@ -61,7 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="Chat with a model: history kept, /reset clears it, /exit quits; replies stream.")
     _common(c)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics; concurrent requests are batched by the serving engine "
+                                   "(CPU backend for now). SIGTERM drains and exits.")
+    s.add_argument("--model", default=None, help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests running at once (32)")
+    s.add_argument("--kv-memory", default=None, metavar="BYTES",
+                   help="bytes of the KV block pool, e.g. 268435456 or 256M (default 256M)")
+    s.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="queued requests beyond which new ones get HTTP 429 (256)")
+    s.add_argument("--max-context", type=int, default=None, metavar="N", help="cap on tokens per request")
+    s.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
+    s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
+                   help="after SIGTERM, seconds requests in flight may take before they are cancelled (4)")
+    s.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
     return parser
+
+
+def _serve(args) -> int:
+    from ..server.run import parse_bytes, serve
+
+    kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
+    return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
+                 args.allow_path, args.drain_seconds)
 
 
 def _sampling(args) -> dict:
@@ -98,6 +126,8 @@ def _run(args) -> int:
         args.model = DEFAULT_MODEL
         print(f"nexusrt: no --model given: using {DEFAULT_MODEL} (a small model trained on Python's "
               "standard library, shipped with nexusrt)", file=sys.stderr)
+    if args.command == "serve":
+        return _serve(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path)
     try:
         if args.command == "chat":

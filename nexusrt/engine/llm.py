@@ -8,44 +8,31 @@
 ...     print(piece, end="")
 >>> llm.chat([{"role": "user", "content": "Hi"}], system="Be brief.").text
 
-Threads: one ``LLM`` runs one sequence at a time. Calls from several threads are
-serialised by a lock (each gets exactly the result it would get alone); a ``stream`` holds
-the lock until it is exhausted or closed.
+Threads and lists: on the CPU backend, ``generate([...])`` with a list, and a call from a
+thread while another call runs, go through the serving engine (:mod:`nexusrt.serving`):
+continuous batching over a shared KV block pool, each request getting exactly the ids it
+would get alone. A single call with nothing else running takes the one-sequence path
+(``runner.generate_tokens``). On CUDA every call takes that path, serialised by a lock,
+until the CUDA batch runner exists.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Iterator
 
 from .. import runtime as runtime_mod
-from ..errors import BackendUnavailable, NexusRTError
-from ..models.loader import LoadedModel, load_model
+from ..errors import NexusRTError
+from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
-from .fit import check_fit
+from .prompts import chat_messages, messages_for, start_session
+from .requests import Request, make_loop, serving_config
+from .requests import stream as engine_stream
+from .runners import make_runner, stream_tokens
 from .session import GenerationResult, Session
 
 BACKENDS = ("cpu", "cuda")
-
-
-def _make_runner(model: LoadedModel, backend: str, max_context: int | None):
-    # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
-    name = str(model.path or model.name)
-    if backend == "cpu":
-        from ..backends.cpu.model import CpuRunner
-
-        check_fit(model.config, backend, max_context, name)
-        return CpuRunner(model.weights, max_context)
-    rt = runtime_mod.current("the CUDA runner")
-    if not rt.is_cuda:
-        raise BackendUnavailable(f"backend='cuda' needs the runtime booted on CUDA, but it runs on {rt.backend} "
-                                 f"({rt.probe_reason or 'no reason given'}); use backend='cpu'")
-    from ..backends.cuda.runner import CudaRunner
-
-    check_fit(model.config, backend, max_context, name)
-    return CudaRunner(model, rt, max_context=max_context)
 
 
 class LLM:
@@ -60,22 +47,30 @@ class LLM:
     max_context : cap on the KV cache, below the model's ``max_position_embeddings``.
     weights_seed : seed of synthetic weights (ignored for checkpoints).
     allow_paths : folders outside the checkpoint directory its symlinks may lead into.
+    max_batch, kv_memory, max_waiting : the serving engine's cap on running sequences, the
+        bytes of its KV block pool (CPU default 256 MiB) and its queue bound (CPU backend).
 
-    Thread safety: the runner holds one sequence, so calls are serialised by a lock: from
-    several threads, each call waits for the one before and gets the result it would get
-    alone. A :meth:`stream` holds the lock from its first piece until it is exhausted or
-    closed; calling the LLM again from the thread that holds an open stream is an error
-    (it would wait for itself). After :meth:`close`, every call raises NexusRTError.
+    Thread safety: the runner holds one sequence; a call takes it when it is free. On the
+    CPU backend a call that finds it busy (another thread's call) and every list
+    ``generate`` go through the serving engine instead, batched with the others; on CUDA
+    they wait for it. Either way each call gets the result it would get alone. A
+    :meth:`stream` holds the runner from its first piece until it is exhausted or closed;
+    calling the LLM again from the thread that holds an open stream is an error. After
+    :meth:`close`, every call raises NexusRTError.
     """
 
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
-                 weights_seed: int = 0, allow_paths=()):
+                 weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
+                 max_waiting: int = 1024):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock = threading.Lock()
         self._owner: int | None = None  # thread that holds the lock
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
+        self._loop = None  # the serving engine's loop, started at first use (CPU backend)
+        self._loop_lock = threading.Lock()
+        self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
             from .. import firmware
@@ -84,7 +79,7 @@ class LLM:
         self.backend = backend or runtime_mod.current("nrt.LLM").backend
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
-            self.runner = _make_runner(self.model, self.backend, max_context)
+            self.runner = make_runner(self.model, self.backend, max_context)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise
@@ -101,15 +96,63 @@ class LLM:
         return getattr(self._local, "result", None)
 
     # -- the lock -------------------------------------------------------------------------
-    def _enter(self, what: str, need_open: bool = True) -> None:
+    def _enter(self, what: str, need_open: bool = True, wait: bool = True) -> bool:
+        """Take the runner; False (nothing taken) when ``wait`` is False and another call holds it."""
         if self._owner == threading.get_ident():
             raise NexusRTError(f"LLM.{what}() was called from the thread that holds an open stream of this LLM; "
                                "finish or close() that stream first")
-        self._lock.acquire()
+        if not self._lock.acquire(blocking=wait):
+            return False
         self._owner = threading.get_ident()
         if need_open and self.runner is None:
             self._leave()
             raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+        return True
+
+    @property
+    def serves_batches(self) -> bool:
+        """Whether calls can go through the serving engine (the CPU backend; CUDA: not yet)."""
+        return self.backend == "cpu"
+
+    def _engine_loop(self, what: str):
+        with self._loop_lock:
+            if self.runner is None:
+                raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+            if self._loop is None:
+                self._loop = make_loop(self.runner, *self._serving_args)
+            return self._loop
+
+    def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None) -> Request:
+        """Queue one prompt (text, or a list of chat messages) in the serving engine and return its
+        :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``); CPU backend only.
+
+        ``emit(text)`` gets the text as it is produced (on the engine's thread, except the
+        last piece, which ``result()`` flushes); ``on_end(request)`` is called once when it ends.
+        Raises ValueError for bad arguments, ``serving.QueueFull`` when the queue is full.
+        """
+        return self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit=emit,
+                            on_end=on_end).submit()
+
+    def prepare(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None) -> Request:
+        """:meth:`submit` without the queueing: the checked, tokenized request (``request.seq``), for
+        a caller with rules of its own (a server refusing prompt + max_tokens beyond the context)."""
+        return self._request("prepare", prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
+
+    def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
+        if not self.serves_batches:
+            raise NexusRTError(f"LLM.{what}() needs the serving engine, which runs on the CPU backend only so far")
+        loop = self._engine_loop(what)
+        session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
+                                                  emit or (lambda piece: None))
+        return Request(loop, session, ids, params, max_new_tokens, self.runner.max_context,
+                       lambda s: self._finish(s, params, extra), on_end)
+
+    @property
+    def engine(self):
+        """The serving engine's :class:`~nexusrt.serving.EngineLoop` (started here if needed; CPU only)."""
+        return self._engine_loop("engine")
 
     def _leave(self) -> None:
         self._owner = None
@@ -127,9 +170,14 @@ class LLM:
         message ``system`` when given (``system`` implies ``chat``).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        self._enter("generate")
+        if isinstance(prompt, (list, tuple)) and self.serves_batches:
+            return self._generate_batched("generate", [messages_for(p, chat, system) for p in prompts],
+                                          max_new_tokens, temperature, top_k, top_p, stop, seed)
+        if not self._enter("generate", wait=not self.serves_batches):
+            return self._generate_batched("generate", [messages_for(prompts[0], chat, system)], max_new_tokens,
+                                          temperature, top_k, top_p, stop, seed)[0]
         try:
-            out = [self._generate_one(_messages(p, chat, system), max_new_tokens, temperature, top_k, top_p,
+            out = [self._generate_one(messages_for(p, chat, system), max_new_tokens, temperature, top_k, top_p,
                                       stop, seed) for p in prompts]
         finally:
             self._leave()
@@ -140,12 +188,28 @@ class LLM:
              system: str | None = None) -> GenerationResult:
         """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``), rendered with
         the chat template; ``system`` is put first when given."""
-        self._enter("chat")
+        if not self._enter("chat", wait=not self.serves_batches):
+            return self._generate_batched("chat", [chat_messages(messages, system)], max_new_tokens, temperature,
+                                          top_k, top_p, stop, seed)[0]
         try:
-            return self._generate_one(_chat_messages(messages, system), max_new_tokens, temperature, top_k,
+            return self._generate_one(chat_messages(messages, system), max_new_tokens, temperature, top_k,
                                       top_p, stop, seed)
         finally:
             self._leave()
+
+    def _generate_batched(self, what, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed):
+        # Every prompt is checked before any is queued; a failure while queueing cancels the rest.
+        requests = [self._request(what, p, max_new_tokens, temperature, top_k, top_p, stop, seed, None, None)
+                    for p in prompts]
+        queued = []
+        try:
+            for r in requests:
+                queued.append(r.submit())
+            return [r.result() for r in requests]
+        finally:
+            for r in queued:
+                if not r.ended.is_set():
+                    r.cancel()
 
     def _generate_one(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed) -> GenerationResult:
         pieces: list[str] = []
@@ -159,21 +223,26 @@ class LLM:
                chat: bool = False, system: str | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are produced; afterwards ``self.last_result`` holds the
         :class:`GenerationResult` for this thread (same arguments as :meth:`generate`, one prompt)."""
-        return self._stream("stream", _messages(prompt, chat, system), max_new_tokens, temperature, top_k,
+        return self._stream("stream", messages_for(prompt, chat, system), max_new_tokens, temperature, top_k,
                             top_p, stop, seed)
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
                     system: str | None = None) -> Iterator[str]:
         """:meth:`chat`, streamed as :meth:`stream` does."""
-        return self._stream("stream_chat", _chat_messages(messages, system), max_new_tokens, temperature,
+        return self._stream("stream_chat", chat_messages(messages, system), max_new_tokens, temperature,
                             top_k, top_p, stop, seed)
 
     def _stream(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed) -> Iterator[str]:
         # The lock is taken at the first next(), inside the generator: a stream that is never
         # iterated holds nothing, and one that is started releases in its finally (exhausted,
-        # closed or collected).
-        self._enter(what)
+        # closed or collected). A stream that finds the runner busy runs in the serving engine.
+        if not self._enter(what, wait=not self.serves_batches):
+            self._local.result = None
+            self._local.result = yield from engine_stream(
+                lambda emit, on_end: self._request(what, prompt, max_new_tokens, temperature, top_k, top_p, stop,
+                                                   seed, emit, on_end))
+            return
         try:
             self._local.result = None
             pieces: list[str] = []
@@ -186,74 +255,15 @@ class LLM:
     def _stream_body(self, started, max_new_tokens, pieces) -> Iterator[str]:
         session, ids, params, extra = started
         try:
-            yield from self._stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
+            yield from stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
             self._local.result = self._finish(session, params, extra)
             yield from pieces
         finally:
             self._leave()
 
-    @staticmethod
-    def _stream_tokens(runner, session, ids, max_new_tokens, params, pieces):
-        """Run the runner's callback-style ``generate_tokens`` in a worker thread, yielding as ids arrive."""
-        q: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
-
-        def on_token(token):
-            done = session.on_token(token) or cancelled.is_set()
-            q.put(("text", list(pieces)))
-            pieces.clear()
-            return done
-
-        def work():
-            try:
-                runner.generate_tokens(ids, max_new_tokens, params, on_token)
-                q.put(("end", None))
-            except BaseException as exc:  # re-raised in the consumer
-                q.put(("error", exc))
-
-        worker = threading.Thread(target=work, name="nexusrt-generate", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, value = q.get()
-                if kind == "error":
-                    raise value
-                if kind == "end":
-                    break
-                yield from value
-        finally:
-            cancelled.set()
-            worker.join()
-
     def _start(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
-        """Check the arguments, tokenize; ``prompt`` is text or a list of chat messages."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise TypeError("stop must be a string or a list of strings")
-        for s in stops:
-            _check_text(s, "a stop string")
-        gen = self.model.generation
-        params = SamplingParams(
-            temperature=gen.temperature if temperature is None else temperature,
-            top_k=gen.top_k if top_k is None else top_k,
-            top_p=gen.top_p if top_p is None else top_p,
-            seed=seed).resolved()
-        t0 = time.perf_counter()
-        if isinstance(prompt, list):
-            ids = self.tokenizer.encode_chat(prompt)
-        else:
-            ids = self.tokenizer.encode(prompt)
-        tokenize_s = time.perf_counter() - t0
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens (empty prompt and no BOS token)")
-        limit = self.runner.max_context
-        if len(ids) > limit:
-            raise ValueError(f"the prompt is {len(ids)} tokens but the context holds {limit} "
-                             f"(max_position_embeddings in {self.config.source}, or max_context)")
-        session = Session(self.tokenizer, self.model.eos_token_ids, stops, len(ids), emit, max_new_tokens)
-        return session, ids, params, {"tokenize_s": tokenize_s}
+        return start_session(self.model, self.runner.max_context, prompt, max_new_tokens, temperature, top_k,
+                             top_p, stop, seed, emit)
 
     def _finish(self, session: Session, params: SamplingParams, extra: dict) -> GenerationResult:
         full = session.prompt_tokens + len(session.token_ids) > self.runner.max_context
@@ -266,6 +276,10 @@ class LLM:
         """
         if getattr(self, "runner", None) is None:
             return
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:  # its requests end as cancelled; their callers get Cancelled
+            loop.stop()
         self._enter("close", need_open=False)  # a generation in another thread finishes first
         try:
             runner, self.runner = self.runner, None
@@ -281,35 +295,3 @@ class LLM:
     def __exit__(self, *exc):
         self.close()
 
-
-def _check_text(text: str, what: str) -> None:
-    """Text from outside (argv, a file) may carry lone surrogates for invalid UTF-8 bytes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
-
-
-def _messages(prompt, chat: bool, system: str | None):
-    """The text prompt, or with ``chat``/``system`` the messages to render."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-    _check_text(prompt, "the prompt")
-    if not chat and system is None:
-        return prompt
-    return _chat_messages([{"role": "user", "content": prompt}], system)
-
-
-def _chat_messages(messages, system: str | None) -> list[dict]:
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise TypeError("messages must be a list of {'role': str, 'content': str} dicts")
-    for i, m in enumerate(messages):
-        _check_text(m["content"], f"message {i}")
-    if system is not None:
-        if not isinstance(system, str):
-            raise TypeError(f"system must be a string, got {type(system).__name__}")
-        _check_text(system, "the system prompt")
-        messages = [{"role": "system", "content": system}] + list(messages)
-    return messages

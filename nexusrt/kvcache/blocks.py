@@ -55,6 +55,11 @@ class BlockPool:
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def free_blocks(self) -> frozenset[int]:
+        """The blocks not handed out (a copy, for audits)."""
+        return frozenset(self._free)
+
     def alloc(self, n: int) -> list[int]:
         """``n`` free blocks; :class:`OutOfMemory` (nothing taken) when fewer are left."""
         if n < 0:

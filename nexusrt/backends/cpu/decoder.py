@@ -1,0 +1,162 @@
+"""The NumPy decoder over paged KV: any number of sequences' rows in one pass, batch invariant.
+
+Both CPU runners run this: :class:`~nexusrt.backends.cpu.model.CpuRunner` (one sequence,
+the oracle) and :class:`~nexusrt.backends.cpu.batch.CpuBatchRunner` (the serving engine's
+steps). The KV cache of a layer is a block pool ``[num_blocks, Hkv, BLOCK_SIZE, D]``
+(:mod:`nexusrt.kvcache.blocks`) addressed through each sequence's block table, so sequences
+that share a cached prefix read the same blocks.
+
+**Batch invariance.** A token's KV and logits depend only on the tokens before it, never on
+which other rows share the pass or how a prompt is cut into chunks:
+
+- BLAS picks its kernel and blocking by the row count (GEMV at one row, GEMM tiles above),
+  so a row of ``x @ w.T`` changes in the last bits with the rows beside it. Every linear
+  here runs in tiles of exactly :data:`TILE_ROWS` rows (the last tile zero-padded): at a
+  fixed row count a row's result depends only on the row (``tests/test_cpu_batch.py``).
+- Attention runs one query row at a time over exactly the keys it sees, so no reduction's
+  length or order depends on the chunk.
+Norms, RoPE and SiLU are row-wise already. The cost: a lone decode row does a 16-row GEMM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...kvcache.blocks import BLOCK_SIZE, gather_tokens, pool_shape, scatter_tokens
+from ...models.weights import WeightSource
+from ...reference import ops
+from ..base import Rows
+
+F32 = np.float32
+TILE_ROWS = 16  # rows of every BLAS call; any fixed count works, 16 keeps a lone decode cheap
+
+
+@dataclass
+class _Layer:
+    attn_norm: np.ndarray
+    qkv: np.ndarray  # [q_size + 2*kv_size, hidden]
+    qkv_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    o: np.ndarray
+    mlp_norm: np.ndarray
+    gate_up: np.ndarray  # [2*intermediate, hidden]
+    down: np.ndarray
+
+
+def tiled_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ w.T (+ bias)`` with every BLAS call at exactly :data:`TILE_ROWS` rows."""
+    n = x.shape[0]
+    pad = -n % TILE_ROWS
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, x.shape[1]), F32)])
+    wt = w.T
+    y = np.concatenate([x[i:i + TILE_ROWS] @ wt for i in range(0, x.shape[0], TILE_ROWS)])[:n]
+    return y if bias is None else y + bias
+
+
+def attend_row(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """One query row ``q [Hq, D]`` over exactly the keys it sees ``k, v [S, Hkv, D]`` (GQA)."""
+    hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.reshape(hkv, hq // hkv, d)
+    s = np.einsum("kgd,skd->kgs", qg, k, dtype=F32) * F32(1.0 / math.sqrt(d))
+    s -= s.max(axis=-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("kgs,skd->kgd", p, v, dtype=F32).reshape(hq * d)
+
+
+class PagedDecoder:
+    """The decoder's weights (fused ``qkv`` / ``gate_up`` as a GPU runner lays them out) and
+    its pass over :class:`Rows` of many sequences against paged K/V pools."""
+
+    def __init__(self, weights: WeightSource):
+        cfg = self.config = weights.config
+        self.embed = weights.load("embed")
+        self.final_norm = weights.load("final_norm")
+        self.lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
+        self.layers = [self._load_layer(weights, i) for i in range(cfg.num_hidden_layers)]
+        self.inv_freq = ops.rope_inv_freq(cfg)
+
+    @staticmethod
+    def _load_layer(w: WeightSource, i: int) -> _Layer:
+        cfg, p = w.config, f"layers.{i}."
+        return _Layer(
+            attn_norm=w.load(p + "attn_norm"), qkv=w.fused(i, "qkv"),
+            qkv_bias=w.fused(i, "qkv_bias") if cfg.attention_bias else None,
+            q_norm=w.load(p + "q_norm") if cfg.qk_norm else None,
+            k_norm=w.load(p + "k_norm") if cfg.qk_norm else None,
+            o=w.load(p + "o"), mlp_norm=w.load(p + "mlp_norm"), gate_up=w.fused(i, "gate_up"),
+            down=w.load(p + "down"))
+
+    def new_pools(self, num_blocks: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Zeroed K and V pools, one per layer (np.zeros: the OS commits memory as blocks are written)."""
+        cfg = self.config
+        shape = pool_shape(num_blocks, cfg.num_key_value_heads, cfg.head_dim)
+        return ([np.zeros(shape, F32) for _ in self.layers], [np.zeros(shape, F32) for _ in self.layers])
+
+    def close(self) -> None:
+        self.layers, self.embed, self.lm_head, self.final_norm = [], None, None, None
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """fp32 ``[R, vocab]`` logits of final hidden rows ``[R, hidden]`` (final norm, LM head)."""
+        return tiled_linear(ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps), self.lm_head)
+
+    def forward(self, batch: list[Rows], pools) -> np.ndarray:
+        """Append every :class:`Rows` to its sequence's cache; the final hidden rows ``[N, hidden]``
+        (the batch's rows in order). Checks ids and table room before touching a pool."""
+        cfg = self.config
+        for r in batch:
+            n = len(r.token_ids)
+            if n == 0:
+                raise ValueError("cannot run zero tokens")
+            if r.start < 0 or r.start + n > len(r.table) * BLOCK_SIZE:
+                raise ValueError(f"positions {r.start}..{r.start + n - 1} lie outside the "
+                                 f"{len(r.table)} blocks of the table")
+            ids = np.asarray(r.token_ids)
+            if np.any(ids < 0) or np.any(ids >= cfg.vocab_size):
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {ids.min()}..{ids.max()}")
+        ids = np.concatenate([np.asarray(r.token_ids, np.int32) for r in batch])
+        positions = np.concatenate([np.arange(r.start, r.start + len(r.token_ids)) for r in batch])
+        k_pools, v_pools = pools
+        x = ops.embedding(ids, self.embed)
+        for li, layer in enumerate(self.layers):
+            h = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            x = x + tiled_linear(self._attention(layer, h, positions, batch, k_pools[li], v_pools[li]), layer.o)
+            h = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            gu = tiled_linear(h, layer.gate_up)
+            x = x + tiled_linear(ops.silu_mul(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]),
+                                 layer.down)
+        return x
+
+    def _attention(self, layer: _Layer, h, positions, batch: list[Rows], k_pool, v_pool) -> np.ndarray:
+        cfg = self.config
+        n, d = h.shape[0], cfg.head_dim
+        qkv = tiled_linear(h, layer.qkv, layer.qkv_bias)
+        q = qkv[:, :cfg.q_size].reshape(n, cfg.num_attention_heads, d)
+        k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(n, cfg.num_key_value_heads, d)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(n, cfg.num_key_value_heads, d)
+        if cfg.qk_norm:
+            q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+            k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q = ops.apply_rope(q, positions, self.inv_freq)
+        k = ops.apply_rope(k, positions, self.inv_freq)
+        out = np.empty((n, cfg.q_size), F32)
+        window = cfg.sliding_window
+        row = 0
+        for r in batch:
+            t = len(r.token_ids)
+            scatter_tokens(k_pool, r.table, r.start, k[row:row + t])
+            scatter_tokens(v_pool, r.table, r.start, v[row:row + t])
+            keys = gather_tokens(k_pool, r.table, r.start + t)
+            values = gather_tokens(v_pool, r.table, r.start + t)
+            for i in range(t):
+                p = r.start + i
+                lo = 0 if window is None else max(0, p - window + 1)
+                out[row + i] = attend_row(q[row + i], keys[lo:p + 1], values[lo:p + 1])
+            row += t
+        return out

@@ -1,0 +1,73 @@
+"""Prompts from outside: text and chat messages checked, shaped and tokenized for ``nrt.LLM``."""
+
+from __future__ import annotations
+
+import time
+
+from ..reference.sampling import SamplingParams
+from .session import Session
+
+
+def check_text(text: str, what: str) -> None:
+    """Text from outside (argv, a file) may carry lone surrogates for invalid UTF-8 bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
+
+
+def messages_for(prompt, chat: bool, system: str | None):
+    """The text prompt, or with ``chat``/``system`` the messages to render."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    check_text(prompt, "the prompt")
+    if not chat and system is None:
+        return prompt
+    return chat_messages([{"role": "user", "content": prompt}], system)
+
+
+def chat_messages(messages, system: str | None) -> list[dict]:
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise TypeError("messages must be a list of {'role': str, 'content': str} dicts")
+    for i, m in enumerate(messages):
+        check_text(m["content"], f"message {i}")
+    if system is not None:
+        if not isinstance(system, str):
+            raise TypeError(f"system must be a string, got {type(system).__name__}")
+        check_text(system, "the system prompt")
+        messages = [{"role": "system", "content": system}] + list(messages)
+    return messages
+
+
+def start_session(model, max_context: int, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
+    """Check the arguments and tokenize (``prompt``: text or a list of chat messages); the
+    :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise TypeError("stop must be a string or a list of strings")
+    for s in stops:
+        check_text(s, "a stop string")
+    gen = model.generation
+    params = SamplingParams(
+        temperature=gen.temperature if temperature is None else temperature,
+        top_k=gen.top_k if top_k is None else top_k,
+        top_p=gen.top_p if top_p is None else top_p,
+        seed=seed).resolved()
+    t0 = time.perf_counter()
+    if isinstance(prompt, list):
+        ids = model.tokenizer.encode_chat(prompt)
+    else:
+        ids = model.tokenizer.encode(prompt)
+    tokenize_s = time.perf_counter() - t0
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens (empty prompt and no BOS token)")
+    limit = max_context
+    if len(ids) > limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens but the context holds {limit} "
+                         f"(max_position_embeddings in {model.config.source}, or max_context)")
+    session = Session(model.tokenizer, model.eos_token_ids, stops, len(ids), emit, max_new_tokens)
+    return session, ids, params, {"tokenize_s": tokenize_s}

@@ -1,0 +1,63 @@
+"""The one-sequence path of ``nrt.LLM``: choosing the runner, and streaming its callback-style loop."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from .. import runtime as runtime_mod
+from ..errors import BackendUnavailable
+from ..models.loader import LoadedModel
+from .fit import check_fit
+
+
+def make_runner(model: LoadedModel, backend: str, max_context: int | None):
+    """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or CudaRunner)."""
+    # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
+    name = str(model.path or model.name)
+    if backend == "cpu":
+        from ..backends.cpu.model import CpuRunner
+
+        check_fit(model.config, backend, max_context, name)
+        return CpuRunner(model.weights, max_context)
+    rt = runtime_mod.current("the CUDA runner")
+    if not rt.is_cuda:
+        raise BackendUnavailable(f"backend='cuda' needs the runtime booted on CUDA, but it runs on {rt.backend} "
+                                 f"({rt.probe_reason or 'no reason given'}); use backend='cpu'")
+    from ..backends.cuda.runner import CudaRunner
+
+    check_fit(model.config, backend, max_context, name)
+    return CudaRunner(model, rt, max_context=max_context)
+
+
+def stream_tokens(runner, session, ids, max_new_tokens, params, pieces):
+    """Run the runner's callback-style ``generate_tokens`` in a worker thread, yielding as ids arrive."""
+    q: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
+
+    def on_token(token):
+        done = session.on_token(token) or cancelled.is_set()
+        q.put(("text", list(pieces)))
+        pieces.clear()
+        return done
+
+    def work():
+        try:
+            runner.generate_tokens(ids, max_new_tokens, params, on_token)
+            q.put(("end", None))
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(("error", exc))
+
+    worker = threading.Thread(target=work, name="nexusrt-generate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                break
+            yield from value
+    finally:
+        cancelled.set()
+        worker.join()

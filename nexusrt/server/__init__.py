@@ -1,0 +1,1 @@
+"""The HTTP front: the OpenAI-compatible server (``nexusrt serve``)."""

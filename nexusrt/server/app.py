@@ -1,0 +1,257 @@
+"""The OpenAI-compatible HTTP app (Starlette) over ``nrt.LLM``'s serving engine.
+
+``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(streamed as server-sent events with ``"stream": true``), ``GET /metrics`` (Prometheus text).
+Every request goes through the engine (:meth:`nexusrt.engine.llm.LLM.submit`), so concurrent
+requests are batched. A bad request gets 400 with OpenAI's error body naming the field; a
+full queue 429; a server shutting down 503. A client that disconnects has its request
+cancelled and its KV blocks freed. One log line per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..engine.requests import Cancelled
+from ..errors import ModelError, NexusRTError
+from ..serving import EngineStopped, QueueFull
+from ..serving.metrics import render
+from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
+from .protocol import DEFAULT_MAX_TOKENS, FINISH_REASONS, BadRequest, Completion, parse, parse_json
+
+MAX_BODY = 4 << 20  # bytes of a request body
+log = logging.getLogger("nexusrt.server")
+
+
+class ServerState:
+    """What the routes share: the LLM, the served model's id, whether new requests are taken."""
+
+    def __init__(self, llm, model_id: str):
+        self.llm, self.model_id = llm, model_id
+        self.created = int(time.time())
+        self.accepting = True
+        self.http = Counter()  # status code -> responses
+
+    def done(self, request: Request, status: int, t0: float, **fields) -> None:
+        """Count the response and write its log line."""
+        self.http[status] += 1
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        client = request.client.host if request.client else "-"
+        log.info("%s %s %s %d %.1fms %s", client, request.method, request.url.path, status,
+                 (time.perf_counter() - t0) * 1e3, extra)
+
+
+def _error(e: BadRequest) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _read_body(request: Request) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(f"the request body exceeds {MAX_BODY} bytes", None, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _submit(state: ServerState, c: Completion, bridge: Bridge):
+    if not state.accepting:
+        raise BadRequest("the server is shutting down", None, 503, "server_error")
+    field = "messages" if c.chat else "prompt"
+    try:
+        limit = state.llm.runner.max_context
+        wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
+        req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling)
+        n = len(req.seq.prompt_ids)
+        if n + wanted > limit and c.max_tokens is None and n < limit:  # the default: what the context leaves
+            req = state.llm.prepare(c.prompt, limit - n, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end,
+                                    **c.sampling)
+        elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
+            raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
+                             f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field)
+        return req.submit()
+    except QueueFull as e:
+        raise BadRequest(str(e), None, 429, "rate_limit_exceeded") from None
+    except EngineStopped as e:
+        raise BadRequest(str(e), None, 503, "server_error") from None
+    except ModelError as e:  # e.g. no chat template
+        raise BadRequest(str(e), field) from None
+    except NexusRTError as e:  # the LLM closed: the server is going down
+        raise BadRequest(str(e), None, 503, "server_error") from None
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        param = "max_tokens" if "KV blocks" in msg else field if "prompt" in msg else None
+        raise BadRequest(msg, param) from None
+
+
+def _failure(exc: Exception) -> BadRequest:
+    """The error body of a request that did not finish: 503 when shutdown cancelled it, else 500."""
+    if isinstance(exc, Cancelled):
+        return BadRequest("the server is shutting down; the request was cancelled", None, 503, "server_error")
+    return BadRequest(f"generation failed: {exc}", None, 500, "server_error")
+
+
+def _choice(c: Completion, text: str, finish) -> dict:
+    if c.chat:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _chunk(c: Completion, head: dict, text: str | None, finish=None, role: bool = False) -> dict:
+    if c.chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {**head, "object": "chat.completion.chunk" if c.chat else "text_completion", "choices": [choice]}
+
+
+def _usage(result) -> dict:
+    n = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+
+
+async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
+    t0 = time.perf_counter()
+    try:
+        c = parse(parse_json(await _read_body(request)), chat, state.model_id, state.llm.runner.max_context)
+        bridge = Bridge(asyncio.get_running_loop())
+        req = _submit(state, c, bridge)
+    except BadRequest as e:
+        state.done(request, e.status, t0, error=repr(e.message[:120]))
+        return _error(e)
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": state.model_id}
+    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
+    if c.stream:
+        return EventStream(_events(state, request, c, req, bridge, watcher, head, t0))
+    status, fields = 200, {}
+    try:
+        while (item := await bridge.next(watcher)) is not END:
+            if item is GONE:
+                status = 499  # nginx's "client closed request": nobody reads it
+                return Response(status_code=status)
+        result = req.result()  # Cancelled: the server cancelled it while shutting down
+        finish = FINISH_REASONS[result.finish_reason]
+        fields = {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+                  "finish": finish, "ttft_ms": f"{result.ttft_s * 1e3:.1f}"}
+        body = {**head, "object": "chat.completion" if chat else "text_completion",
+                "choices": [_choice(c, result.text, finish)], "usage": _usage(result)}
+        return JSONResponse(body)
+    except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
+        status = 503
+        raise
+    except Exception as exc:  # cancelled at shutdown, or the engine failed it; the server goes on
+        e = _failure(exc)
+        status = e.status
+        return _error(e)
+    finally:
+        watcher.cancel()
+        if not req.ended.is_set():  # client gone, or the handler cancelled at shutdown
+            req.cancel()
+        state.done(request, status, t0, **fields)
+
+
+async def _events(state, request, c: Completion, req, bridge: Bridge, watcher, head: dict, t0: float):
+    status, fields, sent = 200, {"stream": "yes"}, []
+    try:
+        if c.chat:
+            yield sse(_chunk(c, head, None, role=True))
+        while (item := await bridge.next(watcher)) is not END:
+            if item is GONE:
+                status = 499
+                return
+            sent.append(item)
+            yield sse(_chunk(c, head, item))
+        try:
+            result = req.result()
+        except Exception as exc:  # cancelled at shutdown, or the engine failed it
+            e = _failure(exc)
+            status = e.status
+            yield sse(e.body())
+            return
+        tail = result.text[len("".join(sent)):]  # text held back for stop strings, flushed at the end
+        finish = FINISH_REASONS[result.finish_reason]
+        if tail:
+            yield sse(_chunk(c, head, tail))
+        yield sse(_chunk(c, head, None, finish))
+        if c.include_usage:
+            yield sse({**head, "object": "chat.completion.chunk" if c.chat else "text_completion",
+                       "choices": [], "usage": _usage(result)})
+        yield sse("[DONE]")
+        fields.update(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids), finish=finish,
+                      ttft_ms=f"{result.ttft_s * 1e3:.1f}")
+    except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
+        status = 503
+        raise
+    finally:
+        watcher.cancel()
+        if not req.ended.is_set():
+            req.cancel()
+        state.done(request, status, t0, **fields)
+
+
+def create_app(llm, model_id: str) -> Starlette:
+    """The app serving ``llm`` (its engine must run: the CPU backend) under the name ``model_id``."""
+    state = ServerState(llm, model_id)
+
+    async def health(request: Request) -> Response:
+        ok = state.accepting and state.llm.runner is not None
+        state.done(request, 200 if ok else 503, time.perf_counter())
+        return JSONResponse({"status": "ok" if ok else "shutting down"}, status_code=200 if ok else 503)
+
+    async def models(request: Request) -> Response:
+        state.done(request, 200, time.perf_counter())
+        return JSONResponse({"object": "list", "data": [
+            {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "nexusrt",
+             "max_model_len": state.llm.runner.max_context}]})
+
+    async def metrics(request: Request) -> Response:
+        loop = state.llm.engine
+        eng = loop.engine
+        gauges = {
+            "queue_length": ("Requests waiting for the engine.", loop.num_waiting),
+            "running_requests": ("Requests holding KV blocks.", loop.num_running),
+            "kv_blocks_used": ("KV blocks referenced by requests.", eng.blocks.num_used),
+            "kv_blocks_total": ("KV blocks in the pool.", eng.blocks.num_blocks),
+            "kv_blocks_cached": ("Unreferenced KV blocks kept for the prefix cache.", len(eng.blocks.lru)),
+            "prefix_cache_hits_total": ("Full KV blocks found in the prefix cache.", eng.blocks.hits),
+            "prefix_cache_lookups_total": ("Full KV blocks looked up in the prefix cache.", eng.blocks.lookups),
+            "preemptions_total": ("Requests preempted (recomputed later) when KV blocks ran out.",
+                                  eng.scheduler.preemptions)}
+        text = render(eng.metrics, gauges)
+        text += "# HELP nexusrt_http_responses_total HTTP responses, by status.\n"
+        text += "# TYPE nexusrt_http_responses_total counter\n"
+        text += "".join(f'nexusrt_http_responses_total{{code="{k}"}} {v}\n' for k, v in sorted(state.http.items()))
+        state.done(request, 200, time.perf_counter())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def completions(request: Request) -> Response:
+        return await _generate(state, request, chat=False)
+
+    async def chat(request: Request) -> Response:
+        return await _generate(state, request, chat=True)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        e = BadRequest(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code)
+        state.done(request, exc.status_code, time.perf_counter())
+        return _error(e)
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ], exception_handlers={HTTPException: http_error})
+    app.state.server = state
+    return app

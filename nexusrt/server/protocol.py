@@ -1,0 +1,136 @@
+"""The OpenAI request bodies the server accepts, checked field by field.
+
+Every problem raises :class:`BadRequest` naming the field (``param``), which the app turns
+into HTTP 400 with OpenAI's error body. Unknown fields are ignored, as OpenAI's clients send
+some we do not use (``user``, ``logit_bias`` when empty, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+MAX_STOPS = 4  # as OpenAI
+DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions (OpenAI's default), chat
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(Exception):
+    """A request the server refuses with HTTP ``status``; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass
+class Completion:
+    """What to generate: ``prompt`` is text (completions) or messages (chat)."""
+
+    model: str
+    prompt: str | list[dict]
+    chat: bool
+    max_tokens: int | None  # None: up to DEFAULT_MAX_TOKENS, as many as the context leaves
+    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed (None: the model's default)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"the request body is not valid JSON ({type(exc).__name__}: {str(exc)[:80]})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _number(body, name, lo, hi, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadRequest(f"'{name}' must be a number, got {json.dumps(v)[:40]}", name)
+    if v < lo or (lo_open and v == lo) or v > hi:
+        lo_txt = f"({lo}" if lo_open else f"[{lo}"
+        raise BadRequest(f"'{name}' must be in {lo_txt}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _integer(body, name, lo, hi):
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"'{name}' must be an integer, got {json.dumps(v)[:40]}", name)
+    if not lo <= v <= hi:
+        raise BadRequest(f"'{name}' must be in [{lo}, {hi}], got {v}", name)
+    return v
+
+
+def _text(v, name) -> str:
+    if not isinstance(v, str):
+        raise BadRequest(f"'{name}' must be a string", name)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{name}' is not valid UTF-8 text", name) from None
+    return v
+
+
+def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion:
+    """Check an OpenAI ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", "model")
+    if model != model_id:
+        raise BadRequest(f"the model {model!r} does not exist here; this server serves {model_id!r}", "model",
+                         kind="model_not_found")
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
+        prompt = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise BadRequest(f"messages[{i}] must be an object with a role in {', '.join(ROLES)}",
+                                 f"messages[{i}].role")
+            prompt.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+    else:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        if not isinstance(p, str):
+            raise BadRequest("'prompt' must be a string (or a list of one string)", "prompt")
+        prompt = _text(p, "prompt")
+    if _integer(body, "n", 1, 1) not in (None, 1):
+        raise BadRequest("only n=1 is supported", "n")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, 1, max_context)  # None: the default, fitted to the prompt by the app
+    top_k = _integer(body, "top_k", -1, 1 << 31)
+    sampling = {"temperature": _number(body, "temperature", 0, 2),
+                "top_p": _number(body, "top_p", 0, 1, lo_open=True),
+                "top_k": None if top_k is None else max(top_k, 0),  # -1 (vLLM's "off") is our 0
+                "seed": _integer(body, "seed", 0, (1 << 64) - 1)}
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    stops = [_text(s, "stop") for s in stops]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("'stream_options' must be an object with a boolean include_usage", "stream_options")
+    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")))
+
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}

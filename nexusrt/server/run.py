@@ -1,0 +1,80 @@
+"""``nexusrt serve``: load a model, start the engine, serve HTTP with uvicorn until a signal.
+
+SIGTERM or SIGINT: the listening socket closes and ``/health`` turns 503 at once; requests in
+flight get ``DRAIN_S`` seconds to finish, then the engine cancels what is left (their KV blocks
+freed; their clients get a 503 error, or an error event on a stream) and uvicorn's own grace
+(``GRACE_S``) is there only for connections that still hang; the process exits within 10 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import threading
+
+DRAIN_S = 4.0  # seconds in-flight requests may take to finish after SIGTERM, then they are cancelled
+GRACE_S = 6  # uvicorn's limit on open connections after the signal (the drain ends them first)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"268435456"``, ``"256M"``, ``"1.5G"`` (binary units, optional trailing B/iB) → bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--kv-memory must be a size in bytes like 268435456, 256M or 2G, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ValueError(f"--kv-memory must be positive, got {text!r}")
+    return value
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
+          max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S) -> int:
+    """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
+    flight may take to finish after the signal (0 to 8)."""
+    if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
+        raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
+    import uvicorn
+
+    from ..engine.llm import LLM
+    from .app import create_app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The engine runs on the CPU backend only so far (the CUDA batch runner is future work).
+    llm = LLM(model, backend="cpu", max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
+              max_waiting=max_waiting, allow_paths=allow_paths)
+    try:
+        app = create_app(llm, model)
+        state = app.state.server
+        engine = llm.engine.engine  # started now: the first request should not pay for it
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if not self.should_exit:  # bound and listening (a busy port fails in there)
+                    logging.getLogger("nexusrt.server").info(
+                        "serving %s on http://%s:%d (cpu backend, context %d, max batch %d, %d KV blocks)", model,
+                        host, port, llm.runner.max_context, max_batch, engine.blocks.num_blocks)
+
+            def handle_exit(self, sig, frame):  # stop taking requests at the signal, not after the grace
+                if state.accepting:
+                    state.accepting = False
+                    # Cancel in the engine, so every open request ends as a response, before uvicorn
+                    # would cancel the tasks themselves.
+                    threading.Timer(drain_s, llm.engine.stop).start()
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises captured signals after its shutdown, which would end the process
+                # before llm.close(); a drained SIGTERM is a clean exit (status 0) instead.
+                captured = getattr(self, "_captured_signals", [])
+                if sig == signal.SIGTERM and sig in captured:
+                    captured.remove(sig)
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
+        Server(config).run()
+        return 0
+    finally:
+        llm.close()  # cancels whatever is left; its blocks go back to the pool

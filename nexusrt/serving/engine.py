@@ -1,0 +1,109 @@
+"""The request engine: one step = schedule, run the batch, sample, apply stop rules, free blocks.
+
+Pure logic over a :class:`~nexusrt.backends.base.BatchRunner`; not thread safe (the
+:class:`~nexusrt.serving.loop.EngineLoop` runs it on one thread). Sampling is
+:func:`nexusrt.reference.sampling.sample` with the request's seed at its own step, so a
+request's ids do not depend on the batch around it.
+
+A sequence ends exactly once, through :meth:`Engine.end`, which frees its blocks and calls
+its ``on_finish``: after a stop rule, a cancel, or an error of the runner or of its own
+callback. An error of one step ends the sequences of that step, never the engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends.base import BatchRunner, Rows
+from ..kvcache.blocks import blocks_for
+from ..reference.sampling import sample
+from .block_manager import BlockManager
+from .metrics import EngineMetrics
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, State
+
+
+class Engine:
+    """Sequences in, ids out, over ``runner``'s block pool."""
+
+    def __init__(self, runner: BatchRunner, config: SchedulerConfig = SchedulerConfig(),
+                 prefix_caching: bool = True):
+        self.runner = runner
+        self.blocks = BlockManager(runner.num_blocks, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config)
+        self.metrics = EngineMetrics()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def check(self, seq: Sequence) -> None:
+        """ValueError unless ``seq`` fits this engine alone (then it can always finish)."""
+        if seq.max_context > self.runner.max_context:
+            raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
+        longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)
+        if blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(f"{longest} tokens need {blocks_for(longest)} KV blocks; the pool has "
+                             f"{self.blocks.num_blocks} (raise the KV memory or lower max_tokens)")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.scheduler.add(seq)
+
+    def end(self, seq: Sequence, state: State, reason: str, error: BaseException | None = None) -> None:
+        """End ``seq`` (once): free its blocks, record it, call its ``on_finish``."""
+        if seq.done:
+            return
+        self.scheduler.remove(seq)
+        seq.state, seq.finish_reason, seq.error = state, reason, error
+        m = self.metrics
+        m.requests[reason] += 1
+        m.prompt_tokens += len(seq.prompt_ids)
+        m.generation_tokens += len(seq.output_ids)
+        if seq.t_first is not None:
+            m.ttft.observe(seq.t_first - seq.t_arrival)
+            if len(seq.output_ids) > 1:
+                m.tpot.observe((seq.t_last - seq.t_first) / (len(seq.output_ids) - 1))
+        if seq.on_finish is not None:
+            try:
+                seq.on_finish(seq)
+            except Exception:  # the caller's problem; the blocks are back and the engine must go on
+                m.callback_errors += 1
+
+    def cancel(self, seq: Sequence) -> None:
+        self.end(seq, State.CANCELLED, "cancelled")
+
+    def step(self) -> int:
+        """Run one step; returns the ids computed (0: nothing to do)."""
+        work = self.scheduler.schedule()
+        if not work:
+            return 0
+        batch = [Rows(np.asarray(w.seq.all_ids[w.start:w.start + w.count], np.int32), w.start,
+                      list(w.seq.block_table), w.samples) for w in work]
+        try:
+            logits = self.runner.run(batch)
+        except Exception as exc:  # the step's sequences end with the error; the engine goes on
+            for w in work:
+                self.end(w.seq, State.FINISHED, "error", exc)
+            return 0
+        self.metrics.steps += 1
+        for w, row in zip(work, logits):
+            seq = w.seq
+            seq.num_computed += w.count
+            self.metrics.computed_tokens += w.count
+            self.blocks.commit(seq)
+            if not w.samples:
+                continue
+            try:
+                stop = seq.append(sample(row, seq.params, seq.step))
+            except Exception as exc:  # the caller's on_token failed: only this sequence ends
+                self.end(seq, State.FINISHED, "error", exc)
+                continue
+            if stop:
+                self.end(seq, State.FINISHED, seq.finish_reason)
+        return sum(w.count for w in work)
+
+    def run_until_done(self) -> None:
+        """Step until no sequence waits or runs (single-threaded use and tests)."""
+        while self.has_work:
+            self.step()

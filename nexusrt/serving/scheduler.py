@@ -1,0 +1,144 @@
+"""Which sequences compute which ids in the next step: continuous batching with chunked prefill.
+
+Each step, under a budget of ``token_budget`` ids: first every running decode (one id each,
+oldest first), then the running sequences still in their prompt (a chunk each: as much as
+the budget and the free blocks allow), then waiting sequences are admitted in arrival
+order (prefix-cache hits first, then a chunk) while fewer than ``max_running`` run. One
+whose next uncached block another running sequence is computing waits for it (see
+:meth:`BlockManager.blocked`): a shared prompt is computed once.
+
+**Preemption by recompute.** When a running sequence needs a block and none is free, the
+newest running sequence not yet scheduled this step gives its blocks back and returns to
+the front of the queue with ``num_computed = 0``; when it is admitted again it recomputes
+its prompt and the ids it had generated (blocks it had filled may still be in the prefix
+cache). Its sampled ids are kept and its sampling steps continue, so its output is the one
+it would have had without preemption. The oldest running sequence always makes progress:
+the engine refuses a request that would not fit in the pool alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ..kvcache.blocks import BLOCK_SIZE
+from .block_manager import BlockManager
+from .sequence import Sequence, State
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_running``: cap on sequences holding KV; ``token_budget``: ids computed per step
+    (at least ``max_running``, so every running decode fits in one step)."""
+
+    max_running: int = 32
+    token_budget: int = 512
+
+    def __post_init__(self):
+        for name in ("max_running", "token_budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.token_budget < self.max_running:
+            raise ValueError(f"token_budget ({self.token_budget}) must be >= max_running ({self.max_running}) "
+                             "so that every running decode fits in a step")
+
+
+@dataclass(frozen=True)
+class Work:
+    """``seq`` computes ``all_ids[start:start+count]`` this step (and samples if that completes it)."""
+
+    seq: Sequence
+    start: int
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.count == len(self.seq)
+
+
+class Scheduler:
+    """The waiting queue and the running set over a :class:`BlockManager`."""
+
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig = SchedulerConfig()):
+        self.blocks, self.config = blocks, config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is the newest
+        self.preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.state = State.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queue or the running set and free its blocks (it ended)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def schedule(self) -> list[Work]:
+        """The next step's work; admits, and preempts when blocks run out."""
+        work: list[Work] = []
+        scheduled: set[int] = set()
+        budget = self.config.token_budget
+        for decodes in (True, False):
+            for seq in list(self.running):
+                if seq.state is not State.RUNNING or seq.is_decode != decodes or budget == 0:
+                    continue
+                room = self._make_room(seq, scheduled)
+                if room == 0:
+                    continue  # seq itself was preempted
+                n = min(seq.num_pending, budget, room)
+                work.append(self._take(seq, n, scheduled))
+                budget -= n
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_running:
+                break
+            if self.blocks.blocked(seq):  # its prefix is being computed: share it next step instead
+                continue
+            self.blocks.admit(seq)
+            n = min(seq.num_pending, budget, self._room(seq))
+            if n == 0:  # no free block: wait until a sequence ends
+                self.blocks.free(seq)
+                break
+            self.waiting.remove(seq)
+            seq.state = State.RUNNING
+            self.running.append(seq)
+            self.blocks.reserve(seq)
+            work.append(self._take(seq, n, scheduled))
+            budget -= n
+        return work
+
+    def _room(self, seq: Sequence) -> int:
+        """Ids ``seq`` can compute with its blocks plus the free ones."""
+        capacity = (len(seq.block_table) + self.blocks.num_free) * BLOCK_SIZE
+        return max(0, capacity - seq.num_computed)
+
+    def _make_room(self, seq: Sequence, scheduled: set[int]) -> int:
+        """Preempt the newest unscheduled running sequences until ``seq`` can compute one id."""
+        while self._room(seq) == 0:
+            victims = [s for s in self.running if s.seq_id not in scheduled]
+            victim = victims[-1]  # seq itself is unscheduled, so there is one
+            self._preempt(victim)
+            if victim is seq:
+                return 0
+        return self._room(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.state = State.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _take(self, seq: Sequence, n: int, scheduled: set[int]) -> Work:
+        self.blocks.grow(seq, seq.num_computed + n)
+        scheduled.add(seq.seq_id)
+        return Work(seq, seq.num_computed, n)

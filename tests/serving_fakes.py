@@ -1,0 +1,49 @@
+"""A fake BatchRunner whose "KV" is the token ids themselves, stored through the block tables.
+
+The next id is a hash of every id the sequence's table holds, read back from the pool; so
+a wrong table, a block shared by mistake or overwritten, or a recompute that differs gives
+different ids. Records each step's batch for the scheduling tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nexusrt.kvcache.blocks import BLOCK_SIZE
+
+VOCAB = 101
+
+
+class FakeRunner:
+    max_context = 4096
+
+    def __init__(self, num_blocks: int, fail_on_step: int | None = None):
+        self.num_blocks = num_blocks
+        self.pool = np.full((num_blocks, BLOCK_SIZE), -1, np.int64)
+        self.steps: list[list[tuple[int, int, bool]]] = []  # per step: (start, count, logits)
+        self.fail_on_step = fail_on_step
+
+    def run(self, batch):
+        self.steps.append([(r.start, len(r.token_ids), r.logits) for r in batch])
+        if self.fail_on_step == len(self.steps):
+            raise RuntimeError("injected runner failure")
+        out = []
+        for r in batch:
+            t = np.arange(r.start, r.start + len(r.token_ids))
+            table = np.asarray(r.table)
+            self.pool[table[t // BLOCK_SIZE], t % BLOCK_SIZE] = r.token_ids
+            if not r.logits:
+                out.append(None)
+                continue
+            end = r.start + len(r.token_ids)
+            p = np.arange(end)
+            seen = self.pool[table[p // BLOCK_SIZE], p % BLOCK_SIZE]
+            assert (seen >= 0).all(), "read a slot never written"
+            h = int((seen * (p + 7)).sum() % VOCAB)
+            logits = np.zeros(VOCAB, np.float32)
+            logits[h] = 1.0
+            out.append(logits)
+        return out
+
+    def close(self):
+        pass

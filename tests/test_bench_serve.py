@@ -1,0 +1,57 @@
+"""``nexusrt-bench --stage serve`` on the CPU: complete figures, prefix hits with a shared prompt,
+preemptions under a small KV pool, exactly the requested tokens, bad arguments refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nexusrt.bench.main import main
+from nexusrt.bench.serve import workload
+
+
+def bench(capsys, *extra):
+    rc = main(["--stage", "serve", "--backend", "cpu", "--no-peers", "--json", "--runs", "1",
+               "--prompt-tokens", "24", "--new-tokens", "6", *extra])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def test_levels_report_every_figure(capsys):
+    r = bench(capsys, "--concurrency", "1,4")
+    assert r["model"] == "nexusrt:stdlib-tiny" and "CPU figure" in r["note"]
+    assert list(r["levels"]) == ["1", "4"]
+    for n, lv in r["levels"].items():
+        assert lv["output_tokens"] == int(n) * 6
+        assert 0 < lv["ttft_p50_s"] <= lv["ttft_p99_s"] and 0 < lv["tpot_p50_s"] <= lv["tpot_p99_s"]
+        assert 0 < lv["kv_blocks_peak"] <= lv["kv_blocks_total"] and lv["preemptions"] == 0
+        assert lv["output_tokens_per_s"] > 0
+
+
+def test_a_shared_prefix_is_computed_once(capsys):
+    lv = bench(capsys, "--concurrency", "6", "--shared-prefix", "64")["levels"]["6"]
+    # 64 shared tokens = 4 blocks; every request after the first finds them (the budget admits
+    # the later ones after the first one's prompt is computed)
+    assert lv["prefix_hit_blocks"] >= 4 * 4
+    assert lv["computed_tokens"] < lv["prompt_tokens"] + 6 * 6
+
+
+def test_a_small_pool_preempts_and_still_finishes(capsys):
+    lv = bench(capsys, "--concurrency", "8", "--kv-memory", str(10 * 65536))["levels"]["8"]
+    assert lv["kv_blocks_total"] == 10 and lv["preemptions"] > 0 and lv["output_tokens"] == 8 * 6
+
+
+def test_workload_is_deterministic_and_spread():
+    a, b = workload(16, 100, 5, 10, 4096), workload(16, 100, 5, 10, 4096)
+    assert a == b
+    lengths = [len(p) - 10 for p, _ in a]
+    assert min(lengths) >= 75 and max(lengths) <= 125 and len(set(lengths)) > 8
+    assert all(p[:10] == a[0][0][:10] for p, _ in a)
+
+
+@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--runs", "0"], ["--shared-prefix", "-1"]])
+def test_bad_arguments_are_refused(bad, capsys):
+    assert main(["--stage", "serve", "--backend", "cpu", "--no-peers", *bad]) == 1
+    assert "must be >= " in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""``nrt.LLM`` through the serving engine on the CPU: lists and concurrent threads are batched
+and each request gets the ids of the one-sequence path; closing cancels; blocks never leak."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import nexusrt as nrt
+from nexusrt.engine.requests import Cancelled
+from nexusrt.errors import NexusRTError
+from nexusrt.serving import QueueFull
+
+PROMPTS = [f"request {i}: " + "xyz" * (i % 7) for i in range(12)]
+KW = dict(max_new_tokens=8, temperature=0.8, top_k=30, seed=11)
+
+
+@pytest.fixture
+def llm(cpu_rt):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=256, max_batch=8)
+    yield llm
+    llm.close()
+
+
+def no_leak(llm):
+    blocks = llm.engine.engine.blocks
+    blocks.audit()
+    return blocks.num_used == 0
+
+
+def test_a_list_runs_batched_and_equals_one_by_one(llm):
+    alone = [llm.generate(p, **KW) for p in PROMPTS]  # the one-sequence path
+    assert llm._loop is None  # nothing started the engine yet
+    batched = llm.generate(PROMPTS, **KW)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    m = llm.engine.engine.metrics
+    assert m.requests["length"] == len(PROMPTS) and m.steps < len(PROMPTS) * KW["max_new_tokens"]
+    assert no_leak(llm)
+
+
+def test_stop_strings_and_chat_through_the_engine(llm):
+    ref = llm.generate("stop here", max_new_tokens=16, temperature=0)
+    stop = ref.text[3:5]
+    one = llm.generate("stop here", max_new_tokens=16, temperature=0, stop=stop)
+    [via] = llm.generate(["stop here"], max_new_tokens=16, temperature=0, stop=stop)
+    assert (via.text, via.token_ids, via.finish_reason) == (one.text, one.token_ids, one.finish_reason)
+    assert via.finish_reason == "stop" and stop not in via.text
+    [c] = llm.generate(["hi"], chat=True, system="be brief", max_new_tokens=4, temperature=0)
+    assert c.token_ids == llm.generate("hi", chat=True, system="be brief", max_new_tokens=4, temperature=0).token_ids
+
+
+def test_threads_that_find_the_runner_busy_share_the_engine(llm):
+    serial = {p: llm.generate(p, **KW).token_ids for p in PROMPTS}
+    got, errors = {}, []
+    gate = threading.Barrier(6)
+
+    def work(ps):
+        try:
+            gate.wait(timeout=30)
+            for i, p in enumerate(ps):
+                if i % 2:  # streams and generate calls mix
+                    list(llm.stream(p, **KW))
+                    got[p] = llm.last_result.token_ids
+                else:
+                    got[p] = llm.generate(p, **KW).token_ids
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(PROMPTS[i::6],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == serial
+    assert llm._loop is not None and sum(llm.engine.engine.metrics.requests.values()) > 0  # some went through it
+    assert no_leak(llm)
+
+
+def test_a_closed_stream_cancels_its_request_and_frees_its_blocks(llm):
+    req = llm.submit("a long one", max_new_tokens=200, temperature=0)
+    first = threading.Event()
+    req2 = llm.submit("watched", max_new_tokens=200, temperature=0, emit=lambda piece: first.set())
+    assert first.wait(30)
+    req.cancel()
+    req2.cancel()
+    for r in (req, req2):
+        with pytest.raises(Cancelled):
+            r.result(timeout=30)
+    assert no_leak(llm) and llm.engine.engine.metrics.requests["cancelled"] == 2
+
+
+def test_bad_requests_leave_nothing_behind(llm):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.generate(["ok", "fine"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="context holds 256"):
+        llm.generate(["ok", "x" * 400], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        llm.submit("x", top_p=1.5)
+    assert no_leak(llm) and not llm.engine.engine.has_work
+
+
+def test_a_full_queue_refuses(cpu_rt):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128, max_batch=1, max_waiting=2)
+    try:
+        reqs = []
+        with pytest.raises(QueueFull, match="waiting"):
+            for _ in range(20):
+                reqs.append(llm.submit("fill the queue", max_new_tokens=100))
+        for r in reqs:
+            r.cancel()
+        for r in reqs:
+            with pytest.raises(Cancelled):
+                r.result(timeout=30)
+        assert no_leak(llm)
+    finally:
+        llm.close()
+
+
+def test_close_cancels_what_runs(cpu_rt):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128)
+    req = llm.submit("still running", max_new_tokens=120)
+    llm.close()
+    with pytest.raises(Cancelled):
+        req.result(timeout=30)
+    with pytest.raises(NexusRTError, match="after close"):
+        llm.generate(["x"])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(max_batch=0), "max_batch"), (dict(kv_memory=-5), "kv_memory"),
+                                      (dict(max_waiting=True), "max_waiting"), (dict(kv_memory=100), "no KV block")])
+def test_bad_serving_arguments_are_clear_errors(cpu_rt, kw, match):
+    if match == "no KV block":  # checked when the engine starts: the block size depends on the model
+        llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)
+        try:
+            with pytest.raises(ValueError, match=match):
+                llm.generate(["x"])
+        finally:
+            llm.close()
+        return
+    with pytest.raises(ValueError, match=match):
+        nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)

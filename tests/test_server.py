@@ -1,0 +1,242 @@
+"""``nexusrt serve`` end to end on the CPU backend: a real server in a subprocess on 127.0.0.1,
+the ``openai`` client and raw HTTP. Concurrency, streaming, batch invariance through the server,
+disconnects freeing KV blocks, bad requests, a full queue, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from server_helpers import MODEL, ServerProcess  # noqa: E402
+
+KV_USED = "nexusrt_kv_blocks_used"
+CANCELLED = 'nexusrt_requests_total{finish_reason="cancelled"}'
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--max-context", "256", "--max-batch", "16")
+    yield srv
+    rc, out = srv.stop()
+    assert rc == 0, out
+    assert "Traceback" not in out, out
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60,
+                      http_client=openai.DefaultHttpxClient(trust_env=False))
+    yield c
+    c.close()
+
+
+def test_health_and_models(server, client):
+    assert server.http.get("/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_usage_finish_reason_and_stop(client):
+    r = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=12, temperature=0)
+    text = r.choices[0].text
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    stop = text[2:5]
+    s = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=12, temperature=0, stop=[stop])
+    assert s.choices[0].finish_reason == "stop" and s.choices[0].text == text[:text.find(stop)]
+
+
+def test_streamed_chat_equals_the_whole_reply(client):
+    kw = dict(model=MODEL, messages=[{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "What does os.path.join do?"}],
+              max_tokens=20, temperature=0.7, top_p=0.9, seed=4)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it really streamed
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_solo_tokens(server, client):
+    prompts = [f"def f{i}(x):\n    return x" + " +1" * i for i in range(12)]
+    kw = lambda i: dict(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0.8, seed=100 + i)  # noqa: E731
+    solo = [client.completions.create(**kw(i)).choices[0].text for i in range(12)]
+    steps0 = server.metrics()["nexusrt_engine_steps_total"]
+    together, errors = [None] * 12, []
+
+    def call(i):
+        try:
+            together[i] = client.completions.create(**kw(i)).choices[0].text
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and together == solo
+    steps = server.metrics()["nexusrt_engine_steps_total"] - steps0
+    assert steps < 12 * 16  # requests shared steps (alone they would take 16 each)
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
+def test_a_disconnected_stream_is_cancelled_and_frees_its_blocks(server):
+    before = server.metrics().get(CANCELLED, 0)
+    body = {"model": MODEL, "prompt": "class Parser:\n", "max_tokens": 230, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then hang up
+    assert server.wait_metric(CANCELLED, lambda v: v > before) == before + 1
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
+def test_a_disconnected_plain_request_is_cancelled(server):
+    before = server.metrics().get(CANCELLED, 0)
+    body = {"model": MODEL, "prompt": "def main():\n", "max_tokens": 240}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.2, trust_env=False)
+    assert server.wait_metric(CANCELLED, lambda v: v > before) == before + 1
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
+BAD = [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"model": "gpt-4", "prompt": "x"}, "model"),
+    ({"prompt": "x"}, "model"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10 ** 12}, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "prompt": "x", "seed": -1}, "seed"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": MODEL, "prompt": "x", "n": 3}, "n"),
+    ({"model": MODEL, "prompt": 42}, "prompt"),
+    ({"model": MODEL, "prompt": "word " * 400}, "prompt"),  # longer than the 256-token context
+    ({"model": MODEL, "prompt": "x" * 200, "max_tokens": 250}, "max_tokens"),  # prompt + max_tokens > context
+    ({"model": MODEL, "prompt": "word " * 254}, "prompt"),  # 256 tokens: fills the context, no room for one more
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_400_naming_the_field(server, body, param):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = server.http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_bad_chat_requests_and_routes(server):
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert server.http.get("/v1/completions").status_code == 405
+    assert server.http.get("/v2/anything").status_code == 404
+    # and the server still serves, with nothing left in the pool
+    ok = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200 and server.metrics()[KV_USED] == 0
+
+
+def test_the_default_max_tokens_fits_what_the_context_leaves(server, client):
+    prompt = "x" * 250  # the stdlib tokenizer: some 250 / k tokens; without max_tokens chat asks for 256
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
+    assert r.usage.total_tokens <= 256 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_nothing_a_client_sends_crashes_the_server(server):
+    rng = random.Random(14)
+    values = [None, True, -1, 0, 1, 3, 2.5, 1e308, -1e308, "x", "", [], ["a"], [1, 2], {}, {"a": 1},
+              [[[[[]]]]], "\ud800", 2 ** 70]
+    fields = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+              "stream", "n", "stream_options", "max_completion_tokens"]
+    codes = set()
+    for i in range(60):
+        body = {"model": MODEL, "prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for f in rng.sample(fields, 3):
+            body[f] = rng.choice(values)
+        if body.get("max_tokens") is None:  # a few tokens at most: the answer is under test, not generation
+            body["max_tokens"] = 2
+        if body.get("max_completion_tokens") not in (None, 1, 3):
+            body.pop("max_completion_tokens")
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        r = server.http.post(path, content=json.dumps(body, allow_nan=True).encode(),
+                             headers={"content-type": "application/json"})
+        codes.add(r.status_code)
+        assert r.status_code in (200, 400), (body, r.status_code, r.text)
+        if r.status_code == 400:
+            assert set(r.json()["error"]) >= {"message", "type", "param"}
+    assert codes == {200, 400}
+    assert server.http.get("/health").status_code == 200
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
+def test_metrics_are_prometheus_text(server):
+    text = server.http.get("/metrics").text
+    for name in ("nexusrt_requests_total", "nexusrt_generation_tokens_total", "nexusrt_queue_length",
+                 "nexusrt_kv_blocks_used", "nexusrt_time_to_first_token_seconds_bucket",
+                 "nexusrt_time_per_output_token_seconds_count", "nexusrt_prefix_cache_hits_total"):
+        assert f"\n{name}" in text, name
+    assert '# TYPE nexusrt_time_to_first_token_seconds histogram' in text
+
+
+def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
+    srv = ServerProcess("--max-context", "2048", "--max-batch", "1", "--max-waiting", "1", "--drain-seconds", "1")
+    try:
+        body = {"model": MODEL, "prompt": "import sys\n", "max_tokens": 200}
+        statuses, lock = [], threading.Lock()
+
+        def call():
+            with httpx.Client(base_url=srv.url, timeout=60, trust_env=False) as c:
+                r = c.post("/v1/completions", json=body)
+            with lock:
+                statuses.append((r.status_code, r.json()))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        full = [b for s, b in statuses if s == 429]
+        assert full and "waiting" in full[0]["error"]["message"]
+        assert any(s == 200 for s, _ in statuses)
+        # SIGTERM with a stream in flight that needs longer than the 1 s drain: it is cancelled in the
+        # engine, its client gets an error event, and the server exits in time.
+        got_first, events = threading.Event(), []
+
+        def stream():
+            with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+                with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 2000, "stream": True}) as r:
+                    for line in r.iter_lines():
+                        events.append(line)
+                        got_first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert got_first.wait(30)
+        t0 = time.monotonic()
+        rc, out = srv.stop(timeout=15)
+        assert time.monotonic() - t0 < 10 and rc == 0, out
+        t.join(timeout=10)
+        assert "Traceback" not in out, out
+        last = json.loads([e for e in events if e.startswith("data: ")][-1][6:])
+        assert "shutting down" in last["error"]["message"]
+        assert out.count("POST /v1/completions") == 7  # one log line per request
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()

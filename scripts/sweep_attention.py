@@ -18,7 +18,7 @@ import nexusrt as nrt
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.launch import Library
 from nexusrt.kernels.ops import attention_prefill as ap
-from nexusrt.kernels.ops.gemm import time_ms
+from nexusrt.kernels.ops.bench_util import time_ms
 
 TOKENS, HQ, HKV = 8192, 32, 8
 # Register caps of the 4-warp, 1-tile kernels (-D overrides); caps of 2-4 blocks per SM measured

@@ -118,7 +118,7 @@ def run(args) -> dict:
 
 def _add_floors(rt, result: dict) -> None:
     from ..kernels.ops.cublaslt import LtContext
-    from ..kernels.ops.gemm import measure_matmul_rate
+    from ..kernels.ops.matmul_rate import measure_matmul_rate
 
     lt = LtContext(rt)
     try:
@@ -159,7 +159,7 @@ def _attention_vs_sdpa(rt, cfg, runs: int) -> list[dict]:
     from . import torch_prefill_peer as peer
     from .. import memory
     from ..kernels.ops import attention_prefill as ap
-    from ..kernels.ops.gemm import time_ms
+    from ..kernels.ops.bench_util import time_ms
 
     n, hq, hkv = ATTENTION_TOKENS, cfg.num_attention_heads, cfg.num_key_value_heads
     out = []

@@ -96,3 +96,24 @@ def rotate(specs: Sequence) -> Callable[[object], None]:
     launch.copies = len(specs)
     launch.specs = list(specs)
     return launch
+
+
+def time_ms(rt, launch, repeats: int = 10, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of ``repeats`` runs of ``launch(stream)`` between two CUDA events."""
+    from ...driver.streams import Event
+
+    stream = rt.streams["compute"]
+    start, stop = Event("cuda"), Event("cuda")
+    try:
+        times = []
+        for i in range(warmup + repeats):
+            start.record(stream)
+            launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_ms(stop))
+        return times
+    finally:
+        start.destroy()
+        stop.destroy()

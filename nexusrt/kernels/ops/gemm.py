@@ -113,52 +113,6 @@ def _fma(rt, y, w, x, *, m, n, k, bias, bias_dtype, residual, norm_weight, rstd,
     return LaunchSpec(kernel, grid, (THREADS, 1, 1), args, 0, name=f"{name}[{m}x{n}x{k}]")
 
 
-def time_ms(rt, launch, repeats: int = 10, warmup: int = 2) -> list[float]:
-    """Milliseconds of each of ``repeats`` runs of ``launch(stream)`` between two CUDA events."""
-    from ...driver.streams import Event
-
-    stream = rt.streams["compute"]
-    start, stop = Event("cuda"), Event("cuda")
-    try:
-        times = []
-        for i in range(warmup + repeats):
-            start.record(stream)
-            launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            if i >= warmup:
-                times.append(start.elapsed_ms(stop))
-        return times
-    finally:
-        start.destroy()
-        stop.destroy()
-
-
-def measure_matmul_rate(rt, lt, size: int = 8192, repeats: int = 10) -> float:
-    """Median bf16 FLOP/s of cuBLASLt on a ``size``-cubed GEMM of random data on this card: the
-    matrix rate floors are divided by (the counterpart of the membw probe)."""
-    import statistics
-
-    from ... import memory
-    from .elementwise import fill_uniform_bf16
-
-    check_positive(size=size, repeats=repeats)
-    a = memory.empty((size, size), "bf16", tag="gemm_probe")
-    b = memory.empty((size, size), "bf16", tag="gemm_probe")
-    y = memory.empty((size, size), "bf16", tag="gemm_probe")
-    try:
-        stream = rt.streams["compute"]
-        for i, t in enumerate((a, b)):  # random, never zeros: zeros run faster than real data
-            fill_uniform_bf16(rt, t.reshape(size * size), size * size, 17, 1.0, tensor_index=i).launch(stream)
-        mm = gemm(rt, y, b, a, m=size, n=size, k=size, lt=lt)
-        ms = statistics.median(time_ms(rt, mm, repeats))
-        return 2.0 * size ** 3 / (ms * 1e-3)
-    finally:
-        rt.device.synchronize()
-        for t in (a, b, y):
-            t.free()
-
-
 def bench_cases(rt, config, tokens: int = 256) -> list[BenchCase]:
     """One layer's prefill GEMMs: on tensor cores (cuBLASLt, bf16 activations) for a 4096-row
     chunk, and on the FMA kernel (fp32 activations, the oracle) for ``tokens`` rows."""

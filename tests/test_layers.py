@@ -108,3 +108,37 @@ def test_both_runners_implement_the_runner_protocol():
     for runner in (CpuRunner, CudaRunner):
         missing = [n for n in methods if not callable(getattr(runner, n, None))]
         assert missing == [], f"{runner.__name__} lacks {missing}"
+
+
+def test_imports_inside_functions_resolve():
+    """Deferred imports (inside functions) run only on the paths that reach them, often GPU-only
+    ones: every ``from nexusrt... import name`` anywhere in the package must name something real."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    bad = []
+    for path in sorted((root / "nexusrt").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = package[:len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+            if not name or not name.startswith("nexusrt"):
+                continue
+            try:
+                module = importlib.import_module(name)
+            except ImportError as exc:
+                bad.append(f"{path.relative_to(root)}: {name} ({exc})")
+                continue
+            for alias in node.names:
+                if alias.name == "*" or hasattr(module, alias.name):
+                    continue
+                try:
+                    importlib.import_module(f"{name}.{alias.name}")
+                except ImportError:
+                    bad.append(f"{path.relative_to(root)}: {name} has no {alias.name}")
+    assert not bad, "\n".join(bad)

@@ -26,7 +26,8 @@ from .. import runtime as runtime_mod
 from ..errors import NexusRTError
 from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
-from .prompts import chat_messages, messages_for, start_session
+from .context import Context
+from .prompts import chat_messages, prompt_for, start_session
 from .requests import Request, make_loop, serving_config
 from .requests import stream as engine_stream
 from .runners import make_runner, stream_tokens
@@ -144,6 +145,8 @@ class LLM:
         if not self.serves_batches:
             raise NexusRTError(f"LLM.{what}() needs the serving engine, which runs on the CPU backend only so far")
         loop = self._engine_loop(what)
+        if isinstance(prompt, Context):  # submit/prepare take a Context as they take text
+            prompt = prompt_for(prompt, False, None, self.tokenizer)
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
                                                   emit or (lambda piece: None))
         return Request(loop, session, ids, params, max_new_tokens, self.runner.max_context,
@@ -167,18 +170,18 @@ class LLM:
         ``temperature``/``top_k``/``top_p`` default to generation_config.json (greedy when
         it does not sample); ``stop`` is a string or list of strings; ``chat`` renders the
         prompt as one user message with the tokenizer's chat template, after a system
-        message ``system`` when given (``system`` implies ``chat``).
+        message ``system`` when given (``system`` implies ``chat``). A prompt may be an
+        :class:`~nexusrt.engine.context.Context` (budget-checked; its report: ``result.context``).
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        shaped = [prompt_for(p, chat, system, self.tokenizer) for p in prompts]  # all checked before any runs
+        args = (max_new_tokens, temperature, top_k, top_p, stop, seed)
         if isinstance(prompt, (list, tuple)) and self.serves_batches:
-            return self._generate_batched("generate", [messages_for(p, chat, system) for p in prompts],
-                                          max_new_tokens, temperature, top_k, top_p, stop, seed)
+            return self._generate_batched("generate", shaped, *args)
         if not self._enter("generate", wait=not self.serves_batches):
-            return self._generate_batched("generate", [messages_for(prompts[0], chat, system)], max_new_tokens,
-                                          temperature, top_k, top_p, stop, seed)[0]
+            return self._generate_batched("generate", shaped[:1], *args)[0]
         try:
-            out = [self._generate_one(messages_for(p, chat, system), max_new_tokens, temperature, top_k, top_p,
-                                      stop, seed) for p in prompts]
+            out = [self._generate_one(p, *args) for p in shaped]
         finally:
             self._leave()
         return out if isinstance(prompt, (list, tuple)) else out[0]
@@ -218,13 +221,13 @@ class LLM:
         self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
         return self._finish(session, params, extra)
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
                chat: bool = False, system: str | None = None) -> Iterator[str]:
         """Yield text pieces as tokens are produced; afterwards ``self.last_result`` holds the
         :class:`GenerationResult` for this thread (same arguments as :meth:`generate`, one prompt)."""
-        return self._stream("stream", messages_for(prompt, chat, system), max_new_tokens, temperature, top_k,
-                            top_p, stop, seed)
+        shaped = prompt_for(prompt, chat, system, self.tokenizer)
+        return self._stream("stream", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed)
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,

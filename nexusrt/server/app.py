@@ -22,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..engine.context import Context
 from ..engine.requests import Cancelled
 from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render
 from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
-from .protocol import DEFAULT_MAX_TOKENS, FINISH_REASONS, BadRequest, Completion, parse, parse_json
+from .protocol import CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, BadRequest, Completion, parse, parse_json
 
 MAX_BODY = 4 << 20  # bytes of a request body
 log = logging.getLogger("nexusrt.server")
@@ -68,7 +69,7 @@ async def _read_body(request: Request) -> bytes:
 def _submit(state: ServerState, c: Completion, bridge: Bridge):
     if not state.accepting:
         raise BadRequest("the server is shutting down", None, 503, "server_error")
-    field = "messages" if c.chat else "prompt"
+    field = CONTEXT_FIELD if isinstance(c.prompt, Context) else "messages" if c.chat else "prompt"
     try:
         limit = state.llm.runner.max_context
         wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
@@ -91,7 +92,7 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         raise BadRequest(str(e), None, 503, "server_error") from None
     except (ValueError, TypeError) as e:
         msg = str(e)
-        param = "max_tokens" if "KV blocks" in msg else field if "prompt" in msg else None
+        param = "max_tokens" if "KV blocks" in msg else field if "prompt" in msg or "context layer" in msg else None
         raise BadRequest(msg, param) from None
 
 

@@ -91,6 +91,7 @@ class Rendered:
     prompt: str | list[dict]
     layer_tokens: dict
     truncated: dict
+    context: Context | None = None
 
 
 def render(ctx: Context, tokenizer) -> Rendered:
@@ -118,4 +119,4 @@ def render(ctx: Context, tokenizer) -> Rendered:
         prompt: str | list[dict] = messages
     else:
         prompt = "\n\n".join(texts[n] for n in LAYERS if n in texts)
-    return Rendered(prompt, sizes, cut)
+    return Rendered(prompt, sizes, cut, ctx)

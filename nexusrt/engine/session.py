@@ -34,9 +34,10 @@ class GenerationResult:
     seed: int | None = None
     timings: dict = field(default_factory=dict)
     context: dict | None = None  # an nrt.Context prompt: ids per layer and the layers cut to budget
+    kv: dict | None = None  # the KV cache's report (engine/kv.py: policy, tokens kept / evicted, blocks)
 
     def to_dict(self) -> dict:
-        extra = {} if self.context is None else {"context": self.context}
+        extra = {k: v for k, v in (("context", self.context), ("kv", self.kv)) if v is not None}
         return {**extra, "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "ttft_s": self.ttft_s, "tokens_per_s": self.tokens_per_s,
                 "finish_reason": self.finish_reason, "seed": self.seed, "timings": self.timings}

@@ -166,6 +166,24 @@ def test_the_layered_context_extension(server):
     assert r.status_code == 400 and "not both" in r.json()["error"]["message"]
 
 
+def test_the_kv_pruning_extension(server):
+    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 40, "temperature": 0}
+    full = server.http.post("/v1/completions", json=body)
+    wide = server.http.post("/v1/completions", json=dict(body, nexusrt_kv={"policy": "h2o", "budget": 200}))
+    assert full.status_code == 200 and wide.status_code == 200, wide.text
+    assert wide.json()["choices"][0]["text"] == full.json()["choices"][0]["text"]  # within budget: exact
+    tight = server.http.post("/v1/completions", json=dict(body, nexusrt_kv={"policy": "sink-window", "budget": 20}))
+    assert tight.status_code == 200, tight.text
+    for bad, words in [({"policy": "lru", "budget": 8}, "kv_policy must be one of"),
+                       ({"policy": "h2o", "budget": 2}, "must exceed kv_sinks"),
+                       ({"policy": "h2o", "budget": "many"}, "kv_budget must be an integer"),
+                       ({"policy": "h2o", "slots": 8}, "keys among")]:
+        r = server.http.post("/v1/completions", json=dict(body, nexusrt_kv=bad))
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "nexusrt_kv"
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
 def test_bad_chat_requests_and_routes(server):
     r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"

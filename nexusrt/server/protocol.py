@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from ..engine.context import Context
 
 CONTEXT_FIELD = "nexusrt_context"  # extension: the layered context (engine/context.py) as the prompt
+KV_FIELD = "nexusrt_kv"  # extension: {policy, budget, sinks, window, protect} KV pruning of this request
+KV_KEYS = ("policy", "budget", "sinks", "window", "protect")
 MAX_STOPS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions (OpenAI's default), chat
 ROLES = ("system", "user", "assistant")
@@ -44,6 +46,7 @@ class Completion:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    kv: dict = field(default_factory=dict)  # kv_* pruning options from nexusrt_kv
 
 
 def parse_json(raw: bytes) -> dict:
@@ -100,6 +103,16 @@ def _context(body: dict, chat: bool):
         raise BadRequest(f"'{CONTEXT_FIELD}': {exc}", CONTEXT_FIELD) from None
 
 
+def _kv(body: dict) -> dict:
+    """The ``nexusrt_kv`` extension as ``kv_*`` keyword arguments (their values are checked by the LLM)."""
+    kv = body.get(KV_FIELD)
+    if kv is None:
+        return {}
+    if not isinstance(kv, dict) or set(kv) - set(KV_KEYS):
+        raise BadRequest(f"'{KV_FIELD}' must be an object with keys among {', '.join(KV_KEYS)}", KV_FIELD)
+    return {f"kv_{k}": v for k, v in kv.items()}
+
+
 def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion:
     """Check an OpenAI ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body."""
     model = body.get("model")
@@ -147,7 +160,8 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object with a boolean include_usage", "stream_options")
-    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")))
+    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")),
+                      _kv(body))
 
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}

@@ -19,7 +19,7 @@ from ..kvcache.blocks import blocks_for
 from ..reference.sampling import sample
 from .block_manager import BlockManager
 from .metrics import EngineMetrics
-from .pruning import keep_slots
+from .pruning import prune
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, State
 
@@ -114,22 +114,17 @@ class Engine:
     def _prune(self, seq: Sequence) -> bool:
         """Evict ``seq``'s cache down to its budget (compact the kept slots, free the blocks past
         them); False when that failed (the sequence ended with the error)."""
-        keep = keep_slots(seq.kv, seq.kv_positions, seq.kv_scores)
-        if len(keep) == seq.num_slots:
-            return True
+        table = list(seq.block_table)
         try:
-            self.runner.compact(list(seq.block_table), keep)
+            seq.kv_positions, seq.kv_scores, dropped = prune(seq.kv, seq.kv_positions, seq.kv_scores,
+                                                             lambda keep: self.runner.compact(table, keep))
         except Exception as exc:
             self.end(seq, State.FINISHED, "error", exc)
             return False
-        dropped = seq.num_slots - len(keep)
         seq.evicted += dropped
         seq.evicted_total += dropped
         self.metrics.kv_evicted += dropped
-        seq.kv_positions = seq.kv_positions[keep]
-        if seq.kv_scores is not None:
-            seq.kv_scores = seq.kv_scores[keep]
-        self.blocks.shrink(seq, len(keep))
+        self.blocks.shrink(seq, seq.num_slots)
         return True
 
     def run_until_done(self) -> None:

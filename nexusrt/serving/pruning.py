@@ -111,3 +111,14 @@ def keep_slots(policy: KvPolicy, positions: np.ndarray, scores: np.ndarray | Non
             prot |= (positions >= lo) & (positions < hi)
         keep[np.flatnonzero(keep & ~prot)[:-room]] = False
     return np.flatnonzero(keep)
+
+
+def prune(policy: KvPolicy, positions: np.ndarray, scores: np.ndarray | None, compact) -> tuple:
+    """Evict a cache down to ``policy.budget``: ``compact(keep)`` moves the kept slots to the
+    front (the runner's K/V); returns the kept ``positions``, ``scores`` and the count dropped.
+    The serving engine and ``nexusrt-bench --stage kv`` both prune through this."""
+    keep = keep_slots(policy, positions, scores)
+    if len(keep) == len(positions):
+        return positions, scores, 0
+    compact(keep)
+    return positions[keep], None if scores is None else scores[keep], len(positions) - len(keep)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import nexusrt as nrt
+from conftest import engine_is_empty
 from nexusrt.engine.context import DEFAULT_BUDGETS, LAYERS, Context, render
 
 SYSTEM = "You are a careful assistant that answers questions about Python's standard library. " * 2
@@ -71,39 +72,31 @@ def test_from_dict_refuses_unknown_fields():
         Context(working=3)
 
 
-@pytest.fixture
-def tiny(cpu_rt):
-    llm = nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", max_context=512, max_batch=4)
-    yield llm
-    llm.close()
-
-
-def test_generate_with_a_context_equals_its_rendered_chat(tiny):
+def test_generate_with_a_context_equals_its_rendered_chat(tiny_llm):
     ctx = Context(system=SYSTEM, working="def main():")
-    r = tiny.generate(ctx, max_new_tokens=6, temperature=0)
-    ref = tiny.chat([{"role": "user", "content": "def main():"}], system=SYSTEM, max_new_tokens=6, temperature=0)
+    r = tiny_llm.generate(ctx, max_new_tokens=6, temperature=0)
+    ref = tiny_llm.chat([{"role": "user", "content": "def main():"}], system=SYSTEM, max_new_tokens=6, temperature=0)
     assert r.token_ids == ref.token_ids and r.prompt_tokens == ref.prompt_tokens
     assert r.context["layer_tokens"]["working"] > 0 and r.context["truncated"] == {}
     assert r.to_dict()["context"] == r.context
-    assert "".join(tiny.stream(ctx, max_new_tokens=6, temperature=0)) == r.text
+    assert "".join(tiny_llm.stream(ctx, max_new_tokens=6, temperature=0)) == r.text
     with pytest.raises(ValueError, match="carries its own system layer"):
-        tiny.generate(ctx, system="again")
+        tiny_llm.generate(ctx, system="again")
     with pytest.raises(ValueError, match=r"'working' is \d+ tokens, over its budget of 2"):
-        tiny.generate(Context(working="import os, sys, json", budgets={"working": 2}))
-    cut = tiny.generate(Context(working="import os, sys, json", budgets={"working": 2}, on_overflow="truncate"),
+        tiny_llm.generate(Context(working="import os, sys, json", budgets={"working": 2}))
+    cut = tiny_llm.generate(Context(working="import os, sys, json", budgets={"working": 2}, on_overflow="truncate"),
                         max_new_tokens=2, temperature=0)
     assert cut.context["truncated"]["working"]["budget"] == 2 and cut.context["layer_tokens"]["working"] == 2
 
 
-def test_shared_system_and_persona_hit_the_prefix_cache(tiny):
+def test_shared_system_and_persona_hit_the_prefix_cache(tiny_llm):
     a = Context(system=SYSTEM, persona=PERSONA, working="Which module parses JSON?")
     b = Context(system=SYSTEM, persona=PERSONA, working="How do I list a directory?")
-    blocks = tiny.engine.engine.blocks
-    tiny.generate([a], max_new_tokens=2, temperature=0)
+    blocks = tiny_llm.engine.engine.blocks
+    tiny_llm.generate([a], max_new_tokens=2, temperature=0)
     hits = blocks.hits
-    tiny.generate([b], max_new_tokens=2, temperature=0)
-    shared = len(tiny.tokenizer.encode_chat(render(a, tiny.tokenizer).prompt[:2]))
+    tiny_llm.generate([b], max_new_tokens=2, temperature=0)
+    shared = len(tiny_llm.tokenizer.encode_chat(render(a, tiny_llm.tokenizer).prompt[:2]))
     assert shared >= 32  # the two system messages span at least two full KV blocks
     assert blocks.hits - hits >= shared // 16 - 1  # all but maybe the block the user turn starts in
-    blocks.audit()
-    assert blocks.num_used == 0
+    assert engine_is_empty(tiny_llm)

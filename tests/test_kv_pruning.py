@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import nexusrt as nrt
+from conftest import engine_is_empty
 from nexusrt.backends.base import Rows
 from nexusrt.kvcache.blocks import BLOCK_SIZE, blocks_for, compact_tokens
 from nexusrt.serving.pruning import KvPolicy, keep_slots
@@ -62,23 +63,10 @@ def test_compaction_moves_kept_slots_to_the_front():
     assert np.array_equal(after[:5], before[keep])
 
 
-@pytest.fixture
-def tiny(cpu_rt):
-    llm = nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", max_context=512, max_batch=4)
-    yield llm
-    llm.close()
-
-
-def no_leak(llm):
-    blocks = llm.engine.engine.blocks
-    blocks.audit()
-    return blocks.num_used == 0
-
-
-def test_the_attention_mass_is_the_softmax_the_decoder_computed(tiny):
-    runner = tiny.engine.engine.runner
+def test_the_attention_mass_is_the_softmax_the_decoder_computed(tiny_llm):
+    runner = tiny_llm.engine.engine.runner
     cfg = runner.config
-    ids = np.asarray(tiny.tokenizer.encode(PROMPT), np.int32)
+    ids = np.asarray(tiny_llm.tokenizer.encode(PROMPT), np.int32)
     scores = np.zeros(len(ids))
     runner.run([Rows(ids, 0, [0, 1, 2], True, scores=scores)])
     # every row's softmax sums to 1 per head: rows x heads x layers in all; the first key sees every row
@@ -87,52 +75,52 @@ def test_the_attention_mass_is_the_softmax_the_decoder_computed(tiny):
 
 
 @pytest.mark.parametrize("policy", ["sink-window", "h2o"])
-def test_a_budget_that_holds_the_context_is_exactly_full(tiny, policy):
-    full = tiny.generate(PROMPT, max_new_tokens=24, temperature=0)
-    pruned = tiny.generate(PROMPT, max_new_tokens=24, temperature=0, kv_policy=policy, kv_budget=256)
+def test_a_budget_that_holds_the_context_is_exactly_full(tiny_llm, policy):
+    full = tiny_llm.generate(PROMPT, max_new_tokens=24, temperature=0)
+    pruned = tiny_llm.generate(PROMPT, max_new_tokens=24, temperature=0, kv_policy=policy, kv_budget=256)
     assert pruned.token_ids == full.token_ids
     assert pruned.kv["tokens_evicted"] == 0 and pruned.kv["policy"] == policy
     assert full.kv["policy"] == "full" and full.kv["tokens_evicted"] == 0
-    assert no_leak(tiny)
+    assert engine_is_empty(tiny_llm)
 
 
 @pytest.mark.parametrize("policy", ["sink-window", "h2o"])
-def test_pruning_evicts_to_the_budget_and_returns_blocks(tiny, policy):
-    r = tiny.generate(PROMPT, max_new_tokens=80, temperature=0, kv_policy=policy, kv_budget=40, kv_sinks=4)
+def test_pruning_evicts_to_the_budget_and_returns_blocks(tiny_llm, policy):
+    r = tiny_llm.generate(PROMPT, max_new_tokens=80, temperature=0, kv_policy=policy, kv_budget=40, kv_sinks=4)
     n = r.prompt_tokens + len(r.token_ids) - 1
     assert r.kv["tokens_kept"] == 40 and r.kv["tokens_evicted"] == n - 40
     assert r.kv["blocks_used"] <= blocks_for(41) < blocks_for(n)
     assert r.kv["pages_host"] == 0 and "not built" in r.kv["host_tier"]
-    assert tiny.engine.engine.metrics.kv_evicted == n - 40
-    assert no_leak(tiny)
+    assert tiny_llm.engine.engine.metrics.kv_evicted == n - 40
+    assert engine_is_empty(tiny_llm)
 
 
-def test_pruned_requests_leave_the_prefix_cache_intact(tiny):
+def test_pruned_requests_leave_the_prefix_cache_intact(tiny_llm):
     system = "You are a careful assistant for Python's standard library; you answer with code. " * 3
     ctx = nrt.Context(system=system, working="Read a gzip file line by line.")
-    ref = tiny.generate([ctx], max_new_tokens=12, temperature=0)[0]
-    tiny.engine.engine.blocks.clear_cache()
-    blocks = tiny.engine.engine.blocks
-    pruned = tiny.generate(ctx, max_new_tokens=60, temperature=0, kv_policy="h2o", kv_budget=48,
+    ref = tiny_llm.generate([ctx], max_new_tokens=12, temperature=0)[0]
+    tiny_llm.engine.engine.blocks.clear_cache()
+    blocks = tiny_llm.engine.engine.blocks
+    pruned = tiny_llm.generate(ctx, max_new_tokens=60, temperature=0, kv_policy="h2o", kv_budget=48,
                            kv_protect=["system"])
     assert pruned.kv["tokens_evicted"] > 0 and pruned.kv["protected_tokens"] >= 32
     hits = blocks.hits
-    again = tiny.generate([ctx], max_new_tokens=12, temperature=0)[0]
+    again = tiny_llm.generate([ctx], max_new_tokens=12, temperature=0)[0]
     assert blocks.hits > hits  # the protected system blocks were shared
     assert again.token_ids == ref.token_ids  # and were not overwritten by compaction
-    assert no_leak(tiny)
+    assert engine_is_empty(tiny_llm)
 
 
-def test_a_cancelled_pruned_request_frees_everything(tiny):
-    req = tiny.submit(PROMPT, max_new_tokens=300, temperature=0, kv_policy="sink-window", kv_budget=24)
+def test_a_cancelled_pruned_request_frees_everything(tiny_llm):
+    req = tiny_llm.submit(PROMPT, max_new_tokens=300, temperature=0, kv_policy="sink-window", kv_budget=24)
     deadline = time.monotonic() + 30
-    while tiny.engine.engine.metrics.kv_evicted == 0 and time.monotonic() < deadline:
+    while tiny_llm.engine.engine.metrics.kv_evicted == 0 and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert tiny.engine.engine.metrics.kv_evicted > 0 and not req.ended.is_set()
+    assert tiny_llm.engine.engine.metrics.kv_evicted > 0 and not req.ended.is_set()
     req.cancel()
     with pytest.raises(Exception, match="cancelled"):
         req.result(timeout=30)
-    assert no_leak(tiny)
+    assert engine_is_empty(tiny_llm)
 
 
 @pytest.mark.parametrize("kw, err, match", [
@@ -142,9 +130,9 @@ def test_a_cancelled_pruned_request_frees_everything(tiny):
     (dict(kv_policy="h2o", kv_budget=64, kv_protect=["system"]), ValueError, "must be an nrt.Context"),
     (dict(kv_budget_tokens=64), TypeError, "unexpected keyword argument 'kv_budget_tokens'"),
 ])
-def test_bad_kv_options_fail_before_any_work(tiny, kw, err, match):
+def test_bad_kv_options_fail_before_any_work(tiny_llm, kw, err, match):
     with pytest.raises(err, match=match):
-        tiny.generate(PROMPT, **kw)
+        tiny_llm.generate(PROMPT, **kw)
     with pytest.raises(ValueError, match="unknown context layer 'scratch'"):
-        tiny.generate(nrt.Context(working="x"), kv_policy="h2o", kv_budget=64, kv_protect=["scratch"])
-    assert tiny._loop is None  # nothing reached the engine
+        tiny_llm.generate(nrt.Context(working="x"), kv_policy="h2o", kv_budget=64, kv_protect=["scratch"])
+    assert tiny_llm._loop is None  # nothing reached the engine

@@ -28,7 +28,8 @@ from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render
 from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
-from .protocol import CONTEXT_FIELD, DEFAULT_MAX_TOKENS, KV_FIELD, FINISH_REASONS, BadRequest, Completion, parse, parse_json
+from .protocol import (CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, KV_FIELD, BadRequest, Completion, parse,
+                       parse_json)
 
 MAX_BODY = 4 << 20  # bytes of a request body
 log = logging.getLogger("nexusrt.server")

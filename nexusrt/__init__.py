@@ -24,9 +24,13 @@ def __getattr__(name):
         from .engine.llm import LLM
 
         return LLM
+    if name == "Context":
+        from .engine.context import Context
+
+        return Context
     raise AttributeError(f"module 'nexusrt' has no attribute {name!r}")
 
 
-__all__ = ["firmware", "memory", "scheduler", "errors", "LLM", "NexusRTError", "NotInitialized",
+__all__ = ["firmware", "memory", "scheduler", "errors", "LLM", "Context", "NexusRTError", "NotInitialized",
            "BackendUnavailable", "CudaError", "CompileError", "OutOfMemory", "ProfileMismatch",
            "ModelError", "SchedulerError", "__version__"]

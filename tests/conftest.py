@@ -40,3 +40,20 @@ def gpu_rt():
     nrt.firmware.init(backend="cuda")
     yield nrt.firmware.runtime()
     nrt.firmware.shutdown()
+
+
+@pytest.fixture
+def tiny_llm(cpu_rt):
+    """``nexusrt:stdlib-tiny`` on the CPU (context 512, batch 4), closed afterwards."""
+    import nexusrt as nrt
+
+    llm = nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", max_context=512, max_batch=4)
+    yield llm
+    llm.close()
+
+
+def engine_is_empty(llm) -> bool:
+    """The leak audit: every KV block of ``llm``'s serving engine in one place, none held."""
+    blocks = llm.engine.engine.blocks
+    blocks.audit()
+    return blocks.num_used == 0

@@ -141,6 +141,49 @@ def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert err["param"] == param and err["message"] and err["type"]
 
 
+def test_the_layered_context_extension(server):
+    ctx = {"system": "You answer in Python.", "working": "def parse(text):"}
+    chat = {"model": MODEL, "nexusrt_context": ctx, "max_tokens": 4, "temperature": 0}
+    r = server.http.post("/v1/chat/completions", json=chat)
+    ref = server.http.post("/v1/chat/completions", json={
+        "model": MODEL, "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "system", "content": ctx["system"]}, {"role": "user", "content": ctx["working"]}]})
+    assert r.status_code == 200 and ref.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == ref.json()["choices"][0]["message"]
+    assert r.json()["usage"] == ref.json()["usage"]
+    r = server.http.post("/v1/completions", json={"model": MODEL, "max_tokens": 2, "nexusrt_context": ctx})
+    assert r.status_code == 200, r.text
+    for bad, words in [({"working": "import os, sys", "budgets": {"working": 1}}, "over its budget of 1"),
+                       ({"working": "x", "budgets": {"L9": 1}}, "unknown context layer"),
+                       ({"working": "x", "scratch": "y"}, "unknown context field"),
+                       ("just text", "must be an object")]:
+        body = {"model": MODEL, "max_tokens": 2, "nexusrt_context": bad}
+        r = server.http.post("/v1/completions", json=body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "nexusrt_context"
+    both = dict(chat, messages=[{"role": "user", "content": "x"}])
+    r = server.http.post("/v1/chat/completions", json=both)
+    assert r.status_code == 400 and "not both" in r.json()["error"]["message"]
+
+
+def test_the_kv_pruning_extension(server):
+    body = {"model": MODEL, "prompt": "import os\n", "max_tokens": 40, "temperature": 0}
+    full = server.http.post("/v1/completions", json=body)
+    wide = server.http.post("/v1/completions", json=dict(body, nexusrt_kv={"policy": "h2o", "budget": 200}))
+    assert full.status_code == 200 and wide.status_code == 200, wide.text
+    assert wide.json()["choices"][0]["text"] == full.json()["choices"][0]["text"]  # within budget: exact
+    tight = server.http.post("/v1/completions", json=dict(body, nexusrt_kv={"policy": "sink-window", "budget": 20}))
+    assert tight.status_code == 200, tight.text
+    for bad, words in [({"policy": "lru", "budget": 8}, "kv_policy must be one of"),
+                       ({"policy": "h2o", "budget": 2}, "must exceed kv_sinks"),
+                       ({"policy": "h2o", "budget": "many"}, "kv_budget must be an integer"),
+                       ({"policy": "h2o", "slots": 8}, "keys among")]:
+        r = server.http.post("/v1/completions", json=dict(body, nexusrt_kv=bad))
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "nexusrt_kv"
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
 def test_bad_chat_requests_and_routes(server):
     r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"

@@ -97,9 +97,11 @@ class Rows:
     its KV block ``table`` (the physical block of each logical block, :mod:`nexusrt.kvcache`)."""
 
     token_ids: np.ndarray  # int32 [T], T >= 1
-    start: int  # positions 0 .. start-1 are in the cache already
+    start: int  # cache slots 0 .. start-1 are filled already; the rows go to slots start ..
     table: list[int]
     logits: bool = False  # whether the step returns the logits of the last row
+    position: int | None = None  # RoPE position of the first row (None: start; differs once KV is pruned)
+    scores: np.ndarray | None = None  # float64 [>= start+T]: attention mass per slot, added to in place
 
 
 @runtime_checkable
@@ -118,6 +120,10 @@ class BatchRunner(Protocol):
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         """Append each :class:`Rows` to its sequence's cache; fp32 ``[vocab]`` logits of the last
         row for each entry with ``logits`` set, None for the others."""
+
+    def compact(self, table: list[int], keep) -> None:
+        """Move the K/V of cache slots ``keep`` (ascending) to slots ``0 .. len(keep)-1`` of ``table``
+        in every layer (KV pruning; the engine then frees the blocks past the kept tokens)."""
 
     def close(self) -> None:
         """Release the pools (the weights belong to whoever gave them)."""

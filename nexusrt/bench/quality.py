@@ -19,7 +19,7 @@ from .table import plain, table
 def add_arguments(parser) -> None:
     add_model_argument(parser)
     parser.add_argument("--tokens", type=int, default=None, metavar="N",
-                        help="quality stage: score at most N held-out tokens (default: all)")
+                        help="quality, kv stages: score at most N held-out tokens (default: all; kv: 4 windows)")
     parser.add_argument("--window", type=int, default=None, metavar="W",
                         help="quality stage: tokens per teacher-forced window (default 512)")
     parser.add_argument("--no-hf", action="store_true", help="quality stage: skip the HF transformers comparison")

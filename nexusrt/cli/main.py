@@ -3,9 +3,10 @@
     nexusrt generate [--model MODEL] (--prompt TEXT | --prompt - | --prompt-file F) [--system TEXT]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                      [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N]
+                     [--kv-policy full|sink-window|h2o] [--kv-budget TOKENS] [--kv-sinks N] [--kv-window N]
     nexusrt chat [--model MODEL] [--system TEXT] [sampling and backend options as above]
     nexusrt serve [--model MODEL] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--kv-memory BYTES]
-                  [--max-waiting N] [--max-context N] [--drain-seconds S]
+                  [--max-waiting N] [--max-context N] [--drain-seconds S] [--kv-policy ... as generate]
     nexusrt --version
 
 MODEL is a checkpoint directory, a shipped ``nexusrt:<name>`` (``nexusrt:stdlib-tiny``, the
@@ -47,6 +48,22 @@ def _common(p) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
 
 
+def _kv_flags(p) -> None:
+    p.add_argument("--kv-policy", choices=("full", "sink-window", "h2o"), default=None,
+                   help="KV pruning policy (default full; the others run in the CPU serving engine)")
+    p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS", help="most tokens the KV cache keeps")
+    p.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="leading tokens never evicted (4)")
+    p.add_argument("--kv-window", type=int, default=None, metavar="N",
+                   help="recent tokens never evicted (h2o; default budget/2)")
+
+
+def kv_options(args) -> dict:
+    """The ``kv_*`` keyword arguments the KV flags ask for (only those given)."""
+    given = {"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_sinks": args.kv_sinks,
+             "kv_window": args.kv_window}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nexusrt", description="NexusRT: LLM inference that owns the GPU.")
     parser.add_argument("--version", action="version", version=f"nexusrt {__version__}")
@@ -59,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
                                                        "(implied by --system)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming "
+                                                       "(with a kv object: policy, tokens kept / evicted, blocks)")
+    _kv_flags(p)
     c = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="Chat with a model: history kept, /reset clears it, /exit quits; replies stream.")
     _common(c)
@@ -81,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
                    help="after SIGTERM, seconds requests in flight may take before they are cancelled (4)")
     s.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
+    _kv_flags(s)
     return parser
 
 
@@ -89,7 +109,7 @@ def _serve(args) -> int:
 
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
-                 args.allow_path, args.drain_seconds)
+                 args.allow_path, args.drain_seconds, kv_options(args))
 
 
 def _sampling(args) -> dict:
@@ -101,7 +121,7 @@ def _generate(llm, args) -> int:
     from .prompt import read_prompt
 
     prompt = read_prompt(args)
-    kwargs = dict(_sampling(args), chat=args.chat, system=args.system)
+    kwargs = dict(_sampling(args), chat=args.chat, system=args.system, **kv_options(args))
     if args.json:
         out = llm.generate(prompt, **kwargs).to_dict()
         out.update(model=args.model, backend=llm.backend, load_s=llm.load_s)

@@ -26,8 +26,10 @@ from .. import runtime as runtime_mod
 from ..errors import NexusRTError
 from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
-from .prompts import chat_messages, messages_for, start_session
-from .requests import Request, make_loop, serving_config
+from .context import Context
+from .kv import Pruned, one_sequence_report
+from .prompts import chat_messages, prompt_for, start_session
+from .requests import Request, make_loop, run_all, serving_config
 from .requests import stream as engine_stream
 from .runners import make_runner, stream_tokens
 from .session import GenerationResult, Session
@@ -123,7 +125,8 @@ class LLM:
             return self._loop
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None) -> Request:
+               top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None,
+               **kv) -> Request:
         """Queue one prompt (text, or a list of chat messages) in the serving engine and return its
         :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``); CPU backend only.
 
@@ -132,22 +135,25 @@ class LLM:
         Raises ValueError for bad arguments, ``serving.QueueFull`` when the queue is full.
         """
         return self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit=emit,
-                            on_end=on_end).submit()
+                            on_end=on_end, **kv).submit()
 
     def prepare(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
-                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None) -> Request:
+                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None,
+                **kv) -> Request:
         """:meth:`submit` without the queueing: the checked, tokenized request (``request.seq``), for
         a caller with rules of its own (a server refusing prompt + max_tokens beyond the context)."""
-        return self._request("prepare", prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
+        shaped = prompt_for(prompt, False, None, self.tokenizer, kv) if kv or isinstance(prompt, Context) else prompt
+        return self._request("prepare", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
         if not self.serves_batches:
             raise NexusRTError(f"LLM.{what}() needs the serving engine, which runs on the CPU backend only so far")
         loop = self._engine_loop(what)
+        prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
                                                   emit or (lambda piece: None))
         return Request(loop, session, ids, params, max_new_tokens, self.runner.max_context,
-                       lambda s: self._finish(s, params, extra), on_end)
+                       lambda s: self._finish(s, params, extra), on_end, policy)
 
     @property
     def engine(self):
@@ -161,24 +167,28 @@ class LLM:
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
-                 chat: bool = False, system: str | None = None):
+                 chat: bool = False, system: str | None = None, **kv):
         """Generate for one prompt (returns a :class:`GenerationResult`) or a list (returns a list).
 
         ``temperature``/``top_k``/``top_p`` default to generation_config.json (greedy when
         it does not sample); ``stop`` is a string or list of strings; ``chat`` renders the
         prompt as one user message with the tokenizer's chat template, after a system
-        message ``system`` when given (``system`` implies ``chat``).
+        message ``system`` when given (``system`` implies ``chat``). A prompt may be an
+        :class:`~nexusrt.engine.context.Context` (budget-checked; its report: ``result.context``).
+        KV pruning (CPU, through the serving engine): ``kv_policy`` (``full``, ``sink-window``,
+        ``h2o``), ``kv_budget`` (tokens kept), ``kv_sinks``, ``kv_window``, ``kv_protect``
+        (context layers never evicted); see :mod:`nexusrt.serving.pruning`. ``result.kv`` reports it.
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        if isinstance(prompt, (list, tuple)) and self.serves_batches:
-            return self._generate_batched("generate", [messages_for(p, chat, system) for p in prompts],
-                                          max_new_tokens, temperature, top_k, top_p, stop, seed)
+        shaped = [prompt_for(p, chat, system, self.tokenizer, kv) for p in prompts]  # all checked before any runs
+        args = (max_new_tokens, temperature, top_k, top_p, stop, seed)
+        if isinstance(prompt, (list, tuple)) and self.serves_batches or any(isinstance(p, Pruned) for p in shaped):
+            out = self._generate_batched("generate", shaped, *args)  # pruning needs the engine
+            return out if isinstance(prompt, (list, tuple)) else out[0]
         if not self._enter("generate", wait=not self.serves_batches):
-            return self._generate_batched("generate", [messages_for(prompts[0], chat, system)], max_new_tokens,
-                                          temperature, top_k, top_p, stop, seed)[0]
+            return self._generate_batched("generate", shaped[:1], *args)[0]
         try:
-            out = [self._generate_one(messages_for(p, chat, system), max_new_tokens, temperature, top_k, top_p,
-                                      stop, seed) for p in prompts]
+            out = [self._generate_one(p, *args) for p in shaped]
         finally:
             self._leave()
         return out if isinstance(prompt, (list, tuple)) else out[0]
@@ -199,17 +209,8 @@ class LLM:
 
     def _generate_batched(self, what, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed):
         # Every prompt is checked before any is queued; a failure while queueing cancels the rest.
-        requests = [self._request(what, p, max_new_tokens, temperature, top_k, top_p, stop, seed, None, None)
-                    for p in prompts]
-        queued = []
-        try:
-            for r in requests:
-                queued.append(r.submit())
-            return [r.result() for r in requests]
-        finally:
-            for r in queued:
-                if not r.ended.is_set():
-                    r.cancel()
+        return run_all([self._request(what, p, max_new_tokens, temperature, top_k, top_p, stop, seed, None, None)
+                        for p in prompts])
 
     def _generate_one(self, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed) -> GenerationResult:
         pieces: list[str] = []
@@ -218,13 +219,13 @@ class LLM:
         self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
         return self._finish(session, params, extra)
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
-               chat: bool = False, system: str | None = None) -> Iterator[str]:
+               chat: bool = False, system: str | None = None, **kv) -> Iterator[str]:
         """Yield text pieces as tokens are produced; afterwards ``self.last_result`` holds the
         :class:`GenerationResult` for this thread (same arguments as :meth:`generate`, one prompt)."""
-        return self._stream("stream", messages_for(prompt, chat, system), max_new_tokens, temperature, top_k,
-                            top_p, stop, seed)
+        shaped = prompt_for(prompt, chat, system, self.tokenizer, kv)
+        return self._stream("stream", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed)
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
@@ -237,7 +238,7 @@ class LLM:
         # The lock is taken at the first next(), inside the generator: a stream that is never
         # iterated holds nothing, and one that is started releases in its finally (exhausted,
         # closed or collected). A stream that finds the runner busy runs in the serving engine.
-        if not self._enter(what, wait=not self.serves_batches):
+        if isinstance(prompt, Pruned) or not self._enter(what, wait=not self.serves_batches):
             self._local.result = None
             self._local.result = yield from engine_stream(
                 lambda emit, on_end: self._request(what, prompt, max_new_tokens, temperature, top_k, top_p, stop,
@@ -267,7 +268,9 @@ class LLM:
 
     def _finish(self, session: Session, params: SamplingParams, extra: dict) -> GenerationResult:
         full = session.prompt_tokens + len(session.token_ids) > self.runner.max_context
-        return session.finish(full, params.seed, extra)
+        result = session.finish(full, params.seed, extra)
+        result.kv = one_sequence_report(result.prompt_tokens, len(result.token_ids))  # Request: the engine's
+        return result
 
     def close(self) -> None:
         """Release the runner and the weights (the runtime stays up); waits for a running call.

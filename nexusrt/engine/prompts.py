@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 
 from ..reference.sampling import SamplingParams
+from ..errors import NexusRTError
+from .context import Context, Rendered, render
+from .kv import Pruned
+from .kv import shape as kv_shape
 from .session import Session
 
 
@@ -24,6 +28,19 @@ def messages_for(prompt, chat: bool, system: str | None):
     if not chat and system is None:
         return prompt
     return chat_messages([{"role": "user", "content": prompt}], system)
+
+
+def prompt_for(prompt, chat: bool, system: str | None, tokenizer, kv: dict | None = None):
+    """Text or an :class:`~nexusrt.engine.context.Context` as what :func:`start_session` tokenizes; a
+    context is checked against its layer budgets here, before any work (it renders its own chat form).
+    ``kv`` (the call's ``kv_*`` options) wraps it in :class:`~nexusrt.engine.kv.Pruned` when it prunes."""
+    if isinstance(prompt, Context):
+        if system is not None:
+            raise ValueError("a Context carries its own system layer; do not pass system= with it")
+        shaped = render(prompt, tokenizer)
+    else:
+        shaped = messages_for(prompt, chat, system)
+    return kv_shape(shaped, kv or {}, tokenizer)
 
 
 def chat_messages(messages, system: str | None) -> list[dict]:
@@ -57,6 +74,13 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
         top_k=gen.top_k if top_k is None else top_k,
         top_p=gen.top_p if top_p is None else top_p,
         seed=seed).resolved()
+    if isinstance(prompt, Pruned):
+        raise NexusRTError("KV pruning runs in the serving engine, which is on the CPU backend only so far")
+    report = None
+    if isinstance(prompt, Rendered):  # an nrt.Context, already checked against its budgets
+        report = {"layer_tokens": dict(prompt.layer_tokens),
+                  "truncated": {k: {"tokens": n, "budget": b} for k, (n, b) in prompt.truncated.items()}}
+        prompt = prompt.prompt
     t0 = time.perf_counter()
     if isinstance(prompt, list):
         ids = model.tokenizer.encode_chat(prompt)
@@ -70,4 +94,5 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
         raise ValueError(f"the prompt is {len(ids)} tokens but the context holds {limit} "
                          f"(max_position_embeddings in {model.config.source}, or max_context)")
     session = Session(model.tokenizer, model.eos_token_ids, stops, len(ids), emit, max_new_tokens)
+    session.context = report
     return session, ids, params, {"tokenize_s": tokenize_s}

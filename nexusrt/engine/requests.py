@@ -14,7 +14,8 @@ from typing import Callable, Iterator
 
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 from ..errors import NexusRTError
-from ..serving import Engine, EngineLoop, SchedulerConfig, Sequence
+from ..serving import Engine, EngineLoop, KvPolicy, SchedulerConfig, Sequence
+from .kv import report
 from .session import GenerationResult, Session
 
 DEFAULT_KV_MEMORY = 256 << 20  # bytes of fp32 KV blocks on the CPU (np.zeros: committed as written)
@@ -50,11 +51,12 @@ class Request:
     """One prompt in the engine. ``on_end`` (engine thread) is called once when it ends."""
 
     def __init__(self, loop: EngineLoop, session: Session, ids, params, max_new_tokens: int, max_context: int,
-                 finish: Callable[[Session], GenerationResult], on_end: Callable[["Request"], None] | None = None):
+                 finish: Callable[[Session], GenerationResult], on_end: Callable[["Request"], None] | None = None,
+                 kv: KvPolicy | None = None):
         self.loop, self.session, self._finish, self._on_end = loop, session, finish, on_end
         self.ended = threading.Event()
         self.seq = Sequence(ids, params, max_new_tokens, max_context,
-                            on_token=lambda seq, token: session.on_token(token), on_finish=self._ended)
+                            on_token=lambda seq, token: session.on_token(token), on_finish=self._ended, kv=kv)
         self._result: GenerationResult | None = None
 
     def _ended(self, seq) -> None:
@@ -80,7 +82,22 @@ class Request:
             raise Cancelled("the request was cancelled")
         if self._result is None:
             self._result = self._finish(self.session)
+            seq = self.seq
+            self._result.kv = report(seq.kv, seq.kv_kept, seq.evicted_total, seq.peak_blocks)
         return self._result
+
+
+def run_all(requests: list[Request]) -> list[GenerationResult]:
+    """Submit every request and wait for their results; a failure while queueing cancels the rest."""
+    queued = []
+    try:
+        for r in requests:
+            queued.append(r.submit())
+        return [r.result() for r in requests]
+    finally:
+        for r in queued:
+            if not r.ended.is_set():
+                r.cancel()
 
 
 def stream(request_factory: Callable[[Callable[[str], None], Callable], Request]) -> Iterator[str]:

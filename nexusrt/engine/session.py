@@ -33,9 +33,12 @@ class GenerationResult:
     finish_reason: str = "length"
     seed: int | None = None
     timings: dict = field(default_factory=dict)
+    context: dict | None = None  # an nrt.Context prompt: ids per layer and the layers cut to budget
+    kv: dict | None = None  # the KV cache's report (engine/kv.py: policy, tokens kept / evicted, blocks)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+        extra = {k: v for k, v in (("context", self.context), ("kv", self.kv)) if v is not None}
+        return {**extra, "text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "ttft_s": self.ttft_s, "tokens_per_s": self.tokens_per_s,
                 "finish_reason": self.finish_reason, "seed": self.seed, "timings": self.timings}
 
@@ -92,6 +95,7 @@ class Session:
         self.finish_reason = "length"
         self.t_start = time.perf_counter()
         self.t_first = self.t_last = None
+        self.context: dict | None = None  # set by start_session for an nrt.Context prompt
 
     def on_token(self, token_id: int) -> bool:
         now = time.perf_counter()
@@ -127,4 +131,4 @@ class Session:
         return GenerationResult(
             text="".join(self.pieces), token_ids=self.token_ids, prompt_tokens=self.prompt_tokens,
             ttft_s=ttft, tokens_per_s=(n - 1) / decode_s if decode_s > 0 else 0.0,
-            finish_reason=self.finish_reason, seed=seed, timings=timings)
+            finish_reason=self.finish_reason, seed=seed, timings=timings, context=self.context)

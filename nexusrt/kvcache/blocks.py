@@ -138,3 +138,13 @@ def gather_tokens(pool: np.ndarray, table, length: int) -> np.ndarray:
     table = np.asarray(table)
     t = np.arange(length)
     return pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :]
+
+
+def compact_tokens(pool: np.ndarray, table, keep) -> None:
+    """Move slots ``keep`` (ascending) of ``pool`` through ``table`` to slots ``0 .. len(keep)-1``.
+
+    Gathered before written, so a slot may move onto one that is itself moving (KV pruning
+    compacts a sequence's kept tokens to the front of its blocks; the blocks past them are freed).
+    """
+    keep = np.asarray(keep, dtype=np.int64)
+    scatter_tokens(pool, table, 0, gather_tokens(pool, table, int(keep[-1]) + 1 if len(keep) else 0)[keep])

@@ -22,12 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..engine.context import Context
 from ..engine.requests import Cancelled
 from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render
 from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
-from .protocol import DEFAULT_MAX_TOKENS, FINISH_REASONS, BadRequest, Completion, parse, parse_json
+from .protocol import (CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, KV_FIELD, BadRequest, Completion, parse,
+                       parse_json)
 
 MAX_BODY = 4 << 20  # bytes of a request body
 log = logging.getLogger("nexusrt.server")
@@ -36,8 +38,9 @@ log = logging.getLogger("nexusrt.server")
 class ServerState:
     """What the routes share: the LLM, the served model's id, whether new requests are taken."""
 
-    def __init__(self, llm, model_id: str):
+    def __init__(self, llm, model_id: str, kv: dict | None = None):
         self.llm, self.model_id = llm, model_id
+        self.kv = dict(kv or {})  # default kv_* pruning options (nexusrt serve --kv-*)
         self.created = int(time.time())
         self.accepting = True
         self.http = Counter()  # status code -> responses
@@ -68,15 +71,17 @@ async def _read_body(request: Request) -> bytes:
 def _submit(state: ServerState, c: Completion, bridge: Bridge):
     if not state.accepting:
         raise BadRequest("the server is shutting down", None, 503, "server_error")
-    field = "messages" if c.chat else "prompt"
+    field = CONTEXT_FIELD if isinstance(c.prompt, Context) else "messages" if c.chat else "prompt"
     try:
         limit = state.llm.runner.max_context
         wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
-        req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling)
+        kv = {**state.kv, **c.kv}
+        req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling,
+                                **kv)
         n = len(req.seq.prompt_ids)
         if n + wanted > limit and c.max_tokens is None and n < limit:  # the default: what the context leaves
             req = state.llm.prepare(c.prompt, limit - n, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end,
-                                    **c.sampling)
+                                    **c.sampling, **kv)
         elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
             raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
                              f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field)
@@ -91,7 +96,8 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         raise BadRequest(str(e), None, 503, "server_error") from None
     except (ValueError, TypeError) as e:
         msg = str(e)
-        param = "max_tokens" if "KV blocks" in msg else field if "prompt" in msg else None
+        param = ("max_tokens" if "KV blocks" in msg else KV_FIELD if "kv_" in msg
+                 else field if "prompt" in msg or "context layer" in msg else None)
         raise BadRequest(msg, param) from None
 
 
@@ -202,9 +208,9 @@ async def _events(state, request, c: Completion, req, bridge: Bridge, watcher, h
         state.done(request, status, t0, **fields)
 
 
-def create_app(llm, model_id: str) -> Starlette:
+def create_app(llm, model_id: str, kv: dict | None = None) -> Starlette:
     """The app serving ``llm`` (its engine must run: the CPU backend) under the name ``model_id``."""
-    state = ServerState(llm, model_id)
+    state = ServerState(llm, model_id, kv)
 
     async def health(request: Request) -> Response:
         ok = state.accepting and state.llm.runner is not None

@@ -11,6 +11,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..engine.context import Context
+
+CONTEXT_FIELD = "nexusrt_context"  # extension: the layered context (engine/context.py) as the prompt
+KV_FIELD = "nexusrt_kv"  # extension: {policy, budget, sinks, window, protect} KV pruning of this request
+KV_KEYS = ("policy", "budget", "sinks", "window", "protect")
 MAX_STOPS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions (OpenAI's default), chat
 ROLES = ("system", "user", "assistant")
@@ -30,16 +35,18 @@ class BadRequest(Exception):
 
 @dataclass
 class Completion:
-    """What to generate: ``prompt`` is text (completions) or messages (chat)."""
+    """What to generate: ``prompt`` is text (completions), messages (chat) or a
+    :class:`~nexusrt.engine.context.Context` (the ``nexusrt_context`` extension, either endpoint)."""
 
     model: str
-    prompt: str | list[dict]
+    prompt: str | list[dict] | Context
     chat: bool
     max_tokens: int | None  # None: up to DEFAULT_MAX_TOKENS, as many as the context leaves
     sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed (None: the model's default)
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    kv: dict = field(default_factory=dict)  # kv_* pruning options from nexusrt_kv
 
 
 def parse_json(raw: bytes) -> dict:
@@ -85,6 +92,27 @@ def _text(v, name) -> str:
     return v
 
 
+def _context(body: dict, chat: bool):
+    """The ``nexusrt_context`` extension: an :class:`nrt.Context` object in place of messages/prompt."""
+    other = "messages" if chat else "prompt"
+    if body.get(other) is not None:
+        raise BadRequest(f"give either '{other}' or '{CONTEXT_FIELD}', not both", CONTEXT_FIELD)
+    try:
+        return Context.from_dict(body[CONTEXT_FIELD])
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"'{CONTEXT_FIELD}': {exc}", CONTEXT_FIELD) from None
+
+
+def _kv(body: dict) -> dict:
+    """The ``nexusrt_kv`` extension as ``kv_*`` keyword arguments (their values are checked by the LLM)."""
+    kv = body.get(KV_FIELD)
+    if kv is None:
+        return {}
+    if not isinstance(kv, dict) or set(kv) - set(KV_KEYS):
+        raise BadRequest(f"'{KV_FIELD}' must be an object with keys among {', '.join(KV_KEYS)}", KV_FIELD)
+    return {f"kv_{k}": v for k, v in kv.items()}
+
+
 def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion:
     """Check an OpenAI ``/v1/completions`` (``chat`` False) or ``/v1/chat/completions`` body."""
     model = body.get("model")
@@ -93,7 +121,9 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
     if model != model_id:
         raise BadRequest(f"the model {model!r} does not exist here; this server serves {model_id!r}", "model",
                          kind="model_not_found")
-    if chat:
+    if body.get(CONTEXT_FIELD) is not None:
+        prompt = _context(body, chat)
+    elif chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -130,7 +160,8 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object with a boolean include_usage", "stream_options")
-    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")))
+    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")),
+                      _kv(body))
 
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}

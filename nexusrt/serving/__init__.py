@@ -9,8 +9,9 @@ sequences run in a step.
 from .block_manager import BlockManager
 from .engine import Engine
 from .loop import EngineLoop, EngineStopped, QueueFull
+from .pruning import POLICIES, KvPolicy
 from .scheduler import Scheduler, SchedulerConfig, Work
 from .sequence import Sequence, State
 
-__all__ = ["BlockManager", "Engine", "EngineLoop", "EngineStopped", "QueueFull", "Scheduler",
+__all__ = ["BlockManager", "Engine", "EngineLoop", "EngineStopped", "KvPolicy", "POLICIES", "QueueFull", "Scheduler",
            "SchedulerConfig", "Sequence", "State", "Work"]

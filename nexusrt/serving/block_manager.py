@@ -80,12 +80,19 @@ class BlockManager:
             chain.append(block_key(chain[-1] if chain else b"", ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))
         return chain[:blocks]
 
+    @staticmethod
+    def shareable(seq: Sequence, blocks: int) -> int:
+        """How many of ``seq``'s leading ``blocks`` may be shared: a pruning sequence rewrites its
+        blocks past the positions it never evicts (``KvPolicy.stable_prefix``), so only the
+        blocks wholly inside those are looked up in, or offered to, the prefix cache."""
+        return min(blocks, seq.kv.stable_prefix // BLOCK_SIZE) if seq.kv.prunes else blocks
+
     def blocked(self, seq: Sequence) -> bool:
         """Whether the first block of ``seq`` that is not cached is being computed by another sequence
         (then admitting ``seq`` now would compute it twice)."""
         if not self.prefix_caching:
             return False
-        for key in self.keys(seq, len(seq) // BLOCK_SIZE):
+        for key in self.keys(seq, self.shareable(seq, len(seq) // BLOCK_SIZE)):
             if key not in self.cached:
                 owner = self.pending.get(key)
                 return owner is not None and owner != seq.seq_id
@@ -95,7 +102,7 @@ class BlockManager:
         """Mark the full blocks ``seq`` will compute, and no one has cached or is computing, pending."""
         if not self.prefix_caching:
             return
-        for key in self.keys(seq, len(seq) // BLOCK_SIZE)[len(seq.block_table):]:
+        for key in self.keys(seq, self.shareable(seq, len(seq) // BLOCK_SIZE))[len(seq.block_table):]:
             if key not in self.cached:
                 self.pending.setdefault(key, seq.seq_id)
 
@@ -108,7 +115,7 @@ class BlockManager:
         seq.num_computed = seq.num_cached = 0
         if not self.prefix_caching:
             return
-        for key in self.keys(seq, (len(seq) - 1) // BLOCK_SIZE):
+        for key in self.keys(seq, self.shareable(seq, (len(seq) - 1) // BLOCK_SIZE)):
             self.lookups += 1
             block = self.cached.get(key)
             if block is None:
@@ -122,11 +129,11 @@ class BlockManager:
         seq.num_keyed = len(seq.block_table)
 
     def can_grow(self, seq: Sequence, tokens: int) -> bool:
-        """Whether ``seq``'s table can cover positions ``0 .. tokens-1`` now."""
+        """Whether ``seq``'s table can cover cache slots ``0 .. tokens-1`` now."""
         return blocks_for(tokens) - len(seq.block_table) <= self.num_free
 
     def grow(self, seq: Sequence, tokens: int) -> None:
-        """Cover positions ``0 .. tokens-1``; raises OutOfMemory (nothing taken) when it cannot."""
+        """Cover cache slots ``0 .. tokens-1``; raises OutOfMemory (nothing taken) when it cannot."""
         need = blocks_for(tokens) - len(seq.block_table)
         if need <= 0:
             return
@@ -140,12 +147,23 @@ class BlockManager:
         for b in fresh:
             self.refs[b] = 1
         seq.block_table += fresh
+        seq.peak_blocks = max(seq.peak_blocks, len(seq.block_table))
+
+    def shrink(self, seq: Sequence, tokens: int) -> None:
+        """Give back ``seq``'s blocks past cache slot ``tokens-1`` (KV pruning compacted its kept
+        tokens to the front). They lie past its stable prefix, so no one shares them or keys them."""
+        keep = blocks_for(tokens)
+        for block in seq.block_table[keep:]:
+            self.refs[block] -= 1
+            assert self.refs[block] == 0 and block not in self.key_of, f"pruned block {block} is shared"
+            self.pool.free([block])
+        del seq.block_table[keep:]
 
     def commit(self, seq: Sequence) -> None:
         """Key the blocks ``seq`` has filled since the last call, so later sequences can share them."""
         if not self.prefix_caching:
             return
-        full = seq.num_computed // BLOCK_SIZE
+        full = self.shareable(seq, seq.num_slots // BLOCK_SIZE)
         keys = self.keys(seq, full)
         for i in range(seq.num_keyed, full):
             key = keys[i]
@@ -171,6 +189,7 @@ class BlockManager:
                     self.pool.free([block])
         seq.block_table = []
         seq.num_computed = seq.num_keyed = 0
+        seq.reset_kv()
 
     def clear_cache(self) -> None:
         """Forget every unreferenced cached block (they go back to the pool)."""

@@ -19,6 +19,7 @@ from ..kvcache.blocks import blocks_for
 from ..reference.sampling import sample
 from .block_manager import BlockManager
 from .metrics import EngineMetrics
+from .pruning import prune
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, State
 
@@ -42,6 +43,8 @@ class Engine:
         if seq.max_context > self.runner.max_context:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
         longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)
+        if seq.kv.prunes:  # pruned back to the budget after every step, so a step adds at most a chunk
+            longest = min(longest, seq.kv.budget + self.scheduler.config.token_budget)
         if blocks_for(longest) > self.blocks.num_blocks:
             raise ValueError(f"{longest} tokens need {blocks_for(longest)} KV blocks; the pool has "
                              f"{self.blocks.num_blocks} (raise the KV memory or lower max_tokens)")
@@ -54,6 +57,7 @@ class Engine:
         """End ``seq`` (once): free its blocks, record it, call its ``on_finish``."""
         if seq.done:
             return
+        seq.kv_kept = seq.num_slots  # what its cache held, before remove() frees it
         self.scheduler.remove(seq)
         seq.state, seq.finish_reason, seq.error = state, reason, error
         m = self.metrics
@@ -78,8 +82,10 @@ class Engine:
         work = self.scheduler.schedule()
         if not work:
             return 0
-        batch = [Rows(np.asarray(w.seq.all_ids[w.start:w.start + w.count], np.int32), w.start,
-                      list(w.seq.block_table), w.samples) for w in work]
+        for w in work:
+            w.seq.extend_kv(w.count)
+        batch = [Rows(np.asarray(w.seq.all_ids[w.start:w.start + w.count], np.int32), w.start - w.seq.evicted,
+                      list(w.seq.block_table), w.samples, position=w.start, scores=w.seq.kv_scores) for w in work]
         try:
             logits = self.runner.run(batch)
         except Exception as exc:  # the step's sequences end with the error; the engine goes on
@@ -92,6 +98,8 @@ class Engine:
             seq.num_computed += w.count
             self.metrics.computed_tokens += w.count
             self.blocks.commit(seq)
+            if seq.kv.prunes and not self._prune(seq):
+                continue
             if not w.samples:
                 continue
             try:
@@ -102,6 +110,22 @@ class Engine:
             if stop:
                 self.end(seq, State.FINISHED, seq.finish_reason)
         return sum(w.count for w in work)
+
+    def _prune(self, seq: Sequence) -> bool:
+        """Evict ``seq``'s cache down to its budget (compact the kept slots, free the blocks past
+        them); False when that failed (the sequence ended with the error)."""
+        table = list(seq.block_table)
+        try:
+            seq.kv_positions, seq.kv_scores, dropped = prune(seq.kv, seq.kv_positions, seq.kv_scores,
+                                                             lambda keep: self.runner.compact(table, keep))
+        except Exception as exc:
+            self.end(seq, State.FINISHED, "error", exc)
+            return False
+        seq.evicted += dropped
+        seq.evicted_total += dropped
+        self.metrics.kv_evicted += dropped
+        self.blocks.shrink(seq, seq.num_slots)
+        return True
 
     def run_until_done(self) -> None:
         """Step until no sequence waits or runs (single-threaded use and tests)."""

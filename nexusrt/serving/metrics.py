@@ -46,6 +46,7 @@ class EngineMetrics:
         self.generation_tokens = 0
         self.computed_tokens = 0  # ids run through the model (prefill chunks, decodes, recomputes)
         self.steps = 0
+        self.kv_evicted = 0  # cached tokens pruned by KV policies (serving/pruning.py)
         self.callback_errors = 0  # on_finish callbacks that raised (the engine carried on)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
@@ -65,7 +66,9 @@ def render(metrics: EngineMetrics, gauges: dict[str, tuple[str, float]]) -> str:
     for name, text, value in (("prompt_tokens_total", "Prompt tokens of ended requests.", metrics.prompt_tokens),
                               ("generation_tokens_total", "Tokens generated.", metrics.generation_tokens),
                               ("computed_tokens_total", "Tokens run through the model.", metrics.computed_tokens),
-                              ("engine_steps_total", "Engine steps run.", metrics.steps)):
+                              ("engine_steps_total", "Engine steps run.", metrics.steps),
+                              ("kv_evicted_tokens_total", "Cached tokens pruned by KV policies.",
+                               metrics.kv_evicted)):
         head(name, "counter", text)
         lines.append(f"nexusrt_{name} {value}")
     for name, (text, value) in gauges.items():

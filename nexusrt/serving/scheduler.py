@@ -12,7 +12,9 @@ newest running sequence not yet scheduled this step gives its blocks back and re
 the front of the queue with ``num_computed = 0``; when it is admitted again it recomputes
 its prompt and the ids it had generated (blocks it had filled may still be in the prefix
 cache). Its sampled ids are kept and its sampling steps continue, so its output is the one
-it would have had without preemption. The oldest running sequence always makes progress:
+it would have had without preemption (a sequence under a pruning policy recomputes in
+chunks and prunes again, so its cache, and the ids after the preemption, may differ: pruning
+is lossy). The oldest running sequence always makes progress:
 the engine refuses a request that would not fit in the pool alone.
 """
 
@@ -116,9 +118,10 @@ class Scheduler:
         return work
 
     def _room(self, seq: Sequence) -> int:
-        """Ids ``seq`` can compute with its blocks plus the free ones."""
+        """Ids ``seq`` can compute with its blocks plus the free ones (a pruned sequence's ids fill
+        cache slots from ``num_slots``, below their positions)."""
         capacity = (len(seq.block_table) + self.blocks.num_free) * BLOCK_SIZE
-        return max(0, capacity - seq.num_computed)
+        return max(0, capacity - seq.num_slots)
 
     def _make_room(self, seq: Sequence, scheduled: set[int]) -> int:
         """Preempt the newest unscheduled running sequences until ``seq`` can compute one id."""
@@ -139,6 +142,6 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _take(self, seq: Sequence, n: int, scheduled: set[int]) -> Work:
-        self.blocks.grow(seq, seq.num_computed + n)
+        self.blocks.grow(seq, seq.num_slots + n)
         scheduled.add(seq.seq_id)
         return Work(seq, seq.num_computed, n)

@@ -16,7 +16,10 @@ import itertools
 import time
 from typing import Callable
 
+import numpy as np
+
 from ..reference.sampling import SamplingParams
+from .pruning import KvPolicy
 
 OnToken = Callable[["Sequence", int], bool]
 """Called on the engine's thread with each new id; returns True to stop the sequence."""
@@ -43,7 +46,7 @@ class Sequence:
     """
 
     def __init__(self, prompt_ids, params: SamplingParams, max_new_tokens: int, max_context: int,
-                 on_token: OnToken | None = None, on_finish: OnFinish | None = None):
+                 on_token: OnToken | None = None, on_finish: OnFinish | None = None, kv: KvPolicy | None = None):
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt id")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -63,11 +66,37 @@ class Sequence:
         self.num_computed = 0  # ids whose K/V are in the cache
         self.num_cached = 0  # prompt ids found in the prefix cache (not computed) at the last admission
         self.preemptions = 0
+        self.kv = kv or KvPolicy()
+        self.evicted_total = 0  # tokens pruned over the sequence's life (across preemptions)
+        self.peak_blocks = 0
+        self.kv_kept = 0  # tokens in its cache when it ended (Engine.end)
+        self.reset_kv()
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.t_arrival = time.perf_counter()
         self.t_first: float | None = None  # first output id
         self.t_last: float | None = None
+
+    def reset_kv(self) -> None:
+        """Forget the pruned cache's state (the sequence lost its blocks: ended or preempted)."""
+        self.evicted = 0  # ids computed but pruned from the cache: id i (i >= evicted) sits in a slot < i
+        self.kv_positions = np.zeros(0, np.int64)  # pruning policies: the position of each filled slot
+        self.kv_scores = np.zeros(0, np.float64) if self.kv.policy == "h2o" else None
+
+    def extend_kv(self, count: int) -> None:
+        """Record the positions (and zero scores) of the ``count`` ids about to be computed, and of
+        any slots filled from the prefix cache at admission (never pruned yet: slot == position)."""
+        if not self.kv.prunes:
+            return
+        new = np.arange(len(self.kv_positions) + self.evicted, self.num_computed + count)
+        self.kv_positions = np.concatenate([self.kv_positions, new])
+        if self.kv_scores is not None:
+            self.kv_scores = np.concatenate([self.kv_scores, np.zeros(len(new))])
+
+    @property
+    def num_slots(self) -> int:
+        """Cache slots filled: the computed ids not pruned."""
+        return self.num_computed - self.evicted
 
     @property
     def all_ids(self) -> list[int]:

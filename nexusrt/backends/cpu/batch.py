@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE
+from ...kvcache.blocks import BLOCK_SIZE, compact_tokens
 from ..base import Rows
 from .decoder import PagedDecoder
 
@@ -49,6 +49,14 @@ class CpuBatchRunner:
             for row, i in enumerate(want):
                 out[i] = logits[row]
         return out
+
+    def compact(self, table: list[int], keep) -> None:
+        """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning)."""
+        if len(keep) and (any(not 0 <= b < self.num_blocks for b in table) or keep[-1] >= len(table) * BLOCK_SIZE):
+            raise ValueError("compact: a kept slot or a block lies outside the table or the pool")
+        for pools in self._pools:
+            for pool in pools:
+                compact_tokens(pool, table, keep)
 
     def close(self) -> None:
         self._pools = ([], [])

@@ -16,6 +16,12 @@ which other rows share the pass or how a prompt is cut into chunks:
 - Attention runs one query row at a time over exactly the keys it sees, so no reduction's
   length or order depends on the chunk.
 Norms, RoPE and SiLU are row-wise already. The cost: a lone decode row does a 16-row GEMM.
+
+**Pruned caches.** A row's cache slot (``Rows.start``) and its RoPE position
+(``Rows.position``) are the same until KV pruning evicts tokens (:mod:`nexusrt.serving.pruning`);
+then the slots are compacted and the position runs on. ``Rows.scores``, when given, receives
+each slot's attention mass (summed over rows, heads and layers) from the softmax computed
+here, for the ``h2o`` policy.
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ def tiled_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -
     return y if bias is None else y + bias
 
 
-def attend_row(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """One query row ``q [Hq, D]`` over exactly the keys it sees ``k, v [S, Hkv, D]`` (GQA)."""
+def attend_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, mass: np.ndarray | None = None) -> np.ndarray:
+    """One query row ``q [Hq, D]`` over exactly the keys it sees ``k, v [S, Hkv, D]`` (GQA); with
+    ``mass [S]``, adds each key's softmax weight summed over the heads to it (H2O's scores,
+    from the probabilities this very computation forms)."""
     hq, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(hkv, hq // hkv, d)
@@ -67,6 +75,8 @@ def attend_row(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     s -= s.max(axis=-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
+    if mass is not None:
+        mass += p.sum(axis=(0, 1), dtype=np.float64)
     return np.einsum("kgs,skd->kgd", p, v, dtype=F32).reshape(hq * d)
 
 
@@ -117,11 +127,16 @@ class PagedDecoder:
             if r.start < 0 or r.start + n > len(r.table) * BLOCK_SIZE:
                 raise ValueError(f"positions {r.start}..{r.start + n - 1} lie outside the "
                                  f"{len(r.table)} blocks of the table")
+            if r.position is not None and r.position != r.start and cfg.sliding_window is not None:
+                raise ValueError("KV pruning is not supported with a sliding-window model (its window is in positions)")
+            if r.scores is not None and len(r.scores) < r.start + n:
+                raise ValueError(f"scores hold {len(r.scores)} slots; the rows fill {r.start + n}")
             ids = np.asarray(r.token_ids)
             if np.any(ids < 0) or np.any(ids >= cfg.vocab_size):
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {ids.min()}..{ids.max()}")
         ids = np.concatenate([np.asarray(r.token_ids, np.int32) for r in batch])
-        positions = np.concatenate([np.arange(r.start, r.start + len(r.token_ids)) for r in batch])
+        positions = np.concatenate([np.arange(first, first + len(r.token_ids))
+                                    for r in batch for first in [r.start if r.position is None else r.position]])
         k_pools, v_pools = pools
         x = ops.embedding(ids, self.embed)
         for li, layer in enumerate(self.layers):
@@ -157,6 +172,7 @@ class PagedDecoder:
             for i in range(t):
                 p = r.start + i
                 lo = 0 if window is None else max(0, p - window + 1)
-                out[row + i] = attend_row(q[row + i], keys[lo:p + 1], values[lo:p + 1])
+                mass = None if r.scores is None else r.scores[lo:p + 1]
+                out[row + i] = attend_row(q[row + i], keys[lo:p + 1], values[lo:p + 1], mass)
             row += t
         return out

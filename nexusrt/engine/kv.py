@@ -1,0 +1,88 @@
+"""KV pruning options of ``nrt.LLM`` calls (``kv_policy``, ``kv_budget``, ``kv_sinks``,
+``kv_window``, ``kv_protect``) checked into a :class:`~nexusrt.serving.pruning.KvPolicy`, and
+the ``kv`` report of a result.
+
+``kv_protect`` names layers of an :class:`~nexusrt.engine.context.Context` prompt whose
+tokens are never evicted; it protects the rendered prompt from its start through the last
+named layer (layers render in order, so protecting ``instructions`` protects ``system`` and
+``persona`` too). The protected length is the ids the full prompt shares with the prompt
+rendered from those layers alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..kvcache.blocks import blocks_for
+from ..serving.pruning import DEFAULT_SINKS, KvPolicy
+from .context import LAYERS, Context, Rendered, render
+
+OPTIONS = ("kv_policy", "kv_budget", "kv_sinks", "kv_window", "kv_protect")
+HOST_TIER = "not built: the host tier and fault ring are the GPU half of issue 16; nothing is on the host"
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A shaped prompt (text, messages or a rendered Context) that runs under a pruning policy."""
+
+    prompt: object
+    policy: KvPolicy
+
+
+def _encode(tokenizer, prompt) -> list[int]:
+    return tokenizer.encode_chat(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+
+
+def protected_length(rendered: Rendered, layers, tokenizer) -> int:
+    """Leading ids of ``rendered`` that belong to the layers up to the last of ``layers``."""
+    unknown = [name for name in layers if name not in LAYERS]
+    if unknown:
+        raise ValueError(f"kv_protect names unknown context layer {unknown[0]!r} (layers: {', '.join(LAYERS)})")
+    last = max(LAYERS.index(name) for name in layers)
+    ctx = rendered.context
+    head = {name: getattr(ctx, name) for name in LAYERS[:last + 1]}
+    if not any(head.values()):
+        return 0
+    sub = render(replace(ctx, **{n: "" for n in LAYERS[last + 1:]}, **head), tokenizer)
+    full, part = _encode(tokenizer, rendered.prompt), _encode(tokenizer, sub.prompt)
+    n = 0
+    while n < min(len(full), len(part)) and full[n] == part[n]:
+        n += 1
+    return n
+
+
+def shape(prompt, options: dict, tokenizer):
+    """``prompt`` (already shaped by ``prompt_for``) wrapped in :class:`Pruned` when ``options``
+    choose a pruning policy; bad options raise before any work."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r} (KV options: {', '.join(OPTIONS)})")
+    policy = options.get("kv_policy") or "full"
+    protect = options.get("kv_protect") or ()
+    if isinstance(protect, str):
+        protect = (protect,)
+    ranges = ()
+    if protect:
+        if not isinstance(prompt, Rendered):
+            raise ValueError("kv_protect names context layers: the prompt must be an nrt.Context")
+        ranges = ((0, protected_length(prompt, protect, tokenizer)),)
+    sinks = options.get("kv_sinks")
+    kv = KvPolicy(policy, options.get("kv_budget"), DEFAULT_SINKS if sinks is None else sinks,
+                  options.get("kv_window"), ranges)
+    return Pruned(prompt, kv) if kv.prunes else prompt
+
+
+def report(policy: KvPolicy, kept: int, evicted: int, blocks: int) -> dict:
+    """The ``kv`` object of a result (``nexusrt generate --json``). Device/host pages and faults
+    stay at zero until the host tier exists, and ``host_tier`` says so."""
+    return {"policy": policy.policy, "budget": policy.budget, "sinks": policy.sinks if policy.prunes else None,
+            "window": policy.recent if policy.prunes else None,
+            "protected_tokens": sum(hi - lo for lo, hi in policy.protect),
+            "tokens_kept": kept, "tokens_evicted": evicted, "blocks_used": blocks,
+            "host_tier": HOST_TIER, "pages_host": 0, "faults_serviced": 0, "bytes_moved": 0}
+
+
+def one_sequence_report(prompt_tokens: int, generated: int) -> dict:
+    """The ``kv`` object of the one-sequence path (policy ``full``): every computed id is kept."""
+    kept = prompt_tokens + max(generated - 1, 0)  # the last id sampled is never run
+    return report(KvPolicy(), kept, 0, blocks_for(kept))

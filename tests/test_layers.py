@@ -20,7 +20,7 @@ ROOT = Path(nexusrt.__file__).parent
 
 # Bottom up, as ARCHITECTURE.md lists them: a module may import its own layer and those below.
 LAYERS = ["errors", "runtime", "reference", "driver", "memory", "kvcache", "kernels", "firmware",
-          "scheduler", "models", "backends", "serving", "engine", "nexusrt", "server", "cli", "bench"]
+          "scheduler", "models", "parallel", "backends", "serving", "engine", "nexusrt", "server", "cli", "bench"]
 
 
 def _modules() -> list[str]:

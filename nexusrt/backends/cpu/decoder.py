@@ -119,6 +119,16 @@ class PagedDecoder:
     def forward(self, batch: list[Rows], pools) -> np.ndarray:
         """Append every :class:`Rows` to its sequence's cache; the final hidden rows ``[N, hidden]``
         (the batch's rows in order). Checks ids and table room before touching a pool."""
+        x, positions = self.embed_rows(batch)
+        for li in range(len(self.layers)):
+            x = x + self.attention_out(li, x, positions, batch, pools)
+            x = x + self.mlp_out(li, x)
+        return x
+
+    # The three pieces of forward, public so a tensor-parallel decoder (backends/cpu/sharded.py)
+    # can sum the ranks' outputs of attention_out and mlp_out before each residual add.
+    def embed_rows(self, batch: list[Rows]) -> tuple[np.ndarray, np.ndarray]:
+        """The checked batch's embedding rows ``[N, hidden]`` and their RoPE positions ``[N]``."""
         cfg = self.config
         for r in batch:
             n = len(r.token_ids)
@@ -137,16 +147,19 @@ class PagedDecoder:
         ids = np.concatenate([np.asarray(r.token_ids, np.int32) for r in batch])
         positions = np.concatenate([np.arange(first, first + len(r.token_ids))
                                     for r in batch for first in [r.start if r.position is None else r.position]])
-        k_pools, v_pools = pools
-        x = ops.embedding(ids, self.embed)
-        for li, layer in enumerate(self.layers):
-            h = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            x = x + tiled_linear(self._attention(layer, h, positions, batch, k_pools[li], v_pools[li]), layer.o)
-            h = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-            gu = tiled_linear(h, layer.gate_up)
-            x = x + tiled_linear(ops.silu_mul(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:]),
-                                 layer.down)
-        return x
+        return ops.embedding(ids, self.embed), positions
+
+    def attention_out(self, li: int, x: np.ndarray, positions, batch: list[Rows], pools) -> np.ndarray:
+        """Layer ``li``'s attention block output (after O, before the residual add); appends K/V."""
+        layer, (k_pools, v_pools) = self.layers[li], pools
+        h = ops.rms_norm(x, layer.attn_norm, self.config.rms_norm_eps)
+        return tiled_linear(self._attention(layer, h, positions, batch, k_pools[li], v_pools[li]), layer.o)
+
+    def mlp_out(self, li: int, x: np.ndarray) -> np.ndarray:
+        """Layer ``li``'s MLP block output (after down, before the residual add)."""
+        layer, inter = self.layers[li], self.config.intermediate_size
+        gu = tiled_linear(ops.rms_norm(x, layer.mlp_norm, self.config.rms_norm_eps), layer.gate_up)
+        return tiled_linear(ops.silu_mul(gu[:, :inter], gu[:, inter:]), layer.down)
 
     def _attention(self, layer: _Layer, h, positions, batch: list[Rows], k_pool, v_pool) -> np.ndarray:
         cfg = self.config

@@ -2,11 +2,12 @@
 
     nexusrt generate [--model MODEL] (--prompt TEXT | --prompt - | --prompt-file F) [--system TEXT]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                     [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N]
+                     [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N] [--tensor-parallel N]
                      [--kv-policy full|sink-window|h2o] [--kv-budget TOKENS] [--kv-sinks N] [--kv-window N]
     nexusrt chat [--model MODEL] [--system TEXT] [sampling and backend options as above]
     nexusrt serve [--model MODEL] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--kv-memory BYTES]
-                  [--max-waiting N] [--max-context N] [--drain-seconds S] [--kv-policy ... as generate]
+                  [--max-waiting N] [--max-context N] [--tensor-parallel N] [--drain-seconds S]
+                  [--kv-policy ... as generate]
     nexusrt --version
 
 MODEL is a checkpoint directory, a shipped ``nexusrt:<name>`` (``nexusrt:stdlib-tiny``, the
@@ -43,6 +44,8 @@ def _common(p) -> None:
     p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
                    help="force a backend (default: NEXUSRT_BACKEND, else probe)")
     p.add_argument("--max-context", type=int, default=None, metavar="N", help="cap the KV cache at N tokens")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="queued requests beyond which new ones get HTTP 429 (256)")
     s.add_argument("--max-context", type=int, default=None, metavar="N", help="cap on tokens per request")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
     s.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
     s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
@@ -109,7 +114,7 @@ def _serve(args) -> int:
 
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
-                 args.allow_path, args.drain_seconds, kv_options(args))
+                 args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel)
 
 
 def _sampling(args) -> dict:
@@ -148,7 +153,8 @@ def _run(args) -> int:
               "standard library, shipped with nexusrt)", file=sys.stderr)
     if args.command == "serve":
         return _serve(args)
-    llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path)
+    llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
+              tensor_parallel=args.tensor_parallel)
     try:
         if args.command == "chat":
             from .chat import run_chat

@@ -8,12 +8,11 @@
 ...     print(piece, end="")
 >>> llm.chat([{"role": "user", "content": "Hi"}], system="Be brief.").text
 
-Threads and lists: on the CPU backend, ``generate([...])`` with a list, and a call from a
-thread while another call runs, go through the serving engine (:mod:`nexusrt.serving`):
-continuous batching over a shared KV block pool, each request getting exactly the ids it
-would get alone. A single call with nothing else running takes the one-sequence path
-(``runner.generate_tokens``). On CUDA every call takes that path, serialised by a lock,
-until the CUDA batch runner exists.
+Threads and lists: on the CPU backend, ``generate([...])`` with a list, and a call from a thread
+while another call runs, go through the serving engine (:mod:`nexusrt.serving`): continuous
+batching over a shared KV block pool, each request getting exactly the ids it would get alone.
+A lone call takes the one-sequence path (``runner.generate_tokens``); on CUDA every call does,
+serialised by a lock, until the CUDA batch runner exists.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .kv import Pruned, one_sequence_report
 from .prompts import chat_messages, prompt_for, start_session
 from .requests import Request, make_loop, run_all, serving_config
 from .requests import stream as engine_stream
-from .runners import make_runner, stream_tokens
+from .runners import check_tensor_parallel, make_runner, stream_tokens
 from .session import GenerationResult, Session
 
 BACKENDS = ("cpu", "cuda")
@@ -51,6 +50,7 @@ class LLM:
     allow_paths : folders outside the checkpoint directory its symlinks may lead into.
     max_batch, kv_memory, max_waiting : the serving engine's cap on running sequences, the
         bytes of its KV block pool (CPU default 256 MiB) and its queue bound (CPU backend).
+    tensor_parallel : ranks the model is split over (CPU: in process; CUDA: only 1 so far).
 
     Thread safety: the runner holds one sequence; a call takes it when it is free. On the
     CPU backend a call that finds it busy (another thread's call) and every list
@@ -63,15 +63,14 @@ class LLM:
 
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
                  weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
-                 max_waiting: int = 1024):
+                 max_waiting: int = 1024, tensor_parallel: int = 1):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
-        self._lock = threading.Lock()
+        self._lock, self._loop_lock = threading.Lock(), threading.Lock()
         self._owner: int | None = None  # thread that holds the lock
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
         self._loop = None  # the serving engine's loop, started at first use (CPU backend)
-        self._loop_lock = threading.Lock()
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
@@ -79,14 +78,15 @@ class LLM:
 
             firmware.init(backend=backend)
         self.backend = backend or runtime_mod.current("nrt.LLM").backend
+        check_tensor_parallel(tensor_parallel, self.backend)  # before a byte of the model is read
+        self.tensor_parallel = tensor_parallel  # ranks the runner's decoder is split over
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
-            self.runner = make_runner(self.model, self.backend, max_context)
+            self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise
-        self.tokenizer = self.model.tokenizer
-        self.load_s = time.perf_counter() - t0
+        self.tokenizer, self.load_s = self.model.tokenizer, time.perf_counter() - t0
 
     @property
     def config(self):

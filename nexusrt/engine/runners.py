@@ -11,15 +11,31 @@ from ..models.loader import LoadedModel
 from .fit import check_fit
 
 
-def make_runner(model: LoadedModel, backend: str, max_context: int | None):
-    """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or CudaRunner)."""
+def check_tensor_parallel(tensor_parallel, backend: str) -> None:
+    """Refuse a degree that is not an integer >= 1, and a degree > 1 on CUDA (not built yet)."""
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
+    if tensor_parallel > 1 and backend != "cpu":
+        raise BackendUnavailable(f"tensor_parallel={tensor_parallel} on {backend}: the multi-GPU path (one NCCL "
+                                 "worker process per GPU) is not built yet; use tensor_parallel=1, or "
+                                 "backend='cpu' for the sharded math on the CPU")
+
+
+def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1):
+    """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or
+    CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
+    check_tensor_parallel(tensor_parallel, backend)
     name = str(model.path or model.name)
     if backend == "cpu":
         from ..backends.cpu.model import CpuRunner
 
         check_fit(model.config, backend, max_context, name)
-        return CpuRunner(model.weights, max_context)
+        if tensor_parallel == 1:
+            return CpuRunner(model.weights, max_context)
+        from ..backends.cpu.sharded import ShardedDecoder
+
+        return CpuRunner(model.weights, max_context, decoder=ShardedDecoder(model.weights, tensor_parallel))
     rt = runtime_mod.current("the CUDA runner")
     if not rt.is_cuda:
         raise BackendUnavailable(f"backend='cuda' needs the runtime booted on CUDA, but it runs on {rt.backend} "

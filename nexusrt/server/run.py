@@ -32,10 +32,11 @@ def parse_bytes(text: str) -> int:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
           max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S,
-          kv: dict | None = None) -> int:
+          kv: dict | None = None, tensor_parallel: int = 1) -> int:
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
     flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
-    pruning options (a request's ``nexusrt_kv`` overrides them)."""
+    pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
+    model is split over (in process on the CPU)."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
         raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
     from ..engine.kv import shape as kv_shape
@@ -50,7 +51,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The engine runs on the CPU backend only so far (the CUDA batch runner is future work).
     llm = LLM(model, backend="cpu", max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
-              max_waiting=max_waiting, allow_paths=allow_paths)
+              max_waiting=max_waiting, allow_paths=allow_paths, tensor_parallel=tensor_parallel)
     try:
         app = create_app(llm, model, kv)
         state = app.state.server

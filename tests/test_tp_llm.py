@@ -1,0 +1,62 @@
+"""``nrt.LLM(..., tensor_parallel=N)``: the CPU runs the sharded decoder in both paths (one
+sequence and the serving engine), CUDA refuses N > 1 until the NCCL workers exist, and the
+command line passes the flag through."""
+
+from __future__ import annotations
+
+import pytest
+
+import nexusrt as nrt
+from nexusrt.backends.cpu.sharded import ShardedDecoder
+from nexusrt.cli.main import build_parser
+from nexusrt.engine.runners import check_tensor_parallel
+from nexusrt.errors import BackendUnavailable, ModelError
+
+from conftest import engine_is_empty
+
+PROMPTS = ["The quick brown fox", "Once upon a time, a small model", "Weights are read from"]
+
+
+@pytest.fixture
+def pair(cpu_rt):
+    """stdlib-tiny (a trained model: its greedy text is not a coin toss) at TP=1 and TP=2."""
+    llms = [nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", max_context=256, max_batch=4, tensor_parallel=n)
+            for n in (1, 2)]
+    yield llms
+    for llm in llms:
+        llm.close()
+
+
+def test_tp2_llm_generates_tp1s_greedy_ids_alone_and_batched(pair):
+    one, two = pair
+    assert isinstance(two.runner.decoder, ShardedDecoder) and two.runner.decoder.size == 2
+    assert not isinstance(one.runner.decoder, ShardedDecoder) and two.tensor_parallel == 2
+    alone = [two.generate(p, max_new_tokens=24, temperature=0).token_ids for p in PROMPTS]
+    assert alone == [one.generate(p, max_new_tokens=24, temperature=0).token_ids for p in PROMPTS]
+    batched = two.generate(PROMPTS, max_new_tokens=24, temperature=0)  # the serving engine's path
+    assert [r.token_ids for r in batched] == alone
+    assert engine_is_empty(two)
+
+
+def test_indivisible_kv_heads_fail_before_the_runner(cpu_rt):
+    with pytest.raises(ModelError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel=4"):
+        nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", tensor_parallel=4)
+
+
+@pytest.mark.parametrize("n", [0, -2, 1.0, True])
+def test_bad_degree(cpu_rt, n):
+    with pytest.raises(ValueError, match="tensor_parallel must be an integer >= 1"):
+        nrt.LLM("synthetic:tiny", backend="cpu", tensor_parallel=n)
+
+
+def test_cuda_refuses_tensor_parallel_until_the_nccl_workers_exist():
+    with pytest.raises(BackendUnavailable, match=r"tensor_parallel=2 on cuda: the multi-GPU path .*not built yet"):
+        check_tensor_parallel(2, "cuda")
+    check_tensor_parallel(1, "cuda")  # one GPU is the existing path
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "x"], ["chat"]])
+def test_cli_flag(command):
+    parser = build_parser()
+    assert parser.parse_args(command + ["--tensor-parallel", "2"]).tensor_parallel == 2
+    assert parser.parse_args(command).tensor_parallel == 1

@@ -283,3 +283,14 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
     finally:
         if srv.proc.poll() is None:
             srv.stop()
+
+
+def test_serve_without_the_server_packages_says_what_to_install(monkeypatch):
+    import sys
+
+    from nexusrt.errors import BackendUnavailable
+    from nexusrt.server.run import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn raises ModuleNotFoundError
+    with pytest.raises(BackendUnavailable, match=r"pip install 'nexusrt\[serve\]'"):
+        serve("nexusrt:stdlib-tiny", port=1)

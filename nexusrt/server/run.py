@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 
+from ..errors import BackendUnavailable
+
 DRAIN_S = 4.0  # seconds in-flight requests may take to finish after SIGTERM, then they are cancelled
 GRACE_S = 6  # uvicorn's limit on open connections after the signal (the drain ends them first)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -42,10 +44,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     from ..engine.kv import shape as kv_shape
 
     kv_shape("", kv or {}, None)  # bad --kv-* flags fail here, before the model loads
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import create_app
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("uvicorn", "starlette"):
+            raise BackendUnavailable(f"nexusrt serve needs {exc.name.split('.')[0]}: install the server with "
+                                     "pip install 'nexusrt[serve]'") from None
+        raise
     from ..engine.llm import LLM
-    from .app import create_app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

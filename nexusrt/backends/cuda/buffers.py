@@ -21,17 +21,27 @@ TAG = "runner"
 RING = 256  # tokens the device can be ahead of the host
 
 
+def prefill_rows(cfg) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The activation buffers of a prefill chunk, one row per token: name -> (row shape, dtype).
+    :class:`RunnerBuffers` allocates them and :func:`working_bytes` counts them, from this one table."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    return {"ids": ((), "int32"), "hidden": ((h,), "fp32"), "qkv": (((hq + 2 * hkv) * d,), "fp32"),
+            "q": ((hq, d), "fp32"), "normed": ((h,), "bf16"), "attn": ((hq * d,), "bf16"),
+            "gate_up": ((2 * inter,), "bf16"), "act": ((inter,), "bf16")}
+
+
 def working_bytes(cfg, chunk: int) -> int:
     """Bytes of the activation rows :class:`RunnerBuffers` holds for ``chunk`` prefill rows, plus
     the cuBLASLt workspace and the largest operands its tuning allocates for a moment (the
     fit check adds them to weights and KV; the small decode workspaces are left out)."""
     from ...kernels.ops.cublaslt import WORKSPACE_BYTES
+    from ...memory.dtypes import nbytes_of, resolve
 
-    h, d = cfg.hidden_size, cfg.head_dim
-    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    per_row = 4 * h + 4 * (hq + 2 * hkv) * d + 4 * hq * d + 2 * h + 2 * hq * d + 2 * 2 * inter + 2 * inter + 4
+    rows = sum(nbytes_of((chunk,) + row, resolve(dtype)) for row, dtype in prefill_rows(cfg).values())
+    h, inter = cfg.hidden_size, cfg.intermediate_size
     tuning = 2 * (chunk * h + 2 * inter * h + chunk * 2 * inter)  # the gate_up problem's x, w, y in bf16
-    return chunk * per_row + WORKSPACE_BYTES + tuning
+    return rows + WORKSPACE_BYTES + tuning
 
 
 class RunnerBuffers:
@@ -45,23 +55,15 @@ class RunnerBuffers:
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
         (default ``max_context``; a runner adds room for the rows of a padded last chunk)."""
         self.owned: list = []
-        h, d = cfg.hidden_size, cfg.head_dim
-        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-        qkv = (hq + 2 * hkv) * d
+        d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
         positions = max_context if positions is None else positions
         try:
             self.state = self._t(memory.zeros((4,), "int32", tag=TAG))
             self.pos, self.step, self.token = self.state[0:1], self.state[1:2], self.state[2:3]
-            self.ids = self._t(memory.zeros((chunk,), "int32", tag=TAG))
+            for name, (row, dtype) in prefill_rows(cfg).items():  # self.ids, self.hidden, ... self.act
+                setattr(self, name, self._t(memory.empty((chunk,) + row, dtype, tag=TAG)))
             self.prompt = self._t(memory.pinned((positions,), "int32", tag=TAG))  # ids staged for async copies
-            self.hidden = self._t(memory.empty((chunk, h), "fp32", tag=TAG))
-            self.qkv = self._t(memory.empty((chunk, qkv), "fp32", tag=TAG))
-            self.q = self._t(memory.empty((chunk, hq, d), "fp32", tag=TAG))
-            self.normed = self._t(memory.empty((chunk, h), "bf16", tag=TAG))
-            self.attn = self._t(memory.empty((chunk, hq * d), "bf16", tag=TAG))
-            self.gate_up = self._t(memory.empty((chunk, 2 * inter), "bf16", tag=TAG))
-            self.act = self._t(memory.empty((chunk, inter), "bf16", tag=TAG))
             self.dec_attn = self._t(memory.empty((1, hq * d), "fp32", tag=TAG))
             self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))

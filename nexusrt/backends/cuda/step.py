@@ -60,8 +60,7 @@ def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
                                        gate_up=True, workspace=b.gemv_ws), [x, lw.gate_up, lw.mlp_norm], [mlp])
         ch.add(f"{p}.down", gv.gemv(rt, x, lw.down, mlp, n=h, k=inter, residual=x, workspace=b.gemv_ws),
                [mlp, lw.down], [x])
-    ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, x, n=cfg.vocab_size, k=h, norm_weight=w.final_norm,
-                              eps=eps, workspace=b.gemv_ws), [x, w.lm_head, w.final_norm], [b.logits])
+    _add_lm_head(ch, rt, cfg, w, b)
     if sample:
         ch.stages.extend(sample_stages(rt, b, after=ch.stages[-1].name))
     return ch.stages
@@ -78,14 +77,19 @@ def sample_stages(rt, b, after: str | None = None) -> list:
     return [s1, s2]
 
 
-def logits_stages(rt, cfg, w, b) -> list:
-    """The LM head alone: final norm and logits of ``b.hidden[0]`` into ``b.logits`` (after a
-    prefill, the runner copies the prompt's last row there)."""
-    ch = _Chain("logits")
+def _add_lm_head(ch: _Chain, rt, cfg, w, b) -> None:
+    """Final norm and LM-head GEMV of ``b.hidden[0]`` into ``b.logits``."""
     x = b.hidden[0:1]
     ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, x, n=cfg.vocab_size, k=cfg.hidden_size,
                               norm_weight=w.final_norm, eps=cfg.rms_norm_eps, workspace=b.gemv_ws),
            [x, w.lm_head, w.final_norm], [b.logits])
+
+
+def logits_stages(rt, cfg, w, b) -> list:
+    """The LM head alone, the last stage of a decode step (after a prefill, the runner copies
+    the prompt's last row to ``b.hidden[0]``)."""
+    ch = _Chain("logits")
+    _add_lm_head(ch, rt, cfg, w, b)
     return ch.stages
 
 

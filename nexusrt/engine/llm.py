@@ -71,6 +71,7 @@ class LLM:
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
         self._loop = None  # the serving engine's loop, started at first use (CPU backend)
+        self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
@@ -118,7 +119,7 @@ class LLM:
 
     def _engine_loop(self, what: str):
         with self._loop_lock:
-            if self.runner is None:
+            if self._closing or self.runner is None:
                 raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
             if self._loop is None:
                 self._loop = make_loop(self.runner, *self._serving_args)
@@ -279,7 +280,8 @@ class LLM:
         """
         if getattr(self, "runner", None) is None:
             return
-        with self._loop_lock:
+        with self._loop_lock:  # no new engine loop may start once close() has taken this one
+            self._closing = True
             loop, self._loop = self._loop, None
         if loop is not None:  # its requests end as cancelled; their callers get Cancelled
             loop.stop()

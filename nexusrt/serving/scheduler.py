@@ -104,10 +104,12 @@ class Scheduler:
                 break
             if self.blocks.blocked(seq):  # its prefix is being computed: share it next step instead
                 continue
+            counted = self.blocks.lookups, self.blocks.hits
             self.blocks.admit(seq)
             n = min(seq.num_pending, budget, self._room(seq))
-            if n == 0:  # no free block: wait until a sequence ends
+            if n == 0:  # no free block: wait until a sequence ends (a trial admission counts no lookup)
                 self.blocks.free(seq)
+                self.blocks.lookups, self.blocks.hits = counted
                 break
             self.waiting.remove(seq)
             seq.state = State.RUNNING

@@ -108,6 +108,9 @@ class EngineLoop:
             for seq in inbox:
                 seq.state, seq.finish_reason, seq.error = State.FINISHED, "error", exc
                 if seq.on_finish is not None:
-                    seq.on_finish(seq)
+                    try:  # one failing callback must not leave the other callers waiting
+                        seq.on_finish(seq)
+                    except Exception:
+                        pass
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
                 engine.end(seq, State.FINISHED, "error", exc)

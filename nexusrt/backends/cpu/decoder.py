@@ -84,9 +84,11 @@ class PagedDecoder:
     """The decoder's weights (fused ``qkv`` / ``gate_up`` as a GPU runner lays them out) and
     its pass over :class:`Rows` of many sequences against paged K/V pools."""
 
-    def __init__(self, weights: WeightSource):
+    def __init__(self, weights: WeightSource, embed: np.ndarray | None = None):
+        """``embed``: an embedding table already loaded elsewhere (tensor-parallel ranks share
+        rank 0's replicated table instead of each loading a copy)."""
         cfg = self.config = weights.config
-        self.embed = weights.load("embed")
+        self.embed = weights.load("embed") if embed is None else embed
         self.final_norm = weights.load("final_norm")
         self.lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_hidden_layers)]

@@ -28,7 +28,9 @@ class ShardedDecoder:
         self.config = weights.config
         self.plan = ShardPlan(weights.config, size)  # bad degrees and indivisible shapes fail here
         self.group = LocalGroup(size)
-        self.ranks = [PagedDecoder(shard(weights, self.plan, r)) for r in range(size)]
+        self.ranks = [PagedDecoder(shard(weights, self.plan, 0))]
+        # The embedding is replicated: one table serves every rank (a copy each would be dead memory).
+        self.ranks += [PagedDecoder(shard(weights, self.plan, r), embed=self.ranks[0].embed) for r in range(1, size)]
 
     @property
     def size(self) -> int:

@@ -161,3 +161,19 @@ def test_generate_with_an_unknown_preset_lists_the_presets():
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "nexusrt:stdlib-large" in proc.stderr and "nexusrt:stdlib-tiny" in proc.stderr
     assert "synthetic:llama-3.2-1b" in proc.stderr
+
+
+def test_a_manifest_without_hashes_does_not_block_a_checkpoint_and_entries_cannot_leave_it(tmp_path):
+    from tests import helpers_hf as H
+
+    ckpt = H.copy_checkpoint("llama", tmp_path / "ckpt")
+    (ckpt / "manifest.json").write_text(json.dumps({"name": "someone else's manifest"}))
+    assert load_model(ckpt).config.vocab_size > 0  # not ours to verify: loads as before
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"x" * 10)
+    (ckpt / "extra.bin").symlink_to(outside)
+    manifest = {"sha256": {f: "0" * 64 for f in ("config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json", "generation_config.json", "extra.bin")}}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(nrt.ModelError, match="outside the checkpoint directory"):
+        load_model(ckpt)

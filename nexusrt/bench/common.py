@@ -37,25 +37,21 @@ def add_model_argument(parser) -> None:
 
 
 def resolve_model_config(spec: str):
-    """The ModelConfig of ``spec``: ``synthetic:<preset>``, a bare preset name, ``nexusrt:<name>`` or a dir."""
-    from pathlib import Path
-
-    from ..models.config import load_config
-    from ..models.presets import PRESETS, preset
-    from ..models.shipped import PREFIX, shipped_dir, shipped_names
+    """The ModelConfig of ``spec``: any name ``nrt.LLM`` takes (``synthetic:<preset>`` or a bare
+    preset name, ``nexusrt:<name>``, a checkpoint directory, a cached repo id ``org/name``)."""
+    from ..errors import ModelError
+    from ..models.loader import model_config
+    from ..models.presets import PRESETS
+    from ..models.shipped import shipped_names
 
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--model must be 'synthetic:<preset>' or a checkpoint directory, got {spec!r}")
-    if spec.startswith(SYNTHETIC_PREFIX):
-        return preset(spec[len(SYNTHETIC_PREFIX):])
-    if spec in PRESETS:
-        return preset(spec)
-    if spec.startswith(PREFIX):
-        return load_config(shipped_dir(spec))
-    if Path(spec).is_dir():
-        return load_config(spec)
-    raise ValueError(f"--model {spec!r} is neither synthetic:<preset> ({', '.join(PRESETS)}), "
-                     f"a shipped model ({', '.join(shipped_names())}) nor a checkpoint directory")
+    try:
+        return model_config(spec)
+    except ModelError as exc:
+        raise ValueError(f"--model {spec!r} is neither synthetic:<preset> ({', '.join(PRESETS)}), "
+                         f"a shipped model ({', '.join(shipped_names())}), a cached repo id nor a checkpoint "
+                         f"directory: {exc}") from None
 
 
 def add_shared_argument(parser, *names, **kwargs) -> None:

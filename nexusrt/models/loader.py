@@ -17,7 +17,7 @@ from .config import ModelConfig, load_config
 from .hub import find_cached, looks_like_repo_id
 from .jsonfile import read_json_object
 from .paths import CheckpointDir
-from .presets import PRESETS
+from .presets import PRESETS, preset
 from .safetensors import SafetensorsIndex
 from .shipped import MANIFEST, PREFIX as SHIPPED_PREFIX, shipped_dir, shipped_names, verify_manifest
 from .synthetic import SyntheticWeights
@@ -83,36 +83,64 @@ class LoadedModel:
         return self.generation.eos_token_ids
 
 
-def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> LoadedModel:
-    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``), a shipped
-    ``nexusrt:<name>``, or a Hugging Face repo id ``org/name`` found in the local Hugging Face
-    cache (nothing is downloaded).
-
-    Every file is read from inside the directory (see :mod:`nexusrt.models.paths`);
-    ``allow_paths`` lists further folders its symlinks may lead into. A directory with a
-    ``manifest.json`` (shipped models) has every file's SHA-256 checked first.
-    """
-    name = str(path_or_name)
+def preset_name(name: str) -> str | None:
+    """The synthetic preset ``name`` asks for: ``synthetic:<preset>``, or a bare preset name that is
+    no path on disk; None when it names something else. An unknown ``synthetic:`` preset raises."""
     if name.startswith(SYNTHETIC_PREFIX):
         preset_name = name[len(SYNTHETIC_PREFIX):]
         if preset_name not in PRESETS:
             raise ModelError(f"unknown synthetic model {preset_name!r}; available: "
                              f"{', '.join([SYNTHETIC_PREFIX + p for p in PRESETS] + shipped_names())}")
-        weights = SyntheticWeights.from_preset(preset_name, seed)
-        # Synthetic weights are random: no eos, so benchmarks always run the asked length.
-        return LoadedModel(name, weights.config, weights, ByteTokenizer(), GenerationDefaults())
-    d, label = Path(name), Path(name).name
+        return preset_name
+    return name if name in PRESETS and not Path(name).exists() else None
+
+
+def locate(name: str) -> tuple[Path, str]:
+    """The checkpoint directory ``name`` names and a label for it: a shipped ``nexusrt:<name>``
+    (hashes verified), a directory, or a Hugging Face repo id ``org/name`` in the local cache."""
     if name.startswith(SHIPPED_PREFIX):
-        d, label = shipped_dir(name), name  # hashes verified
-    elif not d.exists() and looks_like_repo_id(name):
-        d, label = find_cached(name), name
+        return shipped_dir(name), name
+    d = Path(name)
+    if not d.exists() and looks_like_repo_id(name):
+        return find_cached(name), name
     if not d.exists():
         raise ModelError(f"model {name!r}: no such directory (or use synthetic:<preset>, presets: "
                          f"{', '.join(PRESETS)}, a shipped model: {', '.join(shipped_names())}, "
                          "or a Hugging Face repo id org/name in the local cache)")
-    if (d / MANIFEST).is_file() and not name.startswith(SHIPPED_PREFIX):
-        verify_manifest(d)  # e.g. a copy of a shipped model: still no silent use of a changed file
+    return d, d.name
+
+
+def model_config(path_or_name: str | Path, allow_paths=()):
+    """The ModelConfig of any model name :func:`load_model` takes, reading only its config."""
+    name = str(path_or_name)
+    p = preset_name(name)
+    if p is not None:
+        return preset(p)
+    d, _ = locate(name)
+    return load_config(CheckpointDir(d, allow=allow_paths))
+
+
+def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> LoadedModel:
+    """Open a checkpoint directory, ``synthetic:<preset>`` (weights from ``seed``; a bare preset
+    name too), a shipped ``nexusrt:<name>``, or a Hugging Face repo id ``org/name`` found in the
+    local Hugging Face cache (nothing is downloaded).
+
+    Every file is read from inside the directory (see :mod:`nexusrt.models.paths`);
+    ``allow_paths`` lists further folders its symlinks may lead into. A shipped model, and a
+    directory whose ``manifest.json`` lists SHA-256s (e.g. a copy of one), has every listed
+    file's hash checked first.
+    """
+    name = str(path_or_name)
+    p = preset_name(name)
+    if p is not None:
+        weights = SyntheticWeights.from_preset(p, seed)
+        # Synthetic weights are random: no eos, so benchmarks always run the asked length.
+        return LoadedModel(SYNTHETIC_PREFIX + p, weights.config, weights, ByteTokenizer(), GenerationDefaults())
+    d, label = locate(name)
     files = CheckpointDir(d, allow=allow_paths)
+    if not name.startswith(SHIPPED_PREFIX) and files.file(MANIFEST, required=False) is not None:
+        if isinstance(read_json_object(files.file(MANIFEST)).get("sha256"), dict):
+            verify_manifest(d, files)  # a copy of a shipped model: still no silent use of a changed file
     config = load_config(files)
     tokenizer = HFTokenizer(d, files)
     weights = CheckpointWeights(config, SafetensorsIndex.from_dir(files))

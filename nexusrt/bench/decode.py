@@ -15,10 +15,11 @@ import time
 
 import numpy as np
 
+from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
 from .table import plain, table
 
-CPU_MODEL = "nexusrt:stdlib-tiny"  # the shipped trained model: small enough for NumPy
+CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 
 
 def add_arguments(parser) -> None:

@@ -17,10 +17,11 @@ import time
 
 import numpy as np
 
+from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
 from .table import table
 
-CPU_MODEL = "nexusrt:stdlib-tiny"  # the shipped trained model
+CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 DEFAULT_LENGTHS = (512, 2048, 8192)
 CPU_MAX_TOKENS = 256  # the NumPy prefill is O(n^2) per layer in Python; keep the stage short
 ATTENTION_TOKENS = 8192

@@ -24,7 +24,7 @@ class Runtime:
     boot_s: dict[str, float] = field(default_factory=dict)
     probe_reason: str = ""
     closers: list = field(default_factory=list)  # extra resources to close at shutdown
-    boot_args: dict = field(default_factory=dict)  # what init() was asked for (re-init must agree)
+    boot_args: dict = field(default_factory=dict)  # init() arguments re-init compares that the runtime cannot tell (arena_bytes)
 
     @property
     def is_cuda(self) -> bool:

@@ -84,3 +84,14 @@ def test_safetensors_header_entries(tmp_path):
             SafetensorsFile(f)
         except ModelError as exc:
             assert str(exc).startswith(str(f)), (where, exc)
+
+
+@pytest.mark.parametrize("key, value", [("eos_token_id", 10**6), ("bos_token_id", 10**6)])
+def test_config_token_ids_must_lie_inside_the_vocabulary(tmp_path, key, value):
+    from nexusrt.models.config import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 384, key: value}))
+    with pytest.raises(ModelError, match=key):
+        load_config(tmp_path)

@@ -41,7 +41,7 @@ def boot(profile: str = "auto", backend: str | None = None, device: int = 0,
         measured = dev.measure_profile()
         prof = resolve(profile, measured)  # ProfileMismatch / ValueError before any resource
     rt = Runtime(backend=probe.backend, device=dev, profile=prof, boot_s=times,
-                 probe_reason=probe.reason, boot_args={"profile": profile, "arena_bytes": arena_bytes})
+                 probe_reason=probe.reason, boot_args={"arena_bytes": arena_bytes})
     try:
         with _phase(times, "context"):
             dev.open_context()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..memory.checks import check_tensor
-from .blocks import BLOCK_SIZE
+from .blocks import BLOCK_SIZE, pool_shape
 
 
 def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
@@ -12,10 +12,10 @@ def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
     if shape is None or len(shape) != 4:
         raise ValueError(f"k_pool must be a 4-d tensor [num_blocks, {num_kv_heads}, {BLOCK_SIZE}, "
                          f"{head_dim}], got shape {shape}")
-    pool_shape = (int(shape[0]), num_kv_heads, BLOCK_SIZE, head_dim)
-    check_tensor(k_pool, "k_pool", pool_shape, "bf16")
-    check_tensor(v_pool, "v_pool", pool_shape, "bf16")
-    return pool_shape[0]
+    expected = pool_shape(int(shape[0]), num_kv_heads, head_dim)
+    check_tensor(k_pool, "k_pool", expected, "bf16")
+    check_tensor(v_pool, "v_pool", expected, "bf16")
+    return expected[0]
 
 
 def check_state(block_table, pos) -> None:

@@ -129,7 +129,7 @@ class ModelConfig:
         sizes = {k: f.int(k, lo=1, hi=LIMITS[k]) for k in REQUIRED_KEYS[1:]}
         heads = sizes["num_attention_heads"]
         rope_theta, rope_scaling = _rope_from_hf(f)
-        eos = f.ids("eos_token_id")
+        eos = f.ids("eos_token_id", hi=sizes["vocab_size"])  # an id past the vocabulary would never stop
         return cls(
             architecture=arch,
             **sizes,
@@ -147,7 +147,7 @@ class ModelConfig:
             torch_dtype=f.str("torch_dtype", None) or f.str("dtype", None) or "float32",
             sliding_window=(f.int("sliding_window", None, lo=1, hi=LIMITS["max_position_embeddings"])
                             if arch == "MistralForCausalLM" else None),
-            bos_token_id=f.int("bos_token_id", None, lo=0),
+            bos_token_id=f.int("bos_token_id", None, lo=0, hi=sizes["vocab_size"] - 1),
             eos_token_ids=eos or (),
             source=source,
         )

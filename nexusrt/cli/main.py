@@ -31,8 +31,20 @@ MODEL_HELP = ("checkpoint directory, nexusrt:stdlib-tiny (the default: shipped, 
               "or a Hugging Face repo id org/name in the local HF cache (never downloaded)")
 
 
-def _common(p) -> None:
+def _load_flags(p) -> None:
+    """The flags that choose and load a model, shared by generate, chat and serve."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="cap the KV cache (and so the tokens of one sequence) at N")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
+
+
+def _common(p) -> None:
+    _load_flags(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="system prompt for the chat template")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
@@ -43,12 +55,6 @@ def _common(p) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
     p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
                    help="force a backend (default: NEXUSRT_BACKEND, else probe)")
-    p.add_argument("--max-context", type=int, default=None, metavar="N", help="cap the KV cache at N tokens")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
-    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
-                   help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
 
 
 def _kv_flags(p) -> None:
@@ -89,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
                                    "/metrics; concurrent requests are batched by the serving engine "
                                    "(CPU backend for now). SIGTERM drains and exits.")
-    s.add_argument("--model", default=None, help=MODEL_HELP)
+    _load_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests running at once (32)")
@@ -97,14 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of the KV block pool, e.g. 268435456 or 256M (default 256M)")
     s.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="queued requests beyond which new ones get HTTP 429 (256)")
-    s.add_argument("--max-context", type=int, default=None, metavar="N", help="cap on tokens per request")
-    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
-    s.add_argument("--allow-path", action="append", default=[], metavar="DIR",
-                   help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
     s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
                    help="after SIGTERM, seconds requests in flight may take before they are cancelled (4)")
-    s.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
     _kv_flags(s)
     return parser
 

@@ -28,8 +28,9 @@ BF16 = ml_dtypes.bfloat16
 def test_compiles_with_every_kernel_the_launcher_names(source, arch):
     cubin = compile_file(source, arch, use_cache=False).cubin
     if source == "attention_decode":
-        names = {dec.kernel_name(d, g) for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
-        assert len(names) == 12  # exact 1, 2, 4, 8 and bounded 4, 8 per head dim
+        names = {dec.kernel_name(d, g, rows) for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)
+                 for rows in (False, True)}
+        assert len(names) == 24  # exact 1, 2, 4, 8 and bounded 4, 8 per head dim, one-sequence and rows
     else:
         names = [f"attention_prefill_d{d}" for d in pre.HEAD_DIMS]
     for name in names:

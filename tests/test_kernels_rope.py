@@ -22,6 +22,7 @@ def test_compiles_with_every_kernel_the_launcher_names(arch):
     cubin = compile_file("rope", arch, use_cache=False).cubin
     for d in rope.HEAD_DIMS:
         assert f"rope_append_d{d}".encode() in cubin
+        assert f"rope_append_rows_d{d}".encode() in cubin
 
 
 def test_page_size_agrees_with_the_kernel_headers():

@@ -22,3 +22,12 @@ def check_state(block_table, pos) -> None:
     """The block table (int32, 1-d) and the device position word (int32)."""
     check_tensor(block_table, "block_table", None, "int32")
     check_tensor(pos, "pos", None, "int32")
+
+
+def check_rows(tables, meta, rows: int) -> None:
+    """The batched step's per-row state: ``tables`` int32 ``[S, W]`` (a block table per row of
+    it) and ``meta`` int32 ``[rows, 4]`` (RoPE position, cache slot, table row, unused)."""
+    if len(getattr(tables, "shape", ())) != 2:
+        raise ValueError(f"tables must be a 2-d int32 tensor [sequences, max_blocks], got shape "
+                         f"{getattr(tables, 'shape', None)}")
+    check_tensor(meta, "meta", (rows, 4), "int32")

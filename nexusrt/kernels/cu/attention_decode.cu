@@ -54,12 +54,22 @@ __device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], floa
 // GM: compile-time bound on the group size (register arrays). kExact kernels (G == GM: 1,
 // 2, 4, 8, the common shapes) let the compiler drop every `g >= G` test; the others take G
 // at run time (3 with GM = 4; 5..7 with GM = 8), so 6 instantiations per head dim serve 1..8.
-template <int D, int GM, bool kExact>
+// One output element: fp32 for the one-sequence step, bf16 (a tensor-core GEMM's operand) for rows.
+__device__ __forceinline__ void store_out(float* out, long long i, float v) { out[i] = v; }
+__device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float v) {
+    out[i] = __float2bfloat16_rn(v);
+}
+
+// kRows: the batched step, one query row per sequence (blockIdx.z), each with its own slot and
+// block-table row from meta int32 [rows, 4] = (position, slot, table row, unused); the
+// workspace and tickets are per row. fixed_chunk > 0 fixes the tokens per split (then a row's
+// result does not depend on how many splits the launch allows: batch invariance).
+template <int D, int GM, bool kExact, bool kRows, typename OutT>
 __device__ __forceinline__ void decode_impl(
-    const float* __restrict__ q, float* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
+    const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
-    int max_splits, float scale) {
+    int max_splits, float scale, int table_stride, int fixed_chunk) {
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -75,9 +85,23 @@ __device__ __forceinline__ void decode_impl(
     // position, the page table and every cached row but the newest. Only q and the newest
     // K/V row come from the kernel right before us (rope_append).
     const int kvh = blockIdx.x, split = blockIdx.y;
-    const int seq_len = *pos + 1;
+    int seq_len;
+    if (kRows) {
+        const long long row = blockIdx.z;
+        const int* meta = pos + 4 * row;
+        seq_len = meta[1] + 1;
+        page_table += (long long)meta[2] * table_stride;
+        q += row * Hkv * G * D;
+        out += row * Hkv * G * D;
+        ws_acc += row * Hkv * max_splits * G * D;
+        ws_ml += row * Hkv * max_splits * G;
+        tickets += row * Hkv;
+    } else {
+        seq_len = *pos + 1;
+    }
     int chunk = (seq_len + max_splits - 1) / max_splits;
     chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
+    if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
     const int nsplit = (seq_len + chunk - 1) / chunk;
     if (split >= nsplit) return;
     const int start = split * chunk;
@@ -218,7 +242,7 @@ __device__ __forceinline__ void decode_impl(
             a += red_acc[w][g][d] * c;
         }
         if (nsplit == 1) {
-            out[(long long)(kvh * G + g) * D + d] = a / sum;
+            store_out(out, (long long)(kvh * G + g) * D + d, a / sum);
         } else {
             const long long slot = ((long long)kvh * max_splits + split) * G + g;
             ws_acc[slot * D + d] = a;
@@ -257,7 +281,7 @@ __device__ __forceinline__ void decode_impl(
         const float* src = ws_acc + ((long long)kvh * max_splits * G + g) * D + d;
         float a = 0.f;
         for (int sp = 0; sp < nsplit; ++sp) a += weight[sp][g] * __ldcg(src + (long long)sp * G * D);
-        out[(long long)(kvh * G + g) * D + d] = a;
+        store_out(out, (long long)(kvh * G + g) * D + d, a);
     }
     if (tid == 0) tickets[kvh] = 0;  // ready for the next launch (the graph replays it)
 }
@@ -267,22 +291,38 @@ __device__ __forceinline__ void decode_impl(
 // q fp32 [Hq*D], out fp32 [Hq*D]; ws_acc fp32 [Hkv][max_splits][G][D]; ws_ml float2
 // [Hkv][max_splits][G]; tickets int32 [Hkv], zero before the first launch. G = Hq / Hkv:
 // attention_decode_d<D>_g<G> for G in {1, 2, 4, 8}, else attention_decode_d<D>_gmax<4|8>.
+// The rows kernels (attention_decode_rows_*): q fp32 [rows][Hq*D], out bf16 [rows][Hq*D],
+// tables int32 [*][table_stride], meta int32 [rows][4], and every workspace with a leading
+// [rows]; grid (Hkv, max_splits, rows).
 #define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
         const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
         const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
         int G, int max_splits, float scale) {                                                       \
-        decode_impl<D, GM, EXACT>(q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets,  \
-                                  Hkv, G, max_splits, scale);                                       \
+        decode_impl<D, GM, EXACT, false>(q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml,    \
+                                         tickets, Hkv, G, max_splits, scale, 0, 0);                 \
     }
 
-#define NRT_DECODE_ALL_G(D)                                                                         \
-    NRT_DECODE(D, 1, true, attention_decode_d##D##_g1)                                              \
-    NRT_DECODE(D, 2, true, attention_decode_d##D##_g2)                                              \
-    NRT_DECODE(D, 4, true, attention_decode_d##D##_g4)                                              \
-    NRT_DECODE(D, 8, true, attention_decode_d##D##_g8)                                              \
-    NRT_DECODE(D, 4, false, attention_decode_d##D##_gmax4)                                          \
-    NRT_DECODE(D, 8, false, attention_decode_d##D##_gmax8)
+#define NRT_DECODE_ROWS(D, GM, EXACT, NAME)                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
+        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
+        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
+        int table_stride, int fixed_chunk) {                                                        \
+        decode_impl<D, GM, EXACT, true>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml,        \
+                                        tickets, Hkv, G, max_splits, scale, table_stride,           \
+                                        fixed_chunk);                                               \
+    }
 
-NRT_DECODE_ALL_G(64)
-NRT_DECODE_ALL_G(128)
+#define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
+    MACRO(D, 1, true, PREFIX##_d##D##_g1)                                                           \
+    MACRO(D, 2, true, PREFIX##_d##D##_g2)                                                           \
+    MACRO(D, 4, true, PREFIX##_d##D##_g4)                                                           \
+    MACRO(D, 8, true, PREFIX##_d##D##_g8)                                                           \
+    MACRO(D, 4, false, PREFIX##_d##D##_gmax4)                                                       \
+    MACRO(D, 8, false, PREFIX##_d##D##_gmax8)
+
+NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
+NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
+NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
+NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)

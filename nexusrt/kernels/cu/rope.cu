@@ -4,6 +4,10 @@
 //   q heads: optional per-head RMSNorm (Qwen3 q_norm), RoPE, written to q_out fp32 [M, Hq, D];
 //   k heads: optional per-head RMSNorm (k_norm), RoPE, written as bf16 into the paged k_pool;
 //   v heads: written as bf16 into the paged v_pool.
+// The rows variant (rope_append_rows_d<D>, the batched step of many sequences) reads each
+// row's RoPE position, cache slot and block-table row from meta int32 [M, 4] = (position,
+// slot, table row, unused) and its table from tables int32 [*, table_stride]; the plain one
+// has position = slot = *pos + m and one table.
 // One warp per (row, head): a head row is D <= 256 floats, so the norm is one warp reduction
 // and each lane owns the rotate_half pairs (j, j + D/2) for j = lane, lane + 32, ...
 //
@@ -15,12 +19,12 @@ namespace {
 
 constexpr int kWarps = 4;  // heads per block
 
-template <int D>
+template <int D, bool kRows>
 __device__ __forceinline__ void rope_append_impl(
     const float* __restrict__ qkv, float* __restrict__ q_out, __nv_bfloat16* __restrict__ k_pool,
     __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     const float* __restrict__ inv_freq, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-    float eps, int M, int Hq, int Hkv) {
+    float eps, int M, int Hq, int Hkv, int table_stride) {
     static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
     nrt::pdl_enter();  // qkv comes from the kernel before (see pdl.cuh)
     constexpr int kHalf = D / 2;
@@ -32,7 +36,15 @@ __device__ __forceinline__ void rope_append_impl(
     const int heads = Hq + 2 * Hkv;
     if (head >= heads || m >= M) return;
 
-    const int t = *pos + m;  // absolute position of this row
+    int t, slot;  // RoPE position and cache slot of this row
+    if (kRows) {
+        const int* meta = pos + 4 * m;
+        t = meta[0];
+        slot = meta[1];
+        page_table += (long long)meta[2] * table_stride;
+    } else {
+        t = slot = *pos + m;
+    }
     const float* src = qkv + (long long)m * heads * D + (long long)head * D;
 
     float x1[kPairs], x2[kPairs];
@@ -81,7 +93,7 @@ __device__ __forceinline__ void rope_append_impl(
         return;
     }
     const int kvh = is_k ? head - Hq : head - Hq - Hkv;
-    __nv_bfloat16* dst = (is_k ? k_pool : v_pool) + nrt_attn::kv_offset(page_table, t, kvh, Hkv, D);
+    __nv_bfloat16* dst = (is_k ? k_pool : v_pool) + nrt_attn::kv_offset(page_table, slot, kvh, Hkv, D);
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
         dst[lane + 32 * k] = __float2bfloat16_rn(x1[k]);
@@ -97,8 +109,15 @@ __device__ __forceinline__ void rope_append_impl(
         const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
         const int* page_table, const int* pos, const float* inv_freq, const float* q_norm,          \
         const float* k_norm, float eps, int M, int Hq, int Hkv) {                                   \
-        rope_append_impl<D>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, q_norm, k_norm,  \
-                            eps, M, Hq, Hkv);                                                       \
+        rope_append_impl<D, false>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, q_norm,   \
+                                   k_norm, eps, M, Hq, Hkv, 0);                                     \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_rows_d##D(                \
+        const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
+        const int* tables, const int* meta, const float* inv_freq, const float* q_norm,             \
+        const float* k_norm, float eps, int M, int Hq, int Hkv, int table_stride) {                 \
+        rope_append_impl<D, true>(qkv, q_out, k_pool, v_pool, tables, meta, inv_freq, q_norm,       \
+                                  k_norm, eps, M, Hq, Hkv, table_stride);                           \
     }
 
 NRT_ROPE_APPEND(64)

@@ -15,23 +15,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import check_pools, check_state
+from ...kvcache.checks import check_pools, check_rows, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
 SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
+ROWS_SIGNATURE = SIGNATURE + " i32 i32"
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
 THREADS = 128
 
 
-def kernel_name(head_dim: int, group: int) -> str:
+def kernel_name(head_dim: int, group: int, rows: bool = False) -> str:
     """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else."""
+    prefix = "attention_decode_rows" if rows else "attention_decode"
     if group in (1, 2, 4, 8):
-        return f"attention_decode_d{head_dim}_g{group}"
-    return f"attention_decode_d{head_dim}_gmax{4 if group < 4 else 8}"
+        return f"{prefix}_d{head_dim}_g{group}"
+    return f"{prefix}_d{head_dim}_gmax{4 if group < 4 else 8}"
 
 
 def tokens_per_step(head_dim: int, group: int) -> int:
@@ -65,6 +67,7 @@ class DecodeWorkspace:
     ml: object
     tickets: object
     max_splits: int
+    rows: int = 0  # > 0: a workspace of the batched kernel, every array with a leading [rows]
 
     def free(self) -> None:
         for t in (self.acc, self.ml, self.tickets):
@@ -72,8 +75,9 @@ class DecodeWorkspace:
 
 
 def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_splits: int,
-                    tag: str = "attention") -> DecodeWorkspace:
-    """Allocate a workspace on the running runtime (tickets zeroed)."""
+                    tag: str = "attention", rows: int = 0) -> DecodeWorkspace:
+    """Allocate a workspace on the running runtime (tickets zeroed); ``rows`` > 0 for the
+    batched kernel (one workspace per query row)."""
     from ... import memory
 
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -81,21 +85,28 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
     if max_splits > MAX_SPLITS:
         raise ValueError(f"max_splits is {max_splits}; the kernel supports at most {MAX_SPLITS}")
     g = num_q_heads // num_kv_heads
+    lead = (rows,) if rows else ()
     return DecodeWorkspace(
-        acc=memory.empty((num_kv_heads, max_splits, g, head_dim), "fp32", tag=tag),
-        ml=memory.empty((num_kv_heads, max_splits, g, 2), "fp32", tag=tag),
-        tickets=memory.zeros((num_kv_heads,), "int32", tag=tag),
-        max_splits=max_splits)
+        acc=memory.empty(lead + (num_kv_heads, max_splits, g, head_dim), "fp32", tag=tag),
+        ml=memory.empty(lead + (num_kv_heads, max_splits, g, 2), "fp32", tag=tag),
+        tickets=memory.zeros(lead + (num_kv_heads,), "int32", tag=tag),
+        max_splits=max_splits, rows=rows)
 
 
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     scale: float | None = None) -> LaunchSpec:
+                     scale: float | None = None, fixed_chunk: int = 0) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
     ``[num_blocks, Hkv, BLOCK_SIZE, D]`` (rope_append wrote position ``*pos`` already).
     ``scale`` defaults to ``1/sqrt(D)``.
+
+    With a workspace of ``rows`` > 0 (the batched step): ``q`` fp32 ``[rows, Hq, D]``, ``out``
+    bf16 ``[rows, Hq * D]``, ``block_table`` int32 ``[S, W]`` and ``pos`` the rows' meta int32
+    ``[rows, 4]`` (position, slot, table row, unused): row r attends to slots ``0 .. slot``
+    of its table. ``fixed_chunk`` > 0 (a multiple of :func:`tokens_per_step`) fixes the tokens
+    per split, so a row's result does not depend on the batch it runs in.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -106,23 +117,31 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     if group > MAX_GROUP:
         raise ValueError(f"GQA group {group} (= {num_q_heads}/{num_kv_heads}) is above the "
                          f"supported {MAX_GROUP}")
-    check_tensor(q, "q", (num_q_heads, head_dim), "fp32")
-    check_tensor(out, "out", (num_q_heads * head_dim,), "fp32")
+    rows = workspace.rows
+    lead = (rows,) if rows else ()
+    check_tensor(q, "q", lead + (num_q_heads, head_dim), "fp32")
+    check_tensor(out, "out", lead + (num_q_heads * head_dim,), "bf16" if rows else "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
+    if rows:
+        check_rows(block_table, pos, rows)
+    if fixed_chunk < 0 or fixed_chunk % tokens_per_step(head_dim, group):
+        raise ValueError(f"fixed_chunk must be 0 or a multiple of {tokens_per_step(head_dim, group)}, got {fixed_chunk}")
     splits = workspace.max_splits
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"workspace.max_splits is {splits}; it must be in 1..{MAX_SPLITS}")
-    check_tensor(workspace.acc, "workspace.acc", (num_kv_heads, splits, group, head_dim), "fp32")
-    check_tensor(workspace.ml, "workspace.ml", (num_kv_heads, splits, group, 2), "fp32")
-    check_tensor(workspace.tickets, "workspace.tickets", (num_kv_heads,), "int32")
+    check_tensor(workspace.acc, "workspace.acc", lead + (num_kv_heads, splits, group, head_dim), "fp32")
+    check_tensor(workspace.ml, "workspace.ml", lead + (num_kv_heads, splits, group, 2), "fp32")
+    check_tensor(workspace.tickets, "workspace.tickets", lead + (num_kv_heads,), "int32")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    name = kernel_name(head_dim, group)
-    kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
+    name = kernel_name(head_dim, group, rows=bool(rows))
+    kernel = rt.kernels.get(SOURCE, name, ROWS_SIGNATURE if rows else SIGNATURE)
+    tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
-                       group, splits, scale)
-    return LaunchSpec(kernel, (num_kv_heads, splits, 1), (THREADS, 1, 1), args, 0, name, pdl=pdl_ok(rt))
+                       group, splits, scale, *tail)
+    return LaunchSpec(kernel, (num_kv_heads, splits, max(rows, 1)), (THREADS, 1, 1), args, 0, name,
+                      pdl=pdl_ok(rt))
 
 
 def bytes_moved(context: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:

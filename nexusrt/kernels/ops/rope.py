@@ -10,19 +10,20 @@ from __future__ import annotations
 import numpy as np
 
 from ...kvcache.blocks import pool_shape
-from ...kvcache.checks import check_pools, check_state
+from ...kvcache.checks import check_pools, check_rows, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "rope"
 SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr f32 i32 i32 i32"
+ROWS_SIGNATURE = SIGNATURE + " i32"
 HEAD_DIMS = (64, 128, 256)
 HEADS_PER_BLOCK = 4  # one warp per head, kWarps in rope.cu
 
 
 def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, num_q_heads: int,
                 num_kv_heads: int, head_dim: int, q_norm=None, k_norm=None,
-                eps: float = 1e-6) -> LaunchSpec:
+                eps: float = 1e-6, rows: bool = False) -> LaunchSpec:
     """Launch spec for RoPE + KV append of ``M = qkv.shape[0]`` rows.
 
     Parameters
@@ -32,6 +33,9 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     k_pool, v_pool : bf16 ``[num_blocks, Hkv, BLOCK_SIZE, D]``, this layer's cache.
     block_table : int32 ``[max_blocks]``: logical KV block -> physical block (covers *pos + M - 1).
     pos : int32 device word; row m is position ``*pos + m``.
+    rows : the batched step of many sequences: ``block_table`` is int32 ``[S, W]`` (one table
+        per row of it) and ``pos`` is int32 ``[M, 4]``: row m's RoPE position, cache slot,
+        table row, unused.
     inv_freq : fp32 ``[D/2]`` (RoPE scaling already folded in).
     q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
     """
@@ -49,16 +53,19 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
+    if rows:
+        check_rows(block_table, pos, m)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             check_tensor(w, name, (head_dim,), "fp32")
-    kernel = rt.kernels.get(SOURCE, f"rope_append_d{head_dim}", SIGNATURE)
+    name = f"rope_append_rows_d{head_dim}" if rows else f"rope_append_d{head_dim}"
+    kernel = rt.kernels.get(SOURCE, name, ROWS_SIGNATURE if rows else SIGNATURE)
+    tail = (int(block_table.shape[1]),) if rows else ()
     args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
-                       ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads)
+                       ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads, *tail)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)
-    return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, f"rope_append_d{head_dim}",
-                      pdl=pdl_ok(rt))
+    return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, name, pdl=pdl_ok(rt))
 
 
 def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:

@@ -21,6 +21,7 @@ from .spec import BenchCase, LaunchSpec
 SOURCE = "sampling"
 PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr"
 FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr i32"
+ARGMAX_SIGNATURE = "ptr i32 ptr i32"
 PART_CHUNK = 4096  # logits per partial-argmax block (kPartChunk)
 PART_THREADS = 256
 FINISH_THREADS = 1024
@@ -112,6 +113,21 @@ def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring
     pdl = pdl_ok(rt)
     return (LaunchSpec(partial, (n, 1, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_argmax_partial", pdl),
             LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish", pdl))
+
+
+def argmax_rows(rt, logits, out) -> LaunchSpec:
+    """The greedy pick of every row of ``logits`` fp32 ``[M, vocab]`` into ``out`` int32 ``[M]``
+    (the batched step's; lowest index on ties, a row of NaN gives 2**31-1)."""
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"logits must be a 2-d fp32 tensor [rows, vocab], got shape {shape}")
+    m, vocab = int(shape[0]), int(shape[1])
+    check_positive(rows=m, vocab=vocab)
+    check_tensor(logits, "logits", (m, vocab), "fp32")
+    check_tensor(out, "out", (m,), "int32")
+    kernel = rt.kernels.get(SOURCE, "argmax_rows", ARGMAX_SIGNATURE)
+    args = kernel.pack(ptr(logits), vocab, ptr(out), m)
+    return LaunchSpec(kernel, (m, 1, 1), (FINISH_THREADS, 1, 1), args, 0, "argmax_rows", pdl_ok(rt))
 
 
 def bench_cases(rt, config) -> list[BenchCase]:

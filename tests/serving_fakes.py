@@ -45,5 +45,10 @@ class FakeRunner:
             out.append(logits)
         return out
 
+    def run_tokens(self, batch):
+        from nexusrt.backends.base import sample_rows
+
+        return sample_rows(batch, self.run(batch))
+
     def close(self):
         pass

@@ -209,3 +209,36 @@ def test_a_cancelled_owner_unblocks_those_waiting_for_its_prefix():
     e.run_until_done()
     assert follower.finish_reason == "length" and follower.num_cached == 16  # the one block owner finished
     assert clean(e)
+
+
+def test_fixed_chunks_cut_a_prompt_at_the_same_places_whatever_runs_beside_it():
+    """Deterministic mode: chunks end at multiples of fixed_chunks (or the prompt's end), and a
+    chunk that does not fit the budget left this step waits whole for the next one."""
+    def cuts(others: int):
+        e = Engine(FakeRunner(128), SchedulerConfig(max_running=8, token_budget=40, fixed_chunks=24))
+        busy = [seq(3, max_new=30, first=300 + 10 * i) for i in range(others)]
+        for s in busy:
+            e.add(s)
+        e.step()
+        target = seq(70, max_new=3, first=1)
+        e.add(target)
+        e.run_until_done()
+        spans = [(start, n) for step in e.runner.steps for start, n, _ in step if n > 1 or start < 70]
+        return [s for s in spans if s[1] > 3 or s[0] >= 24], target.output_ids, clean(e)
+
+    alone_spans, alone_ids, ok = cuts(0)
+    busy_spans, busy_ids, ok2 = cuts(7)
+    assert ok and ok2 and alone_ids == busy_ids
+    assert [n for s, n in alone_spans if n > 3][:3] == [24, 24, 22]
+    assert [n for s, n in busy_spans if n > 3][:3] == [24, 24, 22]
+    with pytest.raises(ValueError, match="fixed_chunks"):
+        SchedulerConfig(max_running=8, token_budget=30, fixed_chunks=24)
+
+
+def test_sequence_ids_slices_prompt_and_output_without_building_both():
+    s = seq(5, first=10)
+    s.output_ids.extend([90, 91, 92])
+    full = s.all_ids
+    for start in range(8):
+        for count in range(1, 9 - start):
+            assert s.ids(start, count) == full[start:start + count]

@@ -102,6 +102,17 @@ class Rows:
     logits: bool = False  # whether the step returns the logits of the last row
     position: int | None = None  # RoPE position of the first row (None: start; differs once KV is pruned)
     scores: np.ndarray | None = None  # float64 [>= start+T]: attention mass per slot, added to in place
+    params: object = None  # SamplingParams of the next id (run_tokens; None: greedy)
+    step: int = 0  # 0-based index of the id being sampled (the seeded draw's counter)
+
+
+def sample_rows(batch: list[Rows], logits: list) -> list[int | None]:
+    """The next id of each entry with logits, by :func:`nexusrt.reference.sampling.sample` with the
+    entry's own ``params`` and ``step`` (the meaning of :meth:`BatchRunner.run_tokens`)."""
+    from ..reference.sampling import SamplingParams, sample
+
+    return [None if row is None else sample(row, r.params or SamplingParams(), r.step)
+            for r, row in zip(batch, logits)]
 
 
 @runtime_checkable
@@ -120,6 +131,10 @@ class BatchRunner(Protocol):
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         """Append each :class:`Rows` to its sequence's cache; fp32 ``[vocab]`` logits of the last
         row for each entry with ``logits`` set, None for the others."""
+
+    def run_tokens(self, batch: list[Rows]) -> list[int | None]:
+        """:meth:`run`, then the next id of each entry with ``logits`` set, sampled with its
+        ``params`` at its ``step`` (:func:`sample_rows`; a GPU picks on the device, same ids)."""
 
     def compact(self, table: list[int], keep) -> None:
         """Move the K/V of cache slots ``keep`` (ascending) to slots ``0 .. len(keep)-1`` of ``table``

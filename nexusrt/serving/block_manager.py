@@ -74,7 +74,8 @@ class BlockManager:
     def keys(seq: Sequence, blocks: int) -> list[bytes]:
         """The cache keys of ``seq``'s first ``blocks`` full blocks (the chain is kept on the
         sequence: its ids only ever grow, so a key once computed stays right)."""
-        chain, ids = seq.block_keys, seq.all_ids
+        chain = seq.block_keys
+        ids = seq.all_ids if len(chain) < blocks else None  # built only when a key is missing
         while len(chain) < blocks:
             i = len(chain)
             chain.append(block_key(chain[-1] if chain else b"", ids[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]))

@@ -2,7 +2,7 @@
 
 Pure logic over a :class:`~nexusrt.backends.base.BatchRunner`; not thread safe (the
 :class:`~nexusrt.serving.loop.EngineLoop` runs it on one thread). Sampling is
-:func:`nexusrt.reference.sampling.sample` with the request's seed at its own step, so a
+:func:`nexusrt.reference.sampling.sample` with the request's seed at its own step (the runner picks: :meth:`BatchRunner.run_tokens`), so a
 request's ids do not depend on the batch around it.
 
 A sequence ends exactly once, through :meth:`Engine.end`, which frees its blocks and calls
@@ -16,7 +16,6 @@ import numpy as np
 
 from ..backends.base import BatchRunner, Rows
 from ..kvcache.blocks import blocks_for
-from ..reference.sampling import sample
 from .block_manager import BlockManager
 from .metrics import EngineMetrics
 from .pruning import prune
@@ -84,16 +83,17 @@ class Engine:
             return 0
         for w in work:
             w.seq.extend_kv(w.count)
-        batch = [Rows(np.asarray(w.seq.all_ids[w.start:w.start + w.count], np.int32), w.start - w.seq.evicted,
-                      list(w.seq.block_table), w.samples, position=w.start, scores=w.seq.kv_scores) for w in work]
+        batch = [Rows(np.asarray(w.seq.ids(w.start, w.count), np.int32), w.start - w.seq.evicted,
+                      list(w.seq.block_table), w.samples, position=w.start, scores=w.seq.kv_scores,
+                      params=w.seq.params, step=w.seq.step) for w in work]
         try:
-            logits = self.runner.run(batch)
+            tokens = self.runner.run_tokens(batch)
         except Exception as exc:  # the step's sequences end with the error; the engine goes on
             for w in work:
                 self.end(w.seq, State.FINISHED, "error", exc)
             return 0
         self.metrics.steps += 1
-        for w, row in zip(work, logits):
+        for w, token in zip(work, tokens):
             seq = w.seq
             seq.num_computed += w.count
             self.metrics.computed_tokens += w.count
@@ -103,7 +103,7 @@ class Engine:
             if not w.samples:
                 continue
             try:
-                stop = seq.append(sample(row, seq.params, seq.step))
+                stop = seq.append(token)
             except Exception as exc:  # the caller's on_token failed: only this sequence ends
                 self.end(seq, State.FINISHED, "error", exc)
                 continue

@@ -35,6 +35,7 @@ class SchedulerConfig:
 
     max_running: int = 32
     token_budget: int = 512
+    fixed_chunks: int = 0  # > 0: prompt chunks end only at multiples of it (or the prompt's end)
 
     def __post_init__(self):
         for name in ("max_running", "token_budget"):
@@ -44,6 +45,12 @@ class SchedulerConfig:
         if self.token_budget < self.max_running:
             raise ValueError(f"token_budget ({self.token_budget}) must be >= max_running ({self.max_running}) "
                              "so that every running decode fits in a step")
+        f = self.fixed_chunks
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"fixed_chunks must be an integer >= 0, got {f!r}")
+        if f and self.token_budget < f + self.max_running:
+            raise ValueError(f"token_budget ({self.token_budget}) must be >= fixed_chunks + max_running "
+                             f"({f + self.max_running}) so that a whole chunk fits beside the decodes")
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,9 @@ class Scheduler:
                 room = self._make_room(seq, scheduled)
                 if room == 0:
                     continue  # seq itself was preempted
-                n = min(seq.num_pending, budget, room)
+                n = self._count(seq, budget, room)
+                if n == 0:
+                    continue  # a fixed chunk does not fit this step
                 work.append(self._take(seq, n, scheduled))
                 budget -= n
         for seq in list(self.waiting):
@@ -106,8 +115,8 @@ class Scheduler:
                 continue
             counted = self.blocks.lookups, self.blocks.hits
             self.blocks.admit(seq)
-            n = min(seq.num_pending, budget, self._room(seq))
-            if n == 0:  # no free block: wait until a sequence ends (a trial admission counts no lookup)
+            n = self._count(seq, budget, self._room(seq))
+            if n == 0:  # no free block (or room for the fixed chunk): wait (a trial admission counts no lookup)
                 self.blocks.free(seq)
                 self.blocks.lookups, self.blocks.hits = counted
                 break
@@ -118,6 +127,17 @@ class Scheduler:
             work.append(self._take(seq, n, scheduled))
             budget -= n
         return work
+
+    def _count(self, seq: Sequence, budget: int, room: int) -> int:
+        """Ids ``seq`` computes this step: all it has pending, as far as budget and blocks allow;
+        with ``fixed_chunks``, up to the next multiple of it and only whole (else 0: it waits for
+        budget), so a prompt is cut at the same places whatever else runs (batch invariance;
+        short of blocks it takes what fits, as preemption does, and the cut may then differ)."""
+        f = self.config.fixed_chunks
+        if not f or seq.is_decode:
+            return min(seq.num_pending, budget, room)
+        want = min(seq.num_pending, f - seq.num_computed % f)
+        return min(want, room) if want <= budget else 0
 
     def _room(self, seq: Sequence) -> int:
         """Ids ``seq`` can compute with its blocks plus the free ones (a pruned sequence's ids fill

@@ -102,6 +102,15 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def ids(self, start: int, count: int) -> list[int]:
+        """``all_ids[start:start+count]`` without building all of it (a decode step wants one id)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + count]
+        if start + count <= p:
+            return self.prompt_ids[start:start + count]
+        return self.prompt_ids[start:] + self.output_ids[:start + count - p]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, compact_tokens
-from ..base import Rows
+from ..base import Rows, sample_rows
 from .decoder import PagedDecoder
 
 
@@ -49,6 +49,9 @@ class CpuBatchRunner:
             for row, i in enumerate(want):
                 out[i] = logits[row]
         return out
+
+    def run_tokens(self, batch: list[Rows]) -> list[int | None]:
+        return sample_rows(batch, self.run(batch))
 
     def compact(self, table: list[int], keep) -> None:
         """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning)."""

@@ -47,6 +47,22 @@ def _config(variant):
     return dataclasses.replace(preset("tiny"), **VARIANTS[variant])
 
 
+def _device_weights(cfg):
+    """The runner's weight layout for ``cfg`` in the CPU arena, with RoPE's inverse frequencies."""
+    weights, _ = _layout(SyntheticWeights(cfg))
+    weights.inv_freq = memory.empty((cfg.head_dim // 2,), "fp32")
+    weights.owned.append(weights.inv_freq)
+    return weights
+
+
+def _check_kernels_exist(rt) -> None:
+    """Every kernel the launchers asked the fake cache for is in the source compiled for sm_90a."""
+    sources = {}
+    for source, name, _ in rt.asked:
+        cubin = sources.setdefault(source, compile_file(source, "sm_90a").cubin)
+        assert name.encode() in cubin, f"{name} is not a kernel of {source}.cu"
+
+
 @pytest.fixture
 def no_occupancy_query(monkeypatch):
     """Launchers that size grids by the driver's occupancy answer get a fixed one (2 blocks/SM)."""
@@ -65,9 +81,7 @@ def no_occupancy_query(monkeypatch):
 def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu_rt, no_occupancy_query):
     cfg = _config(variant)
     rt = FakeRuntime()
-    weights, _ = _layout(SyntheticWeights(cfg))
-    weights.inv_freq = memory.empty((cfg.head_dim // 2,), "fp32")
-    weights.owned.append(weights.inv_freq)
+    weights = _device_weights(cfg)
     buckets = buckets_for(300)
     buffers = RunnerBuffers(rt, cfg, 300, buckets[-1], positions=300 + buckets[0] - 1)
     lt = _FakeLt()
@@ -94,10 +108,7 @@ def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu
     finally:
         buffers.free()
         weights.free()
-    sources = {}
-    for source, name, _ in rt.asked:
-        cubin = sources.setdefault(source, compile_file(source, "sm_90a").cubin)
-        assert name.encode() in cubin, f"{name} is not a kernel of {source}.cu"
+    _check_kernels_exist(rt)
     assert memory.stats()["in_use_bytes"] == 0
 
 
@@ -134,3 +145,52 @@ def test_fit_check_counts_the_prefill_buffers_the_runner_allocates(cpu_rt):
     assert footprint(cfg, "cpu", 1000).working == 0
     with pytest.raises(ModelTooLarge, match="of prefill buffers"):
         check_fit(cfg, "cuda", 1000, "tiny", available=(fp.weights + fp.kv, "a test"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, no_occupancy_query):
+    """The batch runner's buffers (a shared pool with a scratch block) and its batched decode graph
+    for every bucket, plain and with the deterministic mode's fixed attention chunk."""
+    from nexusrt.backends.cuda.batch import BatchBuffers, batch_buckets
+    from nexusrt.kernels.ops.attention_decode import tokens_per_step
+
+    cfg = _config(variant)
+    rt = FakeRuntime()
+    weights = _device_weights(cfg)
+    buckets = batch_buckets(5)
+    assert buckets == (1, 2, 4, 8)
+    pre = RunnerBuffers(rt, cfg, 300, 64, positions=363, pool_blocks=41)
+    bb = BatchBuffers(rt, cfg, buckets[-1], 23, buckets[-1], 600, pre.k_pools, pre.v_pools)
+    lt = _FakeLt()
+    try:
+        assert pre.k_pools[0].shape[0] == 41 and pre.block_table.shape == (23,)
+        fixed = 4 * tokens_per_step(cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
+        for m in buckets:
+            for chunk in (0, fixed):
+                stages = steps.batch_decode_stages(rt, cfg, weights, bb, m, lt, bb.workspace(cfg, m, 3), chunk)
+                TaskGraph(stages, f"batch{m}").validate()
+                assert len(stages) == 1 + 9 * cfg.num_hidden_layers + 3  # embed, layers, norm, LM head, argmax
+        assert {p.m for p in lt.plans} == set(buckets)
+        with pytest.raises(ValueError, match="fixed_chunk"):
+            steps.batch_decode_stages(rt, cfg, weights, bb, 2, lt, bb.workspace(cfg, 2, 3), fixed + 1)
+    finally:
+        bb.free()
+        pre.free()
+        weights.free()
+    _check_kernels_exist(rt)
+    assert any(name.startswith("attention_decode_rows") for _, name, _ in rt.asked)
+    assert any(name.startswith("rope_append_rows") for _, name, _ in rt.asked)
+    assert memory.stats()["in_use_bytes"] == 0
+
+
+def test_batch_buckets_and_kv_bytes():
+    from nexusrt.backends.cuda.batch import batch_buckets, blocks_for_bytes
+
+    assert batch_buckets(1) == (1,) and batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(65)[-1] == 128
+    for bad in (0, 257, True, 2.0):
+        with pytest.raises(ValueError, match="max_batch"):
+            batch_buckets(bad)
+    cfg = _config("llama_tiny")
+    per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 16 * cfg.head_dim * 2
+    assert blocks_for_bytes(cfg, 10 * per_block + 1) == 10

@@ -44,17 +44,38 @@ def working_bytes(cfg, chunk: int) -> int:
     return rows + WORKSPACE_BYTES + tuning
 
 
-class RunnerBuffers:
+class OwnedBuffers:
+    """What a set of buffers allocated, freed together (tensors, and workspaces with a ``free``)."""
+
+    def __init__(self):
+        self.owned: list = []
+
+    def _t(self, t):
+        self.owned.append(t)
+        return t
+
+    def free(self) -> None:
+        """Release everything allocated so far (safe twice; used on a failed construction too)."""
+        for t in self.owned:
+            if getattr(t, "is_live", True):
+                t.free()
+        self.owned.clear()
+
+
+class RunnerBuffers(OwnedBuffers):
     """Device buffers sized for ``chunk`` prefill tokens and ``max_context`` cached tokens.
 
     ``state`` is int32 ``[pos, step, token, 0]``: the decode graph reads the token and the
     position from it and the sampler advances it, so the graph never changes per token.
     """
 
-    def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None):
+    def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None,
+                 pool_blocks: int | None = None):
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
-        (default ``max_context``; a runner adds room for the rows of a padded last chunk)."""
-        self.owned: list = []
+        (default ``max_context``; a runner adds room for the rows of a padded last chunk).
+        ``pool_blocks``: a KV pool of that many blocks shared by many sequences (the batch
+        runner writes ``block_table`` before each use) instead of one sequence's blocks."""
+        super().__init__()
         d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
         positions = max_context if positions is None else positions
@@ -67,11 +88,15 @@ class RunnerBuffers:
             self.dec_attn = self._t(memory.empty((1, hq * d), "fp32", tag=TAG))
             self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
-            num_blocks = blocks_for(positions)
-            # One sequence holds every KV block, handed out in order (the table is 0..n-1).
-            self.kv_blocks = SequenceBlocks(BlockPool(num_blocks), num_blocks)
-            self.kv_blocks.ensure(positions)
-            self.block_table = self._t(memory.from_numpy(self.kv_blocks.table(), tag=TAG))
+            if pool_blocks is None:
+                num_blocks = blocks_for(positions)
+                # One sequence holds every KV block, handed out in order (the table is 0..n-1).
+                self.kv_blocks = SequenceBlocks(BlockPool(num_blocks), num_blocks)
+                self.kv_blocks.ensure(positions)
+                self.block_table = self._t(memory.from_numpy(self.kv_blocks.table(), tag=TAG))
+            else:
+                num_blocks, self.kv_blocks = pool_blocks, None
+                self.block_table = self._t(memory.zeros((blocks_for(positions),), "int32", tag=TAG))
             self.k_pools, self.v_pools = [], []
             for _ in range(cfg.num_hidden_layers):
                 self.k_pools.append(self._t(memory.empty(pool_shape(num_blocks, hkv, d), "bf16", tag="kv")))
@@ -81,24 +106,11 @@ class RunnerBuffers:
                      for _, n, k, opts in decode_shapes(cfg))
             self.gemv_ws = self._t(memory.zeros((max(ws, 4),), "uint8", tag=TAG))
             splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sm_count(rt))
-            self.attn_ws = attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG)
-            self.sampler = sampling.alloc_buffers(cfg.vocab_size, tag=TAG)
+            self.attn_ws = self._t(attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG))
+            self.sampler = self._t(sampling.alloc_buffers(cfg.vocab_size, tag=TAG))
             self.ring = self._t(memory.pinned((RING,), "int32", tag=TAG))
             self.ring.array[:] = -1
         except BaseException:
             self.free()
             raise
 
-    def _t(self, t):
-        self.owned.append(t)
-        return t
-
-    def free(self) -> None:
-        for t in self.owned:
-            if t.is_live:
-                t.free()
-        self.owned.clear()
-        for name in ("attn_ws", "sampler"):
-            obj = self.__dict__.pop(name, None)
-            if obj is not None:
-                obj.free()

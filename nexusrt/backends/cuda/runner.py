@@ -276,13 +276,7 @@ class CudaRunner:
         return got
 
     def close(self) -> None:
-        try:
-            self.stream.synchronize()
-        except Exception:  # closing after a device fault: release what we can
-            pass
-        for g in self._graphs.values():
-            g.close()
-        self._graphs.clear()
+        steps.close_graphs(self.stream, self._graphs)
         if self.buffers is not None:
             self.buffers.free()
             self.buffers = None

@@ -8,6 +8,8 @@ live in device memory, which is what lets the decode chain be captured once and 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from ... import scheduler
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import attention_prefill as attn_pre
@@ -16,6 +18,18 @@ from ...kernels.ops import gemm as gm
 from ...kernels.ops import gemv as gv
 from ...kernels.ops import rope
 from ...kernels.ops import sampling
+
+
+def close_graphs(stream, graphs: dict) -> None:
+    """Wait for ``stream`` (a device fault there is ignored: release what we can), then close
+    and forget every captured graph in ``graphs``."""
+    try:
+        stream.synchronize()
+    except Exception:
+        pass
+    for g in graphs.values():
+        g.close()
+    graphs.clear()
 
 
 class _Chain:
@@ -93,43 +107,94 @@ def logits_stages(rt, cfg, w, b) -> list:
     return ch.stages
 
 
+def _tensor_core_layers(ch: _Chain, rt, cfg, w, r, m: int, lt, attend) -> None:
+    """Every layer for ``m`` rows on tensor cores: bf16 normed rows into the QKV GEMM, then
+    ``attend(ch, i, lw, p)`` adds the layer's RoPE/append and attention stages (which read
+    ``r.qkv`` and write ``r.attn``), then O GEMM + residual and the MLP; fp32 residual ``r.x``."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    eps = cfg.rms_norm_eps
+    for i, lw in enumerate(w.layers):
+        p = f"layer{i}"
+        ch.add(f"{p}.attn_norm", ew.rms_norm_bf16(rt, r.xn, r.x, lw.attn_norm, rows=m, cols=h, eps=eps),
+               [r.x, lw.attn_norm], [r.xn])
+        ch.add(f"{p}.qkv", gm.gemm(rt, r.qkv, lw.qkv, r.xn, m=m, n=(hq + 2 * hkv) * d, k=h, bias=lw.qkv_bias,
+                                   lt=lt), [r.xn, lw.qkv, lw.qkv_bias], [r.qkv])
+        attend(ch, i, lw, p)
+        ch.add(f"{p}.o", gm.gemm(rt, r.x, lw.o, r.attn, m=m, n=h, k=hq * d, residual=r.x, lt=lt),
+               [r.attn, lw.o], [r.x])
+        ch.add(f"{p}.mlp_norm", ew.rms_norm_bf16(rt, r.xn, r.x, lw.mlp_norm, rows=m, cols=h, eps=eps),
+               [r.x, lw.mlp_norm], [r.xn])
+        ch.add(f"{p}.gate_up", gm.gemm(rt, r.gate_up, lw.gate_up, r.xn, m=m, n=2 * inter, k=h, lt=lt),
+               [r.xn, lw.gate_up], [r.gate_up])
+        ch.add(f"{p}.silu_mul", ew.silu_mul_bf16(rt, r.act, r.gate_up, rows=m, cols=inter), [r.gate_up], [r.act])
+        ch.add(f"{p}.down", gm.gemm(rt, r.x, lw.down, r.act, m=m, n=h, k=inter, residual=r.x, lt=lt),
+               [r.act, lw.down], [r.x])
+
+
+def _rows(b, m: int) -> SimpleNamespace:
+    """The first ``m`` rows of each activation buffer of ``b``."""
+    return SimpleNamespace(x=b.hidden[0:m], xn=b.normed[0:m], qkv=b.qkv[0:m], q=b.q[0:m], attn=b.attn[0:m],
+                           gate_up=b.gate_up[0:m], act=b.act[0:m])
+
+
+def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits) -> None:
+    """Final norm and the LM-head GEMM of ``m`` rows into ``logits`` (fp32 [m, vocab])."""
+    h = cfg.hidden_size
+    ch.add("final_norm", ew.rms_norm_bf16(rt, r.xn, r.x, w.final_norm, rows=m, cols=h, eps=cfg.rms_norm_eps),
+           [r.x, w.final_norm], [r.xn])
+    ch.add("lm_head", gm.gemm(rt, logits, w.lm_head, r.xn, m=m, n=cfg.vocab_size, k=h, lt=lt),
+           [r.xn, w.lm_head], [logits])
+
+
 def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
     """``m`` prompt rows from ``b.ids`` at positions ``*pos ..`` through every layer, on tensor
     cores: bf16 operands (normed rows, attention rows, the MLP activation) into cuBLASLt
     GEMMs (``lt``), fp32 residual stream. The hidden rows are left in ``b.hidden`` (see
     :func:`logits_stages`); with ``all_logits`` (fp32 [m, vocab]) every row's logits too."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    qkv_n = (hq + 2 * hkv) * d
-    x, qkv, q, xn, attn = b.hidden[0:m], b.qkv[0:m], b.q[0:m], b.normed[0:m], b.attn[0:m]
-    gate_up, act = b.gate_up[0:m], b.act[0:m]
-    eps = cfg.rms_norm_eps
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    r = _rows(b, m)
     ch = _Chain(f"prefill{m}")
-    ch.add("embed", ew.embedding(rt, x, b.ids[0:m], w.embed, m=m, hidden=h, vocab=cfg.vocab_size),
-           [b.ids, w.embed], [x])
-    for i, lw in enumerate(w.layers):
-        p = f"layer{i}"
-        ch.add(f"{p}.attn_norm", ew.rms_norm_bf16(rt, xn, x, lw.attn_norm, rows=m, cols=h, eps=eps),
-               [x, lw.attn_norm], [xn])
-        ch.add(f"{p}.qkv", gm.gemm(rt, qkv, lw.qkv, xn, m=m, n=qkv_n, k=h, bias=lw.qkv_bias, lt=lt),
-               [xn, lw.qkv, lw.qkv_bias], [qkv])
+    ch.add("embed", ew.embedding(rt, r.x, b.ids[0:m], w.embed, m=m, hidden=cfg.hidden_size, vocab=cfg.vocab_size),
+           [b.ids, w.embed], [r.x])
+
+    def attend(ch, i, lw, p):
         ch.add(f"{p}.rope_append", rope.rope_append(
-            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
-            [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+            rt, r.qkv, r.q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps),
+            [r.qkv, b.pos, b.block_table], [r.q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_pre.attention_prefill(
-            rt, q, attn, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
-            head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
-        ch.add(f"{p}.o", gm.gemm(rt, x, lw.o, attn, m=m, n=h, k=hq * d, residual=x, lt=lt), [attn, lw.o], [x])
-        ch.add(f"{p}.mlp_norm", ew.rms_norm_bf16(rt, xn, x, lw.mlp_norm, rows=m, cols=h, eps=eps),
-               [x, lw.mlp_norm], [xn])
-        ch.add(f"{p}.gate_up", gm.gemm(rt, gate_up, lw.gate_up, xn, m=m, n=2 * inter, k=h, lt=lt),
-               [xn, lw.gate_up], [gate_up])
-        ch.add(f"{p}.silu_mul", ew.silu_mul_bf16(rt, act, gate_up, rows=m, cols=inter), [gate_up], [act])
-        ch.add(f"{p}.down", gm.gemm(rt, x, lw.down, act, m=m, n=h, k=inter, residual=x, lt=lt), [act, lw.down], [x])
+            rt, r.q, r.attn, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
+            head_dim=d), [r.q, b.k_pools[i], b.v_pools[i]], [r.attn])
+
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
     if all_logits is not None:
-        ch.add("final_norm", ew.rms_norm_bf16(rt, xn, x, w.final_norm, rows=m, cols=h, eps=eps),
-               [x, w.final_norm], [xn])
-        ch.add("lm_head", gm.gemm(rt, all_logits, w.lm_head, xn, m=m, n=cfg.vocab_size, k=h, lt=lt),
-               [xn, w.lm_head], [all_logits])
+        _lm_head_rows(ch, rt, cfg, w, r, m, lt, all_logits)
+    return ch.stages
+
+
+def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0) -> list:
+    """One id for each of ``m`` sequences (the batched step): ``bb.ids[r]`` at the position,
+    cache slot and block-table row ``bb.meta[r]`` through every layer on tensor cores (GEMMs of
+    ``m`` rows), the LM head into ``bb.logits[0:m]`` and the greedy pick into ``bb.next[0:m]``.
+    Attention reads each row's own table (``bb.tables``) with the rows kernels; ``workspace``
+    is its split workspace for ``m`` rows."""
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    r, meta, logits = _rows(bb, m), bb.meta[0:m], bb.logits[0:m]
+    ch = _Chain(f"batch{m}")
+    ch.add("embed", ew.embedding(rt, r.x, bb.ids[0:m], w.embed, m=m, hidden=cfg.hidden_size, vocab=cfg.vocab_size),
+           [bb.ids, w.embed], [r.x])
+
+    def attend(ch, i, lw, p):
+        ch.add(f"{p}.rope_append", rope.rope_append(
+            rt, r.qkv, r.q, bb.k_pools[i], bb.v_pools[i], bb.tables, meta, w.inv_freq, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps, rows=True),
+            [r.qkv, meta, bb.tables], [r.q, bb.k_pools[i], bb.v_pools[i]])
+        ch.add(f"{p}.attention", attn_dec.attention_decode(
+            rt, r.q, r.attn, bb.k_pools[i], bb.v_pools[i], bb.tables, meta, workspace, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, fixed_chunk=fixed_chunk), [r.q, bb.k_pools[i], bb.v_pools[i]], [r.attn])
+
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
+    _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)
+    ch.add("argmax", sampling.argmax_rows(rt, logits, bb.next[0:m]), [logits], [bb.next])
     return ch.stages

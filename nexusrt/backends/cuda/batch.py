@@ -1,0 +1,373 @@
+"""``CudaBatchRunner``: the serving engine's :class:`~nexusrt.backends.base.BatchRunner` on the GPU.
+
+It shares a :class:`~nexusrt.backends.cuda.runner.CudaRunner`'s weights and cuBLASLt plans
+and owns one KV block pool for every sequence (the engine's block tables index it), plus
+one spare *scratch* block: the rows of a padded chunk and the padding rows of a batch
+bucket write there, never into another sequence's blocks.
+
+A step (:meth:`run_tokens`) is, in stream order on the compute stream:
+
+1. each entry of more than one id (a prompt chunk): its table and ids copied in, then the
+   prefill graphs of its chunk sizes (tensor cores, the one-sequence prefill's stages over
+   the shared pool); the last row's logits (LM-head graph) copied to a logits row;
+2. the entries of one id (decodes, and one-id chunks), padded to a batch bucket (1, 2, 4,
+   … ``max_batch``): one captured graph of GEMMs of that many rows, the rows kernels of
+   RoPE/append and split-KV attention (each row its own slot and table), the LM head and
+   the greedy pick on the device. A lone decode takes the one-sequence decode graph
+   (GEMVs) instead, unless ``deterministic``;
+3. the picks copied back; a row that samples (temperature > 0) copies its logits and is
+   sampled on the host by :mod:`nexusrt.reference.sampling`, so ids equal the CPU engine's
+   rule exactly.
+
+Every host input of a step is staged in pinned buffers at its own offset first (the step
+before ended with a synchronize), so no copy waits for the host.
+
+``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
+batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one)
+and attention splits the keys in fixed ``fixed_chunk``-token pieces. The engine also cuts prompts at fixed
+chunk boundaries in this mode (``SchedulerConfig.fixed_chunks``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ... import memory, scheduler
+from ...driver.calls import call
+from ...errors import NexusRTError
+from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops import sampling as sampling_ops
+from ...kernels.ops.common import sm_count
+from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
+from ..base import Rows
+from . import step as steps
+from .buffers import OwnedBuffers, RunnerBuffers
+from .chunks import buckets_for, plan_chunks
+
+TAG = "batch"
+MAX_BATCH = 256
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, … up to the first power of two at or above ``max_batch`` (at most 256)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"max_batch must be an integer in 1..{MAX_BATCH} on CUDA, got {max_batch!r}")
+    out = [1]
+    while out[-1] < max_batch:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class BatchBuffers(OwnedBuffers):
+    """The batched step's rows (``bmax`` of them) and the step's pinned staging."""
+
+    def __init__(self, rt, cfg, bmax: int, width: int, prefill_logits: int, prompt_rows: int, k_pools, v_pools):
+        h, d = cfg.hidden_size, cfg.head_dim
+        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+        super().__init__()
+        self.k_pools, self.v_pools = k_pools, v_pools
+        self.bmax, self.width = bmax, width
+        rows = bmax + prefill_logits  # logits rows: the batch's, then one per prompt chunk that samples
+        try:
+            dev = {"ids": ((bmax,), "int32"), "meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
+                   "hidden": ((bmax, h), "fp32"), "normed": ((bmax, h), "bf16"),
+                   "qkv": ((bmax, (hq + 2 * hkv) * d), "fp32"), "q": ((bmax, hq, d), "fp32"),
+                   "attn": ((bmax, hq * d), "bf16"), "gate_up": ((bmax, 2 * inter), "bf16"),
+                   "act": ((bmax, inter), "bf16"), "logits": ((rows, cfg.vocab_size), "fp32"),
+                   "next": ((rows,), "int32")}
+            for name, (shape, dtype) in dev.items():
+                setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
+            # Pinned staging, one region per use within a step.
+            self.h_ids = self._t(memory.pinned((bmax,), "int32", tag=TAG))
+            self.h_prompt = self._t(memory.pinned((prompt_rows,), "int32", tag=TAG))  # chunks' ids, padded
+            self.h_meta = self._t(memory.pinned((bmax, 4), "int32", tag=TAG))
+            self.h_tables = self._t(memory.pinned((bmax, width), "int32", tag=TAG))
+            self.h_pre_tables = self._t(memory.pinned((prefill_logits + 1, width), "int32", tag=TAG))
+            self.h_next = self._t(memory.pinned((rows,), "int32", tag=TAG))
+            self.workspaces: dict[int, attn_dec.DecodeWorkspace] = {}
+        except BaseException:
+            self.free()
+            raise
+
+    def workspace(self, cfg, rows: int, splits: int):
+        """The rows kernel's split workspace for ``rows`` rows (one per bucket, made once)."""
+        ws = self.workspaces.get(rows)
+        if ws is None:
+            ws = self.workspaces[rows] = self._t(attn_dec.alloc_workspace(
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, splits, tag=TAG, rows=rows))
+        return ws
+
+
+class CudaBatchRunner:
+    """Many sequences over one KV pool of ``num_blocks`` blocks, on ``base``'s weights.
+
+    ``max_batch``: most sequences in one step; ``max_chunk``: most ids of one prompt chunk
+    (the engine's token budget); ``deterministic``: see the module docstring.
+    """
+
+    def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
+                 deterministic: bool = False):
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        cfg, rt = base.config, base.rt
+        self.base, self.config, self.rt = base, cfg, rt
+        self.num_blocks, self.max_context = num_blocks, base.max_context
+        self.scratch = num_blocks  # the extra block no sequence is given
+        self.deterministic = bool(deterministic)
+        self.batch_buckets = batch_buckets(max_batch)
+        self.prefill_buckets = buckets_for(min(max(int(max_chunk), 1), self.max_context), base.buckets)
+        self.capacity = self.max_context + self.prefill_buckets[0] - 1  # a padded chunk's rows
+        self.width = blocks_for(self.capacity)
+        self.stream = base.stream
+        self._graphs: dict = {}
+        self._argmax: dict = {}
+        self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
+        self.pre = self.bb = None
+        rt.device.make_current()
+        try:
+            self.pre = RunnerBuffers(rt, cfg, self.max_context, self.prefill_buckets[-1], positions=self.capacity,
+                                     pool_blocks=num_blocks + 1)
+            bmax = self.batch_buckets[-1]
+            # A step's chunks hold at most max_chunk ids; each is padded by <= 1/8 or < 64 rows.
+            self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
+            self.bb = BatchBuffers(rt, cfg, bmax, self.width, bmax, self.prompt_rows, self.pre.k_pools,
+                                   self.pre.v_pools)
+            self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
+            self._capture()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _fixed_chunk(self) -> int:
+        """Tokens per attention split in deterministic mode: the smallest multiple of the kernel's
+        step that keeps every context within the kernel's split cap."""
+        cfg = self.config
+        step = attn_dec.tokens_per_step(cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
+        chunk = max(256, -(-self.max_context // attn_dec.MAX_SPLITS))
+        return -(-chunk // step) * step
+
+    def _splits(self, rows: int) -> int:
+        cfg = self.config
+        hkv, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        if self.deterministic:
+            return -(-self.max_context // self.fixed_chunk)
+        # Four blocks per SM: one row's blocks are few and short, so more of them hide latency
+        # (at 64 rows of the 8B shape, 2 splits ran 3% faster than 1; 8 and 16 slower).
+        return attn_dec.choose_splits(hkv * rows, cfg.head_dim, group, self.max_context, sm_count(self.rt),
+                                      blocks_per_sm=4)
+
+    def _capture(self) -> None:
+        rt, cfg, w, lt = self.rt, self.config, self.base.weights, self.base.lt
+        for m in self.prefill_buckets:
+            self._graphs[("prefill", m)] = scheduler.capture(
+                steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
+        self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
+        self._graphs[("decode1",)] = scheduler.capture(steps.decode_stages(rt, cfg, w, self.pre, sample=False),
+                                                       stream="compute")
+        for m in self.batch_buckets:
+            ws = self.bb.workspace(cfg, m, self._splits(m))
+            self._graphs[("batch", m)] = scheduler.capture(
+                steps.batch_decode_stages(rt, cfg, w, self.bb, m, lt, ws, self.fixed_chunk), stream="compute")
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check(self, r: Rows) -> None:
+        n = len(r.token_ids)
+        if n < 1:
+            raise ValueError("a batch entry needs at least one id")
+        if r.start < 0 or r.start + n > self.max_context:
+            raise ValueError(f"{r.start + n} tokens exceed the context of {self.max_context}")
+        if r.position is not None and r.position != r.start or r.scores is not None:
+            raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
+        table = r.table
+        if len(table) * BLOCK_SIZE < r.start + n or len(table) > self.width:
+            raise ValueError(f"the block table ({len(table)} blocks) does not cover slots 0..{r.start + n - 1}")
+        if table and (min(table) < 0 or max(table) >= self.num_blocks):
+            raise ValueError(f"a block table names blocks outside 0..{self.num_blocks - 1}")
+        ids = r.token_ids
+        lo, hi = (int(ids[0]), int(ids[0])) if n == 1 else (int(np.min(ids)), int(np.max(ids)))
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+
+    def _fill_table(self, dst: np.ndarray, table: list[int]) -> None:
+        dst[:len(table)] = table
+        dst[len(table):] = self.scratch
+
+    def _h2d(self, dst, src_ptr: int, nbytes: int) -> None:
+        call("cuMemcpyHtoDAsync", dst.ptr, src_ptr, nbytes, self.stream.handle)
+
+    def _d2d(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        call("cuMemcpyDtoDAsync", dst_ptr, src_ptr, nbytes, self.stream.handle)
+
+    def _set_word(self, word, value: int) -> None:
+        call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)
+
+    def _argmax_spec(self, first: int, count: int):
+        key = (first, count)
+        spec = self._argmax.get(key)
+        if spec is None:
+            spec = self._argmax[key] = sampling_ops.argmax_rows(
+                self.rt, self.bb.logits[first:first + count], self.bb.next[first:first + count])
+        return spec
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _prefill(self, r: Rows, slot: int, staged: int, logits_row: int | None) -> int:
+        """Enqueue one prompt chunk; returns the staged ids it used (its padded length)."""
+        pre, h = self.pre, self.config.hidden_size
+        n = len(r.token_ids)
+        table_h = self.bb.h_pre_tables.array[slot]
+        self._fill_table(table_h, r.table)
+        self._h2d(pre.block_table, self.bb.h_pre_tables.ptr + slot * self.width * 4, self.width * 4)
+        chunks = plan_chunks(n, self.prefill_buckets, r.start, self.width * BLOCK_SIZE)
+        padded = sum(b for b, _ in chunks)
+        if staged + padded > self.prompt_rows:
+            raise ValueError(f"a step's prompt chunks ({staged + padded} staged ids) exceed this runner's "
+                             f"max_chunk; the engine's token budget must not be above it")
+        ids_h = self.bb.h_prompt.array
+        ids_h[staged:staged + n] = r.token_ids
+        ids_h[staged + n:staged + padded] = 0
+        done = 0
+        for bucket, real in chunks:
+            self._h2d(pre.ids, self.bb.h_prompt.ptr + 4 * (staged + done), 4 * bucket)
+            self._set_word(pre.pos, r.start + done)
+            self._graphs[("prefill", bucket)].replay()
+            done += real
+        if logits_row is not None:
+            if real > 1:  # the chunk's last row to row 0, where the LM-head graph reads it
+                self._d2d(pre.hidden.ptr, pre.hidden.ptr + 4 * h * (real - 1), 4 * h)
+            self._graphs[("logits",)].replay()
+            vocab = self.config.vocab_size
+            self._d2d(self.bb.logits.ptr + 4 * vocab * logits_row, pre.logits.ptr, 4 * vocab)
+        return staged + padded
+
+    def _decode_one(self, r: Rows) -> None:
+        """A lone decode through the one-sequence graph (GEMVs); its logits to row 0."""
+        pre = self.pre
+        slot = self.bb.h_pre_tables.shape[0] - 1
+        self._fill_table(self.bb.h_pre_tables.array[slot], r.table)
+        self._h2d(pre.block_table, self.bb.h_pre_tables.ptr + slot * self.width * 4, self.width * 4)
+        self._set_word(pre.token, int(r.token_ids[0]))
+        self._set_word(pre.pos, r.start)
+        self._graphs[("decode1",)].replay()
+        self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
+        self._argmax_spec(0, 1).launch(self.stream)
+
+    def _decode_batch(self, rows: list[Rows]) -> None:
+        bb = self.bb
+        # Deterministic: always the largest bucket, so every row runs the same GEMM kernels
+        # (cuBLASLt picks its algorithm per row count) whatever the batch around it.
+        m = bb.bmax if self.deterministic else bucket_for(len(rows), self.batch_buckets)
+        ids, meta, tables = bb.h_ids.array, bb.h_meta.array, bb.h_tables.array
+        n = len(rows)
+        starts = np.fromiter((r.start for r in rows), np.int32, n)
+        ids[:n] = np.fromiter((r.token_ids[0] for r in rows), np.int32, n)
+        meta[:n, 0] = meta[:n, 1] = starts
+        meta[:n, 2] = np.arange(n, dtype=np.int32)
+        tables[:min(m, n + 1)] = self.scratch
+        for i, r in enumerate(rows):
+            tables[i, :len(r.table)] = r.table
+        if m > n:  # padding rows: slot 0 of the scratch block (table row n is all scratch)
+            ids[n:m] = 0
+            meta[n:m] = (0, 0, n, 0)
+        self._h2d(bb.ids, bb.h_ids.ptr, 4 * m)
+        self._h2d(bb.meta, bb.h_meta.ptr, 16 * m)
+        self._h2d(bb.tables, bb.h_tables.ptr, 4 * self.width * min(m, len(rows) + 1))
+        self._graphs[("batch", m)].replay()
+
+    def run_tokens(self, batch: list[Rows]) -> list[int | None]:
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        for r in batch:
+            self._check(r)
+        self.rt.device.make_current()
+        self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
+        singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
+        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
+        if len(singles) > self.bb.bmax or len(chunks) > self.bb.bmax:
+            raise ValueError(f"a step of {len(batch)} entries exceeds max_batch {self.bb.bmax}")
+        row_of: dict[int, int] = {}  # batch index -> logits row
+        staged = 0
+        for j, i in enumerate(chunks):
+            want = batch[i].logits
+            if want:
+                row_of[i] = self.bb.bmax + j
+            staged = self._prefill(batch[i], j, staged, row_of.get(i))
+        if singles:
+            if len(singles) == 1 and not self.deterministic:
+                self._decode_one(batch[singles[0]])
+            else:
+                self._decode_batch([batch[i] for i in singles])
+            for k, i in enumerate(singles):
+                if batch[i].logits:
+                    row_of[i] = k
+        if chunks:
+            self._argmax_spec(self.bb.bmax, len(chunks)).launch(self.stream)
+        rows = len(self.bb.h_next.array)
+        call("cuMemcpyDtoHAsync", self.bb.h_next.ptr, self.bb.next.ptr, 4 * rows, self.stream.handle)
+        t1 = time.perf_counter()
+        self.stream.synchronize()
+        t2 = time.perf_counter()
+        picks = self.bb.h_next.array
+        out: list[int | None] = [None] * len(batch)
+        for i, row in row_of.items():
+            r = batch[i]
+            if r.params is not None and r.params.temperature > 0:
+                out[i] = self._sample_host(row, r)
+            else:
+                token = int(picks[row])
+                if not 0 <= token < self.config.vocab_size:
+                    raise NexusRTError(f"the logits of a row were all NaN (pick {token})")
+                out[i] = token
+        t = self.timings
+        t["steps"] += 1
+        t["enqueue_s"] += t1 - t0  # checks, staging, launches (the device may idle meanwhile)
+        t["wait_s"] += t2 - t1  # until the device finished the step
+        t["picks_s"] += time.perf_counter() - t2
+        return out
+
+    def _sample_host(self, row: int, r: Rows) -> int:
+        from ...reference.sampling import sample
+
+        logits = self.bb.logits[row:row + 1].to_numpy().reshape(-1)
+        return sample(logits, r.params, r.step)
+
+    def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
+        """:meth:`run_tokens`' step, returning the logits rows instead (tests; a host copy each)."""
+        picks = self.run_tokens([Rows(r.token_ids, r.start, r.table, r.logits, r.position, r.scores)
+                                 for r in batch])
+        out: list[np.ndarray | None] = [None] * len(batch)
+        singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
+        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
+        for k, i in enumerate(singles):
+            if picks[i] is not None:
+                out[i] = self.bb.logits[k:k + 1].to_numpy().reshape(-1).copy()
+        for j, i in enumerate(chunks):
+            if picks[i] is not None:
+                row = self.bb.bmax + j
+                out[i] = self.bb.logits[row:row + 1].to_numpy().reshape(-1).copy()
+        return out
+
+    def compact(self, table: list[int], keep) -> None:
+        raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
+
+    def close(self) -> None:
+        steps.close_graphs(self.stream, self._graphs)
+        self._argmax.clear()
+        for part in (self.bb, self.pre):
+            if part is not None:
+                part.free()
+        self.bb = self.pre = None
+
+
+def blocks_for_bytes(config, kv_bytes: int) -> int:
+    """KV blocks (bf16 K and V of every layer) that fit in ``kv_bytes``."""
+    per_block = 2 * config.num_hidden_layers * int(np.prod(pool_shape(1, config.num_key_value_heads,
+                                                                        config.head_dim))) * 2
+    return int(kv_bytes) // per_block

@@ -94,13 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
                        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
                                    "/metrics; concurrent requests are batched by the serving engine "
-                                   "(CPU backend for now). SIGTERM drains and exits.")
+                                   "(continuous batching, paged KV, prefix caching). SIGTERM drains and exits.")
     _load_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests running at once (32)")
     s.add_argument("--kv-memory", default=None, metavar="BYTES",
-                   help="bytes of the KV block pool, e.g. 268435456 or 256M (default 256M)")
+                   help="bytes of the KV block pool, e.g. 268435456 or 256M (default: CPU 256M; CUDA room "
+                        "for --max-batch requests at full context)")
+    s.add_argument("--backend", choices=("cpu", "cuda"), default=None,
+                   help="force a backend (default: NEXUSRT_BACKEND, else probe)")
+    s.add_argument("--deterministic", action="store_true",
+                   help="CUDA: a request's tokens do not depend on the requests batched with it "
+                        "(prefix caching off; the CPU backend always is)")
     s.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="queued requests beyond which new ones get HTTP 429 (256)")
     s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
@@ -114,7 +120,8 @@ def _serve(args) -> int:
 
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
-                 args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel)
+                 args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
+                 args.deterministic)
 
 
 def _sampling(args) -> dict:

@@ -11,8 +11,10 @@
 Threads and lists: on the CPU backend, ``generate([...])`` with a list, and a call from a thread
 while another call runs, go through the serving engine (:mod:`nexusrt.serving`): continuous
 batching over a shared KV block pool, each request getting exactly the ids it would get alone.
-A lone call takes the one-sequence path (``runner.generate_tokens``); on CUDA every call does,
-serialised by a lock, until the CUDA batch runner exists.
+A lone call takes the one-sequence path (``runner.generate_tokens``), on both backends. On
+CUDA the engine's batched step rounds differently from the one-sequence path (both within
+bf16 error of the reference); ``deterministic=True`` sends every call through the engine,
+whose ids then do not depend on the batch (the CPU engine always is).
 """
 
 from __future__ import annotations
@@ -49,13 +51,16 @@ class LLM:
     weights_seed : seed of synthetic weights (ignored for checkpoints).
     allow_paths : folders outside the checkpoint directory its symlinks may lead into.
     max_batch, kv_memory, max_waiting : the serving engine's cap on running sequences, the
-        bytes of its KV block pool (CPU default 256 MiB) and its queue bound (CPU backend).
+        bytes of its KV block pool (CPU default 256 MiB; CUDA default: ``max_batch`` sequences
+        at full context) and its queue bound.
+    deterministic : CUDA: every call goes through the serving engine in its batch-invariant
+        mode (a request's ids do not depend on what runs beside it; prefix caching off). The
+        CPU engine is batch invariant anyway.
     tensor_parallel : ranks the model is split over (CPU: in process; CUDA: only 1 so far).
 
-    Thread safety: the runner holds one sequence; a call takes it when it is free. On the
-    CPU backend a call that finds it busy (another thread's call) and every list
-    ``generate`` go through the serving engine instead, batched with the others; on CUDA
-    they wait for it. Either way each call gets the result it would get alone. A
+    Thread safety: the runner holds one sequence; a call takes it when it is free. A call
+    that finds it busy (another thread's call) and every list ``generate`` go through the
+    serving engine instead, batched with the others. A
     :meth:`stream` holds the runner from its first piece until it is exhausted or closed;
     calling the LLM again from the thread that holds an open stream is an error. After
     :meth:`close`, every call raises NexusRTError.
@@ -63,7 +68,7 @@ class LLM:
 
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
                  weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
-                 max_waiting: int = 1024, tensor_parallel: int = 1):
+                 max_waiting: int = 1024, tensor_parallel: int = 1, deterministic: bool = False):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
@@ -73,6 +78,7 @@ class LLM:
         self._loop = None  # the serving engine's loop, started at first use (CPU backend)
         self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
+        self.deterministic = bool(deterministic)
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
             from .. import firmware
@@ -114,22 +120,28 @@ class LLM:
 
     @property
     def serves_batches(self) -> bool:
-        """Whether calls can go through the serving engine (the CPU backend; CUDA: not yet)."""
-        return self.backend == "cpu"
+        """Whether calls can go through the serving engine (both backends; not with tensor
+        parallelism on CUDA, which has no batch runner yet)."""
+        return self.backend == "cpu" or self.tensor_parallel == 1
+
+    @property
+    def _engine_only(self) -> bool:
+        """Every call goes through the engine (CUDA, deterministic)."""
+        return self.deterministic and self.backend == "cuda"
 
     def _engine_loop(self, what: str):
         with self._loop_lock:
             if self._closing or self.runner is None:
                 raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
             if self._loop is None:
-                self._loop = make_loop(self.runner, *self._serving_args)
+                self._loop = make_loop(self.runner, self.backend, *self._serving_args, deterministic=self._engine_only)
             return self._loop
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None,
                **kv) -> Request:
         """Queue one prompt (text, or a list of chat messages) in the serving engine and return its
-        :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``); CPU backend only.
+        :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``).
 
         ``emit(text)`` gets the text as it is produced (on the engine's thread, except the
         last piece, which ``result()`` flushes); ``on_end(request)`` is called once when it ends.
@@ -148,7 +160,7 @@ class LLM:
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
         if not self.serves_batches:
-            raise NexusRTError(f"LLM.{what}() needs the serving engine, which runs on the CPU backend only so far")
+            raise NexusRTError(f"LLM.{what}() needs the serving engine, which does not run tensor-parallel on CUDA yet")
         loop = self._engine_loop(what)
         prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
@@ -158,7 +170,7 @@ class LLM:
 
     @property
     def engine(self):
-        """The serving engine's :class:`~nexusrt.serving.EngineLoop` (started here if needed; CPU only)."""
+        """The serving engine's :class:`~nexusrt.serving.EngineLoop` (started here if needed)."""
         return self._engine_loop("engine")
 
     def _leave(self) -> None:
@@ -183,7 +195,8 @@ class LLM:
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         shaped = [prompt_for(p, chat, system, self.tokenizer, kv) for p in prompts]  # all checked before any runs
         args = (max_new_tokens, temperature, top_k, top_p, stop, seed)
-        if isinstance(prompt, (list, tuple)) and self.serves_batches or any(isinstance(p, Pruned) for p in shaped):
+        if (isinstance(prompt, (list, tuple)) and self.serves_batches or self._engine_only
+                or any(isinstance(p, Pruned) for p in shaped)):
             out = self._generate_batched("generate", shaped, *args)  # pruning needs the engine
             return out if isinstance(prompt, (list, tuple)) else out[0]
         if not self._enter("generate", wait=not self.serves_batches):
@@ -199,7 +212,7 @@ class LLM:
              system: str | None = None) -> GenerationResult:
         """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``), rendered with
         the chat template; ``system`` is put first when given."""
-        if not self._enter("chat", wait=not self.serves_batches):
+        if self._engine_only or not self._enter("chat", wait=not self.serves_batches):
             return self._generate_batched("chat", [chat_messages(messages, system)], max_new_tokens, temperature,
                                           top_k, top_p, stop, seed)[0]
         try:
@@ -239,7 +252,7 @@ class LLM:
         # The lock is taken at the first next(), inside the generator: a stream that is never
         # iterated holds nothing, and one that is started releases in its finally (exhausted,
         # closed or collected). A stream that finds the runner busy runs in the serving engine.
-        if isinstance(prompt, Pruned) or not self._enter(what, wait=not self.serves_batches):
+        if isinstance(prompt, Pruned) or self._engine_only or not self._enter(what, wait=not self.serves_batches):
             self._local.result = None
             self._local.result = yield from engine_stream(
                 lambda emit, on_end: self._request(what, prompt, max_new_tokens, temperature, top_k, top_p, stop,
@@ -285,6 +298,7 @@ class LLM:
             loop, self._loop = self._loop, None
         if loop is not None:  # its requests end as cancelled; their callers get Cancelled
             loop.stop()
+            loop.engine.runner.close()  # the batch runner's pools and graphs (before the weights)
         self._enter("close", need_open=False)  # a generation in another thread finishes first
         try:
             runner, self.runner = self.runner, None

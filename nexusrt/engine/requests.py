@@ -1,4 +1,4 @@
-"""``nrt.LLM``'s requests through the serving engine (CPU backend): submit, wait, stream, cancel.
+"""``nrt.LLM``'s requests through the serving engine: submit, wait, stream, cancel.
 
 The LLM builds a :class:`~nexusrt.engine.session.Session` per prompt as for its one-sequence
 path; here the session's ``on_token`` runs on the engine's thread as the batch produces ids,
@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 from ..errors import NexusRTError
+from ..kvcache.blocks import blocks_for
 from ..serving import Engine, EngineLoop, KvPolicy, SchedulerConfig, Sequence
 from .kv import report
 from .session import GenerationResult, Session
@@ -25,26 +26,52 @@ class Cancelled(NexusRTError):
     """The request was cancelled (by its caller, or because the LLM closed)."""
 
 
-def serving_config(max_batch, kv_memory, max_waiting) -> tuple[SchedulerConfig, int, int]:
-    """Check the LLM's serving arguments: the scheduler's config, the KV bytes, the queue bound."""
-    kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
-    if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0:
+CUDA_TOKEN_BUDGET = 2048  # ids per step on the GPU: prompt chunks big enough for tensor cores
+FIXED_CHUNK = 512  # deterministic mode: prompt chunks end at multiples of this
+
+
+def serving_config(max_batch, kv_memory, max_waiting) -> tuple[int, int | None, int]:
+    """Check the LLM's serving arguments: (max_batch, KV bytes or None for the backend's
+    default, the queue bound)."""
+    if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, int) or kv_memory <= 0):
         raise ValueError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
     if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
         raise ValueError(f"max_waiting must be an integer >= 1, got {max_waiting!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    return SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch)), kv, max_waiting
+    return max_batch, kv_memory, max_waiting
 
 
-def make_loop(cpu_runner, config: SchedulerConfig, kv_memory: int, max_waiting: int) -> EngineLoop:
-    """An :class:`EngineLoop` over a :class:`CpuBatchRunner` sharing ``cpu_runner``'s weights
-    (arguments as :func:`serving_config` returns them)."""
-    num_blocks = blocks_for_bytes(cpu_runner.config, kv_memory)
-    if num_blocks < 1:
-        raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
-    runner = CpuBatchRunner(cpu_runner.decoder, num_blocks, cpu_runner.max_context)
-    return EngineLoop(Engine(runner, config), max_waiting=max_waiting)
+def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_waiting: int,
+              deterministic: bool = False) -> EngineLoop:
+    """An :class:`EngineLoop` over the batch runner of ``runner``'s backend, sharing its weights
+    (arguments as :func:`serving_config` returns them). On CUDA, ``deterministic`` makes a
+    request's ids independent of the batch around it (the CPU engine always is)."""
+    if backend == "cpu":  # the CpuRunner's NumPy decoder, fp32 KV
+        kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
+        num_blocks = blocks_for_bytes(runner.config, kv)
+        if num_blocks < 1:
+            raise ValueError(f"kv_memory={kv} bytes holds no KV block of this model")
+        config = SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch))
+        return EngineLoop(Engine(CpuBatchRunner(runner.decoder, num_blocks, runner.max_context), config),
+                          max_waiting=max_waiting)
+    from ..backends.cuda import batch as cuda_batch
+
+    if kv_memory is None:  # room for every running sequence at full context
+        num_blocks = max_batch * blocks_for(runner.max_context)
+    else:
+        num_blocks = cuda_batch.blocks_for_bytes(runner.config, kv_memory)
+        if num_blocks < 1:
+            raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
+    budget = max(CUDA_TOKEN_BUDGET, max_batch + (FIXED_CHUNK if deterministic else 0))
+    config = SchedulerConfig(max_running=max_batch, token_budget=budget,
+                             fixed_chunks=FIXED_CHUNK if deterministic else 0)
+    batch = cuda_batch.CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+    try:  # prefix caching reuses KV computed in another request's chunking: off when deterministic
+        return EngineLoop(Engine(batch, config, prefix_caching=not deterministic), max_waiting=max_waiting)
+    except BaseException:
+        batch.close()
+        raise
 
 
 class Request:

@@ -34,11 +34,13 @@ def parse_bytes(text: str) -> int:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
           max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S,
-          kv: dict | None = None, tensor_parallel: int = 1) -> int:
+          kv: dict | None = None, tensor_parallel: int = 1, backend: str | None = None,
+          deterministic: bool = False) -> int:
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
     flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
     pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
-    model is split over (in process on the CPU)."""
+    model is split over (in process on the CPU). ``backend``: cpu or cuda (default: the probe's);
+    ``deterministic``: on CUDA, a request's ids do not depend on the batch around it."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
         raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
     from ..engine.kv import shape as kv_shape
@@ -57,9 +59,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The engine runs on the CPU backend only so far (the CUDA batch runner is future work).
-    llm = LLM(model, backend="cpu", max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
-              max_waiting=max_waiting, allow_paths=allow_paths, tensor_parallel=tensor_parallel)
+    llm = LLM(model, backend=backend, max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
+              max_waiting=max_waiting, allow_paths=allow_paths, tensor_parallel=tensor_parallel,
+              deterministic=deterministic)
     try:
         app = create_app(llm, model, kv)
         state = app.state.server
@@ -70,8 +72,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                 await super().startup(sockets)
                 if not self.should_exit:  # bound and listening (a busy port fails in there)
                     logging.getLogger("nexusrt.server").info(
-                        "serving %s on http://%s:%d (cpu backend, context %d, max batch %d, %d KV blocks)", model,
-                        host, port, llm.runner.max_context, max_batch, engine.blocks.num_blocks)
+                        "serving %s on http://%s:%d (%s backend%s, context %d, max batch %d, %d KV blocks)", model,
+                        host, port, llm.backend, ", deterministic" if deterministic else "", llm.runner.max_context,
+                        max_batch, engine.blocks.num_blocks)
 
             def handle_exit(self, sig, frame):  # stop taking requests at the signal, not after the grace
                 if state.accepting:

@@ -3,7 +3,7 @@
 
 Every machine with Python has this text offline, so the model (and this script) need no
 download. The data are the files named in ``scripts/stdlib_tiny_files.txt`` (``train``
-and ``eval`` lines, paths relative to ``sysconfig.get_paths()['stdlib']``); a missing file
+and ``eval`` lines, paths relative to ``sysconfig.get_paths()['stdlib']``, or ``--stdlib``); a missing file
 stops the script with its name. Eval files are held out from both the tokenizer and the
 model and shipped, as text, in ``heldout.json.gz`` so perplexity is comparable on any
 machine whatever its Python version.
@@ -75,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--stdlib", default=None, metavar="DIR",
+                   help="the standard library folder the file list is relative to (default: this Python's; "
+                        "another Python's gives the same data, e.g. a 3.11 tree on a 3.12 machine)")
     return p.parse_args(argv)
 
 
@@ -232,7 +235,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = Path(args.stdlib or sysconfig.get_paths()["stdlib"])
     train_files, eval_files = read_file_list(stdlib)
     texts = [(stdlib / r).read_text(encoding="utf-8") for r in train_files]
     heldout = [{"file": r, "text": (stdlib / r).read_text(encoding="utf-8")} for r in eval_files]

@@ -9,9 +9,11 @@ output tokens/s, TTFT and TPOT p50/p99, peak KV blocks used, prefix-cache hits, 
 computed, preemptions. With transformers importable and a checkpoint model, the same
 requests of the largest level also go through transformers' continuous batching, as a ratio.
 
-The engine runs on the CPU backend only so far: the CUDA batch runner (batched decode,
-graphs at bucketed batch sizes) is future work, so this stage refuses a CUDA runtime rather
-than report a CPU figure as a GPU one.
+On CUDA the engine drives :class:`~nexusrt.backends.cuda.batch.CudaBatchRunner` (token
+budget 2048; ``--deterministic`` for the batch-invariant mode), and with a level of 1 the
+same lone request also runs through the one-sequence decode loop (the decode stage's path):
+``engine_over_one_sequence`` is the engine's TPOT over it. With levels 1 and N, whether the
+first request's greedy ids among N equal its ids alone is reported (``same_ids_as_alone``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def add_arguments(parser) -> None:
                         help="serve stage: tokens of a system prompt every request starts with (0)")
     parser.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
                         help="serve stage: KV pool bytes (default: room for every request at once)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="serve stage on CUDA: the batch-invariant engine mode (see nexusrt serve --deterministic)")
 
 
 def workload(n: int, prompt_tokens: int, new_tokens: int, shared_prefix: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -74,13 +78,18 @@ def _pct(values, q) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
-def run_level(runner, requests, max_context: int, budget: int) -> dict:
+def run_level(runner, requests, max_context: int, budget: int, fixed_chunks: int = 0,
+              prefix_caching: bool = True) -> dict:
     """One timed run of ``requests`` arriving together on a fresh engine over ``runner``'s pool."""
     from ..reference.sampling import SamplingParams
     from ..serving import Engine, SchedulerConfig, Sequence
 
-    engine = Engine(runner, SchedulerConfig(max_running=len(requests), token_budget=max(budget, len(requests))))
+    n = len(requests)
+    config = SchedulerConfig(max_running=n, token_budget=max(budget, n + fixed_chunks), fixed_chunks=fixed_chunks)
+    engine = Engine(runner, config, prefix_caching=prefix_caching)
     seqs = [Sequence(ids, SamplingParams(), new, max_context) for ids, new in requests]
+    timings = getattr(runner, "timings", None)
+    before = dict(timings) if timings else None
     t0 = time.perf_counter()
     for s in seqs:
         s.t_arrival = t0
@@ -96,61 +105,111 @@ def run_level(runner, requests, max_context: int, budget: int) -> dict:
     out = sum(len(s.output_ids) for s in seqs)
     ttft = [s.t_first - t0 for s in seqs]
     tpot = [(s.t_last - s.t_first) / (len(s.output_ids) - 1) for s in seqs if len(s.output_ids) > 1]
-    return {"wall_s": wall, "output_tokens": out, "output_tokens_per_s": out / wall,
+    split = {}
+    if before is not None:  # the CUDA runner's share of the wall time: host enqueue, device wait, picks
+        split = {f"runner_{k}": timings[k] - before[k] for k in ("enqueue_s", "wait_s", "picks_s")}
+        split["engine_host_s"] = wall - sum(split.values())
+    return {**split, "wall_s": wall, "output_tokens": out, "output_tokens_per_s": out / wall,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
             "kv_blocks_peak": peak, "kv_blocks_total": engine.blocks.num_blocks,
             "prefix_hit_blocks": engine.blocks.hits, "prompt_tokens": sum(len(i) for i, _ in requests),
             "computed_tokens": engine.metrics.computed_tokens, "steps": engine.metrics.steps,
-            "preemptions": engine.scheduler.preemptions}
+            "preemptions": engine.scheduler.preemptions, "output_ids": [list(s.output_ids) for s in seqs]}
+
+
+def _median_run(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    best = dict(runs[len(runs) // 2])
+    best["output_tokens_per_s_runs"] = [r["output_tokens_per_s"] for r in runs]
+    return best
+
+
+def _one_sequence_tpot(llm, ids: list[int], new_tokens: int, runs: int) -> float:
+    """Median seconds per output token of the runner's own decode loop (the decode stage's path)."""
+    from ..reference.sampling import SamplingParams
+
+    times = []
+    for _ in range(runs):
+        stamps = []
+        llm.runner.generate_tokens(ids, new_tokens, SamplingParams(), lambda t: stamps.append(time.perf_counter()) and False)
+        times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    return float(np.median(times))
 
 
 def run(args) -> dict:
     from .. import firmware
-    from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
     from ..engine.llm import LLM
+    from ..engine.requests import CUDA_TOKEN_BUDGET, FIXED_CHUNK
     from ..kvcache.blocks import blocks_for
 
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
-    if rt.is_cuda:
-        raise ValueError("the serve stage drives the serving engine, which runs on the CPU backend only so far "
-                         "(the CUDA batch runner is future work); run it with --backend cpu")
-    _validate(args, cpu=True)
+    cpu = not rt.is_cuda
+    _validate(args, cpu=cpu)
     model = args.model
     resolve_model_config(model)
-    note = "CPU backend: a CPU figure, not comparable to a GPU"
-    if model != CPU_MODEL and not getattr(args, "model_explicit", False):
+    note = "CPU backend: a CPU figure, not comparable to a GPU" if cpu else ""
+    if cpu and model != CPU_MODEL and not getattr(args, "model_explicit", False):
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
+    deterministic = bool(getattr(args, "deterministic", False)) and not cpu
+    budget = 512 if cpu else CUDA_TOKEN_BUDGET + (FIXED_CHUNK if deterministic else 0)
     longest = args.shared_prefix + round(args.prompt_tokens * 1.25) + args.new_tokens
-    llm = LLM(model, backend="cpu", max_context=longest + 16)
+    llm = LLM(model, backend=rt.backend, max_context=longest + 16)
     cfg = llm.config
-    levels = {}
+    levels, one_seq = {}, None
+    runner = None
     try:
+        top = max(args.concurrency)
+        workloads = {n: workload(n, args.prompt_tokens, args.new_tokens, args.shared_prefix, cfg.vocab_size)
+                     for n in args.concurrency}
+        need = max(sum(blocks_for(len(p) + m) for p, m in w) for w in workloads.values())
+        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic)
+        fixed = FIXED_CHUNK if deterministic else 0
         for n in args.concurrency:
-            requests = workload(n, args.prompt_tokens, args.new_tokens, args.shared_prefix, cfg.vocab_size)
-            need = sum(blocks_for(len(p) + m) for p, m in requests)
-            blocks = need if args.kv_memory is None else blocks_for_bytes(cfg, args.kv_memory)
-            runner = CpuBatchRunner(llm.runner.decoder, blocks, llm.runner.max_context)
-            run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, 512)  # warm-up
-            runs = [run_level(runner, requests, llm.runner.max_context, 512) for _ in range(args.runs)]
-            runs.sort(key=lambda r: r["output_tokens_per_s"])
-            best = dict(runs[len(runs) // 2])
-            best["output_tokens_per_s_runs"] = [r["output_tokens_per_s"] for r in runs]
-            levels[str(n)] = best
-            runner.close()
+            run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, budget, fixed,
+                      not deterministic)  # warm-up
+            runs = [run_level(runner, workloads[n], llm.runner.max_context, budget, fixed, not deterministic)
+                    for _ in range(args.runs)]
+            levels[str(n)] = _median_run(runs)
+        if not cpu and 1 in args.concurrency:  # the same lone request through the one-sequence decode loop
+            ids, new = workloads[1][0]
+            one_seq = _one_sequence_tpot(llm, ids, new, args.runs)
+            levels["1"]["one_sequence_tpot_s"] = one_seq
+            levels["1"]["engine_over_one_sequence"] = levels["1"]["tpot_p50_s"] / one_seq
+        if str(top) in levels and "1" in levels and top > 1:  # batch invariance, greedy: the lone ids vs among others
+            alone = levels["1"]["output_ids"][0]
+            among = levels[str(top)]["output_ids"][0]
+            levels[str(top)]["same_ids_as_alone"] = alone == among
+        for lv in levels.values():
+            lv.pop("output_ids", None)
         peer = None
         if not args.no_peers:
             peer = _peer(llm, model, args)
-            top = levels[str(max(args.concurrency))]
             if "output_tokens_per_s" in peer:
-                peer["nexusrt_ratio"] = top["output_tokens_per_s"] / peer["output_tokens_per_s"]
+                peer["nexusrt_ratio"] = levels[str(top)]["output_tokens_per_s"] / peer["output_tokens_per_s"]
     finally:
+        if runner is not None:
+            runner.close()
         llm.close()
     return {"backend": rt.backend, "device": rt.profile.device_name, "model": model, "note": note,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "shared_prefix": args.shared_prefix,
-            "runs": args.runs, "token_budget": 512, "levels": levels, "transformers_continuous_batching": peer}
+            "runs": args.runs, "token_budget": budget, "deterministic": deterministic, "levels": levels,
+            "transformers_continuous_batching": peer}
+
+
+def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: int, deterministic: bool):
+    """The backend's batch runner over ``llm``'s weights, with ``need`` blocks (or ``kv_memory`` bytes)."""
+    if cpu:
+        from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
+
+        blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
+        return CpuBatchRunner(llm.runner.decoder, blocks, llm.runner.max_context)
+    from ..backends.cuda.batch import CudaBatchRunner, blocks_for_bytes
+
+    blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
+    return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic)
 
 
 def _peer(llm, model: str, args) -> dict:
@@ -182,6 +241,20 @@ def render(r: dict) -> str:
                     f"{peer['output_tokens_per_s']:.0f} out tok/s -> NexusRT {peer['nexusrt_ratio']:.2f}x")
         else:
             out += f"\ntransformers continuous batching: {plain(peer)}"
+    for n, lv in r["levels"].items():
+        if "runner_wait_s" in lv:
+            out += (f"\n{n} requests, where the wall time went: device (host waiting) {lv['runner_wait_s']:.2f} s, "
+                    f"runner enqueue {lv['runner_enqueue_s']:.2f} s, picks {lv['runner_picks_s']:.2f} s, "
+                    f"engine {lv['engine_host_s']:.2f} s of {lv['wall_s']:.2f} s")
+    one = r["levels"].get("1", {})
+    if "one_sequence_tpot_s" in one:
+        out += (f"\n1 request: engine TPOT {one['tpot_p50_s'] * 1e3:.3f} ms vs the one-sequence decode loop "
+                f"{one['one_sequence_tpot_s'] * 1e3:.3f} ms -> {one['engine_over_one_sequence']:.3f}x")
+    for n, lv in r["levels"].items():
+        if "same_ids_as_alone" in lv:
+            out += (f"\nbatch invariance ({'deterministic mode' if r.get('deterministic') else 'default mode'}): "
+                    f"request 0's greedy ids among {n} {'equal' if lv['same_ids_as_alone'] else 'DIFFER from'} "
+                    "its ids alone")
     if r.get("note"):
         out += f"\nnote: {r['note']}"
     return out

@@ -95,8 +95,14 @@ def run_level(runner, requests, max_context: int, budget: int, fixed_chunks: int
         s.t_arrival = t0
         engine.add(s)
     peak = 0
+    phase = {"prefill_steps": 0, "prefill_steps_s": 0.0, "decode_steps": 0, "decode_steps_s": 0.0}
     while engine.has_work:
-        engine.step()
+        running = len(engine.scheduler.running) + len(engine.scheduler.waiting)
+        ts = time.perf_counter()
+        computed = engine.step()
+        kind = "prefill" if computed > running else "decode"  # a step with prompt ids, or decodes only
+        phase[f"{kind}_steps"] += 1
+        phase[f"{kind}_steps_s"] += time.perf_counter() - ts
         peak = max(peak, engine.blocks.num_used)
     wall = time.perf_counter() - t0
     engine.blocks.audit()
@@ -109,7 +115,7 @@ def run_level(runner, requests, max_context: int, budget: int, fixed_chunks: int
     if before is not None:  # the CUDA runner's share of the wall time: host enqueue, device wait, picks
         split = {f"runner_{k}": timings[k] - before[k] for k in ("enqueue_s", "wait_s", "picks_s")}
         split["engine_host_s"] = wall - sum(split.values())
-    return {**split, "wall_s": wall, "output_tokens": out, "output_tokens_per_s": out / wall,
+    return {**split, **phase, "wall_s": wall, "output_tokens": out, "output_tokens_per_s": out / wall,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
             "kv_blocks_peak": peak, "kv_blocks_total": engine.blocks.num_blocks,
@@ -245,7 +251,9 @@ def render(r: dict) -> str:
         if "runner_wait_s" in lv:
             out += (f"\n{n} requests, where the wall time went: device (host waiting) {lv['runner_wait_s']:.2f} s, "
                     f"runner enqueue {lv['runner_enqueue_s']:.2f} s, picks {lv['runner_picks_s']:.2f} s, "
-                    f"engine {lv['engine_host_s']:.2f} s of {lv['wall_s']:.2f} s")
+                    f"engine {lv['engine_host_s']:.2f} s of {lv['wall_s']:.2f} s; {lv['prefill_steps']} steps with "
+                    f"prompt ids took {lv['prefill_steps_s']:.2f} s, {lv['decode_steps']} decode-only steps "
+                    f"{lv['decode_steps_s'] / max(lv['decode_steps'], 1) * 1e3:.2f} ms each")
     one = r["levels"].get("1", {})
     if "one_sequence_tpot_s" in one:
         out += (f"\n1 request: engine TPOT {one['tpot_p50_s'] * 1e3:.3f} ms vs the one-sequence decode loop "

@@ -151,7 +151,7 @@ def test_fit_check_counts_the_prefill_buffers_the_runner_allocates(cpu_rt):
 def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, no_occupancy_query):
     """The batch runner's buffers (a shared pool with a scratch block) and its batched decode graph
     for every bucket, plain and with the deterministic mode's fixed attention chunk."""
-    from nexusrt.backends.cuda.batch import BatchBuffers, batch_buckets
+    from nexusrt.backends.cuda.batch_buffers import BatchBuffers, batch_buckets
     from nexusrt.kernels.ops.attention_decode import tokens_per_step
 
     cfg = _config(variant)
@@ -184,7 +184,7 @@ def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, 
 
 
 def test_batch_buckets_and_kv_bytes():
-    from nexusrt.backends.cuda.batch import batch_buckets, blocks_for_bytes
+    from nexusrt.backends.cuda.batch_buffers import batch_buckets, blocks_for_bytes
 
     assert batch_buckets(1) == (1,) and batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_buckets(65)[-1] == 128
@@ -194,3 +194,21 @@ def test_batch_buckets_and_kv_bytes():
     cfg = _config("llama_tiny")
     per_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 16 * cfg.head_dim * 2
     assert blocks_for_bytes(cfg, 10 * per_block + 1) == 10
+
+
+def test_a_step_entry_the_cuda_batch_runner_cannot_take_is_refused_by_name():
+    from nexusrt.backends.base import Rows
+    from nexusrt.backends.cuda.batch_buffers import check_entry
+
+    def check(ids=(5,), start=3, table=(7,), **kw):
+        check_entry(Rows(np.asarray(ids, np.int32), start, list(table), **kw), 100, 8, 50, 300)
+
+    check()
+    check(ids=range(1, 40), start=10, table=(1, 2, 3, 4))
+    for kwargs, match in ((dict(ids=()), "at least one id"), (dict(start=99, ids=(1, 2)), "exceed the context"),
+                          (dict(position=7), "KV pruning"), (dict(scores=np.zeros(8)), "KV pruning"),
+                          (dict(start=16), "does not cover"), (dict(table=range(9)), "does not cover"),
+                          (dict(table=(50,)), "outside 0..49"), (dict(table=(-1,)), "outside"),
+                          (dict(ids=(300,)), "token ids"), (dict(ids=(1, -2)), "token ids")):
+        with pytest.raises(ValueError, match=match):
+            check(**kwargs)

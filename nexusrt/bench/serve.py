@@ -212,7 +212,8 @@ def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: 
 
         blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
         return CpuBatchRunner(llm.runner.decoder, blocks, llm.runner.max_context)
-    from ..backends.cuda.batch import CudaBatchRunner, blocks_for_bytes
+    from ..backends.cuda.batch import CudaBatchRunner
+    from ..backends.cuda.batch_buffers import blocks_for_bytes
 
     blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
     return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic)

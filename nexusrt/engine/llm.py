@@ -8,13 +8,10 @@
 ...     print(piece, end="")
 >>> llm.chat([{"role": "user", "content": "Hi"}], system="Be brief.").text
 
-Threads and lists: on the CPU backend, ``generate([...])`` with a list, and a call from a thread
-while another call runs, go through the serving engine (:mod:`nexusrt.serving`): continuous
-batching over a shared KV block pool, each request getting exactly the ids it would get alone.
-A lone call takes the one-sequence path (``runner.generate_tokens``), on both backends. On
-CUDA the engine's batched step rounds differently from the one-sequence path (both within
-bf16 error of the reference); ``deterministic=True`` sends every call through the engine,
-whose ids then do not depend on the batch (the CPU engine always is).
+Threads and lists: ``generate([...])`` with a list, and a call from a thread while another
+call runs, go through the serving engine (:mod:`nexusrt.serving`); a lone call takes the
+one-sequence path (``runner.generate_tokens``). On CUDA the two round differently (both within
+bf16 error); ``deterministic=True`` sends every call through the engine's batch-invariant mode.
 """
 
 from __future__ import annotations
@@ -75,7 +72,7 @@ class LLM:
         self._owner: int | None = None  # thread that holds the lock
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
-        self._loop = None  # the serving engine's loop, started at first use (CPU backend)
+        self._loop = None  # the serving engine's loop, started at first use
         self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         self.deterministic = bool(deterministic)
@@ -119,12 +116,6 @@ class LLM:
         return True
 
     @property
-    def serves_batches(self) -> bool:
-        """Whether calls can go through the serving engine (both backends; not with tensor
-        parallelism on CUDA, which has no batch runner yet)."""
-        return self.backend == "cpu" or self.tensor_parallel == 1
-
-    @property
     def _engine_only(self) -> bool:
         """Every call goes through the engine (CUDA, deterministic)."""
         return self.deterministic and self.backend == "cuda"
@@ -159,8 +150,6 @@ class LLM:
         return self._request("prepare", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
-        if not self.serves_batches:
-            raise NexusRTError(f"LLM.{what}() needs the serving engine, which does not run tensor-parallel on CUDA yet")
         loop = self._engine_loop(what)
         prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
@@ -195,11 +184,11 @@ class LLM:
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         shaped = [prompt_for(p, chat, system, self.tokenizer, kv) for p in prompts]  # all checked before any runs
         args = (max_new_tokens, temperature, top_k, top_p, stop, seed)
-        if (isinstance(prompt, (list, tuple)) and self.serves_batches or self._engine_only
+        if (isinstance(prompt, (list, tuple)) or self._engine_only
                 or any(isinstance(p, Pruned) for p in shaped)):
             out = self._generate_batched("generate", shaped, *args)  # pruning needs the engine
             return out if isinstance(prompt, (list, tuple)) else out[0]
-        if not self._enter("generate", wait=not self.serves_batches):
+        if not self._enter("generate", wait=False):
             return self._generate_batched("generate", shaped[:1], *args)[0]
         try:
             out = [self._generate_one(p, *args) for p in shaped]
@@ -212,7 +201,7 @@ class LLM:
              system: str | None = None) -> GenerationResult:
         """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``), rendered with
         the chat template; ``system`` is put first when given."""
-        if self._engine_only or not self._enter("chat", wait=not self.serves_batches):
+        if self._engine_only or not self._enter("chat", wait=False):
             return self._generate_batched("chat", [chat_messages(messages, system)], max_new_tokens, temperature,
                                           top_k, top_p, stop, seed)[0]
         try:
@@ -252,7 +241,7 @@ class LLM:
         # The lock is taken at the first next(), inside the generator: a stream that is never
         # iterated holds nothing, and one that is started releases in its finally (exhausted,
         # closed or collected). A stream that finds the runner busy runs in the serving engine.
-        if isinstance(prompt, Pruned) or self._engine_only or not self._enter(what, wait=not self.serves_batches):
+        if isinstance(prompt, Pruned) or self._engine_only or not self._enter(what, wait=False):
             self._local.result = None
             self._local.result = yield from engine_stream(
                 lambda emit, on_end: self._request(what, prompt, max_new_tokens, temperature, top_k, top_p, stop,

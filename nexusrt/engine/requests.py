@@ -55,18 +55,19 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
         config = SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch))
         return EngineLoop(Engine(CpuBatchRunner(runner.decoder, num_blocks, runner.max_context), config),
                           max_waiting=max_waiting)
-    from ..backends.cuda import batch as cuda_batch
+    from ..backends.cuda.batch import CudaBatchRunner
+    from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
 
     if kv_memory is None:  # room for every running sequence at full context
         num_blocks = max_batch * blocks_for(runner.max_context)
     else:
-        num_blocks = cuda_batch.blocks_for_bytes(runner.config, kv_memory)
+        num_blocks = cuda_blocks_for_bytes(runner.config, kv_memory)
         if num_blocks < 1:
             raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
     budget = max(CUDA_TOKEN_BUDGET, max_batch + (FIXED_CHUNK if deterministic else 0))
     config = SchedulerConfig(max_running=max_batch, token_budget=budget,
                              fixed_chunks=FIXED_CHUNK if deterministic else 0)
-    batch = cuda_batch.CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+    batch = CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
     try:  # prefix caching reuses KV computed in another request's chunking: off when deterministic
         return EngineLoop(Engine(batch, config, prefix_caching=not deterministic), max_waiting=max_waiting)
     except BaseException:

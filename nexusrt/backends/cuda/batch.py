@@ -34,75 +34,18 @@ import time
 
 import numpy as np
 
-from ... import memory, scheduler
+from ... import scheduler
 from ...driver.calls import call
 from ...errors import NexusRTError
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling as sampling_ops
 from ...kernels.ops.common import sm_count
-from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
+from ...kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..base import Rows
 from . import step as steps
-from .buffers import OwnedBuffers, RunnerBuffers
+from .batch_buffers import BatchBuffers, batch_buckets, bucket_for, check_entry
+from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
-
-TAG = "batch"
-MAX_BATCH = 256
-
-
-def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, … up to the first power of two at or above ``max_batch`` (at most 256)."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
-        raise ValueError(f"max_batch must be an integer in 1..{MAX_BATCH} on CUDA, got {max_batch!r}")
-    out = [1]
-    while out[-1] < max_batch:
-        out.append(out[-1] * 2)
-    return tuple(out)
-
-
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= n)
-
-
-class BatchBuffers(OwnedBuffers):
-    """The batched step's rows (``bmax`` of them) and the step's pinned staging."""
-
-    def __init__(self, rt, cfg, bmax: int, width: int, prefill_logits: int, prompt_rows: int, k_pools, v_pools):
-        h, d = cfg.hidden_size, cfg.head_dim
-        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-        super().__init__()
-        self.k_pools, self.v_pools = k_pools, v_pools
-        self.bmax, self.width = bmax, width
-        rows = bmax + prefill_logits  # logits rows: the batch's, then one per prompt chunk that samples
-        try:
-            dev = {"ids": ((bmax,), "int32"), "meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
-                   "hidden": ((bmax, h), "fp32"), "normed": ((bmax, h), "bf16"),
-                   "qkv": ((bmax, (hq + 2 * hkv) * d), "fp32"), "q": ((bmax, hq, d), "fp32"),
-                   "attn": ((bmax, hq * d), "bf16"), "gate_up": ((bmax, 2 * inter), "bf16"),
-                   "act": ((bmax, inter), "bf16"), "logits": ((rows, cfg.vocab_size), "fp32"),
-                   "next": ((rows,), "int32")}
-            for name, (shape, dtype) in dev.items():
-                setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
-            # Pinned staging, one region per use within a step.
-            self.h_ids = self._t(memory.pinned((bmax,), "int32", tag=TAG))
-            self.h_prompt = self._t(memory.pinned((prompt_rows,), "int32", tag=TAG))  # chunks' ids, padded
-            self.h_meta = self._t(memory.pinned((bmax, 4), "int32", tag=TAG))
-            self.h_tables = self._t(memory.pinned((bmax, width), "int32", tag=TAG))
-            self.h_pre_tables = self._t(memory.pinned((prefill_logits + 1, width), "int32", tag=TAG))
-            self.h_next = self._t(memory.pinned((rows,), "int32", tag=TAG))
-            self.workspaces: dict[int, attn_dec.DecodeWorkspace] = {}
-        except BaseException:
-            self.free()
-            raise
-
-    def workspace(self, cfg, rows: int, splits: int):
-        """The rows kernel's split workspace for ``rows`` rows (one per bucket, made once)."""
-        ws = self.workspaces.get(rows)
-        if ws is None:
-            ws = self.workspaces[rows] = self._t(attn_dec.alloc_workspace(
-                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, splits, tag=TAG, rows=rows))
-        return ws
-
 
 class CudaBatchRunner:
     """Many sequences over one KV pool of ``num_blocks`` blocks, on ``base``'s weights.
@@ -177,24 +120,6 @@ class CudaBatchRunner:
                 steps.batch_decode_stages(rt, cfg, w, self.bb, m, lt, ws, self.fixed_chunk), stream="compute")
 
     # -- helpers --------------------------------------------------------------------------------
-    def _check(self, r: Rows) -> None:
-        n = len(r.token_ids)
-        if n < 1:
-            raise ValueError("a batch entry needs at least one id")
-        if r.start < 0 or r.start + n > self.max_context:
-            raise ValueError(f"{r.start + n} tokens exceed the context of {self.max_context}")
-        if r.position is not None and r.position != r.start or r.scores is not None:
-            raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
-        table = r.table
-        if len(table) * BLOCK_SIZE < r.start + n or len(table) > self.width:
-            raise ValueError(f"the block table ({len(table)} blocks) does not cover slots 0..{r.start + n - 1}")
-        if table and (min(table) < 0 or max(table) >= self.num_blocks):
-            raise ValueError(f"a block table names blocks outside 0..{self.num_blocks - 1}")
-        ids = r.token_ids
-        lo, hi = (int(ids[0]), int(ids[0])) if n == 1 else (int(np.min(ids)), int(np.max(ids)))
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
-
     def _fill_table(self, dst: np.ndarray, table: list[int]) -> None:
         dst[:len(table)] = table
         dst[len(table):] = self.scratch
@@ -285,7 +210,7 @@ class CudaBatchRunner:
             return []
         t0 = time.perf_counter()
         for r in batch:
-            self._check(r)
+            check_entry(r, self.max_context, self.width, self.num_blocks, self.config.vocab_size)
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
         singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
@@ -364,10 +289,3 @@ class CudaBatchRunner:
             if part is not None:
                 part.free()
         self.bb = self.pre = None
-
-
-def blocks_for_bytes(config, kv_bytes: int) -> int:
-    """KV blocks (bf16 K and V of every layer) that fit in ``kv_bytes``."""
-    per_block = 2 * config.num_hidden_layers * int(np.prod(pool_shape(1, config.num_key_value_heads,
-                                                                        config.head_dim))) * 2
-    return int(kv_bytes) // per_block

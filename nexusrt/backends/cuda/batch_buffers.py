@@ -1,0 +1,102 @@
+"""The batched step's device buffers and its bucket sizes (:mod:`nexusrt.backends.cuda.batch`).
+
+``BatchBuffers`` holds the rows of the batched decode graph (up to the largest bucket), the
+logits rows of a step (the batch's, then one per prompt chunk that samples), the rows
+kernels' per-row ``meta`` and block tables, the split workspaces per bucket, and the pinned
+staging every host input of a step goes through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import memory
+from ...kernels.ops import attention_decode as attn_dec
+from ...kvcache.blocks import BLOCK_SIZE, pool_shape
+from .buffers import OwnedBuffers
+
+TAG = "batch"
+MAX_BATCH = 256
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, … up to the first power of two at or above ``max_batch`` (at most 256)."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"max_batch must be an integer in 1..{MAX_BATCH} on CUDA, got {max_batch!r}")
+    out = [1]
+    while out[-1] < max_batch:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class BatchBuffers(OwnedBuffers):
+    """The batched step's rows (``bmax`` of them) and the step's pinned staging."""
+
+    def __init__(self, rt, cfg, bmax: int, width: int, prefill_logits: int, prompt_rows: int, k_pools, v_pools):
+        h, d = cfg.hidden_size, cfg.head_dim
+        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+        super().__init__()
+        self.k_pools, self.v_pools = k_pools, v_pools
+        self.bmax, self.width = bmax, width
+        rows = bmax + prefill_logits  # logits rows: the batch's, then one per prompt chunk that samples
+        try:
+            dev = {"ids": ((bmax,), "int32"), "meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
+                   "hidden": ((bmax, h), "fp32"), "normed": ((bmax, h), "bf16"),
+                   "qkv": ((bmax, (hq + 2 * hkv) * d), "fp32"), "q": ((bmax, hq, d), "fp32"),
+                   "attn": ((bmax, hq * d), "bf16"), "gate_up": ((bmax, 2 * inter), "bf16"),
+                   "act": ((bmax, inter), "bf16"), "logits": ((rows, cfg.vocab_size), "fp32"),
+                   "next": ((rows,), "int32")}
+            for name, (shape, dtype) in dev.items():
+                setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
+            # Pinned staging, one region per use within a step.
+            self.h_ids = self._t(memory.pinned((bmax,), "int32", tag=TAG))
+            self.h_prompt = self._t(memory.pinned((prompt_rows,), "int32", tag=TAG))  # chunks' ids, padded
+            self.h_meta = self._t(memory.pinned((bmax, 4), "int32", tag=TAG))
+            self.h_tables = self._t(memory.pinned((bmax, width), "int32", tag=TAG))
+            self.h_pre_tables = self._t(memory.pinned((prefill_logits + 1, width), "int32", tag=TAG))
+            self.h_next = self._t(memory.pinned((rows,), "int32", tag=TAG))
+            self.workspaces: dict[int, attn_dec.DecodeWorkspace] = {}
+        except BaseException:
+            self.free()
+            raise
+
+    def workspace(self, cfg, rows: int, splits: int):
+        """The rows kernel's split workspace for ``rows`` rows (one per bucket, made once)."""
+        ws = self.workspaces.get(rows)
+        if ws is None:
+            ws = self.workspaces[rows] = self._t(attn_dec.alloc_workspace(
+                cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, splits, tag=TAG, rows=rows))
+        return ws
+
+
+
+def blocks_for_bytes(config, kv_bytes: int) -> int:
+    """KV blocks (bf16 K and V of every layer) that fit in ``kv_bytes``."""
+    per_block = 2 * config.num_hidden_layers * int(np.prod(pool_shape(1, config.num_key_value_heads,
+                                                                        config.head_dim))) * 2
+    return int(kv_bytes) // per_block
+
+
+def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
+    """ValueError unless the step entry ``r`` (a :class:`~nexusrt.backends.base.Rows`) fits a runner of
+    ``max_context`` tokens, block tables of ``width`` blocks over ``num_blocks``, ids below ``vocab``."""
+    n = len(r.token_ids)
+    if n < 1:
+        raise ValueError("a batch entry needs at least one id")
+    if r.start < 0 or r.start + n > max_context:
+        raise ValueError(f"{r.start + n} tokens exceed the context of {max_context}")
+    if r.position is not None and r.position != r.start or r.scores is not None:
+        raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
+    table = r.table
+    if len(table) * BLOCK_SIZE < r.start + n or len(table) > width:
+        raise ValueError(f"the block table ({len(table)} blocks) does not cover slots 0..{r.start + n - 1}")
+    if table and (min(table) < 0 or max(table) >= num_blocks):
+        raise ValueError(f"a block table names blocks outside 0..{num_blocks - 1}")
+    ids = r.token_ids
+    lo, hi = (int(ids[0]), int(ids[0])) if n == 1 else (int(np.min(ids)), int(np.max(ids)))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must be in 0..{vocab - 1}")

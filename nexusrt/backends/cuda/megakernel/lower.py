@@ -12,7 +12,9 @@ dependencies between tiles are counters at the granularity of the data a tile re
   the new K/V slot); split attention parts signal a per-head counter the combine waits on;
 - O, gate/up, down and the LM head need their whole input vector (or its RMSNorm), so they
   wait for the full producer stage;
-- an argmax partial waits only for the LM-head tiles of its chunk of the vocabulary.
+- an argmax partial waits only for the LM-head tiles of its chunk of the vocabulary. The
+  sampler's two stages lower to greedy argmax only (temperature 0); the full sampler's
+  top-K partials are future work (``nexusrt/kernels/NOTES_persistent.md``).
 
 Write-after-read hazards need no counters of their own: every buffer is rewritten only by a
 stage that transitively waited for all readers of its previous contents (e.g. the next

@@ -242,3 +242,14 @@ def test_sequence_ids_slices_prompt_and_output_without_building_both():
     for start in range(8):
         for count in range(1, 9 - start):
             assert s.ids(start, count) == full[start:start + count]
+
+
+def test_a_pruning_request_is_refused_by_a_runner_that_cannot_prune():
+    from nexusrt.serving import KvPolicy
+
+    e = make()
+    with pytest.raises(ValueError, match="kv_policy='sink-window'.*kv_policy='full'"):
+        e.add(seq(20, kv=KvPolicy("sink-window", budget=12, sinks=4)))
+    e.add(seq(20))  # a full-cache request still runs
+    e.run_until_done()
+    assert clean(e)

@@ -39,6 +39,9 @@ class Engine:
 
     def check(self, seq: Sequence) -> None:
         """ValueError unless ``seq`` fits this engine alone (then it can always finish)."""
+        if seq.kv.prunes and not self.runner.prunes:
+            raise ValueError(f"kv_policy={seq.kv.policy!r} needs KV pruning, which this backend's runner does not "
+                             "do (the CPU backend does); use kv_policy='full'")
         if seq.max_context > self.runner.max_context:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
         longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)

@@ -25,6 +25,8 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
 class CpuBatchRunner:
     """A :class:`~nexusrt.backends.base.BatchRunner` in NumPy over ``decoder``'s weights."""
 
+    prunes = True
+
     def __init__(self, decoder: PagedDecoder, num_blocks: int, max_context: int):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")

@@ -54,6 +54,8 @@ class CudaBatchRunner:
     (the engine's token budget); ``deterministic``: see the module docstring.
     """
 
+    prunes = False  # the rows kernels use one number for the cache slot and the RoPE position
+
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
                  deterministic: bool = False):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:

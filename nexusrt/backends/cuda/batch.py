@@ -43,7 +43,7 @@ from ...kernels.ops.common import sm_count
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..base import Rows
 from . import step as steps
-from .batch_buffers import BatchBuffers, batch_buckets, bucket_for, check_entry
+from .batch_buffers import PRUNING_REFUSED, BatchBuffers, batch_buckets, bucket_for, check_entry
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
 
@@ -72,6 +72,7 @@ class CudaBatchRunner:
         self.stream = base.stream
         self._graphs: dict = {}
         self._argmax: dict = {}
+        self._row_of: dict[int, int] = {}  # the last step's batch index -> logits row
         self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
         self.pre = self.bb = None
         rt.device.make_current()
@@ -114,9 +115,10 @@ class CudaBatchRunner:
             self._graphs[("prefill", m)] = scheduler.capture(
                 steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
         self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
-        self._graphs[("decode1",)] = scheduler.capture(steps.decode_stages(rt, cfg, w, self.pre, sample=False),
-                                                       stream="compute")
-        for m in self.batch_buckets:
+        if not self.deterministic:  # deterministic decodes always take the largest bucket's graph
+            self._graphs[("decode1",)] = scheduler.capture(steps.decode_stages(rt, cfg, w, self.pre, sample=False),
+                                                           stream="compute")
+        for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
             ws = self.bb.workspace(cfg, m, self._splits(m))
             self._graphs[("batch", m)] = scheduler.capture(
                 steps.batch_decode_stages(rt, cfg, w, self.bb, m, lt, ws, self.fixed_chunk), stream="compute")
@@ -242,6 +244,7 @@ class CudaBatchRunner:
         self.stream.synchronize()
         t2 = time.perf_counter()
         picks = self.bb.h_next.array
+        self._row_of = row_of
         out: list[int | None] = [None] * len(batch)
         for i, row in row_of.items():
             r = batch[i]
@@ -267,22 +270,14 @@ class CudaBatchRunner:
 
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         """:meth:`run_tokens`' step, returning the logits rows instead (tests; a host copy each)."""
-        picks = self.run_tokens([Rows(r.token_ids, r.start, r.table, r.logits, r.position, r.scores)
-                                 for r in batch])
+        self.run_tokens([Rows(r.token_ids, r.start, r.table, r.logits, r.position, r.scores) for r in batch])
         out: list[np.ndarray | None] = [None] * len(batch)
-        singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
-        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
-        for k, i in enumerate(singles):
-            if picks[i] is not None:
-                out[i] = self.bb.logits[k:k + 1].to_numpy().reshape(-1).copy()
-        for j, i in enumerate(chunks):
-            if picks[i] is not None:
-                row = self.bb.bmax + j
-                out[i] = self.bb.logits[row:row + 1].to_numpy().reshape(-1).copy()
+        for i, row in self._row_of.items():  # the logits row of each entry, as run_tokens placed it
+            out[i] = self.bb.logits[row:row + 1].to_numpy().reshape(-1).copy()
         return out
 
     def compact(self, table: list[int], keep) -> None:
-        raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
+        raise ValueError(PRUNING_REFUSED)
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)

@@ -81,6 +81,9 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
     return int(kv_bytes) // per_block
 
 
+PRUNING_REFUSED = "KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)"
+
+
 def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
     """ValueError unless the step entry ``r`` (a :class:`~nexusrt.backends.base.Rows`) fits a runner of
     ``max_context`` tokens, block tables of ``width`` blocks over ``num_blocks``, ids below ``vocab``."""
@@ -90,7 +93,7 @@ def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) ->
     if r.start < 0 or r.start + n > max_context:
         raise ValueError(f"{r.start + n} tokens exceed the context of {max_context}")
     if r.position is not None and r.position != r.start or r.scores is not None:
-        raise ValueError("KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)")
+        raise ValueError(PRUNING_REFUSED)
     table = r.table
     if len(table) * BLOCK_SIZE < r.start + n or len(table) > width:
         raise ValueError(f"the block table ({len(table)} blocks) does not cover slots 0..{r.start + n - 1}")

@@ -98,6 +98,40 @@ def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_hea
     return LaunchSpec(kernel, grid, (THREADS, 1, 1), args, 0, name)
 
 
+# The argument slots of SIGNATURE that say which rows a launch reads and writes (rebind).
+_ARG_Q, _ARG_OUT, _ARG_TABLE, _ARG_POS, _ARG_M = 0, 1, 4, 5, 6
+
+
+def rebind(spec: LaunchSpec, q, out, block_table, pos, *, block: tuple | None = None) -> LaunchSpec:
+    """Point a tensor-core ``spec`` made by :func:`attention_prefill` at other rows, in place, and
+    return it: ``q`` fp32 ``[M, Hq, D]`` and ``out`` bf16 ``[M, Hq * D]`` (rows of the buffers it
+    was made for), another block table and position word; the grid follows ``M``. Pools, heads,
+    scale and ``block`` (the shape it was made with) stay.
+
+    For a host path that launches many such specs per step (the batch runner's ragged prefill:
+    one per layer and chunk): the launcher's checks and packing cost ~25 us each on the host,
+    a rebind ~1 us. The args pack is rewritten, so launch the spec before rebinding it again
+    (a launch copies its arguments), and never rebind a spec a captured graph was made from.
+    """
+    shape = getattr(q, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"q must be a 3-d tensor [M, Hq, D], got shape {shape}")
+    m, d = int(shape[0]), int(shape[2])
+    if m < 1 or tuple(getattr(out, "shape", ())) != (m, int(shape[1]) * d):
+        raise ValueError(f"out must have shape {(m, int(shape[1]) * d)} for q of shape {tuple(shape)}, "
+                         f"got {getattr(out, 'shape', None)}")
+    block = MMA_SHAPE.get(d) if block is None else tuple(block)
+    name = mma_kernel_name(d, block) if block else ""
+    if not block or not spec.name.startswith(name + "["):
+        raise ValueError(f"rebind takes a tensor-core spec of block {block} at head_dim {d}, got {spec.name!r}")
+    warps, tiles, _ = block
+    args = spec.args
+    args[_ARG_Q], args[_ARG_OUT], args[_ARG_TABLE], args[_ARG_POS], args[_ARG_M] = q, out, block_table, pos, m
+    spec.grid = (spec.grid[0], ceil_div(m, 16 * warps * tiles), 1)
+    spec.name = f"{name}[{m}]"
+    return spec
+
+
 def causal_flops(m: int, start: int, num_q_heads: int, head_dim: int) -> int:
     """FLOPs of the chunk's attention: row i sees ``start + i + 1`` keys, 4 * D per (row, key,
     head) (Q K^T and P V, a multiply and an add each)."""

@@ -159,16 +159,22 @@ def test_rebind_equals_a_fresh_launch_of_the_slice(d, hq, hkv):
         os_ = tensor((m, hq * d), "bf16", 0x900000 + off * hq * d * 2)
         table, pos = tensor((23,), "int32", 0x300 + off), tensor((1,), "int32", 0x400 + off)
         fresh = attn_pre.attention_prefill(rt, qs, os_, block_table=table, pos=pos, **pools, **heads)
-        got = attn_pre.rebind(spec, qs, os_, table, pos)
+        got = attn_pre.rebind(spec, attn_pre.bind_rows(qs, os_, table, pos))
         assert got is spec
         assert _ptrs(got.args) == _ptrs(fresh.args) and got.grid == fresh.grid and got.name == fresh.name
         assert got.shared == fresh.shared and got.block == fresh.block
     with pytest.raises(ValueError, match="out must have shape"):
-        attn_pre.rebind(spec, qs, tensor((m + 1, hq * d), "bf16"), table, pos)
+        attn_pre.bind_rows(qs, tensor((m + 1, hq * d), "bf16"), table, pos)
+    with pytest.raises(ValueError, match="no tensor-core attention"):
+        attn_pre.bind_rows(qs, os_, table, pos, block=(2, 2, False))
     fp32 = attn_pre.attention_prefill(rt, q, tensor((512, hq * d), "fp32", 0x900000), block_table=table, pos=pos,
                                       **pools, **heads)
-    with pytest.raises(ValueError, match="tensor-core spec"):
-        attn_pre.rebind(fp32, q, out, table, pos)
+    with pytest.raises(ValueError, match="cannot rebind"):
+        attn_pre.rebind(fp32, attn_pre.bind_rows(q, out, table, pos))
+    other = attn_pre.attention_prefill(rt, q, out, block_table=table, pos=pos, block=attn_pre.MMA_SHAPES[d][0],
+                                       **pools, **heads)
+    with pytest.raises(ValueError, match="cannot rebind"):  # made for another block shape
+        attn_pre.rebind(other, attn_pre.bind_rows(q, out, table, pos))
 
 
 # -- a whole ragged step through the real launchers ---------------------------------------------

@@ -8,10 +8,8 @@ bucket write there, never into another sequence's blocks.
 A step (:meth:`run_tokens`) is, in stream order on the compute stream:
 
 1. the entries of more than one id (prompt chunks): with ``ragged_prefill`` (the default) all
-   of them together through each GEMM (:mod:`.ragged`: rows laid out one after another, padded
-   to a row bucket, attention per chunk on its slice, one LM-head GEMM over the chunks' last
-   rows); otherwise each alone: its table and ids copied in, the prefill graphs of its chunk
-   sizes (the one-sequence prefill's stages over the shared pool), the LM-head graph;
+   together through each GEMM (:mod:`.ragged`); otherwise each alone: its table and ids copied
+   in, the prefill graphs of its chunk sizes (over the shared pool), the LM-head graph;
 2. the entries of one id (decodes, and one-id chunks), padded to a batch bucket (1, 2, 4,
    … ``max_batch``): one captured graph of GEMMs of that many rows, the rows kernels of
    RoPE/append and split-KV attention (each row its own slot and table), the LM head and
@@ -25,9 +23,10 @@ Every host input of a step is staged in pinned buffers at its own offset first (
 before ended with a synchronize), so no copy waits for the host.
 
 ``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
-batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one)
-and attention splits the keys in fixed ``fixed_chunk``-token pieces. The engine also cuts prompts at fixed
-chunk boundaries in this mode (``SchedulerConfig.fixed_chunks``).
+batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one),
+ragged prompt rows pad to the largest row bucket, attention splits the keys in fixed
+``fixed_chunk``-token pieces; the engine cuts prompts at fixed chunk boundaries
+(``SchedulerConfig.fixed_chunks``).
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ class CudaBatchRunner:
     """Many sequences over one KV pool of ``num_blocks`` blocks, on ``base``'s weights.
 
     ``max_batch``: most sequences in one step; ``max_chunk``: most ids of one prompt chunk
-    (the engine's token budget); ``deterministic``: see the module docstring (with
-    ``ragged_prefill`` its prompt rows always pad to the largest row bucket);
+    (the engine's token budget); ``deterministic``: see the module docstring;
     ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two.
     """
 

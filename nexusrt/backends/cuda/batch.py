@@ -79,8 +79,10 @@ class CudaBatchRunner:
         self.pre = self.bb = self.ragged = None
         rt.device.make_current()
         try:
-            self.pre = RunnerBuffers(rt, cfg, self.max_context, self.prefill_buckets[-1], positions=self.capacity,
-                                     pool_blocks=num_blocks + 1)
+            # Ragged: a step's chunks share the rows, so as many as the token budget whatever the
+            # context (one pass per engine step); per sequence: the largest chunk bucket.
+            rows = max(self.prefill_buckets[-1], -(-int(max_chunk) // 64) * 64 if self.ragged_prefill else 0)
+            self.pre = RunnerBuffers(rt, cfg, self.max_context, rows, positions=self.capacity, pool_blocks=num_blocks + 1)
             bmax = self.batch_buckets[-1]
             # A step's chunks hold at most max_chunk ids; each is padded by <= 1/8 or < 64 rows.
             self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
@@ -281,13 +283,9 @@ class CudaBatchRunner:
                                  for r in batch])
         out: list[np.ndarray | None] = [None] * len(batch)
         singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
-        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
-        for k, i in enumerate(singles):
+        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]  # their logits rows follow bmax
+        for row, i in [*enumerate(singles), *enumerate(chunks, self.bb.bmax)]:
             if picks[i] is not None:
-                out[i] = self.bb.logits[k:k + 1].to_numpy().reshape(-1).copy()
-        for j, i in enumerate(chunks):
-            if picks[i] is not None:
-                row = self.bb.bmax + j
                 out[i] = self.bb.logits[row:row + 1].to_numpy().reshape(-1).copy()
         return out
 

@@ -77,7 +77,7 @@ def program(stages) -> list:
 
 class RaggedPrefill:
     """The ragged prompt half of a batch runner's step over ``pre``'s rows (``pre.chunk`` of them:
-    the largest bucket) and ``bb``'s chunk logits rows. ``h2d(dst, src_ptr, nbytes)`` and
+    the runner sizes them by its token budget) and ``bb``'s chunk logits rows. ``h2d(dst, src_ptr, nbytes)`` and
     ``d2d(dst_ptr, src_ptr, nbytes)`` enqueue copies on ``stream`` (the runner's)."""
 
     def __init__(self, rt, cfg, w, lt, pre, bb, *, scratch: int, stream, batch_buckets, h2d, d2d,

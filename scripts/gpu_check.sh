@@ -40,6 +40,8 @@ for s in "${stages[@]}"; do
     load) run_stage load python3 -m nexusrt.bench.main --stage load --model synthetic:llama-3.1-8b ;;
     serve) serve="python3 -m nexusrt.bench.main --stage serve --model synthetic:llama-3.1-8b --prompt-tokens 512 --new-tokens 256 --no-peers"
            run_stage serve $serve --concurrency 1,64 --runs 3
+           # The same 64 requests with each prompt chunk alone through the prefill graphs (the ragged path's baseline).
+           run_stage serve_perseq $serve --concurrency 64 --runs 3 --prefill-path per-sequence
            run_stage serve_det $serve --concurrency 1,64 --runs 1 --deterministic
            # Half the KV the 64 requests need at once: preemption by recompute, measured.
            run_stage serve_preempt $serve --concurrency 64 --runs 1 --kv-memory 3250000000 ;;

@@ -22,6 +22,7 @@ def bench(capsys, *extra):
 def test_levels_report_every_figure(capsys):
     r = bench(capsys, "--concurrency", "1,4")
     assert r["model"] == "nexusrt:stdlib-tiny" and "CPU figure" in r["note"]
+    assert r["prefill_path"] is None  # the CPU runner has one prompt path
     assert list(r["levels"]) == ["1", "4"]
     for n, lv in r["levels"].items():
         assert lv["output_tokens"] == int(n) * 6
@@ -55,3 +56,26 @@ def test_workload_is_deterministic_and_spread():
 def test_bad_arguments_are_refused(bad, capsys):
     assert main(["--stage", "serve", "--backend", "cpu", "--no-peers", *bad]) == 1
     assert "must be >= " in capsys.readouterr().err
+
+
+def test_the_prefill_path_option_reaches_the_cuda_runner(monkeypatch):
+    """``--prefill-path`` picks CudaBatchRunner's ``ragged_prefill`` (constructed by a stand-in here)."""
+    import argparse
+
+    from nexusrt.backends.cuda import batch
+    from nexusrt.bench import serve
+
+    made = []
+    monkeypatch.setattr(batch, "CudaBatchRunner", lambda *a, **kw: made.append(kw) or kw)
+    llm = type("L", (), {"runner": None, "config": None})()
+    for path, ragged in (("ragged", True), ("per-sequence", False)):
+        serve._batch_runner(llm, False, 10, None, 4, 2048, False, path)
+        assert made[-1]["ragged_prefill"] is ragged and made[-1]["max_chunk"] == 2048
+    with pytest.raises(ValueError, match="--prefill-path"):
+        serve._batch_runner(llm, False, 10, None, 4, 2048, False, "both")
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert parser.parse_args([]).prefill_path == "ragged"
+    assert parser.parse_args(["--prefill-path", "per-sequence"]).prefill_path == "per-sequence"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefill-path", "both"])

@@ -4,7 +4,9 @@ Several sequences share one KV pool through shuffled block tables; each step mix
 chunks (prefill graphs) with single-id rows (the batched decode graph, padded to a bucket).
 Every logits row a sequence gets is checked against HF fp32 teacher-forced logits of that
 sequence with the rule of ``test_cuda_model``: our bf16 error at most 1.5x HF's own bf16
-error, greedy picks equal but for reported ties. Then the engine end to end: batch
+error, greedy picks equal but for reported ties. Both prompt paths: ragged (a step's chunks
+through each GEMM together; with ``max_chunk=64`` a step's chunks need several passes) and
+per-sequence (each chunk alone through the prefill graphs). Then the engine end to end: batch
 invariance in deterministic mode (greedy and seeded sampling, alone vs among 31 others),
 and no KV block leaked after cancellations.
 """
@@ -22,14 +24,20 @@ from tests.test_cuda_model import _check_against_hf, _checkpoint, _hf_refs
 pytestmark = pytest.mark.gpu
 
 
-def _runner(path, max_context=256, max_batch=8, deterministic=False, num_blocks=200):
+# prompt path -> (CudaBatchRunner's ragged_prefill, max_chunk)
+PREFILL = {"ragged": (True, 256), "ragged-passes": (True, 64), "per-sequence": (False, 256)}
+
+
+def _runner(path, max_context=256, max_batch=8, deterministic=False, num_blocks=200, prefill="ragged"):
     from nexusrt.backends.cuda.batch import CudaBatchRunner
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.models.loader import load_model
 
     model = load_model(path)
     base = CudaRunner(model, nrt.firmware.runtime(), max_context=max_context)
-    return base, CudaBatchRunner(base, num_blocks, max_batch, max_chunk=256, deterministic=deterministic)
+    ragged, max_chunk = PREFILL[prefill]
+    return base, CudaBatchRunner(base, num_blocks, max_batch, max_chunk=max_chunk, deterministic=deterministic,
+                                 ragged_prefill=ragged)
 
 
 def _drive(batch, seqs, prompt_lens, tables):
@@ -54,15 +62,17 @@ def _drive(batch, seqs, prompt_lens, tables):
     return [np.stack(g) for g in got]
 
 
+@pytest.mark.parametrize("prefill", list(PREFILL))
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_batched_steps_match_hf(variant, deterministic, gpu_rt, tmp_path_factory):
+def test_batched_steps_match_hf(variant, deterministic, prefill, gpu_rt, tmp_path_factory):
     path = _checkpoint(variant, tmp_path_factory)
     rng = np.random.default_rng(11)
     lens = [40, 17, 63, 5, 33]
     prompt_lens = [24, 9, 50, 1, 16]
     seqs = [rng.integers(0, 300, n).tolist() for n in lens]
-    base, batch = _runner(path, deterministic=deterministic)
+    base, batch = _runner(path, deterministic=deterministic, prefill=prefill)
+    assert (batch.ragged is not None) == PREFILL[prefill][0]
     perm = rng.permutation(batch.num_blocks).tolist()
     tables = [perm[i * 8:(i + 1) * 8] for i in range(len(seqs))]  # scattered blocks, disjoint
     try:
@@ -72,7 +82,7 @@ def test_batched_steps_match_hf(variant, deterministic, gpu_rt, tmp_path_factory
         base.close()
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         ref, hf_bf16 = _hf_refs(path, s)
-        _check_against_hf(got[i], ref[p - 1:], hf_bf16[p - 1:], f"{variant} seq{i} det={deterministic}")
+        _check_against_hf(got[i], ref[p - 1:], hf_bf16[p - 1:], f"{variant} seq{i} det={deterministic} {prefill}")
     assert nrt.memory.stats()["by_tag"].get("batch", 0) == 0  # the batch runner freed its buffers
 
 
@@ -116,8 +126,9 @@ def test_engine_cancellations_free_every_block(gpu_rt, tmp_path_factory):
         llm.close()
 
 
+@pytest.mark.parametrize("prefill", list(PREFILL))
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_batch_runner_agrees_with_the_one_sequence_runner_on_the_shipped_model(deterministic, gpu_rt):
+def test_batch_runner_agrees_with_the_one_sequence_runner_on_the_shipped_model(deterministic, prefill, gpu_rt):
     """No torch here (so compute-sanitizer runs it quickly): the batched steps of three sequences
     against the one-sequence runner's teacher-forced logits of each, on the trained model."""
     from nexusrt.models.shipped import DEFAULT_MODEL as path
@@ -125,7 +136,7 @@ def test_batch_runner_agrees_with_the_one_sequence_runner_on_the_shipped_model(d
     rng = np.random.default_rng(4)
     lens, prompt_lens = [70, 33, 50], [60, 1, 20]
     seqs = [rng.integers(8, 4000, n).tolist() for n in lens]
-    base, batch = _runner(path, deterministic=deterministic)
+    base, batch = _runner(path, deterministic=deterministic, prefill=prefill)
     perm = rng.permutation(batch.num_blocks).tolist()
     tables = [perm[i * 8:(i + 1) * 8] for i in range(len(seqs))]
     try:

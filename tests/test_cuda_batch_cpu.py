@@ -99,7 +99,8 @@ class Device:
         stream = SimpleNamespace(handle=7, synchronize=self.synchronize)
         base = SimpleNamespace(config=preset("tiny"), rt=rt, max_context=256, buckets=(64, 128, 256),
                                stream=stream, weights=None, lt=None)
-        r = batch_mod.CudaBatchRunner(base, 60, max_batch=4, max_chunk=128, deterministic=deterministic)
+        r = batch_mod.CudaBatchRunner(base, 60, max_batch=4, max_chunk=128, deterministic=deterministic,
+                                      ragged_prefill=False)  # the per-sequence prompt path (ragged: test_cuda_ragged_wiring_cpu)
         self.runners.append(r)
         return r
 

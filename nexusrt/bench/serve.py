@@ -10,7 +10,10 @@ computed, preemptions. With transformers importable and a checkpoint model, the 
 requests of the largest level also go through transformers' continuous batching, as a ratio.
 
 On CUDA the engine drives :class:`~nexusrt.backends.cuda.batch.CudaBatchRunner` (token
-budget 2048; ``--deterministic`` for the batch-invariant mode), and with a level of 1 the
+budget 2048; ``--deterministic`` for the batch-invariant mode; ``--prefill-path`` picks how
+prompt chunks run: ``ragged``, all of a step's chunks through each GEMM together, the
+default, or ``per-sequence``, each chunk alone through the one-sequence prefill graphs, to
+compare the two on the same workload), and with a level of 1 the
 same lone request also runs through the one-sequence decode loop (the decode stage's path):
 ``engine_over_one_sequence`` is the engine's TPOT over it. With levels 1 and N, whether the
 first request's greedy ids among N equal its ids alone is reported (``same_ids_as_alone``).
@@ -28,6 +31,7 @@ from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 GOLDEN = 0.6180339887498949
+PREFILL_PATHS = ("ragged", "per-sequence")
 
 
 def add_arguments(parser) -> None:
@@ -46,6 +50,9 @@ def add_arguments(parser) -> None:
                         help="serve stage: KV pool bytes (default: room for every request at once)")
     parser.add_argument("--deterministic", action="store_true",
                         help="serve stage on CUDA: the batch-invariant engine mode (see nexusrt serve --deterministic)")
+    parser.add_argument("--prefill-path", choices=PREFILL_PATHS, default="ragged",
+                        help="serve stage on CUDA: a step's prompt chunks together through each GEMM (ragged, the "
+                             "default) or each alone through the one-sequence prefill graphs (per-sequence)")
 
 
 def workload(n: int, prompt_tokens: int, new_tokens: int, shared_prefix: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -160,6 +167,7 @@ def run(args) -> dict:
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
     deterministic = bool(getattr(args, "deterministic", False)) and not cpu
+    prefill_path = None if cpu else getattr(args, "prefill_path", "ragged")  # the CPU runner has one path
     budget = 512 if cpu else CUDA_TOKEN_BUDGET + (FIXED_CHUNK if deterministic else 0)
     longest = args.shared_prefix + round(args.prompt_tokens * 1.25) + args.new_tokens
     llm = LLM(model, backend=rt.backend, max_context=longest + 16)
@@ -171,7 +179,7 @@ def run(args) -> dict:
         workloads = {n: workload(n, args.prompt_tokens, args.new_tokens, args.shared_prefix, cfg.vocab_size)
                      for n in args.concurrency}
         need = max(sum(blocks_for(len(p) + m) for p, m in w) for w in workloads.values())
-        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic)
+        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic, prefill_path)
         fixed = FIXED_CHUNK if deterministic else 0
         for n in args.concurrency:
             run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, budget, fixed,
@@ -201,12 +209,15 @@ def run(args) -> dict:
         llm.close()
     return {"backend": rt.backend, "device": rt.profile.device_name, "model": model, "note": note,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "shared_prefix": args.shared_prefix,
-            "runs": args.runs, "token_budget": budget, "deterministic": deterministic, "levels": levels,
+            "runs": args.runs, "token_budget": budget, "deterministic": deterministic, "prefill_path": prefill_path,
+            "levels": levels,
             "transformers_continuous_batching": peer}
 
 
-def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: int, deterministic: bool):
-    """The backend's batch runner over ``llm``'s weights, with ``need`` blocks (or ``kv_memory`` bytes)."""
+def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: int, deterministic: bool,
+                  prefill_path: str | None = "ragged"):
+    """The backend's batch runner over ``llm``'s weights, with ``need`` blocks (or ``kv_memory`` bytes);
+    on CUDA, prompt chunks by ``prefill_path`` (:data:`PREFILL_PATHS`)."""
     if cpu:
         from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 
@@ -216,7 +227,10 @@ def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: 
     from ..backends.cuda.batch_buffers import blocks_for_bytes
 
     blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
-    return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+    if prefill_path not in PREFILL_PATHS:
+        raise ValueError(f"--prefill-path must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}")
+    return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic,
+                           ragged_prefill=prefill_path == "ragged")
 
 
 def _peer(llm, model: str, args) -> dict:
@@ -238,7 +252,7 @@ def render(r: dict) -> str:
                      f"{lv['computed_tokens']} ({lv['prompt_tokens']} prompt)", lv["preemptions"]])
     title = (f"NexusRT serve benchmark: {r['model']} on {r['device']} ({r['backend']}); prompt ~{r['prompt_tokens']}"
              f"{' + shared ' + str(r['shared_prefix']) if r['shared_prefix'] else ''} tokens, {r['new_tokens']} new, "
-             f"median of {r['runs']}")
+             f"median of {r['runs']}{', prefill ' + r['prefill_path'] if r.get('prefill_path') else ''}")
     out = table(["requests", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV blocks peak/pool",
                  "prefix hits", "computed", "preempted"], rows, title=title)
     peer = r.get("transformers_continuous_batching")
@@ -253,7 +267,8 @@ def render(r: dict) -> str:
             out += (f"\n{n} requests, where the wall time went: device (host waiting) {lv['runner_wait_s']:.2f} s, "
                     f"runner enqueue {lv['runner_enqueue_s']:.2f} s, picks {lv['runner_picks_s']:.2f} s, "
                     f"engine {lv['engine_host_s']:.2f} s of {lv['wall_s']:.2f} s; {lv['prefill_steps']} steps with "
-                    f"prompt ids took {lv['prefill_steps_s']:.2f} s, {lv['decode_steps']} decode-only steps "
+                    f"prompt ids took {lv['prefill_steps_s']:.2f} s "
+                    f"({lv['prefill_steps_s'] / max(lv['prefill_steps'], 1) * 1e3:.1f} ms each), {lv['decode_steps']} decode-only steps "
                     f"{lv['decode_steps_s'] / max(lv['decode_steps'], 1) * 1e3:.2f} ms each")
     one = r["levels"].get("1", {})
     if "one_sequence_tpot_s" in one:

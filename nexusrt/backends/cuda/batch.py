@@ -7,9 +7,9 @@ bucket write there, never into another sequence's blocks.
 
 A step (:meth:`run_tokens`) is, in stream order on the compute stream:
 
-1. each entry of more than one id (a prompt chunk): its table and ids copied in, then the
-   prefill graphs of its chunk sizes (tensor cores, the one-sequence prefill's stages over
-   the shared pool); the last row's logits (LM-head graph) copied to a logits row;
+1. the entries of more than one id (prompt chunks): with ``ragged_prefill`` (the default) all
+   together through each GEMM (:mod:`.ragged`); otherwise each alone: its table and ids copied
+   in, the prefill graphs of its chunk sizes (over the shared pool), the LM-head graph;
 2. the entries of one id (decodes, and one-id chunks), padded to a batch bucket (1, 2, 4,
    … ``max_batch``): one captured graph of GEMMs of that many rows, the rows kernels of
    RoPE/append and split-KV attention (each row its own slot and table), the LM head and
@@ -23,9 +23,10 @@ Every host input of a step is staged in pinned buffers at its own offset first (
 before ended with a synchronize), so no copy waits for the host.
 
 ``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
-batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one)
-and attention splits the keys in fixed ``fixed_chunk``-token pieces. The engine also cuts prompts at fixed
-chunk boundaries in this mode (``SchedulerConfig.fixed_chunks``).
+batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one),
+ragged prompt rows pad to the largest row bucket, attention splits the keys in fixed
+``fixed_chunk``-token pieces; the engine cuts prompts at fixed chunk boundaries
+(``SchedulerConfig.fixed_chunks``).
 """
 
 from __future__ import annotations
@@ -46,25 +47,27 @@ from . import step as steps
 from .batch_buffers import PRUNING_REFUSED, BatchBuffers, batch_buckets, bucket_for, check_entry
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
+from .ragged import RaggedPrefill
 
 class CudaBatchRunner:
     """Many sequences over one KV pool of ``num_blocks`` blocks, on ``base``'s weights.
 
     ``max_batch``: most sequences in one step; ``max_chunk``: most ids of one prompt chunk
-    (the engine's token budget); ``deterministic``: see the module docstring.
+    (the engine's token budget); ``deterministic``: see the module docstring;
+    ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two.
     """
 
     prunes = False  # the rows kernels use one number for the cache slot and the RoPE position
 
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
-                 deterministic: bool = False):
+                 deterministic: bool = False, ragged_prefill: bool = True):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         cfg, rt = base.config, base.rt
         self.base, self.config, self.rt = base, cfg, rt
         self.num_blocks, self.max_context = num_blocks, base.max_context
         self.scratch = num_blocks  # the extra block no sequence is given
-        self.deterministic = bool(deterministic)
+        self.deterministic, self.ragged_prefill = bool(deterministic), bool(ragged_prefill)
         self.batch_buckets = batch_buckets(max_batch)
         self.prefill_buckets = buckets_for(min(max(int(max_chunk), 1), self.max_context), base.buckets)
         self.capacity = self.max_context + self.prefill_buckets[0] - 1  # a padded chunk's rows
@@ -74,11 +77,13 @@ class CudaBatchRunner:
         self._argmax: dict = {}
         self._row_of: dict[int, int] = {}  # the last step's batch index -> logits row
         self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
-        self.pre = self.bb = None
+        self.pre = self.bb = self.ragged = None
         rt.device.make_current()
         try:
-            self.pre = RunnerBuffers(rt, cfg, self.max_context, self.prefill_buckets[-1], positions=self.capacity,
-                                     pool_blocks=num_blocks + 1)
+            # Ragged: a step's chunks share the rows, so as many as the token budget whatever the
+            # context (one pass per engine step); per sequence: the largest chunk bucket.
+            rows = max(self.prefill_buckets[-1], -(-int(max_chunk) // 64) * 64 if self.ragged_prefill else 0)
+            self.pre = RunnerBuffers(rt, cfg, self.max_context, rows, positions=self.capacity, pool_blocks=num_blocks + 1)
             bmax = self.batch_buckets[-1]
             # A step's chunks hold at most max_chunk ids; each is padded by <= 1/8 or < 64 rows.
             self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
@@ -86,6 +91,10 @@ class CudaBatchRunner:
                                    self.pre.v_pools)
             self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
             self._capture()
+            if self.ragged_prefill:
+                self.ragged = RaggedPrefill(rt, cfg, base.weights, base.lt, self.pre, self.bb, scratch=self.scratch,
+                                            stream=self.stream, batch_buckets=self.batch_buckets, h2d=self._h2d,
+                                            d2d=self._d2d, deterministic=self.deterministic)
         except BaseException:
             self.close()
             raise
@@ -111,10 +120,11 @@ class CudaBatchRunner:
 
     def _capture(self) -> None:
         rt, cfg, w, lt = self.rt, self.config, self.base.weights, self.base.lt
-        for m in self.prefill_buckets:
-            self._graphs[("prefill", m)] = scheduler.capture(
-                steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
-        self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
+        if not self.ragged_prefill:  # the per-sequence prompt path's graphs
+            for m in self.prefill_buckets:
+                self._graphs[("prefill", m)] = scheduler.capture(
+                    steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
+            self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
         if not self.deterministic:  # deterministic decodes always take the largest bucket's graph
             self._graphs[("decode1",)] = scheduler.capture(steps.decode_stages(rt, cfg, w, self.pre, sample=False),
                                                            stream="compute")
@@ -224,10 +234,12 @@ class CudaBatchRunner:
         row_of: dict[int, int] = {}  # batch index -> logits row
         staged = 0
         for j, i in enumerate(chunks):
-            want = batch[i].logits
-            if want:
+            if batch[i].logits:
                 row_of[i] = self.bb.bmax + j
-            staged = self._prefill(batch[i], j, staged, row_of.get(i))
+            if self.ragged is None:
+                staged = self._prefill(batch[i], j, staged, row_of.get(i))
+        if chunks and self.ragged is not None:
+            self.ragged.run([batch[i] for i in chunks])
         if singles:
             if len(singles) == 1 and not self.deterministic:
                 self._decode_one(batch[singles[0]])
@@ -282,7 +294,7 @@ class CudaBatchRunner:
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
         self._argmax.clear()
-        for part in (self.bb, self.pre):
+        for part in (self.ragged, self.bb, self.pre):
             if part is not None:
                 part.free()
-        self.bb = self.pre = None
+        self.bb = self.pre = self.ragged = None

@@ -198,3 +198,38 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
     _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)
     ch.add("argmax", sampling.argmax_rows(rt, logits, bb.next[0:m]), [logits], [bb.next])
     return ch.stages
+
+
+def ragged_prefill_stages(rt, cfg, w, b, rg, m: int, lt, attention=None) -> list:
+    """The prompt chunks of a step as ``m`` ragged rows (:mod:`.ragged_layout`): ``b.ids[0:m]``
+    through every layer with GEMMs of ``m`` rows; RoPE/append once with the rows kernel (each
+    row's position, slot and table row from ``rg.meta``, tables ``rg.tables``); attention per
+    chunk on its slice. ``attention[i]``: layer ``i``'s per-chunk stages as ``(name, spec)``; with
+    None, one marker ``layer{i}.attention`` stands where they go (the runner's cached program
+    launches them there). Hidden rows are left in ``b.hidden``."""
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    r, meta = _rows(b, m), rg.meta[0:m]
+    ch = _Chain(f"ragged{m}")
+    ch.add("embed", ew.embedding(rt, r.x, b.ids[0:m], w.embed, m=m, hidden=cfg.hidden_size, vocab=cfg.vocab_size),
+           [b.ids, w.embed], [r.x])
+
+    def attend(ch, i, lw, p):
+        pools = [b.k_pools[i], b.v_pools[i]]
+        ch.add(f"{p}.rope_append", rope.rope_append(
+            rt, r.qkv, r.q, b.k_pools[i], b.v_pools[i], rg.tables, meta, w.inv_freq, num_q_heads=hq,
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps, rows=True),
+            [r.qkv, meta, rg.tables], [r.q] + pools)
+        for name, spec in (attention[i] if attention is not None else ()):
+            ch.add(f"{p}.attention.{name}", spec, [r.q, rg.tables, rg.starts] + pools, [r.attn])
+        ch.add(f"{p}.attention", None, [r.q, rg.tables, rg.starts] + pools, [r.attn])
+
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
+    return ch.stages
+
+
+def chunk_logits_stages(rt, cfg, w, bb, m: int, lt) -> list:
+    """Final norm and LM-head GEMM of ``bb.hidden[0:m]`` (each prompt chunk's last row, gathered
+    there) into the chunks' logits rows ``bb.logits[bmax:bmax + m]``."""
+    ch = _Chain(f"chunk_logits{m}")
+    _lm_head_rows(ch, rt, cfg, w, _rows(bb, m), m, lt, bb.logits[bb.bmax:bb.bmax + m])
+    return ch.stages

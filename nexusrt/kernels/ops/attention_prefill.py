@@ -13,6 +13,7 @@ Two implementations behind one launcher, chosen by the output's dtype:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from ...kvcache.checks import check_pools, check_state
 from .common import ceil_div, check_positive, check_tensor, dtype_name, ptr
@@ -96,6 +97,57 @@ def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_hea
                        num_q_heads, num_kv_heads, scale)
     grid = (ceil_div(m * group, ROWS_PER_BLOCK), num_kv_heads, 1)
     return LaunchSpec(kernel, grid, (THREADS, 1, 1), args, 0, name)
+
+
+# The argument slots of SIGNATURE that say which rows a launch reads and writes (rebind).
+_ARG_Q, _ARG_OUT, _ARG_TABLE, _ARG_POS, _ARG_M = 0, 1, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class RowsBinding:
+    """Rows for :func:`rebind`, checked and resolved to addresses once (:func:`bind_rows`)."""
+
+    values: tuple  # q, out, block table, position word addresses, and M, in their argument slots' order
+    grid_y: int
+    name: str
+
+
+def bind_rows(q, out, block_table, pos, *, block: tuple | None = None) -> RowsBinding:
+    """``q`` fp32 ``[M, Hq, D]`` and ``out`` bf16 ``[M, Hq * D]`` rows (slices of the buffers a spec
+    was made for), a block table and a position word, for :func:`rebind` of a tensor-core spec of
+    ``block`` (default: the one :func:`attention_prefill` picks)."""
+    shape = getattr(q, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"q must be a 3-d tensor [M, Hq, D], got shape {shape}")
+    m, d = int(shape[0]), int(shape[2])
+    if m < 1 or tuple(getattr(out, "shape", ())) != (m, int(shape[1]) * d):
+        raise ValueError(f"out must have shape {(m, int(shape[1]) * d)} for q of shape {tuple(shape)}, "
+                         f"got {getattr(out, 'shape', None)}")
+    block = MMA_SHAPE.get(d) if block is None else tuple(block)
+    if block is None or block not in MMA_SHAPES.get(d, ()):
+        raise ValueError(f"no tensor-core attention of block {block} at head_dim {d}")
+    warps, tiles, _ = block
+    return RowsBinding((ptr(q), ptr(out), ptr(block_table), ptr(pos), m), ceil_div(m, 16 * warps * tiles),
+                       mma_kernel_name(d, block))
+
+
+def rebind(spec: LaunchSpec, rows: RowsBinding) -> LaunchSpec:
+    """Point a tensor-core ``spec`` made by :func:`attention_prefill` at other ``rows``, in place,
+    and return it; the grid follows the row count. Pools, heads, scale and block shape stay.
+
+    For a host path that launches many such specs per step (the batch runner's ragged prefill:
+    one per layer and chunk): the launcher's checks and packing cost ~35 us each on the host, a
+    rebind ~1.5 us (scripts/probe_ragged_host.py). The args pack is rewritten, so launch the spec before rebinding it again (a
+    launch copies its arguments), and never rebind a spec a captured graph was made from.
+    """
+    if not spec.name.startswith(rows.name):
+        raise ValueError(f"rows bound for {rows.name} cannot rebind {spec.name!r}")
+    args = spec.args
+    q, out, table, pos, m = rows.values
+    args[_ARG_Q], args[_ARG_OUT], args[_ARG_TABLE], args[_ARG_POS], args[_ARG_M] = q, out, table, pos, m
+    spec.grid = (spec.grid[0], rows.grid_y, 1)
+    spec.name = f"{rows.name}[{m}]"
+    return spec
 
 
 def causal_flops(m: int, start: int, num_q_heads: int, head_dim: int) -> int:

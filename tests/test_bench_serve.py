@@ -52,7 +52,15 @@ def test_workload_is_deterministic_and_spread():
     assert all(p[:10] == a[0][0][:10] for p, _ in a)
 
 
-@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--runs", "0"], ["--shared-prefix", "-1"]])
+def test_sampling_runs_seeded_and_batch_invariant_on_the_cpu(capsys):
+    r = bench(capsys, "--concurrency", "1,3", "--temperature", "0.9")
+    assert r["temperature"] == 0.9
+    assert [lv["output_tokens"] for lv in r["levels"].values()] == [6, 18]
+    assert r["levels"]["3"]["same_ids_as_alone"]  # request 0 keeps seed 0 alone and among others
+
+
+@pytest.mark.parametrize("bad", [["--concurrency", "0"], ["--runs", "0"], ["--shared-prefix", "-1"],
+                                 ["--temperature", "-0.5"]])
 def test_bad_arguments_are_refused(bad, capsys):
     assert main(["--stage", "serve", "--backend", "cpu", "--no-peers", *bad]) == 1
     assert "must be >= " in capsys.readouterr().err

@@ -8,7 +8,8 @@ error, greedy picks equal but for reported ties. Both prompt paths: ragged (a st
 through each GEMM together; with ``max_chunk=64`` a step's chunks need several passes) and
 per-sequence (each chunk alone through the prefill graphs). Then the engine end to end: batch
 invariance in deterministic mode (greedy and seeded sampling, alone vs among 31 others),
-and no KV block leaked after cancellations.
+and no KV block leaked after cancellations. Last, ``run_tokens``' picks (the batched sampler
+on the device) against the reference sampling rule on each step's own logits rows.
 """
 
 from __future__ import annotations
@@ -152,3 +153,49 @@ def test_batch_runner_agrees_with_the_one_sequence_runner_on_the_shipped_model(d
     finally:
         batch.close()
         base.close()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_run_tokens_samples_every_row_by_the_reference_rule(deterministic, gpu_rt):
+    """The batched sampler on the device, as the engine drives it: each step mixes prompt chunks and
+    single ids, greedy and seeded sampling rows of different temperature/top_k/top_p/seed/step (and a
+    lone decode), and every pick equals ``reference.sampling.sample`` (the CPU engine's rule,
+    ``base.sample_rows``) on the very logits row the step left on the device."""
+    from nexusrt.backends.base import sample_rows
+    from nexusrt.models.shipped import DEFAULT_MODEL as path
+    from nexusrt.reference.sampling import SamplingParams
+
+    rng = np.random.default_rng(8)
+    lens, prompt_lens = [60, 33, 50, 41, 40], [30, 1, 20, 9, 20]
+    seqs = [rng.integers(8, 4000, n).tolist() for n in lens]
+    params = [None, SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+              SamplingParams(temperature=1.0, top_k=20, seed=2**64 - 1), SamplingParams(temperature=0.3, seed=0),
+              SamplingParams(temperature=1.5, top_k=1024, top_p=0.5, seed=123)]
+    base, batch = _runner(path, deterministic=deterministic)
+    perm = rng.permutation(batch.num_blocks).tolist()
+    tables = [perm[i * 8:(i + 1) * 8] for i in range(len(seqs))]
+    done, checked = [0] * len(seqs), 0
+    try:
+        while any(d < len(s) for d, s in zip(done, seqs)):
+            rows = []
+            for i, s in enumerate(seqs):
+                # the last sequence decodes alone at the end: the lone-decode path
+                if done[i] >= len(s) or (i == 4 and any(done[j] < len(seqs[j]) for j in range(4))):
+                    continue
+                n = 1 if done[i] >= prompt_lens[i] else min(prompt_lens[i] - done[i], 1 + done[i] % 23)
+                end = done[i] + n
+                rows.append(Rows(np.asarray(s[done[i]:end], np.int32), done[i], tables[i][:blocks_for(end)],
+                                 logits=end >= prompt_lens[i], params=params[i], step=end * 37 + i))
+                done[i] = end
+            picks = batch.run_tokens(rows)
+            singles = [k for k, r in enumerate(rows) if len(r.token_ids) == 1]
+            chunks = [k for k, r in enumerate(rows) if len(r.token_ids) > 1]
+            where = {k: j for j, k in enumerate(singles)} | {k: batch.bb.bmax + j for j, k in enumerate(chunks)}
+            logits = [batch.bb.logits[where[k]:where[k] + 1].to_numpy().reshape(-1) if r.logits else None
+                      for k, r in enumerate(rows)]
+            assert picks == sample_rows(rows, logits), [(r.params, r.step) for r in rows]
+            checked += sum(p is not None for p in picks)
+    finally:
+        batch.close()
+        base.close()
+    assert checked == sum(n - p + 1 for n, p in zip(lens, prompt_lens))  # every pick was checked

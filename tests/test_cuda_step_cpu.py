@@ -169,7 +169,12 @@ def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, 
             for chunk in (0, fixed):
                 stages = steps.batch_decode_stages(rt, cfg, weights, bb, m, lt, bb.workspace(cfg, m, 3), chunk)
                 TaskGraph(stages, f"batch{m}").validate()
-                assert len(stages) == 1 + 9 * cfg.num_hidden_layers + 3  # embed, layers, norm, LM head, argmax
+                # embed, layers, norm, LM head, the batched sampler's two launches
+                assert len(stages) == 1 + 9 * cfg.num_hidden_layers + 4
+                part, finish = stages[-2:]
+                assert part.name.endswith("sample.partial") and finish.name.endswith("sample.finish")
+                assert part.kernel.grid == (-(-cfg.vocab_size // 4096), m, 1) and finish.kernel.grid == (m, 1, 1)
+                assert bb.next in finish.outputs and bb.params in part.inputs and bb.steps in finish.inputs
         assert {p.m for p in lt.plans} == set(buckets)
         with pytest.raises(ValueError, match="fixed_chunk"):
             steps.batch_decode_stages(rt, cfg, weights, bb, 2, lt, bb.workspace(cfg, 2, 3), fixed + 1)
@@ -180,6 +185,8 @@ def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, 
     _check_kernels_exist(rt)
     assert any(name.startswith("attention_decode_rows") for _, name, _ in rt.asked)
     assert any(name.startswith("rope_append_rows") for _, name, _ in rt.asked)
+    asked = {name for _, name, _ in rt.asked}
+    assert {"sample_rows_partial", "sample_rows_finish"} <= asked and "argmax_rows" not in asked
     assert memory.stats()["in_use_bytes"] == 0
 
 

@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
                         help="serve stage: tokens of a system prompt every request starts with (0)")
     parser.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
                         help="serve stage: KV pool bytes (default: room for every request at once)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="serve stage: sample every request at temperature T (1024-candidate cap, no top-p), "
+                             "request i with seed i; 0 (default) is greedy")
     parser.add_argument("--deterministic", action="store_true",
                         help="serve stage on CUDA: the batch-invariant engine mode (see nexusrt serve --deterministic)")
     parser.add_argument("--prefill-path", choices=PREFILL_PATHS, default="ragged",
@@ -79,6 +82,9 @@ def _validate(args, cpu: bool) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.shared_prefix < 0:
         raise ValueError(f"--shared-prefix must be >= 0, got {args.shared_prefix}")
+    args.temperature = float(getattr(args, "temperature", 0.0))
+    if not args.temperature >= 0:  # NaN too
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
 
 
 def _pct(values, q) -> float:
@@ -86,15 +92,18 @@ def _pct(values, q) -> float:
 
 
 def run_level(runner, requests, max_context: int, budget: int, fixed_chunks: int = 0,
-              prefix_caching: bool = True) -> dict:
-    """One timed run of ``requests`` arriving together on a fresh engine over ``runner``'s pool."""
+              prefix_caching: bool = True, temperature: float = 0.0) -> dict:
+    """One timed run of ``requests`` arriving together on a fresh engine over ``runner``'s pool
+    (greedy, or sampled at ``temperature`` with request i's seed i)."""
     from ..reference.sampling import SamplingParams
     from ..serving import Engine, SchedulerConfig, Sequence
 
     n = len(requests)
     config = SchedulerConfig(max_running=n, token_budget=max(budget, n + fixed_chunks), fixed_chunks=fixed_chunks)
     engine = Engine(runner, config, prefix_caching=prefix_caching)
-    seqs = [Sequence(ids, SamplingParams(), new, max_context) for ids, new in requests]
+    params = [SamplingParams(temperature=temperature, seed=i) if temperature > 0 else SamplingParams()
+              for i in range(n)]
+    seqs = [Sequence(ids, p, new, max_context) for (ids, new), p in zip(requests, params)]
     timings = getattr(runner, "timings", None)
     before = dict(timings) if timings else None
     t0 = time.perf_counter()
@@ -183,16 +192,16 @@ def run(args) -> dict:
         fixed = FIXED_CHUNK if deterministic else 0
         for n in args.concurrency:
             run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, budget, fixed,
-                      not deterministic)  # warm-up
-            runs = [run_level(runner, workloads[n], llm.runner.max_context, budget, fixed, not deterministic)
-                    for _ in range(args.runs)]
+                      not deterministic, args.temperature)  # warm-up
+            runs = [run_level(runner, workloads[n], llm.runner.max_context, budget, fixed, not deterministic,
+                              args.temperature) for _ in range(args.runs)]
             levels[str(n)] = _median_run(runs)
         if not cpu and 1 in args.concurrency:  # the same lone request through the one-sequence decode loop
             ids, new = workloads[1][0]
             one_seq = _one_sequence_tpot(llm, ids, new, args.runs)
             levels["1"]["one_sequence_tpot_s"] = one_seq
             levels["1"]["engine_over_one_sequence"] = levels["1"]["tpot_p50_s"] / one_seq
-        if str(top) in levels and "1" in levels and top > 1:  # batch invariance, greedy: the lone ids vs among others
+        if str(top) in levels and "1" in levels and top > 1:  # batch invariance: the lone ids vs among others
             alone = levels["1"]["output_ids"][0]
             among = levels[str(top)]["output_ids"][0]
             levels[str(top)]["same_ids_as_alone"] = alone == among
@@ -210,7 +219,7 @@ def run(args) -> dict:
     return {"backend": rt.backend, "device": rt.profile.device_name, "model": model, "note": note,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "shared_prefix": args.shared_prefix,
             "runs": args.runs, "token_budget": budget, "deterministic": deterministic, "prefill_path": prefill_path,
-            "levels": levels,
+            "temperature": args.temperature, "levels": levels,
             "transformers_continuous_batching": peer}
 
 
@@ -252,7 +261,8 @@ def render(r: dict) -> str:
                      f"{lv['computed_tokens']} ({lv['prompt_tokens']} prompt)", lv["preemptions"]])
     title = (f"NexusRT serve benchmark: {r['model']} on {r['device']} ({r['backend']}); prompt ~{r['prompt_tokens']}"
              f"{' + shared ' + str(r['shared_prefix']) if r['shared_prefix'] else ''} tokens, {r['new_tokens']} new, "
-             f"median of {r['runs']}{', prefill ' + r['prefill_path'] if r.get('prefill_path') else ''}")
+             f"median of {r['runs']}{', prefill ' + r['prefill_path'] if r.get('prefill_path') else ''}"
+             f"{', temperature ' + str(r['temperature']) if r.get('temperature') else ''}")
     out = table(["requests", "out tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "KV blocks peak/pool",
                  "prefix hits", "computed", "preempted"], rows, title=title)
     peer = r.get("transformers_continuous_batching")
@@ -277,7 +287,8 @@ def render(r: dict) -> str:
     for n, lv in r["levels"].items():
         if "same_ids_as_alone" in lv:
             out += (f"\nbatch invariance ({'deterministic mode' if r.get('deterministic') else 'default mode'}): "
-                    f"request 0's greedy ids among {n} {'equal' if lv['same_ids_as_alone'] else 'DIFFER from'} "
+                    f"request 0's {'seeded' if r.get('temperature') else 'greedy'} ids among {n} "
+                    f"{'equal' if lv['same_ids_as_alone'] else 'DIFFER from'} "
                     "its ids alone")
     if r.get("note"):
         out += f"\nnote: {r['note']}"

@@ -13,11 +13,17 @@ A step (:meth:`run_tokens`) is, in stream order on the compute stream:
 2. the entries of one id (decodes, and one-id chunks), padded to a batch bucket (1, 2, 4,
    … ``max_batch``): one captured graph of GEMMs of that many rows, the rows kernels of
    RoPE/append and split-KV attention (each row its own slot and table), the LM head and
-   the greedy pick on the device. A lone decode takes the one-sequence decode graph
-   (GEMVs) instead, unless ``deterministic``;
-3. the picks copied back; a row that samples (temperature > 0) copies its logits and is
-   sampled on the host by :mod:`nexusrt.reference.sampling`, so ids equal the CPU engine's
-   rule exactly.
+   the batched sampler. A lone decode takes the one-sequence decode graph (GEMVs) instead,
+   unless ``deterministic``, then the batched sampler over its one row;
+3. the batched sampler over the prompt chunks' logits rows, then the picks copied back.
+
+Every logits row is picked on the device by the batched sampler (``ops.sampling.sample_rows``,
+the algorithm of :mod:`nexusrt.reference.sampling`, so ids equal the CPU engine's rule): row
+r's ``SampleParams`` and step are staged each step (zero bytes, i.e. greedy, for rows that
+pick nothing or have no params). Greedy rows take the same kernels' greedy case rather than
+a separate argmax: one pick path and one output array for every row, and the greedy case
+spreads each row over ``ceil(vocab / 4096)`` blocks where ``argmax_rows`` gave a row one
+block. No logits row is copied to the host by :meth:`run_tokens`.
 
 Every host input of a step is staged in pinned buffers at its own offset first (the step
 before ended with a synchronize), so no copy waits for the host.
@@ -74,7 +80,7 @@ class CudaBatchRunner:
         self.width = blocks_for(self.capacity)
         self.stream = base.stream
         self._graphs: dict = {}
-        self._argmax: dict = {}
+        self._samplers: dict = {}  # (first row, rows) -> the batched sampler's two launch specs
         self._row_of: dict[int, int] = {}  # the last step's batch index -> logits row
         self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
         self.pre = self.bb = self.ragged = None
@@ -147,13 +153,25 @@ class CudaBatchRunner:
     def _set_word(self, word, value: int) -> None:
         call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)
 
-    def _argmax_spec(self, first: int, count: int):
+    def _sample(self, first: int, count: int) -> None:
+        """Launch the batched sampler over logits rows ``first .. first+count-1`` into ``bb.next``."""
         key = (first, count)
-        spec = self._argmax.get(key)
-        if spec is None:
-            spec = self._argmax[key] = sampling_ops.argmax_rows(
-                self.rt, self.bb.logits[first:first + count], self.bb.next[first:first + count])
-        return spec
+        specs = self._samplers.get(key)
+        if specs is None:
+            bb, rows = self.bb, slice(first, first + count)
+            specs = self._samplers[key] = sampling_ops.sample_rows(
+                self.rt, bb.logits[rows], bb.params[rows], bb.steps[rows], bb.part_val[rows], bb.part_idx[rows],
+                bb.next[rows])
+        for spec in specs:
+            spec.launch(self.stream)
+
+    def _stage_sampling(self, batch: list[Rows], row_of: dict[int, int]) -> None:
+        """Each logits row's sampler inputs staged (:meth:`BatchBuffers.stage_sampling`), then one copy
+        of each array, ahead of every launch of the step."""
+        bb = self.bb
+        bb.stage_sampling([(row, batch[i].params, batch[i].step) for i, row in row_of.items()])
+        self._h2d(bb.params, bb.h_params.ptr, bb.h_params.nbytes)
+        self._h2d(bb.steps, bb.h_steps.ptr, bb.h_steps.nbytes)
 
     # -- one step ---------------------------------------------------------------------------------
     def _prefill(self, r: Rows, slot: int, staged: int, logits_row: int | None) -> int:
@@ -195,7 +213,7 @@ class CudaBatchRunner:
         self._set_word(pre.pos, r.start)
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
-        self._argmax_spec(0, 1).launch(self.stream)
+        self._sample(0, 1)
 
     def _decode_batch(self, rows: list[Rows]) -> None:
         bb = self.bb
@@ -231,11 +249,12 @@ class CudaBatchRunner:
         chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
         if len(singles) > self.bb.bmax or len(chunks) > self.bb.bmax:
             raise ValueError(f"a step of {len(batch)} entries exceeds max_batch {self.bb.bmax}")
-        row_of: dict[int, int] = {}  # batch index -> logits row
+        # batch index -> logits row: a single's is its batch row, a chunk's follows the bmax batch rows
+        row_of = {i: k for k, i in enumerate(singles) if batch[i].logits}
+        row_of.update((i, self.bb.bmax + j) for j, i in enumerate(chunks) if batch[i].logits)
+        self._stage_sampling(batch, row_of)
         staged = 0
         for j, i in enumerate(chunks):
-            if batch[i].logits:
-                row_of[i] = self.bb.bmax + j
             if self.ragged is None:
                 staged = self._prefill(batch[i], j, staged, row_of.get(i))
         if chunks and self.ragged is not None:
@@ -245,11 +264,8 @@ class CudaBatchRunner:
                 self._decode_one(batch[singles[0]])
             else:
                 self._decode_batch([batch[i] for i in singles])
-            for k, i in enumerate(singles):
-                if batch[i].logits:
-                    row_of[i] = k
         if chunks:
-            self._argmax_spec(self.bb.bmax, len(chunks)).launch(self.stream)
+            self._sample(self.bb.bmax, len(chunks))
         rows = len(self.bb.h_next.array)
         call("cuMemcpyDtoHAsync", self.bb.h_next.ptr, self.bb.next.ptr, 4 * rows, self.stream.handle)
         t1 = time.perf_counter()
@@ -259,26 +275,16 @@ class CudaBatchRunner:
         self._row_of = row_of
         out: list[int | None] = [None] * len(batch)
         for i, row in row_of.items():
-            r = batch[i]
-            if r.params is not None and r.params.temperature > 0:
-                out[i] = self._sample_host(row, r)
-            else:
-                token = int(picks[row])
-                if not 0 <= token < self.config.vocab_size:
-                    raise NexusRTError(f"the logits of a row were all NaN (pick {token})")
-                out[i] = token
+            token = int(picks[row])
+            if not 0 <= token < self.config.vocab_size:
+                raise NexusRTError(f"the logits of a row were all NaN (pick {token})")
+            out[i] = token
         t = self.timings
         t["steps"] += 1
         t["enqueue_s"] += t1 - t0  # checks, staging, launches (the device may idle meanwhile)
         t["wait_s"] += t2 - t1  # until the device finished the step
         t["picks_s"] += time.perf_counter() - t2
         return out
-
-    def _sample_host(self, row: int, r: Rows) -> int:
-        from ...reference.sampling import sample
-
-        logits = self.bb.logits[row:row + 1].to_numpy().reshape(-1)
-        return sample(logits, r.params, r.step)
 
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         """:meth:`run_tokens`' step, returning the logits rows instead (tests; a host copy each)."""
@@ -293,7 +299,7 @@ class CudaBatchRunner:
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
-        self._argmax.clear()
+        self._samplers.clear()
         for part in (self.ragged, self.bb, self.pre):
             if part is not None:
                 part.free()

@@ -2,8 +2,9 @@
 
 ``BatchBuffers`` holds the rows of the batched decode graph (up to the largest bucket), the
 logits rows of a step (the batch's, then one per prompt chunk that samples), the rows
-kernels' per-row ``meta`` and block tables, the split workspaces per bucket, and the pinned
-staging every host input of a step goes through.
+kernels' per-row ``meta`` and block tables, the batched sampler's per-logits-row parameters,
+steps and partials, the split workspaces per bucket, and the pinned staging every host input
+of a step goes through.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from ... import memory
 from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops import sampling as sampling_ops
 from ...kvcache.blocks import BLOCK_SIZE, pool_shape
 from .buffers import OwnedBuffers
 
@@ -43,13 +45,17 @@ class BatchBuffers(OwnedBuffers):
         self.k_pools, self.v_pools = k_pools, v_pools
         self.bmax, self.width = bmax, width
         rows = bmax + prefill_logits  # logits rows: the batch's, then one per prompt chunk that samples
+        parts = sampling_ops.num_parts(cfg.vocab_size)
         try:
             dev = {"ids": ((bmax,), "int32"), "meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
                    "hidden": ((bmax, h), "fp32"), "normed": ((bmax, h), "bf16"),
                    "qkv": ((bmax, (hq + 2 * hkv) * d), "fp32"), "q": ((bmax, hq, d), "fp32"),
                    "attn": ((bmax, hq * d), "bf16"), "gate_up": ((bmax, 2 * inter), "bf16"),
                    "act": ((bmax, inter), "bf16"), "logits": ((rows, cfg.vocab_size), "fp32"),
-                   "next": ((rows,), "int32")}
+                   "next": ((rows,), "int32"),
+                   # The batched sampler's, one row per logits row: its SampleParams struct, step, partials.
+                   "params": ((rows, sampling_ops.PARAMS_BYTES), "uint8"), "steps": ((rows,), "int32"),
+                   "part_val": ((rows, parts), "fp32"), "part_idx": ((rows, parts), "int32")}
             for name, (shape, dtype) in dev.items():
                 setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
             # Pinned staging, one region per use within a step.
@@ -59,10 +65,32 @@ class BatchBuffers(OwnedBuffers):
             self.h_tables = self._t(memory.pinned((bmax, width), "int32", tag=TAG))
             self.h_pre_tables = self._t(memory.pinned((prefill_logits + 1, width), "int32", tag=TAG))
             self.h_next = self._t(memory.pinned((rows,), "int32", tag=TAG))
+            self.h_params = self._t(memory.pinned((rows, sampling_ops.PARAMS_BYTES), "uint8", tag=TAG))
+            self.h_steps = self._t(memory.pinned((rows,), "int32", tag=TAG))
             self.workspaces: dict[int, attn_dec.DecodeWorkspace] = {}
         except BaseException:
             self.free()
             raise
+
+    def stage_sampling(self, picks) -> None:
+        """Fill the batched sampler's pinned staging (``h_params``, ``h_steps``): ``picks`` holds
+        ``(logits row, params, step)`` for each row that wants a pick (``params`` a
+        :class:`~nexusrt.reference.sampling.SamplingParams` or None). Every other row, and every
+        greedy one, gets zero bytes, which the kernel reads as greedy."""
+        params, steps = self.h_params.array, self.h_steps.array
+        params[:] = 0
+        steps[:] = 0
+        rows, structs = [], []
+        for row, p, step in picks:
+            if p is None or not p.temperature > 0:
+                continue
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**31:
+                raise ValueError(f"a sampling entry's step must be an integer in [0, 2**31), got {step!r}")
+            rows.append(row)
+            structs.append((p.temperature, p.top_k, p.top_p, p.seed or 0))  # seed None: 0, as the reference
+            steps[row] = step
+        if rows:
+            params[rows] = sampling_ops.pack_params_rows(structs)
 
     def workspace(self, cfg, rows: int, splits: int):
         """The rows kernel's split workspace for ``rows`` rows (one per bucket, made once)."""

@@ -176,7 +176,8 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
 def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0) -> list:
     """One id for each of ``m`` sequences (the batched step): ``bb.ids[r]`` at the position,
     cache slot and block-table row ``bb.meta[r]`` through every layer on tensor cores (GEMMs of
-    ``m`` rows), the LM head into ``bb.logits[0:m]`` and the greedy pick into ``bb.next[0:m]``.
+    ``m`` rows), the LM head into ``bb.logits[0:m]`` and each row's pick into ``bb.next[0:m]`` by the
+    batched sampler (row r's ``bb.params[r]`` at ``bb.steps[r]``; zero params are greedy).
     Attention reads each row's own table (``bb.tables``) with the rows kernels; ``workspace``
     is its split workspace for ``m`` rows."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -196,7 +197,10 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
 
     _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
     _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)
-    ch.add("argmax", sampling.argmax_rows(rt, logits, bb.next[0:m]), [logits], [bb.next])
+    part, finish = sampling.sample_rows(rt, logits, bb.params[0:m], bb.steps[0:m], bb.part_val[0:m],
+                                        bb.part_idx[0:m], bb.next[0:m])
+    ch.add("sample.partial", part, [logits, bb.params], [bb.part_val, bb.part_idx])
+    ch.add("sample.finish", finish, [logits, bb.params, bb.steps, bb.part_val, bb.part_idx], [bb.next])
     return ch.stages
 
 

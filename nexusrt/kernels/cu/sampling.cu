@@ -12,10 +12,18 @@
 // sample_finish (one block of 1024 threads), which either combines the partials (greedy)
 // or runs the exact top-K: a 4-pass radix select on the order-preserving uint32 of the
 // logits, a gather of the K winners (ties at the threshold broken by index, in index
-// order) and a bitonic sort of 64-bit keys (logit, ~index). Parameters live in a device
-// struct so a new generate() call only rewrites 24 bytes, never the captured graph.
+// order) and a bitonic sort of 64-bit keys (logit, ~index); that machinery is in
+// sampling_topk.cuh. Parameters live in a device struct so a new generate() call only
+// rewrites 24 bytes, never the captured graph.
+//
+// Batched form (the serving engine's step): sample_rows_partial grid (num_parts, M) and
+// sample_rows_finish grid (M) pick each of M rows of logits [M][vocab] with its own
+// SampleParams params[r] and step steps[r] into out[r]. Both pairs run the same device
+// functions below (chunk_argmax, combine_partials, sample_topk); the one-row kernels' SASS is
+// unchanged by the split (checked with cuobjdump -sass, sm_80 and sm_90a; kernels/NOTES.md).
 #include <cuda/std/cstdint>
 #include "pdl.cuh"
+#include "sampling_topk.cuh"
 #include <cuda/std/climits>
 #include <cuda/std/limits>
 
@@ -32,7 +40,6 @@ namespace {
 constexpr int kPartThreads = 256;
 constexpr int kPartChunk = 4096;  // logits per partial-argmax block
 constexpr int kFinishThreads = 1024;
-constexpr int kMaxCand = 1024;
 constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
 
 // Is (v, i) better than (best, bi)? Larger value, then lower index; NaN never wins.
@@ -61,165 +68,51 @@ __device__ void block_argmax(float& v, int& i, float* sv, int* si) {
     warp_argmax(v, i);
 }
 
-// uint32 whose unsigned order is the float order; -0 is folded into +0 (they compare equal
-// in the spec) and NaN sorts below everything.
-__device__ __forceinline__ unsigned order_key(float x) {
-    if (x != x) return 0u;
-    if (x == 0.f) x = 0.f;
-    const unsigned u = __float_as_uint(x);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ double uniform(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed * 0x9E3779B97F4A7C15ull + i + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
-}
-
-struct FinishShared {
-    unsigned long long cand[kMaxCand];  // (order_key << 32) | ~index, sorted descending
-    float val[kMaxCand];                // x of the candidate at each rank
-    float cum[kMaxCand];                // exp(z - z_0) at each rank, then its running sum
-    unsigned hist[256];
-    float wv[32];
-    int wi[32];
-    int count;
-    int bucket, k_rem, eq_count;
-};
-
-// Radix-select the K-th largest order key of the logits (all threads get it).
-__device__ unsigned select_threshold(const float* __restrict__ logits, int vocab, int K,
-                                     FinishShared& sh, int& k_rem, int& eq_count) {
-    const int tid = threadIdx.x, lane = tid & 31;
-    unsigned prefix = 0, mask = 0;
-    k_rem = K;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = tid; b < 256; b += blockDim.x) sh.hist[b] = 0;
-        __syncthreads();
-#pragma unroll 4
-        for (int i = tid; i < vocab; i += blockDim.x) {
-            const unsigned key = order_key(logits[i]);
-            if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (tid < 32) {
-            // Lane L owns buckets 255-8L down to 248-8L: a scan from the top finds the
-            // bucket where the k_rem-th largest key falls.
-            unsigned own[8], sum = 0;
+// The (max, lowest index) of logits[base, base + 4096) (block of 256; every thread gets it).
+__device__ __forceinline__ void chunk_argmax(const float* __restrict__ logits, int vocab, int base,
+                                             float& best, int& bi, float* sv, int* si) {
+    best = kNegInf;
+    bi = INT_MAX;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) { own[j] = sh.hist[255 - 8 * lane - j]; sum += own[j]; }
-            unsigned incl = sum;
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const unsigned o = __shfl_up_sync(0xffffffffu, incl, off);
-                if (lane >= off) incl += o;
-            }
-            unsigned before = incl - sum;
-            if (before < (unsigned)k_rem && (unsigned)k_rem <= incl) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    if (before < (unsigned)k_rem && (unsigned)k_rem <= before + own[j]) {
-                        sh.bucket = 255 - 8 * lane - j;
-                        sh.k_rem = k_rem - (int)before;
-                        sh.eq_count = (int)own[j];
-                    }
-                    before += own[j];
-                }
-            }
+    for (int k = 0; k < kPartChunk / kPartThreads; ++k) {
+        const int i = base + k * kPartThreads + threadIdx.x;
+        if (i < vocab) {
+            const float v = logits[i];
+            if (better(v, i, best, bi)) { best = v; bi = i; }
         }
-        __syncthreads();
-        prefix |= (unsigned)sh.bucket << shift;
-        mask |= 255u << shift;
-        k_rem = sh.k_rem;
-        eq_count = sh.eq_count;
-        __syncthreads();  // sh.* is rewritten by the next pass
     }
-    return prefix;
+    block_argmax(best, bi, sv, si);
 }
 
-// Gather the K candidates into sh.cand (unsorted): every key above the threshold, plus the
-// k_rem lowest-index keys equal to it.
-__device__ void gather_candidates(const float* __restrict__ logits, int vocab, int K,
-                                  unsigned thr, int k_rem, int eq_count, FinishShared& sh) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (tid == 0) sh.count = 0;
-    __syncthreads();
-    const bool take_all_equal = eq_count == k_rem;  // the usual case: no tie at the threshold
-    for (int i = tid; i < vocab; i += blockDim.x) {
-        const unsigned key = order_key(logits[i]);
-        if (key > thr || (take_all_equal && key == thr)) {
-            const int slot = atomicAdd(&sh.count, 1);
-            sh.cand[slot] = ((unsigned long long)key << 32) | (0xFFFFFFFFu - (unsigned)i);
-        }
-    }
-    if (take_all_equal) { __syncthreads(); return; }
-    // Ties at the threshold: walk the vocabulary in index order, 1024 at a time, ranking
-    // the equal keys with a block scan; stop once k_rem of them are in.
-    const int n_gt = K - k_rem;
-    int taken = 0;
-    for (int base = 0; base < vocab && taken < k_rem; base += blockDim.x) {
-        const int i = base + tid;
-        const bool eq = i < vocab && order_key(logits[i]) == thr;
-        const unsigned ballot = __ballot_sync(0xffffffffu, eq);
-        __syncthreads();
-        if (lane == 0) sh.wi[warp] = __popc(ballot);
-        __syncthreads();
-        int before = 0, total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
-            before += w < warp ? sh.wi[w] : 0;
-            total += sh.wi[w];
-        }
-        const int rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
-        if (eq && rank < k_rem)
-            sh.cand[n_gt + rank] = ((unsigned long long)thr << 32) | (0xFFFFFFFFu - (unsigned)i);
-        taken += total;
-    }
-    __syncthreads();
-}
-
-// Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0).
-__device__ void bitonic_desc(FinishShared& sh, int n) {
-    for (int size = 2; size <= n; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            __syncthreads();
-            const int idx = threadIdx.x, partner = idx ^ stride;
-            if (idx < n && partner > idx) {
-                const unsigned long long a = sh.cand[idx], b = sh.cand[partner];
-                const bool desc = (idx & size) == 0;
-                if (desc ? a < b : a > b) { sh.cand[idx] = b; sh.cand[partner] = a; }
-            }
-        }
-    }
-    __syncthreads();
-}
-
-// Softmax, top-p and the draw over the sorted candidates; returns the chosen rank.
-// c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
-// non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
-// the block counts in parallel.
-__device__ int draw(const float* __restrict__ logits, float temp, float top_p, int K, double u,
-                    FinishShared& sh) {
+// Greedy: the best of num_parts (<= blockDim.x) partials; INT_MAX when every logit is NaN.
+// (Out-parameters here and in chunk_argmax, not return values or stores inside: that keeps
+// the one-row kernels' register allocation, hence their SASS, what it was before the split.)
+__device__ __forceinline__ void combine_partials(const float* __restrict__ part_val,
+                                                const int* __restrict__ part_idx, int num_parts,
+                                                FinishShared& sh, int& i) {
     const int tid = threadIdx.x;
-    if (tid < K) sh.val[tid] = logits[0xFFFFFFFFu - (unsigned)(sh.cand[tid] & 0xFFFFFFFFull)] / temp;
-    __syncthreads();
-    if (tid < K) sh.cum[tid] = expf(sh.val[tid] - sh.val[0]);
-    __syncthreads();
-    if (tid == 0) {
-        float run = 0.f;
-#pragma unroll 8
-        for (int r = 0; r < K; ++r) {
-            run += sh.cum[r];
-            sh.cum[r] = run;
-        }
-    }
-    __syncthreads();
-    const float cut = top_p * sh.cum[K - 1];  // fp32 product, as the spec says
-    const int n = min(K, __syncthreads_count(tid < K && sh.cum[tid] < cut) + 1);
-    const double target = u * (double)sh.cum[n - 1];
-    const int below = __syncthreads_count(tid < n && (double)sh.cum[tid] <= target);
-    return min(below, n - 1);
+    float v = tid < num_parts ? part_val[tid] : kNegInf;
+    i = tid < num_parts ? part_idx[tid] : INT_MAX;
+    block_argmax(v, i, sh.wv, sh.wi);
+}
+
+// Sampling (temperature > 0): the exact top-K draw of one row (sampling_topk.cuh) at `step`.
+// The whole block calls it; every thread gets the token.
+__device__ __forceinline__ int sample_topk(const float* __restrict__ logits, int vocab,
+                                           const SampleParams& p, int step, FinishShared& sh) {
+    const int tid = threadIdx.x;
+    int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
+    K = min(K, vocab);
+    int k_rem, eq_count;
+    const unsigned thr = select_threshold(logits, vocab, K, sh, k_rem, eq_count);
+    gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
+    int n = 1;
+    while (n < K) n <<= 1;
+    if (tid >= K && tid < n) sh.cand[tid] = 0ull;
+    bitonic_desc(sh, n);
+    const double u = uniform(p.seed, (unsigned long long)(unsigned)step);
+    const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
+    return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
 }
 
 }  // namespace
@@ -233,18 +126,9 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial
     __shared__ int si[32];
     nrt::pdl_enter();  // the logits come from the kernel before (see pdl.cuh)
     if (params->temperature > 0.f) return;
-    float best = kNegInf;
-    int bi = INT_MAX;
-    const int base = blockIdx.x * kPartChunk;
-#pragma unroll
-    for (int k = 0; k < kPartChunk / kPartThreads; ++k) {
-        const int i = base + k * kPartThreads + threadIdx.x;
-        if (i < vocab) {
-            const float v = logits[i];
-            if (better(v, i, best, bi)) { best = v; bi = i; }
-        }
-    }
-    block_argmax(best, bi, sv, si);
+    float best;
+    int bi;
+    chunk_argmax(logits, vocab, blockIdx.x * kPartChunk, best, bi, sv, si);
     if (threadIdx.x == 0) { part_val[blockIdx.x] = best; part_idx[blockIdx.x] = bi; }
 }
 
@@ -260,23 +144,11 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
     const int cur_step = *step;
     int token;
     if (!(p.temperature > 0.f)) {
-        float v = tid < num_parts ? part_val[tid] : kNegInf;
-        int i = tid < num_parts ? part_idx[tid] : INT_MAX;
-        block_argmax(v, i, sh.wv, sh.wi);
+        int i;
+        combine_partials(part_val, part_idx, num_parts, sh, i);
         token = i == INT_MAX ? 0 : i;  // every logit NaN: token 0
     } else {
-        int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
-        K = min(K, vocab);
-        int k_rem, eq_count;
-        const unsigned thr = select_threshold(logits, vocab, K, sh, k_rem, eq_count);
-        gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
-        int n = 1;
-        while (n < K) n <<= 1;
-        if (tid >= K && tid < n) sh.cand[tid] = 0ull;
-        bitonic_desc(sh, n);
-        const double u = uniform(p.seed, (unsigned long long)(unsigned)cur_step);
-        const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
-        token = (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
+        token = sample_topk(logits, vocab, p, cur_step, sh);
     }
     if (tid == 0) {
         *token_out = token;
@@ -285,6 +157,49 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
         *pos += 1;
         *step = cur_step + 1;
     }
+}
+
+// The batched form (the serving engine's step): M rows of fp32 logits [M][vocab], row r
+// picked by params[r] at steps[r] into out[r], in one launch pair. Same algorithm and code as
+// the one-row pair above; no graph state is advanced (the host tracks each request's step).
+// grid (num_parts, M), block 256: row blockIdx.y's partials into part_val/part_idx
+// [M][num_parts], num_parts = gridDim.x; skipped for a row that samples.
+extern "C" __global__ void __launch_bounds__(kPartThreads) sample_rows_partial(
+    const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
+    float* __restrict__ part_val, int* __restrict__ part_idx, int M) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    nrt::pdl_enter();
+    const int row = blockIdx.y;
+    if (row >= M || params[row].temperature > 0.f) return;
+    float best;
+    int bi;
+    chunk_argmax(logits + (long long)row * vocab, vocab, blockIdx.x * kPartChunk, best, bi, sv, si);
+    if (threadIdx.x == 0) {
+        const long long at = (long long)row * gridDim.x + blockIdx.x;
+        part_val[at] = best;
+        part_idx[at] = bi;
+    }
+}
+
+// grid (M), block 1024: row blockIdx.x's token into out[row]. A greedy row of NaN gives
+// INT_MAX (as argmax_rows; the host reports it), not the one-row kernel's token 0.
+extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
+    const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
+    const int* __restrict__ steps, const float* __restrict__ part_val,
+    const int* __restrict__ part_idx, int num_parts, int* __restrict__ out, int M) {
+    __shared__ FinishShared sh;
+    nrt::pdl_enter();
+    const int row = blockIdx.x;
+    if (row >= M) return;
+    const SampleParams p = params[row];
+    const long long at = (long long)row * num_parts;
+    int token;
+    if (!(p.temperature > 0.f))
+        combine_partials(part_val + at, part_idx + at, num_parts, sh, token);
+    else
+        token = sample_topk(logits + (long long)row * vocab, vocab, p, steps[row], sh);
+    if (threadIdx.x == 0) out[row] = token;
 }
 
 // argmax_rows: the greedy pick of each of M rows of fp32 logits [M][vocab] (the batched

@@ -6,6 +6,11 @@ parameters ask for sampling) and ``sample_finish`` (one block), which writes the
 a device word and to ``ring[step % ring_size]`` (pinned host memory the host polls), then
 advances ``*pos`` and ``*step``. The parameters live in a 24-byte device struct
 (:func:`pack_params`), so a new ``generate()`` call rewrites it instead of the graph.
+
+The batched form (:func:`sample_rows`, the serving engine's step): ``sample_rows_partial``
+and ``sample_rows_finish`` pick each row of logits ``[M, vocab]`` with its own struct
+(:func:`pack_params_rows`, uint8 ``[M, 24]``) and step (int32 ``[M]``) into ``out[M]``, the
+same algorithm and device code as the one-row pair, in one launch pair for all rows.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
+from .common import ceil_div, check_aligned, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "sampling"
 PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr"
 FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr i32"
 ARGMAX_SIGNATURE = "ptr i32 ptr i32"
+ROWS_PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr i32"
+ROWS_FINISH_SIGNATURE = "ptr i32 ptr ptr ptr ptr i32 ptr i32"
+MAX_ROWS = 65535  # sample_rows_partial puts the rows on grid.y
 PART_CHUNK = 4096  # logits per partial-argmax block (kPartChunk)
 PART_THREADS = 256
 FINISH_THREADS = 1024
@@ -43,6 +51,15 @@ def pack_params(temperature: float, top_k: int, top_p: float, seed: int) -> np.n
         raise ValueError(f"top_k must be in [0, 2**31), got {top_k!r}")
     raw = struct.pack(PARAMS_FORMAT, float(temperature), int(top_k), float(top_p), 0, int(seed))
     return np.frombuffer(raw, dtype=np.uint8).copy()
+
+
+def pack_params_rows(rows) -> np.ndarray:
+    """The ``SampleParams`` structs of many rows as uint8 ``[M, 24]`` (row r: :func:`pack_params`
+    of ``rows[r]``, a ``(temperature, top_k, top_p, seed)`` tuple), for :func:`sample_rows`."""
+    packed = [pack_params(*row) for row in rows]
+    if not packed:
+        return np.zeros((0, PARAMS_BYTES), dtype=np.uint8)
+    return np.stack(packed)
 
 
 def num_parts(vocab: int) -> int:
@@ -130,6 +147,41 @@ def argmax_rows(rt, logits, out) -> LaunchSpec:
     return LaunchSpec(kernel, (m, 1, 1), (FINISH_THREADS, 1, 1), args, 0, "argmax_rows", pdl_ok(rt))
 
 
+def sample_rows(rt, logits, params, steps, part_val, part_idx, out) -> tuple[LaunchSpec, LaunchSpec]:
+    """The two launch specs (run in order) that pick one token for every row of ``logits`` fp32
+    ``[M, vocab]`` into ``out`` int32 ``[M]``: row r by the struct ``params[r]`` (uint8 ``[M, 24]``,
+    :func:`pack_params_rows`; 8-byte aligned) at ``steps[r]`` (int32 ``[M]``), per
+    :func:`nexusrt.reference.sampling.sample`. ``part_val`` fp32 / ``part_idx`` int32
+    ``[M, num_parts(vocab)]`` hold the greedy rows' partial argmax. A greedy row of NaN gives
+    2**31-1 (as :func:`argmax_rows`). Nothing else is written: the caller tracks the steps.
+    """
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"logits must be a 2-d fp32 tensor [rows, vocab], got shape {shape}")
+    m, vocab = int(shape[0]), int(shape[1])
+    check_positive(rows=m, vocab=vocab)
+    if m > MAX_ROWS:
+        raise ValueError(f"{m} rows are above the supported {MAX_ROWS}")
+    n = num_parts(vocab)
+    if n > MAX_PARTS:
+        raise ValueError(f"vocab {vocab} is above the supported {MAX_PARTS * PART_CHUNK}")
+    check_tensor(logits, "logits", (m, vocab), "fp32")
+    check_tensor(params, "params", (m, PARAMS_BYTES), "uint8")
+    check_aligned(params, "params", 8)  # the struct holds a 64-bit seed
+    check_tensor(steps, "steps", (m,), "int32")
+    check_tensor(part_val, "part_val", (m, n), "fp32")
+    check_tensor(part_idx, "part_idx", (m, n), "int32")
+    check_tensor(out, "out", (m,), "int32")
+    partial = rt.kernels.get(SOURCE, "sample_rows_partial", ROWS_PARTIAL_SIGNATURE)
+    finish = rt.kernels.get(SOURCE, "sample_rows_finish", ROWS_FINISH_SIGNATURE)
+    p_args = partial.pack(ptr(logits), vocab, ptr(params), ptr(part_val), ptr(part_idx), m)
+    f_args = finish.pack(ptr(logits), vocab, ptr(params), ptr(steps), ptr(part_val), ptr(part_idx), n,
+                         ptr(out), m)
+    pdl = pdl_ok(rt)
+    return (LaunchSpec(partial, (n, m, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_rows_partial", pdl),
+            LaunchSpec(finish, (m, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_rows_finish", pdl))
+
+
 def bench_cases(rt, config) -> list[BenchCase]:
     """Greedy and top-k/top-p sampling over ``config.vocab_size`` random logits."""
     from ... import memory
@@ -153,4 +205,19 @@ def bench_cases(rt, config) -> list[BenchCase]:
         cases.append(BenchCase(f"sampling {label} vocab{vocab}", vocab * 4, launch, group="sampling",
                                notes={"vocab": vocab, "_keep": (bufs,)}))
     cases[0].notes["_keep"] += (logits, words, ring)  # shared by the cases: freed once
+    # The serving step's batched form: 64 rows, one greedy in four, the others top-k 50 top-p 0.9.
+    m, n = 64, num_parts(vocab)
+    rows = memory.from_numpy((rng.standard_normal((m, vocab), dtype=np.float32) * 4).astype(np.float32))
+    params = memory.from_numpy(pack_params_rows([(0.0, 0, 1.0, 0) if r % 4 == 0 else (0.8, 50, 0.9, r)
+                                                 for r in range(m)]))
+    keep = (rows, params, memory.from_numpy(np.arange(m, dtype=np.int32)), memory.empty((m, n), "fp32"),
+            memory.empty((m, n), "int32"), memory.empty((m,), "int32"))
+    specs = sample_rows(rt, *keep)
+
+    def launch_rows(stream, specs=specs):
+        for s in specs:
+            s.launch(stream)
+
+    cases.append(BenchCase(f"sampling rows {m} (3/4 top-k 50) vocab{vocab}", m * vocab * 4, launch_rows,
+                           group="sampling", notes={"vocab": vocab, "rows": m, "_keep": keep}))
     return cases

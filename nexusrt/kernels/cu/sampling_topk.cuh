@@ -1,0 +1,175 @@
+// The exact top-K sampler of sampling.cu, shared by its one-row and its rows kernels: the
+// order-preserving key of a logit, the seeded uniform draw, the radix select of the K-th
+// largest key, the gather of the K candidates, their bitonic sort and the softmax/top-p draw.
+// Every function works on ONE row of logits with the whole block (1024 threads, all of
+// them must call it) and the block's FinishShared; the caller picks the row.
+#pragma once
+
+#include <cuda/std/cstdint>
+
+namespace {
+
+constexpr int kMaxCand = 1024;  // K_MAX of reference/sampling.py
+
+// uint32 whose unsigned order is the float order; -0 is folded into +0 (they compare equal
+// in the spec) and NaN sorts below everything.
+__device__ __forceinline__ unsigned order_key(float x) {
+    if (x != x) return 0u;
+    if (x == 0.f) x = 0.f;
+    const unsigned u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ double uniform(unsigned long long seed, unsigned long long i) {
+    unsigned long long z = seed * 0x9E3779B97F4A7C15ull + i + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+struct FinishShared {
+    unsigned long long cand[kMaxCand];  // (order_key << 32) | ~index, sorted descending
+    float val[kMaxCand];                // x of the candidate at each rank
+    float cum[kMaxCand];                // exp(z - z_0) at each rank, then its running sum
+    unsigned hist[256];
+    float wv[32];
+    int wi[32];
+    int count;
+    int bucket, k_rem, eq_count;
+};
+
+// Radix-select the K-th largest order key of the logits (all threads get it).
+__device__ unsigned select_threshold(const float* __restrict__ logits, int vocab, int K,
+                                     FinishShared& sh, int& k_rem, int& eq_count) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    unsigned prefix = 0, mask = 0;
+    k_rem = K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += blockDim.x) sh.hist[b] = 0;
+        __syncthreads();
+#pragma unroll 4
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            const unsigned key = order_key(logits[i]);
+            if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid < 32) {
+            // Lane L owns buckets 255-8L down to 248-8L: a scan from the top finds the
+            // bucket where the k_rem-th largest key falls.
+            unsigned own[8], sum = 0;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) { own[j] = sh.hist[255 - 8 * lane - j]; sum += own[j]; }
+            unsigned incl = sum;
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const unsigned o = __shfl_up_sync(0xffffffffu, incl, off);
+                if (lane >= off) incl += o;
+            }
+            unsigned before = incl - sum;
+            if (before < (unsigned)k_rem && (unsigned)k_rem <= incl) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (before < (unsigned)k_rem && (unsigned)k_rem <= before + own[j]) {
+                        sh.bucket = 255 - 8 * lane - j;
+                        sh.k_rem = k_rem - (int)before;
+                        sh.eq_count = (int)own[j];
+                    }
+                    before += own[j];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= (unsigned)sh.bucket << shift;
+        mask |= 255u << shift;
+        k_rem = sh.k_rem;
+        eq_count = sh.eq_count;
+        __syncthreads();  // sh.* is rewritten by the next pass
+    }
+    return prefix;
+}
+
+// Gather the K candidates into sh.cand (unsorted): every key above the threshold, plus the
+// k_rem lowest-index keys equal to it.
+__device__ void gather_candidates(const float* __restrict__ logits, int vocab, int K,
+                                  unsigned thr, int k_rem, int eq_count, FinishShared& sh) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) sh.count = 0;
+    __syncthreads();
+    const bool take_all_equal = eq_count == k_rem;  // the usual case: no tie at the threshold
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const unsigned key = order_key(logits[i]);
+        if (key > thr || (take_all_equal && key == thr)) {
+            const int slot = atomicAdd(&sh.count, 1);
+            sh.cand[slot] = ((unsigned long long)key << 32) | (0xFFFFFFFFu - (unsigned)i);
+        }
+    }
+    if (take_all_equal) { __syncthreads(); return; }
+    // Ties at the threshold: walk the vocabulary in index order, 1024 at a time, ranking
+    // the equal keys with a block scan; stop once k_rem of them are in.
+    const int n_gt = K - k_rem;
+    int taken = 0;
+    for (int base = 0; base < vocab && taken < k_rem; base += blockDim.x) {
+        const int i = base + tid;
+        const bool eq = i < vocab && order_key(logits[i]) == thr;
+        const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+        __syncthreads();
+        if (lane == 0) sh.wi[warp] = __popc(ballot);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+            before += w < warp ? sh.wi[w] : 0;
+            total += sh.wi[w];
+        }
+        const int rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
+        if (eq && rank < k_rem)
+            sh.cand[n_gt + rank] = ((unsigned long long)thr << 32) | (0xFFFFFFFFu - (unsigned)i);
+        taken += total;
+    }
+    __syncthreads();
+}
+
+// Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0).
+__device__ void bitonic_desc(FinishShared& sh, int n) {
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            const int idx = threadIdx.x, partner = idx ^ stride;
+            if (idx < n && partner > idx) {
+                const unsigned long long a = sh.cand[idx], b = sh.cand[partner];
+                const bool desc = (idx & size) == 0;
+                if (desc ? a < b : a > b) { sh.cand[idx] = b; sh.cand[partner] = a; }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Softmax, top-p and the draw over the sorted candidates; returns the chosen rank.
+// c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
+// non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
+// the block counts in parallel.
+__device__ int draw(const float* __restrict__ logits, float temp, float top_p, int K, double u,
+                    FinishShared& sh) {
+    const int tid = threadIdx.x;
+    if (tid < K) sh.val[tid] = logits[0xFFFFFFFFu - (unsigned)(sh.cand[tid] & 0xFFFFFFFFull)] / temp;
+    __syncthreads();
+    if (tid < K) sh.cum[tid] = expf(sh.val[tid] - sh.val[0]);
+    __syncthreads();
+    if (tid == 0) {
+        float run = 0.f;
+#pragma unroll 8
+        for (int r = 0; r < K; ++r) {
+            run += sh.cum[r];
+            sh.cum[r] = run;
+        }
+    }
+    __syncthreads();
+    const float cut = top_p * sh.cum[K - 1];  // fp32 product, as the spec says
+    const int n = min(K, __syncthreads_count(tid < K && sh.cum[tid] < cut) + 1);
+    const double target = u * (double)sh.cum[n - 1];
+    const int below = __syncthreads_count(tid < n && (double)sh.cum[tid] <= target);
+    return min(below, n - 1);
+}
+
+}  // namespace

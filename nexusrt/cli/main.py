@@ -40,6 +40,9 @@ def _load_flags(p) -> None:
                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
+    p.add_argument("--kv-gpu-budget", default=None, metavar="BYTES",
+                   help="bytes of KV cache kept on the GPU, e.g. 2G; the oldest blocks past it live in pinned "
+                        "host memory, read zero-copy (CUDA, one sequence at a time)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
 
 
@@ -115,13 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _budget(args) -> int | None:
+    """``--kv-gpu-budget`` in bytes (K, M, G suffixes as --kv-memory), or None."""
+    from ..server.run import parse_bytes
+
+    return None if args.kv_gpu_budget is None else parse_bytes(args.kv_gpu_budget, "--kv-gpu-budget")
+
+
 def _serve(args) -> int:
     from ..server.run import parse_bytes, serve
 
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
-                 args.deterministic)
+                 args.deterministic, _budget(args))
 
 
 def _sampling(args) -> dict:
@@ -161,7 +171,7 @@ def _run(args) -> int:
     if args.command == "serve":
         return _serve(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
-              tensor_parallel=args.tensor_parallel)
+              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args))
     try:
         if args.command == "chat":
             from .chat import run_chat

@@ -18,7 +18,7 @@ from ..serving.pruning import DEFAULT_SINKS, KvPolicy
 from .context import LAYERS, Context, Rendered, render
 
 OPTIONS = ("kv_policy", "kv_budget", "kv_sinks", "kv_window", "kv_protect")
-HOST_TIER = "not built: the host tier and fault ring are the GPU half of issue 16; nothing is on the host"
+HOST_TIER = "off: every KV block is on the device (kv_gpu_budget puts the oldest past it on the host)"
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,27 @@ def shape(prompt, options: dict, tokenizer):
     return Pruned(prompt, kv) if kv.prunes else prompt
 
 
-def report(policy: KvPolicy, kept: int, evicted: int, blocks: int) -> dict:
-    """The ``kv`` object of a result (``nexusrt generate --json``). Device/host pages and faults
-    stay at zero until the host tier exists, and ``host_tier`` says so."""
-    return {"policy": policy.policy, "budget": policy.budget, "sinks": policy.sinks if policy.prunes else None,
-            "window": policy.recent if policy.prunes else None,
-            "protected_tokens": sum(hi - lo for lo, hi in policy.protect),
-            "tokens_kept": kept, "tokens_evicted": evicted, "blocks_used": blocks,
-            "host_tier": HOST_TIER, "pages_host": 0, "faults_serviced": 0, "bytes_moved": 0}
+def report(policy: KvPolicy, kept: int, evicted: int, blocks: int, tiers: dict | None = None) -> dict:
+    """The ``kv`` object of a result (``nexusrt generate --json``). ``tiers`` (a runner's
+    ``kv_tiers()``) gives the blocks on the device and on the host tier; without it every block
+    counts as on the device. Faults and bytes moved stay 0 until the fault ring exists (zero-copy
+    reads move no pages)."""
+    out = {"policy": policy.policy, "budget": policy.budget, "sinks": policy.sinks if policy.prunes else None,
+           "window": policy.recent if policy.prunes else None,
+           "protected_tokens": sum(hi - lo for lo, hi in policy.protect),
+           "tokens_kept": kept, "tokens_evicted": evicted, "blocks_used": blocks,
+           "host_tier": HOST_TIER, "blocks_device": blocks, "blocks_host": 0, "pages_host": 0,
+           "faults_serviced": 0, "bytes_moved": 0}
+    if tiers and tiers.get("blocks_host"):
+        out.update(host_tier=f"{tiers['host_mode']}: the oldest {tiers['blocks_host']} blocks of the sequence "
+                             f"are in pinned host memory", blocks_device=tiers["blocks_device"],
+                   blocks_host=tiers["blocks_host"], pages_host=tiers["blocks_host"],
+                   faults_serviced=tiers["faults_serviced"], bytes_moved=tiers["bytes_moved"])
+    return out
 
 
-def one_sequence_report(prompt_tokens: int, generated: int) -> dict:
-    """The ``kv`` object of the one-sequence path (policy ``full``): every computed id is kept."""
+def one_sequence_report(prompt_tokens: int, generated: int, tiers: dict | None = None) -> dict:
+    """The ``kv`` object of the one-sequence path (policy ``full``): every computed id is kept.
+    With a host tier the runner's blocks (sized for its whole context) are reported as placed."""
     kept = prompt_tokens + max(generated - 1, 0)  # the last id sampled is never run
-    return report(KvPolicy(), kept, 0, blocks_for(kept))
+    return report(KvPolicy(), kept, 0, blocks_for(kept), tiers)

@@ -65,7 +65,8 @@ class LLM:
 
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
                  weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
-                 max_waiting: int = 1024, tensor_parallel: int = 1, deterministic: bool = False):
+                 max_waiting: int = 1024, tensor_parallel: int = 1, deterministic: bool = False,
+                 kv_gpu_budget: int | None = None):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
@@ -86,7 +87,7 @@ class LLM:
         self.tensor_parallel = tensor_parallel  # ranks the runner's decoder is split over
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
-            self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel)
+            self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise
@@ -272,7 +273,8 @@ class LLM:
     def _finish(self, session: Session, params: SamplingParams, extra: dict) -> GenerationResult:
         full = session.prompt_tokens + len(session.token_ids) > self.runner.max_context
         result = session.finish(full, params.seed, extra)
-        result.kv = one_sequence_report(result.prompt_tokens, len(result.token_ids))  # Request: the engine's
+        tiers = self.runner.kv_tiers() if hasattr(self.runner, "kv_tiers") else None
+        result.kv = one_sequence_report(result.prompt_tokens, len(result.token_ids), tiers)  # Request: the engine's
         return result
 
     def close(self) -> None:

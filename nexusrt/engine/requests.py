@@ -13,7 +13,7 @@ import threading
 from typing import Callable, Iterator
 
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
-from ..errors import NexusRTError
+from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..serving import Engine, EngineLoop, KvPolicy, SchedulerConfig, Sequence
 from .kv import report
@@ -57,6 +57,11 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
                           max_waiting=max_waiting)
     from ..backends.cuda.batch import CudaBatchRunner
     from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
+
+    plan = getattr(runner, "kv_plan", None)
+    if plan is not None and plan.host_blocks:
+        raise BackendUnavailable("kv_gpu_budget: the batched CUDA engine has no host tier yet (only the "
+                                 "one-sequence path reads host blocks); drop kv_gpu_budget to serve batches")
 
     if kv_memory is None:  # room for every running sequence at full context
         num_blocks = max_batch * blocks_for(runner.max_context)

@@ -8,7 +8,9 @@ import threading
 from .. import runtime as runtime_mod
 from ..errors import BackendUnavailable
 from ..models.loader import LoadedModel
-from .fit import check_fit
+from ..kvcache.blocks import blocks_for
+from ..kvcache.tiers import plan_tiers
+from .fit import check_fit, runner_context
 
 
 def check_tensor_parallel(tensor_parallel, backend: str) -> None:
@@ -21,11 +23,29 @@ def check_tensor_parallel(tensor_parallel, backend: str) -> None:
                                  "backend='cpu' for the sharded math on the CPU")
 
 
-def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1):
+def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_budget) -> None:
+    """Refuse a ``kv_gpu_budget`` that cannot work for this model and context (below one layer's
+    pages, a host tier above MemAvailable), then one on a backend without a host tier: the CPU
+    runner has one memory, so there is nothing to split. The CUDA runner re-plans with its exact
+    capacity (a padded last chunk's rows included)."""
+    if kv_gpu_budget is None:
+        return
+    plan = plan_tiers(blocks_for(runner_context(config, backend, max_context)), kv_gpu_budget,
+                      num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                      head_dim=config.head_dim)
+    if backend != "cuda":
+        raise BackendUnavailable(f"kv_gpu_budget ({plan.device_blocks} blocks on the device, {plan.host_blocks} "
+                                 f"on the host) needs backend='cuda': the {backend} runner keeps its KV in one memory")
+
+
+def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1,
+                kv_gpu_budget: int | None = None):
     """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or
-    CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks."""
+    CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks.
+    ``kv_gpu_budget``: bytes of KV on the device, the rest on the pinned host tier (CUDA)."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
     check_tensor_parallel(tensor_parallel, backend)
+    check_kv_gpu_budget(model.config, backend, max_context, kv_gpu_budget)
     name = str(model.path or model.name)
     if backend == "cpu":
         from ..backends.cpu.model import CpuRunner
@@ -43,7 +63,7 @@ def make_runner(model: LoadedModel, backend: str, max_context: int | None, tenso
     from ..backends.cuda.runner import CudaRunner
 
     check_fit(model.config, backend, max_context, name)
-    return CudaRunner(model, rt, max_context=max_context)
+    return CudaRunner(model, rt, max_context=max_context, kv_gpu_budget=kv_gpu_budget)
 
 
 def stream_tokens(runner, session, ids, max_new_tokens, params, pieces):

@@ -18,6 +18,30 @@ def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
     return expected[0]
 
 
+def check_host_pools(host_pools, num_kv_heads: int, head_dim: int):
+    """The host tier's pools of a layer, ``(k_host, v_host)`` bf16 ``[host_blocks, Hkv,
+    BLOCK_SIZE, D]`` in page-locked host memory (read and written zero-copy), or None for a
+    device-only launch. Returns the pair or None; a tensor that says it is not pinned host
+    memory is refused (a kernel would fault on pageable memory, or read device memory as host)."""
+    if host_pools is None:
+        return None
+    if not isinstance(host_pools, (tuple, list)) or len(host_pools) != 2:
+        raise ValueError(f"host_pools must be None or a pair (k_host, v_host), got {host_pools!r}")
+    k_host, v_host = host_pools
+    shape = getattr(k_host, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"k_host must be a 4-d tensor [host_blocks, {num_kv_heads}, {BLOCK_SIZE}, "
+                         f"{head_dim}], got shape {shape}")
+    expected = pool_shape(int(shape[0]), num_kv_heads, head_dim)
+    check_tensor(k_host, "k_host", expected, "bf16")
+    check_tensor(v_host, "v_host", expected, "bf16")
+    for name, t in (("k_host", k_host), ("v_host", v_host)):
+        if getattr(t, "device", False) or getattr(t, "pinned", True) is False:
+            raise ValueError(f"{name} must be page-locked host memory (memory.pinned), the host tier "
+                             f"the kernel reads zero-copy")
+    return k_host, v_host
+
+
 def check_state(block_table, pos) -> None:
     """The block table (int32, 1-d) and the device position word (int32)."""
     check_tensor(block_table, "block_table", None, "int32")

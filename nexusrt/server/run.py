@@ -21,26 +21,27 @@ GRACE_S = 6  # uvicorn's limit on open connections after the signal (the drain e
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--kv-memory") -> int:
     """``"268435456"``, ``"256M"``, ``"1.5G"`` (binary units, optional trailing B/iB) → bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ValueError(f"--kv-memory must be a size in bytes like 268435456, 256M or 2G, got {text!r}")
+        raise ValueError(f"{flag} must be a size in bytes like 268435456, 256M or 2G, got {text!r}")
     value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
-        raise ValueError(f"--kv-memory must be positive, got {text!r}")
+        raise ValueError(f"{flag} must be positive, got {text!r}")
     return value
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
           max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S,
           kv: dict | None = None, tensor_parallel: int = 1, backend: str | None = None,
-          deterministic: bool = False) -> int:
+          deterministic: bool = False, kv_gpu_budget: int | None = None) -> int:
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
     flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
     pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
     model is split over (in process on the CPU). ``backend``: cpu or cuda (default: the probe's);
-    ``deterministic``: on CUDA, a request's ids do not depend on the batch around it."""
+    ``deterministic``: on CUDA, a request's ids do not depend on the batch around it.
+    ``kv_gpu_budget``: bytes of KV on the GPU (the host tier; refused by the batched engine for now)."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
         raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
     from ..engine.kv import shape as kv_shape
@@ -61,7 +62,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(model, backend=backend, max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
               max_waiting=max_waiting, allow_paths=allow_paths, tensor_parallel=tensor_parallel,
-              deterministic=deterministic)
+              deterministic=deterministic, kv_gpu_budget=kv_gpu_budget)
     try:
         app = create_app(llm, model, kv)
         state = app.state.server

@@ -15,7 +15,8 @@ from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling
 from ...kernels.ops.common import sm_count
 from ...kernels.ops.gemv import decode_shapes, plan_gemv
-from ...kvcache.blocks import BlockPool, SequenceBlocks, blocks_for, pool_shape
+from ...kvcache.blocks import BLOCK_SIZE, BlockPool, SequenceBlocks, blocks_for, pool_shape
+from ...kvcache.tiers import place_oldest_on_host
 
 TAG = "runner"
 RING = 256  # tokens the device can be ahead of the host
@@ -70,11 +71,14 @@ class RunnerBuffers(OwnedBuffers):
     """
 
     def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None,
-                 pool_blocks: int | None = None):
+                 pool_blocks: int | None = None, host_blocks: int = 0):
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
         (default ``max_context``; a runner adds room for the rows of a padded last chunk).
         ``pool_blocks``: a KV pool of that many blocks shared by many sequences (the batch
-        runner writes ``block_table`` before each use) instead of one sequence's blocks."""
+        runner writes ``block_table`` before each use) instead of one sequence's blocks.
+        ``host_blocks``: that many of the sequence's blocks, its oldest, live in pinned host
+        pools (``k_host_pools``/``v_host_pools``, read and written zero-copy; the table names
+        them ``~h``, :mod:`nexusrt.kvcache.tiers`), the rest in device pools (one sequence only)."""
         super().__init__()
         d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
@@ -88,12 +92,20 @@ class RunnerBuffers(OwnedBuffers):
             self.dec_attn = self._t(memory.empty((1, hq * d), "fp32", tag=TAG))
             self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
+            self.k_host_pools, self.v_host_pools = [], []
+            if host_blocks and pool_blocks is not None:
+                raise ValueError("the host tier is built for one sequence's buffers only (not a shared pool)")
             if pool_blocks is None:
-                num_blocks = blocks_for(positions)
-                # One sequence holds every KV block, handed out in order (the table is 0..n-1).
+                total = blocks_for(positions)
+                # One sequence holds every KV block: its oldest on the host tier, the rest on the
+                # device in order (a device-only table is 0..n-1).
+                num_blocks = total - host_blocks
                 self.kv_blocks = SequenceBlocks(BlockPool(num_blocks), num_blocks)
-                self.kv_blocks.ensure(positions)
-                self.block_table = self._t(memory.from_numpy(self.kv_blocks.table(), tag=TAG))
+                self.kv_blocks.ensure(num_blocks * BLOCK_SIZE)
+                self.block_table = self._t(memory.from_numpy(place_oldest_on_host(total, host_blocks), tag=TAG))
+                for _ in range(cfg.num_hidden_layers if host_blocks else 0):
+                    self.k_host_pools.append(self._t(memory.pinned(pool_shape(host_blocks, hkv, d), "bf16", tag="kv_host")))
+                    self.v_host_pools.append(self._t(memory.pinned(pool_shape(host_blocks, hkv, d), "bf16", tag="kv_host")))
             else:
                 num_blocks, self.kv_blocks = pool_blocks, None
                 self.block_table = self._t(memory.zeros((blocks_for(positions),), "int32", tag=TAG))
@@ -114,3 +126,6 @@ class RunnerBuffers(OwnedBuffers):
             self.free()
             raise
 
+    def host_pools(self, layer: int):
+        """``(k_host, v_host)`` of ``layer`` for the launchers, or None without a host tier."""
+        return (self.k_host_pools[layer], self.v_host_pools[layer]) if self.k_host_pools else None

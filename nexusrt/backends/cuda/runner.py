@@ -24,6 +24,8 @@ from ...errors import ModelError, NexusRTError
 from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
+from ...kvcache.blocks import blocks_for
+from ...kvcache.tiers import plan_tiers
 from . import step as steps
 from .buffers import RING, RunnerBuffers
 from .chunks import BUCKETS, buckets_for, plan_chunks
@@ -49,11 +51,24 @@ def _check_supported(cfg) -> None:
                          f"this model has {group}")
 
 
+def _check_host_mapped(pools) -> None:
+    """The kernels address the host tier by its host pointer (unified addressing, as the token
+    ring): refuse a device where the mapped address differs instead of reading a wrong page."""
+    for t in pools:
+        dev = int(call("cuMemHostGetDevicePointer", t.ptr, 0))
+        if dev != t.ptr:
+            raise NexusRTError(f"pinned KV host pool at {t.ptr:#x} maps to device address {dev:#x}; the host "
+                               "tier needs unified addressing (same address on both sides)")
+
+
 class CudaRunner:
     """One sequence on the GPU. ``CudaRunner(model, runtime, max_context=None)``."""
 
     def __init__(self, model, rt, max_context: int | None = None, buckets: tuple[int, ...] = BUCKETS,
-                 progress=None):
+                 progress=None, kv_gpu_budget: int | None = None):
+        """``kv_gpu_budget``: bytes of KV kept on the device; the sequence's oldest blocks past it
+        live in pinned host memory, read zero-copy (:mod:`nexusrt.kvcache.tiers`). A budget
+        that cannot work is refused here, before any memory is taken."""
         cfg = model.config
         self.config, self.rt = cfg, rt
         _check_supported(cfg)
@@ -69,6 +84,9 @@ class CudaRunner:
         self.chunk = self.buckets[-1]
         # A padded last chunk writes up to min(buckets) - 1 rows past the context.
         self.capacity = self.max_context + self.buckets[0] - 1
+        # The tier split is checked before a byte of weights moves (KvBudgetError).
+        self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
+                                  num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -87,7 +105,9 @@ class CudaRunner:
             if self.weights.load_report is not None:
                 self.timings["load"] = self.weights.load_report.as_dict()
             self.timings["upload_s"] = time.perf_counter() - t0
-            self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity)
+            self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
+                                         host_blocks=self.kv_plan.host_blocks)
+            _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
             self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers))
@@ -274,6 +294,14 @@ class CudaRunner:
             self.position = ids.size + launched - 1
             self.timings["host_launch_s"] = float(np.median(launch_s)) if launch_s else 0.0
         return got
+
+    def kv_tiers(self) -> dict:
+        """Blocks on each tier (the ``kv`` report): one sequence holds every block, its oldest
+        on the host. Zero-copy reads move no pages, so faults and bytes moved stay 0 until the
+        fault ring exists."""
+        return {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
+                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
+                "faults_serviced": 0, "bytes_moved": 0}
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)

@@ -63,11 +63,13 @@ def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
                                    workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
         ch.add(f"{p}.rope_append", rope.rope_append(
             rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps),
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps,
+            host_pools=b.host_pools(i)),
             [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
-            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d), [q, b.k_pools[i], b.v_pools[i]], [attn])
+            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i)),
+            [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=x, workspace=b.gemv_ws),
                [attn, lw.o], [x])
         ch.add(f"{p}.gate_up", gv.gemv(rt, mlp, lw.gate_up, x, n=inter, k=h, norm_weight=lw.mlp_norm, eps=eps,
@@ -161,11 +163,12 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
     def attend(ch, i, lw, p):
         ch.add(f"{p}.rope_append", rope.rope_append(
             rt, r.qkv, r.q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps),
+            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps,
+            host_pools=b.host_pools(i)),
             [r.qkv, b.pos, b.block_table], [r.q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_pre.attention_prefill(
             rt, r.q, r.attn, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
-            head_dim=d), [r.q, b.k_pools[i], b.v_pools[i]], [r.attn])
+            head_dim=d, host_pools=b.host_pools(i)), [r.q, b.k_pools[i], b.v_pools[i]], [r.attn])
 
     _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
     if all_logits is not None:

@@ -64,12 +64,15 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // block-table row from meta int32 [rows, 4] = (position, slot, table row, unused); the
 // workspace and tickets are per row. fixed_chunk > 0 fixes the tokens per split (then a row's
 // result does not depend on how many splits the launch allows: batch invariance).
-template <int D, int GM, bool kExact, bool kRows, typename OutT>
+// kHost: the table may name host-tier blocks (attn_common.cuh kv_locate), read zero-copy from
+// k_host / v_host; the kHost = false kernels ignore those two pointers.
+template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
-    int max_splits, float scale, int table_stride, int fixed_chunk) {
+    int max_splits, float scale, int table_stride, int fixed_chunk,
+    const __nv_bfloat16* __restrict__ k_host, const __nv_bfloat16* __restrict__ v_host) {
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -116,9 +119,10 @@ __device__ __forceinline__ void decode_impl(
     bool valid[kUnroll];
     // Issue every K and V load of a step before using any (memory-level parallelism).
     auto load_row = [&](int u, int t) {
-        const long long off = nrt_attn::kv_offset(page_table, t, kvh, Hkv, D) + dim0;
-        kraw[u] = *reinterpret_cast<const uint4*>(k_pool + off);
-        vraw[u] = *reinterpret_cast<const uint4*>(v_pool + off);
+        const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
+        const long long off = nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + dim0;
+        kraw[u] = *reinterpret_cast<const uint4*>(kb + off);
+        vraw[u] = *reinterpret_cast<const uint4*>(vb + off);
     };
     auto load_step = [&](int base, bool older_only) {
 #pragma unroll
@@ -294,13 +298,16 @@ __device__ __forceinline__ void decode_impl(
 // The rows kernels (attention_decode_rows_*): q fp32 [rows][Hq*D], out bf16 [rows][Hq*D],
 // tables int32 [*][table_stride], meta int32 [rows][4], and every workspace with a leading
 // [rows]; grid (Hkv, max_splits, rows).
+// The host-tier twins (attention_decode_host_*, attention_decode_rows_host_*) take the same
+// arguments plus k_host, v_host (the layer's host-tier pools) at the end.
 #define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
         const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
         const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
         int G, int max_splits, float scale) {                                                       \
-        decode_impl<D, GM, EXACT, false>(q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml,    \
-                                         tickets, Hkv, G, max_splits, scale, 0, 0);                 \
+        decode_impl<D, GM, EXACT, false, false>(q, out, k_pool, v_pool, page_table, pos, ws_acc,    \
+                                                ws_ml, tickets, Hkv, G, max_splits, scale, 0, 0,    \
+                                                nullptr, nullptr);                                  \
     }
 
 #define NRT_DECODE_ROWS(D, GM, EXACT, NAME)                                                         \
@@ -309,9 +316,32 @@ __device__ __forceinline__ void decode_impl(
         const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
         float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
         int table_stride, int fixed_chunk) {                                                        \
-        decode_impl<D, GM, EXACT, true>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml,        \
-                                        tickets, Hkv, G, max_splits, scale, table_stride,           \
-                                        fixed_chunk);                                               \
+        decode_impl<D, GM, EXACT, true, false>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml, \
+                                               tickets, Hkv, G, max_splits, scale, table_stride,    \
+                                               fixed_chunk, nullptr, nullptr);                      \
+    }
+
+#define NRT_DECODE_HOST(D, GM, EXACT, NAME)                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
+        const __nv_bfloat16* v_host) {                                                              \
+        decode_impl<D, GM, EXACT, false, true>(q, out, k_pool, v_pool, page_table, pos, ws_acc,     \
+                                               ws_ml, tickets, Hkv, G, max_splits, scale, 0, 0,     \
+                                               k_host, v_host);                                     \
+    }
+
+#define NRT_DECODE_ROWS_HOST(D, GM, EXACT, NAME)                                                    \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
+        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
+        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
+        int table_stride, int fixed_chunk, const __nv_bfloat16* k_host,                             \
+        const __nv_bfloat16* v_host) {                                                              \
+        decode_impl<D, GM, EXACT, true, true>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml,  \
+                                              tickets, Hkv, G, max_splits, scale, table_stride,     \
+                                              fixed_chunk, k_host, v_host);                         \
     }
 
 #define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
@@ -326,3 +356,7 @@ NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
+NRT_DECODE_ALL_G(64, NRT_DECODE_HOST, attention_decode_host)
+NRT_DECODE_ALL_G(128, NRT_DECODE_HOST, attention_decode_host)
+NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS_HOST, attention_decode_rows_host)
+NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS_HOST, attention_decode_rows_host)

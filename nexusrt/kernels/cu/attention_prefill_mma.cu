@@ -68,30 +68,37 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 // Gather keys key0 .. key0+63 of KV head `kvh` (K and V) into the swizzled tiles; rows at or
 // past kv_end are zero-filled, so a masked probability (0) never multiplies garbage.
-template <int D, int kThreads>
+// kHost: the table may name host-tier blocks, fetched zero-copy from k_host / v_host
+// (attn_common.cuh kv_locate); cp.async reads them over the bus like any global address.
+template <int D, int kThreads, bool kHost>
 __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* Ks, __nv_bfloat16* Vs,
                                              const __nv_bfloat16* __restrict__ k_pool,
                                              const __nv_bfloat16* __restrict__ v_pool,
                                              const int* __restrict__ page_table, int key0, int kv_end,
-                                             int kvh, int Hkv) {
+                                             int kvh, int Hkv, const __nv_bfloat16* k_host,
+                                             const __nv_bfloat16* v_host) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
 #pragma unroll
     for (int e = threadIdx.x; e < kBlockN * kChunks; e += kThreads) {
         const int j = e / kChunks, col = (e % kChunks) * 8;
         const int t = key0 + j;
         const bool ok = t < kv_end;
-        const long long off = ok ? nrt_attn::kv_offset(page_table, t, kvh, Hkv, D) + col : 0;
-        cp_async16(smem_addr(Ks + swz<D>(j, col)), k_pool + off, ok);
-        cp_async16(smem_addr(Vs + swz<D>(j, col)), v_pool + off, ok);
+        const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
+        const long long off =
+            ok ? nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + col : 0;
+        cp_async16(smem_addr(Ks + swz<D>(j, col)), kb + off, ok);
+        cp_async16(smem_addr(Vs + swz<D>(j, col)), vb + off, ok);
     }
 }
 
-template <int D, int kWarps, int R, bool kQInSmem>
+template <int D, int kWarps, int R, bool kQInSmem, bool kHost>
 __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ k_pool,
                                             const __nv_bfloat16* __restrict__ v_pool,
                                             const int* __restrict__ page_table, const int* __restrict__ pos,
-                                            int M, int Hq, int Hkv, float scale_log2) {
+                                            int M, int Hq, int Hkv, float scale_log2,
+                                            const __nv_bfloat16* __restrict__ k_host,
+                                            const __nv_bfloat16* __restrict__ v_host) {
     static_assert(D == 64 || D == 128, "head_dim 64 or 128");
     constexpr int kThreads = kWarps * 32;
     constexpr int kWarpRows = 16 * R;           // a warp owns R m16 tiles: each K/V fragment feeds R mmas
@@ -117,7 +124,8 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     const int kv_end = start + min(M, m0 + kBlockM);  // keys the block's last valid row sees
     const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
-    load_kv_tile<D, kThreads>(smem, smem + kTile, k_pool, v_pool, page_table, 0, kv_end, kvh, Hkv);
+    load_kv_tile<D, kThreads, kHost>(smem, smem + kTile, k_pool, v_pool, page_table, 0, kv_end, kvh, Hkv,
+                                     k_host, v_host);
     cp_async_commit();
 
     // Q rows (fp32, from rope_append) -> bf16 tile; rows past M are zeros (never stored).
@@ -166,8 +174,8 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
     for (int t = 0; t < n_tiles; ++t) {
         if (t + 1 < n_tiles) {
             __nv_bfloat16* next = smem + ((t + 1) & 1) * 2 * kTile;
-            load_kv_tile<D, kThreads>(next, next + kTile, k_pool, v_pool, page_table, (t + 1) * kBlockN, kv_end,
-                                      kvh, Hkv);
+            load_kv_tile<D, kThreads, kHost>(next, next + kTile, k_pool, v_pool, page_table, (t + 1) * kBlockN,
+                                             kv_end, kvh, Hkv, k_host, v_host);
         }
         cp_async_commit();  // possibly empty: keeps "all but the newest group" = tile t
         cp_async_wait<1>();
@@ -292,18 +300,25 @@ __device__ __forceinline__ void prefill_mma(const float* __restrict__ q, __nv_bf
 // grid (Hq, ceil(M / (16 * W * R))), block 32 * W, dynamic shared memory 4 * 64 * D * 2 bytes
 // (plus 16 * W * R * D * 2 with Q kept in shared memory, the _qs kernels).
 // W warps of R m16 tiles each; MINB: blocks per SM the register budget is capped for.
-#define NRT_PREFILL_MMA(D, W, R, MINB)                                                              \
-    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W##_r##R( \
+// Each shape has a host-tier twin, NAME_host, taking k_host, v_host at the end.
+#define NRT_PREFILL_MMA_KIND(D, W, R, MINB, QS, NAME)                                               \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) NAME(                                \
         const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
         const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
-        prefill_mma<D, W, R, false>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2); \
-    }
-#define NRT_PREFILL_MMA_QS(D, W, R, MINB)                                                           \
-    extern "C" __global__ void __launch_bounds__(W * 32, MINB) attention_prefill_mma_d##D##_w##W##_r##R##_qs( \
+        prefill_mma<D, W, R, QS, false>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv,        \
+                                        scale_log2, nullptr, nullptr);                              \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(W * 32, MINB) NAME##_host(                         \
         const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool, \
-        const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2) {          \
-        prefill_mma<D, W, R, true>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv, scale_log2); \
+        const int* page_table, const int* pos, int M, int Hq, int Hkv, float scale_log2,            \
+        const __nv_bfloat16* k_host, const __nv_bfloat16* v_host) {                                 \
+        prefill_mma<D, W, R, QS, true>(q, out, k_pool, v_pool, page_table, pos, M, Hq, Hkv,         \
+                                       scale_log2, k_host, v_host);                                 \
     }
+#define NRT_PREFILL_MMA(D, W, R, MINB) \
+    NRT_PREFILL_MMA_KIND(D, W, R, MINB, false, attention_prefill_mma_d##D##_w##W##_r##R)
+#define NRT_PREFILL_MMA_QS(D, W, R, MINB) \
+    NRT_PREFILL_MMA_KIND(D, W, R, MINB, true, attention_prefill_mma_d##D##_w##W##_r##R##_qs)
 
 // Register caps: defaults from scripts/sweep_attention.py on an H200 (kernels/NOTES_attention.md);
 // a sweep overrides them with -D.

@@ -31,6 +31,31 @@ __device__ __forceinline__ long long kv_offset(const int* __restrict__ page_tabl
     return ((page * num_kv_heads + h) * kPage + (t % kPage)) * (long long)head_dim;
 }
 
+// The host tier (kvcache/tiers.py): a table entry b >= 0 names device block b of the device
+// pools; b < 0 names host block ~b (= -(b + 1)) of the host pools, pinned host memory the
+// kernel reads (and rope_append writes) zero-copy through its unified address. The sign test
+// and one NOT are the whole cost; a device-only kernel (kHost false) compiles to exactly the
+// kv_offset code above and never looks at the host bases.
+// Returns the element offset inside the pool the entry names, and points k_base / v_base at
+// the host pools when that pool is the host one (left as they are otherwise).
+template <bool kHost, typename T>
+__device__ __forceinline__ long long kv_locate(const int* __restrict__ page_table, int t, int h,
+                                               int num_kv_heads, int head_dim, T*& k_base,
+                                               T*& v_base, T* k_host, T* v_host) {
+    if constexpr (!kHost) {
+        return kv_offset(page_table, t, h, num_kv_heads, head_dim);
+    } else {
+        const int b = page_table[t / kPage];
+        const bool host = b < 0;
+        const long long page = host ? ~b : b;
+        if (host) {
+            k_base = k_host;
+            v_base = v_host;
+        }
+        return ((page * num_kv_heads + h) * kPage + (t % kPage)) * (long long)head_dim;
+    }
+}
+
 // 8 bf16 held in 16 bytes (one vector load) as floats.
 __device__ __forceinline__ void bf16x8_to_float(const uint4& raw, float out[8]) {
     const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);

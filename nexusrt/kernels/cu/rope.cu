@@ -19,12 +19,16 @@ namespace {
 
 constexpr int kWarps = 4;  // heads per block
 
-template <int D, bool kRows>
+// kHost: the table may name host-tier blocks (attn_common.cuh kv_locate); their rows are
+// written zero-copy into k_host / v_host (pinned host memory), so a prompt longer than the
+// device budget is appended without a demotion copy. The kHost = false kernels ignore them.
+template <int D, bool kRows, bool kHost>
 __device__ __forceinline__ void rope_append_impl(
     const float* __restrict__ qkv, float* __restrict__ q_out, __nv_bfloat16* __restrict__ k_pool,
     __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     const float* __restrict__ inv_freq, const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-    float eps, int M, int Hq, int Hkv, int table_stride) {
+    float eps, int M, int Hq, int Hkv, int table_stride, __nv_bfloat16* __restrict__ k_host,
+    __nv_bfloat16* __restrict__ v_host) {
     static_assert(D % 64 == 0, "head_dim must be a multiple of 64");
     nrt::pdl_enter();  // qkv comes from the kernel before (see pdl.cuh)
     constexpr int kHalf = D / 2;
@@ -93,7 +97,9 @@ __device__ __forceinline__ void rope_append_impl(
         return;
     }
     const int kvh = is_k ? head - Hq : head - Hq - Hkv;
-    __nv_bfloat16* dst = (is_k ? k_pool : v_pool) + nrt_attn::kv_offset(page_table, slot, kvh, Hkv, D);
+    __nv_bfloat16 *kb = k_pool, *vb = v_pool;
+    const long long off = nrt_attn::kv_locate<kHost>(page_table, slot, kvh, Hkv, D, kb, vb, k_host, v_host);
+    __nv_bfloat16* dst = (is_k ? kb : vb) + off;
 #pragma unroll
     for (int k = 0; k < kPairs; ++k) {
         dst[lane + 32 * k] = __float2bfloat16_rn(x1[k]);
@@ -103,22 +109,29 @@ __device__ __forceinline__ void rope_append_impl(
 
 }  // namespace
 
-// grid (ceil((Hq + 2*Hkv) / 4), M), block 128.
-#define NRT_ROPE_APPEND(D)                                                                          \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_d##D(                     \
+// grid (ceil((Hq + 2*Hkv) / 4), M), block 128. The _host twins take k_host, v_host at the end.
+#define NRT_ROPE_APPEND_KIND(D, HOST, SUFFIX, HOST_PARAMS, HOST_ARGS)                               \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append##SUFFIX##_d##D(           \
         const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
         const int* page_table, const int* pos, const float* inv_freq, const float* q_norm,          \
-        const float* k_norm, float eps, int M, int Hq, int Hkv) {                                   \
-        rope_append_impl<D, false>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq, q_norm,   \
-                                   k_norm, eps, M, Hq, Hkv, 0);                                     \
+        const float* k_norm, float eps, int M, int Hq, int Hkv HOST_PARAMS) {                       \
+        rope_append_impl<D, false, HOST>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq,     \
+                                         q_norm, k_norm, eps, M, Hq, Hkv, 0, HOST_ARGS);            \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_rows_d##D(                \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_rows##SUFFIX##_d##D(      \
         const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
         const int* tables, const int* meta, const float* inv_freq, const float* q_norm,             \
-        const float* k_norm, float eps, int M, int Hq, int Hkv, int table_stride) {                 \
-        rope_append_impl<D, true>(qkv, q_out, k_pool, v_pool, tables, meta, inv_freq, q_norm,       \
-                                  k_norm, eps, M, Hq, Hkv, table_stride);                           \
+        const float* k_norm, float eps, int M, int Hq, int Hkv, int table_stride HOST_PARAMS) {     \
+        rope_append_impl<D, true, HOST>(qkv, q_out, k_pool, v_pool, tables, meta, inv_freq, q_norm, \
+                                        k_norm, eps, M, Hq, Hkv, table_stride, HOST_ARGS);          \
     }
+
+#define NRT_NO_HOST_ARGS nullptr, nullptr
+#define NRT_HOST_PARAMS , __nv_bfloat16 *k_host, __nv_bfloat16 *v_host
+#define NRT_HOST_ARGS k_host, v_host
+#define NRT_ROPE_APPEND(D)                                                                          \
+    NRT_ROPE_APPEND_KIND(D, false, , , NRT_NO_HOST_ARGS)                                            \
+    NRT_ROPE_APPEND_KIND(D, true, _host, NRT_HOST_PARAMS, NRT_HOST_ARGS)
 
 NRT_ROPE_APPEND(64)
 NRT_ROPE_APPEND(128)

@@ -15,22 +15,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import check_pools, check_rows, check_state
+from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
 SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 ROWS_SIGNATURE = SIGNATURE + " i32 i32"
+HOST_TAIL = " ptr ptr"  # the host-tier twins take (k_host, v_host) after the others
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
 THREADS = 128
 
 
-def kernel_name(head_dim: int, group: int, rows: bool = False) -> str:
-    """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else."""
-    prefix = "attention_decode_rows" if rows else "attention_decode"
+def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False) -> str:
+    """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else.
+    ``host``: the twin that also reads host-tier blocks (negative table entries) zero-copy."""
+    prefix = ("attention_decode_rows" if rows else "attention_decode") + ("_host" if host else "")
     if group in (1, 2, 4, 8):
         return f"{prefix}_d{head_dim}_g{group}"
     return f"{prefix}_d{head_dim}_gmax{4 if group < 4 else 8}"
@@ -95,7 +97,7 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
 
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     scale: float | None = None, fixed_chunk: int = 0) -> LaunchSpec:
+                     scale: float | None = None, fixed_chunk: int = 0, host_pools=None) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
@@ -107,6 +109,11 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     ``[rows, 4]`` (position, slot, table row, unused): row r attends to slots ``0 .. slot``
     of its table. ``fixed_chunk`` > 0 (a multiple of :func:`tokens_per_step`) fixes the tokens
     per split, so a row's result does not depend on the batch it runs in.
+
+    ``host_pools`` ``(k_host, v_host)``: the layer's host-tier pools (pinned, bf16
+    ``[host_blocks, Hkv, BLOCK_SIZE, D]``); table entries ``~h`` (negative) name host block ``h``
+    (``kvcache.tiers``) and are read zero-copy. None: every entry is a device block (the
+    original kernels, unchanged).
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -123,6 +130,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(out, "out", lead + (num_q_heads * head_dim,), "bf16" if rows else "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
+    host = check_host_pools(host_pools, num_kv_heads, head_dim)
     if rows:
         check_rows(block_table, pos, rows)
     if fixed_chunk < 0 or fixed_chunk % tokens_per_step(head_dim, group):
@@ -134,9 +142,11 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(workspace.ml, "workspace.ml", lead + (num_kv_heads, splits, group, 2), "fp32")
     check_tensor(workspace.tickets, "workspace.tickets", lead + (num_kv_heads,), "int32")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    name = kernel_name(head_dim, group, rows=bool(rows))
-    kernel = rt.kernels.get(SOURCE, name, ROWS_SIGNATURE if rows else SIGNATURE)
+    name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None)
+    signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
+    kernel = rt.kernels.get(SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
+    tail += (ptr(host[0]), ptr(host[1])) if host else ()
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale, *tail)

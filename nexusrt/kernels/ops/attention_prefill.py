@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...kvcache.checks import check_pools, check_state
+from ...kvcache.checks import check_host_pools, check_pools, check_state
 from .common import ceil_div, check_positive, check_tensor, dtype_name, ptr
 from .spec import LaunchSpec
 
@@ -50,13 +50,15 @@ def mma_shared_bytes(head_dim: int, block: tuple | None = None) -> int:
 
 def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_heads: int,
                       num_kv_heads: int, head_dim: int, scale: float | None = None,
-                      block: tuple[int, int] | None = None) -> LaunchSpec:
+                      block: tuple[int, int] | None = None, host_pools=None) -> LaunchSpec:
     """Launch spec: ``q`` fp32 ``[M, Hq, D]`` -> ``out`` ``[M, Hq * D]``, bf16 (tensor cores)
     or fp32 (the CUDA-core oracle). ``block`` picks another built block shape of the tensor-core
     kernel, ``(warps, tiles per warp, Q in shared memory)`` from ``MMA_SHAPES`` (for sweeps and tests).
 
     The chunk's own K and V must already be in the pools (rope_append first). ``scale``
-    defaults to ``1/sqrt(D)``.
+    defaults to ``1/sqrt(D)``. ``host_pools`` ``(k_host, v_host)``: the layer's host-tier pools,
+    read zero-copy for negative table entries (``kvcache.tiers``); the tensor-core kernel only
+    (the fp32 oracle reads device blocks only).
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -74,6 +76,7 @@ def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_hea
     check_tensor(out, "out", (m, num_q_heads * head_dim), out_dtype)
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
+    host = check_host_pools(host_pools, num_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if out_dtype == "bf16":
         block = MMA_SHAPE[head_dim] if block is None else tuple(block)
@@ -81,15 +84,19 @@ def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_hea
             raise ValueError(f"the tensor-core attention at head_dim {head_dim} is built for (warps, tiles, "
                              f"q_in_smem) {MMA_SHAPES[head_dim]}, got {block}")
         warps, tiles, _ = block
-        name = mma_kernel_name(head_dim, block)
-        kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE)
+        name = mma_kernel_name(head_dim, block) + ("_host" if host else "")
+        kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE + (" ptr ptr" if host else ""))
         shared = mma_shared_bytes(head_dim, block)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
         args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos), m,
-                           num_q_heads, num_kv_heads, scale * LOG2E)
+                           num_q_heads, num_kv_heads, scale * LOG2E,
+                           *((ptr(host[0]), ptr(host[1])) if host else ()))
         return LaunchSpec(kernel, (num_q_heads, ceil_div(m, 16 * warps * tiles), 1), (32 * warps, 1, 1), args, shared,
                           name=f"{name}[{m}]")
+    if host:
+        raise ValueError("the fp32 oracle prefill attention reads device-resident KV blocks only; "
+                         "host_pools needs bf16 out (the tensor-core kernel)")
     group = num_q_heads // num_kv_heads
     name = f"attention_prefill_d{head_dim}"
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)

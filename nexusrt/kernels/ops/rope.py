@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...kvcache.blocks import pool_shape
-from ...kvcache.checks import check_pools, check_rows, check_state
+from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
@@ -23,7 +23,7 @@ HEADS_PER_BLOCK = 4  # one warp per head, kWarps in rope.cu
 
 def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, num_q_heads: int,
                 num_kv_heads: int, head_dim: int, q_norm=None, k_norm=None,
-                eps: float = 1e-6, rows: bool = False) -> LaunchSpec:
+                eps: float = 1e-6, rows: bool = False, host_pools=None) -> LaunchSpec:
     """Launch spec for RoPE + KV append of ``M = qkv.shape[0]`` rows.
 
     Parameters
@@ -38,6 +38,8 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
         table row, unused.
     inv_freq : fp32 ``[D/2]`` (RoPE scaling already folded in).
     q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
+    host_pools : ``(k_host, v_host)``, the layer's host-tier pools: a row whose table entry is
+        ``~h`` (negative) is written zero-copy into host block ``h`` (``kvcache.tiers``).
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -53,15 +55,18 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
+    host = check_host_pools(host_pools, num_kv_heads, head_dim)
     if rows:
         check_rows(block_table, pos, m)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             check_tensor(w, name, (head_dim,), "fp32")
-    name = f"rope_append_rows_d{head_dim}" if rows else f"rope_append_d{head_dim}"
-    kernel = rt.kernels.get(SOURCE, name, ROWS_SIGNATURE if rows else SIGNATURE)
+    kind = ("_rows" if rows else "") + ("_host" if host else "")
+    name = f"rope_append{kind}_d{head_dim}"
+    kernel = rt.kernels.get(SOURCE, name, (ROWS_SIGNATURE if rows else SIGNATURE) + (" ptr ptr" if host else ""))
     tail = (int(block_table.shape[1]),) if rows else ()
+    tail += (ptr(host[0]), ptr(host[1])) if host else ()
     args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads, *tail)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)

@@ -1,0 +1,191 @@
+"""The host tier of the KV cache: device blocks up to a byte budget, pinned host blocks beyond it.
+
+Plain logic, no device. Residency lives in the block table itself, which stays int32:
+
+* an entry ``b >= 0`` is device block ``b`` of the layer's device pools (as before);
+* an entry ``b < 0`` is host block ``~b`` (``= -(b + 1)``) of the layer's host pools, pinned
+  host memory the kernels read (and rope_append writes) zero-copy through its unified address.
+
+Why the bitwise NOT and not a high bit: the kernel's test is the sign either way, and ``~b``
+is one instruction with no mask constant; host block 0 is ``-1``, so no entry is ambiguous,
+and a device-only kernel handed a host entry computes a negative block offset, an address
+far below the pool that compute-sanitizer reports at once, instead of quietly reading some
+device block (what a masked high bit would give a kernel that forgot the mask).
+
+Placement: the single-sequence runner puts the sequence's *oldest* logical blocks on the
+host (:func:`place_oldest_on_host`), so the blocks a decode step appends to, and the recent
+ones it reads most, stay in HBM; the fault ring (:mod:`.fault_ring`) will later move host
+blocks in ahead of use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import OutOfMemory
+from .blocks import BLOCK_SIZE, BlockPool
+
+
+def encode_host(h: int) -> int:
+    """The table entry of host block ``h``."""
+    if h < 0:
+        raise ValueError(f"host block index must be >= 0, got {h}")
+    return ~int(h)
+
+
+def is_host(entry: int) -> bool:
+    return int(entry) < 0
+
+
+def host_index(entry: int) -> int:
+    """The host block a (negative) table entry names."""
+    if entry >= 0:
+        raise ValueError(f"table entry {entry} is a device block")
+    return ~int(entry)
+
+
+def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of one logical KV block across every layer, K and V, bf16: the unit of the budget
+    (the same table serves every layer, so a block index is resident in all layers at once)."""
+    return num_layers * 2 * num_kv_heads * BLOCK_SIZE * head_dim * 2
+
+
+class KvBudgetError(ValueError):
+    """A ``kv_gpu_budget`` that cannot work, raised before any memory is taken."""
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """How many logical blocks live on each tier, and their bytes."""
+
+    device_blocks: int
+    host_blocks: int
+    block_bytes: int
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_blocks * self.block_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_blocks * self.block_bytes
+
+
+def mem_available(path: str = "/proc/meminfo") -> int:
+    """The kernel's ``MemAvailable`` in bytes: the bound on what can be pinned without pushing
+    the machine into swap (pinned pages cannot be swapped out)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no MemAvailable line in {path}")
+
+
+def plan_tiers(total_blocks: int, kv_gpu_budget: int | None, *, num_layers: int, num_kv_heads: int,
+               head_dim: int, available: int | None = None) -> TierPlan:
+    """Split ``total_blocks`` logical blocks between the device (``kv_gpu_budget`` bytes of KV,
+    all layers) and the host tier.
+
+    Refused with :class:`KvBudgetError`, before any work:
+
+    * a budget below one layer's pages, i.e. one layer's K and V for every block of the
+      context: the fault ring will prefetch the next layer's blocks while this layer's are
+      read, so a device tier that cannot hold one layer's working set would only thrash;
+    * a host tier larger than ``available`` bytes (default: ``MemAvailable``) of pinnable memory.
+    """
+    if total_blocks <= 0:
+        raise ValueError(f"total_blocks must be positive, got {total_blocks}")
+    unit = block_bytes(num_layers, num_kv_heads, head_dim)
+    if kv_gpu_budget is None:
+        return TierPlan(total_blocks, 0, unit)
+    if isinstance(kv_gpu_budget, bool) or not isinstance(kv_gpu_budget, (int, np.integer)):
+        raise KvBudgetError(f"kv_gpu_budget must be a byte count (int), got {kv_gpu_budget!r}")
+    budget = int(kv_gpu_budget)
+    layer_pages = total_blocks * unit // num_layers
+    if budget < layer_pages:
+        raise KvBudgetError(f"kv_gpu_budget {budget} bytes is below one layer's KV pages ({layer_pages} bytes: "
+                            f"{total_blocks} blocks of K and V for one of {num_layers} layers); give at least that")
+    device = min(total_blocks, budget // unit)
+    plan = TierPlan(device, total_blocks - device, unit)
+    if plan.host_blocks:
+        avail = mem_available() if available is None else int(available)
+        if plan.host_bytes > avail:
+            raise KvBudgetError(f"the host tier would need {plan.host_bytes} bytes of pinned memory "
+                                f"({plan.host_blocks} blocks); only {avail} bytes are available "
+                                f"(MemAvailable): raise kv_gpu_budget or lower max_context")
+    return plan
+
+
+def place_oldest_on_host(num_blocks: int, host_blocks: int) -> np.ndarray:
+    """The int32 table of one sequence holding every block: logical blocks ``0 .. host_blocks-1``
+    on host blocks ``0 ..`` (entries ``~h``), the rest on device blocks ``0, 1, ...``."""
+    if not 0 <= host_blocks <= num_blocks:
+        raise ValueError(f"host_blocks must be in 0..{num_blocks}, got {host_blocks}")
+    table = np.empty(num_blocks, dtype=np.int32)
+    table[:host_blocks] = ~np.arange(host_blocks, dtype=np.int32)
+    table[host_blocks:] = np.arange(num_blocks - host_blocks, dtype=np.int32)
+    return table
+
+
+class TieredBlockPool:
+    """Device blocks first, host blocks once the device ones run out; entries as in the table.
+
+    ``alloc`` is all-or-nothing across both tiers; ``free`` takes entries of either tier and
+    refuses one that is not held (or twice). :meth:`audit` is the leak audit's view: zero
+    ``used`` after every sequence is gone, on both tiers.
+    """
+
+    def __init__(self, device_blocks: int, host_blocks: int, device_order=None, host_order=None):
+        self.device = BlockPool(device_blocks, device_order)
+        self.host = BlockPool(host_blocks, host_order) if host_blocks > 0 else None
+
+    @property
+    def num_free(self) -> int:
+        return self.device.num_free + (self.host.num_free if self.host else 0)
+
+    def counts(self) -> dict:
+        """Blocks held on each tier and the tiers' sizes (the ``kv`` report's figures)."""
+        host_total = self.host.num_blocks if self.host else 0
+        return {"device_blocks": self.device.num_blocks, "host_blocks": host_total,
+                "device_used": self.device.num_blocks - self.device.num_free,
+                "host_used": host_total - (self.host.num_free if self.host else 0)}
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` table entries: device blocks while there are any, then host ones."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > self.num_free:
+            raise OutOfMemory(n, self.num_free, "KV block pool (device and host tiers, blocks)")
+        on_dev = min(n, self.device.num_free)
+        return self.device.alloc(on_dev) + self.alloc_host(n - on_dev)
+
+    def alloc_host(self, n: int) -> list[int]:
+        if n == 0:
+            return []
+        if self.host is None:
+            raise OutOfMemory(n, 0, "KV host tier (blocks)")
+        return [encode_host(h) for h in self.host.alloc(n)]
+
+    def free(self, entries) -> None:
+        entries = [int(e) for e in entries]
+        dev = [e for e in entries if e >= 0]
+        host = [host_index(e) for e in entries if e < 0]
+        if host and self.host is None:
+            raise ValueError(f"freeing host entries {host} of a pool without a host tier")
+        # Check both before touching either, so a bad call changes nothing.
+        bad = [e for e in dev if e in self.device.free_blocks] + \
+              [encode_host(h) for h in host if self.host is not None and h in self.host.free_blocks]
+        if bad or len(set(entries)) != len(entries):
+            raise ValueError(f"freeing entries that are not allocated (or twice): {bad or entries}")
+        self.device.free(dev)
+        if host:
+            self.host.free(host)
+
+    def audit(self) -> dict:
+        """The counts; raises if the free lists and the used sets disagree (a lost block)."""
+        for pool in (self.device, self.host):
+            if pool is not None and len(pool.free_blocks) + len(pool._used) != pool.num_blocks:
+                raise AssertionError(f"a block pool of {pool.num_blocks} lost blocks")
+        return self.counts()

@@ -44,7 +44,7 @@ enum Slot : int {
 };
 
 enum LayerSlot : int {
-    kAttnNorm, kWqkv, kQkvBias, kQNorm, kKNorm, kWo, kMlpNorm, kWgu, kWdown, kKPool, kVPool,
+    kAttnNorm, kWqkv, kQkvBias, kQNorm, kKNorm, kWo, kMlpNorm, kWgateUp, kWdown, kKPool, kVPool,
     kLayerSlots
 };
 
@@ -178,7 +178,7 @@ __device__ void run(const u64* __restrict__ params) {
             break;
         case GATE_UP:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kMlpNorm), eps, H, scratch);
-            gemv_tile(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgu), xs, nullptr, kGateUp, a, b, I, H);
+            gemv_tile(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), xs, nullptr, kGateUp, a, b, I, H);
             break;
         case DOWN:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kMlp), nullptr, eps, I, scratch);

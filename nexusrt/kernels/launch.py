@@ -97,8 +97,10 @@ class Kernel:
         self.launch_ex(grid, block, args, stream, shared, cluster=cluster)
 
     def launch_ex(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0,
-                  cluster=None, pdl: bool = False) -> None:
-        """``cuLaunchKernelEx`` with launch attributes: a cluster shape and/or PDL."""
+                  cluster=None, pdl: bool = False, cooperative: bool = False) -> None:
+        """``cuLaunchKernelEx`` with launch attributes: a cluster shape, PDL, and/or a
+        cooperative launch (every block resident at once, or the launch fails: what a kernel
+        whose blocks wait for each other needs; it may be captured in a graph)."""
         pack = args if isinstance(args, ArgPack) else self.pack(*args)
         drv = cu()
         config = drv.CUlaunchConfig()
@@ -117,6 +119,11 @@ class Kernel:
             attr = drv.CUlaunchAttribute()
             attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             attr.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(attr)
+        if cooperative:
+            attr = drv.CUlaunchAttribute()
+            attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            attr.value.cooperative = 1
             attrs.append(attr)
         config.attrs = attrs
         config.numAttrs = len(attrs)

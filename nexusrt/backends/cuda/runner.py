@@ -26,6 +26,7 @@ from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
 from ...kvcache.tiers import plan_tiers
+from . import persistent
 from . import step as steps
 from .buffers import RING, RunnerBuffers
 from .chunks import BUCKETS, buckets_for, plan_chunks
@@ -94,7 +95,7 @@ class CudaRunner:
         self._sample_specs = None
         self.timings: dict = {}
         rt.device.make_current()
-        self.weights = self.buffers = self.lt = None
+        self.weights = self.buffers = self.lt = self._persistent = None
         try:
             self.lt = LtContext(rt)  # fails first, with what to install, if cuBLASLt is missing
             t0 = time.perf_counter()
@@ -108,6 +109,10 @@ class CudaRunner:
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
                                          host_blocks=self.kv_plan.host_blocks)
             _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
+            if self.kv_plan.host_blocks and persistent.decode_mode() == "persistent":
+                raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
+                                 "needs the graph path (NEXUSRT_DECODE=graph)")
+            self._persistent = persistent.maybe_build(rt, cfg, self.weights, self.buffers)  # NEXUSRT_DECODE
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
             self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers))
@@ -125,7 +130,9 @@ class CudaRunner:
             g = self._graphs[key] = scheduler.capture(build(), stream="compute")
         return g
 
-    def _decode_graph(self, sample: bool):
+    def _decode_graph(self, sample: bool, greedy: bool = True):
+        if self._persistent is not None and greedy:  # one persistent launch; it picks greedily only
+            return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
         return self._graph(("decode", sample), lambda: steps.decode_stages(
             self.rt, self.config, self.weights, self.buffers, sample=sample))
 
@@ -272,7 +279,7 @@ class CudaRunner:
         self.prefill(ids)
         self._set_word(self.buffers.step, 0)
         self._launch_sampler()  # first token from the prefill logits; pos -> T
-        graph = self._decode_graph(sample=True)
+        graph = self._decode_graph(sample=True, greedy=self._params[0] == 0.0)
         launched, got = 1, 0
         launch_s = []
         try:
@@ -305,6 +312,9 @@ class CudaRunner:
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
+        if self._persistent is not None:
+            self._persistent.free()
+            self._persistent = None
         if self.buffers is not None:
             self.buffers.free()
             self.buffers = None

@@ -19,6 +19,7 @@
 namespace {
 
 using nrt_attn::kNegBig;
+using nrt_attn::merge_state;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
@@ -29,27 +30,6 @@ struct DecodeShape {
     static constexpr int kRowLanes = D / 8;                // lanes per K/V row (8 dims each)
     static constexpr int kRowGroups = kThreads / kRowLanes;  // rows read at once by a block
 };
-
-// Merge softmax state (m_o, l_o, acc_o) into (m, l, acc); all in the exp2 domain.
-template <int GM>
-__device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8], int off,
-                                            int G) {
-#pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        if (g >= G) break;
-        const float m_o = __shfl_xor_sync(0xffffffffu, m[g], off);
-        const float l_o = __shfl_xor_sync(0xffffffffu, l[g], off);
-        const float m_n = fmaxf(m[g], m_o);
-        const float a = exp2f(m[g] - m_n), b = exp2f(m_o - m_n);
-        l[g] = l[g] * a + l_o * b;
-        m[g] = m_n;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float acc_o = __shfl_xor_sync(0xffffffffu, acc[g][i], off);
-            acc[g][i] = acc[g][i] * a + acc_o * b;
-        }
-    }
-}
 
 // GM: compile-time bound on the group size (register arrays). kExact kernels (G == GM: 1,
 // 2, 4, 8, the common shapes) let the compiler drop every `g >= G` test; the others take G

@@ -92,4 +92,61 @@ __device__ __forceinline__ float group_max(float v) {
 constexpr float kNegBig = -1.0e30f;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Merge softmax state (m_o, l_o, acc_o) of the lane `off` away into (m, l, acc); all in the
+// exp2 domain. Shared by attention_decode.cu and persistent_decode.cu.
+template <int GM>
+__device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8], int off,
+                                            int G) {
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) break;
+        const float m_o = __shfl_xor_sync(0xffffffffu, m[g], off);
+        const float l_o = __shfl_xor_sync(0xffffffffu, l[g], off);
+        const float m_n = fmaxf(m[g], m_o);
+        const float a = exp2f(m[g] - m_n), b = exp2f(m_o - m_n);
+        l[g] = l[g] * a + l_o * b;
+        m[g] = m_n;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const float acc_o = __shfl_xor_sync(0xffffffffu, acc[g][i], off);
+            acc[g][i] = acc[g][i] * a + acc_o * b;
+        }
+    }
+}
+
+// One head row of D floats held by a warp as rotate_half pairs: lane owns x1[k] = x[lane + 32k]
+// and x2[k] = x[D/2 + lane + 32k]. Optional per-head RMSNorm (Qwen3 q_norm / k_norm; w null:
+// none), then RoPE at position t. The angle is computed like HF: freq = float(t) * inv_freq[j]
+// in fp32, then sincosf (accurate for the large arguments of long contexts). Shared by
+// rope.cu and persistent_decode.cu so both compute the same bits.
+template <int D>
+__device__ __forceinline__ void norm_rope_head(float (&x1)[D / 64], float (&x2)[D / 64], const float* w,
+                                               float eps, int t, const float* __restrict__ inv_freq,
+                                               int lane) {
+    constexpr int kHalf = D / 2, kPairs = D / 64;
+    if (w != nullptr) {
+        // HF RMSNorm in fp32: x * rsqrt(mean(x^2) + eps), then times the weight.
+        float ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) ss += x1[k] * x1[k] + x2[k] * x2[k];
+        ss = group_sum<32>(ss);
+        const float r = rsqrtf(ss / (float)D + eps);
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) {
+            x1[k] = (x1[k] * r) * w[lane + 32 * k];
+            x2[k] = (x2[k] * r) * w[kHalf + lane + 32 * k];
+        }
+    }
+    const float tf = (float)t;
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+        const float freq = tf * inv_freq[lane + 32 * k];
+        float s, c;
+        sincosf(freq, &s, &c);
+        const float a = x1[k], b = x2[k];
+        x1[k] = a * c - b * s;  // out[:D/2] = x1*cos - x2*sin
+        x2[k] = b * c + a * s;  // out[D/2:] = x2*cos + x1*sin
+    }
+}
+
 }  // namespace nrt_attn

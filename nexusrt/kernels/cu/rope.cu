@@ -10,9 +10,7 @@
 // has position = slot = *pos + m and one table.
 // One warp per (row, head): a head row is D <= 256 floats, so the norm is one warp reduction
 // and each lane owns the rotate_half pairs (j, j + D/2) for j = lane, lane + 32, ...
-//
-// The angle is computed like HF: freq = float(pos) * inv_freq[j] in fp32, then cos/sin of
-// it (sincosf without fast math is accurate for the large arguments long contexts give).
+// The norm and the rotation are nrt_attn::norm_rope_head (attn_common.cuh).
 #include "attn_common.cuh"
 
 namespace {
@@ -60,32 +58,8 @@ __device__ __forceinline__ void rope_append_impl(
 
     const bool is_q = head < Hq;
     const bool is_k = !is_q && head < Hq + Hkv;
-    if (is_q || is_k) {
-        const float* w = is_q ? q_norm : k_norm;
-        if (w != nullptr) {
-            // HF RMSNorm in fp32: x * rsqrt(mean(x^2) + eps), then times the weight.
-            float ss = 0.f;
-#pragma unroll
-            for (int k = 0; k < kPairs; ++k) ss += x1[k] * x1[k] + x2[k] * x2[k];
-            ss = nrt_attn::group_sum<32>(ss);
-            const float r = rsqrtf(ss / (float)D + eps);
-#pragma unroll
-            for (int k = 0; k < kPairs; ++k) {
-                x1[k] = (x1[k] * r) * w[lane + 32 * k];
-                x2[k] = (x2[k] * r) * w[kHalf + lane + 32 * k];
-            }
-        }
-        const float tf = (float)t;
-#pragma unroll
-        for (int k = 0; k < kPairs; ++k) {
-            const float freq = tf * inv_freq[lane + 32 * k];
-            float s, c;
-            sincosf(freq, &s, &c);
-            const float a = x1[k], b = x2[k];
-            x1[k] = a * c - b * s;  // out[:D/2] = x1*cos - x2*sin
-            x2[k] = b * c + a * s;  // out[D/2:] = x2*cos + x1*sin
-        }
-    }
+    if (is_q || is_k)
+        nrt_attn::norm_rope_head<D>(x1, x2, is_q ? q_norm : k_norm, eps, t, inv_freq, lane);
 
     if (is_q) {
         float* dst = q_out + ((long long)m * Hq + head) * D;

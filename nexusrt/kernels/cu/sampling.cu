@@ -23,6 +23,7 @@
 // unchanged by the split (checked with cuobjdump -sass, sm_80 and sm_90a; kernels/NOTES.md).
 #include <cuda/std/cstdint>
 #include "pdl.cuh"
+#include "argmax.cuh"
 #include "sampling_topk.cuh"
 #include <cuda/std/climits>
 #include <cuda/std/limits>
@@ -37,36 +38,13 @@ struct SampleParams {
 
 namespace {
 
+using nrt_argmax::better;
+using nrt_argmax::block_argmax;
+
 constexpr int kPartThreads = 256;
 constexpr int kPartChunk = 4096;  // logits per partial-argmax block
 constexpr int kFinishThreads = 1024;
 constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
-
-// Is (v, i) better than (best, bi)? Larger value, then lower index; NaN never wins.
-__device__ __forceinline__ bool better(float v, int i, float best, int bi) {
-    return v > best || (v == best && i < bi);
-}
-
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-        if (better(ov, oi, v, i)) { v = ov; i = oi; }
-    }
-}
-
-// Block-wide argmax; every thread gets the result. `sv`/`si` hold one slot per warp.
-__device__ void block_argmax(float& v, int& i, float* sv, int* si) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    warp_argmax(v, i);
-    __syncthreads();
-    if (lane == 0) { sv[warp] = v; si[warp] = i; }
-    __syncthreads();
-    v = lane < nwarps ? sv[lane] : kNegInf;
-    i = lane < nwarps ? si[lane] : INT_MAX;
-    warp_argmax(v, i);
-}
 
 // The (max, lowest index) of logits[base, base + 4096) (block of 256; every thread gets it).
 __device__ __forceinline__ void chunk_argmax(const float* __restrict__ logits, int vocab, int base,

@@ -19,8 +19,12 @@ class LaunchSpec:
     shared: int = 0
     name: str = ""
     pdl: bool = False  # programmatic dependent launch: only for kernels that call nrt::pdl_wait()
+    cooperative: bool = False  # all blocks co-resident (the persistent kernel's blocks wait on each other)
 
     def launch(self, stream=None) -> None:
+        if self.cooperative:
+            self.kernel.launch_ex(self.grid, self.block, self.args, stream, self.shared, cooperative=True)
+            return
         self.kernel.launch(self.grid, self.block, self.args, stream, self.shared, pdl=self.pdl)
 
 

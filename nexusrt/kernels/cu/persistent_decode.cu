@@ -1,0 +1,245 @@
+// The persistent decode kernel (issue 15; design: nexusrt/kernels/NOTES_persistent.md): a
+// whole decode step in one launch. Grid = number of SMs, one CTA per SM (launched
+// cooperatively, so every CTA is resident: the no-deadlock argument needs it). CTA s walks
+// rows offsets[s] .. offsets[s+1]-1 of the program table that
+// nexusrt/backends/cuda/megakernel/lower.py builds (16 int32 per instruction:
+// op, layer, start, end, arg, signal, nwaits, (counter, target) x 4, pad).
+//
+// Per instruction: thread 0 spins until every wait is met (ld.acquire.gpu, __nanosleep
+// backoff), the CTA syncs, runs the tile, syncs again (all its stores issued), and thread 0
+// makes them visible and adds 1 to the signal counter with red.release.gpu.
+//
+// Counters are never reset between steps. Counter c receives exactly totals[c] signals per
+// step, so after `epoch` complete steps it holds epoch * totals[c] (mod 2^32). A wait
+// (c, t) is met when (int)(counter - epoch * totals[c]) >= t: unsigned wrap-around keeps
+// this exact forever (the difference stays in [0, totals[c]] during a step). The epoch word
+// is read by every CTA at its start; the last CTA to finish (an exit ticket) advances it and
+// rezeroes the ticket. Launches on one stream do not overlap, so the next launch sees it.
+// The host zeroes counters, epoch and ticket once when it uploads a program (and after a
+// fault); nexusrt/backends/cuda/megakernel/counters.py is the same rule in Python, tested.
+//
+// Everything the kernel needs is one array of 64-bit slots (enum Slot below; the launcher
+// nexusrt/kernels/ops/persistent.py packs it and a test checks both lists agree), so the
+// launch has one argument and a captured graph replays it unchanged: the token id and the
+// position are read from the state words on the device, as the graph path does.
+//
+// Missing in version 0 (NOTES_persistent.md): the loader warp / cp.async.bulk ring (tiles
+// load their weights with plain 16-byte loads after the wait, so HBM latency is exposed at
+// each instruction), warp specialisation, temperature sampling (greedy only).
+#include "persistent_attention.cuh"
+
+namespace {
+
+using namespace nrt_pk;
+
+enum Slot : int {
+    kEmbed, kLmHead, kFinalNorm, kInvFreq,
+    kX, kQkv, kQ, kAttn, kMlp, kLogits,
+    kPartMl, kPartAcc, kArgVal, kArgIdx,
+    kState, kRing, kBlockTable,
+    kCounters, kTotals, kEpoch, kDebug,
+    kLayers, kProgram, kOffsets,
+    kHidden, kInter, kVocab, kHq, kHkv, kSplits, kRingSize, kEps, kScale,
+    kNumSlots
+};
+
+enum LayerSlot : int {
+    kAttnNorm, kWqkv, kQkvBias, kQNorm, kKNorm, kWo, kMlpNorm, kWgateUp, kWdown, kKPool, kVPool,
+    kLayerSlots
+};
+
+enum Op : int {
+    EMBED = 1, QKV, ROPE_APPEND, ATTENTION, ATTN_COMBINE, O_PROJ, GATE_UP, DOWN, LM_HEAD,
+    ARGMAX_PARTIAL, ARGMAX_FINISH
+};
+
+constexpr int kRowWords = 16;
+constexpr long long kSpinLimit = 1ll << 25;  // ~10 s of backoff: a deadlock traps, it does not hang
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void red_release_add(unsigned* p, unsigned v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ T* slot_ptr(const u64* P, int s) { return reinterpret_cast<T*>(P[s]); }
+__device__ __forceinline__ int slot_int(const u64* P, int s) { return (int)P[s]; }
+__device__ __forceinline__ float slot_float(const u64* P, int s) { return __uint_as_float((unsigned)P[s]); }
+
+// Thread 0: spin until every wait of `row` holds. On a wait that never comes it records
+// (sm, row index, counter, count this step, target) in the debug words and traps.
+__device__ __forceinline__ void wait_row(const int* row, const u64* P, unsigned epoch, int index) {
+    unsigned* counters = slot_ptr<unsigned>(P, kCounters);
+    const int* totals = slot_ptr<const int>(P, kTotals);
+    for (int w = 0; w < row[6]; ++w) {
+        const int c = row[7 + 2 * w], target = row[8 + 2 * w];
+        const unsigned base = epoch * (unsigned)__ldg(totals + c);
+        unsigned ns = 32;
+        for (long long spin = 0;; ++spin) {
+            const int have = (int)(ld_acquire(counters + c) - base);
+            if (have >= target) break;
+            if (spin == kSpinLimit) {
+                int* dbg = slot_ptr<int>(P, kDebug);
+                dbg[0] = blockIdx.x + 1; dbg[1] = index; dbg[2] = c; dbg[3] = have; dbg[4] = target;
+                __threadfence_system();
+                __trap();
+            }
+            __nanosleep(ns);
+            ns = ns < 512 ? ns * 2 : ns;
+        }
+    }
+}
+
+template <int D, int GM>
+__device__ void run(const u64* __restrict__ params) {
+    __shared__ u64 P[kNumSlots];
+    __shared__ unsigned epoch_s;
+    __shared__ __align__(16) int row_s[kRowWords];
+    __shared__ float scratch[32];
+    __shared__ int iscratch[32];
+    __shared__ AttnShared<D, GM> attn_sh;
+    extern __shared__ float4 dyn_smem[];
+    float* xs = reinterpret_cast<float*>(dyn_smem);  // the staged GEMV input, max(H, I, Hq*D) floats
+
+    const int tid = threadIdx.x;
+    for (int i = tid; i < kNumSlots; i += kThreads) P[i] = params[i];
+    __syncthreads();
+    unsigned* epoch_words = slot_ptr<unsigned>(P, kEpoch);  // [epoch, exit ticket]
+    if (tid == 0) epoch_s = __ldcg(epoch_words);
+    __syncthreads();
+    const unsigned epoch = epoch_s;
+
+    const int H = slot_int(P, kHidden), I = slot_int(P, kInter), V = slot_int(P, kVocab);
+    const int Hq = slot_int(P, kHq), Hkv = slot_int(P, kHkv), S = slot_int(P, kSplits);
+    const int G = Hq / Hkv;
+    const float eps = slot_float(P, kEps);
+    const int* program = slot_ptr<const int>(P, kProgram);
+    const int* offsets = slot_ptr<const int>(P, kOffsets);
+    int* state = slot_ptr<int>(P, kState);  // [pos, step, token, 0]
+    const u64* layers = slot_ptr<const u64>(P, kLayers);
+    int staged = -1;  // (op << 16 | layer) whose input xs holds: a GEMV stage's input is constant while it runs
+
+    const int begin = __ldg(offsets + blockIdx.x), end = __ldg(offsets + blockIdx.x + 1);
+    for (int index = begin; index < end; ++index) {
+        // Thread 0 reads the row (immutable: the read-only path) into shared memory, spins on its
+        // waits, and the barrier hands both to the CTA (bar.sync orders the others after its acquire).
+        if (tid == 0) {
+            const int4* r4 = reinterpret_cast<const int4*>(program + (size_t)index * kRowWords);
+#pragma unroll
+            for (int k = 0; k < kRowWords / 4; ++k) reinterpret_cast<int4*>(row_s)[k] = __ldg(r4 + k);
+            wait_row(row_s, P, epoch, index);
+        }
+        __syncthreads();
+        const int op = row_s[0], layer = row_s[1], a = row_s[2], b = row_s[3], arg = row_s[4], signal = row_s[5];
+
+        const u64* L = layers + (size_t)layer * kLayerSlots;
+        const int key = op << 16 | layer;
+        switch (op) {
+        case EMBED:
+            embed_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(P, kEmbed), __ldcg(state + 2), H, V);
+            break;
+        case QKV:
+            if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kAttnNorm), eps, H, scratch);
+            gemv_tile(slot_ptr<float>(P, kQkv), slot_ptr<const __nv_bfloat16>(L, kWqkv), xs,
+                      slot_ptr<const float>(L, kQkvBias), L[kQkvBias] ? kBiasF32 : kPlain, a, b, 0, H);
+            break;
+        case ROPE_APPEND:
+            for (int kv = a; kv < b; ++kv)
+                rope_tile<D>(slot_ptr<const float>(P, kQkv), slot_ptr<float>(P, kQ), slot_ptr<__nv_bfloat16>(L, kKPool),
+                             slot_ptr<__nv_bfloat16>(L, kVPool), slot_ptr<const int>(P, kBlockTable), __ldcg(state), kv,
+                             Hq, Hkv, slot_ptr<const float>(P, kInvFreq), slot_ptr<const float>(L, kQNorm),
+                             slot_ptr<const float>(L, kKNorm), eps);
+            break;
+        case ATTENTION:
+            for (int kv = a; kv < b; ++kv) {
+                attention_tile<D, GM>(attn_sh, slot_ptr<const float>(P, kQ), slot_ptr<float>(P, kAttn),
+                                      slot_ptr<float>(P, kPartAcc), slot_ptr<float2>(P, kPartMl),
+                                      slot_ptr<const __nv_bfloat16>(L, kKPool), slot_ptr<const __nv_bfloat16>(L, kVPool),
+                                      slot_ptr<const int>(P, kBlockTable), __ldcg(state), kv, arg, S, Hkv, G,
+                                      slot_float(P, kScale));
+                __syncthreads();  // attn_sh is reused by the next head
+            }
+            break;
+        case ATTN_COMBINE:
+            for (int kv = a; kv < b; ++kv) {
+                combine_tile<D, GM>(attn_sh, slot_ptr<float>(P, kAttn), slot_ptr<const float>(P, kPartAcc),
+                                    slot_ptr<const float2>(P, kPartMl), kv, arg, G);
+                __syncthreads();
+            }
+            break;
+        case O_PROJ:
+            if (staged != key) stage_input(xs, slot_ptr<const float>(P, kAttn), nullptr, eps, Hq * D, scratch);
+            gemv_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWo), xs, nullptr, kResidual, a, b, H, Hq * D);
+            break;
+        case GATE_UP:
+            if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kMlpNorm), eps, H, scratch);
+            gemv_tile(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), xs, nullptr, kGateUp, a, b, I, H);
+            break;
+        case DOWN:
+            if (staged != key) stage_input(xs, slot_ptr<const float>(P, kMlp), nullptr, eps, I, scratch);
+            gemv_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWdown), xs, nullptr, kResidual, a, b, H, I);
+            break;
+        case LM_HEAD:
+            if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(P, kFinalNorm), eps, H, scratch);
+            gemv_tile(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
+            break;
+        case ARGMAX_PARTIAL:
+            argmax_partial_tile(slot_ptr<const float>(P, kLogits), a, b, arg, slot_ptr<float>(P, kArgVal),
+                                slot_ptr<int>(P, kArgIdx), scratch, iscratch);
+            break;
+        case ARGMAX_FINISH:
+            argmax_finish_tile(slot_ptr<const float>(P, kArgVal), slot_ptr<const int>(P, kArgIdx), arg, state,
+                               slot_ptr<int>(P, kRing), slot_int(P, kRingSize), scratch, iscratch);
+            break;
+        default:
+            if (tid == 0) {
+                int* dbg = slot_ptr<int>(P, kDebug);
+                dbg[0] = -(blockIdx.x + 1); dbg[1] = index; dbg[2] = op;
+                __threadfence_system();
+            }
+            __trap();
+        }
+        if (op == QKV || op == O_PROJ || op == GATE_UP || op == DOWN || op == LM_HEAD) staged = key;
+        __syncthreads();  // every store of the tile issued (and xs / attn_sh free for the next)
+        if (tid == 0 && signal >= 0) {
+            __threadfence();
+            red_release_add(slot_ptr<unsigned>(P, kCounters) + signal, 1u);
+        }
+    }
+
+    // The last CTA out advances the epoch for the next launch and rezeroes the ticket.
+    if (tid == 0) {
+        __threadfence();
+        const unsigned ticket = atomicAdd(epoch_words + 1, 1u);
+        if (ticket == gridDim.x - 1) {
+            epoch_words[1] = 0u;
+            epoch_words[0] = epoch + 1u;
+            __threadfence();
+        }
+    }
+}
+
+}  // namespace
+
+// persistent_decode_d<D>_g<GM>: head_dim D, up to GM query heads per KV head (the launcher
+// picks the smallest GM >= G). params: u64 [kNumSlots]. grid = SM count, block 256, one CTA
+// per SM, dynamic shared memory 4 * max(H, I, Hq * D) bytes.
+#define NRT_PERSISTENT(D, GM)                                                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 1)                                      \
+        persistent_decode_d##D##_g##GM(const unsigned long long* params) {                         \
+        run<D, GM>(params);                                                                        \
+    }
+
+NRT_PERSISTENT(64, 1)
+NRT_PERSISTENT(64, 2)
+NRT_PERSISTENT(64, 4)
+NRT_PERSISTENT(64, 8)
+NRT_PERSISTENT(128, 1)
+NRT_PERSISTENT(128, 2)
+NRT_PERSISTENT(128, 4)
+NRT_PERSISTENT(128, 8)

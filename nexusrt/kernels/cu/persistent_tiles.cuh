@@ -1,0 +1,181 @@
+// The tiles of the persistent decode kernel (persistent_decode.cu): one device function per
+// opcode of nexusrt/backends/cuda/megakernel/instructions.py Op, each the arithmetic of the
+// verified graph-path kernel it replaces (gemv.cu, rope.cu, attention_decode.cu, elementwise.cu
+// embedding, sampling.cu greedy). interpret.py is the specification of what each computes.
+//
+// A CTA of kThreads threads runs one tile at a time. Data written by OTHER CTAs of this launch
+// (activations, the newest K/V row) is read with ld.global.cg (L2, never L1 or the
+// non-coherent read-only path), after the CTA's acquire of the guarding counter. Weights and
+// the KV rows of earlier steps are immutable during the launch and use the streaming loads.
+//
+// Version 0 loads with plain vectorised global loads. Later (NOTES_persistent.md): a loader
+// warp streams each tile's weight rows with cp.async.bulk into a shared-memory ring several
+// instructions ahead (weights need no counter), and these functions read from the ring.
+#pragma once
+
+#include "argmax.cuh"
+#include "attn_common.cuh"
+#include "common.cuh"
+
+namespace nrt_pk {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kU = 8;            // 16-byte weight loads in flight per lane in a row dot
+constexpr int kMaxSplits = 128;  // attention parts per KV head the combine can weigh
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
+
+// Stage x[0..K) (times rstd * norm_w when norm_w is set) into shared memory as gemv.cu's
+// stage_x does for one token and no split: two float4 planes, xs4[h * K/8 + c] holds elements
+// 8c + 4h .. 8c + 4h + 3 (conflict-free LDS.128 in row_dot). The sum of squares runs over the
+// same float4 stride of 256 threads with fmaf, so rstd has the same bits as the GEMV kernel's.
+__device__ __forceinline__ void stage_input(float* xs, const float* x, const float* norm_w, float eps, int K,
+                                            float* scratch) {
+    const int tid = threadIdx.x, nch = K / 8;
+    float r = 1.0f;
+    if (norm_w != nullptr) {
+        float ss = 0.0f;
+        for (int i = tid; i < K / 4; i += kThreads) {
+            const float4 v = ldcg4(x + 4 * i);
+            ss = fmaf(v.x, v.x, ss); ss = fmaf(v.y, v.y, ss);
+            ss = fmaf(v.z, v.z, ss); ss = fmaf(v.w, v.w, ss);
+        }
+        ss = nrt::block_sum(ss, scratch);
+        r = 1.0f / sqrtf(ss / (float)K + eps);
+    }
+    float4* xs4 = reinterpret_cast<float4*>(xs);
+    for (int i = tid; i < 2 * nch; i += kThreads) {
+        float4 v = ldcg4(x + 4 * i);
+        if (norm_w != nullptr) {
+            const float4 w = __ldg(reinterpret_cast<const float4*>(norm_w) + i);
+            v.x = v.x * r * w.x; v.y = v.y * r * w.y; v.z = v.z * r * w.z; v.w = v.w * r * w.w;
+        }
+        xs4[(i & 1) * nch + (i >> 1)] = v;
+    }
+    __syncthreads();
+}
+
+// One bf16 row (K = 8 * nch) times the staged input; every lane gets the total. Lane l sums
+// chunks l, l + 32, ... in order and the warp reduces with warp_sum: gemv.cu's order.
+__device__ __forceinline__ float row_dot(const __nv_bfloat16* __restrict__ row, const float* xs, int nch, int lane) {
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    float acc = 0.0f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * kU) {
+        uint4 w[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) w[u] = nrt::ld_stream_128(row + (size_t)c * 8);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) acc += nrt::dot8(w[u], x4[c], x4[nch + c]);
+        }
+    }
+    return nrt::warp_sum(acc);
+}
+
+enum GemvKind : int { kPlain = 0, kBiasF32 = 1, kResidual = 2, kGateUp = 3 };
+
+// Rows [a, b) of y = W . xs (+ fp32 bias | + y as residual | silu(gate) * up with up row
+// N + j): one warp per row. For kResidual y aliases the residual: the lane that writes y[j]
+// read it first.
+__device__ __forceinline__ void gemv_tile(float* y, const __nv_bfloat16* __restrict__ W, const float* xs,
+                                          const float* bias, int kind, int a, int b, int N, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nch = K / 8;
+    for (int j = a + warp; j < b; j += kWarps) {
+        float v = row_dot(W + (size_t)j * K, xs, nch, lane);
+        if (kind == kGateUp) v = nrt::silu(v) * row_dot(W + (size_t)(N + j) * K, xs, nch, lane);
+        if (lane == 0) {
+            if (kind == kBiasF32) v += __ldg(bias + j);
+            if (kind == kResidual) v += __ldcg(y + j);
+            y[j] = v;
+        }
+    }
+}
+
+// x = float(embed[token]); an id outside [0, V) gives a NaN row (elementwise.cu's rule).
+__device__ __forceinline__ void embed_tile(float* x, const __nv_bfloat16* table, int id, int H, int V) {
+    const bool ok = id >= 0 && id < V;
+    const unsigned short* row = reinterpret_cast<const unsigned short*>(table) + (size_t)(ok ? id : 0) * H;
+    for (int i = threadIdx.x; i < H; i += kThreads)
+        x[i] = ok ? nrt::bf16_bits_to_float(row[i]) : __int_as_float(0x7fc00000);
+}
+
+// KV head kv at position t: its G q heads (q_norm, RoPE) into q, its k head (k_norm, RoPE)
+// and v head into the pools at slot t, bf16 (rope.cu's per-head work, one warp per head).
+template <int D>
+__device__ __forceinline__ void rope_tile(const float* qkv, float* q, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,
+                                          const int* table, int t, int kv, int Hq, int Hkv, const float* inv_freq,
+                                          const float* q_norm, const float* k_norm, float eps) {
+    constexpr int kHalf = D / 2, kPairs = D / 64;
+    const int lane = threadIdx.x & 31, G = Hq / Hkv;
+    for (int job = threadIdx.x >> 5; job < G + 2; job += kWarps) {
+        const int head = job < G ? kv * G + job : (job == G ? Hq + kv : Hq + Hkv + kv);
+        const float* src = qkv + (size_t)head * D;
+        float x1[kPairs], x2[kPairs];
+#pragma unroll
+        for (int k = 0; k < kPairs; ++k) {
+            x1[k] = __ldcg(src + lane + 32 * k);
+            x2[k] = __ldcg(src + kHalf + lane + 32 * k);
+        }
+        if (job <= G) nrt_attn::norm_rope_head<D>(x1, x2, job < G ? q_norm : k_norm, eps, t, inv_freq, lane);
+        if (job < G) {
+            float* dst = q + (size_t)head * D;
+#pragma unroll
+            for (int k = 0; k < kPairs; ++k) {
+                dst[lane + 32 * k] = x1[k];
+                dst[kHalf + lane + 32 * k] = x2[k];
+            }
+        } else {
+            __nv_bfloat16* dst = (job == G ? k_pool : v_pool) + nrt_attn::kv_offset(table, t, kv, Hkv, D);
+#pragma unroll
+            for (int k = 0; k < kPairs; ++k) {
+                dst[lane + 32 * k] = __float2bfloat16_rn(x1[k]);
+                dst[kHalf + lane + 32 * k] = __float2bfloat16_rn(x2[k]);
+            }
+        }
+    }
+}
+
+// (max, lowest index) of logits[a, b) into slot `chunk` of the partials.
+__device__ __forceinline__ void argmax_partial_tile(const float* logits, int a, int b, int chunk, float* part_val,
+                                                    int* part_idx, float* sv, int* si) {
+    float best = -__int_as_float(0x7f800000);
+    int bi = INT_MAX;
+    for (int i = a + threadIdx.x; i < b; i += kThreads) {
+        const float v = __ldcg(logits + i);
+        if (nrt_argmax::better(v, i, best, bi)) { best = v; bi = i; }
+    }
+    nrt_argmax::block_argmax(best, bi, sv, si);
+    if (threadIdx.x == 0) { part_val[chunk] = best; part_idx[chunk] = bi; }
+}
+
+// The best of `count` partials is the next token (every logit NaN: token 0), written as
+// sample_finish writes it: token word, ring[step % ring_size] (host memory, published before
+// the state moves on), then pos += 1 and step += 1.
+__device__ __forceinline__ void argmax_finish_tile(const float* part_val, const int* part_idx, int count, int* state,
+                                                   int* ring, int ring_size, float* sv, int* si) {
+    float best = -__int_as_float(0x7f800000);
+    int bi = INT_MAX;
+    for (int i = threadIdx.x; i < count; i += kThreads) {
+        const float v = __ldcg(part_val + i);
+        const int idx = __ldcg(part_idx + i);
+        if (nrt_argmax::better(v, idx, best, bi)) { best = v; bi = idx; }
+    }
+    nrt_argmax::block_argmax(best, bi, sv, si);
+    if (threadIdx.x == 0) {
+        const int token = bi == INT_MAX ? 0 : bi;
+        const int step = __ldcg(state + 1);
+        state[2] = token;
+        ring[(unsigned)step % (unsigned)ring_size] = token;
+        __threadfence_system();
+        state[0] = __ldcg(state) + 1;
+        state[1] = step + 1;
+    }
+}
+
+}  // namespace nrt_pk

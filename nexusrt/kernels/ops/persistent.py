@@ -1,0 +1,152 @@
+"""Launcher for ``cu/persistent_decode.cu``: a whole decode step in one cooperative launch of one
+256-thread block per SM, each walking its own instruction list (the program that
+``nexusrt.backends.cuda.megakernel.lower`` builds).
+
+Everything the kernel reads is one device array of 64-bit slots (:data:`SLOTS`, in the order
+of ``enum Slot`` in the kernel; ``tests/test_persistent_kernel.py`` checks both lists agree):
+pointers, and the integer and float (bit pattern) scalars. Per-layer pointers are a second
+array of :data:`LAYER_SLOTS` per layer. :func:`pack_params` builds the main array from a dict
+and refuses a missing or unknown name, so the host and the kernel cannot silently disagree.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from .common import check_positive, check_tensor, sm_count
+from .spec import LaunchSpec
+
+SOURCE = "persistent_decode"
+SIGNATURE = "ptr"
+THREADS = 256  # kThreads in persistent_tiles.cuh
+HEAD_DIMS = (64, 128)
+GROUP_BOUNDS = (1, 2, 4, 8)  # the GM template arguments compiled
+MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weigh
+SMEM_OPTIN_LIMIT = 227 * 1024  # sm_90's per-block opt-in; the driver's answer is checked too
+
+SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
+         "x", "qkv", "q", "attn", "mlp", "logits",
+         "part_ml", "part_acc", "arg_val", "arg_idx",
+         "state", "ring", "block_table",
+         "counters", "totals", "epoch", "debug",
+         "layers", "program", "offsets",
+         "hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "eps", "scale")
+FLOAT_SLOTS = ("eps", "scale")
+INT_SLOTS = ("hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size")
+LAYER_SLOTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down",
+               "k_pool", "v_pool")
+OPTIONAL = {"qkv_bias", "q_norm", "k_norm"}  # null pointers mean "none" in the kernel
+
+
+def group_bound(group: int) -> int:
+    """The smallest compiled GM >= ``group`` (query heads per KV head), or ValueError."""
+    for gm in GROUP_BOUNDS:
+        if group <= gm:
+            return gm
+    raise ValueError(f"the persistent kernel takes up to {GROUP_BOUNDS[-1]} query heads per KV head, got {group}")
+
+
+def kernel_name(head_dim: int, group: int) -> str:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"the persistent kernel supports head_dim {HEAD_DIMS}, got {head_dim}")
+    return f"persistent_decode_d{head_dim}_g{group_bound(group)}"
+
+
+def shared_bytes(hidden: int, inter: int, q_width: int) -> int:
+    """Dynamic shared memory: the staged GEMV input, the widest of the step's GEMV inputs, fp32."""
+    return 4 * max(hidden, inter, q_width)
+
+
+def resident_blocks(kernel, threads: int, shared: int) -> int:
+    """Blocks of ``kernel`` one SM holds at once (the driver's occupancy answer, 0 allowed)."""
+    from ...driver.calls import call
+
+    return int(call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared)))
+
+
+def _bits(v) -> int:
+    """A slot's 64-bit value: a tensor's address, None as 0, an int as itself."""
+    if v is None:
+        return 0
+    addr = getattr(v, "ptr", None)
+    return int(addr) if addr is not None else int(v)
+
+
+def pack_params(values: dict) -> np.ndarray:
+    """uint64 ``[len(SLOTS)]`` from ``values`` (a name for every slot: tensors, ints, floats)."""
+    missing, unknown = set(SLOTS) - set(values), set(values) - set(SLOTS)
+    if missing or unknown:
+        raise ValueError(f"persistent params: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    out = np.zeros(len(SLOTS), np.uint64)
+    for i, name in enumerate(SLOTS):
+        v = values[name]
+        if name in FLOAT_SLOTS:
+            out[i] = struct.unpack("<I", struct.pack("<f", float(v)))[0]
+        elif name in INT_SLOTS:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) <= 0:
+                raise ValueError(f"persistent params: {name} must be a positive int, got {v!r}")
+            out[i] = int(v)
+        else:
+            if v is None:
+                raise ValueError(f"persistent params: {name} is a required pointer")
+            out[i] = _bits(v)
+    return out
+
+
+def pack_layers(layers: list[dict]) -> np.ndarray:
+    """uint64 ``[num_layers, len(LAYER_SLOTS)]``; only :data:`OPTIONAL` entries may be None."""
+    out = np.zeros((len(layers), len(LAYER_SLOTS)), np.uint64)
+    for i, lw in enumerate(layers):
+        missing = set(LAYER_SLOTS) - set(lw)
+        if missing:
+            raise ValueError(f"persistent layer {i}: missing {sorted(missing)}")
+        for j, name in enumerate(LAYER_SLOTS):
+            if lw[name] is None and name not in OPTIONAL:
+                raise ValueError(f"persistent layer {i}: {name} is a required pointer")
+            out[i, j] = _bits(lw[name])
+    return out
+
+
+def check_shape(*, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                splits: int, sliding_window=None) -> None:
+    """Refuse, naming the reason, a shape the kernel cannot run."""
+    check_positive(hidden=hidden, inter=inter, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim, splits=splits)
+    kernel_name(head_dim, num_q_heads // max(num_kv_heads, 1))
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    for name, v in (("hidden", hidden), ("inter", inter), ("q width", num_q_heads * head_dim)):
+        if v % 8:
+            raise ValueError(f"the persistent kernel reads {name} rows in 16-byte chunks; {v} is not a multiple of 8")
+    if splits > MAX_SPLITS:
+        raise ValueError(f"attention splits {splits} above the kernel's {MAX_SPLITS}")
+    if sliding_window:
+        raise ValueError("the persistent kernel's attention has no sliding window")
+    if shared_bytes(hidden, inter, num_q_heads * head_dim) > SMEM_OPTIN_LIMIT:
+        raise ValueError(f"the staged GEMV input needs {shared_bytes(hidden, inter, num_q_heads * head_dim)} "
+                         f"bytes of shared memory; one block may have {SMEM_OPTIN_LIMIT}")
+
+
+def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
+                      head_dim: int, splits: int, num_sms: int | None = None) -> LaunchSpec:
+    """The cooperative launch of one decode step. ``params``: the device copy of
+    :func:`pack_params` (``[len(SLOTS)]``, uploaded as int64: the arena has no uint64); the program it points at must have been
+    lowered for ``num_sms`` SMs (default: the device's), one list per block."""
+    check_shape(hidden=hidden, inter=inter, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                head_dim=head_dim, splits=splits)
+    check_tensor(params, "params", (len(SLOTS),), "int64")  # the uint64 slots, stored as int64 bits
+    sms = sm_count(rt)
+    num_sms = sms if num_sms is None else num_sms
+    if num_sms != sms:
+        raise ValueError(f"the program was lowered for {num_sms} SMs; this device has {sms} (one block per SM)")
+    name = kernel_name(head_dim, num_q_heads // num_kv_heads)
+    kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
+    shared = shared_bytes(hidden, inter, num_q_heads * head_dim)
+    if shared > 48 * 1024:
+        kernel.set_max_dynamic_shared(shared, rt.device.handle)
+    if resident_blocks(kernel, THREADS, shared) < 1:  # the cooperative launch would be refused anyway
+        raise ValueError(f"{name} does not fit one block per SM with {shared} bytes of shared memory")
+    return LaunchSpec(kernel, (num_sms, 1, 1), (THREADS, 1, 1), kernel.pack(params), shared, name,
+                      cooperative=True)

@@ -1,0 +1,249 @@
+"""The persistent decode kernel on the CPU: it compiles (NVRTC, sm_90a and sm_80) with every
+kernel the launcher asks for; the kernel's enums (parameter slots, layer slots, opcodes, row
+width, block size) agree with the Python side; the launcher's checks; the counters' epoch rule
+across steps and the 2**32 wrap; the runner hook (NEXUSRT_DECODE) and the device program a
+PersistentDecode uploads, built in the CPU arena through the real launchers."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from nexusrt.backends.cuda import persistent as P
+from nexusrt.backends.cuda.megakernel import counters as C
+from nexusrt.backends.cuda.megakernel.instructions import ROW_WORDS, Op
+from nexusrt.backends.cuda.megakernel.lower import lower, skeleton
+from nexusrt.errors import ModelError
+from nexusrt.kernels.compiler import SOURCE_DIR, compile_file
+from nexusrt.kernels.ops import persistent as pk
+from tests.fakes import FakeKernel, FakeRuntime, tensor
+from tests.test_cuda_step_cpu import _config, _device_weights, no_occupancy_query  # noqa: F401
+
+KERNELS = [f"persistent_decode_d{d}_g{g}" for d in pk.HEAD_DIMS for g in pk.GROUP_BOUNDS]
+
+
+def _enum(text: str, name: str) -> list[str]:
+    body = re.search(rf"enum {name} : int \{{(.*?)\}};", text, re.S).group(1)
+    return [e.strip() for e in body.replace("\n", " ").split(",") if e.strip()]
+
+
+def _snake(k: str) -> str:
+    k = k[2:] if re.match(r"kW[a-z]", k) else k[1:]  # kWqkv -> qkv (a weight), kPartMl -> PartMl
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower()
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_the_kernel_compiles_with_every_instantiation(arch):
+    cubin = compile_file("persistent_decode", arch, use_cache=arch != "sm_90a").cubin
+    assert cubin[:4] == b"\x7fELF"
+    for name in KERNELS:
+        assert name.encode() in cubin, f"{name} missing for {arch}"
+
+
+def test_kernel_enums_match_the_python_side():
+    text = (SOURCE_DIR / "persistent_decode.cu").read_text()
+    slots = _enum(text, "Slot")
+    assert slots[-1] == "kNumSlots" and tuple(_snake(s) for s in slots[:-1]) == pk.SLOTS
+    layer = _enum(text, "LayerSlot")
+    assert layer[-1] == "kLayerSlots" and tuple(_snake(s) for s in layer[:-1]) == pk.LAYER_SLOTS
+    ops = _enum(text, "Op")
+    assert ops[0] == "EMBED = 1" and [o.split()[0] for o in ops] == [o.name for o in Op]
+    assert int(re.search(r"kRowWords = (\d+);", text).group(1)) == ROW_WORDS
+    tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
+    assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
+    assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS
+
+
+def _values(**over):
+    v = {name: tensor((1,), "fp32", ptr=0x1000 + 16 * i) for i, name in enumerate(pk.SLOTS)}
+    v.update(hidden=256, inter=512, vocab=384, hq=4, hkv=2, splits=16, ring_size=256, eps=1e-6, scale=0.125)
+    v.update(over)
+    return v
+
+
+def test_pack_params_lays_out_every_slot_and_refuses_gaps():
+    out = pk.pack_params(_values())
+    assert out.dtype == np.uint64 and out.shape == (len(pk.SLOTS),)
+    assert out[pk.SLOTS.index("x")] == 0x1000 + 16 * pk.SLOTS.index("x")
+    assert out[pk.SLOTS.index("vocab")] == 384
+    assert np.array([out[pk.SLOTS.index("scale")]], np.uint32).view(np.float32)[0] == np.float32(0.125)
+    v = _values()
+    del v["ring"]
+    with pytest.raises(ValueError, match="missing.*ring"):
+        pk.pack_params(v)
+    with pytest.raises(ValueError, match="unknown.*nonsense"):
+        pk.pack_params(_values(nonsense=1))
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        pk.pack_params(_values(splits=0))
+    with pytest.raises(ValueError, match="logits is a required pointer"):
+        pk.pack_params(_values(logits=None))
+
+
+def test_pack_layers_allows_only_the_optional_weights_to_be_absent():
+    lw = {name: tensor((1,), "fp32", ptr=0x2000 + i) for i, name in enumerate(pk.LAYER_SLOTS)}
+    out = pk.pack_layers([lw, {**lw, "qkv_bias": None, "q_norm": None, "k_norm": None}])
+    assert out.shape == (2, len(pk.LAYER_SLOTS)) and out[1, pk.LAYER_SLOTS.index("qkv_bias")] == 0
+    assert out[1, pk.LAYER_SLOTS.index("down")] == 0x2000 + pk.LAYER_SLOTS.index("down")
+    with pytest.raises(ValueError, match="layer 0: o is a required pointer"):
+        pk.pack_layers([{**lw, "o": None}])
+
+
+def _launch(rt, **over):
+    kw = dict(hidden=256, inter=512, num_q_heads=4, num_kv_heads=2, head_dim=64, splits=16)
+    kw.update(over)
+    return pk.persistent_decode(rt, tensor((len(pk.SLOTS),), "int64"), **kw)
+
+
+def test_launcher_grid_kernel_and_refusals(monkeypatch):
+    monkeypatch.setattr(pk, "resident_blocks", lambda kernel, threads, shared: 1)
+    rt = FakeRuntime(sm_count=132)
+    spec = _launch(rt)
+    assert spec.grid == (132, 1, 1) and spec.block == (256, 1, 1) and spec.cooperative
+    assert spec.name == "persistent_decode_d64_g2" and spec.shared == 4 * 512
+    assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
+    k = FakeKernel()
+    big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
+    assert big.shared == 4 * 14336 and k.shared == 4 * 14336  # opted in above 48 KiB
+    for over, msg in ((dict(head_dim=96), "head_dim"), (dict(num_q_heads=32, num_kv_heads=2), "up to 8"),
+                      (dict(hidden=260), "multiple of 8"), (dict(splits=129), "splits 129"),
+                      (dict(num_q_heads=5), "not a multiple"), (dict(inter=70000), "shared memory"),
+                      (dict(num_sms=7), "lowered for 7 SMs")):
+        with pytest.raises(ValueError, match=msg):
+            _launch(rt, **over)
+    with pytest.raises(ValueError, match="params"):
+        pk.persistent_decode(rt, tensor((len(pk.SLOTS),), "int32"), hidden=256, inter=512, num_q_heads=4,
+                             num_kv_heads=2, head_dim=64, splits=16)
+    monkeypatch.setattr(pk, "resident_blocks", lambda kernel, threads, shared: 0)
+    with pytest.raises(ValueError, match="does not fit one block per SM"):
+        _launch(rt)
+
+
+# -- counters across steps -------------------------------------------------------------------
+def test_wait_rule_across_the_wraparound():
+    total = 7
+    for epoch in (0, 1, 2**32 // 7, 2**32 - 1):
+        b = C.base(epoch, total)
+        assert not C.wait_met(b, epoch, total, 1)  # nothing signalled this step yet
+        assert C.wait_met((b + 3) & C.MASK, epoch, total, 3) and not C.wait_met((b + 2) & C.MASK, epoch, total, 3)
+        assert C.count_this_step((b + total) & C.MASK, epoch, total) == total
+        # A complete previous step never satisfies this step's wait: the stale count reads as 0.
+        assert C.count_this_step(C.base(epoch, total), epoch, total) == 0
+    # Without the epoch (a reset-free kernel testing the raw count) step 2 would run early.
+    assert (C.base(1, total) & C.MASK) >= 3
+
+
+@pytest.mark.parametrize("epoch0", [0, 2**32 - 2])
+def test_device_counters_run_many_steps_without_a_reset(epoch0):
+    cfg = _config("qwen3_norms_d128")
+    prog = lower(skeleton(cfg), cfg, 7, 16, attn_splits=3)
+    totals = [c.target for c in prog.counters]
+    dev = C.DeviceCounters(totals, epoch0)
+    lists = prog.sm_instructions()
+    for step in range(4):
+        epoch = dev.epoch
+        order = dev.run_step(lists, seed=step)
+        assert len(order) == len(prog.instructions)
+        assert dev.epoch == (epoch + 1) & C.MASK and dev.ticket == 0
+        assert dev.values == [C.base(dev.epoch, t) for t in totals]
+    assert dev.epoch == (epoch0 + 4) & C.MASK  # crossed 2**32 for epoch0 = 2**32 - 2
+    # An epoch that failed to advance lets the next step's waits pass before any signal.
+    stale = C.DeviceCounters(totals, 0)
+    stale.run_step(lists)
+    stale.epoch = 0
+    first_waits = [w for li in lists for ins in li for w in ins.waits]
+    assert all(C.wait_met(stale.values[c], 0, totals[c], t) for c, t in first_waits)
+
+
+# -- the runner hook --------------------------------------------------------------------------
+def test_decode_mode_reads_the_environment():
+    assert P.decode_mode({}) == "graph"
+    assert P.decode_mode({"NEXUSRT_DECODE": " Persistent "}) == "persistent"
+    with pytest.raises(ValueError, match="NEXUSRT_DECODE='megakernel': choose one of graph, persistent"):
+        P.decode_mode({"NEXUSRT_DECODE": "megakernel"})
+
+
+def test_attention_splits_fill_the_sms():
+    assert P.attn_splits(132, 8) == 16 and P.attn_splits(132, 2) == 16 and P.attn_splits(7, 2) == 3
+    assert P.attn_splits(4, 8) == 1
+
+
+def _rt(cc, sms=7):
+    rt = FakeRuntime(sm_count=sms)
+    rt.profile.compute_capability = cc
+    return rt
+
+
+def test_a_device_that_is_not_sm90_falls_back_with_one_message(capsys, monkeypatch):
+    monkeypatch.setattr(P, "_warned", set())
+    env = {"NEXUSRT_DECODE": "persistent"}
+    cfg = _config("llama_tiny")
+    assert P.maybe_build(_rt((9, 0)), cfg, None, None, env={}) is None  # graph: nothing built
+    for _ in range(2):
+        assert P.maybe_build(_rt((8, 0)), cfg, None, None, env=env) is None
+    err = capsys.readouterr().err
+    assert err.count("needs an sm_90 GPU; this one is sm_80; decoding with the graph path") == 1
+
+
+@pytest.mark.parametrize("over, msg", [(dict(head_dim=96), "head_dim"), (dict(sliding_window=64), "sliding window"),
+                                       (dict(num_attention_heads=32, num_key_value_heads=2), "up to 8")])
+def test_forcing_persistent_on_a_shape_it_cannot_take_is_a_clear_error(over, msg):
+    import dataclasses
+
+    cfg = dataclasses.replace(_config("llama_tiny"), **over)
+    with pytest.raises(ModelError, match=f"NEXUSRT_DECODE=persistent cannot run .*{msg}.*unset NEXUSRT_DECODE"):
+        P.maybe_build(_rt((9, 0)), cfg, None, None, env={"NEXUSRT_DECODE": "persistent"})
+
+
+def _gpu_cfg(variant):
+    """The CPU tests' variants at head dims the CUDA kernels take (64; qwen3 128)."""
+    import dataclasses
+
+    cfg = _config(variant)
+    return cfg if cfg.head_dim in pk.HEAD_DIMS else dataclasses.replace(cfg, head_dim=64)
+
+
+@pytest.mark.parametrize("variant", ["llama_tiny", "qwen2_bias", "qwen3_norms_d128"])
+def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(variant, cpu_rt, monkeypatch,
+                                                                               no_occupancy_query):
+    from nexusrt.backends.cuda.buffers import RunnerBuffers
+
+    monkeypatch.setattr(pk, "resident_blocks", lambda kernel, threads, shared: 1)
+    cfg = _gpu_cfg(variant)
+    rt = _rt((9, 0), sms=7)
+    weights, buffers = _device_weights(cfg), None
+    try:
+        buffers = RunnerBuffers(rt, cfg, 64, 64, positions=64)
+        dec = P.maybe_build(rt, cfg, weights, buffers, env={"NEXUSRT_DECODE": "persistent"})
+        try:
+            for sample in (True, False):
+                prog, spec, counters, epoch = dec.program(sample)
+                assert prog.num_sms == 7 and prog.attn_splits == 3 and spec.grid == (7, 1, 1) and spec.cooperative
+                has_finish = any(i.op == Op.ARGMAX_FINISH for i in prog.instructions)
+                assert has_finish == sample
+                params = spec.args[0].to_numpy().view(np.uint64)
+                slot = lambda n: int(params[pk.SLOTS.index(n)])  # noqa: E731
+                assert slot("x") == buffers.hidden.ptr and slot("ring") == buffers.ring.ptr
+                assert slot("state") == buffers.state.ptr and slot("counters") == counters.ptr
+                assert slot("splits") == 3 and slot("hq") == cfg.num_attention_heads
+                table, offsets = prog.pack()
+                assert np.count_nonzero(counters.to_numpy()) == 0 and np.count_nonzero(epoch.to_numpy()) == 0
+                assert len(offsets) == 8 and int(offsets[-1]) == len(table)
+            layers = dec.layers.to_numpy().view(np.uint64).reshape(cfg.num_hidden_layers, len(pk.LAYER_SLOTS))
+            assert layers[1, pk.LAYER_SLOTS.index("k_pool")] == buffers.k_pools[1].ptr
+            for name in ("qkv_bias", "q_norm", "k_norm"):  # what the graph path's launchers get, or null
+                t = getattr(weights.layers[0], name)
+                assert layers[0, pk.LAYER_SLOTS.index(name)] == (0 if t is None else t.ptr)
+            assert (weights.layers[0].q_norm is not None) == (variant == "qwen3_norms_d128")
+            (st,) = dec.stages(True)
+            assert st.name == "decode.persistent.sample" and st.kernel is dec.program(True)[1]
+            for source, name, _ in rt.asked:
+                if source == pk.SOURCE:
+                    assert name.encode() in compile_file(source, "sm_90a").cubin
+        finally:
+            dec.free()
+    finally:
+        if buffers is not None:
+            buffers.free()
+        weights.free()

@@ -204,7 +204,7 @@ class CudaBatchRunner:
         return staged + padded
 
     def _decode_one(self, r: Rows) -> None:
-        """A lone decode through the one-sequence graph (GEMVs); its logits to row 0."""
+        """A lone decode through the one-sequence graph (GEMVs); its logits to row 0 (the caller samples)."""
         pre = self.pre
         slot = self.bb.h_pre_tables.shape[0] - 1
         self._fill_table(self.bb.h_pre_tables.array[slot], r.table)
@@ -213,7 +213,6 @@ class CudaBatchRunner:
         self._set_word(pre.pos, r.start)
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
-        self._sample(0, 1)
 
     def _decode_batch(self, rows: list[Rows]) -> None:
         bb = self.bb
@@ -252,18 +251,27 @@ class CudaBatchRunner:
         # batch index -> logits row: a single's is its batch row, a chunk's follows the bmax batch rows
         row_of = {i: k for k, i in enumerate(singles) if batch[i].logits}
         row_of.update((i, self.bb.bmax + j) for j, i in enumerate(chunks) if batch[i].logits)
-        self._stage_sampling(batch, row_of)
-        staged = 0
-        for j, i in enumerate(chunks):
-            if self.ragged is None:
+        # The batch decode graph samples its rows itself, so their inputs go first; otherwise the
+        # sampler runs eagerly after the step's work, and staging its inputs after that work is
+        # enqueued keeps the host off the device's path (a lone decode's step is ~5 ms).
+        lone = len(singles) == 1 and not self.deterministic
+        graph_samples = bool(singles) and not lone
+        if graph_samples:
+            self._stage_sampling(batch, row_of)
+        if self.ragged is None:
+            staged = 0
+            for j, i in enumerate(chunks):
                 staged = self._prefill(batch[i], j, staged, row_of.get(i))
-        if chunks and self.ragged is not None:
+        elif chunks:
             self.ragged.run([batch[i] for i in chunks])
-        if singles:
-            if len(singles) == 1 and not self.deterministic:
-                self._decode_one(batch[singles[0]])
-            else:
-                self._decode_batch([batch[i] for i in singles])
+        if lone:
+            self._decode_one(batch[singles[0]])
+        elif singles:
+            self._decode_batch([batch[i] for i in singles])
+        if not graph_samples:
+            self._stage_sampling(batch, row_of)
+        if lone:
+            self._sample(0, 1)
         if chunks:
             self._sample(self.bb.bmax, len(chunks))
         rows = len(self.bb.h_next.array)

@@ -66,3 +66,29 @@ def test_tables_print_no_raw_dicts():
          "bytes_per_token": {"total": 1}, "achieved_bytes_s": 1.0, "peers": {"eager": {"skipped": "no torch"}}}
     text = render(r)
     assert "PyTorch eager  skipped: no torch" in text and "{" not in text
+
+
+@pytest.mark.parametrize("value", ["", "graph,graph", "graf", "graph,megakernel"])
+def test_bad_decode_paths_are_rejected(value, capsys):
+    assert main(["--stage", "decode", "--backend", "cpu", "--decode-paths", value]) == 1
+    err = capsys.readouterr().err
+    assert "--decode-paths" in err and "graph, persistent" in err and "Traceback" not in err
+
+
+def test_other_paths_are_reported_beside_the_headline():
+    from nexusrt.bench.decode import _path_figures, render
+
+    other = _path_figures({"runs": [{"ms_per_token": 1.2}, {"ms_per_token": 1.4}, {"ms_per_token": 1.3}]}, 0.65)
+    assert other["ms_per_token"] == 1.3 and abs(other["fraction_of_floor"] - 0.5) < 1e-12
+    skipped = {"skipped": "the persistent decode kernel needs an sm_90 GPU; this one is sm_80"}
+    assert _path_figures(skipped, 0.65) is skipped
+    r = {"model": "m", "device": "d", "backend": "cuda", "profile": "p", "prompt_tokens": 32, "new_tokens": 8,
+         "runs": 3, "ms_per_token": 0.8, "ms_per_token_runs": [0.8] * 3, "tokens_per_s": 1250.0, "ttft_s": 0.001,
+         "bytes_per_token": {"total": 2e9}, "achieved_bytes_s": 2.5e12, "read_bandwidth_bytes_s": 4e12,
+         "floor_ms": 0.65, "fraction_of_floor": 0.8125, "decode_path": "graph", "other_paths": {"persistent": other}}
+    lines = [" ".join(line.split()) for line in render(r).splitlines()]  # columns' padding aside
+    assert "ms / token (graph) 0.8000 (runs: 0.800, 0.800, 0.800)" in lines
+    assert "persistent path 1.3000 ms/token (50.0% of the floor; 1.62x the graph path)" in lines
+    r["other_paths"] = {"persistent": skipped}
+    lines = [" ".join(line.split()) for line in render(r).splitlines()]
+    assert "persistent path not run: the persistent decode kernel needs an sm_90 GPU; this one is sm_80" in lines

@@ -6,15 +6,24 @@ warm-up then the median of ``--runs`` runs (5). The floor is the bytes one token
 bandwidth measured on this card in this run by the membw probe. When torch with CUDA is
 importable, a PyTorch eager loop and a ``torch.compile(mode="reduce-overhead")`` loop of the
 same shapes run in the same process, and NexusRT's speed is given as a ratio to each.
+
+On CUDA the decode step is timed on each path of ``--decode-paths`` (default: the CUDA-graph
+chain and the persistent kernel, ``NEXUSRT_DECODE``'s two values), one after the other in the
+same process; the headline figures are those of the path ``NEXUSRT_DECODE`` selects (``graph``
+unless set), and each other path is reported beside it with its own fraction of the floor, or
+with the reason it could not run (a device that is not sm_90, a shape the kernel does not take).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 
 import numpy as np
 
+from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
 from .table import plain, table
@@ -31,6 +40,9 @@ def add_arguments(parser) -> None:
                         help="timed runs, median reported (decode 5, prefill 3)")
     add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill stages: skip the PyTorch peers")
     parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
+    parser.add_argument("--decode-paths", default="graph,persistent", metavar="P[,P...]",
+                        help="decode stage on CUDA: the NEXUSRT_DECODE paths to time, each beside the others "
+                             "(graph,persistent); the headline is the path NEXUSRT_DECODE selects")
 
 
 def bytes_per_token(cfg, context: float) -> dict:
@@ -49,6 +61,14 @@ def _validate(args) -> None:
         raise ValueError(f"the decode stage takes one --prompt-tokens value, got {args.prompt_tokens!r}")
     args.prompt_tokens = lengths[0]
     args.runs = 5 if args.runs is None else args.runs
+    from ..backends.cuda.persistent import MODES
+
+    paths = [p.strip().lower() for p in str(getattr(args, "decode_paths", "graph")).split(",") if p.strip()]
+    bad = [p for p in paths if p not in MODES]
+    if not paths or bad or len(set(paths)) != len(paths):
+        raise ValueError(f"--decode-paths takes distinct values among {', '.join(MODES)}, got "
+                         f"{getattr(args, 'decode_paths', None)!r}")
+    args.decode_paths = paths
     for name in ("prompt_tokens", "new_tokens", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -56,8 +76,7 @@ def _validate(args) -> None:
 
 def run(args) -> dict:
     from .. import firmware
-    from ..engine.llm import LLM
-    from ..reference.sampling import SamplingParams
+    from ..backends.cuda.persistent import ENV, decode_mode, device_reason
 
     _validate(args)
     firmware.init(profile=args.profile, backend=args.backend)
@@ -69,30 +88,22 @@ def run(args) -> dict:
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
-    t0 = time.perf_counter()
-    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16)
-    load_s = time.perf_counter() - t0
-    cfg = llm.config
-    params = SamplingParams(temperature=0.0)
-    runs = []
-    try:
-        for r in range(args.runs + 1):  # the first is the warm-up
-            stamps = []
-
-            def on_token(_tok, stamps=stamps):
-                stamps.append(time.perf_counter())
-                return False
-
-            start = time.perf_counter()
-            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
-            if n != args.new_tokens:
-                raise RuntimeError(f"generated {n} of {args.new_tokens} tokens")
-            if r:
-                runs.append({"ttft_s": stamps[0] - start,
-                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
-        host_launch_s = getattr(llm.runner, "timings", {}).get("host_launch_s")
-    finally:
-        llm.close()
+    headline = decode_mode()
+    cfg, runs, load_s, host_launch_s = _time_path(model, prompt, args, headline)
+    others = {}
+    if rt.is_cuda:
+        for path in args.decode_paths:
+            if path == headline:
+                continue
+            reason = device_reason(rt) if path == "persistent" else None
+            if reason is not None:
+                others[path] = {"skipped": reason}
+                continue
+            try:
+                with _decode_env(ENV, path):
+                    others[path] = {"runs": _time_path(model, prompt, args, path)[1]}
+            except ModelError as e:  # a shape the persistent kernel does not take: said, not fatal
+                others[path] = {"skipped": str(e)}
     ms = statistics.median(r["ms_per_token"] for r in runs)
     ttft = statistics.median(r["ttft_s"] for r in runs)
     avg_context = args.prompt_tokens + args.new_tokens / 2
@@ -110,11 +121,67 @@ def run(args) -> dict:
         bw = measure_read_bandwidth(rt)
         floor_ms = nbytes["total"] / bw * 1e3
         result.update(read_bandwidth_bytes_s=bw, floor_ms=floor_ms, fraction_of_floor=floor_ms / ms)
+        result["decode_path"] = headline
+        result["other_paths"] = {p: _path_figures(o, floor_ms) for p, o in others.items()}
         if not args.no_peers:
             result["peers"] = _peers(cfg, args, ms)
     if args.plot:
         _plot(result, args.plot)
     return result
+
+
+def _time_path(model, prompt, args, path: str):
+    """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` greedy
+    generations after one warm-up, on a fresh LLM (so ``path``'s runner is the one built)."""
+    from ..engine.llm import LLM
+    from ..reference.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16)
+    load_s = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0)
+    runs = []
+    try:
+        for r in range(args.runs + 1):  # the first is the warm-up
+            stamps = []
+
+            def on_token(_tok, stamps=stamps):
+                stamps.append(time.perf_counter())
+                return False
+
+            start = time.perf_counter()
+            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
+            if n != args.new_tokens:
+                raise RuntimeError(f"{path} path: generated {n} of {args.new_tokens} tokens")
+            if r:
+                runs.append({"ttft_s": stamps[0] - start,
+                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
+        return llm.config, runs, load_s, getattr(llm.runner, "timings", {}).get("host_launch_s")
+    finally:
+        llm.close()
+
+
+@contextlib.contextmanager
+def _decode_env(name: str, value: str):
+    """``NEXUSRT_DECODE`` set to ``value`` while a runner is built (the switch users set), then restored."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _path_figures(other: dict, floor_ms: float) -> dict:
+    """Median ms/token and fraction of the floor of another decode path, or its skip reason."""
+    if "runs" not in other:
+        return other
+    ms = statistics.median(r["ms_per_token"] for r in other["runs"])
+    return {"ms_per_token": ms, "ms_per_token_runs": [r["ms_per_token"] for r in other["runs"]],
+            "fraction_of_floor": floor_ms / ms}
 
 
 def _peers(cfg, args, ms: float) -> dict:
@@ -170,6 +237,14 @@ def render(r: dict) -> str:
     if "floor_ms" in r:
         rows += [["read BW (measured)", f"{r['read_bandwidth_bytes_s'] / 1e9:.0f} GB/s"],
                  ["floor", f"{r['floor_ms']:.4f} ms/token"], ["fraction of floor", f"{r['fraction_of_floor']:.1%}"]]
+    if r.get("decode_path"):
+        rows[3][0] = f"ms / token ({r['decode_path']})"
+    for path, o in (r.get("other_paths") or {}).items():
+        if "ms_per_token" in o:
+            rows.append([f"{path} path", f"{o['ms_per_token']:.4f} ms/token ({o['fraction_of_floor']:.1%} of the floor; "
+                                         f"{o['ms_per_token'] / r['ms_per_token']:.2f}x the {r['decode_path']} path)"])
+        else:
+            rows.append([f"{path} path", f"not run: {o['skipped']}"])
     for mode, p in (r.get("peers") or {}).items():
         if isinstance(p, dict) and "ms_per_token" in p:
             rows.append([f"PyTorch {mode}", f"{p['ms_per_token']:.4f} ms/token -> NexusRT {p['nexusrt_speedup']:.2f}x"])

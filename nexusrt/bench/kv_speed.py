@@ -110,14 +110,10 @@ def context_limit(cfg, context: int, model: str) -> str | None:
 
 
 # -- figures from measurements ----------------------------------------------------------------
-def _median_ms(runs_ms: list[float]) -> float:
-    return statistics.median(runs_ms)
-
-
 def device_figures(cfg, plan: DecodePlan, decode_ms: list[float], hbm: float) -> dict:
     """(a): ``decode_ms`` the timed runs' ms/token, ``hbm`` bytes/s."""
     nbytes = bytes_per_token(cfg, plan.mean_context)
-    ms = _median_ms(decode_ms)
+    ms = statistics.median(decode_ms)
     floor = nbytes["total"] / hbm * 1e3
     return {"ms_per_token": ms, "ms_per_token_runs": list(decode_ms), "mean_context": plan.mean_context,
             "bytes_per_token": nbytes, "floor_ms": floor, "fraction_of_floor": floor / ms}
@@ -129,7 +125,7 @@ def host_figures(cfg, plan: DecodePlan, decode_ms: list[float], tiers: dict, hbm
     nbytes = bytes_per_token(cfg, plan.mean_context)
     host = tiers["host_bytes"]  # the oldest blocks, all below every timed position: each step reads them all
     dev = nbytes["total"] - host
-    ms = _median_ms(decode_ms)
+    ms = statistics.median(decode_ms)
     # The whole step counted as link time: the rate the link reached at least.
     rate = host / (ms / 1e3)
     floor = (dev / hbm + host / pinned) * 1e3
@@ -156,12 +152,12 @@ def restore_figures(cfg, evicted_tokens: int, recompute_s: list[float], pinned: 
 def pruned_figures(plan: DecodePlan, keep: int, measured: dict) -> dict:
     """(e): ``measured`` has ``unpruned_ms`` and either ``pruned_ms`` or ``pruned_refused``."""
     out = {"keep": keep, "positions": [plan.context - plan.steps, plan.context - 1],
-           "unpruned_ms_per_token": _median_ms(measured["unpruned_ms"]),
+           "unpruned_ms_per_token": statistics.median(measured["unpruned_ms"]),
            "unpruned_ms_per_token_runs": list(measured["unpruned_ms"])}
     if measured.get("pruned_refused"):
         out["pruned_skipped"] = f"the CUDA batch runner refused position != start: {measured['pruned_refused']}"
         return out
-    ms = _median_ms(measured["pruned_ms"])
+    ms = statistics.median(measured["pruned_ms"])
     ratio = ms / out["unpruned_ms_per_token"]
     out.update(ms_per_token=ms, ms_per_token_runs=list(measured["pruned_ms"]), over_unpruned=ratio,
                target="met" if abs(ratio - 1) <= PRUNED_TOLERANCE else "missed")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full GPU check, run on a machine with a GPU (the lent H100 via the device tool, or yours):
 #   bash scripts/gpu_check.sh [tests] [detect] [memory] [scheduler] [kernels] [prefill] [decode] [load] [quality]
-#                             [serve] [train] [-- PYTEST_ARGS]
+#                             [serve] [kv] [train] [-- PYTEST_ARGS]
 # No stage names = all of them. Logs go to $OUT (default ./out): one file per stage, and a summary printed last.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "--" ]; then shift; pytest_args=("$@"); break; fi
   stages+=("$1"); shift
 done
-[ ${#stages[@]} -gt 0 ] || stages=(detect tests memory scheduler kernels prefill decode load quality serve)
+[ ${#stages[@]} -gt 0 ] || stages=(detect tests memory scheduler kernels prefill decode load quality serve kv)
 # nvmath-python (cuBLASLt bindings) is not on the lent GPU machine: install wheels carried in .whl/.
 if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import nvmath" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
@@ -45,6 +45,13 @@ for s in "${stages[@]}"; do
            run_stage serve_det $serve --concurrency 1,64 --runs 1 --deterministic
            # Half the KV the 64 requests need at once: preemption by recompute, measured.
            run_stage serve_preempt $serve --concurrency 64 --runs 1 --kv-memory 3250000000 ;;
+    kv) # The speed half only (the quality half is a CPU figure). 131,072 alone with fewer runs: its
+        # prefills (three of the evicted 64k, two fills of the whole context, one through the host
+        # tier) and its zero-copy decode (~0.2 s a step) are most of the stage's time, and a failure
+        # there leaves the 8k/32k log complete.
+        kv="python3 -m nexusrt.bench.main --stage kv --backend cuda --model synthetic:llama-3.1-8b --kv-part speed"
+        run_stage kv $kv --kv-contexts 8192,32768 --runs 3
+        run_stage kv128k $kv --kv-contexts 131072 --runs 2 ;;
     train) # The shipped model's training run (its manifest's flags) on this GPU; the data are the 3.11
            # stdlib files of scripts/stdlib_tiny_files.txt, carried in .data/stdlib311 (see that script).
            run_stage train python3 scripts/train_reference.py --out "$OUT/stdlib_tiny" --steps 800 --warmup 60 \

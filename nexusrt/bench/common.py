@@ -30,7 +30,8 @@ def add_model_argument(parser) -> None:
         return
     parser.set_defaults(model_explicit=False)
     parser.add_argument("--model", default=MODEL_DEFAULT, metavar="MODEL", action=_ModelAction,
-                        help="kernels/decode/load/quality stages: 'synthetic:<preset>' (e.g. synthetic:llama-3.1-8b), "
+                        help="kernels/decode/load/quality stages and the kv stage's speed half: 'synthetic:<preset>' "
+                             "(e.g. synthetic:llama-3.1-8b), "
                              f"nexusrt:stdlib-tiny or a checkpoint directory (default {MODEL_DEFAULT}; on the CPU "
                              "the decode, prefill and load stages, and the quality stage anywhere, run nexusrt:stdlib-tiny "
                              "unless --model is given)")

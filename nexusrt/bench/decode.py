@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
                         help="decode stage: prompt length (32); prefill stage: lengths to time (512,2048,8192)")
     parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode stage: tokens generated (128)")
     add_shared_argument(parser, "--runs", type=int, default=None, metavar="R",
-                        help="timed runs, median reported (decode 5, prefill 3)")
+                        help="timed runs, median reported (decode 5, prefill 3, serve 3, kv 3)")
     add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill stages: skip the PyTorch peers")
     parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
     parser.add_argument("--decode-paths", default="graph,persistent", metavar="P[,P...]",

@@ -1,4 +1,5 @@
-"""``nexusrt-bench --stage kv``: what KV pruning costs in quality (CPU, the shipped model).
+"""``nexusrt-bench --stage kv``: what KV pruning costs in quality (CPU, the shipped model), and
+the speed of long contexts with the KV on the host tier, restored, or pruned (CUDA, :mod:`.kv_speed`).
 
 For each policy (``full``, ``sink-window``, ``h2o``) and each budget (25% and 50% of the
 window), the held-out text of :mod:`nexusrt.models.quality` is decoded *teacher-forced one
@@ -9,9 +10,10 @@ would have. Reported: perplexity, its ratio to ``full``'s, and top-1 agreement (
 positions whose argmax equals ``full``'s). Within a window the first ``budget`` tokens see
 an unpruned cache; pruning acts on the rest.
 
-The speed half of the stage (decode ms/token at 8k-128k with the host tier, the fault ring,
-zero-copy reads and recompute; GB/s against the pinned copy rate) needs the CUDA backend
-and the host tier, which are not built yet: the result says so instead of a figure.
+The speed half (:mod:`.kv_speed`: decode at 8k-128k with the KV on the host tier, restoring an
+evicted half, a pruned cache) runs on the CUDA backend on ``--model``; the result's ``speed``
+holds it, or on another backend a line saying it needs CUDA. The quality half runs on the CPU
+backend whatever ``--backend`` says; ``--kv-part`` runs one half alone.
 """
 
 from __future__ import annotations
@@ -20,18 +22,22 @@ import time
 
 import numpy as np
 
+from . import kv_speed
 from .table import table
 
 FRACTIONS = (0.25, 0.5)
 TARGET = 1.05  # issue 16: sink-window and h2o at 50% within 5% perplexity of full
-SPEED = ("not built: the speed half (host tier, GPU fault ring, zero-copy host reads, recompute; "
-         "8k/32k/128k decode) needs the CUDA backend and the host tier of issue 16's GPU half")
+PARTS = ("both", "quality", "speed")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--kv-window", type=int, default=512, metavar="W",
                         help="kv stage: tokens per teacher-forced window, the context pruned (default 512)")
     parser.add_argument("--kv-sinks", type=int, default=4, metavar="N", help="kv stage: sink tokens (default 4)")
+    parser.add_argument("--kv-part", choices=PARTS, default="both",
+                        help="kv stage: the quality half (CPU, the shipped model), the speed half (CUDA, --model) "
+                             "or both (default)")
+    kv_speed.add_arguments(parser)
 
 
 def pruned_logits(runner, ids: np.ndarray, policy) -> np.ndarray:
@@ -57,6 +63,27 @@ def pruned_logits(runner, ids: np.ndarray, policy) -> np.ndarray:
 
 
 def run(args) -> dict:
+    """The halves ``--kv-part`` asks for: the speed half first (it boots the backend asked for),
+    then the quality half on the CPU backend."""
+    from .. import firmware
+
+    if args.kv_part != "speed":
+        _check_quality_args(args)  # both halves' arguments fail before either runs
+    speed = kv_speed.run(args) if args.kv_part != "quality" else {"skipped": "--kv-part quality"}
+    if args.kv_part == "speed":
+        return {"quality": None, "quality_skipped": "--kv-part speed", "speed": speed}
+    firmware.shutdown()  # the quality half boots the CPU backend whatever the speed half ran on
+    return {**run_quality(args), "speed": speed}
+
+
+def _check_quality_args(args) -> None:
+    window = args.kv_window
+    if window < 8 or (args.tokens is not None and args.tokens < window):
+        raise ValueError(f"--kv-window must be >= 8 and --tokens at least one window, got {window} and {args.tokens}")
+
+
+def run_quality(args) -> dict:
+    """The quality half (CPU, the shipped model): perplexity and top-1 agreement per policy and budget."""
     from .. import firmware
     from ..backends.cpu.batch import CpuBatchRunner
     from ..engine.llm import LLM
@@ -65,9 +92,8 @@ def run(args) -> dict:
     from ..models.shipped import DEFAULT_MODEL
     from ..serving.pruning import KvPolicy
 
+    _check_quality_args(args)
     window = args.kv_window
-    if window < 8 or (args.tokens is not None and args.tokens < window):
-        raise ValueError(f"--kv-window must be >= 8 and --tokens at least one window, got {window} and {args.tokens}")
     firmware.init(profile=args.profile, backend="cpu")
     t0 = time.perf_counter()
     llm = LLM(DEFAULT_MODEL, backend="cpu", max_context=window)
@@ -106,14 +132,19 @@ def run(args) -> dict:
               for r in rows if r["fraction"] == 0.5}
     return {"model": DEFAULT_MODEL, "backend": "cpu", "window": window, "windows": len(windows),
             "load_s": load_s, "quality": rows,
-            "target_50pct_within_5pct": target, "speed": {"skipped": SPEED}}
+            "target_50pct_within_5pct": target}
 
 
 def render(r: dict) -> str:
+    quality = render_quality(r) if r["quality"] is not None else f"quality: skipped ({r['quality_skipped']})"
+    return quality + "\n\n" + kv_speed.render(r["speed"])
+
+
+def render_quality(r: dict) -> str:
     body = [[q["policy"], "-" if q["budget"] is None else f"{q['budget']} ({q['fraction']:.0%})",
              f"{q['perplexity']:.4f}", f"{q['over_full']:.4f}", f"{q['top1_agreement']:.2%}", f"{q['seconds']:.1f} s"]
             for q in r["quality"]]
     out = table(["policy", "budget", "perplexity", "/ full", "top-1 = full", "time"], body,
                 title=f"KV pruning on {r['model']}: {r['windows']} windows of {r['window']} tokens, teacher-forced")
     verdict = ", ".join(f"{k}: {v}" for k, v in r["target_50pct_within_5pct"].items())
-    return out + f"\ntarget (50% budget within 5% of full perplexity): {verdict}\nspeed: {r['speed']['skipped']}"
+    return out + f"\ntarget (50% budget within 5% of full perplexity): {verdict}"

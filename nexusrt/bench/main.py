@@ -20,7 +20,8 @@ STAGES = {
     "prefill": "time to first token against the compute floor and HF transformers",
     "load": "weight loading speed per path against plain file reads",
     "quality": "held-out perplexity (stdlib text), beside HF transformers' on the same tokens",
-    "kv": "KV pruning quality (perplexity, top-1 vs full) on stdlib-tiny; the host-tier speed half is not built",
+    "kv": "KV pruning quality (perplexity, top-1 vs full) on stdlib-tiny; on CUDA, decode at 8k-128k with "
+          "half the KV on the host tier, restoring it, and a pruned cache",
     "serve": "the serving engine under N concurrent requests: tokens/s, TTFT, TPOT, KV blocks",
 }
 

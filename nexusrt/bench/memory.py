@@ -152,6 +152,20 @@ def _time_copy(rt, dst, src, reps: int, wall: bool) -> float:
     return statistics.median(samples)
 
 
+def pinned_h2d_rate(rt, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Median bytes/s of a pinned host->device copy of ``nbytes`` (stream events, after a warm-up
+    copy): the link rate the KV host tier is read over (the kv stage's denominator)."""
+    from .. import memory
+
+    dev = memory.alloc((nbytes,), "uint8", tag="bench")
+    pinned = memory.pinned((nbytes,), "uint8", tag="bench")
+    try:
+        return nbytes / _time_copy(rt, dev, pinned, reps, wall=False)
+    finally:
+        dev.free()
+        pinned.free()
+
+
 def bandwidth(rt, nbytes: int, reps: int, pcie: dict) -> list[dict]:
     from .. import memory
 

@@ -1,0 +1,169 @@
+"""The device work of the kv stage's speed half: runners built, filled and timed on CUDA.
+
+:class:`CudaKvProbe` returns raw measurements (ms, seconds, bytes/s, the runner's tier
+counts); :mod:`.kv_speed` turns them into figures. Decode runs are timed on the host clock
+around a stream synchronize: a run is 32 steps of at least ~1 ms each, so the two
+synchronizes cost well under 1% of it, and the steps queue back to back on the device as the
+host enqueues them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..kvcache.blocks import blocks_for
+
+PINNED_BYTES = 1 << 30
+PINNED_REPS = 5
+TOKEN = 1  # the id every timed step feeds: content does not change a decode step's work
+MAX_CHUNK = 2048  # the pruned row's prompt chunks (the batch runner's default token budget)
+
+
+def time_decode(runner, plan) -> list[float]:
+    """ms/token of each timed run: ``runner`` holds ``plan.prefill_to`` tokens; one warm-up run and
+    ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``."""
+    if runner.position != plan.prefill_to:
+        raise RuntimeError(f"the runner holds {runner.position} tokens, the plan wants {plan.prefill_to}")
+    out = []
+    for run in range(plan.runs + 1):
+        runner.stream.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(plan.steps):
+            runner.decode(TOKEN)
+        runner.stream.synchronize()
+        if run:
+            out.append((time.perf_counter() - t0) * 1e3 / plan.steps)
+    return out
+
+
+def time_rows(batch, table: list[int], keep: int, plan, position: int | None) -> list[float]:
+    """ms/token of each timed run of one sequence through ``batch.run_tokens``: every step writes
+    slot ``keep`` and reads slots ``0 .. keep``, i.e. the steady state of a cache pruned back to
+    ``keep`` slots after each step; ``position`` is the first step's RoPE position (None: the
+    slot, an unpruned sequence). One warm-up run, ``plan.runs`` timed ones."""
+    from ..backends.base import Rows
+
+    token, out = TOKEN, []
+    for run in range(plan.runs + 1):
+        t0 = time.perf_counter()
+        for i in range(plan.steps):  # run_tokens ends each step with a synchronize
+            pos = None if position is None else position + i
+            token = batch.run_tokens([Rows(np.asarray([token], np.int32), keep, table, True, position=pos)])[0]
+        if run:
+            out.append((time.perf_counter() - t0) * 1e3 / plan.steps)
+    return out
+
+
+class CudaKvProbe:
+    """Measurements of one model on the running CUDA device (``spec``: any name ``load_model`` takes)."""
+
+    pinned_copy = {"bytes": PINNED_BYTES, "reps": PINNED_REPS}
+
+    def __init__(self, rt, spec: str, runs: int):
+        from ..models.loader import load_model
+
+        self.rt, self.spec, self.runs = rt, spec, runs
+        self.model = load_model(spec)
+        self.config = self.model.config
+
+    def _ids(self, n: int) -> np.ndarray:
+        return np.random.default_rng(0).integers(0, self.config.vocab_size, n).astype(np.int32)
+
+    def hbm_bandwidth(self) -> float:
+        from ..kernels.ops.membw import measure_read_bandwidth
+
+        return measure_read_bandwidth(self.rt)
+
+    def pinned_rate(self) -> float:
+        from .memory import pinned_h2d_rate
+
+        return pinned_h2d_rate(self.rt, PINNED_BYTES, PINNED_REPS)
+
+    def fits(self, context: int) -> str | None:
+        """Why one sequence of ``context`` tokens does not fit the device now, or None."""
+        from ..engine.fit import check_fit
+        from ..errors import ModelTooLarge
+
+        try:
+            check_fit(self.config, "cuda", context, self.spec)
+        except ModelTooLarge as exc:
+            return str(exc)
+        return None
+
+    def all_device(self, plan, evicted: int, keep: int | None) -> dict:
+        """(a), (d) and (e) on one all-HBM runner of ``plan.context`` tokens: ``recompute_s`` the
+        prefills of ``evicted`` tokens from an empty cache, ``decode_ms``, ``kv_blocks`` (the
+        runner's KV blocks) and, with ``keep``, ``pruned`` (see :meth:`_pruned`)."""
+        from ..backends.cuda.runner import CudaRunner
+
+        ids = self._ids(plan.prefill_to)
+        runner = CudaRunner(self.model, self.rt, max_context=plan.context)
+        try:
+            runner.prefill(ids[:min(evicted, runner.chunk)])  # warm-up: the graphs' first replay
+            recompute = []
+            for _ in range(self.runs):  # rebuilding the oldest half = prefilling it from position 0
+                runner.reset()
+                t0 = time.perf_counter()
+                runner.prefill(ids[:evicted])
+                runner.stream.synchronize()
+                recompute.append(time.perf_counter() - t0)
+            if plan.prefill_to > evicted:
+                runner.prefill(ids[evicted:])
+            out = {"kv_blocks": blocks_for(runner.capacity), "recompute_s": recompute,
+                   "decode_ms": time_decode(runner, plan)}
+            if keep is not None:
+                out["pruned"] = self._pruned(runner, plan, keep)
+            return out
+        finally:
+            runner.close()
+
+    def _pruned(self, base, plan, keep: int) -> dict:
+        """(e) through a batch runner on ``base``'s weights: ``unpruned_ms`` (slots = positions) and
+        ``pruned_ms`` at RoPE positions ``plan.context - plan.steps ..``, or ``pruned_refused``.
+
+        The kept slots hold the K/V of a plain prefill of ``keep`` ids: a step's work depends on
+        how many slots it reads, not on what they hold. The pruned row is written against
+        ``Rows.position`` as documented (RoPE position, apart from the slot ``start``); the CUDA
+        batch runner is being taught to honour it, and until then refuses it (check_entry), which
+        this row reports instead of a figure."""
+        from ..backends.base import Rows
+        from ..backends.cuda.batch import CudaBatchRunner
+
+        chunk = min(keep, MAX_CHUNK)
+        table = list(range(blocks_for(keep + 1)))
+        batch = CudaBatchRunner(base, len(table), max_batch=1, max_chunk=chunk)
+        try:
+            ids = self._ids(keep)
+            for s in range(0, keep, chunk):
+                n = min(chunk, keep - s)
+                batch.run_tokens([Rows(ids[s:s + n], s, table[:blocks_for(s + n)])])
+            out = {"unpruned_ms": time_rows(batch, table, keep, plan, None)}
+            first = plan.context - plan.steps
+            try:  # the unpruned steps ran on this same table: only the position differs here
+                batch.run_tokens([Rows(np.asarray([TOKEN], np.int32), keep, table, True, position=first)])
+            except ValueError as exc:
+                out["pruned_refused"] = str(exc)
+                return out
+            out["pruned_ms"] = time_rows(batch, table, keep, plan, first)
+            return out
+        finally:
+            batch.close()
+
+    def half_host(self, plan, device_blocks: int) -> dict:
+        """(c): a runner of ``plan.context`` tokens keeping ``device_blocks`` KV blocks in HBM and
+        the oldest rest on the pinned host tier, filled by prefill and timed like (a).
+        Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
+        the runner refuses."""
+        from ..backends.cuda.runner import CudaRunner
+        from ..kvcache.tiers import block_bytes
+
+        cfg = self.config
+        budget = device_blocks * block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=budget)
+        try:
+            runner.prefill(self._ids(plan.prefill_to))
+            return {"decode_ms": time_decode(runner, plan), "tiers": runner.kv_tiers()}
+        finally:
+            runner.close()

@@ -1,0 +1,177 @@
+"""The kv stage's device probe (``bench/kv_timing.py``) wired to fake runners on the CPU: what it
+prefills, where its decode steps land, which ``Rows`` the pruned row sends, that the host tier
+holds exactly the evicted half under the real tier plan, and that every runner is closed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nexusrt.backends.cuda import batch as batch_mod
+from nexusrt.backends.cuda import runner as runner_mod
+from nexusrt.backends.cuda.batch_buffers import PRUNING_REFUSED, check_entry
+from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for
+from nexusrt.bench import kv_speed
+from nexusrt.bench.kv_speed import DecodePlan
+from nexusrt.bench.kv_timing import CudaKvProbe
+from nexusrt.kvcache.blocks import blocks_for
+from nexusrt.kvcache.tiers import plan_tiers
+
+
+class FakeStream:
+    def synchronize(self):
+        pass
+
+
+class FakeRunner:
+    """CudaRunner's surface as the probe uses it; the tier split is the real ``plan_tiers``'."""
+
+    made: list = []
+
+    def __init__(self, model, rt, max_context=None, kv_gpu_budget=None):
+        cfg = self.config = model.config
+        self.max_context, self.budget = max_context, kv_gpu_budget
+        self.buckets = buckets_for(max_context, BUCKETS)
+        self.chunk, self.capacity = self.buckets[-1], max_context + self.buckets[0] - 1
+        self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
+                                  num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, available=1 << 40)
+        self.stream, self.position, self.log, self.closed = FakeStream(), 0, [], False
+        self.rt = rt
+        FakeRunner.made.append(self)
+
+    def reset(self):
+        self.position = 0
+
+    def prefill(self, ids):
+        assert ids.dtype == np.int32 and 0 < len(ids) and self.position + len(ids) <= self.max_context
+        assert ids.min() >= 0 and ids.max() < self.config.vocab_size
+        self.log.append(("prefill", self.position, len(ids)))
+        self.position += len(ids)
+
+    def decode(self, token):
+        assert self.position < self.max_context
+        self.log.append(("decode", self.position))
+        self.position += 1
+
+    def kv_tiers(self):
+        p = self.kv_plan
+        return {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes}
+
+    def close(self):
+        self.closed = True
+
+
+class FakeBatch:
+    """CudaBatchRunner's entry checks (the real ``check_entry``: today it refuses position != start);
+    ``honours_position`` plays the runner once it separates RoPE position from slot."""
+
+    honours_position = False
+    made: list = []
+
+    def __init__(self, base, num_blocks, max_batch=32, max_chunk=2048):
+        self.base, self.num_blocks, self.max_chunk = base, num_blocks, max_chunk
+        self.width = blocks_for(base.max_context + 63)
+        self.steps, self.closed = [], False
+        FakeBatch.made.append(self)
+
+    def run_tokens(self, batch):
+        assert len(batch) == 1
+        r = batch[0]
+        assert len(r.token_ids) <= self.max_chunk
+        if self.honours_position:
+            assert r.position is None or r.position >= r.start
+            r = batch_mod.Rows(r.token_ids, r.start, r.table, r.logits)
+        check_entry(r, self.base.max_context, self.width, self.num_blocks, self.base.config.vocab_size)
+        self.steps.append(batch[0])
+        return [7 if r.logits else None]
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.setattr(runner_mod, "CudaRunner", FakeRunner)
+    monkeypatch.setattr(batch_mod, "CudaBatchRunner", FakeBatch)
+    FakeRunner.made, FakeBatch.made = [], []
+    yield
+    FakeBatch.honours_position = False
+
+
+def test_all_device_prefills_the_half_times_it_and_decodes_to_the_context(fakes):
+    probe = CudaKvProbe(None, "synthetic:llama-3.1-8b", runs=3)
+    plan = DecodePlan(8192, 3)
+    out = probe.all_device(plan, 4096, None)
+    (r,) = FakeRunner.made
+    prefills = [e for e in r.log if e[0] == "prefill"]
+    # a warm-up chunk, three timed prefills of the evicted half from an empty cache, then the rest
+    assert prefills == [("prefill", 0, 4096)] * 4 + [("prefill", 4096, plan.prefill_to - 4096)]
+    decodes = [e[1] for e in r.log if e[0] == "decode"]
+    assert decodes == list(range(plan.prefill_to, 8192)) and r.position == 8192 and r.closed
+    assert len(out["recompute_s"]) == 3 and len(out["decode_ms"]) == 3 and "pruned" not in out
+    assert out["kv_blocks"] == blocks_for(r.capacity)
+
+
+def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
+    probe = CudaKvProbe(None, "synthetic:llama-3.1-8b", runs=1)
+    s = kv_speed.measure(_Measured(probe), probe.config, "synthetic:llama-3.1-8b", [8192, 32768], 1, 4096)
+    for row in s["contexts"]:
+        c = row["host_zero_copy"]
+        assert c["host_tokens"] == row["context"] // 2 == row["restore"]["evicted_tokens"]
+    hosts = [r for r in FakeRunner.made if r.budget is not None]
+    assert len(hosts) == 2 and all(r.closed and r.position == r.max_context for r in hosts)
+    assert [e for e in hosts[0].log if e[0] == "prefill"] == [("prefill", 0, DecodePlan(8192, 1).prefill_to)]
+
+
+class _Measured:
+    """The real probe with its two device measurements replaced by constants."""
+
+    pinned_copy = CudaKvProbe.pinned_copy
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    def hbm_bandwidth(self):
+        return 4e12
+
+    def pinned_rate(self):
+        return 5e10
+
+    def fits(self, context):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self.probe, name)
+
+
+@pytest.mark.parametrize("honours", [False, True])
+def test_the_pruned_row_sends_one_sequence_at_positions_past_its_slots(fakes, honours):
+    FakeBatch.honours_position = honours
+    probe = CudaKvProbe(None, "synthetic:llama-3.2-1b", runs=2)
+    plan = DecodePlan(8192, 2)
+    out = probe.all_device(plan, 4096, 4096)["pruned"]
+    (b,) = FakeBatch.made
+    assert b.num_blocks == blocks_for(4097) and b.closed and b.base is FakeRunner.made[0]
+    prompt = [(r.start, len(r.token_ids), len(r.table), r.logits) for r in b.steps if len(r.token_ids) > 1]
+    assert prompt == [(0, 2048, 128, False), (2048, 2048, 256, False)]
+    steps = [r for r in b.steps if len(r.token_ids) == 1]
+    unpruned = steps[:3 * plan.steps]  # a warm-up run and two timed ones
+    assert all(r.start == 4096 and r.position is None and r.logits and len(r.table) == 257 for r in unpruned)
+    assert int(unpruned[1].token_ids[0]) == 7  # each step feeds the previous pick
+    assert len(out["unpruned_ms"]) == 2
+    if not honours:
+        assert out["pruned_refused"] == PRUNING_REFUSED and "pruned_ms" not in out
+        return
+    pruned = steps[3 * plan.steps + 1:]  # after the probing step
+    first = 8192 - plan.steps
+    assert [r.position for r in pruned] == list(range(first, 8192)) * 3
+    assert all(r.start == 4096 for r in pruned) and len(out["pruned_ms"]) == 2
+
+
+def test_a_host_split_the_runner_refuses_raises_before_any_runner(fakes):
+    from nexusrt.kvcache.tiers import KvBudgetError
+
+    probe = CudaKvProbe(None, "synthetic:tiny", runs=1)
+    with pytest.raises(KvBudgetError, match="below one layer"):
+        probe.half_host(DecodePlan(256, 1), 1)
+    assert FakeRunner.made == []

@@ -82,10 +82,9 @@ class BatchBuffers(OwnedBuffers):
         steps[:] = 0
         rows, structs = [], []
         for row, p, step in picks:
-            if p is None or not p.temperature > 0:
+            if not draws(p):
                 continue
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**31:
-                raise ValueError(f"a sampling entry's step must be an integer in [0, 2**31), got {step!r}")
+            check_step(step)
             rows.append(row)
             structs.append((p.temperature, p.top_k, p.top_p, p.seed or 0))  # seed None: 0, as the reference
             steps[row] = step
@@ -109,12 +108,24 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
     return int(kv_bytes) // per_block
 
 
+def draws(params) -> bool:
+    """Whether a row with these ``SamplingParams`` (or None) samples rather than takes the argmax."""
+    return params is not None and params.temperature > 0
+
+
+def check_step(step) -> None:
+    """ValueError unless ``step`` fits the batched sampler's int32 step."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < 2**31:
+        raise ValueError(f"a sampling entry's step must be an integer in [0, 2**31), got {step!r}")
+
+
 PRUNING_REFUSED = "KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)"
 
 
 def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
     """ValueError unless the step entry ``r`` (a :class:`~nexusrt.backends.base.Rows`) fits a runner of
-    ``max_context`` tokens, block tables of ``width`` blocks over ``num_blocks``, ids below ``vocab``."""
+    ``max_context`` tokens, block tables of ``width`` blocks over ``num_blocks``, ids below ``vocab``,
+    and a step the sampler can hold where it samples."""
     n = len(r.token_ids)
     if n < 1:
         raise ValueError("a batch entry needs at least one id")
@@ -131,3 +142,7 @@ def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) ->
     lo, hi = (int(ids[0]), int(ids[0])) if n == 1 else (int(np.min(ids)), int(np.max(ids)))
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token ids must be in 0..{vocab - 1}")
+    # Here, not only when staging: a lone decode's or the prompt chunks' sampler inputs are staged
+    # after their work is enqueued, and a refusal must come before any device work.
+    if r.logits and draws(r.params):
+        check_step(r.step)

@@ -53,15 +53,12 @@ class _Device:
         self.pending = []
 
 
-class _Graph:
-    def __init__(self, log, stages):
-        self.log, self.name = log, stages[0].name.split(".")[0]
-
-    def replay(self, stream=None):
-        self.log.append(("replay", self.name))
-
-    def close(self):
-        pass
+def _graph(log):
+    """``scheduler.capture`` standing in: a graph whose replay logs ``("replay", chain name)``."""
+    def capture(stages, stream="compute"):
+        name = stages[0].name.split(".")[0]
+        return SimpleNamespace(replay=lambda stream=None: log.append(("replay", name)), close=lambda: None)
+    return capture
 
 
 @pytest.fixture
@@ -75,7 +72,7 @@ def make(cpu_rt, no_occupancy_query, monkeypatch):
         rt = _Rt()
         rt.device = SimpleNamespace(handle=0, make_current=lambda: None)
         dev = _Device(rt)
-        monkeypatch.setattr(scheduler, "capture", lambda stages, stream="compute": _Graph(rt.trace, stages))
+        monkeypatch.setattr(scheduler, "capture", _graph(rt.trace))
         monkeypatch.setattr(batch_mod, "call", dev.call)
         base = SimpleNamespace(config=cfg, rt=rt, max_context=300, buckets=BUCKETS, weights=w,
                                lt=_RecordingLt(rt.trace), stream=dev)

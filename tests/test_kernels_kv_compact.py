@@ -89,7 +89,8 @@ def keep_cases(rng, slots: int) -> dict[str, np.ndarray]:
     the edges. ``slots`` > 3 blocks, so the sets cross blocks and the kernel's tiles."""
     sinks, window = 4, slots // 2
     return {
-        "sink-window shift by one": np.r_[0:sinks, slots - window:slots],  # every slot moves onto the next
+        "sink-window shift by one": np.r_[0:sinks, sinks + 1:slots],  # every slot moves onto the one before it
+        "sink-window, half evicted": np.r_[0:sinks, slots - window:slots],
         "sink-window after a chunk": np.r_[0:sinks, slots - 20:slots],
         "random subset": np.sort(rng.choice(slots, slots // 3, replace=False)),
         "no sinks, crossing blocks": np.arange(BLOCK_SIZE - 3, slots, 2),

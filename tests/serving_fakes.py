@@ -16,7 +16,7 @@ VOCAB = 101
 
 class FakeRunner:
     max_context = 4096
-    prunes = False  # no compact(): the engine refuses pruning policies on it
+    prune_policies = frozenset()  # no compact(): the engine refuses pruning policies on it
 
     def __init__(self, num_blocks: int, fail_on_step: int | None = None):
         self.num_blocks = num_blocks

@@ -91,3 +91,18 @@ def test_long_chunks_are_cut_and_passes_fit():
             rows = -(-rows // 64) * 64 + p.count
         assert rows <= 256
     assert len(aligned) == 4  # (44, 10) still fits; (250, 2) does not once 2 starts at row 256
+
+
+def test_a_pruned_entry_ropes_at_its_position_and_writes_its_slots():
+    """KV pruning: an entry's RoPE position runs ahead of its cache slot by the tokens evicted; each
+    piece of it keeps that shift, meta carries both, the start word stays the slot."""
+    entries = _entries([300, 5], [20, 7])
+    entries[0].position = 20 + 45
+    pieces = cut_pieces(entries, 256)
+    assert pieces == [Piece(0, 0, 256, 20, 45), Piece(0, 256, 44, 276, 45), Piece(1, 0, 5, 7, 0)]
+    out = _staging(rows=256)
+    lay = lay_out(entries, pieces[1:], row_buckets(256), scratch=41, scratch_row=8, out=out)
+    assert out.meta[:44, 0].tolist() == list(range(276 + 45, 320 + 45))  # RoPE positions
+    assert out.meta[:44, 1].tolist() == list(range(276, 320))  # cache slots
+    assert out.meta[44:49, :2].tolist() == [[7 + i, 7 + i] for i in range(5)]
+    assert out.starts[:2].tolist() == [276, 7] and lay.rows == 49

@@ -1,4 +1,4 @@
-"""Every GEMV-family/elementwise kernel source compiles with NVRTC for sm_80 and sm_90a (no GPU needed)."""
+"""The GEMV-family, elementwise and kv_compact kernel sources compile with NVRTC for sm_80 and sm_90a (no GPU)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SOURCES = {
     "elementwise": ["embedding", "rms_norm_bf16", "silu_mul_bf16", "f32_to_bf16", "bf16_to_f32",
                     "fill_uniform_bf16"],
     "membw": ["membw_read"],
+    "kv_compact": [f"kv_compact_d{d}" for d in (64, 128, 256)],
 }
 
 

@@ -127,7 +127,7 @@ class BatchRunner(Protocol):
     config: object
     max_context: int  # most tokens one sequence may hold
     num_blocks: int  # KV blocks in the pool
-    prunes: bool  # whether compact() and attention scores work (KV pruning policies other than full)
+    prune_policies: frozenset  # the KV pruning policies besides "full" it runs (compact(); h2o: Rows.scores too)
 
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         """Append each :class:`Rows` to its sequence's cache; fp32 ``[vocab]`` logits of the last

@@ -178,8 +178,8 @@ class LLM:
         prompt as one user message with the tokenizer's chat template, after a system
         message ``system`` when given (``system`` implies ``chat``). A prompt may be an
         :class:`~nexusrt.engine.context.Context` (budget-checked; its report: ``result.context``).
-        KV pruning (CPU, through the serving engine): ``kv_policy`` (``full``, ``sink-window``,
-        ``h2o``), ``kv_budget`` (tokens kept), ``kv_sinks``, ``kv_window``, ``kv_protect``
+        KV pruning (through the serving engine; on CUDA ``sink-window`` only): ``kv_policy`` (``full``,
+        ``sink-window``, ``h2o``), ``kv_budget`` (tokens kept), ``kv_sinks``, ``kv_window``, ``kv_protect``
         (context layers never evicted); see :mod:`nexusrt.serving.pruning`. ``result.kv`` reports it.
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]

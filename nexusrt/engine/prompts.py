@@ -75,7 +75,8 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
         top_p=gen.top_p if top_p is None else top_p,
         seed=seed).resolved()
     if isinstance(prompt, Pruned):
-        raise NexusRTError("KV pruning runs in the serving engine, which is on the CPU backend only so far")
+        raise NexusRTError("KV pruning runs only in the serving engine; the one-sequence runners (CPU and CUDA) "
+                           "cannot prune, so a pruning request must not reach them")
     report = None
     if isinstance(prompt, Rendered):  # an nrt.Context, already checked against its budgets
         report = {"layer_tokens": dict(prompt.layer_tokens),

@@ -140,6 +140,21 @@ def gather_tokens(pool: np.ndarray, table, length: int) -> np.ndarray:
     return pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :]
 
 
+def check_keep(table, keep, num_blocks: int) -> np.ndarray:
+    """``keep`` as int64 after checking it for a compaction of ``table`` over a pool of ``num_blocks``
+    blocks (every runner's ``compact`` checks this before it moves anything): ascending without
+    repeats, every kept slot inside the table and every block of the table inside the pool."""
+    keep = np.asarray(keep)
+    if keep.ndim != 1 or (len(keep) and keep.dtype.kind not in "iu"):
+        raise ValueError(f"compact: keep must be a 1-d array of integer slots, got {keep.dtype} {keep.shape}")
+    keep = keep.astype(np.int64)
+    if len(keep) and (np.any(np.diff(keep) <= 0) or keep[0] < 0):
+        raise ValueError("compact: the kept slots must be >= 0 and ascend without repeats")
+    if len(keep) and (any(not 0 <= b < num_blocks for b in table) or keep[-1] >= len(table) * BLOCK_SIZE):
+        raise ValueError("compact: a kept slot or a block lies outside the table or the pool")
+    return keep
+
+
 def compact_tokens(pool: np.ndarray, table, keep) -> None:
     """Move slots ``keep`` (ascending) of ``pool`` through ``table`` to slots ``0 .. len(keep)-1``.
 

@@ -39,9 +39,12 @@ class Engine:
 
     def check(self, seq: Sequence) -> None:
         """ValueError unless ``seq`` fits this engine alone (then it can always finish)."""
-        if seq.kv.prunes and not self.runner.prunes:
-            raise ValueError(f"kv_policy={seq.kv.policy!r} needs KV pruning, which this backend's runner does not "
-                             "do (the CPU backend does); use kv_policy='full'")
+        if seq.kv.prunes and seq.kv.policy not in self.runner.prune_policies:
+            others = "".join(f" or {p!r}" for p in sorted(self.runner.prune_policies))
+            why = " (h2o ranks tokens by attention scores, which only the CPU decoder adds up)" \
+                if seq.kv.policy == "h2o" else ""
+            raise ValueError(f"kv_policy={seq.kv.policy!r} is not available on this backend's runner{why}; use "
+                             f"kv_policy='full'{others}, or the CPU backend, which runs every policy")
         if seq.max_context > self.runner.max_context:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
         longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)

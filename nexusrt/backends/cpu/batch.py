@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE, compact_tokens
+from ...kvcache.blocks import BLOCK_SIZE, check_keep, compact_tokens
 from ..base import Rows, sample_rows
 from .decoder import PagedDecoder
 
@@ -25,7 +25,7 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
 class CpuBatchRunner:
     """A :class:`~nexusrt.backends.base.BatchRunner` in NumPy over ``decoder``'s weights."""
 
-    prunes = True
+    prune_policies = frozenset({"sink-window", "h2o"})  # the decoder adds attention mass into Rows.scores
 
     def __init__(self, decoder: PagedDecoder, num_blocks: int, max_context: int):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
@@ -57,8 +57,7 @@ class CpuBatchRunner:
 
     def compact(self, table: list[int], keep) -> None:
         """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning)."""
-        if len(keep) and (any(not 0 <= b < self.num_blocks for b in table) or keep[-1] >= len(table) * BLOCK_SIZE):
-            raise ValueError("compact: a kept slot or a block lies outside the table or the pool")
+        keep = check_keep(table, keep, self.num_blocks)
         for pools in self._pools:
             for pool in pools:
                 compact_tokens(pool, table, keep)

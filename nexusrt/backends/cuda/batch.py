@@ -14,7 +14,7 @@ A step (:meth:`run_tokens`) is, in stream order on the compute stream:
    … ``max_batch``): one captured graph of GEMMs of that many rows, the rows kernels of
    RoPE/append and split-KV attention (each row its own slot and table), the LM head and
    the batched sampler. A lone decode takes the one-sequence decode graph (GEMVs) instead,
-   unless ``deterministic``, then the batched sampler over its one row;
+   unless ``deterministic`` or its sequence was pruned, then the batched sampler over its one row;
 3. the batched sampler over the prompt chunks' logits rows, then the picks copied back.
 
 Every logits row is picked on the device by the batched sampler (``ops.sampling.sample_rows``,
@@ -27,6 +27,12 @@ block. No logits row is copied to the host by :meth:`run_tokens`.
 
 Every host input of a step is staged in pinned buffers at its own offset first (the step
 before ended with a synchronize), so no copy waits for the host.
+
+KV pruning (``sink-window``; :attr:`CudaBatchRunner.prune_policies`): a pruned sequence's rows
+carry their RoPE position (``Rows.position``) apart from their cache slot (``Rows.start``) in
+the rows kernels' ``meta``; RoPE reads the position, the KV append and attention the slot.
+:meth:`CudaBatchRunner.compact` moves the kept slots to the front of the sequence's blocks on
+the runner's stream (:mod:`.compact`, ``cu/kv_compact.cu``).
 
 ``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
 batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one),
@@ -50,10 +56,17 @@ from ...kernels.ops.common import sm_count
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..base import Rows
 from . import step as steps
-from .batch_buffers import PRUNING_REFUSED, BatchBuffers, batch_buckets, bucket_for, check_entry
+from .batch_buffers import BatchBuffers, batch_buckets, bucket_for, check_entry, position_of
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
+from .compact import Compactor
 from .ragged import RaggedPrefill
+
+
+def _pruned(r: Rows) -> bool:
+    """Whether the entry's RoPE position differs from its cache slot (its sequence was pruned)."""
+    return position_of(r) != r.start
+
 
 class CudaBatchRunner:
     """Many sequences over one KV pool of ``num_blocks`` blocks, on ``base``'s weights.
@@ -62,8 +75,6 @@ class CudaBatchRunner:
     (the engine's token budget); ``deterministic``: see the module docstring;
     ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two.
     """
-
-    prunes = False  # the rows kernels use one number for the cache slot and the RoPE position
 
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
                  deterministic: bool = False, ragged_prefill: bool = True):
@@ -83,7 +94,12 @@ class CudaBatchRunner:
         self._samplers: dict = {}  # (first row, rows) -> the batched sampler's two launch specs
         self._row_of: dict[int, int] = {}  # the last step's batch index -> logits row
         self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
-        self.pre = self.bb = self.ragged = None
+        self.pre = self.bb = self.ragged = self.compactor = None
+        # KV pruning: the rows kernels take each row's RoPE position apart from its cache slot, and
+        # compact() moves kept slots (kv_compact.cu). The per-sequence prompt path's graphs use one
+        # word for both, so it cannot run a pruned sequence's chunk; h2o needs attention scores,
+        # which no CUDA kernel adds up.
+        self.prune_policies = frozenset({"sink-window"}) if self.ragged_prefill else frozenset()
         rt.device.make_current()
         try:
             # Ragged: a step's chunks share the rows, so as many as the token budget whatever the
@@ -95,6 +111,9 @@ class CudaBatchRunner:
             self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
             self.bb = BatchBuffers(rt, cfg, bmax, self.width, bmax, self.prompt_rows, self.pre.k_pools,
                                    self.pre.v_pools)
+            self.compactor = Compactor(rt, cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
+                                       width=self.width, scratch=self.scratch, rows=min(bmax, 16),
+                                       stream=self.stream, h2d=self._h2d)
             self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
             self._capture()
             if self.ragged_prefill:
@@ -221,9 +240,9 @@ class CudaBatchRunner:
         m = bb.bmax if self.deterministic else bucket_for(len(rows), self.batch_buckets)
         ids, meta, tables = bb.h_ids.array, bb.h_meta.array, bb.h_tables.array
         n = len(rows)
-        starts = np.fromiter((r.start for r in rows), np.int32, n)
         ids[:n] = np.fromiter((r.token_ids[0] for r in rows), np.int32, n)
-        meta[:n, 0] = meta[:n, 1] = starts
+        meta[:n, 0] = np.fromiter((position_of(r) for r in rows), np.int32, n)  # RoPE position
+        meta[:n, 1] = np.fromiter((r.start for r in rows), np.int32, n)  # cache slot: attention covers 0..slot
         meta[:n, 2] = np.arange(n, dtype=np.int32)
         tables[:min(m, n + 1)] = self.scratch
         for i, r in enumerate(rows):
@@ -242,8 +261,13 @@ class CudaBatchRunner:
         t0 = time.perf_counter()
         for r in batch:
             check_entry(r, self.max_context, self.width, self.num_blocks, self.config.vocab_size)
+            if self.ragged is None and len(r.token_ids) > 1 and _pruned(r):
+                raise ValueError(f"the per-sequence prompt path (ragged_prefill=False) cannot run a pruned "
+                                 f"sequence's chunk (RoPE position {position_of(r)}, cache slot {r.start}): its "
+                                 "prefill graphs use one number for both; use the ragged path")
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
+        self.compactor.reset()
         singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
         chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
         if len(singles) > self.bb.bmax or len(chunks) > self.bb.bmax:
@@ -254,7 +278,10 @@ class CudaBatchRunner:
         # The batch decode graph samples its rows itself, so their inputs go first; otherwise the
         # sampler runs eagerly after the step's work, and staging its inputs after that work is
         # enqueued keeps the host off the device's path (a lone decode's step is ~5 ms).
-        lone = len(singles) == 1 and not self.deterministic
+        # The one-sequence decode graph's single pos word is both the RoPE position and the slot
+        # count, so a lone row of a pruned sequence (position != slot) takes the batch graph's
+        # bucket 1, whose rows kernels read the two apart.
+        lone = len(singles) == 1 and not self.deterministic and not _pruned(batch[singles[0]])
         graph_samples = bool(singles) and not lone
         if graph_samples:
             self._stage_sampling(batch, row_of)
@@ -303,12 +330,15 @@ class CudaBatchRunner:
         return out
 
     def compact(self, table: list[int], keep) -> None:
-        raise ValueError(PRUNING_REFUSED)
+        """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning), on
+        the runner's stream after the step's work (:mod:`.compact`)."""
+        self.rt.device.make_current()
+        self.compactor.run(table, keep)
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
         self._samplers.clear()
-        for part in (self.ragged, self.bb, self.pre):
+        for part in (self.ragged, self.compactor, self.bb, self.pre):
             if part is not None:
                 part.free()
-        self.bb = self.pre = self.ragged = None
+        self.bb = self.pre = self.ragged = self.compactor = None

@@ -119,7 +119,14 @@ def check_step(step) -> None:
         raise ValueError(f"a sampling entry's step must be an integer in [0, 2**31), got {step!r}")
 
 
-PRUNING_REFUSED = "KV pruning runs on the CPU backend only so far (use kv_policy='full' on CUDA)"
+SCORES_REFUSED = ("KV pruning by attention scores (kv_policy='h2o') runs on the CPU backend only: no CUDA "
+                  "attention kernel adds up the scores (use kv_policy='sink-window' or 'full' on CUDA)")
+
+
+def position_of(r) -> int:
+    """The RoPE position of the entry's first id: ``r.position``, or its cache slot ``r.start`` when
+    unset (they differ once KV pruning evicted some of the sequence's tokens)."""
+    return r.start if r.position is None else int(r.position)
 
 
 def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
@@ -131,8 +138,14 @@ def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) ->
         raise ValueError("a batch entry needs at least one id")
     if r.start < 0 or r.start + n > max_context:
         raise ValueError(f"{r.start + n} tokens exceed the context of {max_context}")
-    if r.position is not None and r.position != r.start or r.scores is not None:
-        raise ValueError(PRUNING_REFUSED)
+    if r.scores is not None:
+        raise ValueError(SCORES_REFUSED)
+    pos = position_of(r)
+    if pos < r.start:
+        raise ValueError(f"RoPE position {pos} lies below cache slot {r.start} (KV pruning only ever moves a "
+                         "token to a lower slot)")
+    if pos + n > max_context:
+        raise ValueError(f"RoPE positions {pos}..{pos + n - 1} exceed the context of {max_context}")
     table = r.table
     if len(table) * BLOCK_SIZE < r.start + n or len(table) > width:
         raise ValueError(f"the block table ({len(table)} blocks) does not cover slots 0..{r.start + n - 1}")

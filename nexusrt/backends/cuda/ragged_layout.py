@@ -6,7 +6,9 @@ offset and follow each other; the rows after the last chunk, up to a row-count b
 padding. For the rows kernels (``rope_append_rows``) each row carries ``meta = (RoPE position,
 cache slot, table row, 0)``; a padding row points at the all-scratch table row, so its K and
 V land in the runner's scratch block, as the batched decode's padding rows do. Attention runs
-per chunk on its slice, with the chunk's table row and its start position (``starts[j]``).
+per chunk on its slice, with the chunk's table row and its first cache slot (``starts[j]``):
+the causal mask and the keys a row sees are counted in slots. The RoPE position is the slot
+plus the tokens KV pruning evicted before it (``Rows.position``), and only RoPE reads it.
 
 Offsets are consecutive (``align=1``): the tensor-core attention reads row ``m`` of its ``q``
 and ``out`` slices at ``(m * Hq + head) * D`` and stores only ``m < M`` (cu/attention_prefill_mma.cu),
@@ -51,23 +53,26 @@ def bucket_for_rows(rows: int, buckets: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class Piece:
     """A run of one step entry's ids that goes through the ragged rows as one slice:
-    ``ids[first:first + count]`` of entry ``owner``, at cache slot/position ``start``."""
+    ``ids[first:first + count]`` of entry ``owner``, at cache slot ``start`` and RoPE position
+    ``start + evicted`` (``evicted``: the entry's tokens pruned from its cache, 0 if none)."""
 
     owner: int
     first: int
     count: int
     start: int
+    evicted: int = 0
 
 
 def cut_pieces(entries, max_rows: int) -> list[Piece]:
-    """Each entry (``token_ids``, ``start``) as pieces of at most ``max_rows`` ids, in order (an
-    entry longer than the largest bucket is split; its pieces may share a pass: RoPE/append of
-    a layer runs over all rows before any piece's attention)."""
+    """Each entry (``token_ids``, ``start``, ``position``) as pieces of at most ``max_rows`` ids, in
+    order (an entry longer than the largest bucket is split; its pieces may share a pass:
+    RoPE/append of a layer runs over all rows before any piece's attention)."""
     out = []
     for j, e in enumerate(entries):
         n = len(e.token_ids)
+        evicted = 0 if e.position is None else int(e.position) - int(e.start)
         for first in range(0, n, max_rows):
-            out.append(Piece(j, first, min(max_rows, n - first), int(e.start) + first))
+            out.append(Piece(j, first, min(max_rows, n - first), int(e.start) + first, evicted))
     return out
 
 
@@ -122,7 +127,7 @@ def lay_out(entries, pieces: list[Piece], buckets: tuple[int, ...], scratch: int
     and return where each piece's rows are.
 
     Writes ``out.ids[0:bucket]`` (padding ids 0), ``out.meta[0:bucket]`` (piece ``j``'s row ``r``:
-    ``(start + r, start + r, j, 0)``; padding rows ``(0, 0, scratch_row, 0)``), ``out.tables[j]``
+    ``(start + evicted + r, start + r, j, 0)``; padding rows ``(0, 0, scratch_row, 0)``), ``out.tables[j]``
     (the entry's table, then ``scratch`` to the width) and ``out.starts[j]``. ``fixed_bucket``:
     always the largest bucket (deterministic mode: every step runs the same GEMM kernels, so a
     row's result does not depend on the rows beside it).
@@ -148,9 +153,9 @@ def lay_out(entries, pieces: list[Piece], buckets: tuple[int, ...], scratch: int
     for j, (p, off) in enumerate(zip(pieces, offsets)):
         e = entries[p.owner]
         ids[off:off + p.count] = e.token_ids[p.first:p.first + p.count]
-        pos = np.arange(p.start, p.start + p.count, dtype=np.int32)
-        meta[off:off + p.count, 0] = pos
-        meta[off:off + p.count, 1] = pos
+        slots = np.arange(p.start, p.start + p.count, dtype=np.int32)
+        meta[off:off + p.count, 0] = slots + p.evicted  # RoPE position
+        meta[off:off + p.count, 1] = slots  # cache slot
         meta[off:off + p.count, 2] = j
         meta[off:off + p.count, 3] = 0
         table = e.table

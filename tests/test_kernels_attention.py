@@ -123,7 +123,7 @@ def test_bench_cases_build_on_the_cpu_with_honest_byte_counts(cpu_rt):
     assert cases[0].notes["pool_copies"] == 16  # small pools: the most copies, to defeat the L2
     (r,) = rope.bench_cases(rt, cfg)
     assert r.bytes_moved == 12 * 64 * 4 + 8 * 64 * 4 + 2 * 2 * 64 * 2 + 32 * 4
-    assert [c.bytes_moved for c in sampling.bench_cases(rt, cfg)] == [5000 * 4] * 3
+    assert [c.bytes_moved for c in sampling.bench_cases(rt, cfg)] == [5000 * 4] * 3 + [64 * 5000 * 4]  # + the rows form
 
 
 # ------------------------------------------------------------------------ GPU

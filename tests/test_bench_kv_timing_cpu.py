@@ -9,7 +9,9 @@ import pytest
 
 from nexusrt.backends.cuda import batch as batch_mod
 from nexusrt.backends.cuda import runner as runner_mod
-from nexusrt.backends.cuda.batch_buffers import PRUNING_REFUSED, check_entry
+from nexusrt.backends.cuda.batch_buffers import check_entry
+
+REFUSED = "this runner keeps RoPE positions equal to cache slots"  # a runner without pruning
 from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for
 from nexusrt.bench import kv_speed
 from nexusrt.bench.kv_speed import DecodePlan
@@ -62,8 +64,8 @@ class FakeRunner:
 
 
 class FakeBatch:
-    """CudaBatchRunner's entry checks (the real ``check_entry``: today it refuses position != start);
-    ``honours_position`` plays the runner once it separates RoPE position from slot."""
+    """CudaBatchRunner's entry checks (the real ``check_entry``); ``honours_position`` False plays a
+    runner that refuses a RoPE position apart from the slot (as the per-sequence prompt path does)."""
 
     honours_position = False
     made: list = []
@@ -78,9 +80,8 @@ class FakeBatch:
         assert len(batch) == 1
         r = batch[0]
         assert len(r.token_ids) <= self.max_chunk
-        if self.honours_position:
-            assert r.position is None or r.position >= r.start
-            r = batch_mod.Rows(r.token_ids, r.start, r.table, r.logits)
+        if not self.honours_position and r.position is not None and r.position != r.start:
+            raise ValueError(REFUSED)
         check_entry(r, self.base.max_context, self.width, self.num_blocks, self.base.config.vocab_size)
         self.steps.append(batch[0])
         return [7 if r.logits else None]
@@ -160,7 +161,7 @@ def test_the_pruned_row_sends_one_sequence_at_positions_past_its_slots(fakes, ho
     assert int(unpruned[1].token_ids[0]) == 7  # each step feeds the previous pick
     assert len(out["unpruned_ms"]) == 2
     if not honours:
-        assert out["pruned_refused"] == PRUNING_REFUSED and "pruned_ms" not in out
+        assert out["pruned_refused"] == REFUSED and "pruned_ms" not in out
         return
     pruned = steps[3 * plan.steps + 1:]  # after the probing step
     first = 8192 - plan.steps

@@ -6,16 +6,21 @@ from ..memory.checks import check_tensor
 from .blocks import BLOCK_SIZE, pool_shape
 
 
-def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
-    """Check a layer's K and V pools ``[num_blocks, Hkv, BLOCK_SIZE, D]`` bf16; returns num_blocks."""
-    shape = getattr(k_pool, "shape", None)
+def _check_pair(k, v, names: tuple[str, str], blocks: str, num_kv_heads: int, head_dim: int) -> int:
+    """``k`` and ``v`` bf16 ``[n, Hkv, BLOCK_SIZE, D]`` of one ``n`` (named ``blocks`` in errors); returns n."""
+    shape = getattr(k, "shape", None)
     if shape is None or len(shape) != 4:
-        raise ValueError(f"k_pool must be a 4-d tensor [num_blocks, {num_kv_heads}, {BLOCK_SIZE}, "
+        raise ValueError(f"{names[0]} must be a 4-d tensor [{blocks}, {num_kv_heads}, {BLOCK_SIZE}, "
                          f"{head_dim}], got shape {shape}")
     expected = pool_shape(int(shape[0]), num_kv_heads, head_dim)
-    check_tensor(k_pool, "k_pool", expected, "bf16")
-    check_tensor(v_pool, "v_pool", expected, "bf16")
+    check_tensor(k, names[0], expected, "bf16")
+    check_tensor(v, names[1], expected, "bf16")
     return expected[0]
+
+
+def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
+    """Check a layer's K and V pools ``[num_blocks, Hkv, BLOCK_SIZE, D]`` bf16; returns num_blocks."""
+    return _check_pair(k_pool, v_pool, ("k_pool", "v_pool"), "num_blocks", num_kv_heads, head_dim)
 
 
 def check_host_pools(host_pools, num_kv_heads: int, head_dim: int):
@@ -28,13 +33,7 @@ def check_host_pools(host_pools, num_kv_heads: int, head_dim: int):
     if not isinstance(host_pools, (tuple, list)) or len(host_pools) != 2:
         raise ValueError(f"host_pools must be None or a pair (k_host, v_host), got {host_pools!r}")
     k_host, v_host = host_pools
-    shape = getattr(k_host, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"k_host must be a 4-d tensor [host_blocks, {num_kv_heads}, {BLOCK_SIZE}, "
-                         f"{head_dim}], got shape {shape}")
-    expected = pool_shape(int(shape[0]), num_kv_heads, head_dim)
-    check_tensor(k_host, "k_host", expected, "bf16")
-    check_tensor(v_host, "v_host", expected, "bf16")
+    _check_pair(k_host, v_host, ("k_host", "v_host"), "host_blocks", num_kv_heads, head_dim)
     for name, t in (("k_host", k_host), ("v_host", v_host)):
         if getattr(t, "device", False) or getattr(t, "pinned", True) is False:
             raise ValueError(f"{name} must be page-locked host memory (memory.pinned), the host tier "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE, check_keep, compact_tokens
+from ...kvcache.blocks import BLOCK_SIZE, check_keep
 from ..base import Rows, sample_rows
 from .decoder import PagedDecoder
 
@@ -31,6 +31,8 @@ class CpuBatchRunner:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.decoder, self.config = decoder, decoder.config
+        # A decoder may run fewer policies (the worker processes do not sum h2o's scores across ranks).
+        self.prune_policies = getattr(decoder, "prune_policies", type(self).prune_policies)
         self.num_blocks, self.max_context = num_blocks, max_context
         self._pools = decoder.new_pools(num_blocks)
 
@@ -42,14 +44,12 @@ class CpuBatchRunner:
                 raise ValueError(f"{r.start + len(r.token_ids)} tokens exceed the context of {self.max_context}")
             if any(not 0 <= b < self.num_blocks for b in r.table):
                 raise ValueError(f"a block table names blocks outside 0..{self.num_blocks - 1}")
-        hidden = self.decoder.forward(batch, self._pools)
         ends = np.cumsum([len(r.token_ids) for r in batch]) - 1
         want = [i for i, r in enumerate(batch) if r.logits]
+        logits = self.decoder.forward_logits(batch, self._pools, ends[want])
         out: list[np.ndarray | None] = [None] * len(batch)
-        if want:
-            logits = self.decoder.logits(hidden[ends[want]])
-            for row, i in enumerate(want):
-                out[i] = logits[row]
+        for row, i in enumerate(want):
+            out[i] = logits[row]
         return out
 
     def run_tokens(self, batch: list[Rows]) -> list[int | None]:
@@ -57,10 +57,7 @@ class CpuBatchRunner:
 
     def compact(self, table: list[int], keep) -> None:
         """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning)."""
-        keep = check_keep(table, keep, self.num_blocks)
-        for pools in self._pools:
-            for pool in pools:
-                compact_tokens(pool, table, keep)
+        self.decoder.compact_pools(self._pools, table, check_keep(table, keep, self.num_blocks))
 
     def close(self) -> None:
         self._pools = ([], [])

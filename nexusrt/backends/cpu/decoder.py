@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE, gather_tokens, pool_shape, scatter_tokens
+from ...kvcache.blocks import BLOCK_SIZE, compact_tokens, gather_tokens, pool_shape, scatter_tokens
 from ...models.weights import WeightSource
 from ...reference import ops
 from ..base import Rows
@@ -80,7 +80,29 @@ def attend_row(q: np.ndarray, k: np.ndarray, v: np.ndarray, mass: np.ndarray | N
     return np.einsum("kgs,skd->kgd", p, v, dtype=F32).reshape(hq * d)
 
 
-class PagedDecoder:
+class DecoderSteps:
+    """What both CPU runners call on a decoder, over its ``forward`` and ``logits``: one step
+    that returns only the logits the runner wants, and KV compaction over its pools. A decoder
+    whose hidden rows and pools live elsewhere (the tensor-parallel worker processes,
+    :mod:`nexusrt.backends.cpu.tp_front`) implements these two instead, one message each."""
+
+    def forward_logits(self, batch: list[Rows], pools, rows) -> np.ndarray:
+        """``forward`` the batch, then fp32 ``[len(rows), vocab]`` logits of hidden rows ``rows``
+        (indices into the batch's rows; none: an empty array and no LM head work)."""
+        hidden = self.forward(batch, pools)
+        rows = np.asarray(rows, np.intp)
+        if rows.size == 0:
+            return np.zeros((0, self.config.vocab_size), F32)
+        return self.logits(hidden[rows])
+
+    def compact_pools(self, pools, table: list[int], keep) -> None:
+        """Move cache slots ``keep`` (checked by the caller) to the front of ``table`` in every pool."""
+        for per_layer in pools:
+            for pool in per_layer:
+                compact_tokens(pool, table, keep)
+
+
+class PagedDecoder(DecoderSteps):
     """The decoder's weights (fused ``qkv`` / ``gate_up`` as a GPU runner lays them out) and
     its pass over :class:`Rows` of many sequences against paged K/V pools."""
 

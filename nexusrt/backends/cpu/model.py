@@ -78,6 +78,7 @@ class CpuRunner:
         if end > self.max_context:
             raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
         self._blocks.ensure(end)  # the whole pool is this sequence's: blocks are never given back
-        hidden = self.decoder.forward([Rows(ids, self.position, self._blocks.blocks)], self._pools)
+        rows = np.arange(ids.shape[0]) if all_logits else [ids.shape[0] - 1]
+        logits = self.decoder.forward_logits([Rows(ids, self.position, self._blocks.blocks)], self._pools, rows)
         self.position = end
-        return self.decoder.logits(hidden if all_logits else hidden[-1:])
+        return logits

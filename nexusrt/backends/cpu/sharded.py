@@ -1,27 +1,79 @@
-"""Tensor parallelism on the CPU: N rank decoders over their shards, combined by a communicator.
+"""Tensor parallelism on the CPU: rank decoders over their shards, combined by a communicator.
 
-:class:`ShardedDecoder` has :class:`~nexusrt.backends.cpu.decoder.PagedDecoder`'s interface
-(``config``, ``new_pools``, ``forward``, ``logits``, ``close``), so both CPU runners take it
-unchanged (``CpuRunner(weights, decoder=...)``, ``CpuBatchRunner(decoder, ...)``). Each rank
-is an ordinary single-device ``PagedDecoder`` over its shard
-(:func:`nexusrt.parallel.shard`: local heads, local MLP width, a vocab slice of the LM head)
-with a KV pool of its own KV heads. Per layer, the ranks' attention outputs (after the
-row-parallel O) are all-reduced before the residual add, then likewise the MLP's (after the
-row-parallel down); the LM head's vocab slices are all-gathered. These are the collectives
-the GPU path runs over NCCL, here through :class:`~nexusrt.parallel.LocalGroup` in lockstep.
+The per-layer math of one rank is written once, as the coroutine :func:`layer_steps`: it
+yields each partial output (attention after the row-parallel O, the MLP after the
+row-parallel down) and receives the sum over ranks to add to the residual. Two drivers run it:
+
+- :class:`RankDecoder` (SPMD): one rank, one process; it calls its communicator's
+  ``all_reduce`` and ``all_gather`` itself, so any communicator with those calls (the shared
+  memory one of :mod:`nexusrt.parallel.shm`, NCCL later) runs the same code. The worker
+  processes of :mod:`nexusrt.backends.cpu.tp_worker` each hold one.
+- :class:`ShardedDecoder` (lockstep): all ranks in one process, advanced together, their
+  partials summed by :class:`~nexusrt.parallel.LocalGroup`.
+
+Both have :class:`~nexusrt.backends.cpu.decoder.PagedDecoder`'s interface (``config``,
+``new_pools``, ``forward``, ``logits``, ``forward_logits``, ``close``), so both CPU runners take
+them unchanged (``CpuRunner(weights, decoder=...)``, ``CpuBatchRunner(decoder, ...)``). Each
+rank is an ordinary single-device ``PagedDecoder`` over its shard (:func:`nexusrt.parallel.shard`:
+local heads, local MLP width, a vocab slice of the LM head) with a KV pool of its own KV heads.
 """
 
 from __future__ import annotations
+
+from collections.abc import Generator
 
 import numpy as np
 
 from ...models.weights import WeightSource
 from ...parallel import LocalGroup, ShardPlan, shard
 from ..base import Rows
-from .decoder import PagedDecoder
+from .decoder import DecoderSteps, PagedDecoder
 
 
-class ShardedDecoder:
+def layer_steps(d: PagedDecoder, batch: list[Rows], pools) -> Generator[np.ndarray, np.ndarray, np.ndarray]:
+    """One rank's forward pass as a coroutine: yields every partial sum the ranks must add up
+    (two per layer) and is sent the total; returns the final hidden rows ``[N, hidden]``."""
+    x, positions = d.embed_rows(batch)  # the embedding is replicated: every rank has the same rows
+    for li in range(d.config.num_hidden_layers):
+        x = x + (yield d.attention_out(li, x, positions, batch, pools))
+        x = x + (yield d.mlp_out(li, x))
+    return x
+
+
+class RankDecoder(DecoderSteps):
+    """One rank of a tensor-parallel group (SPMD): ``weights`` is this rank's shard, ``comm`` a
+    communicator with ``rank``, ``size``, ``all_reduce(buf)`` and ``all_gather(buf, axis)``.
+
+    ``config`` is the *whole* model's (the rank's local shape is ``decoder.config``): what the
+    rank computes after its collectives is the whole model's hidden rows and logits.
+    """
+
+    def __init__(self, weights: WeightSource, comm, config):
+        self.decoder, self.comm, self.config = PagedDecoder(weights), comm, config
+
+    def new_pools(self, num_blocks: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """This rank's K and V pools (its own KV heads)."""
+        return self.decoder.new_pools(num_blocks)
+
+    def forward(self, batch: list[Rows], pools) -> np.ndarray:
+        """The final hidden rows ``[N, hidden]`` (the same on every rank); appends this rank's KV."""
+        steps = layer_steps(self.decoder, batch, pools)
+        try:
+            part = next(steps)
+            while True:
+                part = steps.send(self.comm.all_reduce(part))
+        except StopIteration as done:
+            return done.value
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """fp32 ``[R, vocab]``: every rank's vocab slice, all-gathered in rank order."""
+        return self.comm.all_gather(self.decoder.logits(hidden), axis=-1)
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+class ShardedDecoder(DecoderSteps):
     """``weights`` split over ``size`` in-process ranks (``size=1`` is one unsplit rank)."""
 
     def __init__(self, weights: WeightSource, size: int):
@@ -48,14 +100,14 @@ class ShardedDecoder:
 
     def forward(self, batch: list[Rows], pools) -> np.ndarray:
         """The final hidden rows ``[N, hidden]``; every rank appends its KV heads to its pools."""
-        # The embedding is replicated, so rank 0's rows are every rank's (and its checks everyone's).
-        x, positions = self.ranks[0].embed_rows(batch)
-        rank_pools = [self._rank_pools(pools, r) for r in range(self.size)]
-        for li in range(self.config.num_hidden_layers):
-            x = x + self.group.all_reduce([d.attention_out(li, x, positions, batch, p)
-                                           for d, p in zip(self.ranks, rank_pools)])
-            x = x + self.group.all_reduce([d.mlp_out(li, x) for d in self.ranks])
-        return x
+        ranks = [layer_steps(d, batch, self._rank_pools(pools, r)) for r, d in enumerate(self.ranks)]
+        try:  # every rank stops after the same layer; rank 0's hidden rows are everyone's
+            parts = [next(s) for s in ranks]
+            while True:
+                total = self.group.all_reduce(parts)
+                parts = [s.send(total) for s in ranks]
+        except StopIteration as done:
+            return done.value
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """fp32 ``[R, vocab]``: each rank's vocab slice of the LM head, gathered in rank order."""

@@ -1,0 +1,112 @@
+"""The front process's side of tensor parallelism through worker processes (CPU ranks).
+
+:class:`ProcessDecoder` starts one worker per rank (:mod:`nexusrt.backends.cpu.tp_worker`),
+each loading only its shard, and stands in for a decoder: both CPU runners drive it through
+``new_pools``, ``forward_logits`` and ``compact_pools`` (one message to every rank each), so
+``CpuRunner`` is the one-sequence runner and ``CpuBatchRunner`` the serving engine's over
+worker processes with no code of their own. The hidden rows and KV pools stay in the
+workers; only a step's :class:`~nexusrt.backends.base.Rows` go out and rank 0's gathered
+logits come back.
+
+It lives in ``backends/cpu`` because it is this backend's runner half (it names the CPU rank
+loop); the machinery under it, the process group and the shared-memory communicator, is in
+``parallel/`` and knows no backend, so a CUDA front would reuse it with a CUDA rank loop and
+NCCL in place of :class:`~nexusrt.parallel.shm.ShmGroup`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...parallel import ShardPlan
+from ...parallel.procs import WorkerGroup
+from ...parallel.shm import DEFAULT_SLOT_BYTES, DEFAULT_TIMEOUT, create_segment
+from ..base import Rows
+from .tp_worker import RankSpec, serve_rank
+
+
+def blas_env(size: int) -> dict[str, str]:
+    """BLAS thread counts for ``size`` ranks sharing this machine's cores. Without them every
+    worker starts a BLAS thread per core, and OpenBLAS threads spin while they wait: with more
+    threads than cores, a step ran 20 times slower (2 ranks on 2 cores)."""
+    threads = str(max(1, (os.cpu_count() or 1) // size))
+    return {name: threads for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@dataclass(frozen=True)
+class RemotePools:
+    """A handle to K/V pools that live in the workers (pool ``id`` of every rank)."""
+
+    id: int
+    num_blocks: int
+
+
+class ProcessDecoder:
+    """The model named ``model`` (as :func:`~nexusrt.models.loader.load_model` takes it, with
+    ``seed`` and ``allow_paths``) split over ``size`` worker processes; ``config`` is its
+    config (the front reads only that). Indivisible shapes fail before any process starts.
+
+    ``timeout``: seconds a collective waits for a peer before it names the missing rank.
+    Raises :class:`~nexusrt.parallel.procs.WorkerDied` from any call once a worker has died;
+    the other workers are stopped by then.
+    """
+
+    # h2o's attention mass is summed over every rank's heads in one float64 order in process;
+    # the ranks here hold theirs apart, so only the policy without scores is offered.
+    prune_policies = frozenset({"sink-window"})
+
+    def __init__(self, model: str, config, size: int, *, seed: int = 0, allow_paths=(),
+                 slot_bytes: int = DEFAULT_SLOT_BYTES, timeout: float = DEFAULT_TIMEOUT):
+        self.config = config
+        self.plan = ShardPlan(config, size)  # bad degrees and indivisible shapes fail here, no process yet
+        self._segment = create_segment(size, slot_bytes)
+        self._workers = None
+        try:
+            spec = RankSpec(str(model), seed, tuple(str(p) for p in allow_paths), size, self._segment.name,
+                            slot_bytes, timeout)
+            self._workers = WorkerGroup(serve_rank, size, (spec,), name="tensor-parallel worker", env=blas_env(size))
+        except BaseException:
+            self._release_segment()
+            raise
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, rank order."""
+        return self._workers.pids
+
+    @property
+    def segment_name(self) -> str:
+        """The shared-memory segment of the collectives (unlinked by :meth:`close`)."""
+        return self._segment.name
+
+    def new_pools(self, num_blocks: int) -> RemotePools:
+        """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""
+        ids = self._workers.request(("pools", num_blocks), "pool allocation")
+        return RemotePools(ids[0], num_blocks)
+
+    def forward_logits(self, batch: list[Rows], pools: RemotePools, rows) -> np.ndarray:
+        """One step in every worker; rank 0's all-gathered fp32 ``[len(rows), vocab]`` logits."""
+        return self._workers.request(("step", pools.id, batch, np.asarray(rows, np.intp)), "step")[0]
+
+    def compact_pools(self, pools: RemotePools, table: list[int], keep) -> None:
+        """KV compaction (see ``DecoderSteps.compact_pools``) in every worker's pools."""
+        self._workers.request(("compact", pools.id, list(table), np.asarray(keep)), "KV compaction")
+
+    def close(self) -> None:
+        """Stop the workers (asked first, then terminated) and unlink the segment; safe twice."""
+        if self._workers is not None:
+            self._workers.close(("close",))
+        self._release_segment()
+
+    def _release_segment(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+            self._segment.unlink()
+            self._segment = None

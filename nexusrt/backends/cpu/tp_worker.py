@@ -1,0 +1,108 @@
+"""One CPU rank of a tensor-parallel group in its own process: load the shard, then serve steps.
+
+The process entry :func:`serve_rank` (started by :class:`~nexusrt.parallel.procs.WorkerGroup`)
+opens the model itself (:func:`~nexusrt.models.loader.load_model` maps the checkpoint), takes
+its :func:`~nexusrt.parallel.shard` view, so it reads only its rows and columns of each
+tensor, attaches to the group's shared-memory communicator and builds a
+:class:`~nexusrt.backends.cpu.sharded.RankDecoder`. Then it answers the front's messages,
+one per step (:data:`MESSAGES`), until ``("close",)`` or its pipe closes.
+
+The front never reads weights for a rank; a rank never sees a request it was not sent, so
+every rank runs every step's collectives in the same order (SPMD).
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+from dataclasses import dataclass
+
+from ...models.loader import load_model
+from ...parallel import ShardPlan, shard
+from ...parallel.shm import ShmGroup
+from .sharded import RankDecoder
+
+MESSAGES = """
+("pools", num_blocks)                  -> a pool id (this rank's K/V pools of its KV heads)
+("step", pool_id, batch, rows)         -> rank 0: fp32 [len(rows), vocab] logits; others: None
+("compact", pool_id, table, keep)      -> None (KV pruning: every rank moves its own heads' slots)
+("close",)                             -> the rank exits
+"""
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank needs to boot: the model as :func:`load_model` takes it, the group's degree,
+    and the communicator's segment."""
+
+    model: str
+    seed: int
+    allow_paths: tuple
+    size: int
+    segment: str
+    slot_bytes: int
+    timeout: float
+
+
+def _answerable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (the front re-raises it as is), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _boot(rank: int, spec: RankSpec) -> tuple[RankDecoder, object]:
+    model = load_model(spec.model, seed=spec.seed, allow_paths=spec.allow_paths)
+    plan = ShardPlan(model.config, spec.size)
+    comm = ShmGroup(spec.segment, rank, spec.size, spec.slot_bytes, spec.timeout)
+    return RankDecoder(shard(model.weights, plan, rank), comm, model.config), model.weights
+
+
+def serve_rank(rank: int, conn, spec: RankSpec) -> None:
+    """The worker process's main: boot rank ``rank``, answer ``("ready", pid)``, then serve."""
+    import os
+
+    # The front stops a group with SIGTERM; Ctrl-C in a terminal reaches the whole process
+    # group, and only the front decides what happens to a step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        decoder, weights = _boot(rank, spec)
+    except BaseException as exc:
+        conn.send(("error", _answerable(exc)))
+        return
+    conn.send(("ok", os.getpid()))
+    pools: list = []
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:  # the front is gone
+                return
+            if message[0] == "close":
+                return
+            try:
+                conn.send(("ok", _handle(message, decoder, pools, rank)))
+            except Exception as exc:  # the front decides: re-raise if every rank failed alike
+                conn.send(("error", _answerable(exc)))
+    finally:
+        decoder.close()
+        decoder.comm.close()
+        weights.close()
+
+
+def _handle(message, decoder: RankDecoder, pools: list, rank: int):
+    kind = message[0]
+    if kind == "pools":
+        pools.append(decoder.new_pools(message[1]))
+        return len(pools) - 1
+    if kind == "step":
+        _, pool_id, batch, rows = message
+        logits = decoder.forward_logits(batch, pools[pool_id], rows)
+        return logits if rank == 0 else None  # every rank holds the gathered logits; one copy travels
+    if kind == "compact":
+        _, pool_id, table, keep = message
+        decoder.compact_pools(pools[pool_id], table, keep)
+        return None
+    raise ValueError(f"unknown message {kind!r}")

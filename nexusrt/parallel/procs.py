@@ -1,0 +1,164 @@
+"""Worker processes of a tensor-parallel group, seen from the front process: start, ask, stop.
+
+:class:`WorkerGroup` starts one process per rank (``spawn``: a fresh interpreter, no forked
+threads or device state) running ``target(rank, conn, *args)``, talks to each over its own
+pipe, and owns their lifetimes. It knows nothing of models: the CPU rank loop lives in
+:mod:`nexusrt.backends.cpu.tp_worker`, and a CUDA one would be another ``target``.
+
+The protocol: every request goes to every rank; a rank answers ``("ok", value)`` or
+``("error", exception)``. :meth:`WorkerGroup.request` waits on the pipes *and* the process
+sentinels, so a rank that dies (killed, crashed, out of memory) is seen at once: the group
+raises :class:`WorkerDied` naming the rank and its exit code, and stops every other rank
+first, so no process is left behind. Errors every rank raised alike (a bad token id, checked
+before any collective) are re-raised and the group stays usable; a rank erring alone means
+the ranks are out of step, and the group is stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+from multiprocessing.connection import wait
+
+from ..errors import NexusRTError
+
+STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
+_ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
+
+
+class WorkerDied(NexusRTError):
+    """A worker process exited or failed mid-request; the message names the rank and exit code."""
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit code 3`` / ``killed by SIGKILL`` / ``still running`` for a process's exitcode."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"killed by signal {-code} (exit code {code})"
+    return f"exit code {code}"
+
+
+class WorkerGroup:
+    """``size`` worker processes running ``target(rank, conn, *args)``; ``name`` labels messages;
+    ``env``: variables the workers start with (a spawned child reads the environment when it
+    imports its libraries, before ``target`` runs: BLAS thread counts must be set this way).
+
+    The constructor returns once every rank has answered its first message (its ``ready``
+    value, e.g. after loading its shard), kept in :attr:`ready`; a rank that fails or dies
+    while starting stops the group and raises.
+    """
+
+    def __init__(self, target, size: int, args: tuple = (), name: str = "worker", timeout: float | None = None,
+                 env: dict[str, str] | None = None):
+        ctx = mp.get_context("spawn")
+        self.name, self.size, self.timeout = name, size, timeout
+        self._procs, self._conns = [], []
+        self._closed = False
+        try:
+            with _ENV_LOCK:
+                saved = {k: os.environ.get(k) for k in env or {}}
+                os.environ.update(env or {})
+                try:
+                    for rank in range(size):
+                        self._start(ctx, target, rank, args)
+                finally:
+                    for k, v in saved.items():
+                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            self.ready = self._collect("starting")
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, ctx, target, rank: int, args: tuple) -> None:
+        ours, theirs = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=target, args=(rank, theirs, *args), name=f"{self.name}-rank{rank}", daemon=True)
+        proc.start()
+        theirs.close()  # the child holds its end; ours sees EOF when the child dies
+        self._procs.append(proc)
+        self._conns.append(ours)
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, rank order."""
+        return [p.pid for p in self._procs]
+
+    def request(self, message, what: str = "request") -> list:
+        """Send ``message`` to every rank; their answers, rank order (see the module's protocol)."""
+        if self._closed:
+            raise NexusRTError(f"{self.name} group is closed")
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(message)
+            except (BrokenPipeError, OSError):
+                self._fail(rank, what)
+        return self._collect(what)
+
+    def _collect(self, what: str) -> list:
+        answers: dict[int, tuple] = {}
+        while len(answers) < self.size:
+            pending = [r for r in range(self.size) if r not in answers]
+            ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending], self.timeout)
+            if not ready:
+                self._stop_all()
+                raise WorkerDied(f"{self.name}: rank(s) {pending} did not answer the {what} within "
+                                 f"{self.timeout:g} s; every rank was stopped")
+            for r in pending:
+                if self._conns[r] in ready:  # an answer before the death is still an answer
+                    try:
+                        answers[r] = self._conns[r].recv()
+                    except (EOFError, OSError):
+                        self._fail(r, what)
+                elif self._procs[r].sentinel in ready:
+                    self._fail(r, what)
+        errors = {r: a[1] for r, a in answers.items() if a[0] == "error"}
+        if errors and len(errors) < self.size:  # one rank failed alone: the others are mid-collective
+            r, exc = next(iter(errors.items()))
+            self._stop_all()
+            raise WorkerDied(f"{self.name} rank {r} failed during the {what} ({type(exc).__name__}: {exc}); "
+                             "every rank was stopped") from exc
+        if errors:
+            raise errors[0]
+        return [a[1] for _, a in sorted(answers.items())]
+
+    def _fail(self, rank: int, what: str):
+        proc = self._procs[rank]
+        proc.join(1.0)  # the sentinel fired, or the pipe closed: the exit code follows at once
+        self._stop_all()
+        raise WorkerDied(f"{self.name} rank {rank} (pid {proc.pid}) died during the {what}: "
+                         f"{describe_exit(proc.exitcode)}; every rank was stopped")
+
+    def _stop_all(self) -> None:
+        """Terminate and reap every rank (SIGTERM, then SIGKILL after :data:`STOP_GRACE`)."""
+        self._closed = True
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(STOP_GRACE)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+
+    def close(self, message=None) -> None:
+        """Ask every rank to exit with ``message`` (if given), wait a little, then stop any left.
+        Safe to call twice."""
+        if self._closed:
+            return
+        if message is not None:
+            for conn, proc in zip(self._conns, self._procs):
+                try:
+                    if proc.is_alive():
+                        conn.send(message)
+                except (BrokenPipeError, OSError):
+                    pass  # already gone: _stop_all reaps it
+            for proc in self._procs:
+                proc.join(STOP_GRACE)
+        self._stop_all()

@@ -2,11 +2,11 @@
 
     nexusrt generate [--model MODEL] (--prompt TEXT | --prompt - | --prompt-file F) [--system TEXT]
                      [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-                     [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N] [--tensor-parallel N]
+                     [--stop STR] [--chat] [--json] [--backend cpu|cuda] [--max-context N] [--tensor-parallel N [--tp-processes]]
                      [--kv-policy full|sink-window|h2o] [--kv-budget TOKENS] [--kv-sinks N] [--kv-window N]
     nexusrt chat [--model MODEL] [--system TEXT] [sampling and backend options as above]
     nexusrt serve [--model MODEL] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--kv-memory BYTES]
-                  [--max-waiting N] [--max-context N] [--tensor-parallel N] [--drain-seconds S]
+                  [--max-waiting N] [--max-context N] [--tensor-parallel N [--tp-processes]] [--drain-seconds S]
                   [--kv-policy ... as generate]
     nexusrt --version
 
@@ -38,6 +38,8 @@ def _load_flags(p) -> None:
                    help="cap the KV cache (and so the tokens of one sequence) at N")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
+    p.add_argument("--tp-processes", action="store_true",
+                   help="CPU: run each tensor-parallel rank in its own worker process")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
     p.add_argument("--kv-gpu-budget", default=None, metavar="BYTES",
@@ -132,7 +134,7 @@ def _serve(args) -> int:
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
-                 args.deterministic, _budget(args))
+                 args.deterministic, _budget(args), args.tp_processes)
 
 
 def _sampling(args) -> dict:
@@ -172,7 +174,7 @@ def _run(args) -> int:
     if args.command == "serve":
         return _serve(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
-              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args))
+              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args), tp_processes=args.tp_processes)
     try:
         if args.command == "chat":
             from .chat import run_chat

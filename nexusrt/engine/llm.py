@@ -54,6 +54,9 @@ class LLM:
         mode (a request's ids do not depend on what runs beside it; prefix caching off). The
         CPU engine is batch invariant anyway.
     tensor_parallel : ranks the model is split over (CPU: in process; CUDA: only 1 so far).
+    tp_processes : CPU: run each rank in its own worker process (loading only its shard,
+        collectives through shared memory) instead of all in this one. A script that sets it
+        must guard its top level with ``if __name__ == "__main__":`` (workers are spawned).
 
     Thread safety: the runner holds one sequence; a call takes it when it is free. A call
     that finds it busy (another thread's call) and every list ``generate`` go through the
@@ -66,7 +69,7 @@ class LLM:
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
                  weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
                  max_waiting: int = 1024, tensor_parallel: int = 1, deterministic: bool = False,
-                 kv_gpu_budget: int | None = None):
+                 kv_gpu_budget: int | None = None, tp_processes: bool = False):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
@@ -83,11 +86,12 @@ class LLM:
 
             firmware.init(backend=backend)
         self.backend = backend or runtime_mod.current("nrt.LLM").backend
-        check_tensor_parallel(tensor_parallel, self.backend)  # before a byte of the model is read
+        check_tensor_parallel(tensor_parallel, self.backend, tp_processes)  # before a byte of the model is read
         self.tensor_parallel = tensor_parallel  # ranks the runner's decoder is split over
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
-            self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget)
+            self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget,
+                                      tp_processes, (str(path_or_name), weights_seed, tuple(allow_paths)))
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise

@@ -13,10 +13,16 @@ from ..kvcache.tiers import plan_tiers
 from .fit import check_fit, runner_context
 
 
-def check_tensor_parallel(tensor_parallel, backend: str) -> None:
-    """Refuse a degree that is not an integer >= 1, and a degree > 1 on CUDA (not built yet)."""
+def check_tensor_parallel(tensor_parallel, backend: str, tp_processes: bool = False) -> None:
+    """Refuse a degree that is not an integer >= 1, a degree > 1 on CUDA (not built yet), and
+    worker processes anywhere but the CPU."""
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
+    if not isinstance(tp_processes, bool):
+        raise ValueError(f"tp_processes must be True or False, got {tp_processes!r}")
+    if tp_processes and backend != "cpu":
+        raise BackendUnavailable(f"tp_processes on {backend}: worker processes run CPU ranks only so far "
+                                 "(the CUDA rank loop and its NCCL communicator are not built)")
     if tensor_parallel > 1 and backend != "cpu":
         raise BackendUnavailable(f"tensor_parallel={tensor_parallel} on {backend}: the multi-GPU path (one NCCL "
                                  "worker process per GPU) is not built yet; use tensor_parallel=1, or "
@@ -39,9 +45,11 @@ def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_bu
 
 
 def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1,
-                kv_gpu_budget: int | None = None):
+                kv_gpu_budget: int | None = None, tp_processes: bool = False, source: tuple | None = None):
     """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or
-    CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks.
+    CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks, or
+    with ``tp_processes`` over one worker process per rank, each opening ``source`` (the
+    ``(path_or_name, seed, allow_paths)`` the model was loaded from) and reading its shard.
     ``kv_gpu_budget``: bytes of KV on the device, the rest on the pinned host tier (CUDA)."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
     check_tensor_parallel(tensor_parallel, backend)
@@ -51,6 +59,16 @@ def make_runner(model: LoadedModel, backend: str, max_context: int | None, tenso
         from ..backends.cpu.model import CpuRunner
 
         check_fit(model.config, backend, max_context, name)
+        if tp_processes:
+            from ..backends.cpu.tp_front import ProcessDecoder
+
+            name, seed, allow = source or (str(model.path or model.name), getattr(model.weights, "seed", 0), ())
+            decoder = ProcessDecoder(name, model.config, tensor_parallel, seed=seed, allow_paths=allow)
+            try:
+                return CpuRunner(model.weights, max_context, decoder=decoder)
+            except BaseException:
+                decoder.close()  # no worker outlives a runner that never was
+                raise
         if tensor_parallel == 1:
             return CpuRunner(model.weights, max_context)
         from ..backends.cpu.sharded import ShardedDecoder

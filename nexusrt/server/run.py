@@ -35,11 +35,11 @@ def parse_bytes(text: str, flag: str = "--kv-memory") -> int:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 32, kv_memory: int | None = None,
           max_context: int | None = None, max_waiting: int = 256, allow_paths=(), drain_s: float = DRAIN_S,
           kv: dict | None = None, tensor_parallel: int = 1, backend: str | None = None,
-          deterministic: bool = False, kv_gpu_budget: int | None = None) -> int:
+          deterministic: bool = False, kv_gpu_budget: int | None = None, tp_processes: bool = False) -> int:
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
     flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
     pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
-    model is split over (in process on the CPU). ``backend``: cpu or cuda (default: the probe's);
+    model is split over (on the CPU in process, or with ``tp_processes`` one worker process each). ``backend``: cpu or cuda (default: the probe's);
     ``deterministic``: on CUDA, a request's ids do not depend on the batch around it.
     ``kv_gpu_budget``: bytes of KV on the GPU (the host tier; refused by the batched engine for now)."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
@@ -62,7 +62,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(model, backend=backend, max_context=max_context, max_batch=max_batch, kv_memory=kv_memory,
               max_waiting=max_waiting, allow_paths=allow_paths, tensor_parallel=tensor_parallel,
-              deterministic=deterministic, kv_gpu_budget=kv_gpu_budget)
+              deterministic=deterministic, kv_gpu_budget=kv_gpu_budget, tp_processes=tp_processes)
     try:
         app = create_app(llm, model, kv)
         state = app.state.server

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...parallel import ShardPlan
-from ...parallel.procs import WorkerGroup
+from ...parallel.procs import WorkerDied, WorkerGroup
 from ...parallel.shm import DEFAULT_SLOT_BYTES, DEFAULT_TIMEOUT, create_segment
 from ..base import Rows
 from .tp_worker import RankSpec, serve_rank
@@ -88,22 +88,29 @@ class ProcessDecoder:
 
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""
-        ids = self._workers.request(("pools", num_blocks), "pool allocation")
+        ids = self._request(("pools", num_blocks), "pool allocation")
         return RemotePools(ids[0], num_blocks)
 
     def forward_logits(self, batch: list[Rows], pools: RemotePools, rows) -> np.ndarray:
         """One step in every worker; rank 0's all-gathered fp32 ``[len(rows), vocab]`` logits."""
-        return self._workers.request(("step", pools.id, batch, np.asarray(rows, np.intp)), "step")[0]
+        return self._request(("step", pools.id, batch, np.asarray(rows, np.intp)), "step")[0]
 
     def compact_pools(self, pools: RemotePools, table: list[int], keep) -> None:
         """KV compaction (see ``DecoderSteps.compact_pools``) in every worker's pools."""
-        self._workers.request(("compact", pools.id, list(table), np.asarray(keep)), "KV compaction")
+        self._request(("compact", pools.id, list(table), np.asarray(keep)), "KV compaction")
 
     def close(self) -> None:
         """Stop the workers (asked first, then terminated) and unlink the segment; safe twice."""
         if self._workers is not None:
             self._workers.close(("close",))
         self._release_segment()
+
+    def _request(self, message, what: str) -> list:
+        try:
+            return self._workers.request(message, what)
+        except WorkerDied:  # every worker is stopped by now: nothing uses the segment any more
+            self._release_segment()
+            raise
 
     def _release_segment(self) -> None:
         if self._segment is not None:

@@ -63,9 +63,10 @@ class ProcessDecoder:
         self.config = config
         self.plan = ShardPlan(config, size)  # bad degrees and indivisible shapes fail here, no process yet
         self._segment = create_segment(size, slot_bytes)
+        self.segment_name = self._segment.name  # the shared-memory segment of the collectives (unlinked by close)
         self._workers = None
         try:
-            spec = RankSpec(str(model), seed, tuple(str(p) for p in allow_paths), size, self._segment.name,
+            spec = RankSpec(str(model), seed, tuple(str(p) for p in allow_paths), size, self.segment_name,
                             slot_bytes, timeout)
             self._workers = WorkerGroup(serve_rank, size, (spec,), name="tensor-parallel worker", env=blas_env(size))
         except BaseException:
@@ -80,11 +81,6 @@ class ProcessDecoder:
     def pids(self) -> list[int]:
         """The worker processes' ids, rank order."""
         return self._workers.pids
-
-    @property
-    def segment_name(self) -> str:
-        """The shared-memory segment of the collectives (unlinked by :meth:`close`)."""
-        return self._segment.name
 
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""

@@ -1,0 +1,104 @@
+"""The shared-memory communicator (ShmGroup) against LocalGroup, and the SPMD RankDecoder over it,
+with ranks as threads of this process (the worker processes are tests/test_tp_workers.py's)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from nexusrt.backends.base import Rows
+from nexusrt.backends.cpu.model import CpuRunner
+from nexusrt.backends.cpu.sharded import RankDecoder, ShardedDecoder
+from nexusrt.models.synthetic import SyntheticWeights
+from nexusrt.parallel import LocalGroup, ShardPlan, shard
+from nexusrt.parallel.shm import CollectiveTimeout, ShmGroup, create_segment
+
+
+def spmd(size: int, body, slot_bytes: int = 1 << 12, timeout: float = 10.0) -> list:
+    """Run ``body(comm)`` on ``size`` threads, one ShmGroup rank each; their results, rank order."""
+    segment = create_segment(size, slot_bytes)
+    results, errors = [None] * size, []
+
+    def rank(r):
+        comm = ShmGroup(segment.name, r, size, slot_bytes, timeout)
+        try:
+            results[r] = body(comm)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            comm.close()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        segment.close()
+        segment.unlink()
+    assert not os.path.exists(f"/dev/shm/{segment.name}")
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_collectives_equal_local_group_bit_for_bit_across_chunks(size):
+    rng = np.random.default_rng(0)
+    # 2,500 floats through 1,024-float slots: three chunks, the last partial
+    bufs = [rng.standard_normal((50, 50)).astype(np.float32) * 10 ** r for r in range(size)]
+    local = LocalGroup(size)
+    out = spmd(size, lambda c: (c.all_reduce(bufs[c.rank]), c.all_gather(bufs[c.rank], axis=-1),
+                                c.all_gather(bufs[c.rank], axis=0)))
+    for reduced, gathered, rows in out:
+        assert np.array_equal(reduced, local.all_reduce(bufs)) and not reduced.flags.writeable
+        assert np.array_equal(gathered, local.all_gather(bufs, axis=-1))
+        assert np.array_equal(rows, local.all_gather(bufs, axis=0))
+
+
+def test_buffers_of_different_sizes_fail_on_every_rank():
+    with pytest.raises(ValueError, match=r"all_reduce buffers differ in size across ranks: \{0: 4, 1: 6\}"):
+        spmd(2, lambda c: c.all_reduce(np.zeros(4 + 2 * c.rank, np.float32)))
+
+
+def test_only_fp32_travels():
+    with pytest.raises(TypeError, match="collectives move fp32 arrays, got float64"):
+        spmd(1, lambda c: c.all_reduce(np.zeros(3)))
+
+
+def test_a_missing_rank_times_out_by_name_and_breaks_the_group():
+    segment = create_segment(3, 64)
+    try:
+        comm = ShmGroup(segment.name, 0, 3, 64, timeout=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(CollectiveTimeout, match=r"rank 0: all_reduce timed out after 0.2 s waiting for rank\(s\) \[1, 2\]"):
+            comm.all_reduce(np.ones(4, np.float32))
+        assert time.monotonic() - t0 < 2
+        with pytest.raises(CollectiveTimeout, match="the group is broken"):
+            comm.all_gather(np.ones(4, np.float32))
+        comm.close()
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_rank_decoders_over_shm_equal_the_lockstep_decoder():
+    """The SPMD RankDecoder, two ranks calling their own collectives, gives the in-process
+    ShardedDecoder's logits bit for bit (the same per-layer coroutine, the same sums)."""
+    weights = SyntheticWeights.from_preset("tiny", seed=5)
+    ids = np.array([5, 9, 200, 31, 7, 7, 400, 12], np.int32)
+    expect = CpuRunner(weights, 32, decoder=ShardedDecoder(weights, 2)).forward_all(ids)
+    plan = ShardPlan(weights.config, 2)
+
+    def rank(comm):
+        decoder = RankDecoder(shard(weights, plan, comm.rank), comm, weights.config)
+        pools = decoder.new_pools(2)
+        return decoder.forward_logits([Rows(ids, 0, [1, 0])], pools, np.arange(len(ids)))
+
+    for logits in spmd(2, rank, slot_bytes=1 << 16):
+        assert np.array_equal(logits, expect)

@@ -1,0 +1,167 @@
+"""Tensor parallelism through worker processes (CPU ranks): the same logits and ids as the
+in-process ShardedDecoder bit for bit, through both CPU runners, ``nrt.LLM`` and its serving
+engine; a killed worker named by rank with nothing left behind; bad degrees refused before
+any process starts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+import nexusrt as nrt
+from nexusrt.backends.base import Rows, iter_tokens
+from nexusrt.backends.cpu.batch import CpuBatchRunner
+from nexusrt.backends.cpu.model import CpuRunner
+from nexusrt.backends.cpu.sharded import ShardedDecoder
+from nexusrt.backends.cpu.tp_front import ProcessDecoder
+from nexusrt.errors import BackendUnavailable, ModelError
+from nexusrt.models.loader import load_model
+from nexusrt.parallel.procs import WorkerDied
+from nexusrt.reference.sampling import SamplingParams
+
+from conftest import engine_is_empty
+from helpers_hf import build_checkpoint
+from test_tp_cpu import FAMILIES, IDS
+
+PROMPTS = ["The quick brown fox", "Once upon a time, a small model", "Weights are read from"]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_released(decoder: ProcessDecoder, pids: list[int]) -> None:
+    assert all(gone(p) for p in pids), [p for p in pids if not gone(p)]
+    assert not os.path.exists(f"/dev/shm/{decoder.segment_name}")
+    assert not multiprocessing.active_children()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def checkpoint(request, tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param), heads=8, kv_heads=4, seed=11,
+                            **FAMILIES[request.param])
+    model = load_model(str(path))
+    yield str(path), model.weights
+    model.weights.close()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_workers_give_the_in_process_logits_and_ids_bit_for_bit(checkpoint, n):
+    path, weights = checkpoint
+    inproc = ShardedDecoder(weights, n)
+    expect_logits = CpuRunner(weights, 64, decoder=inproc).forward_all(IDS)
+    expect_ids = list(iter_tokens(CpuRunner(weights, 64, decoder=inproc), IDS, 8, SamplingParams()))
+    workers = ProcessDecoder(path, weights.config, n)
+    pids = workers.pids
+    try:
+        assert len(set(pids)) == n and os.getpid() not in pids
+        runner = CpuRunner(weights, 64, decoder=workers)
+        assert np.array_equal(runner.forward_all(IDS), expect_logits)
+        assert list(iter_tokens(runner, IDS, 8, SamplingParams())) == expect_ids
+    finally:
+        workers.close()
+    assert_released(workers, pids)
+
+
+def test_batch_runner_over_workers_matches_in_process_with_compaction(checkpoint):
+    """Two sequences (one chunked) through CpuBatchRunner, then a KV compaction, then a decode:
+    every logit equals the in-process TP=2 batch runner's."""
+    path, weights = checkpoint
+
+    def steps(decoder):
+        batch = CpuBatchRunner(decoder, num_blocks=8, max_context=64)
+        out = batch.run([Rows(IDS[:9], 0, [0], logits=True), Rows(IDS[5:10], 0, [2, 3])])
+        out += batch.run([Rows(IDS[10:], 5, [2, 3], logits=True)])
+        batch.compact([2, 3], [0, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14])  # drop 4 slots
+        position = None if weights.config.sliding_window else 15  # mistral refuses pruned positions
+        out += batch.run([Rows([42], 11, [2, 3], logits=True, position=position)])
+        return batch, out
+
+    workers = ProcessDecoder(path, weights.config, 2)
+    try:
+        batch, got = steps(workers)
+        assert batch.prune_policies == {"sink-window"}  # h2o's scores are not summed across processes
+        _, expect = steps(ShardedDecoder(weights, 2))
+    finally:
+        workers.close()
+    assert got[1] is None and expect[1] is None
+    for a, b in zip(got, expect):
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.fixture
+def pair(cpu_rt):
+    """stdlib-tiny at TP=2 in process and TP=2 through worker processes."""
+    llms = [nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", max_context=256, max_batch=4, tensor_parallel=2,
+                    tp_processes=p) for p in (False, True)]
+    yield llms
+    for llm in llms:
+        llm.close()
+
+
+def test_llm_through_workers_generates_the_in_process_ids_alone_and_batched(pair):
+    inproc, procs = pair
+    decoder = procs.runner.decoder
+    assert isinstance(decoder, ProcessDecoder) and decoder.size == 2
+    expect = [inproc.generate(p, max_new_tokens=24, temperature=0).token_ids for p in PROMPTS]
+    assert [procs.generate(p, max_new_tokens=24, temperature=0).token_ids for p in PROMPTS] == expect
+    batched = procs.generate(PROMPTS, max_new_tokens=24, temperature=0)  # the serving engine, one step for all
+    assert [r.token_ids for r in batched] == expect
+    sampled = [llm.generate(PROMPTS[0], max_new_tokens=16, temperature=0.8, seed=3).token_ids for llm in pair]
+    assert sampled[0] == sampled[1]
+    assert engine_is_empty(procs)
+    pids = decoder.pids
+    procs.close()
+    assert_released(decoder, pids)
+    assert nrt.memory.stats()["live_allocations"] == 0
+
+
+@pytest.mark.parametrize("path", ["one-sequence", "engine"])
+def test_a_killed_worker_is_named_and_nothing_is_left_behind(cpu_rt, path):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=512, tensor_parallel=2, tp_processes=True)
+    decoder = llm.runner.decoder
+    pids = decoder.pids
+    try:
+        if path == "one-sequence":  # kill rank 1 once the stream is under way
+            stream = llm.stream("x" * 8, max_new_tokens=400, temperature=0)
+            next(stream)
+            os.kill(pids[1], signal.SIGKILL)
+            with pytest.raises(WorkerDied, match=r"rank 1 \(pid \d+\) died during the step: killed by SIGKILL"):
+                for _ in stream:
+                    pass
+        else:  # several requests through the engine; kill while they run
+            timer = threading.Timer(0.3, os.kill, (pids[1], signal.SIGKILL))
+            timer.start()
+            with pytest.raises(WorkerDied, match=r"rank 1 \(pid \d+\) died during the step: killed by SIGKILL"):
+                llm.generate(["a", "bb", "ccc"], max_new_tokens=400, temperature=0)
+            timer.join()
+        assert all(gone(p) for p in pids)  # rank 0 too, before close()
+        assert not os.path.exists(f"/dev/shm/{decoder.segment_name}")
+    finally:
+        llm.close()
+    assert_released(decoder, pids)
+
+
+def test_indivisible_degree_fails_before_any_process_starts(cpu_rt):
+    with pytest.raises(ModelError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel=4"):
+        nrt.LLM("nexusrt:stdlib-tiny", backend="cpu", tensor_parallel=4, tp_processes=True)
+    assert not multiprocessing.active_children()
+
+
+def test_bad_switch_and_cuda_are_refused(cpu_rt):
+    with pytest.raises(ValueError, match="tp_processes must be True or False"):
+        nrt.LLM("synthetic:tiny", backend="cpu", tensor_parallel=2, tp_processes=1)
+    from nexusrt.engine.runners import check_tensor_parallel
+
+    with pytest.raises(BackendUnavailable, match="tp_processes on cuda"):
+        check_tensor_parallel(1, "cuda", tp_processes=True)
+    assert not multiprocessing.active_children()

@@ -60,3 +60,5 @@ def test_cli_flag(command):
     parser = build_parser()
     assert parser.parse_args(command + ["--tensor-parallel", "2"]).tensor_parallel == 2
     assert parser.parse_args(command).tensor_parallel == 1
+    assert parser.parse_args(command + ["--tensor-parallel", "2", "--tp-processes"]).tp_processes
+    assert not parser.parse_args(command).tp_processes

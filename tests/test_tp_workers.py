@@ -145,6 +145,9 @@ def test_a_killed_worker_is_named_and_nothing_is_left_behind(cpu_rt, path):
                 llm.generate(["a", "bb", "ccc"], max_new_tokens=400, temperature=0)
             timer.join()
         assert all(gone(p) for p in pids)  # rank 0 too, before close()
+        assert "rank 1" in str(llm.failure)
+        with pytest.raises(WorkerDied, match="rank 1"):  # every later call says why, not just "closed"
+            llm.generate("again", max_new_tokens=2)
         assert not os.path.exists(f"/dev/shm/{decoder.segment_name}")
     finally:
         llm.close()
@@ -165,3 +168,33 @@ def test_bad_switch_and_cuda_are_refused(cpu_rt):
     with pytest.raises(BackendUnavailable, match="tp_processes on cuda"):
         check_tensor_parallel(1, "cuda", tp_processes=True)
     assert not multiprocessing.active_children()
+
+
+def test_serve_exits_naming_the_dead_rank():
+    """``nexusrt serve --tp-processes``: a worker killed mid-request fails the request with the
+    rank's name, and the server exits with status 1 leaving no worker behind."""
+    from server_helpers import ServerProcess
+
+    server = ServerProcess("--model", "synthetic:tiny", "--tensor-parallel", "2", "--tp-processes")
+    try:
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_worker_of(int(p), server.proc.pid)]
+        assert len(workers) == 2
+        timer = threading.Timer(0.3, os.kill, (workers[1], signal.SIGKILL))
+        timer.start()
+        reply = server.http.post("/v1/completions", json={"model": "synthetic:tiny", "prompt": "x", "max_tokens": 400})
+        timer.join()
+        assert reply.status_code == 500 and "died during the step: killed by SIGKILL" in reply.text
+        server.proc.wait(15)
+    finally:
+        status, out = server.stop()
+    assert status == 1 and "tensor-parallel worker rank" in out and "shutting down" in out
+    assert all(gone(p) for p in workers)
+
+
+def _is_worker_of(pid: int, parent: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+    return int(stat[1]) == parent and b"spawn_main" in cmdline

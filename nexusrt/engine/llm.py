@@ -102,6 +102,13 @@ class LLM:
         return self.model.config
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error that left the runner unusable for good (a tensor-parallel worker that died:
+        every later step raises it), or None. The serving engine ends only the step's requests
+        on an error, so a server polls this to know it must exit."""
+        return getattr(getattr(self.runner, "decoder", None), "failure", None)
+
+    @property
     def last_result(self) -> GenerationResult | None:
         """The result of the last stream this thread finished (None while one runs)."""
         return getattr(self._local, "result", None)

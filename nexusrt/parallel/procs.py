@@ -60,6 +60,7 @@ class WorkerGroup:
         self.name, self.size, self.timeout = name, size, timeout
         self._procs, self._conns = [], []
         self._closed = False
+        self.failure: WorkerDied | None = None  # what stopped the group, once something has
         try:
             with _ENV_LOCK:
                 saved = {k: os.environ.get(k) for k in env or {}}
@@ -90,6 +91,8 @@ class WorkerGroup:
 
     def request(self, message, what: str = "request") -> list:
         """Send ``message`` to every rank; their answers, rank order (see the module's protocol)."""
+        if self.failure is not None:  # every later call names the rank that died, not just "closed"
+            raise WorkerDied(str(self.failure))
         if self._closed:
             raise NexusRTError(f"{self.name} group is closed")
         for rank, conn in enumerate(self._conns):
@@ -106,8 +109,8 @@ class WorkerGroup:
             ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending], self.timeout)
             if not ready:
                 self._stop_all()
-                raise WorkerDied(f"{self.name}: rank(s) {pending} did not answer the {what} within "
-                                 f"{self.timeout:g} s; every rank was stopped")
+                raise self._failed(f"{self.name}: rank(s) {pending} did not answer the {what} within "
+                                   f"{self.timeout:g} s; every rank was stopped")
             for r in pending:
                 if self._conns[r] in ready:  # an answer before the death is still an answer
                     try:
@@ -120,8 +123,8 @@ class WorkerGroup:
         if errors and len(errors) < self.size:  # one rank failed alone: the others are mid-collective
             r, exc = next(iter(errors.items()))
             self._stop_all()
-            raise WorkerDied(f"{self.name} rank {r} failed during the {what} ({type(exc).__name__}: {exc}); "
-                             "every rank was stopped") from exc
+            raise self._failed(f"{self.name} rank {r} failed during the {what} ({type(exc).__name__}: {exc}); "
+                               "every rank was stopped") from exc
         if errors:
             raise errors[0]
         return [a[1] for _, a in sorted(answers.items())]
@@ -130,8 +133,12 @@ class WorkerGroup:
         proc = self._procs[rank]
         proc.join(1.0)  # the sentinel fired, or the pipe closed: the exit code follows at once
         self._stop_all()
-        raise WorkerDied(f"{self.name} rank {rank} (pid {proc.pid}) died during the {what}: "
-                         f"{describe_exit(proc.exitcode)}; every rank was stopped")
+        raise self._failed(f"{self.name} rank {rank} (pid {proc.pid}) died during the {what}: "
+                           f"{describe_exit(proc.exitcode)}; every rank was stopped")
+
+    def _failed(self, message: str) -> WorkerDied:
+        self.failure = WorkerDied(message)
+        return self.failure
 
     def _stop_all(self) -> None:
         """Terminate and reap every rank (SIGTERM, then SIGKILL after :data:`STOP_GRACE`)."""

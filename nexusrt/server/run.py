@@ -4,6 +4,10 @@ SIGTERM or SIGINT: the listening socket closes and ``/health`` turns 503 at once
 flight get ``DRAIN_S`` seconds to finish, then the engine cancels what is left (their KV blocks
 freed; their clients get a 503 error, or an error event on a stream) and uvicorn's own grace
 (``GRACE_S``) is there only for connections that still hang; the process exits within 10 s.
+
+A tensor-parallel worker process that dies (``--tp-processes``) ends the engine: its requests
+fail naming the rank, the workers left are stopped, and the server logs the rank and exits
+with status 1 (a supervisor restarts it) rather than answering 503 forever.
 """
 
 from __future__ import annotations
@@ -69,6 +73,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
         engine = llm.engine.engine  # started now: the first request should not pay for it
 
         class Server(uvicorn.Server):
+            failure: BaseException | None = None
+
+            async def on_tick(self, counter: int) -> bool:
+                # uvicorn ticks every 0.1 s; a dead worker leaves the engine unable to run a step
+                if counter % 5 == 0 and llm.failure is not None:
+                    self.failure = llm.failure
+                    state.accepting = False
+                    logging.getLogger("nexusrt.server").error("%s; shutting down", self.failure)
+                    return True
+                return await super().on_tick(counter)
+
             async def startup(self, sockets=None):
                 await super().startup(sockets)
                 if not self.should_exit:  # bound and listening (a busy port fails in there)
@@ -92,7 +107,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
-        Server(config).run()
-        return 0
+        server = Server(config)
+        server.run()
+        return 0 if server.failure is None else 1
     finally:
         llm.close()  # cancels whatever is left; its blocks go back to the pool

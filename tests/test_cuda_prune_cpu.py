@@ -18,6 +18,7 @@ import pytest
 from nexusrt import scheduler
 from nexusrt.backends.base import Rows
 from nexusrt.backends.cpu.batch import CpuBatchRunner
+from nexusrt.backends.cpu.decoder import DecoderSteps
 from nexusrt.backends.cuda import batch as batch_mod
 from nexusrt.backends.cuda.batch_buffers import check_entry
 from nexusrt.backends.cuda.chunks import BUCKETS
@@ -182,7 +183,10 @@ def test_compact_copies_table_and_keep_then_launches_once_for_every_layer(make):
 
 def _stub_cpu_runner(cfg):
     pools = ([np.zeros(pool_shape(NUM_BLOCKS, cfg.num_key_value_heads, cfg.head_dim), np.float32)],) * 2
-    return CpuBatchRunner(SimpleNamespace(config=cfg, new_pools=lambda n: pools), NUM_BLOCKS, 300)
+    # the decoder's compaction walks only the pools: no weights needed
+    decoder = SimpleNamespace(config=cfg, new_pools=lambda n: pools,
+                              compact_pools=lambda *args: DecoderSteps.compact_pools(None, *args))
+    return CpuBatchRunner(decoder, NUM_BLOCKS, 300)
 
 
 BAD_KEEPS = [

@@ -116,6 +116,17 @@ def test_llm_through_workers_generates_the_in_process_ids_alone_and_batched(pair
     assert [procs.generate(p, max_new_tokens=24, temperature=0).token_ids for p in PROMPTS] == expect
     batched = procs.generate(PROMPTS, max_new_tokens=24, temperature=0)  # the serving engine, one step for all
     assert [r.token_ids for r in batched] == expect
+    threaded: dict[int, list] = {}  # one call holds the one-sequence runner, the others go through the engine
+
+    def call(i):
+        threaded[i] = procs.generate(PROMPTS[i], max_new_tokens=24, temperature=0).token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [threaded.get(i) for i in range(len(PROMPTS))] == expect
     sampled = [llm.generate(PROMPTS[0], max_new_tokens=16, temperature=0.8, seed=3).token_ids for llm in pair]
     assert sampled[0] == sampled[1]
     assert engine_is_empty(procs)

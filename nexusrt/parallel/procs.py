@@ -60,6 +60,7 @@ class WorkerGroup:
         self.name, self.size, self.timeout = name, size, timeout
         self._procs, self._conns = [], []
         self._closed = False
+        self._lock = threading.Lock()
         self.failure: WorkerDied | None = None  # what stopped the group, once something has
         try:
             with _ENV_LOCK:
@@ -71,7 +72,7 @@ class WorkerGroup:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-            self.ready = self._collect("starting")
+            self.ready = self._unpack(self._collect("starting"), "starting")
         except BaseException:
             self.close()
             raise
@@ -95,14 +96,24 @@ class WorkerGroup:
             raise WorkerDied(str(self.failure))
         if self._closed:
             raise NexusRTError(f"{self.name} group is closed")
-        for rank, conn in enumerate(self._conns):
+        with self._lock:  # one request at a time: the pipes carry no request ids
             try:
-                conn.send(message)
-            except (BrokenPipeError, OSError):
-                self._fail(rank, what)
-        return self._collect(what)
+                for rank, conn in enumerate(self._conns):
+                    try:
+                        conn.send(message)
+                    except (BrokenPipeError, OSError):
+                        self._fail(rank, what)
+                answers = self._collect(what)
+            except WorkerDied:
+                raise
+            except BaseException as exc:  # interrupted mid-request: answers may still be in the pipes
+                self._stop_all()
+                raise self._failed(f"{self.name} group stopped: the {what} was interrupted "
+                                   f"({type(exc).__name__})") from exc
+        return self._unpack(answers, what)
 
-    def _collect(self, what: str) -> list:
+    def _collect(self, what: str) -> dict[int, tuple]:
+        """Every rank's answer to the request just sent, or WorkerDied for the first that died."""
         answers: dict[int, tuple] = {}
         while len(answers) < self.size:
             pending = [r for r in range(self.size) if r not in answers]
@@ -119,6 +130,9 @@ class WorkerGroup:
                         self._fail(r, what)
                 elif self._procs[r].sentinel in ready:
                     self._fail(r, what)
+        return answers
+
+    def _unpack(self, answers: dict[int, tuple], what: str) -> list:
         errors = {r: a[1] for r, a in answers.items() if a[0] == "error"}
         if errors and len(errors) < self.size:  # one rank failed alone: the others are mid-collective
             r, exc = next(iter(errors.items()))

@@ -102,3 +102,67 @@ def test_rank_decoders_over_shm_equal_the_lockstep_decoder():
 
     for logits in spmd(2, rank, slot_bytes=1 << 16):
         assert np.array_equal(logits, expect)
+
+
+# -- WorkerGroup, over a light fake target (tests/tp_worker_fakes.py) ---------------------------
+
+def test_worker_group_answers_in_rank_order_and_reraises_a_shared_error():
+    from nexusrt.parallel import WorkerGroup
+    from tp_worker_fakes import fake_rank
+
+    group = WorkerGroup(fake_rank, 3, name="fake")
+    pids = group.pids
+    try:
+        assert group.ready == [0, 1, 2]
+        assert group.request(("echo", "x")) == [(0, "x"), (1, "x"), (2, "x")]
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):  # every rank alike
+            group.request(("fail_all",))
+        assert group.request(("echo", 1)) == [(0, 1), (1, 1), (2, 1)]  # still in step
+    finally:
+        group.close(("close",))
+    assert all(_gone(p) for p in pids)
+
+
+def test_a_rank_failing_alone_stops_the_group_within_the_grace(monkeypatch):
+    from nexusrt.parallel import WorkerDied, WorkerGroup, procs
+    from tp_worker_fakes import fake_rank
+
+    monkeypatch.setattr(procs, "STOP_GRACE", 0.5)
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    pids = group.pids
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDied, match=r"fake rank 1 failed during the request \(RuntimeError: out of step\)"):
+        group.request(("fail_alone", 1))
+    assert time.monotonic() - t0 < 5 and all(_gone(p) for p in pids)  # rank 0 hung: it was stopped
+    with pytest.raises(WorkerDied, match="fake rank 1 failed"):  # later calls say why
+        group.request(("echo", 0))
+
+
+def test_an_exiting_rank_is_named_with_its_exit_code():
+    from nexusrt.parallel import WorkerDied, WorkerGroup
+    from tp_worker_fakes import fake_rank
+
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    pids = group.pids
+    with pytest.raises(WorkerDied, match=r"fake rank 0 \(pid \d+\) died during the request: exit code 3"):
+        group.request(("exit", 0))
+    assert all(_gone(p) for p in pids)
+
+
+def test_a_failed_boot_raises_and_leaves_no_process():
+    import multiprocessing
+
+    from nexusrt.parallel import WorkerGroup
+    from tp_worker_fakes import fake_rank
+
+    with pytest.raises(ValueError, match="cannot load its shard"):
+        WorkerGroup(fake_rank, 2, (True,), name="fake")
+    assert not multiprocessing.active_children()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False

@@ -117,7 +117,13 @@ class WorkerGroup:
         answers: dict[int, tuple] = {}
         while len(answers) < self.size:
             pending = [r for r in range(self.size) if r not in answers]
-            ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending], self.timeout)
+            # Once a rank has failed, the others either fail alike at once (a bad input every rank
+            # checks) or are stuck mid-collective: they get STOP_GRACE, not forever.
+            erred = any(a[0] == "error" for a in answers.values())
+            ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending],
+                         STOP_GRACE if erred else self.timeout)
+            if not ready and erred:
+                return answers  # _unpack names the rank that failed alone
             if not ready:
                 self._stop_all()
                 raise self._failed(f"{self.name}: rank(s) {pending} did not answer the {what} within "
@@ -134,7 +140,7 @@ class WorkerGroup:
 
     def _unpack(self, answers: dict[int, tuple], what: str) -> list:
         errors = {r: a[1] for r, a in answers.items() if a[0] == "error"}
-        if errors and len(errors) < self.size:  # one rank failed alone: the others are mid-collective
+        if errors and len(errors) < self.size:  # a rank failed alone: the others are out of step
             r, exc = next(iter(errors.items()))
             self._stop_all()
             raise self._failed(f"{self.name} rank {r} failed during the {what} ({type(exc).__name__}: {exc}); "

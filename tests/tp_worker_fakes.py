@@ -1,0 +1,31 @@
+"""A worker target for WorkerGroup's tests: answers by the protocol, fails or hangs on request.
+Imports nothing heavy, so a spawned process starts in a fraction of a second."""
+
+from __future__ import annotations
+
+import time
+
+
+def fake_rank(rank: int, conn, boot_fails: bool = False) -> None:
+    if boot_fails:
+        conn.send(("error", ValueError(f"rank {rank} cannot load its shard")))
+        return
+    conn.send(("ok", rank))
+    while True:
+        message = conn.recv()
+        kind = message[0]
+        if kind == "close":
+            return
+        if kind == "echo":
+            conn.send(("ok", (rank, message[1])))
+        elif kind == "fail_all":
+            conn.send(("error", ValueError("token ids must be in [0, 512)")))
+        elif kind == "fail_alone":  # the others hang as if waiting in a collective for the failed rank
+            if rank == message[1]:
+                conn.send(("error", RuntimeError("out of step")))
+            else:
+                time.sleep(600)
+        elif kind == "exit":
+            if rank == message[1]:
+                raise SystemExit(3)
+            conn.send(("ok", None))

@@ -1,8 +1,10 @@
 """The shared-memory communicator (ShmGroup) against LocalGroup, and the SPMD RankDecoder over it,
-with ranks as threads of this process (the worker processes are tests/test_tp_workers.py's)."""
+with ranks as threads of this process; the worker process group (WorkerGroup) over a light fake
+target. The model's worker processes are tests/test_tp_workers.py's."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -14,8 +16,10 @@ from nexusrt.backends.base import Rows
 from nexusrt.backends.cpu.model import CpuRunner
 from nexusrt.backends.cpu.sharded import RankDecoder, ShardedDecoder
 from nexusrt.models.synthetic import SyntheticWeights
-from nexusrt.parallel import LocalGroup, ShardPlan, shard
+from nexusrt.parallel import LocalGroup, ShardPlan, WorkerDied, WorkerGroup, procs, shard
 from nexusrt.parallel.shm import CollectiveTimeout, ShmGroup, create_segment
+
+from tp_worker_fakes import fake_rank, gone
 
 
 def spmd(size: int, body, slot_bytes: int = 1 << 12, timeout: float = 10.0) -> list:
@@ -107,9 +111,6 @@ def test_rank_decoders_over_shm_equal_the_lockstep_decoder():
 # -- WorkerGroup, over a light fake target (tests/tp_worker_fakes.py) ---------------------------
 
 def test_worker_group_answers_in_rank_order_and_reraises_a_shared_error():
-    from nexusrt.parallel import WorkerGroup
-    from tp_worker_fakes import fake_rank
-
     group = WorkerGroup(fake_rank, 3, name="fake")
     pids = group.pids
     try:
@@ -120,49 +121,31 @@ def test_worker_group_answers_in_rank_order_and_reraises_a_shared_error():
         assert group.request(("echo", 1)) == [(0, 1), (1, 1), (2, 1)]  # still in step
     finally:
         group.close(("close",))
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)
 
 
 def test_a_rank_failing_alone_stops_the_group_within_the_grace(monkeypatch):
-    from nexusrt.parallel import WorkerDied, WorkerGroup, procs
-    from tp_worker_fakes import fake_rank
-
     monkeypatch.setattr(procs, "STOP_GRACE", 0.5)
     group = WorkerGroup(fake_rank, 2, name="fake")
     pids = group.pids
     t0 = time.monotonic()
     with pytest.raises(WorkerDied, match=r"fake rank 1 failed during the request \(RuntimeError: out of step\)"):
         group.request(("fail_alone", 1))
-    assert time.monotonic() - t0 < 5 and all(_gone(p) for p in pids)  # rank 0 hung: it was stopped
+    assert time.monotonic() - t0 < 5 and all(gone(p) for p in pids)  # rank 0 hung: it was stopped
     with pytest.raises(WorkerDied, match="fake rank 1 failed"):  # later calls say why
         group.request(("echo", 0))
 
 
 def test_an_exiting_rank_is_named_with_its_exit_code():
-    from nexusrt.parallel import WorkerDied, WorkerGroup
-    from tp_worker_fakes import fake_rank
-
     group = WorkerGroup(fake_rank, 2, name="fake")
     pids = group.pids
     with pytest.raises(WorkerDied, match=r"fake rank 0 \(pid \d+\) died during the request: exit code 3"):
         group.request(("exit", 0))
-    assert all(_gone(p) for p in pids)
+    assert all(gone(p) for p in pids)
 
 
 def test_a_failed_boot_raises_and_leaves_no_process():
-    import multiprocessing
-
-    from nexusrt.parallel import WorkerGroup
-    from tp_worker_fakes import fake_rank
-
     with pytest.raises(ValueError, match="cannot load its shard"):
         WorkerGroup(fake_rank, 2, (True,), name="fake")
     assert not multiprocessing.active_children()
 
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False

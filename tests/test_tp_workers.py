@@ -27,16 +27,9 @@ from nexusrt.reference.sampling import SamplingParams
 from conftest import engine_is_empty
 from helpers_hf import build_checkpoint
 from test_tp_cpu import FAMILIES, IDS
+from tp_worker_fakes import gone
 
 PROMPTS = ["The quick brown fox", "Once upon a time, a small model", "Weights are read from"]
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def assert_released(decoder: ProcessDecoder, pids: list[int]) -> None:
@@ -133,7 +126,7 @@ def test_llm_through_workers_generates_the_in_process_ids_alone_and_batched(pair
     pids = decoder.pids
     procs.close()
     assert_released(decoder, pids)
-    assert nrt.memory.stats()["live_allocations"] == 0
+    assert nrt.memory.audit() == [] and nrt.memory.stats()["live_allocations"] == 0
 
 
 @pytest.mark.parametrize("path", ["one-sequence", "engine"])

@@ -1,9 +1,19 @@
-"""A worker target for WorkerGroup's tests: answers by the protocol, fails or hangs on request.
-Imports nothing heavy, so a spawned process starts in a fraction of a second."""
+"""A worker target for WorkerGroup's tests (answers by the protocol, fails or hangs on request)
+and :func:`gone`. Imports nothing heavy, so a spawned process starts in a fraction of a second."""
 
 from __future__ import annotations
 
+import os
 import time
+
+
+def gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists any more (exited and reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def fake_rank(rank: int, conn, boot_fails: bool = False) -> None:

@@ -145,7 +145,9 @@ def test_a_killed_worker_is_named_and_nothing_is_left_behind(cpu_rt, path):
         else:  # several requests through the engine; kill while they run
             timer = threading.Timer(0.3, os.kill, (pids[1], signal.SIGKILL))
             timer.start()
-            with pytest.raises(WorkerDied, match=r"rank 1 \(pid \d+\) died during the step: killed by SIGKILL"):
+            # a slow start may put the kill before the engine's first step, while it makes its pools
+            with pytest.raises(WorkerDied, match=r"rank 1 \(pid \d+\) died during the (step|pool allocation): "
+                                                 r"killed by SIGKILL"):
                 llm.generate(["a", "bb", "ccc"], max_new_tokens=400, temperature=0)
             timer.join()
         assert all(gone(p) for p in pids)  # rank 0 too, before close()

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from nexusrt.bench import kv_speed
+from nexusrt.bench import kv_speed, kv_speed_table
 from nexusrt.bench.kv_speed import DecodePlan
 from nexusrt.bench.main import main
 from nexusrt.kvcache.blocks import blocks_for
@@ -160,14 +160,14 @@ def test_the_table_says_what_was_not_built_or_skipped():
     s = _measure(FakeProbe(refuse_pruned="KV pruning runs on the CPU backend only so far"), contexts=(8192, 32768))
     s.update(backend="cuda", device="NVIDIA H200", profile="h200", model="synthetic:llama-3.1-8b")
     s["contexts"].append({"context": 131072, "skipped": "does not fit: it needs 200 GiB"})
-    text = kv_speed.render(s)
+    text = kv_speed_table.render(s)
     assert "(b) half on host, fault ring  not built" in text and "(b): not built" in text
     assert "context 131,072 skipped: does not fit" in text
     assert "refused position != start" in text and "refused" in text
     assert "4,000 GB/s" in text and "50.0 GB/s" in text and "median of 3 runs of 32 steps" in text
     assert "target (c) / (a) at 32,768 <= 1.5x (8B shape): 8.91x, missed; floor ratio" in text
     assert "{" not in text and "None" not in text
-    assert kv_speed.render({"skipped": "needs the CUDA backend"}) == "speed: needs the CUDA backend"
+    assert kv_speed_table.render({"skipped": "needs the CUDA backend"}) == "speed: needs the CUDA backend"
 
 
 @pytest.mark.parametrize("text, runs, message", [

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from . import kv_speed
+from . import kv_speed, kv_speed_table
 from .table import table
 
 FRACTIONS = (0.25, 0.5)
@@ -107,7 +107,7 @@ def run_quality(args) -> dict:
         rows, full_top = [], None
         for pol in configs:
             t1 = time.perf_counter()
-            nll, count, agree, tops = 0.0, 0, 0, []
+            nll, count, tops = 0.0, 0, []
             for w in windows:
                 logits = pruned_logits(runner, w, pol)
                 nll += quality.window_nll(logits, w)
@@ -137,7 +137,7 @@ def run_quality(args) -> dict:
 
 def render(r: dict) -> str:
     quality = render_quality(r) if r["quality"] is not None else f"quality: skipped ({r['quality_skipped']})"
-    return quality + "\n\n" + kv_speed.render(r["speed"])
+    return quality + "\n\n" + kv_speed_table.render(r["speed"])
 
 
 def render_quality(r: dict) -> str:

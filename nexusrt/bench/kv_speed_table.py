@@ -1,0 +1,72 @@
+"""The tables of the kv stage's speed half (:mod:`.kv_speed` holds the figures and targets)."""
+
+from __future__ import annotations
+
+from .kv_speed import FAULT_RING, HOST_TARGET, HOST_TARGET_CONTEXT, LINK_TARGET, PRUNED_TOLERANCE
+from .table import table
+
+
+def _ms(x) -> str:
+    return f"{x:.3f}"
+
+
+def _decode_rows(row: dict) -> list[list]:
+    ctx, a, c = f"{row['context']:,}", row["all_device"], row["host_zero_copy"]
+    out = [[ctx, "(a) all KV in HBM", _ms(a["ms_per_token"]), _ms(a["floor_ms"]), f"{a['fraction_of_floor']:.1%}",
+            "-", "-", "-", "-", "-"],
+           [ctx, "(b) half on host, fault ring", "not built", "-", "-", "-", "-", "-", "-", "-"]]
+    if "skipped" in c:
+        out.append([ctx, "(c) half on host, zero-copy", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"])
+    else:
+        out.append([ctx, "(c) half on host, zero-copy", _ms(c["ms_per_token"]), _ms(c["floor_ms"]),
+                    f"{c['fraction_of_floor']:.1%}", f"{c['host_bytes_per_token'] / 1e6:,.0f}",
+                    f"{c['host_bytes_s'] / 1e9:.1f}", f"{c['of_pinned']:.1%}", f"{c['over_all_device']:.2f}x",
+                    f"{c['floor_over_all_device_floor']:.2f}x"])
+    return out
+
+
+def render(s: dict) -> str:
+    """The speed half's result as text: the decode table (a)-(c), restoring (d), pruned (e), notes."""
+    if "skipped" in s:
+        return f"speed: {s['skipped']}"
+    measured = [r for r in s["contexts"] if "skipped" not in r]
+    title = (f"KV speed on {s['model']} — {s['device']} ({s['backend']}, profile {s['profile']}); HBM read "
+             f"{s['hbm_read_bytes_s'] / 1e9:,.0f} GB/s, pinned host->device {s['pinned_h2d_bytes_s'] / 1e9:.1f} GB/s "
+             f"({s['pinned_copy']['bytes'] / 2**30:.0f} GiB copies, median of {s['pinned_copy']['reps']}), both "
+             f"measured in this run; decode: median of {s['runs']} runs of {s['steps_per_run']} steps")
+    parts = [table(["context", "mode", "ms/token", "floor ms", "of floor", "host MB/token", "host GB/s", "of pinned",
+                    "vs (a)", "floor vs (a)"], [x for r in measured for x in _decode_rows(r)], title=title)]
+    parts.append(table(["context", "evicted tokens", "MB", "recompute (prefill) ms", "copy back ms", "recompute / copy"],
+                       [[f"{r['context']:,}", f"{d['evicted_tokens']:,}", f"{d['evicted_bytes'] / 1e6:,.0f}",
+                         _ms(d["recompute_ms"]), _ms(d["copy_back_ms"]), f"{d['recompute_over_copy']:.2f}x"]
+                        for r in measured for d in [r["restore"]]],
+                       title="(d) restoring the evicted half: its prefill, measured, vs its bytes at the pinned rate"))
+    pruned = [(r["context"], r["pruned"]) for r in measured if "skipped" not in r["pruned"]]
+    parts.append(table(["context", "slots kept", "RoPE positions", "unpruned ms/token", "pruned ms/token",
+                        "pruned / unpruned", "target ±10%"],
+                       [[f"{c:,}", f"{p['keep']:,}", f"{p['positions'][0]:,}..{p['positions'][1]:,}",
+                         _ms(p["unpruned_ms_per_token"]), _ms(p["ms_per_token"]) if "ms_per_token" in p else "refused",
+                         f"{p['over_unpruned']:.3f}" if "over_unpruned" in p else "-", p.get("target", "-")]
+                        for c, p in pruned],
+                       title="(e) pruned decode through CudaBatchRunner.run_tokens, one sequence"))
+    notes = [f"(b): {FAULT_RING}"]
+    for r in s["contexts"]:
+        ctx = f"context {r['context']:,}"
+        c, e = r.get("host_zero_copy", {}), r.get("pruned", {})
+        notes += [f"{ctx} skipped: {r['skipped']}"] if "skipped" in r else []
+        notes += [f"{ctx} (c): {c['skipped']}"] if "skipped" in c else []
+        notes += [f"{ctx} (e): {e.get('skipped') or e['pruned_skipped']}"] if {"skipped", "pruned_skipped"} & set(e) else []
+    t = s["targets"]
+    h = t["host_over_device_32k"]
+    notes.append(f"target (c) / (a) at {HOST_TARGET_CONTEXT:,} <= {HOST_TARGET}x (8B shape): " +
+                 (h["skipped"] if "skipped" in h else f"{h['ratio']:.2f}x, {h['verdict']}; floor ratio "
+                                                      f"{h['floor_ratio']:.2f}x — {h['note']}"))
+    link = t["host_link"]
+    notes.append(f"target host->device traffic >= {LINK_TARGET:.0%} of the pinned rate: " +
+                 (f"{link['verdict']} ({', '.join(f'{x:.1%}' for x in link['of_pinned'])})" if link["verdict"] else
+                  "not measured"))
+    pr = t["pruned_like_kept"]
+    notes.append(f"target pruned within ±{PRUNED_TOLERANCE:.0%} of the kept slots' speed: " +
+                 (f"{pr['verdict']} ({', '.join(f'{x:.3f}' for x in pr['over_unpruned'])})" if pr["verdict"] else
+                  "not measured"))
+    return "\n\n".join(parts + ["\n".join(notes)])

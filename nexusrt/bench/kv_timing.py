@@ -124,10 +124,9 @@ class CudaKvProbe:
         ``pruned_ms`` at RoPE positions ``plan.context - plan.steps ..``, or ``pruned_refused``.
 
         The kept slots hold the K/V of a plain prefill of ``keep`` ids: a step's work depends on
-        how many slots it reads, not on what they hold. The pruned row is written against
-        ``Rows.position`` as documented (RoPE position, apart from the slot ``start``); the CUDA
-        batch runner is being taught to honour it, and until then refuses it (check_entry), which
-        this row reports instead of a figure."""
+        how many slots it reads, not on what they hold. The pruned row sets ``Rows.position`` (RoPE
+        position) apart from the slot ``start``; a runner that refuses that (the per-sequence prompt
+        path offers no pruning) is reported as ``pruned_refused`` instead of a figure."""
         from ..backends.base import Rows
         from ..backends.cuda.batch import CudaBatchRunner
 

@@ -19,11 +19,11 @@ import sys
 import numpy as np
 
 from ... import memory, scheduler
-from ...driver.calls import call
 from ...errors import ModelError
 from ...kernels.ops import persistent as pk
 from ...kernels.ops.common import sm_count
 from . import step as steps
+from .buffers import OwnedBuffers
 from .megakernel.lower import lower
 
 ENV = "NEXUSRT_DECODE"
@@ -83,16 +83,16 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
     return PersistentDecode(rt, cfg, weights, buffers)
 
 
-class PersistentDecode:
+class PersistentDecode(OwnedBuffers):
     """The persistent decode programs of one runner (with and without the greedy pick)."""
 
     def __init__(self, rt, cfg, weights, buffers):
+        super().__init__()
         self.rt, self.cfg, self.w, self.b = rt, cfg, weights, buffers
         self.num_sms = sm_count(rt)
         self.splits = attn_splits(self.num_sms, cfg.num_key_value_heads)
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         g = hq // hkv
-        self.owned: list = []
         self.programs: dict = {}
         try:
             self.part_ml = self._t(memory.zeros((hkv * self.splits * g * 2,), "fp32", tag=TAG))
@@ -108,10 +108,6 @@ class PersistentDecode:
         except BaseException:
             self.free()
             raise
-
-    def _t(self, t):
-        self.owned.append(t)
-        return t
 
     def program(self, sample: bool):
         """``(Program, LaunchSpec, counters tensor, epoch tensor)`` for ``sample``, built once."""
@@ -151,12 +147,6 @@ class PersistentDecode:
         return [scheduler.stage(name="decode.persistent" + (".sample" if sample else ""), kernel=spec,
                                 inputs=[b.token, b.pos, b.block_table, self.w.embed], outputs=outs)]
 
-    def reset_counters(self, stream) -> None:
-        """Zero every program's counters, epoch and ticket in stream order (after a fault)."""
-        for _, _, counters, epoch in self.programs.values():
-            for t in (counters, epoch):
-                call("cuMemsetD32Async", t.ptr, 0, int(t.shape[0]), stream.handle)
-
     def fault_record(self) -> str | None:
         """What the kernel wrote before trapping (stuck wait or unknown opcode), or None."""
         d = [int(v) for v in self.debug.array[:5]]
@@ -167,8 +157,5 @@ class PersistentDecode:
         return None
 
     def free(self) -> None:
-        for t in self.owned:
-            if getattr(t, "is_live", True):
-                t.free()
-        self.owned.clear()
+        super().free()
         self.programs.clear()

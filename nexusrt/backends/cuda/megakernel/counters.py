@@ -8,7 +8,8 @@ is met when ``int32(counter - epoch * totals[c]) >= t``: during a step the diffe
 ``[0, totals[c]]``, so the unsigned arithmetic is exact at every epoch, and a count left from
 the previous step can never satisfy a wait of this one. The kernel reads ``epoch`` once per
 block at the start; the last block to finish advances it (an exit ticket). The host zeroes
-counters, epoch and ticket when it uploads a program and after a device fault.
+counters, epoch and ticket when it uploads a program (a trap ends the CUDA context, so nothing
+runs after a device fault).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def main() -> None:
     width = 64
     pre = RunnerBuffers(rt, cfg, width * 16, args.rows, positions=width * 16, pool_blocks=200)
     bmax = args.max_batch
-    bb = BatchBuffers(rt, cfg, bmax, width, bmax, 4 * args.rows, pre.k_pools, pre.v_pools)
+    bb = BatchBuffers(rt, cfg, bmax, width, 4 * args.rows, pre.k_pools, pre.v_pools)
     t0 = time.perf_counter()
     rp = RaggedPrefill(rt, cfg, w, lt, pre, bb, scratch=199, stream=stream, batch_buckets=batch_buckets(bmax),
                        h2d=lambda *a: None, d2d=lambda *a: None)

@@ -132,7 +132,7 @@ class _Step:
         self.rt, self.copies, self.stream = _Rt(), [], _Stream()
         self.w = _device_weights(self.cfg)
         self.pre = RunnerBuffers(self.rt, self.cfg, 300, 256, positions=363, pool_blocks=41)
-        self.bb = BatchBuffers(self.rt, self.cfg, 8, 23, 8, 600, self.pre.k_pools, self.pre.v_pools)
+        self.bb = BatchBuffers(self.rt, self.cfg, 8, 23, 600, self.pre.k_pools, self.pre.v_pools)
         self.lt = _RecordingLt(self.rt.trace)
         self.rp = RaggedPrefill(self.rt, self.cfg, self.w, self.lt, self.pre, self.bb, scratch=40, stream=self.stream,
                                 batch_buckets=batch_buckets(8), deterministic=deterministic,

@@ -160,7 +160,7 @@ def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, 
     buckets = batch_buckets(5)
     assert buckets == (1, 2, 4, 8)
     pre = RunnerBuffers(rt, cfg, 300, 64, positions=363, pool_blocks=41)
-    bb = BatchBuffers(rt, cfg, buckets[-1], 23, buckets[-1], 600, pre.k_pools, pre.v_pools)
+    bb = BatchBuffers(rt, cfg, buckets[-1], 23, 600, pre.k_pools, pre.v_pools)
     lt = _FakeLt()
     try:
         assert pre.k_pools[0].shape[0] == 41 and pre.block_table.shape == (23,)

@@ -56,11 +56,12 @@ from ...kernels.ops.common import sm_count
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..base import Rows
 from . import step as steps
-from .batch_buffers import BatchBuffers, batch_buckets, bucket_for, check_entry, position_of
+from .batch_buffers import BatchBuffers, batch_buckets, check_entry, position_of
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
 from .compact import Compactor
 from .ragged import RaggedPrefill
+from .ragged_layout import bucket_for_rows
 
 
 def _pruned(r: Rows) -> bool:
@@ -109,7 +110,7 @@ class CudaBatchRunner:
             bmax = self.batch_buckets[-1]
             # A step's chunks hold at most max_chunk ids; each is padded by <= 1/8 or < 64 rows.
             self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
-            self.bb = BatchBuffers(rt, cfg, bmax, self.width, bmax, self.prompt_rows, self.pre.k_pools,
+            self.bb = BatchBuffers(rt, cfg, bmax, self.width, self.prompt_rows, self.pre.k_pools,
                                    self.pre.v_pools)
             self.compactor = Compactor(rt, cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
                                        width=self.width, scratch=self.scratch, rows=min(bmax, 16),
@@ -237,7 +238,7 @@ class CudaBatchRunner:
         bb = self.bb
         # Deterministic: always the largest bucket, so every row runs the same GEMM kernels
         # (cuBLASLt picks its algorithm per row count) whatever the batch around it.
-        m = bb.bmax if self.deterministic else bucket_for(len(rows), self.batch_buckets)
+        m = bb.bmax if self.deterministic else bucket_for_rows(len(rows), self.batch_buckets)
         ids, meta, tables = bb.h_ids.array, bb.h_meta.array, bb.h_tables.array
         n = len(rows)
         ids[:n] = np.fromiter((r.token_ids[0] for r in rows), np.int32, n)

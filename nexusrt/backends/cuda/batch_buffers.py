@@ -9,13 +9,16 @@ of a step goes through.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ... import memory
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling as sampling_ops
-from ...kvcache.blocks import BLOCK_SIZE, pool_shape
-from .buffers import OwnedBuffers
+from ...kvcache.blocks import BLOCK_SIZE
+from ...kvcache.tiers import block_bytes
+from .buffers import OwnedBuffers, prefill_rows
 
 TAG = "batch"
 MAX_BATCH = 256
@@ -31,31 +34,33 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= n)
+@functools.lru_cache(maxsize=4096)
+def _packed(p) -> np.ndarray:
+    """A request's ``SamplingParams`` (frozen, so hashable) as the kernel's struct, packed once per
+    request rather than every step; seed None packs as 0, as the reference draws it."""
+    return sampling_ops.pack_params(p.temperature, p.top_k, p.top_p, p.seed or 0)
 
 
 class BatchBuffers(OwnedBuffers):
     """The batched step's rows (``bmax`` of them) and the step's pinned staging."""
 
-    def __init__(self, rt, cfg, bmax: int, width: int, prefill_logits: int, prompt_rows: int, k_pools, v_pools):
-        h, d = cfg.hidden_size, cfg.head_dim
-        hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    def __init__(self, rt, cfg, bmax: int, width: int, prompt_rows: int, k_pools, v_pools):
         super().__init__()
         self.k_pools, self.v_pools = k_pools, v_pools
         self.bmax, self.width = bmax, width
-        rows = bmax + prefill_logits  # logits rows: the batch's, then one per prompt chunk that samples
+        # Logits rows: the batch's, then one per prompt chunk that samples (a step holds at most
+        # bmax chunks); the prefill tables' staging has one row more, for a lone decode's table.
+        prefill_logits = bmax
+        rows = bmax + prefill_logits
         parts = sampling_ops.num_parts(cfg.vocab_size)
         try:
-            dev = {"ids": ((bmax,), "int32"), "meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
-                   "hidden": ((bmax, h), "fp32"), "normed": ((bmax, h), "bf16"),
-                   "qkv": ((bmax, (hq + 2 * hkv) * d), "fp32"), "q": ((bmax, hq, d), "fp32"),
-                   "attn": ((bmax, hq * d), "bf16"), "gate_up": ((bmax, 2 * inter), "bf16"),
-                   "act": ((bmax, inter), "bf16"), "logits": ((rows, cfg.vocab_size), "fp32"),
-                   "next": ((rows,), "int32"),
-                   # The batched sampler's, one row per logits row: its SampleParams struct, step, partials.
-                   "params": ((rows, sampling_ops.PARAMS_BYTES), "uint8"), "steps": ((rows,), "int32"),
-                   "part_val": ((rows, parts), "fp32"), "part_idx": ((rows, parts), "int32")}
+            # The activation rows: the prefill's table (one row per batch row), so every allocator agrees.
+            dev = {name: ((bmax, *row), dtype) for name, (row, dtype) in prefill_rows(cfg).items()}
+            dev.update({"meta": ((bmax, 4), "int32"), "tables": ((bmax, width), "int32"),
+                        "logits": ((rows, cfg.vocab_size), "fp32"), "next": ((rows,), "int32"),
+                        # The batched sampler's, one row per logits row: its SampleParams struct, step, partials.
+                        "params": ((rows, sampling_ops.PARAMS_BYTES), "uint8"), "steps": ((rows,), "int32"),
+                        "part_val": ((rows, parts), "fp32"), "part_idx": ((rows, parts), "int32")})
             for name, (shape, dtype) in dev.items():
                 setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
             # Pinned staging, one region per use within a step.
@@ -80,16 +85,12 @@ class BatchBuffers(OwnedBuffers):
         params, steps = self.h_params.array, self.h_steps.array
         params[:] = 0
         steps[:] = 0
-        rows, structs = [], []
         for row, p, step in picks:
             if not draws(p):
                 continue
             check_step(step)
-            rows.append(row)
-            structs.append((p.temperature, p.top_k, p.top_p, p.seed or 0))  # seed None: 0, as the reference
+            params[row] = _packed(p)
             steps[row] = step
-        if rows:
-            params[rows] = sampling_ops.pack_params_rows(structs)
 
     def workspace(self, cfg, rows: int, splits: int):
         """The rows kernel's split workspace for ``rows`` rows (one per bucket, made once)."""
@@ -103,14 +104,12 @@ class BatchBuffers(OwnedBuffers):
 
 def blocks_for_bytes(config, kv_bytes: int) -> int:
     """KV blocks (bf16 K and V of every layer) that fit in ``kv_bytes``."""
-    per_block = 2 * config.num_hidden_layers * int(np.prod(pool_shape(1, config.num_key_value_heads,
-                                                                        config.head_dim))) * 2
-    return int(kv_bytes) // per_block
+    return int(kv_bytes) // block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
 
 
 def draws(params) -> bool:
     """Whether a row with these ``SamplingParams`` (or None) samples rather than takes the argmax."""
-    return params is not None and params.temperature > 0
+    return params is not None and not params.greedy
 
 
 def check_step(step) -> None:

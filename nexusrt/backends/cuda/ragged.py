@@ -32,9 +32,8 @@ from ... import memory
 from ...kernels.ops import attention_prefill as attn_pre
 from ...scheduler.graph import TaskGraph
 from . import step as steps
-from .batch_buffers import bucket_for
 from .buffers import OwnedBuffers
-from .ragged_layout import Staging, cut_pieces, group_passes, lay_out, row_buckets
+from .ragged_layout import Staging, bucket_for_rows, cut_pieces, group_passes, lay_out, row_buckets
 
 TAG = "batch"
 
@@ -132,7 +131,7 @@ class RaggedPrefill:
             for j, p in enumerate(group):
                 if last[p.owner] is p:  # gather the chunk's last row for the LM head
                     self.d2d(bb.hidden.ptr + 4 * h * p.owner, pre.hidden.ptr + 4 * h * lay.last_rows[j], 4 * h)
-        m = bb.bmax if self.deterministic else bucket_for(len(entries), self.batch_buckets)
+        m = bb.bmax if self.deterministic else bucket_for_rows(len(entries), self.batch_buckets)
         for f in self.logits[m]:
             f(self.stream)
 

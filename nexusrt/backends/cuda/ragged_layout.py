@@ -43,11 +43,12 @@ def row_buckets(max_rows: int) -> tuple[int, ...]:
 
 
 def bucket_for_rows(rows: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket of at least ``rows`` rows (ValueError past the largest)."""
+    """The smallest bucket of at least ``rows`` rows (ValueError past the largest): a ragged
+    prompt pass's row bucket, or a batched decode step's batch bucket."""
     for b in buckets:
         if b >= rows:
             return b
-    raise ValueError(f"{rows} prompt rows exceed the largest ragged bucket ({buckets[-1]})")
+    raise ValueError(f"{rows} rows exceed the largest bucket ({buckets[-1]})")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class CudaRunner:
         # The tier split is checked before a byte of weights moves (KvBudgetError).
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        # NEXUSRT_DECODE read (a bad value refused) before any upload, and its clash with a host tier.
+        if persistent.decode_mode() == "persistent" and self.kv_plan.host_blocks:
+            raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
+                             "needs the graph path (NEXUSRT_DECODE=graph)")
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -109,9 +113,6 @@ class CudaRunner:
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
                                          host_blocks=self.kv_plan.host_blocks)
             _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
-            if self.kv_plan.host_blocks and persistent.decode_mode() == "persistent":
-                raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
-                                 "needs the graph path (NEXUSRT_DECODE=graph)")
             self._persistent = persistent.maybe_build(rt, cfg, self.weights, self.buffers)  # NEXUSRT_DECODE
             t0 = time.perf_counter()
             self._decode_graph(sample=True)

@@ -80,9 +80,9 @@ class RaggedPrefill:
     ``d2d(dst_ptr, src_ptr, nbytes)`` enqueue copies on ``stream`` (the runner's)."""
 
     def __init__(self, rt, cfg, w, lt, pre, bb, *, scratch: int, stream, batch_buckets, h2d, d2d,
-                 deterministic: bool = False, align: int = 1):
+                 deterministic: bool = False):
         self.rt, self.cfg, self.pre, self.bb, self.stream = rt, cfg, pre, bb, stream
-        self.scratch, self.align, self.deterministic = scratch, align, bool(deterministic)
+        self.scratch, self.deterministic = scratch, bool(deterministic)
         self.h2d, self.d2d = h2d, d2d
         self.batch_buckets = batch_buckets
         self.rows = pre.chunk
@@ -94,15 +94,19 @@ class RaggedPrefill:
             buf.h_tables.array[self.slots] = scratch  # padding rows' table row: every block is scratch
             w4 = 4 * bb.width
             h2d(buf.tables[self.slots], buf.h_tables.ptr + self.slots * w4, w4)
+            # Deterministic mode pads every pass to the largest row bucket and every chunk-logits
+            # step to the largest batch bucket (batch invariance), so only those are built.
+            row_buckets_used = self.buckets[-1:] if self.deterministic else self.buckets
+            logit_buckets = batch_buckets[-1:] if self.deterministic else batch_buckets
             self.programs = {m: program(steps.ragged_prefill_stages(rt, cfg, w, pre, buf, m, lt))
-                             for m in self.buckets}
+                             for m in row_buckets_used}
             hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             q, out = pre.q[0:self.rows], pre.attn[0:self.rows]
             # One spec per (layer, chunk slot), re-pointed at the chunk's rows each step.
             self.attention = [[attn_pre.attention_prefill(
                 rt, q, out, pre.k_pools[i], pre.v_pools[i], buf.tables[j], buf.starts[j:j + 1], num_q_heads=hq,
                 num_kv_heads=hkv, head_dim=d) for j in range(self.slots)] for i in range(cfg.num_hidden_layers)]
-            self.logits = {m: program(steps.chunk_logits_stages(rt, cfg, w, bb, m, lt)) for m in batch_buckets}
+            self.logits = {m: program(steps.chunk_logits_stages(rt, cfg, w, bb, m, lt)) for m in logit_buckets}
         except BaseException:
             self.free()
             raise
@@ -117,10 +121,10 @@ class RaggedPrefill:
         h = self.cfg.hidden_size
         pieces = cut_pieces(entries, self.rows)
         last = {p.owner: p for p in pieces}  # the piece holding each chunk's last id
-        for k, group in enumerate(group_passes(pieces, self.rows, self.align)):
+        for k, group in enumerate(group_passes(pieces, self.rows)):
             if k:  # a later pass restages the pinned buffers: the earlier pass's copies must be done
                 self.stream.synchronize()
-            lay = lay_out(entries, group, self.buckets, self.scratch, self.slots, buf.staging, align=self.align,
+            lay = lay_out(entries, group, self.buckets, self.scratch, self.slots, buf.staging,
                           fixed_bucket=self.deterministic)
             m, n = lay.bucket, len(group)
             self.h2d(pre.ids, buf.h_ids.ptr, 4 * m)

@@ -175,6 +175,8 @@ def test_compact_copies_table_and_keep_then_launches_once_for_every_layer(make):
                          [comp.pools.ptr, comp.table.ptr, comp.keep.ptr, 34, 4, cfg.num_key_value_heads])]
     assert dev.rt.trace.index(launches[0]) == 2  # after both copies, on the runner's stream
     assert [c[-1] for c in dev.calls] == [dev.handle, dev.handle]
+    r.compact(table, np.r_[0:2, 7:20])  # the one spec re-pointed: this call's count and first
+    assert _events(dev, "kv_compact")[1][2][3:5] == [15, 2]
     dev.rt.trace.clear()
     r.compact(table, np.arange(30))  # nothing moves: nothing staged, nothing launched
     r.compact(table, [])

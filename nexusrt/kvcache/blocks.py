@@ -150,7 +150,9 @@ def check_keep(table, keep, num_blocks: int) -> np.ndarray:
     keep = keep.astype(np.int64)
     if len(keep) and (np.any(np.diff(keep) <= 0) or keep[0] < 0):
         raise ValueError("compact: the kept slots must be >= 0 and ascend without repeats")
-    if len(keep) and (any(not 0 <= b < num_blocks for b in table) or keep[-1] >= len(table) * BLOCK_SIZE):
+    blocks = np.asarray(table)
+    if len(keep) and ((len(blocks) and (blocks.min() < 0 or blocks.max() >= num_blocks))
+                      or keep[-1] >= len(blocks) * BLOCK_SIZE):
         raise ValueError("compact: a kept slot or a block lies outside the table or the pool")
     return keep
 

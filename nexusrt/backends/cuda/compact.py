@@ -47,6 +47,10 @@ class Compactor(OwnedBuffers):
             self.keep = self._t(memory.empty((width * BLOCK_SIZE,), "int32", tag=TAG))
             # Row r: a table (width words), then up to width * BLOCK_SIZE kept slots.
             self.h_stage = self._t(memory.pinned((rows, width * (1 + BLOCK_SIZE)), "int32", tag=TAG))
+            # Checked and packed once; each call re-points its count and first (kv_compact.rebind).
+            self.spec = compact_ops.kv_compact(rt, self.pools, self.table, self.keep, count=width * BLOCK_SIZE,
+                                               first=0, num_layers=self.layers, num_kv_heads=self.hkv,
+                                               head_dim=self.head_dim)
         except BaseException:
             self.free()
             raise
@@ -67,9 +71,6 @@ class Compactor(OwnedBuffers):
         moved = np.flatnonzero(keep != np.arange(n))
         if not len(moved):
             return  # every kept slot is where it stays
-        first = int(moved[0])
-        spec = compact_ops.kv_compact(self.rt, self.pools, self.table, self.keep, count=n, first=first,
-                                      num_layers=self.layers, num_kv_heads=self.hkv, head_dim=self.head_dim)
         if self.used == self.rows:  # every row may still be read by a queued copy
             self.stream.synchronize()
             self.used = 0
@@ -81,4 +82,5 @@ class Compactor(OwnedBuffers):
         self.used += 1
         self.h2d(self.table, src, 4 * w)
         self.h2d(self.keep, src + 4 * w, 4 * n)
-        spec.launch(self.stream)
+        compact_ops.rebind(self.spec, n, int(moved[0]))
+        self.spec.launch(self.stream)

@@ -74,6 +74,17 @@ def kv_compact(rt, pools, table, keep, *, count: int, first: int, num_layers: in
     return LaunchSpec(kernel, (num_kv_heads, 2 * num_layers, 1), (THREADS, 1, 1), args, 0, name)
 
 
+ARG_COUNT, ARG_FIRST = 3, 4  # kv_compact's argument slots a caller re-points per call (see rebind)
+
+
+def rebind(spec: LaunchSpec, count: int, first: int) -> None:
+    """Re-point a :func:`kv_compact` spec at another ``count``/``first`` over the same arrays, in
+    place (the engine compacts every pruned sequence after every step). The caller has checked
+    them (:func:`nexusrt.kvcache.blocks.check_keep`): ``0 <= first < count`` and ``count`` inside the
+    spec's table and keep arrays; launch the spec before rebinding it again."""
+    spec.args[ARG_COUNT], spec.args[ARG_FIRST] = int(count), int(first)
+
+
 def bytes_moved(count: int, first: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     """Fewest bytes: read and write each moved slot's K and V row (bf16) in every layer."""
     return 2 * (count - first) * 2 * num_layers * num_kv_heads * head_dim * 2

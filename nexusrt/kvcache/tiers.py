@@ -65,10 +65,6 @@ class TierPlan:
     block_bytes: int
 
     @property
-    def device_bytes(self) -> int:
-        return self.device_blocks * self.block_bytes
-
-    @property
     def host_bytes(self) -> int:
         return self.host_blocks * self.block_bytes
 

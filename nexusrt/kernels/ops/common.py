@@ -64,12 +64,17 @@ def sm_count(rt) -> int:
     return int(getattr(rt.profile, "sm_count", 0) or 0) or 1
 
 
-def blocks_per_sm(kernel, threads: int, shared: int) -> int:
-    """Resident blocks per SM for ``kernel`` at this block size and dynamic shared memory."""
+def resident_blocks(kernel, threads: int, shared: int) -> int:
+    """Blocks of ``kernel`` one SM holds at once at this block size and dynamic shared memory
+    (the driver's occupancy answer; 0 when it cannot hold one)."""
     from ...driver.calls import call
 
-    n = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared))
-    return max(1, int(n))
+    return int(call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared)))
+
+
+def blocks_per_sm(kernel, threads: int, shared: int) -> int:
+    """Resident blocks per SM for ``kernel``, at least 1 (a grid sized by it always launches)."""
+    return max(1, resident_blocks(kernel, threads, shared))
 
 
 def pdl_ok(rt) -> bool:

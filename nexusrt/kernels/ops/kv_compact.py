@@ -83,8 +83,3 @@ def rebind(spec: LaunchSpec, count: int, first: int) -> None:
     them (:func:`nexusrt.kvcache.blocks.check_keep`): ``0 <= first < count`` and ``count`` inside the
     spec's table and keep arrays; launch the spec before rebinding it again."""
     spec.args[ARG_COUNT], spec.args[ARG_FIRST] = int(count), int(first)
-
-
-def bytes_moved(count: int, first: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-    """Fewest bytes: read and write each moved slot's K and V row (bf16) in every layer."""
-    return 2 * (count - first) * 2 * num_layers * num_kv_heads * head_dim * 2

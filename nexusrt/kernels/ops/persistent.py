@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from .common import check_positive, check_tensor, sm_count
+from .common import check_positive, check_tensor, ptr, resident_blocks, sm_count
 from .spec import LaunchSpec
 
 SOURCE = "persistent_decode"
@@ -59,21 +59,6 @@ def shared_bytes(hidden: int, inter: int, q_width: int) -> int:
     return 4 * max(hidden, inter, q_width)
 
 
-def resident_blocks(kernel, threads: int, shared: int) -> int:
-    """Blocks of ``kernel`` one SM holds at once (the driver's occupancy answer, 0 allowed)."""
-    from ...driver.calls import call
-
-    return int(call("cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.function, int(threads), int(shared)))
-
-
-def _bits(v) -> int:
-    """A slot's 64-bit value: a tensor's address, None as 0, an int as itself."""
-    if v is None:
-        return 0
-    addr = getattr(v, "ptr", None)
-    return int(addr) if addr is not None else int(v)
-
-
 def pack_params(values: dict) -> np.ndarray:
     """uint64 ``[len(SLOTS)]`` from ``values`` (a name for every slot: tensors, ints, floats)."""
     missing, unknown = set(SLOTS) - set(values), set(values) - set(SLOTS)
@@ -91,7 +76,7 @@ def pack_params(values: dict) -> np.ndarray:
         else:
             if v is None:
                 raise ValueError(f"persistent params: {name} is a required pointer")
-            out[i] = _bits(v)
+            out[i] = ptr(v)
     return out
 
 
@@ -105,7 +90,7 @@ def pack_layers(layers: list[dict]) -> np.ndarray:
         for j, name in enumerate(LAYER_SLOTS):
             if lw[name] is None and name not in OPTIONAL:
                 raise ValueError(f"persistent layer {i}: {name} is a required pointer")
-            out[i, j] = _bits(lw[name])
+            out[i, j] = ptr(lw[name])
     return out
 
 

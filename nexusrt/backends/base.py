@@ -105,6 +105,12 @@ class Rows:
     params: object = None  # SamplingParams of the next id (run_tokens; None: greedy)
     step: int = 0  # 0-based index of the id being sampled (the seeded draw's counter)
 
+    @property
+    def first_position(self) -> int:
+        """The RoPE position of the first row: ``position``, or the cache slot ``start`` when unset
+        (they differ once KV pruning evicted some of the sequence's tokens)."""
+        return self.start if self.position is None else int(self.position)
+
 
 def sample_rows(batch: list[Rows], logits: list) -> list[int | None]:
     """The next id of each entry with logits, by :func:`nexusrt.reference.sampling.sample` with the

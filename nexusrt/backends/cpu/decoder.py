@@ -169,8 +169,8 @@ class PagedDecoder(DecoderSteps):
             if np.any(ids < 0) or np.any(ids >= cfg.vocab_size):
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got {ids.min()}..{ids.max()}")
         ids = np.concatenate([np.asarray(r.token_ids, np.int32) for r in batch])
-        positions = np.concatenate([np.arange(first, first + len(r.token_ids))
-                                    for r in batch for first in [r.start if r.position is None else r.position]])
+        positions = np.concatenate([np.arange(r.first_position, r.first_position + len(r.token_ids))
+                                    for r in batch])
         return ops.embedding(ids, self.embed), positions
 
     def attention_out(self, li: int, x: np.ndarray, positions, batch: list[Rows], pools) -> np.ndarray:

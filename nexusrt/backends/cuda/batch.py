@@ -56,7 +56,7 @@ from ...kernels.ops.common import sm_count
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..base import Rows
 from . import step as steps
-from .batch_buffers import BatchBuffers, batch_buckets, check_entry, position_of
+from .batch_buffers import BatchBuffers, batch_buckets, check_entry
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
 from .compact import Compactor
@@ -66,7 +66,7 @@ from .ragged_layout import bucket_for_rows
 
 def _pruned(r: Rows) -> bool:
     """Whether the entry's RoPE position differs from its cache slot (its sequence was pruned)."""
-    return position_of(r) != r.start
+    return r.first_position != r.start
 
 
 class CudaBatchRunner:
@@ -242,7 +242,7 @@ class CudaBatchRunner:
         ids, meta, tables = bb.h_ids.array, bb.h_meta.array, bb.h_tables.array
         n = len(rows)
         ids[:n] = np.fromiter((r.token_ids[0] for r in rows), np.int32, n)
-        meta[:n, 0] = np.fromiter((position_of(r) for r in rows), np.int32, n)  # RoPE position
+        meta[:n, 0] = np.fromiter((r.first_position for r in rows), np.int32, n)  # RoPE position
         meta[:n, 1] = np.fromiter((r.start for r in rows), np.int32, n)  # cache slot: attention covers 0..slot
         meta[:n, 2] = np.arange(n, dtype=np.int32)
         tables[:min(m, n + 1)] = self.scratch
@@ -264,7 +264,7 @@ class CudaBatchRunner:
             check_entry(r, self.max_context, self.width, self.num_blocks, self.config.vocab_size)
             if self.ragged is None and len(r.token_ids) > 1 and _pruned(r):
                 raise ValueError(f"the per-sequence prompt path (ragged_prefill=False) cannot run a pruned "
-                                 f"sequence's chunk (RoPE position {position_of(r)}, cache slot {r.start}): its "
+                                 f"sequence's chunk (RoPE position {r.first_position}, cache slot {r.start}): its "
                                  "prefill graphs use one number for both; use the ragged path")
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran

@@ -122,12 +122,6 @@ SCORES_REFUSED = ("KV pruning by attention scores (kv_policy='h2o') runs on the 
                   "attention kernel adds up the scores (use kv_policy='sink-window' or 'full' on CUDA)")
 
 
-def position_of(r) -> int:
-    """The RoPE position of the entry's first id: ``r.position``, or its cache slot ``r.start`` when
-    unset (they differ once KV pruning evicted some of the sequence's tokens)."""
-    return r.start if r.position is None else int(r.position)
-
-
 def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
     """ValueError unless the step entry ``r`` (a :class:`~nexusrt.backends.base.Rows`) fits a runner of
     ``max_context`` tokens, block tables of ``width`` blocks over ``num_blocks``, ids below ``vocab``,
@@ -139,7 +133,7 @@ def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) ->
         raise ValueError(f"{r.start + n} tokens exceed the context of {max_context}")
     if r.scores is not None:
         raise ValueError(SCORES_REFUSED)
-    pos = position_of(r)
+    pos = r.first_position
     if pos < r.start:
         raise ValueError(f"RoPE position {pos} lies below cache slot {r.start} (KV pruning only ever moves a "
                          "token to a lower slot)")

@@ -71,7 +71,7 @@ def cut_pieces(entries, max_rows: int) -> list[Piece]:
     out = []
     for j, e in enumerate(entries):
         n = len(e.token_ids)
-        evicted = 0 if e.position is None else int(e.position) - int(e.start)
+        evicted = e.first_position - int(e.start)
         for first in range(0, n, max_rows):
             out.append(Piece(j, first, min(max_rows, n - first), int(e.start) + first, evicted))
     return out

@@ -22,7 +22,7 @@
 // functions below (chunk_argmax, combine_partials, sample_topk); the one-row kernels' SASS is
 // unchanged by the split (checked with cuobjdump -sass, sm_80 and sm_90a; kernels/NOTES.md).
 #include <cuda/std/cstdint>
-#include "pdl.cuh"
+#include "common.cuh"  // nrt::uniform01, the RNG shared with the CPU
 #include "argmax.cuh"
 #include "sampling_topk.cuh"
 #include <cuda/std/climits>
@@ -88,7 +88,7 @@ __device__ __forceinline__ int sample_topk(const float* __restrict__ logits, int
     while (n < K) n <<= 1;
     if (tid >= K && tid < n) sh.cand[tid] = 0ull;
     bitonic_desc(sh, n);
-    const double u = uniform(p.seed, (unsigned long long)(unsigned)step);
+    const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
     const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
     return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
 }

@@ -40,6 +40,7 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
     host_pools : ``(k_host, v_host)``, the layer's host-tier pools: a row whose table entry is
         ``~h`` (negative) is written zero-copy into host block ``h`` (``kvcache.tiers``).
+        The one-sequence path only: refused with ``rows``.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -56,6 +57,9 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
     host = check_host_pools(host_pools, num_kv_heads, head_dim)
+    if rows and host:
+        raise ValueError("host_pools: the host tier is for the one-sequence path; the batched (rows) "
+                         "kernel writes device-resident KV blocks only")
     if rows:
         check_rows(block_table, pos, m)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
+from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_rows, check_state, host_args
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
 SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 ROWS_SIGNATURE = SIGNATURE + " i32 i32"
-HOST_TAIL = " ptr ptr"  # the host-tier twins take (k_host, v_host) after the others
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
@@ -153,7 +152,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
     kernel = rt.kernels.get(SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
-    tail += (ptr(host[0]), ptr(host[1])) if host else ()
+    tail += host_args(host)
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale, *tail)

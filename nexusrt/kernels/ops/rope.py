@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...kvcache.blocks import pool_shape
-from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
+from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_rows, check_state, host_args
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
@@ -68,9 +68,9 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
             check_tensor(w, name, (head_dim,), "fp32")
     kind = ("_rows" if rows else "") + ("_host" if host else "")
     name = f"rope_append{kind}_d{head_dim}"
-    kernel = rt.kernels.get(SOURCE, name, (ROWS_SIGNATURE if rows else SIGNATURE) + (" ptr ptr" if host else ""))
+    kernel = rt.kernels.get(SOURCE, name, (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else ""))
     tail = (int(block_table.shape[1]),) if rows else ()
-    tail += (ptr(host[0]), ptr(host[1])) if host else ()
+    tail += host_args(host)
     args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads, *tail)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)

@@ -186,7 +186,7 @@ def test_batched_decode_step_builds_through_the_real_launchers(variant, cpu_rt, 
     assert any(name.startswith("attention_decode_rows") for _, name, _ in rt.asked)
     assert any(name.startswith("rope_append_rows") for _, name, _ in rt.asked)
     asked = {name for _, name, _ in rt.asked}
-    assert {"sample_rows_partial", "sample_rows_finish"} <= asked and "argmax_rows" not in asked
+    assert {"sample_rows_partial", "sample_rows_finish"} <= asked and not any("argmax" in n for n in asked)
     assert memory.stats()["in_use_bytes"] == 0
 
 

@@ -20,7 +20,7 @@ from fakes import FakeRuntime, tensor
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_compiles_with_both_kernels(arch):
     cubin = compile_file("sampling", arch, use_cache=False).cubin
-    assert b"sample_argmax_partial" in cubin and b"sample_finish" in cubin and b"argmax_rows" in cubin
+    assert b"sample_argmax_partial" in cubin and b"sample_finish" in cubin
 
 
 def test_params_struct_layout_matches_the_kernel():

@@ -34,14 +34,19 @@ def _host_tensor(shape, pinned=True):
 # ------------------------------------------------------------------------ CPU: always run
 def test_every_host_twin_is_built():
     cubins = {s: compile_file(s, "sm_90a").cubin for s in ("attention_decode", "rope", "attention_prefill_mma")}
-    names = [dec.kernel_name(d, g, rows, host=True) for d in dec.HEAD_DIMS for g in range(1, 9) for rows in (0, 1)]
+    names = [dec.kernel_name(d, g, host=True) for d in dec.HEAD_DIMS for g in range(1, 9)]
     names = [("attention_decode", n) for n in set(names)] + \
-            [("rope", f"rope_append{k}_host_d{d}") for d in rope.HEAD_DIMS for k in ("", "_rows")] + \
+            [("rope", f"rope_append_host_d{d}") for d in rope.HEAD_DIMS] + \
             [("attention_prefill_mma", pre.mma_kernel_name(d, b) + "_host") for d in pre.HEAD_DIMS
              for b in pre.MMA_SHAPES[d]]
-    assert len(names) == 24 + 6 + 7
+    assert len(names) == 12 + 3 + 7
     for source, name in names:
         assert name.encode() in cubins[source], f"{name} missing from {source}.cu"
+    # No rows twins: the batched engine has no host tier.
+    assert b"attention_decode_rows_host" not in cubins["attention_decode"]
+    assert b"rope_append_rows_host" not in cubins["rope"]
+    with pytest.raises(ValueError, match="one-sequence path"):
+        dec.kernel_name(128, 4, rows=True, host=True)
 
 
 def test_launchers_pick_the_host_twins_and_pass_the_host_pools_last():
@@ -78,6 +83,17 @@ def test_launchers_pick_the_host_twins_and_pass_the_host_pools_last():
         pre.attention_prefill(rt, tensor((5, hq, d), "fp32"), tensor((5, hq * d), "fp32"), pool, pool,
                               tensor((blocks,), "int32"), tensor((1,), "int32"), num_q_heads=hq,
                               num_kv_heads=hkv, head_dim=d, host_pools=host)
+    # ... and the batched (rows) launchers: the host tier is for the one-sequence path.
+    tables, meta = tensor((2, blocks), "int32"), tensor((5, 4), "int32")
+    with pytest.raises(ValueError, match="one-sequence path"):
+        rope.rope_append(rt, tensor((5, (hq + 2 * hkv) * d), "fp32"), tensor((5, hq, d), "fp32"), pool, pool,
+                         tables, meta, tensor((d // 2,), "fp32"), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                         rows=True, host_pools=host)
+    rows_ws = dec.DecodeWorkspace(tensor((5, hkv, 4, 4, d), "fp32"), tensor((5, hkv, 4, 4, 2), "fp32"),
+                                  tensor((5, hkv), "int32"), 4, rows=5)
+    with pytest.raises(ValueError, match="one-sequence path"):
+        dec.attention_decode(rt, tensor((5, hq, d), "fp32"), tensor((5, hq * d), "bf16"), pool, pool, tables,
+                             meta, rows_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=host)
 
 
 def test_llm_refuses_bad_budgets_before_loading_and_cpu_has_no_host_tier(cpu_rt, monkeypatch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..memory.checks import check_tensor
+from ..memory.checks import check_tensor, ptr
 from .blocks import BLOCK_SIZE, pool_shape
 
 
@@ -39,6 +39,15 @@ def check_host_pools(host_pools, num_kv_heads: int, head_dim: int):
             raise ValueError(f"{name} must be page-locked host memory (memory.pinned), the host tier "
                              f"the kernel reads zero-copy")
     return k_host, v_host
+
+
+HOST_TAIL = " ptr ptr"  # the host-tier twins' signature ends with (k_host, v_host) after the others
+
+
+def host_args(host) -> tuple:
+    """The launch arguments that end a host-tier twin's list: the pointers of ``host``, the pair
+    :func:`check_host_pools` returned, or () for None (a device-only launch)."""
+    return (ptr(host[0]), ptr(host[1])) if host else ()
 
 
 def check_state(block_table, pos) -> None:

@@ -22,7 +22,7 @@ the algorithm of :mod:`nexusrt.reference.sampling`, so ids equal the CPU engine'
 r's ``SampleParams`` and step are staged each step (zero bytes, i.e. greedy, for rows that
 pick nothing or have no params). Greedy rows take the same kernels' greedy case rather than
 a separate argmax: one pick path and one output array for every row, and the greedy case
-spreads each row over ``ceil(vocab / 4096)`` blocks where ``argmax_rows`` gave a row one
+spreads each row over ``ceil(vocab / 4096)`` blocks where a separate argmax gave a row one
 block. No logits row is copied to the host by :meth:`run_tokens`.
 
 Every host input of a step is staged in pinned buffers at its own offset first (the step

@@ -278,8 +278,9 @@ __device__ __forceinline__ void decode_impl(
 // The rows kernels (attention_decode_rows_*): q fp32 [rows][Hq*D], out bf16 [rows][Hq*D],
 // tables int32 [*][table_stride], meta int32 [rows][4], and every workspace with a leading
 // [rows]; grid (Hkv, max_splits, rows).
-// The host-tier twins (attention_decode_host_*, attention_decode_rows_host_*) take the same
-// arguments plus k_host, v_host (the layer's host-tier pools) at the end.
+// The host-tier twins (attention_decode_host_*) take the same arguments plus k_host, v_host
+// (the layer's host-tier pools) at the end. There are no rows twins: the batched engine has
+// no host tier (the one-sequence path only).
 #define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
         const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
@@ -312,18 +313,6 @@ __device__ __forceinline__ void decode_impl(
                                                k_host, v_host);                                     \
     }
 
-#define NRT_DECODE_ROWS_HOST(D, GM, EXACT, NAME)                                                    \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
-        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
-        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
-        int table_stride, int fixed_chunk, const __nv_bfloat16* k_host,                             \
-        const __nv_bfloat16* v_host) {                                                              \
-        decode_impl<D, GM, EXACT, true, true>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml,  \
-                                              tickets, Hkv, G, max_splits, scale, table_stride,     \
-                                              fixed_chunk, k_host, v_host);                         \
-    }
-
 #define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
     MACRO(D, 1, true, PREFIX##_d##D##_g1)                                                           \
     MACRO(D, 2, true, PREFIX##_d##D##_g2)                                                           \
@@ -338,5 +327,3 @@ NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(64, NRT_DECODE_HOST, attention_decode_host)
 NRT_DECODE_ALL_G(128, NRT_DECODE_HOST, attention_decode_host)
-NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS_HOST, attention_decode_rows_host)
-NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS_HOST, attention_decode_rows_host)

@@ -83,7 +83,8 @@ __device__ __forceinline__ void rope_append_impl(
 
 }  // namespace
 
-// grid (ceil((Hq + 2*Hkv) / 4), M), block 128. The _host twins take k_host, v_host at the end.
+// grid (ceil((Hq + 2*Hkv) / 4), M), block 128. The _host twin takes k_host, v_host at the end
+// (one-sequence only: the batched engine has no host tier, so the rows kernel has no twin).
 #define NRT_ROPE_APPEND_KIND(D, HOST, SUFFIX, HOST_PARAMS, HOST_ARGS)                               \
     extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append##SUFFIX##_d##D(           \
         const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
@@ -91,13 +92,15 @@ __device__ __forceinline__ void rope_append_impl(
         const float* k_norm, float eps, int M, int Hq, int Hkv HOST_PARAMS) {                       \
         rope_append_impl<D, false, HOST>(qkv, q_out, k_pool, v_pool, page_table, pos, inv_freq,     \
                                          q_norm, k_norm, eps, M, Hq, Hkv, 0, HOST_ARGS);            \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_rows##SUFFIX##_d##D(      \
+    }
+
+#define NRT_ROPE_APPEND_ROWS(D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(kWarps * 32) rope_append_rows_d##D(                \
         const float* qkv, float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool,               \
         const int* tables, const int* meta, const float* inv_freq, const float* q_norm,             \
-        const float* k_norm, float eps, int M, int Hq, int Hkv, int table_stride HOST_PARAMS) {     \
-        rope_append_impl<D, true, HOST>(qkv, q_out, k_pool, v_pool, tables, meta, inv_freq, q_norm, \
-                                        k_norm, eps, M, Hq, Hkv, table_stride, HOST_ARGS);          \
+        const float* k_norm, float eps, int M, int Hq, int Hkv, int table_stride) {                 \
+        rope_append_impl<D, true, false>(qkv, q_out, k_pool, v_pool, tables, meta, inv_freq, q_norm, \
+                                         k_norm, eps, M, Hq, Hkv, table_stride, nullptr, nullptr);  \
     }
 
 #define NRT_NO_HOST_ARGS nullptr, nullptr
@@ -105,6 +108,7 @@ __device__ __forceinline__ void rope_append_impl(
 #define NRT_HOST_ARGS k_host, v_host
 #define NRT_ROPE_APPEND(D)                                                                          \
     NRT_ROPE_APPEND_KIND(D, false, , , NRT_NO_HOST_ARGS)                                            \
+    NRT_ROPE_APPEND_ROWS(D)                                                                         \
     NRT_ROPE_APPEND_KIND(D, true, _host, NRT_HOST_PARAMS, NRT_HOST_ARGS)
 
 NRT_ROPE_APPEND(64)

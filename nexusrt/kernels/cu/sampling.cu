@@ -22,7 +22,7 @@
 // functions below (chunk_argmax, combine_partials, sample_topk); the one-row kernels' SASS is
 // unchanged by the split (checked with cuobjdump -sass, sm_80 and sm_90a; kernels/NOTES.md).
 #include <cuda/std/cstdint>
-#include "pdl.cuh"
+#include "common.cuh"  // nrt::uniform01, the RNG shared with the CPU
 #include "argmax.cuh"
 #include "sampling_topk.cuh"
 #include <cuda/std/climits>
@@ -88,7 +88,7 @@ __device__ __forceinline__ int sample_topk(const float* __restrict__ logits, int
     while (n < K) n <<= 1;
     if (tid >= K && tid < n) sh.cand[tid] = 0ull;
     bitonic_desc(sh, n);
-    const double u = uniform(p.seed, (unsigned long long)(unsigned)step);
+    const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
     const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
     return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
 }
@@ -161,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_rows_partial(
 }
 
 // grid (M), block 1024: row blockIdx.x's token into out[row]. A greedy row of NaN gives
-// INT_MAX (as argmax_rows; the host reports it), not the one-row kernel's token 0.
+// INT_MAX (the host reports it), not the one-row kernel's token 0.
 extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
     const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
     const int* __restrict__ steps, const float* __restrict__ part_val,
@@ -180,23 +180,3 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
     if (threadIdx.x == 0) out[row] = token;
 }
 
-// argmax_rows: the greedy pick of each of M rows of fp32 logits [M][vocab] (the batched
-// step), with the rule above: largest value, lowest index on ties, NaN never wins (a row of
-// NaN gives INT_MAX, which the host reports as an error). grid (M), block 1024.
-extern "C" __global__ void __launch_bounds__(kFinishThreads) argmax_rows(
-    const float* __restrict__ logits, int vocab, int* __restrict__ out, int M) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    nrt::pdl_enter();
-    const int row = blockIdx.x;
-    if (row >= M) return;
-    const float* x = logits + (long long)row * vocab;
-    float best = kNegInf;
-    int bi = INT_MAX;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = x[i];
-        if (better(v, i, best, bi)) { best = v; bi = i; }
-    }
-    block_argmax(best, bi, sv, si);
-    if (threadIdx.x == 0) out[row] = bi;
-}

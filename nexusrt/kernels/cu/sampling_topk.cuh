@@ -1,6 +1,7 @@
 // The exact top-K sampler of sampling.cu, shared by its one-row and its rows kernels: the
-// order-preserving key of a logit, the seeded uniform draw, the radix select of the K-th
-// largest key, the gather of the K candidates, their bitonic sort and the softmax/top-p draw.
+// order-preserving key of a logit, the radix select of the K-th largest key, the gather of
+// the K candidates, their bitonic sort and the softmax/top-p draw (its seeded uniform is
+// nrt::uniform01 of common.cuh).
 // Every function works on ONE row of logits with the whole block (1024 threads, all of
 // them must call it) and the block's FinishShared; the caller picks the row.
 #pragma once
@@ -18,14 +19,6 @@ __device__ __forceinline__ unsigned order_key(float x) {
     if (x == 0.f) x = 0.f;
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ double uniform(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed * 0x9E3779B97F4A7C15ull + i + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
 }
 
 struct FinishShared {

@@ -15,23 +15,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
+from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_rows, check_state, host_args
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
 SIGNATURE = "ptr ptr ptr ptr ptr ptr ptr ptr ptr i32 i32 i32 f32"
 ROWS_SIGNATURE = SIGNATURE + " i32 i32"
-HOST_TAIL = " ptr ptr"  # the host-tier twins take (k_host, v_host) after the others
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
 THREADS = 128
+ROWS_HOST_REFUSAL = ("host_pools: the host tier is for the one-sequence path; the batched (rows) "
+                     "kernels read device-resident KV blocks only")
 
 
 def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False) -> str:
     """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else.
-    ``host``: the twin that also reads host-tier blocks (negative table entries) zero-copy."""
+    ``host``: the twin that also reads host-tier blocks (negative table entries) zero-copy
+    (one-sequence only: there is no rows twin)."""
+    if rows and host:
+        raise ValueError(ROWS_HOST_REFUSAL)
     prefix = ("attention_decode_rows" if rows else "attention_decode") + ("_host" if host else "")
     if group in (1, 2, 4, 8):
         return f"{prefix}_d{head_dim}_g{group}"
@@ -113,7 +117,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     ``host_pools`` ``(k_host, v_host)``: the layer's host-tier pools (pinned, bf16
     ``[host_blocks, Hkv, BLOCK_SIZE, D]``); table entries ``~h`` (negative) name host block ``h``
     (``kvcache.tiers``) and are read zero-copy. None: every entry is a device block (the
-    original kernels, unchanged).
+    original kernels, unchanged). The one-sequence path only: refused with a rows workspace.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -131,6 +135,8 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
     host = check_host_pools(host_pools, num_kv_heads, head_dim)
+    if rows and host:
+        raise ValueError(ROWS_HOST_REFUSAL)
     if rows:
         check_rows(block_table, pos, rows)
     if fixed_chunk < 0 or fixed_chunk % tokens_per_step(head_dim, group):
@@ -146,7 +152,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
     kernel = rt.kernels.get(SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
-    tail += (ptr(host[0]), ptr(host[1])) if host else ()
+    tail += host_args(host)
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale, *tail)

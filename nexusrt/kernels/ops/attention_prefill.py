@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...kvcache.checks import check_host_pools, check_pools, check_state
+from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_state, host_args
 from .common import ceil_div, check_positive, check_tensor, dtype_name, ptr
 from .spec import LaunchSpec
 
@@ -85,13 +85,12 @@ def attention_prefill(rt, q, out, k_pool, v_pool, block_table, pos, *, num_q_hea
                              f"q_in_smem) {MMA_SHAPES[head_dim]}, got {block}")
         warps, tiles, _ = block
         name = mma_kernel_name(head_dim, block) + ("_host" if host else "")
-        kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE + (" ptr ptr" if host else ""))
+        kernel = rt.kernels.get(SOURCE_MMA, name, SIGNATURE + (HOST_TAIL if host else ""))
         shared = mma_shared_bytes(head_dim, block)
         if shared > 48 * 1024:
             kernel.set_max_dynamic_shared(shared, rt.device.handle)
         args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos), m,
-                           num_q_heads, num_kv_heads, scale * LOG2E,
-                           *((ptr(host[0]), ptr(host[1])) if host else ()))
+                           num_q_heads, num_kv_heads, scale * LOG2E, *host_args(host))
         return LaunchSpec(kernel, (num_q_heads, ceil_div(m, 16 * warps * tiles), 1), (32 * warps, 1, 1), args, shared,
                           name=f"{name}[{m}]")
     if host:

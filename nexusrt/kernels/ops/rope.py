@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...kvcache.blocks import pool_shape
-from ...kvcache.checks import check_host_pools, check_pools, check_rows, check_state
+from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_rows, check_state, host_args
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr
 from .spec import BenchCase, LaunchSpec
 
@@ -40,6 +40,7 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     q_norm, k_norm : fp32 ``[D]`` per-head RMSNorm weights (Qwen3) or None.
     host_pools : ``(k_host, v_host)``, the layer's host-tier pools: a row whose table entry is
         ``~h`` (negative) is written zero-copy into host block ``h`` (``kvcache.tiers``).
+        The one-sequence path only: refused with ``rows``.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -56,6 +57,9 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
     host = check_host_pools(host_pools, num_kv_heads, head_dim)
+    if rows and host:
+        raise ValueError("host_pools: the host tier is for the one-sequence path; the batched (rows) "
+                         "kernel writes device-resident KV blocks only")
     if rows:
         check_rows(block_table, pos, m)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
@@ -64,9 +68,9 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
             check_tensor(w, name, (head_dim,), "fp32")
     kind = ("_rows" if rows else "") + ("_host" if host else "")
     name = f"rope_append{kind}_d{head_dim}"
-    kernel = rt.kernels.get(SOURCE, name, (ROWS_SIGNATURE if rows else SIGNATURE) + (" ptr ptr" if host else ""))
+    kernel = rt.kernels.get(SOURCE, name, (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else ""))
     tail = (int(block_table.shape[1]),) if rows else ()
-    tail += (ptr(host[0]), ptr(host[1])) if host else ()
+    tail += host_args(host)
     args = kernel.pack(ptr(qkv), ptr(q_out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(inv_freq), ptr(q_norm), ptr(k_norm), float(eps), m, num_q_heads, num_kv_heads, *tail)
     grid = (ceil_div(heads, HEADS_PER_BLOCK), m, 1)

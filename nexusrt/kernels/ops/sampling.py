@@ -26,7 +26,6 @@ from .spec import BenchCase, LaunchSpec
 SOURCE = "sampling"
 PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr"
 FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr i32"
-ARGMAX_SIGNATURE = "ptr i32 ptr i32"
 ROWS_PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr i32"
 ROWS_FINISH_SIGNATURE = "ptr i32 ptr ptr ptr ptr i32 ptr i32"
 MAX_ROWS = 65535  # sample_rows_partial puts the rows on grid.y
@@ -132,28 +131,13 @@ def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring
             LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish", pdl))
 
 
-def argmax_rows(rt, logits, out) -> LaunchSpec:
-    """The greedy pick of every row of ``logits`` fp32 ``[M, vocab]`` into ``out`` int32 ``[M]``
-    (the batched step's; lowest index on ties, a row of NaN gives 2**31-1)."""
-    shape = getattr(logits, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"logits must be a 2-d fp32 tensor [rows, vocab], got shape {shape}")
-    m, vocab = int(shape[0]), int(shape[1])
-    check_positive(rows=m, vocab=vocab)
-    check_tensor(logits, "logits", (m, vocab), "fp32")
-    check_tensor(out, "out", (m,), "int32")
-    kernel = rt.kernels.get(SOURCE, "argmax_rows", ARGMAX_SIGNATURE)
-    args = kernel.pack(ptr(logits), vocab, ptr(out), m)
-    return LaunchSpec(kernel, (m, 1, 1), (FINISH_THREADS, 1, 1), args, 0, "argmax_rows", pdl_ok(rt))
-
-
 def sample_rows(rt, logits, params, steps, part_val, part_idx, out) -> tuple[LaunchSpec, LaunchSpec]:
     """The two launch specs (run in order) that pick one token for every row of ``logits`` fp32
     ``[M, vocab]`` into ``out`` int32 ``[M]``: row r by the struct ``params[r]`` (uint8 ``[M, 24]``,
     :func:`pack_params_rows`; 8-byte aligned) at ``steps[r]`` (int32 ``[M]``), per
     :func:`nexusrt.reference.sampling.sample`. ``part_val`` fp32 / ``part_idx`` int32
     ``[M, num_parts(vocab)]`` hold the greedy rows' partial argmax. A greedy row of NaN gives
-    2**31-1 (as :func:`argmax_rows`). Nothing else is written: the caller tracks the steps.
+    2**31-1 (the caller reports it). Nothing else is written: the caller tracks the steps.
     """
     shape = getattr(logits, "shape", None)
     if shape is None or len(shape) != 2:

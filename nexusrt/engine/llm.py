@@ -91,7 +91,7 @@ class LLM:
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
             self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget,
-                                      tp_processes, (str(path_or_name), weights_seed, tuple(allow_paths)))
+                                      tp_processes)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan
 from ...parallel.procs import WorkerDied, WorkerGroup
 from ...parallel.shm import DEFAULT_SLOT_BYTES, DEFAULT_TIMEOUT, create_segment
@@ -45,9 +46,9 @@ class RemotePools:
 
 
 class ProcessDecoder:
-    """The model named ``model`` (as :func:`~nexusrt.models.loader.load_model` takes it, with
-    ``seed`` and ``allow_paths``) split over ``size`` worker processes; ``config`` is its
-    config (the front reads only that). Indivisible shapes fail before any process starts.
+    """The model whose weights ``weights`` locates (a :class:`~nexusrt.models.loader.WeightsOrigin`,
+    resolved and verified by the front's :func:`~nexusrt.models.loader.load_model`) split over
+    ``size`` worker processes; ``config`` is its config (the front reads only that). Indivisible shapes fail before any process starts.
 
     ``timeout``: seconds a collective waits for a peer before it names the missing rank.
     Raises :class:`~nexusrt.parallel.procs.WorkerDied` from any call once a worker has died;
@@ -58,7 +59,7 @@ class ProcessDecoder:
     # the ranks here hold theirs apart, so only the policy without scores is offered.
     prune_policies = frozenset({"sink-window"})
 
-    def __init__(self, model: str, config, size: int, *, seed: int = 0, allow_paths=(),
+    def __init__(self, weights: WeightsOrigin, config, size: int, *,
                  slot_bytes: int = DEFAULT_SLOT_BYTES, timeout: float = DEFAULT_TIMEOUT):
         self.config = config
         self.plan = ShardPlan(config, size)  # bad degrees and indivisible shapes fail here, no process yet
@@ -66,8 +67,7 @@ class ProcessDecoder:
         self.segment_name = self._segment.name  # the shared-memory segment of the collectives (unlinked by close)
         self._workers = None
         try:
-            spec = RankSpec(str(model), seed, tuple(str(p) for p in allow_paths), size, self.segment_name,
-                            slot_bytes, timeout)
+            spec = RankSpec(weights, size, self.segment_name, slot_bytes, timeout)
             self._workers = WorkerGroup(serve_rank, size, (spec,), name="tensor-parallel worker", env=blas_env(size))
         except BaseException:
             self._release_segment()

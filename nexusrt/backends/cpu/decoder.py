@@ -106,13 +106,17 @@ class PagedDecoder(DecoderSteps):
     """The decoder's weights (fused ``qkv`` / ``gate_up`` as a GPU runner lays them out) and
     its pass over :class:`Rows` of many sequences against paged K/V pools."""
 
-    def __init__(self, weights: WeightSource, embed: np.ndarray | None = None):
-        """``embed``: an embedding table already loaded elsewhere (tensor-parallel ranks share
-        rank 0's replicated table instead of each loading a copy)."""
+    def __init__(self, weights: WeightSource, embed: np.ndarray | None = None,
+                 lm_head: np.ndarray | None = None):
+        """``embed``, ``lm_head``: tables already in memory, loaded from ``weights`` otherwise
+        (tensor-parallel ranks share one replicated embedding table, and with tied embeddings a
+        rank's LM head is a view of its vocab rows of that table, not a second read)."""
         cfg = self.config = weights.config
         self.embed = weights.load("embed") if embed is None else embed
         self.final_norm = weights.load("final_norm")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
+        if lm_head is None:
+            lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
+        self.lm_head = lm_head
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = ops.rope_inv_freq(cfg)
 

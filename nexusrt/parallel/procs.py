@@ -54,10 +54,10 @@ class WorkerGroup:
     while starting stops the group and raises.
     """
 
-    def __init__(self, target, size: int, args: tuple = (), name: str = "worker", timeout: float | None = None,
+    def __init__(self, target, size: int, args: tuple = (), name: str = "worker",
                  env: dict[str, str] | None = None):
         ctx = mp.get_context("spawn")
-        self.name, self.size, self.timeout = name, size, timeout
+        self.name, self.size = name, size
         self._procs, self._conns = [], []
         self._closed = False
         self._lock = threading.Lock()
@@ -121,13 +121,9 @@ class WorkerGroup:
             # checks) or are stuck mid-collective: they get STOP_GRACE, not forever.
             erred = any(a[0] == "error" for a in answers.values())
             ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending],
-                         STOP_GRACE if erred else self.timeout)
-            if not ready and erred:
-                return answers  # _unpack names the rank that failed alone
-            if not ready:
-                self._stop_all()
-                raise self._failed(f"{self.name}: rank(s) {pending} did not answer the {what} within "
-                                   f"{self.timeout:g} s; every rank was stopped")
+                         STOP_GRACE if erred else None)
+            if not ready:  # only after an error: _unpack names the rank that failed alone
+                return answers
             for r in pending:
                 if self._conns[r] in ready:  # an answer before the death is still an answer
                     try:

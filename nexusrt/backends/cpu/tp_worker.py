@@ -38,9 +38,7 @@ class RankSpec:
 
     weights: WeightsOrigin
     size: int
-    segment: str
-    slot_bytes: int
-    timeout: float
+    segment: str  # made by create_segment with its default slot size, as ShmGroup's default
 
 
 def _answerable(exc: BaseException) -> BaseException:
@@ -56,7 +54,7 @@ def _boot(rank: int, spec: RankSpec) -> tuple[RankDecoder, object]:
     weights = spec.weights.open()
     try:
         plan = ShardPlan(weights.config, spec.size)
-        comm = ShmGroup(spec.segment, rank, spec.size, spec.slot_bytes, spec.timeout)
+        comm = ShmGroup(spec.segment, rank, spec.size)
     except BaseException:
         weights.close()
         raise

@@ -6,8 +6,10 @@ pipe, and owns their lifetimes. It knows nothing of models: the CPU rank loop li
 :mod:`nexusrt.backends.cpu.tp_worker`, and a CUDA one would be another ``target``.
 
 The protocol: every request goes to every rank; a rank answers ``("ok", value)`` or
-``("error", exception)``. :meth:`WorkerGroup.request` waits on the pipes *and* the process
-sentinels, so a rank that dies (killed, crashed, out of memory) is seen at once: the group
+``("error", exception)``. A request is pickled once and its bytes sent to every rank
+(``Connection.send`` would pickle it again per rank); a rank reads it with ``conn.recv()``,
+which unpickles exactly what ``send_bytes`` sent. :meth:`WorkerGroup.request` waits on the
+pipes *and* the process sentinels, so a rank that dies (killed, crashed, out of memory) is seen at once: the group
 raises :class:`WorkerDied` naming the rank and its exit code, and stops every other rank
 first, so no process is left behind. Errors every rank raised alike (a bad token id, checked
 before any collective) are re-raised and the group stays usable; a rank erring alone means
@@ -21,6 +23,7 @@ import os
 import signal
 import threading
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
 from ..errors import NexusRTError
 
@@ -98,9 +101,10 @@ class WorkerGroup:
             raise NexusRTError(f"{self.name} group is closed")
         with self._lock:  # one request at a time: the pipes carry no request ids
             try:
+                payload = ForkingPickler.dumps(message)  # once, not once per rank
                 for rank, conn in enumerate(self._conns):
                     try:
-                        conn.send(message)
+                        conn.send_bytes(payload)
                     except (BrokenPipeError, OSError):
                         self._fail(rank, what)
                 answers = self._collect(what)
@@ -176,10 +180,11 @@ class WorkerGroup:
         if self._closed:
             return
         if message is not None:
+            payload = ForkingPickler.dumps(message)
             for conn, proc in zip(self._conns, self._procs):
                 try:
                     if proc.is_alive():
-                        conn.send(message)
+                        conn.send_bytes(payload)
                 except (BrokenPipeError, OSError):
                     pass  # already gone: _stop_all reaps it
             for proc in self._procs:

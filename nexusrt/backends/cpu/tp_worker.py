@@ -78,7 +78,7 @@ def serve_rank(rank: int, conn, spec: RankSpec) -> None:
     try:
         while True:
             try:
-                message = conn.recv()
+                message = conn.recv()  # unpickles the bytes the front pickled once for every rank
             except EOFError:  # the front is gone
                 return
             if message[0] == "close":

@@ -86,6 +86,13 @@ class DecoderSteps:
     whose hidden rows and pools live elsewhere (the tensor-parallel worker processes,
     :mod:`nexusrt.backends.cpu.tp_front`) implements these two instead, one message each."""
 
+    @property
+    def prune_policies(self) -> frozenset:
+        """The KV pruning policies besides ``"full"`` a batch runner over this decoder runs:
+        compaction, and h2o's attention mass, which the decoder adds into ``Rows.scores`` (in
+        process, every rank's heads summed in one order)."""
+        return frozenset({"sink-window", "h2o"})
+
     def forward_logits(self, batch: list[Rows], pools, rows) -> np.ndarray:
         """``forward`` the batch, then fp32 ``[len(rows), vocab]`` logits of hidden rows ``rows``
         (indices into the batch's rows; none: an empty array and no LM head work)."""

@@ -25,14 +25,15 @@ import threading
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
-from ..errors import NexusRTError
+from ..errors import FatalError, NexusRTError
 
 STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
 
 
-class WorkerDied(NexusRTError):
-    """A worker process exited or failed mid-request; the message names the rank and exit code."""
+class WorkerDied(FatalError):
+    """A worker process exited or failed mid-request; the message names the rank and exit code.
+    The group is stopped by then, so it is fatal: every later request raises it again."""
 
 
 def describe_exit(code: int | None) -> str:

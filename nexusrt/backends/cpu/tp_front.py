@@ -80,12 +80,6 @@ class ProcessDecoder:
         """The worker processes' ids, rank order."""
         return self._workers.pids
 
-    @property
-    def failure(self):
-        """The :class:`~nexusrt.parallel.procs.WorkerDied` that stopped the workers, or None while
-        they run: after it every call raises, so a server should exit (``nexusrt serve`` does)."""
-        return None if self._workers is None else self._workers.failure
-
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""
         ids = self._request(("pools", num_blocks), "pool allocation")

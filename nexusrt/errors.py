@@ -7,6 +7,11 @@ class NexusRTError(RuntimeError):
     """Base class of every error NexusRT raises on purpose."""
 
 
+class FatalError(NexusRTError):
+    """An error after which a runner can never run another step (e.g. a tensor-parallel worker
+    process died). The serving engine stops on it instead of ending only the step's requests."""
+
+
 class NotInitialized(NexusRTError):
     """A runtime API was called before ``nrt.firmware.init()``."""
 

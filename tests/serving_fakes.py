@@ -18,16 +18,16 @@ class FakeRunner:
     max_context = 4096
     prune_policies = frozenset()  # no compact(): the engine refuses pruning policies on it
 
-    def __init__(self, num_blocks: int, fail_on_step: int | None = None):
+    def __init__(self, num_blocks: int, fail_on_step: int | None = None, fail_with: type = RuntimeError):
         self.num_blocks = num_blocks
         self.pool = np.full((num_blocks, BLOCK_SIZE), -1, np.int64)
         self.steps: list[list[tuple[int, int, bool]]] = []  # per step: (start, count, logits)
-        self.fail_on_step = fail_on_step
+        self.fail_on_step, self.fail_with = fail_on_step, fail_with
 
     def run(self, batch):
         self.steps.append([(r.start, len(r.token_ids), r.logits) for r in batch])
         if self.fail_on_step == len(self.steps):
-            raise RuntimeError("injected runner failure")
+            raise self.fail_with("injected runner failure")
         out = []
         for r in batch:
             t = np.arange(r.start, r.start + len(r.token_ids))

@@ -137,6 +137,29 @@ def test_a_runner_error_ends_that_steps_sequences_and_the_engine_goes_on():
     assert c.finish_reason == "length" and clean(e)
 
 
+def test_a_fatal_runner_error_stops_the_loop_and_fails_every_sequence():
+    """A FatalError (a dead tensor-parallel worker) is no one-step error: Engine.step re-raises
+    it, the loop stops with it as its error, every sequence ends with it, no request is taken."""
+    from nexusrt.errors import FatalError
+    from nexusrt.serving import EngineLoop, EngineStopped
+
+    e = make(fail_on_step=1, fail_with=FatalError)
+    a = seq(10, max_new=5)
+    e.add(a)
+    with pytest.raises(FatalError):
+        e.step()
+    engine = make(fail_on_step=1, fail_with=FatalError)
+    b, c = seq(10, max_new=5), seq(10, max_new=5, first=50)
+    engine.add(b)  # both in the engine before its thread starts: no submit races the failure
+    engine.add(c)
+    loop = EngineLoop(engine)
+    loop._thread.join(10)
+    assert not loop._thread.is_alive() and isinstance(loop.error, FatalError)
+    assert b.finish_reason == c.finish_reason == "error" and b.error is c.error is loop.error
+    with pytest.raises(EngineStopped, match="injected runner failure"):
+        loop.submit(seq(3))
+
+
 def test_a_failing_callback_ends_only_its_sequence():
     def boom(s, t):
         raise KeyError("client gone")

@@ -80,3 +80,31 @@ def test_tp_pools_hold_each_rank_its_kv_heads(weights):
     ks, vs = decoder.new_pools(2)
     layers = weights.config.num_hidden_layers
     assert len(ks) == len(vs) == 4 * layers and ks[0].shape[1] == 1  # 4 KV heads over 4 ranks
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tied_lm_head_is_a_view_of_the_one_embedding_table(weights, reference, n):
+    """Tied models: every rank's LM head is its vocab rows of the shared embedding table (no
+    second read), untied ones load their own; the logits still equal TP=1's."""
+    decoder = ShardedDecoder(weights, n)
+    embed = decoder.ranks[0].embed
+    vocab = weights.config.vocab_size // n
+    for r, d in enumerate(decoder.ranks):
+        assert d.embed is embed
+        tied = weights.config.tie_word_embeddings
+        assert np.shares_memory(d.lm_head, embed) == tied
+        if tied:
+            assert np.array_equal(d.lm_head, embed[r * vocab:(r + 1) * vocab])
+    err = rel_err(CpuRunner(weights, 64, decoder=decoder).forward_all(IDS), reference[0])
+    assert 0 < err < TOL
+
+
+def test_rank_decoder_lm_head_shares_its_embedding(weights):
+    """The SPMD rank (a worker process's decoder) takes the same view of its own table."""
+    from nexusrt.backends.cpu.sharded import RankDecoder
+    from nexusrt.parallel import ShardPlan, shard
+
+    plan = ShardPlan(weights.config, 2)
+    for r in range(2):
+        d = RankDecoder(shard(weights, plan, r), comm=None, config=weights.config).decoder
+        assert np.shares_memory(d.lm_head, d.embed) == weights.config.tie_word_embeddings

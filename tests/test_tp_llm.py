@@ -4,6 +4,7 @@ command line passes the flag through."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import nexusrt as nrt
@@ -62,3 +63,31 @@ def test_cli_flag(command):
     assert parser.parse_args(command).tensor_parallel == 1
     assert parser.parse_args(command + ["--tensor-parallel", "2", "--tp-processes"]).tp_processes
     assert not parser.parse_args(command).tp_processes
+
+
+def test_a_worker_opens_the_resolved_weights_without_hashing_again(monkeypatch):
+    """What a tensor-parallel worker gets is the front's resolved directory (or preset and seed):
+    opening it looks up no name and checks no manifest, and gives the same tensors."""
+    from nexusrt.models import loader, shipped
+    from nexusrt.models.loader import WeightsOrigin, load_model
+
+    model = load_model("nexusrt:stdlib-tiny")
+    synthetic = load_model("synthetic:tiny", seed=3)
+    try:
+        assert model.origin == WeightsOrigin(str(model.path), 0, ())
+        assert synthetic.origin == WeightsOrigin("synthetic:tiny", 3, ())
+
+        def refuse(*_a, **_k):
+            raise AssertionError("the worker resolved or hashed again")
+
+        for mod, name in ((shipped, "verify_manifest"), (loader, "verify_manifest"), (loader, "locate")):
+            monkeypatch.setattr(mod, name, refuse)
+        for m in (model, synthetic):
+            again = m.origin.open()
+            try:
+                assert np.array_equal(again.load("embed"), m.weights.load("embed"))
+            finally:
+                again.close()
+    finally:
+        model.weights.close()
+        synthetic.weights.close()

@@ -20,7 +20,7 @@ from nexusrt.backends.cpu.model import CpuRunner
 from nexusrt.backends.cpu.sharded import ShardedDecoder
 from nexusrt.backends.cpu.tp_front import ProcessDecoder
 from nexusrt.errors import BackendUnavailable, ModelError
-from nexusrt.models.loader import load_model
+from nexusrt.models.loader import WeightsOrigin, load_model
 from nexusrt.parallel.procs import WorkerDied
 from nexusrt.reference.sampling import SamplingParams
 
@@ -53,7 +53,7 @@ def test_workers_give_the_in_process_logits_and_ids_bit_for_bit(checkpoint, n):
     inproc = ShardedDecoder(weights, n)
     expect_logits = CpuRunner(weights, 64, decoder=inproc).forward_all(IDS)
     expect_ids = list(iter_tokens(CpuRunner(weights, 64, decoder=inproc), IDS, 8, SamplingParams()))
-    workers = ProcessDecoder(path, weights.config, n)
+    workers = ProcessDecoder(WeightsOrigin(path), weights.config, n)
     pids = workers.pids
     try:
         assert len(set(pids)) == n and os.getpid() not in pids
@@ -79,7 +79,7 @@ def test_batch_runner_over_workers_matches_in_process_with_compaction(checkpoint
         out += batch.run([Rows([42], 11, [2, 3], logits=True, position=position)])
         return batch, out
 
-    workers = ProcessDecoder(path, weights.config, 2)
+    workers = ProcessDecoder(WeightsOrigin(path), weights.config, 2)
     try:
         batch, got = steps(workers)
         assert batch.prune_policies == {"sink-window"}  # h2o's scores are not summed across processes

@@ -45,6 +45,8 @@ def _load_flags(p) -> None:
     p.add_argument("--kv-gpu-budget", default=None, metavar="BYTES",
                    help="bytes of KV cache kept on the GPU, e.g. 2G; the oldest blocks past it live in pinned "
                         "host memory, read zero-copy (CUDA, one sequence at a time)")
+    p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
+                   help="force a backend (default: NEXUSRT_BACKEND, else probe)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
 
 
@@ -58,8 +60,6 @@ def _common(p) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=None, metavar="STR", help="stop string (repeatable)")
-    p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
-                   help="force a backend (default: NEXUSRT_BACKEND, else probe)")
 
 
 def _kv_flags(p) -> None:
@@ -108,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-memory", default=None, metavar="BYTES",
                    help="bytes of the KV block pool, e.g. 268435456 or 256M (default: CPU 256M; CUDA room "
                         "for --max-batch requests at full context)")
-    s.add_argument("--backend", choices=("cpu", "cuda"), default=None,
-                   help="force a backend (default: NEXUSRT_BACKEND, else probe)")
     s.add_argument("--deterministic", action="store_true",
                    help="CUDA: a request's tokens do not depend on the requests batched with it "
                         "(prefix caching off; the CPU backend always is)")

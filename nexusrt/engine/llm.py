@@ -16,12 +16,13 @@ bf16 error); ``deterministic=True`` sends every call through the engine's batch-
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Iterator
 
 from .. import runtime as runtime_mod
-from ..errors import NexusRTError
+from ..errors import FatalError, NexusRTError
 from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
 from .context import Context
@@ -77,6 +78,7 @@ class LLM:
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
         self._loop = None  # the serving engine's loop, started at first use
+        self._fatal: FatalError | None = None  # what broke the runner outside the engine loop
         self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         self.deterministic = bool(deterministic)
@@ -91,7 +93,7 @@ class LLM:
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
             self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget,
-                                      tp_processes, (str(path_or_name), weights_seed, tuple(allow_paths)))
+                                      tp_processes)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise
@@ -103,10 +105,23 @@ class LLM:
 
     @property
     def failure(self) -> BaseException | None:
-        """The error that left the runner unusable for good (a tensor-parallel worker that died:
-        every later step raises it), or None. The serving engine ends only the step's requests
-        on an error, so a server polls this to know it must exit."""
-        return getattr(getattr(self.runner, "decoder", None), "failure", None)
+        """The error that left this LLM unable to serve, or None: the one that stopped the serving
+        engine's loop (a :class:`~nexusrt.errors.FatalError` such as a dead tensor-parallel
+        worker, or a bug), else a FatalError met outside it (a one-sequence call, making the
+        engine's pools). A server polls this to know it must exit."""
+        loop = self._loop
+        if loop is not None and loop.error is not None:
+            return loop.error
+        return self._fatal
+
+    @contextlib.contextmanager
+    def _watch(self):
+        """Keep a FatalError raised inside for :attr:`failure`."""
+        try:
+            yield
+        except FatalError as exc:
+            self._fatal = exc
+            raise
 
     @property
     def last_result(self) -> GenerationResult | None:
@@ -137,7 +152,9 @@ class LLM:
             if self._closing or self.runner is None:
                 raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
             if self._loop is None:
-                self._loop = make_loop(self.runner, self.backend, *self._serving_args, deterministic=self._engine_only)
+                with self._watch():
+                    self._loop = make_loop(self.runner, self.backend, *self._serving_args,
+                                           deterministic=self._engine_only)
             return self._loop
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
@@ -231,7 +248,8 @@ class LLM:
         pieces: list[str] = []
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop,
                                                   seed, pieces.append)
-        self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
+        with self._watch():
+            self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
         return self._finish(session, params, extra)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
@@ -271,7 +289,8 @@ class LLM:
     def _stream_body(self, started, max_new_tokens, pieces) -> Iterator[str]:
         session, ids, params, extra = started
         try:
-            yield from stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
+            with self._watch():
+                yield from stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
             self._local.result = self._finish(session, params, extra)
             yield from pieces
         finally:

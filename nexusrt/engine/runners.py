@@ -45,14 +45,14 @@ def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_bu
 
 
 def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1,
-                kv_gpu_budget: int | None = None, tp_processes: bool = False, source: tuple | None = None):
+                kv_gpu_budget: int | None = None, tp_processes: bool = False):
     """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or
     CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks, or
-    with ``tp_processes`` over one worker process per rank, each opening ``source`` (the
-    ``(path_or_name, seed, allow_paths)`` the model was loaded from) and reading its shard.
+    with ``tp_processes`` over one worker process per rank, each opening ``model.origin`` (the
+    weights the front already resolved and verified) and reading its shard. The caller has run
+    :func:`check_tensor_parallel` (``nrt.LLM`` does, before reading the model).
     ``kv_gpu_budget``: bytes of KV on the device, the rest on the pinned host tier (CUDA)."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
-    check_tensor_parallel(tensor_parallel, backend)
     check_kv_gpu_budget(model.config, backend, max_context, kv_gpu_budget)
     name = str(model.path or model.name)
     if backend == "cpu":
@@ -62,8 +62,7 @@ def make_runner(model: LoadedModel, backend: str, max_context: int | None, tenso
         if tp_processes:
             from ..backends.cpu.tp_front import ProcessDecoder
 
-            name, seed, allow = source or (str(model.path or model.name), getattr(model.weights, "seed", 0), ())
-            decoder = ProcessDecoder(name, model.config, tensor_parallel, seed=seed, allow_paths=allow)
+            decoder = ProcessDecoder(model.origin, model.config, tensor_parallel)
             try:
                 return CpuRunner(model.weights, max_context, decoder=decoder)
             except BaseException:

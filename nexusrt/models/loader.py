@@ -67,6 +67,28 @@ class GenerationDefaults:
         )
 
 
+@dataclass(frozen=True)
+class WeightsOrigin:
+    """Where a model's weights come from, already resolved: a checkpoint directory (its manifest,
+    if any, already verified) or ``synthetic:<preset>`` with its ``seed``. Picklable, so a
+    tensor-parallel worker opens the same weights without resolving the name or hashing again."""
+
+    where: str
+    seed: int = 0
+    allow_paths: tuple = ()
+
+    def open(self) -> WeightSource:
+        """Just the weights: no name lookup, no hashing, no tokenizer or generation config."""
+        if self.where.startswith(SYNTHETIC_PREFIX):
+            return SyntheticWeights.from_preset(self.where[len(SYNTHETIC_PREFIX):], self.seed)
+        files = CheckpointDir(Path(self.where), allow=self.allow_paths)
+        return _checkpoint_weights(files, load_config(files))
+
+
+def _checkpoint_weights(files: CheckpointDir, config: ModelConfig) -> CheckpointWeights:
+    return CheckpointWeights(config, SafetensorsIndex.from_dir(files))
+
+
 @dataclass
 class LoadedModel:
     """Everything a runner and the engine need; no tensor data is read yet."""
@@ -77,6 +99,7 @@ class LoadedModel:
     tokenizer: BaseTokenizer
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     path: Path | None = None
+    origin: WeightsOrigin | None = None  # how to open these weights again (a worker process does)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -133,9 +156,11 @@ def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> Loade
     name = str(path_or_name)
     p = preset_name(name)
     if p is not None:
-        weights = SyntheticWeights.from_preset(p, seed)
+        origin = WeightsOrigin(SYNTHETIC_PREFIX + p, seed)
+        weights = origin.open()
         # Synthetic weights are random: no eos, so benchmarks always run the asked length.
-        return LoadedModel(SYNTHETIC_PREFIX + p, weights.config, weights, ByteTokenizer(), GenerationDefaults())
+        return LoadedModel(origin.where, weights.config, weights, ByteTokenizer(), GenerationDefaults(),
+                           origin=origin)
     d, label = locate(name)
     files = CheckpointDir(d, allow=allow_paths)
     if not name.startswith(SHIPPED_PREFIX) and files.file(MANIFEST, required=False) is not None:
@@ -143,8 +168,9 @@ def load_model(path_or_name: str | Path, seed: int = 0, allow_paths=()) -> Loade
             verify_manifest(d, files)  # a copy of a shipped model: still no silent use of a changed file
     config = load_config(files)
     tokenizer = HFTokenizer(d, files)
-    weights = CheckpointWeights(config, SafetensorsIndex.from_dir(files))
+    weights = _checkpoint_weights(files, config)
     fallback = config.eos_token_ids or tokenizer.eos_ids
     gen = GenerationDefaults.from_file(files.file("generation_config.json", required=False), fallback,
                                        config.vocab_size)
-    return LoadedModel(label, config, weights, tokenizer, gen, d)
+    return LoadedModel(label, config, weights, tokenizer, gen, d,
+                       WeightsOrigin(str(d), seed, tuple(str(a) for a in allow_paths)))

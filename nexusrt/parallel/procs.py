@@ -6,8 +6,10 @@ pipe, and owns their lifetimes. It knows nothing of models: the CPU rank loop li
 :mod:`nexusrt.backends.cpu.tp_worker`, and a CUDA one would be another ``target``.
 
 The protocol: every request goes to every rank; a rank answers ``("ok", value)`` or
-``("error", exception)``. :meth:`WorkerGroup.request` waits on the pipes *and* the process
-sentinels, so a rank that dies (killed, crashed, out of memory) is seen at once: the group
+``("error", exception)``. A request is pickled once and its bytes sent to every rank
+(``Connection.send`` would pickle it again per rank); a rank reads it with ``conn.recv()``,
+which unpickles exactly what ``send_bytes`` sent. :meth:`WorkerGroup.request` waits on the
+pipes *and* the process sentinels, so a rank that dies (killed, crashed, out of memory) is seen at once: the group
 raises :class:`WorkerDied` naming the rank and its exit code, and stops every other rank
 first, so no process is left behind. Errors every rank raised alike (a bad token id, checked
 before any collective) are re-raised and the group stays usable; a rank erring alone means
@@ -21,15 +23,17 @@ import os
 import signal
 import threading
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
-from ..errors import NexusRTError
+from ..errors import FatalError, NexusRTError
 
 STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
 
 
-class WorkerDied(NexusRTError):
-    """A worker process exited or failed mid-request; the message names the rank and exit code."""
+class WorkerDied(FatalError):
+    """A worker process exited or failed mid-request; the message names the rank and exit code.
+    The group is stopped by then, so it is fatal: every later request raises it again."""
 
 
 def describe_exit(code: int | None) -> str:
@@ -54,10 +58,10 @@ class WorkerGroup:
     while starting stops the group and raises.
     """
 
-    def __init__(self, target, size: int, args: tuple = (), name: str = "worker", timeout: float | None = None,
+    def __init__(self, target, size: int, args: tuple = (), name: str = "worker",
                  env: dict[str, str] | None = None):
         ctx = mp.get_context("spawn")
-        self.name, self.size, self.timeout = name, size, timeout
+        self.name, self.size = name, size
         self._procs, self._conns = [], []
         self._closed = False
         self._lock = threading.Lock()
@@ -98,9 +102,10 @@ class WorkerGroup:
             raise NexusRTError(f"{self.name} group is closed")
         with self._lock:  # one request at a time: the pipes carry no request ids
             try:
+                payload = ForkingPickler.dumps(message)  # once, not once per rank
                 for rank, conn in enumerate(self._conns):
                     try:
-                        conn.send(message)
+                        conn.send_bytes(payload)
                     except (BrokenPipeError, OSError):
                         self._fail(rank, what)
                 answers = self._collect(what)
@@ -121,13 +126,9 @@ class WorkerGroup:
             # checks) or are stuck mid-collective: they get STOP_GRACE, not forever.
             erred = any(a[0] == "error" for a in answers.values())
             ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending],
-                         STOP_GRACE if erred else self.timeout)
-            if not ready and erred:
-                return answers  # _unpack names the rank that failed alone
-            if not ready:
-                self._stop_all()
-                raise self._failed(f"{self.name}: rank(s) {pending} did not answer the {what} within "
-                                   f"{self.timeout:g} s; every rank was stopped")
+                         STOP_GRACE if erred else None)
+            if not ready:  # only after an error: _unpack names the rank that failed alone
+                return answers
             for r in pending:
                 if self._conns[r] in ready:  # an answer before the death is still an answer
                     try:
@@ -180,10 +181,11 @@ class WorkerGroup:
         if self._closed:
             return
         if message is not None:
+            payload = ForkingPickler.dumps(message)
             for conn, proc in zip(self._conns, self._procs):
                 try:
                     if proc.is_alive():
-                        conn.send(message)
+                        conn.send_bytes(payload)
                 except (BrokenPipeError, OSError):
                     pass  # already gone: _stop_all reaps it
             for proc in self._procs:

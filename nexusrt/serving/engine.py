@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.base import BatchRunner, Rows
+from ..errors import FatalError
 from ..kvcache.blocks import blocks_for
 from .block_manager import BlockManager
 from .metrics import EngineMetrics
@@ -94,6 +95,8 @@ class Engine:
                       params=w.seq.params, step=w.seq.step) for w in work]
         try:
             tokens = self.runner.run_tokens(batch)
+        except FatalError:  # the runner can never step again: the loop stops and fails every sequence
+            raise
         except Exception as exc:  # the step's sequences end with the error; the engine goes on
             for w in work:
                 self.end(w.seq, State.FINISHED, "error", exc)
@@ -124,6 +127,8 @@ class Engine:
         try:
             seq.kv_positions, seq.kv_scores, dropped = prune(seq.kv, seq.kv_positions, seq.kv_scores,
                                                              lambda keep: self.runner.compact(table, keep))
+        except FatalError:
+            raise
         except Exception as exc:
             self.end(seq, State.FINISHED, "error", exc)
             return False

@@ -51,7 +51,9 @@ class EngineLoop:
         """Queue ``seq``; ValueError when it can never fit, QueueFull / EngineStopped as said above."""
         self.engine.check(seq)
         with self._cond:
-            if not self._accepting or self.error is not None:
+            if self.error is not None:
+                raise EngineStopped(f"the engine stopped on an error and takes no new requests: {self.error}")
+            if not self._accepting:
                 raise EngineStopped("the engine is shutting down and takes no new requests")
             if self.num_waiting >= self.max_waiting:
                 raise QueueFull(f"{self.num_waiting} requests are waiting (the limit is {self.max_waiting}); "
@@ -101,7 +103,8 @@ class EngineLoop:
                         engine.cancel(seq)
                     return
                 engine.step()
-        except BaseException as exc:  # a bug: fail every sequence rather than leave callers waiting
+        except BaseException as exc:  # a bug, or a FatalError from the runner: fail every sequence
+            # rather than leave callers waiting
             self.error = exc
             with self._cond:
                 inbox, self._inbox = self._inbox, []

@@ -25,14 +25,12 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
 class CpuBatchRunner:
     """A :class:`~nexusrt.backends.base.BatchRunner` in NumPy over ``decoder``'s weights."""
 
-    prune_policies = frozenset({"sink-window", "h2o"})  # the decoder adds attention mass into Rows.scores
-
     def __init__(self, decoder: PagedDecoder, num_blocks: int, max_context: int):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
         self.decoder, self.config = decoder, decoder.config
-        # A decoder may run fewer policies (the worker processes do not sum h2o's scores across ranks).
-        self.prune_policies = getattr(decoder, "prune_policies", type(self).prune_policies)
+        # The decoder knows what it can prune (the worker processes do not sum h2o's scores across ranks).
+        self.prune_policies = decoder.prune_policies
         self.num_blocks, self.max_context = num_blocks, max_context
         self._pools = decoder.new_pools(num_blocks)
 

@@ -86,6 +86,13 @@ class DecoderSteps:
     whose hidden rows and pools live elsewhere (the tensor-parallel worker processes,
     :mod:`nexusrt.backends.cpu.tp_front`) implements these two instead, one message each."""
 
+    @property
+    def prune_policies(self) -> frozenset:
+        """The KV pruning policies besides ``"full"`` a batch runner over this decoder runs:
+        compaction, and h2o's attention mass, which the decoder adds into ``Rows.scores`` (in
+        process, every rank's heads summed in one order)."""
+        return frozenset({"sink-window", "h2o"})
+
     def forward_logits(self, batch: list[Rows], pools, rows) -> np.ndarray:
         """``forward`` the batch, then fp32 ``[len(rows), vocab]`` logits of hidden rows ``rows``
         (indices into the batch's rows; none: an empty array and no LM head work)."""
@@ -106,13 +113,17 @@ class PagedDecoder(DecoderSteps):
     """The decoder's weights (fused ``qkv`` / ``gate_up`` as a GPU runner lays them out) and
     its pass over :class:`Rows` of many sequences against paged K/V pools."""
 
-    def __init__(self, weights: WeightSource, embed: np.ndarray | None = None):
-        """``embed``: an embedding table already loaded elsewhere (tensor-parallel ranks share
-        rank 0's replicated table instead of each loading a copy)."""
+    def __init__(self, weights: WeightSource, embed: np.ndarray | None = None,
+                 lm_head: np.ndarray | None = None):
+        """``embed``, ``lm_head``: tables already in memory, loaded from ``weights`` otherwise
+        (tensor-parallel ranks share one replicated embedding table, and with tied embeddings a
+        rank's LM head is a view of its vocab rows of that table, not a second read)."""
         cfg = self.config = weights.config
         self.embed = weights.load("embed") if embed is None else embed
         self.final_norm = weights.load("final_norm")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
+        if lm_head is None:
+            lm_head = self.embed if cfg.tie_word_embeddings else weights.load("lm_head")
+        self.lm_head = lm_head
         self.layers = [self._load_layer(weights, i) for i in range(cfg.num_hidden_layers)]
         self.inv_freq = ops.rope_inv_freq(cfg)
 

@@ -25,9 +25,21 @@ from collections.abc import Generator
 import numpy as np
 
 from ...models.weights import WeightSource
-from ...parallel import LocalGroup, ShardPlan, shard
+from ...parallel import LocalGroup, ShardedWeights, ShardPlan, shard
 from ..base import Rows
 from .decoder import DecoderSteps, PagedDecoder
+
+
+def rank_decoder(weights: ShardedWeights, embed: np.ndarray | None = None) -> PagedDecoder:
+    """A :class:`PagedDecoder` over one rank's shard; ``embed``: the replicated embedding table
+    if already loaded. With tied embeddings the LM head is this rank's vocab rows of that table:
+    a view, so the table is read once, not again as the head."""
+    embed = weights.load("embed") if embed is None else embed
+    lm_head = None
+    if weights.plan.config.tie_word_embeddings:
+        split = weights.plan.split("lm_head", weights.rank)  # vocab-parallel: rows of the table
+        lm_head = embed[split.start:split.stop]
+    return PagedDecoder(weights, embed=embed, lm_head=lm_head)
 
 
 def layer_steps(d: PagedDecoder, batch: list[Rows], pools) -> Generator[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,8 +60,8 @@ class RankDecoder(DecoderSteps):
     rank computes after its collectives is the whole model's hidden rows and logits.
     """
 
-    def __init__(self, weights: WeightSource, comm, config):
-        self.decoder, self.comm, self.config = PagedDecoder(weights), comm, config
+    def __init__(self, weights: ShardedWeights, comm, config):
+        self.decoder, self.comm, self.config = rank_decoder(weights), comm, config
 
     def new_pools(self, num_blocks: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """This rank's K and V pools (its own KV heads)."""
@@ -80,9 +92,9 @@ class ShardedDecoder(DecoderSteps):
         self.config = weights.config
         self.plan = ShardPlan(weights.config, size)  # bad degrees and indivisible shapes fail here
         self.group = LocalGroup(size)
-        self.ranks = [PagedDecoder(shard(weights, self.plan, 0))]
         # The embedding is replicated: one table serves every rank (a copy each would be dead memory).
-        self.ranks += [PagedDecoder(shard(weights, self.plan, r), embed=self.ranks[0].embed) for r in range(1, size)]
+        embed = weights.load("embed")
+        self.ranks = [rank_decoder(shard(weights, self.plan, r), embed) for r in range(size)]
 
     @property
     def size(self) -> int:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan
 from ...parallel.procs import WorkerDied, WorkerGroup
-from ...parallel.shm import DEFAULT_SLOT_BYTES, DEFAULT_TIMEOUT, create_segment
+from ...parallel.shm import create_segment
 from ..base import Rows
 from .tp_worker import RankSpec, serve_rank
 
@@ -41,15 +42,14 @@ class RemotePools:
     """A handle to K/V pools that live in the workers (pool ``id`` of every rank)."""
 
     id: int
-    num_blocks: int
 
 
 class ProcessDecoder:
-    """The model named ``model`` (as :func:`~nexusrt.models.loader.load_model` takes it, with
-    ``seed`` and ``allow_paths``) split over ``size`` worker processes; ``config`` is its
-    config (the front reads only that). Indivisible shapes fail before any process starts.
-
-    ``timeout``: seconds a collective waits for a peer before it names the missing rank.
+    """The model whose weights ``weights`` locates (a :class:`~nexusrt.models.loader.WeightsOrigin`,
+    resolved and verified by the front's :func:`~nexusrt.models.loader.load_model`) split over
+    ``size`` worker processes; ``config`` is its config (the front reads only that).
+    Indivisible shapes fail before any process starts. A collective waits
+    :data:`~nexusrt.parallel.shm.DEFAULT_TIMEOUT` seconds for a peer before it names the missing rank.
     Raises :class:`~nexusrt.parallel.procs.WorkerDied` from any call once a worker has died;
     the other workers are stopped by then.
     """
@@ -58,16 +58,14 @@ class ProcessDecoder:
     # the ranks here hold theirs apart, so only the policy without scores is offered.
     prune_policies = frozenset({"sink-window"})
 
-    def __init__(self, model: str, config, size: int, *, seed: int = 0, allow_paths=(),
-                 slot_bytes: int = DEFAULT_SLOT_BYTES, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, weights: WeightsOrigin, config, size: int):
         self.config = config
         self.plan = ShardPlan(config, size)  # bad degrees and indivisible shapes fail here, no process yet
-        self._segment = create_segment(size, slot_bytes)
+        self._segment = create_segment(size)
         self.segment_name = self._segment.name  # the shared-memory segment of the collectives (unlinked by close)
         self._workers = None
         try:
-            spec = RankSpec(str(model), seed, tuple(str(p) for p in allow_paths), size, self.segment_name,
-                            slot_bytes, timeout)
+            spec = RankSpec(weights, size, self.segment_name)
             self._workers = WorkerGroup(serve_rank, size, (spec,), name="tensor-parallel worker", env=blas_env(size))
         except BaseException:
             self._release_segment()
@@ -82,16 +80,10 @@ class ProcessDecoder:
         """The worker processes' ids, rank order."""
         return self._workers.pids
 
-    @property
-    def failure(self):
-        """The :class:`~nexusrt.parallel.procs.WorkerDied` that stopped the workers, or None while
-        they run: after it every call raises, so a server should exit (``nexusrt serve`` does)."""
-        return None if self._workers is None else self._workers.failure
-
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""
         ids = self._request(("pools", num_blocks), "pool allocation")
-        return RemotePools(ids[0], num_blocks)
+        return RemotePools(ids[0])
 
     def forward_logits(self, batch: list[Rows], pools: RemotePools, rows) -> np.ndarray:
         """One step in every worker; rank 0's all-gathered fp32 ``[len(rows), vocab]`` logits."""

@@ -1,7 +1,8 @@
 """One CPU rank of a tensor-parallel group in its own process: load the shard, then serve steps.
 
 The process entry :func:`serve_rank` (started by :class:`~nexusrt.parallel.procs.WorkerGroup`)
-opens the model itself (:func:`~nexusrt.models.loader.load_model` maps the checkpoint), takes
+opens the model's weights itself (the front's resolved, already verified
+:class:`~nexusrt.models.loader.WeightsOrigin`: no name lookup, no hashing again), takes
 its :func:`~nexusrt.parallel.shard` view, so it reads only its rows and columns of each
 tensor, attaches to the group's shared-memory communicator and builds a
 :class:`~nexusrt.backends.cpu.sharded.RankDecoder`. Then it answers the front's messages,
@@ -17,7 +18,7 @@ import pickle
 import signal
 from dataclasses import dataclass
 
-from ...models.loader import load_model
+from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan, shard
 from ...parallel.shm import ShmGroup
 from .sharded import RankDecoder
@@ -32,16 +33,12 @@ MESSAGES = """
 
 @dataclass(frozen=True)
 class RankSpec:
-    """What a rank needs to boot: the model as :func:`load_model` takes it, the group's degree,
-    and the communicator's segment."""
+    """What a rank needs to boot: where the weights are, the group's degree, and the
+    communicator's segment."""
 
-    model: str
-    seed: int
-    allow_paths: tuple
+    weights: WeightsOrigin
     size: int
-    segment: str
-    slot_bytes: int
-    timeout: float
+    segment: str  # made by create_segment with its default slot size, as ShmGroup's default
 
 
 def _answerable(exc: BaseException) -> BaseException:
@@ -54,10 +51,14 @@ def _answerable(exc: BaseException) -> BaseException:
 
 
 def _boot(rank: int, spec: RankSpec) -> tuple[RankDecoder, object]:
-    model = load_model(spec.model, seed=spec.seed, allow_paths=spec.allow_paths)
-    plan = ShardPlan(model.config, spec.size)
-    comm = ShmGroup(spec.segment, rank, spec.size, spec.slot_bytes, spec.timeout)
-    return RankDecoder(shard(model.weights, plan, rank), comm, model.config), model.weights
+    weights = spec.weights.open()
+    try:
+        plan = ShardPlan(weights.config, spec.size)
+        comm = ShmGroup(spec.segment, rank, spec.size)
+    except BaseException:
+        weights.close()
+        raise
+    return RankDecoder(shard(weights, plan, rank), comm, weights.config), weights
 
 
 def serve_rank(rank: int, conn, spec: RankSpec) -> None:
@@ -77,7 +78,7 @@ def serve_rank(rank: int, conn, spec: RankSpec) -> None:
     try:
         while True:
             try:
-                message = conn.recv()
+                message = conn.recv()  # unpickles the bytes the front pickled once for every rank
             except EOFError:  # the front is gone
                 return
             if message[0] == "close":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..kvcache.blocks import blocks_for
 from ..serving.pruning import DEFAULT_SINKS, KvPolicy
-from .context import LAYERS, Context, Rendered, render
+from .context import LAYERS, Rendered, render
 
 OPTIONS = ("kv_policy", "kv_budget", "kv_sinks", "kv_window", "kv_protect")
 HOST_TIER = "off: every KV block is on the device (kv_gpu_budget puts the oldest past it on the host)"

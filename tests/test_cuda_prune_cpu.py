@@ -186,7 +186,7 @@ def test_compact_copies_table_and_keep_then_launches_once_for_every_layer(make):
 def _stub_cpu_runner(cfg):
     pools = ([np.zeros(pool_shape(NUM_BLOCKS, cfg.num_key_value_heads, cfg.head_dim), np.float32)],) * 2
     # the decoder's compaction walks only the pools: no weights needed
-    decoder = SimpleNamespace(config=cfg, new_pools=lambda n: pools,
+    decoder = SimpleNamespace(config=cfg, new_pools=lambda n: pools, prune_policies=frozenset({"sink-window"}),
                               compact_pools=lambda *args: DecoderSteps.compact_pools(None, *args))
     return CpuBatchRunner(decoder, NUM_BLOCKS, 300)
 

@@ -72,11 +72,13 @@ def test_a_lone_decode_takes_the_one_sequence_graph_and_samples_row_0(dev):
     slot = bb.h_pre_tables.shape[0] - 1  # the slot after the prompt chunks' table rows
     assert bb.h_pre_tables.array[slot].tolist() == row_table(r, [4, 11, 2])
     kinds = [e[0] for e in dev.log]
-    assert kinds == ["h2d", "set", "set", "replay", "d2d", "h2d", "h2d", "launch", "launch", "d2h"]
-    table, token, pos, replay, d2d = dev.log[:5]
+    assert kinds == ["h2d", "set", "set", "set", "set", "replay", "d2d", "h2d", "h2d", "launch", "launch", "d2h"]
+    table, token, pos, rope_pos, rope_slot, replay, d2d = dev.log[:7]
     assert table[1:4] == (pre.block_table.ptr, bb.h_pre_tables.ptr + slot * r.width * 4, r.width * 4)
     assert table[4].tolist() == row_table(r, [4, 11, 2])
     assert token[1:] == (pre.token.ptr, 9) and pos[1:] == (pre.pos.ptr, 33) and replay[1] == "decode"
+    # RoPE/append reads its position and slot from one_meta (equal here: nothing was pruned)
+    assert rope_pos[1:] == (bb.one_meta.ptr, 33) and rope_slot[1:] == (bb.one_meta.ptr + 4, 33)
     assert d2d[1:] == (bb.logits.ptr, pre.logits.ptr, 4 * r.config.vocab_size)  # its logits to row 0
     partial, finish = dev.kinds("launch")  # the sampler over row 0: its logits in, pick 0 out
     assert (partial[1], partial[2][1]) == ("sample_rows_partial", 1)

@@ -111,17 +111,24 @@ def test_batched_decode_rows_carry_their_position_and_their_slot(make):
     assert not dev.overwritten
 
 
-def test_a_pruned_lone_decode_takes_the_batch_graph_of_one_row(make):
+def _words(dev) -> dict:
+    """The value each ``cuMemsetD32Async`` of the step set, by address."""
+    return {c[1]: c[2] for c in dev.calls if c[0] == "cuMemsetD32Async"}
+
+
+def test_a_pruned_lone_decode_keeps_the_gemv_graph_with_its_position_apart(make):
     r, dev = make()
     r.run_tokens([_one(9, 33, [4, 11, 2])])  # unpruned: the one-sequence GEMV graph
     assert [e[1] for e in _events(dev, "replay")] == ["decode"]
     dev.rt.trace.clear()
     dev.calls.clear()
     r.run_tokens([_one(9, 33, [4, 11, 2], position=90)])
-    assert [e[1] for e in _events(dev, "replay")] == ["batch1"]  # its single pos word cannot hold both
-    assert r.bb.h_meta.array[0, :3].tolist() == [90, 33, 0]
-    assert not _events(dev, "sample_rows")  # the batch graph samples its row itself
-    assert [c[1] for c in dev.calls if c[0] == "cuMemsetD32Async"] == []  # no pos word set for decode1
+    assert [e[1] for e in _events(dev, "replay")] == ["decode"]  # still the GEMVs
+    words = _words(dev)
+    one = r.bb.one_meta.ptr
+    assert words[one] == 90 and words[one + 4] == 33  # RoPE at the position, K/V written at the slot
+    assert words[r.pre.pos.ptr] == 33  # attention's length: the slot count
+    assert [e[1] for e in _events(dev, "sample_rows_partial", "sample_rows_finish")] != []
 
 
 def test_a_pruned_prompt_chunk_ropes_at_its_positions_and_attends_over_its_slots(make):
@@ -133,7 +140,8 @@ def test_a_pruned_prompt_chunk_ropes_at_its_positions_and_attends_over_its_slots
     assert meta[:37, 0].tolist() == list(range(130, 167))  # RoPE
     assert meta[:37, 1].tolist() == list(range(10, 47))  # slots: rope_append writes there
     assert (meta[:37, 2] == 0).all() and buf.h_starts.array[0] == 10  # attention starts at the slot
-    assert r.bb.h_meta.array[0, :3].tolist() == [41, 40, 0]
+    words = _words(dev)  # the lone decode beside the chunk: position and slot apart in one_meta
+    assert words[r.bb.one_meta.ptr] == 41 and words[r.bb.one_meta.ptr + 4] == 40
 
 
 def test_the_per_sequence_prompt_path_refuses_a_pruned_chunk_before_any_device_work(make):
@@ -143,8 +151,8 @@ def test_the_per_sequence_prompt_path_refuses_a_pruned_chunk_before_any_device_w
     with pytest.raises(ValueError, match="per-sequence prompt path.*RoPE position 130, cache slot 10"):
         r.run_tokens([_one(6, 40, [5, 6, 7]), chunk])
     assert dev.calls == [] and dev.rt.trace == [] and dev.syncs == 0
-    r.run_tokens([_one(6, 40, [5, 6, 7], position=50)])  # its decodes take the rows kernels
-    assert r.bb.h_meta.array[0, :3].tolist() == [50, 40, 0]
+    r.run_tokens([_one(6, 40, [5, 6, 7], position=50)])  # its decodes read the position apart
+    assert _words(dev)[r.bb.one_meta.ptr] == 50
     assert make()[0].prune_policies == frozenset({"sink-window"})
 
 

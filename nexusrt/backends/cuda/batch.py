@@ -152,8 +152,8 @@ class CudaBatchRunner:
                     steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
             self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
         if not self.deterministic:  # deterministic decodes always take the largest bucket's graph
-            self._graphs[("decode1",)] = scheduler.capture(steps.decode_stages(rt, cfg, w, self.pre, sample=False),
-                                                           stream="compute")
+            self._graphs[("decode1",)] = scheduler.capture(
+                steps.decode_stages(rt, cfg, w, self.pre, sample=False, meta=self.bb.one_meta), stream="compute")
         for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
             ws = self.bb.workspace(cfg, m, self._splits(m))
             self._graphs[("batch", m)] = scheduler.capture(
@@ -230,7 +230,9 @@ class CudaBatchRunner:
         self._fill_table(self.bb.h_pre_tables.array[slot], r.table)
         self._h2d(pre.block_table, self.bb.h_pre_tables.ptr + slot * self.width * 4, self.width * 4)
         self._set_word(pre.token, int(r.token_ids[0]))
-        self._set_word(pre.pos, r.start)
+        self._set_word(pre.pos, r.start)  # attention's length: the slot count
+        self._set_word(self.bb.one_meta[0:1], position_of(r))  # RoPE's position (past the slot once pruned)
+        self._set_word(self.bb.one_meta[1:2], r.start)
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
 
@@ -279,10 +281,9 @@ class CudaBatchRunner:
         # The batch decode graph samples its rows itself, so their inputs go first; otherwise the
         # sampler runs eagerly after the step's work, and staging its inputs after that work is
         # enqueued keeps the host off the device's path (a lone decode's step is ~5 ms).
-        # The one-sequence decode graph's single pos word is both the RoPE position and the slot
-        # count, so a lone row of a pruned sequence (position != slot) takes the batch graph's
-        # bucket 1, whose rows kernels read the two apart.
-        lone = len(singles) == 1 and not self.deterministic and not _pruned(batch[singles[0]])
+        # A lone decode, pruned or not, takes the one-sequence GEMV graph: its RoPE/append reads
+        # the position and slot apart from bb.one_meta.
+        lone = len(singles) == 1 and not self.deterministic
         graph_samples = bool(singles) and not lone
         if graph_samples:
             self._stage_sampling(batch, row_of)

@@ -63,6 +63,8 @@ class BatchBuffers(OwnedBuffers):
                         "part_val": ((rows, parts), "fp32"), "part_idx": ((rows, parts), "int32")})
             for name, (shape, dtype) in dev.items():
                 setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
+            # The lone decode's RoPE position and cache slot (words 2, 3: table row 0, unused).
+            self.one_meta = self._t(memory.zeros((4,), "int32", tag=TAG))
             # Pinned staging, one region per use within a step.
             self.h_ids = self._t(memory.pinned((bmax,), "int32", tag=TAG))
             self.h_prompt = self._t(memory.pinned((prompt_rows,), "int32", tag=TAG))  # chunks' ids, padded

@@ -45,8 +45,14 @@ class _Chain:
             outputs=list(outputs), depends_on=deps))
 
 
-def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
-    """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler)."""
+def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
+    """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler).
+
+    ``meta`` (int32 ``[4]``: RoPE position, cache slot, 0, 0), for the serving runner's lone
+    decode: RoPE/append by the rows kernel at ``meta``'s position and slot (over ``b.block_table``
+    as a one-row table) instead of ``b.pos`` for both, so a KV-pruned sequence, whose position is
+    past its slot count, keeps the GEMV step; attention still reads ``b.pos``, which then holds
+    the slot."""
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     qkv_n = (hq + 2 * hkv) * d
@@ -61,11 +67,17 @@ def decode_stages(rt, cfg, w, b, *, sample: bool) -> list:
         ch.add(f"{p}.qkv", gv.gemv(rt, qkv, lw.qkv, x, n=qkv_n, k=h, norm_weight=lw.attn_norm, eps=eps,
                                    bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None,
                                    workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
-        ch.add(f"{p}.rope_append", rope.rope_append(
-            rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps,
-            host_pools=b.host_pools(i)),
-            [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+        if meta is None:
+            ch.add(f"{p}.rope_append", rope.rope_append(
+                rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
+                num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps,
+                host_pools=b.host_pools(i)),
+                [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+        else:
+            ch.add(f"{p}.rope_append", rope.rope_append(
+                rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table.reshape(1, -1), meta.reshape(1, 4),
+                w.inv_freq, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm,
+                eps=eps, rows=True), [qkv, meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i)),

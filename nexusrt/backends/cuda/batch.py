@@ -231,7 +231,7 @@ class CudaBatchRunner:
         self._h2d(pre.block_table, self.bb.h_pre_tables.ptr + slot * self.width * 4, self.width * 4)
         self._set_word(pre.token, int(r.token_ids[0]))
         self._set_word(pre.pos, r.start)  # attention's length: the slot count
-        self._set_word(self.bb.one_meta[0:1], position_of(r))  # RoPE's position (past the slot once pruned)
+        self._set_word(self.bb.one_meta[0:1], r.first_position)  # RoPE's position (past the slot once pruned)
         self._set_word(self.bb.one_meta[1:2], r.start)
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)

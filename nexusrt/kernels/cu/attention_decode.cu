@@ -46,13 +46,21 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // result does not depend on how many splits the launch allows: batch invariance).
 // kHost: the table may name host-tier blocks (attn_common.cuh kv_locate), read zero-copy from
 // k_host / v_host; the kHost = false kernels ignore those two pointers.
-template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT>
+// kScores (rows only; KV pruning by attention mass, h2o): also write each key's raw score (the
+// exp2-domain logit q.k * scale * log2(e), before any max is taken) to s_raw fp32
+// [rows][Hq][s_stride] at its slot, and each head's final softmax state (max, sum) to s_ml
+// float2 [rows][Hq]; attention_scores_rows then turns them into probabilities. The scores fall
+// out of the loop that reads K anyway: no second pass over the cache. kScores = false compiles
+// every one of these stores away (the other kernels' machine code is unchanged).
+template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
     int max_splits, float scale, int table_stride, int fixed_chunk,
-    const __nv_bfloat16* __restrict__ k_host, const __nv_bfloat16* __restrict__ v_host) {
+    const __nv_bfloat16* __restrict__ k_host, const __nv_bfloat16* __restrict__ v_host,
+    float* s_raw = nullptr, float2* s_ml = nullptr, int s_stride = 0) {
+    static_assert(kRows || !kScores, "scores are written by the rows kernels only");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -79,6 +87,10 @@ __device__ __forceinline__ void decode_impl(
         ws_acc += row * Hkv * max_splits * G * D;
         ws_ml += row * Hkv * max_splits * G;
         tickets += row * Hkv;
+        if constexpr (kScores) {
+            s_raw += row * Hkv * G * s_stride;
+            s_ml += row * Hkv * G;
+        }
     } else {
         seq_len = *pos + 1;
     }
@@ -165,6 +177,20 @@ __device__ __forceinline__ void decode_impl(
                 s[u][g] = nrt_attn::group_sum<kRowLanes>(dot);
             }
         }
+        if constexpr (kScores) {
+            if (dim0 == 0) {  // every lane of a row group holds the group's sums; one writes them
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    if (!valid[u]) continue;
+                    const int t = base + u * kRowGroups + rg;
+#pragma unroll
+                    for (int g = 0; g < GM; ++g) {
+                        if (g >= G) break;
+                        s_raw[(long long)(kvh * G + g) * s_stride + t] = s[u][g];
+                    }
+                }
+            }
+        }
 #pragma unroll
         for (int g = 0; g < GM; ++g) {
             if (g >= G) break;
@@ -227,6 +253,9 @@ __device__ __forceinline__ void decode_impl(
         }
         if (nsplit == 1) {
             store_out(out, (long long)(kvh * G + g) * D + d, a / sum);
+            if constexpr (kScores) {
+                if (d == 0) s_ml[kvh * G + g] = make_float2(mx, sum);
+            }
         } else {
             const long long slot = ((long long)kvh * max_splits + split) * G + g;
             ws_acc[slot * D + d] = a;
@@ -256,6 +285,9 @@ __device__ __forceinline__ void decode_impl(
             sum += ml.y * c;
         }
         sum = nrt_attn::group_sum<32>(sum);
+        if constexpr (kScores) {
+            if (lane == 0) s_ml[kvh * G + g] = make_float2(mx, sum);
+        }
         __syncwarp();
         for (int sp = lane; sp < nsplit; sp += 32) weight[sp][g] /= sum;
     }
@@ -272,12 +304,36 @@ __device__ __forceinline__ void decode_impl(
 
 }  // namespace
 
+// The h2o scores of one rows launch: scores[r][t] += sum over the Hq heads h of
+// exp2(s_raw[r][h][t] - max[r][h]) / sum[r][h], for every slot t <= meta[r].slot, i.e. each
+// key's softmax probability summed over the heads (the CPU decoder's attend_row). Launched
+// after attention_decode_rows_scores_* of each layer, so scores collects the layers too; it
+// reads only the per-key workspace, never the KV cache. grid (ceil(s_stride / 128), rows),
+// block 128; one thread owns one slot of one row, so the adds need no atomics.
+extern "C" __global__ void __launch_bounds__(kThreads) attention_scores_rows(
+    const float* __restrict__ s_raw, const float2* __restrict__ s_ml, const int* __restrict__ meta,
+    float* __restrict__ scores, int Hq, int s_stride) {
+    const long long row = blockIdx.y;
+    const int t = blockIdx.x * kThreads + threadIdx.x;
+    if (t > meta[4 * row + 1]) return;
+    const float* raw = s_raw + row * Hq * s_stride + t;
+    const float2* ml = s_ml + row * Hq;
+    float p = 0.f;
+    for (int h = 0; h < Hq; ++h) {
+        const float2 st = ml[h];
+        p += exp2f(raw[(long long)h * s_stride] - st.x) / st.y;
+    }
+    scores[row * s_stride + t] += p;
+}
+
 // q fp32 [Hq*D], out fp32 [Hq*D]; ws_acc fp32 [Hkv][max_splits][G][D]; ws_ml float2
 // [Hkv][max_splits][G]; tickets int32 [Hkv], zero before the first launch. G = Hq / Hkv:
 // attention_decode_d<D>_g<G> for G in {1, 2, 4, 8}, else attention_decode_d<D>_gmax<4|8>.
 // The rows kernels (attention_decode_rows_*): q fp32 [rows][Hq*D], out bf16 [rows][Hq*D],
 // tables int32 [*][table_stride], meta int32 [rows][4], and every workspace with a leading
 // [rows]; grid (Hkv, max_splits, rows).
+// The scores twins (attention_decode_rows_scores_*) take the rows kernels' arguments plus
+// s_raw fp32 [rows][Hq][s_stride], s_ml float2 [rows][Hq] and s_stride (>= every row's slot + 1).
 // The host-tier twins (attention_decode_host_*, attention_decode_rows_host_*) take the same
 // arguments plus k_host, v_host (the layer's host-tier pools) at the end.
 #define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
@@ -299,6 +355,17 @@ __device__ __forceinline__ void decode_impl(
         decode_impl<D, GM, EXACT, true, false>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml, \
                                                tickets, Hkv, G, max_splits, scale, table_stride,    \
                                                fixed_chunk, nullptr, nullptr);                      \
+    }
+
+#define NRT_DECODE_ROWS_SCORES(D, GM, EXACT, NAME)                                                  \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
+        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
+        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
+        int table_stride, int fixed_chunk, float* s_raw, float2* s_ml, int s_stride) {              \
+        decode_impl<D, GM, EXACT, true, false, __nv_bfloat16, true>(                                \
+            q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml, tickets, Hkv, G, max_splits,       \
+            scale, table_stride, fixed_chunk, nullptr, nullptr, s_raw, s_ml, s_stride);             \
     }
 
 #define NRT_DECODE_HOST(D, GM, EXACT, NAME)                                                         \
@@ -336,6 +403,8 @@ NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
+NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS_SCORES, attention_decode_rows_scores)
+NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS_SCORES, attention_decode_rows_scores)
 NRT_DECODE_ALL_G(64, NRT_DECODE_HOST, attention_decode_host)
 NRT_DECODE_ALL_G(128, NRT_DECODE_HOST, attention_decode_host)
 NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS_HOST, attention_decode_rows_host)

@@ -88,13 +88,36 @@ def test_two_scored_chunks_and_a_decode_share_the_replays(dev):
     np.testing.assert_array_equal(b, L * np.array([2, 2, 2, 2, 1]))
 
 
-def test_the_score_buffers_are_made_once_and_freed_with_the_runner(dev):
+def test_the_score_buffers_and_graphs_are_made_once_at_the_first_scored_step(dev):
     r = dev.runner()
-    assert r.scores is None  # no h2o entry yet: nothing allocated
+    assert r.scores is None and not any(k[0] == "batch-scores" for k in r._graphs)  # no h2o yet: nothing held
     r.run_tokens([one(4, 10, [5], scores=np.zeros(11))])
-    made = r.scores
+    made, graphs = r.scores, dict(r._graphs)
+    assert sorted(k[1] for k in graphs if k[0] == "batch-scores") == list(r.batch_buckets)
     r.run_tokens([one(4, 11, [5], scores=np.zeros(12))])
-    assert r.scores is made and r.scores.raw.shape == (4, dev.cfg.num_attention_heads, r.max_context)
+    assert r.scores is made and r._graphs == graphs
+    assert r.scores.raw.shape == (4, dev.cfg.num_attention_heads, r.max_context)
+
+
+def test_a_failed_capture_leaves_nothing_and_the_next_scored_step_tries_again(dev, monkeypatch):
+    from nexusrt import scheduler
+
+    r = dev.runner()
+    real = scheduler.capture
+
+    def broken(stages, stream="compute"):
+        if stages[0].name.startswith("batch2-scores"):
+            raise RuntimeError("capture failed")
+        return real(stages, stream)
+
+    monkeypatch.setattr(scheduler, "capture", broken)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        r.run_tokens([one(4, 10, [5], scores=np.zeros(11))])
+    assert r.scores is None and r.h_scores is None and not any(k[0] == "batch-scores" for k in r._graphs)
+    monkeypatch.setattr(scheduler, "capture", real)
+    s = np.zeros(11)
+    r.run_tokens([one(4, 10, [5], scores=s)])
+    assert s[0] == _layers(dev)
 
 
 def test_the_engine_runs_h2o_on_the_cuda_runner(dev):

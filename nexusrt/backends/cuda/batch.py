@@ -245,20 +245,30 @@ class CudaBatchRunner:
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
 
-    def _score_buffers(self):
-        """h2o's score workspace and its pinned copy (``bmax`` rows of ``max_context`` slots), made once."""
-        if self.scores is None:
-            from ... import memory
+    def _score_graphs(self) -> None:
+        """h2o's score workspace, its pinned copy (``bmax`` rows of ``max_context`` slots) and the
+        batch graphs' scores twins for every bucket, made at the first scored step while the stream
+        is idle (as ``__init__`` captures the others), so a runner without h2o never holds them."""
+        if self.scores is not None:
+            return
+        from ... import memory
 
-            bmax, stride = self.bb.bmax, self.max_context
-            self.scores = attn_dec.alloc_scores(self.config.num_attention_heads, bmax, stride, tag="batch")
-            try:
-                self.h_scores = memory.pinned((bmax, stride), "fp32", tag="batch")
-            except BaseException:
-                self.scores.free()
-                self.scores = None
-                raise
-        return self.scores
+        cfg, bb, stride = self.config, self.bb, self.max_context
+        scores = attn_dec.alloc_scores(cfg.num_attention_heads, bb.bmax, stride, tag="batch")
+        try:
+            self.h_scores = memory.pinned((bb.bmax, stride), "fp32", tag="batch")
+            for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
+                self._graphs[("batch-scores", m)] = scheduler.capture(steps.batch_decode_stages(
+                    self.rt, cfg, self.base.weights, bb, m, self.base.lt, bb.workspace(cfg, m, self._splits(m)),
+                    self.fixed_chunk, scores=scores), stream="compute")
+        except BaseException:  # nothing half-made stays: the next scored step tries again
+            steps.close_graphs(self.stream, {k: self._graphs.pop(k) for k in list(self._graphs) if k[0] == "batch-scores"})
+            for t in (scores, self.h_scores):
+                if t is not None:
+                    t.free()
+            self.h_scores = None
+            raise
+        self.scores = scores
 
     def _decode_batch(self, rows: list[Rows]) -> bool:
         """Enqueue the batched decode graph over ``rows``, one query row each; returns whether it is
@@ -300,15 +310,9 @@ class CudaBatchRunner:
         if all(r.scores is None for r, _ in rows):
             self._graphs[("batch", m)].replay()
             return False
-        scores = self._score_buffers()
-        key = ("batch-scores", m)
-        if key not in self._graphs:  # captured at the first scored step of this bucket
-            cfg = self.config
-            self._graphs[key] = scheduler.capture(steps.batch_decode_stages(
-                self.rt, cfg, self.base.weights, bb, m, self.base.lt, bb.workspace(cfg, m, self._splits(m)),
-                self.fixed_chunk, scores=scores), stream="compute")
+        scores = self.scores
         call("cuMemsetD32Async", scores.scores.ptr, 0, m * scores.stride, self.stream.handle)
-        self._graphs[key].replay()
+        self._graphs[("batch-scores", m)].replay()
         call("cuMemcpyDtoHAsync", self.h_scores.ptr, scores.scores.ptr, 4 * n * scores.stride, self.stream.handle)
         return True
 
@@ -334,6 +338,8 @@ class CudaBatchRunner:
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
         self.compactor.reset()
+        if any(r.scores is not None for r in batch):
+            self._score_graphs()
         # Single ids, and every entry with h2o scores (one query row per id), run as decode rows.
         singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1 or r.scores is not None]
         chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1 and r.scores is None]

@@ -1,5 +1,5 @@
 """h2o's attention scores from the decode rows kernels (``attention_decode_rows_scores_*`` and
-``attention_scores_rows`` in ``cu/attention_decode.cu``).
+``attention_scores_rows`` in ``cu/attention_scores.cu``).
 
 CPU: the twins and the accumulate kernel build for sm_80 and sm_90a; the launchers pick them and
 name what is wrong; a NumPy model of the kernels' arithmetic (exp2-domain logits, each split's
@@ -32,11 +32,11 @@ LOG2E = 1.4426950408889634
 # ------------------------------------------------------------------------ CPU: always run
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_every_scores_twin_and_the_accumulate_kernel_are_built(arch):
-    cubin = compile_file("attention_decode", arch).cubin
+    cubin = compile_file("attention_scores", arch).cubin
     names = {dec.kernel_name(d, g, rows=True, scores=True) for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
     assert len(names) == 12
     for name in sorted(names) + [dec.ACCUMULATE]:
-        assert name.encode() in cubin, f"{name} missing from attention_decode.cu for {arch}"
+        assert name.encode() in cubin, f"{name} missing from attention_scores.cu for {arch}"
 
 
 def _rows_args(rows=3, hq=32, hkv=8, d=128, blocks=10, splits=4, stride=160):
@@ -54,10 +54,10 @@ def _rows_args(rows=3, hq=32, hkv=8, d=128, blocks=10, splits=4, stride=160):
 def test_the_launcher_picks_the_scores_twin_and_passes_the_workspace_last():
     rt = FakeRuntime()
     spec = dec.attention_decode(rt, **_rows_args(), num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert [(n, len(sig.split())) for _, n, sig in rt.asked] == [("attention_decode_rows_scores_d128_g4", 18)]
+    assert [(s, n, len(sig.split())) for s, n, sig in rt.asked] == [("attention_scores", "attention_decode_rows_scores_d128_g4", 18)]
     assert spec.args[-3:] == (0x2000, 0x3000, 160) and spec.grid == (8, 4, 3)
     plain = dec.attention_decode(rt, **{**_rows_args(), "scores": None}, num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert rt.asked[-1][1] == "attention_decode_rows_d128_g4" and spec.args[:-3] == plain.args
+    assert rt.asked[-1][:2] == ("attention_decode", "attention_decode_rows_d128_g4") and spec.args[:-3] == plain.args
     assert dec.kernel_name(64, 3, rows=True, scores=True) == "attention_decode_rows_scores_d64_gmax4"
 
 
@@ -65,7 +65,7 @@ def test_the_accumulate_launcher_covers_every_slot_of_every_row():
     rt = FakeRuntime()
     s = _rows_args(stride=300)["scores"]
     spec = dec.accumulate_scores(rt, s, tensor((2, 4), "int32", ptr=0x5000), rows=2, num_q_heads=32)
-    assert rt.asked == [("attention_decode", "attention_scores_rows", dec.ACCUMULATE_SIGNATURE)]
+    assert rt.asked == [("attention_scores", "attention_scores_rows", dec.ACCUMULATE_SIGNATURE)]
     assert spec.grid == (3, 2, 1) and spec.block == (128, 1, 1)
     assert spec.args == (0x2000, 0x3000, 0x5000, 0x4000, 32, 300)
     assert not spec.pdl  # it reads what the attention kernel just wrote: plain stream order

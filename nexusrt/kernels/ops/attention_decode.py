@@ -1,4 +1,5 @@
-"""Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache.
+"""Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache (and for
+``cu/attention_scores.cu``, its rows kernels' h2o twins and their accumulate kernel).
 
 The grid is fixed at ``(Hkv, max_splits)`` (a captured graph cannot change it); the kernel
 reads ``seq_len = *pos + 1`` and decides on the device how many of the splits do work.
@@ -156,7 +157,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None)
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
     signature = SCORES_SIGNATURE if scores is not None else signature
-    kernel = rt.kernels.get(SOURCE, name, signature)
+    kernel = rt.kernels.get(SOURCE if scores is None else SCORES_SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
     tail += (ptr(host[0]), ptr(host[1])) if host else ()
     tail += (ptr(scores.raw), ptr(scores.ml), scores.stride) if scores is not None else ()
@@ -167,6 +168,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
                       pdl=pdl_ok(rt))
 
 
+SCORES_SOURCE = "attention_scores"  # the twins' module: the other kernels' machine code stays as it was
 SCORES_SIGNATURE = ROWS_SIGNATURE + " ptr ptr i32"
 ACCUMULATE = "attention_scores_rows"
 ACCUMULATE_SIGNATURE = "ptr ptr ptr ptr i32 i32"
@@ -230,7 +232,7 @@ def accumulate_scores(rt, scores: ScoresWorkspace, meta, *, rows: int, num_q_hea
     check_positive(rows=rows, num_q_heads=num_q_heads)
     check_scores(scores, rows, num_q_heads)
     check_tensor(meta, "meta", (rows, 4), "int32")
-    kernel = rt.kernels.get(SOURCE, ACCUMULATE, ACCUMULATE_SIGNATURE)
+    kernel = rt.kernels.get(SCORES_SOURCE, ACCUMULATE, ACCUMULATE_SIGNATURE)
     args = kernel.pack(ptr(scores.raw), ptr(scores.ml), ptr(meta), ptr(scores.scores), num_q_heads, scores.stride)
     return LaunchSpec(kernel, (ceil_div(scores.stride, THREADS), rows, 1), (THREADS, 1, 1), args, 0, ACCUMULATE)
 

@@ -134,3 +134,38 @@ def test_the_engine_runs_h2o_on_the_cuda_runner(dev):
         assert s.finish_reason == "length" and s.error is None and len(s.output_ids) == 12
     assert engine.metrics.kv_evicted > 0
     assert engine.blocks.num_used == 0
+
+
+def test_on_the_cpu_a_chunks_mass_is_that_of_its_ids_as_one_row_each():
+    """The rule the CUDA runner relies on, shown on the oracle: a prompt chunk's attention mass
+    (and its last logits) equal those of its ids run as single-id rows of one step, row j at slot
+    start + j (each row attends to slots 0 .. start + j, K/V of the rows before it included)."""
+    import nexusrt as nrt
+    from nexusrt.backends.base import Rows
+    from nexusrt.backends.cpu.batch import CpuBatchRunner
+    from nexusrt.backends.cpu.model import CpuRunner
+    from nexusrt.models.loader import load_model
+
+    nrt.firmware.shutdown()
+    nrt.firmware.init(backend="cpu")
+    try:
+        model = load_model("nexusrt:stdlib-tiny")
+        rng = np.random.default_rng(5)
+        ids = rng.integers(8, 4000, 40).astype(np.int32)
+        table = [3, 7, 1]
+        got = []
+        for as_rows in (False, True):
+            runner = CpuBatchRunner(CpuRunner(model.weights, 64).decoder, 8, 64)
+            s = np.zeros(40)
+            runner.run([Rows(ids[:25], 0, table, scores=s)])  # the prompt's first chunk, as the engine cuts it
+            if as_rows:
+                step = [Rows(ids[25 + j:26 + j], 25 + j, table, logits=j == 14, scores=s) for j in range(15)]
+            else:
+                step = [Rows(ids[25:], 25, table, logits=True, scores=s)]
+            got.append((s, [x for x in runner.run(step) if x is not None][0]))
+        (chunk_mass, chunk_logits), (rows_mass, rows_logits) = got
+        np.testing.assert_allclose(rows_mass, chunk_mass, rtol=1e-6)
+        np.testing.assert_allclose(rows_logits, chunk_logits, rtol=1e-5, atol=1e-5)
+        assert chunk_mass[0] > chunk_mass[39] > 0  # the first id was seen by every row
+    finally:
+        nrt.firmware.shutdown()

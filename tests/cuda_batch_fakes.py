@@ -11,7 +11,8 @@ the picks:
 - kernels and GEMMs do nothing but a model small enough to follow by hand: the embedding writes
   each row's token id into its hidden row (NaN for an id outside the vocabulary), an RMSNorm
   passes the id on, the LM head (a GEMV or GEMM of the LM-head weight) writes ``table[id]`` into
-  the logits row, and the batched sampler's finish kernel picks each row by
+  the logits row, ``attention_scores_rows`` (h2o) adds 1 to each slot a row attends to, and the
+  batched sampler's finish kernel picks each row by
   :func:`nexusrt.reference.sampling.sample` from the params struct and step it finds in device
   memory at that moment.
 
@@ -21,7 +22,7 @@ device buffers start out stale (``poison``), as pinned and device memory do betw
 
 ``log`` holds what the runner enqueued, in order (work inside a graph replay is not listed):
 ("h2d", dst, src, nbytes, the int32 words), ("d2d", dst, src, nbytes), ("set", dst, value),
-("d2h", dst, src, nbytes), ("replay", graph name), ("launch", kernel name, grid, args),
+("d2h", dst, src, nbytes), ("fill", dst, value, words), ("replay", graph name), ("launch", kernel name, grid, args),
 ("gemm", (m, n, k), y). ``overwritten``: host-to-device copies whose source changed between
 their enqueue and the next synchronize (the device may read it any time in between). The clock
 ticks once per read, and ``WAIT`` more in a synchronize that has work to wait for.
@@ -176,9 +177,8 @@ class FakeDevice:
             ctypes.memmove(dst, src, n)
         elif name == "cuMemsetD32Async":
             dst, value, count, _ = args
-            assert count == 1
-            self.log.append(("set", dst, value))
-            _view(dst, np.uint32, 1)[0] = value
+            self.log.append(("set", dst, value) if count == 1 else ("fill", dst, value, count))
+            _view(dst, np.uint32, count)[:] = value
         else:
             raise AssertionError(f"unexpected driver call {name}")
 
@@ -209,6 +209,10 @@ class FakeDevice:
             self._lm_head(y, [_view(x, np.float32, 1)[0]])
         elif name == "sample_rows_finish":
             self._sample_rows(*args)
+        elif name == "attention_scores_rows":  # h2o: one unit of mass to every slot a row attends to
+            _, _, meta, scores, _, stride = args
+            for r in range(grid[1]):
+                _view(scores + 4 * stride * r, np.float32, stride)[:_view(meta + 16 * r + 4, np.int32, 1)[0] + 1] += 1
 
     def gemm(self, problem, y: int, w: int, x: int) -> None:
         if not self._quiet:

@@ -91,7 +91,7 @@ STEP = dict(logits=True, params=SAMPLE)
 BAD = [(dict(ids=[]), "at least one id"), (dict(start=256, table=range(17)), "exceed the context"),
        (dict(start=40), "does not cover"), (dict(table=range(21)), "does not cover"),
        (dict(table=[3, 60]), "outside 0..59"), (dict(ids=[512]), "token ids"), (dict(ids=[4, -1]), "token ids"),
-       (dict(position=7), "KV pruning"), (dict(scores=np.zeros(32)), "KV pruning"),
+       (dict(position=7), "KV pruning"), (dict(scores=np.zeros(20)), "scores hold 20 slots; the rows fill 21"),
        (dict(STEP, step=-1), "step must be"), (dict(STEP, step=2**31), "step must be"),
        (dict(STEP, step=1.5), "step must be"), (dict(STEP, step=True), "step must be")]
 

@@ -1,15 +1,18 @@
-"""KV pruning (``sink-window``) on the CUDA batch runner against the CPU backend, the oracle of the
-pruning policy. No torch here, so compute-sanitizer runs it quickly.
+"""KV pruning (``sink-window``, ``h2o``) on the CUDA batch runner against the CPU backend, the oracle
+of the pruning policy. No torch here, so compute-sanitizer runs it quickly.
 
 1. The runners alone, teacher-forced: three sequences of the shipped model through
    ``CudaBatchRunner`` and ``CpuBatchRunner`` with the same rows, pruned to a budget after every
    step with the same kept slots (prompt chunks and decode rows whose RoPE position runs ahead of
    their cache slot, batched and alone). Each logits row's error is held to what the same drive
    without pruning shows (bf16 KV against fp32), and clear greedy picks must agree: a position
-   taken for a slot, or a slot compacted wrongly, moves logits by far more.
+   taken for a slot, or a slot compacted wrongly, moves logits by far more. With h2o, each
+   sequence's accumulated attention mass (``Rows.scores``, prompt rows included) on CUDA against
+   the CPU decoder's, step by step.
 2. The engine end to end: ``nrt.LLM`` on CUDA with ``kv_policy="sink-window"`` and a budget small
-   enough that it evicts gives the CPU engine's greedy ids, alone and as a batch; h2o is refused
-   at submission; no KV block or batch buffer is left after close.
+   enough that it evicts gives the CPU engine's greedy ids, alone and as a batch; with ``h2o`` the
+   engine over each backend's batch runner gives the CPU engine's greedy ids and kept slots after
+   every step; no KV block or batch buffer is left after close.
 """
 
 from __future__ import annotations
@@ -42,13 +45,17 @@ def _runners(max_context=256, num_blocks=64):
     return base, cuda, cpu
 
 
-def _drive(runners, policy, seqs, prompt_lens, tables, chunk=24):
+def _drive(runners, policy, seqs, prompt_lens, tables, chunk=24, scores_err=None):
     """Every sequence's prompt in chunks of ``chunk`` ids, then one id per step, all together (so the
     longest runs its last steps alone), pruning each to ``policy`` after every step on every runner
-    alike. Returns, per runner, the logits rows of every step (a list), and the ids evicted."""
+    alike. Returns, per runner, the logits rows of every step (a list), and the ids evicted.
+    h2o: each runner adds into its own scores; the last runner's (the CPU's) pick the kept slots
+    for all, and ``scores_err`` (a list) gets each step's largest relative difference."""
     out = [[] for _ in runners]
     done = [0] * len(seqs)
     positions = [np.zeros(0, np.int64) for _ in seqs]  # the position of each filled slot
+    h2o = policy.policy == "h2o"
+    scores = [[np.zeros(0) for _ in seqs] for _ in runners] if h2o else None
     evicted = 0
     while any(d < len(s) for d, s in zip(done, seqs)):
         rows, who = [], []
@@ -60,17 +67,27 @@ def _drive(runners, policy, seqs, prompt_lens, tables, chunk=24):
             rows.append(Rows(np.asarray(s[done[i]:done[i] + n], np.int32), slots, tables[i][:blocks_for(slots + n)],
                              logits=True, position=done[i]))
             who.append(i)
+            if h2o:
+                for per in scores:
+                    per[i] = np.concatenate([per[i], np.zeros(n)])
         for k, r in enumerate(runners):
-            out[k] += r.run(rows)
+            step = rows if not h2o else [Rows(x.token_ids, x.start, x.table, x.logits, x.position, scores[k][i])
+                                         for i, x in zip(who, rows)]
+            out[k] += r.run(step)
+        if h2o:
+            scores_err.append(max(float(np.abs(scores[0][i] - scores[-1][i]).max() / scores[-1][i].max()) for i in who))
         for i, row in zip(who, rows):
             positions[i] = np.concatenate([positions[i], np.arange(done[i], done[i] + len(row.token_ids))])
             done[i] += len(row.token_ids)
-            keep = keep_slots(policy, positions[i], None)
+            keep = keep_slots(policy, positions[i], scores[-1][i] if h2o else None)
             if len(keep) < len(positions[i]):
                 for r in runners:
                     r.compact(tables[i], keep)
                 evicted += len(positions[i]) - len(keep)
                 positions[i] = positions[i][keep]
+                if h2o:
+                    for per in scores:
+                        per[i] = per[i][keep]
     return [np.stack(o) for o in out], evicted
 
 
@@ -101,6 +118,77 @@ def test_pruned_steps_on_cuda_match_the_cpu_runner(gpu_rt):
     assert nrt.memory.stats()["by_tag"].get("batch", 0) == 0
 
 
+def test_h2o_scores_on_cuda_match_the_cpu_runner(gpu_rt):
+    """Teacher-forced as above with h2o (the CPU's scores pick the kept slots for both): the CUDA
+    runner's accumulated mass, prompt chunks (24 ids: replays of 8 rows) and decode rows, stays
+    within 2% of the largest score of the CPU decoder's (bf16 KV and fp32 sums against fp32 and
+    float64; a mass added to the wrong slot, or a missing layer or row, is O(1)), and clear
+    greedy picks agree."""
+    rng = np.random.default_rng(8)
+    lens, prompt_lens = [110, 80, 95], [70, 33, 50]
+    seqs = [rng.integers(8, 4000, n).tolist() for n in lens]
+    base, cuda, cpu = _runners()
+    perm = rng.permutation(cuda.num_blocks).tolist()
+    tables = [perm[i * 8:(i + 1) * 8] for i in range(len(seqs))]
+    try:
+        err = []
+        (got, ref), evicted = _drive([cuda, cpu], KvPolicy("h2o", budget=40, sinks=4), seqs, prompt_lens, tables,
+                                     scores_err=err)
+        assert evicted > 0
+        assert max(err) < 0.02, err
+        diff = np.abs(got - ref).max(axis=-1)
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * diff
+        assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
+    finally:
+        cuda.close()
+        base.close()
+    assert nrt.memory.stats()["by_tag"].get("batch", 0) == 0
+
+
+def test_the_engine_on_cuda_keeps_what_the_cpu_engine_keeps_with_h2o(gpu_rt):
+    """Both backends' batch runners under the engine, h2o with a budget that evicts from the
+    first decode on, three prompts (two of them longer than one step's token budget): the same
+    greedy ids and, after every step, the same kept positions (on a mismatch the message names
+    the first token event whose kept positions differ)."""
+    from nexusrt.reference.sampling import SamplingParams
+    from nexusrt.serving import Engine, Sequence
+    from nexusrt.serving.scheduler import SchedulerConfig
+
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(8, 4000, n).tolist() for n in (70, 33, 50)]
+    base, cuda, cpu = _runners()
+    runs = {}
+    try:
+        for name, runner in (("cpu", cpu), ("cuda", cuda)):
+            kept = []
+
+            def on_token(seq, token, kept=kept):  # called after the step's pruning
+                kept.append((seq.seq_id, seq.kv_positions.tolist()))
+                return False
+
+            engine = Engine(runner, SchedulerConfig(max_running=4, token_budget=40))
+            seqs = [Sequence(p, SamplingParams(), 48, 256, on_token=on_token,
+                             kv=KvPolicy("h2o", budget=32, sinks=4)) for p in prompts]
+            for s in seqs:
+                engine.add(s)
+            while engine.has_work:
+                engine.step()
+            assert engine.metrics.kv_evicted > 0 and engine.blocks.num_used == 0
+            for s in seqs:
+                assert s.error is None and len(s.output_ids) == 48
+            first = seqs[0].seq_id
+            runs[name] = ([s.output_ids for s in seqs], [(i - first, k) for i, k in kept])
+        (ids_cpu, kept_cpu), (ids_cuda, kept_cuda) = runs["cpu"], runs["cuda"]
+        bad = next((n for n, (a, b) in enumerate(zip(kept_cpu, kept_cuda)) if a != b), None)
+        assert bad is None, f"kept slots differ first at token event {bad}: cpu {kept_cpu[bad]} cuda {kept_cuda[bad]}"
+        assert ids_cuda == ids_cpu
+    finally:
+        cuda.close()
+        base.close()
+    assert nrt.memory.stats()["by_tag"].get("batch", 0) == 0
+
+
 PROMPTS = ["# Copyright 2001 Python Software Foundation\n\"\"\"Utilities for", "def read_config(path):\n",
            "import re\n", "if __name__ == '__main__':\n"]
 PRUNE = dict(kv_policy="sink-window", kv_budget=40, kv_sinks=4)
@@ -114,9 +202,6 @@ def test_the_engine_on_cuda_prunes_as_the_cpu_engine_does(gpu_rt):
             alone = llm.generate(PROMPTS[0], max_new_tokens=96, temperature=0, **PRUNE)  # a lone pruned decode
             together = llm.generate(PROMPTS, max_new_tokens=96, temperature=0, **PRUNE)  # batched pruned decodes
             runs[backend] = [alone] + together
-            if backend == "cuda":
-                with pytest.raises(ValueError, match="kv_policy='h2o'"):
-                    llm.submit(PROMPTS[1], max_new_tokens=8, kv_policy="h2o", kv_budget=40)
             engine = llm.engine.engine
             assert engine.metrics.kv_evicted > 0
             assert engine.blocks.num_used == 0

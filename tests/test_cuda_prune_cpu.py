@@ -153,18 +153,19 @@ def test_the_per_sequence_prompt_path_refuses_a_pruned_chunk_before_any_device_w
     assert dev.calls == [] and dev.rt.trace == [] and dev.syncs == 0
     r.run_tokens([_one(6, 40, [5, 6, 7], position=50)])  # its decodes read the position apart
     assert _words(dev)[r.bb.one_meta.ptr] == 50
-    assert make()[0].prune_policies == frozenset({"sink-window"})
+    assert make()[0].prune_policies == frozenset({"sink-window", "h2o"})
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(position=2), "RoPE position 2 lies below cache slot 3"),
     (dict(position=100), r"RoPE positions 100\.\.100 exceed the context of 100"),
-    (dict(scores=np.zeros(8)), r"kv_policy='h2o'\) runs on the CPU backend only"),
+    (dict(scores=np.zeros(3)), "scores hold 3 slots; the rows fill 4"),
 ])
 def test_an_entry_with_impossible_positions_or_scores_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         check_entry(Rows(np.asarray([5], np.int32), 3, [7], **kw), 100, 8, 50, 300)
     check_entry(Rows(np.asarray([5], np.int32), 3, [7], position=99), 100, 8, 50, 300)
+    check_entry(Rows(np.asarray([5, 6], np.int32), 3, [7], scores=np.zeros(5)), 100, 8, 50, 300)
 
 
 # -- compaction ---------------------------------------------------------------------------------
@@ -242,14 +243,14 @@ def test_compactions_of_one_step_keep_their_staging_until_the_stream_ran(make):
 
 
 # -- the engine's check -------------------------------------------------------------------------
-def test_the_engine_takes_sink_window_on_cuda_and_refuses_h2o_by_name(make):
+def test_the_engine_takes_sink_window_and_h2o_on_cuda_and_refuses_them_by_name_per_sequence(make):
     r, _ = make()
     engine = Engine(r)
     engine.check(Sequence([1, 2, 3], SamplingParams(), 8, 300, kv=KvPolicy("sink-window", budget=40)))
-    with pytest.raises(ValueError, match=r"kv_policy='h2o' is not available.*attention scores.*"
-                                         r"use kv_policy='full' or 'sink-window'"):
-        engine.check(Sequence([1, 2, 3], SamplingParams(), 8, 300, kv=KvPolicy("h2o", budget=40)))
+    engine.check(Sequence([1, 2, 3], SamplingParams(), 8, 300, kv=KvPolicy("h2o", budget=40)))
     per_seq = Engine(make(ragged_prefill=False)[0])
+    with pytest.raises(ValueError, match=r"kv_policy='h2o' is not available.*use kv_policy='full',"):
+        per_seq.check(Sequence([1, 2, 3], SamplingParams(), 8, 300, kv=KvPolicy("h2o", budget=40)))
     with pytest.raises(ValueError, match=r"kv_policy='sink-window' is not available.*use kv_policy='full',"):
         per_seq.check(Sequence([1, 2, 3], SamplingParams(), 8, 300, kv=KvPolicy("sink-window", budget=40)))
 

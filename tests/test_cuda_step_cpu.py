@@ -216,7 +216,7 @@ def test_a_step_entry_the_cuda_batch_runner_cannot_take_is_refused_by_name():
     for kwargs, match in ((dict(ids=()), "at least one id"), (dict(start=99, ids=(1, 2)), "exceed the context"),
                           (dict(position=2), "RoPE position 2 lies below"),
                           (dict(position=100), "exceed the context"),
-                          (dict(scores=np.zeros(8)), "KV pruning"),
+                          (dict(scores=np.zeros(3)), "scores hold 3 slots; the rows fill 4"),
                           (dict(start=16), "does not cover"), (dict(table=range(9)), "does not cover"),
                           (dict(table=(50,)), "outside 0..49"), (dict(table=(-1,)), "outside"),
                           (dict(ids=(300,)), "token ids"), (dict(ids=(1, -2)), "token ids")):

@@ -65,7 +65,7 @@ def _common(p) -> None:
 def _kv_flags(p) -> None:
     p.add_argument("--kv-policy", choices=("full", "sink-window", "h2o"), default=None,
                    help="KV pruning policy (default full; the others run in the serving engine: "
-                        "sink-window on CPU and CUDA, h2o on CPU only)")
+                        "sink-window and h2o on CPU and CUDA)")
     p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS", help="most tokens the KV cache keeps")
     p.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="leading tokens never evicted (4)")
     p.add_argument("--kv-window", type=int, default=None, metavar="N",

@@ -42,7 +42,7 @@ class Engine:
         """ValueError unless ``seq`` fits this engine alone (then it can always finish)."""
         if seq.kv.prunes and seq.kv.policy not in self.runner.prune_policies:
             others = "".join(f" or {p!r}" for p in sorted(self.runner.prune_policies))
-            why = " (h2o ranks tokens by attention scores, which only the CPU decoder adds up)" \
+            why = " (h2o ranks tokens by attention scores, which this runner's attention does not add up)" \
                 if seq.kv.policy == "h2o" else ""
             raise ValueError(f"kv_policy={seq.kv.policy!r} is not available on this backend's runner{why}; use "
                              f"kv_policy='full'{others}, or the CPU backend, which runs every policy")

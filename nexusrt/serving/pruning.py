@@ -7,8 +7,9 @@ Three policies, chosen per request (:class:`KvPolicy`):
   ``budget - sinks``.
 - ``h2o`` (H2O): the ``sinks``, a protected recent ``window``, and among the rest the tokens
   with the highest *accumulated attention mass* (softmax weight summed over every query row
-  that saw the token, every head and every layer), which the CPU decoder adds up while it
-  computes attention (``Rows.scores``): no extra pass.
+  that saw the token, every head and every layer), which the runner adds up while it computes
+  attention (``Rows.scores``; on CUDA the decode attention kernels' scores twins): no extra pass
+  over the KV.
 
 Tokens are never re-positioned. A key was rotated by RoPE at its own position when it was
 written and keeps that rotation; a new query is rotated at its true absolute position. So

@@ -28,11 +28,22 @@ block. No logits row is copied to the host by :meth:`run_tokens`.
 Every host input of a step is staged in pinned buffers at its own offset first (the step
 before ended with a synchronize), so no copy waits for the host.
 
-KV pruning (``sink-window``; :attr:`CudaBatchRunner.prune_policies`): a pruned sequence's rows
-carry their RoPE position (``Rows.position``) apart from their cache slot (``Rows.start``) in
+KV pruning (``sink-window``, ``h2o``; :attr:`CudaBatchRunner.prune_policies`): a pruned sequence's
+rows carry their RoPE position (``Rows.position``) apart from their cache slot (``Rows.start``) in
 the rows kernels' ``meta``; RoPE reads the position, the KV append and attention the slot.
 :meth:`CudaBatchRunner.compact` moves the kept slots to the front of the sequence's blocks on
 the runner's stream (:mod:`.compact`, ``cu/kv_compact.cu``).
+
+h2o's scores (``Rows.scores``): an entry that carries them runs in the batched decode graph's
+``-scores`` twin, whose attention kernels also write each key's score and whose
+``attention_scores_rows`` adds each slot's probability summed over the heads, layer after layer,
+into one fp32 row per query row (``attention_decode.ScoresWorkspace``); the rows come back with
+the picks and are added into ``Rows.scores`` (float64) on the host. A prompt chunk of such an
+entry runs there too, one query row per id (id j at slot ``start + j``, attending to slots
+``0 .. start + j``), so its rows contribute exactly as the CPU decoder's prompt rows do: every id
+but the last in replays of up to ``max_batch`` rows (each waited for: its staging is reused),
+then the last ids of every decode entry together. Attention over the chunk is then the decode
+kernel's, row by row, not the ragged prefill's tensor-core tiles: the price of exact scores.
 
 ``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
 batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one),
@@ -98,9 +109,10 @@ class CudaBatchRunner:
         self.pre = self.bb = self.ragged = self.compactor = None
         # KV pruning: the rows kernels take each row's RoPE position apart from its cache slot, and
         # compact() moves kept slots (kv_compact.cu). The per-sequence prompt path's graphs use one
-        # word for both, so it cannot run a pruned sequence's chunk; h2o needs attention scores,
-        # which no CUDA kernel adds up.
-        self.prune_policies = frozenset({"sink-window"}) if self.ragged_prefill else frozenset()
+        # word for both, so it cannot run a pruned sequence's chunk. h2o's scored entries (prompt
+        # chunks too) run as decode rows whose attention writes the scores (module docstring).
+        self.prune_policies = frozenset({"sink-window", "h2o"}) if self.ragged_prefill else frozenset()
+        self.scores = self.h_scores = None  # h2o's score rows, made at the first scored step
         rt.device.make_current()
         try:
             # Ragged: a step's chunks share the rows, so as many as the token budget whatever the
@@ -236,27 +248,85 @@ class CudaBatchRunner:
         self._graphs[("decode1",)].replay()
         self._d2d(self.bb.logits.ptr, pre.logits.ptr, 4 * self.config.vocab_size)
 
-    def _decode_batch(self, rows: list[Rows]) -> None:
+    def _score_graphs(self) -> None:
+        """h2o's score workspace, its pinned copy (``bmax`` rows of ``max_context`` slots) and the
+        batch graphs' scores twins for every bucket, made at the first scored step while the stream
+        is idle (as ``__init__`` captures the others), so a runner without h2o never holds them."""
+        if self.scores is not None:
+            return
+        from ... import memory
+
+        cfg, bb, stride = self.config, self.bb, self.max_context
+        scores = attn_dec.alloc_scores(cfg.num_attention_heads, bb.bmax, stride, tag="batch")
+        try:
+            self.h_scores = memory.pinned((bb.bmax, stride), "fp32", tag="batch")
+            for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
+                self._graphs[("batch-scores", m)] = scheduler.capture(steps.batch_decode_stages(
+                    self.rt, cfg, self.base.weights, bb, m, self.base.lt, bb.workspace(cfg, m, self._splits(m)),
+                    self.fixed_chunk, scores=scores), stream="compute")
+        except BaseException:  # nothing half-made stays: the next scored step tries again
+            steps.close_graphs(self.stream, {k: self._graphs.pop(k) for k in list(self._graphs) if k[0] == "batch-scores"})
+            for t in (scores, self.h_scores):
+                if t is not None:
+                    t.free()
+            self.h_scores = None
+            raise
+        self.scores = scores
+
+    def _decode_batch(self, rows: list[Rows]) -> bool:
+        """Enqueue the batched decode graph over ``rows``, one query row each; returns whether it is
+        the scores twin (some entry carries ``Rows.scores``). An h2o prompt chunk's ids but its last
+        run first, ``bmax`` query rows a replay in order (each replay's K/V appended before the next
+        attends to them: causal), each replay waited for and its scores added on the host; the final
+        replay then holds every entry's last id, as a step of plain decodes does."""
+        early = [(r, j) for r in rows for j in range(len(r.token_ids) - 1)]
+        for first in range(0, len(early), self.bb.bmax):
+            group = early[first:first + self.bb.bmax]
+            self._replay_rows(group)
+            self.stream.synchronize()  # its staging is free again, its scores are here
+            self._add_scores(group)
+        return self._replay_rows([(r, len(r.token_ids) - 1) for r in rows])
+
+    def _replay_rows(self, rows: list[tuple[Rows, int]]) -> bool:
+        """Stage query rows ``(entry, j)`` (id j of the entry, at its slot and position + j) and replay
+        the batch graph of their bucket (its scores twin if an entry carries scores, whose rows
+        then come back to ``h_scores``); returns whether the twin ran."""
         bb = self.bb
+        n = len(rows)
         # Deterministic: always the largest bucket, so every row runs the same GEMM kernels
         # (cuBLASLt picks its algorithm per row count) whatever the batch around it.
-        m = bb.bmax if self.deterministic else bucket_for_rows(len(rows), self.batch_buckets)
+        m = bb.bmax if self.deterministic else bucket_for_rows(n, self.batch_buckets)
         ids, meta, tables = bb.h_ids.array, bb.h_meta.array, bb.h_tables.array
-        n = len(rows)
-        ids[:n] = np.fromiter((r.token_ids[0] for r in rows), np.int32, n)
-        meta[:n, 0] = np.fromiter((r.first_position for r in rows), np.int32, n)  # RoPE position
-        meta[:n, 1] = np.fromiter((r.start for r in rows), np.int32, n)  # cache slot: attention covers 0..slot
+        ids[:n] = np.fromiter((r.token_ids[j] for r, j in rows), np.int32, n)
+        meta[:n, 0] = np.fromiter((r.first_position + j for r, j in rows), np.int32, n)  # RoPE position
+        meta[:n, 1] = np.fromiter((r.start + j for r, j in rows), np.int32, n)  # cache slot: attention covers 0..slot
         meta[:n, 2] = np.arange(n, dtype=np.int32)
         tables[:min(m, n + 1)] = self.scratch
-        for i, r in enumerate(rows):
-            tables[i, :len(r.table)] = r.table
+        for k, (r, _) in enumerate(rows):
+            tables[k, :len(r.table)] = r.table
         if m > n:  # padding rows: slot 0 of the scratch block (table row n is all scratch)
             ids[n:m] = 0
             meta[n:m] = (0, 0, n, 0)
         self._h2d(bb.ids, bb.h_ids.ptr, 4 * m)
         self._h2d(bb.meta, bb.h_meta.ptr, 16 * m)
-        self._h2d(bb.tables, bb.h_tables.ptr, 4 * self.width * min(m, len(rows) + 1))
-        self._graphs[("batch", m)].replay()
+        self._h2d(bb.tables, bb.h_tables.ptr, 4 * self.width * min(m, n + 1))
+        if all(r.scores is None for r, _ in rows):
+            self._graphs[("batch", m)].replay()
+            return False
+        scores = self.scores
+        call("cuMemsetD32Async", scores.scores.ptr, 0, m * scores.stride, self.stream.handle)
+        self._graphs[("batch-scores", m)].replay()
+        call("cuMemcpyDtoHAsync", self.h_scores.ptr, scores.scores.ptr, 4 * n * scores.stride, self.stream.handle)
+        return True
+
+    def _add_scores(self, rows: list[tuple[Rows, int]]) -> None:
+        """Add the score rows of the last replay (in ``h_scores`` once the stream ran) into each
+        entry's ``Rows.scores``: query row ``(entry, j)`` covers the entry's slots ``0 .. start + j``."""
+        got = self.h_scores.array
+        for k, (r, j) in enumerate(rows):
+            if r.scores is not None:
+                top = r.start + j + 1
+                r.scores[:top] += got[k, :top]
 
     def run_tokens(self, batch: list[Rows]) -> list[int | None]:
         if not batch:
@@ -264,15 +334,18 @@ class CudaBatchRunner:
         t0 = time.perf_counter()
         for r in batch:
             check_entry(r, self.max_context, self.width, self.num_blocks, self.config.vocab_size)
-            if self.ragged is None and len(r.token_ids) > 1 and _pruned(r):
+            if self.ragged is None and len(r.token_ids) > 1 and _pruned(r) and r.scores is None:
                 raise ValueError(f"the per-sequence prompt path (ragged_prefill=False) cannot run a pruned "
                                  f"sequence's chunk (RoPE position {r.first_position}, cache slot {r.start}): its "
                                  "prefill graphs use one number for both; use the ragged path")
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
         self.compactor.reset()
-        singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1]
-        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1]
+        if any(r.scores is not None for r in batch):
+            self._score_graphs()
+        # Single ids, and every entry with h2o scores (one query row per id), run as decode rows.
+        singles = [i for i, r in enumerate(batch) if len(r.token_ids) == 1 or r.scores is not None]
+        chunks = [i for i, r in enumerate(batch) if len(r.token_ids) > 1 and r.scores is None]
         if len(singles) > self.bb.bmax or len(chunks) > self.bb.bmax:
             raise ValueError(f"a step of {len(batch)} entries exceeds max_batch {self.bb.bmax}")
         # batch index -> logits row: a single's is its batch row, a chunk's follows the bmax batch rows
@@ -281,9 +354,10 @@ class CudaBatchRunner:
         # The batch decode graph samples its rows itself, so their inputs go first; otherwise the
         # sampler runs eagerly after the step's work, and staging its inputs after that work is
         # enqueued keeps the host off the device's path (a lone decode's step is ~5 ms).
-        # A lone decode, pruned or not, takes the one-sequence GEMV graph: its RoPE/append reads
-        # the position and slot apart from bb.one_meta.
-        lone = len(singles) == 1 and not self.deterministic
+        # A lone decode, pruned or not, takes the one-sequence GEMV graph (its RoPE/append reads
+        # the position and slot apart from bb.one_meta), unless it needs scores (h2o): the scores
+        # twin is the batch graph's.
+        lone = len(singles) == 1 and not self.deterministic and batch[singles[0]].scores is None
         graph_samples = bool(singles) and not lone
         if graph_samples:
             self._stage_sampling(batch, row_of)
@@ -293,10 +367,11 @@ class CudaBatchRunner:
                 staged = self._prefill(batch[i], j, staged, row_of.get(i))
         elif chunks:
             self.ragged.run([batch[i] for i in chunks])
+        scored = False
         if lone:
             self._decode_one(batch[singles[0]])
         elif singles:
-            self._decode_batch([batch[i] for i in singles])
+            scored = self._decode_batch([batch[i] for i in singles])
         if not graph_samples:
             self._stage_sampling(batch, row_of)
         if lone:
@@ -308,6 +383,8 @@ class CudaBatchRunner:
         t1 = time.perf_counter()
         self.stream.synchronize()
         t2 = time.perf_counter()
+        if scored:
+            self._add_scores([(batch[i], len(batch[i].token_ids) - 1) for i in singles])
         picks = self.bb.h_next.array
         self._row_of = row_of
         out: list[int | None] = [None] * len(batch)
@@ -340,7 +417,7 @@ class CudaBatchRunner:
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
         self._samplers.clear()
-        for part in (self.ragged, self.compactor, self.bb, self.pre):
+        for part in (self.ragged, self.compactor, self.scores, self.h_scores, self.bb, self.pre):
             if part is not None:
                 part.free()
-        self.bb = self.pre = self.ragged = self.compactor = None
+        self.bb = self.pre = self.ragged = self.compactor = self.scores = self.h_scores = None

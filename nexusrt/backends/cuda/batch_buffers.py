@@ -120,8 +120,11 @@ def check_step(step) -> None:
         raise ValueError(f"a sampling entry's step must be an integer in [0, 2**31), got {step!r}")
 
 
-SCORES_REFUSED = ("KV pruning by attention scores (kv_policy='h2o') runs on the CPU backend only: no CUDA "
-                  "attention kernel adds up the scores (use kv_policy='sink-window' or 'full' on CUDA)")
+def check_scores(r) -> None:
+    """ValueError unless the entry's ``Rows.scores`` (h2o) covers its slots, as the CPU decoder asks."""
+    n = len(r.token_ids)
+    if r.scores is not None and len(r.scores) < r.start + n:
+        raise ValueError(f"scores hold {len(r.scores)} slots; the rows fill {r.start + n}")
 
 
 def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) -> None:
@@ -133,8 +136,7 @@ def check_entry(r, max_context: int, width: int, num_blocks: int, vocab: int) ->
         raise ValueError("a batch entry needs at least one id")
     if r.start < 0 or r.start + n > max_context:
         raise ValueError(f"{r.start + n} tokens exceed the context of {max_context}")
-    if r.scores is not None:
-        raise ValueError(SCORES_REFUSED)
+    check_scores(r)
     pos = r.first_position
     if pos < r.start:
         raise ValueError(f"RoPE position {pos} lies below cache slot {r.start} (KV pruning only ever moves a "

@@ -188,16 +188,18 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
     return ch.stages
 
 
-def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0) -> list:
+def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0, scores=None) -> list:
     """One id for each of ``m`` sequences (the batched step): ``bb.ids[r]`` at the position,
     cache slot and block-table row ``bb.meta[r]`` through every layer on tensor cores (GEMMs of
     ``m`` rows), the LM head into ``bb.logits[0:m]`` and each row's pick into ``bb.next[0:m]`` by the
     batched sampler (row r's ``bb.params[r]`` at ``bb.steps[r]``; zero params are greedy).
     Attention reads each row's own table (``bb.tables``) with the rows kernels; ``workspace``
-    is its split workspace for ``m`` rows."""
+    is its split workspace for ``m`` rows. ``scores`` (an ``attention_decode.ScoresWorkspace``): every
+    layer's attention also writes each key's score, and adds its probabilities summed over the
+    heads into ``scores.scores`` (h2o KV pruning; the caller zeroes it before the replay)."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r, meta, logits = _rows(bb, m), bb.meta[0:m], bb.logits[0:m]
-    ch = _Chain(f"batch{m}")
+    ch = _Chain(f"batch{m}" + ("-scores" if scores is not None else ""))
     ch.add("embed", ew.embedding(rt, r.x, bb.ids[0:m], w.embed, m=m, hidden=cfg.hidden_size, vocab=cfg.vocab_size),
            [bb.ids, w.embed], [r.x])
 
@@ -208,7 +210,11 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
             [r.qkv, meta, bb.tables], [r.q, bb.k_pools[i], bb.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, r.q, r.attn, bb.k_pools[i], bb.v_pools[i], bb.tables, meta, workspace, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, fixed_chunk=fixed_chunk), [r.q, bb.k_pools[i], bb.v_pools[i]], [r.attn])
+            num_kv_heads=hkv, head_dim=d, fixed_chunk=fixed_chunk, scores=scores),
+            [r.q, bb.k_pools[i], bb.v_pools[i]], [r.attn] + ([scores.raw, scores.ml] if scores is not None else []))
+        if scores is not None:
+            ch.add(f"{p}.scores", attn_dec.accumulate_scores(rt, scores, meta, rows=m, num_q_heads=hq),
+                   [scores.raw, scores.ml, meta, scores.scores], [scores.scores])
 
     _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
     _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)

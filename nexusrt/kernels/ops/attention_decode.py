@@ -1,4 +1,5 @@
-"""Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache.
+"""Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache (and for
+``cu/attention_scores.cu``, its rows kernels' h2o twins and their accumulate kernel).
 
 The grid is fixed at ``(Hkv, max_splits)`` (a captured graph cannot change it); the kernel
 reads ``seq_len = *pos + 1`` and decides on the device how many of the splits do work.
@@ -30,13 +31,15 @@ ROWS_HOST_REFUSAL = ("host_pools: the host tier is for the one-sequence path; th
                      "kernels read device-resident KV blocks only")
 
 
-def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False) -> str:
+def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False, scores: bool = False) -> str:
     """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else.
     ``host``: the twin that also reads host-tier blocks (negative table entries) zero-copy
-    (one-sequence only: there is no rows twin)."""
+    (one-sequence only: there is no rows twin); ``scores`` (rows only): the twin that also writes
+    each key's score (h2o)."""
     if rows and host:
         raise ValueError(ROWS_HOST_REFUSAL)
     prefix = ("attention_decode_rows" if rows else "attention_decode") + ("_host" if host else "")
+    prefix += "_scores" if scores else ""
     if group in (1, 2, 4, 8):
         return f"{prefix}_d{head_dim}_g{group}"
     return f"{prefix}_d{head_dim}_gmax{4 if group < 4 else 8}"
@@ -101,7 +104,8 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
 
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
-                     scale: float | None = None, fixed_chunk: int = 0, host_pools=None) -> LaunchSpec:
+                     scale: float | None = None, fixed_chunk: int = 0, host_pools=None,
+                     scores: ScoresWorkspace | None = None) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
@@ -118,6 +122,10 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     ``[host_blocks, Hkv, BLOCK_SIZE, D]``); table entries ``~h`` (negative) name host block ``h``
     (``kvcache.tiers``) and are read zero-copy. None: every entry is a device block (the
     original kernels, unchanged). The one-sequence path only: refused with a rows workspace.
+
+    ``scores`` (rows only, device pools only): the twin that also writes each key's raw score
+    and each head's softmax state to the :class:`ScoresWorkspace` (h2o KV pruning); follow it
+    with :func:`accumulate_scores`. Each row's slot must lie below ``scores.stride``.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -147,17 +155,92 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(workspace.acc, "workspace.acc", lead + (num_kv_heads, splits, group, head_dim), "fp32")
     check_tensor(workspace.ml, "workspace.ml", lead + (num_kv_heads, splits, group, 2), "fp32")
     check_tensor(workspace.tickets, "workspace.tickets", lead + (num_kv_heads,), "int32")
+    if scores is not None:
+        if host is not None:
+            raise ValueError("the scores kernels read device blocks only (host_pools must be None)")
+        check_scores(scores, rows, num_q_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None)
+    name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None)
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
-    kernel = rt.kernels.get(SOURCE, name, signature)
+    signature = SCORES_SIGNATURE if scores is not None else signature
+    kernel = rt.kernels.get(SOURCE if scores is None else SCORES_SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
     tail += host_args(host)
+    tail += (ptr(scores.raw), ptr(scores.ml), scores.stride) if scores is not None else ()
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale, *tail)
     return LaunchSpec(kernel, (num_kv_heads, splits, max(rows, 1)), (THREADS, 1, 1), args, 0, name,
                       pdl=pdl_ok(rt))
+
+
+SCORES_SOURCE = "attention_scores"  # the twins' module: the other kernels' machine code stays as it was
+SCORES_SIGNATURE = ROWS_SIGNATURE + " ptr ptr i32"
+ACCUMULATE = "attention_scores_rows"
+ACCUMULATE_SIGNATURE = "ptr ptr ptr ptr i32 i32"
+
+
+@dataclass
+class ScoresWorkspace:
+    """The h2o scores of a rows launch (``cu/attention_decode.cu``, the ``_scores`` twins): ``raw``
+    fp32 ``[rows, Hq, stride]`` (each key's exp2-domain logit at its cache slot), ``ml`` fp32
+    ``[rows, Hq, 2]`` (each head's final softmax max and sum) and ``scores`` fp32 ``[rows, stride]``,
+    into which every launch of :func:`accumulate_scores` adds each slot's probability summed over
+    the heads (the caller zeroes it before a step's first layer). ``stride``: at least the last
+    cache slot + 1 of every row. Bytes: ``4 * rows * (Hq + 1) * stride + 8 * rows * Hq``; the 8B
+    shape (Hq 32) at 64 rows and an 8192-token context holds 66 MiB."""
+
+    raw: object
+    ml: object
+    scores: object
+    rows: int
+    stride: int
+
+    def free(self) -> None:
+        for t in (self.raw, self.ml, self.scores):
+            t.free()
+
+
+def scores_bytes(num_q_heads: int, rows: int, stride: int) -> int:
+    """Device bytes of a :class:`ScoresWorkspace`."""
+    return 4 * rows * (num_q_heads + 1) * stride + 8 * rows * num_q_heads
+
+
+def alloc_scores(num_q_heads: int, rows: int, stride: int, tag: str = "attention") -> ScoresWorkspace:
+    """Allocate a :class:`ScoresWorkspace` on the running runtime (``scores`` zeroed)."""
+    from ... import memory
+
+    check_positive(num_q_heads=num_q_heads, rows=rows, stride=stride)
+    return ScoresWorkspace(raw=memory.empty((rows, num_q_heads, stride), "fp32", tag=tag),
+                           ml=memory.empty((rows, num_q_heads, 2), "fp32", tag=tag),
+                           scores=memory.zeros((rows, stride), "fp32", tag=tag), rows=rows, stride=stride)
+
+
+def check_scores(scores: ScoresWorkspace, rows: int, num_q_heads: int) -> None:
+    """ValueError unless ``scores`` serves a rows launch of ``rows`` rows and ``num_q_heads`` heads."""
+    if not isinstance(scores, ScoresWorkspace):
+        raise ValueError(f"scores must be a ScoresWorkspace, got {type(scores).__name__}")
+    if not rows:
+        raise ValueError("scores are written by the rows kernels only (a workspace with rows > 0)")
+    if scores.rows < rows:
+        raise ValueError(f"the scores workspace holds {scores.rows} rows; the launch has {rows}")
+    check_positive(stride=scores.stride)
+    check_tensor(scores.raw, "scores.raw", (scores.rows, num_q_heads, scores.stride), "fp32")
+    check_tensor(scores.ml, "scores.ml", (scores.rows, num_q_heads, 2), "fp32")
+    check_tensor(scores.scores, "scores.scores", (scores.rows, scores.stride), "fp32")
+
+
+def accumulate_scores(rt, scores: ScoresWorkspace, meta, *, rows: int, num_q_heads: int) -> LaunchSpec:
+    """Launch spec adding the last scores launch's probabilities into ``scores.scores``: slot t of row
+    r gains ``sum_h exp2(raw[r, h, t] - max[r, h]) / sum[r, h]`` for t up to the row's slot
+    (``meta`` int32 ``[rows, 4]``, as the rows kernels read it). Reads the workspace, never the KV;
+    the caller keeps every row's slot below ``scores.stride``."""
+    check_positive(rows=rows, num_q_heads=num_q_heads)
+    check_scores(scores, rows, num_q_heads)
+    check_tensor(meta, "meta", (rows, 4), "int32")
+    kernel = rt.kernels.get(SCORES_SOURCE, ACCUMULATE, ACCUMULATE_SIGNATURE)
+    args = kernel.pack(ptr(scores.raw), ptr(scores.ml), ptr(meta), ptr(scores.scores), num_q_heads, scores.stride)
+    return LaunchSpec(kernel, (ceil_div(scores.stride, THREADS), rows, 1), (THREADS, 1, 1), args, 0, ACCUMULATE)
 
 
 def bytes_moved(context: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:

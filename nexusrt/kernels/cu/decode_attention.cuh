@@ -1,0 +1,306 @@
+// decode_attention.cuh: the body of the split-KV decode attention kernels, shared by
+// attention_decode.cu (the one-sequence, rows and host-tier kernels) and attention_scores.cu
+// (the rows kernels' scores twins for h2o). Only the kernels' extern "C" entry points live in
+// those files, so each module holds exactly its own kernels (the twins in a module of their
+// own leave the other kernels' machine code as it was: NVVM's choices for a kernel can shift
+// with what else a module holds). See attention_decode.cu for the algorithm.
+#pragma once
+
+#include "attn_common.cuh"
+
+namespace {
+
+using nrt_attn::kNegBig;
+using nrt_attn::merge_state;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxSplits = 128;  // the combine keeps one weight per (split, head) in shared memory
+
+template <int D>
+struct DecodeShape {
+    static constexpr int kRowLanes = D / 8;                // lanes per K/V row (8 dims each)
+    static constexpr int kRowGroups = kThreads / kRowLanes;  // rows read at once by a block
+};
+
+// GM: compile-time bound on the group size (register arrays). kExact kernels (G == GM: 1,
+// 2, 4, 8, the common shapes) let the compiler drop every `g >= G` test; the others take G
+// at run time (3 with GM = 4; 5..7 with GM = 8), so 6 instantiations per head dim serve 1..8.
+// One output element: fp32 for the one-sequence step, bf16 (a tensor-core GEMM's operand) for rows.
+__device__ __forceinline__ void store_out(float* out, long long i, float v) { out[i] = v; }
+__device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float v) {
+    out[i] = __float2bfloat16_rn(v);
+}
+
+// kRows: the batched step, one query row per sequence (blockIdx.z), each with its own slot and
+// block-table row from meta int32 [rows, 4] = (position, slot, table row, unused); the
+// workspace and tickets are per row. fixed_chunk > 0 fixes the tokens per split (then a row's
+// result does not depend on how many splits the launch allows: batch invariance).
+// kHost: the table may name host-tier blocks (attn_common.cuh kv_locate), read zero-copy from
+// k_host / v_host; the kHost = false kernels ignore those two pointers.
+// kScores (rows only; KV pruning by attention mass, h2o): also write each key's raw score (the
+// exp2-domain logit q.k * scale * log2(e), before any max is taken) to s_raw fp32
+// [rows][Hq][s_stride] at its slot, and each head's final softmax state (max, sum) to s_ml
+// float2 [rows][Hq]; attention_scores_rows then turns them into probabilities. The scores fall
+// out of the loop that reads K anyway: no second pass over the cache. kScores = false compiles
+// every one of these stores away (the other kernels' machine code is unchanged).
+template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false>
+__device__ __forceinline__ void decode_impl(
+    const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
+    const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
+    float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
+    int max_splits, float scale, int table_stride, int fixed_chunk,
+    const __nv_bfloat16* __restrict__ k_host, const __nv_bfloat16* __restrict__ v_host,
+    float* s_raw = nullptr, float2* s_ml = nullptr, int s_stride = 0) {
+    static_assert(kRows || !kScores, "scores are written by the rows kernels only");
+    if (kExact) G = GM;
+    using S = DecodeShape<D>;
+    constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
+    constexpr int kUnroll = GM <= 4 ? 4 : 2;  // tokens per row group per step (registers bound it)
+    constexpr int kTokIter = kRowGroups * kUnroll;
+
+    __shared__ float red_acc[kWarps][GM][D];
+    __shared__ float red_m[kWarps][GM], red_l[kWarps][GM];
+    __shared__ float weight[kMaxSplits][GM];
+    __shared__ int is_last;
+
+    // Before pdl_wait we may read what kernels before our predecessor wrote (pdl.cuh): the
+    // position, the page table and every cached row but the newest. Only q and the newest
+    // K/V row come from the kernel right before us (rope_append).
+    const int kvh = blockIdx.x, split = blockIdx.y;
+    int seq_len;
+    if (kRows) {
+        const long long row = blockIdx.z;
+        const int* meta = pos + 4 * row;
+        seq_len = meta[1] + 1;
+        page_table += (long long)meta[2] * table_stride;
+        q += row * Hkv * G * D;
+        out += row * Hkv * G * D;
+        ws_acc += row * Hkv * max_splits * G * D;
+        ws_ml += row * Hkv * max_splits * G;
+        tickets += row * Hkv;
+        if constexpr (kScores) {
+            s_raw += row * Hkv * G * s_stride;
+            s_ml += row * Hkv * G;
+        }
+    } else {
+        seq_len = *pos + 1;
+    }
+    int chunk = (seq_len + max_splits - 1) / max_splits;
+    chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
+    if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
+    const int nsplit = (seq_len + chunk - 1) / chunk;
+    if (split >= nsplit) return;
+    const int start = split * chunk;
+    const int end = min(start + chunk, seq_len);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int rg = tid / kRowLanes;         // row group
+    const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
+    const int newest = seq_len - 1;          // rope_append writes this row just before us
+
+    uint4 kraw[kUnroll], vraw[kUnroll];
+    bool valid[kUnroll];
+    // Issue every K and V load of a step before using any (memory-level parallelism).
+    auto load_row = [&](int u, int t) {
+        const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
+        const long long off = nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + dim0;
+        kraw[u] = *reinterpret_cast<const uint4*>(kb + off);
+        vraw[u] = *reinterpret_cast<const uint4*>(vb + off);
+    };
+    auto load_step = [&](int base, bool older_only) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int t = base + u * kRowGroups + rg;
+            valid[u] = t < end;
+            if (!valid[u]) {
+                kraw[u] = make_uint4(0, 0, 0, 0);
+                vraw[u] = make_uint4(0, 0, 0, 0);
+            } else if (!older_only || t != newest) {
+                load_row(u, t);
+            }
+        }
+    };
+    // The first step's older rows stream in while rope_append still runs; then wait for it.
+    load_step(start, true);
+    nrt::pdl_enter();
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+        if (start + u * kRowGroups + rg == newest && valid[u]) load_row(u, newest);
+
+    // q of the G heads, prescaled so that scores are in the exp2 domain.
+    float qr[GM][8];
+    const float qscale = scale * nrt_attn::kLog2e;
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) {  // a head past the group: zeros, never used
+#pragma unroll
+            for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
+            continue;
+        }
+        const float4* src = reinterpret_cast<const float4*>(q + (long long)(kvh * G + g) * D + dim0);
+        const float4 a = src[0], b = src[1];
+        qr[g][0] = a.x * qscale; qr[g][1] = a.y * qscale; qr[g][2] = a.z * qscale; qr[g][3] = a.w * qscale;
+        qr[g][4] = b.x * qscale; qr[g][5] = b.y * qscale; qr[g][6] = b.z * qscale; qr[g][7] = b.w * qscale;
+    }
+
+    float m[GM], l[GM], acc[GM][8];
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = kNegBig;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+    }
+
+    for (int base = start; base < end; base += kTokIter) {
+        if (base != start) load_step(base, false);
+        float s[kUnroll][GM];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            float kf[8];
+            nrt_attn::bf16x8_to_float(kraw[u], kf);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                if (g >= G) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dot += qr[g][i] * kf[i];
+                s[u][g] = nrt_attn::group_sum<kRowLanes>(dot);
+            }
+        }
+        if constexpr (kScores) {
+            if (dim0 == 0) {  // every lane of a row group holds the group's sums; one writes them
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    if (!valid[u]) continue;
+                    const int t = base + u * kRowGroups + rg;
+#pragma unroll
+                    for (int g = 0; g < GM; ++g) {
+                        if (g >= G) break;
+                        s_raw[(long long)(kvh * G + g) * s_stride + t] = s[u][g];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) break;
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][g]) : mx;
+            const float alpha = exp2f(m[g] - mx);
+            m[g] = mx;
+            l[g] *= alpha;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) s[u][g] = valid[u] ? exp2f(s[u][g] - mx) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            float vf[8];
+            nrt_attn::bf16x8_to_float(vraw[u], vf);
+#pragma unroll
+            for (int g = 0; g < GM; ++g) {
+                if (g >= G) break;
+                l[g] += s[u][g];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[g][i] += s[u][g] * vf[i];
+            }
+        }
+    }
+
+    // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...
+#pragma unroll
+    for (int off = kRowLanes; off < 32; off *= 2) merge_state<GM>(m, l, acc, off, G);
+    // ... then the warps, through shared memory.
+    if (lane < kRowLanes) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            red_m[warp][g] = m[g];
+            red_l[warp][g] = l[g];
+        }
+    }
+    __syncthreads();
+
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        float mx = kNegBig;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w][g]);
+        float sum = 0.f, a = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float c = exp2f(red_m[w][g] - mx);
+            sum += red_l[w][g] * c;
+            a += red_acc[w][g][d] * c;
+        }
+        if (nsplit == 1) {
+            store_out(out, (long long)(kvh * G + g) * D + d, a / sum);
+            if constexpr (kScores) {
+                if (d == 0) s_ml[kvh * G + g] = make_float2(mx, sum);
+            }
+        } else {
+            const long long slot = ((long long)kvh * max_splits + split) * G + g;
+            ws_acc[slot * D + d] = a;
+            if (d == 0) ws_ml[slot] = make_float2(mx, sum);
+        }
+    }
+    if (nsplit == 1) return;
+
+    // Last block of this KV head to finish combines every split.
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) is_last = atomicAdd(&tickets[kvh], 1) == nsplit - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+
+    for (int g = warp; g < G; g += kWarps) {
+        const long long row = (long long)kvh * max_splits * G + g;
+        float mx = kNegBig;
+        for (int sp = lane; sp < nsplit; sp += 32) mx = fmaxf(mx, __ldcg(&ws_ml[row + (long long)sp * G]).x);
+        mx = nrt_attn::group_max<32>(mx);
+        float sum = 0.f;
+        for (int sp = lane; sp < nsplit; sp += 32) {
+            const float2 ml = __ldcg(&ws_ml[row + (long long)sp * G]);
+            const float c = exp2f(ml.x - mx);
+            weight[sp][g] = c;
+            sum += ml.y * c;
+        }
+        sum = nrt_attn::group_sum<32>(sum);
+        if constexpr (kScores) {
+            if (lane == 0) s_ml[kvh * G + g] = make_float2(mx, sum);
+        }
+        __syncwarp();
+        for (int sp = lane; sp < nsplit; sp += 32) weight[sp][g] /= sum;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        const float* src = ws_acc + ((long long)kvh * max_splits * G + g) * D + d;
+        float a = 0.f;
+        for (int sp = 0; sp < nsplit; ++sp) a += weight[sp][g] * __ldcg(src + (long long)sp * G * D);
+        store_out(out, (long long)(kvh * G + g) * D + d, a);
+    }
+    if (tid == 0) tickets[kvh] = 0;  // ready for the next launch (the graph replays it)
+}
+
+}  // namespace
+
+// One instantiation of MACRO(D, GM, kExact, NAME) per group-size kernel of head dim D.
+#define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
+    MACRO(D, 1, true, PREFIX##_d##D##_g1)                                                           \
+    MACRO(D, 2, true, PREFIX##_d##D##_g2)                                                           \
+    MACRO(D, 4, true, PREFIX##_d##D##_g4)                                                           \
+    MACRO(D, 8, true, PREFIX##_d##D##_g8)                                                           \
+    MACRO(D, 4, false, PREFIX##_d##D##_gmax4)                                                       \
+    MACRO(D, 8, false, PREFIX##_d##D##_gmax8)

@@ -85,7 +85,7 @@ def _one_sequence_args():
                                      tensor((3, 160), "fp32"), 3, 160)), "scores.raw has shape"),
     (dict(scores=dec.ScoresWorkspace(tensor((3, 32, 160), "fp32"), tensor((3, 32, 2), "fp32"),
                                      tensor((3, 160), "bf16"), 3, 160)), "scores.scores has dtype"),
-    (dict(host_pools=(tensor(pool_shape(4, 8, 128), "bf16"),) * 2), "device blocks only"),
+    (dict(host_pools=(tensor(pool_shape(4, 8, 128), "bf16"),) * 2), "device-resident KV blocks only"),
 ])
 def test_the_launcher_names_what_is_wrong_with_the_scores(change, message):
     args = {**_rows_args(), **change}

@@ -155,9 +155,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(workspace.acc, "workspace.acc", lead + (num_kv_heads, splits, group, head_dim), "fp32")
     check_tensor(workspace.ml, "workspace.ml", lead + (num_kv_heads, splits, group, 2), "fp32")
     check_tensor(workspace.tickets, "workspace.tickets", lead + (num_kv_heads,), "int32")
-    if scores is not None:
-        if host is not None:
-            raise ValueError("the scores kernels read device blocks only (host_pools must be None)")
+    if scores is not None:  # rows only, so device blocks only (a rows host tier is refused above)
         check_scores(scores, rows, num_q_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None)

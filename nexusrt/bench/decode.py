@@ -43,6 +43,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode-paths", default="graph,persistent", metavar="P[,P...]",
                         help="decode stage on CUDA: the NEXUSRT_DECODE paths to time, each beside the others "
                              "(graph,persistent); the headline is the path NEXUSRT_DECODE selects")
+    parser.add_argument("--persistent-profile", action="store_true",
+                        help="decode stage on sm_90: one more run of the persistent kernel with each instruction's "
+                             "clocks recorded, reported per phase (waits, work, GB/s while working)")
 
 
 def bytes_per_token(cfg, context: float) -> dict:
@@ -125,6 +128,12 @@ def run(args) -> dict:
         result["other_paths"] = {p: _path_figures(o, floor_ms) for p, o in others.items()}
         if not args.no_peers:
             result["peers"] = _peers(cfg, args, ms)
+        if getattr(args, "persistent_profile", False):
+            from .persistent_profile import profile_step
+
+            reason = device_reason(rt)
+            result["persistent_profile"] = ({"skipped": reason} if reason else
+                                            profile_step(model, prompt, args.new_tokens))
     if args.plot:
         _plot(result, args.plot)
     return result
@@ -252,4 +261,10 @@ def render(r: dict) -> str:
             rows.append([f"PyTorch {mode}", plain(p)])
     if r.get("note"):
         rows.append(["note", r["note"]])
-    return table(["decode", ""], rows, title="NexusRT decode benchmark")
+    text = table(["decode", ""], rows, title="NexusRT decode benchmark")
+    prof = r.get("persistent_profile")
+    if prof:
+        from .persistent_profile import render as render_profile
+
+        text += "\n\n" + (f"persistent profile: not run: {prof['skipped']}" if "skipped" in prof else render_profile(prof))
+    return text

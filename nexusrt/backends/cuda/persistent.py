@@ -30,6 +30,9 @@ ENV = "NEXUSRT_DECODE"
 MODES = ("graph", "persistent")
 TILE_ROWS = 16  # NOTES_persistent.md: 16-row tiles balance the GEMVs over 132 SMs
 MAX_ATTN_SPLITS = 16
+PREFETCH_ENV = "NEXUSRT_PERSISTENT_PREFETCH"  # bytes of weights each SM keeps in flight into L2
+PREFETCH_BYTES = 128 * 1024  # the default (x132 SMs ~ 17 MB, a third of the H200's L2)
+PROFILE_ENV = "NEXUSRT_PERSISTENT_PROFILE"  # 1: record each instruction's clocks (bench --persistent-profile)
 TAG = "persistent"
 _warned: set = set()
 
@@ -40,6 +43,25 @@ def decode_mode(env=None) -> str:
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(MODES)}")
     return value
+
+
+def prefetch_bytes(env=None) -> int:
+    """``NEXUSRT_PERSISTENT_PREFETCH`` as a byte count (default :data:`PREFETCH_BYTES`; 0 turns the
+    L2 prefetch off); ValueError naming the variable for anything that is not a whole number >= 0."""
+    text = (os.environ if env is None else env).get(PREFETCH_ENV, "").strip()
+    if not text:
+        return PREFETCH_BYTES
+    if not text.isdigit() or int(text) >= 2 ** 40:
+        raise ValueError(f"{PREFETCH_ENV}={text!r}: give the bytes each SM prefetches ahead, an integer in [0, 2**40)")
+    return int(text)
+
+
+def profiling(env=None) -> bool:
+    """``NEXUSRT_PERSISTENT_PROFILE``: ``1`` records clocks per instruction, ``0``/unset does not."""
+    text = (os.environ if env is None else env).get(PROFILE_ENV, "0").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"{PROFILE_ENV}={text!r}: 1 records each instruction's clocks, 0 (default) does not")
+    return text == "1"
 
 
 def attn_splits(num_sms: int, num_kv_heads: int) -> int:
@@ -80,20 +102,22 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
             print(f"nexusrt: {reason}; decoding with the graph path", file=sys.stderr)
         return None
     check_config(cfg, sm_count(rt))
-    return PersistentDecode(rt, cfg, weights, buffers)
+    return PersistentDecode(rt, cfg, weights, buffers, prefetch=prefetch_bytes(env), profile=profiling(env))
 
 
 class PersistentDecode(OwnedBuffers):
     """The persistent decode programs of one runner (with and without the greedy pick)."""
 
-    def __init__(self, rt, cfg, weights, buffers):
+    def __init__(self, rt, cfg, weights, buffers, prefetch: int = PREFETCH_BYTES, profile: bool = False):
         super().__init__()
         self.rt, self.cfg, self.w, self.b = rt, cfg, weights, buffers
+        self.prefetch, self.profile = prefetch, profile
         self.num_sms = sm_count(rt)
         self.splits = attn_splits(self.num_sms, cfg.num_key_value_heads)
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         g = hq // hkv
         self.programs: dict = {}
+        self.clocks: dict = {}  # sample -> the program's clock record (profiling only)
         try:
             self.part_ml = self._t(memory.zeros((hkv * self.splits * g * 2,), "fp32", tag=TAG))
             self.part_acc = self._t(memory.zeros((hkv * self.splits * g * d,), "fp32", tag=TAG))
@@ -122,6 +146,9 @@ class PersistentDecode(OwnedBuffers):
         table, offsets = prog.pack()
         t = lambda a: self._t(memory.from_numpy(np.ascontiguousarray(a), tag=TAG))  # noqa: E731
         program, offs = t(table.reshape(-1)), t(offsets)
+        slice_rows = max(1, int(np.diff(offsets).max()))
+        # [rows, 3] int64 clocks (before the waits, after them, after the signal) of the last step
+        clocks = self._t(memory.zeros((len(table), 3), "int64", tag=TAG)) if self.profile else None
         totals = t(np.array([c.target for c in prog.counters], np.int32))
         counters = self._t(memory.zeros((max(len(prog.counters), 1),), "int32", tag=TAG))
         epoch = self._t(memory.zeros((2,), "int32", tag=TAG))  # [epoch, exit ticket]
@@ -129,14 +156,17 @@ class PersistentDecode(OwnedBuffers):
                       x=b.hidden, qkv=b.qkv, q=b.q, attn=b.dec_attn, mlp=b.dec_mlp, logits=b.logits,
                       part_ml=self.part_ml, part_acc=self.part_acc, arg_val=self.arg_val, arg_idx=self.arg_idx,
                       state=b.state, ring=b.ring, block_table=b.block_table, counters=counters, totals=totals,
-                      epoch=epoch, debug=self.debug, layers=self.layers, program=program, offsets=offs,
+                      epoch=epoch, debug=self.debug, profile=clocks, layers=self.layers, program=program, offsets=offs,
                       hidden=cfg.hidden_size, inter=cfg.intermediate_size, vocab=cfg.vocab_size,
                       hq=cfg.num_attention_heads, hkv=cfg.num_key_value_heads, splits=self.splits,
-                      ring_size=int(b.ring.shape[0]), eps=cfg.rms_norm_eps, scale=1.0 / math.sqrt(cfg.head_dim))
+                      ring_size=int(b.ring.shape[0]), slice_rows=slice_rows, prefetch=self.prefetch,
+                      eps=cfg.rms_norm_eps, scale=1.0 / math.sqrt(cfg.head_dim))
         block = t(pk.pack_params(params).view(np.int64))
         spec = pk.persistent_decode(self.rt, block, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
                                     num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-                                    head_dim=cfg.head_dim, splits=self.splits, num_sms=self.num_sms)
+                                    head_dim=cfg.head_dim, splits=self.splits, slice_rows=slice_rows,
+                                    num_sms=self.num_sms)
+        self.clocks[sample] = clocks
         return prog, spec, counters, epoch
 
     def stages(self, sample: bool) -> list:
@@ -146,6 +176,14 @@ class PersistentDecode(OwnedBuffers):
         outs = [b.hidden, b.logits, *b.k_pools, *b.v_pools] + ([b.token, b.state] if sample else [])
         return [scheduler.stage(name="decode.persistent" + (".sample" if sample else ""), kernel=spec,
                                 inputs=[b.token, b.pos, b.block_table, self.w.embed], outputs=outs)]
+
+    def clock_record(self, sample: bool):
+        """``(Program, int64 [rows, 3])``: each instruction's SM clocks in the last step run
+        (before its waits, after them, after its signal), or None when not profiling."""
+        if not self.profile or sample not in self.programs:
+            return None
+        self.rt.device.make_current()
+        return self.programs[sample][0], self.clocks[sample].to_numpy()
 
     def fault_record(self) -> str | None:
         """What the kernel wrote before trapping (stuck wait or unknown opcode), or None."""
@@ -159,3 +197,4 @@ class PersistentDecode(OwnedBuffers):
     def free(self) -> None:
         super().free()
         self.programs.clear()
+        self.clocks.clear()

@@ -30,11 +30,13 @@ SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "x", "qkv", "q", "attn", "mlp", "logits",
          "part_ml", "part_acc", "arg_val", "arg_idx",
          "state", "ring", "block_table",
-         "counters", "totals", "epoch", "debug",
+         "counters", "totals", "epoch", "debug", "profile",
          "layers", "program", "offsets",
-         "hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "eps", "scale")
+         "hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "slice_rows", "prefetch", "eps", "scale")
 FLOAT_SLOTS = ("eps", "scale")
-INT_SLOTS = ("hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size")
+INT_SLOTS = ("hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "slice_rows")
+COUNT_SLOTS = ("prefetch",)  # ints that may be 0: the L2 prefetch budget in bytes (0: none)
+NULLABLE_SLOTS = ("profile",)  # a null pointer switches the feature off: the per-instruction clock record
 LAYER_SLOTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down",
                "k_pool", "v_pool")
 OPTIONAL = {"qkv_bias", "q_norm", "k_norm"}  # null pointers mean "none" in the kernel
@@ -54,9 +56,14 @@ def kernel_name(head_dim: int, group: int) -> str:
     return f"persistent_decode_d{head_dim}_g{group_bound(group)}"
 
 
-def shared_bytes(hidden: int, inter: int, q_width: int) -> int:
-    """Dynamic shared memory: the staged GEMV input, the widest of the step's GEMV inputs, fp32."""
-    return 4 * max(hidden, inter, q_width)
+ROW_BYTES = 64  # one program row: 16 int32
+
+
+def shared_bytes(hidden: int, inter: int, q_width: int, slice_rows: int = 0) -> int:
+    """Dynamic shared memory: the staged GEMV input (the widest of the step's GEMV inputs, fp32,
+    rounded up to 16 bytes), then the SM's instruction list (``slice_rows`` rows of 64 bytes, the
+    longest list of the program), which each block copies in once per step."""
+    return 16 * -(-4 * max(hidden, inter, q_width) // 16) + ROW_BYTES * slice_rows
 
 
 def pack_params(values: dict) -> np.ndarray:
@@ -69,10 +76,14 @@ def pack_params(values: dict) -> np.ndarray:
         v = values[name]
         if name in FLOAT_SLOTS:
             out[i] = struct.unpack("<I", struct.pack("<f", float(v)))[0]
-        elif name in INT_SLOTS:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) <= 0:
-                raise ValueError(f"persistent params: {name} must be a positive int, got {v!r}")
+        elif name in INT_SLOTS or name in COUNT_SLOTS:
+            low = 1 if name in INT_SLOTS else 0
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < low:
+                kind = "a positive" if low else "a non-negative"
+                raise ValueError(f"persistent params: {name} must be {kind} int, got {v!r}")
             out[i] = int(v)
+        elif v is None and name in NULLABLE_SLOTS:
+            out[i] = 0
         else:
             if v is None:
                 raise ValueError(f"persistent params: {name} is a required pointer")
@@ -115,10 +126,11 @@ def check_shape(*, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
 
 
 def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
-                      head_dim: int, splits: int, num_sms: int | None = None) -> LaunchSpec:
+                      head_dim: int, splits: int, slice_rows: int, num_sms: int | None = None) -> LaunchSpec:
     """The cooperative launch of one decode step. ``params``: the device copy of
     :func:`pack_params` (``[len(SLOTS)]``, uploaded as int64: the arena has no uint64); the program it points at must have been
-    lowered for ``num_sms`` SMs (default: the device's), one list per block."""
+    lowered for ``num_sms`` SMs (default: the device's), one list per block, none longer than
+    ``slice_rows`` (the ``slice_rows`` slot must say the same: a longer list traps)."""
     check_shape(hidden=hidden, inter=inter, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, splits=splits)
     check_tensor(params, "params", (len(SLOTS),), "int64")  # the uint64 slots, stored as int64 bits
@@ -128,7 +140,12 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
         raise ValueError(f"the program was lowered for {num_sms} SMs; this device has {sms} (one block per SM)")
     name = kernel_name(head_dim, num_q_heads // num_kv_heads)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
-    shared = shared_bytes(hidden, inter, num_q_heads * head_dim)
+    check_positive(slice_rows=slice_rows)
+    shared = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
+    if shared > SMEM_OPTIN_LIMIT:
+        raise ValueError(f"the staged GEMV input and the longest instruction list ({slice_rows} rows) need "
+                         f"{shared} bytes of shared memory; one block may have {SMEM_OPTIN_LIMIT} (larger tiles "
+                         "make shorter lists)")
     if shared > 48 * 1024:
         kernel.set_max_dynamic_shared(shared, rt.device.handle)
     if resident_blocks(kernel, THREADS, shared) < 1:  # the cooperative launch would be refused anyway

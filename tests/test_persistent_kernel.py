@@ -51,6 +51,7 @@ def test_kernel_enums_match_the_python_side():
     ops = _enum(text, "Op")
     assert ops[0] == "EMBED = 1" and [o.split()[0] for o in ops] == [o.name for o in Op]
     assert int(re.search(r"kRowWords = (\d+);", text).group(1)) == ROW_WORDS
+    assert int(re.search(r"sizeof\(FinishShared\) == (\d+)", text).group(1)) == pk.FINISH_SHARED_BYTES
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
     assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS
@@ -101,7 +102,8 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     rt = FakeRuntime(sm_count=132)
     spec = _launch(rt)
     assert spec.grid == (132, 1, 1) and spec.block == (256, 1, 1) and spec.cooperative
-    assert spec.name == "persistent_decode_d64_g2" and spec.shared == 4 * 512
+    # A small model: the sampling finish's top-K workspace (it overlays the staged input) sets it.
+    assert spec.name == "persistent_decode_d64_g2" and spec.shared == pk.FINISH_SHARED_BYTES > 4 * 512
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
     k = FakeKernel()
     big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
@@ -220,13 +222,15 @@ def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(
             for sample in (True, False):
                 prog, spec, counters, epoch = dec.program(sample)
                 assert prog.num_sms == 7 and prog.attn_splits == 3 and spec.grid == (7, 1, 1) and spec.cooperative
-                has_finish = any(i.op == Op.ARGMAX_FINISH for i in prog.instructions)
+                has_finish = any(i.op == Op.SAMPLE_FINISH for i in prog.instructions)
                 assert has_finish == sample
                 params = spec.args[0].to_numpy().view(np.uint64)
                 slot = lambda n: int(params[pk.SLOTS.index(n)])  # noqa: E731
                 assert slot("x") == buffers.hidden.ptr and slot("ring") == buffers.ring.ptr
                 assert slot("state") == buffers.state.ptr and slot("counters") == counters.ptr
                 assert slot("splits") == 3 and slot("hq") == cfg.num_attention_heads
+                # The graph path's SampleParams struct: one captured launch follows every request's parameters.
+                assert slot("sample_params") == buffers.sampler.params.ptr
                 table, offsets = prog.pack()
                 assert np.count_nonzero(counters.to_numpy()) == 0 and np.count_nonzero(epoch.to_numpy()) == 0
                 assert len(offsets) == 8 and int(offsets[-1]) == len(table)

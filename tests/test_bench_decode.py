@@ -22,6 +22,16 @@ def test_cpu_run_is_labelled_and_complete(capsys):
     assert "floor_ms" not in r  # no floor without a measured device bandwidth
 
 
+def test_sampled_decode_is_timed_and_labelled(capsys):
+    rc = main(["--stage", "decode", "--backend", "cpu", "--new-tokens", "4", "--prompt-tokens", "5", "--runs", "1",
+               "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "sampled: temperature 0.7, top-k 20, top-p 0.9, seed 0" in out.out
+    assert main(["--stage", "decode", "--backend", "cpu", "--temperature", "0.7", "--top-p", "1.5"]) == 1
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_unknown_synthetic_name_lists_the_presets(capsys):
     assert main(["--stage", "decode", "--backend", "cpu", "--model", "synthetic:llama-9b"]) == 1
     err = capsys.readouterr().err

@@ -1,7 +1,9 @@
 """The persistent decode kernel's host half (issue 15), on the CPU: the lowering of the real decode
 stage chain (built through the launchers with a fake runtime, as tests/test_cuda_step_cpu.py
 does) into per-SM instruction lists, run by the NumPy interpreter in random interleavings and
-compared with the CPU decoder; broken programs are caught; the byte balance is measured."""
+compared with the CPU decoder (logits, and the picked token: greedy, or sampled with temperature,
+top-k, top-p and a seed, equal to reference/sampling.py's pick); broken programs are caught; the
+byte balance is measured."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from nexusrt.backends.cuda import step as steps
 from nexusrt.backends.cuda.buffers import RunnerBuffers
 from nexusrt.backends.cuda.chunks import buckets_for
 from nexusrt.backends.cuda.megakernel.instructions import ROW_WORDS, Op, unpack
-from nexusrt.backends.cuda.megakernel.interpret import DeadlockError, Interpreter
+from nexusrt.backends.cuda.megakernel.interpret import DeadlockError, Interpreter, UnwrittenReadError
 from nexusrt.backends.cuda.megakernel.lower import check, lower, skeleton
 from nexusrt.models.presets import preset
 from nexusrt.models.synthetic import SyntheticWeights
@@ -89,9 +91,42 @@ def test_interpreted_step_equals_the_cpu_decoder(variant, cpu_rt, no_occupancy_q
             assert len({tuple(r.trace) for r in runs}) == 3, "the seeds did not interleave differently"
 
 
-def test_interpreter_decodes_several_positions_across_a_block_boundary(cpu_rt, no_occupancy_query):
-    """Greedy decoding for five steps from a 14-token prompt (the cache crosses into a second
-    block) gives the CPU decoder's ids and logits at every step."""
+SAMPLED = [SamplingParams(temperature=0.7, top_p=0.9, seed=11), SamplingParams(temperature=1.0, top_k=5, seed=3),
+           SamplingParams(temperature=0.5, top_k=40, top_p=0.5, seed=2**64 - 1),
+           SamplingParams(temperature=2.0, seed=123456789)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpreted_sampled_step_picks_the_reference_token(variant, cpu_rt, no_occupancy_query):
+    """One program for every parameter set: with temperature > 0 the finish draws from all the
+    logits, and its pick is reference/sampling.py's on the CPU decoder's logits, for several
+    parameters, seeds and step indices of the draw, in several interleavings and SM counts."""
+    cfg = _config(variant)
+    weights, dec, pools = _prefilled(cfg)
+    token, pos = 123, len(PROMPT)
+    ref, _ = _reference(dec, pools, token, pos)
+    for prog in _real_programs(cfg, [(3, 2), (132, 4)]):
+        interp = Interpreter(prog, weights)
+        for params in SAMPLED:
+            picks = []
+            for draw_step in range(6):
+                r = interp.step(token, pos, *copy.deepcopy(pools), TABLE, seed=draw_step, sampling=params,
+                                draw_step=draw_step)
+                assert _close(r.logits, ref)
+                assert r.token == sample(r.logits, params, draw_step) == sample(ref, params, draw_step)
+                picks.append(r.token)
+            if params.top_k != 1:
+                assert len(set(picks)) > 1, f"{params}: six draws gave one token; is it sampling?"
+    with pytest.raises(ValueError, match="concrete seed"):
+        interp.step(token, pos, *copy.deepcopy(pools), TABLE, sampling=SamplingParams(temperature=0.7))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SAMPLED[0], SAMPLED[1]],
+                         ids=["greedy", "t0.7_p0.9", "t1_k5"])
+def test_interpreter_decodes_several_positions_across_a_block_boundary(params, cpu_rt, no_occupancy_query):
+    """Decoding for five steps from a 14-token prompt (the cache crosses into a second block),
+    each step's token fed back, gives the CPU decoder's logits and reference/sampling.py's ids
+    (the draw of step i for the i-th token) at every step."""
     cfg = _config("qwen3_norms_d128")
     weights = SyntheticWeights(cfg)
     dec = PagedDecoder(weights)
@@ -101,12 +136,12 @@ def test_interpreter_decodes_several_positions_across_a_block_boundary(cpu_rt, n
         dec.forward([Rows(prompt, 0, TABLE)], p)
     (prog,) = _real_programs(cfg, [(7, 3)])
     interp = Interpreter(prog, weights)
-    token = int(np.argmax(dec.logits(dec.forward([Rows(prompt, 0, TABLE)], dec.new_pools(6)))[-1]))
+    token = sample(dec.logits(dec.forward([Rows(prompt, 0, TABLE)], dec.new_pools(6)))[-1], params, 0)
     for step in range(5):
         pos = len(prompt) + step
         ref = dec.logits(dec.forward([Rows(np.array([token], np.int32), pos, TABLE)], ref_pools))[0]
-        r = interp.step(token, pos, *pools, TABLE, seed=step)
-        assert _close(r.logits, ref) and r.token == int(np.argmax(ref))
+        r = interp.step(token, pos, *pools, TABLE, seed=step, sampling=params, draw_step=step + 1)
+        assert _close(r.logits, ref) and r.token == sample(ref, params, step + 1)
         token = r.token
 
 
@@ -119,7 +154,7 @@ def test_skeleton_lowers_exactly_as_the_real_chain(variant, cpu_rt, no_occupancy
         assert plan.instructions == prog.instructions and plan.lists == prog.lists
         assert plan.counters == prog.counters
     (no_sample,) = _real_programs(cfg, [(3, 1)], sample_stages=False)
-    assert not any(i.op in (Op.ARGMAX_PARTIAL, Op.ARGMAX_FINISH) for i in no_sample.instructions)
+    assert not any(i.op in (Op.SAMPLE_PARTIAL, Op.SAMPLE_FINISH) for i in no_sample.instructions)
     r = Interpreter(no_sample, SyntheticWeights(cfg)).step(7, 0, *PagedDecoder(SyntheticWeights(cfg)).new_pools(1),
                                                            [0])
     assert r.token is None and np.all(np.isfinite(r.logits))
@@ -150,9 +185,14 @@ def test_waits_are_at_the_granularity_of_the_data_read():
                                      and r.start == a.start)]
     o = next(i for i in ins if i.op == Op.O_PROJ)
     assert o.waits[0][1] == cfg.num_key_value_heads and all(x.op == Op.ATTN_COMBINE for x in signalled[o.waits[0][0]])
-    for p in (i for i in ins if i.op == Op.ARGMAX_PARTIAL):
+    partials = [i for i in ins if i.op == Op.SAMPLE_PARTIAL]
+    for p in partials:
         (c, _), = p.waits
         assert sorted(x for t in signalled[c] for x in range(t.start, t.end)) == list(range(p.start, p.end))
+    # A sampling finish reads every logit: its one wait (all partials) must cover the whole LM head.
+    assert sorted(x for p in partials for x in range(p.start, p.end)) == list(range(cfg.vocab_size))
+    (finish,) = [i for i in ins if i.op == Op.SAMPLE_FINISH]
+    assert finish.arg == len(partials) and finish.waits == ((partials[0].signal, len(partials)),)
     table, offsets = prog.pack()
     assert table.dtype == np.int32 and table.shape == (len(ins), ROW_WORDS) and offsets[-1] == len(ins)
     assert unpack(table, offsets) == prog.sm_instructions()
@@ -180,6 +220,22 @@ def test_a_removed_wait_gives_a_wrong_result(op, layer, tiny_case):
                          for i in prog.instructions]
     check(prog)  # still well formed: only running it shows the race
     assert any(not _close(_run(prog, tiny_case, seed).logits, ref) for seed in range(4))
+
+
+def test_a_sampling_finish_without_its_partials_reads_unwritten_logits(tiny_case):
+    """The partials of a sampling step compute nothing, but their waits are what orders the
+    finish after the LM head: without them some interleaving draws from unwritten logits."""
+    cfg, weights, pools, ref = tiny_case
+    prog = lower(skeleton(cfg), cfg, 132, 16)
+    run = lambda p, seed: Interpreter(p, weights).step(123, len(PROMPT), *copy.deepcopy(pools), TABLE,  # noqa: E731
+                                                       seed=seed, sampling=SAMPLED[0], draw_step=4)
+    assert run(prog, 0).token == sample(ref, SAMPLED[0], 4)
+    prog.instructions = [dataclasses.replace(i, waits=()) if i.op == Op.SAMPLE_PARTIAL else i
+                         for i in prog.instructions]
+    check(prog)
+    with pytest.raises(UnwrittenReadError, match="a wait is missing"):
+        for seed in range(8):
+            run(prog, seed)
 
 
 def test_lists_out_of_the_global_order_deadlock(tiny_case):

@@ -1,9 +1,10 @@
 """The persistent decode kernel against the graph path on the GPU (sm_90): the same runner, the
 same synthetic weights, NEXUSRT_DECODE=graph vs persistent. Teacher-forced logits after every
 decode step agree within a tight tolerance (the two paths differ only in fp32 summation order
-and attention split points), and greedy generation gives the same ids, for several steps in a
-row across KV-block boundaries (16 tokens per block), on llama (tied, Llama-3 RoPE scaling),
-qwen2 (QKV bias) and qwen3 (q/k norm, head_dim 128). The kernel's fault record stays empty and
+and attention split points), and greedy and seeded sampled generation (temperature, top-k,
+top-p) give the same ids, for several steps in a row across KV-block boundaries (16 tokens per
+block), on llama (tied, Llama-3 RoPE scaling), qwen2 (QKV bias) and qwen3 (q/k norm, head_dim
+128). The kernel's fault record stays empty and
 its epoch counts the steps it ran."""
 
 from __future__ import annotations
@@ -111,16 +112,39 @@ def test_greedy_generation_equals_the_graph_path(variant, gpu_rt, monkeypatch):
         pers.close()
 
 
-def test_sampled_generation_keeps_the_graph_path(gpu_rt, monkeypatch):
+SAMPLED = {"t0.7_p0.9": dict(temperature=0.7, top_p=0.9), "t0.8_k20": dict(temperature=0.8, top_k=20),
+           "t1.2_k5_p0.8": dict(temperature=1.2, top_k=5, top_p=0.8)}
+
+
+@pytest.mark.parametrize("sampling", SAMPLED)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_rt, monkeypatch):
+    """Temperature / top-k / top-p with a seed: the persistent kernel's finish runs the graph
+    path's top-K draw on the same logits at the same step, so the ids agree token for token.
+    Both seeds replay one captured persistent launch (the parameters are a device struct), and a
+    greedy run after them shows the struct was rewritten, not baked into the graph. (Sampled
+    picks can only differ where the two paths' logits differ in the last bits AND the draw
+    lands within that of a boundary; the logits test above bounds that difference.)"""
     from nexusrt.reference.sampling import SamplingParams
 
-    graph, pers = _runners("llama", gpu_rt, monkeypatch)
+    graph, pers = _runners(variant, gpu_rt, monkeypatch)
     try:
-        params = SamplingParams(temperature=0.8, top_k=20, seed=5)
-        a, b = [], []
-        graph.generate_tokens(PROMPT, 12, params, lambda t: a.append(t) and False)
-        pers.generate_tokens(PROMPT, 12, params, lambda t: b.append(t) and False)
-        assert a == b and ("decode", True) in pers._graphs
+        for seed in (5, 2**63 + 17):
+            params = SamplingParams(seed=seed, **SAMPLED[sampling])
+            ids = {}
+            for name, r in (("graph", graph), ("persistent", pers)):
+                out = []
+                assert r.generate_tokens(PROMPT, STEPS, params, lambda t: out.append(t) and False) == STEPS
+                ids[name] = out
+            assert ids["persistent"] == ids["graph"], (seed, _fault(pers))
+            assert len(set(ids["graph"])) > 1
+        greedy = [[], []]
+        for out, r in zip(greedy, (graph, pers)):
+            r.generate_tokens(PROMPT, 8, SamplingParams(temperature=0.0), lambda t, out=out: out.append(t) and False)
+        assert greedy[0] == greedy[1]
+        assert ("persistent", True) in pers._graphs and ("decode", True) not in pers._graphs
+        _, _, _, epoch = pers._persistent.program(True)
+        assert int(epoch.to_numpy()[0]) == 2 * (STEPS - 1) + 7 and _fault(pers) is None
     finally:
         graph.close()
         pers.close()

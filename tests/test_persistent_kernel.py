@@ -51,6 +51,7 @@ def test_kernel_enums_match_the_python_side():
     ops = _enum(text, "Op")
     assert ops[0] == "EMBED = 1" and [o.split()[0] for o in ops] == [o.name for o in Op]
     assert int(re.search(r"kRowWords = (\d+);", text).group(1)) == ROW_WORDS
+    assert int(re.search(r"sizeof\(FinishShared\) == (\d+)", text).group(1)) == pk.FINISH_SHARED_BYTES
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
     assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS
@@ -58,7 +59,8 @@ def test_kernel_enums_match_the_python_side():
 
 def _values(**over):
     v = {name: tensor((1,), "fp32", ptr=0x1000 + 16 * i) for i, name in enumerate(pk.SLOTS)}
-    v.update(hidden=256, inter=512, vocab=384, hq=4, hkv=2, splits=16, ring_size=256, eps=1e-6, scale=0.125)
+    v.update(hidden=256, inter=512, vocab=384, hq=4, hkv=2, splits=16, ring_size=256, slice_rows=40, prefetch=0,
+             profile=None, eps=1e-6, scale=0.125)
     v.update(over)
     return v
 
@@ -79,6 +81,12 @@ def test_pack_params_lays_out_every_slot_and_refuses_gaps():
         pk.pack_params(_values(splits=0))
     with pytest.raises(ValueError, match="logits is a required pointer"):
         pk.pack_params(_values(logits=None))
+    assert out[pk.SLOTS.index("profile")] == 0 and out[pk.SLOTS.index("prefetch")] == 0  # both off
+    assert pk.pack_params(_values(prefetch=131072))[pk.SLOTS.index("prefetch")] == 131072
+    with pytest.raises(ValueError, match="prefetch must be a non-negative int"):
+        pk.pack_params(_values(prefetch=-1))
+    with pytest.raises(ValueError, match="slice_rows must be a positive int"):
+        pk.pack_params(_values(slice_rows=0))
 
 
 def test_pack_layers_allows_only_the_optional_weights_to_be_absent():
@@ -91,7 +99,7 @@ def test_pack_layers_allows_only_the_optional_weights_to_be_absent():
 
 
 def _launch(rt, **over):
-    kw = dict(hidden=256, inter=512, num_q_heads=4, num_kv_heads=2, head_dim=64, splits=16)
+    kw = dict(hidden=256, inter=512, num_q_heads=4, num_kv_heads=2, head_dim=64, splits=16, slice_rows=40)
     kw.update(over)
     return pk.persistent_decode(rt, tensor((len(pk.SLOTS),), "int64"), **kw)
 
@@ -101,20 +109,24 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     rt = FakeRuntime(sm_count=132)
     spec = _launch(rt)
     assert spec.grid == (132, 1, 1) and spec.block == (256, 1, 1) and spec.cooperative
-    assert spec.name == "persistent_decode_d64_g2" and spec.shared == 4 * 512
+    # A small model: the sampling finish's top-K workspace (it overlays the staged input) sets it.
+    # the sampler's workspace (larger than this small model's staged input), then 40 program rows
+    assert spec.name == "persistent_decode_d64_g2" and spec.shared == pk.FINISH_SHARED_BYTES + 64 * 40
+    assert pk.FINISH_SHARED_BYTES > 4 * 512
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
     k = FakeKernel()
     big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert big.shared == 4 * 14336 and k.shared == 4 * 14336  # opted in above 48 KiB
+    assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # opted in above 48 KiB
     for over, msg in ((dict(head_dim=96), "head_dim"), (dict(num_q_heads=32, num_kv_heads=2), "up to 8"),
                       (dict(hidden=260), "multiple of 8"), (dict(splits=129), "splits 129"),
                       (dict(num_q_heads=5), "not a multiple"), (dict(inter=70000), "shared memory"),
-                      (dict(num_sms=7), "lowered for 7 SMs")):
+                      (dict(num_sms=7), "lowered for 7 SMs"),
+                      (dict(slice_rows=4000), "longest instruction list \\(4000 rows\\)")):
         with pytest.raises(ValueError, match=msg):
             _launch(rt, **over)
     with pytest.raises(ValueError, match="params"):
         pk.persistent_decode(rt, tensor((len(pk.SLOTS),), "int32"), hidden=256, inter=512, num_q_heads=4,
-                             num_kv_heads=2, head_dim=64, splits=16)
+                             num_kv_heads=2, head_dim=64, splits=16, slice_rows=40)
     monkeypatch.setattr(pk, "resident_blocks", lambda kernel, threads, shared: 0)
     with pytest.raises(ValueError, match="does not fit one block per SM"):
         _launch(rt)
@@ -220,13 +232,15 @@ def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(
             for sample in (True, False):
                 prog, spec, counters, epoch = dec.program(sample)
                 assert prog.num_sms == 7 and prog.attn_splits == 3 and spec.grid == (7, 1, 1) and spec.cooperative
-                has_finish = any(i.op == Op.ARGMAX_FINISH for i in prog.instructions)
+                has_finish = any(i.op == Op.SAMPLE_FINISH for i in prog.instructions)
                 assert has_finish == sample
                 params = spec.args[0].to_numpy().view(np.uint64)
                 slot = lambda n: int(params[pk.SLOTS.index(n)])  # noqa: E731
                 assert slot("x") == buffers.hidden.ptr and slot("ring") == buffers.ring.ptr
                 assert slot("state") == buffers.state.ptr and slot("counters") == counters.ptr
                 assert slot("splits") == 3 and slot("hq") == cfg.num_attention_heads
+                # The graph path's SampleParams struct: one captured launch follows every request's parameters.
+                assert slot("sample_params") == buffers.sampler.params.ptr
                 table, offsets = prog.pack()
                 assert np.count_nonzero(counters.to_numpy()) == 0 and np.count_nonzero(epoch.to_numpy()) == 0
                 assert len(offsets) == 8 and int(offsets[-1]) == len(table)

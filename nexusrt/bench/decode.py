@@ -1,7 +1,8 @@
 """``nexusrt-bench --stage decode``: ms per decode token against the floor and PyTorch peers.
 
-Batch 1, a ``--prompt-tokens`` prompt (32), ``--new-tokens`` new tokens (128), greedy, one
-warm-up then the median of ``--runs`` runs (5). The floor is the bytes one token must read
+Batch 1, a ``--prompt-tokens`` prompt (32), ``--new-tokens`` new tokens (128), greedy (or
+sampled: ``--temperature`` with ``--top-k`` / ``--top-p``, seed 0), one warm-up then the median
+of ``--runs`` runs (5). The floor is the bytes one token must read
 (every weight once, plus the KV cache at the average context) divided by the read
 bandwidth measured on this card in this run by the membw probe. When torch with CUDA is
 importable, a PyTorch eager loop and a ``torch.compile(mode="reduce-overhead")`` loop of the
@@ -17,6 +18,7 @@ with the reason it could not run (a device that is not sm_90, a shape the kernel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import statistics
 import time
@@ -40,6 +42,13 @@ def add_arguments(parser) -> None:
                         help="timed runs, median reported (decode 5, prefill 3, serve 3, kv 3)")
     add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill stages: skip the PyTorch peers")
     parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
+    add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
+                        help="decode stage: sample every token at temperature T (with --top-k/--top-p, seed 0); "
+                             "0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="decode stage, with --temperature: the K most likely tokens (0: the 1024 cap)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="decode stage, with --temperature: the nucleus of mass P (1.0: none)")
     parser.add_argument("--decode-paths", default="graph,persistent", metavar="P[,P...]",
                         help="decode stage on CUDA: the NEXUSRT_DECODE paths to time, each beside the others "
                              "(graph,persistent); the headline is the path NEXUSRT_DECODE selects")
@@ -72,6 +81,12 @@ def _validate(args) -> None:
         raise ValueError(f"--decode-paths takes distinct values among {', '.join(MODES)}, got "
                          f"{getattr(args, 'decode_paths', None)!r}")
     args.decode_paths = paths
+    from ..reference.sampling import SamplingParams
+
+    # Checked here (a bad value is a usage error, exit 1) and kept for every path's runs.
+    args.sampling = SamplingParams(temperature=float(getattr(args, "temperature", 0.0) or 0.0),
+                                   top_k=int(getattr(args, "top_k", 0) or 0),
+                                   top_p=float(getattr(args, "top_p", 1.0)), seed=0)
     for name in ("prompt_tokens", "new_tokens", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -115,7 +130,7 @@ def run(args) -> dict:
         "backend": rt.backend, "device": rt.profile.device_name, "profile": rt.profile.name, "model": model,
         "note": note, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
         "load_s": load_s, "ms_per_token": ms, "ms_per_token_runs": [r["ms_per_token"] for r in runs],
-        "ttft_s": ttft, "tokens_per_s": 1e3 / ms, "bytes_per_token": nbytes,
+        "ttft_s": ttft, "tokens_per_s": 1e3 / ms, "sampling": dataclasses.asdict(args.sampling), "bytes_per_token": nbytes,
         "achieved_bytes_s": nbytes["total"] / (ms / 1e3), "host_launch_s_per_token": host_launch_s,
     }
     if rt.is_cuda:
@@ -140,15 +155,15 @@ def run(args) -> dict:
 
 
 def _time_path(model, prompt, args, path: str):
-    """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` greedy
-    generations after one warm-up, on a fresh LLM (so ``path``'s runner is the one built)."""
+    """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` generations
+    (``args.sampling``: greedy unless --temperature) after one warm-up, on a fresh LLM (so
+    ``path``'s runner is the one built)."""
     from ..engine.llm import LLM
-    from ..reference.sampling import SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16)
     load_s = time.perf_counter() - t0
-    params = SamplingParams(temperature=0.0)
+    params = args.sampling
     runs = []
     try:
         for r in range(args.runs + 1):  # the first is the warm-up
@@ -234,9 +249,18 @@ def _plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _pick(sampling: dict | None) -> str:
+    """How each token was picked, in words (greedy when the result names no sampling)."""
+    if not sampling or not sampling["temperature"]:
+        return "greedy"
+    return (f"sampled: temperature {sampling['temperature']}, top-k {sampling['top_k'] or 'none (1024 cap)'}, "
+            f"top-p {sampling['top_p']}, seed {sampling['seed']}")
+
+
 def render(r: dict) -> str:
     rows = [["model", r["model"]], ["device", f"{r['device']} ({r['backend']}, profile {r['profile']})"],
             ["shape", f"batch 1, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, median of {r['runs']}"],
+            ["pick", _pick(r.get("sampling"))],
             ["ms / token", f"{r['ms_per_token']:.4f}  (runs: {', '.join(f'{x:.3f}' for x in r['ms_per_token_runs'])})"],
             ["tokens / s", f"{r['tokens_per_s']:.1f}"], ["TTFT", f"{r['ttft_s'] * 1e3:.2f} ms"],
             ["bytes / token", f"{r['bytes_per_token']['total'] / 1e9:.3f} GB"],
@@ -247,7 +271,7 @@ def render(r: dict) -> str:
         rows += [["read BW (measured)", f"{r['read_bandwidth_bytes_s'] / 1e9:.0f} GB/s"],
                  ["floor", f"{r['floor_ms']:.4f} ms/token"], ["fraction of floor", f"{r['fraction_of_floor']:.1%}"]]
     if r.get("decode_path"):
-        rows[3][0] = f"ms / token ({r['decode_path']})"
+        rows[4][0] = f"ms / token ({r['decode_path']})"
     for path, o in (r.get("other_paths") or {}).items():
         if "ms_per_token" in o:
             rows.append([f"{path} path", f"{o['ms_per_token']:.4f} ms/token ({o['fraction_of_floor']:.1%} of the floor; "

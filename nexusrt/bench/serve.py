@@ -48,9 +48,10 @@ def add_arguments(parser) -> None:
                         help="serve stage: tokens of a system prompt every request starts with (0)")
     parser.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
                         help="serve stage: KV pool bytes (default: room for every request at once)")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+    add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
                         help="serve stage: sample every request at temperature T (1024-candidate cap, no top-p), "
-                             "request i with seed i; 0 (default) is greedy")
+                             "request i with seed i; decode stage: every token at T (with --top-k/--top-p, "
+                             "seed 0); 0 (default) is greedy")
     parser.add_argument("--deterministic", action="store_true",
                         help="serve stage on CUDA: the batch-invariant engine mode (see nexusrt serve --deterministic)")
     parser.add_argument("--prefill-path", choices=PREFILL_PATHS, default="ragged",

@@ -7,7 +7,10 @@ uploads each program once (instruction table, offsets, per-counter totals, count
 with a parameter block pointing at the runner's weights and buffers, and hands the runner
 one stage to capture. The kernel reads the token and position from the same state words and
 writes the next token into the same ring as the graph path's sampler, so the runner's loop is
-unchanged. Greedy only: a sampled generation (temperature > 0) keeps the graph path.
+unchanged. It samples from the same ``SampleParams`` struct (``buffers.sampler.params``, which
+the runner rewrites per request) and step word as that sampler, with the same device code, so
+greedy and sampled generation (temperature, top-k, top-p, seed) both take this path and give
+the graph path's tokens; every parameter set the graph path's sampler takes, it takes.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
 
 
 class PersistentDecode(OwnedBuffers):
-    """The persistent decode programs of one runner (with and without the greedy pick)."""
+    """The persistent decode programs of one runner (with and without the sampler's pick)."""
 
     def __init__(self, rt, cfg, weights, buffers, prefetch: int = PREFETCH_BYTES, profile: bool = False):
         super().__init__()
@@ -155,6 +158,7 @@ class PersistentDecode(OwnedBuffers):
         params = dict(embed=w.embed, lm_head=w.lm_head, final_norm=w.final_norm, inv_freq=w.inv_freq,
                       x=b.hidden, qkv=b.qkv, q=b.q, attn=b.dec_attn, mlp=b.dec_mlp, logits=b.logits,
                       part_ml=self.part_ml, part_acc=self.part_acc, arg_val=self.arg_val, arg_idx=self.arg_idx,
+                      sample_params=b.sampler.params,
                       state=b.state, ring=b.ring, block_table=b.block_table, counters=counters, totals=totals,
                       epoch=epoch, debug=self.debug, profile=clocks, layers=self.layers, program=program, offsets=offs,
                       hidden=cfg.hidden_size, inter=cfg.intermediate_size, vocab=cfg.vocab_size,

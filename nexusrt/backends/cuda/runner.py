@@ -131,8 +131,10 @@ class CudaRunner:
             g = self._graphs[key] = scheduler.capture(build(), stream="compute")
         return g
 
-    def _decode_graph(self, sample: bool, greedy: bool = True):
-        if self._persistent is not None and greedy:  # one persistent launch; it picks greedily only
+    def _decode_graph(self, sample: bool):
+        # NEXUSRT_DECODE=persistent: one launch per step, greedy or sampled alike (it reads the
+        # same SampleParams struct and step word as the graph path's sampler).
+        if self._persistent is not None:
             return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
         return self._graph(("decode", sample), lambda: steps.decode_stages(
             self.rt, self.config, self.weights, self.buffers, sample=sample))
@@ -280,7 +282,7 @@ class CudaRunner:
         self.prefill(ids)
         self._set_word(self.buffers.step, 0)
         self._launch_sampler()  # first token from the prefill logits; pos -> T
-        graph = self._decode_graph(sample=True, greedy=self._params[0] == 0.0)
+        graph = self._decode_graph(sample=True)
         launched, got = 1, 0
         launch_s = []
         try:

@@ -23,9 +23,15 @@
 // launch has one argument and a captured graph replays it unchanged: the token id and the
 // position are read from the state words on the device, as the graph path does.
 //
+// The last two opcodes are the sampler's (sampling.cu's two launches as instructions): greedy
+// partials per LM-head chunk and a finish, or, when the SampleParams struct the host writes per
+// request says temperature > 0, partials that only signal and a finish running sampling.cu's
+// exact top-K draw (sampling_topk.cuh) at the step in the state words: the same token as the
+// graph path's for the same seed, from one captured launch whatever the parameters.
+//
 // Missing in version 0 (NOTES_persistent.md): the loader warp / cp.async.bulk ring (tiles
 // load their weights with plain 16-byte loads after the wait, so HBM latency is exposed at
-// each instruction), warp specialisation, temperature sampling (greedy only).
+// each instruction), warp specialisation.
 #include "persistent_attention.cuh"
 
 namespace {
@@ -35,7 +41,7 @@ using namespace nrt_pk;
 enum Slot : int {
     kEmbed, kLmHead, kFinalNorm, kInvFreq,
     kX, kQkv, kQ, kAttn, kMlp, kLogits,
-    kPartMl, kPartAcc, kArgVal, kArgIdx,
+    kPartMl, kPartAcc, kArgVal, kArgIdx, kSampleParams,
     kState, kRing, kBlockTable,
     kCounters, kTotals, kEpoch, kDebug, kProfile,
     kLayers, kProgram, kOffsets,
@@ -50,10 +56,12 @@ enum LayerSlot : int {
 
 enum Op : int {
     EMBED = 1, QKV, ROPE_APPEND, ATTENTION, ATTN_COMBINE, O_PROJ, GATE_UP, DOWN, LM_HEAD,
-    ARGMAX_PARTIAL, ARGMAX_FINISH
+    SAMPLE_PARTIAL, SAMPLE_FINISH
 };
 
 constexpr int kRowWords = 16;
+// kernels/ops/persistent.py FINISH_SHARED_BYTES sizes the dynamic shared memory with this.
+static_assert(sizeof(FinishShared) == 17680, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
 constexpr long long kSpinLimit = 1ll << 25;  // ~10 s of backoff: a deadlock traps, it does not hang
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
@@ -206,7 +214,10 @@ __device__ void run(const u64* __restrict__ params) {
         }
         __trap();
     }
-    int* slice = reinterpret_cast<int*>(dyn_smem) + ((max(max(H, I), Hq * D) + 3) & ~3);
+    // The slice starts past the larger user of the area before it: the staged GEMV input or the
+    // sampling finish's workspace (kernels/ops/persistent.py shared_bytes, the same rule).
+    const int lead_words = max(max(max(H, I), Hq * D), (int)(sizeof(FinishShared) / 4));
+    int* slice = reinterpret_cast<int*>(dyn_smem) + ((lead_words + 3) & ~3);
     {
         const int4* src = reinterpret_cast<const int4*>(program + (size_t)begin * kRowWords);
         int4* dst = reinterpret_cast<int4*>(slice);
@@ -283,13 +294,18 @@ __device__ void run(const u64* __restrict__ params) {
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(P, kFinalNorm), eps, H, scratch);
             gemv_tile(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
             break;
-        case ARGMAX_PARTIAL:
-            argmax_partial_tile(slot_ptr<const float>(P, kLogits), a, b, arg, slot_ptr<float>(P, kArgVal),
-                                slot_ptr<int>(P, kArgIdx), scratch, iscratch);
+        case SAMPLE_PARTIAL:
+            sample_partial_tile(slot_ptr<const float>(P, kLogits), a, b, arg, slot_ptr<const SampleParams>(P, kSampleParams),
+                                slot_ptr<float>(P, kArgVal), slot_ptr<int>(P, kArgIdx), scratch, iscratch);
             break;
-        case ARGMAX_FINISH:
-            argmax_finish_tile(slot_ptr<const float>(P, kArgVal), slot_ptr<const int>(P, kArgIdx), arg, state,
-                               slot_ptr<int>(P, kRing), slot_int(P, kRingSize), scratch, iscratch);
+        case SAMPLE_FINISH:
+            // The top-K workspace overlays the staged GEMV input (the launcher sizes the dynamic
+            // shared memory for both), so nothing staged survives this instruction.
+            sample_finish_tile(slot_ptr<const float>(P, kLogits), V, slot_ptr<const SampleParams>(P, kSampleParams),
+                               slot_ptr<const float>(P, kArgVal), slot_ptr<const int>(P, kArgIdx), arg, state,
+                               slot_ptr<int>(P, kRing), slot_int(P, kRingSize),
+                               *reinterpret_cast<FinishShared*>(dyn_smem), scratch, iscratch);
+            staged = -1;
             break;
         default:
             if (tid == 0) {
@@ -324,7 +340,7 @@ __device__ void run(const u64* __restrict__ params) {
 
 // persistent_decode_d<D>_g<GM>: head_dim D, up to GM query heads per KV head (the launcher
 // picks the smallest GM >= G). params: u64 [kNumSlots]. grid = SM count, block 256, one CTA
-// per SM, dynamic shared memory 4 * max(H, I, Hq * D) bytes.
+// per SM, dynamic shared memory max(4 * max(H, I, Hq * D), sizeof(FinishShared)) bytes.
 #define NRT_PERSISTENT(D, GM)                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                      \
         persistent_decode_d##D##_g##GM(const unsigned long long* params) {                         \

@@ -1,7 +1,8 @@
 // The tiles of the persistent decode kernel (persistent_decode.cu): one device function per
 // opcode of nexusrt/backends/cuda/megakernel/instructions.py Op, each the arithmetic of the
 // verified graph-path kernel it replaces (gemv.cu, rope.cu, attention_decode.cu, elementwise.cu
-// embedding, sampling.cu greedy). interpret.py is the specification of what each computes.
+// embedding, sampling.cu: its greedy partial/combine and, shared through sampling_topk.cuh, its
+// exact top-K draw). interpret.py is the specification of what each computes.
 //
 // A CTA of kThreads threads runs one tile at a time. Data written by OTHER CTAs of this launch
 // (activations, the newest K/V row) is read with ld.global.cg (L2, never L1 or the
@@ -16,6 +17,7 @@
 #include "argmax.cuh"
 #include "attn_common.cuh"
 #include "common.cuh"
+#include "sampling_topk.cuh"
 
 namespace nrt_pk {
 
@@ -141,9 +143,18 @@ __device__ __forceinline__ void rope_tile(const float* qkv, float* q, __nv_bfloa
     }
 }
 
-// (max, lowest index) of logits[a, b) into slot `chunk` of the partials.
-__device__ __forceinline__ void argmax_partial_tile(const float* logits, int a, int b, int chunk, float* part_val,
-                                                    int* part_idx, float* sv, int* si) {
+// Whether this step samples (temperature > 0) or picks greedily. The host rewrites the struct
+// only between launches, so every CTA of a launch reads the same answer.
+__device__ __forceinline__ bool samples(const SampleParams* params) { return params->temperature > 0.f; }
+
+// sample_argmax_partial's work for one chunk: (max, lowest index) of logits[a, b) into slot
+// `chunk` of the partials. Like that kernel it does nothing when the step samples (the finish
+// then reads every logit itself); the instruction still signals, which is how the finish knows
+// its chunk of the LM head is written.
+__device__ __forceinline__ void sample_partial_tile(const float* logits, int a, int b, int chunk,
+                                                    const SampleParams* params, float* part_val, int* part_idx,
+                                                    float* sv, int* si) {
+    if (samples(params)) return;
     float best = -__int_as_float(0x7f800000);
     int bi = INT_MAX;
     for (int i = a + threadIdx.x; i < b; i += kThreads) {
@@ -154,22 +165,32 @@ __device__ __forceinline__ void argmax_partial_tile(const float* logits, int a, 
     if (threadIdx.x == 0) { part_val[chunk] = best; part_idx[chunk] = bi; }
 }
 
-// The best of `count` partials is the next token (every logit NaN: token 0), written as
-// sample_finish writes it: token word, ring[step % ring_size] (host memory, published before
-// the state moves on), then pos += 1 and step += 1.
-__device__ __forceinline__ void argmax_finish_tile(const float* part_val, const int* part_idx, int count, int* state,
-                                                   int* ring, int ring_size, float* sv, int* si) {
-    float best = -__int_as_float(0x7f800000);
-    int bi = INT_MAX;
-    for (int i = threadIdx.x; i < count; i += kThreads) {
-        const float v = __ldcg(part_val + i);
-        const int idx = __ldcg(part_idx + i);
-        if (nrt_argmax::better(v, idx, best, bi)) { best = v; bi = idx; }
+// sample_finish's work: the next token, then written as that kernel writes it: token word,
+// ring[step % ring_size] (host memory, published before the state moves on), pos += 1 and
+// step += 1. Greedy: the best of `count` partials (every logit NaN: token 0). Sampling: the
+// exact top-K draw of sampling_topk.cuh over all `vocab` logits at this step, read from L2
+// (other CTAs wrote them); `sh` may overlay the staged GEMV input, which the caller must then
+// consider lost.
+__device__ __forceinline__ void sample_finish_tile(const float* logits, int vocab, const SampleParams* params,
+                                                   const float* part_val, const int* part_idx, int count,
+                                                   int* state, int* ring, int ring_size, FinishShared& sh,
+                                                   float* sv, int* si) {
+    const int step = __ldcg(state + 1);
+    int token;
+    if (samples(params)) {
+        token = sample_topk(L2Logits{logits}, vocab, *params, step, sh);
+    } else {
+        float best = -__int_as_float(0x7f800000);
+        int bi = INT_MAX;
+        for (int i = threadIdx.x; i < count; i += kThreads) {
+            const float v = __ldcg(part_val + i);
+            const int idx = __ldcg(part_idx + i);
+            if (nrt_argmax::better(v, idx, best, bi)) { best = v; bi = idx; }
+        }
+        nrt_argmax::block_argmax(best, bi, sv, si);
+        token = bi == INT_MAX ? 0 : bi;
     }
-    nrt_argmax::block_argmax(best, bi, sv, si);
     if (threadIdx.x == 0) {
-        const int token = bi == INT_MAX ? 0 : bi;
-        const int step = __ldcg(state + 1);
         state[2] = token;
         ring[(unsigned)step % (unsigned)ring_size] = token;
         __threadfence_system();

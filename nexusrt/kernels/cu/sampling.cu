@@ -12,29 +12,21 @@
 // sample_finish (one block of 1024 threads), which either combines the partials (greedy)
 // or runs the exact top-K: a 4-pass radix select on the order-preserving uint32 of the
 // logits, a gather of the K winners (ties at the threshold broken by index, in index
-// order) and a bitonic sort of 64-bit keys (logit, ~index); that machinery is in
-// sampling_topk.cuh. Parameters live in a device struct so a new generate() call only
-// rewrites 24 bytes, never the captured graph.
+// order) and a bitonic sort of 64-bit keys (logit, ~index); that machinery (sample_topk) and
+// the SampleParams struct are in sampling_topk.cuh, which the persistent decode kernel's
+// finish instruction runs too. Parameters live in a device struct so a new generate() call
+// only rewrites 24 bytes, never the captured graph.
 //
 // Batched form (the serving engine's step): sample_rows_partial grid (num_parts, M) and
 // sample_rows_finish grid (M) pick each of M rows of logits [M][vocab] with its own
 // SampleParams params[r] and step steps[r] into out[r]. Both pairs run the same device
-// functions below (chunk_argmax, combine_partials, sample_topk); the one-row kernels' SASS is
-// unchanged by the split (checked with cuobjdump -sass, sm_80 and sm_90a; kernels/NOTES.md).
+// functions (chunk_argmax, combine_partials below, sample_topk of sampling_topk.cuh).
 #include <cuda/std/cstdint>
 #include "common.cuh"  // nrt::uniform01, the RNG shared with the CPU
 #include "argmax.cuh"
 #include "sampling_topk.cuh"
 #include <cuda/std/climits>
 #include <cuda/std/limits>
-
-struct SampleParams {
-    float temperature;  // 0: greedy
-    int top_k;          // 0 or > 1024: the 1024 cap
-    float top_p;        // >= 1: no nucleus cut
-    int pad_;
-    unsigned long long seed;
-};
 
 namespace {
 
@@ -74,25 +66,6 @@ __device__ __forceinline__ void combine_partials(const float* __restrict__ part_
     block_argmax(v, i, sh.wv, sh.wi);
 }
 
-// Sampling (temperature > 0): the exact top-K draw of one row (sampling_topk.cuh) at `step`.
-// The whole block calls it; every thread gets the token.
-__device__ __forceinline__ int sample_topk(const float* __restrict__ logits, int vocab,
-                                           const SampleParams& p, int step, FinishShared& sh) {
-    const int tid = threadIdx.x;
-    int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
-    K = min(K, vocab);
-    int k_rem, eq_count;
-    const unsigned thr = select_threshold(logits, vocab, K, sh, k_rem, eq_count);
-    gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
-    int n = 1;
-    while (n < K) n <<= 1;
-    if (tid >= K && tid < n) sh.cand[tid] = 0ull;
-    bitonic_desc(sh, n);
-    const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
-    const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
-    return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
-}
-
 }  // namespace
 
 // grid ceil(vocab / 4096), block 256: (max, lowest index) of each 4096 logits. Skipped
@@ -126,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
         combine_partials(part_val, part_idx, num_parts, sh, i);
         token = i == INT_MAX ? 0 : i;  // every logit NaN: token 0
     } else {
-        token = sample_topk(logits, vocab, p, cur_step, sh);
+        token = sample_topk(PlainLogits{logits}, vocab, p, cur_step, sh);
     }
     if (tid == 0) {
         *token_out = token;
@@ -176,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
     if (!(p.temperature > 0.f))
         combine_partials(part_val + at, part_idx + at, num_parts, sh, token);
     else
-        token = sample_topk(logits + (long long)row * vocab, vocab, p, steps[row], sh);
+        token = sample_topk(PlainLogits{logits + (long long)row * vocab}, vocab, p, steps[row], sh);
     if (threadIdx.x == 0) out[row] = token;
 }
 

@@ -1,16 +1,42 @@
-// The exact top-K sampler of sampling.cu, shared by its one-row and its rows kernels: the
-// order-preserving key of a logit, the radix select of the K-th largest key, the gather of
-// the K candidates, their bitonic sort and the softmax/top-p draw (its seeded uniform is
-// nrt::uniform01 of common.cuh).
-// Every function works on ONE row of logits with the whole block (1024 threads, all of
-// them must call it) and the block's FinishShared; the caller picks the row.
+// The exact top-K sampler, shared by sampling.cu (its one-row and its rows kernels) and the
+// persistent decode kernel's finish instruction (persistent_tiles.cuh): the order-preserving
+// key of a logit, the radix select of the K-th largest key, the gather of the K candidates,
+// their bitonic sort and the softmax/top-p draw (its seeded uniform is nrt::uniform01 of
+// common.cuh), and sample_topk, which runs them in that order.
+// Every function works on ONE row of logits with the whole block (all of its threads must
+// call it; any multiple of 32 threads: sampling.cu runs 1024, the persistent kernel 256) and
+// the block's FinishShared; the caller picks the row and how it is read (PlainLogits,
+// L2Logits below).
 #pragma once
 
 #include <cuda/std/cstdint>
+#include "common.cuh"
+
+// The sampling parameters in device memory (24 bytes; kernels/ops/sampling.py pack_params
+// writes them), so a new generate() call rewrites a struct, never a captured graph.
+struct SampleParams {
+    float temperature;  // 0: greedy
+    int top_k;          // 0 or > 1024: the 1024 cap
+    float top_p;        // >= 1: no nucleus cut
+    int pad_;
+    unsigned long long seed;
+};
 
 namespace {
 
 constexpr int kMaxCand = 1024;  // K_MAX of reference/sampling.py
+
+// How a row's logits are read. sampling.cu's kernels read logits an earlier launch wrote
+// (plain loads); the persistent kernel reads logits other CTAs of the SAME launch wrote, so
+// they must come from L2 (ld.global.cg), never a non-coherent L1 / read-only path.
+struct PlainLogits {
+    const float* __restrict__ p;
+    __device__ __forceinline__ float operator[](int i) const { return p[i]; }
+};
+struct L2Logits {
+    const float* p;
+    __device__ __forceinline__ float operator[](int i) const { return __ldcg(p + i); }
+};
 
 // uint32 whose unsigned order is the float order; -0 is folded into +0 (they compare equal
 // in the spec) and NaN sorts below everything.
@@ -33,7 +59,8 @@ struct FinishShared {
 };
 
 // Radix-select the K-th largest order key of the logits (all threads get it).
-__device__ unsigned select_threshold(const float* __restrict__ logits, int vocab, int K,
+template <class Logits>
+__device__ unsigned select_threshold(const Logits logits, int vocab, int K,
                                      FinishShared& sh, int& k_rem, int& eq_count) {
     const int tid = threadIdx.x, lane = tid & 31;
     unsigned prefix = 0, mask = 0;
@@ -84,7 +111,8 @@ __device__ unsigned select_threshold(const float* __restrict__ logits, int vocab
 
 // Gather the K candidates into sh.cand (unsorted): every key above the threshold, plus the
 // k_rem lowest-index keys equal to it.
-__device__ void gather_candidates(const float* __restrict__ logits, int vocab, int K,
+template <class Logits>
+__device__ void gather_candidates(const Logits logits, int vocab, int K,
                                   unsigned thr, int k_rem, int eq_count, FinishShared& sh) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (tid == 0) sh.count = 0;
@@ -122,32 +150,48 @@ __device__ void gather_candidates(const float* __restrict__ logits, int vocab, i
     __syncthreads();
 }
 
-// Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0).
+// Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0). Each thread
+// owns the pairs of indices tid, tid + blockDim.x, ... (one index per thread at 1024 threads).
 __device__ void bitonic_desc(FinishShared& sh, int n) {
     for (int size = 2; size <= n; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             __syncthreads();
-            const int idx = threadIdx.x, partner = idx ^ stride;
-            if (idx < n && partner > idx) {
-                const unsigned long long a = sh.cand[idx], b = sh.cand[partner];
-                const bool desc = (idx & size) == 0;
-                if (desc ? a < b : a > b) { sh.cand[idx] = b; sh.cand[partner] = a; }
+            for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+                const int partner = idx ^ stride;
+                if (partner > idx) {
+                    const unsigned long long a = sh.cand[idx], b = sh.cand[partner];
+                    const bool desc = (idx & size) == 0;
+                    if (desc ? a < b : a > b) { sh.cand[idx] = b; sh.cand[partner] = a; }
+                }
             }
         }
     }
     __syncthreads();
 }
 
+// How many of the ranks r < limit have pred(r) true (every thread gets it); ranks are taken
+// blockDim.x at a time so any block size counts all of them.
+template <class Pred>
+__device__ __forceinline__ int block_count(int limit, Pred pred) {
+    int total = 0;
+    for (int base = 0; base < limit; base += blockDim.x) {
+        const int r = base + (int)threadIdx.x;
+        total += __syncthreads_count(r < limit && pred(r));
+    }
+    return total;
+}
+
 // Softmax, top-p and the draw over the sorted candidates; returns the chosen rank.
 // c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
 // non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
 // the block counts in parallel.
-__device__ int draw(const float* __restrict__ logits, float temp, float top_p, int K, double u,
-                    FinishShared& sh) {
+template <class Logits>
+__device__ int draw(const Logits logits, float temp, float top_p, int K, double u, FinishShared& sh) {
     const int tid = threadIdx.x;
-    if (tid < K) sh.val[tid] = logits[0xFFFFFFFFu - (unsigned)(sh.cand[tid] & 0xFFFFFFFFull)] / temp;
+    for (int r = tid; r < K; r += blockDim.x)
+        sh.val[r] = logits[(int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull))] / temp;
     __syncthreads();
-    if (tid < K) sh.cum[tid] = expf(sh.val[tid] - sh.val[0]);
+    for (int r = tid; r < K; r += blockDim.x) sh.cum[r] = expf(sh.val[r] - sh.val[0]);
     __syncthreads();
     if (tid == 0) {
         float run = 0.f;
@@ -159,10 +203,29 @@ __device__ int draw(const float* __restrict__ logits, float temp, float top_p, i
     }
     __syncthreads();
     const float cut = top_p * sh.cum[K - 1];  // fp32 product, as the spec says
-    const int n = min(K, __syncthreads_count(tid < K && sh.cum[tid] < cut) + 1);
+    const int n = min(K, block_count(K, [&](int r) { return sh.cum[r] < cut; }) + 1);
     const double target = u * (double)sh.cum[n - 1];
-    const int below = __syncthreads_count(tid < n && (double)sh.cum[tid] <= target);
+    const int below = block_count(n, [&](int r) { return (double)sh.cum[r] <= target; });
     return min(below, n - 1);
+}
+
+// Sampling (temperature > 0): the exact top-K draw of one row at `step` (the spec of
+// reference/sampling.py). The whole block calls it; every thread gets the token.
+template <class Logits>
+__device__ __forceinline__ int sample_topk(const Logits logits, int vocab, const SampleParams& p, int step,
+                                           FinishShared& sh) {
+    int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
+    K = min(K, vocab);
+    int k_rem, eq_count;
+    const unsigned thr = select_threshold(logits, vocab, K, sh, k_rem, eq_count);
+    gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
+    int n = 1;
+    while (n < K) n <<= 1;
+    for (int r = K + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;  // padding sorts last
+    bitonic_desc(sh, n);
+    const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
+    const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
+    return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
 }
 
 }  // namespace

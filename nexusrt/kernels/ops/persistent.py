@@ -4,7 +4,9 @@
 
 Everything the kernel reads is one device array of 64-bit slots (:data:`SLOTS`, in the order
 of ``enum Slot`` in the kernel; ``tests/test_persistent_kernel.py`` checks both lists agree):
-pointers, and the integer and float (bit pattern) scalars. Per-layer pointers are a second
+pointers, and the integer and float (bit pattern) scalars. ``sample_params`` points at the
+runner's 24-byte ``SampleParams`` struct (:func:`nexusrt.kernels.ops.sampling.pack_params`),
+which the host rewrites per request, so one captured launch samples with any parameters. Per-layer pointers are a second
 array of :data:`LAYER_SLOTS` per layer. :func:`pack_params` builds the main array from a dict
 and refuses a missing or unknown name, so the host and the kernel cannot silently disagree.
 """
@@ -25,10 +27,13 @@ HEAD_DIMS = (64, 128)
 GROUP_BOUNDS = (1, 2, 4, 8)  # the GM template arguments compiled
 MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weigh
 SMEM_OPTIN_LIMIT = 227 * 1024  # sm_90's per-block opt-in; the driver's answer is checked too
+# sizeof(FinishShared) (sampling_topk.cuh; a static_assert in the kernel holds it to this): the
+# sampling finish's top-K workspace, which overlays the staged GEMV input in shared memory.
+FINISH_SHARED_BYTES = 17680
 
 SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "x", "qkv", "q", "attn", "mlp", "logits",
-         "part_ml", "part_acc", "arg_val", "arg_idx",
+         "part_ml", "part_acc", "arg_val", "arg_idx", "sample_params",
          "state", "ring", "block_table",
          "counters", "totals", "epoch", "debug", "profile",
          "layers", "program", "offsets",
@@ -60,10 +65,12 @@ ROW_BYTES = 64  # one program row: 16 int32
 
 
 def shared_bytes(hidden: int, inter: int, q_width: int, slice_rows: int = 0) -> int:
-    """Dynamic shared memory: the staged GEMV input (the widest of the step's GEMV inputs, fp32,
-    rounded up to 16 bytes), then the SM's instruction list (``slice_rows`` rows of 64 bytes, the
-    longest list of the program), which each block copies in once per step."""
-    return 16 * -(-4 * max(hidden, inter, q_width) // 16) + ROW_BYTES * slice_rows
+    """Dynamic shared memory: the staged GEMV input (the widest of the step's GEMV inputs, fp32),
+    or the sampling finish's top-K workspace where that is larger (small models), rounded up to
+    16 bytes; then the SM's instruction list (``slice_rows`` rows of 64 bytes, the longest list of
+    the program), which each block copies in once per step."""
+    lead = max(4 * max(hidden, inter, q_width), FINISH_SHARED_BYTES)
+    return 16 * -(-lead // 16) + ROW_BYTES * slice_rows
 
 
 def pack_params(values: dict) -> np.ndarray:

@@ -42,9 +42,9 @@ def instruction_bytes(ins: Instruction, cfg, *, weight_bytes: int, kv_bytes: int
         return rows * inter * weight_bytes + inter * F32 + 2 * rows * F32
     if op == Op.LM_HEAD:
         return rows * h * weight_bytes + 2 * h * F32 + rows * F32
-    if op == Op.ARGMAX_PARTIAL:
+    if op == Op.SAMPLE_PARTIAL:  # the greedy case; a sampling step's partials read nothing
         return rows * F32 + 2 * F32
-    if op == Op.ARGMAX_FINISH:
+    if op == Op.SAMPLE_FINISH:  # greedy: the partials (a sampling step's top-K reads the logits ~5 times)
         return 2 * F32 * max(ins.arg, 1)
     raise ValueError(f"no cost model for {op!r}")
 

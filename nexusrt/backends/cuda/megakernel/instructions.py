@@ -6,9 +6,9 @@ An instruction is one tile of one op of the decode step. Its row, as the kernel 
 
 - ``op``: an :class:`Op`; ``layer``: the decoder layer (0 for ops outside the layers);
 - ``start, end``: the half-open range along the op's output dimension (rows of a GEMV, KV
-  heads for RoPE/append and attention, LM-head rows for an argmax partial);
+  heads for RoPE/append and attention, LM-head rows for a sampler partial);
 - ``arg``: op specific: the KV-length split index of an attention part, the split count of a
-  combine, the chunk index of an argmax partial;
+  combine, the chunk index of a sampler partial, the partial count of the finish;
 - ``signal``: the counter the SM increments (with release semantics) once the tile's results
   are written, -1 for none;
 - ``nwaits`` pairs ``(counter, target)``: the SM spins (acquire) until every counter has
@@ -41,8 +41,11 @@ class Op(IntEnum):
     GATE_UP = 7  # mlp[start:end] = silu(rmsnorm(x) . Wg^T) * (rmsnorm(x) . Wu^T), rows start:end
     DOWN = 8  # x[start:end] += mlp . Wdown[start:end]^T
     LM_HEAD = 9  # logits[start:end] = rmsnorm(x) . Wlm[start:end]^T (final norm)
-    ARGMAX_PARTIAL = 10  # best (value, lowest index) of logits[start:end]; arg: chunk index
-    ARGMAX_FINISH = 11  # the best of the partials: the next token
+    # The sampler (cu/sampling.cu's two launches; the parameters are the runner's SampleParams):
+    SAMPLE_PARTIAL = 10  # greedy: best (value, lowest index) of logits[start:end]; arg: chunk index.
+    #                      temperature > 0: nothing (it only signals that its chunk is written)
+    SAMPLE_FINISH = 11  # the next token: the best of the arg partials (greedy) or the exact top-K
+    #                     draw over all logits at the step (temperature / top-k / top-p, seeded)
 
 
 @dataclass(frozen=True)

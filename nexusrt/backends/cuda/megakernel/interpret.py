@@ -8,6 +8,13 @@ generator, so one program is run in many interleavings. Each tile is computed wi
 so a tile that reads data no instruction has written yet (a missing wait) poisons the logits
 instead of quietly reading an old value. When no SM can advance before all lists are done,
 :class:`DeadlockError` says which instruction each SM is stuck on and which wait is unmet.
+
+The sampler's instructions follow the :class:`~nexusrt.reference.sampling.SamplingParams` of
+the step (the struct the kernel reads) and the step index of the draw: greedy, argmax partials
+and their combine; temperature > 0, partials that do nothing but signal and a finish that picks
+from all the logits by :func:`nexusrt.reference.sampling.sample` (the specification the device
+sampler matches bit for bit). A sampling finish that finds an unwritten (NaN) logit raises
+:class:`UnwrittenReadError`: the wait that should have covered it is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 from ....kvcache.blocks import BLOCK_SIZE, gather_tokens
 from ....models.weights import WeightSource
 from ....reference import ops
+from ....reference.sampling import SamplingParams, sample
 from .instructions import Instruction, Op
 
 F32 = np.float32
@@ -29,10 +37,14 @@ class DeadlockError(RuntimeError):
     """No SM can advance and some instructions have not run."""
 
 
+class UnwrittenReadError(RuntimeError):
+    """An instruction read data that no instruction of the step had written yet."""
+
+
 @dataclass
 class StepResult:
-    """What one interpreted step produced: fp32 ``logits [vocab]``, the greedy ``token`` (None
-    without sampling instructions) and ``trace``, the ``(sm, instruction index)`` run order."""
+    """What one interpreted step produced: fp32 ``logits [vocab]``, the picked ``token`` (None
+    without sampler instructions) and ``trace``, the ``(sm, instruction index)`` run order."""
 
     logits: np.ndarray
     token: int | None
@@ -76,17 +88,23 @@ class Interpreter:
                 "o": w.load(p + "o"), "mlp_norm": w.load(p + "mlp_norm"), "gate_up": w.fused(i, "gate_up"),
                 "down": w.load(p + "down")}
 
-    def step(self, token: int, pos: int, k_pools, v_pools, table, seed: int = 0) -> StepResult:
+    def step(self, token: int, pos: int, k_pools, v_pools, table, seed: int = 0,
+             sampling: SamplingParams | None = None, draw_step: int = 0) -> StepResult:
         """Decode ``token`` at position ``pos`` (slots ``0..pos-1`` of the pools, through ``table``,
         hold the tokens before it; its K and V are written to slot ``pos``) in the interleaving
-        of ``seed``. Raises :class:`DeadlockError` when the SMs stop advancing early."""
+        of ``seed``, picking the next token by ``sampling`` (default greedy) as the
+        ``draw_step``-th generated token. Raises :class:`DeadlockError` when the SMs stop
+        advancing early."""
         prog = self.program
+        sampling = SamplingParams() if sampling is None else sampling
+        if not sampling.greedy and sampling.seed is None:
+            raise ValueError("a sampled step needs a concrete seed (SamplingParams.resolved())")
         if not 0 <= token < self.cfg.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.cfg.vocab_size}")
         if not 0 <= pos < len(table) * BLOCK_SIZE:
             raise ValueError(f"position {pos} lies outside the {len(table)} blocks of the table")
         st = _State(self.cfg, prog.attn_splits)
-        ctx = (token, pos, k_pools, v_pools, np.asarray(table))
+        ctx = (token, pos, k_pools, v_pools, np.asarray(table), sampling, draw_step)
         counters = [0] * len(prog.counters)
         pcs = [0] * prog.num_sms
         rng = np.random.default_rng(seed)
@@ -150,19 +168,27 @@ class Interpreter:
         elif op == Op.LM_HEAD:
             st.logits[a:b] = ops.linear_epilogue(self.lm_head[a:b], st.x[None], norm_weight=self.final_norm,
                                                  eps=eps)[0]
-        elif op == Op.ARGMAX_PARTIAL:  # np.argmax: the lowest index among equal maxima
-            i = a + int(np.argmax(st.logits[a:b]))
-            st.partials[ins.arg] = (float(st.logits[i]), i)
-        elif op == Op.ARGMAX_FINISH:
-            # Largest value, lowest index on ties: what one argmax over all logits picks.
-            best = sorted(st.partials[c] for c in range(ins.arg))
-            st.token = min((i for v, i in best if v == best[-1][0]), default=None)
+        elif op == Op.SAMPLE_PARTIAL:
+            if ctx[5].greedy:  # np.argmax: the lowest index among equal maxima
+                i = a + int(np.argmax(st.logits[a:b]))
+                st.partials[ins.arg] = (float(st.logits[i]), i)
+        elif op == Op.SAMPLE_FINISH:
+            params, draw_step = ctx[5], ctx[6]
+            if params.greedy:
+                # Largest value, lowest index on ties: what one argmax over all logits picks.
+                best = sorted(st.partials[c] for c in range(ins.arg))
+                st.token = min((i for v, i in best if v == best[-1][0]), default=None)
+            else:
+                if np.isnan(st.logits).any():
+                    raise UnwrittenReadError(f"the sampling finish read {int(np.isnan(st.logits).sum())} logits "
+                                             "no LM-head tile had written: a wait is missing")
+                st.token = sample(st.logits, params, draw_step)
         else:
             raise ValueError(f"the interpreter has no meaning for {op!r}")
 
     def _rope_append(self, layer: int, kv: int, st: _State, ctx) -> None:
         cfg, lw = self.cfg, self.layers[layer]
-        _, pos, k_pools, v_pools, table = ctx
+        _, pos, k_pools, v_pools, table = ctx[:5]
         d, g, hq = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.num_attention_heads
         q = st.qkv[kv * g * d:(kv + 1) * g * d].reshape(1, g, d)
         k = st.qkv[hq * d + kv * d:hq * d + (kv + 1) * d].reshape(1, 1, d)
@@ -176,7 +202,7 @@ class Interpreter:
 
     def _keys(self, layer: int, kv: int, ctx) -> tuple[np.ndarray, np.ndarray]:
         """K and V ``[S, 1, D]`` of KV head ``kv`` that the query at ``pos`` sees."""
-        _, pos, k_pools, v_pools, table = ctx
+        _, pos, k_pools, v_pools, table = ctx[:5]
         lo = 0 if self.cfg.sliding_window is None else max(0, pos - self.cfg.sliding_window + 1)
         k = gather_tokens(k_pools[layer], table, pos + 1)[lo:, kv:kv + 1]
         v = gather_tokens(v_pools[layer], table, pos + 1)[lo:, kv:kv + 1]

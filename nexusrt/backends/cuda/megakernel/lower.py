@@ -12,9 +12,12 @@ dependencies between tiles are counters at the granularity of the data a tile re
   the new K/V slot); split attention parts signal a per-head counter the combine waits on;
 - O, gate/up, down and the LM head need their whole input vector (or its RMSNorm), so they
   wait for the full producer stage;
-- an argmax partial waits only for the LM-head tiles of its chunk of the vocabulary. The
-  sampler's two stages lower to greedy argmax only (temperature 0); the full sampler's
-  top-K partials are future work (``nexusrt/kernels/NOTES_persistent.md``).
+- a sampler partial waits only for the LM-head tiles of its chunk of the vocabulary, the
+  finish for every partial. The sampler's two stages lower to what ``cu/sampling.cu``'s two
+  launches do, chosen on the device by the parameters the host writes per request: greedy,
+  argmax partials per chunk and their combine; temperature > 0, partials that only signal
+  (their chunk is written) and a finish that draws from all the logits (exact top-K, top-p,
+  the seeded uniform of the step), so the finish's single wait covers the whole LM head.
 
 Write-after-read hazards need no counters of their own: every buffer is rewritten only by a
 stage that transitively waited for all readers of its previous contents (e.g. the next
@@ -166,12 +169,12 @@ def _lower_stage(bl: _Builder, kind: str, layer: int, sample: bool) -> None:
             bl.ready["chunks"].append((chunk[0][0], chunk[-1][1], (c, len(chunk))))
     elif kind == "sample_partial":
         chunks = bl.ready["chunks"]
-        c = bl.counter("argmax.partials", len(chunks))
-        bl.emit(*(Instruction(Op.ARGMAX_PARTIAL, 0, a, b, ci, c, (w,)) for ci, (a, b, w) in enumerate(chunks)))
+        c = bl.counter("sample.partials", len(chunks))
+        bl.emit(*(Instruction(Op.SAMPLE_PARTIAL, 0, a, b, ci, c, (w,)) for ci, (a, b, w) in enumerate(chunks)))
         bl.ready["partials"] = (c, len(chunks))
     elif kind == "sample_finish":
         c = bl.counter("step.done", 1)
-        bl.emit(Instruction(Op.ARGMAX_FINISH, 0, 0, 1, bl.ready["partials"][1], c, (bl.ready["partials"],)))
+        bl.emit(Instruction(Op.SAMPLE_FINISH, 0, 0, 1, bl.ready["partials"][1], c, (bl.ready["partials"],)))
 
 
 def _parse(name: str) -> tuple[str, int]:

@@ -1,0 +1,194 @@
+"""The fault ring's drain between decode steps, on the CPU: the knobs' refusals, the drain's plan
+(sealed blocks only, the reserve's limit, back-pressure counts), the device work of
+backends/cuda/faults.py run against CPU memory (a fake driver that executes each stream
+operation at once), and the _host_fault kernels' build and launcher."""
+
+from __future__ import annotations
+
+import ctypes
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nexusrt.kernels.compiler import compile_file
+from nexusrt.kernels.ops import attention_decode as dec
+from nexusrt.kvcache import fault_ring as fr
+from nexusrt.kvcache.blocks import pool_shape
+from nexusrt.kvcache.fault_plan import FaultDrain, MAX_RING_SLOTS, plan_faults, split_sealed
+from nexusrt.kvcache.tiers import KvBudgetError, TierPlan, block_bytes, place_oldest_on_host
+
+from fakes import FakeRuntime, tensor
+
+UNIT = 1000  # bytes of one logical block in the plans below
+
+
+def _post_all(model: fr.RingModel, ids) -> list[str]:
+    out = []
+    for h in ids:
+        gen = model.producer(h)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            out.append(stop.value)
+    return out
+
+
+# ---------------------------------------------------------------------------- the knobs
+def test_plan_faults_refuses_bad_knobs_before_any_work():
+    plan = TierPlan(device_blocks=6, host_blocks=4, block_bytes=UNIT)
+    assert plan_faults(plan, None) is None
+    cfg = plan_faults(plan, 2 * UNIT + UNIT - 1, 8)
+    assert (cfg.reserve_blocks, cfg.ring_slots) == (2, 8)
+    for reserve, slots, words in ((UNIT, 3, "power of two"), (UNIT, 0, "power of two"),
+                                  (UNIT, MAX_RING_SLOTS * 2, "up to"), (UNIT, 4.0, "an int"),
+                                  (UNIT - 1, 8, "below one KV block"), (4 * UNIT + 1, 8, "more than the host tier"),
+                                  ("1G", 8, "byte count"), (True, 8, "byte count")):
+        with pytest.raises(KvBudgetError, match=words):
+            plan_faults(plan, reserve, slots)
+    with pytest.raises(KvBudgetError, match="needs a host tier"):
+        plan_faults(TierPlan(10, 0, UNIT), UNIT)
+
+
+def test_llm_and_cli_refuse_a_reserve_without_a_host_tier(cpu_rt):
+    import subprocess
+    import sys
+
+    import nexusrt as nrt
+
+    with pytest.raises(KvBudgetError, match="needs a host tier"):
+        nrt.LLM("synthetic:tiny", backend="cpu", max_context=256, kv_fault_reserve=1 << 20)
+    assert nrt.memory.stats()["in_use_bytes"] == 0
+    r = subprocess.run([sys.executable, "-m", "nexusrt.cli.main", "generate", "--model", "synthetic:tiny",
+                        "--backend", "cpu", "--prompt", "hi", "--kv-fault-reserve", "lots"],
+                       capture_output=True, text=True, timeout=120, env={"NEXUSRT_BACKEND": "cpu", "PYTHONPATH": ".",
+                                                                         "PATH": ""})
+    assert r.returncode != 0 and "--kv-fault-reserve must be a size" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_only_sealed_blocks_move():
+    table = place_oldest_on_host(6, 3)  # host blocks 0, 1, 2 hold tokens 0..47
+    assert split_sealed([0, 1, 2], table, 32) == ([0, 1], [2])  # block 2 still takes tokens 32..47
+    assert split_sealed([2, 0], table, 48) == ([2, 0], [])
+    assert split_sealed([1], table, 0) == ([], [1])
+
+
+def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
+    layout = fr.RingLayout(2, 4)
+    model = fr.RingModel(layout)
+    drain = FaultDrain.for_sequence(layout, place_oldest_on_host(7, 4), reserve_blocks=2, block_bytes=UNIT)
+    assert _post_all(model, [0, 1, 2]) == ["posted", "posted", "overflow"]  # a ring of 2: back-pressure
+    s = drain.service(model.words, written_tokens=24)  # block 1 (tokens 16..31) is still appended to
+    assert [(m.host, m.device) for m in s.moves] == [(0, 3)] and s.table_writes == [(0, 3)]
+    assert s.cleared == [0, 1] and s.tail == 2 and s.slots == [fr.ENTRIES, fr.ENTRIES + 1]
+    assert drain.table.tolist() == [3, -2, -3, -4, 0, 1, 2]
+    # The drain's stores, as the device work makes them, then more posts.
+    model.words[s.slots] = fr.EMPTY
+    model.words[fr.TAIL] = s.tail
+    model.words[layout.requested + np.array(s.cleared)] = 0
+    assert _post_all(model, [1, 2]) == ["posted", "posted"]
+    s = drain.service(model.words, written_tokens=64)
+    assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and s.cleared == [1, 2]  # 2: the reserve is full
+    c = drain.counts
+    assert (c.posted, c.overflow, c.serviced, c.left, c.bytes_moved) == (4, 1, 2, 2, 2 * UNIT)
+    drain.release([0, 1])
+    assert drain.pool.audit() == {"device_blocks": 5, "host_blocks": 4, "device_used": 5, "host_used": 2}
+    with pytest.raises(ValueError, match="in order"):
+        FaultDrain.for_sequence(layout, np.array([-2, -1, 0], np.int32), 1, UNIT)
+
+
+# ---------------------------------------------------------------------------- the device work
+class _CpuDriver:
+    """The driver calls faults.py makes, executed at once on CPU memory (every stream in order)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, *args):
+        self.calls.append(name)
+        if name in ("cuMemcpyDtoHAsync", "cuMemcpyHtoDAsync"):
+            dst, src, n, _ = args
+            ctypes.memmove(dst, src, n)
+        elif name == "cuMemsetD32Async":
+            ptr, value, count, _ = args
+            (ctypes.c_uint32 * count).from_address(ptr)[:] = [value] * count
+        else:
+            raise AssertionError(f"unexpected driver call {name}")
+
+
+def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_rt, monkeypatch):
+    import nexusrt as nrt
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=64)
+    layout = fr.RingLayout(4, 4)
+    rng = np.random.default_rng(0)
+    host = [nrt.memory.pinned(pool_shape(4, 2, 64), "bf16") for _ in range(4)]
+    for t in host:
+        t.array[...] = rng.standard_normal(t.shape).astype(t.array.dtype)
+    dev = [nrt.memory.zeros(pool_shape(3 + 2, 2, 64), "bf16") for _ in range(4)]
+    b = SimpleNamespace(k_host_pools=host[:2], v_host_pools=host[2:], k_pools=dev[:2], v_pools=dev[2:],
+                        block_table=nrt.memory.from_numpy(place_oldest_on_host(7, 4)),
+                        fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
+    svc = faults.FaultService(cpu_rt, cfg, b, 2, cpu_rt.streams["compute"])
+    model = fr.RingModel(layout)
+    model.words = b.fault_ring.words.array  # the kernels' posts land in the device words
+    try:
+        assert _post_all(model, [2, 0, 1]) == ["posted"] * 3
+        svc.flush(written_tokens=40)  # blocks 0 and 1 are sealed, block 2 (tokens 32..47) is not
+        assert b.block_table.to_numpy().tolist() == [3, 4, -3, -4, 0, 1, 2]
+        for d, h in zip(dev, host):
+            assert np.array_equal(d.to_numpy()[3:5].view(np.uint16), h.to_numpy()[0:2].view(np.uint16))
+            assert not d.to_numpy()[:3].view(np.uint16).any()
+        w = b.fault_ring.words.to_numpy()
+        assert w[fr.HEAD] == w[fr.TAIL] == 3 and (w[fr.ENTRIES:fr.ENTRIES + 4] == fr.EMPTY).all()
+        assert not w[layout.requested:].any()  # every drained block may post again
+        counts = svc.counts()
+        assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
+        assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
+        assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
+        assert driver.calls.count("cuMemcpyHtoDAsync") == 2 * 4  # two blocks, K and V of two layers
+    finally:
+        svc.free()
+        for t in host + dev + [b.block_table, b.fault_ring.words]:
+            t.free()
+    assert nrt.memory.stats()["in_use_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------- the kernels
+def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
+    cubin = compile_file("attention_decode", "sm_90a").cubin
+    names = {dec.kernel_name(d, g, host=True, fault=True) for d in dec.HEAD_DIMS for g in range(1, 9)}
+    assert len(names) == 12 and all(n.encode() in cubin for n in names)
+    with pytest.raises(ValueError, match="host-tier twins"):
+        dec.kernel_name(128, 4, fault=True)
+    hq, hkv, d = 32, 8, 128
+    hp = []
+    for _ in range(2):
+        t = tensor(pool_shape(4, hkv, d), "bf16", ptr=0x7000)
+        t.device, t.pinned = False, True
+        hp.append(t)
+    ws = dec.DecodeWorkspace(tensor((hkv, 4, 4, d), "fp32"), tensor((hkv, 4, 4, 2), "fp32"),
+                             tensor((hkv,), "int32"), 4)
+    pool = tensor(pool_shape(10, hkv, d), "bf16")
+    layout = fr.RingLayout(16, 4)
+    ring = fr.DeviceRing(tensor((layout.words,), "int32", ptr=0x9000), layout)
+    rt = FakeRuntime()
+    args = (rt, tensor((hq, d), "fp32"), tensor((hq * d,), "fp32"), pool, pool, tensor((10,), "int32"),
+            tensor((1,), "int32"), ws)
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    spec = dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=ring)
+    assert rt.asked[-1][1] == "attention_decode_host_fault_d128_g4" and rt.asked[-1][2].endswith("ptr ptr ptr i32")
+    assert spec.args[-4:] == (0x7000, 0x7000, 0x9000, 16)
+    with pytest.raises(ValueError, match="give host_pools"):
+        dec.attention_decode(*args, **heads, fault_ring=ring)
+    with pytest.raises(ValueError, match="tracks 5 host blocks"):
+        dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=fr.DeviceRing(
+            tensor((fr.RingLayout(16, 5).words,), "int32"), fr.RingLayout(16, 5)))
+    with pytest.raises(ValueError, match="fault_ring.words has shape"):
+        dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=fr.DeviceRing(
+            tensor((7,), "int32"), layout))

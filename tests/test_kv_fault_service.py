@@ -93,6 +93,8 @@ def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
     assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and s.cleared == [1, 2]  # 2: the reserve is full
     c = drain.counts
     assert (c.posted, c.overflow, c.serviced, c.left, c.bytes_moved) == (4, 1, 2, 2, 2 * UNIT)
+    assert drain.runs([fr.Move(0, 3), fr.Move(1, 4), fr.Move(5, 5), fr.Move(2, 6), fr.Move(3, 7)]) == \
+        [(0, 3, 2), (5, 5, 1), (2, 6, 2)]
     drain.release([0, 1])
     assert drain.pool.audit() == {"device_blocks": 5, "host_blocks": 4, "device_used": 5, "host_used": 2}
     with pytest.raises(ValueError, match="in order"):
@@ -151,7 +153,7 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
         assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
         assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
         assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
-        assert driver.calls.count("cuMemcpyHtoDAsync") == 2 * 4  # two blocks, K and V of two layers
+        assert driver.calls.count("cuMemcpyHtoDAsync") == 4  # one run of two blocks: K and V of two layers
     finally:
         svc.free()
         for t in host + dev + [b.block_table, b.fault_ring.words]:
@@ -192,3 +194,140 @@ def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
     with pytest.raises(ValueError, match="fault_ring.words has shape"):
         dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=fr.DeviceRing(
             tensor((7,), "int32"), layout))
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (6, 2, 64)])
+@pytest.mark.parametrize("seq_len, capacity", [(100, 64), (1000, 64), (4097, 1)])
+def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_rt, hq, hkv, d, seq_len, capacity):
+    import nexusrt as nrt
+    from nexusrt.kvcache.blocks import blocks_for
+    from test_kv_host_tier import BF16, _tier
+
+    rng = np.random.default_rng(seq_len + d)
+    n = blocks_for(seq_len)
+    k = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    v = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    table = rng.permutation(n).astype(np.int32)
+    q = nrt.memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
+    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 8192, 132))
+    tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))
+    host = []
+    for a in (hk, hv):
+        t = nrt.memory.pinned(a.shape, "bf16")
+        t.copy_from(a)
+        host.append(t)
+    layout = fr.RingLayout(capacity, hk.shape[0])
+    ring = fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout)
+    outs = []
+    for fault_ring in (None, ring):
+        out = nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32))
+        dec.attention_decode(gpu_rt, q, out, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
+                             nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=tuple(host),
+                             fault_ring=fault_ring).launch()
+        outs.append(out.to_numpy())
+    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
+    w = ring.words.to_numpy()
+    posted = min(capacity, hk.shape[0])
+    assert w[fr.HEAD] == posted and w[fr.TAIL] == 0
+    entries = w[fr.ENTRIES:fr.ENTRIES + capacity][:posted]
+    assert len(set(entries.tolist())) == posted and set(entries.tolist()) <= set(range(hk.shape[0]))
+    assert w[fr.OVERFLOW] >= hk.shape[0] - posted  # a full ring refuses, never waits
+    assert (w[layout.requested + entries] == 1).all()
+
+
+def _reserve(runner, blocks: int) -> int:
+    return blocks * runner.kv_plan.block_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_fault_ring_runner_matches_all_device_and_moves_blocks(variant, gpu_rt, tmp_path_factory):
+    from nexusrt.reference.sampling import SamplingParams
+    from test_cuda_model import _checkpoint
+    from test_kv_host_tier import _runner
+
+    path = _checkpoint(variant, tmp_path_factory)
+    ids = np.random.default_rng(5).integers(0, 384, 70).astype(np.int32)
+    probe = _runner(path, 0.5)
+    reserve = _reserve(probe, probe.kv_plan.host_blocks)  # room for every host block
+    probe.close()
+    results, tiers = [], None
+    for kw in ({}, {"kv_fault_reserve": reserve}):
+        r = _runner(path, 0.5 if kw else 0, **kw)
+        try:
+            logits = r.forward_all(ids)
+            r.reset()
+            r.prefill(ids[:50])
+            steps = []
+            for t in ids[50:]:  # decode() services the ring after each step, concurrently with the next
+                steps.append(r.last_logits())
+                r.decode(int(t))
+            got = []
+            r.generate_tokens(ids[:60], 40, SamplingParams(temperature=0.0), lambda x: bool(got.append(x)))
+            results.append((logits, np.stack(steps), got))
+            if kw:
+                tiers = r.kv_tiers()
+                table = r.buffers.block_table.to_numpy()
+                assert (table < 0).sum() < r.kv_plan.host_blocks  # blocks migrated into the reserve
+                assert r._faults.drain.pool.audit()["host_used"] == (table < 0).sum()
+        finally:
+            r.close()
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert np.array_equal(l0, l1) and np.array_equal(s0, s1) and g0 == g1
+    assert tiers["host_mode"] == "fault-ring" and tiers["faults_posted"] > 0 and tiers["faults_serviced"] > 0
+    assert tiers["bytes_moved"] == tiers["faults_serviced"] * tiers["host_bytes"] // tiers["blocks_host"]
+
+
+@pytest.mark.gpu
+def test_a_one_slot_ring_overflows_without_a_hang_or_a_wrong_token(gpu_rt, tmp_path_factory):
+    from nexusrt.reference.sampling import SamplingParams
+    from test_cuda_model import _checkpoint
+    from test_kv_host_tier import _runner
+
+    path = _checkpoint("llama", tmp_path_factory)
+    ids = np.random.default_rng(7).integers(0, 384, 90).astype(np.int32)
+    outs = []
+    for frac, kw in ((0, {}), (0.5, {"kv_fault_reserve": _one_block(path), "kv_fault_ring_slots": 1})):
+        r = _runner(path, frac, **kw)
+        try:
+            got = []
+            r.generate_tokens(ids, 30, SamplingParams(temperature=0.0), lambda x: bool(got.append(x)))
+            outs.append((got, r.kv_tiers()))
+        finally:
+            r.close()
+    assert outs[0][0] == outs[1][0]
+    tiers = outs[1][1]
+    assert tiers["faults_overflow"] > 0 and tiers["faults_serviced"] <= 1 and tiers["ring_slots"] == 1
+
+
+def _one_block(path) -> int:
+    from nexusrt.models.loader import load_model
+
+    cfg = load_model(path).config
+    return block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+
+
+@pytest.mark.gpu
+def test_cancelled_request_with_the_fault_ring_leaves_no_memory(gpu_rt):
+    import nexusrt as nrt
+
+    before = nrt.memory.stats()
+    llm = nrt.LLM("synthetic:tiny", backend="cuda", max_context=512)
+    cfg, n = llm.config, llm.runner.kv_plan.device_blocks
+    llm.close()
+    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    llm = nrt.LLM("synthetic:tiny", backend="cuda", max_context=512, kv_gpu_budget=(n // 2) * unit,
+                  kv_fault_reserve=4 * unit)
+    stream = llm.stream("hello " * 40, max_new_tokens=200, temperature=0)
+    next(iter(stream))
+    stream.close()  # cancelled mid-generation, copies possibly in flight
+    result = llm.generate("hello " * 40, max_new_tokens=8, temperature=0)
+    assert result.kv["faults_posted"] > 0 and result.kv["blocks_host"] == llm.runner.kv_plan.host_blocks
+    llm.close()
+    after = nrt.memory.stats()
+    assert after["in_use_bytes"] == before["in_use_bytes"] and after["pinned_bytes"] == before["pinned_bytes"]
+    assert not [a for a in nrt.memory.audit() if a.get("tag") in ("kv_host", "kv_fault")]

@@ -19,7 +19,7 @@ from .blocks import BLOCK_SIZE
 from .fault_ring import ENTRIES, HEAD, OVERFLOW, TAIL, Move, RingLayout, _u32, apply_moves, drain, plan_copies
 from .tiers import KvBudgetError, TierPlan, TieredBlockPool, encode_host
 
-RING_SLOTS = 256  # default ring capacity: far more than the host blocks one step posts at 32k
+RING_SLOTS = 4096  # default capacity (16 KiB): the host half of a 128k context posts in one step
 MAX_RING_SLOTS = 1 << 20
 
 
@@ -144,6 +144,18 @@ class FaultDrain:
         self.counts.left += len(left) + len(open_)
         self.counts.bytes_moved += len(moves) * self.block_bytes
         return Service(slots, self.tail, moves, writes, ids)
+
+    def runs(self, moves: list[Move]) -> list[tuple[int, int, int]]:
+        """``moves`` as copies ``(host block, device block, count)``: consecutive host blocks going to
+        consecutive device blocks share one copy per layer and K/V (ring order is mostly split order,
+        and the reserve hands out blocks in order), so a service of many blocks is few driver calls."""
+        out: list[list[int]] = []
+        for m in moves:
+            if out and m.host == out[-1][0] + out[-1][2] and m.device == out[-1][1] + out[-1][2]:
+                out[-1][2] += 1
+            else:
+                out.append([m.host, m.device, 1])
+        return [tuple(r) for r in out]
 
     def release(self, hosts) -> None:
         """Return moved host blocks to the host tier (once no kernel can still read them)."""

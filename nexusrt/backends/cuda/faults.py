@@ -10,7 +10,7 @@ decides, this module issues), all on the ``control`` stream (the highest priorit
    id has not landed, and the drain alone writes ``tail``, so a racing read loses nothing);
 2. for the drained ids, on the control stream behind the compute stream's work so far: EMPTY
    into the consumed slots then the new ``tail`` (slots free for producers again), per move a
-   host-to-device copy of the block's K and V in every layer, then its table entry (a kernel
+   host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one copy), then its table entry (a kernel
    reads either ``~h``, still valid, or the filled device block), then ``requested[h] = 0``;
 3. a moved host block returns to the host tier only after the compute stream has passed an
    event recorded once the table writes were seen complete, so no kernel still reads it.
@@ -110,10 +110,9 @@ class FaultService:
             self._store(slot, int(EMPTY))
         self._store(TAIL, plan.tail)
         size = self.layer_block_bytes
-        for m in plan.moves:
+        for h, d, count in self.drain.runs(plan.moves):
             for host, dev in zip(self.b.k_host_pools + self.b.v_host_pools, self.b.k_pools + self.b.v_pools):
-                call("cuMemcpyHtoDAsync", dev.ptr + m.device * size, host.ptr + m.host * size, size,
-                     self.control.handle)
+                call("cuMemcpyHtoDAsync", dev.ptr + d * size, host.ptr + h * size, count * size, self.control.handle)
         for index, device in plan.table_writes:
             call("cuMemsetD32Async", self.b.block_table.ptr + 4 * index, device, 1, self.control.handle)
         for h in plan.cleared:

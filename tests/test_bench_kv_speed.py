@@ -51,14 +51,18 @@ class FakeProbe:
                 out["pruned"]["pruned_ms"] = [5.3, 5.4, 5.6]
         return out
 
-    def half_host(self, plan, device_blocks):
-        self.calls.append(("half_host", plan.context, device_blocks))
+    def half_host(self, plan, device_blocks, reserve_blocks=0):
+        self.calls.append(("half_host", plan.context, device_blocks, reserve_blocks))
         if self.refuse_host:
             raise KvBudgetError("the host tier would need 9 bytes of pinned memory")
         host = blocks_for(plan.context + 63) - device_blocks
         unit = block_bytes(CFG.num_hidden_layers, CFG.num_key_value_heads, CFG.head_dim)
-        return {"decode_ms": [50.0, 48.0, 49.0],
-                "tiers": {"blocks_device": device_blocks, "blocks_host": host, "host_bytes": host * unit}}
+        tiers = {"blocks_device": device_blocks, "blocks_host": host, "host_bytes": host * unit}
+        if not reserve_blocks:
+            return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
+        tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
+                     faults_overflow=0, faults_left=5, bytes_moved=host * unit)
+        return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers}
 
 
 def _measure(probe, contexts=(32768,), keep=4096, cfg=CFG, runs=3):
@@ -83,12 +87,16 @@ def test_figures_from_fake_measurements():
     assert a["ms_per_token"] == 5.5 and a["ms_per_token_runs"] == [6.0, 5.0, 5.5]
     assert a["floor_ms"] == pytest.approx((weights + KV_PER_TOKEN * mean) / HBM * 1e3)
     assert a["fraction_of_floor"] == pytest.approx(a["floor_ms"] / 5.5)
-    assert row["fault_ring"] == {"skipped": kv_speed.FAULT_RING} and "not built" in kv_speed.FAULT_RING
+    b = row["fault_ring"]
+    assert b["ms_per_token"] == 6.1 and b["warmup_ms_per_token"] == 40.0 and b["blocks_reserve"] == 1024
+    assert b["over_all_device"] == pytest.approx(6.1 / 5.5) and b["warmup_over_all_device"] == pytest.approx(40 / 5.5)
+    assert b["faults_serviced"] == 1024 and b["faults_left"] == 5 and "reserve as large as the host half" in b["measures"]
+    assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 1024) in probe.calls
 
     c = row["host_zero_copy"]
     host = 16384 * KV_PER_TOKEN  # exactly the evicted half: 1,024 whole blocks
     assert c["blocks_host"] == 1024 and c["host_tokens"] == 16384 and c["host_bytes_per_token"] == host
-    assert ("half_host", 32768, blocks_for(32768 + 63) - 1024) in probe.calls
+    assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 0) in probe.calls
     assert c["device_bytes_per_token"] == pytest.approx(weights + KV_PER_TOKEN * mean - host)
     assert c["floor_ms"] == pytest.approx(((weights + KV_PER_TOKEN * mean - host) / HBM + host / PINNED) * 1e3)
     assert c["host_bytes_s"] == pytest.approx(host / 0.049)
@@ -117,8 +125,9 @@ def test_figures_from_fake_measurements():
 
 def test_slow_link_and_slow_pruned_rows_miss_their_targets():
     probe = FakeProbe()
-    probe.half_host = lambda plan, device_blocks: {"decode_ms": [100.0], "tiers": {
-        "blocks_device": device_blocks, "blocks_host": 1024, "host_bytes": 16384 * KV_PER_TOKEN}}
+    probe.half_host = lambda plan, device_blocks, reserve_blocks=0: FakeProbe.half_host(
+        probe, plan, device_blocks, reserve_blocks) if reserve_blocks else {"decode_ms": [100.0], "tiers": {
+            "blocks_device": device_blocks, "blocks_host": 1024, "host_bytes": 16384 * KV_PER_TOKEN}}
     slow = FakeProbe.all_device
 
     def all_device(plan, evicted, keep):
@@ -156,12 +165,13 @@ def test_skips_and_refusals_are_reported_not_measured():
     assert e["unpruned_ms_per_token"] == 5.1 and s["targets"]["pruned_like_kept"]["verdict"] is None
 
 
-def test_the_table_says_what_was_not_built_or_skipped():
+def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     s = _measure(FakeProbe(refuse_pruned="KV pruning runs on the CPU backend only so far"), contexts=(8192, 32768))
     s.update(backend="cuda", device="NVIDIA H200", profile="h200", model="synthetic:llama-3.1-8b")
     s["contexts"].append({"context": 131072, "skipped": "does not fit: it needs 200 GiB"})
     text = kv_speed_table.render(s)
-    assert "(b) half on host, fault ring  not built" in text and "(b): not built" in text
+    assert "(b) half on host, fault ring  6.100" in text and "1.11x" in text
+    assert "context 32,768 (b): decode with a reserve" in text and "faults posted 1,029, serviced 1,024" in text
     assert "context 131,072 skipped: does not fit" in text
     assert "refused position != start" in text and "refused" in text
     assert "4,000 GB/s" in text and "50.0 GB/s" in text and "median of 3 runs of 32 steps" in text

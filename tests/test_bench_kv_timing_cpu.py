@@ -30,9 +30,9 @@ class FakeRunner:
 
     made: list = []
 
-    def __init__(self, model, rt, max_context=None, kv_gpu_budget=None):
+    def __init__(self, model, rt, max_context=None, kv_gpu_budget=None, kv_fault_reserve=None):
         cfg = self.config = model.config
-        self.max_context, self.budget = max_context, kv_gpu_budget
+        self.max_context, self.budget, self.reserve = max_context, kv_gpu_budget, kv_fault_reserve
         self.buckets = buckets_for(max_context, BUCKETS)
         self.chunk, self.capacity = self.buckets[-1], max_context + self.buckets[0] - 1
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
@@ -55,9 +55,16 @@ class FakeRunner:
         self.log.append(("decode", self.position))
         self.position += 1
 
+    def service_faults(self, flush=False):
+        self.log.append(("service_faults", flush))
+
     def kv_tiers(self):
         p = self.kv_plan
-        return {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes}
+        out = {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes}
+        if self.reserve:  # what a ring that moved every host block would report
+            out.update(blocks_reserve=self.reserve // p.block_bytes, ring_slots=4096, faults_posted=p.host_blocks,
+                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, bytes_moved=p.host_bytes)
+        return out
 
     def close(self):
         self.closed = True
@@ -119,8 +126,13 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     for row in s["contexts"]:
         c = row["host_zero_copy"]
         assert c["host_tokens"] == row["context"] // 2 == row["restore"]["evicted_tokens"]
-    hosts = [r for r in FakeRunner.made if r.budget is not None]
+    hosts = [r for r in FakeRunner.made if r.budget is not None and r.reserve is None]
     assert len(hosts) == 2 and all(r.closed and r.position == r.max_context for r in hosts)
+    rings = [r for r in FakeRunner.made if r.reserve is not None]  # (b): a reserve as large as the host half
+    assert [r.reserve // r.kv_plan.block_bytes for r in rings] == [r.kv_plan.host_blocks for r in rings] == \
+        [blocks_for(c // 2) for c in (8192, 32768)]
+    assert all(r.closed and r.log[-1] == ("service_faults", True) for r in rings)
+    assert all(row["fault_ring"]["faults_serviced"] == row["fault_ring"]["blocks_host"] for row in s["contexts"])
     assert [e for e in hosts[0].log if e[0] == "prefill"] == [("prefill", 0, DecodePlan(8192, 1).prefill_to)]
 
 

@@ -164,7 +164,7 @@ def test_decode_with_half_the_blocks_on_the_host_is_bit_identical(gpu_rt, hq, hk
     assert np.isfinite(a).all() and np.array_equal(a, b)
 
 
-def _runner(path_or_model, budget_fraction, max_context=128):
+def _runner(path_or_model, budget_fraction, max_context=128, **kw):
     import nexusrt as nrt
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.models.loader import load_model
@@ -178,7 +178,7 @@ def _runner(path_or_model, budget_fraction, max_context=128):
         n = blocks_for(max_context + buckets_for(max_context, BUCKETS)[0] - 1)
         budget = max(int(n * budget_fraction), -(-n // cfg.num_hidden_layers)) * block_bytes(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    return CudaRunner(model, nrt.firmware.runtime(), max_context=max_context, kv_gpu_budget=budget)
+    return CudaRunner(model, nrt.firmware.runtime(), max_context=max_context, kv_gpu_budget=budget, **kw)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .kv_speed import FAULT_RING, HOST_TARGET, HOST_TARGET_CONTEXT, LINK_TARGET, PRUNED_TOLERANCE
+from .kv_speed import HOST_TARGET, HOST_TARGET_CONTEXT, LINK_TARGET, PRUNED_TOLERANCE
 from .table import table
 
 
@@ -10,11 +10,27 @@ def _ms(x) -> str:
     return f"{x:.3f}"
 
 
+def _fault_row(ctx: str, b: dict) -> list:
+    if "skipped" in b:
+        return [ctx, "(b) half on host, fault ring", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"]
+    return [ctx, "(b) half on host, fault ring", _ms(b["ms_per_token"]), "-", "-", "-", "-", "-",
+            f"{b['over_all_device']:.2f}x", "-"]
+
+
+def _fault_note(ctx: str, b: dict) -> list[str]:
+    if "skipped" in b:
+        return [f"{ctx} (b): {b['skipped']}"]
+    return [f"{ctx} (b): {b['measures']}; warm-up run {_ms(b['warmup_ms_per_token'])} ms/token "
+            f"({b['warmup_over_all_device']:.2f}x (a)); {b['blocks_reserve']:,} reserve blocks, ring of "
+            f"{b['ring_slots']:,}; faults posted {b['faults_posted']:,}, serviced {b['faults_serviced']:,}, "
+            f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved"]
+
+
 def _decode_rows(row: dict) -> list[list]:
     ctx, a, c = f"{row['context']:,}", row["all_device"], row["host_zero_copy"]
     out = [[ctx, "(a) all KV in HBM", _ms(a["ms_per_token"]), _ms(a["floor_ms"]), f"{a['fraction_of_floor']:.1%}",
             "-", "-", "-", "-", "-"],
-           [ctx, "(b) half on host, fault ring", "not built", "-", "-", "-", "-", "-", "-", "-"]]
+           _fault_row(ctx, row["fault_ring"])]
     if "skipped" in c:
         out.append([ctx, "(c) half on host, zero-copy", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"])
     else:
@@ -49,11 +65,11 @@ def render(s: dict) -> str:
                          f"{p['over_unpruned']:.3f}" if "over_unpruned" in p else "-", p.get("target", "-")]
                         for c, p in pruned],
                        title="(e) pruned decode through CudaBatchRunner.run_tokens, one sequence"))
-    notes = [f"(b): {FAULT_RING}"]
+    notes = []
     for r in s["contexts"]:
         ctx = f"context {r['context']:,}"
         c, e = r.get("host_zero_copy", {}), r.get("pruned", {})
-        notes += [f"{ctx} skipped: {r['skipped']}"] if "skipped" in r else []
+        notes += [f"{ctx} skipped: {r['skipped']}"] if "skipped" in r else _fault_note(ctx, r["fault_ring"])
         notes += [f"{ctx} (c): {c['skipped']}"] if "skipped" in c else []
         notes += [f"{ctx} (e): {e.get('skipped') or e['pruned_skipped']}"] if {"skipped", "pruned_skipped"} & set(e) else []
     t = s["targets"]

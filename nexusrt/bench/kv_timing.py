@@ -21,9 +21,10 @@ TOKEN = 1  # the id every timed step feeds: content does not change a decode ste
 MAX_CHUNK = 2048  # the pruned row's prompt chunks (the batch runner's default token budget)
 
 
-def time_decode(runner, plan) -> list[float]:
+def time_decode(runner, plan, warmup: list | None = None) -> list[float]:
     """ms/token of each timed run: ``runner`` holds ``plan.prefill_to`` tokens; one warm-up run and
-    ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``."""
+    ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``. ``warmup``: a
+    list that receives the warm-up run's ms/token too."""
     if runner.position != plan.prefill_to:
         raise RuntimeError(f"the runner holds {runner.position} tokens, the plan wants {plan.prefill_to}")
     out = []
@@ -33,8 +34,11 @@ def time_decode(runner, plan) -> list[float]:
         for _ in range(plan.steps):
             runner.decode(TOKEN)
         runner.stream.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3 / plan.steps
         if run:
-            out.append((time.perf_counter() - t0) * 1e3 / plan.steps)
+            out.append(ms)
+        elif warmup is not None:
+            warmup.append(ms)
     return out
 
 
@@ -150,19 +154,25 @@ class CudaKvProbe:
         finally:
             batch.close()
 
-    def half_host(self, plan, device_blocks: int) -> dict:
+    def half_host(self, plan, device_blocks: int, reserve_blocks: int = 0) -> dict:
         """(c): a runner of ``plan.context`` tokens keeping ``device_blocks`` KV blocks in HBM and
-        the oldest rest on the pinned host tier, filled by prefill and timed like (a).
+        the oldest rest on the pinned host tier, filled by prefill and timed like (a); with
+        ``reserve_blocks``, (b): that many more device blocks the fault ring fills as decode reads
+        the host blocks (``warmup_ms``: the warm-up run, during which most of the moving happens).
         Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
         the runner refuses."""
         from ..backends.cuda.runner import CudaRunner
         from ..kvcache.tiers import block_bytes
 
         cfg = self.config
-        budget = device_blocks * block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=budget)
+        unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        ring = {"kv_fault_reserve": reserve_blocks * unit} if reserve_blocks else {}
+        runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=device_blocks * unit, **ring)
         try:
             runner.prefill(self._ids(plan.prefill_to))
-            return {"decode_ms": time_decode(runner, plan), "tiers": runner.kv_tiers()}
+            warmup: list[float] = []
+            decode_ms = time_decode(runner, plan, warmup)
+            runner.service_faults(flush=True)  # the counts include what the last steps posted
+            return {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers()}
         finally:
             runner.close()

@@ -45,6 +45,10 @@ def _load_flags(p) -> None:
     p.add_argument("--kv-gpu-budget", default=None, metavar="BYTES",
                    help="bytes of KV cache kept on the GPU, e.g. 2G; the oldest blocks past it live in pinned "
                         "host memory, read zero-copy (CUDA, one sequence at a time)")
+    p.add_argument("--kv-fault-reserve", default=None, metavar="BYTES",
+                   help="with --kv-gpu-budget: bytes of extra GPU KV, free at first, that the fault ring fills: "
+                        "decode attention posts the host blocks it reads and the runner moves them in between "
+                        "steps (at least one KV block, at most the host tier; generate and chat only)")
     p.add_argument("--backend", choices=("cpu", "cuda"), default=None,
                    help="force a backend (default: NEXUSRT_BACKEND, else probe)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also NEXUSRT_DEBUG=1)")
@@ -126,9 +130,18 @@ def _budget(args) -> int | None:
     return None if args.kv_gpu_budget is None else parse_bytes(args.kv_gpu_budget, "--kv-gpu-budget")
 
 
+def _reserve(args) -> int | None:
+    """``--kv-fault-reserve`` in bytes, or None."""
+    from ..server.run import parse_bytes
+
+    return None if args.kv_fault_reserve is None else parse_bytes(args.kv_fault_reserve, "--kv-fault-reserve")
+
+
 def _serve(args) -> int:
     from ..server.run import parse_bytes, serve
 
+    if args.kv_fault_reserve is not None:
+        raise ValueError("--kv-fault-reserve: the server's batched engine has no host tier (generate and chat only)")
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
@@ -172,7 +185,8 @@ def _run(args) -> int:
     if args.command == "serve":
         return _serve(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
-              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args), tp_processes=args.tp_processes)
+              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args), tp_processes=args.tp_processes,
+              kv_fault_reserve=_reserve(args))
     try:
         if args.command == "chat":
             from .chat import run_chat

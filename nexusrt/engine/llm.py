@@ -70,7 +70,8 @@ class LLM:
     def __init__(self, path_or_name, backend: str | None = None, *, max_context: int | None = None,
                  weights_seed: int = 0, allow_paths=(), max_batch: int = 32, kv_memory: int | None = None,
                  max_waiting: int = 1024, tensor_parallel: int = 1, deterministic: bool = False,
-                 kv_gpu_budget: int | None = None, tp_processes: bool = False):
+                 kv_gpu_budget: int | None = None, tp_processes: bool = False,
+                 kv_fault_reserve: int | None = None):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
@@ -93,7 +94,7 @@ class LLM:
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
             self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget,
-                                      tp_processes)
+                                      tp_processes, kv_fault_reserve=kv_fault_reserve)
         except BaseException:
             self.model.weights.close()  # nothing half-loaded stays behind
             raise

@@ -9,6 +9,7 @@ from .. import runtime as runtime_mod
 from ..errors import BackendUnavailable
 from ..models.loader import LoadedModel
 from ..kvcache.blocks import blocks_for
+from ..kvcache.fault_plan import plan_faults
 from ..kvcache.tiers import plan_tiers
 from .fit import check_fit, runner_context
 
@@ -29,31 +30,35 @@ def check_tensor_parallel(tensor_parallel, backend: str, tp_processes: bool = Fa
                                  "backend='cpu' for the sharded math on the CPU")
 
 
-def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_budget) -> None:
+def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_budget,
+                        kv_fault_reserve=None) -> None:
     """Refuse a ``kv_gpu_budget`` that cannot work for this model and context (below one layer's
-    pages, a host tier above MemAvailable), then one on a backend without a host tier: the CPU
-    runner has one memory, so there is nothing to split. The CUDA runner re-plans with its exact
-    capacity (a padded last chunk's rows included)."""
-    if kv_gpu_budget is None:
+    pages, a host tier above MemAvailable), a ``kv_fault_reserve`` that cannot
+    (:func:`~nexusrt.kvcache.fault_plan.plan_faults`), then either on a backend without a host
+    tier: the CPU runner has one memory, so there is nothing to split. The CUDA runner re-plans
+    with its exact capacity (a padded last chunk's rows included)."""
+    if kv_gpu_budget is None and kv_fault_reserve is None:
         return
     plan = plan_tiers(blocks_for(runner_context(config, backend, max_context)), kv_gpu_budget,
                       num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                       head_dim=config.head_dim)
+    plan_faults(plan, kv_fault_reserve)
     if backend != "cuda":
         raise BackendUnavailable(f"kv_gpu_budget ({plan.device_blocks} blocks on the device, {plan.host_blocks} "
                                  f"on the host) needs backend='cuda': the {backend} runner keeps its KV in one memory")
 
 
 def make_runner(model: LoadedModel, backend: str, max_context: int | None, tensor_parallel: int = 1,
-                kv_gpu_budget: int | None = None, tp_processes: bool = False):
+                kv_gpu_budget: int | None = None, tp_processes: bool = False, kv_fault_reserve: int | None = None):
     """The :class:`~nexusrt.backends.base.ModelRunner` of ``backend`` for ``model`` (CpuRunner or
     CudaRunner); on the CPU, ``tensor_parallel`` > 1 runs it over that many in-process ranks, or
     with ``tp_processes`` over one worker process per rank, each opening ``model.origin`` (the
     weights the front already resolved and verified) and reading its shard. The caller has run
     :func:`check_tensor_parallel` (``nrt.LLM`` does, before reading the model).
-    ``kv_gpu_budget``: bytes of KV on the device, the rest on the pinned host tier (CUDA)."""
+    ``kv_gpu_budget``: bytes of KV on the device, the rest on the pinned host tier (CUDA);
+    ``kv_fault_reserve``: bytes of device KV the fault ring moves host blocks into (CUDA)."""
     # Each branch checks the fit before reading a byte of weights, not when the machine runs out.
-    check_kv_gpu_budget(model.config, backend, max_context, kv_gpu_budget)
+    check_kv_gpu_budget(model.config, backend, max_context, kv_gpu_budget, kv_fault_reserve)
     name = str(model.path or model.name)
     if backend == "cpu":
         from ..backends.cpu.model import CpuRunner
@@ -80,7 +85,8 @@ def make_runner(model: LoadedModel, backend: str, max_context: int | None, tenso
     from ..backends.cuda.runner import CudaRunner
 
     check_fit(model.config, backend, max_context, name)
-    return CudaRunner(model, rt, max_context=max_context, kv_gpu_budget=kv_gpu_budget)
+    return CudaRunner(model, rt, max_context=max_context, kv_gpu_budget=kv_gpu_budget,
+                      kv_fault_reserve=kv_fault_reserve)
 
 
 def stream_tokens(runner, session, ids, max_new_tokens, params, pieces):

@@ -50,6 +50,29 @@ def host_args(host) -> tuple:
     return (ptr(host[0]), ptr(host[1])) if host else ()
 
 
+FAULT_TAIL = " ptr i32"  # the fault-ring twins end with (ring words, ring capacity) after the host pair
+
+
+def check_fault_ring(fault_ring, host) -> tuple:
+    """The launch arguments of a fault-ring twin: ``fault_ring`` a :class:`~.fault_ring.DeviceRing`
+    whose ``requested`` words cover every block of ``host`` (the pair :func:`check_host_pools`
+    returned), or () for None. Refused without a host tier: only host blocks fault."""
+    if fault_ring is None:
+        return ()
+    from .fault_ring import DeviceRing
+
+    if not isinstance(fault_ring, DeviceRing):
+        raise ValueError(f"fault_ring must be a DeviceRing, got {type(fault_ring).__name__}")
+    if host is None:
+        raise ValueError("fault_ring: only host-tier blocks fault; give host_pools too")
+    layout = fault_ring.layout
+    check_tensor(fault_ring.words, "fault_ring.words", (layout.words,), "int32")
+    if layout.host_blocks != int(host[0].shape[0]):
+        raise ValueError(f"fault_ring tracks {layout.host_blocks} host blocks; the host pools hold "
+                         f"{int(host[0].shape[0])}")
+    return ptr(fault_ring.words), layout.capacity
+
+
 def check_state(block_table, pos) -> None:
     """The block table (int32, 1-d) and the device position word (int32)."""
     check_tensor(block_table, "block_table", None, "int32")

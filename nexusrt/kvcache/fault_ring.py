@@ -1,8 +1,10 @@
 """The fault ring's host half: its layout in device memory, the producer rule the kernels must
 follow, the drain loop with back-pressure, and the copy plan (host block -> free device block).
 
-Plain logic, no device; the kernel side (decode attention posting faults) is future work
-(``kernels/NOTES_host_tier.md``). :class:`RingModel` runs both halves step by step over one
+Plain logic, no device. The producers are the decode attention kernels' ``_host_fault`` twins
+(``kernels/cu/fault_ring.cuh``; :class:`DeviceRing` is the ring as their launcher takes it); the
+drain between decode steps is :mod:`.fault_plan` (what to do) and
+:mod:`nexusrt.backends.cuda.faults` (the device work). :class:`RingModel` runs both halves step by step over one
 int32 array laid out as the device ring is, so tests can interleave them at random.
 
 Layout (int32 words; each counter in its own 128-byte line so the producers' atomics and the
@@ -103,6 +105,15 @@ def drain(words: np.ndarray, layout: RingLayout, limit: int | None = None) -> li
         words[slot] = EMPTY
         words[TAIL] = np.int32(np.uint32((tail + 1) & 0xFFFFFFFF).view(np.int32))
     return out
+
+
+@dataclass(frozen=True)
+class DeviceRing:
+    """The ring as a launcher takes it: ``words`` int32 ``[layout.words]`` in device memory, laid
+    out by ``layout`` and uploaded from :meth:`RingLayout.initial` before the first launch."""
+
+    words: object
+    layout: RingLayout
 
 
 @dataclass(frozen=True)

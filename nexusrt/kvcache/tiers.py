@@ -14,8 +14,8 @@ device block (what a masked high bit would give a kernel that forgot the mask).
 
 Placement: the single-sequence runner puts the sequence's *oldest* logical blocks on the
 host (:func:`place_oldest_on_host`), so the blocks a decode step appends to, and the recent
-ones it reads most, stay in HBM; the fault ring (:mod:`.fault_ring`) will later move host
-blocks in ahead of use.
+ones it reads most, stay in HBM; with a reserve the fault ring (:mod:`.fault_ring`,
+:mod:`.fault_plan`) moves host blocks the decode kernels read into HBM.
 """
 
 from __future__ import annotations

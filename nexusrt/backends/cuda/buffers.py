@@ -16,6 +16,7 @@ from ...kernels.ops import sampling
 from ...kernels.ops.common import sm_count
 from ...kernels.ops.gemv import decode_shapes, plan_gemv
 from ...kvcache.blocks import BLOCK_SIZE, BlockPool, SequenceBlocks, blocks_for, pool_shape
+from ...kvcache.fault_ring import DeviceRing, RingLayout
 from ...kvcache.tiers import place_oldest_on_host
 
 TAG = "runner"
@@ -71,14 +72,17 @@ class RunnerBuffers(OwnedBuffers):
     """
 
     def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None,
-                 pool_blocks: int | None = None, host_blocks: int = 0):
+                 pool_blocks: int | None = None, host_blocks: int = 0, faults=None):
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
         (default ``max_context``; a runner adds room for the rows of a padded last chunk).
         ``pool_blocks``: a KV pool of that many blocks shared by many sequences (the batch
         runner writes ``block_table`` before each use) instead of one sequence's blocks.
         ``host_blocks``: that many of the sequence's blocks, its oldest, live in pinned host
         pools (``k_host_pools``/``v_host_pools``, read and written zero-copy; the table names
-        them ``~h``, :mod:`nexusrt.kvcache.tiers`), the rest in device pools (one sequence only)."""
+        them ``~h``, :mod:`nexusrt.kvcache.tiers`), the rest in device pools (one sequence only).
+        ``faults`` (a ``kvcache.fault_plan.FaultConfig``, with ``host_blocks``): the device pools get
+        ``faults.reserve_blocks`` more blocks after the sequence's own, no table entry naming them
+        yet, and ``fault_ring`` holds the ring the decode kernels post host blocks to (else None)."""
         super().__init__()
         d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
@@ -93,8 +97,11 @@ class RunnerBuffers(OwnedBuffers):
             self.dec_mlp = self._t(memory.empty((1, inter), "fp32", tag=TAG))
             self.logits = self._t(memory.empty((1, cfg.vocab_size), "fp32", tag=TAG))
             self.k_host_pools, self.v_host_pools = [], []
+            self.fault_ring = None
             if host_blocks and pool_blocks is not None:
                 raise ValueError("the host tier is built for one sequence's buffers only (not a shared pool)")
+            if faults is not None and not host_blocks:
+                raise ValueError("the fault ring moves host-tier blocks: it needs host_blocks > 0")
             if pool_blocks is None:
                 total = blocks_for(positions)
                 # One sequence holds every KV block: its oldest on the host tier, the rest on the
@@ -103,6 +110,10 @@ class RunnerBuffers(OwnedBuffers):
                 self.kv_blocks = SequenceBlocks(BlockPool(num_blocks), num_blocks)
                 self.kv_blocks.ensure(num_blocks * BLOCK_SIZE)
                 self.block_table = self._t(memory.from_numpy(place_oldest_on_host(total, host_blocks), tag=TAG))
+                if faults is not None:
+                    layout = RingLayout(faults.ring_slots, host_blocks)
+                    self.fault_ring = DeviceRing(self._t(memory.from_numpy(layout.initial(), tag="kv_fault")), layout)
+                    num_blocks += faults.reserve_blocks  # free device blocks the drain moves host blocks into
                 for _ in range(cfg.num_hidden_layers if host_blocks else 0):
                     self.k_host_pools.append(self._t(memory.pinned(pool_shape(host_blocks, hkv, d), "bf16", tag="kv_host")))
                     self.v_host_pools.append(self._t(memory.pinned(pool_shape(host_blocks, hkv, d), "bf16", tag="kv_host")))

@@ -25,11 +25,13 @@ from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
+from ...kvcache.fault_plan import RING_SLOTS, plan_faults
 from ...kvcache.tiers import plan_tiers
 from . import persistent
 from . import step as steps
 from .buffers import RING, RunnerBuffers
 from .chunks import BUCKETS, buckets_for, plan_chunks
+from .faults import FaultService
 from .weights import upload
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -66,10 +68,15 @@ class CudaRunner:
     """One sequence on the GPU. ``CudaRunner(model, runtime, max_context=None)``."""
 
     def __init__(self, model, rt, max_context: int | None = None, buckets: tuple[int, ...] = BUCKETS,
-                 progress=None, kv_gpu_budget: int | None = None):
+                 progress=None, kv_gpu_budget: int | None = None, kv_fault_reserve: int | None = None,
+                 kv_fault_ring_slots: int = RING_SLOTS):
         """``kv_gpu_budget``: bytes of KV kept on the device; the sequence's oldest blocks past it
-        live in pinned host memory, read zero-copy (:mod:`nexusrt.kvcache.tiers`). A budget
-        that cannot work is refused here, before any memory is taken."""
+        live in pinned host memory, read zero-copy (:mod:`nexusrt.kvcache.tiers`).
+        ``kv_fault_reserve``: bytes of device KV beyond the budget, free at first, that the fault
+        ring fills: decode attention posts the host blocks it reads to a ring of
+        ``kv_fault_ring_slots`` slots and the runner moves sealed ones into the reserve between
+        steps (:mod:`.faults`); None: host blocks stay zero-copy. A budget, reserve or ring that
+        cannot work is refused here, before any memory is taken."""
         cfg = model.config
         self.config, self.rt = cfg, rt
         _check_supported(cfg)
@@ -88,6 +95,7 @@ class CudaRunner:
         # The tier split is checked before a byte of weights moves (KvBudgetError).
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
+        self.fault_plan = plan_faults(self.kv_plan, kv_fault_reserve, kv_fault_ring_slots)
         # NEXUSRT_DECODE read (a bad value refused) before any upload, and its clash with a host tier.
         if persistent.decode_mode() == "persistent" and self.kv_plan.host_blocks:
             raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
@@ -99,7 +107,7 @@ class CudaRunner:
         self._sample_specs = None
         self.timings: dict = {}
         rt.device.make_current()
-        self.weights = self.buffers = self.lt = self._persistent = None
+        self.weights = self.buffers = self.lt = self._persistent = self._faults = None
         try:
             self.lt = LtContext(rt)  # fails first, with what to install, if cuBLASLt is missing
             t0 = time.perf_counter()
@@ -111,8 +119,10 @@ class CudaRunner:
                 self.timings["load"] = self.weights.load_report.as_dict()
             self.timings["upload_s"] = time.perf_counter() - t0
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
-                                         host_blocks=self.kv_plan.host_blocks)
+                                         host_blocks=self.kv_plan.host_blocks, faults=self.fault_plan)
             _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
+            if self.fault_plan is not None:
+                self._faults = FaultService(rt, cfg, self.buffers, self.fault_plan.reserve_blocks, self.stream)
             self._persistent = persistent.maybe_build(rt, cfg, self.weights, self.buffers)  # NEXUSRT_DECODE
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
@@ -162,7 +172,15 @@ class CudaRunner:
     # -- ModelRunner ----------------------------------------------------------------------------
     def reset(self) -> None:
         self.stream.synchronize()
+        if self._faults is not None:  # a pending copy must not read blocks the next prefill rewrites
+            self._faults.quiesce()
         self.position = 0
+
+    def service_faults(self, flush: bool = False) -> None:
+        """Let the fault ring's drain run (no-op without one): start or finish a service without
+        waiting for the compute stream, or with ``flush`` until what finished steps posted is moved."""
+        if self._faults is not None:
+            (self._faults.flush if flush else self._faults.service)(self.position)
 
     def _check_room(self, n: int) -> None:
         if n < 0:
@@ -200,6 +218,7 @@ class CudaRunner:
         self._set_word(self.buffers.pos, self.position)
         self._decode_graph(sample=False).replay()
         self.position += 1
+        self.service_faults()
 
     def last_logits(self) -> np.ndarray:
         self.stream.synchronize()
@@ -296,6 +315,8 @@ class CudaRunner:
                 token = self._wait_token(ring, slot)
                 ring[slot] = -1
                 got += 1
+                if self._faults is not None:  # the steps launched so far fill the cache to this length
+                    self._faults.service(ids.size + launched - 1)
                 if on_token(token):
                     break
         finally:
@@ -303,18 +324,26 @@ class CudaRunner:
             # Every launched step appended one token to the cache (the last sampled one is not in it).
             self.position = ids.size + launched - 1
             self.timings["host_launch_s"] = float(np.median(launch_s)) if launch_s else 0.0
+        self.service_faults(flush=True)  # the report's counts cover every step of this call
         return got
 
     def kv_tiers(self) -> dict:
         """Blocks on each tier (the ``kv`` report): one sequence holds every block, its oldest
-        on the host. Zero-copy reads move no pages, so faults and bytes moved stay 0 until the
-        fault ring exists."""
-        return {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
-                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
-                "faults_serviced": 0, "bytes_moved": 0}
+        on the host as placed. Without a fault ring zero-copy reads move nothing (the fault
+        figures stay 0); with one, the figures since the runner was made (:meth:`FaultService.counts`)."""
+        out = {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
+               "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
+               "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "faults_left": 0, "bytes_moved": 0}
+        if self._faults is not None:
+            out.update(self._faults.counts(), host_mode="fault-ring",
+                       blocks_reserve=self.fault_plan.reserve_blocks, ring_slots=self.fault_plan.ring_slots)
+        return out
 
     def close(self) -> None:
         steps.close_graphs(self.stream, self._graphs)
+        if self._faults is not None:  # its copies write the pools: done before they are freed
+            self._faults.free()
+            self._faults = None
         if self._persistent is not None:
             self._persistent.free()
             self._persistent = None

@@ -80,8 +80,8 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
                 eps=eps, rows=True), [qkv, meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
-            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i)),
-            [q, b.k_pools[i], b.v_pools[i]], [attn])
+            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
+            fault_ring=b.fault_ring), [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=x, workspace=b.gemv_ws),
                [attn, lw.o], [x])
         ch.add(f"{p}.gate_up", gv.gemv(rt, mlp, lw.gate_up, x, n=inter, k=h, norm_weight=lw.mlp_norm, eps=eps,

@@ -26,6 +26,8 @@
 // The host-tier twins (attention_decode_host_*) take the same arguments plus k_host, v_host
 // (the layer's host-tier pools) at the end. There are no rows twins: the batched engine has
 // no host tier (the one-sequence path only).
+// The fault-ring twins (attention_decode_host_fault_*) take the host twins' arguments plus ring
+// (int32 words, kvcache/fault_ring.py layout) and ring_capacity (its slots, a power of two).
 #define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
         const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
@@ -58,6 +60,17 @@
                                                k_host, v_host);                                     \
     }
 
+#define NRT_DECODE_HOST_FAULT(D, GM, EXACT, NAME)                                                   \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
+        const __nv_bfloat16* v_host, int* ring, int ring_capacity) {                                \
+        decode_impl<D, GM, EXACT, false, true, float, false, true>(                                 \
+            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
+            scale, 0, 0, k_host, v_host, nullptr, nullptr, 0, ring, ring_capacity);                 \
+    }
+
 #define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
     MACRO(D, 1, true, PREFIX##_d##D##_g1)                                                           \
     MACRO(D, 2, true, PREFIX##_d##D##_g2)                                                           \
@@ -72,3 +85,5 @@ NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(64, NRT_DECODE_HOST, attention_decode_host)
 NRT_DECODE_ALL_G(128, NRT_DECODE_HOST, attention_decode_host)
+NRT_DECODE_ALL_G(64, NRT_DECODE_HOST_FAULT, attention_decode_host_fault)
+NRT_DECODE_ALL_G(128, NRT_DECODE_HOST_FAULT, attention_decode_host_fault)

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "attn_common.cuh"
+#include "fault_ring.cuh"
 
 namespace {
 
@@ -44,15 +45,22 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // float2 [rows][Hq]; attention_scores_rows then turns them into probabilities. The scores fall
 // out of the loop that reads K anyway: no second pass over the cache. kScores = false compiles
 // every one of these stores away (the other kernels' machine code is unchanged).
-template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false>
+// kFault (one-sequence host-tier kernels only): the blocks of KV head 0 also post every host block
+// of their split to the fault ring (fault_ring.cuh; ring int32 words, ring_capacity slots), so the
+// host drain can move it into HBM for later steps; this step still reads it zero-copy.
+// kFault = false compiles the posting away.
+template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false,
+          bool kFault = false>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
     float* __restrict__ ws_acc, float2* __restrict__ ws_ml, int* __restrict__ tickets, int Hkv, int G,
     int max_splits, float scale, int table_stride, int fixed_chunk,
     const __nv_bfloat16* __restrict__ k_host, const __nv_bfloat16* __restrict__ v_host,
-    float* s_raw = nullptr, float2* s_ml = nullptr, int s_stride = 0) {
+    float* s_raw = nullptr, float2* s_ml = nullptr, int s_stride = 0, int* ring = nullptr,
+    int ring_capacity = 0) {
     static_assert(kRows || !kScores, "scores are written by the rows kernels only");
+    static_assert(!kFault || (kHost && !kRows), "faults are posted by the one-sequence host-tier kernels only");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -123,6 +131,13 @@ __device__ __forceinline__ void decode_impl(
     };
     // The first step's older rows stream in while rope_append still runs; then wait for it.
     load_step(start, true);
+    if constexpr (kFault) {
+        // Every KV head reads the same table entries: head 0's blocks post for all of them,
+        // while the first loads are in flight. The table is written by no kernel (PDL-safe).
+        if (kvh == 0)
+            nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
+                                       ring_capacity, tid, kThreads);
+    }
     nrt::pdl_enter();
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import HOST_TAIL, check_host_pools, check_pools, check_rows, check_state, host_args
+from ...kvcache.checks import (FAULT_TAIL, HOST_TAIL, check_fault_ring, check_host_pools, check_pools, check_rows,
+                               check_state, host_args)
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
@@ -31,14 +32,19 @@ ROWS_HOST_REFUSAL = ("host_pools: the host tier is for the one-sequence path; th
                      "kernels read device-resident KV blocks only")
 
 
-def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False, scores: bool = False) -> str:
+def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False, scores: bool = False,
+                fault: bool = False) -> str:
     """The instantiation serving ``group``: exact for 1, 2, 4, 8; bounded (run-time G) else.
     ``host``: the twin that also reads host-tier blocks (negative table entries) zero-copy
-    (one-sequence only: there is no rows twin); ``scores`` (rows only): the twin that also writes
-    each key's score (h2o)."""
+    (one-sequence only: there is no rows twin); ``fault`` (with ``host``): the twin that also posts
+    those blocks to the fault ring; ``scores`` (rows only): the twin that also writes each key's
+    score (h2o)."""
     if rows and host:
         raise ValueError(ROWS_HOST_REFUSAL)
+    if fault and not host:
+        raise ValueError("fault: only the host-tier twins post faults (host=True)")
     prefix = ("attention_decode_rows" if rows else "attention_decode") + ("_host" if host else "")
+    prefix += "_fault" if fault else ""
     prefix += "_scores" if scores else ""
     if group in (1, 2, 4, 8):
         return f"{prefix}_d{head_dim}_g{group}"
@@ -105,7 +111,7 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
                      scale: float | None = None, fixed_chunk: int = 0, host_pools=None,
-                     scores: ScoresWorkspace | None = None) -> LaunchSpec:
+                     scores: ScoresWorkspace | None = None, fault_ring=None) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
@@ -122,6 +128,10 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     ``[host_blocks, Hkv, BLOCK_SIZE, D]``); table entries ``~h`` (negative) name host block ``h``
     (``kvcache.tiers``) and are read zero-copy. None: every entry is a device block (the
     original kernels, unchanged). The one-sequence path only: refused with a rows workspace.
+
+    ``fault_ring`` (a ``kvcache.fault_ring.DeviceRing``, with ``host_pools``): the twin that also posts
+    every host block a split reads to the ring (the producer rule of ``kvcache/fault_ring.py``) so
+    the runner's drain can move it into HBM; this launch still reads it zero-copy.
 
     ``scores`` (rows only, device pools only): the twin that also writes each key's raw score
     and each head's softmax state to the :class:`ScoresWorkspace` (h2o KV pruning); follow it
@@ -145,6 +155,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     host = check_host_pools(host_pools, num_kv_heads, head_dim)
     if rows and host:
         raise ValueError(ROWS_HOST_REFUSAL)
+    ring_args = check_fault_ring(fault_ring, host)
     if rows:
         check_rows(block_table, pos, rows)
     if fixed_chunk < 0 or fixed_chunk % tokens_per_step(head_dim, group):
@@ -158,12 +169,13 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     if scores is not None:  # rows only, so device blocks only (a rows host tier is refused above)
         check_scores(scores, rows, num_q_heads)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None)
-    signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "")
+    name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None,
+                       fault=bool(ring_args))
+    signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "") + (FAULT_TAIL if ring_args else "")
     signature = SCORES_SIGNATURE if scores is not None else signature
     kernel = rt.kernels.get(SOURCE if scores is None else SCORES_SOURCE, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
-    tail += host_args(host)
+    tail += host_args(host) + ring_args
     tail += (ptr(scores.raw), ptr(scores.ml), scores.stride) if scores is not None else ()
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,

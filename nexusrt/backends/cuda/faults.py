@@ -1,0 +1,133 @@
+"""The fault ring's drain on the device: between decode steps the one-sequence runner calls
+:meth:`FaultService.service`, which never waits for the compute stream.
+
+Each call finishes what the last one started and starts the next (:mod:`nexusrt.kvcache.fault_plan`
+decides, this module issues), all on the ``control`` stream (the highest priority):
+
+1. a snapshot: the control stream waits for the compute stream's work so far, then copies the
+   ring's words into a pinned mirror; the next call drains the mirror once that copy is done
+   (the ring is read while later steps still post: the drain rule stops at a claimed slot whose
+   id has not landed, and the drain alone writes ``tail``, so a racing read loses nothing);
+2. for the drained ids, on the control stream behind the compute stream's work so far: EMPTY
+   into the consumed slots then the new ``tail`` (slots free for producers again), per move a
+   host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one copy), then its table entry (a kernel
+   reads either ``~h``, still valid, or the filled device block), then ``requested[h] = 0``;
+3. a moved host block returns to the host tier only after the compute stream has passed an
+   event recorded once the table writes were seen complete, so no kernel still reads it.
+
+:meth:`quiesce` waits for the control stream: the runner calls it before a new sequence's
+prefill writes blocks a pending copy could still read, and before freeing the pools.
+"""
+
+from __future__ import annotations
+
+from ... import memory
+from ...driver.calls import call
+from ...driver.streams import Event
+from ...kvcache.fault_plan import FaultDrain
+from ...kvcache.fault_ring import EMPTY, ENTRIES, TAIL
+from ...kvcache.tiers import block_bytes
+
+TAG = "kv_fault"
+
+
+class FaultService:
+    """The drain of ``buffers.fault_ring`` for a runner whose device pools hold
+    ``reserve_blocks`` free blocks after the sequence's own; ``compute`` is the runner's stream."""
+
+    def __init__(self, rt, cfg, buffers, reserve_blocks: int, compute):
+        ring = buffers.fault_ring
+        self.rt, self.b, self.ring, self.compute = rt, buffers, ring, compute
+        self.control = rt.streams["control"]
+        self.layer_block_bytes = buffers.k_host_pools[0].nbytes // ring.layout.host_blocks  # one layer's K (or V)
+        self.drain = FaultDrain.for_sequence(ring.layout, buffers.block_table.to_numpy().reshape(-1), reserve_blocks,
+                                             block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
+        self.mirror = memory.pinned((ENTRIES + ring.layout.capacity,), "int32", tag=TAG)
+        self._snapshot: Event | None = None
+        self._table_done: list[tuple[Event, list[int]]] = []  # table writes issued, host blocks moved
+        self._passed: list[tuple[Event, list[int]]] = []  # the compute stream's mark after them
+
+    # -- the calls between steps ------------------------------------------------------------
+    def service(self, written_tokens: int) -> None:
+        """Drain the last snapshot if its copy is done (moving sealed blocks below
+        ``written_tokens``, the cache length the steps enqueued so far write), then take the next."""
+        self._retire()
+        if self._snapshot is not None:
+            if not self._snapshot.query():
+                return
+            self._snapshot.destroy()
+            self._snapshot = None
+            self._issue(self.drain.service(self.mirror.array.copy(), written_tokens))
+        self._behind_compute()
+        call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, self.control.handle)
+        self._snapshot = Event(self.rt.backend, timing=False).record(self.control)
+
+    def flush(self, written_tokens: int, rounds: int = 3) -> None:
+        """Service until what the finished steps posted is moved and retired (tests, reports)."""
+        self.compute.synchronize()
+        for _ in range(rounds):
+            self.service(written_tokens)
+            self.control.synchronize()
+        self._retire()
+        self.compute.synchronize()
+        self._retire()
+
+    def quiesce(self) -> None:
+        self.control.synchronize()
+        self._retire()
+
+    def counts(self) -> dict:
+        c = self.drain.counts
+        return {"faults_posted": c.posted, "faults_serviced": c.serviced, "faults_overflow": c.overflow,
+                "faults_left": c.left, "bytes_moved": c.bytes_moved,
+                "blocks_reserve_free": self.drain.pool.device.num_free}
+
+    def free(self) -> None:
+        try:
+            self.control.synchronize()
+        finally:
+            for ev in [self._snapshot] + [e for e, _ in self._table_done + self._passed]:
+                if ev is not None:
+                    ev.destroy()
+            self._snapshot, self._table_done, self._passed = None, [], []
+            self.mirror.free()
+
+    # -- the device work --------------------------------------------------------------------
+    def _behind_compute(self) -> None:
+        """Hold the control stream's next work until the compute stream's work so far is done."""
+        ev = Event(self.rt.backend, timing=False).record(self.compute)
+        ev.wait_by(self.control)
+        ev.destroy()  # released by the driver once the wait no longer needs it
+
+    def _store(self, word: int, value: int) -> None:
+        call("cuMemsetD32Async", self.ring.words.ptr + 4 * word, int(value) & 0xFFFFFFFF, 1, self.control.handle)
+
+    def _issue(self, plan) -> None:
+        if not plan.cleared:
+            return
+        self._behind_compute()  # the copies must see every row the enqueued steps write
+        for slot in plan.slots:
+            self._store(slot, int(EMPTY))
+        self._store(TAIL, plan.tail)
+        size = self.layer_block_bytes
+        for h, d, count in self.drain.runs(plan.moves):
+            for host, dev in zip(self.b.k_host_pools + self.b.v_host_pools, self.b.k_pools + self.b.v_pools):
+                call("cuMemcpyHtoDAsync", dev.ptr + d * size, host.ptr + h * size, count * size, self.control.handle)
+        for index, device in plan.table_writes:
+            call("cuMemsetD32Async", self.b.block_table.ptr + 4 * index, device, 1, self.control.handle)
+        for h in plan.cleared:
+            self._store(self.ring.layout.requested + h, 0)
+        if plan.moves:
+            ev = Event(self.rt.backend, timing=False).record(self.control)
+            self._table_done.append((ev, [m.host for m in plan.moves]))
+
+    def _retire(self) -> None:
+        """Table writes seen done get a mark on the compute stream; marks passed free host blocks."""
+        for ev, hosts in [x for x in self._passed if x[0].query()]:
+            self._passed.remove((ev, hosts))
+            ev.destroy()
+            self.drain.release(hosts)
+        for ev, hosts in [x for x in self._table_done if x[0].query()]:
+            self._table_done.remove((ev, hosts))
+            ev.destroy()
+            self._passed.append((Event(self.rt.backend, timing=False).record(self.compute), hosts))

@@ -1,0 +1,162 @@
+"""The fault ring's host drain between decode steps, as plain logic (no device): the knobs'
+checks, the drain's own state (the tail it owns, the counts) and what one service does to the
+table. :mod:`nexusrt.backends.cuda.faults` issues the device work this plans.
+
+One sequence holds every block of its table (the one-sequence runner): its own device blocks,
+its host blocks (the oldest), and a *reserve* of free device blocks the drain moves host blocks
+into. A block is moved only once it is **sealed**: every slot of it lies below the tokens the
+steps enqueued so far write, so no later kernel appends to it; the copy of a block still being
+appended to could miss a row written between the copy and the table write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocks import BLOCK_SIZE
+from .fault_ring import ENTRIES, HEAD, OVERFLOW, TAIL, Move, RingLayout, _u32, apply_moves, drain, plan_copies
+from .tiers import KvBudgetError, TierPlan, TieredBlockPool, encode_host
+
+RING_SLOTS = 4096  # default capacity (16 KiB): the host half of a 128k context posts in one step
+MAX_RING_SLOTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """The fault ring of a runner: ``reserve_blocks`` free device blocks to fill, ``ring_slots``."""
+
+    reserve_blocks: int
+    ring_slots: int
+
+
+def plan_faults(plan: TierPlan, kv_fault_reserve, ring_slots: int = RING_SLOTS) -> FaultConfig | None:
+    """The fault ring for tier split ``plan`` with ``kv_fault_reserve`` bytes of device KV kept
+    free for blocks it moves in (None: no ring, host blocks stay zero-copy). Refused with
+    :class:`KvBudgetError`, before any work: a reserve that is not a byte count, below one block
+    (``plan.block_bytes``, every layer's K and V), above the host tier (it could never fill), or
+    given without a host tier; a ring that is not a positive power of two up to 2**20 slots."""
+    if kv_fault_reserve is None:
+        return None
+    if isinstance(kv_fault_reserve, bool) or not isinstance(kv_fault_reserve, (int, np.integer)):
+        raise KvBudgetError(f"kv_fault_reserve must be a byte count (int), got {kv_fault_reserve!r}")
+    reserve = int(kv_fault_reserve)
+    if not plan.host_blocks:
+        raise KvBudgetError("kv_fault_reserve needs a host tier: give a kv_gpu_budget below the context's KV")
+    if reserve < plan.block_bytes:
+        raise KvBudgetError(f"kv_fault_reserve {reserve} bytes is below one KV block ({plan.block_bytes} bytes: "
+                            f"every layer's K and V of {BLOCK_SIZE} tokens)")
+    if reserve > plan.host_bytes:
+        raise KvBudgetError(f"kv_fault_reserve {reserve} bytes is more than the host tier holds ({plan.host_bytes} "
+                            f"bytes, {plan.host_blocks} blocks): the rest could never fill; give at most that")
+    if isinstance(ring_slots, bool) or not isinstance(ring_slots, (int, np.integer)) or ring_slots > MAX_RING_SLOTS:
+        raise KvBudgetError(f"the fault ring's slots must be an int up to {MAX_RING_SLOTS}, got {ring_slots!r}")
+    try:
+        RingLayout(int(ring_slots), plan.host_blocks)
+    except ValueError as exc:
+        raise KvBudgetError(f"fault ring: {exc}") from None
+    return FaultConfig(reserve // plan.block_bytes, int(ring_slots))
+
+
+def split_sealed(ids, table: np.ndarray, written_tokens: int) -> tuple[list[int], list[int]]:
+    """Host ids whose block lies wholly below ``written_tokens`` (movable), and the others (still
+    appended to, or named by no entry of ``table``: :func:`plan_copies` leaves those)."""
+    sealed, open_ = [], []
+    for h in ids:
+        where = np.flatnonzero(table == encode_host(h))
+        (open_ if where.size and (int(where[-1]) + 1) * BLOCK_SIZE > written_tokens else sealed).append(h)
+    return sealed, open_
+
+
+@dataclass
+class FaultCounts:
+    """The ``kv`` report's fault figures: posts the kernels made (``posted``), refused for a full
+    ring (``overflow``), moved into HBM (``serviced``), drained but left on the host (``left``:
+    no free device block, or not sealed yet; a later read posts them again), and bytes copied."""
+
+    posted: int = 0
+    overflow: int = 0
+    serviced: int = 0
+    left: int = 0
+    bytes_moved: int = 0
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service's device work, in this order: store EMPTY at ``slots``, store ``tail``; per move
+    copy the host block's K and V of every layer to its device block, then store ``table_writes``
+    (logical block, device block); then clear ``requested`` of every id in ``cleared``."""
+
+    slots: list[int]
+    tail: int
+    moves: list[Move]
+    table_writes: list[tuple[int, int]]
+    cleared: list[int]
+
+
+@dataclass
+class FaultDrain:
+    """The drain's state over one sequence's ``table`` (a host copy of the device table, kept in
+    step with it) and ``pool`` (its device blocks plus the reserve, its host blocks held).
+
+    :meth:`take` reads a snapshot of the ring words; the drain owns ``tail`` (no kernel writes
+    it), so it keeps its own copy instead of trusting the snapshot's."""
+
+    layout: RingLayout
+    pool: TieredBlockPool
+    table: np.ndarray
+    block_bytes: int
+    tail: int = 0
+    counts: FaultCounts = field(default_factory=FaultCounts)
+    _head: int = 0
+
+    @classmethod
+    def for_sequence(cls, layout: RingLayout, table: np.ndarray, reserve_blocks: int, block_bytes: int) -> "FaultDrain":
+        """The drain of a one-sequence ``table`` (``tiers.place_oldest_on_host``: device blocks
+        ``0 ..`` and host blocks ``0 ..``) with ``reserve_blocks`` free device blocks after its own."""
+        device = int((table >= 0).sum())
+        pool = TieredBlockPool(device + reserve_blocks, layout.host_blocks)
+        if pool.device.alloc(device) != table[table >= 0].tolist():
+            raise ValueError("the table's device blocks must be 0 .. n-1 in order")
+        if pool.alloc_host(layout.host_blocks) != table[table < 0].tolist():
+            raise ValueError("the table's host blocks must be every host block in order")
+        return cls(layout, pool, table.copy(), block_bytes)
+
+    def service(self, snapshot: np.ndarray, written_tokens: int) -> Service:
+        """Drain ``snapshot`` (the ring's words up to the entries, read from the device) and plan
+        the moves of the sealed ids below ``written_tokens`` into free reserve blocks."""
+        words = np.array(snapshot[:ENTRIES + self.layout.capacity], dtype=np.int32)
+        head = _u32(words[HEAD])
+        self.counts.posted += (head - self._head) & 0xFFFFFFFF
+        self._head = head
+        self.counts.overflow = _u32(words[OVERFLOW])
+        start = self.tail
+        words[TAIL] = np.uint32(start).view(np.int32)
+        ids = drain(words, self.layout)
+        self.tail = (start + len(ids)) & 0xFFFFFFFF
+        slots = [ENTRIES + (start + i) % self.layout.capacity for i in range(len(ids))]
+        sealed, open_ = split_sealed(ids, self.table, written_tokens)
+        moves, left = plan_copies(sealed, self.pool, [self.table])
+        writes = [(int(np.flatnonzero(self.table == encode_host(m.host))[0]), m.device) for m in moves]
+        apply_moves([self.table], moves)
+        self.counts.serviced += len(moves)
+        self.counts.left += len(left) + len(open_)
+        self.counts.bytes_moved += len(moves) * self.block_bytes
+        return Service(slots, self.tail, moves, writes, ids)
+
+    def runs(self, moves: list[Move]) -> list[tuple[int, int, int]]:
+        """``moves`` as copies ``(host block, device block, count)``: consecutive host blocks going to
+        consecutive device blocks share one copy per layer and K/V (ring order is mostly split order,
+        and the reserve hands out blocks in order), so a service of many blocks is few driver calls."""
+        out: list[list[int]] = []
+        for m in moves:
+            if out and m.host == out[-1][0] + out[-1][2] and m.device == out[-1][1] + out[-1][2]:
+                out[-1][2] += 1
+            else:
+                out.append([m.host, m.device, 1])
+        return [tuple(r) for r in out]
+
+    def release(self, hosts) -> None:
+        """Return moved host blocks to the host tier (once no kernel can still read them)."""
+        self.pool.free([encode_host(h) for h in hosts])

@@ -1,0 +1,333 @@
+"""The fault ring's drain between decode steps, on the CPU: the knobs' refusals, the drain's plan
+(sealed blocks only, the reserve's limit, back-pressure counts), the device work of
+backends/cuda/faults.py run against CPU memory (a fake driver that executes each stream
+operation at once), and the _host_fault kernels' build and launcher."""
+
+from __future__ import annotations
+
+import ctypes
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nexusrt.kernels.compiler import compile_file
+from nexusrt.kernels.ops import attention_decode as dec
+from nexusrt.kvcache import fault_ring as fr
+from nexusrt.kvcache.blocks import pool_shape
+from nexusrt.kvcache.fault_plan import FaultDrain, MAX_RING_SLOTS, plan_faults, split_sealed
+from nexusrt.kvcache.tiers import KvBudgetError, TierPlan, block_bytes, place_oldest_on_host
+
+from fakes import FakeRuntime, tensor
+
+UNIT = 1000  # bytes of one logical block in the plans below
+
+
+def _post_all(model: fr.RingModel, ids) -> list[str]:
+    out = []
+    for h in ids:
+        gen = model.producer(h)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            out.append(stop.value)
+    return out
+
+
+# ---------------------------------------------------------------------------- the knobs
+def test_plan_faults_refuses_bad_knobs_before_any_work():
+    plan = TierPlan(device_blocks=6, host_blocks=4, block_bytes=UNIT)
+    assert plan_faults(plan, None) is None
+    cfg = plan_faults(plan, 2 * UNIT + UNIT - 1, 8)
+    assert (cfg.reserve_blocks, cfg.ring_slots) == (2, 8)
+    for reserve, slots, words in ((UNIT, 3, "power of two"), (UNIT, 0, "power of two"),
+                                  (UNIT, MAX_RING_SLOTS * 2, "up to"), (UNIT, 4.0, "an int"),
+                                  (UNIT - 1, 8, "below one KV block"), (4 * UNIT + 1, 8, "more than the host tier"),
+                                  ("1G", 8, "byte count"), (True, 8, "byte count")):
+        with pytest.raises(KvBudgetError, match=words):
+            plan_faults(plan, reserve, slots)
+    with pytest.raises(KvBudgetError, match="needs a host tier"):
+        plan_faults(TierPlan(10, 0, UNIT), UNIT)
+
+
+def test_llm_and_cli_refuse_a_reserve_without_a_host_tier(cpu_rt):
+    import subprocess
+    import sys
+
+    import nexusrt as nrt
+
+    with pytest.raises(KvBudgetError, match="needs a host tier"):
+        nrt.LLM("synthetic:tiny", backend="cpu", max_context=256, kv_fault_reserve=1 << 20)
+    assert nrt.memory.stats()["in_use_bytes"] == 0
+    r = subprocess.run([sys.executable, "-m", "nexusrt.cli.main", "generate", "--model", "synthetic:tiny",
+                        "--backend", "cpu", "--prompt", "hi", "--kv-fault-reserve", "lots"],
+                       capture_output=True, text=True, timeout=120, env={"NEXUSRT_BACKEND": "cpu", "PYTHONPATH": ".",
+                                                                         "PATH": ""})
+    assert r.returncode != 0 and "--kv-fault-reserve must be a size" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- the plan
+def test_only_sealed_blocks_move():
+    table = place_oldest_on_host(6, 3)  # host blocks 0, 1, 2 hold tokens 0..47
+    assert split_sealed([0, 1, 2], table, 32) == ([0, 1], [2])  # block 2 still takes tokens 32..47
+    assert split_sealed([2, 0], table, 48) == ([2, 0], [])
+    assert split_sealed([1], table, 0) == ([], [1])
+
+
+def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
+    layout = fr.RingLayout(2, 4)
+    model = fr.RingModel(layout)
+    drain = FaultDrain.for_sequence(layout, place_oldest_on_host(7, 4), reserve_blocks=2, block_bytes=UNIT)
+    assert _post_all(model, [0, 1, 2]) == ["posted", "posted", "overflow"]  # a ring of 2: back-pressure
+    s = drain.service(model.words, written_tokens=24)  # block 1 (tokens 16..31) is still appended to
+    assert [(m.host, m.device) for m in s.moves] == [(0, 3)] and s.table_writes == [(0, 3)]
+    assert s.cleared == [0, 1] and s.tail == 2 and s.slots == [fr.ENTRIES, fr.ENTRIES + 1]
+    assert drain.table.tolist() == [3, -2, -3, -4, 0, 1, 2]
+    # The drain's stores, as the device work makes them, then more posts.
+    model.words[s.slots] = fr.EMPTY
+    model.words[fr.TAIL] = s.tail
+    model.words[layout.requested + np.array(s.cleared)] = 0
+    assert _post_all(model, [1, 2]) == ["posted", "posted"]
+    s = drain.service(model.words, written_tokens=64)
+    assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and s.cleared == [1, 2]  # 2: the reserve is full
+    c = drain.counts
+    assert (c.posted, c.overflow, c.serviced, c.left, c.bytes_moved) == (4, 1, 2, 2, 2 * UNIT)
+    assert drain.runs([fr.Move(0, 3), fr.Move(1, 4), fr.Move(5, 5), fr.Move(2, 6), fr.Move(3, 7)]) == \
+        [(0, 3, 2), (5, 5, 1), (2, 6, 2)]
+    drain.release([0, 1])
+    assert drain.pool.audit() == {"device_blocks": 5, "host_blocks": 4, "device_used": 5, "host_used": 2}
+    with pytest.raises(ValueError, match="in order"):
+        FaultDrain.for_sequence(layout, np.array([-2, -1, 0], np.int32), 1, UNIT)
+
+
+# ---------------------------------------------------------------------------- the device work
+class _CpuDriver:
+    """The driver calls faults.py makes, executed at once on CPU memory (every stream in order)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, *args):
+        self.calls.append(name)
+        if name in ("cuMemcpyDtoHAsync", "cuMemcpyHtoDAsync"):
+            dst, src, n, _ = args
+            ctypes.memmove(dst, src, n)
+        elif name == "cuMemsetD32Async":
+            ptr, value, count, _ = args
+            (ctypes.c_uint32 * count).from_address(ptr)[:] = [value] * count
+        else:
+            raise AssertionError(f"unexpected driver call {name}")
+
+
+def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_rt, monkeypatch):
+    import nexusrt as nrt
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=64)
+    layout = fr.RingLayout(4, 4)
+    rng = np.random.default_rng(0)
+    host = [nrt.memory.pinned(pool_shape(4, 2, 64), "bf16") for _ in range(4)]
+    for t in host:
+        t.array[...] = rng.standard_normal(t.shape).astype(t.array.dtype)
+    dev = [nrt.memory.zeros(pool_shape(3 + 2, 2, 64), "bf16") for _ in range(4)]
+    b = SimpleNamespace(k_host_pools=host[:2], v_host_pools=host[2:], k_pools=dev[:2], v_pools=dev[2:],
+                        block_table=nrt.memory.from_numpy(place_oldest_on_host(7, 4)),
+                        fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
+    svc = faults.FaultService(cpu_rt, cfg, b, 2, cpu_rt.streams["compute"])
+    model = fr.RingModel(layout)
+    model.words = b.fault_ring.words.array  # the kernels' posts land in the device words
+    try:
+        assert _post_all(model, [2, 0, 1]) == ["posted"] * 3
+        svc.flush(written_tokens=40)  # blocks 0 and 1 are sealed, block 2 (tokens 32..47) is not
+        assert b.block_table.to_numpy().tolist() == [3, 4, -3, -4, 0, 1, 2]
+        for d, h in zip(dev, host):
+            assert np.array_equal(d.to_numpy()[3:5].view(np.uint16), h.to_numpy()[0:2].view(np.uint16))
+            assert not d.to_numpy()[:3].view(np.uint16).any()
+        w = b.fault_ring.words.to_numpy()
+        assert w[fr.HEAD] == w[fr.TAIL] == 3 and (w[fr.ENTRIES:fr.ENTRIES + 4] == fr.EMPTY).all()
+        assert not w[layout.requested:].any()  # every drained block may post again
+        counts = svc.counts()
+        assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
+        assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
+        assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
+        assert driver.calls.count("cuMemcpyHtoDAsync") == 4  # one run of two blocks: K and V of two layers
+    finally:
+        svc.free()
+        for t in host + dev + [b.block_table, b.fault_ring.words]:
+            t.free()
+    assert nrt.memory.stats()["in_use_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------- the kernels
+def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
+    cubin = compile_file("attention_decode", "sm_90a").cubin
+    names = {dec.kernel_name(d, g, host=True, fault=True) for d in dec.HEAD_DIMS for g in range(1, 9)}
+    assert len(names) == 12 and all(n.encode() in cubin for n in names)
+    with pytest.raises(ValueError, match="host-tier twins"):
+        dec.kernel_name(128, 4, fault=True)
+    hq, hkv, d = 32, 8, 128
+    hp = []
+    for _ in range(2):
+        t = tensor(pool_shape(4, hkv, d), "bf16", ptr=0x7000)
+        t.device, t.pinned = False, True
+        hp.append(t)
+    ws = dec.DecodeWorkspace(tensor((hkv, 4, 4, d), "fp32"), tensor((hkv, 4, 4, 2), "fp32"),
+                             tensor((hkv,), "int32"), 4)
+    pool = tensor(pool_shape(10, hkv, d), "bf16")
+    layout = fr.RingLayout(16, 4)
+    ring = fr.DeviceRing(tensor((layout.words,), "int32", ptr=0x9000), layout)
+    rt = FakeRuntime()
+    args = (rt, tensor((hq, d), "fp32"), tensor((hq * d,), "fp32"), pool, pool, tensor((10,), "int32"),
+            tensor((1,), "int32"), ws)
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    spec = dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=ring)
+    assert rt.asked[-1][1] == "attention_decode_host_fault_d128_g4" and rt.asked[-1][2].endswith("ptr ptr ptr i32")
+    assert spec.args[-4:] == (0x7000, 0x7000, 0x9000, 16)
+    with pytest.raises(ValueError, match="give host_pools"):
+        dec.attention_decode(*args, **heads, fault_ring=ring)
+    with pytest.raises(ValueError, match="tracks 5 host blocks"):
+        dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=fr.DeviceRing(
+            tensor((fr.RingLayout(16, 5).words,), "int32"), fr.RingLayout(16, 5)))
+    with pytest.raises(ValueError, match="fault_ring.words has shape"):
+        dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=fr.DeviceRing(
+            tensor((7,), "int32"), layout))
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (6, 2, 64)])
+@pytest.mark.parametrize("seq_len, capacity", [(100, 64), (1000, 64), (4097, 1)])
+def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_rt, hq, hkv, d, seq_len, capacity):
+    import nexusrt as nrt
+    from nexusrt.kvcache.blocks import blocks_for
+    from test_kv_host_tier import BF16, _tier
+
+    rng = np.random.default_rng(seq_len + d)
+    n = blocks_for(seq_len)
+    k = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    v = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    table = rng.permutation(n).astype(np.int32)
+    q = nrt.memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
+    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 8192, 132))
+    tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))
+    host = []
+    for a in (hk, hv):
+        t = nrt.memory.pinned(a.shape, "bf16")
+        t.copy_from(a)
+        host.append(t)
+    layout = fr.RingLayout(capacity, hk.shape[0])
+    ring = fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout)
+    outs = []
+    for fault_ring in (None, ring):
+        out = nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32))
+        dec.attention_decode(gpu_rt, q, out, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
+                             nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=tuple(host),
+                             fault_ring=fault_ring).launch()
+        outs.append(out.to_numpy())
+    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
+    w = ring.words.to_numpy()
+    posted = min(capacity, hk.shape[0])
+    assert w[fr.HEAD] == posted and w[fr.TAIL] == 0
+    entries = w[fr.ENTRIES:fr.ENTRIES + capacity][:posted]
+    assert len(set(entries.tolist())) == posted and set(entries.tolist()) <= set(range(hk.shape[0]))
+    assert w[fr.OVERFLOW] >= hk.shape[0] - posted  # a full ring refuses, never waits
+    assert (w[layout.requested + entries] == 1).all()
+
+
+def _reserve(runner, blocks: int) -> int:
+    return blocks * runner.kv_plan.block_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_fault_ring_runner_matches_all_device_and_moves_blocks(variant, gpu_rt, tmp_path_factory):
+    from nexusrt.reference.sampling import SamplingParams
+    from test_cuda_model import _checkpoint
+    from test_kv_host_tier import _runner
+
+    path = _checkpoint(variant, tmp_path_factory)
+    ids = np.random.default_rng(5).integers(0, 384, 70).astype(np.int32)
+    probe = _runner(path, 0.5)
+    reserve = _reserve(probe, probe.kv_plan.host_blocks)  # room for every host block
+    probe.close()
+    results, tiers = [], None
+    for kw in ({}, {"kv_fault_reserve": reserve}):
+        r = _runner(path, 0.5 if kw else 0, **kw)
+        try:
+            logits = r.forward_all(ids)
+            r.reset()
+            r.prefill(ids[:50])
+            steps = []
+            for t in ids[50:]:  # decode() services the ring after each step, concurrently with the next
+                steps.append(r.last_logits())
+                r.decode(int(t))
+            got = []
+            r.generate_tokens(ids[:60], 40, SamplingParams(temperature=0.0), lambda x: bool(got.append(x)))
+            results.append((logits, np.stack(steps), got))
+            if kw:
+                tiers = r.kv_tiers()
+                table = r.buffers.block_table.to_numpy()
+                assert (table < 0).sum() < r.kv_plan.host_blocks  # blocks migrated into the reserve
+                assert r._faults.drain.pool.audit()["host_used"] == (table < 0).sum()
+        finally:
+            r.close()
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert np.array_equal(l0, l1) and np.array_equal(s0, s1) and g0 == g1
+    assert tiers["host_mode"] == "fault-ring" and tiers["faults_posted"] > 0 and tiers["faults_serviced"] > 0
+    assert tiers["bytes_moved"] == tiers["faults_serviced"] * tiers["host_bytes"] // tiers["blocks_host"]
+
+
+@pytest.mark.gpu
+def test_a_one_slot_ring_overflows_without_a_hang_or_a_wrong_token(gpu_rt, tmp_path_factory):
+    from nexusrt.reference.sampling import SamplingParams
+    from test_cuda_model import _checkpoint
+    from test_kv_host_tier import _runner
+
+    path = _checkpoint("llama", tmp_path_factory)
+    ids = np.random.default_rng(7).integers(0, 384, 90).astype(np.int32)
+    outs = []
+    for frac, kw in ((0, {}), (0.5, {"kv_fault_reserve": _one_block(path), "kv_fault_ring_slots": 1})):
+        r = _runner(path, frac, **kw)
+        try:
+            got = []
+            r.generate_tokens(ids, 30, SamplingParams(temperature=0.0), lambda x: bool(got.append(x)))
+            outs.append((got, r.kv_tiers()))
+        finally:
+            r.close()
+    assert outs[0][0] == outs[1][0]
+    tiers = outs[1][1]
+    assert tiers["faults_overflow"] > 0 and tiers["faults_serviced"] <= 1 and tiers["ring_slots"] == 1
+
+
+def _one_block(path) -> int:
+    from nexusrt.models.loader import load_model
+
+    cfg = load_model(path).config
+    return block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+
+
+@pytest.mark.gpu
+def test_cancelled_request_with_the_fault_ring_leaves_no_memory(gpu_rt):
+    import nexusrt as nrt
+
+    before = nrt.memory.stats()
+    llm = nrt.LLM("synthetic:tiny", backend="cuda", max_context=512)
+    cfg, n = llm.config, llm.runner.kv_plan.device_blocks
+    llm.close()
+    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    llm = nrt.LLM("synthetic:tiny", backend="cuda", max_context=512, kv_gpu_budget=(n // 2) * unit,
+                  kv_fault_reserve=4 * unit)
+    stream = llm.stream("hello " * 40, max_new_tokens=200, temperature=0)
+    next(iter(stream))
+    stream.close()  # cancelled mid-generation, copies possibly in flight
+    result = llm.generate("hello " * 40, max_new_tokens=8, temperature=0)
+    assert result.kv["faults_posted"] > 0 and result.kv["blocks_host"] == llm.runner.kv_plan.host_blocks
+    llm.close()
+    after = nrt.memory.stats()
+    assert after["in_use_bytes"] == before["in_use_bytes"] and after["pinned_bytes"] == before["pinned_bytes"]
+    assert not [a for a in nrt.memory.audit() if a.get("tag") in ("kv_host", "kv_fault")]

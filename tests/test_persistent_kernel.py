@@ -116,7 +116,10 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
     k = FakeKernel()
     big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # opted in above 48 KiB
+    assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # opted in
+    small_k = FakeKernel()
+    _launch(FakeRuntime(small_k))
+    assert small_k.shared == pk.FINISH_SHARED_BYTES + 64 * 40  # under 48 KiB too: static memory adds to it
     for over, msg in ((dict(head_dim=96), "head_dim"), (dict(num_q_heads=32, num_kv_heads=2), "up to 8"),
                       (dict(hidden=260), "multiple of 8"), (dict(splits=129), "splits 129"),
                       (dict(num_q_heads=5), "not a multiple"), (dict(inter=70000), "shared memory"),

@@ -153,8 +153,9 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
         raise ValueError(f"the staged GEMV input and the longest instruction list ({slice_rows} rows) need "
                          f"{shared} bytes of shared memory; one block may have {SMEM_OPTIN_LIMIT} (larger tiles "
                          "make shorter lists)")
-    if shared > 48 * 1024:
-        kernel.set_max_dynamic_shared(shared, rt.device.handle)
+    # Always opt in: the kernel's static shared memory (attention, sampler scratch) plus a dynamic
+    # part under 48 KiB can still pass the default 48 KiB a block gets without it.
+    kernel.set_max_dynamic_shared(shared, rt.device.handle)
     if resident_blocks(kernel, THREADS, shared) < 1:  # the cooperative launch would be refused anyway
         raise ValueError(f"{name} does not fit one block per SM with {shared} bytes of shared memory")
     return LaunchSpec(kernel, (num_sms, 1, 1), (THREADS, 1, 1), kernel.pack(params), shared, name,

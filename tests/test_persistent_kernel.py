@@ -59,7 +59,7 @@ def test_kernel_enums_match_the_python_side():
 
 def _values(**over):
     v = {name: tensor((1,), "fp32", ptr=0x1000 + 16 * i) for i, name in enumerate(pk.SLOTS)}
-    v.update(hidden=256, inter=512, vocab=384, hq=4, hkv=2, splits=16, ring_size=256, slice_rows=40, prefetch=0,
+    v.update(hidden=256, inter=512, vocab=384, hq=4, hkv=2, splits=16, ring_size=256, slice_rows=40,
              profile=None, eps=1e-6, scale=0.125)
     v.update(over)
     return v
@@ -81,10 +81,7 @@ def test_pack_params_lays_out_every_slot_and_refuses_gaps():
         pk.pack_params(_values(splits=0))
     with pytest.raises(ValueError, match="logits is a required pointer"):
         pk.pack_params(_values(logits=None))
-    assert out[pk.SLOTS.index("profile")] == 0 and out[pk.SLOTS.index("prefetch")] == 0  # both off
-    assert pk.pack_params(_values(prefetch=131072))[pk.SLOTS.index("prefetch")] == 131072
-    with pytest.raises(ValueError, match="prefetch must be a non-negative int"):
-        pk.pack_params(_values(prefetch=-1))
+    assert out[pk.SLOTS.index("profile")] == 0  # no clock record
     with pytest.raises(ValueError, match="slice_rows must be a positive int"):
         pk.pack_params(_values(slice_rows=0))
 

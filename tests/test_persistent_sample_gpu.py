@@ -48,7 +48,7 @@ def _finish_token(rt, logits, vocab, bufs, ring, pos0, step, keep):
                   arg_idx=t(np.zeros(sms + 1, np.int32)), state=state, ring=ring, counters=t(np.zeros(2, np.int32)),
                   totals=t(totals), epoch=t(np.zeros(2, np.int32)), debug=t(np.zeros(8, np.int32)),
                   program=t(table.reshape(-1)), offsets=t(offsets), hidden=64, inter=64, vocab=vocab, hq=1, hkv=1,
-                  splits=1, ring_size=RING, slice_rows=int(np.diff(offsets).max()), prefetch=0, profile=None,
+                  splits=1, ring_size=RING, slice_rows=int(np.diff(offsets).max()), profile=None,
                   eps=1e-5, scale=1.0)
     block = t(pk.pack_params(values).view(np.int64))
     pk.persistent_decode(rt, block, hidden=64, inter=64, num_q_heads=1, num_kv_heads=1, head_dim=64,

@@ -33,8 +33,6 @@ ENV = "NEXUSRT_DECODE"
 MODES = ("graph", "persistent")
 TILE_ROWS = 16  # NOTES_persistent.md: 16-row tiles balance the GEMVs over 132 SMs
 MAX_ATTN_SPLITS = 16
-PREFETCH_ENV = "NEXUSRT_PERSISTENT_PREFETCH"  # bytes of weights each SM keeps in flight into L2
-PREFETCH_BYTES = 128 * 1024  # the default (x132 SMs ~ 17 MB, a third of the H200's L2)
 PROFILE_ENV = "NEXUSRT_PERSISTENT_PROFILE"  # 1: record each instruction's clocks (bench --persistent-profile)
 TAG = "persistent"
 _warned: set = set()
@@ -46,17 +44,6 @@ def decode_mode(env=None) -> str:
     if value not in MODES:
         raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(MODES)}")
     return value
-
-
-def prefetch_bytes(env=None) -> int:
-    """``NEXUSRT_PERSISTENT_PREFETCH`` as a byte count (default :data:`PREFETCH_BYTES`; 0 turns the
-    L2 prefetch off); ValueError naming the variable for anything that is not a whole number >= 0."""
-    text = (os.environ if env is None else env).get(PREFETCH_ENV, "").strip()
-    if not text:
-        return PREFETCH_BYTES
-    if not text.isdigit() or int(text) >= 2 ** 40:
-        raise ValueError(f"{PREFETCH_ENV}={text!r}: give the bytes each SM prefetches ahead, an integer in [0, 2**40)")
-    return int(text)
 
 
 def profiling(env=None) -> bool:
@@ -105,16 +92,16 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
             print(f"nexusrt: {reason}; decoding with the graph path", file=sys.stderr)
         return None
     check_config(cfg, sm_count(rt))
-    return PersistentDecode(rt, cfg, weights, buffers, prefetch=prefetch_bytes(env), profile=profiling(env))
+    return PersistentDecode(rt, cfg, weights, buffers, profile=profiling(env))
 
 
 class PersistentDecode(OwnedBuffers):
     """The persistent decode programs of one runner (with and without the sampler's pick)."""
 
-    def __init__(self, rt, cfg, weights, buffers, prefetch: int = PREFETCH_BYTES, profile: bool = False):
+    def __init__(self, rt, cfg, weights, buffers, profile: bool = False):
         super().__init__()
         self.rt, self.cfg, self.w, self.b = rt, cfg, weights, buffers
-        self.prefetch, self.profile = prefetch, profile
+        self.profile = profile
         self.num_sms = sm_count(rt)
         self.splits = attn_splits(self.num_sms, cfg.num_key_value_heads)
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -163,7 +150,7 @@ class PersistentDecode(OwnedBuffers):
                       epoch=epoch, debug=self.debug, profile=clocks, layers=self.layers, program=program, offsets=offs,
                       hidden=cfg.hidden_size, inter=cfg.intermediate_size, vocab=cfg.vocab_size,
                       hq=cfg.num_attention_heads, hkv=cfg.num_key_value_heads, splits=self.splits,
-                      ring_size=int(b.ring.shape[0]), slice_rows=slice_rows, prefetch=self.prefetch,
+                      ring_size=int(b.ring.shape[0]), slice_rows=slice_rows,
                       eps=cfg.rms_norm_eps, scale=1.0 / math.sqrt(cfg.head_dim))
         block = t(pk.pack_params(params).view(np.int64))
         spec = pk.persistent_decode(self.rt, block, hidden=cfg.hidden_size, inter=cfg.intermediate_size,

@@ -45,7 +45,7 @@ enum Slot : int {
     kState, kRing, kBlockTable,
     kCounters, kTotals, kEpoch, kDebug, kProfile,
     kLayers, kProgram, kOffsets,
-    kHidden, kInter, kVocab, kHq, kHkv, kSplits, kRingSize, kSliceRows, kPrefetch, kEps, kScale,
+    kHidden, kInter, kVocab, kHq, kHkv, kSplits, kRingSize, kSliceRows, kEps, kScale,
     kNumSlots
 };
 
@@ -62,7 +62,7 @@ enum Op : int {
 constexpr int kRowWords = 16;
 // kernels/ops/persistent.py FINISH_SHARED_BYTES sizes the dynamic shared memory with this.
 static_assert(sizeof(FinishShared) == 17680, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
-constexpr long long kSpinLimit = 1ll << 25;  // ~10 s of backoff: a deadlock traps, it does not hang
+constexpr long long kSpinLimit = 1ll << 26;  // ~9 s of 128 ns backoff: a deadlock traps, it does not hang
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -97,89 +97,18 @@ __device__ __forceinline__ void wait_row(const int* row, const u64* P, unsigned 
                 __threadfence_system();
                 __trap();
             }
+            // A short cap: the wake-up delay is paid at every stage boundary (~100 a step), and
+            // one polling thread per SM costs L2 next to nothing.
             __nanosleep(ns);
-            ns = ns < 512 ? ns * 2 : ns;
+            ns = ns < 128 ? ns * 2 : ns;
         }
     }
-}
-
-// The weight bytes an instruction streams: up to two contiguous ranges of bf16 rows (gate/up
-// reads gate rows a..b and up rows I+a..I+b). Attention, RoPE, embedding and argmax tiles read
-// activations or KV only: no ranges (the prefetcher skips them). Held in named fields, not an
-// array, so selecting one needs no local memory.
-struct WeightRanges {
-    const char* base0;
-    const char* base1;
-    unsigned bytes;  // each range's length (both ranges of gate/up have the same)
-    int count;
-    __device__ const char* base(int r) const { return r == 0 ? base0 : base1; }
-};
-
-__device__ __forceinline__ WeightRanges weight_ranges(const int* row, const u64* P, const u64* layers, int q_width) {
-    const int op = row[0], a = row[2], b = row[3];
-    const u64* L = layers + (size_t)row[1] * kLayerSlots;
-    const int H = slot_int(P, kHidden), I = slot_int(P, kInter);
-    int slot = -1, K = H, n = 1;
-    const u64* src = L;
-    switch (op) {
-    case QKV: slot = kWqkv; break;
-    case O_PROJ: slot = kWo; K = q_width; break;
-    case GATE_UP: slot = kWgateUp; n = 2; break;
-    case DOWN: slot = kWdown; K = I; break;
-    case LM_HEAD: slot = kLmHead; src = P; break;
-    default: return WeightRanges{nullptr, nullptr, 0u, 0};
-    }
-    const char* w = reinterpret_cast<const char*>(src[slot]);
-    return WeightRanges{w + (size_t)a * K * 2, w + ((size_t)I + a) * K * 2, (unsigned)(b - a) * (unsigned)K * 2u, n};
-}
-
-// The L2 prefetcher's cursor (thread 0 only, kept in shared memory so it costs the tiles no
-// registers): how far along this SM's list the bulk prefetches have been issued, and how many
-// weight bytes the instructions up to the current one take.
-struct PrefetchCursor {
-    int index, range;
-    unsigned off;
-    long long issued, consumed;
-};
-
-constexpr unsigned kPrefetchPiece = 32u << 10;  // one cp.async.bulk.prefetch per 32 KiB
-
-// Thread 0, before waiting on instruction `index`'s counters: count its weight bytes as consumed
-// and issue bulk L2 prefetches (cp.async.bulk.prefetch.L2, sm_90) along the list until `budget`
-// bytes past them are in flight. Weights need no counter, so the copy engine streams the next
-// tiles' rows into L2 while this SM waits at a stage boundary or computes; the tiles' own loads
-// then hit L2 instead of paying HBM latency once per instruction (the v0 profile: 36% of DRAM
-// bandwidth with 2 warps per scheduler, latency-bound).
-__device__ __forceinline__ void prefetch_ahead(PrefetchCursor& pf, const int* slice, int begin, int end, int index,
-                                               const u64* P, const u64* layers, int q_width, long long budget) {
-#if __CUDA_ARCH__ >= 900
-    const WeightRanges own = weight_ranges(slice + (size_t)(index - begin) * kRowWords, P, layers, q_width);
-    pf.consumed += (long long)own.bytes * own.count;
-    const long long target = pf.consumed + budget;
-    while (pf.issued < target && pf.index < end) {
-        const WeightRanges w = weight_ranges(slice + (size_t)(pf.index - begin) * kRowWords, P, layers, q_width);
-        if (pf.range >= w.count) {
-            ++pf.index; pf.range = 0; pf.off = 0;
-            continue;
-        }
-        // A range's length is a multiple of 16 bytes (K % 8 == 0, checked by the launcher), and
-        // so is every piece: the instruction's alignment and size rules hold.
-        const unsigned left = w.bytes - pf.off;
-        const unsigned piece = left < kPrefetchPiece ? left : kPrefetchPiece;
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(w.base(pf.range) + pf.off), "r"(piece)
-                     : "memory");
-        pf.issued += piece;
-        pf.off += piece;
-        if (pf.off == w.bytes) { ++pf.range; pf.off = 0; }
-    }
-#endif
 }
 
 template <int D, int GM>
 __device__ void run(const u64* __restrict__ params) {
     __shared__ u64 P[kNumSlots];
     __shared__ unsigned epoch_s;
-    __shared__ PrefetchCursor pf;
     __shared__ float scratch[32];
     __shared__ int iscratch[32];
     __shared__ AttnShared<D, GM> attn_sh;
@@ -199,12 +128,11 @@ __device__ void run(const u64* __restrict__ params) {
     int* state = slot_ptr<int>(P, kState);  // [pos, step, token, 0]
     const u64* layers = slot_ptr<const u64>(P, kLayers);
     unsigned long long* profile = slot_ptr<unsigned long long>(P, kProfile);  // null: not profiling
-    const long long budget = (long long)P[kPrefetch];
     int staged = -1;  // (op << 16 | layer) whose input xs holds: a GEMV stage's input is constant while it runs
 
     // This SM's whole instruction list goes to shared memory once (after the staged input; the
-    // launcher sizes it from the longest list): every row read and every look-ahead of the
-    // prefetcher is then a shared-memory read, not an L2 round trip on thread 0's path.
+    // launcher sizes it from the longest list): every row read is then a shared-memory read, not
+    // an L2 round trip on thread 0's path before each instruction's wait.
     const int begin = __ldg(offsets + blockIdx.x), end = __ldg(offsets + blockIdx.x + 1);
     if (end - begin > slot_int(P, kSliceRows)) {  // the launcher sized the slice from these offsets
         if (tid == 0) {
@@ -225,18 +153,16 @@ __device__ void run(const u64* __restrict__ params) {
     }
     if (tid == 0) {
         epoch_s = __ldcg(epoch_words);
-        pf.index = begin; pf.range = 0; pf.off = 0; pf.issued = 0; pf.consumed = 0;
     }
     __syncthreads();
     const unsigned epoch = epoch_s;
 
     for (int index = begin; index < end; ++index) {
         const int* row_s = slice + (size_t)(index - begin) * kRowWords;
-        // Thread 0 issues the look-ahead prefetches, spins on the row's waits, and the barrier
-        // hands the CTA on (bar.sync orders the others after its acquire).
+        // Thread 0 spins on the row's waits, and the barrier hands the CTA on (bar.sync orders the
+        // others after its acquire).
         if (tid == 0) {
             if (profile) profile[3 * (size_t)index] = clock64();
-            if (budget > 0) prefetch_ahead(pf, slice, begin, end, index, P, layers, Hq * D, budget);
             wait_row(row_s, P, epoch, index);
             if (profile) profile[3 * (size_t)index + 1] = clock64();
         }
@@ -251,7 +177,7 @@ __device__ void run(const u64* __restrict__ params) {
             break;
         case QKV:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kAttnNorm), eps, H, scratch);
-            gemv_tile(slot_ptr<float>(P, kQkv), slot_ptr<const __nv_bfloat16>(L, kWqkv), xs,
+            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kQkv), slot_ptr<const __nv_bfloat16>(L, kWqkv), xs,
                       slot_ptr<const float>(L, kQkvBias), L[kQkvBias] ? kBiasF32 : kPlain, a, b, 0, H);
             break;
         case ROPE_APPEND:
@@ -280,19 +206,19 @@ __device__ void run(const u64* __restrict__ params) {
             break;
         case O_PROJ:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kAttn), nullptr, eps, Hq * D, scratch);
-            gemv_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWo), xs, nullptr, kResidual, a, b, H, Hq * D);
+            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWo), xs, nullptr, kResidual, a, b, H, Hq * D);
             break;
         case GATE_UP:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kMlpNorm), eps, H, scratch);
-            gemv_tile(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), xs, nullptr, kGateUp, a, b, I, H);
+            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), xs, nullptr, kGateUp, a, b, I, H);
             break;
         case DOWN:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kMlp), nullptr, eps, I, scratch);
-            gemv_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWdown), xs, nullptr, kResidual, a, b, H, I);
+            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWdown), xs, nullptr, kResidual, a, b, H, I);
             break;
         case LM_HEAD:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(P, kFinalNorm), eps, H, scratch);
-            gemv_tile(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
+            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
             break;
         case SAMPLE_PARTIAL:
             sample_partial_tile(slot_ptr<const float>(P, kLogits), a, b, arg, slot_ptr<const SampleParams>(P, kSampleParams),

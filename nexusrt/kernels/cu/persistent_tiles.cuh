@@ -80,21 +80,82 @@ __device__ __forceinline__ float row_dot(const __nv_bfloat16* __restrict__ row, 
     return nrt::warp_sum(acc);
 }
 
+// Two rows at once: both rows' weight loads are in flight together (twice the bytes per warp
+// round trip: a 16-row tile is one round trip per warp instead of two, and gate/up pairs a gate
+// row with its up row). Each row's sum is row_dot's, in row_dot's order: the same bits.
+__device__ __forceinline__ float2 row_dot2(const __nv_bfloat16* __restrict__ r0, const __nv_bfloat16* __restrict__ r1,
+                                           const float* xs, int nch, int lane) {
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int c0 = 0; c0 < nch; c0 += 32 * kU) {
+        uint4 w0[kU], w1[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) {
+                w0[u] = nrt::ld_stream_128(r0 + (size_t)c * 8);
+                w1[u] = nrt::ld_stream_128(r1 + (size_t)c * 8);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) {
+                acc0 += nrt::dot8(w0[u], x4[c], x4[nch + c]);
+                acc1 += nrt::dot8(w1[u], x4[c], x4[nch + c]);
+            }
+        }
+    }
+    return make_float2(nrt::warp_sum(acc0), nrt::warp_sum(acc1));
+}
+
 enum GemvKind : int { kPlain = 0, kBiasF32 = 1, kResidual = 2, kGateUp = 3 };
 
+// Lane 0's epilogue of output row j.
+__device__ __forceinline__ void gemv_store(float* y, const float* bias, int kind, int j, float v) {
+    if (kind == kBiasF32) v += __ldg(bias + j);
+    if (kind == kResidual) v += __ldcg(y + j);
+    y[j] = v;
+}
+
 // Rows [a, b) of y = W . xs (+ fp32 bias | + y as residual | silu(gate) * up with up row
-// N + j): one warp per row. For kResidual y aliases the residual: the lane that writes y[j]
-// read it first.
+// N + j): one warp per row. kPair: two rows in flight per warp (row_dot2): rows j and
+// j + kWarps, or for gate/up row j's gate and up rows; the kernels whose attention already
+// needs every register (GM = 8) take one row at a time (pairs would spill there). Same bits
+// either way. For kResidual y aliases the residual: the lane that writes y[j] read it first.
+template <bool kPair>
 __device__ __forceinline__ void gemv_tile(float* y, const __nv_bfloat16* __restrict__ W, const float* xs,
                                           const float* bias, int kind, int a, int b, int N, int K) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nch = K / 8;
-    for (int j = a + warp; j < b; j += kWarps) {
-        float v = row_dot(W + (size_t)j * K, xs, nch, lane);
-        if (kind == kGateUp) v = nrt::silu(v) * row_dot(W + (size_t)(N + j) * K, xs, nch, lane);
-        if (lane == 0) {
-            if (kind == kBiasF32) v += __ldg(bias + j);
-            if (kind == kResidual) v += __ldcg(y + j);
-            y[j] = v;
+    if (!kPair) {
+        for (int j = a + warp; j < b; j += kWarps) {
+            float v = row_dot(W + (size_t)j * K, xs, nch, lane);
+            if (kind == kGateUp) v = nrt::silu(v) * row_dot(W + (size_t)(N + j) * K, xs, nch, lane);
+            if (lane == 0) {
+                if (kind == kGateUp) y[j] = v;
+                else gemv_store(y, bias, kind, j, v);
+            }
+        }
+        return;
+    }
+    if (kind == kGateUp) {
+        for (int j = a + warp; j < b; j += kWarps) {
+            const float2 gu = row_dot2(W + (size_t)j * K, W + (size_t)(N + j) * K, xs, nch, lane);
+            if (lane == 0) y[j] = nrt::silu(gu.x) * gu.y;
+        }
+        return;
+    }
+    for (int j = a + warp; j < b; j += 2 * kWarps) {
+        const int j2 = j + kWarps;
+        if (j2 < b) {
+            const float2 v = row_dot2(W + (size_t)j * K, W + (size_t)j2 * K, xs, nch, lane);
+            if (lane == 0) {
+                gemv_store(y, bias, kind, j, v.x);
+                gemv_store(y, bias, kind, j2, v.y);
+            }
+        } else {
+            const float v = row_dot(W + (size_t)j * K, xs, nch, lane);
+            if (lane == 0) gemv_store(y, bias, kind, j, v);
         }
     }
 }

@@ -37,10 +37,9 @@ SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "state", "ring", "block_table",
          "counters", "totals", "epoch", "debug", "profile",
          "layers", "program", "offsets",
-         "hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "slice_rows", "prefetch", "eps", "scale")
+         "hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "slice_rows", "eps", "scale")
 FLOAT_SLOTS = ("eps", "scale")
 INT_SLOTS = ("hidden", "inter", "vocab", "hq", "hkv", "splits", "ring_size", "slice_rows")
-COUNT_SLOTS = ("prefetch",)  # ints that may be 0: the L2 prefetch budget in bytes (0: none)
 NULLABLE_SLOTS = ("profile",)  # a null pointer switches the feature off: the per-instruction clock record
 LAYER_SLOTS = ("attn_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "mlp_norm", "gate_up", "down",
                "k_pool", "v_pool")
@@ -83,11 +82,9 @@ def pack_params(values: dict) -> np.ndarray:
         v = values[name]
         if name in FLOAT_SLOTS:
             out[i] = struct.unpack("<I", struct.pack("<f", float(v)))[0]
-        elif name in INT_SLOTS or name in COUNT_SLOTS:
-            low = 1 if name in INT_SLOTS else 0
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < low:
-                kind = "a positive" if low else "a non-negative"
-                raise ValueError(f"persistent params: {name} must be {kind} int, got {v!r}")
+        elif name in INT_SLOTS:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) <= 0:
+                raise ValueError(f"persistent params: {name} must be a positive int, got {v!r}")
             out[i] = int(v)
         elif v is None and name in NULLABLE_SLOTS:
             out[i] = 0

@@ -261,3 +261,19 @@ def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(
         if buffers is not None:
             buffers.free()
         weights.free()
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_the_presets_instruction_lists_fit_the_shared_memory(name):
+    """The runner's programs (16-row tiles, min(16, 132 // Hkv) splits) keep each SM's list in
+    shared memory beside the staged input: the launcher would refuse them otherwise."""
+    from nexusrt.backends.cuda.megakernel.lower import lower, skeleton
+    from nexusrt.backends.cuda.persistent import TILE_ROWS, attn_splits
+    from nexusrt.models.presets import preset
+
+    cfg = preset(name)
+    prog = lower(skeleton(cfg), cfg, 132, TILE_ROWS, attn_splits=attn_splits(132, cfg.num_key_value_heads))
+    _, offsets = prog.pack()
+    rows = int(np.diff(offsets).max())
+    shared = pk.shared_bytes(cfg.hidden_size, cfg.intermediate_size, cfg.q_size, rows)
+    assert rows > 100 and shared <= pk.SMEM_OPTIN_LIMIT - 40 * 1024  # room for the static ~38 KB

@@ -1,8 +1,7 @@
 """Where a persistent decode step's time goes, per phase (``--persistent-profile``).
 
 With ``NEXUSRT_PERSISTENT_PROFILE=1`` the kernel records three SM clocks per instruction of the
-last step: before its waits (and the L2 prefetches thread 0 issues there), after them, and after
-its signal. :func:`phase_rows` turns them into one row per opcode: how much of the SMs' time the
+last step: before its waits, after them, and after its signal. :func:`phase_rows` turns them into one row per opcode: how much of the SMs' time the
 instructions of that phase spent waiting on counters and working, and the bytes they move
 (``megakernel.balance.instruction_bytes`` at the step's real context) over the working time,
 summed over the SMs: the memory throughput of the phase while it runs.

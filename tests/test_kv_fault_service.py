@@ -202,31 +202,18 @@ def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
 @pytest.mark.parametrize("seq_len, capacity", [(100, 64), (1000, 64), (4097, 1)])
 def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_rt, hq, hkv, d, seq_len, capacity):
     import nexusrt as nrt
-    from nexusrt.kvcache.blocks import blocks_for
-    from test_kv_host_tier import BF16, _tier
+    from test_kv_host_tier import _tier, decode_case, pinned_pools
 
-    rng = np.random.default_rng(seq_len + d)
-    n = blocks_for(seq_len)
-    k = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
-    v = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
-    table = rng.permutation(n).astype(np.int32)
-    q = nrt.memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
-    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
-    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 8192, 132))
+    n, k, v, table, q, pos, heads, ws = decode_case(hq, hkv, d, seq_len)
     tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))
-    host = []
-    for a in (hk, hv):
-        t = nrt.memory.pinned(a.shape, "bf16")
-        t.copy_from(a)
-        host.append(t)
+    host = pinned_pools(hk, hv)
     layout = fr.RingLayout(capacity, hk.shape[0])
     ring = fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout)
     outs = []
     for fault_ring in (None, ring):
         out = nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32))
         dec.attention_decode(gpu_rt, q, out, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
-                             nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=tuple(host),
+                             nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=host,
                              fault_ring=fault_ring).launch()
         outs.append(out.to_numpy())
     assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])

@@ -17,7 +17,7 @@ from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kernels.ops import rope
-from nexusrt.kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
+from nexusrt.kvcache.blocks import blocks_for, pool_shape
 from nexusrt.kvcache.tiers import KvBudgetError, block_bytes, place_oldest_on_host
 
 from fakes import FakeRuntime, tensor
@@ -32,6 +32,35 @@ def _host_tensor(shape, pinned=True):
 
 
 # ------------------------------------------------------------------------ CPU: always run
+def decode_case(hq, hkv, d, seq_len):
+    """One decode-attention case on fresh random data (seeded by its shape): ``(blocks, k, v,
+    table, q, pos, heads, workspace)``, K/V as bf16 host arrays in a permuted block order."""
+    import nexusrt as nrt
+
+    rng = np.random.default_rng(seq_len + d)
+    n = blocks_for(seq_len)
+    k = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    v = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
+    table = rng.permutation(n).astype(np.int32)
+    q = nrt.memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
+    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 8192, 132))
+    return n, k, v, table, q, pos, heads, ws
+
+
+def pinned_pools(*arrays):
+    """Each bf16 array in pinned host memory (the host tier's pools), as a tuple."""
+    import nexusrt as nrt
+
+    pools = []
+    for a in arrays:
+        t = nrt.memory.pinned(a.shape, "bf16")
+        t.copy_from(a)
+        pools.append(t)
+    return tuple(pools)
+
+
 def test_every_host_twin_is_built():
     cubins = {s: compile_file(s, "sm_90a").cubin for s in ("attention_decode", "rope", "attention_prefill_mma")}
     names = [dec.kernel_name(d, g, host=True) for d in dec.HEAD_DIMS for g in range(1, 9)]
@@ -140,26 +169,14 @@ def _tier(table: np.ndarray, k: np.ndarray, v: np.ndarray, host_blocks: int):
 def test_decode_with_half_the_blocks_on_the_host_is_bit_identical(gpu_rt, hq, hkv, d, seq_len):
     import nexusrt as nrt
 
-    rng = np.random.default_rng(seq_len + d)
-    n = blocks_for(seq_len)
-    k = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
-    v = rng.standard_normal(pool_shape(n, hkv, d)).astype(BF16)
-    table = rng.permutation(n).astype(np.int32)
-    q = nrt.memory.from_numpy(rng.standard_normal((hq, d), dtype=np.float32))
-    pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
-    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
-    ws = dec.alloc_workspace(hq, hkv, d, dec.choose_splits(hkv, d, hq // hkv, 8192, 132))
+    n, k, v, table, q, pos, heads, ws = decode_case(hq, hkv, d, seq_len)
     out_dev, out_host = (nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32)) for _ in range(2))
     dec.attention_decode(gpu_rt, q, out_dev, nrt.memory.from_numpy(k), nrt.memory.from_numpy(v),
                          nrt.memory.from_numpy(table), pos, ws, **heads).launch()
     tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))  # both tiers hold a block
-    host = []
-    for a in (hk, hv):
-        t = nrt.memory.pinned(a.shape, "bf16")
-        t.copy_from(a)
-        host.append(t)
+    host = pinned_pools(hk, hv)
     dec.attention_decode(gpu_rt, q, out_host, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
-                         nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=tuple(host)).launch()
+                         nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=host).launch()
     a, b = out_dev.to_numpy(), out_host.to_numpy()
     assert np.isfinite(a).all() and np.array_equal(a, b)
 

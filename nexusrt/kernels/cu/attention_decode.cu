@@ -71,14 +71,7 @@
             scale, 0, 0, k_host, v_host, nullptr, nullptr, 0, ring, ring_capacity);                 \
     }
 
-#define NRT_DECODE_ALL_G(D, MACRO, PREFIX)                                                          \
-    MACRO(D, 1, true, PREFIX##_d##D##_g1)                                                           \
-    MACRO(D, 2, true, PREFIX##_d##D##_g2)                                                           \
-    MACRO(D, 4, true, PREFIX##_d##D##_g4)                                                           \
-    MACRO(D, 8, true, PREFIX##_d##D##_g8)                                                           \
-    MACRO(D, 4, false, PREFIX##_d##D##_gmax4)                                                       \
-    MACRO(D, 8, false, PREFIX##_d##D##_gmax8)
-
+// NRT_DECODE_ALL_G (decode_attention.cuh): one instantiation per group-size kernel.
 NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)

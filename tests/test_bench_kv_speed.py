@@ -163,6 +163,20 @@ def test_skips_and_refusals_are_reported_not_measured():
     e = row["pruned"]
     assert "refused position != start" in e["pruned_skipped"] and "ms_per_token" not in e
     assert e["unpruned_ms_per_token"] == 5.1 and s["targets"]["pruned_like_kept"]["verdict"] is None
+    assert "fault reserve refused" in row["fault_ring"]["skipped"]
+
+    # Only the ring's reserve refused: (c) keeps its measured figures.
+    probe = FakeProbe()
+    plain = probe.half_host
+
+    def reserve_refused(plan, device_blocks, reserve_blocks=0):
+        if reserve_blocks:
+            raise KvBudgetError("kv_fault_reserve of 9 blocks exceeds the host tier")
+        return plain(plan, device_blocks, reserve_blocks)
+
+    probe.half_host = reserve_refused
+    row = _measure(probe)["contexts"][0]
+    assert row["host_zero_copy"]["ms_per_token"] == 49.0 and "exceeds the host tier" in row["fault_ring"]["skipped"]
 
 
 def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():

@@ -222,3 +222,27 @@ def test_a_step_entry_the_cuda_batch_runner_cannot_take_is_refused_by_name():
                           (dict(ids=(300,)), "token ids"), (dict(ids=(1, -2)), "token ids")):
         with pytest.raises(ValueError, match=match):
             check(**kwargs)
+
+
+def test_the_lone_decode_chain_refuses_a_sampler_or_a_host_tier(cpu_rt, no_occupancy_query):
+    """decode_stages(meta=...) runs RoPE/append by the rows kernel over device blocks and leaves
+    b.pos to the caller: a sampler (which advances b.pos, not meta) or a host tier is refused."""
+    cfg = _config("llama_tiny")
+    rt = FakeRuntime()
+    weights = _device_weights(cfg)
+    buckets = buckets_for(300)
+    buffers = RunnerBuffers(rt, cfg, 300, buckets[-1], positions=300 + buckets[0] - 1)
+    meta = memory.zeros((4,), "int32")
+    try:
+        stages = steps.decode_stages(rt, cfg, weights, buffers, sample=False, meta=meta)
+        assert meta in stages[2].inputs  # layer 0's rope_append reads the position and slot words
+        with pytest.raises(ValueError, match="no sampler"):
+            steps.decode_stages(rt, cfg, weights, buffers, sample=True, meta=meta)
+        buffers.k_host_pools = [meta]  # any host tier at all
+        with pytest.raises(ValueError, match="no host KV tier"):
+            steps.decode_stages(rt, cfg, weights, buffers, sample=False, meta=meta)
+    finally:
+        buffers.k_host_pools = []
+        meta.free()
+        buffers.free()
+        weights.free()

@@ -277,3 +277,16 @@ def test_the_presets_instruction_lists_fit_the_shared_memory(name):
     rows = int(np.diff(offsets).max())
     shared = pk.shared_bytes(cfg.hidden_size, cfg.intermediate_size, cfg.q_size, rows)
     assert rows > 100 and shared <= pk.SMEM_OPTIN_LIMIT - 40 * 1024  # room for the static ~38 KB
+
+
+@pytest.mark.parametrize("name, value, match", [("NEXUSRT_DECODE", "megakernel", "choose one of graph"),
+                                                ("NEXUSRT_PERSISTENT_PROFILE", "yes", "1 records each")])
+def test_the_runner_refuses_a_bad_decode_switch_before_any_upload(monkeypatch, name, value, match):
+    from nexusrt.backends.cuda.runner import CudaRunner
+    from nexusrt.models.loader import load_model
+
+    monkeypatch.setenv(name, value)
+    rt = FakeRuntime()
+    with pytest.raises(ValueError, match=match):
+        CudaRunner(load_model("synthetic:tiny"), rt, max_context=64)
+    assert rt.asked == []  # no kernel asked for: refused before the weights or any graph

@@ -221,14 +221,20 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         dev = probe.all_device(plan, evicted, keep if prunable else None)
         row["all_device"] = device_figures(cfg, plan, dev["decode_ms"], hbm)
         split = (plan, dev["kv_blocks"] - blocks_for(evicted))
-        try:  # the device keeps the rest of the runner's blocks: exactly the evicted half is on the host
+        # The device keeps the rest of the runner's blocks: exactly the evicted half is on the host.
+        # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
+        try:
             host = probe.half_host(*split)
-            ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
         except KvBudgetError as exc:
-            row["host_zero_copy"] = row["fault_ring"] = {"skipped": f"host tier refused: {exc}"}
+            row["host_zero_copy"] = {"skipped": f"host tier refused: {exc}"}
         else:
             row["host_zero_copy"] = host_figures(cfg, plan, host["decode_ms"], host["tiers"], hbm, pinned,
                                                  row["all_device"])
+        try:
+            ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
+        except KvBudgetError as exc:
+            row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
+        else:
             row["fault_ring"] = fault_figures(ring, row["all_device"])
         row["restore"] = restore_figures(cfg, evicted, dev["recompute_s"], pinned)
         row["pruned"] = (pruned_figures(plan, keep, dev["pruned"]) if prunable else

@@ -52,7 +52,11 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
     decode: RoPE/append by the rows kernel at ``meta``'s position and slot (over ``b.block_table``
     as a one-row table) instead of ``b.pos`` for both, so a KV-pruned sequence, whose position is
     past its slot count, keeps the GEMV step; attention still reads ``b.pos``, which then holds
-    the slot."""
+    the slot. ``meta`` takes neither ``sample`` (the sampler would advance ``b.pos`` but not
+    ``meta``) nor a host tier (the rows RoPE/append reads device blocks only): ValueError."""
+    if meta is not None and (sample or b.k_host_pools):
+        raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
+                         "and no host KV tier")
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     qkv_n = (hq + 2 * hkv) * d

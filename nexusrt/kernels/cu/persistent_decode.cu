@@ -29,9 +29,9 @@
 // exact top-K draw (sampling_topk.cuh) at the step in the state words: the same token as the
 // graph path's for the same seed, from one captured launch whatever the parameters.
 //
-// Missing in version 0 (NOTES_persistent.md): the loader warp / cp.async.bulk ring (tiles
-// load their weights with plain 16-byte loads after the wait, so HBM latency is exposed at
-// each instruction), warp specialisation.
+// Missing (NOTES_persistent.md, "Known missing"): the loader warp / cp.async.bulk weight ring
+// (tiles load their weights with 16-byte loads after their wait, two rows in flight per warp),
+// warp specialisation.
 #include "persistent_attention.cuh"
 
 namespace {

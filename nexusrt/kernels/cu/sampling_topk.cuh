@@ -126,7 +126,7 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
         }
     }
     if (take_all_equal) { __syncthreads(); return; }
-    // Ties at the threshold: walk the vocabulary in index order, 1024 at a time, ranking
+    // Ties at the threshold: walk the vocabulary in index order, blockDim.x at a time, ranking
     // the equal keys with a block scan; stop once k_rem of them are in.
     const int n_gt = K - k_rem;
     int taken = 0;

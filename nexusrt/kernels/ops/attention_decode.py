@@ -192,7 +192,7 @@ ACCUMULATE_SIGNATURE = "ptr ptr ptr ptr i32 i32"
 
 @dataclass
 class ScoresWorkspace:
-    """The h2o scores of a rows launch (``cu/attention_decode.cu``, the ``_scores`` twins): ``raw``
+    """The h2o scores of a rows launch (``cu/attention_scores.cu``, the ``_scores`` twins): ``raw``
     fp32 ``[rows, Hq, stride]`` (each key's exp2-domain logit at its cache slot), ``ml`` fp32
     ``[rows, Hq, 2]`` (each head's final softmax max and sum) and ``scores`` fp32 ``[rows, stride]``,
     into which every launch of :func:`accumulate_scores` adds each slot's probability summed over

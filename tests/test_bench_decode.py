@@ -102,3 +102,17 @@ def test_other_paths_are_reported_beside_the_headline():
     r["other_paths"] = {"persistent": skipped}
     lines = [" ".join(line.split()) for line in render(r).splitlines()]
     assert "persistent path not run: the persistent decode kernel needs an sm_90 GPU; this one is sm_80" in lines
+
+
+def test_env_set_restores_each_variable_even_after_an_error(monkeypatch):
+    import os
+
+    from nexusrt.bench.common import env_set
+
+    monkeypatch.setenv("NEXUSRT_DECODE", "graph")
+    monkeypatch.delenv("NEXUSRT_PERSISTENT_PROFILE", raising=False)
+    with pytest.raises(RuntimeError):
+        with env_set(NEXUSRT_DECODE="persistent", NEXUSRT_PERSISTENT_PROFILE="1"):
+            assert os.environ["NEXUSRT_DECODE"] == "persistent" and os.environ["NEXUSRT_PERSISTENT_PROFILE"] == "1"
+            raise RuntimeError("a runner failed to build")
+    assert os.environ["NEXUSRT_DECODE"] == "graph" and "NEXUSRT_PERSISTENT_PROFILE" not in os.environ

@@ -7,6 +7,8 @@ which registers it once per parser (argparse raises on a second registration).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 
 MODEL_DEFAULT = "synthetic:llama-3.2-1b"
 SYNTHETIC_PREFIX = "synthetic:"
@@ -80,3 +82,19 @@ def int_list(text: str | None, default: tuple[int, ...], what: str) -> list[int]
     if not out:
         raise ValueError(f"{what} is empty")
     return out
+
+
+@contextlib.contextmanager
+def env_set(**values: str):
+    """The environment variables ``values`` set while the block runs (a runner built inside reads
+    them, as a user's switches), then each restored: to its old value, or removed."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

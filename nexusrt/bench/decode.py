@@ -17,9 +17,7 @@ with the reason it could not run (a device that is not sm_90, a shape the kernel
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import statistics
 import time
 
@@ -27,7 +25,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
-from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
+from .common import add_model_argument, add_shared_argument, env_set, int_list, resolve_model_config
 from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
@@ -118,7 +116,7 @@ def run(args) -> dict:
                 others[path] = {"skipped": reason}
                 continue
             try:
-                with _decode_env(ENV, path):
+                with env_set(**{ENV: path}):
                     others[path] = {"runs": _time_path(model, prompt, args, path)[1]}
             except ModelError as e:  # a shape the persistent kernel does not take: said, not fatal
                 others[path] = {"skipped": str(e)}
@@ -183,20 +181,6 @@ def _time_path(model, prompt, args, path: str):
         return llm.config, runs, load_s, getattr(llm.runner, "timings", {}).get("host_launch_s")
     finally:
         llm.close()
-
-
-@contextlib.contextmanager
-def _decode_env(name: str, value: str):
-    """``NEXUSRT_DECODE`` set to ``value`` while a runner is built (the switch users set), then restored."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _path_figures(other: dict, floor_ms: float) -> dict:

@@ -59,22 +59,13 @@ def profile_step(model, prompt, new_tokens: int) -> dict:
     """Generate ``new_tokens`` greedily through the persistent kernel with clocks recorded, and
     return ``{"clock_mhz", "context", "rows"}`` for its last step (the rated SM clock converts
     cycles to seconds: the figures are as good as the card holds that clock)."""
-    import os
-
     from ..backends.cuda.persistent import ENV, PROFILE_ENV
     from ..engine.llm import LLM
     from ..reference.sampling import SamplingParams
+    from .common import env_set
 
-    saved = {k: os.environ.get(k) for k in (ENV, PROFILE_ENV)}
-    os.environ.update({ENV: "persistent", PROFILE_ENV: "1"})
-    try:
+    with env_set(**{ENV: "persistent", PROFILE_ENV: "1"}):
         llm = LLM(model, max_context=len(prompt) + new_tokens + 16)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         llm.runner.generate_tokens(prompt, new_tokens, SamplingParams(temperature=0.0), lambda _t: False)
         dec = llm.runner._persistent

@@ -123,18 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _budget(args) -> int | None:
-    """``--kv-gpu-budget`` in bytes (K, M, G suffixes as --kv-memory), or None."""
+def _bytes_flag(value, flag: str) -> int | None:
+    """A byte-count flag's value in bytes (K, M, G suffixes as --kv-memory), or None when not given."""
     from ..server.run import parse_bytes
 
-    return None if args.kv_gpu_budget is None else parse_bytes(args.kv_gpu_budget, "--kv-gpu-budget")
-
-
-def _reserve(args) -> int | None:
-    """``--kv-fault-reserve`` in bytes, or None."""
-    from ..server.run import parse_bytes
-
-    return None if args.kv_fault_reserve is None else parse_bytes(args.kv_fault_reserve, "--kv-fault-reserve")
+    return None if value is None else parse_bytes(value, flag)
 
 
 def _serve(args) -> int:
@@ -145,7 +138,7 @@ def _serve(args) -> int:
     kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
-                 args.deterministic, _budget(args), args.tp_processes)
+                 args.deterministic, _bytes_flag(args.kv_gpu_budget, "--kv-gpu-budget"), args.tp_processes)
 
 
 def _sampling(args) -> dict:
@@ -185,8 +178,9 @@ def _run(args) -> int:
     if args.command == "serve":
         return _serve(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
-              tensor_parallel=args.tensor_parallel, kv_gpu_budget=_budget(args), tp_processes=args.tp_processes,
-              kv_fault_reserve=_reserve(args))
+              tensor_parallel=args.tensor_parallel, tp_processes=args.tp_processes,
+              kv_gpu_budget=_bytes_flag(args.kv_gpu_budget, "--kv-gpu-budget"),
+              kv_fault_reserve=_bytes_flag(args.kv_fault_reserve, "--kv-fault-reserve"))
     try:
         if args.command == "chat":
             from .chat import run_chat

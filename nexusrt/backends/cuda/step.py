@@ -71,17 +71,13 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
         ch.add(f"{p}.qkv", gv.gemv(rt, qkv, lw.qkv, x, n=qkv_n, k=h, norm_weight=lw.attn_norm, eps=eps,
                                    bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None,
                                    workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
-        if meta is None:
-            ch.add(f"{p}.rope_append", rope.rope_append(
-                rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, w.inv_freq, num_q_heads=hq,
-                num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps,
-                host_pools=b.host_pools(i)),
-                [qkv, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
-        else:
-            ch.add(f"{p}.rope_append", rope.rope_append(
-                rt, qkv, q, b.k_pools[i], b.v_pools[i], b.block_table.reshape(1, -1), meta.reshape(1, 4),
-                w.inv_freq, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm,
-                eps=eps, rows=True), [qkv, meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+        # meta: the rows kernel over a one-row table, reading position and slot apart.
+        table, where, how = ((b.block_table, b.pos, dict(host_pools=b.host_pools(i))) if meta is None else
+                             (b.block_table.reshape(1, -1), meta.reshape(1, 4), dict(rows=True)))
+        ch.add(f"{p}.rope_append", rope.rope_append(
+            rt, qkv, q, b.k_pools[i], b.v_pools[i], table, where, w.inv_freq, num_q_heads=hq, num_kv_heads=hkv,
+            head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps, **how),
+            [qkv, b.pos if meta is None else meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),

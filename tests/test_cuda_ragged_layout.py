@@ -32,19 +32,17 @@ def test_row_buckets_pad_little_and_end_at_the_largest():
             row_buckets(bad)
 
 
-@pytest.mark.parametrize("align", [1, 64])
-def test_layout_of_mixed_chunks(align):
+def test_layout_of_mixed_chunks():
     entries = _entries([2, 37, 90, 2, 5], [0, 16, 3, 200, 31])
     pieces = cut_pieces(entries, 512)
     out = _staging(rows=512)
-    lay = lay_out(entries, pieces, row_buckets(512), scratch=41, scratch_row=8, out=out, align=align)
+    lay = lay_out(entries, pieces, row_buckets(512), scratch=41, scratch_row=8, out=out)
     want_offsets, row = [], 0
     for e in entries:
-        row = -(-row // align) * align
         want_offsets.append(row)
         row += len(e.token_ids)
     assert lay.offsets == tuple(want_offsets) and lay.lengths == (2, 37, 90, 2, 5) and lay.rows == row
-    assert lay.bucket == (192 if align == 1 else 384) == bucket_for_rows(row, row_buckets(512))
+    assert lay.bucket == 192 == bucket_for_rows(row, row_buckets(512))
     real = np.zeros(lay.bucket, bool)
     for j, (e, off) in enumerate(zip(entries, lay.offsets)):
         n = len(e.token_ids)
@@ -56,7 +54,7 @@ def test_layout_of_mixed_chunks(align):
         assert out.tables[j, :len(e.table)].tolist() == e.table and (out.tables[j, len(e.table):] == 41).all()
         assert out.starts[j] == e.start
         assert lay.last_rows[j] == off + n - 1
-    # Padding (and, aligned, the gaps): id 0, slot 0 of the all-scratch table row.
+    # Padding: id 0, slot 0 of the all-scratch table row.
     assert (out.ids[:lay.bucket][~real] == 0).all()
     assert (out.meta[:lay.bucket][~real] == (0, 0, 8, 0)).all()
     assert (~real).sum() == lay.bucket - sum(lay.lengths)
@@ -84,13 +82,6 @@ def test_long_chunks_are_cut_and_passes_fit():
     assert sum(p.count for p in pieces) == 562
     passes = group_passes(pieces, 256)
     assert [[(p.owner, p.count) for p in g] for g in passes] == [[(0, 256)], [(0, 44), (1, 10)], [(2, 250), (3, 2)]]
-    aligned = group_passes(pieces, 256, align=64)
-    for g in aligned:
-        rows = 0
-        for p in g:
-            rows = -(-rows // 64) * 64 + p.count
-        assert rows <= 256
-    assert len(aligned) == 4  # (44, 10) still fits; (250, 2) does not once 2 starts at row 256
 
 
 def test_a_pruned_entry_ropes_at_its_position_and_writes_its_slots():

@@ -23,13 +23,20 @@ def check_pools(k_pool, v_pool, num_kv_heads: int, head_dim: int) -> int:
     return _check_pair(k_pool, v_pool, ("k_pool", "v_pool"), "num_blocks", num_kv_heads, head_dim)
 
 
-def check_host_pools(host_pools, num_kv_heads: int, head_dim: int):
+ROWS_HOST_REFUSAL = ("host_pools: the host tier is for the one-sequence path; the batched (rows) "
+                     "kernels use device-resident KV blocks only")
+
+
+def check_host_pools(host_pools, num_kv_heads: int, head_dim: int, rows: int = 0):
     """The host tier's pools of a layer, ``(k_host, v_host)`` bf16 ``[host_blocks, Hkv,
     BLOCK_SIZE, D]`` in page-locked host memory (read and written zero-copy), or None for a
     device-only launch. Returns the pair or None; a tensor that says it is not pinned host
-    memory is refused (a kernel would fault on pageable memory, or read device memory as host)."""
+    memory is refused (a kernel would fault on pageable memory, or read device memory as host),
+    and so is any host tier for a batched (``rows``) launch: no rows kernel has a host twin."""
     if host_pools is None:
         return None
+    if rows:
+        raise ValueError(ROWS_HOST_REFUSAL)
     if not isinstance(host_pools, (tuple, list)) or len(host_pools) != 2:
         raise ValueError(f"host_pools must be None or a pair (k_host, v_host), got {host_pools!r}")
     k_host, v_host = host_pools

@@ -102,10 +102,11 @@ class RaggedPrefill:
                              for m in row_buckets_used}
             hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             q, out = pre.q[0:self.rows], pre.attn[0:self.rows]
-            # One spec per (layer, chunk slot), re-pointed at the chunk's rows each step.
-            self.attention = [[attn_pre.attention_prefill(
-                rt, q, out, pre.k_pools[i], pre.v_pools[i], buf.tables[j], buf.starts[j:j + 1], num_q_heads=hq,
-                num_kv_heads=hkv, head_dim=d) for j in range(self.slots)] for i in range(cfg.num_hidden_layers)]
+            # One spec per layer (only the pools differ between layers), re-pointed at each chunk's
+            # rows right before its launch (a launch copies its arguments).
+            self.attention = [attn_pre.attention_prefill(
+                rt, q, out, pre.k_pools[i], pre.v_pools[i], buf.tables[0], buf.starts[0:1], num_q_heads=hq,
+                num_kv_heads=hkv, head_dim=d) for i in range(cfg.num_hidden_layers)]
             self.logits = {m: program(steps.chunk_logits_stages(rt, cfg, w, bb, m, lt)) for m in logit_buckets}
         except BaseException:
             self.free()
@@ -146,9 +147,9 @@ class RaggedPrefill:
         rebind = attn_pre.rebind
         for f in prog:
             if f.__class__ is int:  # layer f's attention, one launch per chunk
-                specs = self.attention[f]
-                for j, r in enumerate(rows):
-                    rebind(specs[j], r).launch(stream)
+                spec = self.attention[f]
+                for r in rows:
+                    rebind(spec, r).launch(stream)
             else:
                 f(stream)
 

@@ -10,10 +10,9 @@ per chunk on its slice, with the chunk's table row and its first cache slot (``s
 the causal mask and the keys a row sees are counted in slots. The RoPE position is the slot
 plus the tokens KV pruning evicted before it (``Rows.position``), and only RoPE reads it.
 
-Offsets are consecutive (``align=1``): the tensor-core attention reads row ``m`` of its ``q``
-and ``out`` slices at ``(m * Hq + head) * D`` and stores only ``m < M`` (cu/attention_prefill_mma.cu),
-so a slice may start at any row. ``align`` > 1 is there for a kernel that would need aligned
-starts; the rows between chunks are then padding rows too.
+Offsets are consecutive: the tensor-core attention reads row ``m`` of its ``q`` and ``out``
+slices at ``(m * Hq + head) * D`` and stores only ``m < M`` (cu/attention_prefill_mma.cu), so a
+slice may start at any row.
 """
 
 from __future__ import annotations
@@ -77,13 +76,13 @@ def cut_pieces(entries, max_rows: int) -> list[Piece]:
     return out
 
 
-def group_passes(pieces: list[Piece], max_rows: int, align: int = 1) -> list[list[Piece]]:
-    """Consecutive pieces grouped into passes whose aligned rows fit ``max_rows`` (greedy, in
+def group_passes(pieces: list[Piece], max_rows: int) -> list[list[Piece]]:
+    """Consecutive pieces grouped into passes whose rows fit ``max_rows`` (greedy, in
     order). The engine's token budget keeps a step to one pass; more happen only when a caller
     gives more ids than the runner's ``max_chunk``."""
     passes, cur, rows = [], [], 0
     for p in pieces:
-        need = -(-rows // align) * align + p.count
+        need = rows + p.count
         if cur and need > max_rows:
             passes.append(cur)
             cur, rows = [], 0
@@ -123,7 +122,7 @@ class Layout:
 
 
 def lay_out(entries, pieces: list[Piece], buckets: tuple[int, ...], scratch: int, scratch_row: int,
-            out: Staging, *, align: int = 1, fixed_bucket: bool = False) -> Layout:
+            out: Staging, *, fixed_bucket: bool = False) -> Layout:
     """Stage one pass of ``pieces`` (of ``entries``: ``token_ids``, ``start``, ``table``) into ``out``
     and return where each piece's rows are.
 
@@ -140,7 +139,6 @@ def lay_out(entries, pieces: list[Piece], buckets: tuple[int, ...], scratch: int
                          f"scratch row {scratch_row}")
     offsets, lengths, row = [], [], 0
     for p in pieces:
-        row = -(-row // align) * align
         offsets.append(row)
         lengths.append(p.count)
         row += p.count

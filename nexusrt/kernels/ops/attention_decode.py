@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
-from ...kvcache.checks import (FAULT_TAIL, HOST_TAIL, check_fault_ring, check_host_pools, check_pools, check_rows,
-                               check_state, host_args)
+from ...kvcache.checks import (FAULT_TAIL, HOST_TAIL, ROWS_HOST_REFUSAL, check_fault_ring, check_host_pools,
+                               check_pools, check_rows, check_state, host_args)
 from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
@@ -28,8 +28,6 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
 THREADS = 128
-ROWS_HOST_REFUSAL = ("host_pools: the host tier is for the one-sequence path; the batched (rows) "
-                     "kernels read device-resident KV blocks only")
 
 
 def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = False, scores: bool = False,
@@ -152,9 +150,7 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(out, "out", lead + (num_q_heads * head_dim,), "bf16" if rows else "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
-    host = check_host_pools(host_pools, num_kv_heads, head_dim)
-    if rows and host:
-        raise ValueError(ROWS_HOST_REFUSAL)
+    host = check_host_pools(host_pools, num_kv_heads, head_dim, rows)
     ring_args = check_fault_ring(fault_ring, host)
     if rows:
         check_rows(block_table, pos, rows)

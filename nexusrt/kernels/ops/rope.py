@@ -56,10 +56,7 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
     check_pools(k_pool, v_pool, num_kv_heads, head_dim)
     check_state(block_table, pos)
-    host = check_host_pools(host_pools, num_kv_heads, head_dim)
-    if rows and host:
-        raise ValueError("host_pools: the host tier is for the one-sequence path; the batched (rows) "
-                         "kernel writes device-resident KV blocks only")
+    host = check_host_pools(host_pools, num_kv_heads, head_dim, rows)
     if rows:
         check_rows(block_table, pos, m)
     check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")

@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from ..engine.fit import runner_context
 from ..kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..kvcache.tiers import KvBudgetError
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
@@ -106,8 +107,8 @@ def parse_contexts(text: str | None, runs: int) -> list[int]:
 
 def context_limit(cfg, context: int, model: str) -> str | None:
     """Why ``context`` is past what the CUDA runner gives this model, or None."""
-    limit = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
-    if context > limit:
+    limit = runner_context(cfg, "cuda", context)  # the context itself, or the model's limit below it
+    if limit < context:
         return f"{model} holds at most {limit} positions on CUDA; context {context} is past them"
     return None
 

@@ -14,7 +14,7 @@ import pytest
 
 from nexusrt.backends.base import Rows
 from nexusrt.backends.cpu.model import CpuRunner
-from nexusrt.backends.cpu.sharded import RankDecoder, ShardedDecoder
+from nexusrt.backends.cpu.sharded import RankDecoder, ShardedDecoder, join_logits
 from nexusrt.models.synthetic import SyntheticWeights
 from nexusrt.parallel import LocalGroup, ShardPlan, WorkerDied, WorkerGroup, procs, shard
 from nexusrt.parallel.shm import CollectiveTimeout, ShmGroup, create_segment
@@ -57,12 +57,8 @@ def test_collectives_equal_local_group_bit_for_bit_across_chunks(size):
     # 2,500 floats through 1,024-float slots: three chunks, the last partial
     bufs = [rng.standard_normal((50, 50)).astype(np.float32) * 10 ** r for r in range(size)]
     local = LocalGroup(size)
-    out = spmd(size, lambda c: (c.all_reduce(bufs[c.rank]), c.all_gather(bufs[c.rank], axis=-1),
-                                c.all_gather(bufs[c.rank], axis=0)))
-    for reduced, gathered, rows in out:
+    for reduced in spmd(size, lambda c: c.all_reduce(bufs[c.rank])):
         assert np.array_equal(reduced, local.all_reduce(bufs)) and not reduced.flags.writeable
-        assert np.array_equal(gathered, local.all_gather(bufs, axis=-1))
-        assert np.array_equal(rows, local.all_gather(bufs, axis=0))
 
 
 def test_buffers_of_different_sizes_fail_on_every_rank():
@@ -84,7 +80,7 @@ def test_a_missing_rank_times_out_by_name_and_breaks_the_group():
             comm.all_reduce(np.ones(4, np.float32))
         assert time.monotonic() - t0 < 2
         with pytest.raises(CollectiveTimeout, match="the group is broken"):
-            comm.all_gather(np.ones(4, np.float32))
+            comm.all_reduce(np.ones(4, np.float32))
         comm.close()
     finally:
         segment.close()
@@ -104,8 +100,9 @@ def test_rank_decoders_over_shm_equal_the_lockstep_decoder():
         pools = decoder.new_pools(2)
         return decoder.forward_logits([Rows(ids, 0, [1, 0])], pools, np.arange(len(ids)))
 
-    for logits in spmd(2, rank, slot_bytes=1 << 16):
-        assert np.array_equal(logits, expect)
+    slices = spmd(2, rank, slot_bytes=1 << 16)
+    assert [s.shape[1] for s in slices] == [weights.config.vocab_size // 2] * 2  # each rank its own slice
+    assert np.array_equal(join_logits(slices), expect)
 
 
 # -- WorkerGroup, over a light fake target (tests/tp_worker_fakes.py) ---------------------------

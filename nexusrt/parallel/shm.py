@@ -1,8 +1,8 @@
 """The process communicator for CPU ranks: fp32 collectives through one shared-memory segment.
 
-One rank per process (SPMD), the calls NCCL makes on the GPU: each rank calls
-``all_reduce(its buffer)`` and gets the sum, ``all_gather(its buffer, axis)`` and gets every
-rank's buffer concatenated. The front process creates the segment (:func:`create_segment`)
+One rank per process (SPMD), the call NCCL makes on the GPU: each rank calls
+``all_reduce(its buffer)`` and gets the sum (the ranks' logits slices need no collective: the
+front joins them). The front process creates the segment (:func:`create_segment`)
 and unlinks it; every rank attaches by name (:class:`ShmGroup`).
 
 Layout: a header of two int64 per rank (how many barriers it has reached, and the element
@@ -83,16 +83,6 @@ class ShmGroup:
         total = total.reshape(buf.shape)
         total.flags.writeable = False
         return total
-
-    def all_gather(self, buf: np.ndarray, axis: int = -1) -> np.ndarray:
-        """Every rank's ``buf`` (fp32, same shape) concatenated along ``axis`` in rank order."""
-        flat = self._flat(buf)
-        parts = [np.empty_like(flat) for _ in range(self.size)]
-        for lo, hi in self._chunks(flat, "all_gather"):
-            for part, slot in zip(parts, self._slots):
-                part[lo:hi] = slot[:hi - lo]
-            self._barrier("all_gather (read)")
-        return np.concatenate([p.reshape(buf.shape) for p in parts], axis=axis)
 
     def close(self) -> None:
         """Detach from the segment (the creator unlinks it)."""

@@ -5,9 +5,10 @@ yields each partial output (attention after the row-parallel O, the MLP after th
 row-parallel down) and receives the sum over ranks to add to the residual. Two drivers run it:
 
 - :class:`RankDecoder` (SPMD): one rank, one process; it calls its communicator's
-  ``all_reduce`` and ``all_gather`` itself, so any communicator with those calls (the shared
-  memory one of :mod:`nexusrt.parallel.shm`, NCCL later) runs the same code. The worker
-  processes of :mod:`nexusrt.backends.cpu.tp_worker` each hold one.
+  ``all_reduce`` itself, so any communicator with that call (the shared memory one of
+  :mod:`nexusrt.parallel.shm`, NCCL later) runs the same code, and its logits are its own vocab
+  slice, which the front joins (only the front needs the whole row). The worker processes of
+  :mod:`nexusrt.backends.cpu.tp_worker` each hold one.
 - :class:`ShardedDecoder` (lockstep): all ranks in one process, advanced together, their
   partials summed by :class:`~nexusrt.parallel.LocalGroup`.
 
@@ -54,10 +55,11 @@ def layer_steps(d: PagedDecoder, batch: list[Rows], pools) -> Generator[np.ndarr
 
 class RankDecoder(DecoderSteps):
     """One rank of a tensor-parallel group (SPMD): ``weights`` is this rank's shard, ``comm`` a
-    communicator with ``rank``, ``size``, ``all_reduce(buf)`` and ``all_gather(buf, axis)``.
+    communicator with ``rank``, ``size`` and ``all_reduce(buf)``.
 
     ``config`` is the *whole* model's (the rank's local shape is ``decoder.config``): what the
-    rank computes after its collectives is the whole model's hidden rows and logits.
+    rank computes after its collectives is the whole model's hidden rows; its logits are its
+    vocab slice (the ranks' slices in rank order are the whole row).
     """
 
     def __init__(self, weights: ShardedWeights, comm, config):
@@ -78,11 +80,19 @@ class RankDecoder(DecoderSteps):
             return done.value
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """fp32 ``[R, vocab]``: every rank's vocab slice, all-gathered in rank order."""
-        return self.comm.all_gather(self.decoder.logits(hidden), axis=-1)
+        """fp32 ``[R, vocab / size]``: this rank's vocab slice. No collective: the front joins the
+        ranks' slices (:func:`join_logits`); gathering every row on every rank would be work
+        all ranks but one throw away."""
+        return self.decoder.logits(hidden)
 
     def close(self) -> None:
         self.decoder.close()
+
+
+def join_logits(slices: list[np.ndarray]) -> np.ndarray:
+    """The whole logits rows from the ranks' vocab slices, in rank order (what an all-gather along
+    the vocab would give; the vocab-parallel LM head's ranks hold consecutive slices)."""
+    return np.concatenate(slices, axis=-1)
 
 
 class ShardedDecoder(DecoderSteps):

@@ -26,6 +26,7 @@ from ...parallel import ShardPlan
 from ...parallel.procs import WorkerDied, WorkerGroup
 from ...parallel.shm import create_segment
 from ..base import Rows
+from .sharded import join_logits
 from .tp_worker import RankSpec, serve_rank
 
 
@@ -86,8 +87,8 @@ class ProcessDecoder:
         return RemotePools(ids[0])
 
     def forward_logits(self, batch: list[Rows], pools: RemotePools, rows) -> np.ndarray:
-        """One step in every worker; rank 0's all-gathered fp32 ``[len(rows), vocab]`` logits."""
-        return self._request(("step", pools.id, batch, np.asarray(rows, np.intp)), "step")[0]
+        """One step in every worker; fp32 ``[len(rows), vocab]``: the ranks' vocab slices joined."""
+        return join_logits(self._request(("step", pools.id, batch, np.asarray(rows, np.intp)), "step"))
 
     def compact_pools(self, pools: RemotePools, table: list[int], keep) -> None:
         """KV compaction (see ``DecoderSteps.compact_pools``) in every worker's pools."""

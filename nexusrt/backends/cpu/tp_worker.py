@@ -25,7 +25,7 @@ from .sharded import RankDecoder
 
 MESSAGES = """
 ("pools", num_blocks)                  -> a pool id (this rank's K/V pools of its KV heads)
-("step", pool_id, batch, rows)         -> rank 0: fp32 [len(rows), vocab] logits; others: None
+("step", pool_id, batch, rows)         -> fp32 [len(rows), vocab / size]: this rank's vocab slice
 ("compact", pool_id, table, keep)      -> None (KV pruning: every rank moves its own heads' slots)
 ("close",)                             -> the rank exits
 """
@@ -84,7 +84,7 @@ def serve_rank(rank: int, conn, spec: RankSpec) -> None:
             if message[0] == "close":
                 return
             try:
-                conn.send(("ok", _handle(message, decoder, pools, rank)))
+                conn.send(("ok", _handle(message, decoder, pools)))
             except Exception as exc:  # the front decides: re-raise if every rank failed alike
                 conn.send(("error", _answerable(exc)))
     finally:
@@ -93,15 +93,14 @@ def serve_rank(rank: int, conn, spec: RankSpec) -> None:
         weights.close()
 
 
-def _handle(message, decoder: RankDecoder, pools: list, rank: int):
+def _handle(message, decoder: RankDecoder, pools: list):
     kind = message[0]
     if kind == "pools":
         pools.append(decoder.new_pools(message[1]))
         return len(pools) - 1
     if kind == "step":
         _, pool_id, batch, rows = message
-        logits = decoder.forward_logits(batch, pools[pool_id], rows)
-        return logits if rank == 0 else None  # every rank holds the gathered logits; one copy travels
+        return decoder.forward_logits(batch, pools[pool_id], rows)  # this rank's vocab slice
     if kind == "compact":
         _, pool_id, table, keep = message
         decoder.compact_pools(pools[pool_id], table, keep)

@@ -13,7 +13,7 @@ import pytest
 
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
-from nexusrt.kvcache import fault_ring as fr
+from nexusrt.kvcache import fault_plan, fault_ring as fr
 from nexusrt.kvcache.blocks import pool_shape
 from nexusrt.kvcache.fault_plan import FaultDrain, MAX_RING_SLOTS, plan_faults, split_sealed
 from nexusrt.kvcache.tiers import KvBudgetError, TierPlan, block_bytes, place_oldest_on_host
@@ -93,6 +93,7 @@ def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
     assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and s.cleared == [1, 2]  # 2: the reserve is full
     c = drain.counts
     assert (c.posted, c.overflow, c.serviced, c.left, c.bytes_moved) == (4, 1, 2, 2, 2 * UNIT)
+    assert fault_plan.spans([9, 2, 3, 4, 7, 8, 2]) == [(2, 3), (7, 3)] and fault_plan.spans([]) == []
     assert drain.runs([fr.Move(0, 3), fr.Move(1, 4), fr.Move(5, 5), fr.Move(2, 6), fr.Move(3, 7)]) == \
         [(0, 3, 2), (5, 5, 1), (2, 6, 2)]
     drain.release([0, 1])
@@ -153,7 +154,57 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
         assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
         assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
         assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
-        assert driver.calls.count("cuMemcpyHtoDAsync") == 4  # one run of two blocks: K and V of two layers
+        # One run of two blocks (K and V of two layers), then one run of two table entries.
+        assert driver.calls.count("cuMemcpyHtoDAsync") == 5
+    finally:
+        svc.free()
+        for t in host + dev + [b.block_table, b.fault_ring.words]:
+            t.free()
+    assert nrt.memory.stats()["in_use_bytes"] == 0
+
+
+def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatch):
+    """The splits of a step post concurrently, so the ring holds consecutive host blocks
+    interleaved. The drain must still move them as one run (a copy per layer and K/V, not per
+    block) and write the table, the consumed slots and ``requested`` a run of words at a time;
+    the blocks and the table must land exactly where one call per block would put them."""
+    import nexusrt as nrt
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    layers, nhost, splits = 2, 64, 8
+    cfg = SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=1, head_dim=64)
+    layout = fr.RingLayout(64, nhost)
+    rng = np.random.default_rng(1)
+    host = [nrt.memory.pinned(pool_shape(nhost, 1, 64), "bf16") for _ in range(2 * layers)]
+    for t in host:
+        t.array[...] = rng.standard_normal(t.shape).astype(t.array.dtype)
+    dev = [nrt.memory.zeros(pool_shape(2 + nhost, 1, 64), "bf16") for _ in range(2 * layers)]
+    b = SimpleNamespace(k_host_pools=host[:layers], v_host_pools=host[layers:], k_pools=dev[:layers],
+                        v_pools=dev[layers:], block_table=nrt.memory.from_numpy(place_oldest_on_host(nhost + 2, nhost)),
+                        fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
+    svc = faults.FaultService(cpu_rt, cfg, b, nhost, cpu_rt.streams["compute"])
+    model = fr.RingModel(layout)
+    model.words = b.fault_ring.words.array
+    try:
+        per = nhost // splits  # split s covers blocks s*per ..; their first pages land first, and so on
+        order = [s * per + i for i in range(per) for s in range(splits)]
+        assert _post_all(model, order) == ["posted"] * nhost
+        svc.service(written_tokens=(nhost + 2) * 16)  # the snapshot
+        driver.calls.clear()
+        svc.flush(written_tokens=(nhost + 2) * 16)
+        assert driver.calls.count("cuMemcpyHtoDAsync") == 2 * layers + 1  # the blocks' run, the table's run
+        assert driver.calls.count("cuMemsetD32Async") <= 2 * 3 + 1  # slots, tail, requested (+ a wrap)
+        table = b.block_table.to_numpy()
+        assert table.tolist() == list(range(2, 2 + nhost)) + [0, 1]  # host block h in device block 2 + h
+        for d, h in zip(dev, host):
+            assert np.array_equal(d.to_numpy()[2:].view(np.uint16), h.to_numpy().view(np.uint16))
+        w = b.fault_ring.words.to_numpy()
+        assert w[fr.TAIL] == nhost and (w[fr.ENTRIES:fr.ENTRIES + 64] == fr.EMPTY).all()
+        assert not w[layout.requested:].any()
+        with pytest.raises(RuntimeError, match="never be written again"):
+            svc._stage([(0, 5)])
     finally:
         svc.free()
         for t in host + dev + [b.block_table, b.fault_ring.words]:

@@ -10,8 +10,11 @@ decides, this module issues), all on the ``control`` stream (the highest priorit
    id has not landed, and the drain alone writes ``tail``, so a racing read loses nothing);
 2. for the drained ids, on the control stream behind the compute stream's work so far: EMPTY
    into the consumed slots then the new ``tail`` (slots free for producers again), per move a
-   host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one copy), then its table entry (a kernel
-   reads either ``~h``, still valid, or the filled device block), then ``requested[h] = 0``;
+   host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one
+   copy), then its table entry (a kernel reads either ``~h``, still valid, or the filled device
+   block), then ``requested[h] = 0``. Each of these is one driver call per run of consecutive
+   words (:func:`~nexusrt.kvcache.fault_plan.spans`), not one per block: a service moving a
+   thousand blocks is a few hundred calls, not tens of thousands;
 3. a moved host block returns to the host tier only after the compute stream has passed an
    event recorded once the table writes were seen complete, so no kernel still reads it.
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 from ... import memory
 from ...driver.calls import call
 from ...driver.streams import Event
-from ...kvcache.fault_plan import FaultDrain
+from ...kvcache.fault_plan import FaultDrain, spans
 from ...kvcache.fault_ring import EMPTY, ENTRIES, TAIL
 from ...kvcache.tiers import block_bytes
 
@@ -43,6 +46,11 @@ class FaultService:
         self.drain = FaultDrain.for_sequence(ring.layout, buffers.block_table.to_numpy().reshape(-1), reserve_blocks,
                                              block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
         self.mirror = memory.pinned((ENTRIES + ring.layout.capacity,), "int32", tag=TAG)
+        # The table's new entries are staged here and copied a run at a time. A staged word is
+        # written once only (a moved entry never changes again, see _stage), so a copy still in
+        # flight never reads a word that changed after it was queued.
+        self.table_stage = memory.pinned((self.drain.table.size,), "int32", tag=TAG)
+        self.table_stage.array[:] = self.drain.table
         self._snapshot: Event | None = None
         self._table_done: list[tuple[Event, list[int]]] = []  # table writes issued, host blocks moved
         self._passed: list[tuple[Event, list[int]]] = []  # the compute stream's mark after them
@@ -91,6 +99,7 @@ class FaultService:
                     ev.destroy()
             self._snapshot, self._table_done, self._passed = None, [], []
             self.mirror.free()
+            self.table_stage.free()
 
     # -- the device work --------------------------------------------------------------------
     def _behind_compute(self) -> None:
@@ -99,24 +108,36 @@ class FaultService:
         ev.wait_by(self.control)
         ev.destroy()  # released by the driver once the wait no longer needs it
 
-    def _store(self, word: int, value: int) -> None:
-        call("cuMemsetD32Async", self.ring.words.ptr + 4 * word, int(value) & 0xFFFFFFFF, 1, self.control.handle)
+    def _fill(self, word: int, value: int, count: int = 1) -> None:
+        """Ring words ``word .. word + count - 1`` set to ``value``, in control-stream order."""
+        call("cuMemsetD32Async", self.ring.words.ptr + 4 * word, int(value) & 0xFFFFFFFF, count, self.control.handle)
+
+    def _stage(self, writes) -> list[tuple[int, int]]:
+        """Put the table writes ``(index, device block)`` into the pinned stage; their index runs."""
+        stage = self.table_stage.array
+        for index, device in writes:
+            if stage[index] >= 0:  # the stage's no-rewrite rule: a copy in flight may read this word
+                raise RuntimeError(f"fault service: table entry {index} names device block {stage[index]} "
+                                   f"already; a moved entry must never be written again")
+            stage[index] = device
+        return spans(index for index, _ in writes)
 
     def _issue(self, plan) -> None:
         if not plan.cleared:
             return
         self._behind_compute()  # the copies must see every row the enqueued steps write
-        for slot in plan.slots:
-            self._store(slot, int(EMPTY))
-        self._store(TAIL, plan.tail)
+        for slot, count in spans(plan.slots):  # consecutive but for a wrap past the ring's end
+            self._fill(slot, int(EMPTY), count)
+        self._fill(TAIL, plan.tail)
         size = self.layer_block_bytes
         for h, d, count in self.drain.runs(plan.moves):
             for host, dev in zip(self.b.k_host_pools + self.b.v_host_pools, self.b.k_pools + self.b.v_pools):
                 call("cuMemcpyHtoDAsync", dev.ptr + d * size, host.ptr + h * size, count * size, self.control.handle)
-        for index, device in plan.table_writes:
-            call("cuMemsetD32Async", self.b.block_table.ptr + 4 * index, device, 1, self.control.handle)
-        for h in plan.cleared:
-            self._store(self.ring.layout.requested + h, 0)
+        for index, count in self._stage(plan.table_writes):
+            call("cuMemcpyHtoDAsync", self.b.block_table.ptr + 4 * index, self.table_stage.ptr + 4 * index, 4 * count,
+                 self.control.handle)
+        for h, count in spans(plan.cleared):
+            self._fill(self.ring.layout.requested + h, 0, count)
         if plan.moves:
             ev = Event(self.rt.backend, timing=False).record(self.control)
             self._table_done.append((ev, [m.host for m in plan.moves]))

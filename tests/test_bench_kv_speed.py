@@ -62,7 +62,7 @@ class FakeProbe:
             return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
                      faults_overflow=0, faults_left=5, bytes_moved=host * unit)
-        return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers}
+        return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0}
 
 
 def _measure(probe, contexts=(32768,), keep=4096, cfg=CFG, runs=3):
@@ -91,6 +91,7 @@ def test_figures_from_fake_measurements():
     assert b["ms_per_token"] == 6.1 and b["warmup_ms_per_token"] == 40.0 and b["blocks_reserve"] == 1024
     assert b["over_all_device"] == pytest.approx(6.1 / 5.5) and b["warmup_over_all_device"] == pytest.approx(40 / 5.5)
     assert b["faults_serviced"] == 1024 and b["faults_left"] == 5 and "reserve as large as the host half" in b["measures"]
+    assert b["host_entries_timed"] == 0 and "ends once they are moved in" in b["measures"]
     assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 1024) in probe.calls
 
     c = row["host_zero_copy"]
@@ -186,6 +187,7 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     text = kv_speed_table.render(s)
     assert "(b) half on host, fault ring  6.100" in text and "1.11x" in text
     assert "context 32,768 (b): decode with a reserve" in text and "faults posted 1,029, serviced 1,024" in text
+    assert "ms/token including the moving" in text and "timed runs began with 0 of 1,024 host blocks still read" in text
     assert "context 131,072 skipped: does not fit" in text
     assert "refused position != start" in text and "refused" in text
     assert "4,000 GB/s" in text and "50.0 GB/s" in text and "median of 3 runs of 32 steps" in text

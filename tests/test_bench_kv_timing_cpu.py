@@ -37,7 +37,7 @@ class FakeRunner:
         self.chunk, self.capacity = self.buckets[-1], max_context + self.buckets[0] - 1
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, available=1 << 40)
-        self.stream, self.position, self.log, self.closed = FakeStream(), 0, [], False
+        self.stream, self.position, self.log, self.closed, self.flushed = FakeStream(), 0, [], False, False
         self.rt = rt
         FakeRunner.made.append(self)
 
@@ -57,13 +57,16 @@ class FakeRunner:
 
     def service_faults(self, flush=False):
         self.log.append(("service_faults", flush))
+        self.flushed = self.flushed or (flush and self.reserve is not None)
 
     def kv_tiers(self):
         p = self.kv_plan
-        out = {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes}
-        if self.reserve:  # what a ring that moved every host block would report
+        out = {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes,
+               "host_entries": p.host_blocks}
+        if self.reserve:  # what a ring that moved every host block once flushed would report
             out.update(blocks_reserve=self.reserve // p.block_bytes, ring_slots=4096, faults_posted=p.host_blocks,
-                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, bytes_moved=p.host_bytes)
+                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, bytes_moved=p.host_bytes,
+                       host_entries=0 if self.flushed else p.host_blocks)
         return out
 
     def close(self):
@@ -132,6 +135,10 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     assert [r.reserve // r.kv_plan.block_bytes for r in rings] == [r.kv_plan.host_blocks for r in rings] == \
         [blocks_for(c // 2) for c in (8192, 32768)]
     assert all(r.closed and r.log[-1] == ("service_faults", True) for r in rings)
+    for r, row in zip(rings, s["contexts"]):  # the warm-up run's steps, then its moves finished, then the timed runs
+        steps = [i for i, e in enumerate(r.log) if e[0] == "decode"]
+        assert r.log[steps[DecodePlan.steps - 1] + 1] == ("service_faults", True)
+        assert row["fault_ring"]["host_entries_timed"] == 0
     assert all(row["fault_ring"]["faults_serviced"] == row["fault_ring"]["blocks_host"] for row in s["contexts"])
     assert [e for e in hosts[0].log if e[0] == "prefill"] == [("prefill", 0, DecodePlan(8192, 1).prefill_to)]
 

@@ -153,6 +153,7 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
         counts = svc.counts()
         assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
         assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
+        assert counts["host_entries"] == 2  # host blocks 2 and 3 are still read zero-copy
         assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
         # One run of two blocks (K and V of two layers), then one run of two table entries.
         assert driver.calls.count("cuMemcpyHtoDAsync") == 5
@@ -202,7 +203,7 @@ def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatc
             assert np.array_equal(d.to_numpy()[2:].view(np.uint16), h.to_numpy().view(np.uint16))
         w = b.fault_ring.words.to_numpy()
         assert w[fr.TAIL] == nhost and (w[fr.ENTRIES:fr.ENTRIES + 64] == fr.EMPTY).all()
-        assert not w[layout.requested:].any()
+        assert not w[layout.requested:].any() and svc.counts()["host_entries"] == 0
         with pytest.raises(RuntimeError, match="never be written again"):
             svc._stage([(0, 5)])
     finally:

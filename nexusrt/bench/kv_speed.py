@@ -7,10 +7,13 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
     read bandwidth the membw probe measures in this run (the decode stage's byte accounting);
 (b) the same split as (c) plus a device reserve as large as the host half, filled by the GPU fault
     ring (``kv_fault_reserve``): decode attention posts the host blocks it reads and the runner
-    moves them in between steps. The warm-up run's ms/token includes the moving; the timed runs
-    then read (nearly) every block from HBM, so (b) shows what the ring costs and reaches when HBM
-    has the room a budget did not pin, not a way to make a capped budget faster (that cannot be:
-    moving a block costs the link what reading it in place costs);
+    moves them in between steps. The warm-up run's ms/token is its steps (they read the host half
+    zero-copy until the moves land) plus finishing every move they asked for, over its steps; the
+    timed runs start from the table that left (the row says how many entries still name host
+    blocks: 0 when every block moved) and measure the ring's steady state, the host-tier twins
+    with posting and a ring snapshot per step against (a). So (b) shows what the ring costs and
+    reaches when HBM has the room a budget did not pin, not a way to make a capped budget faster
+    (that cannot be: moving a block costs the link what reading it in place costs);
 (c) the oldest half on the pinned host tier, read zero-copy (``CudaRunner(kv_gpu_budget=...)``):
     decode ms/token, the host bytes each step reads, their rate (host bytes ÷ ms/token) against
     the pinned host->device copy rate measured in this run, and the floor device bytes ÷ HBM
@@ -143,15 +146,18 @@ def host_figures(cfg, plan: DecodePlan, decode_ms: list[float], tiers: dict, hbm
 
 
 def fault_figures(measured: dict, device: dict) -> dict:
-    """(b): ``measured`` the probe's ``half_host`` with a reserve; ``device`` the (a) figures."""
+    """(b): ``measured`` the probe's ``half_host`` with a reserve; ``device`` the (a) figures.
+    ``host_entries_timed``: table entries naming host blocks when the timed runs began (each is
+    read zero-copy by every timed step)."""
     tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
     return {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
             "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
             "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
             **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots", "faults_posted",
                                      "faults_serviced", "faults_overflow", "faults_left", "bytes_moved")},
-            "measures": "decode with a reserve as large as the host half: the warm-up run moves blocks in, "
-                        "the timed runs read what was moved from HBM"}
+            "host_entries_timed": measured["host_entries_timed"],
+            "measures": "decode with a reserve as large as the host half: the warm-up run's steps post the host "
+                        "blocks and it ends once they are moved in; the timed runs read from the table that left"}
 
 
 def restore_figures(cfg, evicted_tokens: int, recompute_s: list[float], pinned: float) -> dict:

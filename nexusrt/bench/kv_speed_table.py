@@ -20,8 +20,9 @@ def _fault_row(ctx: str, b: dict) -> list:
 def _fault_note(ctx: str, b: dict) -> list[str]:
     if "skipped" in b:
         return [f"{ctx} (b): {b['skipped']}"]
-    return [f"{ctx} (b): {b['measures']}; warm-up run {_ms(b['warmup_ms_per_token'])} ms/token "
-            f"({b['warmup_over_all_device']:.2f}x (a)); {b['blocks_reserve']:,} reserve blocks, ring of "
+    return [f"{ctx} (b): {b['measures']}; warm-up run {_ms(b['warmup_ms_per_token'])} ms/token including the "
+            f"moving ({b['warmup_over_all_device']:.2f}x (a)); timed runs began with {b['host_entries_timed']:,} of "
+            f"{b['blocks_host']:,} host blocks still read zero-copy; {b['blocks_reserve']:,} reserve blocks, ring of "
             f"{b['ring_slots']:,}; faults posted {b['faults_posted']:,}, serviced {b['faults_serviced']:,}, "
             f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved"]
 

@@ -21,10 +21,17 @@ TOKEN = 1  # the id every timed step feeds: content does not change a decode ste
 MAX_CHUNK = 2048  # the pruned row's prompt chunks (the batch runner's default token budget)
 
 
-def time_decode(runner, plan, warmup: list | None = None) -> list[float]:
+def time_decode(runner, plan, warmup: list | None = None, on_warm=None) -> list[float]:
     """ms/token of each timed run: ``runner`` holds ``plan.prefill_to`` tokens; one warm-up run and
     ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``. ``warmup``: a
-    list that receives the warm-up run's ms/token too."""
+    list that receives the warm-up run's ms/token too; ``on_warm()`` is called (untimed) between
+    the warm-up run and the first timed one.
+
+    The warm-up run ends by finishing the fault ring's moves (``service_faults(flush=True)``, a
+    no-op without a ring), inside its timer. The host enqueues a run's steps far ahead of the
+    device, so the service after each step finds the snapshot of the first step's posts still
+    pending: left alone, the drain of the warm-up's posts (and the copies, and the table writes
+    after them) landed in the timed runs, which then read host blocks zero-copy for a while."""
     if runner.position != plan.prefill_to:
         raise RuntimeError(f"the runner holds {runner.position} tokens, the plan wants {plan.prefill_to}")
     out = []
@@ -33,12 +40,17 @@ def time_decode(runner, plan, warmup: list | None = None) -> list[float]:
         t0 = time.perf_counter()
         for _ in range(plan.steps):
             runner.decode(TOKEN)
+        if not run:
+            runner.service_faults(flush=True)
         runner.stream.synchronize()
         ms = (time.perf_counter() - t0) * 1e3 / plan.steps
         if run:
             out.append(ms)
-        elif warmup is not None:
+            continue
+        if warmup is not None:
             warmup.append(ms)
+        if on_warm is not None:
+            on_warm()
     return out
 
 
@@ -158,7 +170,8 @@ class CudaKvProbe:
         """(c): a runner of ``plan.context`` tokens keeping ``device_blocks`` KV blocks in HBM and
         the oldest rest on the pinned host tier, filled by prefill and timed like (a); with
         ``reserve_blocks``, (b): that many more device blocks the fault ring fills as decode reads
-        the host blocks (``warmup_ms``: the warm-up run, during which most of the moving happens).
+        the host blocks (``warmup_ms``: the warm-up run, which ends once its moves are done;
+        ``host_entries_timed``: the table entries still naming host blocks when the timed runs began).
         Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
         the runner refuses."""
         from ..backends.cuda.runner import CudaRunner
@@ -171,8 +184,10 @@ class CudaKvProbe:
         try:
             runner.prefill(self._ids(plan.prefill_to))
             warmup: list[float] = []
-            decode_ms = time_decode(runner, plan, warmup)
+            warm: dict = {}  # the tiers the timed runs start from
+            decode_ms = time_decode(runner, plan, warmup, on_warm=lambda: warm.update(runner.kv_tiers()))
             runner.service_faults(flush=True)  # the counts include what the last steps posted
-            return {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers()}
+            return {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers(),
+                    "host_entries_timed": warm["host_entries"]}
         finally:
             runner.close()

@@ -88,7 +88,8 @@ class FaultService:
         c = self.drain.counts
         return {"faults_posted": c.posted, "faults_serviced": c.serviced, "faults_overflow": c.overflow,
                 "faults_left": c.left, "bytes_moved": c.bytes_moved,
-                "blocks_reserve_free": self.drain.pool.device.num_free}
+                "blocks_reserve_free": self.drain.pool.device.num_free,
+                "host_entries": int((self.drain.table < 0).sum())}
 
     def free(self) -> None:
         try:

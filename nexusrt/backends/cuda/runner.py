@@ -332,10 +332,13 @@ class CudaRunner:
     def kv_tiers(self) -> dict:
         """Blocks on each tier (the ``kv`` report): one sequence holds every block, its oldest
         on the host as placed. Without a fault ring zero-copy reads move nothing (the fault
-        figures stay 0); with one, the figures since the runner was made (:meth:`FaultService.counts`)."""
+        figures stay 0); with one, the figures since the runner was made (:meth:`FaultService.counts`).
+        ``host_entries``: table entries naming a host block, i.e. blocks a decode step reads zero-copy
+        (with a ring: as of its last service, the moves it issued counted as done)."""
         out = {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
-               "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "faults_left": 0, "bytes_moved": 0}
+               "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "faults_left": 0, "bytes_moved": 0,
+               "host_entries": self.kv_plan.host_blocks}
         if self._faults is not None:
             out.update(self._faults.counts(), host_mode="fault-ring",
                        blocks_reserve=self.fault_plan.reserve_blocks, ring_slots=self.fault_plan.ring_slots)

@@ -1,0 +1,99 @@
+"""Where the fault ring's moves land in the kv bench's row (b): per decode step, its device time
+and the host time of the service after it (a GPU probe, not a benchmark).
+
+    PYTHONPATH=. python3 scripts/probe_fault_ring_steps.py [--context 32768] [--steps 128] [--flush-after 0]
+
+Builds the bench's (b) runner (``--model``, default ``synthetic:llama-3.1-8b``): the oldest half
+of ``--context`` tokens on the pinned host tier, a fault reserve as large as that half; prefills
+to ``context - steps`` tokens and enqueues ``--steps`` decode steps back to back, as
+``kv_timing.time_decode`` does (no synchronize between steps). With ``--flush-after N`` (N > 0)
+it flushes the ring after step N, as the bench's warm-up run now ends. Prints one line per step:
+
+- ``gpu ms``: timing events on the compute stream around the step (a gap where the host was
+  late, e.g. inside a long service, counts in the step that follows it);
+- ``service ms``: host time of the ``FaultService.service`` call after the step;
+- ``moved``: blocks whose moves were issued so far; ``host``: table entries still naming host
+  blocks (moves issued counted as done).
+
+Then the median gpu ms per group of 32 steps (the bench's runs). What tells the hypotheses apart:
+the moves issued in one service that takes hundreds of ms (the old ring-order copies) and
+zero-copy step times (~47 ms at 32k) well past step 32 put the moving in the timed runs; steps
+at the all-HBM time (~6.4 ms at 32k) once ``host`` is 0 clear the kernels; step times that stay
+several ms above the all-HBM time with ``host`` 0 point at the ``_host_fault`` twins instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="synthetic:llama-3.1-8b")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--flush-after", type=int, default=0)
+    args = ap.parse_args()
+
+    import numpy as np
+
+    import nexusrt as nrt
+    from nexusrt.backends.cuda.chunks import BUCKETS, buckets_for
+    from nexusrt.backends.cuda.runner import CudaRunner
+    from nexusrt.driver.streams import Event
+    from nexusrt.kvcache.blocks import blocks_for
+    from nexusrt.kvcache.tiers import block_bytes
+    from nexusrt.models.loader import load_model
+
+    nrt.firmware.init(backend="cuda")
+    rt = nrt.firmware.runtime()
+    model = load_model(args.model)
+    cfg = model.config
+    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    host = blocks_for(args.context // 2)
+    capacity = args.context + buckets_for(args.context, BUCKETS)[0] - 1  # CudaRunner.capacity
+    device = blocks_for(capacity) - host
+    runner = CudaRunner(model, rt, max_context=args.context, kv_gpu_budget=device * unit, kv_fault_reserve=host * unit)
+    svc = runner._faults
+    service, host_s = svc.service, []
+
+    def timed_service(written_tokens):
+        t0 = time.perf_counter()
+        service(written_tokens)
+        host_s.append(time.perf_counter() - t0)
+
+    svc.service = timed_service
+
+    def on_host() -> int:  # the drain's table copy (the key kv_tiers() reports is newer than some commits)
+        return int((svc.drain.table < 0).sum())
+    try:
+        runner.prefill(np.random.default_rng(0).integers(0, cfg.vocab_size, args.context - args.steps).astype(np.int32))
+        runner.stream.synchronize()
+        marks, rows = [Event(rt.backend).record(runner.stream)], []
+        for i in range(args.steps):
+            runner.decode(1)
+            marks.append(Event(rt.backend).record(runner.stream))
+            rows.append((host_s[-1], svc.counts()["faults_serviced"], on_host()))
+            if args.flush_after and i + 1 == args.flush_after:
+                t0 = time.perf_counter()
+                runner.service_faults(flush=True)  # the device idles meanwhile: the gap counts in the next step
+                print(f"flushed after step {i + 1} in {(time.perf_counter() - t0) * 1e3:.1f} ms: moved "
+                      f"{svc.counts()['faults_serviced']}, host {on_host()}")
+        runner.stream.synchronize()
+        gpu = [a.elapsed_ms(b) for a, b in zip(marks, marks[1:])]
+        print(f"{'step':>5} {'gpu ms':>9} {'service ms':>11} {'moved':>6} {'host':>6}")
+        for i, (ms, (s, moved, left)) in enumerate(zip(gpu, rows)):
+            print(f"{i + 1:>5} {ms:>9.3f} {s * 1e3:>11.3f} {moved:>6} {left:>6}")
+        for r in range(0, args.steps, 32):
+            print(f"steps {r + 1}..{min(r + 32, args.steps)}: median {statistics.median(gpu[r:r + 32]):.3f} ms, "
+                  f"sum {sum(gpu[r:r + 32]):.1f} ms")
+        print("counts:", svc.counts())
+    finally:
+        runner.close()
+        nrt.firmware.shutdown()
+
+
+if __name__ == "__main__":
+    main()

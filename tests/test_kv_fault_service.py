@@ -69,10 +69,20 @@ def test_llm_and_cli_refuse_a_reserve_without_a_host_tier(cpu_rt):
 
 # ---------------------------------------------------------------------------- the plan
 def test_only_sealed_blocks_move():
-    table = place_oldest_on_host(6, 3)  # host blocks 0, 1, 2 hold tokens 0..47
-    assert split_sealed([0, 1, 2], table, 32) == ([0, 1], [2])  # block 2 still takes tokens 32..47
-    assert split_sealed([2, 0], table, 48) == ([2, 0], [])
-    assert split_sealed([1], table, 0) == ([], [1])
+    where = fr.locate_hosts(place_oldest_on_host(6, 3), 3)  # host blocks 0, 1, 2 hold tokens 0..47
+    assert split_sealed([0, 1, 2], where, 32) == ([0, 1], [2])  # block 2 still takes tokens 32..47
+    assert split_sealed([2, 0], where, 48) == ([2, 0], [])
+    assert split_sealed([1], where, 0) == ([], [1])
+
+
+def _apply(words: np.ndarray, s, layout: fr.RingLayout) -> None:
+    """The ring stores of service ``s``, as backends/cuda/faults.py makes them on the device."""
+    for first, count in s.slots:
+        words[first:first + count] = fr.EMPTY
+    words[fr.TAIL] = np.uint32(s.tail).view(np.int32)
+    words[layout.requested + np.array(s.cleared, dtype=np.int64)] = 0
+    if s.park:
+        words[layout.requested:] = 1
 
 
 def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
@@ -80,17 +90,18 @@ def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
     model = fr.RingModel(layout)
     drain = FaultDrain.for_sequence(layout, place_oldest_on_host(7, 4), reserve_blocks=2, block_bytes=UNIT)
     assert _post_all(model, [0, 1, 2]) == ["posted", "posted", "overflow"]  # a ring of 2: back-pressure
-    s = drain.service(model.words, written_tokens=24)  # block 1 (tokens 16..31) is still appended to
+    s = drain.service(model.words.copy(), written_tokens=24)  # block 1 (tokens 16..31) is still appended to
     assert [(m.host, m.device) for m in s.moves] == [(0, 3)] and s.table_writes == [(0, 3)]
-    assert s.cleared == [0, 1] and s.tail == 2 and s.slots == [fr.ENTRIES, fr.ENTRIES + 1]
-    assert drain.table.tolist() == [3, -2, -3, -4, 0, 1, 2]
-    # The drain's stores, as the device work makes them, then more posts.
-    model.words[s.slots] = fr.EMPTY
-    model.words[fr.TAIL] = s.tail
-    model.words[layout.requested + np.array(s.cleared)] = 0
-    assert _post_all(model, [1, 2]) == ["posted", "posted"]
-    s = drain.service(model.words, written_tokens=64)
-    assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and s.cleared == [1, 2]  # 2: the reserve is full
+    assert s.cleared == [0, 1] and not s.park and s.tail == 2 and s.slots == [(fr.ENTRIES, 2)]
+    assert drain.table.tolist() == [3, -2, -3, -4, 0, 1, 2] and drain.where.tolist() == [-1, 1, 2, 3]
+    _apply(model.words, s, layout)  # the drain's stores, as the device work makes them, then more posts
+    assert _post_all(model, [1, 2]) == ["posted", "posted"]  # 1 unsealed, so cleared: posted again
+    s = drain.service(model.words.copy(), written_tokens=64)
+    assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and drain.exhausted
+    # 2 is left for lack of a block: the reserve is full for good, so every host block is parked.
+    assert s.park and s.cleared == []
+    _apply(model.words, s, layout)
+    assert _post_all(model, [2, 3]) == ["in_flight", "in_flight"]  # never posted again
     c = drain.counts
     assert (c.posted, c.overflow, c.serviced, c.left, c.bytes_moved) == (4, 1, 2, 2, 2 * UNIT)
     assert fault_plan.spans([9, 2, 3, 4, 7, 8, 2]) == [(2, 3), (7, 3)] and fault_plan.spans([]) == []
@@ -100,6 +111,70 @@ def test_drain_moves_into_the_reserve_and_counts_what_it_leaves():
     assert drain.pool.audit() == {"device_blocks": 5, "host_blocks": 4, "device_used": 5, "host_used": 2}
     with pytest.raises(ValueError, match="in order"):
         FaultDrain.for_sequence(layout, np.array([-2, -1, 0], np.int32), 1, UNIT)
+
+
+def _ring_ids(words: np.ndarray, layout: fr.RingLayout) -> list[int]:
+    """The ids published between ``tail`` and ``head`` (a claimed slot not yet written is EMPTY)."""
+    tail, head = int(words[fr.TAIL]) & 0xFFFFFFFF, int(words[fr.HEAD]) & 0xFFFFFFFF
+    got = words[fr.ENTRIES + (tail + np.arange((head - tail) & 0xFFFFFFFF)) % layout.capacity]
+    return got[got != fr.EMPTY].tolist()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_small_reserve_keeps_the_producer_rule_under_random_interleavings(seed):
+    """Producers (each step posts every host block the table names when it starts) interleaved at
+    random with snapshots and services of a reserve smaller than the host tier, the service's
+    stores landing while producers still run: no post lost, no id queued twice, each drained id
+    moved, cleared (posted again once sealed) or parked, and once parked nothing posts again but
+    a block a producer racing the park cleared on overflow."""
+    rng = np.random.default_rng(seed)
+    hosts, cap = int(rng.integers(3, 12)), int(rng.choice([1, 2, 4, 8]))
+    layout = fr.RingLayout(cap, hosts)
+    model = fr.RingModel(layout)
+    drain = FaultDrain.for_sequence(layout, place_oldest_on_host(hosts + 2, hosts), int(rng.integers(1, hosts)), UNIT)
+    outcomes, drained, live, snap = [], [], [], None
+    written, parked_at, overflow_after_park = 0, None, set()
+
+    def service():
+        before = snap.copy()
+        s = drain.service(snap, written)
+        drained.extend(x for first, n in s.slots for x in before[first:first + n].tolist())
+        _apply(model.words, s, layout)
+        return s.park
+
+    for step in range(30):
+        written += int(rng.integers(0, 24))
+        started = [int(h) for h in np.flatnonzero(drain.where >= 0)]
+        live += [(h, model.producer(h), step) for h in started]
+        while live:
+            if rng.random() < 0.15:  # the drain: a snapshot, or the service of the last one
+                if snap is None:
+                    snap = model.words.copy()
+                else:
+                    if service() and parked_at is None:
+                        parked_at = step
+                    snap = None
+            else:
+                i = int(rng.integers(len(live)))
+                h, gen, began = live[i]
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    outcomes.append((h, stop.value, began))
+                    live.pop(i)
+                    if parked_at is not None and stop.value == "overflow":
+                        overflow_after_park.add(h)
+            ring = _ring_ids(model.words, layout)
+            assert len(set(ring)) == len(ring)  # never queued twice
+        if parked_at is not None and parked_at < step:  # only a block an overflow cleared posts again
+            assert {h for h, how, began in outcomes if began == step and how == "posted"} <= overflow_after_park
+    snap = model.words.copy()
+    service()
+    assert sorted(drained) == sorted(h for h, how, _ in outcomes if how == "posted")  # every post drained once
+    assert np.array_equal(drain.where, fr.locate_hosts(drain.table, hosts))
+    moved = drain.counts.serviced
+    assert moved == hosts - drain.host_entries and moved <= drain.pool.device.num_blocks - 2
+    assert parked_at is not None  # the reserve, below the host tier, filled and parked the rest
 
 
 # ---------------------------------------------------------------------------- the device work
@@ -149,7 +224,7 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
             assert not d.to_numpy()[:3].view(np.uint16).any()
         w = b.fault_ring.words.to_numpy()
         assert w[fr.HEAD] == w[fr.TAIL] == 3 and (w[fr.ENTRIES:fr.ENTRIES + 4] == fr.EMPTY).all()
-        assert not w[layout.requested:].any()  # every drained block may post again
+        assert (w[layout.requested:] == 1).all()  # the reserve is full: every host block parked
         counts = svc.counts()
         assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
         assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
@@ -157,6 +232,10 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
         assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
         # One run of two blocks (K and V of two layers), then one run of two table entries.
         assert driver.calls.count("cuMemcpyHtoDAsync") == 5
+        assert svc.idle and driver.calls.count("cuMemcpyDtoHAsync") == 1  # no snapshot after the last move
+        driver.calls.clear()
+        svc.service(written_tokens=48)
+        assert driver.calls == []
     finally:
         svc.free()
         for t in host + dev + [b.block_table, b.fault_ring.words]:
@@ -203,7 +282,7 @@ def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatc
             assert np.array_equal(d.to_numpy()[2:].view(np.uint16), h.to_numpy().view(np.uint16))
         w = b.fault_ring.words.to_numpy()
         assert w[fr.TAIL] == nhost and (w[fr.ENTRIES:fr.ENTRIES + 64] == fr.EMPTY).all()
-        assert not w[layout.requested:].any() and svc.counts()["host_entries"] == 0
+        assert (w[layout.requested:] == 1).all() and svc.counts()["host_entries"] == 0
         with pytest.raises(RuntimeError, match="never be written again"):
             svc._stage([(0, 5)])
     finally:
@@ -211,6 +290,186 @@ def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatc
         for t in host + dev + [b.block_table, b.fault_ring.words]:
             t.free()
     assert nrt.memory.stats()["in_use_bytes"] == 0
+
+
+def _counted_events(monkeypatch, fail_at: int | None = None) -> tuple[list, set]:
+    """faults.Event counted: every one made, and the ids of those not destroyed yet (the leak
+    audit of events); the ``fail_at``-th one made (1-based) fails, as a driver error would."""
+    from nexusrt.backends.cuda import faults
+    from nexusrt.driver.streams import Event
+
+    made, live = [], set()
+
+    class Counted(Event):
+        def __init__(self, *args, **kwargs):
+            if len(made) + 1 == fail_at:
+                raise RuntimeError("cuEventCreate failed (fake)")
+            super().__init__(*args, **kwargs)
+            made.append(self)
+            live.add(id(self))
+
+        def destroy(self):
+            super().destroy()
+            live.discard(id(self))
+
+    monkeypatch.setattr(faults, "Event", Counted)
+    return made, live
+
+
+def _rig(nblocks: int, nhost: int, reserve: int, capacity: int, layers: int = 1):
+    """The buffers a FaultService drains, in CPU memory: a one-sequence table of ``nblocks`` with
+    the oldest ``nhost`` on the host (random K/V), device pools with ``reserve`` spare blocks."""
+    import nexusrt as nrt
+
+    cfg = SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=1, head_dim=64)
+    layout = fr.RingLayout(capacity, nhost)
+    rng = np.random.default_rng(nblocks + nhost)
+    host = [nrt.memory.pinned(pool_shape(nhost, 1, 64), "bf16") for _ in range(2 * layers)]
+    for t in host:
+        t.array[...] = rng.standard_normal(t.shape).astype(t.array.dtype)
+    dev = [nrt.memory.zeros(pool_shape(nblocks - nhost + reserve, 1, 64), "bf16") for _ in range(2 * layers)]
+    b = SimpleNamespace(k_host_pools=host[:layers], v_host_pools=host[layers:], k_pools=dev[:layers],
+                        v_pools=dev[layers:], block_table=nrt.memory.from_numpy(place_oldest_on_host(nblocks, nhost)),
+                        fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
+    return cfg, b, host + dev + [b.block_table, b.fault_ring.words]
+
+
+def _step_posts(b) -> list[int]:
+    """One decode step's posts: the producer rule run for every host block the device table names,
+    one after another (a step reads each once); returns the ids posted."""
+    words, layout = b.fault_ring.words.array, b.fault_ring.layout
+    table = b.block_table.array
+    hosts = ~table[table < 0].astype(np.int64)
+    requested = words[layout.requested:]
+    want = hosts[requested[hosts] == 0]  # atomicCAS(requested[h], 0, 1) succeeds
+    head, tail = int(words[fr.HEAD]) & 0xFFFFFFFF, int(words[fr.TAIL]) & 0xFFFFFFFF
+    take = want[:layout.capacity - ((head - tail) & 0xFFFFFFFF)]  # the rest find the ring full
+    words[fr.ENTRIES + (head + np.arange(take.size)) % layout.capacity] = take
+    words[fr.HEAD] = np.uint32((head + take.size) & 0xFFFFFFFF).view(np.int32)
+    words[fr.OVERFLOW] += want.size - take.size
+    requested[take] = 1  # an overflow stores requested[h] = 0 again
+    return take.tolist()
+
+
+def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, monkeypatch):
+    """Reserve of 8 blocks, 1,024 on the host, every step posting what is not requested: the
+    service that fills the reserve parks every host block (one memset), so no step posts them
+    again and later services make no driver call, no event and no snapshot; each service is a
+    handful of calls (not one per drained id); the drain's index matches the table after the
+    moves; three events are made in all (two reused per call, one for the moves), all freed."""
+    import nexusrt as nrt
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    made, live = _counted_events(monkeypatch)
+    layers, nblocks, nhost, reserve = 2, 2048, 1024, 8
+    cfg, b, owned = _rig(nblocks, nhost, reserve, 1024, layers)
+    svc = faults.FaultService(cpu_rt, cfg, b, reserve, cpu_rt.streams["compute"])
+    try:
+        posts, calls, events = [], [], []
+        for _ in range(8):
+            posts.append(len(_step_posts(b)))
+            driver.calls.clear()
+            n = len(made)
+            svc.service(written_tokens=nblocks * 16)
+            calls.append(list(driver.calls))
+            events.append(len(made) - n)
+        assert posts == [nhost] + [0] * 7  # posted once; the drained ids parked, never re-posted
+        assert calls[0] == ["cuMemcpyDtoHAsync"]  # the first snapshot
+        # The drain: the slots' run, tail, one copy per layer and K/V (8 blocks in one run), the
+        # table's run, the park; no snapshot after it. Then nothing at all.
+        assert sorted(calls[1]) == sorted(["cuMemsetD32Async"] * 3 + ["cuMemcpyHtoDAsync"] * (2 * layers + 1))
+        assert calls[2:] == [[]] * 6 and svc.idle
+        assert len(made) == 3 and events[2:] == [0] * 6
+        words = b.fault_ring.words.to_numpy()
+        assert (words[b.fault_ring.layout.requested:] == 1).all() and words[fr.TAIL] == nhost
+        c = svc.counts()
+        assert (c["faults_posted"], c["faults_serviced"], c["faults_left"]) == (nhost, reserve, nhost - reserve)
+        assert c["host_entries"] == nhost - reserve and c["blocks_reserve_free"] == 0
+        table = b.block_table.to_numpy()
+        assert np.array_equal(table, svc.drain.table) and np.array_equal(svc.drain.where, fr.locate_hosts(table, nhost))
+        assert table[:reserve].tolist() == list(range(nblocks - nhost, nblocks - nhost + reserve))
+        spare = nblocks - nhost  # the reserve's first device block
+        for d, h in zip(owned[2 * layers:4 * layers], owned[:2 * layers]):
+            assert np.array_equal(d.to_numpy()[spare:].view(np.uint16), h.to_numpy()[:reserve].view(np.uint16))
+        assert svc.drain.pool.audit()["host_used"] == nhost - reserve  # the moved host blocks went back
+    finally:
+        svc.free()
+        for t in owned:
+            t.free()
+    assert not live and nrt.memory.stats()["in_use_bytes"] == 0
+
+
+def test_unsealed_blocks_are_posted_again_and_move_once_sealed(cpu_rt, monkeypatch):
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    cfg, b, owned = _rig(8, 4, 4, 8)
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    try:
+        written = 40  # host blocks 0, 1 sealed; 2 takes tokens 32..47, 3 is not written yet
+        posts = []
+        for step in range(6):
+            posts.append(_step_posts(b))
+            svc.service(written)
+            if step == 1:
+                assert svc.counts()["faults_serviced"] == 2 and not svc.drain.exhausted
+                written = 64
+        # Drained unsealed at the second service (cleared, the reserve has room): posted again.
+        assert posts == [[0, 1, 2, 3], [], [2, 3], [], [], []]  # 5, 6: the moves retire (two calls)
+        assert b.block_table.to_numpy().tolist() == [4, 5, 6, 7, 0, 1, 2, 3] and svc.idle
+        assert svc.counts()["faults_left"] == 2 and svc.counts()["host_entries"] == 0
+    finally:
+        svc.free()
+        for t in owned:
+            t.free()
+
+
+@pytest.mark.parametrize("fail", ["table copy", "second pinned buffer", "second event"])
+def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, monkeypatch, fail):
+    import nexusrt as nrt
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    cfg, b, owned = _rig(8, 4, 4, 8)
+
+    def failing(name, *args):
+        if name == "cuMemcpyHtoDAsync" and args[0] == b.block_table.ptr:
+            raise RuntimeError("cuMemcpyHtoDAsync failed (fake)")
+        return driver(name, *args)
+
+    pinned = nrt.memory.pinned
+
+    def second_fails(*args, **kwargs):
+        if second_fails.n == 1:
+            raise MemoryError("no pinned memory (fake)")
+        second_fails.n += 1
+        return pinned(*args, **kwargs)
+
+    second_fails.n = 0
+    monkeypatch.setattr(faults, "call", failing)
+    made, live = _counted_events(monkeypatch, fail_at=2 if fail == "second event" else None)
+    if fail == "second pinned buffer":
+        monkeypatch.setattr(faults.memory, "pinned", second_fails)
+    try:
+        if fail == "table copy":
+            svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+            _step_posts(b)
+            with pytest.raises(RuntimeError, match="failed"):
+                svc.flush(written_tokens=128)
+            assert live  # the events in use are still held ...
+            svc.free()  # ... until the runner frees the service
+        else:
+            with pytest.raises((MemoryError, RuntimeError), match="fake"):
+                faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    finally:
+        monkeypatch.undo()
+        for t in owned:
+            t.free()
+    assert not live and len(made) == {"table copy": 2, "second pinned buffer": 0, "second event": 1}[fail]
+    assert nrt.memory.stats()["in_use_bytes"] == 0 and not [a for a in nrt.memory.audit() if a.get("tag") == "kv_fault"]
 
 
 # ---------------------------------------------------------------------------- the kernels

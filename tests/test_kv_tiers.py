@@ -153,16 +153,23 @@ def test_drain_stops_at_a_claimed_but_unwritten_slot():
     assert model.drain() == [1, 2]
 
 
-def test_copy_plan_moves_to_free_device_blocks_and_rewrites_every_table():
+def test_copy_plan_moves_to_free_device_blocks_and_rewrites_the_table_and_its_index():
     pool = TieredBlockPool(4, 4)
-    t1 = np.array(pool.alloc(3) + pool.alloc(0), dtype=np.int32)
+    pool.alloc(3)  # another table's device blocks
     held = pool.alloc(3)  # one device, two host blocks
-    t2 = np.array(held, dtype=np.int32)
+    table = np.array(held, dtype=np.int32)
     host_ids = [host_index(e) for e in held if e < 0]
-    moves, left = fr.plan_copies(host_ids + [3], pool, [t1, t2])
+    where = fr.locate_hosts(table, 4)
+    assert where.tolist() == [1, 2, -1, -1]
+    moves, left = fr.plan_copies(host_ids + [3], pool, where)
     assert moves == [] and left == host_ids + [3]  # the device tier is full (4 of 4 held)
-    pool.free([t1[0]])
-    moves, left = fr.plan_copies(host_ids + [3], pool, [t1, t2])
-    assert moves == [fr.Move(host_ids[0], int(t1[0]))] and left == host_ids[1:] + [3]  # 3: no table names it
-    fr.apply_moves([t1, t2], moves)
-    assert t2.tolist().count(moves[0].device) == 1 and encode_host(moves[0].host) not in t2
+    pool.free([0])
+    moves, left = fr.plan_copies(host_ids + [3], pool, where)
+    assert moves == [fr.Move(host_ids[0], 0)] and left == host_ids[1:] + [3]  # 3: no table names it
+    assert fr.apply_moves(table, where, moves) == [(1, 0)]
+    assert table.tolist() == [held[0], 0, held[2]] and encode_host(moves[0].host) not in table
+    assert np.array_equal(where, fr.locate_hosts(table, 4))  # the index follows the table
+    with pytest.raises(ValueError, match="no table entry names"):
+        fr.apply_moves(table, where, moves)
+    with pytest.raises(ValueError, match="at most once"):
+        fr.locate_hosts(np.array([-1, -1], dtype=np.int32), 4)

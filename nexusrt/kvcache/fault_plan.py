@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .blocks import BLOCK_SIZE
-from .fault_ring import ENTRIES, HEAD, OVERFLOW, TAIL, Move, RingLayout, _u32, apply_moves, drain, plan_copies
+from .fault_ring import (ENTRIES, HEAD, OVERFLOW, TAIL, Move, RingLayout, _u32, apply_moves, drain, locate_hosts,
+                         plan_copies, slot_runs)
 from .tiers import KvBudgetError, TierPlan, TieredBlockPool, encode_host
 
 RING_SLOTS = 4096  # default capacity (16 KiB): the host half of a 128k context posts in one step
@@ -60,32 +61,33 @@ def plan_faults(plan: TierPlan, kv_fault_reserve, ring_slots: int = RING_SLOTS) 
 
 
 def spans(values) -> list[tuple[int, int]]:
-    """Distinct ints as ``(first, count)`` runs of consecutive values, ascending: one driver call
-    (a memset or a copy) per run instead of one per value."""
-    out: list[list[int]] = []
-    for v in sorted(set(int(x) for x in values)):
-        if out and v == out[-1][0] + out[-1][1]:
-            out[-1][1] += 1
-        else:
-            out.append([v, 1])
-    return [(a, n) for a, n in out]
+    """Distinct ints (a list or an array) as ``(first, count)`` runs of consecutive values,
+    ascending: one driver call (a memset or a copy) per run instead of one per value."""
+    v = np.unique(np.asarray(values, dtype=np.int64).reshape(-1))
+    if not v.size:
+        return []
+    starts = np.flatnonzero(np.diff(v, prepend=v[0] - 2) != 1)  # where a run begins
+    counts = np.diff(np.append(starts, v.size))
+    return list(zip(v[starts].tolist(), counts.tolist()))
 
 
-def split_sealed(ids, table: np.ndarray, written_tokens: int) -> tuple[list[int], list[int]]:
+def split_sealed(ids, where: np.ndarray, written_tokens: int) -> tuple[list[int], list[int]]:
     """Host ids whose block lies wholly below ``written_tokens`` (movable), and the others (still
-    appended to, or named by no entry of ``table``: :func:`plan_copies` leaves those)."""
-    sealed, open_ = [], []
-    for h in ids:
-        where = np.flatnonzero(table == encode_host(h))
-        (open_ if where.size and (int(where[-1]) + 1) * BLOCK_SIZE > written_tokens else sealed).append(h)
-    return sealed, open_
+    appended to). ``where`` is the drain's :func:`~.fault_ring.locate_hosts`; an id no entry names
+    counts as sealed (:func:`plan_copies` leaves it)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    index = where[ids]
+    open_ = (index >= 0) & ((index + 1) * BLOCK_SIZE > written_tokens)
+    return ids[~open_].tolist(), ids[open_].tolist()
 
 
 @dataclass
 class FaultCounts:
     """The ``kv`` report's fault figures: posts the kernels made (``posted``), refused for a full
-    ring (``overflow``), moved into HBM (``serviced``), drained but left on the host (``left``:
-    no free device block, or not sealed yet; a later read posts them again), and bytes copied."""
+    ring (``overflow``), moved into HBM (``serviced``), drained but left on the host (``left``,
+    once per drain: not sealed yet, posted again by a later read while the reserve has room; or
+    no free device block, then never posted again), and bytes copied. ``posted`` and ``overflow``
+    are as of the last snapshot: none is taken once nothing can move (:attr:`FaultDrain.exhausted`)."""
 
     posted: int = 0
     overflow: int = 0
@@ -96,28 +98,32 @@ class FaultCounts:
 
 @dataclass(frozen=True)
 class Service:
-    """One service's device work, in this order: store EMPTY at ``slots``, store ``tail``; per move
-    copy the host block's K and V of every layer to its device block, then store ``table_writes``
-    (logical block, device block); then clear ``requested`` of every id in ``cleared``."""
+    """One service's device work, in this order: store EMPTY at the ``slots`` runs (``(first
+    word, count)``, at most two), store ``tail``; per move copy the host block's K and V of
+    every layer to its device block, then store ``table_writes`` (logical block, device block);
+    then clear ``requested`` of every id in ``cleared`` or, with ``park``, store 1 into all of it."""
 
-    slots: list[int]
+    slots: list[tuple[int, int]]
     tail: int
     moves: list[Move]
     table_writes: list[tuple[int, int]]
     cleared: list[int]
+    park: bool = False
 
 
 @dataclass
 class FaultDrain:
     """The drain's state over one sequence's ``table`` (a host copy of the device table, kept in
-    step with it) and ``pool`` (its device blocks plus the reserve, its host blocks held).
+    step with it), ``where`` (:func:`~.fault_ring.locate_hosts` of it) and ``pool`` (its device
+    blocks plus the reserve, its host blocks held).
 
-    :meth:`take` reads a snapshot of the ring words; the drain owns ``tail`` (no kernel writes
+    :meth:`service` reads a snapshot of the ring words; the drain owns ``tail`` (no kernel writes
     it), so it keeps its own copy instead of trusting the snapshot's."""
 
     layout: RingLayout
     pool: TieredBlockPool
     table: np.ndarray
+    where: np.ndarray
     block_bytes: int
     tail: int = 0
     counts: FaultCounts = field(default_factory=FaultCounts)
@@ -133,12 +139,31 @@ class FaultDrain:
             raise ValueError("the table's device blocks must be 0 .. n-1 in order")
         if pool.alloc_host(layout.host_blocks) != table[table < 0].tolist():
             raise ValueError("the table's host blocks must be every host block in order")
-        return cls(layout, pool, table.copy(), block_bytes)
+        table = table.copy()
+        return cls(layout, pool, table, locate_hosts(table, layout.host_blocks), block_bytes)
+
+    @property
+    def host_entries(self) -> int:
+        """Table entries still naming a host block (read zero-copy by every step)."""
+        return int((self.where >= 0).sum())
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing can move any more: no entry names a host block, or the reserve has no free
+        block (the drain never frees one: a moved block stays in HBM for the runner's life)."""
+        return self.pool.device.num_free == 0 or not (self.where >= 0).any()
 
     def service(self, snapshot: np.ndarray, written_tokens: int) -> Service:
-        """Drain ``snapshot`` (the ring's words up to the entries, read from the device) and plan
-        the moves of the sealed ids below ``written_tokens`` into free reserve blocks."""
-        words = np.array(snapshot[:ENTRIES + self.layout.capacity], dtype=np.int32)
+        """Drain ``snapshot`` (the ring's words up to the entries, read from the device; consumed
+        in place, as the drain rule stores into the ring) and plan the moves of the sealed ids
+        below ``written_tokens`` into free reserve blocks.
+
+        ``requested``: while the reserve keeps a free block every drained id is cleared (moved:
+        after its table write; not sealed: posted again and moved once sealed). The service that
+        exhausts the reserve instead parks every host block (``park``): nothing can move it any
+        more, so no kernel should post it again (re-posting every host block each step was a
+        drain of thousands of ids per token, forever, with a reserve below the host tier)."""
+        words = snapshot[:ENTRIES + self.layout.capacity]
         head = _u32(words[HEAD])
         self.counts.posted += (head - self._head) & 0xFFFFFFFF
         self._head = head
@@ -146,21 +171,21 @@ class FaultDrain:
         start = self.tail
         words[TAIL] = np.uint32(start).view(np.int32)
         ids = drain(words, self.layout)
-        self.tail = (start + len(ids)) & 0xFFFFFFFF
-        slots = [ENTRIES + (start + i) % self.layout.capacity for i in range(len(ids))]
-        sealed, open_ = split_sealed(ids, self.table, written_tokens)
+        self.tail = (start + ids.size) & 0xFFFFFFFF
+        sealed, open_ = split_sealed(ids, self.where, written_tokens)
         # Host order, not ring order: the splits of a step post concurrently, so the ring holds
         # consecutive blocks interleaved (split 0's first page, split 1's first, ...). Moved in
         # that order each block got its own copy per layer and K/V (65,536 copies of 32 KiB for
         # the 1,024 blocks of an 8B model's 16k host tokens); sorted, the reserve's in-order
         # blocks make them one run, one copy per layer and K/V (:meth:`runs`).
-        moves, left = plan_copies(sorted(sealed), self.pool, [self.table])
-        writes = [(int(np.flatnonzero(self.table == encode_host(m.host))[0]), m.device) for m in moves]
-        apply_moves([self.table], moves)
+        moves, left = plan_copies(sorted(sealed), self.pool, self.where)
+        writes = apply_moves(self.table, self.where, moves)
         self.counts.serviced += len(moves)
         self.counts.left += len(left) + len(open_)
         self.counts.bytes_moved += len(moves) * self.block_bytes
-        return Service(slots, self.tail, moves, writes, sorted(ids))
+        park = self.exhausted
+        return Service(slot_runs(start, ids.size, self.layout), self.tail, moves, writes,
+                       [] if park else sorted(ids.tolist()), park)
 
     def runs(self, moves: list[Move]) -> list[tuple[int, int, int]]:
         """``moves`` as copies ``(host block, device block, count)``: consecutive host blocks going to

@@ -32,12 +32,16 @@ Producer rule (what a kernel thread does for host block ``h`` it is about to rea
    or ``__threadfence()`` then a volatile store), then read the block zero-copy anyway: the
    fault only asks that the *next* reads find it in HBM.
 
-Drain rule (the control stream's loop, woken by the doorbell the kernel rings): from
-``tail`` on, read ``entries[tail % capacity]``; EMPTY means the slot is claimed but its
-store has not landed yet: stop there (the next wake resumes). Otherwise take ``h``, store
-EMPTY, ``tail += 1`` (release), and service ``h``: :func:`plan_copies` moves it to a free
-device block, or, with none free, leaves it on the host; either way ``requested[h] = 0`` is
-stored only after the table no longer names ``~h`` or the block was left on the host.
+Drain rule (polled between decode steps by :class:`~nexusrt.backends.cuda.faults.FaultService`,
+on a snapshot of the words; a doorbell-woken loop on the control stream is not built): from
+``tail`` on, read ``entries[tail % capacity]``; EMPTY means the slot is claimed but its store
+has not landed yet: stop there (the next service resumes). Otherwise take ``h``, store EMPTY,
+``tail += 1`` (release), and service ``h``: :func:`plan_copies` moves it to a free device block
+or leaves it on the host. ``requested[h]`` is then either cleared, only after the table no
+longer names ``~h`` or the block was left (a later read posts it again: an unsealed block, moved
+once sealed), or, once the drain has no free device block left (it never frees one), stored 1
+for *every* host block: nothing can move any more, so the kernels stop posting (each read finds
+the block in flight and posts nothing) and the drain stops reading the ring.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tiers import TieredBlockPool, encode_host
+from .tiers import TieredBlockPool
 
 EMPTY = np.int32(-(2 ** 31))  # no block id is this; entries are host block indices >= 0
 LINE_WORDS = 32  # 128 bytes
@@ -89,22 +93,35 @@ def _u32(x) -> int:
     return int(x) & 0xFFFFFFFF
 
 
-def drain(words: np.ndarray, layout: RingLayout, limit: int | None = None) -> list[int]:
+def drain(words: np.ndarray, layout: RingLayout, limit: int | None = None) -> np.ndarray:
     """Consume published entries from ``tail`` on (at most ``limit``); returns the host block
-    ids in ring order. Stops at the first claimed-but-unwritten slot."""
-    out = []
-    while limit is None or len(out) < limit:
-        tail = _u32(words[TAIL])
-        if tail == _u32(words[HEAD]):
-            break
-        slot = ENTRIES + tail % layout.capacity
-        h = words[slot]
-        if h == EMPTY:
-            break  # a producer claimed the slot and has not stored its id yet
-        out.append(int(h))
-        words[slot] = EMPTY
-        words[TAIL] = np.int32(np.uint32((tail + 1) & 0xFFFFFFFF).view(np.int32))
-    return out
+    ids in ring order (int64). Stops at the first claimed-but-unwritten slot.
+
+    One pass over the claimed slots with array operations, not a Python step per slot: a
+    service drains up to a whole ring (4,096 ids by default) between two decode steps."""
+    tail = _u32(words[TAIL])
+    n = min((_u32(words[HEAD]) - tail) & 0xFFFFFFFF, layout.capacity)  # the rule never claims more
+    if limit is not None:
+        n = min(n, int(limit))
+    slots = ENTRIES + (tail + np.arange(n, dtype=np.int64)) % layout.capacity
+    ids = words[slots].astype(np.int64)
+    unwritten = np.flatnonzero(ids == EMPTY)
+    if unwritten.size:  # a producer claimed this slot and has not stored its id yet
+        slots, ids = slots[:unwritten[0]], ids[:unwritten[0]]
+    words[slots] = EMPTY
+    words[TAIL] = np.uint32((tail + ids.size) & 0xFFFFFFFF).view(np.int32)
+    return ids
+
+
+def slot_runs(tail: int, count: int, layout: RingLayout) -> list[tuple[int, int]]:
+    """The words of the ``count`` slots consumed from ``tail`` as ``(first word, count)`` runs:
+    consecutive mod ``capacity``, so one run, or two where they wrap past the ring's end."""
+    first = tail % layout.capacity
+    before_end = min(count, layout.capacity - first)
+    runs = [(ENTRIES + first, before_end)] if before_end else []
+    if count > before_end:
+        runs.append((ENTRIES, count - before_end))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -124,33 +141,53 @@ class Move:
     device: int
 
 
-def plan_copies(ids, pool: TieredBlockPool, tables: list[np.ndarray]) -> tuple[list[Move], list[int]]:
-    """For each drained host id: a free device block if there is one. Returns the moves and the
-    ids left on the host (no free device block, or no table names them any more).
+def locate_hosts(table: np.ndarray, host_blocks: int) -> np.ndarray:
+    """``where[h]``: the index of the entry of ``table`` naming host block ``h`` (``~h``), -1 where
+    none does. The drain keeps it beside its table (:func:`apply_moves` updates both), so a drained
+    id is found with one array lookup instead of a scan of the whole table. Refused where one host
+    block is named twice (the one-sequence table names each once)."""
+    where = np.full(int(host_blocks), -1, dtype=np.int64)
+    index = np.flatnonzero(table < 0)
+    hosts = ~table[index].astype(np.int64)
+    if hosts.size and (hosts.max() >= host_blocks or np.unique(hosts).size != hosts.size):
+        raise ValueError(f"the table must name each of host blocks 0 .. {host_blocks - 1} at most once")
+    where[hosts] = index
+    return where
 
-    Each move's work, in this order, on the control stream: one host-to-device copy per layer
-    of K and of V (``Hkv * BLOCK_SIZE * D * 2`` bytes each; the blocks of a batch coalesce into
-    as many copies as there are runs), an event, then the table write (:func:`apply_moves`)
-    in stream order after that event, so a kernel reads either ``~h`` (the host copy, still
-    valid) or ``d`` (already filled); the host block is freed only after the compute stream
+
+def plan_copies(ids, pool: TieredBlockPool, where: np.ndarray) -> tuple[list[Move], list[int]]:
+    """For each drained host id, in order: a free device block if there is one. Returns the moves
+    and the ids left on the host (no free device block, or, ``where[h] < 0``, no table entry
+    names them any more).
+
+    Each move's work, in this order, on the control stream (one stream, so its order is the
+    order the device sees): one host-to-device copy per layer of K and of V (``Hkv * BLOCK_SIZE
+    * D * 2`` bytes each; the blocks of a batch coalesce into as many copies as there are runs),
+    then the table write (:func:`apply_moves`), so a kernel reads either ``~h`` (the host copy,
+    still valid) or ``d`` (already filled); the host block is freed only after the compute stream
     has passed an event recorded after the table write.
     """
-    moves, left = [], []
-    for h in ids:
-        entry = encode_host(h)
-        if not any((t == entry).any() for t in tables) or pool.device.num_free == 0:
-            left.append(h)
-            continue
-        moves.append(Move(h, pool.device.alloc(1)[0]))
-    return moves, left
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    named = where[ids] >= 0
+    movable = named & (np.cumsum(named) <= pool.device.num_free)  # the first named ids, up to the free blocks
+    hosts = ids[movable].tolist()
+    moves = [Move(h, d) for h, d in zip(hosts, pool.device.alloc(len(hosts)))]
+    return moves, ids[~movable].tolist()
 
 
-def apply_moves(tables: list[np.ndarray], moves: list[Move]) -> None:
-    """Point every table entry ``~h`` of a move at its device block (in place)."""
-    for m in moves:
-        entry = encode_host(m.host)
-        for t in tables:
-            t[t == entry] = m.device
+def apply_moves(table: np.ndarray, where: np.ndarray, moves: list[Move]) -> list[tuple[int, int]]:
+    """Point the table entry ``~h`` of each move at its device block and drop ``h`` from ``where``
+    (both in place); returns the writes ``(entry index, device block)``, the device table's."""
+    if not moves:
+        return []
+    hosts = np.array([m.host for m in moves], dtype=np.int64)
+    devices = np.array([m.device for m in moves], dtype=np.int64)
+    index = where[hosts]
+    if (index < 0).any():
+        raise ValueError(f"moves of host blocks no table entry names: {hosts[index < 0].tolist()}")
+    table[index] = devices
+    where[hosts] = -1
+    return list(zip(index.tolist(), devices.tolist()))
 
 
 class RingModel:
@@ -191,6 +228,5 @@ class RingModel:
     def drain(self, limit: int | None = None) -> list[int]:
         """The drain rule, servicing immediately: ids come back and ``requested`` is cleared."""
         ids = drain(self.words, self.layout, limit)
-        for h in ids:
-            self.words[self.layout.requested + h] = 0
-        return ids
+        self.words[self.layout.requested + ids] = 0
+        return ids.tolist()

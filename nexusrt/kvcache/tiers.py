@@ -87,8 +87,10 @@ def plan_tiers(total_blocks: int, kv_gpu_budget: int | None, *, num_layers: int,
     Refused with :class:`KvBudgetError`, before any work:
 
     * a budget below one layer's pages, i.e. one layer's K and V for every block of the
-      context: the fault ring will prefetch the next layer's blocks while this layer's are
-      read, so a device tier that cannot hold one layer's working set would only thrash;
+      context: the floor a layer-at-a-time prefetch (a layer's blocks moved in while the one
+      before is read) would need not to thrash. Not what was built: the fault ring moves whole
+      blocks, every layer's K and V, between decode steps (``fault_ring.py``); the floor is
+      kept as the lowest budget the host tier was designed and tested for;
     * a host tier larger than ``available`` bytes (default: ``MemAvailable``) of pinnable memory.
     """
     if total_blocks <= 0:
@@ -171,8 +173,11 @@ class TieredBlockPool:
         if host and self.host is None:
             raise ValueError(f"freeing host entries {host} of a pool without a host tier")
         # Check both before touching either, so a bad call changes nothing.
-        bad = [e for e in dev if e in self.device.free_blocks] + \
-              [encode_host(h) for h in host if self.host is not None and h in self.host.free_blocks]
+        # Each free set built once (free_blocks makes a new one per read): the fault drain
+        # returns thousands of host blocks in one call.
+        dev_free = self.device.free_blocks if dev else frozenset()
+        host_free = self.host.free_blocks if host and self.host is not None else frozenset()
+        bad = [e for e in dev if e in dev_free] + [encode_host(h) for h in host if h in host_free]
         if bad or len(set(entries)) != len(entries):
             raise ValueError(f"freeing entries that are not allocated (or twice): {bad or entries}")
         self.device.free(dev)

@@ -12,17 +12,27 @@ decides, this module issues), all on the ``control`` stream (the highest priorit
    into the consumed slots then the new ``tail`` (slots free for producers again), per move a
    host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one
    copy), then its table entry (a kernel reads either ``~h``, still valid, or the filled device
-   block), then ``requested[h] = 0``. Each of these is one driver call per run of consecutive
-   words (:func:`~nexusrt.kvcache.fault_plan.spans`), not one per block: a service moving a
-   thousand blocks is a few hundred calls, not tens of thousands;
+   block), then ``requested[h] = 0``, or, once the reserve is exhausted, ``requested = 1`` for
+   every host block (parked: nothing can move, so no kernel posts again). Each of these is one
+   driver call per run of consecutive words (:func:`~nexusrt.kvcache.fault_plan.spans`; the
+   consumed slots are at most two runs), not one per block: a service is a handful of calls;
 3. a moved host block returns to the host tier only after the compute stream has passed an
    event recorded once the table writes were seen complete, so no kernel still reads it.
+
+Once nothing can move (:attr:`~nexusrt.kvcache.fault_plan.FaultDrain.exhausted`: no table entry
+names a host block, or the reserve is full) and nothing is pending, a call does nothing: no
+event, no stream wait, no snapshot copy. The two events a call uses are made once and
+re-recorded (a stream wait or a query binds the event's latest record at the time it is made,
+so re-recording after that changes nothing already queued); a move's event is reused from
+step 3 to the next move.
 
 :meth:`quiesce` waits for the control stream: the runner calls it before a new sequence's
 prefill writes blocks a pending copy could still read, and before freeing the pools.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ... import memory
 from ...driver.calls import call
@@ -45,30 +55,49 @@ class FaultService:
         self.layer_block_bytes = buffers.k_host_pools[0].nbytes // ring.layout.host_blocks  # one layer's K (or V)
         self.drain = FaultDrain.for_sequence(ring.layout, buffers.block_table.to_numpy().reshape(-1), reserve_blocks,
                                              block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
-        self.mirror = memory.pinned((ENTRIES + ring.layout.capacity,), "int32", tag=TAG)
-        # The table's new entries are staged here and copied a run at a time. A staged word is
-        # written once only (a moved entry never changes again, see _stage), so a copy still in
-        # flight never reads a word that changed after it was queued.
-        self.table_stage = memory.pinned((self.drain.table.size,), "int32", tag=TAG)
-        self.table_stage.array[:] = self.drain.table
-        self._snapshot: Event | None = None
+        self.mirror = self.table_stage = self._mark = self._copied = None
+        self._snapshot = False  # a snapshot copy queued, its event _copied not yet seen done
         self._table_done: list[tuple[Event, list[int]]] = []  # table writes issued, host blocks moved
         self._passed: list[tuple[Event, list[int]]] = []  # the compute stream's mark after them
+        self._spare: list[Event] = []  # move events whose host blocks went back, for the next move
+        try:
+            self.mirror = memory.pinned((ENTRIES + ring.layout.capacity,), "int32", tag=TAG)
+            # The table's new entries are staged here and copied a run at a time. A staged word is
+            # written once only (a moved entry never changes again, see _stage), so a copy still in
+            # flight never reads a word that changed after it was queued.
+            self.table_stage = memory.pinned((self.drain.table.size,), "int32", tag=TAG)
+            self.table_stage.array[:] = self.drain.table
+            self._mark = Event(rt.backend, timing=False)  # the compute stream's work so far (_behind_compute)
+            self._copied = Event(rt.backend, timing=False)  # the snapshot copy done
+        except BaseException:
+            self.free()
+            raise
 
     # -- the calls between steps ------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Nothing can move any more and no work of this service is pending on the device."""
+        return self.drain.exhausted and not (self._snapshot or self._table_done or self._passed)
+
     def service(self, written_tokens: int) -> None:
         """Drain the last snapshot if its copy is done (moving sealed blocks below
-        ``written_tokens``, the cache length the steps enqueued so far write), then take the next."""
+        ``written_tokens``, the cache length the steps enqueued so far write), then take the next;
+        nothing once :attr:`idle`."""
+        if self.idle:
+            return
         self._retire()
-        if self._snapshot is not None:
-            if not self._snapshot.query():
+        if self._snapshot:
+            if not self._copied.query():
                 return
-            self._snapshot.destroy()
-            self._snapshot = None
-            self._issue(self.drain.service(self.mirror.array.copy(), written_tokens))
+            self._snapshot = False
+            # The mirror is drained in place: the next copy into it is queued only below.
+            self._issue(self.drain.service(self.mirror.array, written_tokens))
+        if self.drain.exhausted:  # the last moves are retired by later calls; no more snapshots
+            return
         self._behind_compute()
         call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, self.control.handle)
-        self._snapshot = Event(self.rt.backend, timing=False).record(self.control)
+        self._copied.record(self.control)
+        self._snapshot = True
 
     def flush(self, written_tokens: int, rounds: int = 3) -> None:
         """Service until what the finished steps posted is moved and retired (tests, reports)."""
@@ -88,26 +117,31 @@ class FaultService:
         c = self.drain.counts
         return {"faults_posted": c.posted, "faults_serviced": c.serviced, "faults_overflow": c.overflow,
                 "faults_left": c.left, "bytes_moved": c.bytes_moved,
-                "blocks_reserve_free": self.drain.pool.device.num_free,
-                "host_entries": int((self.drain.table < 0).sum())}
+                "blocks_reserve_free": self.drain.pool.device.num_free, "host_entries": self.drain.host_entries}
 
     def free(self) -> None:
-        try:
-            self.control.synchronize()
-        finally:
-            for ev in [self._snapshot] + [e for e, _ in self._table_done + self._passed]:
-                if ev is not None:
-                    ev.destroy()
-            self._snapshot, self._table_done, self._passed = None, [], []
-            self.mirror.free()
-            self.table_stage.free()
+        """Wait for the control stream, then destroy every event and free the pinned buffers, all
+        of them even when one step fails (the first failure is raised after)."""
+        events = [self._mark, self._copied, *self._spare, *(e for e, _ in self._table_done + self._passed)]
+        self._mark = self._copied = None
+        self._snapshot, self._table_done, self._passed, self._spare = False, [], [], []
+        steps = [self.control.synchronize] + [ev.destroy for ev in events if ev is not None] + \
+                [t.free for t in (self.mirror, self.table_stage) if t is not None]
+        self.mirror = self.table_stage = None
+        failure = None
+        for step in steps:
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - freed anyway, raised below
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # -- the device work --------------------------------------------------------------------
     def _behind_compute(self) -> None:
         """Hold the control stream's next work until the compute stream's work so far is done."""
-        ev = Event(self.rt.backend, timing=False).record(self.compute)
-        ev.wait_by(self.control)
-        ev.destroy()  # released by the driver once the wait no longer needs it
+        self._mark.record(self.compute)
+        self._mark.wait_by(self.control)
 
     def _fill(self, word: int, value: int, count: int = 1) -> None:
         """Ring words ``word .. word + count - 1`` set to ``value``, in control-stream order."""
@@ -115,19 +149,21 @@ class FaultService:
 
     def _stage(self, writes) -> list[tuple[int, int]]:
         """Put the table writes ``(index, device block)`` into the pinned stage; their index runs."""
+        if not writes:
+            return []
+        index, device = np.array(writes, dtype=np.int64).T
         stage = self.table_stage.array
-        for index, device in writes:
-            if stage[index] >= 0:  # the stage's no-rewrite rule: a copy in flight may read this word
-                raise RuntimeError(f"fault service: table entry {index} names device block {stage[index]} "
-                                   f"already; a moved entry must never be written again")
-            stage[index] = device
-        return spans(index for index, _ in writes)
+        if (stage[index] >= 0).any():  # the stage's no-rewrite rule: a copy in flight may read these words
+            raise RuntimeError(f"fault service: table entries {index[stage[index] >= 0].tolist()} name device "
+                               f"blocks already; a moved entry must never be written again")
+        stage[index] = device
+        return spans(index)
 
     def _issue(self, plan) -> None:
-        if not plan.cleared:
+        if not plan.slots:  # nothing drained
             return
         self._behind_compute()  # the copies must see every row the enqueued steps write
-        for slot, count in spans(plan.slots):  # consecutive but for a wrap past the ring's end
+        for slot, count in plan.slots:
             self._fill(slot, int(EMPTY), count)
         self._fill(TAIL, plan.tail)
         size = self.layer_block_bytes
@@ -137,19 +173,22 @@ class FaultService:
         for index, count in self._stage(plan.table_writes):
             call("cuMemcpyHtoDAsync", self.b.block_table.ptr + 4 * index, self.table_stage.ptr + 4 * index, 4 * count,
                  self.control.handle)
+        requested = self.ring.layout.requested
+        if plan.park:  # after the table writes, like the clears; a moved block's word is read by no one
+            self._fill(requested, 1, self.ring.layout.host_blocks)
         for h, count in spans(plan.cleared):
-            self._fill(self.ring.layout.requested + h, 0, count)
+            self._fill(requested + h, 0, count)
         if plan.moves:
-            ev = Event(self.rt.backend, timing=False).record(self.control)
-            self._table_done.append((ev, [m.host for m in plan.moves]))
+            ev = self._spare.pop() if self._spare else Event(self.rt.backend, timing=False)
+            self._table_done.append((ev.record(self.control), [m.host for m in plan.moves]))
 
     def _retire(self) -> None:
-        """Table writes seen done get a mark on the compute stream; marks passed free host blocks."""
+        """Table writes seen done get a mark on the compute stream (their event, re-recorded);
+        marks passed free host blocks and keep the event for the next move."""
         for ev, hosts in [x for x in self._passed if x[0].query()]:
             self._passed.remove((ev, hosts))
-            ev.destroy()
             self.drain.release(hosts)
+            self._spare.append(ev)
         for ev, hosts in [x for x in self._table_done if x[0].query()]:
             self._table_done.remove((ev, hosts))
-            ev.destroy()
-            self._passed.append((Event(self.rt.backend, timing=False).record(self.compute), hosts))
+            self._passed.append((ev.record(self.compute), hosts))

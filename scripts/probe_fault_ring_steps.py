@@ -2,9 +2,11 @@
 and the host time of the service after it (a GPU probe, not a benchmark).
 
     PYTHONPATH=. python3 scripts/probe_fault_ring_steps.py [--context 32768] [--steps 128] [--flush-after 0]
+        [--reserve-blocks N]
 
 Builds the bench's (b) runner (``--model``, default ``synthetic:llama-3.1-8b``): the oldest half
-of ``--context`` tokens on the pinned host tier, a fault reserve as large as that half; prefills
+of ``--context`` tokens on the pinned host tier, a fault reserve as large as that half (or
+``--reserve-blocks``: a smaller one parks the blocks it cannot take, and the services go quiet); prefills
 to ``context - steps`` tokens and enqueues ``--steps`` decode steps back to back, as
 ``kv_timing.time_decode`` does (no synchronize between steps). With ``--flush-after N`` (N > 0)
 it flushes the ring after step N, as the bench's warm-up run now ends. Prints one line per step:
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--flush-after", type=int, default=0)
+    ap.add_argument("--reserve-blocks", type=int, default=0, help="fault reserve in blocks (0: the host half)")
     args = ap.parse_args()
 
     import numpy as np
@@ -55,7 +58,8 @@ def main() -> None:
     host = blocks_for(args.context // 2)
     capacity = args.context + buckets_for(args.context, BUCKETS)[0] - 1  # CudaRunner.capacity
     device = blocks_for(capacity) - host
-    runner = CudaRunner(model, rt, max_context=args.context, kv_gpu_budget=device * unit, kv_fault_reserve=host * unit)
+    reserve = (args.reserve_blocks or host) * unit
+    runner = CudaRunner(model, rt, max_context=args.context, kv_gpu_budget=device * unit, kv_fault_reserve=reserve)
     svc = runner._faults
     service, host_s = svc.service, []
 

@@ -189,10 +189,18 @@ def test_waits_are_at_the_granularity_of_the_data_read():
     for p in partials:
         (c, _), = p.waits
         assert sorted(x for t in signalled[c] for x in range(t.start, t.end)) == list(range(p.start, p.end))
-    # A sampling finish reads every logit: its one wait (all partials) must cover the whole LM head.
+    # The partials' chunks cover the whole LM head; each gather has its partial's chunk and waits
+    # for every partial (the complete histogram); the finish for every partial and every gather.
     assert sorted(x for p in partials for x in range(p.start, p.end)) == list(range(cfg.vocab_size))
+    gathers = [i for i in ins if i.op == Op.SAMPLE_GATHER]
+    assert [(g.start, g.end, g.arg) for g in gathers] == [(p.start, p.end, p.arg) for p in partials]
+    assert all(g.waits == ((partials[0].signal, len(partials)),) for g in gathers)
+    assert len({g.signal for g in gathers}) == 1 and gathers[0].signal != partials[0].signal
     (finish,) = [i for i in ins if i.op == Op.SAMPLE_FINISH]
-    assert finish.arg == len(partials) and finish.waits == ((partials[0].signal, len(partials)),)
+    assert finish.arg == len(partials)
+    assert finish.waits == ((partials[0].signal, len(partials)), (gathers[0].signal, len(gathers)))
+    assert ins.index(finish) > max(ins.index(g) for g in gathers) > min(ins.index(g) for g in gathers) > max(
+        ins.index(p) for p in partials)  # the global order the deadlock argument needs
     table, offsets = prog.pack()
     assert table.dtype == np.int32 and table.shape == (len(ins), ROW_WORDS) and offsets[-1] == len(ins)
     assert unpack(table, offsets) == prog.sm_instructions()
@@ -223,8 +231,8 @@ def test_a_removed_wait_gives_a_wrong_result(op, layer, tiny_case):
 
 
 def test_a_sampling_finish_without_its_partials_reads_unwritten_logits(tiny_case):
-    """The partials of a sampling step compute nothing, but their waits are what orders the
-    finish after the LM head: without them some interleaving draws from unwritten logits."""
+    """A sampling step's partials histogram their chunk of the logits: without their waits on the
+    LM head some interleaving reads unwritten logits."""
     cfg, weights, pools, ref = tiny_case
     prog = lower(skeleton(cfg), cfg, 132, 16)
     run = lambda p, seed: Interpreter(p, weights).step(123, len(PROMPT), *copy.deepcopy(pools), TABLE,  # noqa: E731

@@ -28,6 +28,9 @@ VARIANTS = {
     "qwen2_bias": dict(architecture="Qwen2ForCausalLM", attention_bias=True),
     "qwen3_norms_d128": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=128, tie_word_embeddings=True),
 }
+# A vocabulary above K_MAX = 1024: the sampled steps' grid-wide top-K has a real cut (at 384 every
+# logit is a candidate), so the pool path is what the sampled test checks there.
+WIDE_VOCAB = {"llama_v5000": dict(VARIANTS["llama"], vocab_size=5000)}
 PROMPT = (np.arange(13, dtype=np.int32) * 29 + 5) % 384  # 13 tokens: decoding crosses 16, 32, 48
 STEPS = 40
 RTOL = 2e-3  # of the largest |logit|; bf16 weights/KV put the paths' common error near 1e-2
@@ -38,7 +41,7 @@ def _model(variant):
     from nexusrt.models.synthetic import SyntheticWeights
     from nexusrt.models.tokenizer import ByteTokenizer
 
-    cfg = dataclasses.replace(preset("tiny"), **{**SHAPE, **VARIANTS[variant]})
+    cfg = dataclasses.replace(preset("tiny"), **{**SHAPE, **{**VARIANTS, **WIDE_VOCAB}[variant]})
     return LoadedModel(f"synthetic:{variant}", cfg, SyntheticWeights(cfg, seed=3), ByteTokenizer())
 
 
@@ -117,10 +120,11 @@ SAMPLED = {"t0.7_p0.9": dict(temperature=0.7, top_p=0.9), "t0.8_k20": dict(tempe
 
 
 @pytest.mark.parametrize("sampling", SAMPLED)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, *WIDE_VOCAB])
 def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_rt, monkeypatch):
-    """Temperature / top-k / top-p with a seed: the persistent kernel's finish runs the graph
-    path's top-K draw on the same logits at the same step, so the ids agree token for token.
+    """Temperature / top-k / top-p with a seed: the persistent kernel's grid-wide top-K ends in the
+    graph path's sort and draw on the same candidates at the same step, so the ids agree token for
+    token (llama_v5000: a vocabulary above K_MAX, so the cut is real).
     Both seeds replay one captured persistent launch (the parameters are a device struct), and a
     greedy run after them shows the struct was rewritten, not baked into the graph. (Sampled
     picks can only differ where the two paths' logits differ in the last bits AND the draw
@@ -145,6 +149,7 @@ def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_
         assert ("persistent", True) in pers._graphs and ("decode", True) not in pers._graphs
         _, _, _, epoch = pers._persistent.program(True)
         assert int(epoch.to_numpy()[0]) == 2 * (STEPS - 1) + 7 and _fault(pers) is None
+        assert not pers._persistent.topk_hist.to_numpy().any()  # every sampled finish cleared it
     finally:
         graph.close()
         pers.close()

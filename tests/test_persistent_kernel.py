@@ -13,6 +13,7 @@ import pytest
 
 from nexusrt.backends.cuda import persistent as P
 from nexusrt.backends.cuda.megakernel import counters as C
+from nexusrt.backends.cuda.megakernel import topk
 from nexusrt.backends.cuda.megakernel.instructions import ROW_WORDS, Op
 from nexusrt.backends.cuda.megakernel.lower import lower, skeleton
 from nexusrt.errors import ModelError
@@ -51,7 +52,14 @@ def test_kernel_enums_match_the_python_side():
     ops = _enum(text, "Op")
     assert ops[0] == "EMBED = 1" and [o.split()[0] for o in ops] == [o.name for o in Op]
     assert int(re.search(r"kRowWords = (\d+);", text).group(1)) == ROW_WORDS
-    assert int(re.search(r"sizeof\(FinishShared\) == (\d+)", text).group(1)) == pk.FINISH_SHARED_BYTES
+    assert int(re.search(r"sizeof\(PoolShared\) == (\d+)", text).group(1)) == pk.FINISH_SHARED_BYTES
+    # The grid-wide top-K: the kernel's constants, the launcher's buffer sizes and the CPU model agree.
+    grid = (SOURCE_DIR / "sampling_grid.cuh").read_text()
+    bits = int(re.search(r"kBucketBits = (\d+);", grid).group(1))
+    pool = int(re.search(r"kPoolMax = (\d+);", grid).group(1))
+    assert (bits, pool) == (topk.BUCKET_BITS, topk.POOL_MAX)
+    assert pk.TOPK_HIST_WORDS == topk.BUCKETS + 1 and pk.TOPK_POOL_WORDS == topk.POOL_MAX
+    assert "kCursorWord = kBuckets;" in grid
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
     assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS

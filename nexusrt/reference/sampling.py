@@ -94,7 +94,17 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     logits = np.asarray(logits, dtype=np.float32)
     if params.greedy:
         return int(np.argmax(logits))
-    idx = candidates(logits, min(params.top_k or K_MAX, K_MAX))
+    return pick(logits, candidates(logits, candidate_count(params, logits.shape[0])), params, step)
+
+
+def candidate_count(params: SamplingParams, vocab: int) -> int:
+    """``K = min(top_k or K_MAX, K_MAX, vocab)``: how many candidates a sampled step draws from."""
+    return min(params.top_k or K_MAX, K_MAX, vocab)
+
+
+def pick(logits: np.ndarray, idx: np.ndarray, params: SamplingParams, step: int) -> int:
+    """Steps 3-5 of the module docstring (softmax, top-p, draw) over the candidates ``idx``,
+    already in candidate order (:func:`candidates`); ``logits`` fp32."""
     z = logits[idx] / np.float32(params.temperature)
     p = np.exp(z - z[0])
     c = np.cumsum(p, dtype=np.float32)  # numpy accumulates in order: the sequential sum

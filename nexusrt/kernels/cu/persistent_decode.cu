@@ -23,11 +23,15 @@
 // launch has one argument and a captured graph replays it unchanged: the token id and the
 // position are read from the state words on the device, as the graph path does.
 //
-// The last two opcodes are the sampler's (sampling.cu's two launches as instructions): greedy
-// partials per LM-head chunk and a finish, or, when the SampleParams struct the host writes per
-// request says temperature > 0, partials that only signal and a finish running sampling.cu's
-// exact top-K draw (sampling_topk.cuh) at the step in the state words: the same token as the
-// graph path's for the same seed, from one captured launch whatever the parameters.
+// The last three opcodes are the sampler's. Greedy (the SampleParams struct the host writes per
+// request says temperature 0): sampling.cu's two launches as instructions, argmax partials per
+// LM-head chunk and a finish combining them; the gathers skip their waits and only signal, so
+// greedy keeps its one grid-wide hop. Sampled: the grid-wide exact top-K of sampling_grid.cuh,
+// partials adding their chunk's key histogram, gathers (after every partial) compacting their
+// chunk's candidates into a pool, and a finish running sampling.cu's sort and draw on the pool
+// (sample_topk over all logits when the pool overflowed) at the step in the state words: the
+// same token as the graph path's for the same seed, from one captured launch whatever the
+// parameters.
 //
 // Missing (NOTES_persistent.md, "Known missing"): the loader warp / cp.async.bulk weight ring
 // (tiles load their weights with 16-byte loads after their wait, two rows in flight per warp),
@@ -41,7 +45,7 @@ using namespace nrt_pk;
 enum Slot : int {
     kEmbed, kLmHead, kFinalNorm, kInvFreq,
     kX, kQkv, kQ, kAttn, kMlp, kLogits,
-    kPartMl, kPartAcc, kArgVal, kArgIdx, kSampleParams,
+    kPartMl, kPartAcc, kArgVal, kArgIdx, kSampleParams, kTopkHist, kTopkPool,
     kState, kRing, kBlockTable,
     kCounters, kTotals, kEpoch, kDebug, kProfile,
     kLayers, kProgram, kOffsets,
@@ -56,12 +60,13 @@ enum LayerSlot : int {
 
 enum Op : int {
     EMBED = 1, QKV, ROPE_APPEND, ATTENTION, ATTN_COMBINE, O_PROJ, GATE_UP, DOWN, LM_HEAD,
-    SAMPLE_PARTIAL, SAMPLE_FINISH
+    SAMPLE_PARTIAL, SAMPLE_FINISH, SAMPLE_GATHER
 };
 
 constexpr int kRowWords = 16;
 // kernels/ops/persistent.py FINISH_SHARED_BYTES sizes the dynamic shared memory with this.
-static_assert(sizeof(FinishShared) == 17680, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
+static_assert(sizeof(PoolShared) == 42256, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
+static_assert(kBuckets * 4 <= (int)sizeof(PoolShared), "a partial's histogram overlays the finish's workspace");
 constexpr long long kSpinLimit = 1ll << 26;  // ~9 s of 128 ns backoff: a deadlock traps, it does not hang
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
@@ -78,6 +83,14 @@ template <typename T>
 __device__ __forceinline__ T* slot_ptr(const u64* P, int s) { return reinterpret_cast<T*>(P[s]); }
 __device__ __forceinline__ int slot_int(const u64* P, int s) { return (int)P[s]; }
 __device__ __forceinline__ float slot_float(const u64* P, int s) { return __uint_as_float((unsigned)P[s]); }
+
+// Whether this row's waits apply this step: a gather's wait (every partial) only orders the
+// grid-wide top-K of a sampled step. In a greedy step the gather does nothing, so it signals at
+// once and the finish, which waits for the partials itself, is not held back by a second hop.
+// Skipping a wait only lets a row run earlier, so the no-deadlock order of lower.check holds.
+__device__ __forceinline__ bool waits_apply(const int* row, const u64* P) {
+    return row[0] != SAMPLE_GATHER || samples(reinterpret_cast<const SampleParams*>(P[kSampleParams]));
+}
 
 // Thread 0: spin until every wait of `row` holds. On a wait that never comes it records
 // (sm, row index, counter, count this step, target) in the debug words and traps.
@@ -111,6 +124,7 @@ __device__ void run(const u64* __restrict__ params) {
     __shared__ unsigned epoch_s;
     __shared__ float scratch[32];
     __shared__ int iscratch[32];
+    __shared__ PoolPlan plan_sh;
     __shared__ AttnShared<D, GM> attn_sh;
     extern __shared__ float4 dyn_smem[];
     float* xs = reinterpret_cast<float*>(dyn_smem);  // the staged GEMV input, max(H, I, Hq*D) floats
@@ -144,7 +158,7 @@ __device__ void run(const u64* __restrict__ params) {
     }
     // The slice starts past the larger user of the area before it: the staged GEMV input or the
     // sampling finish's workspace (kernels/ops/persistent.py shared_bytes, the same rule).
-    const int lead_words = max(max(max(H, I), Hq * D), (int)(sizeof(FinishShared) / 4));
+    const int lead_words = max(max(max(H, I), Hq * D), (int)(sizeof(PoolShared) / 4));
     int* slice = reinterpret_cast<int*>(dyn_smem) + ((lead_words + 3) & ~3);
     {
         const int4* src = reinterpret_cast<const int4*>(program + (size_t)begin * kRowWords);
@@ -163,7 +177,7 @@ __device__ void run(const u64* __restrict__ params) {
         // others after its acquire).
         if (tid == 0) {
             if (profile) profile[3 * (size_t)index] = clock64();
-            wait_row(row_s, P, epoch, index);
+            if (waits_apply(row_s, P)) wait_row(row_s, P, epoch, index);
             if (profile) profile[3 * (size_t)index + 1] = clock64();
         }
         __syncthreads();
@@ -221,16 +235,27 @@ __device__ void run(const u64* __restrict__ params) {
             gemv_tile<(GM < 8)>(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
             break;
         case SAMPLE_PARTIAL:
+            // A sampled step's histogram overlays the staged GEMV input (every LM-head tile is
+            // earlier in this SM's list), so nothing staged survives this instruction.
             sample_partial_tile(slot_ptr<const float>(P, kLogits), a, b, arg, slot_ptr<const SampleParams>(P, kSampleParams),
-                                slot_ptr<float>(P, kArgVal), slot_ptr<int>(P, kArgIdx), scratch, iscratch);
+                                slot_ptr<float>(P, kArgVal), slot_ptr<int>(P, kArgIdx), slot_ptr<unsigned>(P, kTopkHist),
+                                reinterpret_cast<unsigned*>(dyn_smem), scratch, iscratch);
+            staged = -1;
+            break;
+        case SAMPLE_GATHER:
+            if (samples(slot_ptr<const SampleParams>(P, kSampleParams)))
+                sample_gather_tile(slot_ptr<const float>(P, kLogits), a, b, V, slot_ptr<const SampleParams>(P, kSampleParams),
+                                   slot_ptr<unsigned>(P, kTopkHist), slot_ptr<unsigned long long>(P, kTopkPool),
+                                   iscratch, plan_sh);
             break;
         case SAMPLE_FINISH:
             // The top-K workspace overlays the staged GEMV input (the launcher sizes the dynamic
             // shared memory for both), so nothing staged survives this instruction.
             sample_finish_tile(slot_ptr<const float>(P, kLogits), V, slot_ptr<const SampleParams>(P, kSampleParams),
-                               slot_ptr<const float>(P, kArgVal), slot_ptr<const int>(P, kArgIdx), arg, state,
+                               slot_ptr<const float>(P, kArgVal), slot_ptr<const int>(P, kArgIdx), arg,
+                               slot_ptr<unsigned>(P, kTopkHist), slot_ptr<const unsigned long long>(P, kTopkPool), state,
                                slot_ptr<int>(P, kRing), slot_int(P, kRingSize),
-                               *reinterpret_cast<FinishShared*>(dyn_smem), scratch, iscratch);
+                               *reinterpret_cast<PoolShared*>(dyn_smem), scratch, iscratch);
             staged = -1;
             break;
         default:
@@ -266,7 +291,8 @@ __device__ void run(const u64* __restrict__ params) {
 
 // persistent_decode_d<D>_g<GM>: head_dim D, up to GM query heads per KV head (the launcher
 // picks the smallest GM >= G). params: u64 [kNumSlots]. grid = SM count, block 256, one CTA
-// per SM, dynamic shared memory max(4 * max(H, I, Hq * D), sizeof(FinishShared)) bytes.
+// per SM, dynamic shared memory max(4 * max(H, I, Hq * D), sizeof(PoolShared)) bytes, then the
+// SM's instruction list.
 #define NRT_PERSISTENT(D, GM)                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                      \
         persistent_decode_d##D##_g##GM(const unsigned long long* params) {                         \

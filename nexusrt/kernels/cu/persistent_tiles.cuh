@@ -2,7 +2,8 @@
 // opcode of nexusrt/backends/cuda/megakernel/instructions.py Op, each the arithmetic of the
 // verified graph-path kernel it replaces (gemv.cu, rope.cu, attention_decode.cu, elementwise.cu
 // embedding, sampling.cu: its greedy partial/combine and, shared through sampling_topk.cuh, its
-// exact top-K draw). interpret.py is the specification of what each computes.
+// exact top-K draw, which a sampled step reaches through the grid-wide top-K of
+// sampling_grid.cuh). interpret.py is the specification of what each computes.
 //
 // A CTA of kThreads threads runs one tile at a time. Data written by OTHER CTAs of this launch
 // (activations, the newest K/V row) is read with ld.global.cg (L2, never L1 or the
@@ -17,7 +18,7 @@
 #include "argmax.cuh"
 #include "attn_common.cuh"
 #include "common.cuh"
-#include "sampling_topk.cuh"
+#include "sampling_grid.cuh"
 
 namespace nrt_pk {
 
@@ -208,14 +209,17 @@ __device__ __forceinline__ void rope_tile(const float* qkv, float* q, __nv_bfloa
 // only between launches, so every CTA of a launch reads the same answer.
 __device__ __forceinline__ bool samples(const SampleParams* params) { return params->temperature > 0.f; }
 
-// sample_argmax_partial's work for one chunk: (max, lowest index) of logits[a, b) into slot
-// `chunk` of the partials. Like that kernel it does nothing when the step samples (the finish
-// then reads every logit itself); the instruction still signals, which is how the finish knows
-// its chunk of the LM head is written.
+// SAMPLE_PARTIAL of chunk `chunk` = logits[a, b). Greedy: sample_argmax_partial's work, the
+// (max, lowest index) into slot `chunk` of the partials. Sampled: phase 1 of the grid-wide top-K
+// (sampling_grid.cuh), the chunk's key histogram added to the grid's; sh_hist (kBuckets words)
+// overlays the staged GEMV input, which the caller must then consider lost.
 __device__ __forceinline__ void sample_partial_tile(const float* logits, int a, int b, int chunk,
                                                     const SampleParams* params, float* part_val, int* part_idx,
-                                                    float* sv, int* si) {
-    if (samples(params)) return;
+                                                    unsigned* hist, unsigned* sh_hist, float* sv, int* si) {
+    if (samples(params)) {
+        add_chunk_histogram(L2Logits{logits}, a, b, sh_hist, hist);
+        return;
+    }
     float best = -__int_as_float(0x7f800000);
     int bi = INT_MAX;
     for (int i = a + threadIdx.x; i < b; i += kThreads) {
@@ -226,20 +230,35 @@ __device__ __forceinline__ void sample_partial_tile(const float* logits, int a, 
     if (threadIdx.x == 0) { part_val[chunk] = best; part_idx[chunk] = bi; }
 }
 
+// SAMPLE_GATHER of chunk logits[a, b) (sampled steps only; a greedy step skips its waits and
+// this, see persistent_decode.cu): phase 2 of the grid-wide top-K, the chunk's candidates into
+// the pool when the complete histogram says they fit.
+__device__ __forceinline__ void sample_gather_tile(const float* logits, int a, int b, int vocab,
+                                                   const SampleParams* params, unsigned* hist,
+                                                   unsigned long long* pool, int* scratch, PoolPlan& plan_sh) {
+    const PoolPlan plan = threshold_bucket<kThreads>(hist, candidate_count(*params, vocab), scratch, plan_sh);
+    gather_chunk_candidates(L2Logits{logits}, a, b, plan, hist + kCursorWord, pool, scratch);
+}
+
 // sample_finish's work: the next token, then written as that kernel writes it: token word,
 // ring[step % ring_size] (host memory, published before the state moves on), pos += 1 and
-// step += 1. Greedy: the best of `count` partials (every logit NaN: token 0). Sampling: the
-// exact top-K draw of sampling_topk.cuh over all `vocab` logits at this step, read from L2
-// (other CTAs wrote them); `sh` may overlay the staged GEMV input, which the caller must then
-// consider lost.
+// step += 1. Greedy: the best of `count` partials (every logit NaN: token 0). Sampled: phase 3
+// of the grid-wide top-K, the draw from the pool the gathers filled, or (the pool overflowed:
+// cursor 0) sample_topk over all `vocab` logits, read from L2 (other CTAs wrote them); then the
+// histogram and cursor are cleared for the next step. `sh` may overlay the staged GEMV input,
+// which the caller must then consider lost.
 __device__ __forceinline__ void sample_finish_tile(const float* logits, int vocab, const SampleParams* params,
                                                    const float* part_val, const int* part_idx, int count,
-                                                   int* state, int* ring, int ring_size, FinishShared& sh,
+                                                   unsigned* hist, const unsigned long long* pool,
+                                                   int* state, int* ring, int ring_size, PoolShared& sh,
                                                    float* sv, int* si) {
     const int step = __ldcg(state + 1);
     int token;
     if (samples(params)) {
-        token = sample_topk(L2Logits{logits}, vocab, *params, step, sh);
+        const int pooled = (int)__ldcg(hist + kCursorWord);
+        token = pooled > 0 ? sample_from_pool<kThreads>(L2Logits{logits}, vocab, pool, pooled, *params, step, sh)
+                           : sample_topk(L2Logits{logits}, vocab, *params, step, sh);
+        clear_grid_topk(hist);  // both paths end in barriers after every thread read the cursor
     } else {
         float best = -__int_as_float(0x7f800000);
         int bi = INT_MAX;

@@ -5,8 +5,11 @@
 // common.cuh), and sample_topk, which runs them in that order.
 // Every function works on ONE row of logits with the whole block (all of its threads must
 // call it; any multiple of 32 threads: sampling.cu runs 1024, the persistent kernel 256) and
-// the block's FinishShared; the caller picks the row and how it is read (PlainLogits,
-// L2Logits below).
+// the block's TopkShared; the caller picks the row and how it is read (PlainLogits,
+// L2Logits below). The radix select and the gather read keys through an accessor (LogitKeys
+// over a row of logits; sampling_grid.cuh passes the keys of a candidate pool), and the sort and
+// draw of a gathered candidate list is one function, sort_and_draw, so the grid-wide sampler of
+// sampling_grid.cuh ends with exactly this code and this arithmetic.
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -47,8 +50,34 @@ __device__ __forceinline__ unsigned order_key(float x) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-struct FinishShared {
-    unsigned long long cand[kMaxCand];  // (order_key << 32) | ~index, sorted descending
+// The keys of a row of logits, read through its accessor.
+template <class Logits>
+struct LogitKeys {
+    Logits logits;
+    __device__ __forceinline__ unsigned operator[](int i) const { return order_key(logits[i]); }
+};
+
+// K = min(top_k or 1024, 1024, vocab): how many candidates the spec draws from.
+__device__ __forceinline__ int candidate_count(const SampleParams& p, int vocab) {
+    const int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
+    return min(K, vocab);
+}
+
+// A candidate's 64-bit sort key: descending order is value descending, then index ascending.
+__device__ __forceinline__ unsigned long long candidate_key(unsigned key, int index) {
+    return ((unsigned long long)key << 32) | (0xFFFFFFFFu - (unsigned)index);
+}
+__device__ __forceinline__ int candidate_index(unsigned long long c) {
+    return (int)(0xFFFFFFFFu - (unsigned)(c & 0xFFFFFFFFull));
+}
+
+// kCand: how many 64-bit candidates cand[] holds (at least kMaxCand; sampling_grid.cuh's pool
+// finish needs its larger pool there). FinishShared is sampling.cu's size.
+template <int kCand>
+struct TopkShared {
+    static_assert(kCand >= kMaxCand && (kCand & (kCand - 1)) == 0, "the bitonic sort needs a power of two");
+    static constexpr int kCapacity = kCand;
+    unsigned long long cand[kCand];     // candidate_key()s, sorted descending
     float val[kMaxCand];                // x of the candidate at each rank
     float cum[kMaxCand];                // exp(z - z_0) at each rank, then its running sum
     unsigned hist[256];
@@ -57,11 +86,13 @@ struct FinishShared {
     int count;
     int bucket, k_rem, eq_count;
 };
+using FinishShared = TopkShared<kMaxCand>;
 
-// Radix-select the K-th largest order key of the logits (all threads get it).
-template <class Logits>
-__device__ unsigned select_threshold(const Logits logits, int vocab, int K,
-                                     FinishShared& sh, int& k_rem, int& eq_count) {
+// Radix-select the K-th largest of keys[0, n) (K <= n; all threads get it). k_rem: how many
+// keys equal to it the top K take; eq_count: how many keys equal it.
+template <class Keys, class Shared>
+__device__ unsigned select_threshold(const Keys keys, int n, int K,
+                                     Shared& sh, int& k_rem, int& eq_count) {
     const int tid = threadIdx.x, lane = tid & 31;
     unsigned prefix = 0, mask = 0;
     k_rem = K;
@@ -69,8 +100,8 @@ __device__ unsigned select_threshold(const Logits logits, int vocab, int K,
         for (int b = tid; b < 256; b += blockDim.x) sh.hist[b] = 0;
         __syncthreads();
 #pragma unroll 4
-        for (int i = tid; i < vocab; i += blockDim.x) {
-            const unsigned key = order_key(logits[i]);
+        for (int i = tid; i < n; i += blockDim.x) {
+            const unsigned key = keys[i];
             if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
         }
         __syncthreads();
@@ -111,9 +142,9 @@ __device__ unsigned select_threshold(const Logits logits, int vocab, int K,
 
 // Gather the K candidates into sh.cand (unsorted): every key above the threshold, plus the
 // k_rem lowest-index keys equal to it.
-template <class Logits>
+template <class Logits, class Shared>
 __device__ void gather_candidates(const Logits logits, int vocab, int K,
-                                  unsigned thr, int k_rem, int eq_count, FinishShared& sh) {
+                                  unsigned thr, int k_rem, int eq_count, Shared& sh) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (tid == 0) sh.count = 0;
     __syncthreads();
@@ -122,7 +153,7 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
         const unsigned key = order_key(logits[i]);
         if (key > thr || (take_all_equal && key == thr)) {
             const int slot = atomicAdd(&sh.count, 1);
-            sh.cand[slot] = ((unsigned long long)key << 32) | (0xFFFFFFFFu - (unsigned)i);
+            sh.cand[slot] = candidate_key(key, i);
         }
     }
     if (take_all_equal) { __syncthreads(); return; }
@@ -144,7 +175,7 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
         }
         const int rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
         if (eq && rank < k_rem)
-            sh.cand[n_gt + rank] = ((unsigned long long)thr << 32) | (0xFFFFFFFFu - (unsigned)i);
+            sh.cand[n_gt + rank] = candidate_key(thr, i);
         taken += total;
     }
     __syncthreads();
@@ -152,7 +183,8 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
 
 // Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0). Each thread
 // owns the pairs of indices tid, tid + blockDim.x, ... (one index per thread at 1024 threads).
-__device__ void bitonic_desc(FinishShared& sh, int n) {
+template <class Shared>
+__device__ void bitonic_desc(Shared& sh, int n) {
     for (int size = 2; size <= n; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             __syncthreads();
@@ -185,11 +217,11 @@ __device__ __forceinline__ int block_count(int limit, Pred pred) {
 // c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
 // non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
 // the block counts in parallel.
-template <class Logits>
-__device__ int draw(const Logits logits, float temp, float top_p, int K, double u, FinishShared& sh) {
+template <class Logits, class Shared>
+__device__ int draw(const Logits logits, float temp, float top_p, int K, double u, Shared& sh) {
     const int tid = threadIdx.x;
     for (int r = tid; r < K; r += blockDim.x)
-        sh.val[r] = logits[(int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull))] / temp;
+        sh.val[r] = logits[candidate_index(sh.cand[r])] / temp;
     __syncthreads();
     for (int r = tid; r < K; r += blockDim.x) sh.cum[r] = expf(sh.val[r] - sh.val[0]);
     __syncthreads();
@@ -209,23 +241,32 @@ __device__ int draw(const Logits logits, float temp, float top_p, int K, double 
     return min(below, n - 1);
 }
 
-// Sampling (temperature > 0): the exact top-K draw of one row at `step` (the spec of
-// reference/sampling.py). The whole block calls it; every thread gets the token.
-template <class Logits>
-__device__ __forceinline__ int sample_topk(const Logits logits, int vocab, const SampleParams& p, int step,
-                                           FinishShared& sh) {
-    int K = (p.top_k <= 0 || p.top_k > kMaxCand) ? kMaxCand : p.top_k;
-    K = min(K, vocab);
-    int k_rem, eq_count;
-    const unsigned thr = select_threshold(logits, vocab, K, sh, k_rem, eq_count);
-    gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
+// The end of every exact top-K draw: sh.cand[0, count) holds the candidate_key()s of a set
+// that contains the top K (count >= K; any order); sort them descending (padding to a power of
+// two with 0, which sorts below every real key), draw among the first K at `step` and return
+// the token. sample_topk gathers exactly K; the grid sampler's pool may gather more (ties).
+template <class Logits, class Shared>
+__device__ __forceinline__ int sort_and_draw(const Logits logits, int count, int K, const SampleParams& p, int step,
+                                             Shared& sh) {
     int n = 1;
-    while (n < K) n <<= 1;
-    for (int r = K + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;  // padding sorts last
+    while (n < count) n <<= 1;
+    for (int r = count + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;  // padding sorts last
     bitonic_desc(sh, n);
     const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
     const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
-    return (int)(0xFFFFFFFFu - (unsigned)(sh.cand[r] & 0xFFFFFFFFull));
+    return candidate_index(sh.cand[r]);
+}
+
+// Sampling (temperature > 0): the exact top-K draw of one row at `step` (the spec of
+// reference/sampling.py). The whole block calls it; every thread gets the token.
+template <class Logits, class Shared>
+__device__ __forceinline__ int sample_topk(const Logits logits, int vocab, const SampleParams& p, int step,
+                                           Shared& sh) {
+    const int K = candidate_count(p, vocab);
+    int k_rem, eq_count;
+    const unsigned thr = select_threshold(LogitKeys<Logits>{logits}, vocab, K, sh, k_rem, eq_count);
+    gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
+    return sort_and_draw(logits, K, K, p, step, sh);
 }
 
 }  // namespace

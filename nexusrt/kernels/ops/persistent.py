@@ -6,7 +6,9 @@ Everything the kernel reads is one device array of 64-bit slots (:data:`SLOTS`, 
 of ``enum Slot`` in the kernel; ``tests/test_persistent_kernel.py`` checks both lists agree):
 pointers, and the integer and float (bit pattern) scalars. ``sample_params`` points at the
 runner's 24-byte ``SampleParams`` struct (:func:`nexusrt.kernels.ops.sampling.pack_params`),
-which the host rewrites per request, so one captured launch samples with any parameters. Per-layer pointers are a second
+which the host rewrites per request, so one captured launch samples with any parameters;
+``topk_hist`` / ``topk_pool`` are the grid-wide top-K's words (:data:`TOPK_HIST_WORDS` int32,
+:data:`TOPK_POOL_WORDS` int64, zeroed by the host once: the kernel leaves them zero after a step). Per-layer pointers are a second
 array of :data:`LAYER_SLOTS` per layer. :func:`pack_params` builds the main array from a dict
 and refuses a missing or unknown name, so the host and the kernel cannot silently disagree.
 """
@@ -27,13 +29,18 @@ HEAD_DIMS = (64, 128)
 GROUP_BOUNDS = (1, 2, 4, 8)  # the GM template arguments compiled
 MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weigh
 SMEM_OPTIN_LIMIT = 227 * 1024  # sm_90's per-block opt-in; the driver's answer is checked too
-# sizeof(FinishShared) (sampling_topk.cuh; a static_assert in the kernel holds it to this): the
+# sizeof(PoolShared) (sampling_grid.cuh; a static_assert in the kernel holds it to this): the
 # sampling finish's top-K workspace, which overlays the staged GEMV input in shared memory.
-FINISH_SHARED_BYTES = 17680
+FINISH_SHARED_BYTES = 42256
+# The grid-wide top-K's words in global memory (sampling_grid.cuh; zero before the first step,
+# the sampling finish zeroes them after each): the histogram of kBuckets bins followed by the
+# pool cursor (int32), and the candidate pool of kPoolMax 64-bit keys.
+TOPK_HIST_WORDS = 4096 + 1
+TOPK_POOL_WORDS = 4096
 
 SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "x", "qkv", "q", "attn", "mlp", "logits",
-         "part_ml", "part_acc", "arg_val", "arg_idx", "sample_params",
+         "part_ml", "part_acc", "arg_val", "arg_idx", "sample_params", "topk_hist", "topk_pool",
          "state", "ring", "block_table",
          "counters", "totals", "epoch", "debug", "profile",
          "layers", "program", "offsets",

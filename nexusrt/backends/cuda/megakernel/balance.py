@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 
+from . import topk
 from .instructions import Instruction, Op
 
 F32 = 4
@@ -42,9 +43,11 @@ def instruction_bytes(ins: Instruction, cfg, *, weight_bytes: int, kv_bytes: int
         return rows * inter * weight_bytes + inter * F32 + 2 * rows * F32
     if op == Op.LM_HEAD:
         return rows * h * weight_bytes + 2 * h * F32 + rows * F32
-    if op == Op.SAMPLE_PARTIAL:  # the greedy case; a sampling step's partials read nothing
+    if op == Op.SAMPLE_PARTIAL:  # its chunk of logits, then a partial (greedy) or histogram adds
         return rows * F32 + 2 * F32
-    if op == Op.SAMPLE_FINISH:  # greedy: the partials (a sampling step's top-K reads the logits ~5 times)
+    if op == Op.SAMPLE_GATHER:  # a sampled step's: the histogram, its chunk twice (greedy: nothing)
+        return topk.BUCKETS * F32 + 2 * rows * F32
+    if op == Op.SAMPLE_FINISH:  # greedy: the partials (a sampled step's draw reads the pool)
         return 2 * F32 * max(ins.arg, 1)
     raise ValueError(f"no cost model for {op!r}")
 

@@ -8,7 +8,7 @@ An instruction is one tile of one op of the decode step. Its row, as the kernel 
 - ``start, end``: the half-open range along the op's output dimension (rows of a GEMV, KV
   heads for RoPE/append and attention, LM-head rows for a sampler partial);
 - ``arg``: op specific: the KV-length split index of an attention part, the split count of a
-  combine, the chunk index of a sampler partial, the partial count of the finish;
+  combine, the chunk index of a sampler partial or gather, the partial count of the finish;
 - ``signal``: the counter the SM increments (with release semantics) once the tile's results
   are written, -1 for none;
 - ``nwaits`` pairs ``(counter, target)``: the SM spins (acquire) until every counter has
@@ -41,11 +41,15 @@ class Op(IntEnum):
     GATE_UP = 7  # mlp[start:end] = silu(rmsnorm(x) . Wg^T) * (rmsnorm(x) . Wu^T), rows start:end
     DOWN = 8  # x[start:end] += mlp . Wdown[start:end]^T
     LM_HEAD = 9  # logits[start:end] = rmsnorm(x) . Wlm[start:end]^T (final norm)
-    # The sampler (cu/sampling.cu's two launches; the parameters are the runner's SampleParams):
+    # The sampler (the parameters are the runner's SampleParams, read on the device each step;
+    # temperature > 0 runs the grid-wide top-K of cu/sampling_grid.cuh, see megakernel/topk.py):
     SAMPLE_PARTIAL = 10  # greedy: best (value, lowest index) of logits[start:end]; arg: chunk index.
-    #                      temperature > 0: nothing (it only signals that its chunk is written)
+    #                      temperature > 0: the chunk's key histogram, added to the grid's
     SAMPLE_FINISH = 11  # the next token: the best of the arg partials (greedy) or the exact top-K
-    #                     draw over all logits at the step (temperature / top-k / top-p, seeded)
+    #                     draw (temperature / top-k / top-p, seeded) from the gathers' candidate
+    #                     pool, or from all logits when the pool overflowed
+    SAMPLE_GATHER = 12  # temperature > 0: the candidates of logits[start:end] into the pool (after
+    #                     every partial); greedy: nothing, and its waits are skipped (it signals)
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,13 @@ instead of quietly reading an old value. When no SM can advance before all lists
 
 The sampler's instructions follow the :class:`~nexusrt.reference.sampling.SamplingParams` of
 the step (the struct the kernel reads) and the step index of the draw: greedy, argmax partials
-and their combine; temperature > 0, partials that do nothing but signal and a finish that picks
-from all the logits by :func:`nexusrt.reference.sampling.sample` (the specification the device
-sampler matches bit for bit). A sampling finish that finds an unwritten (NaN) logit raises
-:class:`UnwrittenReadError`: the wait that should have covered it is missing.
+and their combine, the gathers doing nothing and running without waiting (the kernel skips a
+gather's waits in a greedy step); temperature > 0, the grid-wide top-K of :mod:`.topk`
+(partials add their chunk's key histogram, gathers compact candidates into the pool, the
+finish draws from it), whose pick is :func:`nexusrt.reference.sampling.sample`'s (tested).
+A missing wait raises :class:`UnwrittenReadError` when a sampled step's partial or gather
+finds an unwritten (NaN) logit in its chunk, a gather finds a histogram that not every partial
+has added to, or the finish finds a pool that not every gather has written.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 from ....kvcache.blocks import BLOCK_SIZE, gather_tokens
 from ....models.weights import WeightSource
 from ....reference import ops
-from ....reference.sampling import SamplingParams, sample
+from ....reference.sampling import SamplingParams
 from .instructions import Instruction, Op
+from .topk import GridTopK
 
 F32 = np.float32
 
@@ -51,6 +55,14 @@ class StepResult:
     trace: list[tuple[int, int]]
 
 
+def waits_met(ins: Instruction, counters, sampling: SamplingParams) -> bool:
+    """Whether ``ins`` may run: every wait met, except that a greedy step's gathers skip their
+    waits (``waits_apply`` of ``persistent_decode.cu``: they do nothing then)."""
+    if ins.op == Op.SAMPLE_GATHER and sampling.greedy:
+        return True
+    return all(counters[c] >= t for c, t in ins.waits)
+
+
 class _State:
     """The step's activation buffers, NaN until written."""
 
@@ -62,6 +74,8 @@ class _State:
         self.part_m, self.part_l, self.part_acc = nan(hkv, splits, g), nan(hkv, splits, g), nan(hkv, splits, g, d)
         self.mlp, self.logits = nan(cfg.intermediate_size), nan(cfg.vocab_size)
         self.partials: dict[int, tuple[float, int]] = {}
+        self.topk: GridTopK | None = None  # a sampled step's histogram and pool
+        self.gathered = 0
         self.token: int | None = None
 
 
@@ -104,6 +118,8 @@ class Interpreter:
         if not 0 <= pos < len(table) * BLOCK_SIZE:
             raise ValueError(f"position {pos} lies outside the {len(table)} blocks of the table")
         st = _State(self.cfg, prog.attn_splits)
+        if not sampling.greedy:
+            st.topk = GridTopK(self.cfg.vocab_size, sampling)
         ctx = (token, pos, k_pools, v_pools, np.asarray(table), sampling, draw_step)
         counters = [0] * len(prog.counters)
         pcs = [0] * prog.num_sms
@@ -111,7 +127,7 @@ class Interpreter:
         trace = []
         while True:
             ready = [s for s in range(prog.num_sms) if pcs[s] < len(prog.lists[s])
-                     and all(counters[c] >= t for c, t in prog.instructions[prog.lists[s][pcs[s]]].waits)]
+                     and waits_met(prog.instructions[prog.lists[s][pcs[s]]], counters, sampling)]
             if not ready:
                 if any(pcs[s] < len(prog.lists[s]) for s in range(prog.num_sms)):
                     raise DeadlockError(self._stuck(pcs, counters))
@@ -172,6 +188,15 @@ class Interpreter:
             if ctx[5].greedy:  # np.argmax: the lowest index among equal maxima
                 i = a + int(np.argmax(st.logits[a:b]))
                 st.partials[ins.arg] = (float(st.logits[i]), i)
+            else:
+                st.topk.partial(self._written(st.logits, a, b, "partial"), a, b)
+        elif op == Op.SAMPLE_GATHER:
+            if not ctx[5].greedy:
+                if st.topk.hist.sum() != self.cfg.vocab_size:
+                    raise UnwrittenReadError(f"a sampling gather read a histogram of {int(st.topk.hist.sum())} of "
+                                             f"{self.cfg.vocab_size} logits: a wait is missing")
+                st.topk.gather(self._written(st.logits, a, b, "gather"), a, b)
+                st.gathered += 1
         elif op == Op.SAMPLE_FINISH:
             params, draw_step = ctx[5], ctx[6]
             if params.greedy:
@@ -179,12 +204,23 @@ class Interpreter:
                 best = sorted(st.partials[c] for c in range(ins.arg))
                 st.token = min((i for v, i in best if v == best[-1][0]), default=None)
             else:
-                if np.isnan(st.logits).any():
-                    raise UnwrittenReadError(f"the sampling finish read {int(np.isnan(st.logits).sum())} logits "
-                                             "no LM-head tile had written: a wait is missing")
-                st.token = sample(st.logits, params, draw_step)
+                gathers = sum(i.op == Op.SAMPLE_GATHER for i in self.program.instructions)
+                if st.gathered != gathers:
+                    raise UnwrittenReadError(f"the sampling finish read the pool after {st.gathered} of {gathers} "
+                                             "gathers: a wait is missing")
+                st.token = st.topk.finish(self._written(st.logits, 0, self.cfg.vocab_size, "finish"), draw_step)
         else:
             raise ValueError(f"the interpreter has no meaning for {op!r}")
+
+    @staticmethod
+    def _written(logits: np.ndarray, a: int, b: int, who: str) -> np.ndarray:
+        """``logits``, after checking that every logit in [a, b) a sampled step's ``who`` reads
+        was written (an unwritten one is still the NaN the step started with)."""
+        unwritten = int(np.isnan(logits[a:b]).sum())
+        if unwritten:
+            raise UnwrittenReadError(f"a sampling {who} read {unwritten} logits of {a}..{b} no LM-head tile had "
+                                     "written: a wait is missing")
+        return logits
 
     def _rope_append(self, layer: int, kv: int, st: _State, ctx) -> None:
         cfg, lw = self.cfg, self.layers[layer]

@@ -12,12 +12,14 @@ dependencies between tiles are counters at the granularity of the data a tile re
   the new K/V slot); split attention parts signal a per-head counter the combine waits on;
 - O, gate/up, down and the LM head need their whole input vector (or its RMSNorm), so they
   wait for the full producer stage;
-- a sampler partial waits only for the LM-head tiles of its chunk of the vocabulary, the
-  finish for every partial. The sampler's two stages lower to what ``cu/sampling.cu``'s two
-  launches do, chosen on the device by the parameters the host writes per request: greedy,
-  argmax partials per chunk and their combine; temperature > 0, partials that only signal
-  (their chunk is written) and a finish that draws from all the logits (exact top-K, top-p,
-  the seeded uniform of the step), so the finish's single wait covers the whole LM head.
+- a sampler partial waits only for the LM-head tiles of its chunk of the vocabulary; a gather
+  (one per chunk) for every partial; the finish for every partial and every gather. The
+  sampler's two stages lower to three phases, chosen on the device by the parameters the host
+  writes per request: greedy, argmax partials per chunk and their combine (the gathers skip
+  their waits and only signal, so greedy keeps one grid-wide hop); temperature > 0, the
+  grid-wide exact top-K of ``cu/sampling_grid.cuh`` (:mod:`.topk` is its model): partials add
+  their chunk's key histogram, gathers compact their chunk's candidates into a pool, the finish
+  draws from the pool (exact top-K, top-p, the seeded uniform of the step).
 
 Write-after-read hazards need no counters of their own: every buffer is rewritten only by a
 stage that transitively waited for all readers of its previous contents (e.g. the next
@@ -167,14 +169,20 @@ def _lower_stage(bl: _Builder, kind: str, layer: int, sample: bool) -> None:
             c = bl.counter(f"lm_head.chunk{ci}", len(chunk))
             bl.emit(*(Instruction(Op.LM_HEAD, 0, a, b, 0, c, (bl.ready["x"],)) for a, b in chunk))
             bl.ready["chunks"].append((chunk[0][0], chunk[-1][1], (c, len(chunk))))
-    elif kind == "sample_partial":
+    elif kind == "sample_partial":  # the graph path's one stage; here partials, then gathers
         chunks = bl.ready["chunks"]
         c = bl.counter("sample.partials", len(chunks))
         bl.emit(*(Instruction(Op.SAMPLE_PARTIAL, 0, a, b, ci, c, (w,)) for ci, (a, b, w) in enumerate(chunks)))
-        bl.ready["partials"] = (c, len(chunks))
+        partials = bl.ready["partials"] = (c, len(chunks))
+        bl.phases.append(("sample_gather", []))
+        g = bl.counter("sample.gathered", len(chunks))
+        bl.emit(*(Instruction(Op.SAMPLE_GATHER, 0, a, b, ci, g, (partials,)) for ci, (a, b, _) in enumerate(chunks)))
+        bl.ready["gathered"] = (g, len(chunks))
     elif kind == "sample_finish":
+        # Both waits: a greedy step's gathers do not wait for the partials, so the finish does.
         c = bl.counter("step.done", 1)
-        bl.emit(Instruction(Op.SAMPLE_FINISH, 0, 0, 1, bl.ready["partials"][1], c, (bl.ready["partials"],)))
+        bl.emit(Instruction(Op.SAMPLE_FINISH, 0, 0, 1, bl.ready["partials"][1], c,
+                            (bl.ready["partials"], bl.ready["gathered"])))
 
 
 def _parse(name: str) -> tuple[str, int]:

@@ -1,0 +1,179 @@
+// The grid-wide exact top-K of the persistent kernel's sampler (design, costs and the proof that
+// it is the spec's candidate set: nexusrt/kernels/NOTES_persistent.md, "The grid-wide top-K").
+// Three phases, each an instruction of the persistent program, every CTA working on its own
+// chunk of the vocabulary [a, b):
+//
+//   1. add_chunk_histogram (SAMPLE_PARTIAL of a sampled step): the chunk's keys (order_key of
+//      sampling_topk.cuh) counted per bucket of their top kBucketBits bits in shared memory,
+//      then added to the grid's histogram in global memory (one RED per non-empty bucket).
+//   2. threshold_bucket + gather_chunk_candidates (SAMPLE_GATHER, after every partial): each
+//      CTA reads the complete histogram and finds, by itself (no extra barrier), the bucket B
+//      holding the K-th largest key; every key in a bucket >= B is a candidate. When there are
+//      at most kPoolMax of them (B's own count is what can make it more: many equal or close
+//      logits) the chunk appends its candidates' 64-bit candidate_key()s to the pool (one
+//      atomicAdd on the pool cursor per CTA reserves its range); otherwise nobody writes.
+//   3. sample_from_pool (SAMPLE_FINISH, after every gather): the pool holds a superset of the
+//      top K (all keys of buckets above B, all of B), so the block's radix select over the pool
+//      finds the K-th key exactly, keeps the keys at or above it and ends in sort_and_draw, the
+//      same sort and draw as sample_topk. A cursor of 0 means the pool overflowed (it is never
+//      0 otherwise: K >= 1 candidates exist); the finish then runs sample_topk over all logits.
+//      Either way it zeroes the histogram and the cursor for the next step.
+// The pool's order depends on which CTA got there first, but candidate_key is unique per logit
+// and the sort is total, so the sorted candidates, hence the token, do not.
+#pragma once
+
+#include "sampling_topk.cuh"
+
+namespace {
+
+constexpr int kBucketBits = 12;  // sign, the 8 exponent bits and 3 mantissa bits of the logit
+constexpr int kBuckets = 1 << kBucketBits;
+constexpr int kPoolMax = 4096;  // candidates the pool finish takes (cand[] of PoolShared)
+using PoolShared = TopkShared<kPoolMax>;
+
+// The grid's workspace in global memory, zero at the start of every step: hist[kBuckets]
+// followed by the pool cursor (uint32 [kBuckets + 1]), and the pool (uint64 [kPoolMax]).
+constexpr int kCursorWord = kBuckets;
+
+__device__ __forceinline__ unsigned key_bucket(unsigned key) { return key >> (32 - kBucketBits); }
+
+// The exclusive prefix of v over the block's threads (thread order); *total gets the block's
+// sum. scratch: 32 ints of shared memory, free again when it returns.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    int incl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+    }
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < warps; ++w) {
+        before += w < warp ? scratch[w] : 0;
+        total += scratch[w];
+    }
+    __syncthreads();  // scratch is the caller's again
+    return before + incl - v;
+}
+
+// Phase 1: the keys of logits[a, b) per bucket into the grid's histogram. sh_hist: kBuckets
+// words of shared memory (the block's own counts first, so the global memory sees one RED per
+// non-empty bucket, not one per logit on a few hot buckets).
+template <class Logits>
+__device__ void add_chunk_histogram(const Logits logits, int a, int b, unsigned* sh_hist, unsigned* hist) {
+    for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) sh_hist[i] = 0u;
+    __syncthreads();
+    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) atomicAdd(&sh_hist[key_bucket(order_key(logits[i]))], 1u);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) {
+        const unsigned c = sh_hist[i];
+        if (c != 0u) atomicAdd(hist + i, c);  // result unused: a RED
+    }
+}
+
+// Where the K-th largest key lies: its bucket, how many keys lie in higher buckets (above) and
+// how many in it (in_bucket). bucket -1: the histogram holds fewer than K keys (it cannot, once
+// every partial has added its chunk).
+struct PoolPlan {
+    int bucket, above, in_bucket;
+    __device__ __forceinline__ bool fits() const { return bucket >= 0 && above + in_bucket <= kPoolMax; }
+};
+
+// Phase 2a: the PoolPlan of the complete histogram (every thread gets it). Thread t owns the
+// kBuckets / kBlock buckets just below kBuckets - t * kBuckets / kBlock, so a block scan in
+// thread order is a scan from the top bucket down. Read from L2 (other CTAs added to it).
+template <int kBlock>
+__device__ PoolPlan threshold_bucket(const unsigned* hist, int K, int* scratch, PoolPlan& plan_sh) {
+    constexpr int kPer = kBuckets / kBlock;
+    static_assert(kBuckets % kBlock == 0 && kPer % 4 == 0, "each thread reads whole uint4s of buckets");
+    const int top = kBuckets - kPer * (int)threadIdx.x;  // buckets [top - kPer, top)
+    unsigned asc[kPer];  // asc[j]: bucket top - kPer + j
+#pragma unroll
+    for (int q = 0; q < kPer / 4; ++q) {
+        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + top - kPer) + q);
+        asc[4 * q] = v.x; asc[4 * q + 1] = v.y; asc[4 * q + 2] = v.z; asc[4 * q + 3] = v.w;
+    }
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) sum += (int)asc[j];
+    if (threadIdx.x == 0) plan_sh = PoolPlan{-1, 0, 0};
+    int total;
+    int before = block_exclusive_sum(sum, scratch, total);  // its barriers order the write above
+    if (before < K && K <= before + sum) {  // exactly one thread: the K-th key is in its buckets
+#pragma unroll
+        for (int j = kPer - 1; j >= 0; --j) {
+            const int c = (int)asc[j];
+            if (before < K && K <= before + c) plan_sh = PoolPlan{top - kPer + j, before, c};
+            before += c;
+        }
+    }
+    __syncthreads();
+    const PoolPlan plan = plan_sh;
+    __syncthreads();  // plan_sh may be rewritten by the next call
+    return plan;
+}
+
+// Phase 2b: append the candidates of logits[a, b) (keys whose bucket is >= plan.bucket) to the
+// pool, when the plan fits; nothing otherwise. Two passes over the chunk (from L2): count, then
+// write at this block's range of the pool (one atomicAdd on the cursor per block).
+template <class Logits>
+__device__ void gather_chunk_candidates(const Logits logits, int a, int b, const PoolPlan plan, unsigned* cursor,
+                                        unsigned long long* pool, int* scratch) {
+    if (!plan.fits()) return;  // the same answer in every CTA: the finish reads every logit
+    const unsigned lowest = (unsigned)plan.bucket;
+    int mine = 0;
+    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) mine += key_bucket(order_key(logits[i])) >= lowest;
+    int total;
+    int at = block_exclusive_sum(mine, scratch, total);
+    if (total == 0) return;
+    if (threadIdx.x == 0) scratch[0] = (int)atomicAdd(cursor, (unsigned)total);
+    __syncthreads();
+    at += scratch[0];
+    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) {
+        const unsigned key = order_key(logits[i]);
+        if (key_bucket(key) >= lowest) pool[at++] = candidate_key(key, i);
+    }
+}
+
+// The pool's order keys (the upper half of each candidate_key), for select_threshold.
+struct CandidateKeys {
+    const unsigned long long* cand;
+    __device__ __forceinline__ unsigned operator[](int i) const { return (unsigned)(cand[i] >> 32); }
+};
+
+// Phase 3: the token of a sampled step from the `count` candidates of the pool (0 < count <=
+// kPoolMax, a superset of the top K): radix select of the K-th key over them in shared memory,
+// keep every candidate at or above it (K of them, more when the K-th key is tied: all its equal
+// keys stay, and the sort by index picks the lowest), then sample_topk's sort and draw.
+template <int kBlock, class Logits>
+__device__ int sample_from_pool(const Logits logits, int vocab, const unsigned long long* pool, int count,
+                                const SampleParams& p, int step, PoolShared& sh) {
+    constexpr int kPer = kPoolMax / kBlock;
+    const int tid = threadIdx.x, K = candidate_count(p, vocab);
+    for (int r = tid; r < count; r += kBlock) sh.cand[r] = __ldcg(pool + r);
+    __syncthreads();
+    int k_rem, eq_count;
+    const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
+    // Compact in place: every thread holds its candidates in registers before any is moved.
+    unsigned long long held[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
+    if (tid == 0) sh.count = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+        if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
+    __syncthreads();
+    return sort_and_draw(logits, sh.count, K, p, step, sh);  // sh.count = K - k_rem + eq_count
+}
+
+// After the finish: the histogram and the cursor back to zero for the next step's partials.
+// Call it only once every thread of the block has read the cursor (a barrier after that read).
+__device__ __forceinline__ void clear_grid_topk(unsigned* hist) {
+    for (int i = threadIdx.x; i <= kCursorWord; i += blockDim.x) hist[i] = 0u;
+}
+
+}  // namespace

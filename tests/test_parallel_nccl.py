@@ -8,37 +8,14 @@ two-process case waits for a machine with two GPUs (issue 17).
 
 from __future__ import annotations
 
-import enum
 import sys
 import types
 
 import numpy as np
 import pytest
 
+import nccl_fakes
 from nexusrt.parallel import nccl as nccl_mod
-
-
-class _DataType(enum.IntEnum):
-    Int32 = 2
-    Float16 = 6
-    Float32 = 7
-    Bfloat16 = 9
-
-
-class _RedOp(enum.IntEnum):
-    Sum = 0
-
-
-class _Uid:
-    def __init__(self, raw=bytes(range(128))):
-        self.raw = raw
-
-    def __bytes__(self):
-        return self.raw
-
-    @classmethod
-    def from_buffer(cls, b):
-        return cls(bytes(b))
 
 
 class _T:
@@ -49,20 +26,11 @@ class _T:
 @pytest.fixture
 def fake(monkeypatch):
     calls = []
-    mod = types.ModuleType("nccl.bindings.nccl")
-    mod.DataType, mod.RedOp, mod.UniqueId = _DataType, _RedOp, _Uid
-    mod.get_unique_id = lambda: _Uid()
-    mod.comm_init_rank = lambda n, uid, r: calls.append(("init", n, bytes(uid), r)) or "comm"
-    mod.all_reduce = lambda *a: calls.append(("all_reduce", *a))
-    mod.all_gather = lambda *a: calls.append(("all_gather", *a))
-    mod.comm_destroy = lambda c: calls.append(("destroy", c))
-    mod.comm_abort = lambda c: calls.append(("abort", c))
-    pkg, sub = types.ModuleType("nccl"), types.ModuleType("nccl.bindings")
-    pkg.bindings, sub.nccl = sub, mod
-    for name, m in (("nccl", pkg), ("nccl.bindings", sub), ("nccl.bindings.nccl", mod)):
+    mods = nccl_fakes.modules(calls)
+    for name, m in mods.items():
         monkeypatch.setitem(sys.modules, name, m)
     monkeypatch.delenv(nccl_mod.NVLS_ENV, raising=False)
-    return calls, mod
+    return calls, mods["nccl.bindings.nccl"]
 
 
 def test_collectives_pass_pointers_counts_types_and_the_stream(fake):

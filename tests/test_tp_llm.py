@@ -1,6 +1,6 @@
 """``nrt.LLM(..., tensor_parallel=N)``: the CPU runs the sharded decoder in both paths (one
-sequence and the serving engine), CUDA refuses N > 1 until the NCCL workers exist, and the
-command line passes the flag through."""
+sequence and the serving engine), CUDA takes the degree (its workers: tests/test_cuda_tp_cpu.py),
+and the command line passes the flag through."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import nexusrt as nrt
 from nexusrt.backends.cpu.sharded import ShardedDecoder
 from nexusrt.cli.main import build_parser
 from nexusrt.engine.runners import check_tensor_parallel
-from nexusrt.errors import BackendUnavailable, ModelError
+from nexusrt.errors import ModelError
 
 from conftest import engine_is_empty
 
@@ -50,10 +50,10 @@ def test_bad_degree(cpu_rt, n):
         nrt.LLM("synthetic:tiny", backend="cpu", tensor_parallel=n)
 
 
-def test_cuda_refuses_tensor_parallel_until_the_nccl_workers_exist():
-    with pytest.raises(BackendUnavailable, match=r"tensor_parallel=2 on cuda: the multi-GPU path .*not built yet"):
-        check_tensor_parallel(2, "cuda")
-    check_tensor_parallel(1, "cuda")  # one GPU is the existing path
+def test_cuda_takes_tensor_parallel_degrees():
+    """CUDA's refusals (GPUs, nccl4py, shapes) are the ProcessRunner's: tests/test_cuda_tp_cpu.py."""
+    check_tensor_parallel(2, "cuda")
+    check_tensor_parallel(1, "cuda")
 
 
 @pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "x"], ["chat"]])

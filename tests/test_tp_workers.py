@@ -19,7 +19,7 @@ from nexusrt.backends.cpu.batch import CpuBatchRunner
 from nexusrt.backends.cpu.model import CpuRunner
 from nexusrt.backends.cpu.sharded import ShardedDecoder
 from nexusrt.backends.cpu.tp_front import ProcessDecoder
-from nexusrt.errors import BackendUnavailable, ModelError
+from nexusrt.errors import ModelError
 from nexusrt.models.loader import WeightsOrigin, load_model
 from nexusrt.parallel.procs import WorkerDied
 from nexusrt.reference.sampling import SamplingParams
@@ -166,13 +166,12 @@ def test_indivisible_degree_fails_before_any_process_starts(cpu_rt):
     assert not multiprocessing.active_children()
 
 
-def test_bad_switch_and_cuda_are_refused(cpu_rt):
+def test_bad_switch_is_refused_and_cuda_takes_it(cpu_rt):
     with pytest.raises(ValueError, match="tp_processes must be True or False"):
         nrt.LLM("synthetic:tiny", backend="cpu", tensor_parallel=2, tp_processes=1)
     from nexusrt.engine.runners import check_tensor_parallel
 
-    with pytest.raises(BackendUnavailable, match="tp_processes on cuda"):
-        check_tensor_parallel(1, "cuda", tp_processes=True)
+    check_tensor_parallel(2, "cuda", tp_processes=True)  # CUDA ranks are processes anyway
     assert not multiprocessing.active_children()
 
 

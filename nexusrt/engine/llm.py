@@ -54,10 +54,13 @@ class LLM:
     deterministic : CUDA: every call goes through the serving engine in its batch-invariant
         mode (a request's ids do not depend on what runs beside it; prefix caching off). The
         CPU engine is batch invariant anyway.
-    tensor_parallel : ranks the model is split over (CPU: in process; CUDA: only 1 so far).
+    tensor_parallel : ranks the model is split over (CPU: in process; CUDA: one worker process
+        per GPU, NCCL collectives, one prompt at a time: the batched engine is not built over
+        them yet). A script that uses CUDA ranks must guard its top level with
+        ``if __name__ == "__main__":`` (workers are spawned).
     tp_processes : CPU: run each rank in its own worker process (loading only its shard,
-        collectives through shared memory) instead of all in this one. A script that sets it
-        must guard its top level with ``if __name__ == "__main__":`` (workers are spawned).
+        collectives through shared memory) instead of all in this one; the same guard applies.
+        On CUDA the ranks are always processes.
 
     Thread safety: the runner holds one sequence; a call takes it when it is free. A call
     that finds it busy (another thread's call) and every list ``generate`` go through the

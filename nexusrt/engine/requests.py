@@ -58,6 +58,10 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     from ..backends.cuda.batch import CudaBatchRunner
     from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
 
+    if not getattr(runner, "serves_batches", True):
+        raise BackendUnavailable("the batched serving engine is not built over CUDA tensor-parallel workers yet: "
+                                 "one prompt at a time (LLM.generate(str), LLM.stream) runs on them; "
+                                 "nexusrt serve, lists of prompts and deterministic=True need tensor_parallel=1")
     plan = getattr(runner, "kv_plan", None)
     if plan is not None and plan.host_blocks:
         raise BackendUnavailable("kv_gpu_budget: the batched CUDA engine has no host tier yet (only the "

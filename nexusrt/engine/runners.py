@@ -15,19 +15,12 @@ from .fit import check_fit, runner_context
 
 
 def check_tensor_parallel(tensor_parallel, backend: str, tp_processes: bool = False) -> None:
-    """Refuse a degree that is not an integer >= 1, a degree > 1 on CUDA (not built yet), and
-    worker processes anywhere but the CPU."""
+    """Refuse a degree that is not an integer >= 1 and a ``tp_processes`` that is not a bool.
+    On CUDA every rank is a worker process (one per GPU), so ``tp_processes`` changes nothing there."""
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
     if not isinstance(tp_processes, bool):
         raise ValueError(f"tp_processes must be True or False, got {tp_processes!r}")
-    if tp_processes and backend != "cpu":
-        raise BackendUnavailable(f"tp_processes on {backend}: worker processes run CPU ranks only so far "
-                                 "(the CUDA rank loop and its NCCL communicator are not built)")
-    if tensor_parallel > 1 and backend != "cpu":
-        raise BackendUnavailable(f"tensor_parallel={tensor_parallel} on {backend}: the multi-GPU path (one NCCL "
-                                 "worker process per GPU) is not built yet; use tensor_parallel=1, or "
-                                 "backend='cpu' for the sharded math on the CPU")
 
 
 def check_kv_gpu_budget(config, backend: str, max_context: int | None, kv_gpu_budget,
@@ -82,11 +75,25 @@ def make_runner(model: LoadedModel, backend: str, max_context: int | None, tenso
     if not rt.is_cuda:
         raise BackendUnavailable(f"backend='cuda' needs the runtime booted on CUDA, but it runs on {rt.backend} "
                                  f"({rt.probe_reason or 'no reason given'}); use backend='cpu'")
+    if tensor_parallel > 1:
+        return _cuda_ranks(model, max_context, tensor_parallel, kv_gpu_budget, kv_fault_reserve)
     from ..backends.cuda.runner import CudaRunner
 
     check_fit(model.config, backend, max_context, name)
     return CudaRunner(model, rt, max_context=max_context, kv_gpu_budget=kv_gpu_budget,
                       kv_fault_reserve=kv_fault_reserve)
+
+
+def _cuda_ranks(model: LoadedModel, max_context, tensor_parallel: int, kv_gpu_budget, kv_fault_reserve):
+    """The one-sequence runner over one CUDA worker process per GPU (:mod:`nexusrt.backends.cuda.tp_front`)."""
+    if kv_gpu_budget is not None or kv_fault_reserve is not None:
+        raise BackendUnavailable("kv_gpu_budget / kv_fault_reserve with tensor_parallel > 1 on cuda: the ranks keep "
+                                 "their KV on their own GPUs only (the host tier is not wired through the workers)")
+    from ..backends.cuda.tp_front import ProcessRunner
+
+    # No fit check here: the front's GPU is not a rank's. A rank that runs out of memory fails its
+    # boot, and the group names the rank and stops the others.
+    return ProcessRunner(model.origin, model.config, tensor_parallel, max_context)
 
 
 def stream_tokens(runner, session, ids, max_new_tokens, params, pieces):

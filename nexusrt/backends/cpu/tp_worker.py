@@ -6,7 +6,8 @@ opens the model's weights itself (the front's resolved, already verified
 its :func:`~nexusrt.parallel.shard` view, so it reads only its rows and columns of each
 tensor, attaches to the group's shared-memory communicator and builds a
 :class:`~nexusrt.backends.cpu.sharded.RankDecoder`. Then it answers the front's messages,
-one per step (:data:`MESSAGES`), until ``("close",)`` or its pipe closes.
+one per step (:data:`MESSAGES`), until ``("close",)`` or its pipe closes
+(:func:`~nexusrt.parallel.worker_side.serve_requests`, the loop the CUDA ranks share).
 
 The front never reads weights for a rank; a rank never sees a request it was not sent, so
 every rank runs every step's collectives in the same order (SPMD).
@@ -14,13 +15,12 @@ every rank runs every step's collectives in the same order (SPMD).
 
 from __future__ import annotations
 
-import pickle
-import signal
 from dataclasses import dataclass
 
 from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan, shard
 from ...parallel.shm import ShmGroup
+from ...parallel.worker_side import serve_requests
 from .sharded import RankDecoder
 
 MESSAGES = """
@@ -41,15 +41,6 @@ class RankSpec:
     segment: str  # made by create_segment with its default slot size, as ShmGroup's default
 
 
-def _answerable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling (the front re-raises it as is), else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
 def _boot(rank: int, spec: RankSpec) -> tuple[RankDecoder, object]:
     weights = spec.weights.open()
     try:
@@ -62,35 +53,21 @@ def _boot(rank: int, spec: RankSpec) -> tuple[RankDecoder, object]:
 
 
 def serve_rank(rank: int, conn, spec: RankSpec) -> None:
-    """The worker process's main: boot rank ``rank``, answer ``("ready", pid)``, then serve."""
+    """The worker process's main: boot rank ``rank``, answer with its pid, then serve."""
     import os
 
-    # The front stops a group with SIGTERM; Ctrl-C in a terminal reaches the whole process
-    # group, and only the front decides what happens to a step.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    def boot():
         decoder, weights = _boot(rank, spec)
-    except BaseException as exc:
-        conn.send(("error", _answerable(exc)))
-        return
-    conn.send(("ok", os.getpid()))
-    pools: list = []
-    try:
-        while True:
-            try:
-                message = conn.recv()  # unpickles the bytes the front pickled once for every rank
-            except EOFError:  # the front is gone
-                return
-            if message[0] == "close":
-                return
-            try:
-                conn.send(("ok", _handle(message, decoder, pools)))
-            except Exception as exc:  # the front decides: re-raise if every rank failed alike
-                conn.send(("error", _answerable(exc)))
-    finally:
-        decoder.close()
-        decoder.comm.close()
-        weights.close()
+        pools: list = []
+
+        def release():
+            decoder.close()
+            decoder.comm.close()
+            weights.close()
+
+        return (lambda message: _handle(message, decoder, pools)), release, os.getpid()
+
+    serve_requests(conn, boot)
 
 
 def _handle(message, decoder: RankDecoder, pools: list):

@@ -72,7 +72,8 @@ class RunnerBuffers(OwnedBuffers):
     """
 
     def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None,
-                 pool_blocks: int | None = None, host_blocks: int = 0, faults=None):
+                 pool_blocks: int | None = None, host_blocks: int = 0, faults=None,
+                 lm_head_rows: int | None = None):
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
         (default ``max_context``; a runner adds room for the rows of a padded last chunk).
         ``pool_blocks``: a KV pool of that many blocks shared by many sequences (the batch
@@ -82,7 +83,9 @@ class RunnerBuffers(OwnedBuffers):
         them ``~h``, :mod:`nexusrt.kvcache.tiers`), the rest in device pools (one sequence only).
         ``faults`` (a ``kvcache.fault_plan.FaultConfig``, with ``host_blocks``): the device pools get
         ``faults.reserve_blocks`` more blocks after the sequence's own, no table entry naming them
-        yet, and ``fault_ring`` holds the ring the decode kernels post host blocks to (else None)."""
+        yet, and ``fault_ring`` holds the ring the decode kernels post host blocks to (else None).
+        ``lm_head_rows``: the LM head's rows when it is not the whole vocabulary (a tensor-parallel
+        rank's slice), so the GEMV workspace also fits that shape's split-K plan."""
         super().__init__()
         d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
@@ -125,8 +128,10 @@ class RunnerBuffers(OwnedBuffers):
                 self.k_pools.append(self._t(memory.empty(pool_shape(num_blocks, hkv, d), "bf16", tag="kv")))
                 self.v_pools.append(self._t(memory.empty(pool_shape(num_blocks, hkv, d), "bf16", tag="kv")))
             # One split-K workspace serves every GEMV of the step (they run in stream order).
-            ws = max(plan_gemv(n, k, 1, gate_up=opts.get("gate_up", False)).workspace_bytes
-                     for _, n, k, opts in decode_shapes(cfg))
+            shapes = [(n, k, opts) for _, n, k, opts in decode_shapes(cfg)]
+            if lm_head_rows is not None:
+                shapes.append((lm_head_rows, cfg.hidden_size, {}))
+            ws = max(plan_gemv(n, k, 1, gate_up=opts.get("gate_up", False)).workspace_bytes for n, k, opts in shapes)
             self.gemv_ws = self._t(memory.zeros((max(ws, 4),), "uint8", tag=TAG))
             splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sm_count(rt))
             self.attn_ws = self._t(attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG))

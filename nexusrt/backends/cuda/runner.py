@@ -14,6 +14,7 @@ and copied in stream order, so no chunk waits for the host.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -69,14 +70,17 @@ class CudaRunner:
 
     def __init__(self, model, rt, max_context: int | None = None, buckets: tuple[int, ...] = BUCKETS,
                  progress=None, kv_gpu_budget: int | None = None, kv_fault_reserve: int | None = None,
-                 kv_fault_ring_slots: int = RING_SLOTS):
+                 kv_fault_ring_slots: int = RING_SLOTS, tp=None):
         """``kv_gpu_budget``: bytes of KV kept on the device; the sequence's oldest blocks past it
         live in pinned host memory, read zero-copy (:mod:`nexusrt.kvcache.tiers`).
         ``kv_fault_reserve``: bytes of device KV beyond the budget, free at first, that the fault
         ring fills: decode attention posts the host blocks it reads to a ring of
         ``kv_fault_ring_slots`` slots and the runner moves sealed ones into the reserve between
         steps (:mod:`.faults`); None: host blocks stay zero-copy. A budget, reserve or ring that
-        cannot work is refused here, before any memory is taken."""
+        cannot work is refused here, before any memory is taken.
+        ``tp`` (a :class:`~.collectives.RankComm`): ``model`` is one tensor-parallel rank's shard
+        (its config the rank's local shape); the graphs all-reduce after O and down and gather the
+        vocab-parallel logits (:mod:`.collectives`), so :meth:`last_logits` is the whole vocabulary."""
         cfg = model.config
         self.config, self.rt = cfg, rt
         _check_supported(cfg)
@@ -102,6 +106,10 @@ class CudaRunner:
         if persistent.decode_mode() == "persistent" and self.kv_plan.host_blocks:
             raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
                              "needs the graph path (NEXUSRT_DECODE=graph)")
+        if persistent.decode_mode() == "persistent" and tp is not None:
+            raise ModelError("NEXUSRT_DECODE=persistent has no collectives yet; a tensor-parallel rank needs the "
+                             "graph path (NEXUSRT_DECODE=graph)")
+        self.tp = tp
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -121,14 +129,17 @@ class CudaRunner:
                 self.timings["load"] = self.weights.load_report.as_dict()
             self.timings["upload_s"] = time.perf_counter() - t0
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
-                                         host_blocks=self.kv_plan.host_blocks, faults=self.fault_plan)
+                                         host_blocks=self.kv_plan.host_blocks, faults=self.fault_plan,
+                                         lm_head_rows=None if tp is None else tp.vocab_part)
             _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
             if self.fault_plan is not None:
                 self._faults = FaultService(rt, cfg, self.buffers, self.fault_plan.reserve_blocks, self.stream)
             self._persistent = persistent.maybe_build(rt, cfg, self.weights, self.buffers)  # NEXUSRT_DECODE
+            if tp is not None:  # NCCL connects on first use: outside the captures below
+                tp.warm_up([self.buffers.hidden[0:1], self.buffers.hidden], self.buffers.logits, self.stream)
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
-            self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers))
+            self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers, tp))
             for m in self.buckets:
                 self._prefill_graph(m)
             self.timings["capture_s"] = time.perf_counter() - t0
@@ -149,11 +160,11 @@ class CudaRunner:
         if self._persistent is not None:
             return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
         return self._graph(("decode", sample), lambda: steps.decode_stages(
-            self.rt, self.config, self.weights, self.buffers, sample=sample))
+            self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp))
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(
-            self.rt, self.config, self.weights, self.buffers, m, self.lt))
+            self.rt, self.config, self.weights, self.buffers, m, self.lt, tp=self.tp))
 
     # -- small device writes in stream order -----------------------------------------------------
     def _set_word(self, word, value: int) -> None:
@@ -236,17 +247,26 @@ class CudaRunner:
         self.reset()
         self._check_room(ids.size)
         self._stage_prompt(ids)
-        out = np.empty((ids.size, self.config.vocab_size), np.float32)
-        with memory.empty((chunk, self.config.vocab_size), "fp32", tag="runner") as logits:
+        vocab, size = self.config.vocab_size, 1 if self.tp is None else self.tp.size
+        out = np.empty((ids.size, vocab), np.float32)
+        with contextlib.ExitStack() as owned:
+            # Under tensor parallelism: the rank's [m, V/N] slice, then every rank's gathered behind it.
+            logits = owned.enter_context(memory.empty((chunk, vocab // size), "fp32", tag="runner"))
+            gathered = None if self.tp is None else owned.enter_context(
+                memory.empty((size * chunk * (vocab // size),), "fp32", tag="runner"))
             for start in range(0, ids.size, chunk):
                 m = min(chunk, ids.size - start)
                 self._copy_ids(start, m)
                 self._set_word(self.buffers.pos, self.position)
+                part = None if gathered is None else gathered[0:size * m * (vocab // size)]
                 stages = steps.prefill_stages(self.rt, self.config, self.weights, self.buffers, m, self.lt,
-                                              all_logits=logits[0:m])
+                                              all_logits=logits[0:m], tp=self.tp, gathered=part)
                 scheduler.submit(stages)
                 scheduler.wait_barrier()
-                out[start:start + m] = logits.to_numpy()[:m]
+                if part is None:
+                    out[start:start + m] = logits.to_numpy()[:m]
+                else:  # [N, m, V/N] in rank order -> [m, V]
+                    out[start:start + m] = part.to_numpy().reshape(size, m, -1).transpose(1, 0, 2).reshape(m, vocab)
                 self.position += m
         self._set_word(self.buffers.pos, self.position - 1)
         return out

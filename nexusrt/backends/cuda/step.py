@@ -32,6 +32,12 @@ def close_graphs(stream, graphs: dict) -> None:
     graphs.clear()
 
 
+def _residual(tp, x):
+    """The residual a row-parallel product (O, down) adds: ``x`` on one device and on rank 0 of
+    a tensor-parallel group, nothing on the other ranks (:mod:`.collectives`)."""
+    return x if tp is None else tp.residual(x)
+
+
 class _Chain:
     """Stages in order, each depending on the previous one."""
 
@@ -44,8 +50,13 @@ class _Chain:
             name=f"{self.prefix}.{name}", kernel=spec, inputs=[t for t in inputs if t is not None],
             outputs=list(outputs), depends_on=deps))
 
+    def sum_partials(self, tp, name: str, x) -> None:
+        """Under tensor parallelism, the all-reduce of ``x`` after the row-parallel product ``name``."""
+        if tp is not None:
+            self.add(f"{name}.all_reduce", tp.all_reduce(x), [x], [x])
 
-def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
+
+def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None) -> list:
     """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler).
 
     ``meta`` (int32 ``[4]``: RoPE position, cache slot, 0, 0), for the serving runner's lone
@@ -53,7 +64,10 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
     as a one-row table) instead of ``b.pos`` for both, so a KV-pruned sequence, whose position is
     past its slot count, keeps the GEMV step; attention still reads ``b.pos``, which then holds
     the slot. ``meta`` takes neither ``sample`` (the sampler would advance ``b.pos`` but not
-    ``meta``) nor a host tier (the rows RoPE/append reads device blocks only): ValueError."""
+    ``meta``) nor a host tier (the rows RoPE/append reads device blocks only): ValueError.
+
+    ``tp`` (a :class:`~.collectives.RankComm`): ``cfg`` and ``w`` are a tensor-parallel rank's
+    shard; an all-reduce follows O and down, and the LM head is vocab-parallel."""
     if meta is not None and (sample or b.k_host_pools):
         raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
                          "and no host KV tier")
@@ -82,13 +96,15 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None) -> list:
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
             fault_ring=b.fault_ring), [q, b.k_pools[i], b.v_pools[i]], [attn])
-        ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=x, workspace=b.gemv_ws),
+        ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=_residual(tp, x), workspace=b.gemv_ws),
                [attn, lw.o], [x])
+        ch.sum_partials(tp, f"{p}.o", x)
         ch.add(f"{p}.gate_up", gv.gemv(rt, mlp, lw.gate_up, x, n=inter, k=h, norm_weight=lw.mlp_norm, eps=eps,
                                        gate_up=True, workspace=b.gemv_ws), [x, lw.gate_up, lw.mlp_norm], [mlp])
-        ch.add(f"{p}.down", gv.gemv(rt, x, lw.down, mlp, n=h, k=inter, residual=x, workspace=b.gemv_ws),
-               [mlp, lw.down], [x])
-    _add_lm_head(ch, rt, cfg, w, b)
+        ch.add(f"{p}.down", gv.gemv(rt, x, lw.down, mlp, n=h, k=inter, residual=_residual(tp, x),
+                                    workspace=b.gemv_ws), [mlp, lw.down], [x])
+        ch.sum_partials(tp, f"{p}.down", x)
+    _add_lm_head(ch, rt, cfg, w, b, tp)
     if sample:
         ch.stages.extend(sample_stages(rt, b, after=ch.stages[-1].name))
     return ch.stages
@@ -105,26 +121,31 @@ def sample_stages(rt, b, after: str | None = None) -> list:
     return [s1, s2]
 
 
-def _add_lm_head(ch: _Chain, rt, cfg, w, b) -> None:
-    """Final norm and LM-head GEMV of ``b.hidden[0]`` into ``b.logits``."""
+def _add_lm_head(ch: _Chain, rt, cfg, w, b, tp=None) -> None:
+    """Final norm and LM-head GEMV of ``b.hidden[0]`` into ``b.logits``; under tensor
+    parallelism into the rank's vocab slice of it, then the all-gather of every slice."""
     x = b.hidden[0:1]
-    ch.add("lm_head", gv.gemv(rt, b.logits, w.lm_head, x, n=cfg.vocab_size, k=cfg.hidden_size,
+    out = b.logits if tp is None else tp.vocab_slice(b.logits)
+    ch.add("lm_head", gv.gemv(rt, out, w.lm_head, x, n=out.shape[-1], k=cfg.hidden_size,
                               norm_weight=w.final_norm, eps=cfg.rms_norm_eps, workspace=b.gemv_ws),
-           [x, w.lm_head, w.final_norm], [b.logits])
+           [x, w.lm_head, w.final_norm], [out])
+    if tp is not None:
+        ch.add("lm_head.all_gather", tp.all_gather(out, b.logits), [out], [b.logits])
 
 
-def logits_stages(rt, cfg, w, b) -> list:
+def logits_stages(rt, cfg, w, b, tp=None) -> list:
     """The LM head alone, the last stage of a decode step (after a prefill, the runner copies
     the prompt's last row to ``b.hidden[0]``)."""
     ch = _Chain("logits")
-    _add_lm_head(ch, rt, cfg, w, b)
+    _add_lm_head(ch, rt, cfg, w, b, tp)
     return ch.stages
 
 
-def _tensor_core_layers(ch: _Chain, rt, cfg, w, r, m: int, lt, attend) -> None:
+def _tensor_core_layers(ch: _Chain, rt, cfg, w, r, m: int, lt, attend, tp=None) -> None:
     """Every layer for ``m`` rows on tensor cores: bf16 normed rows into the QKV GEMM, then
     ``attend(ch, i, lw, p)`` adds the layer's RoPE/append and attention stages (which read
-    ``r.qkv`` and write ``r.attn``), then O GEMM + residual and the MLP; fp32 residual ``r.x``."""
+    ``r.qkv`` and write ``r.attn``), then O GEMM + residual and the MLP; fp32 residual ``r.x``.
+    ``tp``: a tensor-parallel rank's shard (an all-reduce of ``r.x`` after O and after down)."""
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
     eps = cfg.rms_norm_eps
@@ -135,15 +156,17 @@ def _tensor_core_layers(ch: _Chain, rt, cfg, w, r, m: int, lt, attend) -> None:
         ch.add(f"{p}.qkv", gm.gemm(rt, r.qkv, lw.qkv, r.xn, m=m, n=(hq + 2 * hkv) * d, k=h, bias=lw.qkv_bias,
                                    lt=lt), [r.xn, lw.qkv, lw.qkv_bias], [r.qkv])
         attend(ch, i, lw, p)
-        ch.add(f"{p}.o", gm.gemm(rt, r.x, lw.o, r.attn, m=m, n=h, k=hq * d, residual=r.x, lt=lt),
+        ch.add(f"{p}.o", gm.gemm(rt, r.x, lw.o, r.attn, m=m, n=h, k=hq * d, residual=_residual(tp, r.x), lt=lt),
                [r.attn, lw.o], [r.x])
+        ch.sum_partials(tp, f"{p}.o", r.x)
         ch.add(f"{p}.mlp_norm", ew.rms_norm_bf16(rt, r.xn, r.x, lw.mlp_norm, rows=m, cols=h, eps=eps),
                [r.x, lw.mlp_norm], [r.xn])
         ch.add(f"{p}.gate_up", gm.gemm(rt, r.gate_up, lw.gate_up, r.xn, m=m, n=2 * inter, k=h, lt=lt),
                [r.xn, lw.gate_up], [r.gate_up])
         ch.add(f"{p}.silu_mul", ew.silu_mul_bf16(rt, r.act, r.gate_up, rows=m, cols=inter), [r.gate_up], [r.act])
-        ch.add(f"{p}.down", gm.gemm(rt, r.x, lw.down, r.act, m=m, n=h, k=inter, residual=r.x, lt=lt),
-               [r.act, lw.down], [r.x])
+        ch.add(f"{p}.down", gm.gemm(rt, r.x, lw.down, r.act, m=m, n=h, k=inter, residual=_residual(tp, r.x),
+                                    lt=lt), [r.act, lw.down], [r.x])
+        ch.sum_partials(tp, f"{p}.down", r.x)
 
 
 def _rows(b, m: int) -> SimpleNamespace:
@@ -152,20 +175,27 @@ def _rows(b, m: int) -> SimpleNamespace:
                            gate_up=b.gate_up[0:m], act=b.act[0:m])
 
 
-def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits) -> None:
-    """Final norm and the LM-head GEMM of ``m`` rows into ``logits`` (fp32 [m, vocab])."""
+def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits, tp=None, gathered=None) -> None:
+    """Final norm and the LM-head GEMM of ``m`` rows into ``logits`` (fp32 [m, vocab]). Under
+    tensor parallelism ``logits`` is the rank's fp32 ``[m, V/N]`` and ``gathered`` (fp32, ``N·m·V/N``
+    elements) gets every rank's in rank order: ``[N, m, V/N]``, which the caller reorders
+    (:func:`~.collectives.RankComm` gathers one decode row in place instead)."""
     h = cfg.hidden_size
     ch.add("final_norm", ew.rms_norm_bf16(rt, r.xn, r.x, w.final_norm, rows=m, cols=h, eps=cfg.rms_norm_eps),
            [r.x, w.final_norm], [r.xn])
-    ch.add("lm_head", gm.gemm(rt, logits, w.lm_head, r.xn, m=m, n=cfg.vocab_size, k=h, lt=lt),
+    ch.add("lm_head", gm.gemm(rt, logits, w.lm_head, r.xn, m=m, n=logits.shape[-1], k=h, lt=lt),
            [r.xn, w.lm_head], [logits])
+    if tp is not None:
+        ch.add("lm_head.all_gather", tp.all_gather(logits, gathered), [logits], [gathered])
 
 
-def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
+def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None, tp=None, gathered=None) -> list:
     """``m`` prompt rows from ``b.ids`` at positions ``*pos ..`` through every layer, on tensor
     cores: bf16 operands (normed rows, attention rows, the MLP activation) into cuBLASLt
     GEMMs (``lt``), fp32 residual stream. The hidden rows are left in ``b.hidden`` (see
-    :func:`logits_stages`); with ``all_logits`` (fp32 [m, vocab]) every row's logits too."""
+    :func:`logits_stages`); with ``all_logits`` (fp32 [m, vocab]) every row's logits too.
+    ``tp``: a tensor-parallel rank's shard; ``all_logits`` is then its ``[m, V/N]`` and
+    ``gathered`` every rank's (see :func:`_lm_head_rows`)."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r = _rows(b, m)
     ch = _Chain(f"prefill{m}")
@@ -182,9 +212,9 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None) -> list:
             rt, r.q, r.attn, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, num_q_heads=hq, num_kv_heads=hkv,
             head_dim=d, host_pools=b.host_pools(i)), [r.q, b.k_pools[i], b.v_pools[i]], [r.attn])
 
-    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend, tp)
     if all_logits is not None:
-        _lm_head_rows(ch, rt, cfg, w, r, m, lt, all_logits)
+        _lm_head_rows(ch, rt, cfg, w, r, m, lt, all_logits, tp, gathered)
     return ch.stages
 
 

@@ -24,6 +24,7 @@ from ... import memory
 from ...kernels.ops import elementwise as ew
 from ...models.synthetic import SyntheticWeights
 from ...models.weights import FUSED
+from ...parallel.shard import ShardedWeights
 from ...reference.synthetic import KIND_PARAMS
 
 TAG = "weights"
@@ -113,22 +114,27 @@ def _layout(source) -> tuple[DeviceWeights, _Layout]:
     return DeviceWeights(embed, final_norm, lm_head, layers, lay.owned), lay
 
 
+def fill_synthetic_bf16(rt, source: SyntheticWeights, name: str, dst, stream) -> None:
+    """Generate the whole bf16 tensor ``name`` of ``source`` into ``dst`` on the device."""
+    spec = source.spec(name)
+    center, scale = KIND_PARAMS[spec.kind]
+    n = int(np.prod(spec.shape))
+    ew.fill_uniform_bf16(rt, dst.reshape(n), n, source.seed, scale, center,
+                         tensor_index=source.tensor_index(name)).launch(stream)
+
+
 def _fill_synthetic(rt, source: SyntheticWeights, assign, stream) -> None:
     for name, dst in assign:
         if dst.dtype == "fp32":  # norms and biases: tiny, computed on the host
             dst.copy_from(np.ascontiguousarray(source.load(name, np.float32)))
-            continue
-        spec = source.spec(name)
-        center, scale = KIND_PARAMS[spec.kind]
-        n = int(np.prod(spec.shape))
-        ew.fill_uniform_bf16(rt, dst.reshape(n), n, source.seed, scale, center,
-                             tensor_index=source.tensor_index(name)).launch(stream)
+        else:
+            fill_synthetic_bf16(rt, source, name, dst, stream)
 
 
-def _load_checkpoint(rt, source, assign, progress):
-    from ...models.streaming import LoadItem, ProgressBar, load_tensors
+def load_checkpoint(rt, items, progress):
+    """Stream ``items`` (:class:`~nexusrt.models.streaming.LoadItem`) into the arena with a bar."""
+    from ...models.streaming import ProgressBar, load_tensors
 
-    items = [LoadItem(source.ref(name), dst, convert=dst.dtype) for name, dst in assign]
     bar = progress if progress is not None else ProgressBar("loading weights")
     try:
         return load_tensors(rt, items, progress=bar)
@@ -145,10 +151,17 @@ def upload(rt, source, stream, progress=None) -> DeviceWeights:
     """
     weights, lay = _layout(source)
     try:
-        if isinstance(source, SyntheticWeights):
+        if isinstance(source, ShardedWeights):  # a tensor-parallel rank: only its rows and columns
+            from .shard_upload import fill_shard
+
+            weights.load_report = fill_shard(rt, source, lay.assign, stream, progress)
+        elif isinstance(source, SyntheticWeights):
             _fill_synthetic(rt, source, lay.assign, stream)
         else:
-            weights.load_report = _load_checkpoint(rt, source, lay.assign, progress)
+            from ...models.streaming import LoadItem
+
+            items = [LoadItem(source.ref(name), dst, convert=dst.dtype) for name, dst in lay.assign]
+            weights.load_report = load_checkpoint(rt, items, progress)
         stream.synchronize()
     except BaseException:
         try:

@@ -1,0 +1,126 @@
+"""The front process's side of tensor parallelism on CUDA: a ModelRunner over one worker per GPU.
+
+:class:`ProcessRunner` checks what it can before any process starts (the plan's
+divisibility, the CUDA kernels' limits on a rank's local shape, enough GPUs, nccl4py and
+its library present), makes NCCL's unique id, and starts one
+:mod:`.tp_worker` process per rank through the same
+:class:`~nexusrt.parallel.procs.WorkerGroup` the CPU ranks use (pipes, a dead rank named,
+every other rank stopped). It is the one-sequence :class:`~nexusrt.backends.base.ModelRunner`
+of ``nrt.LLM(..., backend="cuda", tensor_parallel=N)``: every call is one message to every
+rank, and rank 0's answer comes back. A generated id costs one round trip
+(``decode_sample``: the rank replays its captured decode graph, all-reduces inside, then
+samples the gathered logits), so the front decides every stop itself.
+
+Not offered yet: the batched serving engine over workers (``serves_batches``), and the
+device-side decode loop of :meth:`CudaRunner.generate_tokens` (ids queued ahead of the host).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import BackendUnavailable
+from ...parallel import ShardPlan
+from ...parallel.nccl import unique_id
+from ...parallel.procs import WorkerGroup
+from .tp_worker import RANK_ENV, CudaRankSpec, serve_cuda_rank
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies)."""
+    from ...driver.calls import call
+
+    return int(call("cuDeviceGetCount"))
+
+
+class ProcessRunner:
+    """The model at ``origin`` (a resolved :class:`~nexusrt.models.loader.WeightsOrigin`; ``config``
+    its config, all the front reads) split over ``size`` GPUs, rank ``r`` on device ``r``.
+
+    Raises before any process starts: :class:`~nexusrt.errors.ModelError` for shapes the plan
+    or the CUDA kernels refuse, :class:`~nexusrt.errors.BackendUnavailable` for fewer GPUs than
+    ranks, :class:`~nexusrt.parallel.nccl.NcclError` without nccl4py. Any call raises
+    :class:`~nexusrt.parallel.procs.WorkerDied` (naming the rank) once a worker has died; the
+    others are stopped by then. ``target`` replaces the worker's entry (tests).
+    """
+
+    serves_batches = False  # the engine's batched runner lives in one process (engine.requests refuses)
+
+    def __init__(self, origin, config, size: int, max_context: int | None = None, *, target=serve_cuda_rank,
+                 gpus: int | None = None):
+        from .runner import _check_supported
+
+        self.config = config
+        self.plan = ShardPlan(config, size)  # indivisible heads, KV heads, vocab, MLP width: ModelError
+        _check_supported(self.plan.local_config(0))  # what a rank runs must fit the kernels
+        present = gpu_count() if gpus is None else gpus
+        if size > present:
+            raise BackendUnavailable(f"tensor_parallel={size} needs {size} GPUs (one process each); this machine "
+                                     f"shows {present}{' (CUDA_VISIBLE_DEVICES?)' if present else ''}")
+        spec = CudaRankSpec(origin, size, unique_id(), max_context)  # no nccl4py: NcclError with the install hint
+        self._workers = WorkerGroup(target, size, (spec,), name="CUDA tensor-parallel worker", env=RANK_ENV)
+        self.ready = self._workers.ready
+        self.max_context = int(self.ready[0]["max_context"])
+        self.position = 0
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, rank order."""
+        return self._workers.pids
+
+    def _ask(self, message, what: str):
+        """Rank 0's answer to ``message`` sent to every rank."""
+        return self._workers.request(message, what)[0]
+
+    # -- ModelRunner ----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._ask(("reset",), "reset")
+        self.position = 0
+
+    def prefill(self, token_ids) -> None:
+        ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
+        self._ask(("prefill", ids), "prefill")
+        self.position += ids.size
+
+    def decode(self, token_id: int) -> None:
+        self._ask(("decode", int(token_id)), "decode step")
+        self.position += 1
+
+    def last_logits(self) -> np.ndarray:
+        return self._ask(("logits",), "logits copy")
+
+    def sample(self, params, step: int) -> int:
+        return int(self._ask(("sample", params, int(step)), "sampling"))
+
+    def forward_all(self, token_ids) -> np.ndarray:
+        ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
+        out = self._ask(("forward_all", ids), "forward pass")
+        self.position = ids.size
+        return out
+
+    def generate_tokens(self, prompt_ids, max_new_tokens: int, params, on_token) -> int:
+        """:func:`~nexusrt.backends.base.generate_tokens`'s meaning, one round trip per id after the first."""
+        self.reset()
+        self.prefill(prompt_ids)
+        got = 0
+        token = self.sample(params, 0) if max_new_tokens > 0 else None
+        while token is not None:
+            got += 1
+            if on_token(token) or got == max_new_tokens or self.position >= self.max_context:
+                break
+            token = int(self._ask(("decode_sample", token, params, got), "decode step"))
+            self.position += 1
+        return got
+
+    def rank_timings(self) -> dict:
+        """Rank 0's ``CudaRunner.timings`` (upload, capture)."""
+        return self._ask(("timings",), "timings")
+
+    def close(self) -> None:
+        """Ask every worker to exit (each releases its graphs, weights, NCCL and device), then stop
+        any left; safe twice."""
+        self._workers.close(("close",))

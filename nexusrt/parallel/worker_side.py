@@ -1,0 +1,50 @@
+"""The worker side of :class:`~nexusrt.parallel.procs.WorkerGroup`'s protocol: boot, then answer.
+
+Every rank loop (the CPU one in :mod:`nexusrt.backends.cpu.tp_worker`, the CUDA one in
+:mod:`nexusrt.backends.cuda.tp_worker`) is :func:`serve_requests` with its own ``boot``: the
+process answers its boot with ``("ok", ready)`` or ``("error", exception)``, then each
+message with ``("ok", value)`` or ``("error", exception)``, until ``("close",)`` or its pipe
+closes, and releases what it booted on the way out however it leaves.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+
+
+def answerable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (the front re-raises it as is), else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def serve_requests(conn, boot) -> None:
+    """A worker process's main. ``boot()`` returns ``(handle, release, ready)``: ``handle(message)``
+    answers one message, ``release()`` frees what boot made, ``ready`` is the boot's answer."""
+    # The front stops a group with SIGTERM; Ctrl-C in a terminal reaches the whole process
+    # group, and only the front decides what happens to a step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        handle, release, ready = boot()
+    except BaseException as exc:
+        conn.send(("error", answerable(exc)))
+        return
+    conn.send(("ok", ready))
+    try:
+        while True:
+            try:
+                message = conn.recv()  # unpickles the bytes the front pickled once for every rank
+            except EOFError:  # the front is gone
+                return
+            if message[0] == "close":
+                return
+            try:
+                conn.send(("ok", handle(message)))
+            except Exception as exc:  # the front decides: re-raise if every rank failed alike
+                conn.send(("error", answerable(exc)))
+    finally:
+        release()

@@ -1,0 +1,349 @@
+"""The CUDA tensor-parallel rank, checked on the CPU (issue 17).
+
+- A rank's stage chains (decode, LM head, prefill) over its shard's local shape, built through
+  the real launchers with the fake kernel cache: an all-reduce stage right after every O and
+  down product, in place on the residual rows, the residual added on rank 0 only, the LM head
+  writing the rank's vocab slice of the logits row and an in-place all-gather after it; the
+  collectives reach NcclGroup (nccl4py's recording stand-in) with the right pointers and counts.
+- The shard upload: the rows a checkpoint streams (narrowed safetensors entries) and the columns
+  it reads through the map, and the device copies a synthetic shard makes, equal the CPU shard view.
+- The worker protocol: the real CUDA rank loop in spawned processes over a fake runner (device
+  ordinal = rank, one unique id for all, NVLS off, the shard's local shape), the same ids as
+  the runner alone, a killed worker named with nothing left behind.
+- The refusals, before any process starts: more ranks than GPUs, indivisible shapes, a rank's
+  shape the kernels cannot run, nccl4py missing; the batched engine and the host KV tier.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import nccl_fakes
+from cuda_tp_fakes import FakeRankRunner, FakeRankTarget, logits_table
+from nexusrt import memory
+from nexusrt.backends.base import generate_tokens
+from nexusrt.backends.cuda import shard_upload
+from nexusrt.backends.cuda import step as steps
+from nexusrt.backends.cuda.buffers import RunnerBuffers
+from nexusrt.backends.cuda.collectives import RankComm
+from nexusrt.backends.cuda.tp_front import ProcessRunner
+from nexusrt.backends.cuda.weights import _layout
+from nexusrt.errors import BackendUnavailable, ModelError
+from nexusrt.kernels.ops import gemm as gm
+from nexusrt.kernels.ops import gemv as gv
+from nexusrt.models.loader import WeightsOrigin, load_model
+from nexusrt.models.synthetic import SyntheticWeights
+from nexusrt.parallel import ShardPlan, shard
+from nexusrt.parallel import nccl as nccl_mod
+from nexusrt.parallel.procs import WorkerDied
+from nexusrt.reference.sampling import SamplingParams
+from nexusrt.scheduler.graph import TaskGraph
+from tests.fakes import FakeRuntime
+from tests.test_cuda_step_cpu import VARIANTS, _config, _FakeLt, no_occupancy_query  # noqa: F401
+from tp_worker_fakes import gone
+
+
+@pytest.fixture
+def recorded_nccl(monkeypatch):
+    calls: list = []
+    for name, m in nccl_fakes.modules(calls).items():
+        monkeypatch.setitem(sys.modules, name, m)
+    return calls
+
+
+@pytest.fixture
+def epilogues(monkeypatch):
+    """Every GEMV/GEMM the chains ask for: (weight pointer, y pointer, residual pointer or None)."""
+    seen = []
+    for mod, name in ((gv, "gemv"), (gm, "gemm")):
+        real = getattr(mod, name)
+
+        def record(rt, y, w, x, *, _real=real, **kw):
+            seen.append((w.ptr, y.ptr, None if kw.get("residual") is None else kw["residual"].ptr))
+            return _real(rt, y, w, x, **kw)
+
+        monkeypatch.setattr(mod, name, record)
+    return seen
+
+
+def _rank_setup(cfg, rank: int, size: int):
+    """A rank's shard laid out as the runner's weights, its buffers and its RankComm over NcclGroup."""
+    part = shard(SyntheticWeights(cfg), ShardPlan(cfg, size), rank)
+    weights, _ = _layout(part)
+    weights.inv_freq = memory.empty((cfg.head_dim // 2,), "fp32")
+    weights.owned.append(weights.inv_freq)
+    buffers = RunnerBuffers(FakeRuntime(), part.config, 300, 64, positions=363, lm_head_rows=cfg.vocab_size // size)
+    group = nccl_mod.NcclGroup(rank, size, bytes(128))
+    return part.config, weights, buffers, RankComm(group, cfg.vocab_size)
+
+
+def _same(a, b) -> bool:
+    return a.ptr == b.ptr and tuple(a.shape) == tuple(b.shape)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rank_chains_put_the_collectives_where_the_plan_needs_them(variant, rank, cpu_rt, no_occupancy_query,
+                                                                   recorded_nccl, epilogues):
+    cfg, size = _config(variant), 2
+    local, weights, b, tp = _rank_setup(cfg, rank, size)
+    rt, lt = FakeRuntime(), _FakeLt()
+    try:
+        assert local.num_attention_heads == cfg.num_attention_heads // size
+        assert weights.lm_head.shape == (cfg.vocab_size // size, cfg.hidden_size)
+        decode = steps.decode_stages(rt, local, weights, b, sample=True, tp=tp)
+        chains = {"decode": decode, "logits": steps.logits_stages(rt, local, weights, b, tp),
+                  "prefill64": steps.prefill_stages(rt, local, weights, b, 64, lt, tp=tp)}
+        vl = cfg.vocab_size // size
+        with memory.empty((17, vl), "fp32") as mine, memory.empty((size * 17 * vl,), "fp32") as gathered:
+            chains["all_logits"] = steps.prefill_stages(rt, local, weights, b, 17, lt, all_logits=mine, tp=tp,
+                                                        gathered=gathered)
+            for name, stages in chains.items():
+                TaskGraph(stages, name).validate()
+            head, gather = chains["all_logits"][-2:]
+            assert gather.name.endswith("lm_head.all_gather") and gather.inputs == [mine]
+            assert gather.outputs == [gathered]
+        layers = cfg.num_hidden_layers
+        assert len(decode) == 1 + 8 * layers + 2 + 2  # embed, 6 + 2 all-reduces per layer, head + gather, sampler
+        assert len(chains["prefill64"]) == 1 + 11 * layers
+        by_name = {s.name: i for i, s in enumerate(decode)}
+        x = b.hidden[0:1]
+        for i in range(layers):
+            for product in ("o", "down"):
+                at = by_name[f"decode.layer{i}.{product}"]
+                reduce = decode[at + 1]
+                assert reduce.name == f"decode.layer{i}.{product}.all_reduce" and reduce.kind == "host"
+                assert _same(reduce.inputs[0], x) and _same(reduce.outputs[0], x) and len(reduce.inputs) == 1
+        head, gather, part, finish = decode[-4:]
+        mine = head.outputs[0]
+        assert head.name == "decode.lm_head" and mine.shape == (1, vl)
+        assert mine.ptr == b.logits.ptr + rank * vl * 4  # the rank's slice of the one logits row
+        assert gather.name == "decode.lm_head.all_gather" and gather.inputs == [mine] and gather.outputs == [b.logits]
+        assert part.name == "sample.partial" and b.logits in finish.inputs  # every rank samples the gathered row
+
+        # the residual: added by rank 0's O and down products only (decode GEMVs and prefill GEMMs)
+        h = cfg.hidden_size
+        products = {lw.o.ptr for lw in weights.layers} | {lw.down.ptr for lw in weights.layers}
+        row_parallel = [(y, res) for w, y, res in epilogues if w in products]
+        assert len(row_parallel) == 2 * layers * 3  # decode, prefill64 and all_logits (the logits chain has none)
+        assert all(res == (y if rank == 0 else None) for y, res in row_parallel)
+
+        # the collectives, run as capture runs them (given the stream): NCCL's in-place forms
+        stream = SimpleNamespace(handle=99)
+        del recorded_nccl[:]
+        decode[by_name["decode.layer0.o.all_reduce"]].kernel(stream=stream)
+        gather.kernel(stream=stream)
+        f32 = int(nccl_fakes.DataType.Float32)
+        assert recorded_nccl == [("all_reduce", x.ptr, x.ptr, h, f32, 0, "comm", 99),
+                                 ("all_gather", b.logits.ptr + rank * vl * 4, b.logits.ptr, vl, f32, "comm", 99)]
+    finally:
+        b.free()
+        weights.free()
+    assert memory.stats()["in_use_bytes"] == 0
+
+
+def test_warm_up_runs_each_collective_once_outside_capture(cpu_rt, recorded_nccl):
+    cfg = _config("llama_tiny")
+    _, weights, b, tp = _rank_setup(cfg, 1, 2)
+    synced = []
+    try:
+        tp.warm_up([b.hidden[0:1], b.hidden], b.logits, SimpleNamespace(handle=5, synchronize=lambda: synced.append(1)))
+        kinds = [(c[0], c[3]) for c in recorded_nccl if c[0] != "init"]
+        assert kinds == [("all_reduce", cfg.hidden_size), ("all_reduce", 64 * cfg.hidden_size),
+                         ("all_gather", cfg.vocab_size // 2)] and synced == [1]
+    finally:
+        b.free()
+        weights.free()
+
+
+# ------------------------------------------------------------------------------ shard upload
+def _host(t) -> np.ndarray:
+    return t.to_numpy().astype(np.float32)
+
+
+def _expected(part, name, dst) -> np.ndarray:
+    """What the CPU shard view gives for ``name``, rounded as the destination stores it."""
+    want = part.load(name, np.float32)
+    return want.astype(dst.to_numpy().dtype).astype(np.float32) if dst.dtype == "bf16" else want
+
+
+def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp_path):
+    from helpers_hf import build_checkpoint
+
+    path = build_checkpoint(tmp_path / "ckpt", heads=8, kv_heads=4, seed=3, architecture="Qwen2ForCausalLM")
+    model = load_model(str(path))
+    streamed = []
+
+    def load_on_host(rt, items, progress):  # the streaming loader's contract, by plain reads
+        for item in items:
+            streamed.append(item.info.name)
+            raw = np.fromfile(item.info.file, np.uint8, item.info.nbytes, offset=item.info.offset)
+            item.dst.copy_from(raw.view(item.info.np_dtype).reshape(item.info.shape), convert=True)
+        return "report"
+
+    monkeypatch.setattr(shard_upload, "load_checkpoint", load_on_host)
+    try:
+        part = shard(model.weights, ShardPlan(model.config, 2), 1)
+        weights, lay = _layout(part)
+        try:
+            assert shard_upload.fill_shard(cpu_rt, part, lay.assign, None) == "report"
+            for name, dst in lay.assign:
+                assert np.array_equal(_host(dst), _expected(part, name, dst)), name
+        finally:
+            weights.free()
+        assert any(n.endswith("]") for n in streamed)  # row splits arrive narrowed
+        assert not any(".o_proj" in n or "down_proj" in n for n in streamed)  # columns come through the map
+    finally:
+        model.weights.close()
+
+
+class _HostCopies:
+    """cuMemcpyDtoDAsync and cuMemcpy2DAsync on the CPU arena's host memory."""
+
+    CUDA_MEMCPY2D = SimpleNamespace
+    CUmemorytype = SimpleNamespace(CU_MEMORYTYPE_DEVICE=2)
+
+    def __init__(self):
+        self.log = []
+
+    def call(self, name, *args):
+        self.log.append(name)
+        if name == "cuMemcpyDtoDAsync":
+            dst, src, n, _ = args
+            ctypes.memmove(dst, src, n)
+        elif name == "cuMemcpy2DAsync":
+            p, _ = args
+            for r in range(p.Height):
+                ctypes.memmove(p.dstDevice + r * p.dstPitch, p.srcDevice + r * p.srcPitch, p.WidthInBytes)
+        else:
+            raise AssertionError(name)
+
+
+def test_synthetic_shard_is_generated_whole_then_cut_on_the_device(cpu_rt, monkeypatch):
+    cfg = _config("qwen2_bias")
+    copies = _HostCopies()
+    monkeypatch.setattr(shard_upload, "call", copies.call)
+    monkeypatch.setattr(shard_upload, "cu", lambda: copies)
+    monkeypatch.setattr(shard_upload, "fill_synthetic_bf16",  # the device fill, by the same formula on the host
+                        lambda rt, src, name, dst, stream: dst.copy_from(src.load(name), convert=True))
+    part = shard(SyntheticWeights(cfg, seed=4), ShardPlan(cfg, 2), 1)
+    weights, lay = _layout(part)
+    try:
+        shard_upload.fill_shard(cpu_rt, part, lay.assign, SimpleNamespace(handle=3, synchronize=lambda: None))
+        for name, dst in lay.assign:
+            assert np.array_equal(_host(dst), _expected(part, name, dst)), name
+        assert {"cuMemcpyDtoDAsync", "cuMemcpy2DAsync"} == set(copies.log)
+    finally:
+        weights.free()
+    assert memory.stats()["in_use_bytes"] == 0  # the scratch is freed
+
+
+# ------------------------------------------------------------------------------ worker protocol
+def _records(log_dir, size):
+    return [json.loads((log_dir / f"rank{r}.json").read_text()) for r in range(size)]
+
+
+@pytest.fixture
+def uid_stub(monkeypatch):
+    """The front's unique id without nccl4py (the workers get the recording stand-in)."""
+    from nexusrt.backends.cuda import tp_front
+
+    monkeypatch.setattr(tp_front, "unique_id", lambda: bytes(range(7, 135)))
+
+
+def _process_runner(tmp_path, die_at=None):
+    return ProcessRunner(WeightsOrigin("synthetic:tiny"), _config("llama_tiny"), 2, 48,
+                         target=FakeRankTarget(tmp_path, die_at), gpus=2)
+
+
+def test_workers_boot_on_their_gpus_and_answer_as_the_runner_does(tmp_path, uid_stub):
+    runner = _process_runner(tmp_path)
+    pids = runner.pids
+    prompt = [3, 17, 99, 4]
+    cfg = runner.config
+    alone = FakeRankRunner(SimpleNamespace(config=cfg, weights=shard(SyntheticWeights(cfg), ShardPlan(cfg, 2), 0)),
+                           None, 48, SimpleNamespace(rank=0, size=2, vocab_part=cfg.vocab_size // 2), record={})
+    try:
+        assert [r["device"] for r in runner.ready] == [0, 1] and runner.max_context == 48
+        for params in (SamplingParams(temperature=0.8, top_k=20, seed=3), SamplingParams()):
+            want, got = [], []
+            generate_tokens(alone, prompt, 12, params, lambda t: want.append(t) and False)
+            assert runner.generate_tokens(prompt, 12, params, lambda t: got.append(t) and False) == 12
+            assert got == want and runner.position == len(prompt) + 11
+        stop: list = []  # greedy again, stopped by the caller after 3 ids
+        assert runner.generate_tokens(prompt, 12, SamplingParams(), lambda t: stop.append(t) or len(stop) == 3) == 3
+        assert stop == want[:3] and runner.position == len(prompt) + 2
+        assert np.array_equal(runner.last_logits(), logits_table(cfg.vocab_size)[stop[-2]])
+        assert np.array_equal(runner.forward_all(prompt), logits_table(cfg.vocab_size)[prompt])
+        with pytest.raises(ValueError, match="the context is 48"):  # every rank refuses alike: still usable
+            runner.prefill(list(range(60)))
+        assert runner.rank_timings() == {"upload_s": 0.0}
+    finally:
+        runner.close()
+    assert all(gone(p) for p in pids) and not multiprocessing.active_children()
+    records = _records(tmp_path, 2)
+    for rank, rec in enumerate(records):
+        init = rec["nccl"][0]
+        assert init == ["init", 2, bytes(range(7, 135)).hex(), rank]  # the front's id, through the pipe
+        assert rec["nccl"][-1] == ["abort", "comm"]  # released on the way out
+        assert rec["env"] == {"NCCL_NVLS_ENABLE": "0", "NCCL_RUNTIME_CONNECT": "0"}
+        assert rec["local"] == {"heads": cfg.num_attention_heads // 2, "kv_heads": cfg.num_key_value_heads // 2,
+                                "inter": cfg.intermediate_size // 2, "shard_rank": rank,
+                                "lm_head_rows": cfg.vocab_size // 2, "tp": [rank, 2, cfg.vocab_size // 2]}
+    assert records[0]["messages"] == records[1]["messages"]  # SPMD: every rank ran every step
+
+
+def test_a_worker_that_dies_mid_decode_is_named_and_nothing_is_left(tmp_path, uid_stub):
+    runner = _process_runner(tmp_path, die_at=(1, 6))
+    pids = runner.pids
+    try:
+        with pytest.raises(WorkerDied, match=r"rank 1 \(pid \d+\) died during the decode step: exit code 9"):
+            runner.generate_tokens([1, 2, 3, 4], 10, SamplingParams(), lambda t: False)
+        with pytest.raises(WorkerDied, match="rank 1"):  # fatal: every later call names it again
+            runner.reset()
+    finally:
+        runner.close()
+    assert all(gone(p) for p in pids) and not multiprocessing.active_children()
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_refusals_come_before_any_process(cpu_rt, monkeypatch, uid_stub):
+    import dataclasses
+
+    origin, cfg = WeightsOrigin("synthetic:tiny"), _config("llama_tiny")
+    with pytest.raises(BackendUnavailable, match="tensor_parallel=2 needs 2 GPUs .*shows 1"):
+        ProcessRunner(origin, cfg, 2, gpus=1)
+    with pytest.raises(ModelError, match=r"num_key_value_heads \(2\) is not divisible by tensor_parallel=4"):
+        ProcessRunner(origin, cfg, 4, gpus=8)
+    odd = dataclasses.replace(cfg, intermediate_size=520)  # 260 per rank: not a multiple of 8
+    with pytest.raises(ModelError, match="intermediate_size to be a multiple of 8"):
+        ProcessRunner(origin, odd, 2, gpus=2)
+    assert not multiprocessing.active_children()
+
+
+def test_without_nccl4py_the_front_says_how_to_install(cpu_rt, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nccl", None)
+    with pytest.raises(nccl_mod.NcclError, match=r"pip install 'nccl4py\[cu13\]'"):
+        ProcessRunner(WeightsOrigin("synthetic:tiny"), _config("llama_tiny"), 2, gpus=2)
+    assert not multiprocessing.active_children()
+
+
+def test_the_batched_engine_and_the_host_tier_are_refused_over_cuda_ranks(cpu_rt):
+    from nexusrt.engine.requests import make_loop
+    from nexusrt.engine.runners import _cuda_ranks
+
+    with pytest.raises(BackendUnavailable, match="batched serving engine is not built over CUDA tensor-parallel"):
+        make_loop(SimpleNamespace(serves_batches=False, config=_config("llama_tiny")), "cuda", 4, None, 16)
+    model = load_model("synthetic:tiny")
+    try:
+        with pytest.raises(BackendUnavailable, match="kv_gpu_budget / kv_fault_reserve with tensor_parallel > 1"):
+            _cuda_ranks(model, 64, 2, 1 << 20, None)
+    finally:
+        model.weights.close()

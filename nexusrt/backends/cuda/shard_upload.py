@@ -24,7 +24,7 @@ from ... import memory
 from ...driver.calls import call, cu
 from ...models.synthetic import SyntheticWeights
 from ...models.weights import CheckpointWeights
-from .weights import TAG, fill_synthetic_bf16, load_checkpoint
+from .fill import TAG, fill_synthetic_bf16, load_checkpoint
 
 
 def narrowed(info, start: int, stop: int):

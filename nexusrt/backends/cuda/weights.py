@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ... import memory
-from ...kernels.ops import elementwise as ew
 from ...models.synthetic import SyntheticWeights
 from ...models.weights import FUSED
 from ...parallel.shard import ShardedWeights
-from ...reference.synthetic import KIND_PARAMS
-
-TAG = "weights"
+from .fill import TAG, fill_synthetic_bf16, load_checkpoint
+from .shard_upload import fill_shard
 
 
 @dataclass
@@ -114,33 +112,12 @@ def _layout(source) -> tuple[DeviceWeights, _Layout]:
     return DeviceWeights(embed, final_norm, lm_head, layers, lay.owned), lay
 
 
-def fill_synthetic_bf16(rt, source: SyntheticWeights, name: str, dst, stream) -> None:
-    """Generate the whole bf16 tensor ``name`` of ``source`` into ``dst`` on the device."""
-    spec = source.spec(name)
-    center, scale = KIND_PARAMS[spec.kind]
-    n = int(np.prod(spec.shape))
-    ew.fill_uniform_bf16(rt, dst.reshape(n), n, source.seed, scale, center,
-                         tensor_index=source.tensor_index(name)).launch(stream)
-
-
 def _fill_synthetic(rt, source: SyntheticWeights, assign, stream) -> None:
     for name, dst in assign:
         if dst.dtype == "fp32":  # norms and biases: tiny, computed on the host
             dst.copy_from(np.ascontiguousarray(source.load(name, np.float32)))
         else:
             fill_synthetic_bf16(rt, source, name, dst, stream)
-
-
-def load_checkpoint(rt, items, progress):
-    """Stream ``items`` (:class:`~nexusrt.models.streaming.LoadItem`) into the arena with a bar."""
-    from ...models.streaming import ProgressBar, load_tensors
-
-    bar = progress if progress is not None else ProgressBar("loading weights")
-    try:
-        return load_tensors(rt, items, progress=bar)
-    finally:
-        if progress is None:
-            bar.close()
 
 
 def upload(rt, source, stream, progress=None) -> DeviceWeights:
@@ -152,8 +129,6 @@ def upload(rt, source, stream, progress=None) -> DeviceWeights:
     weights, lay = _layout(source)
     try:
         if isinstance(source, ShardedWeights):  # a tensor-parallel rank: only its rows and columns
-            from .shard_upload import fill_shard
-
             weights.load_report = fill_shard(rt, source, lay.assign, stream, progress)
         elif isinstance(source, SyntheticWeights):
             _fill_synthetic(rt, source, lay.assign, stream)

@@ -94,6 +94,12 @@ def main() -> None:
             print(f"steps {r + 1}..{min(r + 32, args.steps)}: median {statistics.median(gpu[r:r + 32]):.3f} ms, "
                   f"sum {sum(gpu[r:r + 32]):.1f} ms")
         print("counts:", svc.counts())
+        # The device's own table (what the kernels read), against the drain's copy: a move whose
+        # table write never landed leaves a negative entry here while the drain counts it done.
+        runner.service_faults(flush=True)
+        device_table = runner.buffers.block_table.to_numpy().reshape(-1)
+        print(f"device table: {int((device_table < 0).sum())} host entries of {device_table.size}; drain's copy "
+              f"{on_host()}; entries that differ {int((device_table != svc.drain.table).sum())}")
     finally:
         runner.close()
         nrt.firmware.shutdown()

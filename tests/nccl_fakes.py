@@ -32,14 +32,33 @@ class Uid:
         return cls(bytes(b))
 
 
+class StreamHandle:
+    """Stands for a ``cuda.bindings`` ``CUstream``: converts with ``int()`` but is not an int."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __int__(self):
+        return self.value
+
+
+def _typed(args: tuple, *ints: int) -> tuple:
+    """``args`` after the check nccl4py's Cython signatures make (pointers, counts, types and the
+    stream are C integers): a non-int there raises TypeError there, as here."""
+    for i in ints:
+        if isinstance(args[i], bool) or not isinstance(args[i], int):
+            raise TypeError(f"an integer is required (argument {i}: {type(args[i]).__name__})")
+    return args
+
+
 def modules(calls: list) -> dict[str, types.ModuleType]:
     """``{"nccl": ..., "nccl.bindings": ..., "nccl.bindings.nccl": ...}`` recording into ``calls``."""
     mod = types.ModuleType("nccl.bindings.nccl")
     mod.DataType, mod.RedOp, mod.UniqueId = DataType, RedOp, Uid
     mod.get_unique_id = lambda: Uid()
     mod.comm_init_rank = lambda n, uid, r: calls.append(("init", n, bytes(uid), r)) or "comm"
-    mod.all_reduce = lambda *a: calls.append(("all_reduce", *a))
-    mod.all_gather = lambda *a: calls.append(("all_gather", *a))
+    mod.all_reduce = lambda *a: calls.append(("all_reduce", *_typed(a, 0, 1, 2, 3, 4, 6)))
+    mod.all_gather = lambda *a: calls.append(("all_gather", *_typed(a, 0, 1, 2, 3, 5)))
     mod.comm_destroy = lambda c: calls.append(("destroy", c))
     mod.comm_abort = lambda c: calls.append(("abort", c))
     pkg, sub = types.ModuleType("nccl"), types.ModuleType("nccl.bindings")

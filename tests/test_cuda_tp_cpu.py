@@ -136,7 +136,7 @@ def test_rank_chains_put_the_collectives_where_the_plan_needs_them(variant, rank
         assert all(res == (y if rank == 0 else None) for y, res in row_parallel)
 
         # the collectives, run as capture runs them (given the stream): NCCL's in-place forms
-        stream = SimpleNamespace(handle=99)
+        stream = SimpleNamespace(handle=nccl_fakes.StreamHandle(99))
         del recorded_nccl[:]
         decode[by_name["decode.layer0.o.all_reduce"]].kernel(stream=stream)
         gather.kernel(stream=stream)

@@ -41,7 +41,7 @@ def test_collectives_pass_pointers_counts_types_and_the_stream(fake):
 
     assert os.environ[nccl_mod.NVLS_ENV] == "0"
     g = nccl_mod.NcclGroup(1, 2, uid)
-    stream = types.SimpleNamespace(handle=77)
+    stream = types.SimpleNamespace(handle=nccl_fakes.StreamHandle(77))  # a CUstream, not an int
     g.all_reduce(_T(4096, ptr=0xA0), stream)
     g.all_gather(_T(10, "bf16", ptr=0xB0), _T(20, "bf16", ptr=0xC0), stream)
     g.close()

@@ -81,7 +81,7 @@ class NcclGroup:
         """Sum ``tensor`` (a device tensor) over the ranks in place, enqueued on ``stream``."""
         count, dtype = self._check(tensor, "all_reduce")
         self._call("ncclAllReduce", self._b.all_reduce, tensor.ptr, tensor.ptr, count, dtype,
-                   int(self._b.RedOp.Sum), self._live(), stream.handle)
+                   int(self._b.RedOp.Sum), self._live(), int(stream.handle))
 
     def all_gather(self, send, recv, stream) -> None:
         """Every rank's ``send`` into ``recv`` in rank order (``recv`` holds ``size`` times as many)."""
@@ -91,7 +91,7 @@ class NcclGroup:
             raise ValueError(f"all_gather: recv must be {send.dtype} of {count * self.size} elements "
                              f"({self.size} ranks x {count}), got {recv.dtype} of {recv_count}")
         self._call("ncclAllGather", self._b.all_gather, send.ptr, recv.ptr, count, dtype, self._live(),
-                   stream.handle)
+                   int(stream.handle))  # nccl4py takes the stream as a C integer, not a CUstream
 
     def close(self, abort: bool = False) -> None:
         """Destroy the communicator (every rank must call it), or abort it after a failure."""

@@ -174,14 +174,22 @@ def _expected(part, name, dst) -> np.ndarray:
     return want.astype(dst.to_numpy().dtype).astype(np.float32) if dst.dtype == "bf16" else want
 
 
-def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp_path):
+@pytest.mark.parametrize("tie, size", [(False, 2), (True, 2), (True, 1)])
+def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp_path, tie, size):
+    """Tied embeddings: the LM head's vocab rows lie inside the replicated embedding's bytes, which
+    the loader refuses to read twice (the H200 run of TP=1 hit that): they are a device copy."""
     from helpers_hf import build_checkpoint
 
-    path = build_checkpoint(tmp_path / "ckpt", heads=8, kv_heads=4, seed=3, architecture="Qwen2ForCausalLM")
+    from nexusrt.models.streaming.plan import _check_bounds
+
+    path = build_checkpoint(tmp_path / "ckpt", heads=8, kv_heads=4, seed=3, architecture="Qwen2ForCausalLM", tie=tie)
     model = load_model(str(path))
     streamed = []
+    copies = _HostCopies()
+    monkeypatch.setattr(shard_upload, "call", copies.call)
 
     def load_on_host(rt, items, progress):  # the streaming loader's contract, by plain reads
+        _check_bounds(items)  # the loader's own refusal of overlapping reads
         for item in items:
             streamed.append(item.info.name)
             raw = np.fromfile(item.info.file, np.uint8, item.info.nbytes, offset=item.info.offset)
@@ -190,16 +198,18 @@ def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp
 
     monkeypatch.setattr(shard_upload, "load_checkpoint", load_on_host)
     try:
-        part = shard(model.weights, ShardPlan(model.config, 2), 1)
+        part = shard(model.weights, ShardPlan(model.config, size), size - 1)
         weights, lay = _layout(part)
         try:
-            assert shard_upload.fill_shard(cpu_rt, part, lay.assign, None) == "report"
+            stream = SimpleNamespace(handle=3, synchronize=lambda: None)
+            assert shard_upload.fill_shard(cpu_rt, part, lay.assign, stream) == "report"
             for name, dst in lay.assign:
                 assert np.array_equal(_host(dst), _expected(part, name, dst)), name
         finally:
             weights.free()
         assert any(n.endswith("]") for n in streamed)  # row splits arrive narrowed
         assert not any(".o_proj" in n or "down_proj" in n for n in streamed)  # columns come through the map
+        assert copies.log == (["cuMemcpyDtoDAsync"] if tie else [])  # the tied head's rows, once
     finally:
         model.weights.close()
 

@@ -100,9 +100,41 @@ def main() -> None:
         device_table = runner.buffers.block_table.to_numpy().reshape(-1)
         print(f"device table: {int((device_table < 0).sum())} host entries of {device_table.size}; drain's copy "
               f"{on_host()}; entries that differ {int((device_table != svc.drain.table).sum())}")
+        if not (device_table < 0).any():
+            kernel_times(rt, runner, cfg)
     finally:
         runner.close()
         nrt.firmware.shutdown()
+
+
+def kernel_times(rt, runner, cfg, launches: int = 200) -> None:
+    """Layer 0's decode attention on the moved table (no host entry left), timed alone: the plain
+    kernel, the host twin and the fault twin read the same device blocks, so any difference is
+    the twin's own cost."""
+    import statistics
+
+    from nexusrt.driver.streams import Event
+    from nexusrt.kernels.ops import attention_decode as attn_dec
+
+    b, hq, hkv, d = runner.buffers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    specs = {}
+    for label, extra in (("plain", {}), ("host", dict(host_pools=b.host_pools(0))),
+                         ("host_fault", dict(host_pools=b.host_pools(0), fault_ring=b.fault_ring))):
+        specs[label] = attn_dec.attention_decode(rt, b.q[0:1].reshape(hq, d), b.dec_attn.reshape(hq * d), b.k_pools[0],
+                                                 b.v_pools[0], b.block_table, b.pos, b.attn_ws, num_q_heads=hq,
+                                                 num_kv_heads=hkv, head_dim=d, **extra)
+    stream = runner.stream
+    for label, spec in specs.items():
+        times = []
+        for _ in range(5):
+            e0, e1 = Event(rt.backend), Event(rt.backend)
+            e0.record(stream)
+            for _ in range(launches):
+                spec.launch(stream)
+            e1.record(stream)
+            stream.synchronize()
+            times.append(e0.elapsed_ms(e1) * 1e3 / launches)
+        print(f"layer 0 attention {label:>10} ({spec.name}): median {statistics.median(times):.2f} us per launch")
 
 
 if __name__ == "__main__":

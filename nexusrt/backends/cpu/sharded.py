@@ -21,7 +21,8 @@ local heads, local MLP width, a vocab slice of the LM head) with a KV pool of it
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 
 import numpy as np
 
@@ -41,6 +42,27 @@ def rank_decoder(weights: ShardedWeights, embed: np.ndarray | None = None) -> Pa
         split = weights.plan.split("lm_head", weights.rank)  # vocab-parallel: rows of the table
         lm_head = embed[split.start:split.stop]
     return PagedDecoder(weights, embed=embed, lm_head=lm_head)
+
+
+def check_repeats(repeats) -> int:
+    """``repeats`` if it is an integer >= 1 (steps a collective timing runs), else ValueError."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    return repeats
+
+
+def time_steps(step: Callable[[], None], repeats: int) -> list[float]:
+    """Seconds (``perf_counter``) of each of ``repeats`` calls of ``step``, after one untimed call:
+    between processes it is a barrier (every rank leaves its first collective together, so the
+    timed steps start aligned), in one process a warm-up."""
+    check_repeats(repeats)
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def layer_steps(d: PagedDecoder, batch: list[Rows], pools) -> Generator[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,6 +100,22 @@ class RankDecoder(DecoderSteps):
                 part = steps.send(self.comm.all_reduce(part))
         except StopIteration as done:
             return done.value
+
+    def collective_times(self, repeats: int) -> dict:
+        """One decode step's collectives alone, ``repeats`` times, on this rank: the ``2 x layers``
+        all-reduces of one fp32 hidden row (zeros: a sum of zeros stays finite however often it
+        runs). No all-gather: the ranks send their logits slices to the front. Returns
+        ``{"rank", "all_reduces", "all_gathers", "step_s": [seconds per step], "clock"}``;
+        every rank must be asked at once (the all-reduces are collective)."""
+        layers = self.config.num_hidden_layers
+        row = np.zeros((1, self.config.hidden_size), np.float32)
+
+        def step():
+            for _ in range(2 * layers):
+                self.comm.all_reduce(row)
+
+        return {"rank": self.comm.rank, "all_reduces": 2 * layers, "all_gathers": 0,
+                "step_s": time_steps(step, repeats), "clock": "perf_counter in the rank's process"}
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """fp32 ``[R, vocab / size]``: this rank's vocab slice. No collective: the front joins the
@@ -130,6 +168,23 @@ class ShardedDecoder(DecoderSteps):
                 parts = [s.send(total) for s in ranks]
         except StopIteration as done:
             return done.value
+
+    def collective_times(self, repeats: int) -> list[dict]:
+        """One decode step's collectives alone, ``repeats`` times: the ``2 x layers`` sums of every
+        rank's fp32 hidden row and the gather of their logits slices, as :meth:`forward` and
+        :meth:`logits` call them. One entry (``rank`` None): every rank's part runs in this
+        process, so there is one clock; the keys are :meth:`RankDecoder.collective_times`'s."""
+        layers, n = self.config.num_hidden_layers, self.size
+        rows = [np.zeros((1, self.config.hidden_size), np.float32) for _ in range(n)]
+        slices = [np.zeros((1, self.config.vocab_size // n), np.float32) for _ in range(n)]
+
+        def step():
+            for _ in range(2 * layers):
+                self.group.all_reduce(rows)
+            self.group.all_gather(slices, axis=-1)
+
+        return [{"rank": None, "all_reduces": 2 * layers, "all_gathers": 1, "step_s": time_steps(step, repeats),
+                 "clock": "perf_counter, every rank in this process"}]
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """fp32 ``[R, vocab]``: each rank's vocab slice of the LM head, gathered in rank order."""

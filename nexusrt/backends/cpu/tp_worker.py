@@ -27,6 +27,7 @@ MESSAGES = """
 ("pools", num_blocks)                  -> a pool id (this rank's K/V pools of its KV heads)
 ("step", pool_id, batch, rows)         -> fp32 [len(rows), vocab / size]: this rank's vocab slice
 ("compact", pool_id, table, keep)      -> None (KV pruning: every rank moves its own heads' slots)
+("collective_times", repeats)          -> this rank's RankDecoder.collective_times (a decode step's all-reduces alone)
 ("close",)                             -> the rank exits
 """
 
@@ -82,4 +83,6 @@ def _handle(message, decoder: RankDecoder, pools: list):
         _, pool_id, table, keep = message
         decoder.compact_pools(pools[pool_id], table, keep)
         return None
+    if kind == "collective_times":
+        return decoder.collective_times(message[1])
     raise ValueError(f"unknown message {kind!r}")

@@ -17,6 +17,15 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def check_repeats(repeats) -> int:
+    """``repeats`` (the steps a collective timing runs, on either backend's ranks) if it is an
+    integer >= 1, else ValueError: checked before a rank runs one collective, so no rank is
+    left waiting in one its peers refused."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    return repeats
+
+
 class LocalGroup:
     """A communicator over ``size`` in-process ranks (rank ``r``'s buffer is ``parts[r]``)."""
 

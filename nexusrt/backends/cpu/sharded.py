@@ -28,6 +28,7 @@ import numpy as np
 
 from ...models.weights import WeightSource
 from ...parallel import LocalGroup, ShardedWeights, ShardPlan, shard
+from ...parallel.comm import check_repeats
 from ..base import Rows
 from .decoder import DecoderSteps, PagedDecoder
 
@@ -42,13 +43,6 @@ def rank_decoder(weights: ShardedWeights, embed: np.ndarray | None = None) -> Pa
         split = weights.plan.split("lm_head", weights.rank)  # vocab-parallel: rows of the table
         lm_head = embed[split.start:split.stop]
     return PagedDecoder(weights, embed=embed, lm_head=lm_head)
-
-
-def check_repeats(repeats) -> int:
-    """``repeats`` if it is an integer >= 1 (steps a collective timing runs), else ValueError."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    return repeats
 
 
 def time_steps(step: Callable[[], None], repeats: int) -> list[float]:

@@ -23,10 +23,11 @@ import numpy as np
 
 from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan
+from ...parallel.comm import check_repeats
 from ...parallel.procs import WorkerDied, WorkerGroup
 from ...parallel.shm import create_segment
 from ..base import Rows
-from .sharded import check_repeats, join_logits
+from .sharded import join_logits
 from .tp_worker import RankSpec, serve_rank
 
 

@@ -14,9 +14,14 @@ from __future__ import annotations
 import json
 import os
 
+from types import SimpleNamespace
+
 import numpy as np
 
+from nccl_fakes import StreamHandle
 from nexusrt.reference.sampling import SamplingParams, sample
+
+STREAM_BASE = 40  # rank r's stand-in stream handle is STREAM_BASE + r
 
 
 def logits_table(vocab: int) -> np.ndarray:
@@ -26,10 +31,15 @@ def logits_table(vocab: int) -> np.ndarray:
 
 class FakeRankRunner:
     """What CudaRunner's interface promises, on the CPU: the logits after the last id are
-    ``logits_table[last id]``; ``die_at``: ``(rank, position)`` at whose decode the process exits."""
+    ``logits_table[last id]``; ``die_at``: ``(rank, position)`` at whose decode the process exits.
+    ``rt`` (the CPU runtime the fake boot made) and ``stream`` (a stand-in handle NCCL accepts) are
+    what the worker's collective timing reads from a runner."""
 
     def __init__(self, model, rt, max_context=None, tp=None, *, record, die_at=None):
         self.config, self.tp, self.record, self.die_at = model.config, tp, record, die_at
+        self.rt = rt
+        self.stream = SimpleNamespace(role="compute", handle=StreamHandle(STREAM_BASE + tp.rank),
+                                      synchronize=lambda: None)
         self.max_context = int(max_context or 64)
         self.table = logits_table(model.config.vocab_size)
         self.timings = {"upload_s": 0.0}

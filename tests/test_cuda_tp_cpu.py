@@ -10,6 +10,9 @@
 - The worker protocol: the real CUDA rank loop in spawned processes over a fake runner (device
   ordinal = rank, one unique id for all, NVLS off, the shard's local shape), the same ids as
   the runner alone, a killed worker named with nothing left behind.
+- The collective timing (``nexusrt-bench --tensor-parallel``'s all-reduce line): a decode step's
+  all-reduces and all-gather alone, in place on zeroed scratch, on the rank's stream, after a
+  warm-up step and a barrier; through the worker message, every rank answers.
 - The refusals, before any process starts: more ranks than GPUs, indivisible shapes, a rank's
   shape the kernels cannot run, nccl4py missing; the batched engine and the host KV tier.
 """
@@ -26,13 +29,13 @@ import numpy as np
 import pytest
 
 import nccl_fakes
-from cuda_tp_fakes import FakeRankRunner, FakeRankTarget, logits_table
+from cuda_tp_fakes import STREAM_BASE, FakeRankRunner, FakeRankTarget, logits_table
 from nexusrt import memory
 from nexusrt.backends.base import generate_tokens
 from nexusrt.backends.cuda import shard_upload
 from nexusrt.backends.cuda import step as steps
 from nexusrt.backends.cuda.buffers import RunnerBuffers
-from nexusrt.backends.cuda.collectives import RankComm
+from nexusrt.backends.cuda.collectives import RankComm, time_step_collectives
 from nexusrt.backends.cuda.tp_front import ProcessRunner
 from nexusrt.backends.cuda.weights import _layout
 from nexusrt.errors import BackendUnavailable, ModelError
@@ -161,6 +164,44 @@ def test_warm_up_runs_each_collective_once_outside_capture(cpu_rt, recorded_nccl
     finally:
         b.free()
         weights.free()
+
+
+def _step_calls(calls, rank: int, h: int, vl: int, stream: int) -> list:
+    """``calls`` (recorded NCCL tuples) as (kind, count) after checking each is NCCL's in-place
+    form over the timing's own scratch: one row reduced, the logits row gathered into itself."""
+    rows = {c[1] for c in calls if c[0] == "all_reduce"}
+    assert len(rows) == 1  # every all-reduce on the one scratch row
+    out = []
+    for c in calls:
+        if c[0] == "all_reduce":
+            assert c[1] == c[2] and c[3] == h and c[-1] == stream
+        else:
+            assert c[0] == "all_gather" and c[1] == c[2] + rank * vl * 4 and c[3] == vl and c[-1] == stream
+        out.append((c[0], c[3]))
+    return out
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_step_collectives_are_timed_alone_on_scratch(cpu_rt, recorded_nccl, rank):
+    cfg = _config("llama_tiny")
+    _, weights, b, tp = _rank_setup(cfg, rank, 2)
+    stream = SimpleNamespace(role="compute", handle=nccl_fakes.StreamHandle(77), synchronize=lambda: None)
+    try:
+        before = memory.stats()["in_use_bytes"]
+        del recorded_nccl[:]
+        got = time_step_collectives(tp, cpu_rt, cfg, stream, 3)
+        assert memory.stats()["in_use_bytes"] == before  # the scratch is freed
+        with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+            time_step_collectives(tp, cpu_rt, cfg, stream, 0)
+    finally:
+        b.free()
+        weights.free()
+    h, vl, layers = cfg.hidden_size, cfg.vocab_size // 2, cfg.num_hidden_layers
+    step = [("all_reduce", h)] * (2 * layers) + [("all_gather", vl)]
+    # a warm-up step, the barrier, three timed steps; the refused call ran none
+    assert _step_calls(recorded_nccl, rank, h, vl, 77) == step + [("all_reduce", h)] + step * 3
+    assert got["rank"] == rank and got["all_reduces"] == 2 * layers and got["all_gathers"] == 1
+    assert len(got["step_s"]) == 3 and all(t > 0 for t in got["step_s"]) and "host clock" in got["clock"]
 
 
 # ------------------------------------------------------------------------------ shard upload
@@ -321,6 +362,28 @@ def test_a_worker_that_dies_mid_decode_is_named_and_nothing_is_left(tmp_path, ui
     finally:
         runner.close()
     assert all(gone(p) for p in pids) and not multiprocessing.active_children()
+
+
+def test_every_worker_answers_the_collective_timing_message(tmp_path, uid_stub):
+    runner = _process_runner(tmp_path)
+    pids = runner.pids
+    try:
+        times = runner.collective_times(2)
+        with pytest.raises(ValueError, match="repeats must be an integer >= 1"):  # refused in the front
+            runner.collective_times(0)
+    finally:
+        runner.close()
+    assert all(gone(p) for p in pids) and not multiprocessing.active_children()
+    cfg = runner.config
+    h, vl, layers = cfg.hidden_size, cfg.vocab_size // 2, cfg.num_hidden_layers
+    step = [("all_reduce", h)] * (2 * layers) + [("all_gather", vl)]
+    assert [t["rank"] for t in times] == [0, 1]
+    for rank, (t, rec) in enumerate(zip(times, _records(tmp_path, 2))):
+        assert t["all_reduces"] == 2 * layers and t["all_gathers"] == 1
+        assert len(t["step_s"]) == 2 and all(x > 0 for x in t["step_s"])
+        assert rec["messages"] == ["collective_times"]  # the refusal never reached a rank
+        calls = [c for c in rec["nccl"] if c[0] in ("all_reduce", "all_gather")]
+        assert _step_calls(calls, rank, h, vl, STREAM_BASE + rank) == step + [("all_reduce", h)] + step * 2
 
 
 # ------------------------------------------------------------------------------ refusals

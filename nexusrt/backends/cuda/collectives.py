@@ -19,9 +19,20 @@ The collectives are host stages (callables given the stream): run inside stream 
 they enqueue NCCL's kernels into the captured graph, so a decode step is still one
 ``cuGraphLaunch`` with its all-reduces inside. The group is anything with NcclGroup's
 ``rank``, ``size``, ``all_reduce(tensor, stream)`` and ``all_gather(send, recv, stream)``.
+
+:func:`time_step_collectives` times those collectives of one decode step alone on a rank
+(``nexusrt-bench --stage decode --tensor-parallel N`` reports the slowest rank's).
 """
 
 from __future__ import annotations
+
+import numpy as np
+
+from ... import memory, scheduler
+from ...driver.streams import Event
+from ...parallel.comm import check_repeats
+
+TIMING_TAG = "tp-timing"
 
 
 class RankComm:
@@ -70,3 +81,60 @@ class RankComm:
             self.all_reduce(x)(stream)
         self.all_gather(self.vocab_slice(logits), logits)(stream)
         stream.synchronize()
+
+
+def time_step_collectives(tp: RankComm, rt, config, stream, repeats: int) -> dict:
+    """One decode step's collectives alone on this rank, ``repeats`` times: the ``2 x layers``
+    all-reduces of one fp32 hidden row and the all-gather of the logits row, the sizes and
+    in-place forms the decode graph runs, over zeroed scratch tensors (a sum of zeros stays
+    finite however often it runs, and the runner's own rows are left as they are).
+
+    On CUDA they are captured into one graph, as the decode graph holds them (launching them one
+    by one would time the host's launches too), and each step is a replay between two events on
+    ``stream``, the rank's stream. Before the timed steps: one untimed replay (a graph's first
+    launch uploads it), then one eager all-reduce as a barrier, so every rank starts its first
+    timed step together instead of waiting in it for a peer that read the request later. On
+    the CPU backend (tests, with a stand-in NCCL) the calls run eagerly on ``stream`` and the
+    events are host clocks. Every rank must be asked at once: the collectives are collective.
+
+    Returns ``{"rank", "all_reduces", "all_gathers", "step_s": [seconds per step], "clock"}``.
+    """
+    check_repeats(repeats)
+    layers, h = config.num_hidden_layers, config.hidden_size
+    with memory.empty((1, h), "fp32", tag=TIMING_TAG) as row, \
+            memory.empty((1, tp.vocab_part * tp.size), "fp32", tag=TIMING_TAG) as logits:
+        row.copy_from(np.zeros((1, h), np.float32))
+        logits.copy_from(np.zeros(logits.shape, np.float32))
+        ops = [("all_reduce", tp.all_reduce(row), row, row)] * (2 * layers)
+        ops.append(("all_gather", tp.all_gather(tp.vocab_slice(logits), logits), logits, logits))
+        graph = _capture(ops, stream) if rt.is_cuda else None
+        marks = [Event(rt.backend) for _ in range(repeats + 1)]
+        try:
+            step = graph.replay if graph is not None else (lambda: [op(stream) for _, op, _, _ in ops])
+            step()
+            tp.all_reduce(row)(stream)  # the barrier
+            marks[0].record(stream)
+            for mark in marks[1:]:
+                step()
+                mark.record(stream)
+            marks[-1].synchronize()
+            step_s = [a.elapsed_ms(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        finally:
+            stream.synchronize()  # nothing may still read the scratch when it is freed
+            for mark in marks:
+                mark.destroy()
+            if graph is not None:
+                graph.close()
+    clock = ("CUDA events around a replayed graph of them on the rank's stream" if rt.is_cuda
+             else "host clock, eager calls (CPU backend)")
+    return {"rank": tp.rank, "all_reduces": 2 * layers, "all_gathers": 1, "step_s": step_s, "clock": clock}
+
+
+def _capture(ops, stream):
+    """``ops`` (name, stage callable, input, output) as one captured graph on ``stream``'s role."""
+    stages, prev = [], ()
+    for i, (name, fn, src, dst) in enumerate(ops):
+        stages.append(scheduler.stage(name=f"tp_timing.{i}.{name}", kernel=fn, inputs=[src], outputs=[dst],
+                                      depends_on=prev, stream=stream.role))
+        prev = (stages[-1].name,)
+    return scheduler.capture(stages, stream=stream.role)

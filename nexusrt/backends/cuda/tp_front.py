@@ -21,6 +21,7 @@ import numpy as np
 
 from ...errors import BackendUnavailable
 from ...parallel import ShardPlan
+from ...parallel.comm import check_repeats
 from ...parallel.nccl import unique_id
 from ...parallel.procs import WorkerGroup
 from .tp_worker import RANK_ENV, CudaRankSpec, serve_cuda_rank
@@ -31,6 +32,22 @@ def gpu_count() -> int:
     from ...driver.calls import call
 
     return int(call("cuDeviceGetCount"))
+
+
+def check_ranks(config, size: int, gpus: int | None = None) -> ShardPlan:
+    """The plan of ``config`` over ``size`` GPUs, or the refusal :class:`ProcessRunner` makes
+    before any process starts: :class:`~nexusrt.errors.ModelError` for shapes the plan or the
+    CUDA kernels refuse (a rank's local shape), :class:`~nexusrt.errors.BackendUnavailable`
+    for fewer GPUs than ranks (``gpus``: the count to assume; None asks the driver)."""
+    from .runner import _check_supported
+
+    plan = ShardPlan(config, size)  # indivisible heads, KV heads, vocab, MLP width: ModelError
+    _check_supported(plan.local_config(0))  # what a rank runs must fit the kernels
+    present = gpu_count() if gpus is None else gpus
+    if size > present:
+        raise BackendUnavailable(f"tensor_parallel={size} needs {size} GPUs (one process each); this machine "
+                                 f"shows {present}{' (CUDA_VISIBLE_DEVICES?)' if present else ''}")
+    return plan
 
 
 class ProcessRunner:
@@ -48,15 +65,8 @@ class ProcessRunner:
 
     def __init__(self, origin, config, size: int, max_context: int | None = None, *, target=serve_cuda_rank,
                  gpus: int | None = None):
-        from .runner import _check_supported
-
         self.config = config
-        self.plan = ShardPlan(config, size)  # indivisible heads, KV heads, vocab, MLP width: ModelError
-        _check_supported(self.plan.local_config(0))  # what a rank runs must fit the kernels
-        present = gpu_count() if gpus is None else gpus
-        if size > present:
-            raise BackendUnavailable(f"tensor_parallel={size} needs {size} GPUs (one process each); this machine "
-                                     f"shows {present}{' (CUDA_VISIBLE_DEVICES?)' if present else ''}")
+        self.plan = check_ranks(config, size, gpus)
         spec = CudaRankSpec(origin, size, unique_id(), max_context)  # no nccl4py: NcclError with the install hint
         self._workers = WorkerGroup(target, size, (spec,), name="CUDA tensor-parallel worker", env=RANK_ENV)
         self.ready = self._workers.ready
@@ -119,6 +129,12 @@ class ProcessRunner:
     def rank_timings(self) -> dict:
         """Rank 0's ``CudaRunner.timings`` (upload, capture)."""
         return self._ask(("timings",), "timings")
+
+    def collective_times(self, repeats: int) -> list[dict]:
+        """Every rank's :func:`~.collectives.time_step_collectives`, rank order: a decode step's
+        collectives alone, ``repeats`` times, timed with events on each rank's stream."""
+        check_repeats(repeats)  # refused here: a bad count must not reach only some ranks
+        return self._workers.request(("collective_times", repeats), "collective timing")
 
     def close(self) -> None:
         """Ask every worker to exit (each releases its graphs, weights, NCCL and device), then stop

@@ -37,6 +37,8 @@ MESSAGES = """
 ("decode_sample", token, params, step)  -> decode, then sample: one round trip per generated id
 ("forward_all", ids)                    -> rank 0: fp32 [len(ids), vocab]; others None
 ("timings",)                            -> the rank's CudaRunner.timings
+("collective_times", repeats)           -> every rank: collectives.time_step_collectives (a decode step's
+                                           all-reduces and all-gather alone, timed on the rank's stream)
 ("close",)                              -> the rank exits
 """
 
@@ -113,4 +115,8 @@ def handle(message, runner, rank: int):
         return logits if rank == 0 else None
     if kind == "timings":
         return dict(runner.timings)
+    if kind == "collective_times":
+        from .collectives import time_step_collectives
+
+        return time_step_collectives(runner.tp, runner.rt, runner.config, runner.stream, message[1])
     raise ValueError(f"unknown message {kind!r}")

@@ -204,6 +204,28 @@ def test_step_collectives_are_timed_alone_on_scratch(cpu_rt, recorded_nccl, rank
     assert len(got["step_s"]) == 3 and all(t > 0 for t in got["step_s"]) and "host clock" in got["clock"]
 
 
+def test_the_timed_collectives_form_a_valid_chain_for_capture(cpu_rt, recorded_nccl):
+    """On CUDA the timing captures its collectives as the decode graph does: a chain of host
+    stages on the rank's stream (the CPU scheduler validates the same plan it would capture)."""
+    from nexusrt.backends.cuda import collectives
+
+    cfg = _config("llama_tiny")
+    _, weights, b, tp = _rank_setup(cfg, 0, 2)
+    x, logits = b.hidden[0:1], b.logits
+    try:
+        ops = [("all_reduce", tp.all_reduce(x), x, x)] * 4 + [("all_gather", tp.all_gather(tp.vocab_slice(logits),
+                                                                                          logits), logits, logits)]
+        graph = collectives._capture(ops, SimpleNamespace(role="compute"))
+        try:
+            assert list(graph.stages) == [f"tp_timing.{i}.all_reduce" for i in range(4)] + ["tp_timing.4.all_gather"]
+            assert all(s.kind == "host" and s.stream == "compute" for s in graph.stages.values())
+        finally:
+            graph.close()
+    finally:
+        b.free()
+        weights.free()
+
+
 # ------------------------------------------------------------------------------ shard upload
 def _host(t) -> np.ndarray:
     return t.to_numpy().astype(np.float32)

@@ -42,6 +42,14 @@ def test_8b_preset_shape():
     assert 7.9e9 < cfg.num_parameters() < 8.1e9
 
 
+def test_70b_preset_shape():
+    cfg = PRESETS["llama-3.1-70b"]  # Meta's config.json: 70.55e9 parameters
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (8192, 28672, 80)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size) == (64, 8, 128, 128256)
+    assert not cfg.tie_word_embeddings and cfg.rope_scaling["factor"] == 8.0
+    assert 70.5e9 < cfg.num_parameters() < 70.6e9
+
+
 def test_defaults_and_family_switches():
     d = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300,

@@ -16,11 +16,11 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor
 
 
 def _llama3(name: str, hidden: int, intermediate: int, layers: int, head_dim: int, rope_factor: float,
-            tied: bool) -> ModelConfig:
-    """A Llama 3.x shape: GQA 32/8, vocab 128256, 128K context, bf16, Meta's token ids."""
+            tied: bool, heads: int = 32) -> ModelConfig:
+    """A Llama 3.x shape: GQA ``heads``/8, vocab 128256, 128K context, bf16, Meta's token ids."""
     return ModelConfig(
         architecture="LlamaForCausalLM", hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8, head_dim=head_dim,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8, head_dim=head_dim,
         vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": rope_factor}, max_position_embeddings=131072,
         tie_word_embeddings=tied, torch_dtype="bfloat16", bos_token_id=128000,
@@ -36,6 +36,8 @@ PRESETS: dict[str, ModelConfig] = {
         torch_dtype="float32", source="preset tiny"),
     "llama-3.2-1b": _llama3("llama-3.2-1b", 2048, 8192, 16, 64, rope_factor=32.0, tied=True),
     "llama-3.1-8b": _llama3("llama-3.1-8b", 4096, 14336, 32, 128, rope_factor=8.0, tied=False),
+    # 141 GB of bf16: one H200 cannot hold it; the tensor-parallel bench's 70B shape (TP=4, 8).
+    "llama-3.1-70b": _llama3("llama-3.1-70b", 8192, 28672, 80, 128, rope_factor=8.0, tied=False, heads=64),
 }
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import numpy as np
 
 from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, env_set, int_list, resolve_model_config
+from .decode_timing import bytes_per_token, pick_text, time_generation
 from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
@@ -53,16 +53,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--persistent-profile", action="store_true",
                         help="decode stage on sm_90: one more run of the persistent kernel with each instruction's "
                              "clocks recorded, reported per phase (waits, work, GB/s while working)")
-
-
-def bytes_per_token(cfg, context: float) -> dict:
-    """Bytes one decode token must read: weights once (bf16; norms fp32) and K,V up to ``context``."""
-    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
-    hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    per_layer = ((hq + 2 * hkv) * d * h + h * hq * d + 2 * inter * h + h * inter) * 2 + 2 * h * 4
-    weights = L * per_layer + cfg.vocab_size * h * 2 + h * 4 + h * 2  # lm head, final norm, one embedding row
-    kv = 2 * L * hkv * d * 2 * context
-    return {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
 
 
 def _validate(args) -> None:
@@ -105,7 +95,7 @@ def run(args) -> dict:
         model = CPU_MODEL
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
     headline = decode_mode()
-    cfg, runs, load_s, host_launch_s = _time_path(model, prompt, args, headline)
+    cfg, runs, load_s, host_launch_s = time_generation(model, prompt, args, f"{headline} path")
     others = {}
     if rt.is_cuda:
         for path in args.decode_paths:
@@ -117,7 +107,7 @@ def run(args) -> dict:
                 continue
             try:
                 with env_set(**{ENV: path}):
-                    others[path] = {"runs": _time_path(model, prompt, args, path)[1]}
+                    others[path] = {"runs": time_generation(model, prompt, args, f"{path} path")[1]}
             except ModelError as e:  # a shape the persistent kernel does not take: said, not fatal
                 others[path] = {"skipped": str(e)}
     ms = statistics.median(r["ms_per_token"] for r in runs)
@@ -150,37 +140,6 @@ def run(args) -> dict:
     if args.plot:
         _plot(result, args.plot)
     return result
-
-
-def _time_path(model, prompt, args, path: str):
-    """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` generations
-    (``args.sampling``: greedy unless --temperature) after one warm-up, on a fresh LLM (so
-    ``path``'s runner is the one built)."""
-    from ..engine.llm import LLM
-
-    t0 = time.perf_counter()
-    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16)
-    load_s = time.perf_counter() - t0
-    params = args.sampling
-    runs = []
-    try:
-        for r in range(args.runs + 1):  # the first is the warm-up
-            stamps = []
-
-            def on_token(_tok, stamps=stamps):
-                stamps.append(time.perf_counter())
-                return False
-
-            start = time.perf_counter()
-            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
-            if n != args.new_tokens:
-                raise RuntimeError(f"{path} path: generated {n} of {args.new_tokens} tokens")
-            if r:
-                runs.append({"ttft_s": stamps[0] - start,
-                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
-        return llm.config, runs, load_s, getattr(llm.runner, "timings", {}).get("host_launch_s")
-    finally:
-        llm.close()
 
 
 def _path_figures(other: dict, floor_ms: float) -> dict:
@@ -233,18 +192,10 @@ def _plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _pick(sampling: dict | None) -> str:
-    """How each token was picked, in words (greedy when the result names no sampling)."""
-    if not sampling or not sampling["temperature"]:
-        return "greedy"
-    return (f"sampled: temperature {sampling['temperature']}, top-k {sampling['top_k'] or 'none (1024 cap)'}, "
-            f"top-p {sampling['top_p']}, seed {sampling['seed']}")
-
-
 def render(r: dict) -> str:
     rows = [["model", r["model"]], ["device", f"{r['device']} ({r['backend']}, profile {r['profile']})"],
             ["shape", f"batch 1, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, median of {r['runs']}"],
-            ["pick", _pick(r.get("sampling"))],
+            ["pick", pick_text(r.get("sampling"))],
             ["ms / token", f"{r['ms_per_token']:.4f}  (runs: {', '.join(f'{x:.3f}' for x in r['ms_per_token_runs'])})"],
             ["tokens / s", f"{r['tokens_per_s']:.1f}"], ["TTFT", f"{r['ttft_s'] * 1e3:.2f} ms"],
             ["bytes / token", f"{r['bytes_per_token']['total'] / 1e9:.3f} GB"],

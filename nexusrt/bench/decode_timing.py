@@ -1,0 +1,68 @@
+"""What the decode stage measures and how, shared by its one-device half (:mod:`.decode`) and
+its tensor-parallel half (:mod:`.decode_tp`): the bytes a token must read, one timed
+generation loop on a fresh ``nrt.LLM``, and how the tokens were picked, in words."""
+
+from __future__ import annotations
+
+import time
+
+
+def bytes_per_token(cfg, context: float, tensor_parallel: int = 1, elem: int = 2) -> dict:
+    """Bytes one decode token must read on one rank of ``tensor_parallel`` (1: the whole model on
+    one device): its weights once and its K,V up to ``context``. ``elem``: bytes of a weight or
+    KV element (2: the CUDA runner's bf16; 4: the CPU runner's fp32); norms are fp32.
+
+    A rank holds ``1/N`` of the query heads, KV heads, MLP width and LM-head rows
+    (:class:`~nexusrt.parallel.ShardPlan`), so its share is about the weights ÷ N plus its own
+    KV heads; the norms and the one embedding row it reads are replicated, read whole."""
+    n = tensor_parallel
+    h, d, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    hq, hkv = cfg.num_attention_heads // n, cfg.num_key_value_heads // n
+    inter = cfg.intermediate_size // n
+    per_layer = ((hq + 2 * hkv) * d * h + h * hq * d + 2 * inter * h + h * inter) * elem + 2 * h * 4
+    weights = L * per_layer + cfg.vocab_size // n * h * elem + h * 4 + h * elem  # lm head, final norm, embed row
+    kv = 2 * L * hkv * d * elem * context
+    return {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
+
+
+def time_generation(model, prompt, args, label: str, inspect=None, **llm_kwargs):
+    """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` generations
+    (``args.sampling``: greedy unless --temperature) after one warm-up, on a fresh
+    ``nrt.LLM(model, **llm_kwargs)`` (so the runner the environment selects now is the one
+    built). ``inspect(llm)`` runs after the timed runs, before the LLM is closed (the
+    tensor-parallel half times the collectives there). ``label`` names the run in errors."""
+    from ..engine.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16, **llm_kwargs)
+    load_s = time.perf_counter() - t0
+    params = args.sampling
+    runs = []
+    try:
+        for r in range(args.runs + 1):  # the first is the warm-up
+            stamps = []
+
+            def on_token(_tok, stamps=stamps):
+                stamps.append(time.perf_counter())
+                return False
+
+            start = time.perf_counter()
+            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
+            if n != args.new_tokens:
+                raise RuntimeError(f"{label}: generated {n} of {args.new_tokens} tokens")
+            if r:
+                runs.append({"ttft_s": stamps[0] - start,
+                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
+        if inspect is not None:
+            inspect(llm)
+        return llm.config, runs, load_s, getattr(llm.runner, "timings", {}).get("host_launch_s")
+    finally:
+        llm.close()
+
+
+def pick_text(sampling: dict | None) -> str:
+    """How each token was picked, in words (greedy when the result names no sampling)."""
+    if not sampling or not sampling["temperature"]:
+        return "greedy"
+    return (f"sampled: temperature {sampling['temperature']}, top-k {sampling['top_k'] or 'none (1024 cap)'}, "
+            f"top-p {sampling['top_p']}, seed {sampling['seed']}")

@@ -13,6 +13,9 @@ chain and the persistent kernel, ``NEXUSRT_DECODE``'s two values), one after the
 same process; the headline figures are those of the path ``NEXUSRT_DECODE`` selects (``graph``
 unless set), and each other path is reported beside it with its own fraction of the floor, or
 with the reason it could not run (a device that is not sm_90, a shape the kernel does not take).
+
+``--tensor-parallel N`` (N > 1) times the model split over N ranks beside TP=1 instead, the
+graph path only (:mod:`.decode_tp`); without it, or with 1, the stage is the one above.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import numpy as np
 from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, env_set, int_list, resolve_model_config
+from . import decode_tp
 from .decode_timing import bytes_per_token, pick_text, time_generation
 from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
+DEFAULT_PATHS = "graph,persistent"
+OWN_OPTIONS = decode_tp.OWN_OPTIONS  # nexusrt-bench refuses them with another stage
 
 
 def add_arguments(parser) -> None:
@@ -47,12 +53,13 @@ def add_arguments(parser) -> None:
                         help="decode stage, with --temperature: the K most likely tokens (0: the 1024 cap)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
                         help="decode stage, with --temperature: the nucleus of mass P (1.0: none)")
-    parser.add_argument("--decode-paths", default="graph,persistent", metavar="P[,P...]",
+    parser.add_argument("--decode-paths", default=None, metavar="P[,P...]",
                         help="decode stage on CUDA: the NEXUSRT_DECODE paths to time, each beside the others "
                              "(graph,persistent); the headline is the path NEXUSRT_DECODE selects")
     parser.add_argument("--persistent-profile", action="store_true",
                         help="decode stage on sm_90: one more run of the persistent kernel with each instruction's "
                              "clocks recorded, reported per phase (waits, work, GB/s while working)")
+    decode_tp.add_arguments(parser)
 
 
 def _validate(args) -> None:
@@ -63,12 +70,13 @@ def _validate(args) -> None:
     args.runs = 5 if args.runs is None else args.runs
     from ..backends.cuda.persistent import MODES
 
-    paths = [p.strip().lower() for p in str(getattr(args, "decode_paths", "graph")).split(",") if p.strip()]
+    given = getattr(args, "decode_paths", None)  # None: the default, which --tensor-parallel may narrow
+    paths = [p.strip().lower() for p in str(DEFAULT_PATHS if given is None else given).split(",") if p.strip()]
     bad = [p for p in paths if p not in MODES]
     if not paths or bad or len(set(paths)) != len(paths):
-        raise ValueError(f"--decode-paths takes distinct values among {', '.join(MODES)}, got "
-                         f"{getattr(args, 'decode_paths', None)!r}")
+        raise ValueError(f"--decode-paths takes distinct values among {', '.join(MODES)}, got {given!r}")
     args.decode_paths = paths
+    decode_tp.validate(args, None if given is None else paths)
     from ..reference.sampling import SamplingParams
 
     # Checked here (a bad value is a usage error, exit 1) and kept for every path's runs.
@@ -94,6 +102,11 @@ def run(args) -> dict:
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
+    if args.tensor_parallel > 1:  # TP=N beside TP=1, the graph path only (decode_tp.validate)
+        result = decode_tp.run(args, rt, model, note, prompt)
+        if args.plot:
+            _plot(result, args.plot)
+        return result
     headline = decode_mode()
     cfg, runs, load_s, host_launch_s = time_generation(model, prompt, args, f"{headline} path")
     others = {}
@@ -176,7 +189,11 @@ def _plot(result: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except Exception as exc:
         raise ValueError(f"--plot needs matplotlib ({exc})") from None
-    names, values = ["NexusRT"], [result["ms_per_token"]]
+    n = result.get("tensor_parallel", 1)
+    names, values = ["NexusRT" if n == 1 else f"NexusRT TP={n}"], [result["ms_per_token"]]
+    if "ms_per_token" in (result.get("tp1") or {}):
+        names.append("NexusRT TP=1")
+        values.append(result["tp1"]["ms_per_token"])
     for mode, p in (result.get("peers") or {}).items():
         if isinstance(p, dict) and "ms_per_token" in p:
             names.append(f"PyTorch {mode}")
@@ -184,7 +201,8 @@ def _plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, values, color=["#2a7"] + ["#888"] * (len(names) - 1))
     if "floor_ms" in result:
-        ax.axhline(result["floor_ms"], color="r", ls="--", label=f"floor {result['floor_ms']:.3f} ms")
+        which = "floor" if n == 1 else f"floor (TP={n}, one rank's bytes)"
+        ax.axhline(result["floor_ms"], color="r", ls="--", label=f"{which} {result['floor_ms']:.3f} ms")
         ax.legend()
     ax.set_ylabel("ms per token (median)")
     ax.set_title(f"{result['model']} on {result['device']}")
@@ -193,6 +211,8 @@ def _plot(result: dict, path: str) -> None:
 
 
 def render(r: dict) -> str:
+    if r.get("tensor_parallel", 1) > 1:
+        return decode_tp.render(r)
     rows = [["model", r["model"]], ["device", f"{r['device']} ({r['backend']}, profile {r['profile']})"],
             ["shape", f"batch 1, prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, median of {r['runs']}"],
             ["pick", pick_text(r.get("sampling"))],

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli.guard import guarded
 
     def run() -> int:
+        _refuse_other_stages_options(args)
         try:
             result = module.run(args)
         finally:
@@ -79,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return guarded("nexusrt-bench", run, args.debug)
+
+
+def _refuse_other_stages_options(args) -> None:
+    """An option a stage lists in its ``OWN_OPTIONS`` (``dest -> flag``), given with another stage,
+    is an error: ignored, it would print figures of something the user did not ask for."""
+    for stage in STAGES:
+        module = _stage_module(stage) if stage != args.stage else None
+        for dest, flag in (getattr(module, "OWN_OPTIONS", None) or {}).items():
+            if getattr(args, dest, None) not in (None, False):
+                raise ValueError(f"{flag} applies to the {stage} stage only (--stage {stage}); "
+                                 f"--stage {args.stage} does not take it")
 
 
 def _json_default(o):

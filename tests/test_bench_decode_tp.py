@@ -218,6 +218,23 @@ def test_a_tp1_that_does_not_fit_is_said_and_the_rest_still_printed():
             "4 timing(s)") == _line(text, "what it measures")
 
 
+def test_a_tp1_that_does_not_fit_leaves_the_tp_figures(capsys, monkeypatch):
+    from nexusrt.errors import ModelTooLarge
+
+    real = decode_tp.time_generation
+
+    def one_device_too_small(model, prompt, args, label, **kw):
+        if label == "TP=1":  # as check_fit refuses 70B on one H200, before a byte is read
+            raise ModelTooLarge(f"{model} does not fit: it needs 132 GiB", 132 << 30, 131 << 30)
+        return real(model, prompt, args, label, **kw)
+
+    monkeypatch.setattr(decode_tp, "time_generation", one_device_too_small)
+    r = _run_json(capsys)
+    assert r["tp1"] == {"skipped": "nexusrt:stdlib-tiny does not fit: it needs 132 GiB"} and "tp_ratio" not in r
+    assert r["ms_per_token"] > 0 and r["floor_ms"] > 0 and r["collectives"]["per_token_s"] > 0
+    assert _line(render(r), "TP=2 / TP=1") == "-"
+
+
 def test_a_runner_without_ranks_has_no_collective_timer():
     with pytest.raises(RuntimeError, match="not a tensor-parallel runner"):
         decode_tp.collective_timer(SimpleNamespace(decoder=object()))

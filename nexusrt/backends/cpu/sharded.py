@@ -97,12 +97,13 @@ class RankDecoder(DecoderSteps):
 
     def collective_times(self, repeats: int) -> dict:
         """One decode step's collectives alone, ``repeats`` times, on this rank: the ``2 x layers``
-        all-reduces of one fp32 hidden row (zeros: a sum of zeros stays finite however often it
-        runs). No all-gather: the ranks send their logits slices to the front. Returns
+        all-reduces of one fp32 hidden row of random values (never zeros; the sum is a new array,
+        so the row stays as it is). No all-gather: the ranks send their logits slices to the front. Returns
         ``{"rank", "all_reduces", "all_gathers", "step_s": [seconds per step], "clock"}``;
         every rank must be asked at once (the all-reduces are collective)."""
         layers = self.config.num_hidden_layers
-        row = np.zeros((1, self.config.hidden_size), np.float32)
+        row = np.random.default_rng(1234 + self.comm.rank).standard_normal((1, self.config.hidden_size),
+                                                                           dtype=np.float32)
 
         def step():
             for _ in range(2 * layers):
@@ -169,8 +170,9 @@ class ShardedDecoder(DecoderSteps):
         :meth:`logits` call them. One entry (``rank`` None): every rank's part runs in this
         process, so there is one clock; the keys are :meth:`RankDecoder.collective_times`'s."""
         layers, n = self.config.num_hidden_layers, self.size
-        rows = [np.zeros((1, self.config.hidden_size), np.float32) for _ in range(n)]
-        slices = [np.zeros((1, self.config.vocab_size // n), np.float32) for _ in range(n)]
+        rng = np.random.default_rng(1234)  # random, never zeros; the sums are new arrays
+        rows = [rng.standard_normal((1, self.config.hidden_size), dtype=np.float32) for _ in range(n)]
+        slices = [rng.standard_normal((1, self.config.vocab_size // n), dtype=np.float32) for _ in range(n)]
 
         def step():
             for _ in range(2 * layers):

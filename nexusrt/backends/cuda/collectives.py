@@ -86,8 +86,11 @@ class RankComm:
 def time_step_collectives(tp: RankComm, rt, config, stream, repeats: int) -> dict:
     """One decode step's collectives alone on this rank, ``repeats`` times: the ``2 x layers``
     all-reduces of one fp32 hidden row and the all-gather of the logits row, the sizes and
-    in-place forms the decode graph runs, over zeroed scratch tensors (a sum of zeros stays
-    finite however often it runs, and the runner's own rows are left as they are).
+    in-place forms the decode graph runs, over scratch tensors (the runner's own rows are left as
+    they are) filled with the same random normal values on every rank: never zeros, whose low bit
+    toggling would flatter the timing. The in-place sums grow them by a factor of ``size`` per
+    all-reduce until they saturate at +/-inf (same-signed on every rank, so never NaN); NCCL's fp32
+    sum costs the same for any finite or infinite operand.
 
     On CUDA they are captured into one graph, as the decode graph holds them (launching them one
     by one would time the host's launches too), and each step is a replay between two events on
@@ -103,8 +106,9 @@ def time_step_collectives(tp: RankComm, rt, config, stream, repeats: int) -> dic
     layers, h = config.num_hidden_layers, config.hidden_size
     with memory.empty((1, h), "fp32", tag=TIMING_TAG) as row, \
             memory.empty((1, tp.vocab_part * tp.size), "fp32", tag=TIMING_TAG) as logits:
-        row.copy_from(np.zeros((1, h), np.float32))
-        logits.copy_from(np.zeros(logits.shape, np.float32))
+        rng = np.random.default_rng(1234)  # one seed: every rank holds the same values
+        row.copy_from(rng.standard_normal((1, h), dtype=np.float32))
+        logits.copy_from(rng.standard_normal(logits.shape, dtype=np.float32))
         ops = [("all_reduce", tp.all_reduce(row), row, row)] * (2 * layers)
         ops.append(("all_gather", tp.all_gather(tp.vocab_slice(logits), logits), logits, logits))
         graph = _capture(ops, stream) if rt.is_cuda else None

@@ -250,7 +250,7 @@ def render(r: dict) -> str:
              ["bytes / token", f"{r['bytes_per_token']['total'] / 1e9:.3f} GB in all; "
                                f"{r['bytes_per_rank']['total'] / 1e9:.3f} GB per rank (its weights and KV heads; "
                                f"{'bf16' if r['elem_bytes'] == 2 else 'fp32, as the CPU runner holds them'})"],
-             ["achieved / rank", f"{r['achieved_bytes_s'] / 1e9:.0f} GB/s"],
+             ["achieved / rank", f"{r['achieved_bytes_s'] / 1e9:.{0 if r['achieved_bytes_s'] >= 1e10 else 2}f} GB/s"],
              ["read BW (measured)", f"{r['read_bandwidth_bytes_s'] / 1e9:.0f} GB/s ({r['read_bandwidth_how']})"],
              [f"floor (TP={n})", f"{r['floor_ms']:.4f} ms/token (one rank's bytes); "
                                  f"{r['fraction_of_floor']:.1%} of it reached"]]

@@ -137,6 +137,11 @@ __device__ __forceinline__ void decode_impl(
         if (kvh == 0)
             nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
                                        ring_capacity, tid, kThreads);
+        // Reconverge the warp here, explicitly: after the posts' divergent CAS loops the compiler
+        // could not prove the warps converged at the reductions below and lowered every shuffle
+        // as a collective fallback (WARPSYNC/ENDCOLLECTIVE around each SHFL; ~10x their count),
+        // which made this twin 4x slower than the host twin on device-resident blocks (H200).
+        __syncwarp();
     }
     nrt::pdl_enter();
 #pragma unroll

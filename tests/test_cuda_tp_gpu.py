@@ -1,4 +1,5 @@
-"""CUDA tensor parallelism on GPUs (issue 17); not yet run: no GPU was lent while it was built.
+"""CUDA tensor parallelism on GPUs (issue 17). The one-GPU tests passed on an H200 (2026-12-02);
+the two-GPU test waits for a machine with several GPUs.
 
 One GPU (a sum over one rank is the identity, so the NCCL path must change nothing):
 - a TP=1 rank in this process (``CudaRunner(..., tp=RankComm(NcclGroup(0, 1, uid)))``): NCCL

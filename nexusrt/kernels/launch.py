@@ -65,14 +65,20 @@ class Kernel:
         self.types = parse_signature(signature)
         self.handle = call("cuLibraryGetKernel", library.handle, name.encode())
         self.function = call("cuKernelGetFunction", self.handle)
+        self.max_dynamic_shared = 0  # the largest opt-in so far (the attribute never goes down)
 
     def pack(self, *values) -> ArgPack:
         return ArgPack(self.types, values)
 
     def set_max_dynamic_shared(self, nbytes: int, device) -> None:
-        """Opt in to more than 48 KiB of dynamic shared memory."""
+        """Opt in to ``nbytes`` of dynamic shared memory (more than 48 KiB needs it). The limit is
+        the kernel's, not a launch's: it only ever rises, so building a launch that needs less
+        (another program of the same kernel) never strands one built earlier that needs more."""
+        if nbytes <= self.max_dynamic_shared:
+            return
         attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         call("cuKernelSetAttribute", attr, int(nbytes), self.handle, device)
+        self.max_dynamic_shared = int(nbytes)
 
     def launch(self, grid, block, args: "ArgPack | tuple", stream=None, shared: int = 0,
                pdl: bool = False) -> None:

@@ -138,9 +138,10 @@ __device__ __forceinline__ void decode_impl(
             nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
                                        ring_capacity, tid, kThreads);
         // Reconverge the warp here, explicitly: after the posts' divergent CAS loops the compiler
-        // could not prove the warps converged at the reductions below and lowered every shuffle
-        // as a collective fallback (WARPSYNC/ENDCOLLECTIVE around each SHFL; ~10x their count),
-        // which made this twin 4x slower than the host twin on device-resident blocks (H200).
+        // could not prove the warps converged at the main loop's reductions and put divergence
+        // checks with collective fallbacks before their shuffles (the host twin has none there).
+        // The H200 timed this twin 4x slower than the host twin on device-resident blocks; with
+        // the sync the SASS has the host twin's shape (NOTES_host_tier.md; not yet re-timed).
         __syncwarp();
     }
     nrt::pdl_enter();

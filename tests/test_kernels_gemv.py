@@ -98,6 +98,35 @@ def test_gemv_bytes_counts_weights_once():
     assert gemv_bytes(8192, 2048, gate_up=True, norm=True) == 16384 * 2048 * 2 + 2048 * 4 + 8192 * 4 + 2048 * 4
 
 
+
+def test_bench_cases_at_m8_build_on_the_cpu(cpu_rt, monkeypatch):
+    """scripts/sweep_gemv.py --m 8: the batched variants' cases pass the launcher's checks
+    (x and y are [m, ...], the plan splits K where 8 rows of x overflow shared memory)."""
+    import nexusrt as nrt
+    from nexusrt.kernels.ops import bench_util
+    from nexusrt.kernels.ops import gemv as gv
+
+    monkeypatch.setattr(bench_util, "random_weights", lambda rt, shape: [nrt.memory.empty(shape, "bf16")])
+    monkeypatch.setattr(gv, "blocks_per_sm", lambda kernel, threads, shared: 2)
+    cases = gv.bench_cases(FakeRuntime(), LLAMA_8B, m=8)
+    one = gv.bench_cases(FakeRuntime(), LLAMA_8B, only="o")  # m=1, as the kernels stage builds it
+    try:
+        assert [c.name for c in cases] == ["gemv qkv 6144x4096 m=8", "gemv o 4096x4096 m=8",
+                                           "gemv gate_up 28672x4096 m=8", "gemv down 4096x14336 m=8",
+                                           "gemv lm_head 128256x4096 m=8"]
+        assert [c.notes["kernel"] for c in cases] == ["gemv_m8_rows_v8"] * 2 + ["gemv_m8_gateup_v8"] + \
+            ["gemv_m8_rows_v8"] * 2
+        assert [c.notes["splits"] for c in cases] == [3, 3, 3, 10, 3]  # 8 * K * 4 bytes of x over 48 KB
+        assert cases[2].bytes_moved == gemv_bytes(14336, 4096, 8, gate_up=True, norm=True)
+        assert [(c.name, c.notes["kernel"]) for c in one] == [("gemv o 4096x4096", "gemv_m1_rows_v8")]
+    finally:
+        for c in cases + one:
+            for t in c.notes["_keep"]:
+                for u in (t if isinstance(t, list) else [t]):
+                    if u is not None:
+                        u.free()
+
+
 # -- kernel (GPU) -------------------------------------------------------------------------------
 def _run(rt, w, x, *, splits=None, bias=None, residual=None, in_place=False, norm_weight=None, gate_up=False,
          eps=1e-5):

@@ -148,10 +148,13 @@ def decode_shapes(config) -> list[tuple[str, int, int, dict]]:
     ]
 
 
-def bench_cases(rt, config, splits: int | None = None, only: str | None = None) -> list[BenchCase]:
-    """Every decode GEMV of ``config`` at M=1, weights rotated so the L2 never holds them.
+def bench_cases(rt, config, splits: int | None = None, only: str | None = None,
+                m: int = 1) -> list[BenchCase]:
+    """Every decode GEMV of ``config`` at ``m`` tokens (1 for the kernels stage), weights rotated
+    so the L2 never holds them.
 
-    ``splits`` forces a split-K factor and ``only`` one shape by name (scripts/sweep_gemv.py).
+    ``splits`` forces a split-K factor, ``only`` one shape by name and ``m`` the token count
+    (scripts/sweep_gemv.py; m = 2..8 are the batched decode's ``gemv_m{2,4,8}`` variants).
     """
     from . import bench_util
 
@@ -160,19 +163,20 @@ def bench_cases(rt, config, splits: int | None = None, only: str | None = None) 
         if only is not None and name != only:
             continue
         gate_up = opts.get("gate_up", False)
-        plan = plan_gemv(n, k, 1, gate_up=gate_up, splits=splits)
+        plan = plan_gemv(n, k, m, gate_up=gate_up, splits=splits)
         weights = bench_util.random_weights(rt, (plan.rows, k))
-        x = bench_util.random_f32(rt, (1, k), seed=1)
-        y = bench_util.random_f32(rt, (1, n), seed=2)
+        x = bench_util.random_f32(rt, (m, k), seed=1)
+        y = bench_util.random_f32(rt, (m, n), seed=2)
         norm_w = bench_util.random_f32(rt, (k,), seed=3, offset=1.0) if opts.get("norm") else None
         ws = bench_util.zeros(rt, plan.workspace_bytes) if plan.splits > 1 else None
-        specs = [gemv(rt, y, w, x, n=n, k=k, gate_up=gate_up, norm_weight=norm_w,
+        specs = [gemv(rt, y, w, x, n=n, k=k, m=m, gate_up=gate_up, norm_weight=norm_w,
                       residual=y if opts.get("residual") else None, workspace=ws, splits=plan.splits)
                  for w in weights]
-        nbytes = gemv_bytes(n, k, gate_up=gate_up, residual=opts.get("residual", False),
+        nbytes = gemv_bytes(n, k, m, gate_up=gate_up, residual=opts.get("residual", False),
                             norm=opts.get("norm", False))
+        label = f"gemv {name} {plan.rows}x{k}" + (f" m={m}" if m != 1 else "")
         cases.append(BenchCase(
-            name=f"gemv {name} {plan.rows}x{k}", bytes_moved=nbytes, launch=bench_util.rotate(specs),
+            name=label, bytes_moved=nbytes, launch=bench_util.rotate(specs),
             group="gemv", notes={"splits": plan.splits, "copies": len(weights), "kernel": plan.kernel_name,
                                  "_keep": (weights, x, y, norm_w, ws)}))
     return cases

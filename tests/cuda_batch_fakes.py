@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,17 +98,22 @@ class FakeDevice:
         self.stream = SimpleNamespace(handle=7, synchronize=self.synchronize)
         monkeypatch.setattr(scheduler, "capture", lambda stages, stream="compute": _Graph(self, stages))
         monkeypatch.setattr(batch_mod, "call", self.call)
+        copy_mod = sys.modules["nexusrt.memory.copy"]  # the 2D copies a rank's logits rows are unpacked by
+        monkeypatch.setattr(copy_mod, "call", self.call)
+        monkeypatch.setattr(copy_mod, "cu", lambda: SimpleNamespace(
+            CUDA_MEMCPY2D=SimpleNamespace, CUmemorytype=SimpleNamespace(CU_MEMORYTYPE_DEVICE=2)))
         monkeypatch.setattr(batch_mod, "time", SimpleNamespace(perf_counter=self.now))
 
-    def runner(self, ragged: bool = True, deterministic: bool = False) -> batch_mod.CudaBatchRunner:
+    def runner(self, ragged: bool = True, deterministic: bool = False, tp=None) -> batch_mod.CudaBatchRunner:
         """A runner of context 256 over 60 blocks (scratch block 60, tables of 20), max_batch 4,
-        max_chunk 128, with stale staging and device buffers and an empty log."""
+        max_chunk 128, with stale staging and device buffers and an empty log (``tp``: a one-rank
+        RankComm, whose LM head is the whole vocabulary)."""
         lt = SimpleNamespace(plan=lambda problem: SimpleNamespace(
             problem=problem, run=lambda lt, y, w, x, bias, stream: self.gemm(problem, y, w, x)))
         base = SimpleNamespace(config=self.cfg, rt=self.rt, max_context=256, buckets=(64, 128, 256),
-                               weights=self.weights, lt=lt, stream=self.stream)
+                               weights=self.weights, lt=lt, stream=self.stream, tp=tp)
         r = batch_mod.CudaBatchRunner(base, 60, max_batch=4, max_chunk=128, deterministic=deterministic,
-                                      ragged_prefill=ragged)
+                                      ragged_prefill=ragged, tp=tp)
         self.runners.append(r)
         self.synchronize()
         self.poison(r)
@@ -148,8 +154,9 @@ class FakeDevice:
         bb.h_params.array[...] = 0xAB
         bb.params.array[:] = STALE_PARAMS
         bb.steps.array[:] = STALE_STEP
-        for t in (bb.logits, bb.hidden, pre.logits, pre.hidden):
-            t.array[...] = np.nan
+        for t in (bb.logits, bb.hidden, pre.logits, pre.hidden, bb.rank_logits, bb.gathered):
+            if t is not None:
+                t.array[...] = np.nan
 
     # -- the device ----------------------------------------------------------------------------
     def now(self) -> float:
@@ -175,6 +182,11 @@ class FakeDevice:
             dst, src, n, _ = args
             self.log.append(("d2d" if name == "cuMemcpyDtoDAsync" else "d2h", dst, src, n))
             ctypes.memmove(dst, src, n)
+        elif name == "cuMemcpy2DAsync":
+            p, _ = args
+            self.log.append(("2d", p.dstDevice, p.srcDevice, p.WidthInBytes, p.Height))
+            for r in range(p.Height):
+                ctypes.memmove(p.dstDevice + r * p.dstPitch, p.srcDevice + r * p.srcPitch, p.WidthInBytes)
         elif name == "cuMemsetD32Async":
             dst, value, count, _ = args
             self.log.append(("set", dst, value) if count == 1 else ("fill", dst, value, count))

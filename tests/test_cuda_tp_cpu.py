@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import multiprocessing
 import sys
@@ -51,6 +52,8 @@ from nexusrt.scheduler.graph import TaskGraph
 from tests.fakes import FakeRuntime
 from tests.test_cuda_step_cpu import VARIANTS, _config, _FakeLt, no_occupancy_query  # noqa: F401
 from tp_worker_fakes import gone
+
+copy_mod = importlib.import_module("nexusrt.memory.copy")  # the module (the package exports its copy())
 
 
 @pytest.fixture
@@ -303,7 +306,8 @@ def test_synthetic_shard_is_generated_whole_then_cut_on_the_device(cpu_rt, monke
     cfg = _config("qwen2_bias")
     copies = _HostCopies()
     monkeypatch.setattr(shard_upload, "call", copies.call)
-    monkeypatch.setattr(shard_upload, "cu", lambda: copies)
+    monkeypatch.setattr(copy_mod, "call", copies.call)  # the column copies' 2D form
+    monkeypatch.setattr(copy_mod, "cu", lambda: copies)
     monkeypatch.setattr(shard_upload, "fill_synthetic_bf16",  # the device fill, by the same formula on the host
                         lambda rt, src, name, dst, stream: dst.copy_from(src.load(name), convert=True))
     part = shard(SyntheticWeights(cfg, seed=4), ShardPlan(cfg, 2), 1)

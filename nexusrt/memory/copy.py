@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 
 from .. import runtime
-from ..driver.calls import call
+from ..driver.calls import call, cu
 from ..driver.streams import Event
 
 _ROUTES = {  # (src on device, dst on device) -> (driver call, default stream role)
@@ -55,6 +55,20 @@ def copy_async(dst, src, stream=None) -> Event:
     event = Event(rt.backend, timing=False).record(s)
     dst._storage.pending = src._storage.pending = event
     return event
+
+
+def copy_2d(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
+            stream_handle) -> None:
+    """Queue a device-to-device copy of ``height`` rows of ``width`` bytes, each source row
+    ``src_pitch`` bytes after the last and each destination row ``dst_pitch`` (cuMemcpy2DAsync): a
+    column block of a row-major matrix to or from a contiguous one, in one call. Capturable."""
+    drv = cu()
+    p = drv.CUDA_MEMCPY2D()
+    p.srcMemoryType = p.dstMemoryType = drv.CUmemorytype.CU_MEMORYTYPE_DEVICE
+    p.srcDevice, p.srcPitch = src_ptr, src_pitch
+    p.dstDevice, p.dstPitch = dst_ptr, dst_pitch
+    p.WidthInBytes, p.Height = width, height
+    call("cuMemcpy2DAsync", p, stream_handle)
 
 
 def copy(dst, src) -> None:

@@ -45,6 +45,15 @@ but the last in replays of up to ``max_batch`` rows (each waited for: its stagin
 then the last ids of every decode entry together. Attention over the chunk is then the decode
 kernel's, row by row, not the ragged prefill's tensor-core tiles: the price of exact scores.
 
+Tensor parallelism (``tp``, a :class:`~.collectives.RankComm`; ``base`` is then a rank's
+``CudaRunner`` over its shard): every chain of the step takes the rank's three changes
+(:mod:`.collectives`: the residual added by rank 0 only in O and down, an in-place all-reduce of
+the residual rows after each, the LM head's vocab slice gathered), the batch rows' logits
+gathered rank-major and unpacked into whole rows before the sampler. Every rank runs every step
+with the same entries, so it makes the same choices (lone decode or bucket, ragged passes), runs
+the same collectives in the same order, and samples the same rows alike (:mod:`.tp_worker`). h2o
+is not offered: a rank's scores cover its own heads only.
+
 ``deterministic``: a row's ids do not depend on the batch it runs in: every decode runs the
 batched graph of the largest bucket (one set of GEMM kernels; no GEMV path for a lone one),
 ragged prompt rows pad to the largest row bucket, attention splits the keys in fixed
@@ -85,13 +94,17 @@ class CudaBatchRunner:
 
     ``max_batch``: most sequences in one step; ``max_chunk``: most ids of one prompt chunk
     (the engine's token budget); ``deterministic``: see the module docstring;
-    ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two.
+    ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two; ``tp``: a
+    tensor-parallel rank's :class:`~.collectives.RankComm`, the one ``base`` was built with.
     """
 
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
-                 deterministic: bool = False, ragged_prefill: bool = True):
+                 deterministic: bool = False, ragged_prefill: bool = True, tp=None):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if tp is not getattr(base, "tp", None):  # the weights are the shard the comm was made for
+            raise ValueError("tp must be the RankComm the base runner was built with")
+        self.tp = tp
         cfg, rt = base.config, base.rt
         self.base, self.config, self.rt = base, cfg, rt
         self.num_blocks, self.max_context = num_blocks, base.max_context
@@ -112,27 +125,33 @@ class CudaBatchRunner:
         # word for both, so it cannot run a pruned sequence's chunk. h2o's scored entries (prompt
         # chunks too) run as decode rows whose attention writes the scores (module docstring).
         self.prune_policies = frozenset({"sink-window", "h2o"}) if self.ragged_prefill else frozenset()
+        if tp is not None:  # a rank's attention mass covers its own heads; nothing sums them across ranks
+            self.prune_policies -= {"h2o"}
         self.scores = self.h_scores = None  # h2o's score rows, made at the first scored step
         rt.device.make_current()
         try:
             # Ragged: a step's chunks share the rows, so as many as the token budget whatever the
             # context (one pass per engine step); per sequence: the largest chunk bucket.
             rows = max(self.prefill_buckets[-1], -(-int(max_chunk) // 64) * 64 if self.ragged_prefill else 0)
-            self.pre = RunnerBuffers(rt, cfg, self.max_context, rows, positions=self.capacity, pool_blocks=num_blocks + 1)
+            vp = None if tp is None else tp.vocab_part
+            self.pre = RunnerBuffers(rt, cfg, self.max_context, rows, positions=self.capacity, pool_blocks=num_blocks + 1,
+                                     lm_head_rows=vp)
             bmax = self.batch_buckets[-1]
             # A step's chunks hold at most max_chunk ids; each is padded by <= 1/8 or < 64 rows.
             self.prompt_rows = 2 * int(max_chunk) + self.prefill_buckets[0] * (bmax + 1)
             self.bb = BatchBuffers(rt, cfg, bmax, self.width, self.prompt_rows, self.pre.k_pools,
-                                   self.pre.v_pools)
+                                   self.pre.v_pools, vocab_part=vp, ranks=1 if tp is None else tp.size)
             self.compactor = Compactor(rt, cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
                                        width=self.width, scratch=self.scratch, rows=min(bmax, 16),
                                        stream=self.stream, h2d=self._h2d)
             self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
+            if tp is not None:  # NCCL connects on first use: outside the captures below
+                self._warm_up()
             self._capture()
             if self.ragged_prefill:
                 self.ragged = RaggedPrefill(rt, cfg, base.weights, base.lt, self.pre, self.bb, scratch=self.scratch,
                                             stream=self.stream, batch_buckets=self.batch_buckets, h2d=self._h2d,
-                                            d2d=self._d2d, deterministic=self.deterministic)
+                                            d2d=self._d2d, deterministic=self.deterministic, tp=tp)
         except BaseException:
             self.close()
             raise
@@ -156,20 +175,34 @@ class CudaBatchRunner:
         return attn_dec.choose_splits(hkv * rows, cfg.head_dim, group, self.max_context, sm_count(self.rt),
                                       blocks_per_sm=4)
 
+    def _decode_buckets(self) -> tuple[int, ...]:
+        """The batch buckets with a graph: deterministic decodes always take the largest's."""
+        return self.batch_buckets[-1:] if self.deterministic else self.batch_buckets
+
+    def _warm_up(self) -> None:
+        """One eager collective of every size the captured graphs hold (:meth:`RankComm.warm_up`)."""
+        pre, bb, tp = self.pre, self.bb, self.tp
+        rows = [pre.hidden[0:1]] + [bb.hidden[0:m] for m in self._decode_buckets()]
+        if not self.ragged_prefill:
+            rows += [pre.hidden[0:m] for m in self.prefill_buckets]
+        gathers = [(bb.rank_logits[0:m], bb.gathered[0:tp.size * m * tp.vocab_part]) for m in self._decode_buckets()]
+        tp.warm_up(rows, pre.logits, self.stream, gathers)
+
     def _capture(self) -> None:
-        rt, cfg, w, lt = self.rt, self.config, self.base.weights, self.base.lt
+        rt, cfg, w, lt, tp = self.rt, self.config, self.base.weights, self.base.lt, self.tp
         if not self.ragged_prefill:  # the per-sequence prompt path's graphs
             for m in self.prefill_buckets:
                 self._graphs[("prefill", m)] = scheduler.capture(
-                    steps.prefill_stages(rt, cfg, w, self.pre, m, lt), stream="compute")
-            self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre), stream="compute")
+                    steps.prefill_stages(rt, cfg, w, self.pre, m, lt, tp=tp), stream="compute")
+            self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre, tp),
+                                                          stream="compute")
         if not self.deterministic:  # deterministic decodes always take the largest bucket's graph
             self._graphs[("decode1",)] = scheduler.capture(
-                steps.decode_stages(rt, cfg, w, self.pre, sample=False, meta=self.bb.one_meta), stream="compute")
-        for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
+                steps.decode_stages(rt, cfg, w, self.pre, sample=False, meta=self.bb.one_meta, tp=tp), stream="compute")
+        for m in self._decode_buckets():
             ws = self.bb.workspace(cfg, m, self._splits(m))
             self._graphs[("batch", m)] = scheduler.capture(
-                steps.batch_decode_stages(rt, cfg, w, self.bb, m, lt, ws, self.fixed_chunk), stream="compute")
+                steps.batch_decode_stages(rt, cfg, w, self.bb, m, lt, ws, self.fixed_chunk, tp=tp), stream="compute")
 
     # -- helpers --------------------------------------------------------------------------------
     def _fill_table(self, dst: np.ndarray, table: list[int]) -> None:
@@ -260,7 +293,7 @@ class CudaBatchRunner:
         scores = attn_dec.alloc_scores(cfg.num_attention_heads, bb.bmax, stride, tag="batch")
         try:
             self.h_scores = memory.pinned((bb.bmax, stride), "fp32", tag="batch")
-            for m in self.batch_buckets[-1:] if self.deterministic else self.batch_buckets:
+            for m in self._decode_buckets():
                 self._graphs[("batch-scores", m)] = scheduler.capture(steps.batch_decode_stages(
                     self.rt, cfg, self.base.weights, bb, m, self.base.lt, bb.workspace(cfg, m, self._splits(m)),
                     self.fixed_chunk, scores=scores), stream="compute")
@@ -338,6 +371,9 @@ class CudaBatchRunner:
                 raise ValueError(f"the per-sequence prompt path (ragged_prefill=False) cannot run a pruned "
                                  f"sequence's chunk (RoPE position {r.first_position}, cache slot {r.start}): its "
                                  "prefill graphs use one number for both; use the ragged path")
+            if self.tp is not None and r.scores is not None:
+                raise ValueError("h2o scores (Rows.scores) on a tensor-parallel rank would cover its own heads only; "
+                                 "not offered (prune_policies)")
         self.rt.device.make_current()
         self.stream.synchronize()  # the staging buffers are free once the last step's copies ran
         self.compactor.reset()

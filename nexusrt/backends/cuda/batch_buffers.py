@@ -44,8 +44,13 @@ def _packed(p) -> np.ndarray:
 class BatchBuffers(OwnedBuffers):
     """The batched step's rows (``bmax`` of them) and the step's pinned staging."""
 
-    def __init__(self, rt, cfg, bmax: int, width: int, prompt_rows: int, k_pools, v_pools):
+    def __init__(self, rt, cfg, bmax: int, width: int, prompt_rows: int, k_pools, v_pools,
+                 vocab_part: int | None = None, ranks: int = 1):
+        """``vocab_part`` and ``ranks``: a tensor-parallel rank's LM-head rows (``V/N``) and ``N``;
+        then ``rank_logits`` (fp32 ``[bmax, V/N]``) takes the rank's slice of up to ``bmax`` rows and
+        ``gathered`` (fp32 ``N·bmax·V/N``) every rank's, which are unpacked into ``logits`` rows."""
         super().__init__()
+        self.rank_logits = self.gathered = None
         self.k_pools, self.v_pools = k_pools, v_pools
         self.bmax, self.width = bmax, width
         # Logits rows: the batch's, then one per prompt chunk that samples (a step holds at most
@@ -61,6 +66,8 @@ class BatchBuffers(OwnedBuffers):
                         # The batched sampler's, one row per logits row: its SampleParams struct, step, partials.
                         "params": ((rows, sampling_ops.PARAMS_BYTES), "uint8"), "steps": ((rows,), "int32"),
                         "part_val": ((rows, parts), "fp32"), "part_idx": ((rows, parts), "int32")})
+            if vocab_part is not None:
+                dev.update({"rank_logits": ((bmax, vocab_part), "fp32"), "gathered": ((ranks * bmax * vocab_part,), "fp32")})
             for name, (shape, dtype) in dev.items():
                 setattr(self, name, self._t(memory.empty(shape, dtype, tag=TAG)))
             # The lone decode's RoPE position and cache slot (words 2, 3: table row 0, unused).

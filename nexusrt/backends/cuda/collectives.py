@@ -30,6 +30,7 @@ import numpy as np
 
 from ... import memory, scheduler
 from ...driver.streams import Event
+from ...memory.copy import copy_2d
 from ...parallel.comm import check_repeats
 
 TIMING_TAG = "tp-timing"
@@ -71,15 +72,35 @@ class RankComm:
 
         return all_gather
 
-    def warm_up(self, rows: list, logits, stream) -> None:
+    def unpack_rows(self, gathered, logits):
+        """A stage callable: ``gathered`` (fp32, every rank's ``[m, V/N]`` block in rank order, as
+        an all-gather of ``m`` logits rows leaves them) into ``logits`` (fp32 ``[m, V]``), rank
+        ``r``'s block into columns ``r·V/N ..``: one 2D copy per rank on the stage's stream, so the
+        batched sampler reads whole rows. (One row needs none: :meth:`vocab_slice` gathers in place.)"""
+        m, vocab = logits.shape
+        part, size, base = self.vocab_part, self.size, gathered.ptr
+        if gathered.numel != size * m * part:
+            raise ValueError(f"gathered holds {gathered.numel} values; {size} ranks of {m} x {part} rows need "
+                             f"{size * m * part}")
+
+        def unpack_rows(stream):
+            for r in range(size):
+                copy_2d(logits.ptr + 4 * r * part, 4 * vocab, base + 4 * r * m * part, 4 * part, 4 * part, m,
+                        stream.handle)
+
+        return unpack_rows
+
+    def warm_up(self, rows: list, logits, stream, gathers=()) -> None:
         """Eager all-reduces of each of ``rows`` (the sizes the graphs reduce: one decode row, a
-        whole chunk) and an all-gather of ``logits`` before any capture: NCCL may connect peers
-        or set up buffers on a size's first collective (host work a capturing stream must not
-        see), so the captures then record only its kernels. What they write is overwritten
-        by the first step."""
+        whole chunk), an all-gather of ``logits`` and of each ``(send, recv)`` of ``gathers`` (a
+        batch's logits rows) before any capture: NCCL may connect peers or set up buffers on a
+        size's first collective (host work a capturing stream must not see), so the captures then
+        record only its kernels. What they write is overwritten by the first step."""
         for x in rows:
             self.all_reduce(x)(stream)
         self.all_gather(self.vocab_slice(logits), logits)(stream)
+        for send, recv in gathers:
+            self.all_gather(send, recv)(stream)
         stream.synchronize()
 
 

@@ -80,7 +80,7 @@ class RaggedPrefill:
     ``d2d(dst_ptr, src_ptr, nbytes)`` enqueue copies on ``stream`` (the runner's)."""
 
     def __init__(self, rt, cfg, w, lt, pre, bb, *, scratch: int, stream, batch_buckets, h2d, d2d,
-                 deterministic: bool = False):
+                 deterministic: bool = False, tp=None):
         self.rt, self.cfg, self.pre, self.bb, self.stream = rt, cfg, pre, bb, stream
         self.scratch, self.deterministic = scratch, bool(deterministic)
         self.h2d, self.d2d = h2d, d2d
@@ -98,7 +98,8 @@ class RaggedPrefill:
             # step to the largest batch bucket (batch invariance), so only those are built.
             row_buckets_used = self.buckets[-1:] if self.deterministic else self.buckets
             logit_buckets = batch_buckets[-1:] if self.deterministic else batch_buckets
-            self.programs = {m: program(steps.ragged_prefill_stages(rt, cfg, w, pre, buf, m, lt))
+            # tp: a rank's programs hold its all-reduces as host stages, called with the stream in order.
+            self.programs = {m: program(steps.ragged_prefill_stages(rt, cfg, w, pre, buf, m, lt, tp=tp))
                              for m in row_buckets_used}
             hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             q, out = pre.q[0:self.rows], pre.attn[0:self.rows]
@@ -107,7 +108,7 @@ class RaggedPrefill:
             self.attention = [attn_pre.attention_prefill(
                 rt, q, out, pre.k_pools[i], pre.v_pools[i], buf.tables[0], buf.starts[0:1], num_q_heads=hq,
                 num_kv_heads=hkv, head_dim=d) for i in range(cfg.num_hidden_layers)]
-            self.logits = {m: program(steps.chunk_logits_stages(rt, cfg, w, bb, m, lt)) for m in logit_buckets}
+            self.logits = {m: program(steps.chunk_logits_stages(rt, cfg, w, bb, m, lt, tp)) for m in logit_buckets}
         except BaseException:
             self.free()
             raise

@@ -23,7 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from ... import memory
-from ...driver.calls import call, cu
+from ...driver.calls import call
+from ...memory.copy import copy_2d
 from ...models.synthetic import SyntheticWeights
 from ...models.weights import CheckpointWeights
 from .fill import TAG, fill_synthetic_bf16, load_checkpoint
@@ -119,10 +120,5 @@ def copy_split(dst, whole, split, stream) -> None:
     if split.axis == 0:
         call("cuMemcpyDtoDAsync", dst.ptr, whole.ptr + split.start * cols * item, dst.nbytes, stream.handle)
         return
-    drv = cu()
-    p = drv.CUDA_MEMCPY2D()
-    p.srcMemoryType = p.dstMemoryType = drv.CUmemorytype.CU_MEMORYTYPE_DEVICE
-    p.srcDevice, p.srcPitch = whole.ptr + split.start * item, cols * item
-    p.dstDevice, p.dstPitch = dst.ptr, dst.shape[1] * item
-    p.WidthInBytes, p.Height = dst.shape[1] * item, rows
-    call("cuMemcpy2DAsync", p, stream.handle)
+    copy_2d(dst.ptr, dst.shape[1] * item, whole.ptr + split.start * item, cols * item, dst.shape[1] * item, rows,
+            stream.handle)

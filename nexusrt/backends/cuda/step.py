@@ -175,11 +175,12 @@ def _rows(b, m: int) -> SimpleNamespace:
                            gate_up=b.gate_up[0:m], act=b.act[0:m])
 
 
-def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits, tp=None, gathered=None) -> None:
+def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits, tp=None, gathered=None, out=None) -> None:
     """Final norm and the LM-head GEMM of ``m`` rows into ``logits`` (fp32 [m, vocab]). Under
     tensor parallelism ``logits`` is the rank's fp32 ``[m, V/N]`` and ``gathered`` (fp32, ``N·m·V/N``
-    elements) gets every rank's in rank order: ``[N, m, V/N]``, which the caller reorders
-    (:func:`~.collectives.RankComm` gathers one decode row in place instead)."""
+    elements) gets every rank's in rank order: ``[N, m, V/N]``, which ``out`` (fp32 ``[m, V]``), when
+    given, receives as whole rows (:meth:`~.collectives.RankComm.unpack_rows`); else the caller
+    reorders it (:func:`~.collectives.RankComm` gathers one decode row in place instead)."""
     h = cfg.hidden_size
     ch.add("final_norm", ew.rms_norm_bf16(rt, r.xn, r.x, w.final_norm, rows=m, cols=h, eps=cfg.rms_norm_eps),
            [r.x, w.final_norm], [r.xn])
@@ -187,6 +188,21 @@ def _lm_head_rows(ch: _Chain, rt, cfg, w, r, m: int, lt, logits, tp=None, gather
            [r.xn, w.lm_head], [logits])
     if tp is not None:
         ch.add("lm_head.all_gather", tp.all_gather(logits, gathered), [logits], [gathered])
+        if out is not None:
+            ch.add("lm_head.unpack", tp.unpack_rows(gathered, out), [gathered], [out])
+
+
+def _batch_lm_head(ch: _Chain, rt, cfg, w, bb, r, m: int, lt, logits, tp=None) -> None:
+    """The LM head of ``m`` batch rows into ``logits`` (fp32 [m, vocab], rows of ``bb.logits``);
+    under tensor parallelism through the rank's slice rows ``bb.rank_logits`` and the gather
+    buffer ``bb.gathered`` (:class:`~.batch_buffers.BatchBuffers` made with ``vocab_part``)."""
+    if tp is None:
+        _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)
+        return
+    if bb.rank_logits is None or bb.rank_logits.shape[-1] != tp.vocab_part:
+        raise ValueError("a tensor-parallel rank's batch chains need BatchBuffers(..., vocab_part=V/N, ranks=N)")
+    _lm_head_rows(ch, rt, cfg, w, r, m, lt, bb.rank_logits[0:m], tp, bb.gathered[0:tp.size * m * tp.vocab_part],
+                  out=logits)
 
 
 def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None, tp=None, gathered=None) -> list:
@@ -218,7 +234,7 @@ def prefill_stages(rt, cfg, w, b, m: int, lt, *, all_logits=None, tp=None, gathe
     return ch.stages
 
 
-def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0, scores=None) -> list:
+def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int = 0, scores=None, tp=None) -> list:
     """One id for each of ``m`` sequences (the batched step): ``bb.ids[r]`` at the position,
     cache slot and block-table row ``bb.meta[r]`` through every layer on tensor cores (GEMMs of
     ``m`` rows), the LM head into ``bb.logits[0:m]`` and each row's pick into ``bb.next[0:m]`` by the
@@ -226,7 +242,12 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
     Attention reads each row's own table (``bb.tables``) with the rows kernels; ``workspace``
     is its split workspace for ``m`` rows. ``scores`` (an ``attention_decode.ScoresWorkspace``): every
     layer's attention also writes each key's score, and adds its probabilities summed over the
-    heads into ``scores.scores`` (h2o KV pruning; the caller zeroes it before the replay)."""
+    heads into ``scores.scores`` (h2o KV pruning; the caller zeroes it before the replay).
+    ``tp``: a tensor-parallel rank's shard (all-reduces after O and down, the vocab-parallel LM
+    head gathered into whole rows before the sampler); a rank's scores would cover its own heads
+    only, so it takes no ``scores`` (ValueError)."""
+    if tp is not None and scores is not None:
+        raise ValueError("h2o scores on a tensor-parallel rank would cover its own heads only; not offered")
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r, meta, logits = _rows(bb, m), bb.meta[0:m], bb.logits[0:m]
     ch = _Chain(f"batch{m}" + ("-scores" if scores is not None else ""))
@@ -246,8 +267,8 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
             ch.add(f"{p}.scores", attn_dec.accumulate_scores(rt, scores, meta, rows=m, num_q_heads=hq),
                    [scores.raw, scores.ml, meta, scores.scores], [scores.scores])
 
-    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
-    _lm_head_rows(ch, rt, cfg, w, r, m, lt, logits)
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend, tp)
+    _batch_lm_head(ch, rt, cfg, w, bb, r, m, lt, logits, tp)
     part, finish = sampling.sample_rows(rt, logits, bb.params[0:m], bb.steps[0:m], bb.part_val[0:m],
                                         bb.part_idx[0:m], bb.next[0:m])
     ch.add("sample.partial", part, [logits, bb.params], [bb.part_val, bb.part_idx])
@@ -255,13 +276,14 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
     return ch.stages
 
 
-def ragged_prefill_stages(rt, cfg, w, b, rg, m: int, lt, attention=None) -> list:
+def ragged_prefill_stages(rt, cfg, w, b, rg, m: int, lt, attention=None, tp=None) -> list:
     """The prompt chunks of a step as ``m`` ragged rows (:mod:`.ragged_layout`): ``b.ids[0:m]``
     through every layer with GEMMs of ``m`` rows; RoPE/append once with the rows kernel (each
     row's position, slot and table row from ``rg.meta``, tables ``rg.tables``); attention per
     chunk on its slice. ``attention[i]``: layer ``i``'s per-chunk stages as ``(name, spec)``; with
     None, one marker ``layer{i}.attention`` stands where they go (the runner's cached program
-    launches them there). Hidden rows are left in ``b.hidden``."""
+    launches them there). Hidden rows are left in ``b.hidden``. ``tp``: a tensor-parallel rank's
+    shard (an all-reduce of the rows after O and after down)."""
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     r, meta = _rows(b, m), rg.meta[0:m]
     ch = _Chain(f"ragged{m}")
@@ -278,13 +300,13 @@ def ragged_prefill_stages(rt, cfg, w, b, rg, m: int, lt, attention=None) -> list
             ch.add(f"{p}.attention.{name}", spec, [r.q, rg.tables, rg.starts] + pools, [r.attn])
         ch.add(f"{p}.attention", None, [r.q, rg.tables, rg.starts] + pools, [r.attn])
 
-    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend)
+    _tensor_core_layers(ch, rt, cfg, w, r, m, lt, attend, tp)
     return ch.stages
 
 
-def chunk_logits_stages(rt, cfg, w, bb, m: int, lt) -> list:
+def chunk_logits_stages(rt, cfg, w, bb, m: int, lt, tp=None) -> list:
     """Final norm and LM-head GEMM of ``bb.hidden[0:m]`` (each prompt chunk's last row, gathered
-    there) into the chunks' logits rows ``bb.logits[bmax:bmax + m]``."""
+    there) into the chunks' logits rows ``bb.logits[bmax:bmax + m]`` (``tp``: vocab-parallel, gathered)."""
     ch = _Chain(f"chunk_logits{m}")
-    _lm_head_rows(ch, rt, cfg, w, _rows(bb, m), m, lt, bb.logits[bb.bmax:bb.bmax + m])
+    _batch_lm_head(ch, rt, cfg, w, bb, _rows(bb, m), m, lt, bb.logits[bb.bmax:bb.bmax + m], tp)
     return ch.stages

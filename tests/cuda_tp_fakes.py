@@ -2,11 +2,12 @@
 
 :func:`fake_cuda_rank` is a WorkerGroup target that runs the real
 :func:`nexusrt.backends.cuda.tp_worker.serve_cuda_rank` (its boot, its message handling,
-the loop every rank shares) with three things swapped inside the spawned process: nccl4py
+the loop every rank shares) with four things swapped inside the spawned process: nccl4py
 (the recording stand-in of ``nccl_fakes``), ``firmware.init`` (records the device ordinal
-asked for and boots the CPU backend) and ``CudaRunner`` (:class:`FakeRankRunner`). Each rank
-writes what it saw to ``<log_dir>/rank<r>.json`` as it goes: the device, NCCL's calls, its
-local shard's shape, the messages handled.
+asked for and boots the CPU backend), ``CudaRunner`` (:class:`FakeRankRunner`) and
+``CudaBatchRunner`` (:class:`FakeBatchRunner`). Each rank writes what it saw to
+``<log_dir>/rank<r>.json`` as it goes: the device, NCCL's calls, its local shard's shape, the
+messages handled, its batch runner's arguments, steps and compactions.
 """
 
 from __future__ import annotations
@@ -86,9 +87,48 @@ class FakeRankRunner:
         self.closed = True
 
 
-def fake_cuda_rank(rank: int, conn, spec, log_dir: str, die_at=None) -> None:
+class FakeBatchRunner:
+    """What CudaBatchRunner promises, on the CPU: an entry's logits are ``logits_table[its last id]``
+    and its pick ``sample_rows``' (so ids equal the one-sequence fake's); ``die_at``: ``(rank, step)``
+    at whose batch step (0-based) the process exits."""
+
+    def __init__(self, base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False, tp=None, *,
+                 record, die_at=None):
+        if tp is not base.tp:
+            raise AssertionError("the batch runner must get its base runner's RankComm")
+        self.config, self.max_context, self.num_blocks = base.config, base.max_context, num_blocks
+        self.prune_policies = frozenset({"sink-window"})
+        self.table, self.rank, self.die_at, self.steps = base.table, tp.rank, die_at, 0
+        self.record = record
+        record["batch"] = {"num_blocks": num_blocks, "max_batch": max_batch, "max_chunk": max_chunk,
+                           "deterministic": deterministic, "steps": [], "compact": [], "closed": False}
+
+    def run(self, batch):
+        if self.die_at == (self.rank, self.steps):
+            os._exit(9)
+        self.steps += 1
+        for r in batch:
+            if r.start + len(r.token_ids) > self.max_context:
+                raise ValueError(f"{r.start + len(r.token_ids)} tokens exceed the context of {self.max_context}")
+        self.record["batch"]["steps"].append([[int(i) for i in r.token_ids] for r in batch])
+        return [self.table[int(r.token_ids[-1])].copy() if r.logits else None for r in batch]
+
+    def run_tokens(self, batch):
+        from nexusrt.backends.base import sample_rows
+
+        return sample_rows(batch, self.run(batch))
+
+    def compact(self, table, keep):
+        self.record["batch"]["compact"].append([list(table), [int(k) for k in keep]])
+
+    def close(self):
+        self.record["batch"]["closed"] = True
+
+
+def fake_cuda_rank(rank: int, conn, spec, log_dir: str, die_at=None, die_at_batch=None) -> None:
     """WorkerGroup target: the real CUDA rank loop over the stand-ins (module docstring)."""
     import nexusrt.firmware as firmware
+    from nexusrt.backends.cuda import batch as batch_mod
     from nexusrt.backends.cuda import runner as runner_mod
     from nexusrt.backends.cuda import tp_worker
 
@@ -116,12 +156,18 @@ def fake_cuda_rank(rank: int, conn, spec, log_dir: str, die_at=None) -> None:
         return FakeRankRunner(model, rt, max_context, tp, record=record, die_at=die_at)
 
     runner_mod.CudaRunner = make
+
+    def make_batch(base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False, tp=None):
+        return FakeBatchRunner(base, num_blocks, max_batch, max_chunk, deterministic, tp, record=record,
+                               die_at=die_at_batch)
+
+    batch_mod.CudaBatchRunner = make_batch
     real_handle = tp_worker.handle
 
-    def handle(message, runner, rank):
+    def handle(message, runner, rank, *batch):
         record["messages"].append(message[0])
         try:
-            return real_handle(message, runner, rank)
+            return real_handle(message, runner, rank, *batch)
         finally:
             save()
 
@@ -133,10 +179,11 @@ def fake_cuda_rank(rank: int, conn, spec, log_dir: str, die_at=None) -> None:
 
 
 class FakeRankTarget:
-    """A picklable WorkerGroup target: :func:`fake_cuda_rank` with its log directory and crash point."""
+    """A picklable WorkerGroup target: :func:`fake_cuda_rank` with its log directory and crash points
+    (``die_at``: a decode's, ``die_at_batch``: a batch step's)."""
 
-    def __init__(self, log_dir, die_at=None):
-        self.log_dir, self.die_at = str(log_dir), die_at
+    def __init__(self, log_dir, die_at=None, die_at_batch=None):
+        self.log_dir, self.die_at, self.die_at_batch = str(log_dir), die_at, die_at_batch
 
     def __call__(self, rank, conn, spec):
-        fake_cuda_rank(rank, conn, spec, self.log_dir, self.die_at)
+        fake_cuda_rank(rank, conn, spec, self.log_dir, self.die_at, self.die_at_batch)

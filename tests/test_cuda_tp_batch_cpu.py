@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cuda_batch_fakes import FakeDevice, chunk, dev, one  # noqa: F401
+from cuda_batch_fakes import chunk, dev, one  # noqa: F401  (dev: the fixture)
 from nexusrt import memory
 from nexusrt.backends.cuda import step as steps
 from nexusrt.backends.cuda.batch_buffers import BatchBuffers

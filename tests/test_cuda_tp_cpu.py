@@ -14,7 +14,7 @@
   all-reduces and all-gather alone, in place on zeroed scratch, on the rank's stream, after a
   warm-up step and a barrier; through the worker message, every rank answers.
 - The refusals, before any process starts: more ranks than GPUs, indivisible shapes, a rank's
-  shape the kernels cannot run, nccl4py missing; the batched engine and the host KV tier.
+  shape the kernels cannot run, nccl4py missing; the host KV tier.
 """
 
 from __future__ import annotations
@@ -434,12 +434,10 @@ def test_without_nccl4py_the_front_says_how_to_install(cpu_rt, monkeypatch):
     assert not multiprocessing.active_children()
 
 
-def test_the_batched_engine_and_the_host_tier_are_refused_over_cuda_ranks(cpu_rt):
-    from nexusrt.engine.requests import make_loop
+def test_the_host_tier_is_refused_over_cuda_ranks(cpu_rt):
+    """(The batched engine over the ranks: ``test_cuda_tp_serve_cpu``.)"""
     from nexusrt.engine.runners import _cuda_ranks
 
-    with pytest.raises(BackendUnavailable, match="batched serving engine is not built over CUDA tensor-parallel"):
-        make_loop(SimpleNamespace(serves_batches=False, config=_config("llama_tiny")), "cuda", 4, None, 16)
     model = load_model("synthetic:tiny")
     try:
         with pytest.raises(BackendUnavailable, match="kv_gpu_budget / kv_fault_reserve with tensor_parallel > 1"):

@@ -46,7 +46,9 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
               deterministic: bool = False) -> EngineLoop:
     """An :class:`EngineLoop` over the batch runner of ``runner``'s backend, sharing its weights
     (arguments as :func:`serving_config` returns them). On CUDA, ``deterministic`` makes a
-    request's ids independent of the batch around it (the CPU engine always is)."""
+    request's ids independent of the batch around it (the CPU engine always is); a runner that
+    makes its own batch runner (``batch_runner``: the tensor-parallel workers' ``ProcessRunner``)
+    gives it, else it is a ``CudaBatchRunner`` over the runner's weights."""
     if backend == "cpu":  # the CpuRunner's NumPy decoder, fp32 KV
         kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
         num_blocks = blocks_for_bytes(runner.config, kv)
@@ -58,10 +60,6 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     from ..backends.cuda.batch import CudaBatchRunner
     from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
 
-    if not getattr(runner, "serves_batches", True):
-        raise BackendUnavailable("the batched serving engine is not built over CUDA tensor-parallel workers yet: "
-                                 "one prompt at a time (LLM.generate(str), LLM.stream) runs on them; "
-                                 "nexusrt serve, lists of prompts and deterministic=True need tensor_parallel=1")
     plan = getattr(runner, "kv_plan", None)
     if plan is not None and plan.host_blocks:
         raise BackendUnavailable("kv_gpu_budget: the batched CUDA engine has no host tier yet (only the "
@@ -76,7 +74,13 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     budget = max(CUDA_TOKEN_BUDGET, max_batch + (FIXED_CHUNK if deterministic else 0))
     config = SchedulerConfig(max_running=max_batch, token_budget=budget,
                              fixed_chunks=FIXED_CHUNK if deterministic else 0)
-    batch = CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+    # Tensor-parallel workers make their own (one CudaBatchRunner per rank, ProcessRunner.batch_runner);
+    # each rank's pool then holds its own KV heads of every block, so kv_memory is the whole model's.
+    make = getattr(runner, "batch_runner", None)
+    if make is not None:
+        batch = make(num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+    else:
+        batch = CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
     try:  # prefix caching reuses KV computed in another request's chunking: off when deterministic
         return EngineLoop(Engine(batch, config, prefix_caching=not deterministic), max_waiting=max_waiting)
     except BaseException:

@@ -11,8 +11,12 @@ rank, and rank 0's answer comes back. A generated id costs one round trip
 (``decode_sample``: the rank replays its captured decode graph, all-reduces inside, then
 samples the gathered logits), so the front decides every stop itself.
 
-Not offered yet: the batched serving engine over workers (``serves_batches``), and the
-device-side decode loop of :meth:`CudaRunner.generate_tokens` (ids queued ahead of the host).
+The serving engine's batched step runs over the same workers: :meth:`ProcessRunner.batch_runner`
+makes a :class:`~.tp_batch.ProcessBatchRunner` (each rank a ``CudaBatchRunner`` with its
+``RankComm``), which ``nexusrt serve --tensor-parallel N`` and lists of prompts use.
+
+Not offered yet: the device-side decode loop of :meth:`CudaRunner.generate_tokens` (ids queued
+ahead of the host).
 """
 
 from __future__ import annotations
@@ -61,8 +65,6 @@ class ProcessRunner:
     others are stopped by then. ``target`` replaces the worker's entry (tests).
     """
 
-    serves_batches = False  # the engine's batched runner lives in one process (engine.requests refuses)
-
     def __init__(self, origin, config, size: int, max_context: int | None = None, *, target=serve_cuda_rank,
                  gpus: int | None = None):
         self.config = config
@@ -82,33 +84,43 @@ class ProcessRunner:
         """The worker processes' ids, rank order."""
         return self._workers.pids
 
-    def _ask(self, message, what: str):
-        """Rank 0's answer to ``message`` sent to every rank."""
+    def ask(self, message, what: str):
+        """Rank 0's answer to ``message`` (:data:`~.tp_worker.MESSAGES`) sent to every rank; ``what``
+        names the call in a :class:`~nexusrt.parallel.procs.WorkerDied`."""
         return self._workers.request(message, what)[0]
+
+    def batch_runner(self, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
+                     deterministic: bool = False):
+        """The serving engine's :class:`~nexusrt.backends.base.BatchRunner` over these workers
+        (:class:`~.tp_batch.ProcessBatchRunner`; arguments as :class:`~.batch.CudaBatchRunner`'s
+        after its base). One at a time: close it before making another."""
+        from .tp_batch import ProcessBatchRunner
+
+        return ProcessBatchRunner(self, num_blocks, max_batch, max_chunk, deterministic)
 
     # -- ModelRunner ----------------------------------------------------------------------------
     def reset(self) -> None:
-        self._ask(("reset",), "reset")
+        self.ask(("reset",), "reset")
         self.position = 0
 
     def prefill(self, token_ids) -> None:
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
-        self._ask(("prefill", ids), "prefill")
+        self.ask(("prefill", ids), "prefill")
         self.position += ids.size
 
     def decode(self, token_id: int) -> None:
-        self._ask(("decode", int(token_id)), "decode step")
+        self.ask(("decode", int(token_id)), "decode step")
         self.position += 1
 
     def last_logits(self) -> np.ndarray:
-        return self._ask(("logits",), "logits copy")
+        return self.ask(("logits",), "logits copy")
 
     def sample(self, params, step: int) -> int:
-        return int(self._ask(("sample", params, int(step)), "sampling"))
+        return int(self.ask(("sample", params, int(step)), "sampling"))
 
     def forward_all(self, token_ids) -> np.ndarray:
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
-        out = self._ask(("forward_all", ids), "forward pass")
+        out = self.ask(("forward_all", ids), "forward pass")
         self.position = ids.size
         return out
 
@@ -122,13 +134,13 @@ class ProcessRunner:
             got += 1
             if on_token(token) or got == max_new_tokens or self.position >= self.max_context:
                 break
-            token = int(self._ask(("decode_sample", token, params, got), "decode step"))
+            token = int(self.ask(("decode_sample", token, params, got), "decode step"))
             self.position += 1
         return got
 
     def rank_timings(self) -> dict:
         """Rank 0's ``CudaRunner.timings`` (upload, capture)."""
-        return self._ask(("timings",), "timings")
+        return self.ask(("timings",), "timings")
 
     def collective_times(self, repeats: int) -> list[dict]:
         """Every rank's :func:`~.collectives.time_step_collectives`, rank order: a decode step's

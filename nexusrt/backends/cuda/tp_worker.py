@@ -14,6 +14,13 @@ every rank shares (:func:`~nexusrt.parallel.worker_side.serve_requests`).
 Every rank gets every message and runs the same graphs in the same order (SPMD); every rank
 samples the same gathered logits, so every rank's next id is the same and only rank 0's
 answers travel back.
+
+The serving engine's batched step runs the same way: ``batch_open`` makes the rank's
+:class:`~.batch.CudaBatchRunner` over its runner's weights with the same RankComm (its own KV
+pool of the engine's block count, its graphs captured with their collectives), and each
+``batch_step`` carries the step's :class:`~nexusrt.backends.base.Rows` to every rank, which runs
+``run_tokens`` on them: the same entries make every rank take the same path and collectives, and
+every rank picks from the same gathered rows, so the picks agree and rank 0's come back.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ MESSAGES = """
 ("timings",)                            -> the rank's CudaRunner.timings
 ("collective_times", repeats)           -> every rank: collectives.time_step_collectives (a decode step's
                                            all-reduces and all-gather alone, timed on the rank's stream)
+("batch_open", num_blocks, max_batch, max_chunk, deterministic)
+                                        -> the rank's CudaBatchRunner made: {"max_context", "num_blocks",
+                                           "prune_policies"} (one at a time: a second is refused)
+("batch_step", rows)                    -> rank 0: run_tokens(rows), the picks; others None
+("batch_logits", rows)                  -> rank 0: run(rows), the logits rows; others None
+("batch_compact", table, keep)          -> None (KV pruning in every rank's pool)
+("batch_close",)                        -> None (the batch runner's pools and graphs released)
 ("close",)                              -> the rank exits
 """
 
@@ -83,9 +97,11 @@ def _boot(rank: int, spec: CudaRankSpec):
         runner = CudaRunner(SimpleNamespace(config=part.config, weights=part), firmware.runtime(),
                             max_context=spec.max_context, tp=RankComm(group, weights.config.vocab_size))
         made.callback(runner.close)
+        batch = BatchSlot()
+        made.callback(batch.close)  # before the runner whose weights it shares
         release = made.pop_all().close  # from here on the loop owns them, released in reverse order
     ready = {"pid": os.getpid(), "device": spec.device(rank), "max_context": runner.max_context}
-    return (lambda message: handle(message, runner, rank)), release, ready
+    return (lambda message: handle(message, runner, rank, batch)), release, ready
 
 
 def serve_cuda_rank(rank: int, conn, spec: CudaRankSpec) -> None:
@@ -93,9 +109,53 @@ def serve_cuda_rank(rank: int, conn, spec: CudaRankSpec) -> None:
     serve_requests(conn, lambda: _boot(rank, spec))
 
 
-def handle(message, runner, rank: int):
-    """One message of :data:`MESSAGES` on ``runner`` (a CudaRunner with a RankComm, or a stand-in)."""
+class BatchSlot:
+    """The rank's batch runner, if the front opened one (at most one: the front's engine has one)."""
+
+    def __init__(self):
+        self.runner = None
+
+    def open(self, base, num_blocks: int, max_batch: int, max_chunk: int, deterministic: bool) -> dict:
+        from . import batch as batch_mod  # looked up at call time, so a test can stand in for it
+
+        if self.runner is not None:
+            raise ValueError("this rank's batch runner is open already (batch_close it first)")
+        self.runner = batch_mod.CudaBatchRunner(base, num_blocks, max_batch, max_chunk=max_chunk,
+                                                deterministic=deterministic, tp=base.tp)
+        r = self.runner
+        return {"max_context": r.max_context, "num_blocks": r.num_blocks, "prune_policies": r.prune_policies}
+
+    def get(self):
+        if self.runner is None:
+            raise ValueError("no batch runner is open on this rank (batch_open first)")
+        return self.runner
+
+    def close(self) -> None:
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            runner.close()
+
+
+def handle_batch(message, runner, rank: int, batch: BatchSlot):
+    """One ``batch_*`` message of :data:`MESSAGES` (the serving engine's step on this rank)."""
     kind = message[0]
+    if kind == "batch_open":
+        return batch.open(runner, *message[1:])
+    if kind == "batch_close":
+        return batch.close()
+    if kind == "batch_compact":
+        return batch.get().compact(message[1], message[2])
+    # Every rank runs the step (its collectives are collective); every rank's picks are the same.
+    out = batch.get().run_tokens(message[1]) if kind == "batch_step" else batch.get().run(message[1])
+    return out if rank == 0 else None
+
+
+def handle(message, runner, rank: int, batch: BatchSlot | None = None):
+    """One message of :data:`MESSAGES` on ``runner`` (a CudaRunner with a RankComm, or a stand-in);
+    ``batch``: the rank's batch runner slot (``batch_*`` messages)."""
+    kind = message[0]
+    if kind in ("batch_open", "batch_close", "batch_compact", "batch_step", "batch_logits"):
+        return handle_batch(message, runner, rank, batch)
     if kind == "reset":
         return runner.reset()
     if kind == "prefill":

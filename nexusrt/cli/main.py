@@ -37,7 +37,8 @@ def _load_flags(p) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="cap the KV cache (and so the tokens of one sequence) at N")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the model over N ranks (CPU: in process; CUDA: 1 only so far)")
+                   help="split the model over N ranks (CPU: in process, or --tp-processes; CUDA: one worker process "
+                        "per GPU with NCCL, serve batching over them; not yet run on several GPUs)")
     p.add_argument("--tp-processes", action="store_true",
                    help="CPU: run each tensor-parallel rank in its own worker process")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",

@@ -55,8 +55,8 @@ class LLM:
         mode (a request's ids do not depend on what runs beside it; prefix caching off). The
         CPU engine is batch invariant anyway.
     tensor_parallel : ranks the model is split over (CPU: in process; CUDA: one worker process
-        per GPU, NCCL collectives, one prompt at a time: the batched engine is not built over
-        them yet). A script that uses CUDA ranks must guard its top level with
+        per GPU, NCCL collectives; the serving engine batches over them too, each rank running
+        its own batch runner, h2o pruning not offered). A script that uses CUDA ranks must guard its top level with
         ``if __name__ == "__main__":`` (workers are spawned).
     tp_processes : CPU: run each rank in its own worker process (loading only its shard,
         collectives through shared memory) instead of all in this one; the same guard applies.

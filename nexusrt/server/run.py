@@ -5,7 +5,7 @@ flight get ``DRAIN_S`` seconds to finish, then the engine cancels what is left (
 freed; their clients get a 503 error, or an error event on a stream) and uvicorn's own grace
 (``GRACE_S``) is there only for connections that still hang; the process exits within 10 s.
 
-A tensor-parallel worker process that dies (``--tp-processes``) ends the engine: its requests
+A tensor-parallel worker process that dies (``--tp-processes``, or any CUDA rank) ends the engine: its requests
 fail naming the rank, the workers left are stopped, and the server logs the rank and exits
 with status 1 (a supervisor restarts it) rather than answering 503 forever.
 """
@@ -43,7 +43,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
     flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
     pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
-    model is split over (on the CPU in process, or with ``tp_processes`` one worker process each). ``backend``: cpu or cuda (default: the probe's);
+    model is split over (on the CPU in process, or with ``tp_processes`` one worker process each; on
+    CUDA one worker process per GPU, the batched engine over them). ``backend``: cpu or cuda (default: the probe's);
     ``deterministic``: on CUDA, a request's ids do not depend on the batch around it.
     ``kv_gpu_budget``: bytes of KV on the GPU (the host tier; refused by the batched engine for now)."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it

@@ -11,9 +11,9 @@ One GPU (a sum over one rank is the identity, so the NCCL path must change nothi
   concurrent greedy requests give the plain ``CudaBatchRunner``'s ids (not yet run on a GPU).
 Two GPUs or more: TP=2 through ``nrt.LLM(..., backend="cuda", tensor_parallel=2)`` gives TP=1's
 greedy ids on the trained ``stdlib-tiny`` (peaked logits: summation order cannot flip a pick),
-and its teacher-forced logits agree to fp32-summation rounding; the serving engine over two
-ranks (``LLM.generate([...])``, the path of ``nexusrt serve --tensor-parallel 2``) gives TP=1's
-greedy ids for concurrent prompts (not yet run).
+and its teacher-forced logits agree to fp32-summation rounding; then the serving engine over the
+two ranks (``LLM.generate([...])``, the path of ``nexusrt serve --tensor-parallel 2``) gives
+TP=1's greedy ids for concurrent prompts (that part not yet run).
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def test_tp2_greedy_ids_equal_tp1(gpu_rt):
     if present < 2:
         pytest.skip(f"TP=2 needs 2 GPUs (NCCL refuses two ranks on one GPU); this machine shows {present}")
     _uid_or_skip()
-    one = nrt.LLM(MODEL, backend="cuda", max_context=256)
-    two = nrt.LLM(MODEL, backend="cuda", max_context=256, tensor_parallel=2)
+    one = nrt.LLM(MODEL, backend="cuda", max_context=256, max_batch=4)
+    two = nrt.LLM(MODEL, backend="cuda", max_context=256, max_batch=4, tensor_parallel=2)
     try:
         assert isinstance(two.runner, ProcessRunner) and [r["device"] for r in two.runner.ready] == [0, 1]
         for prompt in PROMPTS:
@@ -136,6 +136,10 @@ def test_tp2_greedy_ids_equal_tp1(gpu_rt):
         ids = one.tokenizer.encode(PROMPTS[0])
         a, b = one.runner.forward_all(ids), two.runner.forward_all(ids)
         assert np.allclose(a, b, rtol=0, atol=2e-2 * float(np.abs(a).max())), float(np.abs(a - b).max())
+        # The serving engine over the two ranks (nexusrt serve --tensor-parallel 2): concurrent prompts batched.
+        want = [r.token_ids for r in one.generate(PROMPTS, max_new_tokens=NEW, temperature=0)]
+        got = [r.token_ids for r in two.generate(PROMPTS, max_new_tokens=NEW, temperature=0)]
+        assert isinstance(two.engine.runner, ProcessBatchRunner) and got == want
     finally:
         two.close()
         one.close()
@@ -176,21 +180,3 @@ def test_tp1_serving_through_the_worker_equals_the_plain_batch_runner(gpu_rt, mo
     finally:
         ranks.close()
     assert all(gone(p) for p in pids) and not multiprocessing.active_children()
-
-
-def test_tp2_serving_engine_gives_tp1_ids(gpu_rt):
-    present = gpu_count()
-    if present < 2:
-        pytest.skip(f"TP=2 needs 2 GPUs (NCCL refuses two ranks on one GPU); this machine shows {present}")
-    _uid_or_skip()
-    one = nrt.LLM(MODEL, backend="cuda", max_context=256, max_batch=4)
-    two = nrt.LLM(MODEL, backend="cuda", max_context=256, max_batch=4, tensor_parallel=2)
-    try:
-        want = [r.token_ids for r in one.generate(PROMPTS, max_new_tokens=NEW, temperature=0)]
-        got = [r.token_ids for r in two.generate(PROMPTS, max_new_tokens=NEW, temperature=0)]
-        assert isinstance(two.engine.runner, ProcessBatchRunner)
-        assert got == want
-    finally:
-        two.close()
-        one.close()
-    assert not multiprocessing.active_children()

@@ -48,6 +48,21 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+class RankFront:
+    """What a front process over a :class:`WorkerGroup` of ranks answers alike on every backend;
+    the front sets ``plan`` (its :class:`~nexusrt.parallel.ShardPlan`) and ``_workers``."""
+
+    @property
+    def size(self) -> int:
+        """Ranks in the group."""
+        return self.plan.size
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids, rank order."""
+        return self._workers.pids
+
+
 class WorkerGroup:
     """``size`` worker processes running ``target(rank, conn, *args)``; ``name`` labels messages;
     ``env``: variables the workers start with (a spawned child reads the environment when it

@@ -24,7 +24,7 @@ import numpy as np
 from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan
 from ...parallel.comm import check_repeats
-from ...parallel.procs import WorkerDied, WorkerGroup
+from ...parallel.procs import RankFront, WorkerDied, WorkerGroup
 from ...parallel.shm import create_segment
 from ..base import Rows
 from .sharded import join_logits
@@ -46,7 +46,7 @@ class RemotePools:
     id: int
 
 
-class ProcessDecoder:
+class ProcessDecoder(RankFront):
     """The model whose weights ``weights`` locates (a :class:`~nexusrt.models.loader.WeightsOrigin`,
     resolved and verified by the front's :func:`~nexusrt.models.loader.load_model`) split over
     ``size`` worker processes; ``config`` is its config (the front reads only that).
@@ -72,15 +72,6 @@ class ProcessDecoder:
         except BaseException:
             self._release_segment()
             raise
-
-    @property
-    def size(self) -> int:
-        return self.plan.size
-
-    @property
-    def pids(self) -> list[int]:
-        """The worker processes' ids, rank order."""
-        return self._workers.pids
 
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""

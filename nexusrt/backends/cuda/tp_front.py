@@ -27,7 +27,7 @@ from ...errors import BackendUnavailable
 from ...parallel import ShardPlan
 from ...parallel.comm import check_repeats
 from ...parallel.nccl import unique_id
-from ...parallel.procs import WorkerGroup
+from ...parallel.procs import RankFront, WorkerGroup
 from .tp_worker import RANK_ENV, CudaRankSpec, serve_cuda_rank
 
 
@@ -54,7 +54,7 @@ def check_ranks(config, size: int, gpus: int | None = None) -> ShardPlan:
     return plan
 
 
-class ProcessRunner:
+class ProcessRunner(RankFront):
     """The model at ``origin`` (a resolved :class:`~nexusrt.models.loader.WeightsOrigin`; ``config``
     its config, all the front reads) split over ``size`` GPUs, rank ``r`` on device ``r``.
 
@@ -74,15 +74,6 @@ class ProcessRunner:
         self.ready = self._workers.ready
         self.max_context = int(self.ready[0]["max_context"])
         self.position = 0
-
-    @property
-    def size(self) -> int:
-        return self.plan.size
-
-    @property
-    def pids(self) -> list[int]:
-        """The worker processes' ids, rank order."""
-        return self._workers.pids
 
     def ask(self, message, what: str):
         """Rank 0's answer to ``message`` (:data:`~.tp_worker.MESSAGES`) sent to every rank; ``what``

@@ -243,7 +243,8 @@ def _expected(part, name, dst) -> np.ndarray:
 @pytest.mark.parametrize("tie, size", [(False, 2), (True, 2), (True, 1)])
 def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp_path, tie, size):
     """Tied embeddings: the LM head's vocab rows lie inside the replicated embedding's bytes, which
-    the loader refuses to read twice (the H200 run of TP=1 hit that): they are a device copy."""
+    the loader refuses to read twice (the H200 run of TP=1 hit that): the head is a view of the
+    embedding's rows, neither read nor copied again."""
     from helpers_hf import build_checkpoint
 
     from nexusrt.models.streaming.plan import _check_bounds
@@ -271,11 +272,15 @@ def test_checkpoint_shard_streams_rows_and_maps_columns(cpu_rt, monkeypatch, tmp
             assert shard_upload.fill_shard(cpu_rt, part, lay.assign, stream) == "report"
             for name, dst in lay.assign:
                 assert np.array_equal(_host(dst), _expected(part, name, dst)), name
+            head, embed = weights.lm_head, weights.embed
+            assert np.array_equal(_host(head), _expected(part, "lm_head", head))  # this rank's vocab rows
+            inside = embed.ptr <= head.ptr and head.ptr + head.nbytes <= embed.ptr + embed.nbytes
+            assert inside == tie and ("lm_head" in dict(lay.assign)) != tie  # tied: a view, not loaded
         finally:
             weights.free()
         assert any(n.endswith("]") for n in streamed)  # row splits arrive narrowed
         assert not any(".o_proj" in n or "down_proj" in n for n in streamed)  # columns come through the map
-        assert copies.log == (["cuMemcpyDtoDAsync"] if tie else [])  # the tied head's rows, once
+        assert copies.log == []  # nothing read twice, nothing copied
     finally:
         model.weights.close()
 

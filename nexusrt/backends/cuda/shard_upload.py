@@ -8,9 +8,8 @@
   tensor's entry narrowed to those rows is streamed like any whole tensor (cuFile or pinned
   staging, fp32 converted on the device). Column splits (O and down: each row's slice) are
   not contiguous: they come through the memory map (:func:`~nexusrt.parallel.read_split`,
-  about ``1/N`` of the pages) and are converted on the host. A tensor whose bytes lie inside
-  another's (a tied LM head's vocab rows inside the replicated embedding) is not read twice
-  (the loader refuses overlapping reads): it is a device copy from the other's destination.
+  about ``1/N`` of the pages) and are converted on the host. A tied model's LM head is not in
+  the layout's list: it is a view of its rows of the replicated embedding (:mod:`.weights`).
 - **synthetic weights** are generated on the device (the bit-exact fill kernel needs the
   whole tensor's element indices), whole, into one scratch tensor; the rank's rows are one
   device copy, its columns one 2D copy.
@@ -58,35 +57,7 @@ def fill_shard(rt, source, assign, stream, progress=None):
             items.append(LoadItem(narrowed(info, split.start, split.stop), dst, convert=dst.dtype))
         else:  # its rows' column slices, through the map; bf16 stays bf16, fp32 is converted here
             dst.copy_from(np.ascontiguousarray(source.load(name, dtype=None)), convert=True)
-    reads, copies = shared_reads(items)
-    report = load_checkpoint(rt, reads, progress)
-    for item, outer, first in copies:
-        call("cuMemcpyDtoDAsync", item.dst.ptr, outer.dst.ptr + first * outer.dst.itemsize, item.dst.nbytes,
-             stream.handle)
-    if copies:
-        stream.synchronize()
-    return report
-
-
-def shared_reads(items):
-    """``(reads, copies)``: the items to stream, and ``(item, outer, first_element)`` for each
-    item whose file bytes lie inside a streamed ``outer`` item's with the same destination dtype
-    (its destination is then ``outer``'s elements from ``first_element`` on, copied on the device
-    after the load). Every other item is a read."""
-    reads, copies = [], []
-    for item in sorted(items, key=lambda it: (str(it.info.file), it.info.offset, -it.info.nbytes)):
-        outer = next((r for r in reads if _inside(item, r)), None)
-        if outer is None:
-            reads.append(item)
-        else:
-            copies.append((item, outer, (item.info.offset - outer.info.offset) // outer.info.np_dtype.itemsize))
-    return reads, copies
-
-
-def _inside(item, outer) -> bool:
-    a, b = item.info, outer.info
-    return (a.file == b.file and a.dtype == b.dtype and item.dst.dtype == outer.dst.dtype and a.nbytes > 0
-            and b.offset <= a.offset and a.offset + a.nbytes <= b.offset + b.nbytes)
+    return load_checkpoint(rt, items, progress)
 
 
 def _fill_synthetic_shard(rt, source, assign, stream) -> None:

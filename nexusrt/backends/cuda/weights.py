@@ -87,12 +87,25 @@ class _Layout:
         return t
 
 
+def _tied_shard(source) -> bool:
+    """``source`` is a tensor-parallel rank's view of a model with tied embeddings (its local
+    config is untied: the LM head is a slice, but of the embedding table the rank holds whole)."""
+    base = getattr(source, "base", None)
+    return base is not None and hasattr(source, "plan") and bool(base.config.tie_word_embeddings)
+
+
 def _layout(source) -> tuple[DeviceWeights, _Layout]:
     cfg = source.config
     lay = _Layout(source)
     names = {s.name for s in source.specs()}
     embed = lay.one("embed", "bf16")
-    lm_head = embed if cfg.tie_word_embeddings else lay.one("lm_head", "bf16")
+    if cfg.tie_word_embeddings:
+        lm_head = embed
+    elif _tied_shard(source):  # a rank of a tied model: its LM head is its vocab rows of the replicated table
+        split = source.plan.split("lm_head", source.rank)
+        lm_head = embed[split.start:split.stop]
+    else:
+        lm_head = lay.one("lm_head", "bf16")
     layers = []
     for i in range(cfg.num_hidden_layers):
         has = f"layers.{i}.q_bias" in names

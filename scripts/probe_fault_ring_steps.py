@@ -124,17 +124,21 @@ def kernel_times(rt, runner, cfg, launches: int = 200) -> None:
                                                  b.v_pools[0], b.block_table, b.pos, b.attn_ws, num_q_heads=hq,
                                                  num_kv_heads=hkv, head_dim=d, **extra)
     stream = runner.stream
-    for label, spec in specs.items():
-        times = []
-        for _ in range(5):
-            e0, e1 = Event(rt.backend), Event(rt.backend)
-            e0.record(stream)
-            for _ in range(launches):
-                spec.launch(stream)
-            e1.record(stream)
-            stream.synchronize()
-            times.append(e0.elapsed_ms(e1) * 1e3 / launches)
-        print(f"layer 0 attention {label:>10} ({spec.name}): median {statistics.median(times):.2f} us per launch")
+    e0, e1 = Event(rt.backend), Event(rt.backend)  # re-recorded for every timing
+    try:
+        for label, spec in specs.items():
+            times = []
+            for _ in range(5):
+                e0.record(stream)
+                for _ in range(launches):
+                    spec.launch(stream)
+                e1.record(stream)
+                stream.synchronize()
+                times.append(e0.elapsed_ms(e1) * 1e3 / launches)
+            print(f"layer 0 attention {label:>10} ({spec.name}): median {statistics.median(times):.2f} us per launch")
+    finally:
+        e0.destroy()
+        e1.destroy()
 
 
 if __name__ == "__main__":

@@ -76,7 +76,6 @@ __device__ __forceinline__ int candidate_index(unsigned long long c) {
 template <int kCand>
 struct TopkShared {
     static_assert(kCand >= kMaxCand && (kCand & (kCand - 1)) == 0, "the bitonic sort needs a power of two");
-    static constexpr int kCapacity = kCand;
     unsigned long long cand[kCand];     // candidate_key()s, sorted descending
     float val[kMaxCand];                // x of the candidate at each rank
     float cum[kMaxCand];                // exp(z - z_0) at each rank, then its running sum

@@ -204,9 +204,8 @@ class Interpreter:
                 best = sorted(st.partials[c] for c in range(ins.arg))
                 st.token = min((i for v, i in best if v == best[-1][0]), default=None)
             else:
-                gathers = sum(i.op == Op.SAMPLE_GATHER for i in self.program.instructions)
-                if st.gathered != gathers:
-                    raise UnwrittenReadError(f"the sampling finish read the pool after {st.gathered} of {gathers} "
+                if st.gathered != ins.arg:  # one gather per chunk: the finish's arg counts them
+                    raise UnwrittenReadError(f"the sampling finish read the pool after {st.gathered} of {ins.arg} "
                                              "gathers: a wait is missing")
                 st.token = st.topk.finish(self._written(st.logits, 0, self.cfg.vocab_size, "finish"), draw_step)
         else:

@@ -346,7 +346,6 @@ class CudaRunner:
             # Every launched step appended one token to the cache (the last sampled one is not in it).
             self.position = ids.size + launched - 1
             self.timings["host_launch_s"] = float(np.median(launch_s)) if launch_s else 0.0
-        self.service_faults(flush=True)  # the report's counts cover every step of this call
         return got
 
     def kv_tiers(self) -> dict:
@@ -354,7 +353,10 @@ class CudaRunner:
         on the host as placed. Without a fault ring zero-copy reads move nothing (the fault
         figures stay 0); with one, the figures since the runner was made (:meth:`FaultService.counts`).
         ``host_entries``: table entries naming a host block, i.e. blocks a decode step reads zero-copy
-        (with a ring: as of its last service, the moves it issued counted as done)."""
+        (with a ring: as of its last service, the moves it issued counted as done). With a ring it
+        first finishes the moves the finished steps asked for, so the counts cover every step
+        (only a report pays that wait, not every request)."""
+        self.service_faults(flush=True)
         out = {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
                "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "faults_left": 0, "bytes_moved": 0,

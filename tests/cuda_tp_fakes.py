@@ -78,10 +78,10 @@ class FakeRankRunner:
     def sample(self, params, step):
         return int(sample(self.last_logits(), params or SamplingParams(), step))
 
-    def forward_all(self, ids):
+    def forward_all(self, ids):  # CudaRunner's contract: ranks other than 0 return None
         self.reset()
         self.prefill(ids)
-        return self.table[np.asarray(ids)]
+        return self.table[np.asarray(ids)] if self.tp.rank == 0 else None
 
     def close(self):
         self.closed = True

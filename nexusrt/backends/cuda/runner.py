@@ -239,7 +239,9 @@ class CudaRunner:
 
     def forward_all(self, token_ids, chunk: int | None = None) -> np.ndarray:
         """Logits of every row (fp32 [n, vocab]) from a fresh sequence, in chunks of ``chunk``
-        rows (default: the largest bucket), submitted stage by stage (not captured)."""
+        rows (default: the largest bucket), submitted stage by stage (not captured). A
+        tensor-parallel rank other than 0 runs the same steps and collectives but returns None:
+        its gathered logits equal rank 0's, and copying them to the host would be waste."""
         ids = np.ascontiguousarray(np.asarray(token_ids, dtype=np.int32).reshape(-1))
         chunk = min(int(chunk or self.chunk), self.chunk, 1024)  # bounds the fp32 logits buffer
         if chunk < 1:
@@ -248,7 +250,7 @@ class CudaRunner:
         self._check_room(ids.size)
         self._stage_prompt(ids)
         vocab, size = self.config.vocab_size, 1 if self.tp is None else self.tp.size
-        out = np.empty((ids.size, vocab), np.float32)
+        out = np.empty((ids.size, vocab), np.float32) if self.tp is None or self.tp.rank == 0 else None
         with contextlib.ExitStack() as owned:
             # Under tensor parallelism: the rank's [m, V/N] slice, then every rank's gathered behind it.
             logits = owned.enter_context(memory.empty((chunk, vocab // size), "fp32", tag="runner"))
@@ -263,9 +265,9 @@ class CudaRunner:
                                               all_logits=logits[0:m], tp=self.tp, gathered=part)
                 scheduler.submit(stages)
                 scheduler.wait_barrier()
-                if part is None:
+                if out is not None and part is None:
                     out[start:start + m] = logits.to_numpy()[:m]
-                else:  # [N, m, V/N] in rank order -> [m, V]
+                elif out is not None:  # [N, m, V/N] in rank order -> [m, V]
                     out[start:start + m] = part.to_numpy().reshape(size, m, -1).transpose(1, 0, 2).reshape(m, vocab)
                 self.position += m
         self._set_word(self.buffers.pos, self.position - 1)

@@ -171,8 +171,7 @@ def handle(message, runner, rank: int, batch: BatchSlot | None = None):
         runner.decode(message[1])
         return runner.sample(message[2], message[3])
     if kind == "forward_all":
-        logits = runner.forward_all(message[1])
-        return logits if rank == 0 else None
+        return runner.forward_all(message[1])  # None on ranks other than 0
     if kind == "timings":
         return dict(runner.timings)
     if kind == "collective_times":

@@ -113,7 +113,7 @@ class FakeDevice:
         base = SimpleNamespace(config=self.cfg, rt=self.rt, max_context=256, buckets=(64, 128, 256),
                                weights=self.weights, lt=lt, stream=self.stream, tp=tp)
         r = batch_mod.CudaBatchRunner(base, 60, max_batch=4, max_chunk=128, deterministic=deterministic,
-                                      ragged_prefill=ragged, tp=tp)
+                                      ragged_prefill=ragged)
         self.runners.append(r)
         self.synchronize()
         self.poison(r)

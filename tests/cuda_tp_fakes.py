@@ -92,10 +92,9 @@ class FakeBatchRunner:
     and its pick ``sample_rows``' (so ids equal the one-sequence fake's); ``die_at``: ``(rank, step)``
     at whose batch step (0-based) the process exits."""
 
-    def __init__(self, base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False, tp=None, *,
+    def __init__(self, base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False, *,
                  record, die_at=None):
-        if tp is not base.tp:
-            raise AssertionError("the batch runner must get its base runner's RankComm")
+        tp = base.tp  # as CudaBatchRunner: a rank's batch runner takes its base runner's RankComm
         self.config, self.max_context, self.num_blocks = base.config, base.max_context, num_blocks
         self.prune_policies = frozenset({"sink-window"})
         self.table, self.rank, self.die_at, self.steps = base.table, tp.rank, die_at, 0
@@ -157,8 +156,8 @@ def fake_cuda_rank(rank: int, conn, spec, log_dir: str, die_at=None, die_at_batc
 
     runner_mod.CudaRunner = make
 
-    def make_batch(base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False, tp=None):
-        return FakeBatchRunner(base, num_blocks, max_batch, max_chunk, deterministic, tp, record=record,
+    def make_batch(base, num_blocks, max_batch=32, max_chunk=2048, deterministic=False):
+        return FakeBatchRunner(base, num_blocks, max_batch, max_chunk, deterministic, record=record,
                                die_at=die_at_batch)
 
     batch_mod.CudaBatchRunner = make_batch

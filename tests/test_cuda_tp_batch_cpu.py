@@ -5,7 +5,7 @@
   residual rows, the residual added by rank 0 only, the LM head writing the rank's ``[m, V/N]``
   rows, an all-gather of them and the unpack of every rank's block into whole logits rows before
   the sampler; the unpack puts rank r's block into columns ``r·V/N ..`` of each row.
-- ``CudaBatchRunner(..., tp=)`` on the fake device of ``cuda_batch_fakes`` as a one-rank group
+- ``CudaBatchRunner`` over a rank's base runner on the fake device of ``cuda_batch_fakes`` as a one-rank group
   (NCCL recorded, the gather a copy): a step of decodes, a lone decode and prompt chunks gives
   the fake model's picks through the gathered rows, its collectives are warmed up before any
   capture and run in every graph; h2o is not offered; a RankComm other than the base runner's
@@ -186,9 +186,4 @@ def test_a_one_rank_batch_runner_steps_through_the_gathered_rows(dev):  # noqa: 
     assert [e for e in dev.log if e[0] == "2d"]  # the batch rows' unpack ran
     with pytest.raises(ValueError, match="h2o scores"):
         r.run_tokens([one(5, 10, [0], logits=True, scores=np.zeros(16))])
-    with pytest.raises(ValueError, match="the RankComm the base runner was built with"):
-        base = SimpleNamespace(config=dev.cfg, rt=dev.rt, max_context=256, buckets=(64,), weights=dev.weights,
-                               lt=None, stream=dev.stream, tp=None)
-        from nexusrt.backends.cuda.batch import CudaBatchRunner
-
-        CudaBatchRunner(base, 60, tp=tp)
+    assert r.tp is tp  # the base runner's comm: the batch runner cannot hold another

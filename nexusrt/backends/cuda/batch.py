@@ -94,17 +94,16 @@ class CudaBatchRunner:
 
     ``max_batch``: most sequences in one step; ``max_chunk``: most ids of one prompt chunk
     (the engine's token budget); ``deterministic``: see the module docstring;
-    ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two; ``tp``: a
-    tensor-parallel rank's :class:`~.collectives.RankComm`, the one ``base`` was built with.
+    ``ragged_prefill=False``: the per-sequence prompt path, kept to compare the two. A
+    tensor-parallel rank's ``base`` (built with a :class:`~.collectives.RankComm`) makes this one
+    a rank too: its ``tp`` is the base's.
     """
 
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
-                 deterministic: bool = False, ragged_prefill: bool = True, tp=None):
+                 deterministic: bool = False, ragged_prefill: bool = True):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        if tp is not getattr(base, "tp", None):  # the weights are the shard the comm was made for
-            raise ValueError("tp must be the RankComm the base runner was built with")
-        self.tp = tp
+        tp = self.tp = getattr(base, "tp", None)  # the weights are the shard its comm was made for
         cfg, rt = base.config, base.rt
         self.base, self.config, self.rt = base, cfg, rt
         self.num_blocks, self.max_context = num_blocks, base.max_context

@@ -121,7 +121,7 @@ class BatchSlot:
         if self.runner is not None:
             raise ValueError("this rank's batch runner is open already (batch_close it first)")
         self.runner = batch_mod.CudaBatchRunner(base, num_blocks, max_batch, max_chunk=max_chunk,
-                                                deterministic=deterministic, tp=base.tp)
+                                                deterministic=deterministic)
         r = self.runner
         return {"max_context": r.max_context, "num_blocks": r.num_blocks, "prune_policies": r.prune_policies}
 

@@ -87,13 +87,6 @@ class _Layout:
         return t
 
 
-def _tied_shard(source) -> bool:
-    """``source`` is a tensor-parallel rank's view of a model with tied embeddings (its local
-    config is untied: the LM head is a slice, but of the embedding table the rank holds whole)."""
-    base = getattr(source, "base", None)
-    return base is not None and hasattr(source, "plan") and bool(base.config.tie_word_embeddings)
-
-
 def _layout(source) -> tuple[DeviceWeights, _Layout]:
     cfg = source.config
     lay = _Layout(source)
@@ -101,7 +94,9 @@ def _layout(source) -> tuple[DeviceWeights, _Layout]:
     embed = lay.one("embed", "bf16")
     if cfg.tie_word_embeddings:
         lm_head = embed
-    elif _tied_shard(source):  # a rank of a tied model: its LM head is its vocab rows of the replicated table
+    elif isinstance(source, ShardedWeights) and source.base.config.tie_word_embeddings:
+        # A rank of a tied model (its local config is untied): its LM head is its vocab rows of the
+        # embedding table it holds whole, a view, neither read nor copied again.
         split = source.plan.split("lm_head", source.rank)
         lm_head = embed[split.start:split.stop]
     else:

@@ -44,7 +44,7 @@ from ..engine.fit import runner_context
 from ..kvcache.blocks import BLOCK_SIZE, blocks_for
 from ..kvcache.tiers import KvBudgetError
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
-from .decode import bytes_per_token
+from .decode_timing import bytes_per_token
 
 CONTEXTS = (8192, 32768, 131072)
 KEEP = 4096  # the pruned row's kept slots: a sink-window budget of 4k

@@ -132,11 +132,11 @@ def _bytes_flag(value, flag: str) -> int | None:
 
 
 def _serve(args) -> int:
-    from ..server.run import parse_bytes, serve
+    from ..server.run import serve
 
     if args.kv_fault_reserve is not None:
         raise ValueError("--kv-fault-reserve: the server's batched engine has no host tier (generate and chat only)")
-    kv = None if args.kv_memory is None else parse_bytes(args.kv_memory)
+    kv = _bytes_flag(args.kv_memory, "--kv-memory")
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
                  args.deterministic, _bytes_flag(args.kv_gpu_budget, "--kv-gpu-budget"), args.tp_processes)

@@ -57,18 +57,29 @@ def copy_async(dst, src, stream=None) -> Event:
     return event
 
 
-def copy_2d(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
-            stream_handle) -> None:
-    """Queue a device-to-device copy of ``height`` rows of ``width`` bytes, each source row
-    ``src_pitch`` bytes after the last and each destination row ``dst_pitch`` (cuMemcpy2DAsync): a
-    column block of a row-major matrix to or from a contiguous one, in one call. Capturable."""
+def copy_2d_params(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int):
+    """The ``CUDA_MEMCPY2D`` of a device-to-device copy of ``height`` rows of ``width`` bytes, each
+    source row ``src_pitch`` bytes after the last and each destination row ``dst_pitch``: a column
+    block of a row-major matrix to or from a contiguous one. Built once, queued as often as needed
+    (``call("cuMemcpy2DAsync", params, stream)``; capturable)."""
     drv = cu()
     p = drv.CUDA_MEMCPY2D()
     p.srcMemoryType = p.dstMemoryType = drv.CUmemorytype.CU_MEMORYTYPE_DEVICE
     p.srcDevice, p.srcPitch = src_ptr, src_pitch
     p.dstDevice, p.dstPitch = dst_ptr, dst_pitch
     p.WidthInBytes, p.Height = width, height
-    call("cuMemcpy2DAsync", p, stream_handle)
+    return p
+
+
+def queue_copy_2d(params, stream_handle) -> None:
+    """Queue the copy :func:`copy_2d_params` described on the stream."""
+    call("cuMemcpy2DAsync", params, stream_handle)
+
+
+def copy_2d(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
+            stream_handle) -> None:
+    """Queue one such copy now (:func:`copy_2d_params`)."""
+    queue_copy_2d(copy_2d_params(dst_ptr, dst_pitch, src_ptr, src_pitch, width, height), stream_handle)
 
 
 def copy(dst, src) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ... import memory, scheduler
 from ...driver.streams import Event
-from ...memory.copy import copy_2d
+from ...memory.copy import copy_2d_params, queue_copy_2d
 from ...parallel.comm import check_repeats
 
 TIMING_TAG = "tp-timing"
@@ -83,10 +83,13 @@ class RankComm:
             raise ValueError(f"gathered holds {gathered.numel} values; {size} ranks of {m} x {part} rows need "
                              f"{size * m * part}")
 
+        # Built once: an eager program (the ragged prompt's logits) runs this closure every step.
+        copies = [copy_2d_params(logits.ptr + 4 * r * part, 4 * vocab, base + 4 * r * m * part, 4 * part, 4 * part, m)
+                  for r in range(size)]
+
         def unpack_rows(stream):
-            for r in range(size):
-                copy_2d(logits.ptr + 4 * r * part, 4 * vocab, base + 4 * r * m * part, 4 * part, 4 * part, m,
-                        stream.handle)
+            for p in copies:
+                queue_copy_2d(p, stream.handle)
 
         return unpack_rows
 

@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
 from ..errors import FatalError, NexusRTError
+from .comm import check_repeats
 
 STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
@@ -61,6 +62,16 @@ class RankFront:
     def pids(self) -> list[int]:
         """The worker processes' ids, rank order."""
         return self._workers.pids
+
+    def _request(self, message, what: str) -> list:
+        """Every rank's answer to ``message``, rank order (a front may add its own cleanup)."""
+        return self._workers.request(message, what)
+
+    def collective_times(self, repeats: int) -> list[dict]:
+        """Every rank's timing of a decode step's collectives alone, ``repeats`` times, rank order
+        (each rank's ``collective_times`` message says what it times and with which clock)."""
+        check_repeats(repeats)  # refused here: a bad count must not reach only some ranks
+        return self._request(("collective_times", repeats), "collective timing")
 
 
 class WorkerGroup:

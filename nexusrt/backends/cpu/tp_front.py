@@ -23,7 +23,6 @@ import numpy as np
 
 from ...models.loader import WeightsOrigin
 from ...parallel import ShardPlan
-from ...parallel.comm import check_repeats
 from ...parallel.procs import RankFront, WorkerDied, WorkerGroup
 from ...parallel.shm import create_segment
 from ..base import Rows
@@ -85,12 +84,6 @@ class ProcessDecoder(RankFront):
     def compact_pools(self, pools: RemotePools, table: list[int], keep) -> None:
         """KV compaction (see ``DecoderSteps.compact_pools``) in every worker's pools."""
         self._request(("compact", pools.id, list(table), np.asarray(keep)), "KV compaction")
-
-    def collective_times(self, repeats: int) -> list[dict]:
-        """Every rank's :meth:`~nexusrt.backends.cpu.sharded.RankDecoder.collective_times`, rank
-        order: a decode step's all-reduces alone, ``repeats`` times, timed in each worker."""
-        check_repeats(repeats)  # refused here: a bad count must not reach only some ranks
-        return self._request(("collective_times", repeats), "collective timing")
 
     def close(self) -> None:
         """Stop the workers (asked first, then terminated) and unlink the segment; safe twice."""

@@ -25,7 +25,6 @@ import numpy as np
 
 from ...errors import BackendUnavailable
 from ...parallel import ShardPlan
-from ...parallel.comm import check_repeats
 from ...parallel.nccl import unique_id
 from ...parallel.procs import RankFront, WorkerGroup
 from .tp_worker import RANK_ENV, CudaRankSpec, serve_cuda_rank
@@ -132,12 +131,6 @@ class ProcessRunner(RankFront):
     def rank_timings(self) -> dict:
         """Rank 0's ``CudaRunner.timings`` (upload, capture)."""
         return self.ask(("timings",), "timings")
-
-    def collective_times(self, repeats: int) -> list[dict]:
-        """Every rank's :func:`~.collectives.time_step_collectives`, rank order: a decode step's
-        collectives alone, ``repeats`` times, timed with events on each rank's stream."""
-        check_repeats(repeats)  # refused here: a bad count must not reach only some ranks
-        return self._workers.request(("collective_times", repeats), "collective timing")
 
     def close(self) -> None:
         """Ask every worker to exit (each releases its graphs, weights, NCCL and device), then stop

@@ -53,14 +53,25 @@ class _Layer:
     down: np.ndarray
 
 
+# Below this many multiply-adds per tile, every row is its own one-row call instead. OpenBLAS's
+# small-matrix sgemm kernels (AVX-512 builds, taken up to about 100**3 multiply-adds) compute a
+# row differently by its place in the tile: seen on an AMD EPYC with numpy 2.4.6, where row 7 of
+# a 16 x 96 x 300 product differed in the last bit from the same row computed first in its
+# tile. Model-sized products (hidden >= 1024) take the blocked kernels, which do not.
+SMALL_TILE_MACS = 100 ** 3
+
+
 def tiled_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``x @ w.T (+ bias)`` with every BLAS call at exactly :data:`TILE_ROWS` rows."""
+    """``x @ w.T (+ bias)`` with every BLAS call at exactly :data:`TILE_ROWS` rows (one row for
+    products smaller than :data:`SMALL_TILE_MACS`), so a row's result does not depend on the
+    rows computed beside it: the batched and the one-sequence runners agree bit for bit."""
     n = x.shape[0]
-    pad = -n % TILE_ROWS
+    wt = w.T
+    rows = 1 if TILE_ROWS * w.shape[0] * w.shape[1] <= SMALL_TILE_MACS else TILE_ROWS
+    pad = -n % rows
     if pad:
         x = np.concatenate([x, np.zeros((pad, x.shape[1]), F32)])
-    wt = w.T
-    y = np.concatenate([x[i:i + TILE_ROWS] @ wt for i in range(0, x.shape[0], TILE_ROWS)])[:n]
+    y = np.concatenate([x[i:i + rows] @ wt for i in range(0, x.shape[0], rows)])[:n]
     return y if bias is None else y + bias
 
 

@@ -99,7 +99,7 @@ def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu
             for name, stages in chains.items():
                 TaskGraph(stages, name).validate()  # names, hazards, order
         layers = cfg.num_hidden_layers
-        assert len(chains["decode"]) == 1 + 6 * layers + 1 + 2  # embed, 6 per layer, LM head, sampler
+        assert len(chains["decode"]) == 1 + 6 * layers + 1 + 3  # embed, 6 per layer, LM head, sampler (3)
         assert len(chains["prefill64"]) == 1 + 9 * layers  # norm, qkv, rope, attention, o, norm, gate_up, silu, down
         assert len(chains["all_logits"]) == 1 + 9 * layers + 2
         gemm_m = {p.m for p in lt.plans}

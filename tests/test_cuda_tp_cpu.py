@@ -117,7 +117,7 @@ def test_rank_chains_put_the_collectives_where_the_plan_needs_them(variant, rank
             assert gather.name.endswith("lm_head.all_gather") and gather.inputs == [mine]
             assert gather.outputs == [gathered]
         layers = cfg.num_hidden_layers
-        assert len(decode) == 1 + 8 * layers + 2 + 2  # embed, 6 + 2 all-reduces per layer, head + gather, sampler
+        assert len(decode) == 1 + 8 * layers + 2 + 3  # embed, 6 + 2 all-reduces per layer, head + gather, sampler
         assert len(chains["prefill64"]) == 1 + 11 * layers
         by_name = {s.name: i for i, s in enumerate(decode)}
         x = b.hidden[0:1]
@@ -127,7 +127,7 @@ def test_rank_chains_put_the_collectives_where_the_plan_needs_them(variant, rank
                 reduce = decode[at + 1]
                 assert reduce.name == f"decode.layer{i}.{product}.all_reduce" and reduce.kind == "host"
                 assert _same(reduce.inputs[0], x) and _same(reduce.outputs[0], x) and len(reduce.inputs) == 1
-        head, gather, part, finish = decode[-4:]
+        head, gather, part, _, finish = decode[-5:]
         mine = head.outputs[0]
         assert head.name == "decode.lm_head" and mine.shape == (1, vl)
         assert mine.ptr == b.logits.ptr + rank * vl * 4  # the rank's slice of the one logits row

@@ -20,7 +20,7 @@ from fakes import FakeRuntime, tensor
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_compiles_with_both_kernels(arch):
     cubin = compile_file("sampling", arch, use_cache=False).cubin
-    assert b"sample_argmax_partial" in cubin and b"sample_finish" in cubin
+    assert b"sample_argmax_partial" in cubin and b"sample_gather" in cubin and b"sample_finish" in cubin
 
 
 def test_params_struct_layout_matches_the_kernel():
@@ -50,12 +50,22 @@ def test_kernel_source_struct_fields_are_in_the_packed_order():
 def test_launcher_sizes_the_partial_grid_by_vocab_and_checks_tensors():
     vocab = 151936
     n = ops.num_parts(vocab)
-    bufs = ops.SamplerBuffers(tensor((24,), "uint8"), tensor((n,), "fp32"), tensor((n,), "int32"))
+    hist = tensor((ops.TOPK_HIST_WORDS,), "int32", ptr=0x2000)
+    pool = tensor((ops.TOPK_POOL_WORDS,), "int64", ptr=0x3000)
+    bufs = ops.SamplerBuffers(tensor((24,), "uint8"), tensor((n,), "fp32"), tensor((n,), "int32"), hist, pool)
     word = tensor((1,), "int32")
-    partial, finish = ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word,
-                                 tensor((16,), "int32"), 16)
-    assert partial.grid == (38, 1, 1) and finish.grid == (1, 1, 1) and finish.block == (1024, 1, 1)
+    partial, gather, finish = ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word,
+                                         tensor((16,), "int32"), 16)
+    assert partial.grid == gather.grid == (38, 1, 1) and partial.block == gather.block == (256, 1, 1)
+    assert finish.grid == (1, 1, 1) and finish.block == (1024, 1, 1)
     assert finish.args[5] == n and finish.args[-1] == 16
+    # The three launches share the grid-wide top-K's histogram (+ cursor) and pool.
+    assert partial.args[-1] == gather.args[3] == finish.args[6] == hist.ptr
+    assert gather.args[4] == finish.args[7] == pool.ptr
+    with pytest.raises(ValueError, match="topk_pool has shape"):
+        ops.sample(FakeRuntime(), tensor((vocab,), "fp32"),
+                   ops.SamplerBuffers(bufs.params, bufs.part_val, bufs.part_idx, hist, tensor((1024,), "int64")),
+                   word, word, word, tensor((16,), "int32"), 16)
     with pytest.raises(ValueError, match="ring has shape"):
         ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word, tensor((8,), "int32"), 16)
     with pytest.raises(ValueError, match="logits has dtype"):
@@ -120,6 +130,8 @@ def test_sampling_kernel_picks_the_spec_token_and_advances_the_state(gpu_rt):
         pos, new_step, token = (int(x) for x in words.to_numpy())
         assert (pos, new_step) == (pos0 + 1, step + 1), f"case {i}: state not advanced"
         assert int(ring.array[step % ring_size]) == token, f"case {i}: ring slot differs from token"
+        # A sampled step leaves the grid-wide top-K's histogram and cursor zero for the next one.
+        assert not bufs.topk_hist.to_numpy().any(), f"case {i}: the top-K histogram was not cleared"
         if token != want:
             mismatches.append((i, vocab, kind, temp, top_k, top_p, seed, step, token, want))
         bufs.free()

@@ -149,7 +149,7 @@ def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_
         assert ("persistent", True) in pers._graphs and ("decode", True) not in pers._graphs
         _, _, _, epoch = pers._persistent.program(True)
         assert int(epoch.to_numpy()[0]) == 2 * (STEPS - 1) + 7 and _fault(pers) is None
-        assert not pers._persistent.topk_hist.to_numpy().any()  # every sampled finish cleared it
+        assert not pers.buffers.sampler.topk_hist.to_numpy().any()  # every sampled finish cleared it
     finally:
         graph.close()
         pers.close()

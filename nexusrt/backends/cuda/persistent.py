@@ -113,11 +113,6 @@ class PersistentDecode(OwnedBuffers):
             self.part_acc = self._t(memory.zeros((hkv * self.splits * g * d,), "fp32", tag=TAG))
             self.arg_val = self._t(memory.zeros((self.num_sms + 1,), "fp32", tag=TAG))
             self.arg_idx = self._t(memory.zeros((self.num_sms + 1,), "int32", tag=TAG))
-            # The grid-wide top-K's histogram + cursor and candidate pool: zero now, and every
-            # sampled step's finish leaves them zero for the next (both programs share them:
-            # launches on one stream never overlap).
-            self.topk_hist = self._t(memory.zeros((pk.TOPK_HIST_WORDS,), "int32", tag=TAG))
-            self.topk_pool = self._t(memory.zeros((pk.TOPK_POOL_WORDS,), "int64", tag=TAG))
             self.debug = self._t(memory.pinned((8,), "int32", tag=TAG))  # readable after a trap
             self.debug.array[:] = 0
             layers = [dict(attn_norm=lw.attn_norm, qkv=lw.qkv, qkv_bias=lw.qkv_bias, q_norm=lw.q_norm,
@@ -150,7 +145,7 @@ class PersistentDecode(OwnedBuffers):
         params = dict(embed=w.embed, lm_head=w.lm_head, final_norm=w.final_norm, inv_freq=w.inv_freq,
                       x=b.hidden, qkv=b.qkv, q=b.q, attn=b.dec_attn, mlp=b.dec_mlp, logits=b.logits,
                       part_ml=self.part_ml, part_acc=self.part_acc, arg_val=self.arg_val, arg_idx=self.arg_idx,
-                      sample_params=b.sampler.params, topk_hist=self.topk_hist, topk_pool=self.topk_pool,
+                      sample_params=b.sampler.params, topk_hist=b.sampler.topk_hist, topk_pool=b.sampler.topk_pool,
                       state=b.state, ring=b.ring, block_table=b.block_table, counters=counters, totals=totals,
                       epoch=epoch, debug=self.debug, profile=clocks, layers=self.layers, program=program, offsets=offs,
                       hidden=cfg.hidden_size, inter=cfg.intermediate_size, vocab=cfg.vocab_size,

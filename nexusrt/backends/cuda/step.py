@@ -111,14 +111,17 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None) -> list:
 
 
 def sample_stages(rt, b, after: str | None = None) -> list:
-    """The two sampler launches: next token into ``b.token`` and the ring; advances pos, step."""
+    """The three sampler launches (partial, gather, finish): next token into ``b.token`` and the
+    ring; advances pos, step."""
     logits = b.logits.reshape(b.logits.shape[-1])
-    part, finish = sampling.sample(rt, logits, b.sampler, b.pos, b.step, b.token, b.ring, b.ring.shape[0])
+    part, gather, finish = sampling.sample(rt, logits, b.sampler, b.pos, b.step, b.token, b.ring, b.ring.shape[0])
     s1 = scheduler.stage(name="sample.partial", kernel=part, inputs=[b.logits], outputs=[],
                          depends_on=(after,) if after else ())
-    s2 = scheduler.stage(name="sample.finish", kernel=finish, inputs=[b.logits],
-                         outputs=[b.token, b.state], depends_on=("sample.partial",))
-    return [s1, s2]
+    s2 = scheduler.stage(name="sample.gather", kernel=gather, inputs=[b.logits], outputs=[],
+                         depends_on=("sample.partial",))
+    s3 = scheduler.stage(name="sample.finish", kernel=finish, inputs=[b.logits],
+                         outputs=[b.token, b.state], depends_on=("sample.gather",))
+    return [s1, s2, s3]
 
 
 def _add_lm_head(ch: _Chain, rt, cfg, w, b, tp=None) -> None:

@@ -8,14 +8,17 @@
 // Then it writes the token id to *token_out and ring[step % ring_size] (host-mapped, so the
 // host reads tokens without a sync per token) and advances the graph's state *pos, *step.
 //
-// Two launches: sample_argmax_partial (many blocks, one (max, index) per 4096 logits) and
-// sample_finish (one block of 1024 threads), which either combines the partials (greedy)
-// or runs the exact top-K: a 4-pass radix select on the order-preserving uint32 of the
-// logits, a gather of the K winners (ties at the threshold broken by index, in index
-// order) and a bitonic sort of 64-bit keys (logit, ~index); that machinery (sample_topk) and
-// the SampleParams struct are in sampling_topk.cuh, which the persistent decode kernel's
-// finish instruction runs too. Parameters live in a device struct so a new generate() call
-// only rewrites 24 bytes, never the captured graph.
+// Three launches, one block per 4096 logits in the first two: sample_argmax_partial,
+// sample_gather, then sample_finish (one block of 1024 threads). Greedy: the partials' (max,
+// index) per chunk, a gather that does nothing, the finish combining the partials. Sampled:
+// the grid-wide exact top-K of sampling_grid.cuh (the persistent kernel runs the same three
+// phases as instructions): the partials add their chunk's 12-bit key histogram to the grid's,
+// the gathers find the K-th key's bucket in the complete histogram and append every logit at
+// or above it to a candidate pool, and the finish selects, sorts and draws over that pool only
+// (sample_topk over all logits when the pool would overflow), then zeroes the histogram and
+// cursor for the next step. The spread of the selection over the grid is the point: one block
+// running sample_topk over a 128k vocabulary cost ~0.17 ms a token on an H200. Parameters live
+// in a device struct so a new generate() call only rewrites 24 bytes, never the captured graph.
 //
 // Batched form (the serving engine's step): sample_rows_partial grid (num_parts, M) and
 // sample_rows_finish grid (M) pick each of M rows of logits [M][vocab] with its own
@@ -24,7 +27,7 @@
 #include <cuda/std/cstdint>
 #include "common.cuh"  // nrt::uniform01, the RNG shared with the CPU
 #include "argmax.cuh"
-#include "sampling_topk.cuh"
+#include "sampling_grid.cuh"  // sampling_topk.cuh and the grid-wide top-K
 #include <cuda/std/climits>
 #include <cuda/std/limits>
 
@@ -57,9 +60,10 @@ __device__ __forceinline__ void chunk_argmax(const float* __restrict__ logits, i
 // Greedy: the best of num_parts (<= blockDim.x) partials; INT_MAX when every logit is NaN.
 // (Out-parameters here and in chunk_argmax, not return values or stores inside: that keeps
 // the one-row kernels' register allocation, hence their SASS, what it was before the split.)
+template <class Shared>
 __device__ __forceinline__ void combine_partials(const float* __restrict__ part_val,
                                                 const int* __restrict__ part_idx, int num_parts,
-                                                FinishShared& sh, int& i) {
+                                                Shared& sh, int& i) {
     const int tid = threadIdx.x;
     float v = tid < num_parts ? part_val[tid] : kNegInf;
     i = tid < num_parts ? part_idx[tid] : INT_MAX;
@@ -68,27 +72,50 @@ __device__ __forceinline__ void combine_partials(const float* __restrict__ part_
 
 }  // namespace
 
-// grid ceil(vocab / 4096), block 256: (max, lowest index) of each 4096 logits. Skipped
-// when the parameters ask for sampling (sample_finish then reads the logits itself).
+// grid ceil(vocab / 4096), block 256: greedy, the (max, lowest index) of each 4096 logits;
+// sampled, their key histogram added to hist (uint32 [kBuckets + 1]: the buckets, then the pool
+// cursor; zero at the start of every step).
 extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial(
     const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
-    float* __restrict__ part_val, int* __restrict__ part_idx) {
+    float* __restrict__ part_val, int* __restrict__ part_idx, unsigned* __restrict__ hist) {
     __shared__ float sv[32];
     __shared__ int si[32];
+    __shared__ unsigned sh_hist[kBuckets];
     nrt::pdl_enter();  // the logits come from the kernel before (see pdl.cuh)
-    if (params->temperature > 0.f) return;
+    if (params->temperature > 0.f) {
+        const int a = blockIdx.x * kPartChunk;
+        add_chunk_histogram(PlainLogits{logits}, a, min(a + kPartChunk, vocab), sh_hist, hist);
+        return;
+    }
     float best;
     int bi;
     chunk_argmax(logits, vocab, blockIdx.x * kPartChunk, best, bi, sv, si);
     if (threadIdx.x == 0) { part_val[blockIdx.x] = best; part_idx[blockIdx.x] = bi; }
 }
 
+// grid ceil(vocab / 4096), block 256, after every partial: sampled, the block's chunk of
+// candidates (keys in the K-th key's bucket or above) appended to the pool when the complete
+// histogram says they all fit (phase 2 of sampling_grid.cuh); greedy, nothing.
+extern "C" __global__ void __launch_bounds__(kPartThreads) sample_gather(
+    const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
+    unsigned* __restrict__ hist, unsigned long long* __restrict__ pool) {
+    __shared__ int scratch[32];
+    __shared__ PoolPlan plan_sh;
+    nrt::pdl_enter();  // also when greedy: the finish relies on this grid completing after the partials
+    if (!(params->temperature > 0.f)) return;
+    const PoolPlan plan = threshold_bucket<kPartThreads>(hist, candidate_count(*params, vocab), scratch, plan_sh);
+    const int a = blockIdx.x * kPartChunk;
+    gather_chunk_candidates(PlainLogits{logits}, a, min(a + kPartChunk, vocab), plan, hist + kCursorWord, pool,
+                            scratch);
+}
+
 // grid 1, block 1024. num_parts = ceil(vocab / 4096) <= 1024.
 extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
     const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
     const float* __restrict__ part_val, const int* __restrict__ part_idx, int num_parts,
+    unsigned* __restrict__ hist, const unsigned long long* __restrict__ pool,
     int* pos, int* step, int* token_out, int* ring, int ring_size) {
-    __shared__ FinishShared sh;
+    __shared__ PoolShared sh;
     nrt::pdl_enter();
     const int tid = threadIdx.x;
     const SampleParams p = *params;
@@ -99,7 +126,10 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
         combine_partials(part_val, part_idx, num_parts, sh, i);
         token = i == INT_MAX ? 0 : i;  // every logit NaN: token 0
     } else {
-        token = sample_topk(PlainLogits{logits}, vocab, p, cur_step, sh);
+        const int pooled = (int)hist[kCursorWord];  // 0: the pool would have overflowed
+        token = pooled > 0 ? sample_from_pool<kFinishThreads>(PlainLogits{logits}, vocab, pool, pooled, p, cur_step, sh)
+                           : sample_topk(PlainLogits{logits}, vocab, p, cur_step, sh);
+        clear_grid_topk(hist);  // both paths end in barriers after every thread read the cursor
     }
     if (tid == 0) {
         *token_out = token;

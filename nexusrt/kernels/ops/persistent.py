@@ -7,8 +7,9 @@ of ``enum Slot`` in the kernel; ``tests/test_persistent_kernel.py`` checks both 
 pointers, and the integer and float (bit pattern) scalars. ``sample_params`` points at the
 runner's 24-byte ``SampleParams`` struct (:func:`nexusrt.kernels.ops.sampling.pack_params`),
 which the host rewrites per request, so one captured launch samples with any parameters;
-``topk_hist`` / ``topk_pool`` are the grid-wide top-K's words (:data:`TOPK_HIST_WORDS` int32,
-:data:`TOPK_POOL_WORDS` int64, zeroed by the host once: the kernel leaves them zero after a step). Per-layer pointers are a second
+``topk_hist`` / ``topk_pool`` are the grid-wide top-K's words, the sampler's buffers of the graph
+path (:class:`nexusrt.kernels.ops.sampling.SamplerBuffers`: zeroed by the host once, every sampled
+step leaves them zero). Per-layer pointers are a second
 array of :data:`LAYER_SLOTS` per layer. :func:`pack_params` builds the main array from a dict
 and refuses a missing or unknown name, so the host and the kernel cannot silently disagree.
 """
@@ -20,6 +21,7 @@ import struct
 import numpy as np
 
 from .common import check_positive, check_tensor, ptr, resident_blocks, sm_count
+from .sampling import TOPK_HIST_WORDS, TOPK_POOL_WORDS  # noqa: F401 (the sizes of the topk slots)
 from .spec import LaunchSpec
 
 SOURCE = "persistent_decode"
@@ -32,11 +34,6 @@ SMEM_OPTIN_LIMIT = 227 * 1024  # sm_90's per-block opt-in; the driver's answer i
 # sizeof(PoolShared) (sampling_grid.cuh; a static_assert in the kernel holds it to this): the
 # sampling finish's top-K workspace, which overlays the staged GEMV input in shared memory.
 FINISH_SHARED_BYTES = 42256
-# The grid-wide top-K's words in global memory (sampling_grid.cuh; zero before the first step,
-# the sampling finish zeroes them after each): the histogram of kBuckets bins followed by the
-# pool cursor (int32), and the candidate pool of kPoolMax 64-bit keys.
-TOPK_HIST_WORDS = 4096 + 1
-TOPK_POOL_WORDS = 4096
 
 SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "x", "qkv", "q", "attn", "mlp", "logits",

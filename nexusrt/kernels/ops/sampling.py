@@ -1,11 +1,15 @@
 """Launchers for ``cu/sampling.cu``: the next token on the device, per
 :mod:`nexusrt.reference.sampling` (greedy or temperature/top-k/top-p with a seeded draw).
 
-Two launches per token: ``sample_argmax_partial`` (many blocks; does nothing when the
-parameters ask for sampling) and ``sample_finish`` (one block), which writes the token to
-a device word and to ``ring[step % ring_size]`` (pinned host memory the host polls), then
-advances ``*pos`` and ``*step``. The parameters live in a 24-byte device struct
-(:func:`pack_params`), so a new ``generate()`` call rewrites it instead of the graph.
+Three launches per token: ``sample_argmax_partial`` and ``sample_gather`` (a block per 4096
+logits each) and ``sample_finish`` (one block), which writes the token to a device word and to
+``ring[step % ring_size]`` (pinned host memory the host polls), then advances ``*pos`` and
+``*step``. Greedy: partial argmaxes, a gather that does nothing, their combine. Sampled: the
+grid-wide exact top-K of ``cu/sampling_grid.cuh`` (a key histogram, a candidate pool of at most
+4,096 keys, the draw over the pool), in the buffers :class:`SamplerBuffers` holds; the
+persistent decode kernel runs the same three phases on the same buffers. The parameters live in
+a 24-byte device struct (:func:`pack_params`), so a new ``generate()`` call rewrites it instead
+of the graph.
 
 The batched form (:func:`sample_rows`, the serving engine's step): ``sample_rows_partial``
 and ``sample_rows_finish`` pick each row of logits ``[M, vocab]`` with its own struct
@@ -24,8 +28,9 @@ from .common import ceil_div, check_aligned, check_positive, check_tensor, pdl_o
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "sampling"
-PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr"
-FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr i32"
+PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr ptr"
+GATHER_SIGNATURE = "ptr i32 ptr ptr ptr"
+FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr ptr ptr i32"
 ROWS_PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr i32"
 ROWS_FINISH_SIGNATURE = "ptr i32 ptr ptr ptr ptr i32 ptr i32"
 MAX_ROWS = 65535  # sample_rows_partial puts the rows on grid.y
@@ -35,6 +40,11 @@ FINISH_THREADS = 1024
 MAX_PARTS = FINISH_THREADS  # one partial per thread of sample_finish
 PARAMS_FORMAT = "<fifiQ"  # struct SampleParams: temperature, top_k, top_p, pad, seed
 PARAMS_BYTES = struct.calcsize(PARAMS_FORMAT)
+# The grid-wide top-K's words in global memory (sampling_grid.cuh; zero before the first step,
+# every sampled finish zeroes them after it): the histogram of kBuckets bins followed by the
+# pool cursor (int32), and the candidate pool of kPoolMax 64-bit keys.
+TOPK_HIST_WORDS = 4096 + 1
+TOPK_POOL_WORDS = 4096
 
 
 def pack_params(temperature: float, top_k: int, top_p: float, seed: int) -> np.ndarray:
@@ -67,19 +77,24 @@ def num_parts(vocab: int) -> int:
 
 @dataclass
 class SamplerBuffers:
-    """Device buffers of the sampler: ``params`` (uint8 [24]) and the partial argmax
-    (``part_val`` fp32, ``part_idx`` int32, ``num_parts(vocab)`` each)."""
+    """Device buffers of the sampler: ``params`` (uint8 [24]), the partial argmax
+    (``part_val`` fp32, ``part_idx`` int32, ``num_parts(vocab)`` each) and the grid-wide
+    top-K's ``topk_hist`` (int32 [:data:`TOPK_HIST_WORDS`]) and ``topk_pool`` (int64
+    [:data:`TOPK_POOL_WORDS`]), which must be zero before the first sampled step (each leaves
+    them zero: so the graph path and the persistent kernel, one stream, share them)."""
 
     params: object
     part_val: object
     part_idx: object
+    topk_hist: object
+    topk_pool: object
 
     def set_params(self, temperature: float, top_k: int, top_p: float, seed: int) -> None:
         """Rewrite the parameters (a synchronous copy; do it between graph launches)."""
         self.params.copy_from(pack_params(temperature, top_k, top_p, seed))
 
     def free(self) -> None:
-        for t in (self.params, self.part_val, self.part_idx):
+        for t in (self.params, self.part_val, self.part_idx, self.topk_hist, self.topk_pool):
             t.free()
 
 
@@ -91,14 +106,24 @@ def alloc_buffers(vocab: int, tag: str = "sampling") -> SamplerBuffers:
     n = num_parts(vocab)
     if n > MAX_PARTS:
         raise ValueError(f"vocab {vocab} is above the supported {MAX_PARTS * PART_CHUNK}")
-    return SamplerBuffers(params=memory.from_numpy(pack_params(0.0, 0, 1.0, 0), tag=tag),
-                          part_val=memory.empty((n,), "fp32", tag=tag),
-                          part_idx=memory.empty((n,), "int32", tag=tag))
+    made = []
+    try:
+        for make in (lambda: memory.from_numpy(pack_params(0.0, 0, 1.0, 0), tag=tag),
+                     lambda: memory.empty((n,), "fp32", tag=tag), lambda: memory.empty((n,), "int32", tag=tag),
+                     lambda: memory.zeros((TOPK_HIST_WORDS,), "int32", tag=tag),
+                     lambda: memory.zeros((TOPK_POOL_WORDS,), "int64", tag=tag)):
+            made.append(make())
+    except BaseException:
+        for t in made:
+            t.free()
+        raise
+    return SamplerBuffers(*made)
 
 
 def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring_size: int
-           ) -> tuple[LaunchSpec, LaunchSpec]:
-    """The two launch specs (run in order) that sample one token from ``logits`` fp32 [vocab].
+           ) -> tuple[LaunchSpec, LaunchSpec, LaunchSpec]:
+    """The three launch specs (partial, gather, finish; run in order) that sample one token
+    from ``logits`` fp32 [vocab].
 
     ``pos``, ``step``, ``token_out``: int32 device words; ``ring``: int32 ``[ring_size]`` that
     the device can write (pinned host memory, mapped: with unified addressing its host
@@ -116,18 +141,24 @@ def sample(rt, logits, buffers: SamplerBuffers, pos, step, token_out, ring, ring
     check_tensor(buffers.params, "buffers.params", (PARAMS_BYTES,), "uint8")
     check_tensor(buffers.part_val, "buffers.part_val", (n,), "fp32")
     check_tensor(buffers.part_idx, "buffers.part_idx", (n,), "int32")
+    check_tensor(buffers.topk_hist, "buffers.topk_hist", (TOPK_HIST_WORDS,), "int32")
+    check_tensor(buffers.topk_pool, "buffers.topk_pool", (TOPK_POOL_WORDS,), "int64")
     for name, t in (("pos", pos), ("step", step), ("token_out", token_out)):
         check_tensor(t, name, None, "int32")
     check_tensor(ring, "ring", (ring_size,), "int32")
     partial = rt.kernels.get(SOURCE, "sample_argmax_partial", PARTIAL_SIGNATURE)
+    gather = rt.kernels.get(SOURCE, "sample_gather", GATHER_SIGNATURE)
     finish = rt.kernels.get(SOURCE, "sample_finish", FINISH_SIGNATURE)
+    hist, pool = ptr(buffers.topk_hist), ptr(buffers.topk_pool)
     p_args = partial.pack(ptr(logits), vocab, ptr(buffers.params), ptr(buffers.part_val),
-                          ptr(buffers.part_idx))
+                          ptr(buffers.part_idx), hist)
+    g_args = gather.pack(ptr(logits), vocab, ptr(buffers.params), hist, pool)
     f_args = finish.pack(ptr(logits), vocab, ptr(buffers.params), ptr(buffers.part_val),
-                         ptr(buffers.part_idx), n, ptr(pos), ptr(step), ptr(token_out), ptr(ring),
+                         ptr(buffers.part_idx), n, hist, pool, ptr(pos), ptr(step), ptr(token_out), ptr(ring),
                          ring_size)
     pdl = pdl_ok(rt)
     return (LaunchSpec(partial, (n, 1, 1), (PART_THREADS, 1, 1), p_args, 0, "sample_argmax_partial", pdl),
+            LaunchSpec(gather, (n, 1, 1), (PART_THREADS, 1, 1), g_args, 0, "sample_gather", pdl),
             LaunchSpec(finish, (1, 1, 1), (FINISH_THREADS, 1, 1), f_args, 0, "sample_finish", pdl))
 
 

@@ -14,8 +14,8 @@ dependencies between tiles are counters at the granularity of the data a tile re
   wait for the full producer stage;
 - a sampler partial waits only for the LM-head tiles of its chunk of the vocabulary; a gather
   (one per chunk) for every partial; the finish for every partial and every gather. The
-  sampler's two stages lower to three phases, chosen on the device by the parameters the host
-  writes per request: greedy, argmax partials per chunk and their combine (the gathers skip
+  sampler's three stages (the graph path's three launches) lower one to one, their work chosen
+  on the device by the parameters the host writes per request: greedy, argmax partials per chunk and their combine (the gathers skip
   their waits and only signal, so greedy keeps one grid-wide hop); temperature > 0, the
   grid-wide exact top-K of ``cu/sampling_grid.cuh`` (:mod:`.topk` is its model): partials add
   their chunk's key histogram, gathers compact their chunk's candidates into a pool, the finish
@@ -47,7 +47,7 @@ from .instructions import Instruction, Op, pack
 LAYER_OPS = ("qkv", "rope_append", "attention", "o", "gate_up", "down")
 _LAYER_RE = re.compile(r"^decode\.layer(\d+)\.([a-z_]+)$")
 _TOP = {"decode.embed": "embed", "decode.lm_head": "lm_head", "sample.partial": "sample_partial",
-        "sample.finish": "sample_finish"}
+        "sample.gather": "sample_gather", "sample.finish": "sample_finish"}
 
 
 @dataclass(frozen=True)
@@ -169,12 +169,13 @@ def _lower_stage(bl: _Builder, kind: str, layer: int, sample: bool) -> None:
             c = bl.counter(f"lm_head.chunk{ci}", len(chunk))
             bl.emit(*(Instruction(Op.LM_HEAD, 0, a, b, 0, c, (bl.ready["x"],)) for a, b in chunk))
             bl.ready["chunks"].append((chunk[0][0], chunk[-1][1], (c, len(chunk))))
-    elif kind == "sample_partial":  # the graph path's one stage; here partials, then gathers
+    elif kind == "sample_partial":
         chunks = bl.ready["chunks"]
         c = bl.counter("sample.partials", len(chunks))
         bl.emit(*(Instruction(Op.SAMPLE_PARTIAL, 0, a, b, ci, c, (w,)) for ci, (a, b, w) in enumerate(chunks)))
-        partials = bl.ready["partials"] = (c, len(chunks))
-        bl.phases.append(("sample_gather", []))
+        bl.ready["partials"] = (c, len(chunks))
+    elif kind == "sample_gather":
+        chunks, partials = bl.ready["chunks"], bl.ready["partials"]
         g = bl.counter("sample.gathered", len(chunks))
         bl.emit(*(Instruction(Op.SAMPLE_GATHER, 0, a, b, ci, g, (partials,)) for ci, (a, b, _) in enumerate(chunks)))
         bl.ready["gathered"] = (g, len(chunks))
@@ -199,7 +200,7 @@ def _parse(name: str) -> tuple[str, int]:
 def expected_chain(cfg, sample: bool = True) -> list[str]:
     """The stage names, in order, of the decode chain this lowering understands."""
     names = ["decode.embed"] + [f"decode.layer{i}.{op}" for i in range(cfg.num_hidden_layers) for op in LAYER_OPS]
-    return names + ["decode.lm_head"] + (["sample.partial", "sample.finish"] if sample else [])
+    return names + ["decode.lm_head"] + (["sample.partial", "sample.gather", "sample.finish"] if sample else [])
 
 
 def skeleton(cfg, sample: bool = True) -> list:

@@ -120,6 +120,10 @@ def test_figures_from_fake_measurements():
     assert h["ratio"] == pytest.approx(49 / 5.5) and h["verdict"] == "missed" and h["target"] == 1.5
     assert h["floor_ratio"] == pytest.approx(c["floor_over_all_device_floor"])
     assert "50.0 GB/s" in h["note"] and "floor of (c) itself" in h["note"]
+    r, b = t["fault_ring_over_device_32k"], row["fault_ring"]
+    assert r["ratio"] == pytest.approx(b["over_all_device"]) and r["target"] == 1.5
+    assert r["verdict"] == "met" and r["host_entries_timed"] == 0  # 6.1 / 5.5 = 1.11x
+    assert r["warmup_ratio"] == pytest.approx(b["warmup_over_all_device"])
     assert t["host_link"]["verdict"] == "met" and t["pruned_like_kept"]["verdict"] == "met"
     assert s["hbm_read_bytes_s"] == HBM and s["pinned_h2d_bytes_s"] == PINNED and s["runs"] == 3
 
@@ -160,6 +164,7 @@ def test_skips_and_refusals_are_reported_not_measured():
     row = s["contexts"][0]
     assert "host tier refused" in row["host_zero_copy"]["skipped"] and "all_device" in row
     assert "host tier refused" in s["targets"]["host_over_device_32k"]["skipped"]
+    assert "refused" in s["targets"]["fault_ring_over_device_32k"]["skipped"]
     assert s["targets"]["host_link"]["verdict"] is None
     e = row["pruned"]
     assert "refused position != start" in e["pruned_skipped"] and "ms_per_token" not in e
@@ -192,6 +197,8 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     assert "refused position != start" in text and "refused" in text
     assert "4,000 GB/s" in text and "50.0 GB/s" in text and "median of 3 runs of 32 steps" in text
     assert "target (c) / (a) at 32,768 <= 1.5x (8B shape): 8.91x, missed; floor ratio" in text
+    assert "target (b) / (a) at 32,768 <= 1.5x (8B shape): 1.11x, met — timed once the warm-up's faults" in text
+    assert "the warm-up run, moving included, was 7.27x" in text
     assert "{" not in text and "None" not in text
     assert kv_speed_table.render({"skipped": "needs the CUDA backend"}) == "speed: needs the CUDA backend"
 

@@ -8,7 +8,7 @@ One GPU (a sum over one rank is the identity, so the NCCL path must change nothi
   killed worker named with nothing left behind;
 - the serving engine through that worker (``ProcessRunner.batch_runner``: the rank's
   ``CudaBatchRunner`` with its RankComm, NCCL in its batch graphs and ragged passes): several
-  concurrent greedy requests give the plain ``CudaBatchRunner``'s ids (not yet run on a GPU).
+  concurrent greedy requests give the plain ``CudaBatchRunner``'s ids (passed on an H200, 2026-12-02).
 Two GPUs or more: TP=2 through ``nrt.LLM(..., backend="cuda", tensor_parallel=2)`` gives TP=1's
 greedy ids on the trained ``stdlib-tiny`` (peaked logits: summation order cannot flip a pick),
 and its teacher-forced logits agree to fp32-summation rounding; then the serving engine over the

@@ -78,6 +78,12 @@ def render(s: dict) -> str:
     notes.append(f"target (c) / (a) at {HOST_TARGET_CONTEXT:,} <= {HOST_TARGET}x (8B shape): " +
                  (h["skipped"] if "skipped" in h else f"{h['ratio']:.2f}x, {h['verdict']}; floor ratio "
                                                       f"{h['floor_ratio']:.2f}x — {h['note']}"))
+    r = t["fault_ring_over_device_32k"]
+    notes.append(f"target (b) / (a) at {HOST_TARGET_CONTEXT:,} <= {HOST_TARGET}x (8B shape): " +
+                 (r["skipped"] if "skipped" in r else
+                  f"{r['ratio']:.2f}x, {r['verdict']} — timed once the warm-up's faults had moved the host half "
+                  f"into the reserve ({r['host_entries_timed']} host entries left); the warm-up run, moving "
+                  f"included, was {r['warmup_ratio']:.2f}x"))
     link = t["host_link"]
     notes.append(f"target host->device traffic >= {LINK_TARGET:.0%} of the pinned rate: " +
                  (f"{link['verdict']} ({', '.join(f'{x:.1%}' for x in link['of_pinned'])})" if link["verdict"] else

@@ -278,3 +278,14 @@ def test_the_speed_half_on_the_tiny_model_gives_finite_ordered_figures(capsys):
     assert "not measured" in s["targets"]["host_over_device_32k"]["skipped"]
     assert main(argv[:-1]) == 0  # the table renders the same figures
     assert "(c) half on host, zero-copy" in capsys.readouterr().out
+
+
+def test_progress_names_each_row_as_it_lands_then_the_context():
+    lines = []
+    kv_speed.measure(FakeProbe(), CFG, "synthetic:llama-3.1-8b", [8192, 32768], 3, 4096, progress=lines.append)
+    assert len(lines) == 6  # per context: (a), (c), then the summary
+    assert lines[0].startswith("context 8192: (a) 5.500 ms/token, (d) and (e) measured (")
+    assert lines[1].startswith("context 8192: (c) 49.000 ms/token (")
+    assert lines[2].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
+                               "fault_ring 6.100 ms/token; pruned 5.400 ms/token (")
+    assert lines[3].startswith("context 32768: (a)")

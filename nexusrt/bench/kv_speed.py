@@ -219,8 +219,9 @@ def targets(rows: list[dict], pinned: float) -> dict:
 # -- the run ----------------------------------------------------------------------------------
 def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, progress=None) -> dict:
     """Every figure of the speed half from ``probe`` (:class:`.kv_timing.CudaKvProbe` or a fake);
-    ``progress(line)`` hears of each context as it finishes."""
+    ``progress(line)`` hears of each row as it is measured and of each context as it finishes."""
     hbm, pinned = probe.hbm_bandwidth(), probe.pinned_rate()
+    say = progress or (lambda line: None)
     rows = []
     for context in contexts:
         t0 = time.perf_counter()
@@ -235,6 +236,9 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         prunable = keep + plan.steps < context  # the pruned positions lie past the kept slots
         dev = probe.all_device(plan, evicted, keep if prunable else None)
         row["all_device"] = device_figures(cfg, plan, dev["decode_ms"], hbm)
+        # One line per row as it lands: a context that runs past a time limit still leaves these.
+        say(f"context {context}: (a) {row['all_device']['ms_per_token']:.3f} ms/token, (d) and (e) measured "
+            f"({time.perf_counter() - t0:.1f} s)")
         split = (plan, dev["kv_blocks"] - blocks_for(evicted))
         # The device keeps the rest of the runner's blocks: exactly the evicted half is on the host.
         # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
@@ -245,6 +249,8 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         else:
             row["host_zero_copy"] = host_figures(cfg, plan, host["decode_ms"], host["tiers"], hbm, pinned,
                                                  row["all_device"])
+            say(f"context {context}: (c) {row['host_zero_copy']['ms_per_token']:.3f} ms/token "
+                f"({time.perf_counter() - t0:.1f} s)")
         try:
             ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
         except KvBudgetError as exc:
@@ -256,10 +262,10 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
                          {"skipped": f"context {context} leaves nothing to prune with {keep} slots kept "
                                      f"and {plan.steps} steps per run (--kv-keep)"})
         row["seconds"] = time.perf_counter() - t0
-        if progress:  # a long run's finished contexts reach the log even if a later one fails
-            progress(f"context {context}: " + "; ".join(f"{k} {v['ms_per_token']:.3f} ms/token" for k, v in row.items()
-                                                          if isinstance(v, dict) and "ms_per_token" in v)
-                     + f" ({row['seconds']:.1f} s)")
+        # A long run's finished contexts reach the log even if a later one fails.
+        say(f"context {context}: " + "; ".join(f"{k} {v['ms_per_token']:.3f} ms/token" for k, v in row.items()
+                                               if isinstance(v, dict) and "ms_per_token" in v)
+            + f" ({row['seconds']:.1f} s)")
     return {"hbm_read_bytes_s": hbm, "pinned_h2d_bytes_s": pinned, "pinned_copy": probe.pinned_copy,
             "runs": runs, "steps_per_run": STEPS, "keep": keep, "contexts": rows, "targets": targets(rows, pinned)}
 

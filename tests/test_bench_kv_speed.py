@@ -39,9 +39,9 @@ class FakeProbe:
     def fits(self, context):
         return f"synthetic:llama-3.1-8b does not fit at {context}" if context in self.too_big else None
 
-    def all_device(self, plan, evicted, keep):
-        self.calls.append(("all_device", plan.context, evicted, keep))
-        out = {"kv_blocks": blocks_for(plan.context + 63), "recompute_s": [0.30, 0.10, 0.20],
+    def all_device(self, plan, evicted, keep, restore=True):
+        self.calls.append(("all_device", plan.context, evicted, keep) + (() if restore else ("no restore",)))
+        out = {"kv_blocks": blocks_for(plan.context + 63), "recompute_s": [0.30, 0.10, 0.20] if restore else [],
                "decode_ms": [6.0, 5.0, 5.5]}
         if keep is not None:
             out["pruned"] = {"unpruned_ms": [5.0, 5.2, 5.1]}
@@ -135,8 +135,8 @@ def test_slow_link_and_slow_pruned_rows_miss_their_targets():
             "blocks_device": device_blocks, "blocks_host": 1024, "host_bytes": 16384 * KV_PER_TOKEN}}
     slow = FakeProbe.all_device
 
-    def all_device(plan, evicted, keep):
-        out = slow(probe, plan, evicted, keep)
+    def all_device(plan, evicted, keep, restore=True):
+        out = slow(probe, plan, evicted, keep, restore)
         out["pruned"]["pruned_ms"] = [6.0, 6.0, 6.0]  # 1.18x the unpruned 5.1
         return out
 
@@ -284,8 +284,30 @@ def test_progress_names_each_row_as_it_lands_then_the_context():
     lines = []
     kv_speed.measure(FakeProbe(), CFG, "synthetic:llama-3.1-8b", [8192, 32768], 3, 4096, progress=lines.append)
     assert len(lines) == 6  # per context: (a), (c), then the summary
-    assert lines[0].startswith("context 8192: (a) 5.500 ms/token, (d) and (e) measured (")
+    assert lines[0].startswith("context 8192: (a) 5.500 ms/token (")
     assert lines[1].startswith("context 8192: (c) 49.000 ms/token (")
     assert lines[2].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
                                "fault_ring 6.100 ms/token; pruned 5.400 ms/token (")
     assert lines[3].startswith("context 32768: (a)")
+
+
+def test_kv_rows_measure_only_what_is_asked_and_say_so():
+    assert kv_speed.parse_rows(None) == {"b", "c", "d", "e"} and kv_speed.parse_rows("a, C") == {"c"}
+    for bad in ("x", "b,z", "", ","):
+        with pytest.raises(ValueError, match="--kv-rows takes a comma-separated subset of a,b,c,d,e"):
+            kv_speed.parse_rows(bad)
+    probe = FakeProbe()
+    s = kv_speed.measure(probe, CFG, "synthetic:llama-3.1-8b", [131072], 1, 4096, rows_asked=frozenset({"c"}))
+    assert [c[0] for c in probe.calls] == ["all_device", "half_host"]  # no reserve run, no pruned, no restore
+    assert probe.calls[0] == ("all_device", 131072, 65536, None, "no restore")
+    assert probe.calls[1][3] == 0  # (c): no fault reserve
+    row = s["contexts"][0]
+    assert "ms_per_token" in row["all_device"] and "ms_per_token" in row["host_zero_copy"]
+    for key in ("fault_ring", "restore", "pruned"):
+        assert row[key] == {"skipped": "not asked for (--kv-rows)"}
+    assert s["targets"]["fault_ring_over_device_32k"]["skipped"]  # 32k itself was not measured
+    s.update(backend="cuda", device="NVIDIA H200", profile="h200", model="synthetic:llama-3.1-8b")
+    text = kv_speed_table.render(s)
+    assert "context 131,072 (b): not asked for (--kv-rows)" in text
+    assert "context 131,072 (d): not asked for (--kv-rows)" in text
+    assert "131,072  (c) half on host, zero-copy" in text and "{" not in text

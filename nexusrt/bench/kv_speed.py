@@ -54,6 +54,17 @@ HOST_TARGET = 1.5  # issue 16: (c) at most 1.5x (a) at 32k, for the 8B shape
 HOST_TARGET_CONTEXT = 32768
 LINK_TARGET = 0.8  # issue 16: host->device traffic at least 80% of the pinned copy rate
 PRUNED_TOLERANCE = 0.10  # issue 16: the pruned row within 10% of the kept slots' own speed
+ROWS = ("b", "c", "d", "e")  # the rows measured besides (a), the all-HBM reference
+NOT_ASKED = "not asked for (--kv-rows)"
+
+
+def parse_rows(text: str | None) -> frozenset[str]:
+    """The ``--kv-rows`` set (a subset of :data:`ROWS`; an ``a`` is accepted and implied)."""
+    names = [r.strip().lower() for r in (text if text is not None else ",".join(ROWS)).split(",") if r.strip()]
+    bad = [r for r in names if r not in ROWS + ("a",)]
+    if bad or not names:
+        raise ValueError(f"--kv-rows takes a comma-separated subset of a,{','.join(ROWS)}; got {text!r}")
+    return frozenset(r for r in names if r != "a")
 
 
 def add_arguments(parser) -> None:
@@ -63,6 +74,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kv-contexts", default=None, metavar="N[,N...]",
                         help="kv stage, speed half: contexts to decode at (default 8192,32768,131072; "
                              "multiples of 32; a context that does not fit is skipped with the reason)")
+    parser.add_argument("--kv-rows", default=",".join(ROWS), metavar="R[,R...]",
+                        help="kv stage, speed half: which of the rows b (fault ring), c (zero-copy), d (restore "
+                             "by prefill), e (pruned) to measure besides (a), which every row is compared with "
+                             f"(default {','.join(ROWS)}); fewer rows fit a long context into one time limit")
     parser.add_argument("--kv-keep", type=int, default=KEEP, metavar="N",
                         help=f"kv stage, speed half: cache slots the pruned decode row keeps (default {KEEP})")
 
@@ -217,8 +232,10 @@ def targets(rows: list[dict], pinned: float) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, progress=None) -> dict:
-    """Every figure of the speed half from ``probe`` (:class:`.kv_timing.CudaKvProbe` or a fake);
+def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, progress=None,
+            rows_asked: frozenset[str] = frozenset(ROWS)) -> dict:
+    """Every figure of the speed half from ``probe`` (:class:`.kv_timing.CudaKvProbe` or a fake):
+    (a) and the rows of ``rows_asked`` (:data:`ROWS`; the others say they were not asked for);
     ``progress(line)`` hears of each row as it is measured and of each context as it finishes."""
     hbm, pinned = probe.hbm_bandwidth(), probe.pinned_rate()
     say = progress or (lambda line: None)
@@ -234,31 +251,38 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         plan = DecodePlan(context, runs)
         evicted = context // 2
         prunable = keep + plan.steps < context  # the pruned positions lie past the kept slots
-        dev = probe.all_device(plan, evicted, keep if prunable else None)
+        dev = probe.all_device(plan, evicted, keep if prunable and "e" in rows_asked else None,
+                               restore="d" in rows_asked)
         row["all_device"] = device_figures(cfg, plan, dev["decode_ms"], hbm)
         # One line per row as it lands: a context that runs past a time limit still leaves these.
-        say(f"context {context}: (a) {row['all_device']['ms_per_token']:.3f} ms/token, (d) and (e) measured "
+        say(f"context {context}: (a) {row['all_device']['ms_per_token']:.3f} ms/token "
             f"({time.perf_counter() - t0:.1f} s)")
-        split = (plan, dev["kv_blocks"] - blocks_for(evicted))
         # The device keeps the rest of the runner's blocks: exactly the evicted half is on the host.
         # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
-        try:
-            host = probe.half_host(*split)
-        except KvBudgetError as exc:
-            row["host_zero_copy"] = {"skipped": f"host tier refused: {exc}"}
-        else:
-            row["host_zero_copy"] = host_figures(cfg, plan, host["decode_ms"], host["tiers"], hbm, pinned,
-                                                 row["all_device"])
-            say(f"context {context}: (c) {row['host_zero_copy']['ms_per_token']:.3f} ms/token "
-                f"({time.perf_counter() - t0:.1f} s)")
-        try:
-            ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
-        except KvBudgetError as exc:
-            row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
-        else:
-            row["fault_ring"] = fault_figures(ring, row["all_device"])
-        row["restore"] = restore_figures(cfg, evicted, dev["recompute_s"], pinned)
-        row["pruned"] = (pruned_figures(plan, keep, dev["pruned"]) if prunable else
+        split = (plan, dev["kv_blocks"] - blocks_for(evicted))
+        row["host_zero_copy"] = {"skipped": NOT_ASKED}
+        if "c" in rows_asked:
+            try:
+                host = probe.half_host(*split)
+            except KvBudgetError as exc:
+                row["host_zero_copy"] = {"skipped": f"host tier refused: {exc}"}
+            else:
+                row["host_zero_copy"] = host_figures(cfg, plan, host["decode_ms"], host["tiers"], hbm, pinned,
+                                                     row["all_device"])
+                say(f"context {context}: (c) {row['host_zero_copy']['ms_per_token']:.3f} ms/token "
+                    f"({time.perf_counter() - t0:.1f} s)")
+        row["fault_ring"] = {"skipped": NOT_ASKED}
+        if "b" in rows_asked:
+            try:
+                ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
+            except KvBudgetError as exc:
+                row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
+            else:
+                row["fault_ring"] = fault_figures(ring, row["all_device"])
+        row["restore"] = (restore_figures(cfg, evicted, dev["recompute_s"], pinned) if "d" in rows_asked else
+                          {"skipped": NOT_ASKED})
+        row["pruned"] = ({"skipped": NOT_ASKED} if "e" not in rows_asked else
+                         pruned_figures(plan, keep, dev["pruned"]) if prunable else
                          {"skipped": f"context {context} leaves nothing to prune with {keep} slots kept "
                                      f"and {plan.steps} steps per run (--kv-keep)"})
         row["seconds"] = time.perf_counter() - t0
@@ -278,6 +302,7 @@ def run(args) -> dict:
     if runs < 1 or args.kv_keep < 1:
         raise ValueError(f"--runs and --kv-keep must be >= 1, got {runs} and {args.kv_keep}")
     contexts = parse_contexts(args.kv_contexts, runs)
+    rows_asked = parse_rows(getattr(args, "kv_rows", None))
     cfg = resolve_model_config(args.model)  # an unknown name fails here, on any backend
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
@@ -289,5 +314,6 @@ def run(args) -> dict:
     probe = CudaKvProbe(rt, args.model, runs)
     out = {"backend": rt.backend, "device": rt.profile.device_name, "profile": rt.profile.name, "model": args.model}
     out.update(measure(probe, cfg, args.model, contexts, runs, args.kv_keep,
-                       progress=lambda line: print(f"nexusrt-bench kv: {line}", file=sys.stderr, flush=True)))
+                       progress=lambda line: print(f"nexusrt-bench kv: {line}", file=sys.stderr, flush=True),
+                       rows_asked=rows_asked))
     return out

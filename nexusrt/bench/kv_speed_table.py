@@ -56,7 +56,7 @@ def render(s: dict) -> str:
     parts.append(table(["context", "evicted tokens", "MB", "recompute (prefill) ms", "copy back ms", "recompute / copy"],
                        [[f"{r['context']:,}", f"{d['evicted_tokens']:,}", f"{d['evicted_bytes'] / 1e6:,.0f}",
                          _ms(d["recompute_ms"]), _ms(d["copy_back_ms"]), f"{d['recompute_over_copy']:.2f}x"]
-                        for r in measured for d in [r["restore"]]],
+                        for r in measured for d in [r["restore"]] if "skipped" not in d],
                        title="(d) restoring the evicted half: its prefill, measured, vs its bytes at the pinned rate"))
     pruned = [(r["context"], r["pruned"]) for r in measured if "skipped" not in r["pruned"]]
     parts.append(table(["context", "slots kept", "RoPE positions", "unpruned ms/token", "pruned ms/token",
@@ -72,6 +72,7 @@ def render(s: dict) -> str:
         c, e = r.get("host_zero_copy", {}), r.get("pruned", {})
         notes += [f"{ctx} skipped: {r['skipped']}"] if "skipped" in r else _fault_note(ctx, r["fault_ring"])
         notes += [f"{ctx} (c): {c['skipped']}"] if "skipped" in c else []
+        notes += [f"{ctx} (d): {r['restore']['skipped']}"] if "skipped" in r.get("restore", {}) else []
         notes += [f"{ctx} (e): {e.get('skipped') or e['pruned_skipped']}"] if {"skipped", "pruned_skipped"} & set(e) else []
     t = s["targets"]
     h = t["host_over_device_32k"]

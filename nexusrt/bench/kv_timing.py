@@ -108,10 +108,11 @@ class CudaKvProbe:
             return str(exc)
         return None
 
-    def all_device(self, plan, evicted: int, keep: int | None) -> dict:
+    def all_device(self, plan, evicted: int, keep: int | None, restore: bool = True) -> dict:
         """(a), (d) and (e) on one all-HBM runner of ``plan.context`` tokens: ``recompute_s`` the
-        prefills of ``evicted`` tokens from an empty cache, ``decode_ms``, ``kv_blocks`` (the
-        runner's KV blocks) and, with ``keep``, ``pruned`` (see :meth:`_pruned`)."""
+        prefills of ``evicted`` tokens from an empty cache (empty without ``restore``),
+        ``decode_ms``, ``kv_blocks`` (the runner's KV blocks) and, with ``keep``, ``pruned`` (see
+        :meth:`_pruned`)."""
         from ..backends.cuda.runner import CudaRunner
 
         ids = self._ids(plan.prefill_to)
@@ -119,13 +120,15 @@ class CudaKvProbe:
         try:
             runner.prefill(ids[:min(evicted, runner.chunk)])  # warm-up: the graphs' first replay
             recompute = []
-            for _ in range(self.runs):  # rebuilding the oldest half = prefilling it from position 0
+            for _ in range(self.runs if restore else 0):  # rebuilding the oldest half = prefilling it
                 runner.reset()
                 t0 = time.perf_counter()
                 runner.prefill(ids[:evicted])
                 runner.stream.synchronize()
                 recompute.append(time.perf_counter() - t0)
-            if plan.prefill_to > evicted:
+            if not restore:  # the warm-up's tokens are the start of the prefix: fill it from there
+                runner.prefill(ids[runner.position:])
+            elif plan.prefill_to > evicted:  # each restore left the oldest half in place
                 runner.prefill(ids[evicted:])
             out = {"kv_blocks": blocks_for(runner.capacity), "recompute_s": recompute,
                    "decode_ms": time_decode(runner, plan)}

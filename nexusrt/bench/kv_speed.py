@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from ..engine.fit import runner_context
 from ..kvcache.blocks import BLOCK_SIZE, blocks_for
+from ..kvcache.fault_plan import FaultCounts
 from ..kvcache.tiers import KvBudgetError
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
 from .decode_timing import bytes_per_token
@@ -168,8 +169,7 @@ def fault_figures(measured: dict, device: dict) -> dict:
     return {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
             "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
             "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
-            **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots", "faults_posted",
-                                     "faults_serviced", "faults_overflow", "faults_left", "bytes_moved")},
+            **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots") + FaultCounts.KEYS},
             "host_entries_timed": measured["host_entries_timed"],
             "measures": "decode with a reserve as large as the host half: the warm-up run's steps post the host "
                         "blocks and it ends once they are moved in; the timed runs read from the table that left"}

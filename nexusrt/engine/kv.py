@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..kvcache.blocks import blocks_for
+from ..kvcache.fault_plan import FaultCounts
 from ..serving.pruning import DEFAULT_SINKS, KvPolicy
 from .context import LAYERS, Rendered, render
 
@@ -76,21 +77,22 @@ def report(policy: KvPolicy, kept: int, evicted: int, blocks: int, tiers: dict |
     """The ``kv`` object of a result (``nexusrt generate --json``). ``tiers`` (a runner's
     ``kv_tiers()``) gives the blocks on the device and on the host tier; without it every block
     counts as on the device. The fault figures (posted by decode attention, serviced = blocks moved
-    into HBM, overflow = posts a full ring refused, bytes moved) are the runner's since it was made;
+    into HBM, overflow = posts a full ring refused, left = drained but not moved, bytes moved; see
+    :class:`~nexusrt.kvcache.fault_plan.FaultCounts`) are the runner's since it was made;
     they stay 0 without a fault ring (``kv_fault_reserve``): zero-copy reads move no pages."""
     out = {"policy": policy.policy, "budget": policy.budget, "sinks": policy.sinks if policy.prunes else None,
            "window": policy.recent if policy.prunes else None,
            "protected_tokens": sum(hi - lo for lo, hi in policy.protect),
            "tokens_kept": kept, "tokens_evicted": evicted, "blocks_used": blocks,
            "host_tier": HOST_TIER, "blocks_device": blocks, "blocks_host": 0, "pages_host": 0,
-           "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "bytes_moved": 0}
+           **FaultCounts().report()}
     if tiers and tiers.get("blocks_host"):
         moved = (f"; decode moves the ones it reads into {tiers['blocks_reserve']} reserve device blocks"
                  if tiers.get("blocks_reserve") else "")
         out.update(host_tier=f"{tiers['host_mode']}: the oldest {tiers['blocks_host']} blocks of the sequence "
                              f"are placed in pinned host memory{moved}", blocks_device=tiers["blocks_device"],
                    blocks_host=tiers["blocks_host"], pages_host=tiers["blocks_host"],
-                   **{k: tiers[k] for k in ("faults_posted", "faults_serviced", "faults_overflow", "bytes_moved")})
+                   **{k: tiers[k] for k in FaultCounts.KEYS})
     return out
 
 

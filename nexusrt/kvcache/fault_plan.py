@@ -95,6 +95,12 @@ class FaultCounts:
     left: int = 0
     bytes_moved: int = 0
 
+    KEYS = ("faults_posted", "faults_serviced", "faults_overflow", "faults_left", "bytes_moved")
+
+    def report(self) -> dict:
+        """The figures under the ``kv`` report's names (:data:`KEYS`; all 0 for no fault ring)."""
+        return dict(zip(self.KEYS, (self.posted, self.serviced, self.overflow, self.left, self.bytes_moved)))
+
 
 @dataclass(frozen=True)
 class Service:

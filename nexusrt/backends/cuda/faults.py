@@ -114,9 +114,7 @@ class FaultService:
         self._retire()
 
     def counts(self) -> dict:
-        c = self.drain.counts
-        return {"faults_posted": c.posted, "faults_serviced": c.serviced, "faults_overflow": c.overflow,
-                "faults_left": c.left, "bytes_moved": c.bytes_moved,
+        return {**self.drain.counts.report(),
                 "blocks_reserve_free": self.drain.pool.device.num_free, "host_entries": self.drain.host_entries}
 
     def free(self) -> None:

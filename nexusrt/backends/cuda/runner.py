@@ -26,7 +26,7 @@ from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
-from ...kvcache.fault_plan import RING_SLOTS, plan_faults
+from ...kvcache.fault_plan import RING_SLOTS, FaultCounts, plan_faults
 from ...kvcache.tiers import plan_tiers
 from . import persistent
 from . import step as steps
@@ -361,8 +361,7 @@ class CudaRunner:
         self.service_faults(flush=True)
         out = {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
-               "faults_posted": 0, "faults_serviced": 0, "faults_overflow": 0, "faults_left": 0, "bytes_moved": 0,
-               "host_entries": self.kv_plan.host_blocks}
+               **FaultCounts().report(), "host_entries": self.kv_plan.host_blocks}
         if self._faults is not None:
             out.update(self._faults.counts(), host_mode="fault-ring",
                        blocks_reserve=self.fault_plan.reserve_blocks, ring_slots=self.fault_plan.ring_slots)

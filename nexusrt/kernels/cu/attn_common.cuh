@@ -92,6 +92,63 @@ __device__ __forceinline__ float group_max(float v) {
 constexpr float kNegBig = -1.0e30f;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The scores of kUnroll K rows (8 bf16 of each per lane, a row spread over kRowLanes lanes)
+// against the first G of GM query heads held as qr (prescaled into the exp2 domain): s[u][g],
+// every lane of a row group holding its row's sums. Heads g >= G are left unset.
+template <int GM, int kUnroll, int kRowLanes>
+__device__ __forceinline__ void row_scores(const uint4 (&kraw)[kUnroll], const float (&qr)[GM][8],
+                                           float (&s)[kUnroll][GM], int G) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        float kf[8];
+        bf16x8_to_float(kraw[u], kf);
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) break;
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dot += qr[g][i] * kf[i];
+            s[u][g] = group_sum<kRowLanes>(dot);
+        }
+    }
+}
+
+// One online-softmax step of the first G heads over kUnroll rows (exp2 domain): the running
+// max m, sum l and output acc (8 dims per lane) rescaled to the new max, then the rows' weights
+// (0 for a row past the end) and their V rows (8 bf16 per lane) added. s is overwritten with
+// the weights.
+template <int GM, int kUnroll>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kUnroll][GM], const bool (&valid)[kUnroll],
+                                                    const uint4 (&vraw)[kUnroll], float (&m)[GM], float (&l)[GM],
+                                                    float (&acc)[GM][8], int G) {
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        if (g >= G) break;
+        float mx = m[g];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][g]) : mx;
+        const float alpha = exp2f(m[g] - mx);
+        m[g] = mx;
+        l[g] *= alpha;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) s[u][g] = valid[u] ? exp2f(s[u][g] - mx) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        float vf[8];
+        bf16x8_to_float(vraw[u], vf);
+#pragma unroll
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) break;
+            l[g] += s[u][g];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g][i] += s[u][g] * vf[i];
+        }
+    }
+}
+
 // Merge softmax state (m_o, l_o, acc_o) of the lane `off` away into (m, l, acc); all in the
 // exp2 domain. Shared by attention_decode.cu and persistent_decode.cu.
 template <int GM>

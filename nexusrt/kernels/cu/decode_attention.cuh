@@ -177,19 +177,7 @@ __device__ __forceinline__ void decode_impl(
     for (int base = start; base < end; base += kTokIter) {
         if (base != start) load_step(base, false);
         float s[kUnroll][GM];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            float kf[8];
-            nrt_attn::bf16x8_to_float(kraw[u], kf);
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                if (g >= G) break;
-                float dot = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) dot += qr[g][i] * kf[i];
-                s[u][g] = nrt_attn::group_sum<kRowLanes>(dot);
-            }
-        }
+        nrt_attn::row_scores<GM, kUnroll, kRowLanes>(kraw, qr, s, G);
         if constexpr (kScores) {
             if (dim0 == 0) {  // every lane of a row group holds the group's sums; one writes them
 #pragma unroll
@@ -204,32 +192,7 @@ __device__ __forceinline__ void decode_impl(
                 }
             }
         }
-#pragma unroll
-        for (int g = 0; g < GM; ++g) {
-            if (g >= G) break;
-            float mx = m[g];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][g]) : mx;
-            const float alpha = exp2f(m[g] - mx);
-            m[g] = mx;
-            l[g] *= alpha;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) s[u][g] = valid[u] ? exp2f(s[u][g] - mx) : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            float vf[8];
-            nrt_attn::bf16x8_to_float(vraw[u], vf);
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                if (g >= G) break;
-                l[g] += s[u][g];
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[g][i] += s[u][g] * vf[i];
-            }
-        }
+        nrt_attn::online_softmax_step<GM, kUnroll>(s, valid, vraw, m, l, acc, G);
     }
 
     // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...

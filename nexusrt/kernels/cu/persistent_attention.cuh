@@ -67,43 +67,9 @@ __device__ __forceinline__ void attention_tile(AttnShared<D, GM>& sh, const floa
                 vraw[u] = __ldcg(reinterpret_cast<const uint4*>(v_pool + off));
             }
         }
-        float s[kUnroll][GM];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            float kf[8];
-            nrt_attn::bf16x8_to_float(kraw[u], kf);
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                float dot = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) dot += qr[g][i] * kf[i];
-                s[u][g] = nrt_attn::group_sum<kRowLanes>(dot);
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < GM; ++g) {
-            float mx = m[g];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) mx = valid[u] ? fmaxf(mx, s[u][g]) : mx;
-            const float alpha = exp2f(m[g] - mx);
-            m[g] = mx;
-            l[g] *= alpha;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] *= alpha;
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) s[u][g] = valid[u] ? exp2f(s[u][g] - mx) : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            float vf[8];
-            nrt_attn::bf16x8_to_float(vraw[u], vf);
-#pragma unroll
-            for (int g = 0; g < GM; ++g) {
-                l[g] += s[u][g];
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc[g][i] += s[u][g] * vf[i];
-            }
-        }
+        float s[kUnroll][GM];  // all GM heads (those past G copy head 0 and are never used)
+        nrt_attn::row_scores<GM, kUnroll, kRowLanes>(kraw, qr, s, GM);
+        nrt_attn::online_softmax_step<GM, kUnroll>(s, valid, vraw, m, l, acc, GM);
     }
 
 #pragma unroll

@@ -92,6 +92,25 @@ __device__ __forceinline__ float group_max(float v) {
 constexpr float kNegBig = -1.0e30f;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// An empty online-softmax state for GM heads: max kNegBig, sum 0, output 0.
+template <int GM>
+__device__ __forceinline__ void empty_state(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8]) {
+#pragma unroll
+    for (int g = 0; g < GM; ++g) {
+        m[g] = kNegBig;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
+    }
+}
+
+// One query head's 8 dims of this lane (two float4), times qscale (the softmax scale times
+// log2(e): scores in the exp2 domain).
+__device__ __forceinline__ void scaled_q(const float4 a, const float4 b, float qscale, float (&qr)[8]) {
+    qr[0] = a.x * qscale; qr[1] = a.y * qscale; qr[2] = a.z * qscale; qr[3] = a.w * qscale;
+    qr[4] = b.x * qscale; qr[5] = b.y * qscale; qr[6] = b.z * qscale; qr[7] = b.w * qscale;
+}
+
 // The scores of kUnroll K rows (8 bf16 of each per lane, a row spread over kRowLanes lanes)
 // against the first G of GM query heads held as qr (prescaled into the exp2 domain): s[u][g],
 // every lane of a row group holding its row's sums. Heads g >= G are left unset.

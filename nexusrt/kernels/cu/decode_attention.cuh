@@ -161,18 +161,11 @@ __device__ __forceinline__ void decode_impl(
         }
         const float4* src = reinterpret_cast<const float4*>(q + (long long)(kvh * G + g) * D + dim0);
         const float4 a = src[0], b = src[1];
-        qr[g][0] = a.x * qscale; qr[g][1] = a.y * qscale; qr[g][2] = a.z * qscale; qr[g][3] = a.w * qscale;
-        qr[g][4] = b.x * qscale; qr[g][5] = b.y * qscale; qr[g][6] = b.z * qscale; qr[g][7] = b.w * qscale;
+        nrt_attn::scaled_q(a, b, qscale, qr[g]);
     }
 
     float m[GM], l[GM], acc[GM][8];
-#pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        m[g] = kNegBig;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
-    }
+    nrt_attn::empty_state<GM>(m, l, acc);
 
     for (int base = start; base < end; base += kTokIter) {
         if (base != start) load_step(base, false);

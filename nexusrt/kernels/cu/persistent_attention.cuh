@@ -41,17 +41,10 @@ __device__ __forceinline__ void attention_tile(AttnShared<D, GM>& sh, const floa
     for (int g = 0; g < GM; ++g) {
         const int gg = g < G ? g : 0;  // heads past the group: a copy of head 0, never used
         const float4 a = ldcg4(q + (size_t)(kv * G + gg) * D + dim0), b = ldcg4(q + (size_t)(kv * G + gg) * D + dim0 + 4);
-        qr[g][0] = a.x * qscale; qr[g][1] = a.y * qscale; qr[g][2] = a.z * qscale; qr[g][3] = a.w * qscale;
-        qr[g][4] = b.x * qscale; qr[g][5] = b.y * qscale; qr[g][6] = b.z * qscale; qr[g][7] = b.w * qscale;
+        nrt_attn::scaled_q(a, b, qscale, qr[g]);
     }
     float m[GM], l[GM], acc[GM][8];
-#pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        m[g] = kNegBig;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
-    }
+    nrt_attn::empty_state<GM>(m, l, acc);
 
     for (int base = start; base < end; base += kRowGroups * kUnroll) {
         uint4 kraw[kUnroll], vraw[kUnroll];

@@ -62,7 +62,8 @@ class FakeProbe:
             return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
                      faults_overflow=0, faults_left=5, bytes_moved=host * unit)
-        return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0}
+        return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0,
+                "flush_s": 0.05, "flush_bytes": host * unit}
 
 
 def _measure(probe, contexts=(32768,), keep=4096, cfg=CFG, runs=3):
@@ -90,6 +91,10 @@ def test_figures_from_fake_measurements():
     b = row["fault_ring"]
     assert b["ms_per_token"] == 6.1 and b["warmup_ms_per_token"] == 40.0 and b["blocks_reserve"] == 1024
     assert b["over_all_device"] == pytest.approx(6.1 / 5.5) and b["warmup_over_all_device"] == pytest.approx(40 / 5.5)
+    moved = 1024 * KV_PER_TOKEN * 16  # the host half, moved in the 50 ms flush: 42.9 GB/s, 85.9% of 50 GB/s
+    assert b["flush_bytes"] == moved and b["flush_ms"] == pytest.approx(50.0)
+    assert b["move_bytes_s"] == pytest.approx(moved / 0.05) and b["move_of_pinned"] == pytest.approx(moved / 0.05 / PINNED)
+    assert b["move_target"] == "met"
     assert b["faults_serviced"] == 1024 and b["faults_left"] == 5 and "reserve as large as the host half" in b["measures"]
     assert b["host_entries_timed"] == 0 and "ends once they are moved in" in b["measures"]
     assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 1024) in probe.calls
@@ -125,6 +130,7 @@ def test_figures_from_fake_measurements():
     assert r["verdict"] == "met" and r["host_entries_timed"] == 0  # 6.1 / 5.5 = 1.11x
     assert r["warmup_ratio"] == pytest.approx(b["warmup_over_all_device"])
     assert t["host_link"]["verdict"] == "met" and t["pruned_like_kept"]["verdict"] == "met"
+    assert t["fault_moves"]["verdict"] == "met" and t["fault_moves"]["of_pinned"] == [b["move_of_pinned"]]
     assert s["hbm_read_bytes_s"] == HBM and s["pinned_h2d_bytes_s"] == PINNED and s["runs"] == 3
 
 
@@ -199,6 +205,9 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     assert "target (c) / (a) at 32,768 <= 1.5x (8B shape): 8.91x, missed; floor ratio" in text
     assert "target (b) / (a) at 32,768 <= 1.5x (8B shape): 1.11x, met — timed once the warm-up's faults" in text
     assert "the warm-up run, moving included, was 7.27x" in text
+    assert "the warm-up's closing flush moved 2,147 MB in 50.000 ms, 42.9 GB/s (85.9% of pinned)" in text
+    assert ("target host->device traffic while faulting (the fault ring's moves) >= 80% of the pinned rate: "
+            "missed (21.5%, 85.9%)") in text  # 8k's quarter of the bytes in the same 50 ms
     assert "{" not in text and "None" not in text
     assert kv_speed_table.render({"skipped": "needs the CUDA backend"}) == "speed: needs the CUDA backend"
 

@@ -59,13 +59,16 @@ class FakeRunner:
         self.log.append(("service_faults", flush))
         self.flushed = self.flushed or (flush and self.reserve is not None)
 
-    def kv_tiers(self):
+    def kv_tiers(self, flush=True):
+        if flush:
+            self.service_faults(flush=True)
         p = self.kv_plan
         out = {"blocks_device": p.device_blocks, "blocks_host": p.host_blocks, "host_bytes": p.host_bytes,
                "host_entries": p.host_blocks}
         if self.reserve:  # what a ring that moved every host block once flushed would report
             out.update(blocks_reserve=self.reserve // p.block_bytes, ring_slots=4096, faults_posted=p.host_blocks,
-                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, bytes_moved=p.host_bytes,
+                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0,
+                       bytes_moved=p.host_bytes if self.flushed else 0,
                        host_entries=0 if self.flushed else p.host_blocks)
         return out
 
@@ -123,6 +126,16 @@ def test_all_device_prefills_the_half_times_it_and_decodes_to_the_context(fakes)
     assert out["kv_blocks"] == blocks_for(r.capacity)
 
 
+def test_all_device_without_the_restore_row_fills_the_prefix_once(fakes):
+    probe = CudaKvProbe(None, "synthetic:llama-3.1-8b", runs=3)
+    plan = DecodePlan(8192, 3)
+    out = probe.all_device(plan, 4096, None, restore=False)
+    (r,) = FakeRunner.made
+    prefills = [e for e in r.log if e[0] == "prefill"]
+    assert prefills == [("prefill", 0, 4096), ("prefill", 4096, plan.prefill_to - 4096)]  # warm-up chunk, the rest
+    assert out["recompute_s"] == [] and len(out["decode_ms"]) == 3 and r.position == 8192 and r.closed
+
+
 def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     probe = CudaKvProbe(None, "synthetic:llama-3.1-8b", runs=1)
     s = kv_speed.measure(_Measured(probe), probe.config, "synthetic:llama-3.1-8b", [8192, 32768], 1, 4096)
@@ -139,6 +152,9 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
         steps = [i for i, e in enumerate(r.log) if e[0] == "decode"]
         assert r.log[steps[DecodePlan.steps - 1] + 1] == ("service_faults", True)
         assert row["fault_ring"]["host_entries_timed"] == 0
+        # The warm-up's flush timed alone: every host byte moved there, the counts read before it unflushed.
+        assert r.log[steps[DecodePlan.steps - 1] + 1: steps[DecodePlan.steps - 1] + 2] == [("service_faults", True)]
+        assert row["fault_ring"]["flush_bytes"] == r.kv_plan.host_bytes and row["fault_ring"]["flush_ms"] > 0
     assert all(row["fault_ring"]["faults_serviced"] == row["fault_ring"]["blocks_host"] for row in s["contexts"])
     assert [e for e in hosts[0].log if e[0] == "prefill"] == [("prefill", 0, DecodePlan(8192, 1).prefill_to)]
 

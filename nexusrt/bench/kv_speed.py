@@ -161,18 +161,26 @@ def host_figures(cfg, plan: DecodePlan, decode_ms: list[float], tiers: dict, hbm
             "over_all_device": ms / device["ms_per_token"], "floor_over_all_device_floor": floor / device["floor_ms"]}
 
 
-def fault_figures(measured: dict, device: dict) -> dict:
-    """(b): ``measured`` the probe's ``half_host`` with a reserve; ``device`` the (a) figures.
-    ``host_entries_timed``: table entries naming host blocks when the timed runs began (each is
-    read zero-copy by every timed step)."""
+def fault_figures(measured: dict, device: dict, pinned: float) -> dict:
+    """(b): ``measured`` the probe's ``half_host`` with a reserve; ``device`` the (a) figures;
+    ``pinned`` the pinned copy rate (bytes/s). ``host_entries_timed``: table entries naming host
+    blocks when the timed runs began (each is read zero-copy by every timed step). The traffic
+    while faulting: the bytes the warm-up's closing flush moved over its own time (snapshot,
+    drain, copies and table writes together, so a lower bound on the copies' rate)."""
     tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
-    return {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
-            "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
-            "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
-            **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots") + FaultCounts.KEYS},
-            "host_entries_timed": measured["host_entries_timed"],
-            "measures": "decode with a reserve as large as the host half: the warm-up run's steps post the host "
-                        "blocks and it ends once they are moved in; the timed runs read from the table that left"}
+    out = {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
+           "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
+           "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
+           **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots") + FaultCounts.KEYS},
+           "host_entries_timed": measured["host_entries_timed"],
+           "measures": "decode with a reserve as large as the host half: the warm-up run's steps post the host "
+                       "blocks and it ends once they are moved in; the timed runs read from the table that left"}
+    moved, seconds = measured.get("flush_bytes", 0), measured.get("flush_s", 0.0)
+    if moved > 0 and seconds > 0:
+        rate = moved / seconds
+        out.update(flush_ms=seconds * 1e3, flush_bytes=moved, move_bytes_s=rate, move_of_pinned=rate / pinned,
+                   move_target="met" if rate / pinned >= LINK_TARGET else "missed")
+    return out
 
 
 def restore_figures(cfg, evicted_tokens: int, recompute_s: list[float], pinned: float) -> dict:
@@ -224,11 +232,14 @@ def targets(rows: list[dict], pinned: float) -> dict:
     hosts = [r["host_zero_copy"] for r in rows if "of_pinned" in r.get("host_zero_copy", {})]
     link = {"target": LINK_TARGET, "of_pinned": [h["of_pinned"] for h in hosts],
             "verdict": ("met" if all(h["link_target"] == "met" for h in hosts) else "missed") if hosts else None}
+    rings = [r["fault_ring"] for r in rows if "move_of_pinned" in r.get("fault_ring", {})]
+    moves = {"target": LINK_TARGET, "of_pinned": [b["move_of_pinned"] for b in rings],
+             "verdict": ("met" if all(b["move_target"] == "met" for b in rings) else "missed") if rings else None}
     pruned = [r["pruned"] for r in rows if "over_unpruned" in r.get("pruned", {})]
     prune = {"tolerance": PRUNED_TOLERANCE, "over_unpruned": [p["over_unpruned"] for p in pruned],
              "verdict": ("met" if all(p["target"] == "met" for p in pruned) else "missed") if pruned else None}
     return {"host_over_device_32k": host_target, "fault_ring_over_device_32k": ring_target, "host_link": link,
-            "pruned_like_kept": prune}
+            "fault_moves": moves, "pruned_like_kept": prune}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -278,7 +289,7 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
             except KvBudgetError as exc:
                 row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
             else:
-                row["fault_ring"] = fault_figures(ring, row["all_device"])
+                row["fault_ring"] = fault_figures(ring, row["all_device"], pinned)
         row["restore"] = (restore_figures(cfg, evicted, dev["recompute_s"], pinned) if "d" in rows_asked else
                           {"skipped": NOT_ASKED})
         row["pruned"] = ({"skipped": NOT_ASKED} if "e" not in rows_asked else

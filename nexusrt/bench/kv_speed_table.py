@@ -24,7 +24,9 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
             f"moving ({b['warmup_over_all_device']:.2f}x (a)); timed runs began with {b['host_entries_timed']:,} of "
             f"{b['blocks_host']:,} host blocks still read zero-copy; {b['blocks_reserve']:,} reserve blocks, ring of "
             f"{b['ring_slots']:,}; faults posted {b['faults_posted']:,}, serviced {b['faults_serviced']:,}, "
-            f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved"]
+            f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved" +
+            (f"; the warm-up's closing flush moved {b['flush_bytes'] / 1e6:,.0f} MB in {_ms(b['flush_ms'])} ms, "
+             f"{b['move_bytes_s'] / 1e9:.1f} GB/s ({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "")]
 
 
 def _decode_rows(row: dict) -> list[list]:
@@ -89,6 +91,10 @@ def render(s: dict) -> str:
     notes.append(f"target host->device traffic >= {LINK_TARGET:.0%} of the pinned rate: " +
                  (f"{link['verdict']} ({', '.join(f'{x:.1%}' for x in link['of_pinned'])})" if link["verdict"] else
                   "not measured"))
+    mv = t["fault_moves"]
+    notes.append(f"target host->device traffic while faulting (the fault ring's moves) >= {LINK_TARGET:.0%} of the "
+                 "pinned rate: " + (f"{mv['verdict']} ({', '.join(f'{x:.1%}' for x in mv['of_pinned'])})"
+                                     if mv["verdict"] else "not measured"))
     pr = t["pruned_like_kept"]
     notes.append(f"target pruned within ±{PRUNED_TOLERANCE:.0%} of the kept slots' speed: " +
                  (f"{pr['verdict']} ({', '.join(f'{x:.3f}' for x in pr['over_unpruned'])})" if pr["verdict"] else

@@ -21,11 +21,13 @@ TOKEN = 1  # the id every timed step feeds: content does not change a decode ste
 MAX_CHUNK = 2048  # the pruned row's prompt chunks (the batch runner's default token budget)
 
 
-def time_decode(runner, plan, warmup: list | None = None, on_warm=None) -> list[float]:
+def time_decode(runner, plan, warmup: list | None = None, on_warm=None, flush: dict | None = None) -> list[float]:
     """ms/token of each timed run: ``runner`` holds ``plan.prefill_to`` tokens; one warm-up run and
     ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``. ``warmup``: a
     list that receives the warm-up run's ms/token too; ``on_warm()`` is called (untimed) between
-    the warm-up run and the first timed one.
+    the warm-up run and the first timed one. ``flush``: a dict that receives the warm-up's flush
+    timed alone (``seconds``, from the compute stream's idle to the moves' end) and the bytes the
+    runner had moved before it (``bytes_before``).
 
     The warm-up run ends by finishing the fault ring's moves (``service_faults(flush=True)``, a
     no-op without a ring), inside its timer. The host enqueues a run's steps far ahead of the
@@ -40,7 +42,13 @@ def time_decode(runner, plan, warmup: list | None = None, on_warm=None) -> list[
         t0 = time.perf_counter()
         for _ in range(plan.steps):
             runner.decode(TOKEN)
-        if not run:
+        if not run and flush is not None:
+            runner.stream.synchronize()  # the flush waits for it first anyway
+            flush["bytes_before"] = runner.kv_tiers(flush=False)["bytes_moved"]
+            t1 = time.perf_counter()
+            runner.service_faults(flush=True)
+            flush["seconds"] = time.perf_counter() - t1
+        elif not run:
             runner.service_faults(flush=True)
         runner.stream.synchronize()
         ms = (time.perf_counter() - t0) * 1e3 / plan.steps
@@ -174,7 +182,9 @@ class CudaKvProbe:
         the oldest rest on the pinned host tier, filled by prefill and timed like (a); with
         ``reserve_blocks``, (b): that many more device blocks the fault ring fills as decode reads
         the host blocks (``warmup_ms``: the warm-up run, which ends once its moves are done;
-        ``host_entries_timed``: the table entries still naming host blocks when the timed runs began).
+        ``host_entries_timed``: the table entries still naming host blocks when the timed runs began;
+        ``flush_s`` / ``flush_bytes``: the warm-up's closing flush timed alone and the bytes it moved,
+        which is where the moves happen: the host enqueues a run's steps far ahead of the device).
         Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
         the runner refuses."""
         from ..backends.cuda.runner import CudaRunner
@@ -188,9 +198,14 @@ class CudaKvProbe:
             runner.prefill(self._ids(plan.prefill_to))
             warmup: list[float] = []
             warm: dict = {}  # the tiers the timed runs start from
-            decode_ms = time_decode(runner, plan, warmup, on_warm=lambda: warm.update(runner.kv_tiers()))
+            flush: dict = {}
+            decode_ms = time_decode(runner, plan, warmup, on_warm=lambda: warm.update(runner.kv_tiers()),
+                                    flush=flush if reserve_blocks else None)
             runner.service_faults(flush=True)  # the counts include what the last steps posted
-            return {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers(),
-                    "host_entries_timed": warm["host_entries"]}
+            out = {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers(),
+                   "host_entries_timed": warm["host_entries"]}
+            if reserve_blocks:
+                out.update(flush_s=flush["seconds"], flush_bytes=warm["bytes_moved"] - flush["bytes_before"])
+            return out
         finally:
             runner.close()

@@ -350,15 +350,17 @@ class CudaRunner:
             self.timings["host_launch_s"] = float(np.median(launch_s)) if launch_s else 0.0
         return got
 
-    def kv_tiers(self) -> dict:
+    def kv_tiers(self, flush: bool = True) -> dict:
         """Blocks on each tier (the ``kv`` report): one sequence holds every block, its oldest
         on the host as placed. Without a fault ring zero-copy reads move nothing (the fault
         figures stay 0); with one, the figures since the runner was made (:meth:`FaultService.counts`).
         ``host_entries``: table entries naming a host block, i.e. blocks a decode step reads zero-copy
         (with a ring: as of its last service, the moves it issued counted as done). With a ring it
         first finishes the moves the finished steps asked for, so the counts cover every step
-        (only a report pays that wait, not every request)."""
-        self.service_faults(flush=True)
+        (only a report pays that wait, not every request); ``flush=False``: the counts as they
+        stand, with no wait."""
+        if flush:
+            self.service_faults(flush=True)
         out = {"blocks_device": self.kv_plan.device_blocks, "blocks_host": self.kv_plan.host_blocks,
                "host_bytes": self.kv_plan.host_bytes, "host_mode": "zero-copy" if self.kv_plan.host_blocks else None,
                **FaultCounts().report(), "host_entries": self.kv_plan.host_blocks}

@@ -3,8 +3,8 @@ same synthetic weights, NEXUSRT_DECODE=graph vs persistent. Teacher-forced logit
 decode step agree within a tight tolerance (the two paths differ only in fp32 summation order
 and attention split points), and greedy and seeded sampled generation (temperature, top-k,
 top-p) give the same ids, for several steps in a row across KV-block boundaries (16 tokens per
-block), on llama (tied, Llama-3 RoPE scaling), qwen2 (QKV bias) and qwen3 (q/k norm, head_dim
-128). The kernel's fault record stays empty and
+block), on llama (tied, Llama-3 RoPE scaling), qwen2 (QKV bias), qwen3 (q/k norm, head_dim
+128) and mistral (untied, 4 query heads per KV head). The kernel's fault record stays empty and
 its epoch counts the steps it ran."""
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ VARIANTS = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "qwen2_bias": dict(architecture="Qwen2ForCausalLM", attention_bias=True),
     "qwen3_norms_d128": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=128, tie_word_embeddings=True),
+    # The fourth family, untied, and four query heads per KV head (the GM = 4 kernels; the rest run GM = 2).
+    "mistral_g4": dict(architecture="MistralForCausalLM", hidden_size=512, num_attention_heads=8,
+                       num_key_value_heads=2, tie_word_embeddings=False),
 }
 # A vocabulary above K_MAX = 1024: the sampled steps' grid-wide top-K has a real cut (at 384 every
 # logit is a candidate), so the pool path is what the sampled test checks there.

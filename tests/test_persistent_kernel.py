@@ -19,6 +19,7 @@ from nexusrt.backends.cuda.megakernel.lower import lower, skeleton
 from nexusrt.errors import ModelError
 from nexusrt.kernels.compiler import SOURCE_DIR, compile_file
 from nexusrt.kernels.ops import persistent as pk
+from nexusrt.kernels.ops import sampling
 from tests.fakes import FakeKernel, FakeRuntime, tensor
 from tests.test_cuda_step_cpu import _config, _device_weights, no_occupancy_query  # noqa: F401
 
@@ -58,7 +59,7 @@ def test_kernel_enums_match_the_python_side():
     bits = int(re.search(r"kBucketBits = (\d+);", grid).group(1))
     pool = int(re.search(r"kPoolMax = (\d+);", grid).group(1))
     assert (bits, pool) == (topk.BUCKET_BITS, topk.POOL_MAX)
-    assert pk.TOPK_HIST_WORDS == topk.BUCKETS + 1 and pk.TOPK_POOL_WORDS == topk.POOL_MAX
+    assert sampling.TOPK_HIST_WORDS == topk.BUCKETS + 1 and sampling.TOPK_POOL_WORDS == topk.POOL_MAX
     assert "kCursorWord = kBuckets;" in grid
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS

@@ -95,7 +95,7 @@ def test_finish_instruction_picks_sample_finish_tokens_on_the_same_logits(gpu_rt
     if device_reason(gpu_rt):
         pytest.skip(device_reason(gpu_rt))
     ring = memory.pinned((RING,), "int32")
-    work = (memory.zeros((pk.TOPK_HIST_WORDS,), "int32"), memory.zeros((pk.TOPK_POOL_WORDS,), "int64"))
+    work = (memory.zeros((ops.TOPK_HIST_WORDS,), "int32"), memory.zeros((ops.TOPK_POOL_WORDS,), "int64"))
     keep, differ, paths = [ring, *work], [], set()
     try:
         for i, (vocab, kind, temp, top_k, top_p, seed, step) in enumerate(_cases() + EXTRA):

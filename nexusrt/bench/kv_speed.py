@@ -75,7 +75,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kv-contexts", default=None, metavar="N[,N...]",
                         help="kv stage, speed half: contexts to decode at (default 8192,32768,131072; "
                              "multiples of 32; a context that does not fit is skipped with the reason)")
-    parser.add_argument("--kv-rows", default=",".join(ROWS), metavar="R[,R...]",
+    parser.add_argument("--kv-rows", default=None, metavar="R[,R...]",
                         help="kv stage, speed half: which of the rows b (fault ring), c (zero-copy), d (restore "
                              "by prefill), e (pruned) to measure besides (a), which every row is compared with "
                              f"(default {','.join(ROWS)}); fewer rows fit a long context into one time limit")
@@ -313,7 +313,7 @@ def run(args) -> dict:
     if runs < 1 or args.kv_keep < 1:
         raise ValueError(f"--runs and --kv-keep must be >= 1, got {runs} and {args.kv_keep}")
     contexts = parse_contexts(args.kv_contexts, runs)
-    rows_asked = parse_rows(getattr(args, "kv_rows", None))
+    rows_asked = parse_rows(args.kv_rows)
     cfg = resolve_model_config(args.model)  # an unknown name fails here, on any backend
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()

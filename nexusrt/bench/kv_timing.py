@@ -42,14 +42,14 @@ def time_decode(runner, plan, warmup: list | None = None, on_warm=None, flush: d
         t0 = time.perf_counter()
         for _ in range(plan.steps):
             runner.decode(TOKEN)
-        if not run and flush is not None:
-            runner.stream.synchronize()  # the flush waits for it first anyway
-            flush["bytes_before"] = runner.kv_tiers(flush=False)["bytes_moved"]
-            t1 = time.perf_counter()
+        if not run:
+            if flush is not None:
+                runner.stream.synchronize()  # the flush waits for it first anyway
+                flush["bytes_before"] = runner.kv_tiers(flush=False)["bytes_moved"]
+                t1 = time.perf_counter()
             runner.service_faults(flush=True)
-            flush["seconds"] = time.perf_counter() - t1
-        elif not run:
-            runner.service_faults(flush=True)
+            if flush is not None:
+                flush["seconds"] = time.perf_counter() - t1
         runner.stream.synchronize()
         ms = (time.perf_counter() - t0) * 1e3 / plan.steps
         if run:
@@ -134,10 +134,8 @@ class CudaKvProbe:
                 runner.prefill(ids[:evicted])
                 runner.stream.synchronize()
                 recompute.append(time.perf_counter() - t0)
-            if not restore:  # the warm-up's tokens are the start of the prefix: fill it from there
+            if runner.position < plan.prefill_to:  # the rest of the prefix after the warm-up or the restores
                 runner.prefill(ids[runner.position:])
-            elif plan.prefill_to > evicted:  # each restore left the oldest half in place
-                runner.prefill(ids[evicted:])
             out = {"kv_blocks": blocks_for(runner.capacity), "recompute_s": recompute,
                    "decode_ms": time_decode(runner, plan)}
             if keep is not None:

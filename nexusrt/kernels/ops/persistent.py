@@ -21,7 +21,6 @@ import struct
 import numpy as np
 
 from .common import check_positive, check_tensor, ptr, resident_blocks, sm_count
-from .sampling import TOPK_HIST_WORDS, TOPK_POOL_WORDS  # noqa: F401 (the sizes of the topk slots)
 from .spec import LaunchSpec
 
 SOURCE = "persistent_decode"

@@ -29,6 +29,7 @@ namespace {
 constexpr int kBucketBits = 12;  // sign, the 8 exponent bits and 3 mantissa bits of the logit
 constexpr int kBuckets = 1 << kBucketBits;
 constexpr int kPoolMax = 4096;  // candidates the pool finish takes (cand[] of PoolShared)
+constexpr int kWholeSortMax = 256;  // pools up to this size skip the radix select (sample_from_pool)
 using PoolShared = TopkShared<kPoolMax>;
 
 // The grid's workspace in global memory, zero at the start of every step: hist[kBuckets]
@@ -59,6 +60,24 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& tot
     return before + incl - v;
 }
 
+// f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then blockDim.x apart, in
+// that order), kLoads of them loaded before any is used: a plain loop puts one load's whole
+// latency (DRAM or L2) between the next load and the shared-memory atomic before it, 16 times
+// in a row for sampling.cu's 4,096-logit chunks.
+constexpr int kLoads = 8;
+template <class Logits, class F>
+__device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b, F f) {
+    const int step = (int)blockDim.x;
+    for (int base = a + (int)threadIdx.x; base < b; base += kLoads * step) {
+        float x[kLoads];  // the loads first, unconditional (past b: logit b - 1 again, unused)
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) x[j] = logits[min(base + j * step, b - 1)];
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j)
+            if (base + j * step < b) f(order_key(x[j]), base + j * step);
+    }
+}
+
 // Phase 1: the keys of logits[a, b) per bucket into the grid's histogram. sh_hist: kBuckets
 // words of shared memory (the block's own counts first, so the global memory sees one RED per
 // non-empty bucket, not one per logit on a few hot buckets).
@@ -66,7 +85,7 @@ template <class Logits>
 __device__ void add_chunk_histogram(const Logits logits, int a, int b, unsigned* sh_hist, unsigned* hist) {
     for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) sh_hist[i] = 0u;
     __syncthreads();
-    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) atomicAdd(&sh_hist[key_bucket(order_key(logits[i]))], 1u);
+    for_chunk_keys(logits, a, b, [&](unsigned key, int) { atomicAdd(&sh_hist[key_bucket(key)], 1u); });
     __syncthreads();
     for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) {
         const unsigned c = sh_hist[i];
@@ -125,17 +144,16 @@ __device__ void gather_chunk_candidates(const Logits logits, int a, int b, const
     if (!plan.fits()) return;  // the same answer in every CTA: the finish reads every logit
     const unsigned lowest = (unsigned)plan.bucket;
     int mine = 0;
-    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) mine += key_bucket(order_key(logits[i])) >= lowest;
+    for_chunk_keys(logits, a, b, [&](unsigned key, int) { mine += key_bucket(key) >= lowest; });
     int total;
     int at = block_exclusive_sum(mine, scratch, total);
     if (total == 0) return;
     if (threadIdx.x == 0) scratch[0] = (int)atomicAdd(cursor, (unsigned)total);
     __syncthreads();
     at += scratch[0];
-    for (int i = a + (int)threadIdx.x; i < b; i += blockDim.x) {
-        const unsigned key = order_key(logits[i]);
+    for_chunk_keys(logits, a, b, [&](unsigned key, int i) {
         if (key_bucket(key) >= lowest) pool[at++] = candidate_key(key, i);
-    }
+    });
 }
 
 // The pool's order keys (the upper half of each candidate_key), for select_threshold.
@@ -155,6 +173,10 @@ __device__ int sample_from_pool(const Logits logits, int vocab, const unsigned l
     const int tid = threadIdx.x, K = candidate_count(p, vocab);
     for (int r = tid; r < count; r += kBlock) sh.cand[r] = __ldcg(pool + r);
     __syncthreads();
+    // A small pool (top-k 50: ~75 candidates) is sorted whole: the select's four passes of
+    // histogram, scan and barriers cost more than the sort's extra stages. Its first K are the
+    // top K either way (candidate keys are unique, and the pool holds every key above the K-th).
+    if (count <= kWholeSortMax) return sort_and_draw(logits, count, K, p, step, sh);
     int k_rem, eq_count;
     const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
     // Compact in place: every thread holds its candidates in registers before any is moved.

@@ -15,7 +15,8 @@
 //   3. sample_from_pool (SAMPLE_FINISH, after every gather): the pool holds a superset of the
 //      top K (all keys of buckets above B, all of B), so the block's radix select over the pool
 //      finds the K-th key exactly, keeps the keys at or above it and ends in sort_and_draw, the
-//      same sort and draw as sample_topk. A cursor of 0 means the pool overflowed (it is never
+//      same sort and draw as sample_topk; a pool of at most kWholeSortMax keys skips the select
+//      and is sorted whole (its first K after the sort are the same top K). A cursor of 0 means the pool overflowed (it is never
 //      0 otherwise: K >= 1 candidates exist); the finish then runs sample_topk over all logits.
 //      Either way it zeroes the histogram and the cursor for the next step.
 // The pool's order depends on which CTA got there first, but candidate_key is unique per logit

@@ -292,12 +292,16 @@ def test_the_speed_half_on_the_tiny_model_gives_finite_ordered_figures(capsys):
 def test_progress_names_each_row_as_it_lands_then_the_context():
     lines = []
     kv_speed.measure(FakeProbe(), CFG, "synthetic:llama-3.1-8b", [8192, 32768], 3, 4096, progress=lines.append)
-    assert len(lines) == 6  # per context: (a), (c), then the summary
+    assert len(lines) == 12  # per context: (a), (c)'s fill and figure, (b)'s, then the summary
     assert lines[0].startswith("context 8192: (a) 5.500 ms/token (")
-    assert lines[1].startswith("context 8192: (c) 49.000 ms/token (")
-    assert lines[2].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
+    plan = kv_speed.DecodePlan(8192, 3)
+    assert lines[1] == (f"context 8192: (c) filling {plan.prefill_to:,} tokens, the oldest 4,096 on the host tier "
+                        "(read zero-copy by every prefill chunk)")
+    assert lines[2].startswith("context 8192: (c) 49.000 ms/token (")
+    assert lines[3].startswith("context 8192: (b) filling ") and lines[4].startswith("context 8192: (b) 6.100 ms/token (")
+    assert lines[5].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
                                "fault_ring 6.100 ms/token; pruned 5.400 ms/token (")
-    assert lines[3].startswith("context 32768: (a)")
+    assert lines[6].startswith("context 32768: (a)")
 
 
 def test_kv_rows_measure_only_what_is_asked_and_say_so():

@@ -272,7 +272,12 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
         split = (plan, dev["kv_blocks"] - blocks_for(evicted))
         row["host_zero_copy"] = {"skipped": NOT_ASKED}
+        # The host rows' fill is their long part: the prefill's attention reads the host half
+        # zero-copy once per chunk, so its time grows with the square of the context.
+        filling = (f"context {context}: ({{}}) filling {plan.prefill_to:,} tokens, the oldest {evicted:,} on the "
+                   f"host tier (read zero-copy by every prefill chunk)")
         if "c" in rows_asked:
+            say(filling.format("c"))
             try:
                 host = probe.half_host(*split)
             except KvBudgetError as exc:
@@ -284,12 +289,15 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
                     f"({time.perf_counter() - t0:.1f} s)")
         row["fault_ring"] = {"skipped": NOT_ASKED}
         if "b" in rows_asked:
+            say(filling.format("b"))
             try:
                 ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
             except KvBudgetError as exc:
                 row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
             else:
                 row["fault_ring"] = fault_figures(ring, row["all_device"], pinned)
+                say(f"context {context}: (b) {row['fault_ring']['ms_per_token']:.3f} ms/token "
+                    f"({time.perf_counter() - t0:.1f} s)")
         row["restore"] = (restore_figures(cfg, evicted, dev["recompute_s"], pinned) if "d" in rows_asked else
                           {"skipped": NOT_ASKED})
         row["pruned"] = ({"skipped": NOT_ASKED} if "e" not in rows_asked else

@@ -295,8 +295,8 @@ def test_progress_names_each_row_as_it_lands_then_the_context():
     assert len(lines) == 12  # per context: (a), (c)'s fill and figure, (b)'s, then the summary
     assert lines[0].startswith("context 8192: (a) 5.500 ms/token (")
     plan = kv_speed.DecodePlan(8192, 3)
-    assert lines[1] == (f"context 8192: (c) filling {plan.prefill_to:,} tokens, the oldest 4,096 on the host tier "
-                        "(read zero-copy by every prefill chunk)")
+    assert lines[1] == (f"context 8192: (c) filling {plan.prefill_to:,} tokens in HBM, then the oldest 4,096 "
+                        "copied to the host tier")
     assert lines[2].startswith("context 8192: (c) 49.000 ms/token (")
     assert lines[3].startswith("context 8192: (b) filling ") and lines[4].startswith("context 8192: (b) 6.100 ms/token (")
     assert lines[5].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "

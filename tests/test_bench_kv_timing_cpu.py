@@ -50,6 +50,12 @@ class FakeRunner:
         self.log.append(("prefill", self.position, len(ids)))
         self.position += len(ids)
 
+    def adopt_kv(self, source):
+        assert source.kv_plan.host_blocks == 0 and source.capacity == self.capacity and self.position == 0
+        assert source.position and not source.closed
+        self.log.append(("adopt_kv", source.position))
+        self.position = source.position
+
     def decode(self, token):
         assert self.position < self.max_context
         self.log.append(("decode", self.position))
@@ -156,7 +162,11 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
         assert r.log[steps[DecodePlan.steps - 1] + 1: steps[DecodePlan.steps - 1] + 2] == [("service_faults", True)]
         assert row["fault_ring"]["flush_bytes"] == r.kv_plan.host_bytes and row["fault_ring"]["flush_ms"] > 0
     assert all(row["fault_ring"]["faults_serviced"] == row["fault_ring"]["blocks_host"] for row in s["contexts"])
-    assert [e for e in hosts[0].log if e[0] == "prefill"] == [("prefill", 0, DecodePlan(8192, 1).prefill_to)]
+    # Filled by copying an all-HBM runner's prefill (closed after), never by a prefill into the host tier.
+    prefix = DecodePlan(8192, 1).prefill_to
+    assert [e for e in hosts[0].log if e[0] in ("prefill", "adopt_kv")] == [("adopt_kv", prefix)]
+    sources = [r for r in FakeRunner.made if r.budget is None and r.log[:1] == [("prefill", 0, prefix)]]
+    assert len(sources) == 2 and all(r.closed and r.position == prefix for r in sources)  # (c) and (b) at 8k
 
 
 class _Measured:

@@ -229,6 +229,39 @@ def test_half_host_runner_matches_all_device_exactly(variant, gpu_rt, tmp_path_f
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("reserve", [False, True])
+def test_adopted_sequence_decodes_as_its_all_device_source(reserve, gpu_rt, tmp_path_factory):
+    # The kv bench fills its host-tier runners with adopt_kv (a prefill into the host tier reads the
+    # host half zero-copy per chunk): the adopted runner's decode logits must equal the source's.
+    from nexusrt.kvcache.tiers import block_bytes as bb
+    from test_cuda_model import _checkpoint
+
+    path = _checkpoint("llama", tmp_path_factory)
+    ids = np.random.default_rng(6).integers(0, 384, 90).astype(np.int32)
+    src, dst = _runner(path, 0), None
+    try:
+        cfg = src.config
+        kw = {"kv_fault_reserve": bb(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)} if reserve else {}
+        dst = _runner(path, 0.5, **kw)
+        assert dst.kv_plan.host_blocks > 0
+        src.prefill(ids[:70])
+        dst.adopt_kv(src)
+        assert dst.position == 70
+        with pytest.raises(ValueError, match="needs an empty runner"):
+            dst.adopt_kv(src)
+        got = []
+        for t in ids[70:]:
+            src.decode(int(t))
+            dst.decode(int(t))
+            got.append((src.last_logits(), dst.last_logits()))
+        assert all(np.array_equal(a, b) for a, b in got)
+    finally:
+        for r in (src, dst):
+            if r is not None:
+                r.close()
+
+
+@pytest.mark.gpu
 def test_cancelled_request_with_host_blocks_leaves_no_memory(gpu_rt):
     import nexusrt as nrt
     from nexusrt.kvcache.tiers import block_bytes as bb

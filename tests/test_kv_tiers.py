@@ -10,7 +10,7 @@ import pytest
 from nexusrt.errors import OutOfMemory
 from nexusrt.kvcache import fault_ring as fr
 from nexusrt.kvcache.blocks import BLOCK_SIZE, gather_tokens, pool_shape
-from nexusrt.kvcache.tiers import (KvBudgetError, TieredBlockPool, block_bytes, encode_host, host_index,
+from nexusrt.kvcache.tiers import (KvBudgetError, TieredBlockPool, block_bytes, block_copies, encode_host, host_index,
                                    is_host, mem_available, place_oldest_on_host, plan_tiers)
 
 SHAPE = dict(num_layers=4, num_kv_heads=2, head_dim=64)  # 32 KiB per logical block
@@ -173,3 +173,29 @@ def test_copy_plan_moves_to_free_device_blocks_and_rewrites_the_table_and_its_in
         fr.apply_moves(table, where, moves)
     with pytest.raises(ValueError, match="at most once"):
         fr.locate_hosts(np.array([-1, -1], dtype=np.int32), 4)
+
+def test_block_copies_move_a_device_only_sequence_into_the_tiers_as_few_runs():
+    # The kv bench fills a host-tier runner by copying a device-only runner's blocks.
+    dst = place_oldest_on_host(10, 4)  # logical 0..3 on host 0..3, 4..9 on device 0..5
+    assert block_copies(np.arange(10), dst, 10) == [(0, True, 0, 4), (4, False, 0, 6)]
+    assert block_copies(np.arange(10), dst, 3) == [(0, True, 0, 3)]  # only the filled blocks
+    assert block_copies(np.arange(10), dst, 0) == []
+    # A scattered source (a batch pool's order) breaks runs where either side jumps.
+    src = np.array([5, 6, 2, 3, 4, 9])
+    assert block_copies(src, place_oldest_on_host(6, 2), 6) == [(5, True, 0, 2), (2, False, 0, 3), (9, False, 3, 1)]
+    # Copying it back block by block reproduces the source's bytes at the destination's places.
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((10, 3))
+    host, dev = np.zeros((4, 3)), np.zeros((6, 3))
+    for s, on_host, d, n in block_copies(np.arange(10), dst, 10):
+        (host if on_host else dev)[d:d + n] = pool[s:s + n]
+    assert np.array_equal(np.concatenate([host, dev]), pool)
+
+
+def test_block_copies_refuse_what_cannot_be_copied():
+    with pytest.raises(ValueError, match="no host-tier entry"):
+        block_copies(place_oldest_on_host(4, 1), place_oldest_on_host(4, 2), 4)
+    with pytest.raises(ValueError, match=r"num_blocks must be in 0\.\.4"):
+        block_copies(np.arange(4), place_oldest_on_host(4, 2), 5)
+    with pytest.raises(ValueError, match="names one block twice"):
+        block_copies(np.arange(3), np.array([0, 1, 1]), 3)

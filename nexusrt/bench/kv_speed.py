@@ -272,10 +272,9 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
         split = (plan, dev["kv_blocks"] - blocks_for(evicted))
         row["host_zero_copy"] = {"skipped": NOT_ASKED}
-        # The host rows' fill is their long part: the prefill's attention reads the host half
-        # zero-copy once per chunk, so its time grows with the square of the context.
-        filling = (f"context {context}: ({{}}) filling {plan.prefill_to:,} tokens, the oldest {evicted:,} on the "
-                   f"host tier (read zero-copy by every prefill chunk)")
+        # The host rows' fill: an all-HBM prefill whose blocks are then copied into the tiers.
+        filling = (f"context {context}: ({{}}) filling {plan.prefill_to:,} tokens in HBM, then the oldest "
+                   f"{evicted:,} copied to the host tier")
         if "c" in rows_asked:
             say(filling.format("c"))
             try:

@@ -177,7 +177,8 @@ class CudaKvProbe:
 
     def half_host(self, plan, device_blocks: int, reserve_blocks: int = 0) -> dict:
         """(c): a runner of ``plan.context`` tokens keeping ``device_blocks`` KV blocks in HBM and
-        the oldest rest on the pinned host tier, filled by prefill and timed like (a); with
+        the oldest rest on the pinned host tier, filled with an all-HBM runner's prefill
+        (:meth:`~nexusrt.backends.cuda.runner.CudaRunner.adopt_kv`) and timed like (a); with
         ``reserve_blocks``, (b): that many more device blocks the fault ring fills as decode reads
         the host blocks (``warmup_ms``: the warm-up run, which ends once its moves are done;
         ``host_entries_timed``: the table entries still naming host blocks when the timed runs began;
@@ -193,7 +194,14 @@ class CudaKvProbe:
         ring = {"kv_fault_reserve": reserve_blocks * unit} if reserve_blocks else {}
         runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=device_blocks * unit, **ring)
         try:
-            runner.prefill(self._ids(plan.prefill_to))
+            # Filled by copying an all-HBM prefill's blocks: a prefill into the host tier reads the
+            # host half zero-copy for every chunk past it, which at 128k did not fit a device call.
+            source = CudaRunner(self.model, self.rt, max_context=plan.context)
+            try:
+                source.prefill(self._ids(plan.prefill_to))
+                runner.adopt_kv(source)
+            finally:
+                source.close()
             warmup: list[float] = []
             warm: dict = {}  # the tiers the timed runs start from
             flush: dict = {}

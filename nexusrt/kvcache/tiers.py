@@ -127,6 +127,32 @@ def place_oldest_on_host(num_blocks: int, host_blocks: int) -> np.ndarray:
     return table
 
 
+def block_copies(src_table, dst_table, num_blocks: int) -> list[tuple[int, bool, int, int]]:
+    """How to copy the first ``num_blocks`` logical blocks of a sequence from a device-only table
+    ``src_table`` into the tiers of ``dst_table``: ``(source block, onto the host, destination
+    block, count)`` runs, each of ``count`` consecutive blocks going to consecutive blocks of one
+    tier (one copy per layer and K/V per run). Refuses a source entry on the host tier, a table
+    shorter than ``num_blocks``, or two logical blocks on the same destination block."""
+    src = np.asarray(src_table, dtype=np.int64).reshape(-1)
+    dst = np.asarray(dst_table, dtype=np.int64).reshape(-1)
+    if not 0 <= num_blocks <= min(src.size, dst.size):
+        raise ValueError(f"num_blocks must be in 0..{min(src.size, dst.size)} (the tables' length), got {num_blocks}")
+    src, dst = src[:num_blocks], dst[:num_blocks]
+    if (src < 0).any():
+        raise ValueError("the source table must hold every block on the device (no host-tier entry)")
+    if np.unique(dst).size != dst.size:
+        raise ValueError("the destination table names one block twice")
+    runs: list[list] = []
+    for s, d in zip(src.tolist(), dst.tolist()):
+        host, block = d < 0, ~d if d < 0 else d
+        last = runs[-1] if runs else None
+        if last and last[1] == host and s == last[0] + last[3] and block == last[2] + last[3]:
+            last[3] += 1
+        else:
+            runs.append([s, host, block, 1])
+    return [tuple(r) for r in runs]
+
+
 class TieredBlockPool:
     """Device blocks first, host blocks once the device ones run out; entries as in the table.
 

@@ -27,7 +27,7 @@ from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
 from ...kvcache.fault_plan import RING_SLOTS, FaultCounts, plan_faults
-from ...kvcache.tiers import plan_tiers
+from ...kvcache.tiers import block_copies, plan_tiers
 from . import persistent
 from . import step as steps
 from .buffers import RING, RunnerBuffers
@@ -223,6 +223,34 @@ class CudaRunner:
         self._graphs[("logits",)].replay()
         self.position = base + ids.size
         self._set_word(self.buffers.pos, self.position - 1)  # the last row's position
+
+    def adopt_kv(self, source: "CudaRunner") -> None:
+        """Take ``source``'s sequence as if this runner had prefilled it: its K/V blocks copied
+        into this runner's tiers (the oldest onto the host tier, where this runner's table puts
+        them) and its position. ``source``: a runner of the same model shape and context with
+        every block in HBM; this one must hold nothing yet. Linear in the context, where a
+        prefill into a host tier is not: every chunk past the host half reads it zero-copy.
+        The copies are on the shared compute stream, which this waits for: ``source`` may be
+        closed right after."""
+        if source.config != self.config or source.capacity != self.capacity:
+            raise ValueError("adopt_kv needs a source runner of the same model shape and context")
+        if source.kv_plan.host_blocks or self.tp is not None or source.tp is not None:
+            raise ValueError("adopt_kv copies from a device-only, single-GPU runner")
+        if self.position:
+            raise ValueError(f"adopt_kv needs an empty runner; this one holds {self.position} tokens")
+        self.rt.device.make_current()
+        self.stream.synchronize()  # the tables are read below; source's prefill is on this stream
+        src = source.buffers.block_table.to_numpy().reshape(-1)
+        size = source.buffers.k_pools[0].nbytes // src.size  # one block of one layer's K (or V)
+        b = self.buffers
+        for first, on_host, dest, count in block_copies(src, b.block_table.to_numpy(), blocks_for(source.position)):
+            dst_pools = (b.k_host_pools + b.v_host_pools) if on_host else (b.k_pools + b.v_pools)
+            for dst, pool in zip(dst_pools, source.buffers.k_pools + source.buffers.v_pools):
+                fn = "cuMemcpyDtoHAsync" if on_host else "cuMemcpyDtoDAsync"
+                call(fn, dst.ptr + dest * size, pool.ptr + first * size, count * size, self.stream.handle)
+        self.position = source.position
+        self._set_word(self.buffers.pos, self.position - 1)  # as prefill leaves it: the last row's position
+        self.stream.synchronize()
 
     def decode(self, token_id: int) -> None:
         self._check_room(1)

@@ -61,7 +61,7 @@ class FakeProbe:
         if not reserve_blocks:
             return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
-                     faults_overflow=0, faults_left=5, bytes_moved=host * unit)
+                     faults_overflow=0, faults_left=5, bytes_moved=host * unit, blocks_prefetched=0)
         return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0,
                 "flush_s": 0.05, "flush_bytes": host * unit}
 

@@ -30,7 +30,8 @@ class FakeRunner:
 
     made: list = []
 
-    def __init__(self, model, rt, max_context=None, kv_gpu_budget=None, kv_fault_reserve=None):
+    def __init__(self, model, rt, max_context=None, kv_gpu_budget=None, kv_fault_reserve=None, kv_prefetch=True):
+        assert kv_fault_reserve is None or not kv_prefetch  # (b) measures faults, not prefetches
         cfg = self.config = model.config
         self.max_context, self.budget, self.reserve = max_context, kv_gpu_budget, kv_fault_reserve
         self.buckets = buckets_for(max_context, BUCKETS)
@@ -73,7 +74,7 @@ class FakeRunner:
                "host_entries": p.host_blocks}
         if self.reserve:  # what a ring that moved every host block once flushed would report
             out.update(blocks_reserve=self.reserve // p.block_bytes, ring_slots=4096, faults_posted=p.host_blocks,
-                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0,
+                       faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, blocks_prefetched=0,
                        bytes_moved=p.host_bytes if self.flushed else 0,
                        host_entries=0 if self.flushed else p.host_blocks)
         return out

@@ -351,6 +351,55 @@ def _step_posts(b) -> list[int]:
     return take.tolist()
 
 
+def test_prefetch_moves_the_oldest_sealed_blocks_before_any_post():
+    layout = fr.RingLayout(4, 4)
+    model = fr.RingModel(layout)
+    drain = FaultDrain.for_sequence(layout, place_oldest_on_host(7, 4), reserve_blocks=3, block_bytes=UNIT)
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        drain.prefetch(64, -1)
+    s = drain.prefetch(written_tokens=40, limit=1)  # blocks 0, 1 sealed; the limit takes the oldest
+    assert [(m.host, m.device) for m in s.moves] == [(0, 3)] and s.table_writes == [(0, 3)]
+    assert s.slots == [] and s.cleared == [] and not s.park and s.tail == 0
+    s = drain.prefetch(written_tokens=40)  # block 2 (tokens 32..47) is still appended to
+    assert [(m.host, m.device) for m in s.moves] == [(1, 4)] and not s.park
+    assert drain.table.tolist() == [3, 4, -3, -4, 0, 1, 2]
+    # A post of block 1 made before its table write landed is stale when drained: cleared, not "left".
+    assert _post_all(model, [1, 2]) == ["posted", "posted"]
+    s = drain.service(model.words.copy(), written_tokens=48)
+    assert [(m.host, m.device) for m in s.moves] == [(2, 5)] and s.cleared == [] and s.park  # reserve full
+    c = drain.counts
+    assert (c.prefetched, c.serviced, c.left, c.bytes_moved) == (2, 1, 0, 3 * UNIT)
+    assert c.report()["blocks_prefetched"] == 2
+    assert drain.prefetch(written_tokens=64).moves == []  # exhausted: nothing more to move
+
+
+def test_service_prefetch_copies_without_touching_the_ring(cpu_rt, monkeypatch):
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver()
+    monkeypatch.setattr(faults, "call", driver)
+    cfg, b, owned = _rig(8, 4, 4, 8, layers=2)
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    try:
+        before = b.fault_ring.words.to_numpy().copy()
+        svc.prefetch(written_tokens=40)  # host blocks 0, 1 sealed (2 takes tokens 32..47)
+        assert b.block_table.to_numpy().tolist() == [4, 5, -3, -4, 0, 1, 2, 3]
+        for d, h in zip(b.k_pools + b.v_pools, b.k_host_pools + b.v_host_pools):
+            assert np.array_equal(d.to_numpy()[4:6].view(np.uint16), h.to_numpy()[0:2].view(np.uint16))
+        assert np.array_equal(b.fault_ring.words.to_numpy(), before)  # no slot, no tail, no requested word
+        assert "cuMemsetD32Async" not in driver.calls
+        assert _step_posts(b) == [2, 3]  # the next step posts only what is still on the host
+        svc.flush(written_tokens=64)
+        assert b.block_table.to_numpy().tolist() == [4, 5, 6, 7, 0, 1, 2, 3] and svc.idle
+        c = svc.counts()
+        assert (c["blocks_prefetched"], c["faults_serviced"], c["faults_left"]) == (2, 2, 0)
+        assert svc.drain.pool.audit()["host_used"] == 0  # every moved host block went back
+    finally:
+        svc.free()
+        for t in owned:
+            t.free()
+
+
 def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, monkeypatch):
     """Reserve of 8 blocks, 1,024 on the host, every step posting what is not requested: the
     service that fills the reserve parks every host block (one memset), so no step posts them
@@ -577,7 +626,9 @@ def test_fault_ring_runner_matches_all_device_and_moves_blocks(variant, gpu_rt, 
     (l0, s0, g0), (l1, s1, g1) = results
     assert np.array_equal(l0, l1) and np.array_equal(s0, s1) and g0 == g1
     assert tiers["host_mode"] == "fault-ring" and tiers["faults_posted"] > 0 and tiers["faults_serviced"] > 0
-    assert tiers["bytes_moved"] == tiers["faults_serviced"] * tiers["host_bytes"] // tiers["blocks_host"]
+    assert tiers["blocks_prefetched"] > 0  # the prefills' sealed host blocks, moved before any post
+    assert tiers["bytes_moved"] == ((tiers["faults_serviced"] + tiers["blocks_prefetched"]) * tiers["host_bytes"]
+                                    // tiers["blocks_host"])
 
 
 @pytest.mark.gpu
@@ -589,7 +640,9 @@ def test_a_one_slot_ring_overflows_without_a_hang_or_a_wrong_token(gpu_rt, tmp_p
     path = _checkpoint("llama", tmp_path_factory)
     ids = np.random.default_rng(7).integers(0, 384, 90).astype(np.int32)
     outs = []
-    for frac, kw in ((0, {}), (0.5, {"kv_fault_reserve": _one_block(path), "kv_fault_ring_slots": 1})):
+    # No prefetch: it would fill the one-block reserve at the prefill's end and park the ring.
+    for frac, kw in ((0, {}), (0.5, {"kv_fault_reserve": _one_block(path), "kv_fault_ring_slots": 1,
+                                     "kv_prefetch": False})):
         r = _runner(path, frac, **kw)
         try:
             got = []
@@ -624,7 +677,8 @@ def test_cancelled_request_with_the_fault_ring_leaves_no_memory(gpu_rt):
     next(iter(stream))
     stream.close()  # cancelled mid-generation, copies possibly in flight
     result = llm.generate("hello " * 40, max_new_tokens=8, temperature=0)
-    assert result.kv["faults_posted"] > 0 and result.kv["blocks_host"] == llm.runner.kv_plan.host_blocks
+    assert result.kv["faults_posted"] + result.kv["blocks_prefetched"] > 0  # prefetched, or posted and moved
+    assert result.kv["blocks_host"] == llm.runner.kv_plan.host_blocks
     llm.close()
     after = nrt.memory.stats()
     assert after["in_use_bytes"] == before["in_use_bytes"] and after["pinned_bytes"] == before["pinned_bytes"]

@@ -191,7 +191,8 @@ class CudaKvProbe:
 
         cfg = self.config
         unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        ring = {"kv_fault_reserve": reserve_blocks * unit} if reserve_blocks else {}
+        # (b) measures the fault ring itself: blocks move when decode posts them, not prefetched.
+        ring = {"kv_fault_reserve": reserve_blocks * unit, "kv_prefetch": False} if reserve_blocks else {}
         runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=device_blocks * unit, **ring)
         try:
             # Filled by copying an all-HBM prefill's blocks: a prefill into the host tier reads the

@@ -86,7 +86,9 @@ class FaultCounts:
     """The ``kv`` report's fault figures: posts the kernels made (``posted``), refused for a full
     ring (``overflow``), moved into HBM (``serviced``), drained but left on the host (``left``,
     once per drain: not sealed yet, posted again by a later read while the reserve has room; or
-    no free device block, then never posted again), and bytes copied. ``posted`` and ``overflow``
+    no free device block, then never posted again; a drained id no entry names any more, a stale
+    post of a block already moved, is not counted), bytes copied, and blocks moved ahead of any
+    post (``prefetched``, :meth:`FaultDrain.prefetch`; their bytes are in ``bytes_moved``). ``posted`` and ``overflow``
     are as of the last snapshot: none is taken once nothing can move (:attr:`FaultDrain.exhausted`)."""
 
     posted: int = 0
@@ -94,12 +96,14 @@ class FaultCounts:
     serviced: int = 0
     left: int = 0
     bytes_moved: int = 0
+    prefetched: int = 0
 
-    KEYS = ("faults_posted", "faults_serviced", "faults_overflow", "faults_left", "bytes_moved")
+    KEYS = ("faults_posted", "faults_serviced", "faults_overflow", "faults_left", "bytes_moved", "blocks_prefetched")
 
     def report(self) -> dict:
         """The figures under the ``kv`` report's names (:data:`KEYS`; all 0 for no fault ring)."""
-        return dict(zip(self.KEYS, (self.posted, self.serviced, self.overflow, self.left, self.bytes_moved)))
+        return dict(zip(self.KEYS, (self.posted, self.serviced, self.overflow, self.left, self.bytes_moved,
+                                    self.prefetched)))
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,33 @@ class FaultDrain:
         moves, left = plan_copies(sorted(sealed), self.pool, self.where)
         writes = apply_moves(self.table, self.where, moves)
         self.counts.serviced += len(moves)
-        self.counts.left += len(left) + len(open_)
+        self.counts.left += int((self.where[np.asarray(left, dtype=np.int64)] >= 0).sum()) + len(open_)
         self.counts.bytes_moved += len(moves) * self.block_bytes
         park = self.exhausted
         return Service(slot_runs(start, ids.size, self.layout), self.tail, moves, writes,
                        [] if park else sorted(ids.tolist()), park)
+
+    def prefetch(self, written_tokens: int, limit: int | None = None) -> Service:
+        """Moves, ahead of any post, of the sealed host blocks the table still names, the
+        sequence's oldest first, into free reserve blocks (at most ``limit``; None: as many as
+        the reserve takes): a decode step reads every block, so each of them is read by the next
+        step anyway, and moved now it is read from HBM by that step instead of zero-copy.
+
+        Consumes no ring slot and clears no ``requested`` word: a kernel that posts one of these
+        blocks before its table write lands has that post drained later as stale (no entry names
+        the id any more: cleared, not counted as left)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        logical = np.flatnonzero(self.table < 0)  # ascending: the oldest blocks first
+        sealed = logical[(logical + 1) * BLOCK_SIZE <= written_tokens]
+        if limit is not None:
+            sealed = sealed[:limit]
+        moves, _ = plan_copies((~self.table[sealed]).astype(np.int64), self.pool, self.where)
+        writes = apply_moves(self.table, self.where, moves)
+        self.counts.prefetched += len(moves)
+        self.counts.bytes_moved += len(moves) * self.block_bytes
+        park = bool(moves) and self.exhausted
+        return Service([], self.tail, moves, writes, [], park)
 
     def runs(self, moves: list[Move]) -> list[tuple[int, int, int]]:
         """``moves`` as copies ``(host block, device block, count)``: consecutive host blocks going to

@@ -8,7 +8,9 @@ decides, this module issues), all on the ``control`` stream (the highest priorit
    ring's words into a pinned mirror; the next call drains the mirror once that copy is done
    (the ring is read while later steps still post: the drain rule stops at a claimed slot whose
    id has not landed, and the drain alone writes ``tail``, so a racing read loses nothing);
-2. for the drained ids, on the control stream behind the compute stream's work so far: EMPTY
+2. for the drained ids (and for a prefetch's blocks, :meth:`FaultService.prefetch`: the
+   sequence's oldest sealed host blocks moved ahead of any post, no ring slot), on the control
+   stream behind the compute stream's work so far: EMPTY
    into the consumed slots then the new ``tail`` (slots free for producers again), per move a
    host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one
    copy), then its table entry (a kernel reads either ``~h``, still valid, or the filled device
@@ -99,6 +101,15 @@ class FaultService:
         self._copied.record(self.control)
         self._snapshot = True
 
+    def prefetch(self, written_tokens: int) -> None:
+        """Move the sealed host blocks below ``written_tokens`` into the reserve now, the oldest
+        first, as far as it has room (:meth:`FaultDrain.prefetch`): the runner calls it once a
+        prefill has filled them, so the first decode step reads them from HBM, not zero-copy."""
+        if self.drain.exhausted:
+            return
+        self._retire()
+        self._issue(self.drain.prefetch(written_tokens))
+
     def flush(self, written_tokens: int, rounds: int = 3) -> None:
         """Service until what the finished steps posted is moved and retired (tests, reports)."""
         self.compute.synchronize()
@@ -158,12 +169,13 @@ class FaultService:
         return spans(index)
 
     def _issue(self, plan) -> None:
-        if not plan.slots:  # nothing drained
+        if not plan.slots and not plan.moves:  # nothing drained, nothing prefetched
             return
         self._behind_compute()  # the copies must see every row the enqueued steps write
         for slot, count in plan.slots:
             self._fill(slot, int(EMPTY), count)
-        self._fill(TAIL, plan.tail)
+        if plan.slots:  # a prefetch consumes no slot: the tail stays
+            self._fill(TAIL, plan.tail)
         size = self.layer_block_bytes
         for h, d, count in self.drain.runs(plan.moves):
             for host, dev in zip(self.b.k_host_pools + self.b.v_host_pools, self.b.k_pools + self.b.v_pools):

@@ -70,14 +70,17 @@ class CudaRunner:
 
     def __init__(self, model, rt, max_context: int | None = None, buckets: tuple[int, ...] = BUCKETS,
                  progress=None, kv_gpu_budget: int | None = None, kv_fault_reserve: int | None = None,
-                 kv_fault_ring_slots: int = RING_SLOTS, tp=None):
+                 kv_fault_ring_slots: int = RING_SLOTS, tp=None, kv_prefetch: bool = True):
         """``kv_gpu_budget``: bytes of KV kept on the device; the sequence's oldest blocks past it
         live in pinned host memory, read zero-copy (:mod:`nexusrt.kvcache.tiers`).
         ``kv_fault_reserve``: bytes of device KV beyond the budget, free at first, that the fault
         ring fills: decode attention posts the host blocks it reads to a ring of
         ``kv_fault_ring_slots`` slots and the runner moves sealed ones into the reserve between
         steps (:mod:`.faults`); None: host blocks stay zero-copy. A budget, reserve or ring that
-        cannot work is refused here, before any memory is taken.
+        cannot work is refused here, before any memory is taken. ``kv_prefetch`` (with a reserve):
+        once a prefill has filled host blocks, move them into the reserve right away, the oldest
+        first, instead of waiting for the first decode step to post them (off: only posts move
+        blocks, as the kv bench's fault-ring row measures).
         ``tp`` (a :class:`~.collectives.RankComm`): ``model`` is one tensor-parallel rank's shard
         (its config the rank's local shape); the graphs all-reduce after O and down and gather the
         vocab-parallel logits (:mod:`.collectives`), so :meth:`last_logits` is the whole vocabulary."""
@@ -110,6 +113,7 @@ class CudaRunner:
             raise ModelError("NEXUSRT_DECODE=persistent has no collectives yet; a tensor-parallel rank needs the "
                              "graph path (NEXUSRT_DECODE=graph)")
         self.tp = tp
+        self.kv_prefetch = bool(kv_prefetch)
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -223,6 +227,12 @@ class CudaRunner:
         self._graphs[("logits",)].replay()
         self.position = base + ids.size
         self._set_word(self.buffers.pos, self.position - 1)  # the last row's position
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        """After a prefill: the host blocks it sealed into the fault reserve (``kv_prefetch``)."""
+        if self._faults is not None and self.kv_prefetch:
+            self._faults.prefetch(self.position)
 
     def adopt_kv(self, source: "CudaRunner") -> None:
         """Take ``source``'s sequence as if this runner had prefilled it: its K/V blocks copied
@@ -251,6 +261,7 @@ class CudaRunner:
         self.position = source.position
         self._set_word(self.buffers.pos, self.position - 1)  # as prefill leaves it: the last row's position
         self.stream.synchronize()
+        self._prefetch()
 
     def decode(self, token_id: int) -> None:
         self._check_room(1)

@@ -51,8 +51,8 @@ class FakeProbe:
                 out["pruned"]["pruned_ms"] = [5.3, 5.4, 5.6]
         return out
 
-    def half_host(self, plan, device_blocks, reserve_blocks=0):
-        self.calls.append(("half_host", plan.context, device_blocks, reserve_blocks))
+    def half_host(self, plan, device_blocks, reserve_blocks=0, prefetch=False):
+        self.calls.append(("half_host", plan.context, device_blocks, reserve_blocks) + (("prefetch",) if prefetch else ()))
         if self.refuse_host:
             raise KvBudgetError("the host tier would need 9 bytes of pinned memory")
         host = blocks_for(plan.context + 63) - device_blocks
@@ -60,6 +60,11 @@ class FakeProbe:
         tiers = {"blocks_device": device_blocks, "blocks_host": host, "host_bytes": host * unit}
         if not reserve_blocks:
             return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
+        if prefetch:  # every host block moved as the fill ended: no post moved any
+            tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=3, faults_serviced=0,
+                         faults_overflow=0, faults_left=0, bytes_moved=host * unit, blocks_prefetched=host)
+            return {"decode_ms": [6.0, 6.1, 6.1], "warmup_ms": 10.0, "tiers": tiers, "host_entries_timed": 0,
+                    "flush_s": 0.001, "flush_bytes": 0}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
                      faults_overflow=0, faults_left=5, bytes_moved=host * unit, blocks_prefetched=0)
         return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0,
@@ -99,6 +104,12 @@ def test_figures_from_fake_measurements():
     assert b["host_entries_timed"] == 0 and "ends once they are moved in" in b["measures"]
     assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 1024) in probe.calls
 
+    f = row["prefetched"]  # (b) with prefetch: its warm-up against (b)'s
+    assert ("half_host", 32768, blocks_for(32768 + 63) - 1024, 1024, "prefetch") in probe.calls
+    assert f["ms_per_token"] == 6.1 and f["warmup_ms_per_token"] == 10.0 and f["blocks_prefetched"] == 1024
+    assert f["warmup_over_fault_ring_warmup"] == pytest.approx(10 / 40) and f["faults_serviced"] == 0
+    assert f["warmup_over_all_device"] == pytest.approx(10 / 5.5) and f["host_entries_timed"] == 0
+
     c = row["host_zero_copy"]
     host = 16384 * KV_PER_TOKEN  # exactly the evicted half: 1,024 whole blocks
     assert c["blocks_host"] == 1024 and c["host_tokens"] == 16384 and c["host_bytes_per_token"] == host
@@ -136,8 +147,8 @@ def test_figures_from_fake_measurements():
 
 def test_slow_link_and_slow_pruned_rows_miss_their_targets():
     probe = FakeProbe()
-    probe.half_host = lambda plan, device_blocks, reserve_blocks=0: FakeProbe.half_host(
-        probe, plan, device_blocks, reserve_blocks) if reserve_blocks else {"decode_ms": [100.0], "tiers": {
+    probe.half_host = lambda plan, device_blocks, reserve_blocks=0, prefetch=False: FakeProbe.half_host(
+        probe, plan, device_blocks, reserve_blocks, prefetch) if reserve_blocks else {"decode_ms": [100.0], "tiers": {
             "blocks_device": device_blocks, "blocks_host": 1024, "host_bytes": 16384 * KV_PER_TOKEN}}
     slow = FakeProbe.all_device
 
@@ -176,12 +187,13 @@ def test_skips_and_refusals_are_reported_not_measured():
     assert "refused position != start" in e["pruned_skipped"] and "ms_per_token" not in e
     assert e["unpruned_ms_per_token"] == 5.1 and s["targets"]["pruned_like_kept"]["verdict"] is None
     assert "fault reserve refused" in row["fault_ring"]["skipped"]
+    assert "fault reserve refused" in row["prefetched"]["skipped"]
 
     # Only the ring's reserve refused: (c) keeps its measured figures.
     probe = FakeProbe()
     plain = probe.half_host
 
-    def reserve_refused(plan, device_blocks, reserve_blocks=0):
+    def reserve_refused(plan, device_blocks, reserve_blocks=0, prefetch=False):
         if reserve_blocks:
             raise KvBudgetError("kv_fault_reserve of 9 blocks exceeds the host tier")
         return plain(plan, device_blocks, reserve_blocks)
@@ -208,6 +220,9 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     assert "the warm-up's closing flush moved 2,147 MB in 50.000 ms, 42.9 GB/s (85.9% of pinned)" in text
     assert ("target host->device traffic while faulting (the fault ring's moves) >= 80% of the pinned rate: "
             "missed (21.5%, 85.9%)") in text  # 8k's quarter of the bytes in the same 50 ms
+    assert "(f) as (b), prefetched" in text and "context 32,768 (f): the fill's sealed host blocks moved" in text
+    assert "warm-up run 10.000 ms/token including the moving (1.82x (a)) = 0.25x (b)'s warm-up" in text
+    assert "1,024 blocks prefetched, 0 moved by posts" in text
     assert "{" not in text and "None" not in text
     assert kv_speed_table.render({"skipped": "needs the CUDA backend"}) == "speed: needs the CUDA backend"
 
@@ -292,22 +307,24 @@ def test_the_speed_half_on_the_tiny_model_gives_finite_ordered_figures(capsys):
 def test_progress_names_each_row_as_it_lands_then_the_context():
     lines = []
     kv_speed.measure(FakeProbe(), CFG, "synthetic:llama-3.1-8b", [8192, 32768], 3, 4096, progress=lines.append)
-    assert len(lines) == 12  # per context: (a), (c)'s fill and figure, (b)'s, then the summary
+    assert len(lines) == 16  # per context: (a), (c)'s fill and figure, (b)'s, (f)'s, then the summary
     assert lines[0].startswith("context 8192: (a) 5.500 ms/token (")
     plan = kv_speed.DecodePlan(8192, 3)
     assert lines[1] == (f"context 8192: (c) filling {plan.prefill_to:,} tokens in HBM, then the oldest 4,096 "
                         "copied to the host tier")
     assert lines[2].startswith("context 8192: (c) 49.000 ms/token (")
     assert lines[3].startswith("context 8192: (b) filling ") and lines[4].startswith("context 8192: (b) 6.100 ms/token (")
-    assert lines[5].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
-                               "fault_ring 6.100 ms/token; pruned 5.400 ms/token (")
-    assert lines[6].startswith("context 32768: (a)")
+    assert lines[5].startswith("context 8192: (f) filling ")
+    assert lines[6].startswith("context 8192: (f) 6.100 ms/token, warm-up 10.000 (")
+    assert lines[7].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "
+                               "fault_ring 6.100 ms/token; prefetched 6.100 ms/token; pruned 5.400 ms/token (")
+    assert lines[8].startswith("context 32768: (a)")
 
 
 def test_kv_rows_measure_only_what_is_asked_and_say_so():
-    assert kv_speed.parse_rows(None) == {"b", "c", "d", "e"} and kv_speed.parse_rows("a, C") == {"c"}
+    assert kv_speed.parse_rows(None) == {"b", "c", "d", "e", "f"} and kv_speed.parse_rows("a, C") == {"c"}
     for bad in ("x", "b,z", "", ","):
-        with pytest.raises(ValueError, match="--kv-rows takes a comma-separated subset of a,b,c,d,e"):
+        with pytest.raises(ValueError, match="--kv-rows takes a comma-separated subset of a,b,c,d,e,f"):
             kv_speed.parse_rows(bad)
     probe = FakeProbe()
     s = kv_speed.measure(probe, CFG, "synthetic:llama-3.1-8b", [131072], 1, 4096, rows_asked=frozenset({"c"}))
@@ -316,7 +333,7 @@ def test_kv_rows_measure_only_what_is_asked_and_say_so():
     assert probe.calls[1][3] == 0  # (c): no fault reserve
     row = s["contexts"][0]
     assert "ms_per_token" in row["all_device"] and "ms_per_token" in row["host_zero_copy"]
-    for key in ("fault_ring", "restore", "pruned"):
+    for key in ("fault_ring", "prefetched", "restore", "pruned"):
         assert row[key] == {"skipped": "not asked for (--kv-rows)"}
     assert s["targets"]["fault_ring_over_device_32k"]["skipped"]  # 32k itself was not measured
     s.update(backend="cuda", device="NVIDIA H200", profile="h200", model="synthetic:llama-3.1-8b")
@@ -324,3 +341,4 @@ def test_kv_rows_measure_only_what_is_asked_and_say_so():
     assert "context 131,072 (b): not asked for (--kv-rows)" in text
     assert "context 131,072 (d): not asked for (--kv-rows)" in text
     assert "131,072  (c) half on host, zero-copy" in text and "{" not in text
+    assert "(f)" not in text  # a row not asked for has no line and no note

@@ -31,9 +31,9 @@ class FakeRunner:
     made: list = []
 
     def __init__(self, model, rt, max_context=None, kv_gpu_budget=None, kv_fault_reserve=None, kv_prefetch=True):
-        assert kv_fault_reserve is None or not kv_prefetch  # (b) measures faults, not prefetches
         cfg = self.config = model.config
         self.max_context, self.budget, self.reserve = max_context, kv_gpu_budget, kv_fault_reserve
+        self.prefetch = kv_fault_reserve is not None and kv_prefetch
         self.buckets = buckets_for(max_context, BUCKETS)
         self.chunk, self.capacity = self.buckets[-1], max_context + self.buckets[0] - 1
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
@@ -77,6 +77,9 @@ class FakeRunner:
                        faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, blocks_prefetched=0,
                        bytes_moved=p.host_bytes if self.flushed else 0,
                        host_entries=0 if self.flushed else p.host_blocks)
+            if self.prefetch:  # moved as the fill ended, before any step posted them
+                out.update(faults_posted=0, faults_serviced=0, blocks_prefetched=p.host_blocks,
+                           bytes_moved=p.host_bytes, host_entries=0)
         return out
 
     def close(self):
@@ -151,7 +154,10 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
         assert c["host_tokens"] == row["context"] // 2 == row["restore"]["evicted_tokens"]
     hosts = [r for r in FakeRunner.made if r.budget is not None and r.reserve is None]
     assert len(hosts) == 2 and all(r.closed and r.position == r.max_context for r in hosts)
-    rings = [r for r in FakeRunner.made if r.reserve is not None]  # (b): a reserve as large as the host half
+    rings = [r for r in FakeRunner.made if r.reserve is not None and not r.prefetch]  # (b): reserve = host half
+    ahead = [r for r in FakeRunner.made if r.prefetch]  # (f): the same, prefetching
+    assert [r.reserve for r in ahead] == [r.reserve for r in rings] and all(r.closed for r in ahead)
+    assert [row["prefetched"]["blocks_prefetched"] for row in s["contexts"]] == [r.kv_plan.host_blocks for r in ahead]
     assert [r.reserve // r.kv_plan.block_bytes for r in rings] == [r.kv_plan.host_blocks for r in rings] == \
         [blocks_for(c // 2) for c in (8192, 32768)]
     assert all(r.closed and r.log[-1] == ("service_faults", True) for r in rings)
@@ -167,7 +173,7 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     prefix = DecodePlan(8192, 1).prefill_to
     assert [e for e in hosts[0].log if e[0] in ("prefill", "adopt_kv")] == [("adopt_kv", prefix)]
     sources = [r for r in FakeRunner.made if r.budget is None and r.log[:1] == [("prefill", 0, prefix)]]
-    assert len(sources) == 2 and all(r.closed and r.position == prefix for r in sources)  # (c) and (b) at 8k
+    assert len(sources) == 3 and all(r.closed and r.position == prefix for r in sources)  # (c), (b), (f) at 8k
 
 
 class _Measured:

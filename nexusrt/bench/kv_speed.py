@@ -20,6 +20,10 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
     bandwidth + host bytes ÷ pinned rate;
 (d) restoring the evicted half: prefilling that many tokens from an empty cache (measured)
     against copying its bytes back at the pinned rate (bytes ÷ the measured rate);
+(f) (b) with prefetch (``kv_prefetch``): the fill's sealed host blocks are moved into the reserve
+    as soon as the fill ends, so the warm-up's steps stop reading them zero-copy once those moves
+    land instead of after the posts are drained (the host enqueues a run's steps far ahead, so in
+    (b) that is the end of the run); reported beside (b)'s warm-up;
 (e) pruned decode: one sequence at RoPE positions just below the context holding only
     ``--kv-keep`` (4,096) cache slots, beside an unpruned sequence of that many slots, both one
     ``Rows`` per step through ``CudaBatchRunner.run_tokens``.
@@ -55,7 +59,7 @@ HOST_TARGET = 1.5  # issue 16: (c) at most 1.5x (a) at 32k, for the 8B shape
 HOST_TARGET_CONTEXT = 32768
 LINK_TARGET = 0.8  # issue 16: host->device traffic at least 80% of the pinned copy rate
 PRUNED_TOLERANCE = 0.10  # issue 16: the pruned row within 10% of the kept slots' own speed
-ROWS = ("b", "c", "d", "e")  # the rows measured besides (a), the all-HBM reference
+ROWS = ("b", "c", "d", "e", "f")  # the rows measured besides (a), the all-HBM reference
 NOT_ASKED = "not asked for (--kv-rows)"
 
 
@@ -77,7 +81,7 @@ def add_arguments(parser) -> None:
                              "multiples of 32; a context that does not fit is skipped with the reason)")
     parser.add_argument("--kv-rows", default=None, metavar="R[,R...]",
                         help="kv stage, speed half: which of the rows b (fault ring), c (zero-copy), d (restore "
-                             "by prefill), e (pruned) to measure besides (a), which every row is compared with "
+                             "by prefill), e (pruned), f (fault ring with prefetch) to measure besides (a), which every row is compared with "
                              f"(default {','.join(ROWS)}); fewer rows fit a long context into one time limit")
     parser.add_argument("--kv-keep", type=int, default=KEEP, metavar="N",
                         help=f"kv stage, speed half: cache slots the pruned decode row keeps (default {KEEP})")
@@ -180,6 +184,20 @@ def fault_figures(measured: dict, device: dict, pinned: float) -> dict:
         rate = moved / seconds
         out.update(flush_ms=seconds * 1e3, flush_bytes=moved, move_bytes_s=rate, move_of_pinned=rate / pinned,
                    move_target="met" if rate / pinned >= LINK_TARGET else "missed")
+    return out
+
+
+def prefetch_figures(measured: dict, device: dict, ring: dict) -> dict:
+    """(f): ``measured`` the probe's ``half_host`` with a reserve and prefetch; ``device`` the (a)
+    figures; ``ring`` (b)'s figures (its warm-up is the comparison) or a skipped (b)."""
+    tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
+    out = {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
+           "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
+           "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
+           **{k: tiers[k] for k in ("blocks_host", "blocks_reserve") + FaultCounts.KEYS},
+           "host_entries_timed": measured["host_entries_timed"]}
+    if "warmup_ms_per_token" in ring:
+        out["warmup_over_fault_ring_warmup"] = measured["warmup_ms"] / ring["warmup_ms_per_token"]
     return out
 
 
@@ -297,6 +315,17 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
                 row["fault_ring"] = fault_figures(ring, row["all_device"], pinned)
                 say(f"context {context}: (b) {row['fault_ring']['ms_per_token']:.3f} ms/token "
                     f"({time.perf_counter() - t0:.1f} s)")
+        row["prefetched"] = {"skipped": NOT_ASKED}
+        if "f" in rows_asked:
+            say(filling.format("f"))
+            try:
+                ahead = probe.half_host(*split, reserve_blocks=blocks_for(evicted), prefetch=True)
+            except KvBudgetError as exc:
+                row["prefetched"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
+            else:
+                row["prefetched"] = prefetch_figures(ahead, row["all_device"], row["fault_ring"])
+                say(f"context {context}: (f) {row['prefetched']['ms_per_token']:.3f} ms/token, warm-up "
+                    f"{row['prefetched']['warmup_ms_per_token']:.3f} ({time.perf_counter() - t0:.1f} s)")
         row["restore"] = (restore_figures(cfg, evicted, dev["recompute_s"], pinned) if "d" in rows_asked else
                           {"skipped": NOT_ASKED})
         row["pruned"] = ({"skipped": NOT_ASKED} if "e" not in rows_asked else

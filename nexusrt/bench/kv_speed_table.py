@@ -29,6 +29,25 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
              f"{b['move_bytes_s'] / 1e9:.1f} GB/s ({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "")]
 
 
+def _prefetch_row(ctx: str, f: dict) -> list:
+    if "skipped" in f:
+        return [ctx, "(f) as (b), prefetched", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"]
+    return [ctx, "(f) as (b), prefetched", _ms(f["ms_per_token"]), "-", "-", "-", "-", "-",
+            f"{f['over_all_device']:.2f}x", "-"]
+
+
+def _prefetch_note(ctx: str, f: dict) -> list[str]:
+    if "skipped" in f:
+        return [] if f["skipped"].startswith("not asked") else [f"{ctx} (f): {f['skipped']}"]
+    vs_b = (f" = {f['warmup_over_fault_ring_warmup']:.2f}x (b)'s warm-up" if "warmup_over_fault_ring_warmup" in f
+            else "")
+    return [f"{ctx} (f): the fill's sealed host blocks moved into the reserve as it ends; warm-up run "
+            f"{_ms(f['warmup_ms_per_token'])} ms/token including the moving ({f['warmup_over_all_device']:.2f}x "
+            f"(a)){vs_b}; {f['blocks_prefetched']:,} blocks prefetched, {f['faults_serviced']:,} moved by posts; "
+            f"timed runs began with {f['host_entries_timed']:,} of {f['blocks_host']:,} host blocks still read "
+            f"zero-copy"]
+
+
 def _decode_rows(row: dict) -> list[list]:
     ctx, a, c = f"{row['context']:,}", row["all_device"], row["host_zero_copy"]
     out = [[ctx, "(a) all KV in HBM", _ms(a["ms_per_token"]), _ms(a["floor_ms"]), f"{a['fraction_of_floor']:.1%}",
@@ -41,6 +60,9 @@ def _decode_rows(row: dict) -> list[list]:
                     f"{c['fraction_of_floor']:.1%}", f"{c['host_bytes_per_token'] / 1e6:,.0f}",
                     f"{c['host_bytes_s'] / 1e9:.1f}", f"{c['of_pinned']:.1%}", f"{c['over_all_device']:.2f}x",
                     f"{c['floor_over_all_device_floor']:.2f}x"])
+    f = row.get("prefetched", {"skipped": "not asked"})
+    if not f.get("skipped", "").startswith("not asked"):
+        out.append(_prefetch_row(ctx, f))
     return out
 
 
@@ -73,6 +95,7 @@ def render(s: dict) -> str:
         ctx = f"context {r['context']:,}"
         c, e = r.get("host_zero_copy", {}), r.get("pruned", {})
         notes += [f"{ctx} skipped: {r['skipped']}"] if "skipped" in r else _fault_note(ctx, r["fault_ring"])
+        notes += _prefetch_note(ctx, r["prefetched"]) if "prefetched" in r else []
         notes += [f"{ctx} (c): {c['skipped']}"] if "skipped" in c else []
         notes += [f"{ctx} (d): {r['restore']['skipped']}"] if "skipped" in r.get("restore", {}) else []
         notes += [f"{ctx} (e): {e.get('skipped') or e['pruned_skipped']}"] if {"skipped", "pruned_skipped"} & set(e) else []

@@ -175,7 +175,7 @@ class CudaKvProbe:
         finally:
             batch.close()
 
-    def half_host(self, plan, device_blocks: int, reserve_blocks: int = 0) -> dict:
+    def half_host(self, plan, device_blocks: int, reserve_blocks: int = 0, prefetch: bool = False) -> dict:
         """(c): a runner of ``plan.context`` tokens keeping ``device_blocks`` KV blocks in HBM and
         the oldest rest on the pinned host tier, filled with an all-HBM runner's prefill
         (:meth:`~nexusrt.backends.cuda.runner.CudaRunner.adopt_kv`) and timed like (a); with
@@ -184,6 +184,8 @@ class CudaKvProbe:
         ``host_entries_timed``: the table entries still naming host blocks when the timed runs began;
         ``flush_s`` / ``flush_bytes``: the warm-up's closing flush timed alone and the bytes it moved,
         which is where the moves happen: the host enqueues a run's steps far ahead of the device).
+        ``prefetch`` (with a reserve, row (f)): the fill's sealed host blocks are moved in as soon as
+        it ends (``kv_prefetch``); without it only decode's posts move blocks, as (b) measures.
         Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
         the runner refuses."""
         from ..backends.cuda.runner import CudaRunner
@@ -191,8 +193,8 @@ class CudaKvProbe:
 
         cfg = self.config
         unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-        # (b) measures the fault ring itself: blocks move when decode posts them, not prefetched.
-        ring = {"kv_fault_reserve": reserve_blocks * unit, "kv_prefetch": False} if reserve_blocks else {}
+        # (b) measures the fault ring itself: blocks move when decode posts them; (f) prefetches too.
+        ring = {"kv_fault_reserve": reserve_blocks * unit, "kv_prefetch": bool(prefetch)} if reserve_blocks else {}
         runner = CudaRunner(self.model, self.rt, max_context=plan.context, kv_gpu_budget=device_blocks * unit, **ring)
         try:
             # Filled by copying an all-HBM prefill's blocks: a prefill into the host tier reads the

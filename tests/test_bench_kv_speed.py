@@ -313,7 +313,7 @@ def test_progress_names_each_row_as_it_lands_then_the_context():
     assert lines[1] == (f"context 8192: (c) filling {plan.prefill_to:,} tokens in HBM, then the oldest 4,096 "
                         "copied to the host tier")
     assert lines[2].startswith("context 8192: (c) 49.000 ms/token (")
-    assert lines[3].startswith("context 8192: (b) filling ") and lines[4].startswith("context 8192: (b) 6.100 ms/token (")
+    assert lines[3].startswith("context 8192: (b) filling ") and lines[4].startswith("context 8192: (b) 6.100 ms/token, warm-up 40.000 (")
     assert lines[5].startswith("context 8192: (f) filling ")
     assert lines[6].startswith("context 8192: (f) 6.100 ms/token, warm-up 10.000 (")
     assert lines[7].startswith("context 8192: all_device 5.500 ms/token; host_zero_copy 49.000 ms/token; "

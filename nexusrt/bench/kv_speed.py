@@ -289,43 +289,33 @@ def measure(probe, cfg, model: str, contexts: list[int], runs: int, keep: int, p
         # The device keeps the rest of the runner's blocks: exactly the evicted half is on the host.
         # Each row has its own refusal: the ring's reserve failing must not discard (c)'s figures.
         split = (plan, dev["kv_blocks"] - blocks_for(evicted))
-        row["host_zero_copy"] = {"skipped": NOT_ASKED}
         # The host rows' fill: an all-HBM prefill whose blocks are then copied into the tiers.
         filling = (f"context {context}: ({{}}) filling {plan.prefill_to:,} tokens in HBM, then the oldest "
                    f"{evicted:,} copied to the host tier")
-        if "c" in rows_asked:
-            say(filling.format("c"))
+
+        def host_row(letter: str, refused: str, figures, **split_kw) -> dict:
+            """Row ``letter`` on the split (``split_kw``: its reserve, prefetch), or why not."""
+            if letter not in rows_asked:
+                return {"skipped": NOT_ASKED}
+            say(filling.format(letter))
             try:
-                host = probe.half_host(*split)
+                got = probe.half_host(*split, **split_kw)
             except KvBudgetError as exc:
-                row["host_zero_copy"] = {"skipped": f"host tier refused: {exc}"}
-            else:
-                row["host_zero_copy"] = host_figures(cfg, plan, host["decode_ms"], host["tiers"], hbm, pinned,
-                                                     row["all_device"])
-                say(f"context {context}: (c) {row['host_zero_copy']['ms_per_token']:.3f} ms/token "
-                    f"({time.perf_counter() - t0:.1f} s)")
-        row["fault_ring"] = {"skipped": NOT_ASKED}
-        if "b" in rows_asked:
-            say(filling.format("b"))
-            try:
-                ring = probe.half_host(*split, reserve_blocks=blocks_for(evicted))
-            except KvBudgetError as exc:
-                row["fault_ring"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
-            else:
-                row["fault_ring"] = fault_figures(ring, row["all_device"], pinned)
-                say(f"context {context}: (b) {row['fault_ring']['ms_per_token']:.3f} ms/token "
-                    f"({time.perf_counter() - t0:.1f} s)")
-        row["prefetched"] = {"skipped": NOT_ASKED}
-        if "f" in rows_asked:
-            say(filling.format("f"))
-            try:
-                ahead = probe.half_host(*split, reserve_blocks=blocks_for(evicted), prefetch=True)
-            except KvBudgetError as exc:
-                row["prefetched"] = {"skipped": f"host tier or fault reserve refused: {exc}"}
-            else:
-                row["prefetched"] = prefetch_figures(ahead, row["all_device"], row["fault_ring"])
-                say(f"context {context}: (f) {row['prefetched']['ms_per_token']:.3f} ms/token, warm-up "
-                    f"{row['prefetched']['warmup_ms_per_token']:.3f} ({time.perf_counter() - t0:.1f} s)")
+                return {"skipped": f"{refused}: {exc}"}
+            out = figures(got)
+            warm = f", warm-up {out['warmup_ms_per_token']:.3f}" if "warmup_ms_per_token" in out else ""
+            say(f"context {context}: ({letter}) {out['ms_per_token']:.3f} ms/token{warm} "
+                f"({time.perf_counter() - t0:.1f} s)")
+            return out
+
+        row["host_zero_copy"] = host_row("c", "host tier refused", lambda m: host_figures(
+            cfg, plan, m["decode_ms"], m["tiers"], hbm, pinned, row["all_device"]))
+        reserve = blocks_for(evicted)  # (b), (f): room for the whole host half
+        row["fault_ring"] = host_row("b", "host tier or fault reserve refused",
+                                     lambda m: fault_figures(m, row["all_device"], pinned), reserve_blocks=reserve)
+        row["prefetched"] = host_row("f", "host tier or fault reserve refused",
+                                     lambda m: prefetch_figures(m, row["all_device"], row["fault_ring"]),
+                                     reserve_blocks=reserve, prefetch=True)
         row["restore"] = (restore_figures(cfg, evicted, dev["recompute_s"], pinned) if "d" in rows_asked else
                           {"skipped": NOT_ASKED})
         row["pruned"] = ({"skipped": NOT_ASKED} if "e" not in rows_asked else

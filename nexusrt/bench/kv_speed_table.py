@@ -10,11 +10,11 @@ def _ms(x) -> str:
     return f"{x:.3f}"
 
 
-def _fault_row(ctx: str, b: dict) -> list:
-    if "skipped" in b:
-        return [ctx, "(b) half on host, fault ring", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"]
-    return [ctx, "(b) half on host, fault ring", _ms(b["ms_per_token"]), "-", "-", "-", "-", "-",
-            f"{b['over_all_device']:.2f}x", "-"]
+def _ring_row(ctx: str, label: str, r: dict) -> list:
+    """The decode table's line of (b) or (f): ms/token and the ratio to (a), or skipped."""
+    if "skipped" in r:
+        return [ctx, label, "skipped (below)", "-", "-", "-", "-", "-", "-", "-"]
+    return [ctx, label, _ms(r["ms_per_token"]), "-", "-", "-", "-", "-", f"{r['over_all_device']:.2f}x", "-"]
 
 
 def _fault_note(ctx: str, b: dict) -> list[str]:
@@ -27,13 +27,6 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
             f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved" +
             (f"; the warm-up's closing flush moved {b['flush_bytes'] / 1e6:,.0f} MB in {_ms(b['flush_ms'])} ms, "
              f"{b['move_bytes_s'] / 1e9:.1f} GB/s ({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "")]
-
-
-def _prefetch_row(ctx: str, f: dict) -> list:
-    if "skipped" in f:
-        return [ctx, "(f) as (b), prefetched", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"]
-    return [ctx, "(f) as (b), prefetched", _ms(f["ms_per_token"]), "-", "-", "-", "-", "-",
-            f"{f['over_all_device']:.2f}x", "-"]
 
 
 def _prefetch_note(ctx: str, f: dict) -> list[str]:
@@ -52,7 +45,7 @@ def _decode_rows(row: dict) -> list[list]:
     ctx, a, c = f"{row['context']:,}", row["all_device"], row["host_zero_copy"]
     out = [[ctx, "(a) all KV in HBM", _ms(a["ms_per_token"]), _ms(a["floor_ms"]), f"{a['fraction_of_floor']:.1%}",
             "-", "-", "-", "-", "-"],
-           _fault_row(ctx, row["fault_ring"])]
+           _ring_row(ctx, "(b) half on host, fault ring", row["fault_ring"])]
     if "skipped" in c:
         out.append([ctx, "(c) half on host, zero-copy", "skipped (below)", "-", "-", "-", "-", "-", "-", "-"])
     else:
@@ -62,7 +55,7 @@ def _decode_rows(row: dict) -> list[list]:
                     f"{c['floor_over_all_device_floor']:.2f}x"])
     f = row.get("prefetched", {"skipped": "not asked"})
     if not f.get("skipped", "").startswith("not asked"):
-        out.append(_prefetch_row(ctx, f))
+        out.append(_ring_row(ctx, "(f) as (b), prefetched", f))
     return out
 
 

@@ -173,7 +173,13 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     prefix = DecodePlan(8192, 1).prefill_to
     assert [e for e in hosts[0].log if e[0] in ("prefill", "adopt_kv")] == [("adopt_kv", prefix)]
     sources = [r for r in FakeRunner.made if r.budget is None and r.log[:1] == [("prefill", 0, prefix)]]
-    assert len(sources) == 3 and all(r.closed and r.position == prefix for r in sources)  # (c), (b), (f) at 8k
+    # One prefill of the prefix serves (c), (b) and (f) of a context; the next context's (a) gives it back.
+    assert len(sources) == 1 and sources[0].closed and sources[0].position == prefix
+    assert [e for e in sources[0].log if e[0] == "prefill"] == [("prefill", 0, prefix)]
+    last = [r for r in FakeRunner.made if r.budget is None and r.log[:1] == [("prefill", 0, DecodePlan(32768, 1).prefill_to)]]
+    assert len(last) == 1 and not last[0].closed
+    probe.close()
+    assert last[0].closed and probe._source is None
 
 
 class _Measured:

@@ -20,13 +20,16 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
     bandwidth + host bytes ÷ pinned rate;
 (d) restoring the evicted half: prefilling that many tokens from an empty cache (measured)
     against copying its bytes back at the pinned rate (bytes ÷ the measured rate);
+(e) pruned decode: one sequence at RoPE positions just below the context holding only
+    ``--kv-keep`` (4,096) cache slots, beside an unpruned sequence of that many slots, both one
+    ``Rows`` per step through ``CudaBatchRunner.run_tokens``;
 (f) (b) with prefetch (``kv_prefetch``): the fill's sealed host blocks are moved into the reserve
     as soon as the fill ends, so the warm-up's steps stop reading them zero-copy once those moves
     land instead of after the posts are drained (the host enqueues a run's steps far ahead, so in
-    (b) that is the end of the run); reported beside (b)'s warm-up;
-(e) pruned decode: one sequence at RoPE positions just below the context holding only
-    ``--kv-keep`` (4,096) cache slots, beside an unpruned sequence of that many slots, both one
-    ``Rows`` per step through ``CudaBatchRunner.run_tokens``.
+    (b) that is the end of the run); reported beside (b)'s warm-up.
+
+The host rows (b), (c), (f) of a context adopt the blocks of one all-HBM prefill of its prefix
+(``CudaRunner.adopt_kv``), made once per context.
 
 Decode timing: one warm-up run and ``--runs`` (3) timed runs of :data:`STEPS` steps each, the
 median ms/token reported. Every step stays inside the context (131,072 is the Llama-3.x RoPE
@@ -165,18 +168,25 @@ def host_figures(cfg, plan: DecodePlan, decode_ms: list[float], tiers: dict, hbm
             "over_all_device": ms / device["ms_per_token"], "floor_over_all_device_floor": floor / device["floor_ms"]}
 
 
+def _reserve_figures(measured: dict, device: dict, more_tiers: tuple[str, ...] = ()) -> dict:
+    """What (b) and (f) both report: the timed and warm-up ms/token, each against (a), the tier
+    and fault counts (and ``more_tiers`` of the runner's ``kv_tiers()``), and the host entries
+    left when the timed runs began."""
+    tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
+    return {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
+            "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
+            "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
+            **{k: tiers[k] for k in ("blocks_host", "blocks_reserve") + more_tiers + FaultCounts.KEYS},
+            "host_entries_timed": measured["host_entries_timed"]}
+
+
 def fault_figures(measured: dict, device: dict, pinned: float) -> dict:
     """(b): ``measured`` the probe's ``half_host`` with a reserve; ``device`` the (a) figures;
     ``pinned`` the pinned copy rate (bytes/s). ``host_entries_timed``: table entries naming host
     blocks when the timed runs began (each is read zero-copy by every timed step). The traffic
     while faulting: the bytes the warm-up's closing flush moved over its own time (snapshot,
     drain, copies and table writes together, so a lower bound on the copies' rate)."""
-    tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
-    out = {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
-           "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
-           "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
-           **{k: tiers[k] for k in ("blocks_device", "blocks_host", "blocks_reserve", "ring_slots") + FaultCounts.KEYS},
-           "host_entries_timed": measured["host_entries_timed"],
+    out = {**_reserve_figures(measured, device, ("blocks_device", "ring_slots")),
            "measures": "decode with a reserve as large as the host half: the warm-up run's steps post the host "
                        "blocks and it ends once they are moved in; the timed runs read from the table that left"}
     moved, seconds = measured.get("flush_bytes", 0), measured.get("flush_s", 0.0)
@@ -190,12 +200,7 @@ def fault_figures(measured: dict, device: dict, pinned: float) -> dict:
 def prefetch_figures(measured: dict, device: dict, ring: dict) -> dict:
     """(f): ``measured`` the probe's ``half_host`` with a reserve and prefetch; ``device`` the (a)
     figures; ``ring`` (b)'s figures (its warm-up is the comparison) or a skipped (b)."""
-    tiers, ms = measured["tiers"], statistics.median(measured["decode_ms"])
-    out = {"ms_per_token": ms, "ms_per_token_runs": list(measured["decode_ms"]),
-           "warmup_ms_per_token": measured["warmup_ms"], "over_all_device": ms / device["ms_per_token"],
-           "warmup_over_all_device": measured["warmup_ms"] / device["ms_per_token"],
-           **{k: tiers[k] for k in ("blocks_host", "blocks_reserve") + FaultCounts.KEYS},
-           "host_entries_timed": measured["host_entries_timed"]}
+    out = _reserve_figures(measured, device)
     if "warmup_ms_per_token" in ring:
         out["warmup_over_fault_ring_warmup"] = measured["warmup_ms"] / ring["warmup_ms_per_token"]
     return out
@@ -350,7 +355,10 @@ def run(args) -> dict:
 
     probe = CudaKvProbe(rt, args.model, runs)
     out = {"backend": rt.backend, "device": rt.profile.device_name, "profile": rt.profile.name, "model": args.model}
-    out.update(measure(probe, cfg, args.model, contexts, runs, args.kv_keep,
-                       progress=lambda line: print(f"nexusrt-bench kv: {line}", file=sys.stderr, flush=True),
-                       rows_asked=rows_asked))
+    try:
+        out.update(measure(probe, cfg, args.model, contexts, runs, args.kv_keep,
+                           progress=lambda line: print(f"nexusrt-bench kv: {line}", file=sys.stderr, flush=True),
+                           rows_asked=rows_asked))
+    finally:
+        probe.close()
     return out

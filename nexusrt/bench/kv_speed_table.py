@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .kv_speed import HOST_TARGET, HOST_TARGET_CONTEXT, LINK_TARGET, PRUNED_TOLERANCE
+from .kv_speed import HOST_TARGET, HOST_TARGET_CONTEXT, LINK_TARGET, NOT_ASKED, PRUNED_TOLERANCE
 from .table import table
 
 
@@ -31,7 +31,7 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
 
 def _prefetch_note(ctx: str, f: dict) -> list[str]:
     if "skipped" in f:
-        return [] if f["skipped"].startswith("not asked") else [f"{ctx} (f): {f['skipped']}"]
+        return [] if f["skipped"] == NOT_ASKED else [f"{ctx} (f): {f['skipped']}"]
     vs_b = (f" = {f['warmup_over_fault_ring_warmup']:.2f}x (b)'s warm-up" if "warmup_over_fault_ring_warmup" in f
             else "")
     return [f"{ctx} (f): the fill's sealed host blocks moved into the reserve as it ends; warm-up run "
@@ -53,8 +53,8 @@ def _decode_rows(row: dict) -> list[list]:
                     f"{c['fraction_of_floor']:.1%}", f"{c['host_bytes_per_token'] / 1e6:,.0f}",
                     f"{c['host_bytes_s'] / 1e9:.1f}", f"{c['of_pinned']:.1%}", f"{c['over_all_device']:.2f}x",
                     f"{c['floor_over_all_device_floor']:.2f}x"])
-    f = row.get("prefetched", {"skipped": "not asked"})
-    if not f.get("skipped", "").startswith("not asked"):
+    f = row.get("prefetched", {"skipped": NOT_ASKED})
+    if f.get("skipped") != NOT_ASKED:
         out.append(_ring_row(ctx, "(f) as (b), prefetched", f))
     return out
 

@@ -29,6 +29,20 @@ def blocks_for(tokens: int) -> int:
     return -(-tokens // BLOCK_SIZE)
 
 
+def pair_runs(pairs) -> list[tuple[int, int, int]]:
+    """``(source, destination)`` block pairs as ``(source, destination, count)`` copies, in the given
+    order: a pair that continues the last run on both sides joins it, so consecutive blocks going
+    to consecutive blocks are one copy per layer and K/V, not one per block."""
+    out: list[list[int]] = []
+    for src, dst in pairs:
+        src, dst = int(src), int(dst)
+        if out and src == out[-1][0] + out[-1][2] and dst == out[-1][1] + out[-1][2]:
+            out[-1][2] += 1
+        else:
+            out.append([src, dst, 1])
+    return [tuple(r) for r in out]
+
+
 def pool_shape(num_blocks: int, num_kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
     """The shape of one layer's K (or V) pool."""
     return (num_blocks, num_kv_heads, BLOCK_SIZE, head_dim)

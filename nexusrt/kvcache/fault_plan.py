@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import BLOCK_SIZE
+from .blocks import BLOCK_SIZE, pair_runs
 from .fault_ring import (ENTRIES, HEAD, OVERFLOW, TAIL, Move, RingLayout, _u32, apply_moves, drain, locate_hosts,
                          plan_copies, slot_runs)
 from .tiers import KvBudgetError, TierPlan, TieredBlockPool, encode_host
@@ -223,13 +223,7 @@ class FaultDrain:
         """``moves`` as copies ``(host block, device block, count)``: consecutive host blocks going to
         consecutive device blocks share one copy per layer and K/V (ring order is mostly split order,
         and the reserve hands out blocks in order), so a service of many blocks is few driver calls."""
-        out: list[list[int]] = []
-        for m in moves:
-            if out and m.host == out[-1][0] + out[-1][2] and m.device == out[-1][1] + out[-1][2]:
-                out[-1][2] += 1
-            else:
-                out.append([m.host, m.device, 1])
-        return [tuple(r) for r in out]
+        return pair_runs((m.host, m.device) for m in moves)
 
     def release(self, hosts) -> None:
         """Return moved host blocks to the host tier (once no kernel can still read them)."""

@@ -12,7 +12,7 @@ from nexusrt.backends.cpu.decoder import TILE_ROWS, tiled_linear
 from nexusrt.backends.cpu.model import CpuRunner
 from nexusrt.models.loader import load_model
 from nexusrt.reference.sampling import SamplingParams
-from nexusrt.serving import Engine, SchedulerConfig, Sequence
+from nexusrt.serving import Engine, KvPolicy, SchedulerConfig, Sequence
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,44 @@ def test_preemption_by_recompute_changes_no_id(oracle):
     tight = engine(oracle, num_blocks=12, max_running=6, budget=64)  # 6 x 4 blocks wanted, 12 there
     assert run(tight, reqs) == roomy
     assert tight.scheduler.preemptions > 0
+
+
+def test_preemption_by_swap_recomputes_nothing_and_changes_no_id(oracle):
+    reqs = [([3 + i] * 20, SamplingParams(temperature=0.8, seed=i), 40) for i in range(6)]
+    roomy = engine(oracle)
+    want = run(roomy, reqs)
+    swap = Engine(CpuBatchRunner(oracle.decoder, 12, oracle.max_context, host_blocks=12), SchedulerConfig(6, 64))
+    assert run(swap, reqs) == want
+    assert swap.scheduler.preemptions > 0 and swap.swap.swapped_out > 0 and swap.swap.num_used == 0
+    assert swap.metrics.computed_tokens == roomy.metrics.computed_tokens  # no id computed twice
+
+
+def test_a_pruned_sequence_swapped_out_keeps_its_cache(oracle):
+    # Under sink-window a recompute prunes in other places, so its ids may differ; a swap restores
+    # the very cache it had, so every id is the one it gets with room for all.
+    policy = KvPolicy("sink-window", budget=40, sinks=4)
+    reqs = [Sequence([3 + i] * 20, SamplingParams(temperature=0.8, seed=i), 40, 512, kv=policy) for i in range(6)]
+    roomy = engine(oracle)
+    for s in reqs:
+        roomy.add(s)
+    roomy.run_until_done()
+    again = [Sequence(s.prompt_ids, s.params, 40, 512, kv=policy) for s in reqs]
+    swap = Engine(CpuBatchRunner(oracle.decoder, 10, oracle.max_context, host_blocks=16), SchedulerConfig(6, 64))
+    for s in again:
+        swap.add(s)
+    swap.run_until_done()
+    swap.blocks.audit()
+    assert swap.swap.swapped_out > 0 and swap.scheduler.preemptions == swap.swap.swapped_out
+    assert [s.output_ids for s in again] == [s.output_ids for s in reqs]
+    assert swap.blocks.num_used == 0 and swap.swap.num_used == 0
+
+
+def test_swap_blocks_refuses_a_block_outside_its_pool(oracle):
+    r = CpuBatchRunner(oracle.decoder, 4, oracle.max_context, host_blocks=2)
+    with pytest.raises(ValueError, match="outside"):
+        r.swap_blocks([(0, 2)], [])
+    with pytest.raises(ValueError, match="host_blocks"):
+        CpuBatchRunner(oracle.decoder, 4, oracle.max_context, host_blocks=-1)
 
 
 def test_the_kv_memory_sets_the_pool(oracle):

@@ -147,5 +147,9 @@ class BatchRunner(Protocol):
         """Move the K/V of cache slots ``keep`` (ascending) to slots ``0 .. len(keep)-1`` of ``table``
         in every layer (KV pruning; the engine then frees the blocks past the kept tokens)."""
 
+    # Optional, a host tier (``host_blocks`` > 0): the engine then preempts by swap (serving.swap).
+    # ``swap_blocks(outs, ins)`` copies (device, host) pairs out, then (host, device) pairs back in,
+    # every layer's K and V, ordered before the next step's work.
+
     def close(self) -> None:
         """Release the pools (the weights belong to whoever gave them)."""

@@ -176,7 +176,14 @@ class BlockManager:
         seq.num_keyed = max(seq.num_keyed, full)
 
     def free(self, seq: Sequence) -> None:
-        """Drop ``seq``'s references; unkeyed blocks go back to the pool, keyed ones to the LRU list."""
+        """Drop ``seq``'s references (:meth:`release`) and forget what it computed."""
+        self.release(seq)
+        seq.num_computed = 0
+        seq.reset_kv()
+
+    def release(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references; unkeyed blocks go back to the pool, keyed ones to the LRU list.
+        What it computed stays counted (a swapped-out sequence keeps it on the host tier)."""
         for key in seq.block_keys:  # what it was computing is no longer on its way
             if self.pending.get(key) == seq.seq_id:
                 del self.pending[key]
@@ -189,8 +196,7 @@ class BlockManager:
                 else:
                     self.pool.free([block])
         seq.block_table = []
-        seq.num_computed = seq.num_keyed = 0
-        seq.reset_kv()
+        seq.num_keyed = 0
 
     def clear_cache(self) -> None:
         """Forget every unreferenced cached block (they go back to the pool)."""

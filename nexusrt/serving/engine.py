@@ -8,6 +8,10 @@ request's ids do not depend on the batch around it.
 A sequence ends exactly once, through :meth:`Engine.end`, which frees its blocks and calls
 its ``on_finish``: after a stop rule, a cancel, or an error of the runner or of its own
 callback. An error of one step ends the sequences of that step, never the engine.
+
+A runner with a host tier (``host_blocks`` > 0 and ``swap_blocks``) makes preemption swap a
+victim's blocks to the host instead of recomputing them (:mod:`.swap`); the step issues the
+copies it owes before its work.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .metrics import EngineMetrics
 from .pruning import prune
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, State
+from .swap import HostSwap
 
 
 class Engine:
@@ -31,7 +36,9 @@ class Engine:
                  prefix_caching: bool = True):
         self.runner = runner
         self.blocks = BlockManager(runner.num_blocks, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config)
+        host = getattr(runner, "host_blocks", 0)
+        self.swap = HostSwap(host) if host else None
+        self.scheduler = Scheduler(self.blocks, config, self.swap)
         self.metrics = EngineMetrics()
 
     @property
@@ -86,6 +93,8 @@ class Engine:
     def step(self) -> int:
         """Run one step; returns the ids computed (0: nothing to do)."""
         work = self.scheduler.schedule()
+        if self.swap is not None and not self._swap():
+            work = [w for w in work if not w.seq.done]
         if not work:
             return 0
         for w in work:
@@ -119,6 +128,28 @@ class Engine:
             if stop:
                 self.end(seq, State.FINISHED, seq.finish_reason)
         return sum(w.count for w in work)
+
+    def _swap(self) -> bool:
+        """Issue the copies this step's preemptions and admissions owe (outs, then ins); False
+        when they failed: the sequences swapped in end with the error (their blocks hold no
+        KV), those swapped out will recompute (theirs may not have reached the host)."""
+        outs, ins, swapped_out, swapped_in = self.swap.take()
+        if not outs and not ins:
+            return True
+        try:
+            self.runner.swap_blocks(outs, ins)
+        except FatalError:
+            raise
+        except Exception as exc:
+            for seq in swapped_in:
+                self.end(seq, State.FINISHED, "error", exc)
+            for seq in swapped_out:
+                if not seq.done and seq.host_table:
+                    self.swap.drop(seq)
+                    seq.num_computed = 0
+                    seq.reset_kv()
+            return False
+        return True
 
     def _prune(self, seq: Sequence) -> bool:
         """Evict ``seq``'s cache down to its budget (compact the kept slots, free the blocks past

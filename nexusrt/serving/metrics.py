@@ -80,3 +80,15 @@ def render(metrics: EngineMetrics, gauges: dict[str, tuple[str, float]]) -> str:
     head("time_per_output_token_seconds", "histogram", "Mean time between a request's generated tokens.")
     lines += metrics.tpot.lines("nexusrt_time_per_output_token_seconds")
     return "\n".join(lines) + "\n"
+
+
+def swap_gauges(swap) -> dict[str, tuple[str, float]]:
+    """The host tier's gauges for :func:`render` (``swap``: the engine's
+    :class:`~nexusrt.serving.swap.HostSwap`, or None when it has none: no gauges)."""
+    if swap is None:
+        return {}
+    c = swap.counts()
+    return {"kv_host_blocks_used": ("KV blocks of swapped-out requests on the host tier.", c["host_blocks_used"]),
+            "kv_host_blocks_total": ("KV blocks in the host tier.", c["host_blocks"]),
+            "swapped_out_total": ("Preemptions that swapped a request's KV to the host tier.", c["swapped_out"]),
+            "swapped_in_total": ("Requests whose KV came back from the host tier.", c["swapped_in"])}

@@ -16,6 +16,12 @@ it would have had without preemption (a sequence under a pruning policy recomput
 chunks and prunes again, so its cache, and the ids after the preemption, may differ: pruning
 is lossy). The oldest running sequence always makes progress:
 the engine refuses a request that would not fit in the pool alone.
+
+**Preemption by swap** (with a host tier, ``swap``: :mod:`.swap`): a victim whose filled blocks
+fit in the free host blocks keeps them there instead, and when it is admitted again (before
+any other waiting sequence: it is at the front) it gets fresh device blocks, the runner copies
+its host blocks back, and it goes on from where it stopped: nothing is recomputed, and its
+cache (pruned or not) is the one it had.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from ..kvcache.blocks import BLOCK_SIZE
 from .block_manager import BlockManager
 from .sequence import Sequence, State
+from .swap import HostSwap
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,12 @@ class Work:
 class Scheduler:
     """The waiting queue and the running set over a :class:`BlockManager`."""
 
-    def __init__(self, blocks: BlockManager, config: SchedulerConfig = SchedulerConfig()):
-        self.blocks, self.config = blocks, config
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig = SchedulerConfig(),
+                 swap: HostSwap | None = None):
+        self.blocks, self.config, self.swap = blocks, config, swap
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
-        self.preemptions = 0
+        self.preemptions = 0  # by recompute or by swap
 
     @property
     def has_work(self) -> bool:
@@ -90,6 +98,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        if self.swap is not None:
+            self.swap.drop(seq)
 
     def schedule(self) -> list[Work]:
         """The next step's work; admits, and preempts when blocks run out."""
@@ -111,15 +121,20 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_running:
                 break
-            if self.blocks.blocked(seq):  # its prefix is being computed: share it next step instead
-                continue
-            counted = self.blocks.lookups, self.blocks.hits
-            self.blocks.admit(seq)
-            n = self._count(seq, budget, self._room(seq))
-            if n == 0:  # no free block (or room for the fixed chunk): wait (a trial admission counts no lookup)
-                self.blocks.free(seq)
-                self.blocks.lookups, self.blocks.hits = counted
-                break
+            if seq.host_table:  # swapped out: its blocks come back from the host tier
+                n = self._swap_in(seq, budget)
+                if n == 0:
+                    break
+            else:
+                if self.blocks.blocked(seq):  # its prefix is being computed: share it next step instead
+                    continue
+                counted = self.blocks.lookups, self.blocks.hits
+                self.blocks.admit(seq)
+                n = self._count(seq, budget, self._room(seq))
+                if n == 0:  # no free block (or room for the fixed chunk): wait (a trial admission counts no lookup)
+                    self.blocks.free(seq)
+                    self.blocks.lookups, self.blocks.hits = counted
+                    break
             self.waiting.remove(seq)
             seq.state = State.RUNNING
             self.running.append(seq)
@@ -155,9 +170,28 @@ class Scheduler:
                 return 0
         return self._room(seq)
 
+    def _swap_in(self, seq: Sequence, budget: int) -> int:
+        """Give swapped-out ``seq`` fresh device blocks for its filled slots and owe the copies
+        back, when they and room for its next ids fit now: the ids it computes this step (0:
+        nothing taken, it waits)."""
+        if not self.blocks.can_grow(seq, seq.num_slots):
+            return 0
+        self.blocks.grow(seq, seq.num_slots)
+        n = self._count(seq, budget, self._room(seq))
+        if n == 0:
+            self.blocks.release(seq)
+            return 0
+        self.swap.into(seq)
+        return n
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq)
+        if self.swap is not None and self.swap.fits(seq):
+            self.swap.out(seq)  # owes the copies of its filled blocks, taken by the engine this step
+            self.blocks.release(seq)
+            seq.swaps += 1
+        else:
+            self.blocks.free(seq)
         seq.state = State.WAITING
         seq.preemptions += 1
         self.preemptions += 1

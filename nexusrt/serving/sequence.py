@@ -30,7 +30,7 @@ _ids = itertools.count()
 
 
 class State(enum.Enum):
-    WAITING = "waiting"  # queued, or preempted and waiting to recompute
+    WAITING = "waiting"  # queued, or preempted: waiting to recompute, or swapped out (host_table)
     RUNNING = "running"  # holds KV blocks and is scheduled each step
     FINISHED = "finished"  # ended by a stop rule or an error (see finish_reason / error)
     CANCELLED = "cancelled"  # ended by its client
@@ -61,11 +61,13 @@ class Sequence:
         self.on_token, self.on_finish = on_token, on_finish
         self.state = State.WAITING
         self.block_table: list[int] = []
+        self.host_table: list[int] = []  # swapped out: host blocks holding its filled blocks (serving.swap)
         self.block_keys: list[bytes] = []  # prefix-cache keys of the leading full blocks of all_ids (BlockManager)
         self.num_keyed = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_computed = 0  # ids whose K/V are in the cache
         self.num_cached = 0  # prompt ids found in the prefix cache (not computed) at the last admission
         self.preemptions = 0
+        self.swaps = 0  # preemptions that kept its KV on the host tier (no recompute)
         self.kv = kv or KvPolicy()
         self.evicted_total = 0  # tokens pruned over the sequence's life (across preemptions)
         self.peak_blocks = 0

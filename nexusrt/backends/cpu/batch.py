@@ -25,14 +25,21 @@ def blocks_for_bytes(config, kv_bytes: int) -> int:
 class CpuBatchRunner:
     """A :class:`~nexusrt.backends.base.BatchRunner` in NumPy over ``decoder``'s weights."""
 
-    def __init__(self, decoder: PagedDecoder, num_blocks: int, max_context: int):
+    def __init__(self, decoder: PagedDecoder, num_blocks: int, max_context: int, host_blocks: int = 0):
+        """``host_blocks``: a second set of pools the engine swaps preempted sequences' blocks
+        into (:meth:`swap_blocks`; the serving engine's host tier, here plain memory too)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if isinstance(host_blocks, bool) or not isinstance(host_blocks, int) or host_blocks < 0:
+            raise ValueError(f"host_blocks must be an integer >= 0, got {host_blocks!r}")
         self.decoder, self.config = decoder, decoder.config
         # The decoder knows what it can prune (the worker processes do not sum h2o's scores across ranks).
         self.prune_policies = decoder.prune_policies
-        self.num_blocks, self.max_context = num_blocks, max_context
+        self.num_blocks, self.max_context, self.host_blocks = num_blocks, max_context, host_blocks
         self._pools = decoder.new_pools(num_blocks)
+        self._host = decoder.new_pools(host_blocks) if host_blocks else ([], [])
+        if host_blocks and not all(isinstance(p, np.ndarray) for p in self._pools[0]):
+            raise ValueError("host_blocks needs the decoder's pools in this process (not a worker's)")
 
     def run(self, batch: list[Rows]) -> list[np.ndarray | None]:
         if not batch:
@@ -57,5 +64,20 @@ class CpuBatchRunner:
         """Move slots ``keep`` to the front of ``table`` in every layer's K and V pool (KV pruning)."""
         self.decoder.compact_pools(self._pools, table, check_keep(table, keep, self.num_blocks))
 
+    def swap_blocks(self, outs, ins) -> None:
+        """Copy device blocks to host blocks (``outs``: (device, host) pairs), then host blocks to
+        device blocks (``ins``: (host, device)), every layer's K and V."""
+        for pairs, src, dst in ((outs, self._pools, self._host), (ins, self._host, self._pools)):
+            if not pairs:
+                continue
+            size = (self.num_blocks, self.host_blocks) if src is self._pools else (self.host_blocks, self.num_blocks)
+            frm, to = (np.array(x, np.int64) for x in zip(*pairs))
+            if frm.min() < 0 or frm.max() >= size[0] or to.min() < 0 or to.max() >= size[1]:
+                raise ValueError(f"swap_blocks: a block outside its pool ({size[0]} / {size[1]} blocks)")
+            for s_pools, d_pools in zip(src, dst):  # K, then V
+                for s_pool, d_pool in zip(s_pools, d_pools):
+                    d_pool[to] = s_pool[frm]
+
     def close(self) -> None:
+        self._host = ([], [])
         self._pools = ([], [])

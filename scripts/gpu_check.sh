@@ -44,7 +44,9 @@ for s in "${stages[@]}"; do
            run_stage serve_perseq $serve --concurrency 64 --runs 3 --prefill-path per-sequence
            run_stage serve_det $serve --concurrency 1,64 --runs 1 --deterministic
            # Half the KV the 64 requests need at once: preemption by recompute, measured.
-           run_stage serve_preempt $serve --concurrency 64 --runs 1 --kv-memory 3250000000 ;;
+           run_stage serve_preempt $serve --concurrency 64 --runs 1 --kv-memory 3250000000
+           # The same pool, the preempted requests swapped to a pinned host tier instead of recomputed.
+           run_stage serve_swap $serve --concurrency 64 --runs 1 --kv-gpu-budget 3250000000 ;;
     kv) # The speed half only (the quality half is a CPU figure), at 8k and 32k.
         run_stage kv python3 -m nexusrt.bench.main --stage kv --backend cuda --model synthetic:llama-3.1-8b \
           --kv-part speed --kv-contexts 8192,32768 --runs 3 ;;

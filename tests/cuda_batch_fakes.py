@@ -104,7 +104,8 @@ class FakeDevice:
             CUDA_MEMCPY2D=SimpleNamespace, CUmemorytype=SimpleNamespace(CU_MEMORYTYPE_DEVICE=2)))
         monkeypatch.setattr(batch_mod, "time", SimpleNamespace(perf_counter=self.now))
 
-    def runner(self, ragged: bool = True, deterministic: bool = False, tp=None) -> batch_mod.CudaBatchRunner:
+    def runner(self, ragged: bool = True, deterministic: bool = False, tp=None,
+               host_blocks: int = 0) -> batch_mod.CudaBatchRunner:
         """A runner of context 256 over 60 blocks (scratch block 60, tables of 20), max_batch 4,
         max_chunk 128, with stale staging and device buffers and an empty log (``tp``: a one-rank
         RankComm, whose LM head is the whole vocabulary)."""
@@ -113,7 +114,7 @@ class FakeDevice:
         base = SimpleNamespace(config=self.cfg, rt=self.rt, max_context=256, buckets=(64, 128, 256),
                                weights=self.weights, lt=lt, stream=self.stream, tp=tp)
         r = batch_mod.CudaBatchRunner(base, 60, max_batch=4, max_chunk=128, deterministic=deterministic,
-                                      ragged_prefill=ragged)
+                                      ragged_prefill=ragged, host_blocks=host_blocks)
         self.runners.append(r)
         self.synchronize()
         self.poison(r)

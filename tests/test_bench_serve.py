@@ -73,14 +73,25 @@ def test_the_prefill_path_option_reaches_the_cuda_runner(monkeypatch):
     from nexusrt.backends.cuda import batch
     from nexusrt.bench import serve
 
+    from types import SimpleNamespace
+
     made = []
-    monkeypatch.setattr(batch, "CudaBatchRunner", lambda *a, **kw: made.append(kw) or kw)
-    llm = type("L", (), {"runner": None, "config": None})()
+    monkeypatch.setattr(batch, "CudaBatchRunner", lambda *a, **kw: made.append((a, kw)) or kw)
+    cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=1, head_dim=8)
+    unit = 2 * 2 * 16 * 8 * 2  # one block's bf16 K and V in both layers
+    llm = SimpleNamespace(runner=SimpleNamespace(max_context=64), config=cfg)
     for path, ragged in (("ragged", True), ("per-sequence", False)):
         serve._batch_runner(llm, False, 10, None, 4, 2048, False, path)
-        assert made[-1]["ragged_prefill"] is ragged and made[-1]["max_chunk"] == 2048
+        (args, kw) = made[-1]
+        assert kw["ragged_prefill"] is ragged and kw["max_chunk"] == 2048
+        assert args[1] == 10 and kw["host_blocks"] == 0
     with pytest.raises(ValueError, match="--prefill-path"):
         serve._batch_runner(llm, False, 10, None, 4, 2048, False, "both")
+    # --kv-gpu-budget: the pool capped at 6 blocks, the rest of 4 x 64 tokens (16 blocks) on the host tier.
+    serve._batch_runner(llm, False, 10, None, 4, 2048, False, "ragged", kv_gpu_budget=6 * unit)
+    assert made[-1][0][1] == 6 and made[-1][1]["host_blocks"] == 10
+    with pytest.raises(ValueError, match="CUDA backend"):
+        serve._batch_runner(llm, True, 10, None, 4, 2048, False, None, kv_gpu_budget=6 * unit)
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     assert parser.parse_args([]).prefill_path == "ragged"

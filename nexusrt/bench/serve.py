@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
                         help="serve stage: tokens of a system prompt every request starts with (0)")
     parser.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
                         help="serve stage: KV pool bytes (default: room for every request at once)")
+    parser.add_argument("--kv-gpu-budget", type=int, default=None, metavar="BYTES",
+                        help="serve stage on CUDA: cap the KV pool at BYTES and swap preempted requests to a pinned "
+                             "host tier instead of recomputing them (compare with --kv-memory BYTES)")
     add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
                         help="serve stage: sample every request at temperature T (1024-candidate cap, no top-p), "
                              "request i with seed i; decode stage: every token at T (with --top-k/--top-p, "
@@ -138,7 +141,8 @@ def run_level(runner, requests, max_context: int, budget: int, fixed_chunks: int
             "kv_blocks_peak": peak, "kv_blocks_total": engine.blocks.num_blocks,
             "prefix_hit_blocks": engine.blocks.hits, "prompt_tokens": sum(len(i) for i, _ in requests),
             "computed_tokens": engine.metrics.computed_tokens, "steps": engine.metrics.steps,
-            "preemptions": engine.scheduler.preemptions, "output_ids": [list(s.output_ids) for s in seqs]}
+            "preemptions": engine.scheduler.preemptions, "output_ids": [list(s.output_ids) for s in seqs],
+            **({"swap": engine.swap.counts()} if engine.swap is not None else {})}
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -189,7 +193,8 @@ def run(args) -> dict:
         workloads = {n: workload(n, args.prompt_tokens, args.new_tokens, args.shared_prefix, cfg.vocab_size)
                      for n in args.concurrency}
         need = max(sum(blocks_for(len(p) + m) for p, m in w) for w in workloads.values())
-        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic, prefill_path)
+        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic, prefill_path,
+                               getattr(args, "kv_gpu_budget", None))
         fixed = FIXED_CHUNK if deterministic else 0
         for n in args.concurrency:
             run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, budget, fixed,
@@ -225,22 +230,31 @@ def run(args) -> dict:
 
 
 def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: int, deterministic: bool,
-                  prefill_path: str | None = "ragged"):
+                  prefill_path: str | None = "ragged", kv_gpu_budget: int | None = None):
     """The backend's batch runner over ``llm``'s weights, with ``need`` blocks (or ``kv_memory`` bytes);
-    on CUDA, prompt chunks by ``prefill_path`` (:data:`PREFILL_PATHS`)."""
+    on CUDA, prompt chunks by ``prefill_path`` (:data:`PREFILL_PATHS`), and with ``kv_gpu_budget`` the
+    pool capped at it and a host tier for preempted requests (``engine.requests.engine_tiers``)."""
+    if kv_gpu_budget is not None and cpu:
+        raise ValueError("--kv-gpu-budget needs the CUDA backend (the CPU engine keeps its KV in one memory)")
     if cpu:
         from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 
         blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
         return CpuBatchRunner(llm.runner.decoder, blocks, llm.runner.max_context)
     from ..backends.cuda.batch import CudaBatchRunner
-    from ..backends.cuda.batch_buffers import blocks_for_bytes
+    from ..engine.requests import engine_tiers
+    from ..kvcache.tiers import block_bytes
 
-    blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
+    cfg = llm.config
+    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    blocks, host = engine_tiers(cfg, max_batch, llm.runner.max_context,
+                                need * unit if kv_memory is None else kv_memory, kv_gpu_budget)
+    if blocks < 1:
+        raise ValueError(f"--kv-memory {kv_memory} bytes holds no KV block of this model ({unit} bytes)")
     if prefill_path not in PREFILL_PATHS:
         raise ValueError(f"--prefill-path must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}")
     return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic,
-                           ragged_prefill=prefill_path == "ragged")
+                           ragged_prefill=prefill_path == "ragged", host_blocks=host)
 
 
 def _peer(llm, model: str, args) -> dict:
@@ -281,6 +295,12 @@ def render(r: dict) -> str:
                     f"prompt ids took {lv['prefill_steps_s']:.2f} s "
                     f"({lv['prefill_steps_s'] / max(lv['prefill_steps'], 1) * 1e3:.1f} ms each), {lv['decode_steps']} decode-only steps "
                     f"{lv['decode_steps_s'] / max(lv['decode_steps'], 1) * 1e3:.2f} ms each")
+    for n, lv in r["levels"].items():
+        if "swap" in lv:
+            sw = lv["swap"]
+            out += (f"\n{n} requests, host tier ({sw['host_blocks']} blocks): {sw['swapped_out']} preemptions swapped "
+                    f"out ({sw['blocks_swapped_out']} blocks) and {sw['swapped_in']} back in "
+                    f"({sw['blocks_swapped_in']} blocks), {lv['preemptions'] - sw['swapped_out']} recomputed")
     one = r["levels"].get("1", {})
     if "one_sequence_tpot_s" in one:
         out += (f"\n1 request: engine TPOT {one['tpot_p50_s'] * 1e3:.3f} ms vs the one-sequence decode loop "

@@ -44,8 +44,9 @@ def _load_flags(p) -> None:
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder outside the checkpoint its symlinks may lead into (repeatable)")
     p.add_argument("--kv-gpu-budget", default=None, metavar="BYTES",
-                   help="bytes of KV cache kept on the GPU, e.g. 2G; the oldest blocks past it live in pinned "
-                        "host memory, read zero-copy (CUDA, one sequence at a time)")
+                   help="bytes of KV cache kept on the GPU, e.g. 2G (CUDA): one sequence's oldest blocks past it "
+                        "live in pinned host memory, read zero-copy; the serving engine caps its pool with it and "
+                        "swaps the requests it preempts to pinned host memory instead of recomputing them")
     p.add_argument("--kv-fault-reserve", default=None, metavar="BYTES",
                    help="with --kv-gpu-budget: bytes of extra GPU KV, free at first, that the fault ring fills: "
                         "decode attention posts the host blocks it reads and the runner moves them in between "
@@ -135,7 +136,8 @@ def _serve(args) -> int:
     from ..server.run import serve
 
     if args.kv_fault_reserve is not None:
-        raise ValueError("--kv-fault-reserve: the server's batched engine has no host tier (generate and chat only)")
+        raise ValueError("--kv-fault-reserve: the server's batched engine has no fault ring (its host tier swaps "
+                         "preempted requests; the ring is generate and chat only)")
     kv = _bytes_flag(args.kv_memory, "--kv-memory")
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,

@@ -61,6 +61,13 @@ class LLM:
     tp_processes : CPU: run each rank in its own worker process (loading only its shard,
         collectives through shared memory) instead of all in this one; the same guard applies.
         On CUDA the ranks are always processes.
+    kv_gpu_budget : CUDA: bytes of KV cache on the GPU. The one-sequence runner keeps a
+        sequence's oldest blocks past it in pinned host memory, read zero-copy; the serving
+        engine's device pool is capped by it and the sequences it preempts are swapped to a
+        pinned host tier instead of recomputed (``engine.requests.engine_tiers`` sizes it; in
+        the engine one sequence must still fit the device pool).
+    kv_fault_reserve : CUDA, with ``kv_gpu_budget``: bytes of extra device KV the one-sequence
+        runner's fault ring moves host blocks into.
 
     Thread safety: the runner holds one sequence; a call takes it when it is free. A call
     that finds it busy (another thread's call) and every list ``generate`` go through the
@@ -85,6 +92,7 @@ class LLM:
         self._fatal: FatalError | None = None  # what broke the runner outside the engine loop
         self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
+        self._kv_gpu_budget = kv_gpu_budget  # the serving engine's too: its host tier (engine.requests.engine_tiers)
         self.deterministic = bool(deterministic)
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
@@ -158,7 +166,7 @@ class LLM:
             if self._loop is None:
                 with self._watch():
                     self._loop = make_loop(self.runner, self.backend, *self._serving_args,
-                                           deterministic=self._engine_only)
+                                           deterministic=self._engine_only, kv_gpu_budget=self._kv_gpu_budget)
             return self._loop
 
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
+from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
 from ..serving import Engine, EngineLoop, KvPolicy, SchedulerConfig, Sequence
 from .kv import report
 from .session import GenerationResult, Session
@@ -42,13 +43,36 @@ def serving_config(max_batch, kv_memory, max_waiting) -> tuple[int, int | None, 
     return max_batch, kv_memory, max_waiting
 
 
+def engine_tiers(config, max_batch: int, max_context: int, kv_memory: int | None, kv_gpu_budget: int | None,
+                 available: int | None = None) -> tuple[int, int]:
+    """The CUDA engine's KV blocks: ``(on the device, on the host tier)``.
+
+    The device pool is ``kv_memory`` bytes, by default room for ``max_batch`` sequences at full
+    context; ``kv_gpu_budget`` caps it. With a budget, the host tier (pinned; preempted
+    sequences are swapped there instead of recomputed, :mod:`nexusrt.serving.swap`) holds what
+    those sequences could need beyond the device pool, at most half of ``available`` bytes
+    (default ``MemAvailable``) so that pinning it never starves the machine. A budget below one
+    block is refused."""
+    unit = block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    demand = max_batch * blocks_for(max_context)
+    device = demand if kv_memory is None else int(kv_memory) // unit
+    if kv_gpu_budget is None:
+        return device, 0
+    if kv_gpu_budget // unit < 1:
+        raise KvBudgetError(f"kv_gpu_budget {kv_gpu_budget} bytes holds no KV block ({unit} bytes) of this model")
+    device = min(device, kv_gpu_budget // unit)
+    avail = mem_available() if available is None else int(available)
+    return device, min(max(demand - device, 0), avail // 2 // unit)
+
+
 def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_waiting: int,
-              deterministic: bool = False) -> EngineLoop:
+              deterministic: bool = False, kv_gpu_budget: int | None = None) -> EngineLoop:
     """An :class:`EngineLoop` over the batch runner of ``runner``'s backend, sharing its weights
     (arguments as :func:`serving_config` returns them). On CUDA, ``deterministic`` makes a
     request's ids independent of the batch around it (the CPU engine always is); a runner that
     makes its own batch runner (``batch_runner``: the tensor-parallel workers' ``ProcessRunner``)
-    gives it, else it is a ``CudaBatchRunner`` over the runner's weights."""
+    gives it, else it is a ``CudaBatchRunner`` over the runner's weights, with the host tier
+    :func:`engine_tiers` plans from ``kv_gpu_budget``."""
     if backend == "cpu":  # the CpuRunner's NumPy decoder, fp32 KV
         kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
         num_blocks = blocks_for_bytes(runner.config, kv)
@@ -60,17 +84,9 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     from ..backends.cuda.batch import CudaBatchRunner
     from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
 
-    plan = getattr(runner, "kv_plan", None)
-    if plan is not None and plan.host_blocks:
-        raise BackendUnavailable("kv_gpu_budget: the batched CUDA engine has no host tier yet (only the "
-                                 "one-sequence path reads host blocks); drop kv_gpu_budget to serve batches")
-
-    if kv_memory is None:  # room for every running sequence at full context
-        num_blocks = max_batch * blocks_for(runner.max_context)
-    else:
-        num_blocks = cuda_blocks_for_bytes(runner.config, kv_memory)
-        if num_blocks < 1:
-            raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
+    if kv_memory is not None and cuda_blocks_for_bytes(runner.config, kv_memory) < 1:
+        raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
+    num_blocks, host_blocks = engine_tiers(runner.config, max_batch, runner.max_context, kv_memory, kv_gpu_budget)
     budget = max(CUDA_TOKEN_BUDGET, max_batch + (FIXED_CHUNK if deterministic else 0))
     config = SchedulerConfig(max_running=max_batch, token_budget=budget,
                              fixed_chunks=FIXED_CHUNK if deterministic else 0)
@@ -78,9 +94,12 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     # each rank's pool then holds its own KV heads of every block, so kv_memory is the whole model's.
     make = getattr(runner, "batch_runner", None)
     if make is not None:
+        if host_blocks:
+            raise BackendUnavailable("kv_gpu_budget with tensor_parallel > 1: the host tier is not wired through the ranks")
         batch = make(num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
     else:
-        batch = CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic)
+        batch = CudaBatchRunner(runner, num_blocks, max_batch, max_chunk=budget, deterministic=deterministic,
+                                host_blocks=host_blocks)
     try:  # prefix caching reuses KV computed in another request's chunking: off when deterministic
         return EngineLoop(Engine(batch, config, prefix_caching=not deterministic), max_waiting=max_waiting)
     except BaseException:

@@ -26,7 +26,7 @@ from ..engine.context import Context
 from ..engine.requests import Cancelled
 from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
-from ..serving.metrics import render
+from ..serving.metrics import render, swap_gauges
 from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
 from .protocol import (CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, KV_FIELD, BadRequest, Completion, parse,
                        parse_json)
@@ -234,8 +234,9 @@ def create_app(llm, model_id: str, kv: dict | None = None) -> Starlette:
             "kv_blocks_cached": ("Unreferenced KV blocks kept for the prefix cache.", len(eng.blocks.lru)),
             "prefix_cache_hits_total": ("Full KV blocks found in the prefix cache.", eng.blocks.hits),
             "prefix_cache_lookups_total": ("Full KV blocks looked up in the prefix cache.", eng.blocks.lookups),
-            "preemptions_total": ("Requests preempted (recomputed later) when KV blocks ran out.",
-                                  eng.scheduler.preemptions)}
+            "preemptions_total": ("Requests preempted (recomputed, or swapped to the host tier) when KV "
+                                  "blocks ran out.", eng.scheduler.preemptions)}
+        gauges.update(swap_gauges(eng.swap))
         text = render(eng.metrics, gauges)
         text += "# HELP nexusrt_http_responses_total HTTP responses, by status.\n"
         text += "# TYPE nexusrt_http_responses_total counter\n"

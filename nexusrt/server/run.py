@@ -46,7 +46,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
     model is split over (on the CPU in process, or with ``tp_processes`` one worker process each; on
     CUDA one worker process per GPU, the batched engine over them). ``backend``: cpu or cuda (default: the probe's);
     ``deterministic``: on CUDA, a request's ids do not depend on the batch around it.
-    ``kv_gpu_budget``: bytes of KV on the GPU (the host tier; refused by the batched engine for now)."""
+    ``kv_gpu_budget``: bytes of KV on the GPU; the engine swaps the requests it preempts to a pinned
+    host tier instead of recomputing them (``engine.requests.engine_tiers``)."""
     if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
         raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
     from ..engine.kv import shape as kv_shape

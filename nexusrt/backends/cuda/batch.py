@@ -80,6 +80,7 @@ from .batch_buffers import BatchBuffers, batch_buckets, check_entry
 from .buffers import RunnerBuffers
 from .chunks import buckets_for, plan_chunks
 from .compact import Compactor
+from .host_swap import HostSwapPools
 from .ragged import RaggedPrefill
 from .ragged_layout import bucket_for_rows
 
@@ -100,13 +101,17 @@ class CudaBatchRunner:
     """
 
     def __init__(self, base, num_blocks: int, max_batch: int = 32, max_chunk: int = 2048,
-                 deterministic: bool = False, ragged_prefill: bool = True):
+                 deterministic: bool = False, ragged_prefill: bool = True, host_blocks: int = 0):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        if isinstance(host_blocks, bool) or not isinstance(host_blocks, int) or host_blocks < 0:
+            raise ValueError(f"host_blocks must be an integer >= 0, got {host_blocks!r}")
         tp = self.tp = getattr(base, "tp", None)  # the weights are the shard its comm was made for
+        if tp is not None and host_blocks:
+            raise ValueError("host_blocks on a tensor-parallel rank: the host tier is not wired through the ranks")
         cfg, rt = base.config, base.rt
         self.base, self.config, self.rt = base, cfg, rt
-        self.num_blocks, self.max_context = num_blocks, base.max_context
+        self.num_blocks, self.max_context, self.host_blocks = num_blocks, base.max_context, host_blocks
         self.scratch = num_blocks  # the extra block no sequence is given
         self.deterministic, self.ragged_prefill = bool(deterministic), bool(ragged_prefill)
         self.batch_buckets = batch_buckets(max_batch)
@@ -118,7 +123,7 @@ class CudaBatchRunner:
         self._samplers: dict = {}  # (first row, rows) -> the batched sampler's two launch specs
         self._row_of: dict[int, int] = {}  # the last step's batch index -> logits row
         self.timings = {"steps": 0, "enqueue_s": 0.0, "wait_s": 0.0, "picks_s": 0.0}  # summed over run_tokens
-        self.pre = self.bb = self.ragged = self.compactor = None
+        self.pre = self.bb = self.ragged = self.compactor = self.swapper = None
         # KV pruning: the rows kernels take each row's RoPE position apart from its cache slot, and
         # compact() moves kept slots (kv_compact.cu). The per-sequence prompt path's graphs use one
         # word for both, so it cannot run a pruned sequence's chunk. h2o's scored entries (prompt
@@ -143,6 +148,9 @@ class CudaBatchRunner:
             self.compactor = Compactor(rt, cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
                                        width=self.width, scratch=self.scratch, rows=min(bmax, 16),
                                        stream=self.stream, h2d=self._h2d)
+            if host_blocks:  # the engine's host tier: preempted sequences' blocks swapped out and back
+                self.swapper = HostSwapPools(cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
+                                             host_blocks=host_blocks, memcpy=self._memcpy)
             self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
             if tp is not None:  # NCCL connects on first use: outside the captures below
                 self._warm_up()
@@ -213,6 +221,9 @@ class CudaBatchRunner:
 
     def _d2d(self, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         call("cuMemcpyDtoDAsync", dst_ptr, src_ptr, nbytes, self.stream.handle)
+
+    def _memcpy(self, name: str, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
+        call(name, dst_ptr, src_ptr, nbytes, self.stream.handle)
 
     def _set_word(self, word, value: int) -> None:
         call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)
@@ -449,10 +460,19 @@ class CudaBatchRunner:
         self.rt.device.make_current()
         self.compactor.run(table, keep)
 
+    def swap_blocks(self, outs, ins) -> None:
+        """Copy device blocks to the host tier (``outs``: (device, host) pairs), then host blocks
+        back (``ins``: (host, device)), every layer's K and V, on the runner's stream ahead of the
+        next step's work (:mod:`.host_swap`)."""
+        if self.swapper is None:
+            raise ValueError("swap_blocks: this runner has no host tier (host_blocks=0)")
+        self.rt.device.make_current()
+        self.swapper.copy(outs, ins)
+
     def close(self) -> None:
-        steps.close_graphs(self.stream, self._graphs)
+        steps.close_graphs(self.stream, self._graphs)  # waits for the stream: no swap copy is in flight
         self._samplers.clear()
-        for part in (self.ragged, self.compactor, self.scores, self.h_scores, self.bb, self.pre):
+        for part in (self.ragged, self.compactor, self.swapper, self.scores, self.h_scores, self.bb, self.pre):
             if part is not None:
                 part.free()
-        self.bb = self.pre = self.ragged = self.compactor = self.scores = self.h_scores = None
+        self.bb = self.pre = self.ragged = self.compactor = self.swapper = self.scores = self.h_scores = None

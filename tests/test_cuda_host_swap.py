@@ -23,13 +23,16 @@ def _generate(budget_blocks: int | None, prompts, **kwargs):
     llm = nrt.LLM(DEFAULT_MODEL, backend="cuda", max_context=256, max_batch=16, deterministic=True,
                   kv_gpu_budget=None if budget_blocks is None else budget_blocks * _unit(DEFAULT_MODEL))
     try:
-        out = [r.token_ids for r in llm.generate(prompts, max_new_tokens=48, **kwargs)]
+        results = llm.generate(prompts, max_new_tokens=48, **kwargs)
+        out = [r.token_ids for r in results]
         engine = llm.engine.engine
+        assert sum(r.kv["preemptions"] for r in results) == engine.scheduler.preemptions
         engine.blocks.audit()
         assert engine.blocks.num_used == 0
         swap = engine.swap.counts() if engine.swap is not None else None
         if swap is not None:
             assert swap["host_blocks_used"] == 0
+            assert sum(r.kv["preemptions_swapped"] for r in results) == swap["swapped_out"]
         return out, swap, engine.metrics.computed_tokens
     finally:
         llm.close()

@@ -189,3 +189,25 @@ def test_make_loop_gives_the_cuda_engine_the_host_tier_of_its_budget(monkeypatch
     finally:
         for loop in loops:
             loop.stop()
+
+
+def test_a_results_kv_report_counts_its_preemptions(cpu_rt):
+    import nexusrt as nrt
+    from nexusrt.models.shipped import DEFAULT_MODEL
+
+    from nexusrt.models.loader import model_config
+
+    cfg = model_config(DEFAULT_MODEL)
+    fp32_block = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 16 * cfg.head_dim * 4
+    # 12 blocks of KV for four requests that each grow to ~8 blocks.
+    llm = nrt.LLM(DEFAULT_MODEL, backend="cpu", max_context=512, max_batch=4, kv_memory=12 * fp32_block)
+    try:
+        prompts = [f"def f{i}(x):\n    return x * {i} + " + "1 + " * 20 for i in range(4)]
+        results = llm.generate(prompts, max_new_tokens=60, temperature=0.0)
+        kv = [r.kv for r in results]
+        assert sum(k["preemptions"] for k in kv) == llm.engine.engine.scheduler.preemptions > 0
+        assert all(k["preemptions_swapped"] == 0 for k in kv)  # the CPU engine has no host tier
+        single = llm.generate(prompts[0], max_new_tokens=4)
+        assert single.kv["preemptions"] == single.kv["preemptions_swapped"] == 0
+    finally:
+        llm.close()

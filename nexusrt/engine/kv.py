@@ -73,8 +73,11 @@ def shape(prompt, options: dict, tokenizer):
     return Pruned(prompt, kv) if kv.prunes else prompt
 
 
-def report(policy: KvPolicy, kept: int, evicted: int, blocks: int, tiers: dict | None = None) -> dict:
-    """The ``kv`` object of a result (``nexusrt generate --json``). ``tiers`` (a runner's
+def report(policy: KvPolicy, kept: int, evicted: int, blocks: int, tiers: dict | None = None,
+           preemptions: int = 0, swaps: int = 0) -> dict:
+    """The ``kv`` object of a result (``nexusrt generate --json``). ``preemptions``: times the
+    serving engine preempted the request for lack of blocks, ``swaps`` of them by swap to its
+    host tier (the rest recomputed; both 0 on the one-sequence path). ``tiers`` (a runner's
     ``kv_tiers()``) gives the blocks on the device and on the host tier; without it every block
     counts as on the device. The fault figures (posted by decode attention, serviced = blocks moved
     into HBM, overflow = posts a full ring refused, left = drained but not moved, bytes moved; see
@@ -84,6 +87,7 @@ def report(policy: KvPolicy, kept: int, evicted: int, blocks: int, tiers: dict |
            "window": policy.recent if policy.prunes else None,
            "protected_tokens": sum(hi - lo for lo, hi in policy.protect),
            "tokens_kept": kept, "tokens_evicted": evicted, "blocks_used": blocks,
+           "preemptions": preemptions, "preemptions_swapped": swaps,
            "host_tier": HOST_TIER, "blocks_device": blocks, "blocks_host": 0, "pages_host": 0,
            **FaultCounts().report()}
     if tiers and tiers.get("blocks_host"):

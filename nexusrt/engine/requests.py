@@ -143,7 +143,8 @@ class Request:
         if self._result is None:
             self._result = self._finish(self.session)
             seq = self.seq
-            self._result.kv = report(seq.kv, seq.kv_kept, seq.evicted_total, seq.peak_blocks)
+            self._result.kv = report(seq.kv, seq.kv_kept, seq.evicted_total, seq.peak_blocks,
+                                     preemptions=seq.preemptions, swaps=seq.swaps)
         return self._result
 
 

@@ -15,17 +15,29 @@ def _blocks(pools, blocks) -> list[np.ndarray]:
     return [p.array.view(np.uint16)[list(blocks)].copy() for p in pools]
 
 
+def _host_blocks(swapper, blocks) -> list[np.ndarray]:
+    """The same of host blocks ``blocks``, from their slabs, in the order of ``k_pools + v_pools``."""
+    s = swapper.slab_blocks
+    return [np.stack([swapper.slabs[h // s].array.view(np.uint16)[2 * layer + kv, h % s] for h in blocks])
+            for kv in (0, 1) for layer in range(swapper.layers)]
+
+
+def _fill(pools, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for p in pools:
+        p.array.view(np.uint16)[...] = rng.integers(1, 60000, p.array.shape, dtype=np.uint16)
+
+
 def test_swapped_blocks_go_to_the_host_and_come_back_into_fresh_blocks(dev):
     r = dev.runner(host_blocks=5)
     pools = r.pre.k_pools + r.pre.v_pools
-    rng = np.random.default_rng(3)
-    for p in pools:
-        p.array.view(np.uint16)[...] = rng.integers(1, 60000, p.array.shape, dtype=np.uint16)
+    _fill(pools, 3)
     layers = len(r.pre.k_pools)
     before = _blocks(pools, [3, 4, 9])
+    assert r.swapper.nbytes == 0  # nothing pinned before the first swap-out
     r.swap_blocks([(3, 0), (4, 1), (9, 2)], [])
-    host = r.swapper.k_host + r.swapper.v_host
-    assert all((got == want).all() for got, want in zip(_blocks(host, [0, 1, 2]), before))
+    assert r.swapper.slab_blocks == 5 and r.swapper.nbytes == 5 * 2 * layers * r.swapper.block_bytes
+    assert all((got == want).all() for got, want in zip(_host_blocks(r.swapper, [0, 1, 2]), before))
     d2h = [e for e in dev.log if e[0] == "d2h"]
     assert len(d2h) == 2 * 2 * layers  # runs (3, 4 -> 0, 1) and (9 -> 2), per layer and K/V
     assert sorted({e[3] for e in d2h}) == [r.swapper.block_bytes, 2 * r.swapper.block_bytes]
@@ -63,11 +75,39 @@ def test_a_runner_without_a_host_tier_refuses_to_swap_and_bad_counts_are_refused
             dev.runner(host_blocks=bad)
 
 
-def test_the_host_pools_are_laid_out_as_the_device_pools_and_freed(dev):
+def test_slabs_are_pinned_when_first_written_and_runs_are_cut_at_their_edges(dev):
+    from nexusrt.backends.cuda.host_swap import HostSwapPools
+
+    r = dev.runner()
+    pools = r.pre.k_pools + r.pre.v_pools
+    layers = len(r.pre.k_pools)
+    one = 2 * layers * r.pre.k_pools[0].array[0].nbytes  # a block's K and V in every layer
+    sw = HostSwapPools(r.config, r.pre.k_pools, r.pre.v_pools, num_blocks=r.num_blocks, host_blocks=7,
+                       memcpy=r._memcpy, slab_bytes=2 * one)
+    try:
+        assert (sw.slab_blocks, len(sw.slabs), sw.nbytes) == (2, 4, 0)
+        _fill(pools, 5)
+        before = _blocks(pools, [10, 11, 12])
+        dev.log.clear()
+        sw.copy([(10, 1), (11, 2), (12, 3)], [])  # host 1 | 2, 3: slabs 0 and 1, two runs
+        assert [s is not None for s in sw.slabs] == [True, True, False, False] and sw.nbytes == 2 * 2 * one
+        assert len(dev.log) == 2 * 2 * layers
+        assert all((got == want).all() for got, want in zip(_host_blocks(sw, [1, 2, 3]), before))
+        assert sw.slabs[0].array.shape == (2 * layers, 2, *r.pre.k_pools[0].array.shape[1:])
+        with pytest.raises(ValueError, match="no swap-out wrote"):
+            sw.copy([], [(6, 0)])  # slab 3 was never pinned
+        sw.copy([], [(1, 40), (2, 41), (3, 42)])
+        assert all((got == want).all() for got, want in zip(_blocks(pools, [40, 41, 42]), before))
+        slabs = [s for s in sw.slabs if s is not None]
+    finally:
+        sw.free()
+    assert not any(s.is_live for s in slabs) and sw.nbytes == 0
+
+
+def test_the_runner_frees_its_slabs_on_close(dev):
     r = dev.runner(host_blocks=3)
-    host = r.swapper.k_host + r.swapper.v_host
-    assert len(host) == 2 * len(r.pre.k_pools) and all(t.is_live for t in host)
-    assert sum(t.nbytes for t in host) == r.swapper.nbytes == 2 * len(host) // 2 * 3 * r.swapper.block_bytes
-    assert host[0].array.shape == (3, *r.pre.k_pools[0].array.shape[1:]) and host[0].dtype == r.pre.k_pools[0].dtype
+    r.swap_blocks([(2, 0)], [])
+    (slab,) = [s for s in r.swapper.slabs if s is not None]
+    assert slab.is_live and slab.dtype == r.pre.k_pools[0].dtype
     r.close()
-    assert r.swapper is None and not any(t.is_live for t in host)
+    assert r.swapper is None and not slab.is_live

@@ -51,8 +51,9 @@ def engine_tiers(config, max_batch: int, max_context: int, kv_memory: int | None
     context; ``kv_gpu_budget`` caps it. With a budget, the host tier (pinned; preempted
     sequences are swapped there instead of recomputed, :mod:`nexusrt.serving.swap`) holds what
     those sequences could need beyond the device pool, at most half of ``available`` bytes
-    (default ``MemAvailable``) so that pinning it never starves the machine. A budget below one
-    block is refused."""
+    (default ``MemAvailable``) so that pinning it never starves the machine (the runner pins it
+    as swaps first reach it, :mod:`nexusrt.backends.cuda.host_swap`). A budget below one block
+    is refused."""
     unit = block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
     demand = max_batch * blocks_for(max_context)
     device = demand if kv_memory is None else int(kv_memory) // unit

@@ -119,6 +119,9 @@ def test_swap_with_the_prefix_cache_on_gives_the_same_ids():
     want = run(make(num_blocks=64, caching=True), reqs())
     e = make(num_blocks=12, host_blocks=16, caching=True)
     assert run(e, reqs()) == want and e.swap.swapped_out > 0
+    # The shared blocks a swapped-in request still finds in the cache are taken, not copied back.
+    assert e.swap.blocks_reused > 0 and e.swap.blocks_in + e.swap.blocks_reused == e.swap.blocks_out
+    assert sum(len(i) for _, i in e.runner.swaps) == e.swap.blocks_in
 
 
 def test_host_swap_bookkeeping_refuses_double_frees():

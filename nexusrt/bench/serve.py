@@ -300,7 +300,8 @@ def render(r: dict) -> str:
             sw = lv["swap"]
             out += (f"\n{n} requests, host tier ({sw['host_blocks']} blocks): {sw['swapped_out']} preemptions swapped "
                     f"out ({sw['blocks_swapped_out']} blocks) and {sw['swapped_in']} back in "
-                    f"({sw['blocks_swapped_in']} blocks), {lv['preemptions'] - sw['swapped_out']} recomputed")
+                    f"({sw['blocks_swapped_in']} blocks copied, {sw['blocks_reused']} found in the prefix cache), "
+                    f"{lv['preemptions'] - sw['swapped_out']} recomputed")
     one = r["levels"].get("1", {})
     if "one_sequence_tpot_s" in one:
         out += (f"\n1 request: engine TPOT {one['tpot_p50_s'] * 1e3:.3f} ms vs the one-sequence decode loop "

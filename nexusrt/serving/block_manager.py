@@ -116,7 +116,16 @@ class BlockManager:
         seq.num_computed = seq.num_cached = 0
         if not self.prefix_caching:
             return
-        for key in self.keys(seq, self.shareable(seq, (len(seq) - 1) // BLOCK_SIZE)):
+        self.share_cached(seq, (len(seq) - 1) // BLOCK_SIZE)
+        seq.num_computed = seq.num_cached = len(seq.block_table) * BLOCK_SIZE
+
+    def share_cached(self, seq: Sequence, blocks: int) -> int:
+        """Give ``seq`` (no table yet) its leading cached blocks among its first ``blocks`` full ones
+        (shared, reference counted; they count as keyed); how many. None without prefix caching."""
+        assert not seq.block_table, f"{seq} already has blocks"
+        if not self.prefix_caching:
+            return 0
+        for key in self.keys(seq, self.shareable(seq, blocks)):
             self.lookups += 1
             block = self.cached.get(key)
             if block is None:
@@ -126,8 +135,8 @@ class BlockManager:
                 del self.lru[block]
             self.refs[block] += 1
             seq.block_table.append(block)
-        seq.num_computed = seq.num_cached = len(seq.block_table) * BLOCK_SIZE
         seq.num_keyed = len(seq.block_table)
+        return len(seq.block_table)
 
     def can_grow(self, seq: Sequence, tokens: int) -> bool:
         """Whether ``seq``'s table can cover cache slots ``0 .. tokens-1`` now."""

@@ -174,14 +174,17 @@ class Scheduler:
         """Give swapped-out ``seq`` fresh device blocks for its filled slots and owe the copies
         back, when they and room for its next ids fit now: the ids it computes this step (0:
         nothing taken, it waits)."""
-        if not self.blocks.can_grow(seq, seq.num_slots):
-            return 0
-        self.blocks.grow(seq, seq.num_slots)
-        n = self._count(seq, budget, self._room(seq))
-        if n == 0:
+        counted = self.blocks.lookups, self.blocks.hits
+        shared = self.blocks.share_cached(seq, seq.num_slots // BLOCK_SIZE)  # still in the prefix cache
+        n = 0
+        if self.blocks.can_grow(seq, seq.num_slots):
+            self.blocks.grow(seq, seq.num_slots)
+            n = self._count(seq, budget, self._room(seq))
+        if n == 0:  # it waits: a trial counts no lookup
             self.blocks.release(seq)
+            self.blocks.lookups, self.blocks.hits = counted
             return 0
-        self.swap.into(seq)
+        self.swap.into(seq, skip=shared)
         return n
 
     def _preempt(self, seq: Sequence) -> None:

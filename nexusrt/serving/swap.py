@@ -4,7 +4,9 @@ When the scheduler must preempt a running sequence and the host tier has room fo
 filled blocks, the sequence keeps what it computed: its blocks are copied to host blocks
 (one host block per device block, all layers' K and V), its device blocks go back to the
 pool, and it waits at the front of the queue holding ``host_table``. When it is admitted
-again it gets fresh device blocks, the host blocks are copied back into them and freed, and
+again it first takes those of its leading full blocks still in the prefix cache (a victim's
+keyed blocks go to the cache's LRU list when it gives them back), then fresh device blocks
+for the rest, which the host blocks are copied back into; all its host blocks are freed, and
 it resumes exactly where it stopped (same KV, same pruning state, same next id): no prompt
 is recomputed. Without room on the host it is preempted by recompute, as before.
 
@@ -34,6 +36,7 @@ class HostSwap:
         self.in_seqs: list[Sequence] = []  # and those whose blocks its ins copy back
         self.swapped_out = self.swapped_in = 0  # sequences, over the engine's life
         self.blocks_out = self.blocks_in = 0
+        self.blocks_reused = 0  # blocks a swap-in found in the prefix cache instead of copying
 
     @staticmethod
     def blocks_of(seq: Sequence) -> int:
@@ -55,14 +58,16 @@ class HostSwap:
         self.swapped_out += 1
         self.blocks_out += n
 
-    def into(self, seq: Sequence) -> None:
-        """Owe the copies of ``seq``'s host blocks into its (fresh) device blocks, and free them."""
+    def into(self, seq: Sequence, skip: int = 0) -> None:
+        """Owe the copies of ``seq``'s host blocks into its device blocks, but for its first ``skip``
+        (found in the prefix cache: the same K/V is already on the device), and free them all."""
         host, seq.host_table = seq.host_table, []
-        self.ins += zip(host, seq.block_table[:len(host)])
+        self.ins += zip(host[skip:], seq.block_table[skip:len(host)])
         self.pool.free(host)
         self.in_seqs.append(seq)
         self.swapped_in += 1
-        self.blocks_in += len(host)
+        self.blocks_in += len(host) - skip
+        self.blocks_reused += skip
 
     def take(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[Sequence], list[Sequence]]:
         """This step's copies (outs, ins) and the sequences they swap out and in; cleared here."""
@@ -83,4 +88,5 @@ class HostSwap:
     def counts(self) -> dict:
         return {"host_blocks": self.num_blocks, "host_blocks_used": self.num_used,
                 "swapped_out": self.swapped_out, "swapped_in": self.swapped_in,
-                "blocks_swapped_out": self.blocks_out, "blocks_swapped_in": self.blocks_in}
+                "blocks_swapped_out": self.blocks_out, "blocks_swapped_in": self.blocks_in,
+                "blocks_reused": self.blocks_reused}

@@ -214,3 +214,13 @@ def test_a_results_kv_report_counts_its_preemptions(cpu_rt):
         assert single.kv["preemptions"] == single.kv["preemptions_swapped"] == 0
     finally:
         llm.close()
+
+
+def test_engine_tiers_refuse_a_kv_memory_below_one_block():
+    from types import SimpleNamespace
+
+    from nexusrt.engine.requests import engine_tiers
+
+    cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="kv_memory=100 bytes holds no KV block"):
+        engine_tiers(cfg, 4, 64, 100, None)

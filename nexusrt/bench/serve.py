@@ -249,8 +249,6 @@ def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: 
     unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
     blocks, host = engine_tiers(cfg, max_batch, llm.runner.max_context,
                                 need * unit if kv_memory is None else kv_memory, kv_gpu_budget)
-    if blocks < 1:
-        raise ValueError(f"--kv-memory {kv_memory} bytes holds no KV block of this model ({unit} bytes)")
     if prefill_path not in PREFILL_PATHS:
         raise ValueError(f"--prefill-path must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}")
     return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic,

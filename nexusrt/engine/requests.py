@@ -53,10 +53,12 @@ def engine_tiers(config, max_batch: int, max_context: int, kv_memory: int | None
     those sequences could need beyond the device pool, at most half of ``available`` bytes
     (default ``MemAvailable``) so that pinning it never starves the machine (the runner pins it
     as swaps first reach it, :mod:`nexusrt.backends.cuda.host_swap`). A budget below one block
-    is refused."""
+    is refused, as is a ``kv_memory`` below one block."""
     unit = block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
     demand = max_batch * blocks_for(max_context)
     device = demand if kv_memory is None else int(kv_memory) // unit
+    if device < 1:
+        raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block ({unit} bytes) of this model")
     if kv_gpu_budget is None:
         return device, 0
     if kv_gpu_budget // unit < 1:
@@ -83,10 +85,7 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
         return EngineLoop(Engine(CpuBatchRunner(runner.decoder, num_blocks, runner.max_context), config),
                           max_waiting=max_waiting)
     from ..backends.cuda.batch import CudaBatchRunner
-    from ..backends.cuda.batch_buffers import blocks_for_bytes as cuda_blocks_for_bytes
 
-    if kv_memory is not None and cuda_blocks_for_bytes(runner.config, kv_memory) < 1:
-        raise ValueError(f"kv_memory={kv_memory} bytes holds no KV block of this model")
     num_blocks, host_blocks = engine_tiers(runner.config, max_batch, runner.max_context, kv_memory, kv_gpu_budget)
     budget = max(CUDA_TOKEN_BUDGET, max_batch + (FIXED_CHUNK if deterministic else 0))
     config = SchedulerConfig(max_running=max_batch, token_budget=budget,

@@ -154,6 +154,18 @@ def gather_tokens(pool: np.ndarray, table, length: int) -> np.ndarray:
     return pool[table[t // BLOCK_SIZE], :, t % BLOCK_SIZE, :]
 
 
+def check_pairs(pairs, src_blocks: int, dst_blocks: int, what: str) -> None:
+    """Refuse ``(source, destination)`` block pairs naming a block outside a pool of ``src_blocks``
+    (sources) or ``dst_blocks`` (destinations): every runner's ``swap_blocks`` checks this before it
+    copies anything."""
+    if not pairs:
+        return
+    src, dst = (np.asarray(x, np.int64) for x in zip(*pairs))
+    if src.min() < 0 or src.max() >= src_blocks or dst.min() < 0 or dst.max() >= dst_blocks:
+        raise ValueError(f"swap_blocks: a {what} pair names a block outside its pool "
+                         f"({src_blocks} source / {dst_blocks} destination blocks)")
+
+
 def check_keep(table, keep, num_blocks: int) -> np.ndarray:
     """``keep`` as int64 after checking it for a compaction of ``table`` over a pool of ``num_blocks``
     blocks (every runner's ``compact`` checks this before it moves anything): ascending without

@@ -146,8 +146,7 @@ class Engine:
             for seq in swapped_out:
                 if not seq.done and seq.host_table:
                     self.swap.drop(seq)
-                    seq.num_computed = 0
-                    seq.reset_kv()
+                    self.blocks.free(seq)  # it holds no device block: this forgets what it computed
             return False
         return True
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...kvcache.blocks import BLOCK_SIZE, check_keep
+from ...kvcache.blocks import BLOCK_SIZE, check_keep, check_pairs
 from ..base import Rows, sample_rows
 from .decoder import PagedDecoder
 
@@ -70,10 +70,10 @@ class CpuBatchRunner:
         for pairs, src, dst in ((outs, self._pools, self._host), (ins, self._host, self._pools)):
             if not pairs:
                 continue
-            size = (self.num_blocks, self.host_blocks) if src is self._pools else (self.host_blocks, self.num_blocks)
+            out = src is self._pools
+            check_pairs(pairs, *((self.num_blocks, self.host_blocks) if out else (self.host_blocks, self.num_blocks)),
+                        "swap-out" if out else "swap-in")
             frm, to = (np.array(x, np.int64) for x in zip(*pairs))
-            if frm.min() < 0 or frm.max() >= size[0] or to.min() < 0 or to.max() >= size[1]:
-                raise ValueError(f"swap_blocks: a block outside its pool ({size[0]} / {size[1]} blocks)")
             for s_pools, d_pools in zip(src, dst):  # K, then V
                 for s_pool, d_pool in zip(s_pools, d_pools):
                     d_pool[to] = s_pool[frm]

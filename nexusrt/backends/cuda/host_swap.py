@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import memory
-from ...kvcache.blocks import BLOCK_SIZE, pair_runs
+from ...kvcache.blocks import BLOCK_SIZE, check_pairs, pair_runs
 
 TAG = "kv_swap"
 SLAB_BYTES = 256 << 20  # pinned per slab (all layers' K and V of its blocks), at least one block
@@ -51,14 +51,6 @@ class HostSwapPools:
         """Bytes pinned so far."""
         return sum(s.nbytes for s in self.slabs if s is not None)
 
-    def _check(self, pairs, src_blocks: int, dst_blocks: int, what: str) -> None:
-        if not pairs:
-            return
-        src, dst = (np.asarray(x, np.int64) for x in zip(*pairs))
-        if src.min() < 0 or src.max() >= src_blocks or dst.min() < 0 or dst.max() >= dst_blocks:
-            raise ValueError(f"swap_blocks: a {what} pair names a block outside its pool "
-                             f"({src_blocks} source / {dst_blocks} destination blocks)")
-
     def _pin(self, hosts) -> None:
         """Pin the slabs of host blocks ``hosts`` not pinned yet."""
         for s in sorted({int(h) // self.slab_blocks for h in hosts}):
@@ -83,20 +75,22 @@ class HostSwapPools:
     def copy(self, outs, ins) -> None:
         """Enqueue ``outs`` ((device, host) pairs) then ``ins`` ((host, device) pairs); every pair
         is checked, and every slab a swap-out names pinned, before any copy is issued."""
-        self._check(outs, self.num_blocks, self.host_blocks, "swap-out")
-        self._check(ins, self.host_blocks, self.num_blocks, "swap-in")
+        check_pairs(outs, self.num_blocks, self.host_blocks, "swap-out")
+        check_pairs(ins, self.host_blocks, self.num_blocks, "swap-in")
         written = {int(h) // self.slab_blocks for _, h in outs} | {i for i, s in enumerate(self.slabs) if s is not None}
         if any(int(h) // self.slab_blocks not in written for h, _ in ins):
             raise ValueError("swap_blocks: a swap-in names a host block no swap-out wrote")
         self._pin([h for _, h in outs])
         size, memcpy = self.block_bytes, self.memcpy
-        for name, runs in (("cuMemcpyDtoHAsync", self._runs(outs, False)), ("cuMemcpyHtoDAsync", self._runs(ins, True))):
+        for out, runs in ((True, self._runs(outs, False)), (False, self._runs(ins, True))):
             for h, d, n in runs:
                 for layer in range(self.layers):
                     for kv, pool in enumerate((self.k_pools[layer], self.v_pools[layer])):
                         host, dev = self._host_ptr(h, layer, kv), pool.ptr + d * size
-                        dst, src = (host, dev) if name == "cuMemcpyDtoHAsync" else (dev, host)
-                        memcpy(name, dst, src, n * size)
+                        if out:
+                            memcpy("cuMemcpyDtoHAsync", host, dev, n * size)
+                        else:
+                            memcpy("cuMemcpyHtoDAsync", dev, host, n * size)
 
     def free(self) -> None:
         """Unpin every slab (the runner waited for its stream first)."""

@@ -84,6 +84,8 @@ def _logits(rng, vocab, kind):
         return x.astype(np.float32)
     if kind == "ties":  # coarse values: many exact ties, also at the top-k cut
         return (np.round(rng.standard_normal(vocab) * 4) / 2).astype(np.float32)
+    if kind == "flat":  # uniform: a crowded bucket at the K-th key, pools of 2-3k (the select first)
+        return rng.uniform(0, 64, vocab).astype(np.float32)
     raise ValueError(kind)
 
 
@@ -96,6 +98,8 @@ def _cases():
         (128256, "ties", 1.3, 7, 1.0, 11, 3), (32000, "peaked", 0.6, 0, 0.95, 12, 4),
         (50, "normal", 1.0, 0, 1.0, 13, 9), (151936, "normal", 1.0, 1, 1.0, 14, 1),
         (151936, "normal", 2.0, 5000, 0.5, 15, 6), (128256, "normal", 0.5, 0, 0.01, 16, 7),
+        (50000, "flat", 1.0, 0, 1.0, 17, 8), (50000, "flat", 0.7, 0, 0.9, 18, 9),
+        (32000, "flat", 1.0, 0, 0.95, 19, 10), (4097, "flat", 0.9, 20, 1.0, 20, 11),
     ]
     for _ in range(48):
         cases.append((int(rng.choice([1000, 4097, 32000, 128256, 151936])),

@@ -46,10 +46,12 @@ def _logits(rng, vocab, kind):
         return x
     if kind == "narrow":  # a 1e-3 spread: everything in one or two buckets, the pool overflows
         return (10 + rng.standard_normal(vocab) * 1e-3).astype(np.float32)
+    if kind == "flat":  # uniform: the K-th key's bucket is crowded, the pool may exceed the bucket sort
+        return rng.uniform(0, 64, vocab).astype(np.float32)
     raise ValueError(kind)
 
 
-KINDS = ["normal", "peaked", "ties", "equal", "signed_zero", "inf", "nan", "narrow"]
+KINDS = ["normal", "peaked", "ties", "equal", "signed_zero", "inf", "nan", "narrow", "flat"]
 
 
 def _bounds(rng, vocab):
@@ -124,6 +126,73 @@ def test_the_pool_is_a_superset_of_the_candidates_in_candidate_order():
             assert pool.size == plan.above + plan.in_bucket and plan.above < k <= pool.size
             idx = 0xFFFFFFFF - (pool[:k] & np.uint64(0xFFFFFFFF)).astype(np.int64)
             assert np.array_equal(idx, candidates(logits, k)), (kind, k)
+
+
+def test_the_bucket_sort_orders_and_selects_like_a_full_sort():
+    """bucket_sort_top (its model; the device's sort of the candidates): the top `keep` keys in
+    descending order for keys spread over any range (one key, a handful, 2,048, the full uint32
+    range, adjacent keys), or None (-> bitonic) when one bucket holds more than CROWDED keys."""
+    rng = np.random.default_rng(5)
+    spreads = [rng.standard_normal(2048) * 4, rng.standard_normal(300) * 1e-3 + 5, rng.uniform(-1e30, 1e30, 2048),
+               np.array([3.0]), np.array([-np.inf, np.inf, 0.0, -0.0, 1.0]), rng.standard_normal(31),
+               np.concatenate([rng.standard_normal(1000), [np.nan] * 3])]
+    for x in spreads:
+        keys = topk.order_keys(x.astype(np.float32))
+        cand = topk.candidate_keys(keys, rng.permutation(keys.size))
+        for keep in sorted({1, min(50, keys.size), min(1024, keys.size), keys.size}):
+            got = topk.bucket_sort_top(cand, keep)
+            if got is not None:
+                assert np.array_equal(got, np.sort(cand)[::-1][:keep]), (x[:3], keep)
+    adjacent = np.arange(2**31 - 1000, 2**31 + 1000, dtype=np.uint32)  # one ulp apart: 2 per bucket
+    cand = topk.candidate_keys(adjacent, np.arange(adjacent.size))
+    assert np.array_equal(topk.bucket_sort_top(cand, 1024), np.sort(cand)[::-1][:1024])
+    extremes = np.array([0, 1, 2**31, 2**32 - 2, 2**32 - 1], np.uint32)
+    assert list(topk.sort_buckets(extremes)) == [1023, 1023, 512, 0, 0]
+    crowded = topk.candidate_keys(np.full(65, 7, np.uint32), np.arange(65))  # 65 ties: one bucket
+    assert topk.bucket_sort_top(crowded, 10) is None
+    assert topk.bucket_sort_top(crowded[:64], 10) is not None
+    with pytest.raises(ValueError, match="at most 2048"):
+        topk.bucket_sort_top(np.zeros(2049, np.uint64), 1)
+
+
+def test_the_bucket_map_is_monotone():
+    """A larger key never lands in a later bucket (fp32 rounding included), over random and
+    adversarial key ranges: the ranks the device computes are then the descending order."""
+    rng = np.random.default_rng(6)
+    for lo, hi in ((0, 2**32 - 1), (2**31, 2**31 + 5000), (123, 2**24 + 17), (2**32 - 3000, 2**32 - 1)):
+        keys = np.unique(np.concatenate([rng.integers(lo, hi, 5000, dtype=np.uint64), [lo, hi]])).astype(np.uint32)
+        b = topk.sort_buckets(keys)  # keys ascending -> buckets non-increasing
+        assert b[0] == topk.SORT_BUCKETS - 1 and b[-1] == 0 and np.all(np.diff(b) <= 0), (lo, hi)
+
+
+def test_every_sort_path_is_taken_and_draws_the_spec_token():
+    """The finish's three ways to order a pool (bucket; bitonic when crowded; the radix select first
+    when the pool holds more than BUCKET_SORT_MAX) and the all-logits path, each drawing the
+    reference token."""
+    rng = np.random.default_rng(8)
+    seen = {}
+    for kind, vocab, k in (("normal", 20000, 0), ("ties", 20000, 0), ("flat", 50000, 0), ("flat", 32000, 0),
+                           ("equal", 3000, 20), ("narrow", 20000, 0), ("normal", 20000, 50)):
+        logits = _logits(rng, vocab, kind)
+        params = SamplingParams(temperature=0.8, top_k=k, top_p=0.9, seed=3)
+        grid = topk.GridTopK(vocab, params)
+        bounds = _bounds(rng, vocab)
+        for b in bounds:
+            grid.partial(logits, *b)
+        for b in bounds:
+            grid.gather(logits, *b)
+        pooled = grid.pooled()
+        assert grid.finish(logits, 5) == sample(logits, params, 5), (kind, vocab)
+        seen.setdefault((grid.path, grid.sort), []).append((kind, vocab, pooled))
+    assert {("pool", "bucket"), ("pool", "bitonic"), ("pool", "select, bucket"),
+            ("all logits", "bucket")} <= set(seen), seen
+
+
+def test_key_logits_invert_order_keys():
+    x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 3e38, np.inf], np.float32)
+    back = topk.key_logits(topk.order_keys(x))
+    assert np.array_equal(back, np.where(x == 0, np.float32(0), x)) and not np.signbit(back[3])
+    assert np.isnan(topk.key_logits(topk.order_keys(np.array([np.nan], np.float32)))[0])
 
 
 def test_order_keys_follow_the_float_order():

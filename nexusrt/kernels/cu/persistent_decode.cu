@@ -65,7 +65,7 @@ enum Op : int {
 
 constexpr int kRowWords = 16;
 // kernels/ops/persistent.py FINISH_SHARED_BYTES sizes the dynamic shared memory with this.
-static_assert(sizeof(PoolShared) == 42256, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
+static_assert(sizeof(PoolShared) == 42272, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
 static_assert(kBuckets * 4 <= (int)sizeof(PoolShared), "a partial's histogram overlays the finish's workspace");
 constexpr long long kSpinLimit = 1ll << 26;  // ~9 s of 128 ns backoff: a deadlock traps, it does not hang
 

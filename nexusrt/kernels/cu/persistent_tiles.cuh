@@ -256,8 +256,8 @@ __device__ __forceinline__ void sample_finish_tile(const float* logits, int voca
     int token;
     if (samples(params)) {
         const int pooled = (int)__ldcg(hist + kCursorWord);
-        token = pooled > 0 ? sample_from_pool<kThreads>(L2Logits{logits}, vocab, pool, pooled, *params, step, sh)
-                           : sample_topk(L2Logits{logits}, vocab, *params, step, sh);
+        token = pooled > 0 ? sample_from_pool<kThreads>(vocab, pool, pooled, *params, step, sh)
+                           : sample_topk<kThreads>(L2Logits{logits}, vocab, *params, step, sh);
         clear_grid_topk(hist);  // both paths end in barriers after every thread read the cursor
     } else {
         float best = -__int_as_float(0x7f800000);

@@ -127,8 +127,8 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
         token = i == INT_MAX ? 0 : i;  // every logit NaN: token 0
     } else {
         const int pooled = (int)hist[kCursorWord];  // 0: the pool would have overflowed
-        token = pooled > 0 ? sample_from_pool<kFinishThreads>(PlainLogits{logits}, vocab, pool, pooled, p, cur_step, sh)
-                           : sample_topk(PlainLogits{logits}, vocab, p, cur_step, sh);
+        token = pooled > 0 ? sample_from_pool<kFinishThreads>(vocab, pool, pooled, p, cur_step, sh)
+                           : sample_topk<kFinishThreads>(PlainLogits{logits}, vocab, p, cur_step, sh);
         clear_grid_topk(hist);  // both paths end in barriers after every thread read the cursor
     }
     if (tid == 0) {
@@ -169,7 +169,7 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
     const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
     const int* __restrict__ steps, const float* __restrict__ part_val,
     const int* __restrict__ part_idx, int num_parts, int* __restrict__ out, int M) {
-    __shared__ FinishShared sh;
+    __shared__ PoolShared sh;
     nrt::pdl_enter();
     const int row = blockIdx.x;
     if (row >= M) return;
@@ -179,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_rows_finish(
     if (!(p.temperature > 0.f))
         combine_partials(part_val + at, part_idx + at, num_parts, sh, token);
     else
-        token = sample_topk(PlainLogits{logits + (long long)row * vocab}, vocab, p, steps[row], sh);
+        token = sample_topk<kFinishThreads>(PlainLogits{logits + (long long)row * vocab}, vocab, p, steps[row], sh);
     if (threadIdx.x == 0) out[row] = token;
 }
 

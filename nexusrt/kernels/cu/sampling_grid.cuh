@@ -13,11 +13,11 @@
 //      logits) the chunk appends its candidates' 64-bit candidate_key()s to the pool (one
 //      atomicAdd on the pool cursor per CTA reserves its range); otherwise nobody writes.
 //   3. sample_from_pool (SAMPLE_FINISH, after every gather): the pool holds a superset of the
-//      top K (all keys of buckets above B, all of B), so the block's radix select over the pool
-//      finds the K-th key exactly, keeps the keys at or above it and ends in sort_and_draw, the
-//      same sort and draw as sample_topk; a pool of at most kWholeSortMax keys skips the select
-//      and is sorted whole (its first K after the sort are the same top K). A cursor of 0 means the pool overflowed (it is never
-//      0 otherwise: K >= 1 candidates exist); the finish then runs sample_topk over all logits.
+//      top K (all keys of buckets above B, all of B), so sorting it and keeping its first K
+//      gives the top K: sort_and_draw, the same sort and draw as sample_topk (a pool above
+//      kBucketSortMax keys is first cut to the top K by the block's radix select). A cursor of
+//      0 means the pool overflowed (it is never 0 otherwise: K >= 1 candidates exist); the
+//      finish then runs sample_topk over all logits.
 //      Either way it zeroes the histogram and the cursor for the next step.
 // The pool's order depends on which CTA got there first, but candidate_key is unique per logit
 // and the sort is total, so the sorted candidates, hence the token, do not.
@@ -30,7 +30,6 @@ namespace {
 constexpr int kBucketBits = 12;  // sign, the 8 exponent bits and 3 mantissa bits of the logit
 constexpr int kBuckets = 1 << kBucketBits;
 constexpr int kPoolMax = 4096;  // candidates the pool finish takes (cand[] of PoolShared)
-constexpr int kWholeSortMax = 256;  // pools up to this size skip the radix select (sample_from_pool)
 using PoolShared = TopkShared<kPoolMax>;
 
 // The grid's workspace in global memory, zero at the start of every step: hist[kBuckets]
@@ -38,28 +37,6 @@ using PoolShared = TopkShared<kPoolMax>;
 constexpr int kCursorWord = kBuckets;
 
 __device__ __forceinline__ unsigned key_bucket(unsigned key) { return key >> (32 - kBucketBits); }
-
-// The exclusive prefix of v over the block's threads (thread order); *total gets the block's
-// sum. scratch: 32 ints of shared memory, free again when it returns.
-__device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    int incl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const int o = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += o;
-    }
-    if (lane == 31) scratch[warp] = incl;
-    __syncthreads();
-    int before = 0;
-    total = 0;
-    for (int w = 0; w < warps; ++w) {
-        before += w < warp ? scratch[w] : 0;
-        total += scratch[w];
-    }
-    __syncthreads();  // scratch is the caller's again
-    return before + incl - v;
-}
 
 // f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then blockDim.x apart, in
 // that order), kLoads of them loaded before any is used: a plain loop puts one load's whole
@@ -164,33 +141,34 @@ struct CandidateKeys {
 };
 
 // Phase 3: the token of a sampled step from the `count` candidates of the pool (0 < count <=
-// kPoolMax, a superset of the top K): radix select of the K-th key over them in shared memory,
-// keep every candidate at or above it (K of them, more when the K-th key is tied: all its equal
-// keys stay, and the sort by index picks the lowest), then sample_topk's sort and draw.
-template <int kBlock, class Logits>
-__device__ int sample_from_pool(const Logits logits, int vocab, const unsigned long long* pool, int count,
-                                const SampleParams& p, int step, PoolShared& sh) {
+// kPoolMax, a superset of the top K): sort_and_draw, whose bucket sort selects the top K as it
+// sorts. A pool above kBucketSortMax (rare: ~1-2k is usual) is cut first: the radix select of
+// the K-th key, keeping every candidate at or above it (K of them, more when the K-th key is
+// tied: all its equal keys stay, and the sort by index picks the lowest). The first K after the
+// sort are the top K either way (candidate keys are unique).
+template <int kBlock>
+__device__ int sample_from_pool(int vocab, const unsigned long long* pool, int count, const SampleParams& p, int step,
+                                PoolShared& sh) {
     constexpr int kPer = kPoolMax / kBlock;
     const int tid = threadIdx.x, K = candidate_count(p, vocab);
     for (int r = tid; r < count; r += kBlock) sh.cand[r] = __ldcg(pool + r);
     __syncthreads();
-    // A small pool (top-k 50: ~75 candidates) is sorted whole: the select's four passes of
-    // histogram, scan and barriers cost more than the sort's extra stages. Its first K are the
-    // top K either way (candidate keys are unique, and the pool holds every key above the K-th).
-    if (count <= kWholeSortMax) return sort_and_draw(logits, count, K, p, step, sh);
-    int k_rem, eq_count;
-    const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
-    // Compact in place: every thread holds its candidates in registers before any is moved.
-    unsigned long long held[kPer];
+    if (count > kBucketSortMax) {
+        int k_rem, eq_count;
+        const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
+        // Compact in place: every thread holds its candidates in registers before any is moved.
+        unsigned long long held[kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
-    if (tid == 0) sh.count = 0;
-    __syncthreads();
+        for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
+        if (tid == 0) sh.count = 0;
+        __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kPer; ++j)
-        if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
-    __syncthreads();
-    return sort_and_draw(logits, sh.count, K, p, step, sh);  // sh.count = K - k_rem + eq_count
+        for (int j = 0; j < kPer; ++j)
+            if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
+        __syncthreads();
+        count = sh.count;  // K - k_rem + eq_count
+    }
+    return sort_and_draw<kBlock>(count, K, p, step, sh);
 }
 
 // After the finish: the histogram and the cursor back to zero for the next step's partials.

@@ -1,15 +1,17 @@
 // The exact top-K sampler, shared by sampling.cu (its one-row and its rows kernels) and the
 // persistent decode kernel's finish instruction (persistent_tiles.cuh): the order-preserving
 // key of a logit, the radix select of the K-th largest key, the gather of the K candidates,
-// their bitonic sort and the softmax/top-p draw (its seeded uniform is nrt::uniform01 of
-// common.cuh), and sample_topk, which runs them in that order.
+// their sort (a bucket sort; a bitonic network when the keys crowd) and the softmax/top-p draw
+// (its seeded uniform is nrt::uniform01 of common.cuh), and sample_topk, which runs them in
+// that order.
 // Every function works on ONE row of logits with the whole block (all of its threads must
 // call it; any multiple of 32 threads: sampling.cu runs 1024, the persistent kernel 256) and
 // the block's TopkShared; the caller picks the row and how it is read (PlainLogits,
 // L2Logits below). The radix select and the gather read keys through an accessor (LogitKeys
 // over a row of logits; sampling_grid.cuh passes the keys of a candidate pool), and the sort and
 // draw of a gathered candidate list is one function, sort_and_draw, so the grid-wide sampler of
-// sampling_grid.cuh ends with exactly this code and this arithmetic.
+// sampling_grid.cuh ends with exactly this code and this arithmetic. It needs the candidates'
+// keys only: a key gives its logit back exactly (key_logit).
 #pragma once
 
 #include <cuda/std/cstdint>
@@ -50,6 +52,12 @@ __device__ __forceinline__ unsigned order_key(float x) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The logit whose order_key is `key` (its inverse). -0 comes back as +0, which gives the same
+// z - z_0 in every case; NaN's key 0 comes back as a NaN.
+__device__ __forceinline__ float key_logit(unsigned key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
 // The keys of a row of logits, read through its accessor.
 template <class Logits>
 struct LogitKeys {
@@ -71,21 +79,47 @@ __device__ __forceinline__ int candidate_index(unsigned long long c) {
     return (int)(0xFFFFFFFFu - (unsigned)(c & 0xFFFFFFFFull));
 }
 
-// kCand: how many 64-bit candidates cand[] holds (at least kMaxCand; sampling_grid.cuh's pool
-// finish needs its larger pool there). FinishShared is sampling.cu's size.
+constexpr int kSortBuckets = 1024;    // buckets of bucket_sort_top
+constexpr int kCrowded = 64;          // a bucket holding more keys sends the sort to bitonic_top
+constexpr int kBucketSortMax = 2048;  // the most candidates bucket_sort_top takes (registers)
+
+// kCand: how many 64-bit candidates cand[] holds (sampling_grid.cuh's pool size). Its slots
+// from kMaxCand on are also bucket_sort_top's scratch, hence the lower bound.
 template <int kCand>
 struct TopkShared {
-    static_assert(kCand >= kMaxCand && (kCand & (kCand - 1)) == 0, "the bitonic sort needs a power of two");
+    static_assert(kCand >= 2 * kMaxCand + kCrowded && (kCand & (kCand - 1)) == 0,
+                  "the bitonic sort needs a power of two; bucket_sort_top needs scratch above kMaxCand");
     unsigned long long cand[kCand];     // candidate_key()s, sorted descending
-    float val[kMaxCand];                // x of the candidate at each rank
-    float cum[kMaxCand];                // exp(z - z_0) at each rank, then its running sum
+    alignas(16) float cum[kMaxCand];    // exp(z - z_0) at each rank, then its running sum
+    int bstart[kSortBuckets + 1];       // bucket_sort_top: bucket sizes, then first ranks
     unsigned hist[256];
     float wv[32];
     int wi[32];
     int count;
     int bucket, k_rem, eq_count;
 };
-using FinishShared = TopkShared<kMaxCand>;
+
+// The exclusive prefix of v over the block's threads (thread order); *total gets the block's
+// sum. scratch: 32 ints of shared memory, free again when it returns.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    int incl = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+    }
+    if (lane == 31) scratch[warp] = incl;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < warps; ++w) {
+        before += w < warp ? scratch[w] : 0;
+        total += scratch[w];
+    }
+    __syncthreads();  // scratch is the caller's again
+    return before + incl - v;
+}
 
 // Radix-select the K-th largest of keys[0, n) (K <= n; all threads get it). k_rem: how many
 // keys equal to it the top K take; eq_count: how many keys equal it.
@@ -244,60 +278,177 @@ __device__ __forceinline__ int block_count(int limit, Pred pred) {
     return total;
 }
 
-// Softmax, top-p and the draw over the sorted candidates; returns the chosen rank.
-// c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
-// non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
-// the block counts in parallel.
-template <class Logits, class Shared>
-__device__ int draw(const Logits logits, float temp, float top_p, int K, double u, Shared& sh) {
-    const int tid = threadIdx.x;
-    for (int r = tid; r < K; r += blockDim.x)
-        sh.val[r] = logits[candidate_index(sh.cand[r])] / temp;
+// cum[0, K) becomes its running fp32 sum in rank order: one thread, since the spec fixes the
+// order of the additions. The next 16 values are loaded before the current 16 are added, so the
+// chain of K dependent FADDs does not wait for a shared-memory load every step or two (cum is
+// 16-byte aligned and holds kMaxCand >= K rounded up to 16; sums past K are never read). 16,
+// not more: sampling.cu's finish runs 1,024 threads, 64 registers each.
+__device__ __forceinline__ void running_sum(float* cum, int K) {
+    constexpr int kVec = 4;  // float4s per group of 16
+    float4* c4 = reinterpret_cast<float4*>(cum);
+    float4 next[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) next[j] = c4[j];
+    float run = 0.f;
+    for (int b = 0; b < K; b += 4 * kVec) {
+        float4 cur[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) cur[j] = next[j];
+        if (b + 4 * kVec < K) {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) next[j] = c4[b / 4 + kVec + j];
+        }
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+            run += cur[j].x; cur[j].x = run;
+            run += cur[j].y; cur[j].y = run;
+            run += cur[j].z; cur[j].z = run;
+            run += cur[j].w; cur[j].w = run;
+        }
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) c4[b / 4 + j] = cur[j];
+    }
+}
+
+// Bucket of a key in [lo, hi] for bucket_sort_top: kSortBuckets equal slices of the key range,
+// the largest keys in bucket 0. Each step (uint -> float, the product, the truncation) is
+// monotone, so a larger key never lands in a later bucket than a smaller one.
+__device__ __forceinline__ int sort_bucket(unsigned key, unsigned hi, float scale) {
+    return min(kSortBuckets - 1, (int)((float)(hi - key) * scale));
+}
+
+// The candidates sh.cand[0, count) (unique candidate_key()s, any order, count <= kBucketSortMax)
+// -> the `keep` largest (keep <= min(count, kMaxCand)) in sh.cand[0, keep), descending, with
+// sh.cum[r] = exp(z_r - z_0) (z = logit / temp) at each of those ranks. A bucket sort: each key
+// goes to one of kSortBuckets equal slices of [lowest, highest] key (bucket 0 the highest), a
+// scan of the bucket sizes gives each bucket's first rank, and a key's rank is that plus the
+// number of larger keys in its own bucket (a few: the slices are narrow). Buckets that start at
+// or past `keep` are never looked into, so it selects as it sorts. About 8 block barriers,
+// against 21 for bitonic_desc over 1,024 keys plus the radix select's 16 over the pool.
+// Returns false having written nothing but its scratch when a bucket holds more than kCrowded
+// keys (many equal or near-equal logits); the caller sorts with bitonic_desc then.
+template <int kBlock, int kCand>
+__device__ bool bucket_sort_top(TopkShared<kCand>& sh, int count, int keep, float temp) {
+    constexpr int kPer = kBucketSortMax / kBlock, kBPer = kSortBuckets / kBlock;
+    static_assert(kBlock % 32 == 0 && kSortBuckets % kBlock == 0 && kBucketSortMax % kBlock == 0,
+                  "whole warps; whole buckets and candidates per thread");
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    unsigned long long* const tmp = sh.cand + kMaxCand;  // bucket-ordered keys: < keep + kCrowded slots
+    unsigned long long held[kPer];
+    unsigned lo = 0xFFFFFFFFu, hi = 0u;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+        const int r = tid + j * kBlock;
+        held[j] = r < count ? sh.cand[r] : 0ull;
+        if (r < count) {
+            lo = min(lo, (unsigned)(held[j] >> 32));
+            hi = max(hi, (unsigned)(held[j] >> 32));
+        }
+    }
+    lo = __reduce_min_sync(0xffffffffu, lo);
+    hi = __reduce_max_sync(0xffffffffu, hi);
+    if (lane == 0) { sh.hist[warp] = lo; sh.hist[32 + warp] = hi; }
+    for (int b = tid; b < kSortBuckets; b += kBlock) sh.bstart[b] = 0;
+    __syncthreads();  // also: every candidate is in a register before tmp overwrites cand's upper slots
+    for (int w = 0; w < kBlock / 32; ++w) { lo = min(lo, sh.hist[w]); hi = max(hi, sh.hist[32 + w]); }
+    const float scale = (float)kSortBuckets / ((float)(hi - lo) + 1.f);
+    int slot[kPer];  // place in its bucket, then in tmp (-1: dropped); buckets are recomputed, not held
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+        if (tid + j * kBlock < count) slot[j] = atomicAdd(&sh.bstart[sort_bucket((unsigned)(held[j] >> 32), hi, scale)], 1);
     __syncthreads();
-    for (int r = tid; r < K; r += blockDim.x) sh.cum[r] = expf(sh.val[r] - sh.val[0]);
+    int size[kBPer], sum = 0;
+    bool crowded = false;
+#pragma unroll
+    for (int q = 0; q < kBPer; ++q) {
+        size[q] = sh.bstart[tid * kBPer + q];  // thread t owns buckets [t * kBPer, (t + 1) * kBPer)
+        sum += size[q];
+        crowded |= size[q] > kCrowded;
+    }
+    int total;
+    int at = block_exclusive_sum(sum, sh.wi, total);  // its barriers order the reads above before the writes
+    if (__syncthreads_or(crowded)) return false;
+#pragma unroll
+    for (int q = 0; q < kBPer; ++q) { sh.bstart[tid * kBPer + q] = at; at += size[q]; }
+    if (tid == 0) sh.bstart[kSortBuckets] = total;
     __syncthreads();
-    if (tid == 0) {
-        float run = 0.f;
-#pragma unroll 8
-        for (int r = 0; r < K; ++r) {
-            run += sh.cum[r];
-            sh.cum[r] = run;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+        const int first = tid + j * kBlock < count ? sh.bstart[sort_bucket((unsigned)(held[j] >> 32), hi, scale)] : keep;
+        slot[j] = first < keep ? first + slot[j] : -1;
+        if (slot[j] >= 0) tmp[slot[j]] = held[j];
+    }
+    __syncthreads();
+    const float z0 = key_logit(hi) / temp;  // hi is the largest key: rank 0's
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+        if (slot[j] >= 0) {
+            const int b = sort_bucket((unsigned)(held[j] >> 32), hi, scale);
+            const int end = sh.bstart[b + 1];
+            int rank = sh.bstart[b];
+            for (int i = rank; i < end; ++i) rank += tmp[i] > held[j];
+            if (rank < keep) {
+                sh.cand[rank] = held[j];
+                sh.cum[rank] = expf(key_logit((unsigned)(held[j] >> 32)) / temp - z0);
+            }
         }
     }
     __syncthreads();
-    const float cut = top_p * sh.cum[K - 1];  // fp32 product, as the spec says
-    const int n = min(K, block_count(K, [&](int r) { return sh.cum[r] < cut; }) + 1);
-    const double target = u * (double)sh.cum[n - 1];
-    const int below = block_count(n, [&](int r) { return (double)sh.cum[r] <= target; });
-    return min(below, n - 1);
+    return true;
 }
 
-// The end of every exact top-K draw: sh.cand[0, count) holds the candidate_key()s of a set
-// that contains the top K (count >= K; any order); sort them descending (padding to a power of
-// two with 0, which sorts below every real key), draw among the first K at `step` and return
-// the token. sample_topk gathers exactly K; the grid sampler's pool may gather more (ties).
-template <class Logits, class Shared>
-__device__ __forceinline__ int sort_and_draw(const Logits logits, int count, int K, const SampleParams& p, int step,
-                                             Shared& sh) {
+// The bitonic alternative to bucket_sort_top (any keys, however crowded): sh.cand[0, count)
+// sorted descending (padded with 0 to a power of two, which sorts last), then sh.cum[r] =
+// exp(z_r - z_0) for the first K.
+template <class Shared>
+__device__ void bitonic_top(Shared& sh, int count, int K, float temp) {
     int n = 1;
     while (n < count) n <<= 1;
-    for (int r = count + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;  // padding sorts last
+    for (int r = count + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;
     bitonic_desc(sh, n);
-    const double u = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step);
-    const int r = draw(logits, p.temperature, p.top_p, K, u, sh);
-    return candidate_index(sh.cand[r]);
+    const float z0 = key_logit((unsigned)(sh.cand[0] >> 32)) / temp;
+    for (int r = threadIdx.x; r < K; r += blockDim.x)
+        sh.cum[r] = expf(key_logit((unsigned)(sh.cand[r] >> 32)) / temp - z0);
+    __syncthreads();
+}
+
+// Top-p and the draw over the sorted candidates sh.cand[0, K), whose sh.cum[r] = exp(z_r - z_0)
+// (bucket_sort_top or bitonic_top wrote them); returns the token at `step`.
+// c_j = sum_{i<=j} exp(z_i - z_0) in fp32, sequential (the spec fixes the order); c is
+// non-decreasing, so "the first j with c_j >= x" is the count of j with c_j < x, which
+// the block counts in parallel.
+template <class Shared>
+__device__ int draw_token(const SampleParams& p, int K, int step, Shared& sh) {
+    if (threadIdx.x == 0) running_sum(sh.cum, K);
+    __syncthreads();
+    const float cut = p.top_p * sh.cum[K - 1];  // fp32 product, as the spec says
+    const int n = min(K, block_count(K, [&](int r) { return sh.cum[r] < cut; }) + 1);
+    const double target = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step) * (double)sh.cum[n - 1];
+    const int below = block_count(n, [&](int r) { return (double)sh.cum[r] <= target; });
+    return candidate_index(sh.cand[min(below, n - 1)]);
+}
+
+// The end of every exact top-K draw: sh.cand[0, count) holds the candidate_key()s of a set that
+// contains the top K (count >= K; any order); sort them (bucket_sort_top; bitonic_top when they
+// are too many or its buckets are crowded) and draw among the first K at `step`. sample_topk gathers exactly K; the
+// grid sampler's pool may hold more.
+template <int kBlock, class Shared>
+__device__ __forceinline__ int sort_and_draw(int count, int K, const SampleParams& p, int step, Shared& sh) {
+    if (count > kBucketSortMax || !bucket_sort_top<kBlock>(sh, count, K, p.temperature))
+        bitonic_top(sh, count, K, p.temperature);
+    return draw_token(p, K, step, sh);
 }
 
 // Sampling (temperature > 0): the exact top-K draw of one row at `step` (the spec of
-// reference/sampling.py). The whole block calls it; every thread gets the token.
-template <class Logits, class Shared>
+// reference/sampling.py). The whole block (kBlock threads) calls it; every thread gets the token.
+template <int kBlock, class Logits, class Shared>
 __device__ __forceinline__ int sample_topk(const Logits logits, int vocab, const SampleParams& p, int step,
                                            Shared& sh) {
     const int K = candidate_count(p, vocab);
     int k_rem, eq_count;
     const unsigned thr = select_threshold(LogitKeys<Logits>{logits}, vocab, K, sh, k_rem, eq_count);
     gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
-    return sort_and_draw(logits, K, K, p, step, sh);
+    return sort_and_draw<kBlock>(K, K, p, step, sh);
 }
 
 }  // namespace

@@ -32,7 +32,7 @@ MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weig
 SMEM_OPTIN_LIMIT = 227 * 1024  # sm_90's per-block opt-in; the driver's answer is checked too
 # sizeof(PoolShared) (sampling_grid.cuh; a static_assert in the kernel holds it to this): the
 # sampling finish's top-K workspace, which overlays the staged GEMV input in shared memory.
-FINISH_SHARED_BYTES = 42256
+FINISH_SHARED_BYTES = 42272
 
 SLOTS = ("embed", "lm_head", "final_norm", "inv_freq",
          "x", "qkv", "q", "attn", "mlp", "logits",

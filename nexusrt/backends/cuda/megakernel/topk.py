@@ -26,11 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ....reference.sampling import SamplingParams, candidate_count, pick, sample
+from ....reference.sampling import SamplingParams, candidate_count, candidates, pick, sample
 
 BUCKET_BITS = 12  # kBucketBits of sampling_grid.cuh: sign, exponent and 3 mantissa bits
 BUCKETS = 1 << BUCKET_BITS
 POOL_MAX = 4096  # kPoolMax: the candidates the pool finish takes
+SORT_BUCKETS = 1024  # kSortBuckets of sampling_topk.cuh: the bucket sort's slices of the key range
+CROWDED = 64  # kCrowded: a bucket holding more keys sends the sort to the bitonic network
+BUCKET_SORT_MAX = 2048  # kBucketSortMax: the most candidates the bucket sort takes
 _INDEX_MASK = 0xFFFFFFFF
 
 
@@ -43,6 +46,13 @@ def order_keys(logits: np.ndarray) -> np.ndarray:
     keys = np.where(u & 0x80000000, ~u, u | 0x80000000).astype(np.uint32)
     keys[np.isnan(x)] = 0
     return keys
+
+
+def key_logits(keys: np.ndarray) -> np.ndarray:
+    """``key_logit`` of sampling_topk.cuh, the inverse of :func:`order_keys` (the device's draw
+    takes the candidates' logits from their keys): -0 comes back as +0, NaN's key as a NaN."""
+    k = np.asarray(keys, np.uint32)
+    return np.where(k & 0x80000000, k & 0x7FFFFFFF, ~k).astype(np.uint32).view(np.float32)
 
 
 def candidate_keys(keys: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -80,7 +90,9 @@ def threshold_bucket(hist: np.ndarray, k: int) -> PoolPlan:
 
 class GridTopK:
     """One step of the grid-wide sampler for ``vocab`` logits and ``params`` (temperature > 0).
-    ``path`` says how the last finish drew: ``"pool"`` or ``"all logits"`` (overflow)."""
+    ``path`` says how the last finish drew: ``"pool"`` or ``"all logits"`` (overflow); ``sort``
+    how it ordered the candidates: ``"bucket"``, ``"bitonic"`` (crowded buckets or too many
+    ties), each after ``"select, "`` when the pool held more than :data:`BUCKET_SORT_MAX`."""
 
     def __init__(self, vocab: int, params: SamplingParams):
         if params.greedy:
@@ -92,6 +104,7 @@ class GridTopK:
         self.hist = np.zeros(BUCKETS, np.int64)
         self.pool: list[np.ndarray] = []
         self.path: str | None = None
+        self.sort: str | None = None
 
     def _chunk(self, logits: np.ndarray, a: int, b: int) -> np.ndarray:
         if not 0 <= a < b <= self.vocab or logits.shape != (self.vocab,):
@@ -112,6 +125,12 @@ class GridTopK:
                 self.pool.append(candidate_keys(keys[mine], mine + a))
         return plan
 
+    def _select(self, pool: np.ndarray) -> np.ndarray:
+        """The pool's candidates at or above the K-th largest key (all that key's ties kept)."""
+        keys = pool >> np.uint64(32)
+        kth = np.sort(keys)[::-1][self.k - 1]
+        return pool[keys >= kth]
+
     def pooled(self) -> int:
         """The cursor: how many candidates the pool holds."""
         return sum(p.size for p in self.pool)
@@ -122,15 +141,56 @@ class GridTopK:
         count = self.pooled()
         if count == 0:  # the pool overflowed: the draw from all logits
             self.path, token = "all logits", sample(logits, self.params, step)
+            # The device gathers exactly the K candidates there and sorts them as below.
+            c = candidates(logits, self.k)
+            top = candidate_keys(order_keys(logits[c]), c)
+            self.sort = "bucket" if bucket_sort_top(top, self.k) is not None else "bitonic"
         else:
             if count > POOL_MAX:
                 raise AssertionError(f"the pool holds {count} candidates, above {POOL_MAX}: gathers disagreed")
-            pool = np.sort(np.concatenate(self.pool))[::-1]  # the device's select, keep and sort
-            idx = (np.uint64(_INDEX_MASK) - (pool[:self.k] & np.uint64(_INDEX_MASK))).astype(np.int64)
+            pool = np.concatenate(self.pool)
+            self.sort = "bucket"
+            if count > BUCKET_SORT_MAX:  # the device's radix select first keeps the top K (its ties too)
+                self.sort, pool = "select, bucket", self._select(pool)
+            top = bucket_sort_top(pool, self.k) if pool.size <= BUCKET_SORT_MAX else None
+            if top is None:  # too many (ties at the K-th key) or crowded: the device's bitonic sort
+                self.sort, top = self.sort.replace("bucket", "bitonic"), np.sort(pool)[::-1][:self.k]
+            idx = (np.uint64(_INDEX_MASK) - (top & np.uint64(_INDEX_MASK))).astype(np.int64)
             self.path, token = "pool", pick(logits, idx, self.params, step)
         self.hist[:] = 0
         self.pool = []
         return token
+
+
+def sort_buckets(keys: np.ndarray) -> np.ndarray:
+    """``sort_bucket`` of sampling_topk.cuh for every key (uint32): kSortBuckets equal slices of
+    ``[keys.min(), keys.max()]`` in fp32 arithmetic, the largest keys in bucket 0."""
+    keys = np.asarray(keys, np.uint32)
+    hi = keys.max()
+    scale = np.float32(SORT_BUCKETS) / (np.float32(hi - keys.min()) + np.float32(1))
+    return np.minimum(SORT_BUCKETS - 1, ((hi - keys).astype(np.float32) * scale).astype(np.int64))
+
+
+def bucket_sort_top(cand: np.ndarray, keep: int) -> np.ndarray | None:
+    """``bucket_sort_top`` of sampling_topk.cuh: the ``keep`` largest candidate keys, descending,
+    placed as the device places them (a key's rank = its bucket's first rank + the larger keys
+    in its bucket), or None when a bucket holds more than :data:`CROWDED` keys (the device then
+    sorts with its bitonic network). Raises if the ranks are not a permutation, i.e. if the
+    bucket map were not monotone."""
+    cand = np.asarray(cand, np.uint64)
+    if cand.size > BUCKET_SORT_MAX:
+        raise ValueError(f"{cand.size} candidates: the bucket sort takes at most {BUCKET_SORT_MAX}")
+    bucket = sort_buckets((cand >> np.uint64(32)).astype(np.uint32))
+    sizes = np.bincount(bucket, minlength=SORT_BUCKETS)
+    if sizes.max() > CROWDED:
+        return None
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    rank = first[bucket] + np.array([int(np.count_nonzero(cand[bucket == b] > c)) for b, c in zip(bucket, cand)])
+    out = np.zeros(cand.size, np.uint64)
+    out[rank] = cand
+    if np.unique(rank).size != rank.size or np.any(out[1:] > out[:-1]):
+        raise AssertionError("the bucket sort's ranks are not the descending order")
+    return out[:keep]
 
 
 def run_chunks(logits: np.ndarray, params: SamplingParams, step: int, bounds, order=None) -> tuple[int, str]:

@@ -243,10 +243,14 @@ __device__ void run(const u64* __restrict__ params) {
             staged = -1;
             break;
         case SAMPLE_GATHER:
-            if (samples(slot_ptr<const SampleParams>(P, kSampleParams)))
+            // A sampled step's candidate stage overlays the staged GEMV input, as the partial's
+            // histogram does.
+            if (samples(slot_ptr<const SampleParams>(P, kSampleParams))) {
                 sample_gather_tile(slot_ptr<const float>(P, kLogits), a, b, V, slot_ptr<const SampleParams>(P, kSampleParams),
                                    slot_ptr<unsigned>(P, kTopkHist), slot_ptr<unsigned long long>(P, kTopkPool),
-                                   iscratch, plan_sh);
+                                   reinterpret_cast<unsigned long long*>(dyn_smem), lead_words / 2, iscratch, plan_sh);
+                staged = -1;
+            }
             break;
         case SAMPLE_FINISH:
             // The top-K workspace overlays the staged GEMV input (the launcher sizes the dynamic

@@ -23,6 +23,7 @@
 namespace nrt_pk {
 
 constexpr int kThreads = 256;
+constexpr int kChunkLoads = 8;  // logits each thread loads at once in the sampler's chunk passes (~V/132 per chunk)
 constexpr int kWarps = kThreads / 32;
 constexpr int kU = 8;            // 16-byte weight loads in flight per lane in a row dot
 constexpr int kMaxSplits = 128;  // attention parts per KV head the combine can weigh
@@ -217,7 +218,7 @@ __device__ __forceinline__ void sample_partial_tile(const float* logits, int a, 
                                                     const SampleParams* params, float* part_val, int* part_idx,
                                                     unsigned* hist, unsigned* sh_hist, float* sv, int* si) {
     if (samples(params)) {
-        add_chunk_histogram(L2Logits{logits}, a, b, sh_hist, hist);
+        add_chunk_histogram<kChunkLoads>(L2Logits{logits}, a, b, sh_hist, hist);
         return;
     }
     float best = -__int_as_float(0x7f800000);
@@ -232,12 +233,15 @@ __device__ __forceinline__ void sample_partial_tile(const float* logits, int a, 
 
 // SAMPLE_GATHER of chunk logits[a, b) (sampled steps only; a greedy step skips its waits and
 // this, see persistent_decode.cu): phase 2 of the grid-wide top-K, the chunk's candidates into
-// the pool when the complete histogram says they fit.
+// the pool when the complete histogram says they fit. stage (stage_cap keys) overlays the staged
+// GEMV input, which the caller must then consider lost.
 __device__ __forceinline__ void sample_gather_tile(const float* logits, int a, int b, int vocab,
                                                    const SampleParams* params, unsigned* hist,
-                                                   unsigned long long* pool, int* scratch, PoolPlan& plan_sh) {
+                                                   unsigned long long* pool, unsigned long long* stage, int stage_cap,
+                                                   int* scratch, PoolPlan& plan_sh) {
     const PoolPlan plan = threshold_bucket<kThreads>(hist, candidate_count(*params, vocab), scratch, plan_sh);
-    gather_chunk_candidates(L2Logits{logits}, a, b, plan, hist + kCursorWord, pool, scratch);
+    gather_chunk_candidates<kChunkLoads>(L2Logits{logits}, a, b, plan, hist + kCursorWord, pool, stage, stage_cap,
+                                         scratch);
 }
 
 // sample_finish's work: the next token, then written as that kernel writes it: token word,

@@ -84,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial
     nrt::pdl_enter();  // the logits come from the kernel before (see pdl.cuh)
     if (params->temperature > 0.f) {
         const int a = blockIdx.x * kPartChunk;
-        add_chunk_histogram(PlainLogits{logits}, a, min(a + kPartChunk, vocab), sh_hist, hist);
+        add_chunk_histogram<kPartChunk / kPartThreads>(PlainLogits{logits}, a, min(a + kPartChunk, vocab), sh_hist, hist);
         return;
     }
     float best;
@@ -101,12 +101,13 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_gather(
     unsigned* __restrict__ hist, unsigned long long* __restrict__ pool) {
     __shared__ int scratch[32];
     __shared__ PoolPlan plan_sh;
+    __shared__ unsigned long long stage[kPartChunk];  // the chunk's candidates (at most all of it)
     nrt::pdl_enter();  // also when greedy: the finish relies on this grid completing after the partials
     if (!(params->temperature > 0.f)) return;
     const PoolPlan plan = threshold_bucket<kPartThreads>(hist, candidate_count(*params, vocab), scratch, plan_sh);
     const int a = blockIdx.x * kPartChunk;
-    gather_chunk_candidates(PlainLogits{logits}, a, min(a + kPartChunk, vocab), plan, hist + kCursorWord, pool,
-                            scratch);
+    gather_chunk_candidates<kPartChunk / kPartThreads>(PlainLogits{logits}, a, min(a + kPartChunk, vocab), plan,
+                                                       hist + kCursorWord, pool, stage, kPartChunk, scratch);
 }
 
 // grid 1, block 1024. num_parts = ceil(vocab / 4096) <= 1024.

@@ -41,9 +41,8 @@ __device__ __forceinline__ unsigned key_bucket(unsigned key) { return key >> (32
 // f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then blockDim.x apart, in
 // that order), kLoads of them loaded before any is used: a plain loop puts one load's whole
 // latency (DRAM or L2) between the next load and the shared-memory atomic before it, 16 times
-// in a row for sampling.cu's 4,096-logit chunks.
-constexpr int kLoads = 8;
-template <class Logits, class F>
+// in a row for sampling.cu's 4,096-logit chunks (which take all 16 in one batch).
+template <int kLoads, class Logits, class F>
 __device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b, F f) {
     const int step = (int)blockDim.x;
     for (int base = a + (int)threadIdx.x; base < b; base += kLoads * step) {
@@ -59,11 +58,11 @@ __device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b
 // Phase 1: the keys of logits[a, b) per bucket into the grid's histogram. sh_hist: kBuckets
 // words of shared memory (the block's own counts first, so the global memory sees one RED per
 // non-empty bucket, not one per logit on a few hot buckets).
-template <class Logits>
+template <int kLoads, class Logits>
 __device__ void add_chunk_histogram(const Logits logits, int a, int b, unsigned* sh_hist, unsigned* hist) {
     for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) sh_hist[i] = 0u;
     __syncthreads();
-    for_chunk_keys(logits, a, b, [&](unsigned key, int) { atomicAdd(&sh_hist[key_bucket(key)], 1u); });
+    for_chunk_keys<kLoads>(logits, a, b, [&](unsigned key, int) { atomicAdd(&sh_hist[key_bucket(key)], 1u); });
     __syncthreads();
     for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) {
         const unsigned c = sh_hist[i];
@@ -114,25 +113,41 @@ __device__ PoolPlan threshold_bucket(const unsigned* hist, int K, int* scratch, 
 }
 
 // Phase 2b: append the candidates of logits[a, b) (keys whose bucket is >= plan.bucket) to the
-// pool, when the plan fits; nothing otherwise. Two passes over the chunk (from L2): count, then
-// write at this block's range of the pool (one atomicAdd on the cursor per block).
-template <class Logits>
+// pool, when the plan fits; nothing otherwise. One pass over the chunk (from L2): each candidate
+// goes to a shared-memory stage (stage_cap keys; a chunk larger than that is done in segments),
+// then one atomicAdd on the cursor reserves the block's range and the stage is copied out (two
+// passes, count then write, cost one more L2 read of the chunk and a block scan). counter: two
+// ints of shared memory (the caller's scratch: threshold_bucket is done with it).
+template <int kLoads, class Logits>
 __device__ void gather_chunk_candidates(const Logits logits, int a, int b, const PoolPlan plan, unsigned* cursor,
-                                        unsigned long long* pool, int* scratch) {
+                                        unsigned long long* pool, unsigned long long* stage, int stage_cap,
+                                        int* counter) {
     if (!plan.fits()) return;  // the same answer in every CTA: the finish reads every logit
     const unsigned lowest = (unsigned)plan.bucket;
-    int mine = 0;
-    for_chunk_keys(logits, a, b, [&](unsigned key, int) { mine += key_bucket(key) >= lowest; });
-    int total;
-    int at = block_exclusive_sum(mine, scratch, total);
-    if (total == 0) return;
-    if (threadIdx.x == 0) scratch[0] = (int)atomicAdd(cursor, (unsigned)total);
-    __syncthreads();
-    at += scratch[0];
-    for_chunk_keys(logits, a, b, [&](unsigned key, int i) {
-        if (key_bucket(key) >= lowest) pool[at++] = candidate_key(key, i);
-    });
+    for (int s = a; s < b; s += stage_cap) {
+        const int e = min(b, s + stage_cap);
+        if (threadIdx.x == 0) counter[0] = 0;
+        __syncthreads();
+        for_chunk_keys<kLoads>(logits, s, e, [&](unsigned key, int i) {
+            if (key_bucket(key) >= lowest) stage[atomicAdd(counter, 1)] = candidate_key(key, i);
+        });
+        __syncthreads();
+        const int total = counter[0];
+        if (total > 0) {  // the same answer in every thread
+            if (threadIdx.x == 0) counter[1] = (int)atomicAdd(cursor, (unsigned)total);
+            __syncthreads();
+            const int at = counter[1];
+            for (int r = threadIdx.x; r < total; r += blockDim.x) pool[at + r] = stage[r];
+        }
+        __syncthreads();  // the stage and counter are rewritten by the next segment (or the caller)
+    }
 }
+
+// The pool in global memory, read from L2 (other CTAs appended to it), for bucket_sort_top.
+struct PoolList {
+    const unsigned long long* pool;
+    __device__ __forceinline__ unsigned long long operator[](int i) const { return __ldcg(pool + i); }
+};
 
 // The pool's order keys (the upper half of each candidate_key), for select_threshold.
 struct CandidateKeys {
@@ -141,34 +156,38 @@ struct CandidateKeys {
 };
 
 // Phase 3: the token of a sampled step from the `count` candidates of the pool (0 < count <=
-// kPoolMax, a superset of the top K): sort_and_draw, whose bucket sort selects the top K as it
-// sorts. A pool above kBucketSortMax (rare: ~1-2k is usual) is cut first: the radix select of
-// the K-th key, keeping every candidate at or above it (K of them, more when the K-th key is
-// tied: all its equal keys stay, and the sort by index picks the lowest). The first K after the
-// sort are the top K either way (candidate keys are unique).
+// kPoolMax, a superset of the top K). Usually (~1-2k candidates) bucket_sort_top straight from
+// the pool, which selects the top K as it sorts them. A pool whose buckets crowd is loaded and
+// sorted by bitonic_top; one above kBucketSortMax is loaded and cut first, by the radix select
+// of the K-th key, keeping every candidate at or above it (K of them, more when the K-th key is
+// tied: all its equal keys stay, and the sort by index picks the lowest). The first K after
+// the sort are the top K either way (candidate keys are unique).
 template <int kBlock>
 __device__ int sample_from_pool(int vocab, const unsigned long long* pool, int count, const SampleParams& p, int step,
                                 PoolShared& sh) {
     constexpr int kPer = kPoolMax / kBlock;
     const int tid = threadIdx.x, K = candidate_count(p, vocab);
+    if (count <= kBucketSortMax && bucket_sort_top<kBlock>(sh, PoolList{pool}, count, K, p.temperature))
+        return draw_token(p, K, step, sh);
     for (int r = tid; r < count; r += kBlock) sh.cand[r] = __ldcg(pool + r);
     __syncthreads();
-    if (count > kBucketSortMax) {
-        int k_rem, eq_count;
-        const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
-        // Compact in place: every thread holds its candidates in registers before any is moved.
-        unsigned long long held[kPer];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
-        if (tid == 0) sh.count = 0;
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < kPer; ++j)
-            if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
-        __syncthreads();
-        count = sh.count;  // K - k_rem + eq_count
+    if (count <= kBucketSortMax) {  // crowded
+        bitonic_top(sh, count, K, p.temperature);
+        return draw_token(p, K, step, sh);
     }
-    return sort_and_draw<kBlock>(count, K, p, step, sh);
+    int k_rem, eq_count;
+    const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
+    // Compact in place: every thread holds its candidates in registers before any is moved.
+    unsigned long long held[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
+    if (tid == 0) sh.count = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kPer; ++j)
+        if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
+    __syncthreads();
+    return sort_and_draw<kBlock>(sh.count, K, p, step, sh);  // sh.count = K - k_rem + eq_count
 }
 
 // After the finish: the histogram and the cursor back to zero for the next step's partials.

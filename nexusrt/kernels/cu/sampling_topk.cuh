@@ -100,7 +100,9 @@ struct TopkShared {
 };
 
 // The exclusive prefix of v over the block's threads (thread order); *total gets the block's
-// sum. scratch: 32 ints of shared memory, free again when it returns.
+// sum. scratch: 32 ints of shared memory, free again when it returns. The warps' totals are
+// scanned by warp 0 with shuffles: at 1,024 threads a loop over 32 totals in every thread
+// cost more than the rest of the scan.
 __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
     int incl = v;
@@ -111,12 +113,18 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& tot
     }
     if (lane == 31) scratch[warp] = incl;
     __syncthreads();
-    int before = 0;
-    total = 0;
-    for (int w = 0; w < warps; ++w) {
-        before += w < warp ? scratch[w] : 0;
-        total += scratch[w];
+    if (warp == 0) {
+        int w = lane < warps ? scratch[lane] : 0;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int o = __shfl_up_sync(0xffffffffu, w, off);
+            if (lane >= off) w += o;
+        }
+        scratch[lane] = w;  // warps 0..lane together
     }
+    __syncthreads();
+    const int before = warp > 0 ? scratch[warp - 1] : 0;
+    total = scratch[warps - 1];
     __syncthreads();  // scratch is the caller's again
     return before + incl - v;
 }
@@ -310,6 +318,12 @@ __device__ __forceinline__ void running_sum(float* cum, int K) {
     }
 }
 
+// A candidate list in shared memory (sh.cand), for bucket_sort_top.
+struct CandidateList {
+    const unsigned long long* cand;
+    __device__ __forceinline__ unsigned long long operator[](int i) const { return cand[i]; }
+};
+
 // Bucket of a key in [lo, hi] for bucket_sort_top: kSortBuckets equal slices of the key range,
 // the largest keys in bucket 0. Each step (uint -> float, the product, the truncation) is
 // monotone, so a larger key never lands in a later bucket than a smaller one.
@@ -317,7 +331,8 @@ __device__ __forceinline__ int sort_bucket(unsigned key, unsigned hi, float scal
     return min(kSortBuckets - 1, (int)((float)(hi - key) * scale));
 }
 
-// The candidates sh.cand[0, count) (unique candidate_key()s, any order, count <= kBucketSortMax)
+// The candidates src[0, count) (unique candidate_key()s, any order, count <= kBucketSortMax; src
+// is sh.cand itself, CandidateList, or the grid sampler's pool in global memory)
 // -> the `keep` largest (keep <= min(count, kMaxCand)) in sh.cand[0, keep), descending, with
 // sh.cum[r] = exp(z_r - z_0) (z = logit / temp) at each of those ranks. A bucket sort: each key
 // goes to one of kSortBuckets equal slices of [lowest, highest] key (bucket 0 the highest), a
@@ -327,8 +342,8 @@ __device__ __forceinline__ int sort_bucket(unsigned key, unsigned hi, float scal
 // against 21 for bitonic_desc over 1,024 keys plus the radix select's 16 over the pool.
 // Returns false having written nothing but its scratch when a bucket holds more than kCrowded
 // keys (many equal or near-equal logits); the caller sorts with bitonic_desc then.
-template <int kBlock, int kCand>
-__device__ bool bucket_sort_top(TopkShared<kCand>& sh, int count, int keep, float temp) {
+template <int kBlock, int kCand, class Src>
+__device__ bool bucket_sort_top(TopkShared<kCand>& sh, const Src src, int count, int keep, float temp) {
     constexpr int kPer = kBucketSortMax / kBlock, kBPer = kSortBuckets / kBlock;
     static_assert(kBlock % 32 == 0 && kSortBuckets % kBlock == 0 && kBucketSortMax % kBlock == 0,
                   "whole warps; whole buckets and candidates per thread");
@@ -339,7 +354,7 @@ __device__ bool bucket_sort_top(TopkShared<kCand>& sh, int count, int keep, floa
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
         const int r = tid + j * kBlock;
-        held[j] = r < count ? sh.cand[r] : 0ull;
+        held[j] = r < count ? src[r] : 0ull;
         if (r < count) {
             lo = min(lo, (unsigned)(held[j] >> 32));
             hi = max(hi, (unsigned)(held[j] >> 32));
@@ -434,7 +449,7 @@ __device__ int draw_token(const SampleParams& p, int K, int step, Shared& sh) {
 // grid sampler's pool may hold more.
 template <int kBlock, class Shared>
 __device__ __forceinline__ int sort_and_draw(int count, int K, const SampleParams& p, int step, Shared& sh) {
-    if (count > kBucketSortMax || !bucket_sort_top<kBlock>(sh, count, K, p.temperature))
+    if (count > kBucketSortMax || !bucket_sort_top<kBlock>(sh, CandidateList{sh.cand}, count, K, p.temperature))
         bitonic_top(sh, count, K, p.temperature);
     return draw_token(p, K, step, sh);
 }

@@ -38,7 +38,7 @@ def test_params_struct_layout_matches_the_kernel():
 def test_kernel_source_struct_fields_are_in_the_packed_order():
     from nexusrt.kernels.compiler import SOURCE_DIR
 
-    src = (SOURCE_DIR / "sampling_topk.cuh").read_text()  # shared by sampling.cu and the persistent kernel
+    src = (SOURCE_DIR / "sampling_keys.cuh").read_text()  # shared by sampling.cu and the persistent kernel
     start = src.index("struct SampleParams")
     body = src[src.index("{", start) + 1:src.index("};", start)]
     decls = [line.split("//")[0].split(";")[0].split() for line in body.splitlines()]

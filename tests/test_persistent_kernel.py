@@ -61,7 +61,7 @@ def test_kernel_enums_match_the_python_side():
     assert (bits, pool) == (topk.BUCKET_BITS, topk.POOL_MAX)
     assert sampling.TOPK_HIST_WORDS == topk.BUCKETS + 1 and sampling.TOPK_POOL_WORDS == topk.POOL_MAX
     assert "kCursorWord = kBuckets;" in grid
-    topk_h = (SOURCE_DIR / "sampling_topk.cuh").read_text()
+    topk_h = (SOURCE_DIR / "sampling_keys.cuh").read_text()
     sort = [int(re.search(rf"{name} = (\d+);", topk_h).group(1)) for name in ("kSortBuckets", "kCrowded", "kBucketSortMax")]
     assert sort == [topk.SORT_BUCKETS, topk.CROWDED, topk.BUCKET_SORT_MAX]
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()

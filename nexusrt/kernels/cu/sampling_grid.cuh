@@ -4,7 +4,7 @@
 // chunk of the vocabulary [a, b):
 //
 //   1. add_chunk_histogram (SAMPLE_PARTIAL of a sampled step): the chunk's keys (order_key of
-//      sampling_topk.cuh) counted per bucket of their top kBucketBits bits in shared memory,
+//      sampling_keys.cuh) counted per bucket of their top kBucketBits bits in shared memory,
 //      then added to the grid's histogram in global memory (one RED per non-empty bucket).
 //   2. threshold_bucket + gather_chunk_candidates (SAMPLE_GATHER, after every partial): each
 //      CTA reads the complete histogram and finds, by itself (no extra barrier), the bucket B

@@ -5,7 +5,7 @@ with it, and tests drive it directly on any logits (ties, NaN, inf, any chunking
 The device words of one step, as the kernel keeps them in global memory:
 
 - ``hist``: the count of keys per bucket, a bucket being the top :data:`BUCKET_BITS` bits of a
-  logit's order-preserving key (:func:`order_keys`, ``order_key`` of ``sampling_topk.cuh``);
+  logit's order-preserving key (:func:`order_keys`, ``order_key`` of ``sampling_keys.cuh``);
   every partial adds its chunk's counts;
 - ``pool``: candidate keys (:func:`candidate_keys`: key << 32 | ~index, unique per logit, so
   sorting them descending is the spec's order, value descending then index ascending), which
@@ -31,7 +31,7 @@ from ....reference.sampling import SamplingParams, candidate_count, candidates, 
 BUCKET_BITS = 12  # kBucketBits of sampling_grid.cuh: sign, exponent and 3 mantissa bits
 BUCKETS = 1 << BUCKET_BITS
 POOL_MAX = 4096  # kPoolMax: the candidates the pool finish takes
-SORT_BUCKETS = 1024  # kSortBuckets of sampling_topk.cuh: the bucket sort's slices of the key range
+SORT_BUCKETS = 1024  # kSortBuckets of sampling_keys.cuh: the bucket sort's slices of the key range
 CROWDED = 64  # kCrowded: a bucket holding more keys sends the sort to the bitonic network
 BUCKET_SORT_MAX = 2048  # kBucketSortMax: the most candidates the bucket sort takes
 _INDEX_MASK = 0xFFFFFFFF
@@ -49,7 +49,7 @@ def order_keys(logits: np.ndarray) -> np.ndarray:
 
 
 def key_logits(keys: np.ndarray) -> np.ndarray:
-    """``key_logit`` of sampling_topk.cuh, the inverse of :func:`order_keys` (the device's draw
+    """``key_logit`` of sampling_keys.cuh, the inverse of :func:`order_keys` (the device's draw
     takes the candidates' logits from their keys): -0 comes back as +0, NaN's key as a NaN."""
     k = np.asarray(keys, np.uint32)
     return np.where(k & 0x80000000, k & 0x7FFFFFFF, ~k).astype(np.uint32).view(np.float32)
@@ -163,7 +163,7 @@ class GridTopK:
 
 
 def sort_buckets(keys: np.ndarray) -> np.ndarray:
-    """``sort_bucket`` of sampling_topk.cuh for every key (uint32): kSortBuckets equal slices of
+    """``sort_bucket`` of sampling_sort.cuh for every key (uint32): kSortBuckets equal slices of
     ``[keys.min(), keys.max()]`` in fp32 arithmetic, the largest keys in bucket 0."""
     keys = np.asarray(keys, np.uint32)
     hi = keys.max()
@@ -172,7 +172,7 @@ def sort_buckets(keys: np.ndarray) -> np.ndarray:
 
 
 def bucket_sort_top(cand: np.ndarray, keep: int) -> np.ndarray | None:
-    """``bucket_sort_top`` of sampling_topk.cuh: the ``keep`` largest candidate keys, descending,
+    """``bucket_sort_top`` of sampling_sort.cuh: the ``keep`` largest candidate keys, descending,
     placed as the device places them (a key's rank = its bucket's first rank + the larger keys
     in its bucket), or None when a bucket holds more than :data:`CROWDED` keys (the device then
     sorts with its bitonic network). Raises if the ranks are not a permutation, i.e. if the

@@ -78,35 +78,35 @@ struct PoolPlan {
     __device__ __forceinline__ bool fits() const { return bucket >= 0 && above + in_bucket <= kPoolMax; }
 };
 
-// Phase 2a: the PoolPlan of the complete histogram (every thread gets it). Thread t owns the
-// kBuckets / kBlock buckets just below kBuckets - t * kBuckets / kBlock, so a block scan in
-// thread order is a scan from the top bucket down. Read from L2 (other CTAs added to it).
+// Phase 2a: the PoolPlan of the complete histogram (every thread gets it), read from L2 (other
+// CTAs added to it) from the top bucket down, kBlock * 4 buckets a round: thread t owns the 4
+// buckets just below the round's top - 4t, so a block scan in thread order is a scan downwards.
+// The K-th key is usually in the first round (the top 1,024 buckets hold every logit >= 2): one
+// 16-byte load per thread, not the whole 16 KB histogram, which every CTA reads at once.
 template <int kBlock>
 __device__ PoolPlan threshold_bucket(const unsigned* hist, int K, int* scratch, PoolPlan& plan_sh) {
-    constexpr int kPer = kBuckets / kBlock;
-    static_assert(kBuckets % kBlock == 0 && kPer % 4 == 0, "each thread reads whole uint4s of buckets");
-    const int top = kBuckets - kPer * (int)threadIdx.x;  // buckets [top - kPer, top)
-    unsigned asc[kPer];  // asc[j]: bucket top - kPer + j
-#pragma unroll
-    for (int q = 0; q < kPer / 4; ++q) {
-        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + top - kPer) + q);
-        asc[4 * q] = v.x; asc[4 * q + 1] = v.y; asc[4 * q + 2] = v.z; asc[4 * q + 3] = v.w;
-    }
-    int sum = 0;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) sum += (int)asc[j];
+    constexpr int kRound = 4 * kBlock;
+    static_assert(kBuckets % kRound == 0, "whole rounds of one uint4 of buckets per thread");
     if (threadIdx.x == 0) plan_sh = PoolPlan{-1, 0, 0};
-    int total;
-    int before = block_exclusive_sum(sum, scratch, total);  // its barriers order the write above
-    if (before < K && K <= before + sum) {  // exactly one thread: the K-th key is in its buckets
+    int above = 0;  // keys in the rounds already scanned (the same in every thread)
+    for (int round_top = kBuckets; round_top > 0; round_top -= kRound) {
+        const int top = round_top - 4 * (int)threadIdx.x;  // buckets [top - 4, top)
+        const uint4 v = __ldcg(reinterpret_cast<const uint4*>(hist + top - 4));
+        const int asc[4] = {(int)v.x, (int)v.y, (int)v.z, (int)v.w};  // asc[j]: bucket top - 4 + j
+        const int sum = asc[0] + asc[1] + asc[2] + asc[3];
+        int total;
+        int before = above + block_exclusive_sum(sum, scratch, total);  // its barriers order plan_sh's writes
+        if (before < K && K <= before + sum) {  // exactly one thread: the K-th key is in its buckets
 #pragma unroll
-        for (int j = kPer - 1; j >= 0; --j) {
-            const int c = (int)asc[j];
-            if (before < K && K <= before + c) plan_sh = PoolPlan{top - kPer + j, before, c};
-            before += c;
+            for (int j = 3; j >= 0; --j) {
+                if (before < K && K <= before + asc[j]) plan_sh = PoolPlan{top - 4 + j, before, asc[j]};
+                before += asc[j];
+            }
         }
+        __syncthreads();
+        if (plan_sh.bucket >= 0) break;  // every thread reads the same word here
+        above += total;
     }
-    __syncthreads();
     const PoolPlan plan = plan_sh;
     __syncthreads();  // plan_sh may be rewritten by the next call
     return plan;

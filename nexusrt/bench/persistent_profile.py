@@ -24,7 +24,6 @@ def phase_rows(program, clocks: np.ndarray, clock_hz: float, context: int) -> li
         raise ValueError(f"clock_hz must be positive, got {clock_hz!r}")
     cfg = program.config
     wait, work, nbytes, count = defaultdict(int), defaultdict(int), defaultdict(int), defaultdict(int)
-    order: list[str] = []
     row = 0
     span_total = 0
     for instructions in program.sm_instructions():
@@ -36,22 +35,19 @@ def phase_rows(program, clocks: np.ndarray, clock_hz: float, context: int) -> li
                              "(was the step run with NEXUSRT_PERSISTENT_PROFILE=1?)")
         span_total += int(c[-1, 2] - c[0, 0])
         for ins, (t0, t1, t2) in zip(instructions, c):
-            name = ins.op.name.lower()
-            if name not in count:
-                order.append(name)
-            count[name] += 1
-            wait[name] += int(t1 - t0)
-            work[name] += int(t2 - t1)
-            nbytes[name] += instruction_bytes(ins, cfg, weight_bytes=2, kv_bytes=2, context=context,
-                                              splits=program.attn_splits)
+            count[ins.op] += 1
+            wait[ins.op] += int(t1 - t0)
+            work[ins.op] += int(t2 - t1)
+            nbytes[ins.op] += instruction_bytes(ins, cfg, weight_bytes=2, kv_bytes=2, context=context,
+                                                splits=program.attn_splits)
         row += len(instructions)
     sms = max(1, sum(1 for li in program.lists if li))
     rows = []
-    for name in sorted(order, key=lambda n: min(i.op for i in program.instructions if i.op.name.lower() == n)):
-        work_s = work[name] / clock_hz / sms  # per SM, as the phase's SMs run side by side
-        rows.append({"phase": name, "count": count[name], "wait_share": wait[name] / max(span_total, 1),
-                     "work_share": work[name] / max(span_total, 1), "bytes": nbytes[name],
-                     "work_gb_s": nbytes[name] / work_s / 1e9 if work_s > 0 else float("nan")})
+    for op in sorted(count):  # by opcode: step order, but for SAMPLE_GATHER (12, added last)
+        work_s = work[op] / clock_hz / sms  # per SM, as the phase's SMs run side by side
+        rows.append({"phase": op.name.lower(), "count": count[op], "wait_share": wait[op] / max(span_total, 1),
+                     "work_share": work[op] / max(span_total, 1), "bytes": nbytes[op],
+                     "work_gb_s": nbytes[op] / work_s / 1e9 if work_s > 0 else float("nan")})
     return rows
 
 

@@ -17,7 +17,7 @@ from ..backends.cuda.megakernel.balance import instruction_bytes
 
 
 def phase_rows(program, clocks: np.ndarray, clock_hz: float, context: int) -> list[dict]:
-    """One dict per opcode in step order: ``phase``, ``count``, ``wait_share`` / ``work_share`` (of
+    """One dict per opcode, in opcode order: ``phase``, ``count``, ``wait_share`` / ``work_share`` (of
     the SMs' summed step time), ``bytes`` and ``work_gb_s`` (bytes / the phase's working time per SM).
     ``clocks``: int64 ``[rows, 3]`` in the order of ``program.pack()``; ``clock_hz``: the SM clock."""
     if clock_hz <= 0:

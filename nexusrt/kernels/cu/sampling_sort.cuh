@@ -80,10 +80,10 @@ __device__ __forceinline__ int sort_bucket(unsigned key, unsigned hi, float scal
 // goes to one of kSortBuckets equal slices of [lowest, highest] key (bucket 0 the highest), a
 // scan of the bucket sizes gives each bucket's first rank, and a key's rank is that plus the
 // number of larger keys in its own bucket (a few: the slices are narrow). Buckets that start at
-// or past `keep` are never looked into, so it selects as it sorts. About 8 block barriers,
+// or past `keep` are never looked into, so it selects as it sorts. About 9 block barriers,
 // against 21 for bitonic_desc over 1,024 keys plus the radix select's 16 over the pool.
 // Returns false having written nothing but its scratch when a bucket holds more than kCrowded
-// keys (many equal or near-equal logits); the caller sorts with bitonic_desc then.
+// keys (many equal or near-equal logits); the caller sorts with bitonic_top then.
 template <int kBlock, int kCand, class Src>
 __device__ bool bucket_sort_top(TopkShared<kCand>& sh, const Src src, int count, int keep, float temp) {
     constexpr int kPer = kBucketSortMax / kBlock, kBPer = kSortBuckets / kBlock;

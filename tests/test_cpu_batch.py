@@ -128,6 +128,11 @@ def test_swap_blocks_refuses_a_block_outside_its_pool(oracle):
     r = CpuBatchRunner(oracle.decoder, 4, oracle.max_context, host_blocks=2)
     with pytest.raises(ValueError, match="outside"):
         r.swap_blocks([(0, 2)], [])
+    # A bad swap-in is refused before the (valid) swap-out is copied: nothing is half done.
+    r._pools[0][0][0] = 7.0
+    with pytest.raises(ValueError, match="swap-in pair"):
+        r.swap_blocks([(0, 1)], [(1, 9)])
+    assert not np.any(r._host[0][0][1] == 7.0)
     with pytest.raises(ValueError, match="host_blocks"):
         CpuBatchRunner(oracle.decoder, 4, oracle.max_context, host_blocks=-1)
 

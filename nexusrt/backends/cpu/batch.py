@@ -66,13 +66,13 @@ class CpuBatchRunner:
 
     def swap_blocks(self, outs, ins) -> None:
         """Copy device blocks to host blocks (``outs``: (device, host) pairs), then host blocks to
-        device blocks (``ins``: (host, device)), every layer's K and V."""
+        device blocks (``ins``: (host, device)), every layer's K and V; every pair is checked before
+        anything is copied."""
+        check_pairs(outs, self.num_blocks, self.host_blocks, "swap-out")
+        check_pairs(ins, self.host_blocks, self.num_blocks, "swap-in")
         for pairs, src, dst in ((outs, self._pools, self._host), (ins, self._host, self._pools)):
             if not pairs:
                 continue
-            out = src is self._pools
-            check_pairs(pairs, *((self.num_blocks, self.host_blocks) if out else (self.host_blocks, self.num_blocks)),
-                        "swap-out" if out else "swap-in")
             frm, to = (np.array(x, np.int64) for x in zip(*pairs))
             for s_pools, d_pools in zip(src, dst):  # K, then V
                 for s_pool, d_pool in zip(s_pools, d_pools):

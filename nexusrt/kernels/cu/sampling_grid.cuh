@@ -143,10 +143,15 @@ __device__ void gather_chunk_candidates(const Logits logits, int a, int b, const
     }
 }
 
-// The pool in global memory, read from L2 (other CTAs appended to it), for bucket_sort_top.
+// The pool in global memory, read from L2 (other CTAs appended to it), for bucket_sort_top;
+// into_shared copies it to the block's candidate list (then a barrier).
 struct PoolList {
     const unsigned long long* pool;
     __device__ __forceinline__ unsigned long long operator[](int i) const { return __ldcg(pool + i); }
+    __device__ __forceinline__ void into_shared(unsigned long long* cand, int count) const {
+        for (int r = threadIdx.x; r < count; r += blockDim.x) cand[r] = __ldcg(pool + r);
+        __syncthreads();
+    }
 };
 
 // The pool's order keys (the upper half of each candidate_key), for select_threshold.
@@ -156,25 +161,19 @@ struct CandidateKeys {
 };
 
 // Phase 3: the token of a sampled step from the `count` candidates of the pool (0 < count <=
-// kPoolMax, a superset of the top K). Usually (~1-2k candidates) bucket_sort_top straight from
-// the pool, which selects the top K as it sorts them. A pool whose buckets crowd is loaded and
-// sorted by bitonic_top; one above kBucketSortMax is loaded and cut first, by the radix select
-// of the K-th key, keeping every candidate at or above it (K of them, more when the K-th key is
-// tied: all its equal keys stay, and the sort by index picks the lowest). The first K after
-// the sort are the top K either way (candidate keys are unique).
+// kPoolMax, a superset of the top K): sort_and_draw of the pool, whose bucket sort reads it
+// straight from L2 (usually ~1-2k candidates) and selects the top K as it sorts. A pool above
+// kBucketSortMax is loaded and cut first, by the radix select of the K-th key, keeping every
+// candidate at or above it (K of them, more when the K-th key is tied: all its equal keys stay,
+// and the sort by index picks the lowest). The first K after the sort are the top K either way
+// (candidate keys are unique).
 template <int kBlock>
 __device__ int sample_from_pool(int vocab, const unsigned long long* pool, int count, const SampleParams& p, int step,
                                 PoolShared& sh) {
     constexpr int kPer = kPoolMax / kBlock;
     const int tid = threadIdx.x, K = candidate_count(p, vocab);
-    if (count <= kBucketSortMax && bucket_sort_top<kBlock>(sh, PoolList{pool}, count, K, p.temperature))
-        return draw_token(p, K, step, sh);
-    for (int r = tid; r < count; r += kBlock) sh.cand[r] = __ldcg(pool + r);
-    __syncthreads();
-    if (count <= kBucketSortMax) {  // crowded
-        bitonic_top(sh, count, K, p.temperature);
-        return draw_token(p, K, step, sh);
-    }
+    if (count <= kBucketSortMax) return sort_and_draw<kBlock>(PoolList{pool}, count, K, p, step, sh);
+    PoolList{pool}.into_shared(sh.cand, count);
     int k_rem, eq_count;
     const unsigned thr = select_threshold(CandidateKeys{sh.cand}, count, K, sh, k_rem, eq_count);
     // Compact in place: every thread holds its candidates in registers before any is moved.
@@ -187,7 +186,7 @@ __device__ int sample_from_pool(int vocab, const unsigned long long* pool, int c
     for (int j = 0; j < kPer; ++j)
         if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
     __syncthreads();
-    return sort_and_draw<kBlock>(sh.count, K, p, step, sh);  // sh.count = K - k_rem + eq_count
+    return sort_and_draw<kBlock>(CandidateList{sh.cand}, sh.count, K, p, step, sh);  // K - k_rem + eq_count
 }
 
 // After the finish: the histogram and the cursor back to zero for the next step's partials.

@@ -60,10 +60,13 @@ __device__ void bitonic_desc(Shared& sh, int n) {
     __syncthreads();
 }
 
-// A candidate list in shared memory (sh.cand), for bucket_sort_top.
+// A candidate list already in shared memory (sh.cand), for bucket_sort_top and sort_and_draw.
+// into_shared: what a list elsewhere does before the bitonic network, which sorts sh.cand in
+// place; nothing here.
 struct CandidateList {
     const unsigned long long* cand;
     __device__ __forceinline__ unsigned long long operator[](int i) const { return cand[i]; }
+    __device__ __forceinline__ void into_shared(unsigned long long*, int) const {}
 };
 
 // Bucket of a key in [lo, hi] for bucket_sort_top: kSortBuckets equal slices of the key range,

@@ -160,14 +160,18 @@ __device__ int draw_token(const SampleParams& p, int K, int step, Shared& sh) {
     return candidate_index(sh.cand[min(below, n - 1)]);
 }
 
-// The end of every exact top-K draw: sh.cand[0, count) holds the candidate_key()s of a set that
-// contains the top K (count >= K; any order); sort them (bucket_sort_top; bitonic_top when they
-// are too many or its buckets are crowded) and draw among the first K at `step`. sample_topk gathers exactly K; the
-// grid sampler's pool may hold more.
-template <int kBlock, class Shared>
-__device__ __forceinline__ int sort_and_draw(int count, int K, const SampleParams& p, int step, Shared& sh) {
-    if (count > kBucketSortMax || !bucket_sort_top<kBlock>(sh, CandidateList{sh.cand}, count, K, p.temperature))
+// The end of every exact top-K draw: src[0, count) holds the candidate_key()s of a set that
+// contains the top K (count >= K; any order; src is sh.cand, CandidateList, or the grid
+// sampler's pool); sort them (bucket_sort_top; bitonic_top, in shared memory, when they are too
+// many or its buckets are crowded) and draw among the first K at `step`. sample_topk gathers
+// exactly K; the grid sampler's pool may hold more.
+template <int kBlock, class Src, class Shared>
+__device__ __forceinline__ int sort_and_draw(const Src src, int count, int K, const SampleParams& p, int step,
+                                             Shared& sh) {
+    if (count > kBucketSortMax || !bucket_sort_top<kBlock>(sh, src, count, K, p.temperature)) {
+        src.into_shared(sh.cand, count);
         bitonic_top(sh, count, K, p.temperature);
+    }
     return draw_token(p, K, step, sh);
 }
 
@@ -180,7 +184,7 @@ __device__ __forceinline__ int sample_topk(const Logits logits, int vocab, const
     int k_rem, eq_count;
     const unsigned thr = select_threshold(LogitKeys<Logits>{logits}, vocab, K, sh, k_rem, eq_count);
     gather_candidates(logits, vocab, K, thr, k_rem, eq_count, sh);
-    return sort_and_draw<kBlock>(K, K, p, step, sh);
+    return sort_and_draw<kBlock>(CandidateList{sh.cand}, K, K, p, step, sh);
 }
 
 }  // namespace

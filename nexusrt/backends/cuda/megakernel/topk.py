@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ....reference.sampling import SamplingParams, candidate_count, candidates, pick, sample
+from ....reference.sampling import SamplingParams, candidate_count, candidates, pick
 
 BUCKET_BITS = 12  # kBucketBits of sampling_grid.cuh: sign, exponent and 3 mantissa bits
 BUCKETS = 1 << BUCKET_BITS
@@ -140,9 +140,9 @@ class GridTopK:
         logits = np.asarray(logits, np.float32)
         count = self.pooled()
         if count == 0:  # the pool overflowed: the draw from all logits
-            self.path, token = "all logits", sample(logits, self.params, step)
             # The device gathers exactly the K candidates there and sorts them as below.
             c = candidates(logits, self.k)
+            self.path, token = "all logits", pick(logits, c, self.params, step)
             top = candidate_keys(order_keys(logits[c]), c)
             self.sort = "bucket" if bucket_sort_top(top, self.k) is not None else "bitonic"
         else:
@@ -174,9 +174,9 @@ def sort_buckets(keys: np.ndarray) -> np.ndarray:
 def bucket_sort_top(cand: np.ndarray, keep: int) -> np.ndarray | None:
     """``bucket_sort_top`` of sampling_sort.cuh: the ``keep`` largest candidate keys, descending,
     placed as the device places them (a key's rank = its bucket's first rank + the larger keys
-    in its bucket), or None when a bucket holds more than :data:`CROWDED` keys (the device then
-    sorts with its bitonic network). Raises if the ranks are not a permutation, i.e. if the
-    bucket map were not monotone."""
+    in its bucket: position in (bucket, key descending) order, keys being unique), or None when
+    a bucket holds more than :data:`CROWDED` keys (the device then sorts with its bitonic
+    network). Raises if that order is not descending, i.e. if the bucket map were not monotone."""
     cand = np.asarray(cand, np.uint64)
     if cand.size > BUCKET_SORT_MAX:
         raise ValueError(f"{cand.size} candidates: the bucket sort takes at most {BUCKET_SORT_MAX}")
@@ -184,11 +184,8 @@ def bucket_sort_top(cand: np.ndarray, keep: int) -> np.ndarray | None:
     sizes = np.bincount(bucket, minlength=SORT_BUCKETS)
     if sizes.max() > CROWDED:
         return None
-    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    rank = first[bucket] + np.array([int(np.count_nonzero(cand[bucket == b] > c)) for b, c in zip(bucket, cand)])
-    out = np.zeros(cand.size, np.uint64)
-    out[rank] = cand
-    if np.unique(rank).size != rank.size or np.any(out[1:] > out[:-1]):
+    out = cand[np.lexsort((~cand, bucket))]  # by bucket, then larger keys first within one
+    if np.any(out[1:] > out[:-1]):
         raise AssertionError("the bucket sort's ranks are not the descending order")
     return out[:keep]
 

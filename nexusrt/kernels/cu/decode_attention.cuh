@@ -107,16 +107,21 @@ __device__ __forceinline__ void decode_impl(
     const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
     const int newest = seq_len - 1;          // rope_append writes this row just before us
 
-    uint4 kraw[kUnroll], vraw[kUnroll];
-    bool valid[kUnroll];
-    // Issue every K and V load of a step before using any (memory-level parallelism).
-    auto load_row = [&](int u, int t) {
+    // Two register buffers of one step's K and V rows (A, B): the loop issues the next step's
+    // loads into one before it computes on the other, so a block keeps two steps of rows in
+    // flight instead of waiting out the memory latency once per step.
+    using Rows = uint4[kUnroll];
+    using Valid = bool[kUnroll];
+    Rows k_a, v_a, k_b, v_b;
+    Valid ok_a, ok_b;
+    auto load_row = [&](Rows& kraw, Rows& vraw, int u, int t) {
         const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
         const long long off = nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + dim0;
         kraw[u] = *reinterpret_cast<const uint4*>(kb + off);
         vraw[u] = *reinterpret_cast<const uint4*>(vb + off);
     };
-    auto load_step = [&](int base, bool older_only) {
+    // Issue every K and V load of a step before using any (memory-level parallelism).
+    auto load_step = [&](Rows& kraw, Rows& vraw, Valid& valid, int base, bool older_only) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int t = base + u * kRowGroups + rg;
@@ -125,12 +130,12 @@ __device__ __forceinline__ void decode_impl(
                 kraw[u] = make_uint4(0, 0, 0, 0);
                 vraw[u] = make_uint4(0, 0, 0, 0);
             } else if (!older_only || t != newest) {
-                load_row(u, t);
+                load_row(kraw, vraw, u, t);
             }
         }
     };
     // The first step's older rows stream in while rope_append still runs; then wait for it.
-    load_step(start, true);
+    load_step(k_a, v_a, ok_a, start, true);
     if constexpr (kFault) {
         // Every KV head reads the same table entries: head 0's blocks post for all of them,
         // while the first loads are in flight. The table is written by no kernel (PDL-safe).
@@ -147,7 +152,7 @@ __device__ __forceinline__ void decode_impl(
     nrt::pdl_enter();
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-        if (start + u * kRowGroups + rg == newest && valid[u]) load_row(u, newest);
+        if (start + u * kRowGroups + rg == newest && ok_a[u]) load_row(k_a, v_a, u, newest);
 
     // q of the G heads, prescaled so that scores are in the exp2 domain.
     float qr[GM][8];
@@ -167,8 +172,7 @@ __device__ __forceinline__ void decode_impl(
     float m[GM], l[GM], acc[GM][8];
     nrt_attn::empty_state<GM>(m, l, acc);
 
-    for (int base = start; base < end; base += kTokIter) {
-        if (base != start) load_step(base, false);
+    auto compute_step = [&](const Rows& kraw, const Rows& vraw, const Valid& valid, int base) {
         float s[kUnroll][GM];
         nrt_attn::row_scores<GM, kUnroll, kRowLanes>(kraw, qr, s, G);
         if constexpr (kScores) {
@@ -186,6 +190,15 @@ __device__ __forceinline__ void decode_impl(
             }
         }
         nrt_attn::online_softmax_step<GM, kUnroll>(s, valid, vraw, m, l, acc, G);
+    };
+    // Steps alternate between the buffers (two per trip, so each buffer stays in registers).
+    for (int base = start; base < end; base += 2 * kTokIter) {
+        const int next = base + kTokIter;
+        if (next < end) load_step(k_b, v_b, ok_b, next, false);
+        compute_step(k_a, v_a, ok_a, base);
+        if (next >= end) break;
+        if (next + kTokIter < end) load_step(k_a, v_a, ok_a, next + kTokIter, false);
+        compute_step(k_b, v_b, ok_b, next);
     }
 
     // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...

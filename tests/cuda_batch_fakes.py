@@ -100,8 +100,8 @@ class FakeDevice:
         monkeypatch.setattr(batch_mod, "call", self.call)
         copy_mod = sys.modules["nexusrt.memory.copy"]  # the 2D copies a rank's logits rows are unpacked by
         monkeypatch.setattr(copy_mod, "call", self.call)
-        monkeypatch.setattr(copy_mod, "cu", lambda: SimpleNamespace(
-            CUDA_MEMCPY2D=SimpleNamespace, CUmemorytype=SimpleNamespace(CU_MEMORYTYPE_DEVICE=2)))
+        self.batch_copies = False  # True: the driver has cuMemcpyBatchAsync (set before runner())
+        monkeypatch.setattr(copy_mod, "cu", self._cu)
         monkeypatch.setattr(batch_mod, "time", SimpleNamespace(perf_counter=self.now))
 
     def runner(self, ragged: bool = True, deterministic: bool = False, tp=None,
@@ -172,7 +172,30 @@ class FakeDevice:
             self.clock += WAIT
         self._pending, self._synced = [], len(self.log)
 
+    def _cu(self):
+        ns = SimpleNamespace(CUDA_MEMCPY2D=SimpleNamespace, CUmemorytype=SimpleNamespace(CU_MEMORYTYPE_DEVICE=2),
+                             CUmemcpyAttributes=SimpleNamespace, CUdeviceptr=int,
+                             CUmemcpySrcAccessOrder=SimpleNamespace(CU_MEMCPY_SRC_ACCESS_ORDER_STREAM=1))
+        if self.batch_copies:
+            ns.cuMemcpyBatchAsync = object()
+        return ns
+
     def call(self, name, *args):
+        if name == "cuDriverGetVersion":
+            return 13000
+        if name == "cuMemcpyBatchAsync":  # ("batch", [(dst, src, nbytes), ...]); the copies may run in any order
+            dsts, srcs, sizes, count, attrs, idxs, nattrs, _ = args
+            assert count == len(dsts) == len(srcs) == len(sizes) and (idxs, nattrs) == ([0], 1)
+            assert attrs[0].srcAccessOrder == 1  # sources read in stream order
+            copies = list(zip(dsts, srcs, sizes))
+            spans = sorted((d, d + n) for d, _, n in copies)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two copies of a batch write one byte"
+            assert not any(d < s + n and s < d + m for d, _, m in copies for _, s, n in copies), \
+                "a copy of a batch reads what another writes"
+            self.log.append(("batch", copies))
+            for d, s, n in copies:
+                ctypes.memmove(d, s, n)
+            return None
         if name == "cuMemcpyHtoDAsync":
             dst, src, n, _ = args
             data = ctypes.string_at(src, n)

@@ -133,6 +133,10 @@ def test_swap_blocks_refuses_a_block_outside_its_pool(oracle):
     with pytest.raises(ValueError, match="swap-in pair"):
         r.swap_blocks([(0, 1)], [(1, 9)])
     assert not np.any(r._host[0][0][1] == 7.0)
+    # One destination twice is refused too (the GPU runs a direction's copies as one batch, in any order).
+    with pytest.raises(ValueError, match="block 1 is the destination of two swap-out pairs"):
+        r.swap_blocks([(0, 1), (2, 1)], [])
+    assert not np.any(r._host[0][0][1] == 7.0)
     with pytest.raises(ValueError, match="host_blocks"):
         CpuBatchRunner(oracle.decoder, 4, oracle.max_context, host_blocks=-1)
 

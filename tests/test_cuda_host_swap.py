@@ -31,6 +31,10 @@ def _generate(budget_blocks: int | None, prompts, **kwargs):
         assert engine.blocks.num_used == 0
         swap = engine.swap.counts() if engine.swap is not None else None
         if swap is not None:
+            # A CUDA 12.8+ driver: each direction's copies of a step go in one cuMemcpyBatchAsync.
+            from nexusrt.memory.copy import copy_batch_supported
+
+            assert (engine.runner.swapper.memcpy_batch is not None) == copy_batch_supported()
             assert swap["host_blocks_used"] == 0
             assert sum(r.kv["preemptions_swapped"] for r in results) == swap["swapped_out"]
         return out, swap, engine.metrics.computed_tokens

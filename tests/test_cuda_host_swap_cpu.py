@@ -111,3 +111,59 @@ def test_the_runner_frees_its_slabs_on_close(dev):
     assert slab.is_live and slab.dtype == r.pre.k_pools[0].dtype
     r.close()
     assert r.swapper is None and not slab.is_live
+
+
+def test_with_batched_copies_each_direction_is_one_driver_call(dev):
+    dev.batch_copies = True  # the driver has cuMemcpyBatchAsync (CUDA 12.8+)
+    r = dev.runner(host_blocks=5)
+    pools = r.pre.k_pools + r.pre.v_pools
+    _fill(pools, 11)
+    layers = len(r.pre.k_pools)
+    before = _blocks(pools, [3, 4, 9])
+    r.swap_blocks([(3, 0), (4, 1), (9, 2)], [])
+    (batch,) = [e for e in dev.log if e[0] == "batch"]
+    assert not [e for e in dev.log if e[0] in ("d2h", "h2d")]
+    assert len(batch[1]) == 2 * 2 * layers  # runs (3, 4 -> 0, 1) and (9 -> 2), per layer and K/V
+    assert all((got == want).all() for got, want in zip(_host_blocks(r.swapper, [0, 1, 2]), before))
+    for p in pools:
+        p.array.view(np.uint16)[[3, 4, 9]] = 0
+    dev.log.clear()
+    # Block 20 leaves for the host while the three come back: outs, then ins, two calls in that order.
+    r.swap_blocks([(20, 3)], [(0, 20), (1, 21), (2, 5)])
+    batches = [e for e in dev.log if e[0] == "batch"]
+    assert len(batches) == 2 and len(batches[0][1]) == 2 * layers and len(batches[1][1]) == 2 * 2 * layers
+    slab = r.swapper.slabs[0]
+    assert all(slab.ptr <= dst < slab.ptr + slab.nbytes for dst, _, _ in batches[0][1])  # the outs write the host
+    assert all((got == want).all() for got, want in zip(_blocks(pools, [20, 21, 5]), before))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-copy", "batched"])
+def test_a_destination_named_twice_is_refused_before_any_copy(dev, batched):
+    dev.batch_copies = batched
+    r = dev.runner(host_blocks=4)
+    with pytest.raises(ValueError, match="block 1 is the destination of two swap-out pairs"):
+        r.swap_blocks([(3, 1), (5, 0), (4, 1)], [])
+    r.swap_blocks([(3, 0), (4, 1)], [])
+    dev.log.clear()
+    with pytest.raises(ValueError, match="block 30 is the destination of two swap-in pairs"):
+        r.swap_blocks([], [(0, 30), (1, 30)])
+    assert not dev.log
+
+
+def test_queue_copy_batch_builds_one_driver_call_of_the_bindings_types(monkeypatch):
+    import importlib
+
+    driver = pytest.importorskip("cuda.bindings.driver")
+    copy_mod = importlib.import_module("nexusrt.memory.copy")  # (nexusrt.memory.copy is also a function)
+
+    calls = []
+    monkeypatch.setattr(copy_mod, "call", lambda name, *args: calls.append((name, args)))
+    copy_mod.queue_copy_batch([], 5)
+    assert not calls  # nothing to copy: no call
+    copy_mod.queue_copy_batch([(0x1000, 0x2000, 64), (0x3000, 0x4000, 128)], 5)
+    (name, (dsts, srcs, sizes, count, attrs, idxs, nattrs, stream)), = calls
+    assert name == "cuMemcpyBatchAsync" and (count, idxs, nattrs, stream) == (2, [0], 1, 5)
+    assert all(isinstance(p, driver.CUdeviceptr) for p in dsts + srcs)
+    assert [int(p) for p in dsts] == [0x1000, 0x3000] and [int(p) for p in srcs] == [0x2000, 0x4000]
+    assert sizes == [64, 128]
+    assert attrs[0].srcAccessOrder == driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM

@@ -156,14 +156,18 @@ def gather_tokens(pool: np.ndarray, table, length: int) -> np.ndarray:
 
 def check_pairs(pairs, src_blocks: int, dst_blocks: int, what: str) -> None:
     """Refuse ``(source, destination)`` block pairs naming a block outside a pool of ``src_blocks``
-    (sources) or ``dst_blocks`` (destinations): every runner's ``swap_blocks`` checks this before it
-    copies anything."""
+    (sources) or ``dst_blocks`` (destinations), or one destination twice (the copies of one
+    direction may run in any order: the GPU issues them as one batch): every runner's
+    ``swap_blocks`` checks this before it copies anything."""
     if not pairs:
         return
     src, dst = (np.asarray(x, np.int64) for x in zip(*pairs))
     if src.min() < 0 or src.max() >= src_blocks or dst.min() < 0 or dst.max() >= dst_blocks:
         raise ValueError(f"swap_blocks: a {what} pair names a block outside its pool "
                          f"({src_blocks} source / {dst_blocks} destination blocks)")
+    uniq, counts = np.unique(dst, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"swap_blocks: block {int(uniq[counts > 1][0])} is the destination of two {what} pairs")
 
 
 def check_keep(table, keep, num_blocks: int) -> np.ndarray:

@@ -76,6 +76,28 @@ def queue_copy_2d(params, stream_handle) -> None:
     call("cuMemcpy2DAsync", params, stream_handle)
 
 
+def queue_copy_batch(copies, stream_handle) -> None:
+    """Queue raw pointer copies ``copies`` (``(dst_ptr, src_ptr, nbytes)`` each) on a stream in one
+    driver call, ``cuMemcpyBatchAsync`` (CUDA 12.8+; :func:`copy_batch_supported`). The batch
+    as a whole runs in stream order and reads its sources in stream order, but the copies inside
+    it run in any order: none may read or write what another writes. Not capturable."""
+    if not copies:
+        return
+    d = cu()
+    attrs = d.CUmemcpyAttributes()
+    attrs.srcAccessOrder = d.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+    dsts = [d.CUdeviceptr(int(c[0])) for c in copies]
+    srcs = [d.CUdeviceptr(int(c[1])) for c in copies]
+    call("cuMemcpyBatchAsync", dsts, srcs, [int(c[2]) for c in copies], len(copies), [attrs], [0], 1,
+         stream_handle)
+
+
+def copy_batch_supported() -> bool:
+    """Whether :func:`queue_copy_batch` can run here: the bindings have ``cuMemcpyBatchAsync`` and
+    the driver is CUDA 12.8 or newer."""
+    return hasattr(cu(), "cuMemcpyBatchAsync") and call("cuDriverGetVersion") >= 12080
+
+
 def copy_2d(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int,
             stream_handle) -> None:
     """Queue one such copy now (:func:`copy_2d_params`)."""

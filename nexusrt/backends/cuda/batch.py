@@ -74,6 +74,7 @@ from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import sampling as sampling_ops
 from ...kernels.ops.common import sm_count
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for
+from ...memory.copy import copy_batch_supported, queue_copy_batch
 from ..base import Rows
 from . import step as steps
 from .batch_buffers import BatchBuffers, batch_buckets, check_entry
@@ -150,7 +151,8 @@ class CudaBatchRunner:
                                        stream=self.stream, h2d=self._h2d)
             if host_blocks:  # the engine's host tier: preempted sequences' blocks swapped out and back
                 self.swapper = HostSwapPools(cfg, self.pre.k_pools, self.pre.v_pools, num_blocks=num_blocks,
-                                             host_blocks=host_blocks, memcpy=self._memcpy)
+                                             host_blocks=host_blocks, memcpy=self._memcpy,
+                                             memcpy_batch=self._memcpy_batch if copy_batch_supported() else None)
             self.fixed_chunk = self._fixed_chunk() if self.deterministic else 0
             if tp is not None:  # NCCL connects on first use: outside the captures below
                 self._warm_up()
@@ -224,6 +226,9 @@ class CudaBatchRunner:
 
     def _memcpy(self, name: str, dst_ptr: int, src_ptr: int, nbytes: int) -> None:
         call(name, dst_ptr, src_ptr, nbytes, self.stream.handle)
+
+    def _memcpy_batch(self, copies) -> None:
+        queue_copy_batch(copies, self.stream.handle)
 
     def _set_word(self, word, value: int) -> None:
         call("cuMemsetD32Async", word.ptr, int(value) & 0xFFFFFFFF, 1, self.stream.handle)

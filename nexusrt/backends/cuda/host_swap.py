@@ -11,8 +11,11 @@ of one layer's K (or V) is contiguous on both sides. Slabs stay until the runner
 :meth:`HostSwapPools.copy` issues, on the runner's stream, every swap-out (device to host)
 and then every swap-in (host to device): pairs that continue a run of consecutive blocks on
 both sides, within one slab, share one copy per layer and K/V
-(:func:`~nexusrt.kvcache.blocks.pair_runs`), so a run of n blocks costs ``2 * layers`` driver
-calls, not ``2 * layers * n``. Stream order puts them after the previous step's kernels (which
+(:func:`~nexusrt.kvcache.blocks.pair_runs`), so a run of n blocks is ``2 * layers`` copies, not
+``2 * layers * n``. Where the driver has ``cuMemcpyBatchAsync`` (CUDA 12.8+) all the swap-outs
+of a step are one driver call and all its swap-ins another (the copies of one direction never
+touch the same block twice: ``check_pairs`` refuses a repeated destination, and a swap-out
+reads only device blocks and writes only host ones); elsewhere each copy is its own call. Stream order puts them after the previous step's kernels (which
 wrote the blocks swapped out) and before the next step's (which may reuse those device
 blocks, and read the ones swapped in); the host never touches the pinned slabs, so nothing
 waits here.
@@ -32,13 +35,15 @@ SLAB_BYTES = 256 << 20  # pinned per slab (all layers' K and V of its blocks), a
 class HostSwapPools:
     """``host_blocks`` pinned blocks of every layer's K and V beside the device pools
     ``k_pools``/``v_pools`` (``num_blocks`` usable blocks each); ``memcpy(name, dst_ptr, src_ptr,
-    nbytes)`` enqueues the driver copy ``name`` on the runner's stream."""
+    nbytes)`` enqueues the driver copy ``name`` on the runner's stream; ``memcpy_batch(copies)``,
+    if given, enqueues a list of ``(dst_ptr, src_ptr, nbytes)`` copies of one direction in one
+    call (:func:`~nexusrt.memory.copy.queue_copy_batch`)."""
 
     def __init__(self, cfg, k_pools, v_pools, *, num_blocks: int, host_blocks: int, memcpy,
-                 slab_bytes: int = SLAB_BYTES):
+                 memcpy_batch=None, slab_bytes: int = SLAB_BYTES):
         if isinstance(host_blocks, bool) or not isinstance(host_blocks, int) or host_blocks < 1:
             raise ValueError(f"host_blocks must be an integer >= 1, got {host_blocks!r}")
-        self.k_pools, self.v_pools, self.memcpy = k_pools, v_pools, memcpy
+        self.k_pools, self.v_pools, self.memcpy, self.memcpy_batch = k_pools, v_pools, memcpy, memcpy_batch
         self.num_blocks, self.host_blocks = num_blocks, host_blocks
         self.layers = cfg.num_hidden_layers
         self.block_shape = (cfg.num_key_value_heads, BLOCK_SIZE, cfg.head_dim)
@@ -81,16 +86,19 @@ class HostSwapPools:
         if any(int(h) // self.slab_blocks not in written for h, _ in ins):
             raise ValueError("swap_blocks: a swap-in names a host block no swap-out wrote")
         self._pin([h for _, h in outs])
-        size, memcpy = self.block_bytes, self.memcpy
+        size = self.block_bytes
         for out, runs in ((True, self._runs(outs, False)), (False, self._runs(ins, True))):
+            copies = []  # (dst, src, nbytes)
             for h, d, n in runs:
                 for layer in range(self.layers):
                     for kv, pool in enumerate((self.k_pools[layer], self.v_pools[layer])):
                         host, dev = self._host_ptr(h, layer, kv), pool.ptr + d * size
-                        if out:
-                            memcpy("cuMemcpyDtoHAsync", host, dev, n * size)
-                        else:
-                            memcpy("cuMemcpyHtoDAsync", dev, host, n * size)
+                        copies.append((host, dev, n * size) if out else (dev, host, n * size))
+            if self.memcpy_batch is not None:
+                self.memcpy_batch(copies)
+            else:
+                for dst, src, nbytes in copies:
+                    self.memcpy("cuMemcpyDtoHAsync" if out else "cuMemcpyHtoDAsync", dst, src, nbytes)
 
     def free(self) -> None:
         """Unpin every slab (the runner waited for its stream first)."""

@@ -15,10 +15,10 @@ both sides, within one slab, share one copy per layer and K/V
 ``2 * layers * n``. Where the driver has ``cuMemcpyBatchAsync`` (CUDA 12.8+) all the swap-outs
 of a step are one driver call and all its swap-ins another (the copies of one direction never
 touch the same block twice: ``check_pairs`` refuses a repeated destination, and a swap-out
-reads only device blocks and writes only host ones); elsewhere each copy is its own call. Stream order puts them after the previous step's kernels (which
-wrote the blocks swapped out) and before the next step's (which may reuse those device
-blocks, and read the ones swapped in); the host never touches the pinned slabs, so nothing
-waits here.
+reads only device blocks and writes only host ones); elsewhere each copy is its own call.
+Stream order puts them after the previous step's kernels (which wrote the blocks swapped out)
+and before the next step's (which may reuse those device blocks, and read the ones swapped
+in); the host never touches the pinned slabs, so nothing waits here.
 """
 
 from __future__ import annotations

@@ -87,3 +87,18 @@ def test_same_seed_same_tokens():
     assert a != [sample(logits, SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1235), s)
                  for s in range(50)]
     assert SamplingParams().resolved().seed is not None
+
+
+def test_infinite_logits_follow_ieee_without_warnings():
+    """+inf makes inf - inf = NaN in the softmax (as on the device): the +inf token is the
+    pick, and NumPy is not asked to warn about what the spec means."""
+    import warnings
+
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    logits[7], logits[3] = np.inf, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sample(logits, SamplingParams(temperature=0.7, top_p=0.9, seed=1), 0) == 7
+        huge = np.random.default_rng(1).standard_normal(100).astype(np.float32)
+        huge[5] = 3e38  # z = l / T overflows to inf at a tiny temperature
+        assert sample(huge, SamplingParams(temperature=1e-3, seed=1), 0) == 5

@@ -105,8 +105,11 @@ def candidate_count(params: SamplingParams, vocab: int) -> int:
 def pick(logits: np.ndarray, idx: np.ndarray, params: SamplingParams, step: int) -> int:
     """Steps 3-5 of the module docstring (softmax, top-p, draw) over the candidates ``idx``,
     already in candidate order (:func:`candidates`); ``logits`` fp32."""
-    z = logits[idx] / np.float32(params.temperature)
-    p = np.exp(z - z[0])
+    # IEEE results all the way, as on the device: an infinite logit (or z overflowing at a tiny
+    # temperature) makes inf - inf = NaN here, on purpose, not a warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = logits[idx] / np.float32(params.temperature)
+        p = np.exp(z - z[0])
     c = np.cumsum(p, dtype=np.float32)  # numpy accumulates in order: the sequential sum
     n = int(np.argmax(c >= np.float32(params.top_p) * c[-1])) + 1
     target = uniform(params.seed or 0, step) * float(c[n - 1])

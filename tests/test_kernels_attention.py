@@ -5,6 +5,8 @@ blocks are scattered through a shuffled page table."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import ml_dtypes
@@ -44,6 +46,22 @@ def test_split_plan_covers_the_sequence_once(seq_len, max_splits, step):
     chunk, nsplit = dec.split_plan(seq_len, max_splits, step)
     assert chunk % step == 0 and 1 <= nsplit <= max_splits
     assert (nsplit - 1) * chunk < seq_len <= nsplit * chunk  # no empty working split
+
+
+@pytest.mark.parametrize("step", [16, 32, 64])
+def test_split_plan_runs_a_short_context_as_one_split(step):
+    short = dec.ONE_SPLIT_STEPS * step
+    for seq_len in (1, step + 1, short):
+        assert dec.split_plan(seq_len, dec.MAX_SPLITS, step)[1] == 1
+    # One token more and the usual rule applies: one step per split when the cap allows it.
+    assert dec.split_plan(short + 1, dec.MAX_SPLITS, step) == (step, dec.ONE_SPLIT_STEPS + 1)
+    assert dec.split_plan(short + 1, 2, step)[1] == 2
+
+
+def test_split_rule_constants_match_the_kernel():
+    body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention.cuh").read_text()
+    assert int(re.search(r"kOneSplitSteps = (\d+);", body).group(1)) == dec.ONE_SPLIT_STEPS
+    assert int(re.search(r"kMaxSplits = (\d+);", body).group(1)) == dec.MAX_SPLITS
 
 
 def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
@@ -160,7 +178,7 @@ DECODE_SHAPES = [  # (Hq, Hkv, D): every group size 1..8 and the real model shap
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq, hkv, d", DECODE_SHAPES)
-@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 100, 1000, 4097])
+@pytest.mark.parametrize("seq_len", [1, 15, 16, 17, 96, 100, 192, 193, 1000, 4097])
 def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     import nexusrt as nrt
     from nexusrt.reference.ops import attention
@@ -173,7 +191,10 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
     g = hq // hkv
     for splits in sorted({1, dec.choose_splits(hkv, d, g, 8192, 132), dec.MAX_SPLITS}):
-        ws = dec.alloc_workspace(hq, hkv, d, splits)
+        # The partials' workspace starts as NaN: the splits that ran are the slots written.
+        nan = np.full((hkv, splits, g, 2), np.nan, dtype=np.float32)
+        ws = dec.DecodeWorkspace(nrt.memory.from_numpy(np.full((hkv, splits, g, d), np.nan, dtype=np.float32)),
+                                 nrt.memory.from_numpy(nan), nrt.memory.zeros((hkv,), "int32"), splits)
         out = nrt.memory.from_numpy(np.full(hq * d, np.nan, dtype=np.float32))
         spec = dec.attention_decode(gpu_rt, q_t, out, pos=pos, workspace=ws, num_q_heads=hq,
                                     num_kv_heads=hkv, head_dim=d, **dev)
@@ -183,6 +204,11 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
             assert np.isfinite(got).all(), f"unwritten outputs with max_splits={splits}"
             assert _rel(got, ref) < 2e-5, f"max_splits={splits}"
         assert (ws.tickets.to_numpy() == 0).all()
+        # The kernel split the context as split_plan says (one split writes no partials).
+        _, nsplit = dec.split_plan(seq_len, splits, dec.tokens_per_step(d, g))
+        written = np.isfinite(ws.ml.to_numpy()).all(axis=(0, 2, 3))
+        assert written.tolist() == [nsplit > 1 and sp < nsplit for sp in range(splits)], f"max_splits={splits}"
+        ws.free()
 
 
 PREFILL_SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64)]

@@ -17,6 +17,10 @@ using nrt_attn::merge_state;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxSplits = 128;  // the combine keeps one weight per (split, head) in shared memory
+// A context of at most this many loop steps runs as one split: below it the partials, fence,
+// ticket and combine (~2.9 us at d64 on an H200) cost more than the extra steps (~1 us each)
+// one block takes alone (NOTES_attention.md, "How many splits at short context").
+constexpr int kOneSplitSteps = 3;
 
 template <int D>
 struct DecodeShape {
@@ -94,7 +98,7 @@ __device__ __forceinline__ void decode_impl(
     } else {
         seq_len = *pos + 1;
     }
-    int chunk = (seq_len + max_splits - 1) / max_splits;
+    int chunk = seq_len <= kOneSplitSteps * kTokIter ? seq_len : (seq_len + max_splits - 1) / max_splits;
     chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
     if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
     const int nsplit = (seq_len + chunk - 1) / chunk;

@@ -27,6 +27,7 @@ ROWS_SIGNATURE = SIGNATURE + " i32 i32"
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
+ONE_SPLIT_STEPS = 3  # kOneSplitSteps: a context of at most this many loop steps is one split
 THREADS = 128
 
 
@@ -57,8 +58,10 @@ def tokens_per_step(head_dim: int, group: int) -> int:
 
 def split_plan(seq_len: int, max_splits: int, step: int) -> tuple[int, int]:
     """(chunk, nsplit) exactly as the kernel derives them from ``seq_len = *pos + 1``:
-    chunks are multiples of ``step`` tokens and at most ``max_splits`` of them do work."""
-    chunk = ceil_div(ceil_div(seq_len, max_splits), step) * step
+    chunks are multiples of ``step`` tokens and at most ``max_splits`` of them do work; a
+    context of at most ``ONE_SPLIT_STEPS`` steps is one split (no combine)."""
+    per_split = seq_len if seq_len <= ONE_SPLIT_STEPS * step else ceil_div(seq_len, max_splits)
+    chunk = ceil_div(per_split, step) * step
     return chunk, ceil_div(seq_len, chunk)
 
 

@@ -37,7 +37,7 @@ def test_kv_block_size_matches_the_header():
 def test_epilogue_flags_match_the_kernels():
     from nexusrt.kernels.ops import common
 
-    for source in ("gemv.cu", "gemm.cu"):
+    for source in ("gemv_body.cuh", "gemm.cu"):
         text = (SOURCE_DIR / source).read_text()
         for name, value in (("kBias", common.FLAG_BIAS), ("kBiasBf16", common.FLAG_BIAS_BF16),
                             ("kResidual", common.FLAG_RESIDUAL), ("kNorm", common.FLAG_NORM)):

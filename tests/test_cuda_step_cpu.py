@@ -91,6 +91,7 @@ def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu
         if variant == "qwen3_norms_d128":
             assert weights.layers[0].q_norm is not None
         chains = {"decode": steps.decode_stages(rt, cfg, weights, buffers, sample=True),
+                  "decode_fused": steps.decode_stages(rt, cfg, weights, buffers, sample=True, fuse_rope=True),
                   "logits": steps.logits_stages(rt, cfg, weights, buffers)}
         for m in buckets + (1, 17):
             chains[f"prefill{m}"] = steps.prefill_stages(rt, cfg, weights, buffers, m, lt)
@@ -100,6 +101,10 @@ def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu
                 TaskGraph(stages, name).validate()  # names, hazards, order
         layers = cfg.num_hidden_layers
         assert len(chains["decode"]) == 1 + 6 * layers + 1 + 3  # embed, 6 per layer, LM head, sampler (3)
+        # The fused QKV + RoPE + append takes one stage where the shape allows (not q/k norms).
+        fused = variant != "qwen3_norms_d128"
+        assert len(chains["decode_fused"]) == 1 + (5 if fused else 6) * layers + 1 + 3
+        assert any(s.name.endswith(".qkv_rope") for s in chains["decode_fused"]) == fused
         assert len(chains["prefill64"]) == 1 + 9 * layers  # norm, qkv, rope, attention, o, norm, gate_up, silu, down
         assert len(chains["all_logits"]) == 1 + 9 * layers + 2
         gemm_m = {p.m for p in lt.plans}

@@ -24,6 +24,7 @@ from ...reference.ops import rope_inv_freq
 from ...errors import ModelError, NexusRTError
 from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
+from ...kernels.ops import qkv_rope
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
 from ...kvcache.fault_plan import RING_SLOTS, FaultCounts, plan_faults
@@ -164,7 +165,8 @@ class CudaRunner:
         if self._persistent is not None:
             return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
         return self._graph(("decode", sample), lambda: steps.decode_stages(
-            self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp))
+            self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp,
+            fuse_rope=qkv_rope.enabled()))
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(

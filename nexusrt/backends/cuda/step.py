@@ -16,6 +16,7 @@ from ...kernels.ops import attention_prefill as attn_pre
 from ...kernels.ops import elementwise as ew
 from ...kernels.ops import gemm as gm
 from ...kernels.ops import gemv as gv
+from ...kernels.ops import qkv_rope
 from ...kernels.ops import rope
 from ...kernels.ops import sampling
 
@@ -56,7 +57,7 @@ class _Chain:
             self.add(f"{name}.all_reduce", tp.all_reduce(x), [x], [x])
 
 
-def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None) -> list:
+def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope: bool = False) -> list:
     """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler).
 
     ``meta`` (int32 ``[4]``: RoPE position, cache slot, 0, 0), for the serving runner's lone
@@ -67,31 +68,33 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None) -> list:
     ``meta``) nor a host tier (the rows RoPE/append reads device blocks only): ValueError.
 
     ``tp`` (a :class:`~.collectives.RankComm`): ``cfg`` and ``w`` are a tensor-parallel rank's
-    shard; an all-reduce follows O and down, and the LM head is vocab-parallel."""
+    shard; an all-reduce follows O and down, and the LM head is vocab-parallel.
+
+    ``fuse_rope``: each layer's QKV GEMV also applies RoPE and appends K/V (one stage,
+    ``layer<i>.qkv_rope``) where :func:`~nexusrt.kernels.ops.qkv_rope.unfused_reason` allows it
+    (not with ``meta``); the persistent kernel's lowering reads the unfused chain."""
     if meta is not None and (sample or b.k_host_pools):
         raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
                          "and no host KV tier")
     h, d = cfg.hidden_size, cfg.head_dim
     hq, hkv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    qkv_n = (hq + 2 * hkv) * d
     x = b.hidden[0:1]
-    qkv, q, attn, mlp = b.qkv[0:1], b.q[0:1], b.dec_attn, b.dec_mlp
+    q, attn, mlp = b.q[0:1], b.dec_attn, b.dec_mlp
     eps = cfg.rms_norm_eps
     ch = _Chain("decode")
     ch.add("embed", ew.embedding(rt, x, b.token, w.embed, m=1, hidden=h, vocab=cfg.vocab_size),
            [b.token, w.embed], [x])
     for i, lw in enumerate(w.layers):
         p = f"layer{i}"
-        ch.add(f"{p}.qkv", gv.gemv(rt, qkv, lw.qkv, x, n=qkv_n, k=h, norm_weight=lw.attn_norm, eps=eps,
-                                   bias=lw.qkv_bias, bias_dtype="fp32" if lw.qkv_bias is not None else None,
-                                   workspace=b.gemv_ws), [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
-        # meta: the rows kernel over a one-row table, reading position and slot apart.
-        table, where, how = ((b.block_table, b.pos, dict(host_pools=b.host_pools(i))) if meta is None else
-                             (b.block_table.reshape(1, -1), meta.reshape(1, 4), dict(rows=True)))
-        ch.add(f"{p}.rope_append", rope.rope_append(
-            rt, qkv, q, b.k_pools[i], b.v_pools[i], table, where, w.inv_freq, num_q_heads=hq, num_kv_heads=hkv,
-            head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=eps, **how),
-            [qkv, b.pos if meta is None else meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+        if fuse_rope and meta is None and qkv_rope.unfused_reason(
+                hidden=h, head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, host_pools=b.host_pools(i)) is None:
+            ch.add(f"{p}.qkv_rope", qkv_rope.qkv_rope(
+                rt, q, b.k_pools[i], b.v_pools[i], b.block_table, b.pos, lw.qkv, x, w.inv_freq, num_q_heads=hq,
+                num_kv_heads=hkv, head_dim=d, norm_weight=lw.attn_norm, eps=eps, bias=lw.qkv_bias,
+                bias_dtype="fp32" if lw.qkv_bias is not None else None),
+                [x, lw.qkv, lw.attn_norm, lw.qkv_bias, b.pos, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
+        else:
+            _add_qkv_rope_unfused(ch, rt, cfg, w, b, i, meta)
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
@@ -108,6 +111,25 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None) -> list:
     if sample:
         ch.stages.extend(sample_stages(rt, b, after=ch.stages[-1].name))
     return ch.stages
+
+
+def _add_qkv_rope_unfused(ch: _Chain, rt, cfg, w, b, i: int, meta) -> None:
+    """Layer ``i``'s QKV GEMV into ``b.qkv``, then RoPE + KV append (``rope_append``) as two
+    stages: every shape, the host tier and ``meta`` (see :func:`decode_stages`)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    lw, p, x, qkv, q = w.layers[i], f"layer{i}", b.hidden[0:1], b.qkv[0:1], b.q[0:1]
+    ch.add(f"{p}.qkv", gv.gemv(rt, qkv, lw.qkv, x, n=(hq + 2 * hkv) * d, k=h, norm_weight=lw.attn_norm,
+                               eps=cfg.rms_norm_eps, bias=lw.qkv_bias,
+                               bias_dtype="fp32" if lw.qkv_bias is not None else None, workspace=b.gemv_ws),
+           [x, lw.qkv, lw.attn_norm, lw.qkv_bias], [qkv])
+    # meta: the rows kernel over a one-row table, reading position and slot apart.
+    table, where, how = ((b.block_table, b.pos, dict(host_pools=b.host_pools(i))) if meta is None else
+                         (b.block_table.reshape(1, -1), meta.reshape(1, 4), dict(rows=True)))
+    ch.add(f"{p}.rope_append", rope.rope_append(
+        rt, qkv, q, b.k_pools[i], b.v_pools[i], table, where, w.inv_freq, num_q_heads=hq, num_kv_heads=hkv,
+        head_dim=d, q_norm=lw.q_norm, k_norm=lw.k_norm, eps=cfg.rms_norm_eps, **how),
+        [qkv, b.pos if meta is None else meta, b.block_table], [q, b.k_pools[i], b.v_pools[i]])
 
 
 def sample_stages(rt, b, after: str | None = None) -> list:

@@ -190,6 +190,19 @@ __device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], floa
     }
 }
 
+// RoPE (rotate_half) of one pair (x1 = dim j, x2 = dim j + D/2) at position t, inv_freq[j] given.
+// The one rotation both rope_append and the fused QKV GEMV (gemv_rope.cu) apply.
+__device__ __forceinline__ void rope_pair(float& x1, float& x2, int t, float inv_freq_j) {
+    const float freq = (float)t * inv_freq_j;
+    float s, c;
+    sincosf(freq, &s, &c);
+    const float a = x1, b = x2;
+    // Rounding pinned with intrinsics (one rounded product, one fma each): left to contraction,
+    // the compiler fused these differently in different kernels (d128: 1-ulp differences).
+    x1 = __fmaf_rn(a, c, -__fmul_rn(b, s));  // out[:D/2] = x1*cos - x2*sin
+    x2 = __fmaf_rn(b, c, __fmul_rn(a, s));   // out[D/2:] = x2*cos + x1*sin
+}
+
 // One head row of D floats held by a warp as rotate_half pairs: lane owns x1[k] = x[lane + 32k]
 // and x2[k] = x[D/2 + lane + 32k]. Optional per-head RMSNorm (Qwen3 q_norm / k_norm; w null:
 // none), then RoPE at position t. The angle is computed like HF: freq = float(t) * inv_freq[j]
@@ -213,16 +226,8 @@ __device__ __forceinline__ void norm_rope_head(float (&x1)[D / 64], float (&x2)[
             x2[k] = (x2[k] * r) * w[kHalf + lane + 32 * k];
         }
     }
-    const float tf = (float)t;
 #pragma unroll
-    for (int k = 0; k < kPairs; ++k) {
-        const float freq = tf * inv_freq[lane + 32 * k];
-        float s, c;
-        sincosf(freq, &s, &c);
-        const float a = x1[k], b = x2[k];
-        x1[k] = a * c - b * s;  // out[:D/2] = x1*cos - x2*sin
-        x2[k] = b * c + a * s;  // out[D/2:] = x2*cos + x1*sin
-    }
+    for (int k = 0; k < kPairs; ++k) rope_pair(x1[k], x2[k], t, inv_freq[lane + 32 * k]);
 }
 
 }  // namespace nrt_attn

@@ -49,6 +49,9 @@ def test_launcher_has_a_warp_per_rotate_half_pair(monkeypatch):
 @pytest.mark.parametrize("change, message", [
     (dict(w=tensor((11 * 64, 256), "bf16")), "w has shape"),
     (dict(x=tensor((1, 256), "bf16")), "x has dtype"),
+    (dict(x=tensor((256,), "fp32")), "x must be a 2-d"),
+    (dict(x=tensor(None, "fp32")), "x must be a 2-d"),
+    (dict(x=tensor((2, 256), "fp32")), "x has shape"),
     (dict(q_out=tensor((1, 8, 64), "bf16")), "q_out has dtype"),
     (dict(inv_freq=tensor((64,), "fp32")), "inv_freq has shape"),
     (dict(pos=tensor((1,), "fp32")), "pos has dtype"),

@@ -57,7 +57,10 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    k = int(getattr(x, "shape", (0, 0))[-1])
+    shape = getattr(x, "shape", None)
+    if not shape or len(shape) != 2:
+        raise ValueError(f"x must be a 2-d fp32 tensor [1, hidden], got shape {shape}")
+    k = int(shape[-1])
     why = unfused_reason(hidden=k, head_dim=head_dim)
     if why is not None:
         raise ValueError(f"qkv_rope cannot take {why}; use gemv + rope_append")

@@ -10,7 +10,7 @@ import os
 
 from ...memory.checks import check_tensor, dtype_name, ptr  # noqa: F401  (the launchers' checks)
 
-# Epilogue flags, identical in gemv.cu and gemm.cu.
+# Epilogue flags, identical in gemv_body.cuh (gemv.cu, gemv_rope.cu) and gemm.cu.
 FLAG_BIAS = 1
 FLAG_BIAS_BF16 = 2
 FLAG_RESIDUAL = 4

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from ...kvcache.checks import check_pools, check_state
-from .common import (FLAG_NORM, bias_flags, blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor,
-                     pdl_ok, ptr, sm_count)
+from . import rope
+from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok,
+                     ptr, sm_count)
 from .gemv import THREADS, WARPS, gemv_bytes, plan_gemv
 from .spec import BenchCase, LaunchSpec
 
@@ -67,14 +65,12 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     rows = (num_q_heads + 2 * num_kv_heads) * head_dim
     check_tensor(x, "x", (1, k), "fp32")
     check_tensor(w, "w", (rows, k), "bf16")
-    check_tensor(norm_weight, "norm_weight", (k,), "fp32")
-    check_tensor(q_out, "q_out", (1, num_q_heads, head_dim), "fp32")
-    check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
-    check_pools(k_pool, v_pool, num_kv_heads, head_dim)
-    check_state(block_table, pos)
-    flags = bias_flags(bias, bias_dtype) | FLAG_NORM
-    if bias is not None:
-        check_tensor(bias, "bias", (rows,), None)
+    if norm_weight is None:
+        raise ValueError("qkv_rope needs norm_weight (the input RMSNorm is part of the fused launch)")
+    flags = epilogue_flags(m=1, n=rows, k=k, rows=rows, bias=bias, bias_dtype=bias_dtype, residual=None,
+                           norm_weight=norm_weight)
+    rope.check_outputs(q_out, k_pool, v_pool, block_table, pos, inv_freq, m=1, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim)
     for t, name in ((w, "w"), (x, "x"), (norm_weight, "norm_weight")):
         check_aligned(t, name, 16)
     tasks = rows // 2  # one rotate_half pair of one head per warp
@@ -90,26 +86,15 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
 def bench_cases(rt, config) -> list[BenchCase]:
     """The fused QKV + RoPE + append of one decode token at position 1000, weights rotated so
     the L2 never holds them (compare with ``gemv qkv`` + ``rope_append`` of the same run)."""
-    from ... import memory
-    from ...kvcache.blocks import pool_shape
-    from ...reference.ops import rope_inv_freq
     from . import bench_util
 
     hq, hkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
     if unfused_reason(hidden=h, head_dim=d) is not None:
         return []
     rows = (hq + 2 * hkv) * d
-    rng = np.random.default_rng(0)
-    kv_blocks = 64
     weights = bench_util.random_weights(rt, (rows, h))
     t = dict(x=bench_util.random_f32(rt, (1, h), seed=1),
-             norm_weight=bench_util.random_f32(rt, (h,), seed=3, offset=1.0),
-             q_out=memory.empty((1, hq, d), "fp32"),
-             k_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
-             v_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
-             block_table=memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32)),
-             pos=memory.from_numpy(np.array([1000], dtype=np.int32)),
-             inv_freq=memory.from_numpy(rope_inv_freq(config)))
+             norm_weight=bench_util.random_f32(rt, (h,), seed=3, offset=1.0), **rope.bench_cache(config))
     specs = [qkv_rope(rt, w=w, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps), **t)
              for w in weights]
     return [BenchCase(f"gemv qkv+rope {rows}x{h}", gemv_bytes(rows, h, norm=True), bench_util.rotate(specs),

@@ -53,13 +53,11 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
         raise ValueError(f"qkv must be a 2-d tensor [M, {heads * head_dim}], got shape {shape}")
     m = int(shape[0])
     check_tensor(qkv, "qkv", (m, heads * head_dim), "fp32")
-    check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
-    check_pools(k_pool, v_pool, num_kv_heads, head_dim)
-    check_state(block_table, pos)
+    check_outputs(q_out, k_pool, v_pool, block_table, pos, inv_freq, m=m, num_q_heads=num_q_heads,
+                  num_kv_heads=num_kv_heads, head_dim=head_dim)
     host = check_host_pools(host_pools, num_kv_heads, head_dim, rows)
     if rows:
         check_rows(block_table, pos, m)
-    check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             check_tensor(w, name, (head_dim,), "fp32")
@@ -74,6 +72,38 @@ def rope_append(rt, qkv, q_out, k_pool, v_pool, block_table, pos, inv_freq, *, n
     return LaunchSpec(kernel, grid, (HEADS_PER_BLOCK * 32, 1, 1), args, 0, name, pdl=pdl_ok(rt))
 
 
+def check_outputs(q_out, k_pool, v_pool, block_table, pos, inv_freq, *, m: int, num_q_heads: int,
+                  num_kv_heads: int, head_dim: int) -> None:
+    """What RoPE + KV append writes and reads besides its input, checked by name: ``q_out`` fp32
+    ``[m, Hq, D]``, the layer's pools, the table and position words, ``inv_freq`` fp32 ``[D/2]``
+    (also the fused QKV launch's, ``qkv_rope``)."""
+    check_tensor(q_out, "q_out", (m, num_q_heads, head_dim), "fp32")
+    check_pools(k_pool, v_pool, num_kv_heads, head_dim)
+    check_state(block_table, pos)
+    check_tensor(inv_freq, "inv_freq", (head_dim // 2,), "fp32")
+
+
+def bench_cache(config, position: int = 1000) -> dict:
+    """The operands besides the input of one decode token's RoPE + append at ``position`` for
+    ``config``'s heads (random tables over a 64-block cache): ``q_out``, ``k_pool``, ``v_pool``,
+    ``block_table``, ``pos``, ``inv_freq``; the kernels benches of ``rope_append`` and
+    ``qkv_rope`` share them."""
+    from ... import memory
+    from ...reference.ops import rope_inv_freq
+
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rng = np.random.default_rng(0)
+    kv_blocks = 64
+    return dict(
+        q_out=memory.empty((1, hq, d), "fp32"),
+        k_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
+        v_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
+        block_table=memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32)),
+        pos=memory.from_numpy(np.array([position], dtype=np.int32)),
+        inv_freq=memory.from_numpy(rope_inv_freq(config)),
+    )
+
+
 def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:
     """Fewest bytes: read qkv, write q (fp32) and K, V (bf16), read inv_freq."""
     heads = num_q_heads + 2 * num_kv_heads
@@ -84,22 +114,13 @@ def bytes_moved(m: int, num_q_heads: int, num_kv_heads: int, head_dim: int) -> i
 def bench_cases(rt, config) -> list[BenchCase]:
     """rope_append of one decode token (M = 1) at position 1000 for ``config``'s heads."""
     from ... import memory
-    from ...reference.ops import rope_inv_freq
 
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if d not in HEAD_DIMS:
         return []
     rng = np.random.default_rng(0)
-    kv_blocks = 64
-    tensors = dict(
-        qkv=memory.from_numpy(rng.standard_normal((1, (hq + 2 * hkv) * d), dtype=np.float32)),
-        q_out=memory.empty((1, hq, d), "fp32"),
-        k_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
-        v_pool=memory.zeros(pool_shape(kv_blocks, hkv, d), "bf16"),
-        block_table=memory.from_numpy(rng.permutation(kv_blocks).astype(np.int32)),
-        pos=memory.from_numpy(np.array([1000], dtype=np.int32)),
-        inv_freq=memory.from_numpy(rope_inv_freq(config)),
-    )
+    tensors = dict(qkv=memory.from_numpy(rng.standard_normal((1, (hq + 2 * hkv) * d), dtype=np.float32)),
+                   **bench_cache(config))
     spec = rope_append(rt, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                        eps=float(config.rms_norm_eps), **tensors)
 

@@ -57,6 +57,7 @@ def test_launcher_has_a_warp_per_rotate_half_pair(monkeypatch):
     (dict(pos=tensor((1,), "fp32")), "pos has dtype"),
     (dict(k_pool=tensor((4, 2, 16, 64), "fp32")), "k_pool has dtype"),
     (dict(norm_weight=tensor((128,), "fp32")), "norm_weight has shape"),
+    (dict(norm_weight=None), "needs norm_weight"),
     (dict(bias=tensor((12 * 64 + 1,), "fp32")), "bias has shape"),
 ])
 def test_launcher_rejects_bad_tensors_by_name(change, message):

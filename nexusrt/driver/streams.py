@@ -44,8 +44,20 @@ class Stream:
 
         return check((err,), "cuStreamQuery")
 
+    def destroy(self) -> None:
+        """Release the handle (the stream's queued work still runs; nothing waits for it)."""
+        if self.handle is not None:
+            call("cuStreamDestroy", self.handle)
+            self.handle = None
+
     def __repr__(self) -> str:
         return f"Stream({self.role!r}, priority={self.priority})"
+
+
+def priority_of(level: str, priority_range: tuple[int, int]) -> int:
+    """The priority number of ``level`` (``"low"``, ``"mid"``, ``"high"``) in ``(least, greatest)``."""
+    least, greatest = priority_range
+    return {"low": least, "high": greatest, "mid": (least + greatest) // 2}[level]
 
 
 class StreamPool:
@@ -54,19 +66,21 @@ class StreamPool:
     def __init__(self, backend: str):
         self.backend = backend
         self.streams: dict[str, Stream] = {}
-        if backend != "cuda":
-            for role in ROLES:
-                self.streams[role] = Stream(role, 0)
-            self.priority_range = (0, 0)
-            return
-        least, greatest = call("cuCtxGetStreamPriorityRange")
-        self.priority_range = (int(least), int(greatest))
-        mid = (int(least) + int(greatest)) // 2
-        flag = cu().CUstream_flags.CU_STREAM_NON_BLOCKING
+        self.priority_range = (0, 0)
+        if backend == "cuda":
+            least, greatest = call("cuCtxGetStreamPriorityRange")
+            self.priority_range = (int(least), int(greatest))
         for role, level in ROLES.items():
-            prio = {"low": int(least), "high": int(greatest), "mid": mid}[level]
-            handle = call("cuStreamCreateWithPriority", flag, prio)
-            self.streams[role] = Stream(role, prio, handle)
+            self.streams[role] = self.new(role, level)
+
+    def new(self, role: str, level: str = "mid") -> Stream:
+        """A non-blocking stream at ``level`` of the priority range. The pool's own are made
+        here; one made for a caller is the caller's to destroy: for work that may park in a
+        doorbell wait, which would hold up anything queued behind it on a shared stream."""
+        if self.backend != "cuda":
+            return Stream(role, 0)
+        prio = priority_of(level, self.priority_range)
+        return Stream(role, prio, call("cuStreamCreateWithPriority", cu().CUstream_flags.CU_STREAM_NON_BLOCKING, prio))
 
     def __getitem__(self, role: str) -> Stream:
         try:
@@ -84,9 +98,7 @@ class StreamPool:
 
     def close(self) -> None:
         for s in self.streams.values():
-            if s.handle is not None:
-                call("cuStreamDestroy", s.handle)
-                s.handle = None
+            s.destroy()
         self.streams.clear()
 
 

@@ -178,30 +178,102 @@ def test_a_small_reserve_keeps_the_producer_rule_under_random_interleavings(seed
 
 
 # ---------------------------------------------------------------------------- the device work
+WATCH = "watch"  # the fake handle of the service's watch stream
+
+
 class _CpuDriver:
-    """The driver calls faults.py makes, executed at once on CPU memory (every stream in order)."""
+    """The driver calls faults.py makes, executed on CPU memory, every stream in order and at once,
+    except the service's watch stream (:meth:`install`): as the GPU's front end does, it parks at a
+    ``cuStreamWaitValue32`` whose word is not set, and runs on once a later call or an event
+    query finds it set. Waiting on the parked watch raises: on a GPU it would never return."""
 
     def __init__(self):
         self.calls = []
+        self.parked = []  # the watch's operations behind an unmet wait, in order
+        self.waited = []  # events the service made a stream wait for, in order
 
-    def __call__(self, name, *args):
-        self.calls.append(name)
+    def install(self, monkeypatch, rt) -> "_CpuDriver":
+        from nexusrt.backends.cuda import faults
+        from nexusrt.driver.streams import Stream
+
+        driver = self
+        monkeypatch.setattr(faults, "call", self)
+
+        class Watch(Stream):
+            def synchronize(self):
+                driver.pump()
+                if driver.parked:
+                    raise AssertionError("waited for a parked watch nobody woke: on a GPU this never returns")
+
+            def destroy(self):
+                self.handle = None
+
+        monkeypatch.setattr(rt.streams, "new", lambda role, level="mid": Watch(role, 0, WATCH))
+
+        class WatchEvent(faults.Event):
+            landed = True
+
+            def record(self, stream=None):
+                self.landed = not (stream is not None and stream.handle == WATCH and driver.parked)
+                if not self.landed:
+                    driver.parked.append(("record", self))
+                return super().record(stream)
+
+            def query(self):
+                driver.pump()
+                return self.landed and super().query()
+
+            def wait_by(self, stream):
+                driver.waited.append(self)
+                super().wait_by(stream)
+
+        monkeypatch.setattr(faults, "Event", WatchEvent)
+        return self
+
+    @staticmethod
+    def _met(args) -> bool:
+        _, ptr, value, _ = args  # CU_STREAM_WAIT_VALUE_AND: the word & value != 0
+        return bool(ctypes.c_uint32.from_address(ptr).value & value)
+
+    def _run(self, name, args):
         if name in ("cuMemcpyDtoHAsync", "cuMemcpyHtoDAsync"):
             dst, src, n, _ = args
             ctypes.memmove(dst, src, n)
         elif name == "cuMemsetD32Async":
             ptr, value, count, _ = args
             (ctypes.c_uint32 * count).from_address(ptr)[:] = [value] * count
-        else:
+        elif name == "cuStreamWriteValue32":
+            _, ptr, value, _ = args
+            ctypes.c_uint32.from_address(ptr).value = value
+        elif name == "record":
+            args.landed = True
+        elif name != "cuStreamWaitValue32":
             raise AssertionError(f"unexpected driver call {name}")
+
+    def pump(self) -> None:
+        """Run the parked watch on as far as its waits are met."""
+        while self.parked:
+            name, args = self.parked[0]
+            if name == "cuStreamWaitValue32" and not self._met(args):
+                return
+            self.parked.pop(0)
+            self._run(name, args)
+
+    def __call__(self, name, *args):
+        self.calls.append(name)
+        stream = args[0] if name in ("cuStreamWaitValue32", "cuStreamWriteValue32") else args[-1]
+        if stream == WATCH and (self.parked or (name == "cuStreamWaitValue32" and not self._met(args))):
+            self.parked.append((name, args))
+        else:
+            self._run(name, args)
+        self.pump()
 
 
 def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_rt, monkeypatch):
     import nexusrt as nrt
     from nexusrt.backends.cuda import faults
 
-    driver = _CpuDriver()
-    monkeypatch.setattr(faults, "call", driver)
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=64)
     layout = fr.RingLayout(4, 4)
     rng = np.random.default_rng(0)
@@ -228,6 +300,7 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
         counts = svc.counts()
         assert counts["faults_posted"] == 3 and counts["faults_serviced"] == 2 and counts["faults_left"] == 1
         assert counts["bytes_moved"] == 2 * block_bytes(2, 2, 64) and counts["blocks_reserve_free"] == 0
+        assert counts["move_ms"] > 0  # the moves' time between their two events (host clocks on the CPU)
         assert counts["host_entries"] == 2  # host blocks 2 and 3 are still read zero-copy
         assert svc.drain.pool.audit()["host_used"] == 2  # the moved host blocks went back
         # One run of two blocks (K and V of two layers), then one run of two table entries.
@@ -251,8 +324,7 @@ def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatc
     import nexusrt as nrt
     from nexusrt.backends.cuda import faults
 
-    driver = _CpuDriver()
-    monkeypatch.setattr(faults, "call", driver)
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
     layers, nhost, splits = 2, 64, 8
     cfg = SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=1, head_dim=64)
     layout = fr.RingLayout(64, nhost)
@@ -296,11 +368,10 @@ def _counted_events(monkeypatch, fail_at: int | None = None) -> tuple[list, set]
     """faults.Event counted: every one made, and the ids of those not destroyed yet (the leak
     audit of events); the ``fail_at``-th one made (1-based) fails, as a driver error would."""
     from nexusrt.backends.cuda import faults
-    from nexusrt.driver.streams import Event
 
     made, live = [], set()
 
-    class Counted(Event):
+    class Counted(faults.Event):
         def __init__(self, *args, **kwargs):
             if len(made) + 1 == fail_at:
                 raise RuntimeError("cuEventCreate failed (fake)")
@@ -348,6 +419,8 @@ def _step_posts(b) -> list[int]:
     words[fr.HEAD] = np.uint32((head + take.size) & 0xFFFFFFFF).view(np.int32)
     words[fr.OVERFLOW] += want.size - take.size
     requested[take] = 1  # an overflow stores requested[h] = 0 again
+    if take.size:
+        words[fr.BELL] = 1  # each post rings the doorbell once its id is in
     return take.tolist()
 
 
@@ -376,8 +449,7 @@ def test_prefetch_moves_the_oldest_sealed_blocks_before_any_post():
 def test_service_prefetch_copies_without_touching_the_ring(cpu_rt, monkeypatch):
     from nexusrt.backends.cuda import faults
 
-    driver = _CpuDriver()
-    monkeypatch.setattr(faults, "call", driver)
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8, layers=2)
     svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
     try:
@@ -405,12 +477,12 @@ def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, mon
     service that fills the reserve parks every host block (one memset), so no step posts them
     again and later services make no driver call, no event and no snapshot; each service is a
     handful of calls (not one per drained id); the drain's index matches the table after the
-    moves; three events are made in all (two reused per call, one for the moves), all freed."""
+    moves; five events are made in all (three made once: the compute mark, the snapshot, the
+    fill; two timing the moves), all freed."""
     import nexusrt as nrt
     from nexusrt.backends.cuda import faults
 
-    driver = _CpuDriver()
-    monkeypatch.setattr(faults, "call", driver)
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
     made, live = _counted_events(monkeypatch)
     layers, nblocks, nhost, reserve = 2, 2048, 1024, 8
     cfg, b, owned = _rig(nblocks, nhost, reserve, 1024, layers)
@@ -425,12 +497,12 @@ def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, mon
             calls.append(list(driver.calls))
             events.append(len(made) - n)
         assert posts == [nhost] + [0] * 7  # posted once; the drained ids parked, never re-posted
-        assert calls[0] == ["cuMemcpyDtoHAsync"]  # the first snapshot
+        assert calls[0] == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync"]  # the first snapshot
         # The drain: the slots' run, tail, one copy per layer and K/V (8 blocks in one run), the
         # table's run, the park; no snapshot after it. Then nothing at all.
         assert sorted(calls[1]) == sorted(["cuMemsetD32Async"] * 3 + ["cuMemcpyHtoDAsync"] * (2 * layers + 1))
         assert calls[2:] == [[]] * 6 and svc.idle
-        assert len(made) == 3 and events[2:] == [0] * 6
+        assert len(made) == 5 and events[2:] == [0] * 6
         words = b.fault_ring.words.to_numpy()
         assert (words[b.fault_ring.layout.requested:] == 1).all() and words[fr.TAIL] == nhost
         c = svc.counts()
@@ -453,8 +525,7 @@ def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, mon
 def test_unsealed_blocks_are_posted_again_and_move_once_sealed(cpu_rt, monkeypatch):
     from nexusrt.backends.cuda import faults
 
-    driver = _CpuDriver()
-    monkeypatch.setattr(faults, "call", driver)
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8)
     svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
     try:
@@ -476,7 +547,91 @@ def test_unsealed_blocks_are_posted_again_and_move_once_sealed(cpu_rt, monkeypat
             t.free()
 
 
-@pytest.mark.parametrize("fail", ["table copy", "second pinned buffer", "second event"])
+def test_the_snapshot_waits_for_the_doorbell_and_the_host_wakes_it(cpu_rt, monkeypatch):
+    """A service arms its snapshot behind the bell: with no post the watch stays parked (no copy,
+    nothing drained however often the host calls); an id stored without its bell is not seen; the
+    bell runs the watch on with no host wait, and the next call drains it; flush and free wake a
+    parked watch instead of waiting for it (the fake raises if a parked watch is waited for)."""
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
+    cfg, b, owned = _rig(8, 4, 4, 8)
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    model = fr.RingModel(b.fault_ring.layout)
+    model.words = b.fault_ring.words.array
+    try:
+        for _ in range(4):
+            svc.service(written_tokens=64)
+        # Armed once, and parked since: the copy and its event are queued behind the wait, not run.
+        assert driver.calls == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync"]
+        assert [name for name, _ in driver.parked] == driver.calls + ["record"]
+        post = model.producer(1)
+        while model.words[fr.ENTRIES] != 1:  # up to the id's store, the bell not rung yet
+            next(post)
+        svc.service(written_tokens=64)
+        assert driver.parked and svc.counts()["faults_posted"] == 0
+        with pytest.raises(StopIteration):
+            next(post)  # the bell
+        svc.service(written_tokens=64)  # the watch ran on at the bell; this call drains its copy
+        c = svc.counts()
+        assert (c["faults_posted"], c["faults_serviced"]) == (1, 1) and model.words[fr.BELL] == 0
+        assert b.block_table.to_numpy()[1] == 4  # host block 1 -> the reserve's first block
+        assert driver.parked  # re-armed behind the bell
+        svc.flush(written_tokens=64)  # wakes it: no post, an empty snapshot, and nothing moved
+        assert svc.counts()["faults_serviced"] == 1 and driver.parked  # armed again at the end
+    finally:
+        svc.free()  # wakes the parked watch before waiting for it
+        for t in owned:
+            t.free()
+    assert not driver.parked
+
+
+def test_moves_of_blocks_the_fill_wrote_wait_for_the_fill_only(cpu_rt, monkeypatch):
+    """Blocks below the fill's length are written by the fill alone, so their copies wait for the
+    fill's event and overlap the decode steps queued after it; a block a later step sealed waits
+    for the compute stream's queue; after quiesce (a new sequence) nothing counts as filled."""
+    from nexusrt.backends.cuda import faults
+
+    driver = _CpuDriver().install(monkeypatch, cpu_rt)
+    cfg, b, owned = _rig(8, 4, 4, 8)
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    try:
+        svc.filled(40)  # tokens 0..39: host blocks 0 and 1 sealed by the fill
+        assert _step_posts(b) == [0, 1, 2, 3]
+        svc.service(written_tokens=40)
+        svc.service(written_tokens=40)  # moves 0 and 1 (2 and 3 are not sealed)
+        assert driver.waited == [svc._fill_done] and b.block_table.to_numpy()[:2].tolist() == [4, 5]
+        assert _step_posts(b) == [2, 3]
+        svc.service(written_tokens=64)  # the decode steps sealed 2 and 3: behind the compute stream
+        assert driver.waited == [svc._fill_done, svc._mark]
+        assert b.block_table.to_numpy()[:4].tolist() == [4, 5, 6, 7]
+        svc.quiesce()
+        assert svc._fill_tokens is None
+    finally:
+        svc.free()
+        for t in owned:
+            t.free()
+
+
+def test_the_kernels_ring_layout_is_the_python_one():
+    """fault_ring.cuh spells the word offsets again for the kernels: they must match."""
+    import re
+    from pathlib import Path
+
+    import nexusrt.kernels
+
+    text = (Path(nexusrt.kernels.__file__).parent / "cu" / "fault_ring.cuh").read_text()
+    line = int(re.search(r"kLineWords = (\d+);", text).group(1))
+    got = {}
+    for name, expr in re.findall(r"\bk(Head|Tail|Overflow|Bell|Entries) = ([^,;]+)", text):
+        factor = re.fullmatch(r"(?:(\d+) \* )?kLineWords|(0)", expr.strip())
+        assert factor, f"k{name} = {expr}: not a multiple of kLineWords"
+        got[name.upper()] = 0 if factor.group(2) else int(factor.group(1) or 1) * line
+    assert line == fr.LINE_WORDS
+    assert got == {"HEAD": fr.HEAD, "TAIL": fr.TAIL, "OVERFLOW": fr.OVERFLOW, "BELL": fr.BELL, "ENTRIES": fr.ENTRIES}
+
+
+@pytest.mark.parametrize("fail", ["table copy", "second pinned buffer", "second event", "watch stream"])
 def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, monkeypatch, fail):
     import nexusrt as nrt
     from nexusrt.backends.cuda import faults
@@ -502,6 +657,10 @@ def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, m
     made, live = _counted_events(monkeypatch, fail_at=2 if fail == "second event" else None)
     if fail == "second pinned buffer":
         monkeypatch.setattr(faults.memory, "pinned", second_fails)
+    if fail == "watch stream":
+        def no_stream(*args, **kwargs):
+            raise RuntimeError("cuStreamCreateWithPriority failed (fake)")
+        monkeypatch.setattr(cpu_rt.streams, "new", no_stream)
     try:
         if fail == "table copy":
             svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
@@ -517,7 +676,7 @@ def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, m
         monkeypatch.undo()
         for t in owned:
             t.free()
-    assert not live and len(made) == {"table copy": 2, "second pinned buffer": 0, "second event": 1}[fail]
+    assert not live and len(made) == {"table copy": 4, "second pinned buffer": 0, "second event": 1, "watch stream": 3}[fail]
     assert nrt.memory.stats()["in_use_bytes"] == 0 and not [a for a in nrt.memory.audit() if a.get("tag") == "kv_fault"]
 
 
@@ -579,7 +738,7 @@ def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_
     assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
     w = ring.words.to_numpy()
     posted = min(capacity, hk.shape[0])
-    assert w[fr.HEAD] == posted and w[fr.TAIL] == 0
+    assert w[fr.HEAD] == posted and w[fr.TAIL] == 0 and w[fr.BELL] == 1  # the posts rang the doorbell
     entries = w[fr.ENTRIES:fr.ENTRIES + capacity][:posted]
     assert len(set(entries.tolist())) == posted and set(entries.tolist()) <= set(range(hk.shape[0]))
     assert w[fr.OVERFLOW] >= hk.shape[0] - posted  # a full ring refuses, never waits
@@ -629,6 +788,49 @@ def test_fault_ring_runner_matches_all_device_and_moves_blocks(variant, gpu_rt, 
     assert tiers["blocks_prefetched"] > 0  # the prefills' sealed host blocks, moved before any post
     assert tiers["bytes_moved"] == ((tiers["faults_serviced"] + tiers["blocks_prefetched"]) * tiers["host_bytes"]
                                     // tiers["blocks_host"])
+
+
+@pytest.mark.gpu
+def test_the_doorbell_starts_the_drain_while_the_steps_run(gpu_rt, tmp_path_factory):
+    """No prefetch and no flush: the first decode step's posts ring the bell and the watch's copy
+    lands with no host wake and no wait for the compute stream; the next services move every host
+    block (their copies wait for the prefill only) and the device table ends with no host entry;
+    close() then returns (it wakes a watch still parked: a wait for it unwoken would never return)."""
+    import time
+
+    from test_cuda_model import _checkpoint
+    from test_kv_host_tier import _runner
+
+    path = _checkpoint("llama", tmp_path_factory)
+    ids = np.random.default_rng(11).integers(0, 384, 108).astype(np.int32)
+    probe = _runner(path, 0.5)
+    reserve = _reserve(probe, probe.kv_plan.host_blocks)
+    host_blocks = probe.kv_plan.host_blocks
+    probe.close()
+    r = _runner(path, 0.5, kv_fault_reserve=reserve, kv_prefetch=False)
+    try:
+        r.prefill(ids[:100])  # seals every host block (the oldest 96 tokens)
+        assert host_blocks * 16 <= 100
+        svc = r._faults
+        r.decode(int(ids[100]))  # arms the watch after the step's launch
+        deadline = time.perf_counter() + 10
+        while not svc._copied.query():  # the kernel's bell, nothing from the host
+            assert time.perf_counter() < deadline, "the doorbell did not wake the watch within 10 s"
+        assert not svc._woken
+        for t in ids[101:]:  # each decode() services: drains what rang, moves behind the prefill only
+            r.decode(int(t))
+        for _ in range(3):  # what the last steps' posts rang, drained with no flush (no host wake)
+            r.stream.synchronize()
+            svc.control.synchronize()
+            r.service_faults()
+        tiers = r.kv_tiers(flush=False)
+        assert tiers["faults_serviced"] == host_blocks and tiers["host_entries"] == 0
+        assert tiers["faults_posted"] >= host_blocks and tiers["faults_overflow"] == 0
+        r.stream.synchronize()
+        svc.control.synchronize()
+        assert (r.buffers.block_table.to_numpy() >= 0).all()  # on the device, too
+    finally:
+        r.close()
 
 
 @pytest.mark.gpu

@@ -83,8 +83,9 @@ def test_tiered_pool_fills_the_device_first_and_audits_both_tiers():
 def test_ring_layout_keeps_counters_on_their_own_lines():
     lay = fr.RingLayout(8, 5)
     w = lay.initial()
-    assert {fr.HEAD, fr.TAIL, fr.OVERFLOW} == {0, 32, 64} and lay.words == 96 + 8 + 5
+    assert (fr.HEAD, fr.TAIL, fr.OVERFLOW, fr.BELL, fr.ENTRIES) == (0, 32, 64, 96, 128) and lay.words == 128 + 8 + 5
     assert (w[fr.ENTRIES:fr.ENTRIES + 8] == fr.EMPTY).all() and (w[lay.requested:] == 0).all()
+    assert w[fr.BELL] == 0  # the watch's first wait parks until a post rings
     with pytest.raises(ValueError):
         fr.RingLayout(6, 5)
 

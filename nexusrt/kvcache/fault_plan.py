@@ -89,7 +89,10 @@ class FaultCounts:
     no free device block, then never posted again; a drained id no entry names any more, a stale
     post of a block already moved, is not counted), bytes copied, and blocks moved ahead of any
     post (``prefetched``, :meth:`FaultDrain.prefetch`; their bytes are in ``bytes_moved``). ``posted`` and ``overflow``
-    are as of the last snapshot: none is taken once nothing can move (:attr:`FaultDrain.exhausted`)."""
+    are as of the last snapshot: none is taken once nothing can move (:attr:`FaultDrain.exhausted`).
+    ``move_ms``: the device time of the moves (each service's copies and table writes, between two
+    events on the control stream), summed over the services seen complete: ``bytes_moved`` over it
+    is the link's rate while faulting."""
 
     posted: int = 0
     overflow: int = 0
@@ -97,13 +100,15 @@ class FaultCounts:
     left: int = 0
     bytes_moved: int = 0
     prefetched: int = 0
+    move_ms: float = 0.0
 
-    KEYS = ("faults_posted", "faults_serviced", "faults_overflow", "faults_left", "bytes_moved", "blocks_prefetched")
+    KEYS = ("faults_posted", "faults_serviced", "faults_overflow", "faults_left", "bytes_moved", "blocks_prefetched",
+            "move_ms")
 
     def report(self) -> dict:
         """The figures under the ``kv`` report's names (:data:`KEYS`; all 0 for no fault ring)."""
         return dict(zip(self.KEYS, (self.posted, self.serviced, self.overflow, self.left, self.bytes_moved,
-                                    self.prefetched)))
+                                    self.prefetched, self.move_ms)))
 
 
 @dataclass(frozen=True)

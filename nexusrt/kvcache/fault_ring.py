@@ -14,7 +14,9 @@ drain's stores never share a line):
 word 0     ``head``: slots claimed by producers (monotonic, wraps mod 2**32)
 word 32    ``tail``: slots the drain has consumed (monotonic)
 word 64    ``overflow``: posts refused because the ring was full (back-pressure count)
-word 96..  ``entries[capacity]``: the host block id of each claimed slot, EMPTY when free
+word 96    ``bell``: the doorbell, set to 1 after a post publishes its id; the drain's
+           watch stream waits in ``cuStreamWaitValue32`` for it, clears it, then reads
+word 128.. ``entries[capacity]``: the host block id of each claimed slot, EMPTY when free
 then       ``requested[host_blocks]``: 1 while a host block is posted and not yet serviced
 =========  ========================================================================
 
@@ -31,9 +33,20 @@ Producer rule (what a kernel thread does for host block ``h`` it is about to rea
 3. Store ``h`` into ``entries[head % capacity]`` with release semantics (``st.release.gpu``,
    or ``__threadfence()`` then a volatile store), then read the block zero-copy anyway: the
    fault only asks that the *next* reads find it in HBM.
+4. Ring the doorbell: a system-scope fence (the copy engine, not an SM, reads the entries
+   next), then store 1 into ``bell``. A plain store, not a count: the watch only needs to
+   know that something was published since it last cleared the word, and a store racing
+   the clear is harmless, because the clear comes before the copy that reads the entries.
 
-Drain rule (polled between decode steps by :class:`~nexusrt.backends.cuda.faults.FaultService`,
-on a snapshot of the words; a doorbell-woken loop on the control stream is not built): from
+Doorbell (the snapshot's trigger, :class:`~nexusrt.backends.cuda.faults.FaultService`): a watch
+stream of the drain's own parks in ``cuStreamWaitValue32(bell, 1, AND)``, then stores 0 into
+``bell`` and copies the words up to the entries into a pinned mirror. The first post of a step
+wakes it while the step still runs, instead of the copy waiting for the compute stream's whole
+queue. The host wakes a parked watch itself (stores 1 from another stream) when it must read
+the ring now (a flush) or stop (free). A watch nobody wakes stays parked: it holds no SM.
+
+Drain rule (run between decode steps by :class:`~nexusrt.backends.cuda.faults.FaultService` on
+each snapshot the doorbell triggered): from
 ``tail`` on, read ``entries[tail % capacity]``; EMPTY means the slot is claimed but its store
 has not landed yet: stop there (the next service resumes). Otherwise take ``h``, store EMPTY,
 ``tail += 1`` (release), and service ``h``: :func:`plan_copies` moves it to a free device block
@@ -54,7 +67,7 @@ from .tiers import TieredBlockPool
 
 EMPTY = np.int32(-(2 ** 31))  # no block id is this; entries are host block indices >= 0
 LINE_WORDS = 32  # 128 bytes
-HEAD, TAIL, OVERFLOW, ENTRIES = 0, LINE_WORDS, 2 * LINE_WORDS, 3 * LINE_WORDS
+HEAD, TAIL, OVERFLOW, BELL, ENTRIES = 0, LINE_WORDS, 2 * LINE_WORDS, 3 * LINE_WORDS, 4 * LINE_WORDS
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,8 @@ class RingModel:
             break
         yield  # claimed, not yet stored: the drain must wait here
         w[ENTRIES + head % lay.capacity] = h
+        yield  # published, the bell not rung yet: a snapshot now already holds the id
+        w[BELL] = 1
         return "posted"
 
     def drain(self, limit: int | None = None) -> list[int]:

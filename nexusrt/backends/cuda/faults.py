@@ -2,31 +2,41 @@
 :meth:`FaultService.service`, which never waits for the compute stream.
 
 Each call finishes what the last one started and starts the next (:mod:`nexusrt.kvcache.fault_plan`
-decides, this module issues), all on the ``control`` stream (the highest priority):
+decides, this module issues):
 
-1. a snapshot: the control stream waits for the compute stream's work so far, then copies the
-   ring's words into a pinned mirror; the next call drains the mirror once that copy is done
-   (the ring is read while later steps still post: the drain rule stops at a claimed slot whose
-   id has not landed, and the drain alone writes ``tail``, so a racing read loses nothing);
+1. a snapshot, doorbell-gated: the service's own ``watch`` stream parks in
+   ``cuStreamWaitValue32`` on the ring's ``bell`` word, which a kernel sets once it has published
+   a post (``kernels/cu/fault_ring.cuh``); woken, it clears the bell and copies the ring's words
+   into a pinned mirror. So the first post of a step starts the copy while that step still runs,
+   and a step that posts nothing costs nothing. The next call drains the mirror once that copy
+   is done (the ring is read while later steps still post: the drain rule stops at a claimed
+   slot whose id has not landed, and the drain alone writes ``tail``, so a racing read loses
+   nothing). The watch has a stream of its own because a parked wait holds up everything
+   queued behind it; the host wakes it (stores 1 into the bell from the control stream) before
+   it must read the ring now (:meth:`flush`), when nothing can move any more, and before
+   :meth:`free` waits for it, which would otherwise never return;
 2. for the drained ids (and for a prefetch's blocks, :meth:`FaultService.prefetch`: the
-   sequence's oldest sealed host blocks moved ahead of any post, no ring slot), on the control
-   stream behind the compute stream's work so far: EMPTY
-   into the consumed slots then the new ``tail`` (slots free for producers again), per move a
-   host-to-device copy of the block's K and V in every layer (a run of consecutive blocks is one
-   copy), then its table entry (a kernel reads either ``~h``, still valid, or the filled device
-   block), then ``requested[h] = 0``, or, once the reserve is exhausted, ``requested = 1`` for
-   every host block (parked: nothing can move, so no kernel posts again). Each of these is one
-   driver call per run of consecutive words (:func:`~nexusrt.kvcache.fault_plan.spans`; the
-   consumed slots are at most two runs), not one per block: a service is a handful of calls;
+   sequence's oldest sealed host blocks moved ahead of any post, no ring slot), on the
+   ``control`` stream (the highest priority): EMPTY into the consumed slots then the new
+   ``tail`` (slots free for producers again), per move a host-to-device copy of the block's K and
+   V in every layer (a run of consecutive blocks is one copy), then its table entry (a kernel
+   reads either ``~h``, still valid, or the filled device block), then ``requested[h] = 0``, or,
+   once the reserve is exhausted, ``requested = 1`` for every host block (parked: nothing can
+   move, so no kernel posts again). The copies wait for whatever wrote their blocks: the fill
+   (:meth:`filled`: a prefill, or ``adopt_kv``) when every moved block lies below its length,
+   which is the case for the host tier's oldest blocks, else the compute stream's work so far.
+   So the moves overlap the decode steps queued after the fill instead of landing after them.
+   Each of these is one driver call per run of consecutive words
+   (:func:`~nexusrt.kvcache.fault_plan.spans`; the consumed slots are at most two runs), not one
+   per block: a service is a handful of calls;
 3. a moved host block returns to the host tier only after the compute stream has passed an
    event recorded once the table writes were seen complete, so no kernel still reads it.
 
 Once nothing can move (:attr:`~nexusrt.kvcache.fault_plan.FaultDrain.exhausted`: no table entry
 names a host block, or the reserve is full) and nothing is pending, a call does nothing: no
-event, no stream wait, no snapshot copy. The two events a call uses are made once and
-re-recorded (a stream wait or a query binds the event's latest record at the time it is made,
-so re-recording after that changes nothing already queued); a move's event is reused from
-step 3 to the next move.
+event, no stream wait, no snapshot copy. The events a call uses are made once and re-recorded (a
+stream wait or a query binds the event's latest record at the time it is made, so re-recording
+after that changes nothing already queued); a move's event is reused from step 3 to the next move.
 
 :meth:`quiesce` waits for the control stream: the runner calls it before a new sequence's
 prefill writes blocks a pending copy could still read, and before freeing the pools.
@@ -37,10 +47,11 @@ from __future__ import annotations
 import numpy as np
 
 from ... import memory
-from ...driver.calls import call
+from ...driver.calls import call, cu
 from ...driver.streams import Event
+from ...kvcache.blocks import BLOCK_SIZE
 from ...kvcache.fault_plan import FaultDrain, spans
-from ...kvcache.fault_ring import EMPTY, ENTRIES, TAIL
+from ...kvcache.fault_ring import BELL, EMPTY, ENTRIES, TAIL
 from ...kvcache.tiers import block_bytes
 
 TAG = "kv_fault"
@@ -57,11 +68,16 @@ class FaultService:
         self.layer_block_bytes = buffers.k_host_pools[0].nbytes // ring.layout.host_blocks  # one layer's K (or V)
         self.drain = FaultDrain.for_sequence(ring.layout, buffers.block_table.to_numpy().reshape(-1), reserve_blocks,
                                              block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim))
-        self.mirror = self.table_stage = self._mark = self._copied = None
-        self._snapshot = False  # a snapshot copy queued, its event _copied not yet seen done
-        self._table_done: list[tuple[Event, list[int]]] = []  # table writes issued, host blocks moved
+        self.bell = ring.words.ptr + 4 * BELL
+        self.mirror = self.table_stage = self._mark = self._copied = self._fill_done = self.watch = None
+        self._snapshot = False  # a snapshot armed on the watch, its event _copied not yet seen done
+        self._woken = False  # the host rang the bell for the armed snapshot
+        self._fill_tokens = None  # the cache length the last fill (event _fill_done) wrote; None: no fill seen
+        # Moves issued: (event before the copies, event after the table writes, host blocks moved).
+        self._table_done: list[tuple[Event, Event, list[int]]] = []
         self._passed: list[tuple[Event, list[int]]] = []  # the compute stream's mark after them
         self._spare: list[Event] = []  # move events whose host blocks went back, for the next move
+        self._owned: list[Event] = []  # every event made, destroyed by free() (also after a failed call)
         try:
             self.mirror = memory.pinned((ENTRIES + ring.layout.capacity,), "int32", tag=TAG)
             # The table's new entries are staged here and copied a run at a time. A staged word is
@@ -69,8 +85,10 @@ class FaultService:
             # flight never reads a word that changed after it was queued.
             self.table_stage = memory.pinned((self.drain.table.size,), "int32", tag=TAG)
             self.table_stage.array[:] = self.drain.table
-            self._mark = Event(rt.backend, timing=False)  # the compute stream's work so far (_behind_compute)
-            self._copied = Event(rt.backend, timing=False)  # the snapshot copy done
+            self._mark = self._new_event(timing=False)  # the compute stream's work so far (_behind_compute)
+            self._copied = self._new_event(timing=False)  # the snapshot copy done
+            self._fill_done = self._new_event(timing=False)  # the last fill done (filled)
+            self.watch = rt.streams.new("kv_fault_watch", "high")
         except BaseException:
             self.free()
             raise
@@ -83,23 +101,29 @@ class FaultService:
 
     def service(self, written_tokens: int) -> None:
         """Drain the last snapshot if its copy is done (moving sealed blocks below
-        ``written_tokens``, the cache length the steps enqueued so far write), then take the next;
-        nothing once :attr:`idle`."""
+        ``written_tokens``, the cache length the steps enqueued so far write), then arm the next
+        behind the doorbell; nothing once :attr:`idle`."""
         if self.idle:
             return
         self._retire()
         if self._snapshot:
+            if self.drain.exhausted:  # no post can matter any more: let the parked watch finish
+                self._wake()
             if not self._copied.query():
                 return
-            self._snapshot = False
+            self._snapshot = self._woken = False
             # The mirror is drained in place: the next copy into it is queued only below.
             self._issue(self.drain.service(self.mirror.array, written_tokens))
         if self.drain.exhausted:  # the last moves are retired by later calls; no more snapshots
             return
-        self._behind_compute()
-        call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, self.control.handle)
-        self._copied.record(self.control)
-        self._snapshot = True
+        self._arm()
+
+    def filled(self, tokens: int) -> None:
+        """The compute stream's queue so far fills the cache to ``tokens`` (a prefill, or
+        ``adopt_kv``): moves of blocks below it wait for this point only, not for the decode
+        steps queued after it (none of them writes a block the fill sealed)."""
+        self._fill_done.record(self.compute)
+        self._fill_tokens = int(tokens)
 
     def prefetch(self, written_tokens: int) -> None:
         """Move the sealed host blocks below ``written_tokens`` into the reserve now, the oldest
@@ -111,9 +135,11 @@ class FaultService:
         self._issue(self.drain.prefetch(written_tokens))
 
     def flush(self, written_tokens: int, rounds: int = 3) -> None:
-        """Service until what the finished steps posted is moved and retired (tests, reports)."""
+        """Service until what the finished steps posted is moved and retired (tests, reports):
+        each round wakes the watch, so the snapshot reads the ring as the finished steps left it."""
         self.compute.synchronize()
         for _ in range(rounds):
+            self._settle_watch()
             self.service(written_tokens)
             self.control.synchronize()
         self._retire()
@@ -121,36 +147,77 @@ class FaultService:
         self._retire()
 
     def quiesce(self) -> None:
+        """Wait for the control stream's copies (a new sequence's prefill may rewrite the blocks
+        they read); the watch may stay parked, it writes only the mirror. The fill mark ends."""
         self.control.synchronize()
         self._retire()
+        self._fill_tokens = None
 
     def counts(self) -> dict:
         return {**self.drain.counts.report(),
                 "blocks_reserve_free": self.drain.pool.device.num_free, "host_entries": self.drain.host_entries}
 
     def free(self) -> None:
-        """Wait for the control stream, then destroy every event and free the pinned buffers, all
-        of them even when one step fails (the first failure is raised after)."""
-        events = [self._mark, self._copied, *self._spare, *(e for e, _ in self._table_done + self._passed)]
-        self._mark = self._copied = None
-        self._snapshot, self._table_done, self._passed, self._spare = False, [], [], []
-        steps = [self.control.synchronize] + [ev.destroy for ev in events if ev is not None] + \
-                [t.free for t in (self.mirror, self.table_stage) if t is not None]
-        self.mirror = self.table_stage = None
+        """Wake the watch, wait for it and the control stream, then destroy every event and the
+        watch and free the pinned buffers, all of them even when one step fails (the first
+        failure is raised after). The watch writes the mirror, so it is done before that goes."""
+        watch = self.watch
+        events = self._owned
+        steps = [self._wake, self.control.synchronize] + ([watch.synchronize] if watch is not None else []) + \
+            [ev.destroy for ev in events] + \
+            [t.free for t in (self.mirror, self.table_stage) if t is not None] + \
+            ([watch.destroy] if watch is not None else [])
         failure = None
         for step in steps:
             try:
                 step()
             except BaseException as exc:  # noqa: BLE001 - freed anyway, raised below
                 failure = failure or exc
+        self._mark = self._copied = self._fill_done = self.mirror = self.table_stage = self.watch = None
+        self._snapshot, self._woken, self._table_done, self._passed, self._spare, self._owned = False, False, [], [], [], []
         if failure is not None:
             raise failure
 
     # -- the device work --------------------------------------------------------------------
+    def _arm(self) -> None:
+        """Queue the next snapshot on the watch: park until a post rings the bell, clear it, copy
+        the ring's words. The clear comes before the copy, so a post racing it is in this copy."""
+        watch = self.watch.handle
+        call("cuStreamWaitValue32", watch, self.bell, 1, cu().CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_AND)
+        call("cuStreamWriteValue32", watch, self.bell, 0, cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, watch)
+        self._copied.record(self.watch)
+        self._snapshot = True
+
+    def _wake(self) -> None:
+        """Ring the bell from the host's side (in control-stream order), once per armed snapshot
+        and only while its copy has not landed (one landing in between costs an empty snapshot)."""
+        if self._snapshot and not self._woken and not self._copied.query():
+            call("cuStreamWriteValue32", self.control.handle, self.bell, 1,
+                 cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+            self._woken = True
+
+    def _settle_watch(self) -> None:
+        """Wake an armed snapshot and wait until its copy is done. Waiting on a parked watch nobody
+        wakes would never return, so every host wait on the watch goes through here."""
+        self._wake()
+        self.control.synchronize()
+        self.watch.synchronize()
+
     def _behind_compute(self) -> None:
         """Hold the control stream's next work until the compute stream's work so far is done."""
         self._mark.record(self.compute)
         self._mark.wait_by(self.control)
+
+    def _behind_writers(self, table_writes) -> None:
+        """Hold the control stream's copies until the blocks of ``table_writes`` (logical index,
+        device block) are written: the fill alone wrote blocks below its length, any other block
+        may still be appended to by a queued step."""
+        last = max(index for index, _ in table_writes)
+        if self._fill_tokens is not None and (last + 1) * BLOCK_SIZE <= self._fill_tokens:
+            self._fill_done.wait_by(self.control)
+        else:
+            self._behind_compute()
 
     def _fill(self, word: int, value: int, count: int = 1) -> None:
         """Ring words ``word .. word + count - 1`` set to ``value``, in control-stream order."""
@@ -171,7 +238,9 @@ class FaultService:
     def _issue(self, plan) -> None:
         if not plan.slots and not plan.moves:  # nothing drained, nothing prefetched
             return
-        self._behind_compute()  # the copies must see every row the enqueued steps write
+        if plan.moves:  # the copies must see every row of their blocks
+            self._behind_writers(plan.table_writes)
+            start = self._event().record(self.control)
         for slot, count in plan.slots:
             self._fill(slot, int(EMPTY), count)
         if plan.slots:  # a prefetch consumes no slot: the tail stays
@@ -189,16 +258,27 @@ class FaultService:
         for h, count in spans(plan.cleared):
             self._fill(requested + h, 0, count)
         if plan.moves:
-            ev = self._spare.pop() if self._spare else Event(self.rt.backend, timing=False)
-            self._table_done.append((ev.record(self.control), [m.host for m in plan.moves]))
+            self._table_done.append((start, self._event().record(self.control), [m.host for m in plan.moves]))
+
+    def _event(self) -> Event:
+        """A timing event for a move: a spare one, or a new one."""
+        return self._spare.pop() if self._spare else self._new_event(timing=True)
+
+    def _new_event(self, timing: bool) -> Event:
+        ev = Event(self.rt.backend, timing=timing)
+        self._owned.append(ev)
+        return ev
 
     def _retire(self) -> None:
-        """Table writes seen done get a mark on the compute stream (their event, re-recorded);
-        marks passed free host blocks and keep the event for the next move."""
+        """Table writes seen done add their device time to ``move_ms`` and get a mark on the
+        compute stream (their event, re-recorded); marks passed free host blocks. Both events go
+        back to the spares for the next move."""
         for ev, hosts in [x for x in self._passed if x[0].query()]:
             self._passed.remove((ev, hosts))
             self.drain.release(hosts)
             self._spare.append(ev)
-        for ev, hosts in [x for x in self._table_done if x[0].query()]:
-            self._table_done.remove((ev, hosts))
-            self._passed.append((ev.record(self.compute), hosts))
+        for start, done, hosts in [x for x in self._table_done if x[1].query()]:
+            self._table_done.remove((start, done, hosts))
+            self.drain.counts.move_ms += start.elapsed_ms(done)
+            self._spare.append(start)
+            self._passed.append((done.record(self.compute), hosts))

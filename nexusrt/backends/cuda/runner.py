@@ -229,12 +229,16 @@ class CudaRunner:
         self._graphs[("logits",)].replay()
         self.position = base + ids.size
         self._set_word(self.buffers.pos, self.position - 1)  # the last row's position
-        self._prefetch()
+        self._after_fill()
 
-    def _prefetch(self) -> None:
-        """After a prefill: the host blocks it sealed into the fault reserve (``kv_prefetch``)."""
-        if self._faults is not None and self.kv_prefetch:
-            self._faults.prefetch(self.position)
+    def _after_fill(self) -> None:
+        """After a prefill (or ``adopt_kv``): the fault service learns what the fill wrote (moves
+        of those blocks need not wait for later steps), and with ``kv_prefetch`` the host blocks
+        it sealed go into the fault reserve now."""
+        if self._faults is not None:
+            self._faults.filled(self.position)
+            if self.kv_prefetch:
+                self._faults.prefetch(self.position)
 
     def adopt_kv(self, source: "CudaRunner") -> None:
         """Take ``source``'s sequence as if this runner had prefilled it: its K/V blocks copied
@@ -263,7 +267,7 @@ class CudaRunner:
         self.position = source.position
         self._set_word(self.buffers.pos, self.position - 1)  # as prefill leaves it: the last row's position
         self.stream.synchronize()
-        self._prefetch()
+        self._after_fill()
 
     def decode(self, token_id: int) -> None:
         self._check_room(1)

@@ -4,9 +4,10 @@
 // overflow and the read goes on zero-copy (the drain runs on another stream; a kernel spinning
 // on it could hold the SMs that stream needs, so waiting could hang).
 //
-// Ring words (int32, device memory): head at 0, tail at 32, overflow at 64 (one 128-byte line
-// each, so producers' atomics and the drain's stores never share a line), entries[capacity]
-// from 96, then requested[host_blocks] (1 while h is posted and not yet serviced).
+// Ring words (int32, device memory): head at 0, tail at 32, overflow at 64, bell at 96 (one
+// 128-byte line each, so producers' atomics and the drain's stores never share a line),
+// entries[capacity] from 128, then requested[host_blocks] (1 while h is posted and not yet
+// serviced). The bell is the doorbell the drain's watch stream waits on (cuStreamWaitValue32).
 #pragma once
 
 #include <cuda/std/climits>
@@ -14,7 +15,8 @@
 namespace nrt_fault {
 
 constexpr int kLineWords = 32;
-constexpr int kHead = 0, kTail = kLineWords, kOverflow = 2 * kLineWords, kEntries = 3 * kLineWords;
+constexpr int kHead = 0, kTail = kLineWords, kOverflow = 2 * kLineWords, kBell = 3 * kLineWords,
+              kEntries = 4 * kLineWords;
 constexpr int kEmpty = INT_MIN;  // a free entry slot; host block ids are >= 0
 
 // Post host block h to the ring of `capacity` slots (a power of two) at `ring`.
@@ -38,6 +40,12 @@ __device__ __forceinline__ void post(int* ring, int capacity, int h) {
             // 3. Publish the id after the claim; the drain stops at a claimed slot still EMPTY.
             __threadfence();
             reinterpret_cast<volatile int*>(ring + kEntries)[hd & (capacity - 1)] = h;
+            // 4. Ring the doorbell. The watch stream's copy engine reads the entries once it
+            // sees the bell, so the id must be visible beyond the SMs first: a system fence.
+            // A store of 1, not a count: the watch clears the word before it copies, so a
+            // store racing the clear still has its id in that copy.
+            __threadfence_system();
+            *reinterpret_cast<volatile int*>(ring + kBell) = 1;
             return;
         }
     }

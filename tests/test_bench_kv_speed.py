@@ -62,13 +62,14 @@ class FakeProbe:
             return {"decode_ms": [50.0, 48.0, 49.0], "tiers": tiers}
         if prefetch:  # every host block moved as the fill ended: no post moved any
             tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=3, faults_serviced=0,
-                         faults_overflow=0, faults_left=0, bytes_moved=host * unit, blocks_prefetched=host)
+                         faults_overflow=0, faults_left=0, bytes_moved=host * unit, blocks_prefetched=host,
+                         move_ms=45.0)
             return {"decode_ms": [6.0, 6.1, 6.1], "warmup_ms": 10.0, "tiers": tiers, "host_entries_timed": 0,
                     "flush_s": 0.001, "flush_bytes": 0}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
-                     faults_overflow=0, faults_left=5, bytes_moved=host * unit, blocks_prefetched=0)
+                     faults_overflow=0, faults_left=5, bytes_moved=host * unit, blocks_prefetched=0, move_ms=50.0)
         return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0,
-                "flush_s": 0.05, "flush_bytes": host * unit}
+                "flush_s": 0.002, "flush_bytes": 0}
 
 
 def _measure(probe, contexts=(32768,), keep=4096, cfg=CFG, runs=3):
@@ -96,8 +97,9 @@ def test_figures_from_fake_measurements():
     b = row["fault_ring"]
     assert b["ms_per_token"] == 6.1 and b["warmup_ms_per_token"] == 40.0 and b["blocks_reserve"] == 1024
     assert b["over_all_device"] == pytest.approx(6.1 / 5.5) and b["warmup_over_all_device"] == pytest.approx(40 / 5.5)
-    moved = 1024 * KV_PER_TOKEN * 16  # the host half, moved in the 50 ms flush: 42.9 GB/s, 85.9% of 50 GB/s
-    assert b["flush_bytes"] == moved and b["flush_ms"] == pytest.approx(50.0)
+    moved = 1024 * KV_PER_TOKEN * 16  # the host half, in 50 ms of copies: 42.9 GB/s, 85.9% of 50 GB/s
+    assert b["bytes_moved"] == moved and b["move_ms"] == 50.0
+    assert b["flush_bytes"] == 0 and b["flush_ms"] == pytest.approx(2.0)  # the moves landed during the steps
     assert b["move_bytes_s"] == pytest.approx(moved / 0.05) and b["move_of_pinned"] == pytest.approx(moved / 0.05 / PINNED)
     assert b["move_target"] == "met"
     assert b["faults_serviced"] == 1024 and b["faults_left"] == 5 and "reserve as large as the host half" in b["measures"]
@@ -217,7 +219,8 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     assert "target (c) / (a) at 32,768 <= 1.5x (8B shape): 8.91x, missed; floor ratio" in text
     assert "target (b) / (a) at 32,768 <= 1.5x (8B shape): 1.11x, met — timed once the warm-up's faults" in text
     assert "the warm-up run, moving included, was 7.27x" in text
-    assert "the warm-up's closing flush moved 2,147 MB in 50.000 ms, 42.9 GB/s (85.9% of pinned)" in text
+    assert "2,147 MB moved in 50.000 ms of copies on the control stream, 42.9 GB/s (85.9% of pinned)" in text
+    assert "the warm-up's closing flush took 2.000 ms and moved 0 MB" in text
     assert ("target host->device traffic while faulting (the fault ring's moves) >= 80% of the pinned rate: "
             "missed (21.5%, 85.9%)") in text  # 8k's quarter of the bytes in the same 50 ms
     assert "(f) as (b), prefetched" in text and "context 32,768 (f): the fill's sealed host blocks moved" in text

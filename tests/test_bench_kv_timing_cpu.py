@@ -75,11 +75,11 @@ class FakeRunner:
         if self.reserve:  # what a ring that moved every host block once flushed would report
             out.update(blocks_reserve=self.reserve // p.block_bytes, ring_slots=4096, faults_posted=p.host_blocks,
                        faults_serviced=p.host_blocks, faults_overflow=0, faults_left=0, blocks_prefetched=0,
-                       bytes_moved=p.host_bytes if self.flushed else 0,
+                       bytes_moved=p.host_bytes if self.flushed else 0, move_ms=40.0 if self.flushed else 0.0,
                        host_entries=0 if self.flushed else p.host_blocks)
             if self.prefetch:  # moved as the fill ended, before any step posted them
                 out.update(faults_posted=0, faults_serviced=0, blocks_prefetched=p.host_blocks,
-                           bytes_moved=p.host_bytes, host_entries=0)
+                           bytes_moved=p.host_bytes, host_entries=0, move_ms=40.0)
         return out
 
     def close(self):

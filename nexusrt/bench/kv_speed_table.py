@@ -25,8 +25,10 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
             f"{b['blocks_host']:,} host blocks still read zero-copy; {b['blocks_reserve']:,} reserve blocks, ring of "
             f"{b['ring_slots']:,}; faults posted {b['faults_posted']:,}, serviced {b['faults_serviced']:,}, "
             f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved" +
-            (f"; the warm-up's closing flush moved {b['flush_bytes'] / 1e6:,.0f} MB in {_ms(b['flush_ms'])} ms, "
-             f"{b['move_bytes_s'] / 1e9:.1f} GB/s ({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "")]
+            (f" in {_ms(b['move_ms'])} ms of copies on the control stream, {b['move_bytes_s'] / 1e9:.1f} GB/s "
+             f"({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "") +
+            (f"; the warm-up's closing flush took {_ms(b['flush_ms'])} ms and moved {b['flush_bytes'] / 1e6:,.0f} MB"
+             if "flush_ms" in b else "")]
 
 
 def _prefetch_note(ctx: str, f: dict) -> list[str]:

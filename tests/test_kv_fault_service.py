@@ -178,19 +178,23 @@ def test_a_small_reserve_keeps_the_producer_rule_under_random_interleavings(seed
 
 
 # ---------------------------------------------------------------------------- the device work
-WATCH = "watch"  # the fake handle of the service's watch stream
+WATCH, COMPUTE = "watch", "compute"  # the fake handles of the service's watch and the runner's compute stream
 
 
 class _CpuDriver:
     """The driver calls faults.py makes, executed on CPU memory, every stream in order and at once,
-    except the service's watch stream (:meth:`install`): as the GPU's front end does, it parks at a
-    ``cuStreamWaitValue32`` whose word is not set, and runs on once a later call or an event
-    query finds it set. Waiting on the parked watch raises: on a GPU it would never return."""
+    except two (:meth:`install`): the compute stream's operations wait until the test lets the
+    stream finish its queue (:meth:`device_synchronize`, or its ``synchronize``), as queued decode
+    steps would; the service's watch stream parks at a ``cuStreamWaitValue32`` whose word is not
+    set, as the GPU's front end does, and runs on once a later call or an event query finds it
+    set. Waiting for a watch that nothing queued can ring raises: on a GPU it would never return."""
 
     def __init__(self):
         self.calls = []
         self.parked = []  # the watch's operations behind an unmet wait, in order
+        self.queued = []  # the compute stream's operations not run yet
         self.waited = []  # events the service made a stream wait for, in order
+        self.compute = None
 
     def install(self, monkeypatch, rt) -> "_CpuDriver":
         from nexusrt.backends.cuda import faults
@@ -199,16 +203,17 @@ class _CpuDriver:
         driver = self
         monkeypatch.setattr(faults, "call", self)
 
-        class Watch(Stream):
+        class Fake(Stream):
             def synchronize(self):
-                driver.pump()
+                driver.device_synchronize()  # the watch waits for what compute rings it with
                 if driver.parked:
-                    raise AssertionError("waited for a parked watch nobody woke: on a GPU this never returns")
+                    raise AssertionError("waited for a watch nothing can ring: on a GPU this never returns")
 
             def destroy(self):
                 self.handle = None
 
-        monkeypatch.setattr(rt.streams, "new", lambda role, level="mid": Watch(role, 0, WATCH))
+        self.compute = Fake("compute", 0, COMPUTE)
+        monkeypatch.setattr(rt.streams, "new", lambda role, level="mid": Fake(role, 0, WATCH))
 
         class WatchEvent(faults.Event):
             landed = True
@@ -259,10 +264,19 @@ class _CpuDriver:
             self.parked.pop(0)
             self._run(name, args)
 
+    def device_synchronize(self) -> None:
+        """The compute stream finishes what is queued on it, and the watch runs on as far as it can
+        (a whole-device wait, cuCtxSynchronize, returns only if the watch is not left parked)."""
+        while self.queued:
+            self._run(*self.queued.pop(0))
+        self.pump()
+
     def __call__(self, name, *args):
         self.calls.append(name)
         stream = args[0] if name in ("cuStreamWaitValue32", "cuStreamWriteValue32") else args[-1]
-        if stream == WATCH and (self.parked or (name == "cuStreamWaitValue32" and not self._met(args))):
+        if stream == COMPUTE:
+            self.queued.append((name, args))
+        elif stream == WATCH and (self.parked or (name == "cuStreamWaitValue32" and not self._met(args))):
             self.parked.append((name, args))
         else:
             self._run(name, args)
@@ -284,7 +298,7 @@ def test_service_copies_sealed_blocks_rewrites_the_table_and_frees_the_ring(cpu_
     b = SimpleNamespace(k_host_pools=host[:2], v_host_pools=host[2:], k_pools=dev[:2], v_pools=dev[2:],
                         block_table=nrt.memory.from_numpy(place_oldest_on_host(7, 4)),
                         fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
-    svc = faults.FaultService(cpu_rt, cfg, b, 2, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, 2, driver.compute)
     model = fr.RingModel(layout)
     model.words = b.fault_ring.words.array  # the kernels' posts land in the device words
     try:
@@ -336,7 +350,7 @@ def test_interleaved_posts_move_in_a_few_calls_and_land_right(cpu_rt, monkeypatc
     b = SimpleNamespace(k_host_pools=host[:layers], v_host_pools=host[layers:], k_pools=dev[:layers],
                         v_pools=dev[layers:], block_table=nrt.memory.from_numpy(place_oldest_on_host(nhost + 2, nhost)),
                         fault_ring=fr.DeviceRing(nrt.memory.from_numpy(layout.initial()), layout))
-    svc = faults.FaultService(cpu_rt, cfg, b, nhost, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, nhost, driver.compute)
     model = fr.RingModel(layout)
     model.words = b.fault_ring.words.array
     try:
@@ -451,7 +465,7 @@ def test_service_prefetch_copies_without_touching_the_ring(cpu_rt, monkeypatch):
 
     driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8, layers=2)
-    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, driver.compute)
     try:
         before = b.fault_ring.words.to_numpy().copy()
         svc.prefetch(written_tokens=40)  # host blocks 0, 1 sealed (2 takes tokens 32..47)
@@ -486,7 +500,7 @@ def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, mon
     made, live = _counted_events(monkeypatch)
     layers, nblocks, nhost, reserve = 2, 2048, 1024, 8
     cfg, b, owned = _rig(nblocks, nhost, reserve, 1024, layers)
-    svc = faults.FaultService(cpu_rt, cfg, b, reserve, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, reserve, driver.compute)
     try:
         posts, calls, events = [], [], []
         for _ in range(8):
@@ -497,7 +511,8 @@ def test_a_reserve_below_the_host_tier_parks_the_rest_and_goes_quiet(cpu_rt, mon
             calls.append(list(driver.calls))
             events.append(len(made) - n)
         assert posts == [nhost] + [0] * 7  # posted once; the drained ids parked, never re-posted
-        assert calls[0] == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync"]  # the first snapshot
+        # The first snapshot (the watch's wait, clear and copy; the compute stream's ring).
+        assert calls[0] == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync", "cuStreamWriteValue32"]
         # The drain: the slots' run, tail, one copy per layer and K/V (8 blocks in one run), the
         # table's run, the park; no snapshot after it. Then nothing at all.
         assert sorted(calls[1]) == sorted(["cuMemsetD32Async"] * 3 + ["cuMemcpyHtoDAsync"] * (2 * layers + 1))
@@ -527,7 +542,7 @@ def test_unsealed_blocks_are_posted_again_and_move_once_sealed(cpu_rt, monkeypat
 
     driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8)
-    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, driver.compute)
     try:
         written = 40  # host blocks 0, 1 sealed; 2 takes tokens 32..47, 3 is not written yet
         posts = []
@@ -547,24 +562,28 @@ def test_unsealed_blocks_are_posted_again_and_move_once_sealed(cpu_rt, monkeypat
             t.free()
 
 
-def test_the_snapshot_waits_for_the_doorbell_and_the_host_wakes_it(cpu_rt, monkeypatch):
-    """A service arms its snapshot behind the bell: with no post the watch stays parked (no copy,
-    nothing drained however often the host calls); an id stored without its bell is not seen; the
-    bell runs the watch on with no host wait, and the next call drains it; flush and free wake a
-    parked watch instead of waiting for it (the fake raises if a parked watch is waited for)."""
+def test_the_snapshot_waits_for_a_post_or_the_queued_steps_never_longer(cpu_rt, monkeypatch):
+    """A service arms its snapshot behind the bell: with no post and the queued steps not done
+    the watch waits (no copy, nothing drained however often the host calls); an id stored
+    without its bell is not seen; the bell runs the watch on with no host wait, and the next call
+    drains it. With no post at all the watch still ends once the steps queued before it are done
+    (the compute stream rings too), so a whole-device wait never hangs on it."""
     from nexusrt.backends.cuda import faults
 
     driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8)
-    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, driver.compute)
     model = fr.RingModel(b.fault_ring.layout)
     model.words = b.fault_ring.words.array
     try:
         for _ in range(4):
             svc.service(written_tokens=64)
-        # Armed once, and parked since: the copy and its event are queued behind the wait, not run.
-        assert driver.calls == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync"]
-        assert [name for name, _ in driver.parked] == driver.calls + ["record"]
+        # Armed once, waiting since: the copy and its event are queued behind the wait, not run;
+        # the compute stream's ring is queued behind its steps.
+        assert driver.calls == ["cuStreamWaitValue32", "cuStreamWriteValue32", "cuMemcpyDtoHAsync",
+                                "cuStreamWriteValue32"]
+        assert [name for name, _ in driver.parked] == driver.calls[:3] + ["record"]
+        assert [name for name, _ in driver.queued] == ["cuStreamWriteValue32"]
         post = model.producer(1)
         while model.words[fr.ENTRIES] != 1:  # up to the id's store, the bell not rung yet
             next(post)
@@ -577,10 +596,14 @@ def test_the_snapshot_waits_for_the_doorbell_and_the_host_wakes_it(cpu_rt, monke
         assert (c["faults_posted"], c["faults_serviced"]) == (1, 1) and model.words[fr.BELL] == 0
         assert b.block_table.to_numpy()[1] == 4  # host block 1 -> the reserve's first block
         assert driver.parked  # re-armed behind the bell
-        svc.flush(written_tokens=64)  # wakes it: no post, an empty snapshot, and nothing moved
-        assert svc.counts()["faults_serviced"] == 1 and driver.parked  # armed again at the end
+        driver.device_synchronize()  # the queued steps end, posting nothing: their ring ends the wait
+        assert not driver.parked
+        svc.service(written_tokens=64)  # an empty snapshot: nothing drained, armed again
+        assert svc.counts()["faults_serviced"] == 1 and driver.parked
+        svc.flush(written_tokens=64)
+        assert svc.counts()["faults_serviced"] == 1
     finally:
-        svc.free()  # wakes the parked watch before waiting for it
+        svc.free()
         for t in owned:
             t.free()
     assert not driver.parked
@@ -594,7 +617,7 @@ def test_moves_of_blocks_the_fill_wrote_wait_for_the_fill_only(cpu_rt, monkeypat
 
     driver = _CpuDriver().install(monkeypatch, cpu_rt)
     cfg, b, owned = _rig(8, 4, 4, 8)
-    svc = faults.FaultService(cpu_rt, cfg, b, 4, cpu_rt.streams["compute"])
+    svc = faults.FaultService(cpu_rt, cfg, b, 4, driver.compute)
     try:
         svc.filled(40)  # tokens 0..39: host blocks 0 and 1 sealed by the fill
         assert _step_posts(b) == [0, 1, 2, 3]
@@ -814,9 +837,8 @@ def test_the_doorbell_starts_the_drain_while_the_steps_run(gpu_rt, tmp_path_fact
         svc = r._faults
         r.decode(int(ids[100]))  # arms the watch after the step's launch
         deadline = time.perf_counter() + 10
-        while not svc._copied.query():  # the kernel's bell, nothing from the host
-            assert time.perf_counter() < deadline, "the doorbell did not wake the watch within 10 s"
-        assert not svc._woken
+        while not svc._copied.query():  # the kernel's bell (or the step's end)
+            assert time.perf_counter() < deadline, "the doorbell did not end the watch's wait within 10 s"
         for t in ids[101:]:  # each decode() services: drains what rang, moves behind the prefill only
             r.decode(int(t))
         for _ in range(3):  # what the last steps' posts rang, drained with no flush (no host wake)

@@ -39,11 +39,12 @@ Producer rule (what a kernel thread does for host block ``h`` it is about to rea
    the clear is harmless, because the clear comes before the copy that reads the entries.
 
 Doorbell (the snapshot's trigger, :class:`~nexusrt.backends.cuda.faults.FaultService`): a watch
-stream of the drain's own parks in ``cuStreamWaitValue32(bell, 1, AND)``, then stores 0 into
+stream of the drain's own waits in ``cuStreamWaitValue32(bell, 1, AND)``, then stores 0 into
 ``bell`` and copies the words up to the entries into a pinned mirror. The first post of a step
-wakes it while the step still runs, instead of the copy waiting for the compute stream's whole
-queue. The host wakes a parked watch itself (stores 1 from another stream) when it must read
-the ring now (a flush) or stop (free). A watch nobody wakes stays parked: it holds no SM.
+rings it while the step still runs, instead of the copy waiting for the compute stream's whole
+queue. The compute stream rings it too, behind the work queued when the snapshot was armed, so
+the watch never waits for work not queued yet: a wait only a post could end would hold every
+whole-device wait (``cuCtxSynchronize``) forever once the steps stop posting.
 
 Drain rule (run between decode steps by :class:`~nexusrt.backends.cuda.faults.FaultService` on
 each snapshot the doorbell triggered): from

@@ -4,17 +4,17 @@
 Each call finishes what the last one started and starts the next (:mod:`nexusrt.kvcache.fault_plan`
 decides, this module issues):
 
-1. a snapshot, doorbell-gated: the service's own ``watch`` stream parks in
+1. a snapshot, doorbell-gated: the service's own ``watch`` stream waits in
    ``cuStreamWaitValue32`` on the ring's ``bell`` word, which a kernel sets once it has published
-   a post (``kernels/cu/fault_ring.cuh``); woken, it clears the bell and copies the ring's words
+   a post (``kernels/cu/fault_ring.cuh``), and the compute stream sets behind the work queued on
+   it when the snapshot was armed; rung, the watch clears the bell and copies the ring's words
    into a pinned mirror. So the first post of a step starts the copy while that step still runs,
-   and a step that posts nothing costs nothing. The next call drains the mirror once that copy
-   is done (the ring is read while later steps still post: the drain rule stops at a claimed
-   slot whose id has not landed, and the drain alone writes ``tail``, so a racing read loses
-   nothing). The watch has a stream of its own because a parked wait holds up everything
-   queued behind it; the host wakes it (stores 1 into the bell from the control stream) before
-   it must read the ring now (:meth:`flush`), when nothing can move any more, and before
-   :meth:`free` waits for it, which would otherwise never return;
+   and the watch never waits past the work already queued (a wait only a post could end would
+   hold every ``cuCtxSynchronize`` forever once the steps stop posting). The next call drains
+   the mirror once that copy is done (the ring is read while later steps still post: the drain
+   rule stops at a claimed slot whose id has not landed, and the drain alone writes ``tail``, so
+   a racing read loses nothing). The watch has a stream of its own because a waiting stream
+   holds up everything queued behind it;
 2. for the drained ids (and for a prefetch's blocks, :meth:`FaultService.prefetch`: the
    sequence's oldest sealed host blocks moved ahead of any post, no ring slot), on the
    ``control`` stream (the highest priority): EMPTY into the consumed slots then the new
@@ -71,7 +71,6 @@ class FaultService:
         self.bell = ring.words.ptr + 4 * BELL
         self.mirror = self.table_stage = self._mark = self._copied = self._fill_done = self.watch = None
         self._snapshot = False  # a snapshot armed on the watch, its event _copied not yet seen done
-        self._woken = False  # the host rang the bell for the armed snapshot
         self._fill_tokens = None  # the cache length the last fill (event _fill_done) wrote; None: no fill seen
         # Moves issued: (event before the copies, event after the table writes, host blocks moved).
         self._table_done: list[tuple[Event, Event, list[int]]] = []
@@ -107,11 +106,9 @@ class FaultService:
             return
         self._retire()
         if self._snapshot:
-            if self.drain.exhausted:  # no post can matter any more: let the parked watch finish
-                self._wake()
             if not self._copied.query():
                 return
-            self._snapshot = self._woken = False
+            self._snapshot = False
             # The mirror is drained in place: the next copy into it is queued only below.
             self._issue(self.drain.service(self.mirror.array, written_tokens))
         if self.drain.exhausted:  # the last moves are retired by later calls; no more snapshots
@@ -135,11 +132,11 @@ class FaultService:
         self._issue(self.drain.prefetch(written_tokens))
 
     def flush(self, written_tokens: int, rounds: int = 3) -> None:
-        """Service until what the finished steps posted is moved and retired (tests, reports):
-        each round wakes the watch, so the snapshot reads the ring as the finished steps left it."""
+        """Service until what the finished steps posted is moved and retired (tests, reports).
+        Once the compute stream is done so is every armed snapshot (:meth:`_arm`)."""
         self.compute.synchronize()
         for _ in range(rounds):
-            self._settle_watch()
+            self.watch.synchronize()
             self.service(written_tokens)
             self.control.synchronize()
         self._retire()
@@ -158,12 +155,12 @@ class FaultService:
                 "blocks_reserve_free": self.drain.pool.device.num_free, "host_entries": self.drain.host_entries}
 
     def free(self) -> None:
-        """Wake the watch, wait for it and the control stream, then destroy every event and the
-        watch and free the pinned buffers, all of them even when one step fails (the first
-        failure is raised after). The watch writes the mirror, so it is done before that goes."""
+        """Wait for the watch and the control stream, then destroy every event and the watch and
+        free the pinned buffers, all of them even when one step fails (the first failure is
+        raised after). The watch writes the mirror, so it is done before that goes."""
         watch = self.watch
         events = self._owned
-        steps = [self._wake, self.control.synchronize] + ([watch.synchronize] if watch is not None else []) + \
+        steps = [self.control.synchronize] + ([watch.synchronize] if watch is not None else []) + \
             [ev.destroy for ev in events] + \
             [t.free for t in (self.mirror, self.table_stage) if t is not None] + \
             ([watch.destroy] if watch is not None else [])
@@ -174,35 +171,33 @@ class FaultService:
             except BaseException as exc:  # noqa: BLE001 - freed anyway, raised below
                 failure = failure or exc
         self._mark = self._copied = self._fill_done = self.mirror = self.table_stage = self.watch = None
-        self._snapshot, self._woken, self._table_done, self._passed, self._spare, self._owned = False, False, [], [], [], []
+        self._snapshot, self._table_done, self._passed, self._spare, self._owned = False, [], [], [], []
         if failure is not None:
             raise failure
 
     # -- the device work --------------------------------------------------------------------
     def _arm(self) -> None:
-        """Queue the next snapshot on the watch: park until a post rings the bell, clear it, copy
-        the ring's words. The clear comes before the copy, so a post racing it is in this copy."""
+        """Queue the next snapshot on the watch: wait until the bell rings, clear it, copy the
+        ring's words (the clear comes before the copy, so a post racing it is in this copy).
+
+        The compute stream rings the bell too, behind the work queued on it so far: the copy
+        lands at the first post or once that work is done, whichever comes first, and the watch
+        never waits for anything not queued yet. A wait that only a post could end would hold
+        every whole-device wait (``cuCtxSynchronize``: shutdown, the arena's synchronous copies)
+        forever once no step posts again. A ring from the compute stream that lands after the
+        clear only makes the next snapshot run at once."""
         watch = self.watch.handle
         call("cuStreamWaitValue32", watch, self.bell, 1, cu().CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_AND)
-        call("cuStreamWriteValue32", watch, self.bell, 0, cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+        self._ring(watch, 0)
         call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, watch)
         self._copied.record(self.watch)
+        self._ring(self.compute.handle, 1)
         self._snapshot = True
 
-    def _wake(self) -> None:
-        """Ring the bell from the host's side (in control-stream order), once per armed snapshot
-        and only while its copy has not landed (one landing in between costs an empty snapshot)."""
-        if self._snapshot and not self._woken and not self._copied.query():
-            call("cuStreamWriteValue32", self.control.handle, self.bell, 1,
-                 cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-            self._woken = True
-
-    def _settle_watch(self) -> None:
-        """Wake an armed snapshot and wait until its copy is done. Waiting on a parked watch nobody
-        wakes would never return, so every host wait on the watch goes through here."""
-        self._wake()
-        self.control.synchronize()
-        self.watch.synchronize()
+    def _ring(self, stream_handle, value: int) -> None:
+        """Store ``value`` into the bell in ``stream_handle``'s order."""
+        call("cuStreamWriteValue32", stream_handle, self.bell, value,
+             cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
 
     def _behind_compute(self) -> None:
         """Hold the control stream's next work until the compute stream's work so far is done."""

@@ -815,10 +815,11 @@ def test_fault_ring_runner_matches_all_device_and_moves_blocks(variant, gpu_rt, 
 
 @pytest.mark.gpu
 def test_the_doorbell_starts_the_drain_while_the_steps_run(gpu_rt, tmp_path_factory):
-    """No prefetch and no flush: the first decode step's posts ring the bell and the watch's copy
-    lands with no host wake and no wait for the compute stream; the next services move every host
-    block (their copies wait for the prefill only) and the device table ends with no host entry;
-    close() then returns (it wakes a watch still parked: a wait for it unwoken would never return)."""
+    """No prefetch and no flush. A snapshot armed with no step queued ends behind the prefill (the
+    compute stream rings too), so a whole-device wait (to_numpy's cuCtxSynchronize) returns; the
+    first decode step's posts ring the bell and the copy lands with no host wait; the next
+    services move every host block (their copies wait for the prefill only) and the device table
+    ends with no host entry."""
     import time
 
     from test_cuda_model import _checkpoint
@@ -835,13 +836,18 @@ def test_the_doorbell_starts_the_drain_while_the_steps_run(gpu_rt, tmp_path_fact
         r.prefill(ids[:100])  # seals every host block (the oldest 96 tokens)
         assert host_blocks * 16 <= 100
         svc = r._faults
+        svc.service(r.position)  # armed with no step queued: nothing will post before the next decode
+        assert (r.buffers.block_table.to_numpy() < 0).sum() == host_blocks  # cuCtxSynchronize returns
+        assert svc._copied.query()  # the compute stream's ring, behind the prefill, ended the wait
+        svc.service(r.position)  # an empty snapshot drained; armed again
+        assert r.kv_tiers(flush=False)["faults_posted"] == 0
         r.decode(int(ids[100]))  # arms the watch after the step's launch
         deadline = time.perf_counter() + 10
         while not svc._copied.query():  # the kernel's bell (or the step's end)
             assert time.perf_counter() < deadline, "the doorbell did not end the watch's wait within 10 s"
         for t in ids[101:]:  # each decode() services: drains what rang, moves behind the prefill only
             r.decode(int(t))
-        for _ in range(3):  # what the last steps' posts rang, drained with no flush (no host wake)
+        for _ in range(3):  # what the last steps' posts rang, drained with no flush
             r.stream.synchronize()
             svc.control.synchronize()
             r.service_faults()

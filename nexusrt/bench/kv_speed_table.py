@@ -25,8 +25,7 @@ def _fault_note(ctx: str, b: dict) -> list[str]:
             f"{b['blocks_host']:,} host blocks still read zero-copy; {b['blocks_reserve']:,} reserve blocks, ring of "
             f"{b['ring_slots']:,}; faults posted {b['faults_posted']:,}, serviced {b['faults_serviced']:,}, "
             f"overflow {b['faults_overflow']:,}, left {b['faults_left']:,}; {b['bytes_moved'] / 1e6:,.0f} MB moved" +
-            (f" in {_ms(b['move_ms'])} ms of copies on the control stream, {b['move_bytes_s'] / 1e9:.1f} GB/s "
-             f"({b['move_of_pinned']:.1%} of pinned)" if "move_bytes_s" in b else "") +
+            _moves(b, "sharing the link with the steps' zero-copy reads of the blocks not moved yet") +
             (f"; the warm-up's closing flush took {_ms(b['flush_ms'])} ms and moved {b['flush_bytes'] / 1e6:,.0f} MB"
              if "flush_ms" in b else "")]
 
@@ -40,7 +39,15 @@ def _prefetch_note(ctx: str, f: dict) -> list[str]:
             f"{_ms(f['warmup_ms_per_token'])} ms/token including the moving ({f['warmup_over_all_device']:.2f}x "
             f"(a)){vs_b}; {f['blocks_prefetched']:,} blocks prefetched, {f['faults_serviced']:,} moved by posts; "
             f"timed runs began with {f['host_entries_timed']:,} of {f['blocks_host']:,} host blocks still read "
-            f"zero-copy"]
+            f"zero-copy" + _moves(f, "the link to themselves")]
+
+
+def _moves(r: dict, how: str) -> str:
+    """The fault ring's copies of a row: their device time and rate, if it moved anything."""
+    if "move_bytes_s" not in r:
+        return ""
+    return (f"; the copies took {_ms(r['move_ms'])} ms on the control stream ({how}), "
+            f"{r['move_bytes_s'] / 1e9:.1f} GB/s ({r['move_of_pinned']:.1%} of pinned)")
 
 
 def _decode_rows(row: dict) -> list[list]:
@@ -110,9 +117,13 @@ def render(s: dict) -> str:
                  (f"{link['verdict']} ({', '.join(f'{x:.1%}' for x in link['of_pinned'])})" if link["verdict"] else
                   "not measured"))
     mv = t["fault_moves"]
-    notes.append(f"target host->device traffic while faulting (the fault ring's moves) >= {LINK_TARGET:.0%} of the "
-                 "pinned rate: " + (f"{mv['verdict']} ({', '.join(f'{x:.1%}' for x in mv['of_pinned'])})"
-                                     if mv["verdict"] else "not measured"))
+    shared = (f"; beside the steps' zero-copy reads of the same blocks (the fault-ring rows): "
+              f"{', '.join(f'{x:.1%}' for x in mv['shared_of_pinned'])}" if mv.get("shared_of_pinned") else "")
+    notes.append(f"target host->device traffic while faulting (the fault ring's copies alone on the link: the "
+                 f"prefetched rows, else the fault-ring rows) "
+                 f">= {LINK_TARGET:.0%} of the pinned rate: " +
+                 (f"{mv['verdict']} ({', '.join(f'{x:.1%}' for x in mv['of_pinned'])}){shared}"
+                  if mv["verdict"] else "not measured"))
     pr = t["pruned_like_kept"]
     notes.append(f"target pruned within ±{PRUNED_TOLERANCE:.0%} of the kept slots' speed: " +
                  (f"{pr['verdict']} ({', '.join(f'{x:.3f}' for x in pr['over_unpruned'])})" if pr["verdict"] else

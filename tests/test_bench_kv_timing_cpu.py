@@ -4,6 +4,8 @@ holds exactly the evicted half under the real tier plan, and that every runner i
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -39,7 +41,7 @@ class FakeRunner:
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, available=1 << 40)
         self.stream, self.position, self.log, self.closed, self.flushed = FakeStream(), 0, [], False, False
-        self.rt = rt
+        self.rt = rt if rt is not None else SimpleNamespace(backend="cpu")  # the paced warm-up's events
         FakeRunner.made.append(self)
 
     def reset(self):
@@ -234,3 +236,40 @@ def test_a_host_split_the_runner_refuses_raises_before_any_runner(fakes):
     with pytest.raises(KvBudgetError, match="below one layer"):
         probe.half_host(DecodePlan(256, 1), 1)
     assert FakeRunner.made == []
+
+
+def test_the_fault_ring_warm_up_is_paced_like_generate_tokens(monkeypatch):
+    """At most QUEUE_AHEAD steps in flight, and the ring serviced while the host waits for the
+    oldest: a host that enqueued the whole run at once drained the ring once or twice in it."""
+    from nexusrt.bench import kv_timing
+    from nexusrt.driver import streams
+
+    queries = {"n": 0}
+
+    class SlowEvent:  # done on its third query; every one destroyed
+        live = 0
+
+        def __init__(self, backend, timing=True):
+            self.asked = 0
+            SlowEvent.live += 1
+
+        def record(self, stream):
+            return self
+
+        def query(self):
+            queries["n"] += 1
+            self.asked += 1
+            return self.asked >= 3
+
+        def destroy(self):
+            SlowEvent.live -= 1
+
+    monkeypatch.setattr(streams, "Event", SlowEvent)
+    log = []
+    runner = SimpleNamespace(rt=SimpleNamespace(backend="cuda"), stream=None,
+                             decode=lambda token: log.append("decode"), service_faults=lambda: log.append("service"))
+    kv_timing._paced_steps(runner, 20)
+    waits = 20 - runner_mod.QUEUE_AHEAD
+    assert log.count("decode") == 20 and log.count("service") == 2 * waits and queries["n"] == 3 * waits
+    assert log[:runner_mod.QUEUE_AHEAD + 1] == ["decode"] * (runner_mod.QUEUE_AHEAD + 1)  # then a wait
+    assert SlowEvent.live == 0

@@ -21,6 +21,27 @@ TOKEN = 1  # the id every timed step feeds: content does not change a decode ste
 MAX_CHUNK = 2048  # the pruned row's prompt chunks (the batch runner's default token budget)
 
 
+def _paced_steps(runner, steps: int) -> None:
+    """``steps`` decode steps with at most ``QUEUE_AHEAD`` in flight, as ``generate_tokens`` keeps
+    them (it waits for each token), the host servicing the fault ring while it waits."""
+    from ..backends.cuda.runner import QUEUE_AHEAD
+    from ..driver.streams import Event
+
+    marks = []
+    try:
+        for _ in range(steps):
+            runner.decode(TOKEN)
+            marks.append(Event(runner.rt.backend, timing=False).record(runner.stream))
+            if len(marks) > QUEUE_AHEAD:
+                oldest = marks.pop(0)
+                while not oldest.query():
+                    runner.service_faults()
+                oldest.destroy()
+    finally:
+        for ev in marks:
+            ev.destroy()
+
+
 def time_decode(runner, plan, warmup: list | None = None, on_warm=None, flush: dict | None = None) -> list[float]:
     """ms/token of each timed run: ``runner`` holds ``plan.prefill_to`` tokens; one warm-up run and
     ``plan.runs`` timed ones of ``plan.steps`` steps each fill it to ``plan.context``. ``warmup``: a
@@ -30,18 +51,22 @@ def time_decode(runner, plan, warmup: list | None = None, on_warm=None, flush: d
     runner had moved before it (``bytes_before``).
 
     The warm-up run ends by finishing the fault ring's moves (``service_faults(flush=True)``, a
-    no-op without a ring), inside its timer. The host enqueues a run's steps far ahead of the
-    device, so the service after each step finds the snapshot of the first step's posts still
-    pending: left alone, the drain of the warm-up's posts (and the copies, and the table writes
-    after them) landed in the timed runs, which then read host blocks zero-copy for a while."""
+    no-op without a ring), inside its timer: left alone, the drain of the warm-up's posts (and the
+    copies, and the table writes after them) landed in the timed runs, which then read host blocks
+    zero-copy for a while. With a ring (``flush`` given) the warm-up is paced as
+    ``generate_tokens`` paces a request (:func:`_paced_steps`): a host that enqueued all 32 steps at
+    once and then only waited would drain the ring once or twice while they run."""
     if runner.position != plan.prefill_to:
         raise RuntimeError(f"the runner holds {runner.position} tokens, the plan wants {plan.prefill_to}")
     out = []
     for run in range(plan.runs + 1):
         runner.stream.synchronize()
         t0 = time.perf_counter()
-        for _ in range(plan.steps):
-            runner.decode(TOKEN)
+        if run or flush is None:
+            for _ in range(plan.steps):
+                runner.decode(TOKEN)
+        else:
+            _paced_steps(runner, plan.steps)
         if not run:
             if flush is not None:
                 runner.stream.synchronize()  # the flush waits for it first anyway

@@ -8,7 +8,10 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
 (b) the same split as (c) plus a device reserve as large as the host half, filled by the GPU fault
     ring (``kv_fault_reserve``): decode attention posts the host blocks it reads and the runner
     moves them in between steps. The warm-up run's ms/token is its steps (they read the host half
-    zero-copy until the moves land) plus finishing every move they asked for, over its steps; the
+    zero-copy until the moves land; paced as ``generate_tokens`` paces a request, at most
+    ``QUEUE_AHEAD`` in flight with the ring serviced while the host waits) plus finishing every
+    move they asked for, over its steps; the copies' rate (``move_ms``) is shared with the steps'
+    zero-copy reads of the blocks not moved yet; the
     timed runs start from the table that left (the row says how many entries still name host
     blocks: 0 when every block moved) and measure the ring's steady state, the host-tier twins
     with posting and a ring snapshot per step against (a). So (b) shows what the ring costs and
@@ -25,8 +28,9 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
     ``Rows`` per step through ``CudaBatchRunner.run_tokens``;
 (f) (b) with prefetch (``kv_prefetch``): the fill's sealed host blocks are moved into the reserve
     as soon as the fill ends, so the warm-up's steps stop reading them zero-copy once those moves
-    land instead of after the posts are drained (the host enqueues a run's steps far ahead, so in
-    (b) that is the end of the run); reported beside (b)'s warm-up.
+    land instead of after the first posts are drained; reported beside (b)'s warm-up. Its copies
+    run before any step, with the link to themselves: the target on the traffic while faulting
+    reads their rate, (b)'s is printed beside it.
 
 The host rows (b), (c), (f) of a context adopt the blocks of one all-HBM prefill of its prefix
 (``CudaRunner.adopt_kv``), made once per context.

@@ -65,7 +65,7 @@ class FakeProbe:
                          faults_overflow=0, faults_left=0, bytes_moved=host * unit, blocks_prefetched=host,
                          move_ms=45.0)
             return {"decode_ms": [6.0, 6.1, 6.1], "warmup_ms": 10.0, "tiers": tiers, "host_entries_timed": 0,
-                    "flush_s": 0.001, "flush_bytes": 0}
+                    "flush_s": 0.001, "flush_bytes": 0, "prefetch_s": 0.046}
         tiers.update(blocks_reserve=reserve_blocks, ring_slots=4096, faults_posted=host + 5, faults_serviced=host,
                      faults_overflow=0, faults_left=5, bytes_moved=host * unit, blocks_prefetched=0, move_ms=50.0)
         return {"decode_ms": [6.0, 6.2, 6.1], "warmup_ms": 40.0, "tiers": tiers, "host_entries_timed": 0,
@@ -225,6 +225,7 @@ def test_the_table_says_what_was_skipped_and_what_the_fault_ring_did():
     assert "2,147 MB moved; the copies took 50.000 ms on the control stream (sharing the link with the steps' " \
            "zero-copy reads of the blocks not moved yet), 42.9 GB/s (85.9% of pinned)" in text
     assert "the copies took 45.000 ms on the control stream (the link to themselves), 47.7 GB/s (95.4% of pinned)" in text
+    assert "moved into the reserve as it ends, the first step waiting 46.000 ms for them; warm-up run" in text
     assert "(the fault ring's copies alone on the link: the prefetched rows, else the fault-ring rows) >= 80% of the " \
            "pinned rate: missed (23.9%, 95.4%); beside the steps' zero-copy reads of the same blocks (the fault-ring " \
            "rows): 21.5%, 85.9%" in text  # the fake's 8k copies take as long as its 32k ones

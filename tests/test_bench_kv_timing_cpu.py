@@ -160,6 +160,10 @@ def test_the_host_tier_holds_exactly_the_evicted_half(fakes):
     ahead = [r for r in FakeRunner.made if r.prefetch]  # (f): the same, prefetching
     assert [r.reserve for r in ahead] == [r.reserve for r in rings] and all(r.closed for r in ahead)
     assert [row["prefetched"]["blocks_prefetched"] for row in s["contexts"]] == [r.kv_plan.host_blocks for r in ahead]
+    for r in ahead:  # the prefetch's moves finished before the first step: their copies alone on the link
+        first = next(i for i, e in enumerate(r.log) if e[0] == "decode")
+        assert r.log[first - 1] == ("service_faults", True) and r.log[first - 2][0] == "adopt_kv"
+    assert all(row["prefetched"]["prefetch_ms"] >= 0 for row in s["contexts"])
     assert [r.reserve // r.kv_plan.block_bytes for r in rings] == [r.kv_plan.host_blocks for r in rings] == \
         [blocks_for(c // 2) for c in (8192, 32768)]
     assert all(r.closed and r.log[-1] == ("service_faults", True) for r in rings)

@@ -27,10 +27,10 @@ For each context of ``--kv-contexts`` (8,192 / 32,768 / 131,072 tokens) of ``--m
     ``--kv-keep`` (4,096) cache slots, beside an unpruned sequence of that many slots, both one
     ``Rows`` per step through ``CudaBatchRunner.run_tokens``;
 (f) (b) with prefetch (``kv_prefetch``): the fill's sealed host blocks are moved into the reserve
-    as soon as the fill ends, so the warm-up's steps stop reading them zero-copy once those moves
-    land instead of after the first posts are drained; reported beside (b)'s warm-up. Its copies
+    as soon as the fill ends and the first step waits for them, so no step reads them zero-copy;
+    the warm-up's ms/token counts that wait (over its 32 steps), beside (b)'s warm-up. Its copies
     run before any step, with the link to themselves: the target on the traffic while faulting
-    reads their rate, (b)'s is printed beside it.
+    reads their rate, (b)'s (shared with the steps' zero-copy reads) is printed beside it.
 
 The host rows (b), (c), (f) of a context adopt the blocks of one all-HBM prefill of its prefix
 (``CudaRunner.adopt_kv``), made once per context.
@@ -215,6 +215,8 @@ def prefetch_figures(measured: dict, device: dict, ring: dict, pinned: float) ->
     figures; ``ring`` (b)'s figures (its warm-up is the comparison) or a skipped (b). Its moves run
     as the fill ends, before any step: the same copies as (b)'s with the link to themselves."""
     out = _reserve_figures(measured, device)
+    if "prefetch_s" in measured:
+        out["prefetch_ms"] = measured["prefetch_s"] * 1e3
     if "warmup_ms_per_token" in ring:
         out["warmup_over_fault_ring_warmup"] = measured["warmup_ms"] / ring["warmup_ms_per_token"]
     return _move_rate(out, pinned)

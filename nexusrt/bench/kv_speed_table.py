@@ -35,7 +35,8 @@ def _prefetch_note(ctx: str, f: dict) -> list[str]:
         return [] if f["skipped"] == NOT_ASKED else [f"{ctx} (f): {f['skipped']}"]
     vs_b = (f" = {f['warmup_over_fault_ring_warmup']:.2f}x (b)'s warm-up" if "warmup_over_fault_ring_warmup" in f
             else "")
-    return [f"{ctx} (f): the fill's sealed host blocks moved into the reserve as it ends; warm-up run "
+    wait = f", the first step waiting {_ms(f['prefetch_ms'])} ms for them" if "prefetch_ms" in f else ""
+    return [f"{ctx} (f): the fill's sealed host blocks moved into the reserve as it ends{wait}; warm-up run "
             f"{_ms(f['warmup_ms_per_token'])} ms/token including the moving ({f['warmup_over_all_device']:.2f}x "
             f"(a)){vs_b}; {f['blocks_prefetched']:,} blocks prefetched, {f['faults_serviced']:,} moved by posts; "
             f"timed runs began with {f['host_entries_timed']:,} of {f['blocks_host']:,} host blocks still read "

@@ -233,10 +233,13 @@ class CudaKvProbe:
         ``reserve_blocks``, (b): that many more device blocks the fault ring fills as decode reads
         the host blocks (``warmup_ms``: the warm-up run, which ends once its moves are done;
         ``host_entries_timed``: the table entries still naming host blocks when the timed runs began;
-        ``flush_s`` / ``flush_bytes``: the warm-up's closing flush timed alone and the bytes it moved,
-        which is where the moves happen: the host enqueues a run's steps far ahead of the device).
+        ``flush_s`` / ``flush_bytes``: the warm-up's closing flush timed alone and the bytes it still
+        had to move).
         ``prefetch`` (with a reserve, row (f)): the fill's sealed host blocks are moved in as soon as
-        it ends (``kv_prefetch``); without it only decode's posts move blocks, as (b) measures.
+        it ends (``kv_prefetch``), and the first step waits for those moves (``prefetch_s``, host
+        time; their copies run with the link to themselves, so ``move_ms`` times the ring's copies
+        alone), counted into ``warmup_ms`` per step; without it only decode's posts move blocks, as
+        (b) measures.
         Raises :class:`~nexusrt.kvcache.tiers.KvBudgetError` (before any memory) for a split
         the runner refuses."""
         from ..backends.cuda.runner import CudaRunner
@@ -251,14 +254,21 @@ class CudaKvProbe:
             # Filled by copying an all-HBM prefill's blocks: a prefill into the host tier reads the
             # host half zero-copy for every chunk past it, which at 128k did not fit a device call.
             runner.adopt_kv(self._filled_source(plan))
+            prefetch_s = 0.0
+            if prefetch and reserve_blocks:  # the prefetch's copies, alone on the link, before any step
+                t0 = time.perf_counter()
+                runner.service_faults(flush=True)
+                prefetch_s = time.perf_counter() - t0
             warmup: list[float] = []
             warm: dict = {}  # the tiers the timed runs start from
             flush: dict = {}
             decode_ms = time_decode(runner, plan, warmup, on_warm=lambda: warm.update(runner.kv_tiers()),
                                     flush=flush if reserve_blocks else None)
             runner.service_faults(flush=True)  # the counts include what the last steps posted
-            out = {"decode_ms": decode_ms, "warmup_ms": warmup[0], "tiers": runner.kv_tiers(),
-                   "host_entries_timed": warm["host_entries"]}
+            out = {"decode_ms": decode_ms, "warmup_ms": warmup[0] + prefetch_s * 1e3 / plan.steps,
+                   "tiers": runner.kv_tiers(), "host_entries_timed": warm["host_entries"]}
+            if prefetch and reserve_blocks:
+                out["prefetch_s"] = prefetch_s
             if reserve_blocks:
                 out.update(flush_s=flush["seconds"], flush_bytes=warm["bytes_moved"] - flush["bytes_before"])
             return out

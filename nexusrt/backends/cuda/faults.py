@@ -145,7 +145,8 @@ class FaultService:
 
     def quiesce(self) -> None:
         """Wait for the control stream's copies (a new sequence's prefill may rewrite the blocks
-        they read); the watch may stay parked, it writes only the mirror. The fill mark ends."""
+        they read). An armed snapshot may stay pending (it writes only the mirror, and ends with
+        the compute stream's queue at the latest). The fill mark ends: the next fill sets it."""
         self.control.synchronize()
         self._retire()
         self._fill_tokens = None

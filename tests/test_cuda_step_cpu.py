@@ -117,6 +117,25 @@ def test_every_step_builds_and_validates_through_the_real_launchers(variant, cpu
     assert memory.stats()["in_use_bytes"] == 0
 
 
+def test_decode_step_takes_the_cluster_attention_when_asked(cpu_rt, no_occupancy_query):
+    cfg = _config("llama_tiny")
+    rt = FakeRuntime()
+    rt.profile.compute_capability = (9, 0)
+    weights = _device_weights(cfg)
+    buffers = RunnerBuffers(rt, cfg, 300, buckets_for(300)[-1], positions=300 + buckets_for(300)[0] - 1)
+    try:
+        stages = steps.decode_stages(rt, cfg, weights, buffers, sample=False, cluster=True)
+        attn = [s for s in stages if s.name.endswith(".attention")]
+        assert attn and all(s.kernel.cluster == (1, 8, 1) for s in attn)
+        plain = [s for s in steps.decode_stages(rt, cfg, weights, buffers, sample=False) if s.name.endswith(".attention")]
+        assert all(s.kernel.cluster is None for s in plain)  # the default: the plain kernels
+    finally:
+        buffers.free()
+        weights.free()
+    _check_kernels_exist(rt)
+    assert memory.stats()["in_use_bytes"] == 0
+
+
 def test_buffers_hold_a_block_table_for_every_position(cpu_rt):
     cfg = _config("llama_tiny")
     buffers = RunnerBuffers(FakeRuntime(), cfg, 100, 256, positions=163)

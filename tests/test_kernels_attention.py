@@ -58,9 +58,55 @@ def test_split_plan_runs_a_short_context_as_one_split(step):
     assert dec.split_plan(short + 1, 2, step)[1] == 2
 
 
+@pytest.mark.parametrize("step", [16, 32, 64])
+def test_split_plan_of_the_cluster_kernels_is_one_step_per_split_up_to_the_cluster(step):
+    for seq_len in (1, step, step + 1, 5 * step - 3, dec.CLUSTER_SIZE * step):
+        chunk, nsplit = dec.split_plan(seq_len, 3, step, cluster=True)  # whatever max_splits
+        assert chunk == step and nsplit == -(-seq_len // step) <= dec.CLUSTER_SIZE
+    longer = dec.CLUSTER_SIZE * step + 1  # then the workspace path's rule
+    assert dec.split_plan(longer, 33, step, cluster=True) == dec.split_plan(longer, 33, step)
+
+
+def test_compiles_the_cluster_kernels_for_sm90_only():
+    names = {dec.kernel_name(d, g).replace("attention_decode", "attention_decode_cluster", 1)
+             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
+    assert len(names) == 12
+    cubin = compile_file(dec.CLUSTER_SOURCE, "sm_90a", use_cache=False).cubin
+    for name in names:
+        assert name.encode() in cubin, name
+    sm80 = compile_file(dec.CLUSTER_SOURCE, "sm_80", use_cache=False).cubin
+    assert not any(name.encode() in sm80 for name in names)  # no clusters before sm_90
+
+
+def test_cluster_launch_fills_whole_clusters_and_refuses_what_it_does_not_cover():
+    spec = dec.attention_decode(FakeRuntime(), **_decode_args(splits=3), num_q_heads=32, num_kv_heads=8,
+                                head_dim=128, cluster=True)
+    assert spec.kernel.name == "attention_decode_cluster_d128_g4"
+    assert spec.grid == (8, dec.CLUSTER_SIZE, 1) and spec.cluster == (1, dec.CLUSTER_SIZE, 1)
+    assert spec.args[11] == 3  # max_splits is the workspace's: the longer contexts' rule
+    wide = dec.attention_decode(FakeRuntime(), **_decode_args(splits=33), num_q_heads=32, num_kv_heads=8,
+                                head_dim=128, cluster=True)
+    assert wide.grid == (8, 40, 1)
+    with pytest.raises(ValueError, match="one-sequence, device blocks only"):
+        host = (tensor((4, 8, BLOCK_SIZE, 128), "bf16"), tensor((4, 8, BLOCK_SIZE, 128), "bf16"))
+        dec.attention_decode(FakeRuntime(), **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128,
+                             host_pools=host, cluster=True)
+
+
+def test_cluster_ok_needs_sm90_and_follows_the_environment(monkeypatch):
+    rt = FakeRuntime()
+    monkeypatch.delenv("NEXUSRT_ATTN_CLUSTER", raising=False)
+    assert not dec.cluster_ok(rt)  # no compute capability: not a Hopper
+    rt.profile.compute_capability = (9, 0)
+    assert dec.cluster_ok(rt)
+    monkeypatch.setenv("NEXUSRT_ATTN_CLUSTER", "0")
+    assert not dec.cluster_ok(rt)
+
+
 def test_split_rule_constants_match_the_kernel():
     body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention.cuh").read_text()
     assert int(re.search(r"kOneSplitSteps = (\d+);", body).group(1)) == dec.ONE_SPLIT_STEPS
+    assert int(re.search(r"kClusterSize = (\d+);", body).group(1)) == dec.CLUSTER_SIZE
     assert int(re.search(r"kMaxSplits = (\d+);", body).group(1)) == dec.MAX_SPLITS
 
 
@@ -190,24 +236,30 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     q_t = nrt.memory.from_numpy(q)
     pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
     g = hq // hkv
-    for splits in sorted({1, dec.choose_splits(hkv, d, g, 8192, 132), dec.MAX_SPLITS}):
+    cluster_runs = [True] if dec.cluster_ok(gpu_rt) else []
+    for splits, cluster in [(s, False) for s in sorted({1, dec.choose_splits(hkv, d, g, 8192, 132), dec.MAX_SPLITS})] + \
+            [(s, True) for s in sorted({3, dec.choose_splits(hkv, d, g, 8192, 132)}) for _ in cluster_runs]:
         # The partials' workspace starts as NaN: the splits that ran are the slots written.
         nan = np.full((hkv, splits, g, 2), np.nan, dtype=np.float32)
         ws = dec.DecodeWorkspace(nrt.memory.from_numpy(np.full((hkv, splits, g, d), np.nan, dtype=np.float32)),
                                  nrt.memory.from_numpy(nan), nrt.memory.zeros((hkv,), "int32"), splits)
         out = nrt.memory.from_numpy(np.full(hq * d, np.nan, dtype=np.float32))
         spec = dec.attention_decode(gpu_rt, q_t, out, pos=pos, workspace=ws, num_q_heads=hq,
-                                    num_kv_heads=hkv, head_dim=d, **dev)
+                                    num_kv_heads=hkv, head_dim=d, cluster=cluster, **dev)
+        what = f"max_splits={splits}" + (" (cluster)" if cluster else "")
         for _ in range(2):  # a replay must find the tickets reset
             spec.launch()
             got = out.to_numpy()
-            assert np.isfinite(got).all(), f"unwritten outputs with max_splits={splits}"
-            assert _rel(got, ref) < 2e-5, f"max_splits={splits}"
+            assert np.isfinite(got).all(), f"unwritten outputs with {what}"
+            assert _rel(got, ref) < 2e-5, what
         assert (ws.tickets.to_numpy() == 0).all()
-        # The kernel split the context as split_plan says (one split writes no partials).
-        _, nsplit = dec.split_plan(seq_len, splits, dec.tokens_per_step(d, g))
+        # The kernel split the context as split_plan says (one split, or a cluster's combine,
+        # writes no partials).
+        step = dec.tokens_per_step(d, g)
+        _, nsplit = dec.split_plan(seq_len, splits, step, cluster=cluster)
+        via_ws = nsplit > 1 and not (cluster and seq_len <= dec.CLUSTER_SIZE * step)
         written = np.isfinite(ws.ml.to_numpy()).all(axis=(0, 2, 3))
-        assert written.tolist() == [nsplit > 1 and sp < nsplit for sp in range(splits)], f"max_splits={splits}"
+        assert written.tolist() == [via_ws and sp < nsplit for sp in range(splits)], what
         ws.free()
 
 

@@ -21,6 +21,31 @@ constexpr int kMaxSplits = 128;  // the combine keeps one weight per (split, hea
 // ticket and combine (~2.9 us at d64 on an H200) cost more than the extra steps (~1 us each)
 // one block takes alone (NOTES_attention.md, "How many splits at short context").
 constexpr int kOneSplitSteps = 3;
+// kCluster kernels: a context of at most this many loop steps runs one step per split in the
+// first thread-block cluster of its KV head (launched with cluster dims (1, kClusterSize, 1)),
+// whose blocks combine through distributed shared memory instead of the workspace and ticket.
+constexpr int kClusterSize = 8;
+
+// Thread-block clusters (sm_90): the whole cluster's barrier, and a float of another block's
+// shared memory (the same variable in block `rank` of this cluster).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float ld_cluster(const float* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned local = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+#else
+    return *p;
+#endif
+}
 
 template <int D>
 struct DecodeShape {
@@ -53,8 +78,12 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // of their split to the fault ring (fault_ring.cuh; ring int32 words, ring_capacity slots), so the
 // host drain can move it into HBM for later steps; this step still reads it zero-copy.
 // kFault = false compiles the posting away.
+// kCluster (one-sequence, device blocks only, sm_90): launched in clusters of kClusterSize blocks
+// along the splits; a context of at most kClusterSize steps is split one step per block of the
+// first cluster, which combines through distributed shared memory (no workspace, no ticket);
+// longer contexts take the workspace path below, as the plain kernel does.
 template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false,
-          bool kFault = false>
+          bool kFault = false, bool kCluster = false>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
@@ -65,6 +94,7 @@ __device__ __forceinline__ void decode_impl(
     int ring_capacity = 0) {
     static_assert(kRows || !kScores, "scores are written by the rows kernels only");
     static_assert(!kFault || (kHost && !kRows), "faults are posted by the one-sequence host-tier kernels only");
+    static_assert(!kCluster || (!kRows && !kHost), "the cluster kernels are one-sequence, device blocks only");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -75,6 +105,9 @@ __device__ __forceinline__ void decode_impl(
     __shared__ float red_m[kWarps][GM], red_l[kWarps][GM];
     __shared__ float weight[kMaxSplits][GM];
     __shared__ int is_last;
+    // kCluster: this block's merged partial, read by the cluster's first block.
+    __shared__ float cl_acc[kCluster ? GM : 1][kCluster ? D : 1];
+    __shared__ float cl_m[kCluster ? GM : 1], cl_l[kCluster ? GM : 1];
 
     // Before pdl_wait we may read what kernels before our predecessor wrote (pdl.cuh): the
     // position, the page table and every cached row but the newest. Only q and the newest
@@ -98,12 +131,19 @@ __device__ __forceinline__ void decode_impl(
     } else {
         seq_len = *pos + 1;
     }
-    int chunk = seq_len <= kOneSplitSteps * kTokIter ? seq_len : (seq_len + max_splits - 1) / max_splits;
-    chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
-    if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
+    // in_cluster (kCluster, uniform over the launch): one step per split, the first cluster only.
+    const bool in_cluster = kCluster && seq_len <= kClusterSize * kTokIter;
+    int chunk = kTokIter;
+    if (!in_cluster) {
+        chunk = seq_len <= kOneSplitSteps * kTokIter ? seq_len : (seq_len + max_splits - 1) / max_splits;
+        chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
+        if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
+    }
     const int nsplit = (seq_len + chunk - 1) / chunk;
-    if (split >= nsplit) return;
-    const int start = split * chunk;
+    // With a cluster combine every block of the first cluster takes part (an empty split holds
+    // the empty state), so the cluster barriers see all of them.
+    if (in_cluster ? (split >= kClusterSize || (nsplit == 1 && split > 0)) : split >= nsplit) return;
+    const int start = in_cluster ? min(split * chunk, seq_len) : split * chunk;  // empty cluster splits: none
     const int end = min(start + chunk, seq_len);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -242,6 +282,12 @@ __device__ __forceinline__ void decode_impl(
             if constexpr (kScores) {
                 if (d == 0) s_ml[kvh * G + g] = make_float2(mx, sum);
             }
+        } else if (kCluster && in_cluster) {
+            cl_acc[kCluster ? g : 0][kCluster ? d : 0] = a;
+            if (d == 0) {
+                cl_m[kCluster ? g : 0] = mx;
+                cl_l[kCluster ? g : 0] = sum;
+            }
         } else {
             const long long slot = ((long long)kvh * max_splits + split) * G + g;
             ws_acc[slot * D + d] = a;
@@ -249,6 +295,38 @@ __device__ __forceinline__ void decode_impl(
         }
     }
     if (nsplit == 1) return;
+
+    if constexpr (kCluster) {
+        if (in_cluster) {  // block `split` is rank `split` of its cluster (cluster dims (1, 8, 1))
+            cluster_sync();  // every block's partial is in its shared memory
+            if (split == 0) {
+                for (int idx = tid; idx < G * D; idx += kThreads) {
+                    const int g = idx / D, d = idx % D;
+                    float pm[kClusterSize], pl[kClusterSize], pa[kClusterSize];
+#pragma unroll
+                    for (int r = 0; r < kClusterSize; ++r) {  // every remote load before any use
+                        const bool live = r < nsplit;
+                        pm[r] = live ? ld_cluster(&cl_m[g], r) : kNegBig;
+                        pl[r] = live ? ld_cluster(&cl_l[g], r) : 0.f;
+                        pa[r] = live ? ld_cluster(&cl_acc[g][d], r) : 0.f;
+                    }
+                    float mx = kNegBig;
+#pragma unroll
+                    for (int r = 0; r < kClusterSize; ++r) mx = fmaxf(mx, pm[r]);
+                    float sum = 0.f, a = 0.f;
+#pragma unroll
+                    for (int r = 0; r < kClusterSize; ++r) {
+                        const float c = exp2f(pm[r] - mx);
+                        sum += pl[r] * c;
+                        a += pa[r] * c;
+                    }
+                    store_out(out, (long long)(kvh * G + g) * D + d, a / sum);
+                }
+            }
+            cluster_sync();  // the other blocks keep their shared memory until block 0 has read it
+            return;
+        }
+    }
 
     // Last block of this KV head to finish combines every split.
     __threadfence();

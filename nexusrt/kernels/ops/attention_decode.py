@@ -11,6 +11,7 @@ two blocks per SM; a short one uses as few splits as it has 32/64-token steps. O
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
 MAX_SPLITS = 128  # kMaxSplits in the kernel
 ONE_SPLIT_STEPS = 3  # kOneSplitSteps: a context of at most this many loop steps is one split
+CLUSTER_SIZE = 8  # kClusterSize: the cluster kernels' blocks per cluster, and their short-context limit in steps
+CLUSTER_SOURCE = "attention_decode_cluster"
 THREADS = 128
 
 
@@ -56,13 +59,32 @@ def tokens_per_step(head_dim: int, group: int) -> int:
     return row_groups * (4 if group <= 4 else 2)
 
 
-def split_plan(seq_len: int, max_splits: int, step: int) -> tuple[int, int]:
+def split_plan(seq_len: int, max_splits: int, step: int, cluster: bool = False) -> tuple[int, int]:
     """(chunk, nsplit) exactly as the kernel derives them from ``seq_len = *pos + 1``:
     chunks are multiples of ``step`` tokens and at most ``max_splits`` of them do work; a
-    context of at most ``ONE_SPLIT_STEPS`` steps is one split (no combine)."""
+    context of at most ``ONE_SPLIT_STEPS`` steps is one split (no combine). The cluster kernels
+    (``cluster``) split a context of at most ``CLUSTER_SIZE`` steps one step per split (combined
+    in the cluster, whatever ``max_splits``)."""
+    if cluster and seq_len <= CLUSTER_SIZE * step:
+        return step, ceil_div(seq_len, step)
     per_split = seq_len if seq_len <= ONE_SPLIT_STEPS * step else ceil_div(seq_len, max_splits)
     chunk = ceil_div(per_split, step) * step
     return chunk, ceil_div(seq_len, chunk)
+
+
+def cluster_context_limit(head_dim: int, group: int) -> int:
+    """The longest context (tokens) the cluster kernels combine in the cluster (one step per split,
+    ``CLUSTER_SIZE`` steps). Past it they take the workspace path, slower than the plain kernels'
+    (H200, 1B shape: 22.0 against 13.4 µs at 8,192 tokens), so callers switch back to those."""
+    return CLUSTER_SIZE * tokens_per_step(head_dim, group)
+
+
+def cluster_ok(rt) -> bool:
+    """The cluster kernels can run (sm_90+) and are not turned off (``NEXUSRT_ATTN_CLUSTER=0``)."""
+    if os.environ.get("NEXUSRT_ATTN_CLUSTER", "1") == "0":
+        return False
+    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
+    return tuple(cc) >= (9, 0)
 
 
 def choose_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int, sms: int,
@@ -112,7 +134,7 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
                      scale: float | None = None, fixed_chunk: int = 0, host_pools=None,
-                     scores: ScoresWorkspace | None = None, fault_ring=None) -> LaunchSpec:
+                     scores: ScoresWorkspace | None = None, fault_ring=None, cluster: bool = False) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
@@ -137,6 +159,12 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     ``scores`` (rows only, device pools only): the twin that also writes each key's raw score
     and each head's softmax state to the :class:`ScoresWorkspace` (h2o KV pruning); follow it
     with :func:`accumulate_scores`. Each row's slot must lie below ``scores.stride``.
+
+    ``cluster`` (sm_90, one sequence, device blocks; :func:`cluster_ok`): the
+    ``attention_decode_cluster_*`` twin, launched in clusters of ``CLUSTER_SIZE`` blocks along
+    the splits: a context of at most ``CLUSTER_SIZE`` loop steps takes one step per block and is
+    combined in the cluster's shared memory (:func:`split_plan` with ``cluster=True``); a longer
+    one takes the workspace as without it.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -167,18 +195,27 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     check_tensor(workspace.tickets, "workspace.tickets", lead + (num_kv_heads,), "int32")
     if scores is not None:  # rows only, so device blocks only (a rows host tier is refused above)
         check_scores(scores, rows, num_q_heads)
+    if cluster and (rows or host is not None or scores is not None):
+        raise ValueError("cluster: the cluster kernels are one-sequence, device blocks only "
+                         "(no rows workspace, host_pools, fault_ring or scores)")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None,
                        fault=bool(ring_args))
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "") + (FAULT_TAIL if ring_args else "")
     signature = SCORES_SIGNATURE if scores is not None else signature
-    kernel = rt.kernels.get(SOURCE if scores is None else SCORES_SOURCE, name, signature)
+    if cluster:
+        name = name.replace("attention_decode", "attention_decode_cluster", 1)
+    kernel = rt.kernels.get(CLUSTER_SOURCE if cluster else SOURCE if scores is None else SCORES_SOURCE, name,
+                            signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
     tail += host_args(host) + ring_args
     tail += (ptr(scores.raw), ptr(scores.ml), scores.stride) if scores is not None else ()
     args = kernel.pack(ptr(q), ptr(out), ptr(k_pool), ptr(v_pool), ptr(block_table), ptr(pos),
                        ptr(workspace.acc), ptr(workspace.ml), ptr(workspace.tickets), num_kv_heads,
                        group, splits, scale, *tail)
+    if cluster:  # the grid's splits a whole number of clusters (blocks past the work exit at once)
+        return LaunchSpec(kernel, (num_kv_heads, ceil_div(splits, CLUSTER_SIZE) * CLUSTER_SIZE, 1), (THREADS, 1, 1),
+                          args, 0, name, pdl=pdl_ok(rt), cluster=(1, CLUSTER_SIZE, 1))
     return LaunchSpec(kernel, (num_kv_heads, splits, max(rows, 1)), (THREADS, 1, 1), args, 0, name,
                       pdl=pdl_ok(rt))
 
@@ -291,16 +328,17 @@ def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
         # cases then show what the empty splits cost.
         splits = choose_splits(hkv, d, hq // hkv, max(contexts), sm_count(rt))
         ws = alloc_workspace(hq, hkv, d, splits)
-        specs = [attention_decode(rt, q, out, k, v, table, pos, ws, num_q_heads=hq, num_kv_heads=hkv,
-                                  head_dim=d) for k, v in kv]
-        state = {"i": 0}
+        for cluster in (False, True) if cluster_ok(rt) else (False,):  # the cluster twin beside the plain one
+            specs = [attention_decode(rt, q, out, k, v, table, pos, ws, num_q_heads=hq, num_kv_heads=hkv,
+                                      head_dim=d, cluster=cluster) for k, v in kv]
+            state = {"i": 0}
 
-        def launch(stream, specs=specs, state=state):  # rotates copies, also while captured
-            specs[state["i"] % len(specs)].launch(stream)
-            state["i"] += 1
+            def launch(stream, specs=specs, state=state):  # rotates copies, also while captured
+                specs[state["i"] % len(specs)].launch(stream)
+                state["i"] += 1
 
-        cases.append(BenchCase(f"attention_decode ctx{ctx} hq{hq} hkv{hkv} d{d}",
-                               bytes_moved(ctx, hq, hkv, d), launch, group="attention",
-                               notes={"context": ctx, "max_splits": splits, "pool_copies": copies,
-                                      "_keep": (kv, q, out, table, pos, ws)}))
+            cases.append(BenchCase(f"attention_decode{'[cluster]' if cluster else ''} ctx{ctx} hq{hq} hkv{hkv} d{d}",
+                                   bytes_moved(ctx, hq, hkv, d), launch, group="attention",
+                                   notes={"context": ctx, "max_splits": splits, "pool_copies": copies,
+                                          "cluster": cluster, "_keep": (kv, q, out, table, pos, ws)}))
     return cases

@@ -20,10 +20,15 @@ class LaunchSpec:
     name: str = ""
     pdl: bool = False  # programmatic dependent launch: only for kernels that call nrt::pdl_wait()
     cooperative: bool = False  # all blocks co-resident (the persistent kernel's blocks wait on each other)
+    cluster: tuple[int, int, int] | None = None  # thread-block cluster dims (sm_90), None: no clusters
 
     def launch(self, stream=None) -> None:
         if self.cooperative:
             self.kernel.launch_ex(self.grid, self.block, self.args, stream, self.shared, cooperative=True)
+            return
+        if self.cluster is not None:
+            self.kernel.launch_ex(self.grid, self.block, self.args, stream, self.shared, cluster=self.cluster,
+                                  pdl=self.pdl)
             return
         self.kernel.launch(self.grid, self.block, self.args, stream, self.shared, pdl=self.pdl)
 

@@ -115,6 +115,11 @@ class CudaRunner:
                              "graph path (NEXUSRT_DECODE=graph)")
         self.tp = tp
         self.kv_prefetch = bool(kv_prefetch)
+        # Decode attention by the cluster kernels while the context fits one cluster of steps
+        # (faster there, slower past it): two decode graphs, picked per step by context.
+        cluster = attn_dec.cluster_ok(rt) and not self.kv_plan.host_blocks and tp is None
+        self.cluster_limit = attn_dec.cluster_context_limit(
+            cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads) if cluster else 0
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -144,6 +149,8 @@ class CudaRunner:
                 tp.warm_up([self.buffers.hidden[0:1], self.buffers.hidden], self.buffers.logits, self.stream)
             t0 = time.perf_counter()
             self._decode_graph(sample=True)
+            if self.cluster_limit:
+                self._decode_graph(sample=True, context=1)
             self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers, tp))
             for m in self.buckets:
                 self._prefill_graph(m)
@@ -159,14 +166,17 @@ class CudaRunner:
             g = self._graphs[key] = scheduler.capture(build(), stream="compute")
         return g
 
-    def _decode_graph(self, sample: bool):
+    def _decode_graph(self, sample: bool, context: int | None = None):
+        """The graph of one decode step whose attention reads ``context`` tokens (None: any; the
+        graph with the plain attention kernels, which serves every context)."""
         # NEXUSRT_DECODE=persistent: one launch per step, greedy or sampled alike (it reads the
         # same SampleParams struct and step word as the graph path's sampler).
         if self._persistent is not None:
             return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
-        return self._graph(("decode", sample), lambda: steps.decode_stages(
+        cluster = context is not None and context <= self.cluster_limit
+        return self._graph(("decode", sample, cluster), lambda: steps.decode_stages(
             self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp,
-            fuse_rope=qkv_rope.enabled()))
+            fuse_rope=qkv_rope.enabled(), cluster=cluster))
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(
@@ -274,7 +284,7 @@ class CudaRunner:
         self.rt.device.make_current()
         self._set_word(self.buffers.token, token_id)
         self._set_word(self.buffers.pos, self.position)
-        self._decode_graph(sample=False).replay()
+        self._decode_graph(sample=False, context=self.position + 1).replay()
         self.position += 1
         self.service_faults()
 
@@ -370,14 +380,14 @@ class CudaRunner:
         self.prefill(ids)
         self._set_word(self.buffers.step, 0)
         self._launch_sampler()  # first token from the prefill logits; pos -> T
-        graph = self._decode_graph(sample=True)
         launched, got = 1, 0
         launch_s = []
         try:
             while got < budget:
                 while launched < budget and launched - got < QUEUE_AHEAD:
                     t0 = time.perf_counter()
-                    graph.replay()
+                    # This step appends position ids.size + launched - 1: its attention reads one more.
+                    self._decode_graph(sample=True, context=ids.size + launched).replay()
                     launch_s.append(time.perf_counter() - t0)
                     launched += 1
                 slot = got % RING

@@ -1,0 +1,60 @@
+"""The one-sequence runner's two decode graphs on the GPU: attention by the cluster kernels while
+the context fits one cluster of steps (faster there), by the plain kernels past it (the cluster
+kernels' long path is slower), picked per step by the context the step reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nexusrt.kernels.ops import attention_decode as attn_dec
+
+from test_cuda_model import _checkpoint, check_greedy_against_hf
+
+LIMIT = 256  # the qwen3 test checkpoint: head_dim 128, group 2
+
+
+def _skip_without_clusters(rt):
+    if not attn_dec.cluster_ok(rt):
+        pytest.skip("the cluster kernels need sm_90 (and NEXUSRT_ATTN_CLUSTER not 0)")
+
+
+@pytest.mark.gpu
+def test_greedy_generation_across_the_cluster_limit_matches_hf(gpu_rt, tmp_path_factory):
+    _skip_without_clusters(gpu_rt)
+    path = _checkpoint("qwen3", tmp_path_factory)
+    assert attn_dec.cluster_context_limit(128, 2) == LIMIT
+    ids = np.random.default_rng(13).integers(0, 300, LIMIT - 16).tolist()  # 16 steps each side
+    check_greedy_against_hf(path, ids, 32, max_context=320, label="qwen3 across the cluster limit")
+
+
+@pytest.mark.gpu
+def test_decode_picks_the_cluster_graph_up_to_the_limit_and_the_plain_one_past_it(gpu_rt, tmp_path_factory):
+    import nexusrt as nrt
+    from nexusrt.backends.cuda.runner import CudaRunner
+    from nexusrt.models.loader import load_model
+
+    _skip_without_clusters(gpu_rt)
+    path = _checkpoint("qwen3", tmp_path_factory)
+    ids = np.random.default_rng(17).integers(0, 300, LIMIT + 8).astype(np.int32)
+    runner = CudaRunner(load_model(path), nrt.firmware.runtime(), max_context=320)
+    try:
+        assert runner.cluster_limit == LIMIT
+        short, long_ = runner._decode_graph(False, LIMIT), runner._decode_graph(False, LIMIT + 1)
+        assert short is not long_ and long_ is runner._decode_graph(False, None)
+        assert ("decode", True, True) in runner._graphs  # the sampled pair is captured up front
+        full = runner.forward_all(ids)  # teacher-forced, the prefill kernels: the reference here
+        runner.reset()
+        runner.prefill(ids[:LIMIT - 4])
+        got = []
+        for t in ids[LIMIT - 4:]:  # contexts LIMIT - 3 .. LIMIT + 8: both graphs
+            got.append(runner.last_logits())
+            runner.decode(int(t))
+        got = np.stack(got)
+        want = full[LIMIT - 5:LIMIT + 7]  # the row before each step's token, as last_logits() gives it
+        assert np.isfinite(got).all()
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 0.02 * scale  # bf16 activations either way
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+    finally:
+        runner.close()

@@ -102,18 +102,21 @@ __device__ void stage_x(float* xs, const float* x, const float* norm_w, float ep
     __syncthreads();
 }
 
+// Bias element i: bf16 with kBiasBf16, else fp32 (the plain, gate_up and fused-RoPE stores).
+__device__ __forceinline__ float bias_at(const void* bias, int flags, int i) {
+    return (flags & kBiasBf16) ? __bfloat162float(((const __nv_bfloat16*)bias)[i]) : ((const float*)bias)[i];
+}
+
 template <int RPW>
 __device__ __forceinline__ float epilogue(const float (&v)[RPW], int m, int j, int N,
                                           const void* bias, const float* residual, int flags) {
     float out;
     if (RPW == 1) {
         out = v[0];
-        if (flags & kBias)
-            out += (flags & kBiasBf16) ? __bfloat162float(((const __nv_bfloat16*)bias)[j])
-                                       : ((const float*)bias)[j];
+        if (flags & kBias) out += bias_at(bias, flags, j);
     } else {
         float g = v[0], u = v[RPW - 1];
-        if (flags & kBias) {
+        if (flags & kBias) {  // one dtype test for both halves (bias_at twice schedules gemv.cu differently)
             if (flags & kBiasBf16) {
                 g += __bfloat162float(((const __nv_bfloat16*)bias)[j]);
                 u += __bfloat162float(((const __nv_bfloat16*)bias)[N + j]);

@@ -35,16 +35,12 @@ struct RopeStore {
         return (j / kHalf) * D + j % kHalf + r * kHalf;
     }
 
-    __device__ __forceinline__ float bias_at(int row) const {
-        return (flags & kBiasBf16) ? __bfloat162float(((const __nv_bfloat16*)bias)[row]) : ((const float*)bias)[row];
-    }
-
     __device__ __forceinline__ void operator()(int, int j, const float (&v)[2]) const {
         const int head = j / kHalf, i = j % kHalf, row = head * D + i;
         float a = v[0], b = v[1];
         if (flags & kBias) {
-            a += bias_at(row);
-            b += bias_at(row + kHalf);
+            a += bias_at(bias, flags, row);
+            b += bias_at(bias, flags, row + kHalf);
         }
         const int t = *pos;
         if (head < Hq + Hkv) nrt_attn::rope_pair(a, b, t, inv_freq[i]);

@@ -198,10 +198,12 @@ class _CpuDriver:
 
     def install(self, monkeypatch, rt) -> "_CpuDriver":
         from nexusrt.backends.cuda import faults
+        from nexusrt.driver import doorbell
         from nexusrt.driver.streams import Stream
 
         driver = self
         monkeypatch.setattr(faults, "call", self)
+        monkeypatch.setattr(doorbell, "call", self)  # the bell's stream writes and waits
 
         class Fake(Stream):
             def synchronize(self):
@@ -658,6 +660,7 @@ def test_the_kernels_ring_layout_is_the_python_one():
 def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, monkeypatch, fail):
     import nexusrt as nrt
     from nexusrt.backends.cuda import faults
+    from nexusrt.driver import doorbell
 
     driver = _CpuDriver()
     cfg, b, owned = _rig(8, 4, 4, 8)
@@ -677,6 +680,7 @@ def test_a_failing_service_or_constructor_leaks_no_event_and_no_memory(cpu_rt, m
 
     second_fails.n = 0
     monkeypatch.setattr(faults, "call", failing)
+    monkeypatch.setattr(doorbell, "call", failing)  # the bell's stream writes and waits
     made, live = _counted_events(monkeypatch, fail_at=2 if fail == "second event" else None)
     if fail == "second pinned buffer":
         monkeypatch.setattr(faults.memory, "pinned", second_fails)

@@ -16,6 +16,20 @@ from .calls import call, cu
 from .waits import deadline_ms, default_timeout_ms
 
 
+def write_word(stream_handle, addr: int, value: int) -> None:
+    """Store the 32-bit ``value`` at device address ``addr`` in ``stream_handle``'s order."""
+    call("cuStreamWriteValue32", stream_handle, addr, int(value),
+         cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+
+
+def wait_word(stream_handle, addr: int, value: int, *, any_bit: bool = False) -> None:
+    """Hold ``stream_handle``'s later work until the 32-bit word at ``addr`` is ``>= value``
+    (cyclic compare), or with ``any_bit`` until ``word & value != 0`` (a flag the waiter clears)."""
+    flags = cu().CUstreamWaitValue_flags
+    call("cuStreamWaitValue32", stream_handle, addr, int(value),
+         flags.CU_STREAM_WAIT_VALUE_AND if any_bit else flags.CU_STREAM_WAIT_VALUE_GEQ)
+
+
 class Doorbell:
     """A monotonic counter shared by the host and the device."""
 
@@ -48,16 +62,14 @@ class Doorbell:
             if stream is None:
                 self._word().value = self.count
             else:
-                call("cuStreamWriteValue32", stream.handle, self.device_ptr, self.count,
-                     cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+                write_word(stream.handle, self.device_ptr, self.count)
         return self.count
 
     def wait_on(self, stream, value: int | None = None) -> int:
         """Hold ``stream``'s later work until the word reaches ``value`` (default: next ring)."""
         value = self.count + 1 if value is None else int(value)
         if self.backend == "cuda":
-            call("cuStreamWaitValue32", stream.handle, self.device_ptr, value,
-                 cu().CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+            wait_word(stream.handle, self.device_ptr, value)
         return value
 
     def host_wait(self, value: int, timeout_ms: float | None = None) -> None:

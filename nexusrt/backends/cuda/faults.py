@@ -47,7 +47,8 @@ from __future__ import annotations
 import numpy as np
 
 from ... import memory
-from ...driver.calls import call, cu
+from ...driver.calls import call
+from ...driver.doorbell import wait_word, write_word
 from ...driver.streams import Event
 from ...kvcache.blocks import BLOCK_SIZE
 from ...kvcache.fault_plan import FaultDrain, spans
@@ -188,17 +189,12 @@ class FaultService:
         forever once no step posts again. A ring from the compute stream that lands after the
         clear only makes the next snapshot run at once."""
         watch = self.watch.handle
-        call("cuStreamWaitValue32", watch, self.bell, 1, cu().CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_AND)
-        self._ring(watch, 0)
+        wait_word(watch, self.bell, 1, any_bit=True)
+        write_word(watch, self.bell, 0)
         call("cuMemcpyDtoHAsync", self.mirror.ptr, self.ring.words.ptr, self.mirror.nbytes, watch)
         self._copied.record(self.watch)
-        self._ring(self.compute.handle, 1)
+        write_word(self.compute.handle, self.bell, 1)
         self._snapshot = True
-
-    def _ring(self, stream_handle, value: int) -> None:
-        """Store ``value`` into the bell in ``stream_handle``'s order."""
-        call("cuStreamWriteValue32", stream_handle, self.bell, value,
-             cu().CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
 
     def _behind_compute(self) -> None:
         """Hold the control stream's next work until the compute stream's work so far is done."""

@@ -93,6 +93,48 @@ def test_cluster_launch_fills_whole_clusters_and_refuses_what_it_does_not_cover(
                              host_pools=host, cluster=True)
 
 
+def test_compiles_the_mma_kernels_for_sm80_and_sm90():
+    names = {dec.kernel_name(d, g).replace("attention_decode", "attention_decode_mma", 1)
+             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
+    assert len(names) == 12
+    for arch in ("sm_80", "sm_90a"):
+        cubin = compile_file(dec.MMA_SOURCE, arch, use_cache=False).cubin
+        assert all(name.encode() in cubin for name in names), arch
+
+
+def test_mma_launch_asks_for_its_ring_and_refuses_what_it_does_not_cover():
+    rt = FakeRuntime()
+    spec = dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True)
+    assert spec.kernel.name == "attention_decode_mma_d128_g4"
+    assert spec.grid == (8, 4, 1) and spec.shared == dec.mma_shared_bytes(128) == 96 * 1024
+    assert spec.kernel.shared == 96 * 1024  # opted in past the default 48 KiB
+    assert dec.mma_shared_bytes(64) == 64 * 1024
+    assert dec.tokens_per_step(64, 4, mma=True) == dec.tokens_per_step(128, 8, mma=True) == 4 * BLOCK_SIZE
+    with pytest.raises(ValueError, match="mma: the mma kernels are one-sequence"):
+        dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
+                             cluster=True)
+    host = (tensor((4, 8, BLOCK_SIZE, 128), "bf16"), tensor((4, 8, BLOCK_SIZE, 128), "bf16"))
+    with pytest.raises(ValueError, match="mma: the mma kernels are one-sequence"):
+        dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
+                             host_pools=host)
+
+
+def test_mma_ok_needs_sm80_and_follows_the_environment(monkeypatch):
+    rt = FakeRuntime()
+    rt.profile = SimpleNamespace(compute_capability=(7, 5))
+    assert not dec.mma_ok(rt)
+    rt.profile.compute_capability = (8, 0)
+    assert dec.mma_ok(rt)
+    monkeypatch.setenv("NEXUSRT_ATTN_MMA", "0")
+    assert not dec.mma_ok(rt)
+
+
+def test_mma_ring_constants_match_the_kernel():
+    body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention_mma.cuh").read_text()
+    assert re.search(r"return D == 64 \? (\d+) : (\d+);", body).groups() == tuple(
+        str(dec.MMA_STAGES[d]) for d in (64, 128))
+
+
 def test_cluster_ok_needs_sm90_and_follows_the_environment(monkeypatch):
     rt = FakeRuntime()
     monkeypatch.delenv("NEXUSRT_ATTN_CLUSTER", raising=False)
@@ -237,16 +279,21 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
     pos = nrt.memory.from_numpy(np.array([seq_len - 1], dtype=np.int32))
     g = hq // hkv
     cluster_runs = [True] if dec.cluster_ok(gpu_rt) else []
-    for splits, cluster in [(s, False) for s in sorted({1, dec.choose_splits(hkv, d, g, 8192, 132), dec.MAX_SPLITS})] + \
-            [(s, True) for s in sorted({3, dec.choose_splits(hkv, d, g, 8192, 132)}) for _ in cluster_runs]:
+    mma_runs = [True] if dec.mma_ok(gpu_rt) else []
+    many = dec.choose_splits(hkv, d, g, 8192, 132)
+    runs = [(s, "") for s in sorted({1, many, dec.MAX_SPLITS})] + \
+        [(s, "cluster") for s in sorted({3, many}) for _ in cluster_runs] + \
+        [(s, "mma") for s in sorted({1, many, dec.MAX_SPLITS}) for _ in mma_runs]
+    for splits, kind in runs:
+        cluster, mma = kind == "cluster", kind == "mma"
         # The partials' workspace starts as NaN: the splits that ran are the slots written.
         nan = np.full((hkv, splits, g, 2), np.nan, dtype=np.float32)
         ws = dec.DecodeWorkspace(nrt.memory.from_numpy(np.full((hkv, splits, g, d), np.nan, dtype=np.float32)),
                                  nrt.memory.from_numpy(nan), nrt.memory.zeros((hkv,), "int32"), splits)
         out = nrt.memory.from_numpy(np.full(hq * d, np.nan, dtype=np.float32))
         spec = dec.attention_decode(gpu_rt, q_t, out, pos=pos, workspace=ws, num_q_heads=hq,
-                                    num_kv_heads=hkv, head_dim=d, cluster=cluster, **dev)
-        what = f"max_splits={splits}" + (" (cluster)" if cluster else "")
+                                    num_kv_heads=hkv, head_dim=d, cluster=cluster, mma=mma, **dev)
+        what = f"max_splits={splits}" + (f" ({kind})" if kind else "")
         for _ in range(2):  # a replay must find the tickets reset
             spec.launch()
             got = out.to_numpy()
@@ -255,7 +302,7 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
         assert (ws.tickets.to_numpy() == 0).all()
         # The kernel split the context as split_plan says (one split, or a cluster's combine,
         # writes no partials).
-        step = dec.tokens_per_step(d, g)
+        step = dec.tokens_per_step(d, g, mma=mma)
         _, nsplit = dec.split_plan(seq_len, splits, step, cluster=cluster)
         via_ws = nsplit > 1 and not (cluster and seq_len <= dec.CLUSTER_SIZE * step)
         written = np.isfinite(ws.ml.to_numpy()).all(axis=(0, 2, 3))

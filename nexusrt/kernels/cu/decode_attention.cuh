@@ -7,6 +7,7 @@
 #pragma once
 
 #include "attn_common.cuh"
+#include "decode_attention_mma.cuh"
 #include "fault_ring.cuh"
 
 namespace {
@@ -82,8 +83,11 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // along the splits; a context of at most kClusterSize steps is split one step per block of the
 // first cluster, which combines through distributed shared memory (no workspace, no ticket);
 // longer contexts take the workspace path below, as the plain kernel does.
+// kMma (one-sequence, device blocks only; attention_decode_mma.cu): the split's tokens are read and
+// multiplied by decode_attention_mma.cuh (pages streamed into shared memory, tensor cores) instead
+// of the loop below; a step is kWarps pages. The merge and the combine are the same code.
 template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false,
-          bool kFault = false, bool kCluster = false>
+          bool kFault = false, bool kCluster = false, bool kMma = false>
 __device__ __forceinline__ void decode_impl(
     const float* __restrict__ q, OutT* __restrict__ out, const __nv_bfloat16* __restrict__ k_pool,
     const __nv_bfloat16* __restrict__ v_pool, const int* __restrict__ page_table, const int* __restrict__ pos,
@@ -95,11 +99,12 @@ __device__ __forceinline__ void decode_impl(
     static_assert(kRows || !kScores, "scores are written by the rows kernels only");
     static_assert(!kFault || (kHost && !kRows), "faults are posted by the one-sequence host-tier kernels only");
     static_assert(!kCluster || (!kRows && !kHost), "the cluster kernels are one-sequence, device blocks only");
+    static_assert(!kMma || (!kRows && !kHost && !kCluster), "the mma kernels are one-sequence, device blocks only");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
     constexpr int kUnroll = GM <= 4 ? 4 : 2;  // tokens per row group per step (registers bound it)
-    constexpr int kTokIter = kRowGroups * kUnroll;
+    constexpr int kTokIter = kMma ? kWarps * nrt_attn::kPage : kRowGroups * kUnroll;
 
     __shared__ float red_acc[kWarps][GM][D];
     __shared__ float red_m[kWarps][GM], red_l[kWarps][GM];
@@ -151,116 +156,121 @@ __device__ __forceinline__ void decode_impl(
     const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
     const int newest = seq_len - 1;          // rope_append writes this row just before us
 
-    // Two register buffers of one step's K and V rows (A, B): the loop issues the next step's
-    // loads into one before it computes on the other, so a block keeps two steps of rows in
-    // flight instead of waiting out the memory latency once per step.
-    using Rows = uint4[kUnroll];
-    using Valid = bool[kUnroll];
-    Rows k_a, v_a, k_b, v_b;
-    Valid ok_a, ok_b;
-    auto load_row = [&](Rows& kraw, Rows& vraw, int u, int t) {
-        const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
-        const long long off = nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + dim0;
-        kraw[u] = *reinterpret_cast<const uint4*>(kb + off);
-        vraw[u] = *reinterpret_cast<const uint4*>(vb + off);
-    };
-    // Issue every K and V load of a step before using any (memory-level parallelism).
-    auto load_step = [&](Rows& kraw, Rows& vraw, Valid& valid, int base, bool older_only) {
+    if constexpr (kMma) {
+        nrt_decode_mma::split_state<D, GM, kWarps>(q, k_pool, v_pool, page_table, kvh, Hkv, G, start, end, newest,
+                                                    scale * nrt_attn::kLog2e, red_acc, red_m, red_l);
+    } else {
+        // Two register buffers of one step's K and V rows (A, B): the loop issues the next step's
+        // loads into one before it computes on the other, so a block keeps two steps of rows in
+        // flight instead of waiting out the memory latency once per step.
+        using Rows = uint4[kUnroll];
+        using Valid = bool[kUnroll];
+        Rows k_a, v_a, k_b, v_b;
+        Valid ok_a, ok_b;
+        auto load_row = [&](Rows& kraw, Rows& vraw, int u, int t) {
+            const __nv_bfloat16 *kb = k_pool, *vb = v_pool;
+            const long long off = nrt_attn::kv_locate<kHost>(page_table, t, kvh, Hkv, D, kb, vb, k_host, v_host) + dim0;
+            kraw[u] = *reinterpret_cast<const uint4*>(kb + off);
+            vraw[u] = *reinterpret_cast<const uint4*>(vb + off);
+        };
+        // Issue every K and V load of a step before using any (memory-level parallelism).
+        auto load_step = [&](Rows& kraw, Rows& vraw, Valid& valid, int base, bool older_only) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int t = base + u * kRowGroups + rg;
-            valid[u] = t < end;
-            if (!valid[u]) {
-                kraw[u] = make_uint4(0, 0, 0, 0);
-                vraw[u] = make_uint4(0, 0, 0, 0);
-            } else if (!older_only || t != newest) {
-                load_row(kraw, vraw, u, t);
+            for (int u = 0; u < kUnroll; ++u) {
+                const int t = base + u * kRowGroups + rg;
+                valid[u] = t < end;
+                if (!valid[u]) {
+                    kraw[u] = make_uint4(0, 0, 0, 0);
+                    vraw[u] = make_uint4(0, 0, 0, 0);
+                } else if (!older_only || t != newest) {
+                    load_row(kraw, vraw, u, t);
+                }
             }
+        };
+        // The first step's older rows stream in while rope_append still runs; then wait for it.
+        load_step(k_a, v_a, ok_a, start, true);
+        if constexpr (kFault) {
+            // Every KV head reads the same table entries: head 0's blocks post for all of them,
+            // while the first loads are in flight. The table is written by no kernel (PDL-safe).
+            if (kvh == 0)
+                nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
+                                           ring_capacity, tid, kThreads);
+            // Reconverge the warp here, explicitly: after the posts' divergent CAS loops the compiler
+            // could not prove the warps converged at the main loop's reductions and put divergence
+            // checks with collective fallbacks before their shuffles (the host twin has none there).
+            // The H200 timed this twin 4x slower than the host twin on device-resident blocks; with
+            // the sync the SASS has the host twin's shape (NOTES_host_tier.md; not yet re-timed).
+            __syncwarp();
         }
-    };
-    // The first step's older rows stream in while rope_append still runs; then wait for it.
-    load_step(k_a, v_a, ok_a, start, true);
-    if constexpr (kFault) {
-        // Every KV head reads the same table entries: head 0's blocks post for all of them,
-        // while the first loads are in flight. The table is written by no kernel (PDL-safe).
-        if (kvh == 0)
-            nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
-                                       ring_capacity, tid, kThreads);
-        // Reconverge the warp here, explicitly: after the posts' divergent CAS loops the compiler
-        // could not prove the warps converged at the main loop's reductions and put divergence
-        // checks with collective fallbacks before their shuffles (the host twin has none there).
-        // The H200 timed this twin 4x slower than the host twin on device-resident blocks; with
-        // the sync the SASS has the host twin's shape (NOTES_host_tier.md; not yet re-timed).
-        __syncwarp();
-    }
-    nrt::pdl_enter();
+        nrt::pdl_enter();
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-        if (start + u * kRowGroups + rg == newest && ok_a[u]) load_row(k_a, v_a, u, newest);
+        for (int u = 0; u < kUnroll; ++u)
+            if (start + u * kRowGroups + rg == newest && ok_a[u]) load_row(k_a, v_a, u, newest);
 
-    // q of the G heads, prescaled so that scores are in the exp2 domain.
-    float qr[GM][8];
-    const float qscale = scale * nrt_attn::kLog2e;
+        // q of the G heads, prescaled so that scores are in the exp2 domain.
+        float qr[GM][8];
+        const float qscale = scale * nrt_attn::kLog2e;
 #pragma unroll
-    for (int g = 0; g < GM; ++g) {
-        if (g >= G) {  // a head past the group: zeros, never used
+        for (int g = 0; g < GM; ++g) {
+            if (g >= G) {  // a head past the group: zeros, never used
 #pragma unroll
-            for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
-            continue;
+                for (int i = 0; i < 8; ++i) qr[g][i] = 0.f;
+                continue;
+            }
+            const float4* src = reinterpret_cast<const float4*>(q + (long long)(kvh * G + g) * D + dim0);
+            const float4 a = src[0], b = src[1];
+            nrt_attn::scaled_q(a, b, qscale, qr[g]);
         }
-        const float4* src = reinterpret_cast<const float4*>(q + (long long)(kvh * G + g) * D + dim0);
-        const float4 a = src[0], b = src[1];
-        nrt_attn::scaled_q(a, b, qscale, qr[g]);
-    }
 
-    float m[GM], l[GM], acc[GM][8];
-    nrt_attn::empty_state<GM>(m, l, acc);
+        float m[GM], l[GM], acc[GM][8];
+        nrt_attn::empty_state<GM>(m, l, acc);
 
-    auto compute_step = [&](const Rows& kraw, const Rows& vraw, const Valid& valid, int base) {
-        float s[kUnroll][GM];
-        nrt_attn::row_scores<GM, kUnroll, kRowLanes>(kraw, qr, s, G);
-        if constexpr (kScores) {
-            if (dim0 == 0) {  // every lane of a row group holds the group's sums; one writes them
+        auto compute_step = [&](const Rows& kraw, const Rows& vraw, const Valid& valid, int base) {
+            float s[kUnroll][GM];
+            nrt_attn::row_scores<GM, kUnroll, kRowLanes>(kraw, qr, s, G);
+            if constexpr (kScores) {
+                if (dim0 == 0) {  // every lane of a row group holds the group's sums; one writes them
 #pragma unroll
-                for (int u = 0; u < kUnroll; ++u) {
-                    if (!valid[u]) continue;
-                    const int t = base + u * kRowGroups + rg;
+                    for (int u = 0; u < kUnroll; ++u) {
+                        if (!valid[u]) continue;
+                        const int t = base + u * kRowGroups + rg;
 #pragma unroll
-                    for (int g = 0; g < GM; ++g) {
-                        if (g >= G) break;
-                        s_raw[(long long)(kvh * G + g) * s_stride + t] = s[u][g];
+                        for (int g = 0; g < GM; ++g) {
+                            if (g >= G) break;
+                            s_raw[(long long)(kvh * G + g) * s_stride + t] = s[u][g];
+                        }
                     }
                 }
             }
+            nrt_attn::online_softmax_step<GM, kUnroll>(s, valid, vraw, m, l, acc, G);
+        };
+        // Steps alternate between the buffers (two per trip, so each buffer stays in registers).
+        for (int base = start; base < end; base += 2 * kTokIter) {
+            const int next = base + kTokIter;
+            if (next < end) load_step(k_b, v_b, ok_b, next, false);
+            compute_step(k_a, v_a, ok_a, base);
+            if (next >= end) break;
+            if (next + kTokIter < end) load_step(k_a, v_a, ok_a, next + kTokIter, false);
+            compute_step(k_b, v_b, ok_b, next);
         }
-        nrt_attn::online_softmax_step<GM, kUnroll>(s, valid, vraw, m, l, acc, G);
-    };
-    // Steps alternate between the buffers (two per trip, so each buffer stays in registers).
-    for (int base = start; base < end; base += 2 * kTokIter) {
-        const int next = base + kTokIter;
-        if (next < end) load_step(k_b, v_b, ok_b, next, false);
-        compute_step(k_a, v_a, ok_a, base);
-        if (next >= end) break;
-        if (next + kTokIter < end) load_step(k_a, v_a, ok_a, next + kTokIter, false);
-        compute_step(k_b, v_b, ok_b, next);
-    }
 
-    // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...
+        // Merge the row groups of each warp (lanes kRowLanes, 2*kRowLanes, ... apart) ...
 #pragma unroll
-    for (int off = kRowLanes; off < 32; off *= 2) merge_state<GM>(m, l, acc, off, G);
-    // ... then the warps, through shared memory.
-    if (lane < kRowLanes) {
+        for (int off = kRowLanes; off < 32; off *= 2) merge_state<GM>(m, l, acc, off, G);
+        // ... then the warps, through shared memory.
+        if (lane < kRowLanes) {
 #pragma unroll
-        for (int g = 0; g < GM; ++g) {
+            for (int g = 0; g < GM; ++g) {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+                for (int i = 0; i < 8; ++i) red_acc[warp][g][dim0 + i] = acc[g][i];
+            }
         }
-    }
-    if (lane == 0) {
+        if (lane == 0) {
 #pragma unroll
-        for (int g = 0; g < GM; ++g) {
-            red_m[warp][g] = m[g];
-            red_l[warp][g] = l[g];
+            for (int g = 0; g < GM; ++g) {
+                red_m[warp][g] = m[g];
+                red_l[warp][g] = l[g];
+            }
         }
     }
     __syncthreads();

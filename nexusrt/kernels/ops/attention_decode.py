@@ -31,6 +31,8 @@ MAX_SPLITS = 128  # kMaxSplits in the kernel
 ONE_SPLIT_STEPS = 3  # kOneSplitSteps: a context of at most this many loop steps is one split
 CLUSTER_SIZE = 8  # kClusterSize: the cluster kernels' blocks per cluster, and their short-context limit in steps
 CLUSTER_SOURCE = "attention_decode_cluster"
+MMA_SOURCE = "attention_decode_mma"
+MMA_STAGES = {64: 4, 128: 3}  # nrt_decode_mma::stages<D>(): pages in flight per warp
 THREADS = 128
 
 
@@ -53,10 +55,28 @@ def kernel_name(head_dim: int, group: int, rows: bool = False, host: bool = Fals
     return f"{prefix}_d{head_dim}_gmax{4 if group < 4 else 8}"
 
 
-def tokens_per_step(head_dim: int, group: int) -> int:
-    """Tokens one block consumes per loop step (the chunk granularity; kTokIter)."""
+def tokens_per_step(head_dim: int, group: int, mma: bool = False) -> int:
+    """Tokens one block consumes per loop step (the chunk granularity; kTokIter): for the mma
+    kernels one 16-token block per warp."""
+    if mma:
+        return (THREADS // 32) * BLOCK_SIZE
     row_groups = THREADS // (head_dim // 8)
     return row_groups * (4 if group <= 4 else 2)
+
+
+def mma_shared_bytes(head_dim: int) -> int:
+    """Dynamic shared memory of an mma kernel's block (nrt_decode_mma::ring_bytes): per warp, a ring
+    of ``MMA_STAGES`` K and V blocks of one KV head (64 KiB at head_dim 64, 96 KiB at 128)."""
+    return (THREADS // 32) * MMA_STAGES[head_dim] * 2 * BLOCK_SIZE * head_dim * 2
+
+
+def mma_ok(rt) -> bool:
+    """The mma kernels can run (mma.sync bf16 and cp.async: sm_80+) and are not turned off
+    (``NEXUSRT_ATTN_MMA=0``)."""
+    if os.environ.get("NEXUSRT_ATTN_MMA", "1") == "0":
+        return False
+    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
+    return tuple(cc) >= (8, 0)
 
 
 def split_plan(seq_len: int, max_splits: int, step: int, cluster: bool = False) -> tuple[int, int]:
@@ -89,7 +109,8 @@ def cluster_ok(rt) -> bool:
 
 def choose_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int, sms: int,
                   blocks_per_sm: int = 2) -> int:
-    """``max_splits`` for a context of up to ``max_context`` tokens on ``sms`` SMs."""
+    """``max_splits`` for a context of up to ``max_context`` tokens on ``sms`` SMs (sized by the
+    CUDA-core kernels' step, the smaller one: the mma kernels' extra splits exit at once)."""
     want = ceil_div(blocks_per_sm * sms, num_kv_heads)
     useful = ceil_div(max_context, tokens_per_step(head_dim, group))
     return max(1, min(MAX_SPLITS, want, useful))
@@ -134,7 +155,8 @@ def alloc_workspace(num_q_heads: int, num_kv_heads: int, head_dim: int, max_spli
 def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: DecodeWorkspace, *,
                      num_q_heads: int, num_kv_heads: int, head_dim: int,
                      scale: float | None = None, fixed_chunk: int = 0, host_pools=None,
-                     scores: ScoresWorkspace | None = None, fault_ring=None, cluster: bool = False) -> LaunchSpec:
+                     scores: ScoresWorkspace | None = None, fault_ring=None, cluster: bool = False,
+                     mma: bool = False) -> LaunchSpec:
     """Launch spec for one query token: ``q`` fp32 ``[Hq, D]`` -> ``out`` fp32 ``[Hq * D]``.
 
     Keys and values are positions ``0 .. *pos`` of the paged bf16 pools
@@ -165,6 +187,10 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     the splits: a context of at most ``CLUSTER_SIZE`` loop steps takes one step per block and is
     combined in the cluster's shared memory (:func:`split_plan` with ``cluster=True``); a longer
     one takes the workspace as without it.
+
+    ``mma`` (sm_80+, one sequence, device blocks; :func:`mma_ok`): the ``attention_decode_mma_*``
+    twin: each warp streams its own KV blocks into shared memory (``mma_shared_bytes``) and
+    multiplies them on tensor cores; a loop step is ``tokens_per_step(..., mma=True)`` tokens.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -198,15 +224,19 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     if cluster and (rows or host is not None or scores is not None):
         raise ValueError("cluster: the cluster kernels are one-sequence, device blocks only "
                          "(no rows workspace, host_pools, fault_ring or scores)")
+    if mma and (cluster or rows or host is not None or scores is not None):
+        raise ValueError("mma: the mma kernels are one-sequence, device blocks only "
+                         "(no rows workspace, host_pools, fault_ring, scores or cluster)")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None,
                        fault=bool(ring_args))
     signature = (ROWS_SIGNATURE if rows else SIGNATURE) + (HOST_TAIL if host else "") + (FAULT_TAIL if ring_args else "")
     signature = SCORES_SIGNATURE if scores is not None else signature
-    if cluster:
-        name = name.replace("attention_decode", "attention_decode_cluster", 1)
-    kernel = rt.kernels.get(CLUSTER_SOURCE if cluster else SOURCE if scores is None else SCORES_SOURCE, name,
-                            signature)
+    source = SOURCE if scores is None else SCORES_SOURCE
+    if cluster or mma:
+        source = CLUSTER_SOURCE if cluster else MMA_SOURCE
+        name = name.replace("attention_decode", source, 1)
+    kernel = rt.kernels.get(source, name, signature)
     tail = (int(block_table.shape[1]), int(fixed_chunk)) if rows else ()
     tail += host_args(host) + ring_args
     tail += (ptr(scores.raw), ptr(scores.ml), scores.stride) if scores is not None else ()
@@ -216,7 +246,11 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     if cluster:  # the grid's splits a whole number of clusters (blocks past the work exit at once)
         return LaunchSpec(kernel, (num_kv_heads, ceil_div(splits, CLUSTER_SIZE) * CLUSTER_SIZE, 1), (THREADS, 1, 1),
                           args, 0, name, pdl=pdl_ok(rt), cluster=(1, CLUSTER_SIZE, 1))
-    return LaunchSpec(kernel, (num_kv_heads, splits, max(rows, 1)), (THREADS, 1, 1), args, 0, name,
+    shared = 0
+    if mma:
+        shared = mma_shared_bytes(head_dim)
+        kernel.set_max_dynamic_shared(shared, rt.device.handle)
+    return LaunchSpec(kernel, (num_kv_heads, splits, max(rows, 1)), (THREADS, 1, 1), args, shared, name,
                       pdl=pdl_ok(rt))
 
 
@@ -328,17 +362,19 @@ def bench_cases(rt, config, contexts=(128, 1024, 8192)) -> list[BenchCase]:
         # cases then show what the empty splits cost.
         splits = choose_splits(hkv, d, hq // hkv, max(contexts), sm_count(rt))
         ws = alloc_workspace(hq, hkv, d, splits)
-        for cluster in (False, True) if cluster_ok(rt) else (False,):  # the cluster twin beside the plain one
+        kinds = [""] + (["cluster"] if cluster_ok(rt) else []) + (["mma"] if mma_ok(rt) else [])
+        for kind in kinds:  # the cluster and mma twins beside the plain kernel
             specs = [attention_decode(rt, q, out, k, v, table, pos, ws, num_q_heads=hq, num_kv_heads=hkv,
-                                      head_dim=d, cluster=cluster) for k, v in kv]
+                                      head_dim=d, cluster=kind == "cluster", mma=kind == "mma") for k, v in kv]
             state = {"i": 0}
 
             def launch(stream, specs=specs, state=state):  # rotates copies, also while captured
                 specs[state["i"] % len(specs)].launch(stream)
                 state["i"] += 1
 
-            cases.append(BenchCase(f"attention_decode{'[cluster]' if cluster else ''} ctx{ctx} hq{hq} hkv{hkv} d{d}",
+            cases.append(BenchCase(f"attention_decode{f'[{kind}]' if kind else ''} ctx{ctx} hq{hq} hkv{hkv} d{d}",
                                    bytes_moved(ctx, hq, hkv, d), launch, group="attention",
                                    notes={"context": ctx, "max_splits": splits, "pool_copies": copies,
-                                          "cluster": cluster, "_keep": (kv, q, out, table, pos, ws)}))
+                                          "cluster": kind == "cluster", "mma": kind == "mma",
+                                          "_keep": (kv, q, out, table, pos, ws)}))
     return cases

@@ -1,0 +1,24 @@
+// attention_decode_mma: the one-sequence decode attention kernels (attention_decode.cu) with each
+// split's tokens read and multiplied by decode_attention_mma.cuh: every warp streams its own 16-token
+// pages of K and V into a ring in shared memory with cp.async (several pages in flight), and q.K^T
+// and P.V run on mma.sync (bf16 hi + lo halves of q and P, fp32 accumulate). The split plan, the
+// merge across warps and the combine across splits are the plain kernels' (decode_attention.cuh,
+// kMma), with a loop step of kWarps pages (64 tokens). Device blocks only (no host tier, no rows).
+// A module of its own so the other kernels' machine code stays as it was.
+//
+// Same arguments as attention_decode_d<D>_g<G>; grid (Hkv, max_splits), block 128, dynamic shared
+// memory nrt_decode_mma::ring_bytes<D, 4>() (64 KiB at D = 64, 96 KiB at D = 128).
+#include "decode_attention.cuh"
+
+#define NRT_DECODE_MMA(D, GM, EXACT, NAME)                                                          \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale) {                                                       \
+        decode_impl<D, GM, EXACT, false, false, float, false, false, false, true>(                  \
+            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
+            scale, 0, 0, nullptr, nullptr);                                                         \
+    }
+
+NRT_DECODE_ALL_G(64, NRT_DECODE_MMA, attention_decode_mma)
+NRT_DECODE_ALL_G(128, NRT_DECODE_MMA, attention_decode_mma)

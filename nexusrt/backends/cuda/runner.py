@@ -120,6 +120,8 @@ class CudaRunner:
         cluster = attn_dec.cluster_ok(rt) and not self.kv_plan.host_blocks and tp is None
         self.cluster_limit = attn_dec.cluster_context_limit(
             cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads) if cluster else 0
+        # Past it (or without clusters), the tensor-core kernels where they run (NEXUSRT_ATTN_MMA).
+        self.attn_mma = attn_dec.mma_ok(rt)
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -176,7 +178,7 @@ class CudaRunner:
         cluster = context is not None and context <= self.cluster_limit
         return self._graph(("decode", sample, cluster), lambda: steps.decode_stages(
             self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp,
-            fuse_rope=qkv_rope.enabled(), cluster=cluster))
+            fuse_rope=qkv_rope.enabled(), cluster=cluster, mma=self.attn_mma))
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(

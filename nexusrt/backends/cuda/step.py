@@ -58,7 +58,7 @@ class _Chain:
 
 
 def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope: bool = False,
-                  cluster: bool = False) -> list:
+                  cluster: bool = False, mma: bool = False) -> list:
     """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler).
 
     ``meta`` (int32 ``[4]``: RoPE position, cache slot, 0, 0), for the serving runner's lone
@@ -78,7 +78,11 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
     ``cluster``: decode attention by the cluster kernels (sm_90, device blocks:
     :func:`~nexusrt.kernels.ops.attention_decode.cluster_ok`), faster up to
     :func:`~nexusrt.kernels.ops.attention_decode.cluster_context_limit` tokens and slower past it:
-    the one-sequence runner captures a graph each way and replays by context."""
+    the one-sequence runner captures a graph each way and replays by context.
+
+    ``mma``: decode attention by the tensor-core kernels (sm_80+, device blocks:
+    :func:`~nexusrt.kernels.ops.attention_decode.mma_ok`) where ``cluster`` is off; a layer whose
+    KV has a host tier keeps the CUDA-core kernels."""
     if meta is not None and (sample or b.k_host_pools):
         raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
                          "and no host KV tier")
@@ -104,7 +108,8 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
-            fault_ring=b.fault_ring, cluster=cluster and b.host_pools(i) is None),
+            fault_ring=b.fault_ring, cluster=cluster and b.host_pools(i) is None,
+            mma=mma and not cluster and b.host_pools(i) is None),
             [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=_residual(tp, x), workspace=b.gemv_ws),
                [attn, lw.o], [x])

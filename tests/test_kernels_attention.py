@@ -15,6 +15,7 @@ import pytest
 
 from nexusrt.kernels.compiler import compile_file
 from nexusrt.kernels.ops import attention_decode as dec
+from nexusrt.kernels.ops.common import ceil_div
 from nexusrt.kernels.ops import attention_prefill as pre
 from nexusrt.kvcache.blocks import (BLOCK_SIZE, BlockPool, SequenceBlocks, blocks_for, pool_shape,
                                     scatter_tokens)
@@ -129,10 +130,24 @@ def test_mma_ok_needs_sm80_and_follows_the_environment(monkeypatch):
     assert not dec.mma_ok(rt)
 
 
-def test_mma_ring_constants_match_the_kernel():
+def test_mma_ring_and_split_constants_match_the_kernel():
     body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention_mma.cuh").read_text()
     assert re.search(r"return D == 64 \? (\d+) : (\d+);", body).groups() == tuple(
         str(dec.MMA_STAGES[d]) for d in (64, 128))
+    body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention.cuh").read_text()
+    rule = re.search(r"mma_one_split_steps\(\) \{ return D == 64 \? (\d+) : (\d+); \}", body)
+    assert rule.groups() == tuple(str(dec.MMA_ONE_SPLIT_STEPS[d]) for d in (64, 128))
+    assert int(re.search(r"kMmaMinSplitSteps = (\d+);", body).group(1)) == dec.MMA_MIN_SPLIT_STEPS
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_split_plan_of_the_mma_kernels(d):
+    step = dec.tokens_per_step(d, 4, mma=True)
+    one = dec.MMA_ONE_SPLIT_STEPS[d] * step
+    assert dec.split_plan(one, 33, step, mma_head_dim=d) == (one, 1)  # one split up to the limit
+    assert dec.split_plan(one + 1, 33, step, mma_head_dim=d) == (2 * step, ceil_div(one + 1, 2 * step))
+    assert dec.split_plan(2048, 33, step, mma_head_dim=d) == (128, 16)  # 2 steps a split, not 32 splits of 1
+    assert dec.split_plan(8193, 33, step, mma_head_dim=d) == dec.split_plan(8193, 33, step)  # long: the same rule
 
 
 def test_cluster_ok_needs_sm90_and_follows_the_environment(monkeypatch):
@@ -303,7 +318,7 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
         # The kernel split the context as split_plan says (one split, or a cluster's combine,
         # writes no partials).
         step = dec.tokens_per_step(d, g, mma=mma)
-        _, nsplit = dec.split_plan(seq_len, splits, step, cluster=cluster)
+        _, nsplit = dec.split_plan(seq_len, splits, step, cluster=cluster, mma_head_dim=d if mma else None)
         via_ws = nsplit > 1 and not (cluster and seq_len <= dec.CLUSTER_SIZE * step)
         written = np.isfinite(ws.ml.to_numpy()).all(axis=(0, 2, 3))
         assert written.tolist() == [via_ws and sp < nsplit for sp in range(splits)], what

@@ -26,6 +26,13 @@ constexpr int kOneSplitSteps = 3;
 // first thread-block cluster of its KV head (launched with cluster dims (1, kClusterSize, 1)),
 // whose blocks combine through distributed shared memory instead of the workspace and ticket.
 constexpr int kClusterSize = 8;
+// The mma kernels' split rule (attention_decode_mma.cu; a step is 4 KV blocks, 64 tokens): their
+// pages stream in several per warp at once, so a lone split keeps winning over the combine for
+// longer (one split up to 6 steps at d64, 4 at d128), and above that a split takes at least 2
+// steps (fewer partials to combine: H200, NOTES_attention.md "Decode attention on tensor cores").
+template <int D>
+__host__ __device__ constexpr int mma_one_split_steps() { return D == 64 ? 6 : 4; }
+constexpr int kMmaMinSplitSteps = 2;
 
 // Thread-block clusters (sm_90): the whole cluster's barrier, and a float of another block's
 // shared memory (the same variable in block `rank` of this cluster).
@@ -140,8 +147,10 @@ __device__ __forceinline__ void decode_impl(
     const bool in_cluster = kCluster && seq_len <= kClusterSize * kTokIter;
     int chunk = kTokIter;
     if (!in_cluster) {
-        chunk = seq_len <= kOneSplitSteps * kTokIter ? seq_len : (seq_len + max_splits - 1) / max_splits;
+        const int one_split = kMma ? mma_one_split_steps<D>() : kOneSplitSteps;
+        chunk = seq_len <= one_split * kTokIter ? seq_len : (seq_len + max_splits - 1) / max_splits;
         chunk = (chunk + kTokIter - 1) / kTokIter * kTokIter;
+        if (kMma && chunk < kMmaMinSplitSteps * kTokIter) chunk = kMmaMinSplitSteps * kTokIter;
         if (fixed_chunk > chunk) chunk = fixed_chunk;  // never fewer tokens than fit max_splits
     }
     const int nsplit = (seq_len + chunk - 1) / chunk;

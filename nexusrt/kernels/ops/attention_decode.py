@@ -33,6 +33,8 @@ CLUSTER_SIZE = 8  # kClusterSize: the cluster kernels' blocks per cluster, and t
 CLUSTER_SOURCE = "attention_decode_cluster"
 MMA_SOURCE = "attention_decode_mma"
 MMA_STAGES = {64: 4, 128: 3}  # nrt_decode_mma::stages<D>(): pages in flight per warp
+MMA_ONE_SPLIT_STEPS = {64: 6, 128: 4}  # mma_one_split_steps<D>(): one split up to this many steps
+MMA_MIN_SPLIT_STEPS = 2  # kMmaMinSplitSteps: above it, at least this many steps per split
 THREADS = 128
 
 
@@ -79,16 +81,22 @@ def mma_ok(rt) -> bool:
     return tuple(cc) >= (8, 0)
 
 
-def split_plan(seq_len: int, max_splits: int, step: int, cluster: bool = False) -> tuple[int, int]:
+def split_plan(seq_len: int, max_splits: int, step: int, cluster: bool = False,
+               mma_head_dim: int | None = None) -> tuple[int, int]:
     """(chunk, nsplit) exactly as the kernel derives them from ``seq_len = *pos + 1``:
     chunks are multiples of ``step`` tokens and at most ``max_splits`` of them do work; a
     context of at most ``ONE_SPLIT_STEPS`` steps is one split (no combine). The cluster kernels
     (``cluster``) split a context of at most ``CLUSTER_SIZE`` steps one step per split (combined
-    in the cluster, whatever ``max_splits``)."""
+    in the cluster, whatever ``max_splits``). The mma kernels (``mma_head_dim``: their head dim)
+    take one split up to ``MMA_ONE_SPLIT_STEPS[d]`` steps and at least ``MMA_MIN_SPLIT_STEPS`` a
+    split above it."""
     if cluster and seq_len <= CLUSTER_SIZE * step:
         return step, ceil_div(seq_len, step)
-    per_split = seq_len if seq_len <= ONE_SPLIT_STEPS * step else ceil_div(seq_len, max_splits)
+    one_split = ONE_SPLIT_STEPS if mma_head_dim is None else MMA_ONE_SPLIT_STEPS[mma_head_dim]
+    per_split = seq_len if seq_len <= one_split * step else ceil_div(seq_len, max_splits)
     chunk = ceil_div(per_split, step) * step
+    if mma_head_dim is not None:
+        chunk = max(chunk, MMA_MIN_SPLIT_STEPS * step)
     return chunk, ceil_div(seq_len, chunk)
 
 

@@ -8,6 +8,7 @@ path only rewrites the fields that change before each ``cuLaunchKernel``.
 from __future__ import annotations
 
 import ctypes
+import os
 
 from ..driver.calls import call, cu
 
@@ -57,6 +58,27 @@ def _raw(v):
     return int(ptr) if ptr is not None else v
 
 
+CARVEOUT_ENV = "NEXUSRT_SMEM_CARVEOUT"
+
+
+def shared_carveout(env=None) -> int | None:
+    """The shared-memory carveout every kernel asks for (percent of the unified L1/shared memory;
+    ``NEXUSRT_SMEM_CARVEOUT``, default 100), None for the driver's own choice (``default``).
+
+    Why one value for all: an SM runs blocks of two kernels side by side only while both use one
+    L1/shared split. With the driver choosing per kernel, a kernel that needs a large split (the
+    mma decode attention's 64-96 KiB rings) and the GEMVs beside it (a few KiB) get different
+    splits, so with PDL the next kernel's blocks cannot start on an SM until it drains. H200,
+    1B shape at 8k context, mma attention: 1.0036 ms/token with the driver's choice, 0.9581 with
+    every kernel at 100 (BENCHMARKS.md)."""
+    text = (os.environ if env is None else env).get(CARVEOUT_ENV, "100").strip().lower()
+    if text == "default":
+        return None
+    if not text.isdigit() or int(text) > 100:
+        raise ValueError(f"{CARVEOUT_ENV}={text!r}: give a percentage 0..100, or 'default' for the driver's choice")
+    return int(text)
+
+
 class Kernel:
     """One ``extern "C"`` kernel of a loaded library."""
 
@@ -66,6 +88,10 @@ class Kernel:
         self.handle = call("cuLibraryGetKernel", library.handle, name.encode())
         self.function = call("cuKernelGetFunction", self.handle)
         self.max_dynamic_shared = 0  # the largest opt-in so far (the attribute never goes down)
+        carveout = shared_carveout()
+        if carveout is not None:
+            attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+            call("cuFuncSetAttribute", self.function, attr, carveout)
 
     def pack(self, *values) -> ArgPack:
         return ArgPack(self.types, values)

@@ -1,6 +1,7 @@
-"""The one-sequence runner's two decode graphs on the GPU: attention by the cluster kernels while
-the context fits one cluster of steps (faster there), by the plain kernels past it (the cluster
-kernels' long path is slower), picked per step by the context the step reads."""
+"""The one-sequence runner's decode attention on the GPU. With the tensor-core (mma) kernels, one
+graph serves every context; without them (``NEXUSRT_ATTN_MMA=0``), two graphs: attention by the
+cluster kernels while the context fits one cluster of steps (faster there), by the plain kernels
+past it (the cluster kernels' long path is slower), picked per step by the context the step reads."""
 
 from __future__ import annotations
 
@@ -14,27 +15,36 @@ from test_cuda_model import _checkpoint, check_greedy_against_hf
 LIMIT = 256  # the qwen3 test checkpoint: head_dim 128, group 2
 
 
-def _skip_without_clusters(rt):
+def _skip_without_clusters(rt, monkeypatch):
+    monkeypatch.setenv("NEXUSRT_ATTN_MMA", "0")  # with the mma kernels the runner has no cluster graph
     if not attn_dec.cluster_ok(rt):
         pytest.skip("the cluster kernels need sm_90 (and NEXUSRT_ATTN_CLUSTER not 0)")
 
 
 @pytest.mark.gpu
-def test_greedy_generation_across_the_cluster_limit_matches_hf(gpu_rt, tmp_path_factory):
-    _skip_without_clusters(gpu_rt)
+@pytest.mark.parametrize("mma", ["1", "0"])
+def test_greedy_generation_across_the_cluster_limit_matches_hf(gpu_rt, tmp_path_factory, monkeypatch, mma):
+    """With mma the same contexts cross the mma kernels' one-split limit (4 steps, 256 tokens at
+    head_dim 128) into two-step splits."""
+    if mma == "1" and not attn_dec.mma_ok(gpu_rt):
+        pytest.skip("the mma kernels need sm_80 (and NEXUSRT_ATTN_MMA not 0)")
+    if mma == "0":
+        _skip_without_clusters(gpu_rt, monkeypatch)
     path = _checkpoint("qwen3", tmp_path_factory)
     assert attn_dec.cluster_context_limit(128, 2) == LIMIT
+    assert attn_dec.MMA_ONE_SPLIT_STEPS[128] * attn_dec.tokens_per_step(128, 2, mma=True) == LIMIT
     ids = np.random.default_rng(13).integers(0, 300, LIMIT - 16).tolist()  # 16 steps each side
-    check_greedy_against_hf(path, ids, 32, max_context=320, label="qwen3 across the cluster limit")
+    check_greedy_against_hf(path, ids, 32, max_context=320, label=f"qwen3 across the limit (mma={mma})")
 
 
 @pytest.mark.gpu
-def test_decode_picks_the_cluster_graph_up_to_the_limit_and_the_plain_one_past_it(gpu_rt, tmp_path_factory):
+def test_decode_picks_the_cluster_graph_up_to_the_limit_and_the_plain_one_past_it(gpu_rt, tmp_path_factory,
+                                                                                   monkeypatch):
     import nexusrt as nrt
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.models.loader import load_model
 
-    _skip_without_clusters(gpu_rt)
+    _skip_without_clusters(gpu_rt, monkeypatch)
     path = _checkpoint("qwen3", tmp_path_factory)
     ids = np.random.default_rng(17).integers(0, 300, LIMIT + 8).astype(np.int32)
     runner = CudaRunner(load_model(path), nrt.firmware.runtime(), max_context=320)
@@ -56,5 +66,22 @@ def test_decode_picks_the_cluster_graph_up_to_the_limit_and_the_plain_one_past_i
         scale = np.abs(want).max()
         assert np.abs(got - want).max() <= 0.02 * scale  # bf16 activations either way
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+    finally:
+        runner.close()
+
+
+@pytest.mark.gpu
+def test_decode_with_the_mma_kernels_is_one_graph_for_every_context(gpu_rt, tmp_path_factory):
+    import nexusrt as nrt
+    from nexusrt.backends.cuda.runner import CudaRunner
+    from nexusrt.models.loader import load_model
+
+    if not attn_dec.mma_ok(gpu_rt):
+        pytest.skip("the mma kernels need sm_80 (and NEXUSRT_ATTN_MMA not 0)")
+    path = _checkpoint("qwen3", tmp_path_factory)
+    runner = CudaRunner(load_model(path), nrt.firmware.runtime(), max_context=320)
+    try:
+        assert runner.attn_mma and runner.cluster_limit == 0
+        assert runner._decode_graph(False, 1) is runner._decode_graph(False, LIMIT + 1)
     finally:
         runner.close()

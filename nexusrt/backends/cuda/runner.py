@@ -115,13 +115,13 @@ class CudaRunner:
                              "graph path (NEXUSRT_DECODE=graph)")
         self.tp = tp
         self.kv_prefetch = bool(kv_prefetch)
-        # Decode attention by the cluster kernels while the context fits one cluster of steps
-        # (faster there, slower past it): two decode graphs, picked per step by context.
-        cluster = attn_dec.cluster_ok(rt) and not self.kv_plan.host_blocks and tp is None
+        # Decode attention by the tensor-core kernels where they run (NEXUSRT_ATTN_MMA): one graph for
+        # every context. Without them, by the cluster kernels while the context fits one cluster of
+        # steps (faster there, slower past it): two decode graphs, picked per step by context.
+        self.attn_mma = attn_dec.mma_ok(rt)
+        cluster = attn_dec.cluster_ok(rt) and not self.attn_mma and not self.kv_plan.host_blocks and tp is None
         self.cluster_limit = attn_dec.cluster_context_limit(
             cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads) if cluster else 0
-        # Past it (or without clusters), the tensor-core kernels where they run (NEXUSRT_ATTN_MMA).
-        self.attn_mma = attn_dec.mma_ok(rt)
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}

@@ -170,7 +170,8 @@ class CudaRunner:
 
     def _decode_graph(self, sample: bool, context: int | None = None):
         """The graph of one decode step whose attention reads ``context`` tokens (None: any; the
-        graph with the plain attention kernels, which serves every context)."""
+        graph whose attention kernels serve every context: the mma ones, or the plain CUDA-core ones;
+        a context within ``cluster_limit`` takes the cluster kernels' graph)."""
         # NEXUSRT_DECODE=persistent: one launch per step, greedy or sampled alike (it reads the
         # same SampleParams struct and step word as the graph path's sampler).
         if self._persistent is not None:

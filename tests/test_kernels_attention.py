@@ -120,16 +120,6 @@ def test_mma_launch_asks_for_its_ring_and_refuses_what_it_does_not_cover():
                              host_pools=host)
 
 
-def test_mma_ok_needs_sm80_and_follows_the_environment(monkeypatch):
-    rt = FakeRuntime()
-    rt.profile = SimpleNamespace(compute_capability=(7, 5))
-    assert not dec.mma_ok(rt)
-    rt.profile.compute_capability = (8, 0)
-    assert dec.mma_ok(rt)
-    monkeypatch.setenv("NEXUSRT_ATTN_MMA", "0")
-    assert not dec.mma_ok(rt)
-
-
 def test_mma_ring_and_split_constants_match_the_kernel():
     body = (Path(dec.__file__).parents[1] / "cu" / "decode_attention_mma.cuh").read_text()
     assert re.search(r"return D == 64 \? (\d+) : (\d+);", body).groups() == tuple(
@@ -150,14 +140,18 @@ def test_split_plan_of_the_mma_kernels(d):
     assert dec.split_plan(8193, 33, step, mma_head_dim=d) == dec.split_plan(8193, 33, step)  # long: the same rule
 
 
-def test_cluster_ok_needs_sm90_and_follows_the_environment(monkeypatch):
+@pytest.mark.parametrize("ok, env, below, first", [(dec.cluster_ok, "NEXUSRT_ATTN_CLUSTER", (8, 9), (9, 0)),
+                                                  (dec.mma_ok, "NEXUSRT_ATTN_MMA", (7, 5), (8, 0))])
+def test_the_twins_need_their_arch_and_follow_the_environment(monkeypatch, ok, env, below, first):
     rt = FakeRuntime()
-    monkeypatch.delenv("NEXUSRT_ATTN_CLUSTER", raising=False)
-    assert not dec.cluster_ok(rt)  # no compute capability: not a Hopper
-    rt.profile.compute_capability = (9, 0)
-    assert dec.cluster_ok(rt)
-    monkeypatch.setenv("NEXUSRT_ATTN_CLUSTER", "0")
-    assert not dec.cluster_ok(rt)
+    monkeypatch.delenv(env, raising=False)
+    assert not ok(rt)  # no compute capability
+    rt.profile = SimpleNamespace(compute_capability=below)
+    assert not ok(rt)
+    rt.profile.compute_capability = first
+    assert ok(rt)
+    monkeypatch.setenv(env, "0")
+    assert not ok(rt)
 
 
 def test_split_rule_constants_match_the_kernel():

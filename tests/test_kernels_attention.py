@@ -95,9 +95,9 @@ def test_cluster_launch_fills_whole_clusters_and_refuses_what_it_does_not_cover(
 
 
 def test_compiles_the_mma_kernels_for_sm80_and_sm90():
-    names = {dec.kernel_name(d, g).replace("attention_decode", "attention_decode_mma", 1)
-             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)}
-    assert len(names) == 12
+    names = {dec.kernel_name(d, g, rows).replace("attention_decode", "attention_decode_mma", 1)
+             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1) for rows in (False, True)}
+    assert len(names) == 24
     for arch in ("sm_80", "sm_90a"):
         cubin = compile_file(dec.MMA_SOURCE, arch, use_cache=False).cubin
         assert all(name.encode() in cubin for name in names), arch
@@ -111,11 +111,11 @@ def test_mma_launch_asks_for_its_ring_and_refuses_what_it_does_not_cover():
     assert spec.kernel.shared == 96 * 1024  # opted in past the default 48 KiB
     assert dec.mma_shared_bytes(64) == 64 * 1024
     assert dec.tokens_per_step(64, 4, mma=True) == dec.tokens_per_step(128, 8, mma=True) == 4 * BLOCK_SIZE
-    with pytest.raises(ValueError, match="mma: the mma kernels are one-sequence"):
+    with pytest.raises(ValueError, match="mma: the mma kernels read device blocks"):
         dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
                              cluster=True)
     host = (tensor((4, 8, BLOCK_SIZE, 128), "bf16"), tensor((4, 8, BLOCK_SIZE, 128), "bf16"))
-    with pytest.raises(ValueError, match="mma: the mma kernels are one-sequence"):
+    with pytest.raises(ValueError, match="mma: the mma kernels read device blocks"):
         dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
                              host_pools=host)
 
@@ -317,6 +317,68 @@ def test_decode_matches_reference(gpu_rt, hq, hkv, d, seq_len):
         written = np.isfinite(ws.ml.to_numpy()).all(axis=(0, 2, 3))
         assert written.tolist() == [via_ws and sp < nsplit for sp in range(splits)], what
         ws.free()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 64), (12, 2, 64), (32, 8, 64), (16, 2, 128), (32, 8, 128)])
+def test_rows_decode_matches_reference(gpu_rt, hq, hkv, d):
+    """The rows kernels (one query row per sequence, each with its own table row and slot) against
+    the reference for rows of 1 .. 4,097 keys, plain and mma, every split count and a fixed chunk;
+    with the fixed chunk a row's output is the same bits alone as in the batch (batch invariance)."""
+    import nexusrt as nrt
+    from nexusrt.reference.ops import attention
+
+    rng = np.random.default_rng(hq * 17 + d)
+    lens = [1, 17, 200, 385, 1000, 4097]
+    rows, g = len(lens), hq // hkv
+    caches = [_paged_cache(rng, n, hkv, d) for n in lens]  # each row its own pools: one pool, stacked tables
+    width = max(c[2]["block_table"].shape[0] for c in caches)
+    blocks = [c[2]["k_pool"].shape[0] for c in caches]
+    k_all = np.concatenate([c[2]["k_pool"].to_numpy() for c in caches])
+    v_all = np.concatenate([c[2]["v_pool"].to_numpy() for c in caches])
+    tables = np.zeros((rows, width), np.int32)
+    for r, c in enumerate(caches):
+        t = c[2]["block_table"].to_numpy()
+        tables[r, :t.size] = t + sum(blocks[:r])
+        for tensor_ in c[2].values():
+            tensor_.free()
+    q = rng.standard_normal((rows, hq, d), dtype=np.float32)
+    ref = np.stack([attention(q[r][None], c[0], c[1], np.array([n - 1]))[0].reshape(-1)
+                    for r, (n, c) in enumerate(zip(lens, caches))])
+    meta = np.array([[n - 1, n - 1, r, 0] for r, n in enumerate(lens)], np.int32)
+    dev = dict(k_pool=nrt.memory.from_numpy(k_all), v_pool=nrt.memory.from_numpy(v_all),
+               block_table=nrt.memory.from_numpy(tables))
+    heads = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d)
+    q_t, meta_t = nrt.memory.from_numpy(q), nrt.memory.from_numpy(meta)
+    kinds = [False] + ([True] if dec.mma_ok(gpu_rt) else [])
+    fixed = 4 * dec.tokens_per_step(d, g, mma=True)
+    for mma in kinds:
+        for splits, chunk in [(1, 0), (dec.choose_splits(hkv * rows, d, g, 4096, 132), 0), (dec.MAX_SPLITS, 0),
+                              (dec.MAX_SPLITS, fixed)]:
+            what = f"mma={mma} max_splits={splits} fixed_chunk={chunk}"
+            ws = dec.alloc_workspace(hq, hkv, d, splits, rows=rows)
+            out = nrt.memory.from_numpy(np.full((rows, hq * d), np.nan, np.float32), dtype="bf16")
+            spec = dec.attention_decode(gpu_rt, q_t, out, pos=meta_t, workspace=ws, fixed_chunk=chunk, mma=mma,
+                                        **dev, **heads)
+            for _ in range(2):  # a replay must find the tickets reset
+                spec.launch()
+                got = out.to_numpy().astype(np.float32)
+                assert np.isfinite(got).all(), what
+                for r in range(rows):  # bf16 output: its rounding bounds the error
+                    assert _rel(got[r], ref[r]) < 5e-3, f"{what}, row {r} ({lens[r]} keys)"
+            assert (ws.tickets.to_numpy() == 0).all(), what
+            if chunk:  # the longest row alone, in a one-row launch: the same bits
+                last = rows - 1
+                ws1 = dec.alloc_workspace(hq, hkv, d, splits, rows=1)
+                one = nrt.memory.from_numpy(np.zeros((1, hq * d), np.float32), dtype="bf16")
+                dec.attention_decode(gpu_rt, nrt.memory.from_numpy(q[last:]), one,
+                                     pos=nrt.memory.from_numpy(meta[last:]), workspace=ws1, fixed_chunk=chunk,
+                                     mma=mma, **dev, **heads).launch()
+                assert np.array_equal(one.to_numpy(), out.to_numpy()[last:]), f"{what}: not batch-invariant"
+                for t in (ws1, one):
+                    t.free()
+            for t in (ws, out):
+                t.free()
 
 
 PREFILL_SHAPES = [(4, 4, 64), (8, 2, 128), (14, 2, 64), (32, 8, 128), (32, 8, 64)]

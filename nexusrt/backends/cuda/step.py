@@ -276,8 +276,9 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
     cache slot and block-table row ``bb.meta[r]`` through every layer on tensor cores (GEMMs of
     ``m`` rows), the LM head into ``bb.logits[0:m]`` and each row's pick into ``bb.next[0:m]`` by the
     batched sampler (row r's ``bb.params[r]`` at ``bb.steps[r]``; zero params are greedy).
-    Attention reads each row's own table (``bb.tables``) with the rows kernels; ``workspace``
-    is its split workspace for ``m`` rows. ``scores`` (an ``attention_decode.ScoresWorkspace``): every
+    Attention reads each row's own table (``bb.tables``) with the rows kernels (their tensor-core
+    twins where :func:`~nexusrt.kernels.ops.attention_decode.mma_ok`, except with ``scores``);
+    ``workspace`` is its split workspace for ``m`` rows. ``scores`` (an ``attention_decode.ScoresWorkspace``): every
     layer's attention also writes each key's score, and adds its probabilities summed over the
     heads into ``scores.scores`` (h2o KV pruning; the caller zeroes it before the replay).
     ``tp``: a tensor-parallel rank's shard (all-reduces after O and down, the vocab-parallel LM
@@ -298,7 +299,8 @@ def batch_decode_stages(rt, cfg, w, bb, m: int, lt, workspace, fixed_chunk: int 
             [r.qkv, meta, bb.tables], [r.q, bb.k_pools[i], bb.v_pools[i]])
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, r.q, r.attn, bb.k_pools[i], bb.v_pools[i], bb.tables, meta, workspace, num_q_heads=hq,
-            num_kv_heads=hkv, head_dim=d, fixed_chunk=fixed_chunk, scores=scores),
+            num_kv_heads=hkv, head_dim=d, fixed_chunk=fixed_chunk, scores=scores,
+            mma=scores is None and attn_dec.mma_ok(rt)),
             [r.q, bb.k_pools[i], bb.v_pools[i]], [r.attn] + ([scores.raw, scores.ml] if scores is not None else []))
         if scores is not None:
             ch.add(f"{p}.scores", attn_dec.accumulate_scores(rt, scores, meta, rows=m, num_q_heads=hq),

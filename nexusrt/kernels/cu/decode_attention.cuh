@@ -90,7 +90,7 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // along the splits; a context of at most kClusterSize steps is split one step per block of the
 // first cluster, which combines through distributed shared memory (no workspace, no ticket);
 // longer contexts take the workspace path below, as the plain kernel does.
-// kMma (one-sequence, device blocks only; attention_decode_mma.cu): the split's tokens are read and
+// kMma (device blocks only, no scores; attention_decode_mma.cu): the split's tokens are read and
 // multiplied by decode_attention_mma.cuh (pages streamed into shared memory, tensor cores) instead
 // of the loop below; a step is kWarps pages. The merge and the combine are the same code.
 template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false,
@@ -106,7 +106,7 @@ __device__ __forceinline__ void decode_impl(
     static_assert(kRows || !kScores, "scores are written by the rows kernels only");
     static_assert(!kFault || (kHost && !kRows), "faults are posted by the one-sequence host-tier kernels only");
     static_assert(!kCluster || (!kRows && !kHost), "the cluster kernels are one-sequence, device blocks only");
-    static_assert(!kMma || (!kRows && !kHost && !kCluster), "the mma kernels are one-sequence, device blocks only");
+    static_assert(!kMma || (!kScores && !kHost && !kCluster), "the mma kernels read device blocks and write no scores");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;

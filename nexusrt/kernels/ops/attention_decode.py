@@ -1,7 +1,7 @@
 """Launcher for ``cu/attention_decode.cu``: split-KV decode attention over the paged cache (and for
 ``cu/attention_scores.cu``, its rows kernels' h2o twins and their accumulate kernel; for
-``cu/attention_decode_cluster.cu`` and ``cu/attention_decode_mma.cu``, the one-sequence kernels'
-thread-block-cluster and tensor-core twins).
+``cu/attention_decode_cluster.cu``, the one-sequence kernels' thread-block-cluster twins; for
+``cu/attention_decode_mma.cu``, the tensor-core twins of the one-sequence and rows kernels).
 
 The grid is fixed at ``(Hkv, max_splits)`` (a captured graph cannot change it); the kernel
 reads ``seq_len = *pos + 1`` and decides on the device how many of the splits do work.

@@ -74,13 +74,19 @@ def mma_shared_bytes(head_dim: int) -> int:
     return (THREADS // 32) * MMA_STAGES[head_dim] * 2 * BLOCK_SIZE * head_dim * 2
 
 
+def _twin_ok(rt, env: str, min_cc: tuple[int, int]) -> bool:
+    """A twin kernel family can run on ``rt``'s device (compute capability ``min_cc`` or later)
+    and is not turned off (``env`` = ``0``)."""
+    if os.environ.get(env, "1") == "0":
+        return False
+    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
+    return tuple(cc) >= min_cc
+
+
 def mma_ok(rt) -> bool:
     """The mma kernels can run (mma.sync bf16 and cp.async: sm_80+) and are not turned off
     (``NEXUSRT_ATTN_MMA=0``)."""
-    if os.environ.get("NEXUSRT_ATTN_MMA", "1") == "0":
-        return False
-    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
-    return tuple(cc) >= (8, 0)
+    return _twin_ok(rt, "NEXUSRT_ATTN_MMA", (8, 0))
 
 
 def split_plan(seq_len: int, max_splits: int, step: int, cluster: bool = False,
@@ -111,10 +117,7 @@ def cluster_context_limit(head_dim: int, group: int) -> int:
 
 def cluster_ok(rt) -> bool:
     """The cluster kernels can run (sm_90+) and are not turned off (``NEXUSRT_ATTN_CLUSTER=0``)."""
-    if os.environ.get("NEXUSRT_ATTN_CLUSTER", "1") == "0":
-        return False
-    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
-    return tuple(cc) >= (9, 0)
+    return _twin_ok(rt, "NEXUSRT_ATTN_CLUSTER", (9, 0))
 
 
 def choose_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int, sms: int,

@@ -18,6 +18,7 @@ using nrt_attn::merge_state;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxSplits = 128;  // the combine keeps one weight per (split, head) in shared memory
+constexpr int kCombineBatch = 16;  // partials (float4) a combining thread loads before it adds any
 // A context of at most this many loop steps runs as one split: below it the partials, fence,
 // ticket and combine (~2.9 us at d64 on an H200) cost more than the extra steps (~1 us each)
 // one block takes alone (NOTES_attention.md, "How many splits at short context").
@@ -113,7 +114,7 @@ __device__ __forceinline__ void decode_impl(
     constexpr int kUnroll = GM <= 4 ? 4 : 2;  // tokens per row group per step (registers bound it)
     constexpr int kTokIter = kMma ? kWarps * nrt_attn::kPage : kRowGroups * kUnroll;
 
-    __shared__ float red_acc[kWarps][GM][D];
+    __shared__ __align__(16) float red_acc[kWarps][GM][D];  // also the combine's float4 partials
     __shared__ float red_m[kWarps][GM], red_l[kWarps][GM];
     __shared__ float weight[kMaxSplits][GM];
     __shared__ int is_last;
@@ -355,17 +356,30 @@ __device__ __forceinline__ void decode_impl(
     if (!is_last) return;
     __threadfence();
 
+    // Every partial is loaded before any is used (one L2 round trip for the (max, sum) pairs, one
+    // per kCombineBatch splits for the outputs): a loop that waits for each load in turn made the
+    // combine a chain of ~nsplit / 4 round trips per output element (NOTES_attention.md, "The
+    // combine, batched").
     for (int g = warp; g < G; g += kWarps) {
         const long long row = (long long)kvh * max_splits * G + g;
+        constexpr int kPerLane = kMaxSplits / 32;
+        float2 ml[kPerLane];
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+            const int sp = lane + 32 * j;
+            ml[j] = sp < nsplit ? __ldcg(&ws_ml[row + (long long)sp * G]) : make_float2(kNegBig, 0.f);
+        }
         float mx = kNegBig;
-        for (int sp = lane; sp < nsplit; sp += 32) mx = fmaxf(mx, __ldcg(&ws_ml[row + (long long)sp * G]).x);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) mx = fmaxf(mx, ml[j].x);
         mx = nrt_attn::group_max<32>(mx);
         float sum = 0.f;
-        for (int sp = lane; sp < nsplit; sp += 32) {
-            const float2 ml = __ldcg(&ws_ml[row + (long long)sp * G]);
-            const float c = exp2f(ml.x - mx);
-            weight[sp][g] = c;
-            sum += ml.y * c;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+            const int sp = lane + 32 * j;
+            const float c = exp2f(ml[j].x - mx);
+            if (sp < nsplit) weight[sp][g] = c;
+            sum += ml[j].y * c;  // a padded slot adds 0
         }
         sum = nrt_attn::group_sum<32>(sum);
         if constexpr (kScores) {
@@ -375,12 +389,45 @@ __device__ __forceinline__ void decode_impl(
         for (int sp = lane; sp < nsplit; sp += 32) weight[sp][g] /= sum;
     }
     __syncthreads();
-    for (int idx = tid; idx < G * D; idx += kThreads) {
-        const int g = idx / D, d = idx % D;
-        const float* src = ws_acc + ((long long)kvh * max_splits * G + g) * D + d;
-        float a = 0.f;
-        for (int sp = 0; sp < nsplit; ++sp) a += weight[sp][g] * __ldcg(src + (long long)sp * G * D);
-        store_out(out, (long long)(kvh * G + g) * D + d, a);
+    // Thread t sums float4 column t % cols of the G heads' outputs over the splits of group
+    // t / cols (contiguous ranges, in order); the groups' sums are added in group order through
+    // shared memory. Deterministic: the order depends on nsplit and the shape only.
+    const int cols = G * D / 4;
+    const int groups = max(1, min(kWarps, kThreads / cols));
+    const int per = (nsplit + groups - 1) / groups;
+    const float4* acc4 = reinterpret_cast<const float4*>(ws_acc + (long long)kvh * max_splits * G * D);
+    float4* part = reinterpret_cast<float4*>(&red_acc[0][0][0]);  // [groups][cols]; holds kWarps * GM * D floats
+    for (int t = tid; t < cols * groups; t += kThreads) {
+        const int col = t % cols, grp = t / cols, g = col * 4 / D;
+        const int sp_end = min(nsplit, (grp + 1) * per);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int sp = grp * per; sp < sp_end; sp += kCombineBatch) {
+            // Unpredicated loads (past the range: its last split again, with weight 0), so all
+            // kCombineBatch are in flight at once; predicated ones were issued a few at a time.
+            float4 v[kCombineBatch];
+#pragma unroll
+            for (int u = 0; u < kCombineBatch; ++u) v[u] = __ldcg(acc4 + (long long)min(sp + u, sp_end - 1) * cols + col);
+#pragma unroll
+            for (int u = 0; u < kCombineBatch; ++u) {
+                const float w = sp + u < sp_end ? weight[min(sp + u, sp_end - 1)][g] : 0.f;
+                a.x += w * v[u].x; a.y += w * v[u].y; a.z += w * v[u].z; a.w += w * v[u].w;
+            }
+        }
+        if (groups == 1) {
+            const long long o = (long long)kvh * G * D + col * 4;
+            store_out(out, o, a.x); store_out(out, o + 1, a.y); store_out(out, o + 2, a.z); store_out(out, o + 3, a.w);
+        } else {
+            part[t] = a;
+        }
+    }
+    if (groups > 1) {
+        __syncthreads();
+        const float* pf = &red_acc[0][0][0];
+        for (int idx = tid; idx < G * D; idx += kThreads) {
+            float a = pf[idx];
+            for (int grp = 1; grp < groups; ++grp) a += pf[grp * G * D + idx];
+            store_out(out, (long long)kvh * G * D + idx, a);
+        }
     }
     if (tid == 0) tickets[kvh] = 0;  // ready for the next launch (the graph replays it)
 }

@@ -95,9 +95,11 @@ def test_cluster_launch_fills_whole_clusters_and_refuses_what_it_does_not_cover(
 
 
 def test_compiles_the_mma_kernels_for_sm80_and_sm90():
-    names = {dec.kernel_name(d, g, rows).replace("attention_decode", "attention_decode_mma", 1)
-             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1) for rows in (False, True)}
-    assert len(names) == 24
+    names = {dec.kernel_name(d, g, rows, host=host, fault=fault).replace("attention_decode", "attention_decode_mma", 1)
+             for d in dec.HEAD_DIMS for g in range(1, dec.MAX_GROUP + 1)
+             for rows, host, fault in ((False, False, False), (True, False, False), (False, True, False),
+                                       (False, True, True))}
+    assert len(names) == 48  # one-sequence, rows, host-tier and fault-ring twins, 12 group kernels each
     for arch in ("sm_80", "sm_90a"):
         cubin = compile_file(dec.MMA_SOURCE, arch, use_cache=False).cubin
         assert all(name.encode() in cubin for name in names), arch
@@ -111,13 +113,10 @@ def test_mma_launch_asks_for_its_ring_and_refuses_what_it_does_not_cover():
     assert spec.kernel.shared == 96 * 1024  # opted in past the default 48 KiB
     assert dec.mma_shared_bytes(64) == 64 * 1024
     assert dec.tokens_per_step(64, 4, mma=True) == dec.tokens_per_step(128, 8, mma=True) == 4 * BLOCK_SIZE
-    with pytest.raises(ValueError, match="mma: the mma kernels read device blocks"):
+    with pytest.raises(ValueError, match="mma: the mma kernels write no scores and run no clusters"):
         dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
                              cluster=True)
-    host = (tensor((4, 8, BLOCK_SIZE, 128), "bf16"), tensor((4, 8, BLOCK_SIZE, 128), "bf16"))
-    with pytest.raises(ValueError, match="mma: the mma kernels read device blocks"):
-        dec.attention_decode(rt, **_decode_args(), num_q_heads=32, num_kv_heads=8, head_dim=128, mma=True,
-                             host_pools=host)
+    # (Host-tier pools take the mma host twin: test_kv_host_tier.py.)
 
 
 def test_mma_ring_and_split_constants_match_the_kernel():

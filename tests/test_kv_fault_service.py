@@ -732,6 +732,9 @@ def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
     spec = dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=ring)
     assert rt.asked[-1][1] == "attention_decode_host_fault_d128_g4" and rt.asked[-1][2].endswith("ptr ptr ptr i32")
     assert spec.args[-4:] == (0x7000, 0x7000, 0x9000, 16)
+    spec = dec.attention_decode(*args, **heads, host_pools=tuple(hp), fault_ring=ring, mma=True)
+    assert rt.asked[-1][:2] == ("attention_decode_mma", "attention_decode_mma_host_fault_d128_g4")
+    assert spec.args[-4:] == (0x7000, 0x7000, 0x9000, 16)
     with pytest.raises(ValueError, match="give host_pools"):
         dec.attention_decode(*args, **heads, fault_ring=ring)
     with pytest.raises(ValueError, match="tracks 5 host blocks"):
@@ -746,10 +749,14 @@ def test_every_fault_twin_is_built_and_picked_with_the_ring_last():
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (6, 2, 64)])
 @pytest.mark.parametrize("seq_len, capacity", [(100, 64), (1000, 64), (4097, 1)])
-def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_rt, hq, hkv, d, seq_len, capacity):
+@pytest.mark.parametrize("mma", [False, True])
+def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_rt, hq, hkv, d, seq_len, capacity,
+                                                                             mma):
     import nexusrt as nrt
     from test_kv_host_tier import _tier, decode_case, pinned_pools
 
+    if mma and not dec.mma_ok(gpu_rt):
+        pytest.skip("the mma kernels need sm_80 (and NEXUSRT_ATTN_MMA not 0)")
     n, k, v, table, q, pos, heads, ws = decode_case(hq, hkv, d, seq_len)
     tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))
     host = pinned_pools(hk, hv)
@@ -760,7 +767,7 @@ def test_fault_twin_reads_like_the_host_twin_and_posts_each_host_block_once(gpu_
         out = nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32))
         dec.attention_decode(gpu_rt, q, out, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
                              nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=host,
-                             fault_ring=fault_ring).launch()
+                             fault_ring=fault_ring, mma=mma).launch()
         outs.append(out.to_numpy())
     assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
     w = ring.words.to_numpy()

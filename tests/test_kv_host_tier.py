@@ -90,6 +90,12 @@ def test_launchers_pick_the_host_twins_and_pass_the_host_pools_last():
                                 num_kv_heads=hkv, head_dim=d, host_pools=host)
     assert rt.asked[-1][1] == "attention_decode_host_d128_g4" and len(rt.asked[-1][2].split()) == 15
     assert spec.args[-2:] == (0x7000, 0x7000)
+    spec = dec.attention_decode(rt, tensor((hq, d), "fp32"), tensor((hq * d,), "fp32"), pool, pool,
+                                tensor((blocks,), "int32"), tensor((1,), "int32"), ws, num_q_heads=hq,
+                                num_kv_heads=hkv, head_dim=d, host_pools=host, mma=True)
+    assert rt.asked[-1][:2] == ("attention_decode_mma", "attention_decode_mma_host_d128_g4")
+    assert len(rt.asked[-1][2].split()) == 15 and spec.args[-2:] == (0x7000, 0x7000)
+    assert spec.shared == dec.mma_shared_bytes(d)
     spec = pre.attention_prefill(rt, tensor((5, hq, d), "fp32"), tensor((5, hq * d), "bf16"), pool, pool,
                                  tensor((blocks,), "int32"), tensor((1,), "int32"), num_q_heads=hq,
                                  num_kv_heads=hkv, head_dim=d, host_pools=host)
@@ -170,15 +176,16 @@ def test_decode_with_half_the_blocks_on_the_host_is_bit_identical(gpu_rt, hq, hk
     import nexusrt as nrt
 
     n, k, v, table, q, pos, heads, ws = decode_case(hq, hkv, d, seq_len)
-    out_dev, out_host = (nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32)) for _ in range(2))
-    dec.attention_decode(gpu_rt, q, out_dev, nrt.memory.from_numpy(k), nrt.memory.from_numpy(v),
-                         nrt.memory.from_numpy(table), pos, ws, **heads).launch()
     tiered, dk, dv, hk, hv = _tier(table, k, v, max(1, n // 2))  # both tiers hold a block
     host = pinned_pools(hk, hv)
-    dec.attention_decode(gpu_rt, q, out_host, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
-                         nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=host).launch()
-    a, b = out_dev.to_numpy(), out_host.to_numpy()
-    assert np.isfinite(a).all() and np.array_equal(a, b)
+    for mma in [False] + ([True] if dec.mma_ok(gpu_rt) else []):  # the CUDA-core kernels, the mma ones
+        out_dev, out_host = (nrt.memory.from_numpy(np.full(hq * d, np.nan, np.float32)) for _ in range(2))
+        dec.attention_decode(gpu_rt, q, out_dev, nrt.memory.from_numpy(k), nrt.memory.from_numpy(v),
+                             nrt.memory.from_numpy(table), pos, ws, **heads, mma=mma).launch()
+        dec.attention_decode(gpu_rt, q, out_host, nrt.memory.from_numpy(dk), nrt.memory.from_numpy(dv),
+                             nrt.memory.from_numpy(tiered), pos, ws, **heads, host_pools=host, mma=mma).launch()
+        a, b = out_dev.to_numpy(), out_host.to_numpy()
+        assert np.isfinite(a).all() and np.array_equal(a, b), f"mma={mma}"
 
 
 def _runner(path_or_model, budget_fraction, max_context=128, **kw):

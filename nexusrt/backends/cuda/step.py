@@ -80,9 +80,10 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
     :func:`~nexusrt.kernels.ops.attention_decode.cluster_context_limit` tokens and slower past it:
     the one-sequence runner captures a graph each way and replays by context.
 
-    ``mma``: decode attention by the tensor-core kernels (sm_80+, device blocks:
+    ``mma``: decode attention by the tensor-core kernels (sm_80+:
     :func:`~nexusrt.kernels.ops.attention_decode.mma_ok`) where ``cluster`` is off; a layer whose
-    KV has a host tier keeps the CUDA-core kernels."""
+    KV has a host tier takes their host twins, which copy a host block as a device one, so the
+    tokens do not depend on where the blocks live."""
     if meta is not None and (sample or b.k_host_pools):
         raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
                          "and no host KV tier")
@@ -109,7 +110,7 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
             b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
             fault_ring=b.fault_ring, cluster=cluster and b.host_pools(i) is None,
-            mma=mma and not cluster and b.host_pools(i) is None),
+            mma=mma and not cluster),
             [q, b.k_pools[i], b.v_pools[i]], [attn])
         ch.add(f"{p}.o", gv.gemv(rt, x, lw.o, attn, n=h, k=hq * d, residual=_residual(tp, x), workspace=b.gemv_ws),
                [attn, lw.o], [x])

@@ -52,34 +52,11 @@
                                                fixed_chunk, nullptr, nullptr);                      \
     }
 
-#define NRT_DECODE_HOST(D, GM, EXACT, NAME)                                                         \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
-        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
-        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
-        const __nv_bfloat16* v_host) {                                                              \
-        decode_impl<D, GM, EXACT, false, true>(q, out, k_pool, v_pool, page_table, pos, ws_acc,     \
-                                               ws_ml, tickets, Hkv, G, max_splits, scale, 0, 0,     \
-                                               k_host, v_host);                                     \
-    }
-
-#define NRT_DECODE_HOST_FAULT(D, GM, EXACT, NAME)                                                   \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
-        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
-        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
-        const __nv_bfloat16* v_host, int* ring, int ring_capacity) {                                \
-        decode_impl<D, GM, EXACT, false, true, float, false, true>(                                 \
-            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
-            scale, 0, 0, k_host, v_host, nullptr, nullptr, 0, ring, ring_capacity);                 \
-    }
-
 // NRT_DECODE_ALL_G (decode_attention.cuh): one instantiation per group-size kernel.
 NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
 NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
 NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
-NRT_DECODE_ALL_G(64, NRT_DECODE_HOST, attention_decode_host)
-NRT_DECODE_ALL_G(128, NRT_DECODE_HOST, attention_decode_host)
-NRT_DECODE_ALL_G(64, NRT_DECODE_HOST_FAULT, attention_decode_host_fault)
-NRT_DECODE_ALL_G(128, NRT_DECODE_HOST_FAULT, attention_decode_host_fault)
+// The host-tier and fault-ring twins (entry points: decode_attention.cuh, shared with the mma
+// twins of attention_decode_mma.cu).
+NRT_DECODE_HOST_TWINS(attention_decode, CORE)

@@ -91,7 +91,7 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, long long i, float
 // along the splits; a context of at most kClusterSize steps is split one step per block of the
 // first cluster, which combines through distributed shared memory (no workspace, no ticket);
 // longer contexts take the workspace path below, as the plain kernel does.
-// kMma (device blocks only, no scores; attention_decode_mma.cu): the split's tokens are read and
+// kMma (no scores, no clusters; attention_decode_mma.cu): the split's tokens are read and
 // multiplied by decode_attention_mma.cuh (pages streamed into shared memory, tensor cores) instead
 // of the loop below; a step is kWarps pages. The merge and the combine are the same code.
 template <int D, int GM, bool kExact, bool kRows, bool kHost, typename OutT, bool kScores = false,
@@ -107,7 +107,7 @@ __device__ __forceinline__ void decode_impl(
     static_assert(kRows || !kScores, "scores are written by the rows kernels only");
     static_assert(!kFault || (kHost && !kRows), "faults are posted by the one-sequence host-tier kernels only");
     static_assert(!kCluster || (!kRows && !kHost), "the cluster kernels are one-sequence, device blocks only");
-    static_assert(!kMma || (!kScores && !kHost && !kCluster), "the mma kernels read device blocks and write no scores");
+    static_assert(!kMma || (!kScores && !kCluster), "the mma kernels write no scores and run no clusters");
     if (kExact) G = GM;
     using S = DecodeShape<D>;
     constexpr int kRowLanes = S::kRowLanes, kRowGroups = S::kRowGroups;
@@ -167,8 +167,15 @@ __device__ __forceinline__ void decode_impl(
     const int newest = seq_len - 1;          // rope_append writes this row just before us
 
     if constexpr (kMma) {
-        nrt_decode_mma::split_state<D, GM, kWarps>(q, k_pool, v_pool, page_table, kvh, Hkv, G, start, end, newest,
-                                                    scale * nrt_attn::kLog2e, red_acc, red_m, red_l);
+        if constexpr (kFault) {  // as in the loop below: head 0's blocks post for every head
+            if (kvh == 0)
+                nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
+                                           ring_capacity, tid, kThreads);
+            __syncwarp();
+        }
+        nrt_decode_mma::split_state<D, GM, kWarps, kHost>(q, k_pool, v_pool, page_table, kvh, Hkv, G, start, end,
+                                                           newest, scale * nrt_attn::kLog2e, red_acc, red_m, red_l,
+                                                           k_host, v_host);
     } else {
         // Two register buffers of one step's K and V rows (A, B): the loop issues the next step's
         // loads into one before it computes on the other, so a block keeps two steps of rows in
@@ -442,3 +449,41 @@ __device__ __forceinline__ void decode_impl(
     MACRO(D, 8, true, PREFIX##_d##D##_g8)                                                           \
     MACRO(D, 4, false, PREFIX##_d##D##_gmax4)                                                       \
     MACRO(D, 8, false, PREFIX##_d##D##_gmax8)
+
+// The host-tier entry points (the one-sequence kernels' arguments plus k_host, v_host; the fault
+// twins also ring, ring_capacity), for the CUDA-core kernels (MMA false, attention_decode.cu) and
+// the tensor-core ones (MMA true, attention_decode_mma.cu).
+#define NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, MMA)                                             \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
+        const __nv_bfloat16* v_host) {                                                              \
+        decode_impl<D, GM, EXACT, false, true, float, false, false, false, MMA>(                    \
+            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
+            scale, 0, 0, k_host, v_host);                                                           \
+    }
+
+#define NRT_DECODE_HOST_FAULT_KERNEL(D, GM, EXACT, NAME, MMA)                                       \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale, const __nv_bfloat16* k_host,                            \
+        const __nv_bfloat16* v_host, int* ring, int ring_capacity) {                                \
+        decode_impl<D, GM, EXACT, false, true, float, false, true, false, MMA>(                     \
+            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
+            scale, 0, 0, k_host, v_host, nullptr, nullptr, 0, ring, ring_capacity);                 \
+    }
+
+#define NRT_DECODE_HOST_CORE(D, GM, EXACT, NAME) NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, false)
+#define NRT_DECODE_HOST_MMA(D, GM, EXACT, NAME) NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, true)
+#define NRT_DECODE_HOST_FAULT_CORE(D, GM, EXACT, NAME) NRT_DECODE_HOST_FAULT_KERNEL(D, GM, EXACT, NAME, false)
+#define NRT_DECODE_HOST_FAULT_MMA(D, GM, EXACT, NAME) NRT_DECODE_HOST_FAULT_KERNEL(D, GM, EXACT, NAME, true)
+
+// Every host-tier twin of a module: PREFIX_host_d{64,128}_g* and PREFIX_host_fault_d{64,128}_g*,
+// KIND CORE (the CUDA-core loop) or MMA (the tensor-core one).
+#define NRT_DECODE_HOST_TWINS(PREFIX, KIND)                                                         \
+    NRT_DECODE_ALL_G(64, NRT_DECODE_HOST_##KIND, PREFIX##_host)                                     \
+    NRT_DECODE_ALL_G(128, NRT_DECODE_HOST_##KIND, PREFIX##_host)                                    \
+    NRT_DECODE_ALL_G(64, NRT_DECODE_HOST_FAULT_##KIND, PREFIX##_host_fault)                         \
+    NRT_DECODE_ALL_G(128, NRT_DECODE_HOST_FAULT_##KIND, PREFIX##_host_fault)

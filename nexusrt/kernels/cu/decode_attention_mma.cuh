@@ -46,12 +46,17 @@ __device__ __forceinline__ void split_pack(float x0, float x1, uint32_t& hi, uin
 // red_m[w], red_l[w] (exp2 domain, output unnormalised). The ring's copies of the first pages are
 // issued before the PDL wait (nrt::pdl_enter, called here), all but the newest row (`newest`,
 // which the kernel before this one writes); that row is read after the wait.
-template <int D, int GM, int kWarps>
+// kHost: a table entry ~h (negative) names block h of the host-tier pools k_host / v_host (pinned,
+// host-mapped), copied from there by the same cp.async (attn_common.cuh kv_locate's rule), so a
+// block gives the same result wherever it lives.
+template <int D, int GM, int kWarps, bool kHost = false>
 __device__ __forceinline__ void split_state(const float* __restrict__ q, const __nv_bfloat16* __restrict__ k_pool,
                                             const __nv_bfloat16* __restrict__ v_pool,
                                             const int* __restrict__ page_table, int kvh, int Hkv, int G, int start,
                                             int end, int newest, float qscale, float (&red_acc)[kWarps][GM][D],
-                                            float (&red_m)[kWarps][GM], float (&red_l)[kWarps][GM]) {
+                                            float (&red_m)[kWarps][GM], float (&red_l)[kWarps][GM],
+                                            const __nv_bfloat16* __restrict__ k_host = nullptr,
+                                            const __nv_bfloat16* __restrict__ v_host = nullptr) {
     using nrt_mma::cp_async16;
     using nrt_mma::mma_bf16;
     using nrt_mma::smem_addr;
@@ -71,11 +76,26 @@ __device__ __forceinline__ void split_state(const float* __restrict__ q, const _
     const int npages = (end - start + kPage - 1) / kPage;
     const int n_mine = npages > warp ? (npages - warp + kWarps - 1) / kWarps : 0;
 
+    // Where page pg's (page, head) blocks start: in k_pool / v_pool, or (kHost) the host pools.
+    auto page_src = [&](int pg, const __nv_bfloat16*& kb, const __nv_bfloat16*& vb) {
+        long long b = page_table[pg];
+        kb = k_pool;
+        vb = v_pool;
+        if constexpr (kHost) {
+            if (b < 0) {
+                b = ~b;
+                kb = k_host;
+                vb = v_host;
+            }
+        }
+        return (b * Hkv + kvh) * kTile;
+    };
     // Page i of this warp into ring stage i % S; rows at or past `end` zero-filled (a masked
     // probability, 0, never multiplies garbage). older_only: leave the newest row for later.
     auto copy_page = [&](int i, bool older_only) {
         const int pg = first_page + i * kWarps;
-        const long long base = ((long long)page_table[pg] * Hkv + kvh) * kTile;
+        const __nv_bfloat16 *kb, *vb;
+        const long long base = page_src(pg, kb, vb);
         __nv_bfloat16* ks = ring + (i % S) * 2 * kTile;
 #pragma unroll
         for (int c = 0; c < kPerLane; ++c) {
@@ -83,8 +103,8 @@ __device__ __forceinline__ void split_state(const float* __restrict__ q, const _
             const int j = e / kRowChunks, col = (e % kRowChunks) * 8;
             const int t = pg * kPage + j;
             if (older_only && t == newest) continue;
-            cp_async16(smem_addr(ks + swz<D>(j, col)), k_pool + base + 8 * e, t < end);
-            cp_async16(smem_addr(ks + kTile + swz<D>(j, col)), v_pool + base + 8 * e, t < end);
+            cp_async16(smem_addr(ks + swz<D>(j, col)), kb + base + 8 * e, t < end);
+            cp_async16(smem_addr(ks + kTile + swz<D>(j, col)), vb + base + 8 * e, t < end);
         }
     };
 #pragma unroll
@@ -99,16 +119,16 @@ __device__ __forceinline__ void split_state(const float* __restrict__ q, const _
     for (int i = 0; i < S - 1; ++i) {
         const int pg = first_page + i * kWarps;
         if (i >= n_mine || newest / kPage != pg) continue;
-        const long long base = ((long long)page_table[pg] * Hkv + kvh) * kTile;
+        const __nv_bfloat16 *kb, *vb;
+        const long long base = page_src(pg, kb, vb);
         __nv_bfloat16* ks = ring + i * 2 * kTile;
 #pragma unroll
         for (int c = 0; c < kPerLane; ++c) {
             const int e = lane + 32 * c;
             const int j = e / kRowChunks, col = (e % kRowChunks) * 8;
             if (pg * kPage + j != newest) continue;
-            *reinterpret_cast<uint4*>(ks + swz<D>(j, col)) = *reinterpret_cast<const uint4*>(k_pool + base + 8 * e);
-            *reinterpret_cast<uint4*>(ks + kTile + swz<D>(j, col)) =
-                *reinterpret_cast<const uint4*>(v_pool + base + 8 * e);
+            *reinterpret_cast<uint4*>(ks + swz<D>(j, col)) = *reinterpret_cast<const uint4*>(kb + base + 8 * e);
+            *reinterpret_cast<uint4*>(ks + kTile + swz<D>(j, col)) = *reinterpret_cast<const uint4*>(vb + base + 8 * e);
         }
     }
 

@@ -201,10 +201,12 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     combined in the cluster's shared memory (:func:`split_plan` with ``cluster=True``); a longer
     one takes the workspace as without it.
 
-    ``mma`` (sm_80+, device blocks, no scores; :func:`mma_ok`): the ``attention_decode_mma_*``
-    twin (``attention_decode_mma_rows_*`` with a rows workspace): each warp streams its own KV
-    blocks into shared memory (``mma_shared_bytes``) and multiplies them on tensor cores; a loop
-    step is ``tokens_per_step(..., mma=True)`` tokens.
+    ``mma`` (sm_80+, no scores; :func:`mma_ok`): the ``attention_decode_mma_*`` twin
+    (``attention_decode_mma_rows_*`` with a rows workspace, ``attention_decode_mma_host[_fault]_*``
+    with ``host_pools`` [and ``fault_ring``]): each warp streams its own KV blocks into shared
+    memory (``mma_shared_bytes``; host-tier blocks by the same copies, so a block's tier does not
+    change the result) and multiplies them on tensor cores; a loop step is
+    ``tokens_per_step(..., mma=True)`` tokens.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if head_dim not in HEAD_DIMS:
@@ -238,9 +240,8 @@ def attention_decode(rt, q, out, k_pool, v_pool, block_table, pos, workspace: De
     if cluster and (rows or host is not None or scores is not None):
         raise ValueError("cluster: the cluster kernels are one-sequence, device blocks only "
                          "(no rows workspace, host_pools, fault_ring or scores)")
-    if mma and (cluster or host is not None or scores is not None):
-        raise ValueError("mma: the mma kernels read device blocks and write no scores "
-                         "(no host_pools, fault_ring, scores or cluster)")
+    if mma and (cluster or scores is not None):
+        raise ValueError("mma: the mma kernels write no scores and run no clusters (no scores or cluster)")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     name = kernel_name(head_dim, group, rows=bool(rows), host=host is not None, scores=scores is not None,
                        fault=bool(ring_args))

@@ -206,8 +206,11 @@ class CudaBatchRunner:
             self._graphs[("logits",)] = scheduler.capture(steps.logits_stages(rt, cfg, w, self.pre, tp),
                                                           stream="compute")
         if not self.deterministic:  # deterministic decodes always take the largest bucket's graph
+            # A lone request's step: the one-sequence chain, its attention on tensor cores where the
+            # batched step's is too (mma_ok).
             self._graphs[("decode1",)] = scheduler.capture(
-                steps.decode_stages(rt, cfg, w, self.pre, sample=False, meta=self.bb.one_meta, tp=tp), stream="compute")
+                steps.decode_stages(rt, cfg, w, self.pre, sample=False, meta=self.bb.one_meta, tp=tp,
+                                    mma=attn_dec.mma_ok(rt)), stream="compute")
         for m in self._decode_buckets():
             ws = self.bb.workspace(cfg, m, self._splits(m))
             self._graphs[("batch", m)] = scheduler.capture(

@@ -31,32 +31,8 @@
 // no host tier (the one-sequence path only).
 // The fault-ring twins (attention_decode_host_fault_*) take the host twins' arguments plus ring
 // (int32 words, kvcache/fault_ring.py layout) and ring_capacity (its slots, a power of two).
-#define NRT_DECODE(D, GM, EXACT, NAME)                                                              \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
-        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
-        int G, int max_splits, float scale) {                                                       \
-        decode_impl<D, GM, EXACT, false, false>(q, out, k_pool, v_pool, page_table, pos, ws_acc,    \
-                                                ws_ml, tickets, Hkv, G, max_splits, scale, 0, 0,    \
-                                                nullptr, nullptr);                                  \
-    }
-
-#define NRT_DECODE_ROWS(D, GM, EXACT, NAME)                                                         \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
-        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
-        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
-        int table_stride, int fixed_chunk) {                                                        \
-        decode_impl<D, GM, EXACT, true, false>(q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml, \
-                                               tickets, Hkv, G, max_splits, scale, table_stride,    \
-                                               fixed_chunk, nullptr, nullptr);                      \
-    }
-
-// NRT_DECODE_ALL_G (decode_attention.cuh): one instantiation per group-size kernel.
-NRT_DECODE_ALL_G(64, NRT_DECODE, attention_decode)
-NRT_DECODE_ALL_G(128, NRT_DECODE, attention_decode)
-NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS, attention_decode_rows)
-NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS, attention_decode_rows)
-// The host-tier and fault-ring twins (entry points: decode_attention.cuh, shared with the mma
-// twins of attention_decode_mma.cu).
+// (The entry points: decode_attention.cuh, shared with attention_decode_mma.cu and
+// attention_decode_cluster.cu.)
+NRT_DECODE_SEQ_TWINS(attention_decode, CORE)
+NRT_DECODE_ROWS_TWINS(attention_decode, CORE)
 NRT_DECODE_HOST_TWINS(attention_decode, CORE)

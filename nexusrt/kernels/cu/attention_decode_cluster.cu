@@ -11,16 +11,5 @@
 #include "decode_attention.cuh"
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
-#define NRT_DECODE_CLUSTER(D, GM, EXACT, NAME)                                                      \
-    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
-        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
-        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
-        int G, int max_splits, float scale) {                                                       \
-        decode_impl<D, GM, EXACT, false, false, float, false, false, true>(                         \
-            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
-            scale, 0, 0, nullptr, nullptr);                                                         \
-    }
-
-NRT_DECODE_ALL_G(64, NRT_DECODE_CLUSTER, attention_decode_cluster)
-NRT_DECODE_ALL_G(128, NRT_DECODE_CLUSTER, attention_decode_cluster)
+NRT_DECODE_SEQ_TWINS(attention_decode_cluster, CLUSTER)  // entry points: decode_attention.cuh
 #endif

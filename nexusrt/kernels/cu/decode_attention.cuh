@@ -166,13 +166,23 @@ __device__ __forceinline__ void decode_impl(
     const int dim0 = (tid % kRowLanes) * 8;  // this lane's 8 dims
     const int newest = seq_len - 1;          // rope_append writes this row just before us
 
-    if constexpr (kMma) {
-        if constexpr (kFault) {  // as in the loop below: head 0's blocks post for every head
+    // kFault: every KV head reads the same table entries, so head 0's blocks post the split's host
+    // pages for all of them (the table is written by no kernel: PDL-safe, before the wait). Then
+    // the warp is reconverged explicitly: after the posts' divergent CAS loops the compiler could
+    // not prove the warps converged at the main loop's reductions and put divergence checks with
+    // collective fallbacks before their shuffles (the host twin has none there). The H200 timed
+    // the CUDA-core twin 4x slower than the host twin on device-resident blocks; with the sync the
+    // SASS has the host twin's shape (NOTES_host_tier.md).
+    auto post_faults = [&] {
+        if constexpr (kFault) {
             if (kvh == 0)
                 nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
                                            ring_capacity, tid, kThreads);
             __syncwarp();
         }
+    };
+    if constexpr (kMma) {
+        post_faults();
         nrt_decode_mma::split_state<D, GM, kWarps, kHost>(q, k_pool, v_pool, page_table, kvh, Hkv, G, start, end,
                                                            newest, scale * nrt_attn::kLog2e, red_acc, red_m, red_l,
                                                            k_host, v_host);
@@ -206,19 +216,7 @@ __device__ __forceinline__ void decode_impl(
         };
         // The first step's older rows stream in while rope_append still runs; then wait for it.
         load_step(k_a, v_a, ok_a, start, true);
-        if constexpr (kFault) {
-            // Every KV head reads the same table entries: head 0's blocks post for all of them,
-            // while the first loads are in flight. The table is written by no kernel (PDL-safe).
-            if (kvh == 0)
-                nrt_fault::post_host_pages(page_table, start / nrt_attn::kPage, (end - 1) / nrt_attn::kPage, ring,
-                                           ring_capacity, tid, kThreads);
-            // Reconverge the warp here, explicitly: after the posts' divergent CAS loops the compiler
-            // could not prove the warps converged at the main loop's reductions and put divergence
-            // checks with collective fallbacks before their shuffles (the host twin has none there).
-            // The H200 timed this twin 4x slower than the host twin on device-resident blocks; with
-            // the sync the SASS has the host twin's shape (NOTES_host_tier.md; not yet re-timed).
-            __syncwarp();
-        }
+        post_faults();  // while the first loads are in flight
         nrt::pdl_enter();
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
@@ -450,9 +448,32 @@ __device__ __forceinline__ void decode_impl(
     MACRO(D, 4, false, PREFIX##_d##D##_gmax4)                                                       \
     MACRO(D, 8, false, PREFIX##_d##D##_gmax8)
 
-// The host-tier entry points (the one-sequence kernels' arguments plus k_host, v_host; the fault
-// twins also ring, ring_capacity), for the CUDA-core kernels (MMA false, attention_decode.cu) and
-// the tensor-core ones (MMA true, attention_decode_mma.cu).
+// The entry points, shared by the modules that instantiate decode_impl (attention_decode.cu: the
+// CUDA-core kernels, KIND CORE; attention_decode_mma.cu: MMA; attention_decode_cluster.cu: CLUSTER).
+// One-sequence: q fp32 [Hq*D] -> out fp32 [Hq*D], position *pos. Rows: q fp32 [rows][Hq*D] -> out
+// bf16 [rows][Hq*D], meta int32 [rows][4], tables [*][table_stride]. Host-tier: the one-sequence
+// arguments plus k_host, v_host; the fault twins also ring, ring_capacity.
+#define NRT_DECODE_SEQ_KERNEL(D, GM, EXACT, NAME, CLUSTER, MMA)                                     \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
+        const int* page_table, const int* pos, float* ws_acc, float2* ws_ml, int* tickets, int Hkv, \
+        int G, int max_splits, float scale) {                                                       \
+        decode_impl<D, GM, EXACT, false, false, float, false, false, CLUSTER, MMA>(                 \
+            q, out, k_pool, v_pool, page_table, pos, ws_acc, ws_ml, tickets, Hkv, G, max_splits,    \
+            scale, 0, 0, nullptr, nullptr);                                                         \
+    }
+
+#define NRT_DECODE_ROWS_KERNEL(D, GM, EXACT, NAME, MMA)                                             \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
+        const float* q, __nv_bfloat16* out, const __nv_bfloat16* k_pool,                            \
+        const __nv_bfloat16* v_pool, const int* tables, const int* meta, float* ws_acc,             \
+        float2* ws_ml, int* tickets, int Hkv, int G, int max_splits, float scale,                   \
+        int table_stride, int fixed_chunk) {                                                        \
+        decode_impl<D, GM, EXACT, true, false, __nv_bfloat16, false, false, false, MMA>(            \
+            q, out, k_pool, v_pool, tables, meta, ws_acc, ws_ml, tickets, Hkv, G, max_splits,       \
+            scale, table_stride, fixed_chunk, nullptr, nullptr);                                    \
+    }
+
 #define NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, MMA)                                             \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(                                    \
         const float* q, float* out, const __nv_bfloat16* k_pool, const __nv_bfloat16* v_pool,       \
@@ -475,13 +496,25 @@ __device__ __forceinline__ void decode_impl(
             scale, 0, 0, k_host, v_host, nullptr, nullptr, 0, ring, ring_capacity);                 \
     }
 
+// The same entry points with KIND fixed (the MACRO argument of NRT_DECODE_ALL_G takes four).
+#define NRT_DECODE_SEQ_CORE(D, GM, EXACT, NAME) NRT_DECODE_SEQ_KERNEL(D, GM, EXACT, NAME, false, false)
+#define NRT_DECODE_SEQ_MMA(D, GM, EXACT, NAME) NRT_DECODE_SEQ_KERNEL(D, GM, EXACT, NAME, false, true)
+#define NRT_DECODE_SEQ_CLUSTER(D, GM, EXACT, NAME) NRT_DECODE_SEQ_KERNEL(D, GM, EXACT, NAME, true, false)
+#define NRT_DECODE_ROWS_CORE(D, GM, EXACT, NAME) NRT_DECODE_ROWS_KERNEL(D, GM, EXACT, NAME, false)
+#define NRT_DECODE_ROWS_MMA(D, GM, EXACT, NAME) NRT_DECODE_ROWS_KERNEL(D, GM, EXACT, NAME, true)
 #define NRT_DECODE_HOST_CORE(D, GM, EXACT, NAME) NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, false)
 #define NRT_DECODE_HOST_MMA(D, GM, EXACT, NAME) NRT_DECODE_HOST_KERNEL(D, GM, EXACT, NAME, true)
 #define NRT_DECODE_HOST_FAULT_CORE(D, GM, EXACT, NAME) NRT_DECODE_HOST_FAULT_KERNEL(D, GM, EXACT, NAME, false)
 #define NRT_DECODE_HOST_FAULT_MMA(D, GM, EXACT, NAME) NRT_DECODE_HOST_FAULT_KERNEL(D, GM, EXACT, NAME, true)
 
-// Every host-tier twin of a module: PREFIX_host_d{64,128}_g* and PREFIX_host_fault_d{64,128}_g*,
-// KIND CORE (the CUDA-core loop) or MMA (the tensor-core one).
+// A module's families, every group-size kernel of both head dims each: PREFIX_d*_g* (one
+// sequence), PREFIX_rows_d*_g*, PREFIX_host_d*_g* and PREFIX_host_fault_d*_g*.
+#define NRT_DECODE_SEQ_TWINS(PREFIX, KIND)                                                          \
+    NRT_DECODE_ALL_G(64, NRT_DECODE_SEQ_##KIND, PREFIX)                                             \
+    NRT_DECODE_ALL_G(128, NRT_DECODE_SEQ_##KIND, PREFIX)
+#define NRT_DECODE_ROWS_TWINS(PREFIX, KIND)                                                         \
+    NRT_DECODE_ALL_G(64, NRT_DECODE_ROWS_##KIND, PREFIX##_rows)                                     \
+    NRT_DECODE_ALL_G(128, NRT_DECODE_ROWS_##KIND, PREFIX##_rows)
 #define NRT_DECODE_HOST_TWINS(PREFIX, KIND)                                                         \
     NRT_DECODE_ALL_G(64, NRT_DECODE_HOST_##KIND, PREFIX##_host)                                     \
     NRT_DECODE_ALL_G(128, NRT_DECODE_HOST_##KIND, PREFIX##_host)                                    \

@@ -76,7 +76,9 @@ __device__ __forceinline__ void split_state(const float* __restrict__ q, const _
     const int npages = (end - start + kPage - 1) / kPage;
     const int n_mine = npages > warp ? (npages - warp + kWarps - 1) / kWarps : 0;
 
-    // Where page pg's (page, head) blocks start: in k_pool / v_pool, or (kHost) the host pools.
+    // Where page pg's (page, head) blocks start: in k_pool / v_pool, or (kHost) the host pools. The
+    // sign rule is nrt_attn::kv_locate's at the page's first token; written per page here (calling
+    // kv_locate gives the same offsets but other SASS, not yet run on a GPU).
     auto page_src = [&](int pg, const __nv_bfloat16*& kb, const __nv_bfloat16*& vb) {
         long long b = page_table[pg];
         kb = k_pool;

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from nexusrt.kernels.ops.common import FLAG_NORM
 from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
 from nexusrt.reference.ops import linear_epilogue, rel_error
 
@@ -48,10 +49,28 @@ def test_plan_splits_only_as_far_as_shared_memory_needs():
 
 
 def test_plan_splits_when_x_does_not_fit_shared_memory():
-    p = plan_gemv(4096, 14336)  # 8B down: 57 KB of x
-    assert p.splits >= 2 and p.shared <= SMEM_LIMIT
-    p8 = plan_gemv(4096, 14336, m=8)
-    assert p8.shared <= SMEM_LIMIT and p8.splits >= 10 and p8.mmax == 8
+    p = plan_gemv(4096, 14336)  # 8B down: 57 KB of x, over 48 KB (the launch opts in), unsplit
+    assert p.splits == 1 and p.shared == 14336 * 4 > 48 * 1024
+    p8 = plan_gemv(4096, 14336, m=8)  # 448 KB of x: five slices of <= 96 KB
+    assert p8.shared <= SMEM_LIMIT and p8.splits == 5 and p8.mmax == 8
+
+
+def test_launch_opts_in_to_its_shared_memory(monkeypatch):
+    from fakes import FakeKernel, tensor
+    from nexusrt.kernels.ops import gemv as gv
+
+    kernel = FakeKernel()
+    rt = FakeRuntime(kernel=kernel)
+    monkeypatch.setattr(gv, "blocks_per_sm", lambda kernel, threads, shared: 2)
+    spec = gemv(rt, tensor((1, 4096), "fp32"), tensor((4096, 14336), "bf16"), tensor((1, 14336), "fp32"),
+                n=4096, k=14336, residual=tensor((1, 4096), "fp32"))
+    assert spec.grid == (264, 1, 1) and spec.shared == 14336 * 4 and kernel.shared == 14336 * 4
+    # 48 KB of dynamic shared memory plus the kernel's static bytes is over 48 KB: opted in too.
+    small = FakeKernel()
+    spec = gemv(FakeRuntime(kernel=small), tensor((3, 300), "fp32"), tensor((600, 4096), "bf16"),
+                tensor((3, 4096), "fp32"), n=300, k=4096, m=3, norm_weight=tensor((4096,), "fp32"), gate_up=True)
+    assert spec.grid == (38, 1, 1) and spec.shared == 49152 and small.shared == 49152
+    assert spec.args[-1] == FLAG_NORM
 
 
 def test_plan_variants_and_ragged_k():
@@ -116,7 +135,7 @@ def test_bench_cases_at_m8_build_on_the_cpu(cpu_rt, monkeypatch):
                                            "gemv lm_head 128256x4096 m=8"]
         assert [c.notes["kernel"] for c in cases] == ["gemv_m8_rows_v8"] * 2 + ["gemv_m8_gateup_v8"] + \
             ["gemv_m8_rows_v8"] * 2
-        assert [c.notes["splits"] for c in cases] == [3, 3, 3, 10, 3]  # 8 * K * 4 bytes of x over 48 KB
+        assert [c.notes["splits"] for c in cases] == [2, 2, 2, 5, 2]  # 8 * K * 4 bytes of x over 96 KB
         assert cases[2].bytes_moved == gemv_bytes(14336, 4096, 8, gate_up=True, norm=True)
         assert [(c.name, c.notes["kernel"]) for c in one] == [("gemv o 4096x4096", "gemv_m1_rows_v8")]
     finally:

@@ -33,13 +33,15 @@ def _args(hq=8, hkv=2, d=64, k=256, blocks=4):
 
 
 def test_launcher_has_a_warp_per_rotate_half_pair(monkeypatch):
-    monkeypatch.setattr(qkv_rope, "blocks_per_sm", lambda kernel, threads, shared: 2)  # no driver here
+    from nexusrt.kernels.ops import gemv
+
+    monkeypatch.setattr(gemv, "blocks_per_sm", lambda kernel, threads, shared: 2)  # no driver here
     rt = FakeRuntime()
     spec = qkv_rope.qkv_rope(rt, **_args(), num_q_heads=8, num_kv_heads=2, head_dim=64, eps=1e-5)
     assert spec.kernel.name == "gemv_qkv_rope_d64"
     # 12 heads x 32 pairs = 48 blocks of 8 warps, capped by what is resident at once.
-    assert spec.block == (256, 1, 1) and spec.grid == (min(48, 2 * qkv_rope.sm_count(rt)), 1, 1)
-    assert spec.shared == 256 * 4  # x staged whole
+    assert spec.block == (256, 1, 1) and spec.grid == (min(48, 2 * rt.profile.sm_count), 1, 1)
+    assert spec.shared == 256 * 4 and spec.kernel.shared == spec.shared  # x staged whole (opted in)
     assert spec.args[6] == 8  # flags: the input RMSNorm, no bias
     with_bias = qkv_rope.qkv_rope(FakeRuntime(), **_args(), bias=tensor((12 * 64,), "bf16"), num_q_heads=8,
                                   num_kv_heads=2, head_dim=64, eps=1e-5)
@@ -72,7 +74,8 @@ def test_unfused_reason_names_what_the_fused_kernel_does_not_cover():
     assert "q/k RMSNorm" in qkv_rope.unfused_reason(hidden=2048, head_dim=128, q_norm=object())
     assert "host KV tier" in qkv_rope.unfused_reason(hidden=2048, head_dim=64, host_pools=(1, 2))
     assert "hidden 2049" in qkv_rope.unfused_reason(hidden=2049, head_dim=64)
-    assert "hidden 16384" in qkv_rope.unfused_reason(hidden=16384, head_dim=64)  # x no longer fits unsplit
+    assert qkv_rope.unfused_reason(hidden=16384, head_dim=64) is None  # 64 KB of x: opted in, unsplit
+    assert "hidden 32768" in qkv_rope.unfused_reason(hidden=32768, head_dim=64)  # x no longer fits unsplit
     with pytest.raises(ValueError, match="head_dim 256.*gemv \\+ rope_append"):
         qkv_rope.qkv_rope(FakeRuntime(), **_args(d=256), num_q_heads=8, num_kv_heads=2, head_dim=256, eps=1e-5)
 

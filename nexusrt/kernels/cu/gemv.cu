@@ -9,8 +9,8 @@
 //   staging, hiding the staging's L2 round trip behind DRAM latency.
 // - Fused input RMSNorm: each block computes rstd over all of x itself (x is a few KB, read
 //   from L2) and stages x * rstd * norm_w; no separate norm kernel.
-// - Split-K (gridDim.y > 1) where N alone leaves the chip under-filled or x does not fit in
-//   shared memory: partials go to a workspace, a per-row counter elects the LAST warp, which
+// - Split-K (gridDim.y > 1) where x does not fit in shared memory (the launcher's 96 KB,
+//   opted in past 48 KB): partials go to a workspace, a per-row counter elects the LAST warp, which
 //   sums the partials in split order (deterministic, no float atomics) and resets the counter.
 // - gate_up variant (RPW = 2): a task computes gate row j and up row I + j together and
 //   writes silu(gate) * up, so the SiLU*mul pass disappears.

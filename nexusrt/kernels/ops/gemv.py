@@ -4,7 +4,7 @@ Epilogues: ``+ bias`` (bf16/fp32 [N]), ``+ residual`` (fp32 [M, N], may be ``y``
 fused input RMSNorm (``norm_weight`` fp32 [K]: x is normalised inside the kernel), and
 ``gate_up`` (W is [2I, K], gate rows then up rows; y[M, I] = silu(gate) * up).
 
-Where N alone under-fills the chip or x does not fit in shared memory the kernel splits K;
+Where x does not fit in 96 KB of shared memory (``SMEM_LIMIT``) the kernel splits K;
 it then needs a zero-initialised workspace of :func:`plan_gemv` ``(...).workspace_bytes``
 (fp32 partials followed by int32 row counters that the kernel leaves at zero again, so one
 workspace serves every launch and graph replay of the same plan). Results are
@@ -24,7 +24,10 @@ THREADS = 256
 WARPS = THREADS // 32
 SIGNATURE = "ptr ptr ptr ptr ptr ptr f32 i32 i32 i32 ptr ptr i32"
 MAX_M = 8
-SMEM_LIMIT = 48 * 1024  # staged x per block; above this K is split (no opt-in needed)
+# Staged x per block; above this K is split. Two 256-thread blocks of ~100 registers fit an
+# SM and 2 x 96 KB is within its 227 KB, so the 8B down (57 KB of x) runs unsplit: split in two
+# it took 36.2 us alone against 31.9 unsplit, 3% of the 8B token (H200, BENCHMARKS.md).
+SMEM_LIMIT = 96 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False,
     return GemvPlan(m, n, k, gate_up, mmax, vec, splits, cps, shared, ws)
 
 
+def resident_grid(rt, kernel, shared: int, tasks: int, splits: int = 1) -> int:
+    """grid.x of a persistent GEMV: every resident block, no more than the tasks need. Opts the
+    kernel in to ``shared`` bytes first: 48 KB counts the kernel's static shared memory too, so
+    48 KB of dynamic alone already needs it (a no-op once the kernel's limit is that high)."""
+    kernel.set_max_dynamic_shared(shared, rt.device.handle)
+    per_sm = blocks_per_sm(kernel, THREADS, shared)
+    return max(1, min(ceil_div(tasks, WARPS), per_sm * sm_count(rt) // splits))
+
+
 def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str | None = None,
          residual=None, norm_weight=None, eps: float = 1e-5, gate_up: bool = False,
          workspace=None, splits: int | None = None) -> LaunchSpec:
@@ -119,8 +131,7 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
         ws_ptr = ptr(workspace)
         cnt_ptr = ws_ptr + plan.counters_offset
     kernel = rt.kernels.get(SOURCE, plan.kernel_name, SIGNATURE)
-    resident = blocks_per_sm(kernel, THREADS, plan.shared) * sm_count(rt)
-    grid_x = max(1, min(ceil_div(n, WARPS), resident // plan.splits))
+    grid_x = resident_grid(rt, kernel, plan.shared, n, plan.splits)
     args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
                        float(eps), m, n, k, ws_ptr, cnt_ptr, flags)
     return LaunchSpec(kernel, (grid_x, plan.splits, 1), (THREADS, 1, 1), args, plan.shared,

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 
 from . import rope
-from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok,
-                     ptr, sm_count)
-from .gemv import THREADS, WARPS, gemv_bytes, plan_gemv
+from .common import check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok, ptr
+from .gemv import THREADS, gemv_bytes, plan_gemv, resident_grid
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "gemv_rope"
@@ -76,7 +75,7 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     tasks = rows // 2  # one rotate_half pair of one head per warp
     plan = plan_gemv(tasks, k, 1, gate_up=True)
     kernel = rt.kernels.get(SOURCE, f"gemv_qkv_rope_d{head_dim}", SIGNATURE)
-    grid_x = max(1, min(ceil_div(tasks, WARPS), blocks_per_sm(kernel, THREADS, plan.shared) * sm_count(rt)))
+    grid_x = resident_grid(rt, kernel, plan.shared, tasks)
     args = kernel.pack(ptr(w), ptr(x), ptr(bias), ptr(norm_weight), float(eps), k, flags, ptr(inv_freq), ptr(pos),
                        ptr(block_table), ptr(q_out), ptr(k_pool), ptr(v_pool), num_q_heads, num_kv_heads)
     return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, plan.shared,

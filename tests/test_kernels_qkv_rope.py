@@ -22,7 +22,8 @@ BF16 = ml_dtypes.bfloat16
 def test_compiles_with_every_kernel_the_launcher_names(arch):
     cubin = compile_file(qkv_rope.SOURCE, arch, use_cache=False).cubin
     for d in qkv_rope.HEAD_DIMS:
-        assert f"gemv_qkv_rope_d{d}".encode() in cubin
+        for depth in qkv_rope.DEPTHS:
+            assert qkv_rope.kernel_name(d, depth).encode() in cubin
 
 
 def _args(hq=8, hkv=2, d=64, k=256, blocks=4):
@@ -46,6 +47,49 @@ def test_launcher_has_a_warp_per_rotate_half_pair(monkeypatch):
     with_bias = qkv_rope.qkv_rope(FakeRuntime(), **_args(), bias=tensor((12 * 64,), "bf16"), num_q_heads=8,
                                   num_kv_heads=2, head_dim=64, eps=1e-5)
     assert with_bias.args[6] == 8 | 1 | 2
+
+
+def _occupancy(monkeypatch, per_kernel):
+    """blocks_per_sm by kernel name (no driver here): ``per_kernel`` maps a name prefix to blocks."""
+    from nexusrt.kernels.ops import gemv
+
+    def blocks(kernel, threads, shared):
+        return next(n for prefix, n in per_kernel.items() if kernel.name.startswith(prefix))
+    monkeypatch.setattr(gemv, "blocks_per_sm", blocks)
+
+
+@pytest.mark.parametrize("hq, hkv, d, k, want", [
+    # the 8B shape: 3,072 pair tasks; depth 4 holds 2 x 8 x 132 = 2,112 warps (two waves),
+    # depth 2 holds 3,168 (one wave)
+    (32, 8, 128, 4096, "gemv_qkv_rope_u2_d128"),
+    # the 1B shape: 1,536 pair tasks are one wave at either depth, so the deeper loop
+    (32, 8, 64, 2048, "gemv_qkv_rope_d64"),
+])
+def test_launcher_takes_the_depth_with_fewer_waves(monkeypatch, hq, hkv, d, k, want):
+    monkeypatch.delenv(qkv_rope.DEPTH_ENV, raising=False)
+    _occupancy(monkeypatch, {"gemv_qkv_rope_u2_": 3, "gemv_qkv_rope_d": 2})
+    rt = FakeRuntime()
+    assert rt.profile.sm_count == 132
+    spec = qkv_rope.qkv_rope(rt, **_args(hq, hkv, d, k, blocks=4), num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                             eps=1e-5)
+    tasks = (hq + 2 * hkv) * d // 2
+    assert spec.kernel.name == want and spec.name.startswith(want + "[")
+    per_sm = 3 if "_u2_" in want else 2
+    assert spec.grid == (min(-(-tasks // 8), per_sm * 132), 1, 1)
+
+
+def test_depth_pinned_by_argument_or_environment(monkeypatch):
+    _occupancy(monkeypatch, {"gemv_qkv_rope_u2_": 3, "gemv_qkv_rope_d": 2})
+    args = dict(**_args(32, 8, 128, 4096), num_q_heads=32, num_kv_heads=8, head_dim=128, eps=1e-5)
+    monkeypatch.setenv(qkv_rope.DEPTH_ENV, "4")
+    assert qkv_rope.qkv_rope(FakeRuntime(), **args).kernel.name == "gemv_qkv_rope_d128"
+    assert qkv_rope.qkv_rope(FakeRuntime(), **args, depth=2).kernel.name == "gemv_qkv_rope_u2_d128"
+    monkeypatch.setenv(qkv_rope.DEPTH_ENV, "3")
+    with pytest.raises(ValueError, match="NEXUSRT_QKV_ROPE_DEPTH='3'"):
+        qkv_rope.qkv_rope(FakeRuntime(), **args)
+    monkeypatch.delenv(qkv_rope.DEPTH_ENV)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        qkv_rope.qkv_rope(FakeRuntime(), **args, depth=8)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -95,8 +139,9 @@ CASES = [  # (Hq, Hkv, D, K, position, bias)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("depth", qkv_rope.DEPTHS)
 @pytest.mark.parametrize("hq, hkv, d, k, start, bias_dtype", CASES)
-def test_fused_equals_gemv_then_rope_append_bit_for_bit(gpu_rt, hq, hkv, d, k, start, bias_dtype):
+def test_fused_equals_gemv_then_rope_append_bit_for_bit(gpu_rt, hq, hkv, d, k, start, bias_dtype, depth):
     import nexusrt as nrt
     from nexusrt.kernels.ops import gemv as gv
     from nexusrt.kernels.ops import rope
@@ -126,7 +171,7 @@ def test_fused_equals_gemv_then_rope_append_bit_for_bit(gpu_rt, hq, hkv, d, k, s
         kp, vp = nrt.memory.from_numpy(poison), nrt.memory.from_numpy(poison)
         if fused:
             qkv_rope.qkv_rope(gpu_rt, q_out, kp, vp, w=w_t, x=x_t, norm_weight=nw_t, bias=b_t, bias_dtype=bias_dtype,
-                              num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps, **common).launch()
+                              num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps, depth=depth, **common).launch()
         else:
             qkv = nrt.memory.from_numpy(np.full((1, rows), np.nan, np.float32))
             gv.gemv(gpu_rt, qkv, w_t, x_t, n=rows, k=k, norm_weight=nw_t, eps=eps, bias=b_t,

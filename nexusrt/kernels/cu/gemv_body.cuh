@@ -136,12 +136,14 @@ __device__ __forceinline__ float epilogue(const float (&v)[RPW], int m, int j, i
 // row_of(j, r): the row of W that is row r of task j (j + r*N for the plain and gate_up kinds).
 // store(m, j, v): the lane that holds token m writes task j's RPW sums v (after the epilogue
 // the kind applies; split-K hands it the sums of every split, in split order).
-template <int MMAX, int RPW, int VEC, class RowOf, class Store>
+// U: 16-byte loads per lane per step and row (the default keeps 8 loads per step in flight over
+// all rows of the task). A lane adds its chunks in the same order whatever U is (chunk
+// (b*U + u)*32 + lane, ascending), so U changes registers and occupancy, never the sums.
+template <int MMAX, int RPW, int VEC, int U = 8 / RPW, class RowOf, class Store>
 __device__ __forceinline__ void gemv_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ x,
                                           const float* __restrict__ norm_w, float eps, int M, int N,
                                           int K, float* ws, int* counters, int flags, RowOf row_of,
                                           Store store) {
-    constexpr int U = 8 / RPW;  // 16-byte loads per lane per step, over all rows of the task
     extern __shared__ float4 smem4[];
     float* xs = reinterpret_cast<float*>(smem4);
     __shared__ float scratch[32];

@@ -60,15 +60,24 @@ struct RopeStore {
 }  // namespace
 
 // grid (resident blocks, 1), block kThreads, dynamic shared memory K * 4 bytes (the staged x).
-#define NRT_GEMV_QKV_ROPE(D)                                                                       \
-    extern "C" __global__ void __launch_bounds__(kThreads) gemv_qkv_rope_d##D(                     \
+// Two depths of the same loop: gemv_qkv_rope_d<D> keeps U = 4 loads per row in flight (104
+// registers: two blocks per SM), gemv_qkv_rope_u2_d<D> keeps U = 2 and is held to three blocks
+// per SM (80 registers), for shapes whose pair tasks would otherwise take two waves of warps
+// (the 8B: 3,072 tasks against 2,112 resident warps at U = 4, 3,168 at U = 2). The launcher
+// picks (ops/qkv_rope.py); both give the same sums (see gemv_body).
+#define NRT_GEMV_QKV_ROPE(NAME, D, U, BOUNDS)                                                      \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                      \
         const __nv_bfloat16* W, const float* x, const void* bias, const float* norm_w, float eps,  \
         int K, int flags, const float* inv_freq, const int* pos, const int* page_table,            \
         float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool, int Hq, int Hkv) {             \
         const RopeStore<D> st{inv_freq, pos, page_table, q_out, k_pool, v_pool, bias, flags, Hq, Hkv}; \
-        gemv_body<1, 2, 8>(W, x, norm_w, eps, 1, (Hq + 2 * Hkv) * (D / 2), K, nullptr, nullptr, flags, \
-                           [st](int j, int r) { return st.row_of(j, r); }, st);                    \
+        gemv_body<1, 2, 8, U>(W, x, norm_w, eps, 1, (Hq + 2 * Hkv) * (D / 2), K, nullptr, nullptr, flags, \
+                              [st](int j, int r) { return st.row_of(j, r); }, st);                 \
     }
 
-NRT_GEMV_QKV_ROPE(64)
-NRT_GEMV_QKV_ROPE(128)
+// BOUNDS is (kThreads) alone for the deep variant: naming a minimum of one block per SM
+// changes nvcc 13.0's allocation (104 -> 124 registers).
+NRT_GEMV_QKV_ROPE(gemv_qkv_rope_d64, 64, 4, (kThreads))
+NRT_GEMV_QKV_ROPE(gemv_qkv_rope_d128, 128, 4, (kThreads))
+NRT_GEMV_QKV_ROPE(gemv_qkv_rope_u2_d64, 64, 2, (kThreads, 3))
+NRT_GEMV_QKV_ROPE(gemv_qkv_rope_u2_d128, 128, 2, (kThreads, 3))

@@ -6,6 +6,11 @@ covers what most checkpoints need — head_dim 64 or 128, no per-head q/k RMSNor
 block in HBM, ``x`` small enough to stage unsplit — and :func:`unfused_reason` says why a step
 outside that keeps the two launches. ``NEXUSRT_FUSE_ROPE=0`` turns the fusion off (for
 comparisons in the same run).
+
+Two depths of the kernel's loop (``DEPTHS``): 4 loads per lane and row in flight (two blocks
+per SM) or 2 (three blocks per SM). The launcher takes the one that covers the shape's pair
+tasks in fewer waves of resident warps, the deeper on a tie; ``NEXUSRT_QKV_ROPE_DEPTH=4|2``
+pins one (for comparisons in the same run). Both give the same bits.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import os
 
 from . import rope
-from .common import check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok, ptr
-from .gemv import THREADS, gemv_bytes, plan_gemv, resident_grid
+from .common import ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok, ptr
+from .gemv import THREADS, WARPS, gemv_bytes, plan_gemv, resident_grid
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "gemv_rope"
 SIGNATURE = "ptr ptr ptr ptr f32 i32 i32 ptr ptr ptr ptr ptr ptr i32 i32"
 HEAD_DIMS = (64, 128)
+DEPTHS = (4, 2)  # 16-byte loads per lane and row per step; the first is the default on a tie
+DEPTH_ENV = "NEXUSRT_QKV_ROPE_DEPTH"
 
 
 def enabled() -> bool:
@@ -41,15 +48,47 @@ def unfused_reason(*, hidden: int, head_dim: int, q_norm=None, k_norm=None, host
     return None
 
 
+def kernel_name(head_dim: int, depth: int) -> str:
+    """The entry point of ``gemv_rope.cu`` for this head_dim and loop depth."""
+    return f"gemv_qkv_rope_d{head_dim}" if depth == DEPTHS[0] else f"gemv_qkv_rope_u{depth}_d{head_dim}"
+
+
+def _depths(depth: int | None) -> tuple[int, ...]:
+    """The depths to choose from: ``depth`` if given, else the environment's pin, else all."""
+    if depth is None:
+        pinned = os.environ.get(DEPTH_ENV, "").strip()
+        if not pinned:
+            return DEPTHS
+        if pinned not in {str(d) for d in DEPTHS}:
+            raise ValueError(f"{DEPTH_ENV}={pinned!r}: expected one of {', '.join(map(str, DEPTHS))} or unset")
+        depth = int(pinned)
+    if depth not in DEPTHS:
+        raise ValueError(f"qkv_rope depth must be one of {DEPTHS}, got {depth!r}")
+    return (depth,)
+
+
+def _choose_kernel(rt, head_dim: int, shared: int, tasks: int, depth: int | None):
+    """(kernel, grid.x) of the depth whose resident warps cover ``tasks`` in the fewest waves."""
+    best = None
+    for d in _depths(depth):
+        kernel = rt.kernels.get(SOURCE, kernel_name(head_dim, d), SIGNATURE)
+        grid_x = resident_grid(rt, kernel, shared, tasks)
+        waves = ceil_div(tasks, grid_x * WARPS)
+        if best is None or waves < best[0]:
+            best = (waves, kernel, grid_x)
+    return best[1], best[2]
+
+
 def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num_q_heads: int,
              num_kv_heads: int, head_dim: int, norm_weight, eps: float, bias=None,
-             bias_dtype: str | None = None) -> LaunchSpec:
+             bias_dtype: str | None = None, depth: int | None = None) -> LaunchSpec:
     """Launch spec for ``q_out, K/V[*pos] = RoPE(W . rmsnorm(x) + bias)`` of one token.
 
     ``w`` bf16 ``[(Hq + 2*Hkv) * D, K]`` (q rows, then k, then v); ``x`` fp32 ``[1, K]``;
     ``norm_weight`` fp32 ``[K]`` (the input RMSNorm); ``bias`` ``[(Hq + 2*Hkv) * D]`` or None;
     ``q_out`` fp32 ``[1, Hq, D]``; ``k_pool``/``v_pool`` this layer's paged cache, written at
-    slot ``*pos`` through ``block_table``; ``inv_freq`` fp32 ``[D/2]``.
+    slot ``*pos`` through ``block_table``; ``inv_freq`` fp32 ``[D/2]``; ``depth`` one of
+    ``DEPTHS`` to pin the loop's depth (None: the environment's pin, else chosen by waves).
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if num_q_heads % num_kv_heads:
@@ -74,17 +113,17 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
         check_aligned(t, name, 16)
     tasks = rows // 2  # one rotate_half pair of one head per warp
     plan = plan_gemv(tasks, k, 1, gate_up=True)
-    kernel = rt.kernels.get(SOURCE, f"gemv_qkv_rope_d{head_dim}", SIGNATURE)
-    grid_x = resident_grid(rt, kernel, plan.shared, tasks)
+    kernel, grid_x = _choose_kernel(rt, head_dim, plan.shared, tasks, depth)
     args = kernel.pack(ptr(w), ptr(x), ptr(bias), ptr(norm_weight), float(eps), k, flags, ptr(inv_freq), ptr(pos),
                        ptr(block_table), ptr(q_out), ptr(k_pool), ptr(v_pool), num_q_heads, num_kv_heads)
     return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, plan.shared,
-                      name=f"gemv_qkv_rope_d{head_dim}[{rows}x{k}]", pdl=pdl_ok(rt))
+                      name=f"{kernel.name}[{rows}x{k}]", pdl=pdl_ok(rt))
 
 
 def bench_cases(rt, config) -> list[BenchCase]:
     """The fused QKV + RoPE + append of one decode token at position 1000, weights rotated so
-    the L2 never holds them (compare with ``gemv qkv`` + ``rope_append`` of the same run)."""
+    the L2 never holds them (compare with ``gemv qkv`` + ``rope_append`` of the same run): the
+    depth the decode step takes, then each other depth, named by its depth."""
     from . import bench_util
 
     hq, hkv, d, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
@@ -94,7 +133,15 @@ def bench_cases(rt, config) -> list[BenchCase]:
     weights = bench_util.random_weights(rt, (rows, h))
     t = dict(x=bench_util.random_f32(rt, (1, h), seed=1),
              norm_weight=bench_util.random_f32(rt, (h,), seed=3, offset=1.0), **rope.bench_cache(config))
-    specs = [qkv_rope(rt, w=w, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps), **t)
-             for w in weights]
-    return [BenchCase(f"gemv qkv+rope {rows}x{h}", gemv_bytes(rows, h, norm=True), bench_util.rotate(specs),
-                      group="gemv", notes={"copies": len(weights), "_keep": (weights, tuple(t.values()))})]
+    chosen = qkv_rope(rt, w=weights[0], num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps),
+                      **t).kernel.name
+    cases = []
+    for depth in sorted(DEPTHS, key=lambda dp: kernel_name(d, dp) != chosen):
+        specs = [qkv_rope(rt, w=w, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps),
+                          depth=depth, **t) for w in weights]
+        label = "" if specs[0].kernel.name == chosen else f" (depth {depth})"
+        cases.append(BenchCase(f"gemv qkv+rope {rows}x{h}{label}", gemv_bytes(rows, h, norm=True),
+                               bench_util.rotate(specs), group="gemv",
+                               notes={"copies": len(weights), "depth": depth,
+                                      "_keep": (weights, tuple(t.values()))}))
+    return cases

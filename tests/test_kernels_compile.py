@@ -42,3 +42,11 @@ def test_epilogue_flags_match_the_kernels():
         for name, value in (("kBias", common.FLAG_BIAS), ("kBiasBf16", common.FLAG_BIAS_BF16),
                             ("kResidual", common.FLAG_RESIDUAL), ("kNorm", common.FLAG_NORM)):
             assert re.search(rf"\b{name} = {value}\b", text), f"{name} != {value} in {source}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_ring_gemv_exists_from_sm90_on(arch):
+    """gemv_ring.cu's entry points need the bulk-copy engine: on sm_80 the module compiles empty."""
+    cubin = compile_file("gemv_ring", arch, use_cache=False).cubin
+    for name in ("gemv_ring_rows", "gemv_ring_gateup"):
+        assert (name.encode() in cubin) == (arch == "sm_90a"), (name, arch)

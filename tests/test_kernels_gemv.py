@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nexusrt.kernels.ops.common import FLAG_NORM
+from nexusrt.kernels.ops.common import FLAG_NORM, FLAG_RESIDUAL
 from nexusrt.kernels.ops.gemv import SMEM_LIMIT, decode_shapes, gemv, gemv_bytes, plan_gemv
 from nexusrt.reference.ops import linear_epilogue, rel_error
 
@@ -71,6 +71,74 @@ def test_launch_opts_in_to_its_shared_memory(monkeypatch):
                 tensor((3, 4096), "fp32"), n=300, k=4096, m=3, norm_weight=tensor((4096,), "fp32"), gate_up=True)
     assert spec.grid == (38, 1, 1) and spec.shared == 49152 and small.shared == 49152
     assert spec.args[-1] == FLAG_NORM
+
+
+def _hopper(sm_count=132):
+    rt = FakeRuntime(sm_count=sm_count)
+    rt.profile.compute_capability = (9, 0)
+    rt.profile.shared_memory_per_block_optin = 227 * 1024
+    return rt
+
+
+def test_ring_stages_fill_the_block_and_respect_the_switches(monkeypatch):
+    from nexusrt.kernels.ops import gemv_ring
+
+    monkeypatch.delenv(gemv_ring.ENV, raising=False)
+    monkeypatch.delenv(gemv_ring.STAGES_ENV, raising=False)
+    rt = _hopper()
+    assert gemv_ring.stages_for(rt, 4096) is None  # off unless asked for
+    # (227 KB - 1 KB - x) // (8 warps x (4 KB + 8)): the 8B's K = 4096 and 14336, the 1B's 2048.
+    assert [gemv_ring.stages_for(rt, k, True) for k in (4096, 14336, 2048)] == [6, 5, 6]
+    for k in (4096, 14336):
+        assert gemv_ring.shared_bytes(k, gemv_ring.stages_for(rt, k, True)) <= 227 * 1024 - 1024
+    assert gemv_ring.stages_for(rt, 4100, True) is None  # K % 8
+    assert gemv_ring.stages_for(rt, 45000, True) is None  # x leaves room for fewer than two slots a warp
+    assert gemv_ring.stages_for(FakeRuntime(), 4096, True) is None  # no compute capability: not sm_90
+    monkeypatch.setenv(gemv_ring.ENV, "1")
+    assert gemv_ring.stages_for(rt, 4096) == 6 and gemv_ring.stages_for(rt, 4096, False) is None
+    monkeypatch.setenv(gemv_ring.STAGES_ENV, "3")
+    assert gemv_ring.stages_for(rt, 4096) == 3
+    for bad in ("1", "9", "two"):
+        monkeypatch.setenv(gemv_ring.STAGES_ENV, bad)
+        with pytest.raises(ValueError, match=gemv_ring.STAGES_ENV):
+            gemv_ring.stages_for(rt, 4096)
+    monkeypatch.delenv(gemv_ring.STAGES_ENV)
+    monkeypatch.setenv(gemv_ring.ENV, "0")
+    assert gemv_ring.stages_for(rt, 4096) is None
+    monkeypatch.setenv(gemv_ring.ENV, "yes")
+    with pytest.raises(ValueError, match=gemv_ring.ENV):
+        gemv_ring.stages_for(rt, 4096)
+
+
+def test_ring_launch_on_sm90(monkeypatch):
+    from fakes import tensor
+    from nexusrt.kernels.ops import gemv as gv
+    from nexusrt.kernels.ops import gemv_ring
+
+    monkeypatch.delenv(gemv_ring.ENV, raising=False)
+    monkeypatch.delenv(gemv_ring.STAGES_ENV, raising=False)
+    monkeypatch.setattr(gv, "blocks_per_sm", lambda kernel, threads, shared: 1)
+    rt = _hopper()
+    y, x = tensor((1, 4096), "fp32"), tensor((1, 14336), "fp32")
+    assert gemv(rt, y, tensor((4096, 14336), "bf16"), x, n=4096, k=14336).kernel.name == "gemv_m1_rows_v8"
+    monkeypatch.setenv(gemv_ring.ENV, "1")
+    spec = gemv(rt, y, tensor((4096, 14336), "bf16"), x, n=4096, k=14336, residual=y)
+    assert spec.kernel.name == "gemv_ring_rows" and spec.grid == (132, 1, 1) and spec.block == (256, 1, 1)
+    assert spec.shared == gemv_ring.shared_bytes(14336, 5) and spec.kernel.shared == spec.shared
+    assert list(spec.args)[-4:] == [4096, 14336, FLAG_RESIDUAL, 5]  # n, k, flags, stages
+    up = gemv(rt, tensor((1, 14336), "fp32"), tensor((28672, 4096), "bf16"), tensor((1, 4096), "fp32"), n=14336,
+              k=4096, gate_up=True, norm_weight=tensor((4096,), "fp32"))
+    assert up.kernel.name == "gemv_ring_gateup" and list(up.args)[-2:] == [FLAG_NORM, 6]
+    # Not taken: several tokens, a forced split, ring=False, and a device before sm_90.
+    assert gemv(rt, tensor((2, 4096), "fp32"), tensor((4096, 4096), "bf16"), tensor((2, 4096), "fp32"), n=4096,
+                k=4096, m=2).kernel.name == "gemv_m2_rows_v8"
+    assert gemv(rt, y, tensor((4096, 4096), "bf16"), tensor((1, 4096), "fp32"), n=4096, k=4096, splits=2,
+                workspace=tensor((plan_gemv(4096, 4096, splits=2).workspace_bytes,), "uint8")
+                ).kernel.name == "gemv_m1_rows_v8"
+    assert gemv(rt, y, tensor((4096, 4096), "bf16"), tensor((1, 4096), "fp32"), n=4096, k=4096,
+                ring=False).kernel.name == "gemv_m1_rows_v8"
+    assert gemv(FakeRuntime(), y, tensor((4096, 4096), "bf16"), tensor((1, 4096), "fp32"), n=4096,
+                k=4096).kernel.name == "gemv_m1_rows_v8"
 
 
 def test_plan_variants_and_ragged_k():
@@ -148,7 +216,7 @@ def test_bench_cases_at_m8_build_on_the_cpu(cpu_rt, monkeypatch):
 
 # -- kernel (GPU) -------------------------------------------------------------------------------
 def _run(rt, w, x, *, splits=None, bias=None, residual=None, in_place=False, norm_weight=None, gate_up=False,
-         eps=1e-5):
+         eps=1e-5, ring=True):
     import nexusrt as nrt
 
     m, k = x.shape
@@ -165,7 +233,7 @@ def _run(rt, w, x, *, splits=None, bias=None, residual=None, in_place=False, nor
     y = dev(residual.copy() if in_place else np.full((m, n), np.nan, np.float32))
     spec = gemv(rt, y, dev(w), dev(x), n=n, k=k, m=m, splits=splits, gate_up=gate_up, workspace=ws,
                 bias=None if bias is None else dev(bias), norm_weight=None if norm_weight is None else dev(norm_weight),
-                residual=y if in_place else (None if residual is None else dev(residual)), eps=eps)
+                residual=y if in_place else (None if residual is None else dev(residual)), eps=eps, ring=ring)
     spec.launch(rt.streams["compute"])
     out = y.to_numpy()
     for t in keep + ([ws] if ws is not None else []):
@@ -224,6 +292,35 @@ def test_gemv_epilogues(gpu_rt, m):
     x_big = x * 7.0  # the norm must really rescale
     out, _ = _run(gpu_rt, w, x_big, norm_weight=norm_w, eps=1e-6)
     assert rel_error(out, linear_epilogue(w, x_big, norm_weight=norm_w, eps=1e-6)) < 2e-5
+
+
+RING_CASES = [  # n, k: partial last slots (K % 2048), one step a task, fewer tasks than warps, the 8B down
+    (300, 520), (1000, 896), (7, 8), (2048, 2048), (4096, 14336), (1111, 4104), (3, 40000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", RING_CASES)
+@pytest.mark.parametrize("stages", [None, "2", "3"])
+def test_ring_gives_the_register_kernels_bits(gpu_rt, n, k, stages, monkeypatch):
+    from nexusrt.kernels.ops import gemv_ring
+
+    if gemv_ring.stages_for(gpu_rt, k, True) is None and k != 40000:
+        pytest.skip("no bulk-copy ring on this device")
+    if stages is not None:
+        monkeypatch.setenv(gemv_ring.STAGES_ENV, stages)
+    rng = np.random.default_rng(n + k)
+    w, x = _inputs(n, k, seed=n * 7 + k)
+    res = rng.standard_normal((1, n)).astype(np.float32)
+    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    bias = rng.standard_normal(2 * n).astype(BF16)
+    wg, _ = _inputs(n, k, rows=2 * n, seed=n * 5 + k)
+    for kw in (dict(residual=res, in_place=True), dict(bias=bias[:n]), dict(norm_weight=norm_w),
+               dict(gate_up=True, norm_weight=norm_w, bias=bias)):
+        wk = wg if kw.get("gate_up") else w
+        ring, _ = _run(gpu_rt, wk, x, ring=True, **kw)
+        regs, plan = _run(gpu_rt, wk, x, ring=False, **kw)
+        assert not np.isnan(ring).any()
+        np.testing.assert_array_equal(ring.view(np.uint32), regs.view(np.uint32), err_msg=str((kw.keys(), plan)))
 
 
 @pytest.mark.gpu

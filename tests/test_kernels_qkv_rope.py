@@ -24,6 +24,8 @@ def test_compiles_with_every_kernel_the_launcher_names(arch):
     for d in qkv_rope.HEAD_DIMS:
         for depth in qkv_rope.DEPTHS:
             assert qkv_rope.kernel_name(d, depth).encode() in cubin
+        # The bulk-copy ring twin exists from sm_90 on only.
+        assert (f"gemv_qkv_rope_ring_d{d}".encode() in cubin) == (arch == "sm_90a")
 
 
 def _args(hq=8, hkv=2, d=64, k=256, blocks=4):
@@ -47,6 +49,28 @@ def test_launcher_has_a_warp_per_rotate_half_pair(monkeypatch):
     with_bias = qkv_rope.qkv_rope(FakeRuntime(), **_args(), bias=tensor((12 * 64,), "bf16"), num_q_heads=8,
                                   num_kv_heads=2, head_dim=64, eps=1e-5)
     assert with_bias.args[6] == 8 | 1 | 2
+
+
+def test_ring_kernel_when_asked_for_on_sm90(monkeypatch):
+    from nexusrt.kernels.ops import gemv, gemv_ring
+
+    monkeypatch.delenv(gemv_ring.ENV, raising=False)
+    monkeypatch.delenv(qkv_rope.DEPTH_ENV, raising=False)
+    monkeypatch.setattr(gemv, "blocks_per_sm", lambda kernel, threads, shared: 1)
+    rt = FakeRuntime()
+    rt.profile.compute_capability = (9, 0)
+    kw = dict(num_q_heads=8, num_kv_heads=2, head_dim=64, eps=1e-5)
+    assert qkv_rope.qkv_rope(rt, **_args(), **kw).kernel.name == "gemv_qkv_rope_d64"  # off by default
+    spec = qkv_rope.qkv_rope(rt, **_args(), **kw, ring=True)
+    stages = gemv_ring.stages_for(rt, 256, True)
+    assert spec.kernel.name == "gemv_qkv_rope_ring_d64" and list(spec.args)[-1] == stages
+    assert spec.shared == gemv_ring.shared_bytes(256, stages) and spec.grid == (48, 1, 1)  # 384 pairs / 8 warps
+    monkeypatch.setenv(gemv_ring.ENV, "1")
+    assert qkv_rope.qkv_rope(rt, **_args(), **kw).kernel.name == "gemv_qkv_rope_ring_d64"
+    # A pinned depth keeps the register loop.
+    assert qkv_rope.qkv_rope(rt, **_args(), **kw, depth=2).kernel.name == "gemv_qkv_rope_u2_d64"
+    monkeypatch.setenv(qkv_rope.DEPTH_ENV, "4")
+    assert qkv_rope.qkv_rope(rt, **_args(), **kw).kernel.name == "gemv_qkv_rope_d64"
 
 
 def _occupancy(monkeypatch, per_kernel):
@@ -139,7 +163,7 @@ CASES = [  # (Hq, Hkv, D, K, position, bias)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("depth", qkv_rope.DEPTHS)
+@pytest.mark.parametrize("depth", ("ring",) + qkv_rope.DEPTHS)  # the bulk-copy ring on sm_90+, each register depth
 @pytest.mark.parametrize("hq, hkv, d, k, start, bias_dtype", CASES)
 def test_fused_equals_gemv_then_rope_append_bit_for_bit(gpu_rt, hq, hkv, d, k, start, bias_dtype, depth):
     import nexusrt as nrt
@@ -171,11 +195,12 @@ def test_fused_equals_gemv_then_rope_append_bit_for_bit(gpu_rt, hq, hkv, d, k, s
         kp, vp = nrt.memory.from_numpy(poison), nrt.memory.from_numpy(poison)
         if fused:
             qkv_rope.qkv_rope(gpu_rt, q_out, kp, vp, w=w_t, x=x_t, norm_weight=nw_t, bias=b_t, bias_dtype=bias_dtype,
-                              num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps, depth=depth, **common).launch()
+                              num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps, **common,
+                              **(dict(ring=True) if depth == "ring" else dict(depth=depth, ring=False))).launch()
         else:
             qkv = nrt.memory.from_numpy(np.full((1, rows), np.nan, np.float32))
             gv.gemv(gpu_rt, qkv, w_t, x_t, n=rows, k=k, norm_weight=nw_t, eps=eps, bias=b_t,
-                    bias_dtype=bias_dtype).launch()
+                    bias_dtype=bias_dtype, ring=False).launch()
             rope.rope_append(gpu_rt, qkv, q_out, kp, vp, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=eps,
                              **common).launch()
         outs[fused] = (q_out.to_numpy(), kp.to_numpy(), vp.to_numpy())

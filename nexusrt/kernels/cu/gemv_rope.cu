@@ -81,3 +81,21 @@ NRT_GEMV_QKV_ROPE(gemv_qkv_rope_d64, 64, 4, (kThreads))
 NRT_GEMV_QKV_ROPE(gemv_qkv_rope_d128, 128, 4, (kThreads))
 NRT_GEMV_QKV_ROPE(gemv_qkv_rope_u2_d64, 64, 2, (kThreads, 3))
 NRT_GEMV_QKV_ROPE(gemv_qkv_rope_u2_d128, 128, 2, (kThreads, 3))
+
+// The same fused kernel with the weights streamed by the bulk-copy engine (gemv_ring.cuh), for
+// sm_90+: one block per SM, ``stages`` slots of 2 rows x 2 KB per warp; same bits as above.
+#include "gemv_ring.cuh"
+#ifdef NRT_HAS_BULK_COPY
+#define NRT_GEMV_QKV_ROPE_RING(D)                                                                   \
+    extern "C" __global__ void __launch_bounds__(kThreads, 1) gemv_qkv_rope_ring_d##D(                   \
+        const __nv_bfloat16* W, const float* x, const void* bias, const float* norm_w, float eps,  \
+        int K, int flags, const float* inv_freq, const int* pos, const int* page_table,            \
+        float* q_out, __nv_bfloat16* k_pool, __nv_bfloat16* v_pool, int Hq, int Hkv, int stages) { \
+        const RopeStore<D> st{inv_freq, pos, page_table, q_out, k_pool, v_pool, bias, flags, Hq, Hkv}; \
+        gemv_ring_body<2, 4>(W, x, norm_w, eps, (Hq + 2 * Hkv) * (D / 2), K, flags, stages,         \
+                             [st](int j, int r) { return st.row_of(j, r); }, st);                  \
+    }
+
+NRT_GEMV_QKV_ROPE_RING(64)
+NRT_GEMV_QKV_ROPE_RING(128)
+#endif

@@ -9,12 +9,17 @@ it then needs a zero-initialised workspace of :func:`plan_gemv` ``(...).workspac
 (fp32 partials followed by int32 row counters that the kernel leaves at zero again, so one
 workspace serves every launch and graph replay of the same plan). Results are
 deterministic: the last split of a row sums the partials in split order.
+
+One token, unsplit, on sm_90: ``ring=True`` (or ``NEXUSRT_GEMV_RING=1``) launches
+``cu/gemv_ring.cu`` instead, the same sums with the weights streamed into shared memory by the
+bulk-copy engine (``gemv_ring.py``; measured slower on the H200, so not the default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import gemv_ring
 from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags,
                      pdl_ok, ptr, sm_count)
 from .spec import BenchCase, LaunchSpec
@@ -23,6 +28,7 @@ SOURCE = "gemv"
 THREADS = 256
 WARPS = THREADS // 32
 SIGNATURE = "ptr ptr ptr ptr ptr ptr f32 i32 i32 i32 ptr ptr i32"
+RING_SIGNATURE = "ptr ptr ptr ptr ptr ptr f32 i32 i32 i32 i32"  # gemv_ring_{rows|gateup}
 MAX_M = 8
 # Staged x per block; above this K is split. Two 256-thread blocks of ~100 registers fit an
 # SM and 2 x 96 KB is within its 227 KB, so the 8B down (57 KB of x) runs unsplit: split in two
@@ -102,12 +108,14 @@ def resident_grid(rt, kernel, shared: int, tasks: int, splits: int = 1) -> int:
 
 def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str | None = None,
          residual=None, norm_weight=None, eps: float = 1e-5, gate_up: bool = False,
-         workspace=None, splits: int | None = None) -> LaunchSpec:
+         workspace=None, splits: int | None = None, ring: bool | None = None) -> LaunchSpec:
     """Launch spec for ``y = W . x`` with the optional epilogues (see the module docstring).
 
     ``y`` fp32 [m, n]; ``w`` bf16 [n, k] ([2n, k] with ``gate_up``); ``x`` fp32 [m, k];
     ``bias`` bf16/fp32 [n] ([2n] with gate_up); ``residual`` fp32 [m, n] (may be ``y``);
     ``norm_weight`` fp32 [k]; ``workspace`` (zeroed, ``plan.workspace_bytes``) when the plan splits K.
+    ``ring``: True takes the bulk-copy ring kernel where it applies, False never, None as
+    ``NEXUSRT_GEMV_RING`` says (gemv_ring.py; same bits either way).
     """
     plan = plan_gemv(n, k, m, gate_up=gate_up, splits=splits)
     rows = plan.rows
@@ -130,6 +138,16 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
             raise ValueError(f"workspace has {nbytes} bytes, gemv needs {plan.workspace_bytes}")
         ws_ptr = ptr(workspace)
         cnt_ptr = ws_ptr + plan.counters_offset
+    stages = gemv_ring.stages_for(rt, k, ring) if (m == 1 and plan.splits == 1) else None
+    if stages is not None:  # the bulk-copy ring (gemv_ring.py): same bits, weights land in shared memory
+        kernel = rt.kernels.get(gemv_ring.SOURCE, f"gemv_ring_{'gateup' if gate_up else 'rows'}",
+                                RING_SIGNATURE)
+        shared = gemv_ring.shared_bytes(k, stages)
+        grid_x = resident_grid(rt, kernel, shared, n)
+        args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight), float(eps), n, k,
+                           flags, stages)
+        return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, shared,
+                          name=f"{kernel.name}[{n}x{k}]", pdl=pdl_ok(rt))
     kernel = rt.kernels.get(SOURCE, plan.kernel_name, SIGNATURE)
     grid_x = resident_grid(rt, kernel, plan.shared, n, plan.splits)
     args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
@@ -180,14 +198,21 @@ def bench_cases(rt, config, splits: int | None = None, only: str | None = None,
         y = bench_util.random_f32(rt, (m, n), seed=2)
         norm_w = bench_util.random_f32(rt, (k,), seed=3, offset=1.0) if opts.get("norm") else None
         ws = bench_util.zeros(rt, plan.workspace_bytes) if plan.splits > 1 else None
-        specs = [gemv(rt, y, w, x, n=n, k=k, m=m, gate_up=gate_up, norm_weight=norm_w,
-                      residual=y if opts.get("residual") else None, workspace=ws, splits=plan.splits)
-                 for w in weights]
         nbytes = gemv_bytes(n, k, m, gate_up=gate_up, residual=opts.get("residual", False),
                             norm=opts.get("norm", False))
         label = f"gemv {name} {plan.rows}x{k}" + (f" m={m}" if m != 1 else "")
-        cases.append(BenchCase(
-            name=label, bytes_moved=nbytes, launch=bench_util.rotate(specs),
-            group="gemv", notes={"splits": plan.splits, "copies": len(weights), "kernel": plan.kernel_name,
-                                 "_keep": (weights, x, y, norm_w, ws)}))
+        seen = set()
+        for ring in (None, True, False):  # the kernel the decode step takes, then the other kind where it applies
+            specs = [gemv(rt, y, w, x, n=n, k=k, m=m, gate_up=gate_up, norm_weight=norm_w,
+                          residual=y if opts.get("residual") else None, workspace=ws, splits=plan.splits,
+                          ring=ring) for w in weights]
+            kernel = specs[0].kernel.name
+            if kernel in seen:
+                continue
+            seen.add(kernel)
+            cases.append(BenchCase(
+                name=label + {None: "", True: " (ring)", False: " (registers)"}[ring], bytes_moved=nbytes,
+                launch=bench_util.rotate(specs), group="gemv",
+                notes={"splits": plan.splits, "copies": len(weights), "kernel": kernel,
+                       "_keep": (weights, x, y, norm_w, ws)}))
     return cases

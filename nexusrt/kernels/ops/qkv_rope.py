@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 
-from . import rope
+from . import gemv_ring, rope
 from .common import ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags, pdl_ok, ptr
 from .gemv import THREADS, WARPS, gemv_bytes, plan_gemv, resident_grid
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "gemv_rope"
 SIGNATURE = "ptr ptr ptr ptr f32 i32 i32 ptr ptr ptr ptr ptr ptr i32 i32"
+RING_SIGNATURE = SIGNATURE + " i32"  # gemv_qkv_rope_ring_d<D>: + stages
 HEAD_DIMS = (64, 128)
 DEPTHS = (4, 2)  # 16-byte loads per lane and row per step; the first is the default on a tie
 DEPTH_ENV = "NEXUSRT_QKV_ROPE_DEPTH"
@@ -81,7 +82,7 @@ def _choose_kernel(rt, head_dim: int, shared: int, tasks: int, depth: int | None
 
 def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num_q_heads: int,
              num_kv_heads: int, head_dim: int, norm_weight, eps: float, bias=None,
-             bias_dtype: str | None = None, depth: int | None = None) -> LaunchSpec:
+             bias_dtype: str | None = None, depth: int | None = None, ring: bool | None = None) -> LaunchSpec:
     """Launch spec for ``q_out, K/V[*pos] = RoPE(W . rmsnorm(x) + bias)`` of one token.
 
     ``w`` bf16 ``[(Hq + 2*Hkv) * D, K]`` (q rows, then k, then v); ``x`` fp32 ``[1, K]``;
@@ -89,6 +90,8 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     ``q_out`` fp32 ``[1, Hq, D]``; ``k_pool``/``v_pool`` this layer's paged cache, written at
     slot ``*pos`` through ``block_table``; ``inv_freq`` fp32 ``[D/2]``; ``depth`` one of
     ``DEPTHS`` to pin the loop's depth (None: the environment's pin, else chosen by waves).
+    ``ring`` True (or None with ``NEXUSRT_GEMV_RING=1``) runs the bulk-copy ring kernel instead where
+    it applies (gemv_ring.py) unless a depth is pinned (argument or environment); same bits.
     """
     check_positive(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if num_q_heads % num_kv_heads:
@@ -112,11 +115,20 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     for t, name in ((w, "w"), (x, "x"), (norm_weight, "norm_weight")):
         check_aligned(t, name, 16)
     tasks = rows // 2  # one rotate_half pair of one head per warp
-    plan = plan_gemv(tasks, k, 1, gate_up=True)
-    kernel, grid_x = _choose_kernel(rt, head_dim, plan.shared, tasks, depth)
-    args = kernel.pack(ptr(w), ptr(x), ptr(bias), ptr(norm_weight), float(eps), k, flags, ptr(inv_freq), ptr(pos),
-                       ptr(block_table), ptr(q_out), ptr(k_pool), ptr(v_pool), num_q_heads, num_kv_heads)
-    return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, plan.shared,
+    operands = (ptr(w), ptr(x), ptr(bias), ptr(norm_weight), float(eps), k, flags, ptr(inv_freq), ptr(pos),
+                ptr(block_table), ptr(q_out), ptr(k_pool), ptr(v_pool), num_q_heads, num_kv_heads)
+    pinned = depth is not None or bool(os.environ.get(DEPTH_ENV, "").strip())
+    stages = None if pinned else gemv_ring.stages_for(rt, k, ring)
+    if stages is not None:
+        kernel = rt.kernels.get(SOURCE, f"gemv_qkv_rope_ring_d{head_dim}", RING_SIGNATURE)
+        shared = gemv_ring.shared_bytes(k, stages)
+        grid_x = resident_grid(rt, kernel, shared, tasks)
+        args = kernel.pack(*operands, stages)
+    else:
+        shared = plan_gemv(tasks, k, 1, gate_up=True).shared
+        kernel, grid_x = _choose_kernel(rt, head_dim, shared, tasks, depth)
+        args = kernel.pack(*operands)
+    return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, shared,
                       name=f"{kernel.name}[{rows}x{k}]", pdl=pdl_ok(rt))
 
 
@@ -133,15 +145,18 @@ def bench_cases(rt, config) -> list[BenchCase]:
     weights = bench_util.random_weights(rt, (rows, h))
     t = dict(x=bench_util.random_f32(rt, (1, h), seed=1),
              norm_weight=bench_util.random_f32(rt, (h,), seed=3, offset=1.0), **rope.bench_cache(config))
-    chosen = qkv_rope(rt, w=weights[0], num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps),
-                      **t).kernel.name
-    cases = []
-    for depth in sorted(DEPTHS, key=lambda dp: kernel_name(d, dp) != chosen):
+    cases, seen = [], set()
+    # The kernel the decode step takes, then the ring (where it applies) and each register depth.
+    for depth, ring in [(None, None), (None, True)] + [(dp, False) for dp in DEPTHS]:
         specs = [qkv_rope(rt, w=w, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=float(config.rms_norm_eps),
-                          depth=depth, **t) for w in weights]
-        label = "" if specs[0].kernel.name == chosen else f" (depth {depth})"
+                          depth=depth, ring=ring, **t) for w in weights]
+        name = specs[0].kernel.name
+        if name in seen:
+            continue
+        seen.add(name)
+        label = "" if ring is None else " (ring)" if ring else f" (depth {depth})"
         cases.append(BenchCase(f"gemv qkv+rope {rows}x{h}{label}", gemv_bytes(rows, h, norm=True),
                                bench_util.rotate(specs), group="gemv",
-                               notes={"copies": len(weights), "depth": depth,
+                               notes={"copies": len(weights), "kernel": name,
                                       "_keep": (weights, tuple(t.values()))}))
     return cases

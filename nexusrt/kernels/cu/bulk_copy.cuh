@@ -1,0 +1,65 @@
+// bulk_copy.cuh: the sm_90 bulk-copy engine (cp.async.bulk, global -> shared) and the
+// transaction-counting mbarriers that say when a copy has landed. One thread issues a copy of
+// up to a few KB with one instruction; the bytes arrive without registers or LSU slots of the
+// issuing warp, and the barrier's phase flips once every byte it expects has been written.
+//
+// Use: init a barrier (count 1) and fence the init; per fill, one thread calls arrive_expect_tx
+// with the fill's total bytes and issues the copies against the same barrier; readers wait on
+// the barrier's parity for that fill (0 for the first fill, then alternating). Before a slot is
+// refilled, every reader must be done with it (the caller's sync) and the issuing thread
+// fences the generic proxy's accesses against the async proxy's write (fence_proxy_async).
+// Sizes and addresses are multiples of 16 bytes.
+#pragma once
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define NRT_HAS_BULK_COPY 1
+
+namespace nrt {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+// Makes barrier inits visible to the async proxy (the bulk copies that complete on them).
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+
+// Spin until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n\t.reg .pred done;\n"  // the label is local to this brace scope
+        "nrt_wait:\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+        "@!done bra nrt_wait;\n}" ::"r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+}
+
+// Copy ``bytes`` from global ``src`` to shared ``dst``; completes ``bytes`` of ``bar``'s
+// expected transactions. (The CTA's own shared memory is a valid shared::cluster address.)
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar))
+        : "memory");
+}
+
+// Order this thread's (and, after a warp/block sync, its peers') generic shared-memory reads
+// before a following async-proxy write to the same bytes.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+}  // namespace nrt
+
+#endif  // sm_90+

@@ -73,6 +73,24 @@ def test_launch_opts_in_to_its_shared_memory(monkeypatch):
     assert spec.args[-1] == FLAG_NORM
 
 
+def test_blocks_per_sm_cap_from_the_environment(monkeypatch):
+    from fakes import tensor
+    from nexusrt.kernels.ops import gemv as gv
+
+    monkeypatch.setattr(gv, "blocks_per_sm", lambda kernel, threads, shared: 2)
+    args = (tensor((1, 4096), "fp32"), tensor((4096, 4096), "bf16"), tensor((1, 4096), "fp32"))
+    monkeypatch.delenv(gv.BLOCKS_ENV, raising=False)
+    assert gemv(FakeRuntime(), *args, n=4096, k=4096).grid == (264, 1, 1)
+    monkeypatch.setenv(gv.BLOCKS_ENV, "1")
+    assert gemv(FakeRuntime(), *args, n=4096, k=4096).grid == (132, 1, 1)
+    monkeypatch.setenv(gv.BLOCKS_ENV, "3")  # a cap above what fits changes nothing
+    assert gemv(FakeRuntime(), *args, n=4096, k=4096).grid == (264, 1, 1)
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv(gv.BLOCKS_ENV, bad)
+        with pytest.raises(ValueError, match=gv.BLOCKS_ENV):
+            gemv(FakeRuntime(), *args, n=4096, k=4096)
+
+
 def _hopper(sm_count=132):
     rt = FakeRuntime(sm_count=sm_count)
     rt.profile.compute_capability = (9, 0)

@@ -17,6 +17,7 @@ bulk-copy engine (``gemv_ring.py``; measured slower on the H200, so not the defa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import gemv_ring
@@ -97,12 +98,31 @@ def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False,
     return GemvPlan(m, n, k, gate_up, mmax, vec, splits, cps, shared, ws)
 
 
+BLOCKS_ENV = "NEXUSRT_GEMV_BLOCKS_PER_SM"
+
+
+def blocks_cap() -> int | None:
+    """``NEXUSRT_GEMV_BLOCKS_PER_SM=<n>``: at most n blocks of each decode GEMV per SM (unset: as
+    many as fit). For comparisons: with fewer, the next kernel's blocks find room beside them and
+    issue their first weight loads while this one runs (programmatic dependent launch)."""
+    raw = os.environ.get(BLOCKS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{BLOCKS_ENV}={raw!r}: expected a positive integer or unset")
+    return int(raw)
+
+
 def resident_grid(rt, kernel, shared: int, tasks: int, splits: int = 1) -> int:
-    """grid.x of a persistent GEMV: every resident block, no more than the tasks need. Opts the
-    kernel in to ``shared`` bytes first: 48 KB counts the kernel's static shared memory too, so
-    48 KB of dynamic alone already needs it (a no-op once the kernel's limit is that high)."""
+    """grid.x of a persistent GEMV: every resident block (at most ``blocks_cap()`` per SM), no
+    more than the tasks need. Opts the kernel in to ``shared`` bytes first: 48 KB counts the
+    kernel's static shared memory too, so 48 KB of dynamic alone already needs it (a no-op once
+    the kernel's limit is that high)."""
     kernel.set_max_dynamic_shared(shared, rt.device.handle)
     per_sm = blocks_per_sm(kernel, THREADS, shared)
+    cap = blocks_cap()
+    if cap is not None:
+        per_sm = min(per_sm, cap)
     return max(1, min(ceil_div(tasks, WARPS), per_sm * sm_count(rt) // splits))
 
 

@@ -50,3 +50,19 @@ def test_ring_gemv_exists_from_sm90_on(arch):
     cubin = compile_file("gemv_ring", arch, use_cache=False).cubin
     for name in ("gemv_ring_rows", "gemv_ring_gateup"):
         assert (name.encode() in cubin) == (arch == "sm_90a"), (name, arch)
+
+
+def test_check_fills_the_cache_only_when_asked(tmp_path, monkeypatch, capsys):
+    """`python -m nexusrt.kernels.check --cache sm_90a` leaves cubins a GPU machine can load
+    (NEXUSRT_CACHE_DIR carried to it) instead of compiling on its first run."""
+    from nexusrt.kernels import check
+
+    monkeypatch.setattr(check, "all_sources", lambda: ["membw"])
+    monkeypatch.setenv("NEXUSRT_CACHE_DIR", str(tmp_path))
+    assert check.main(["sm_90a"]) == 0 and list(tmp_path.iterdir()) == []
+    assert check.main(["--cache", "sm_90a"]) == 0
+    cubins = list(tmp_path.glob("membw-sm_90a-*.cubin"))
+    assert len(cubins) == 1 and cubins[0].read_bytes()[:4] == b"\x7fELF"
+    capsys.readouterr()
+    assert check.main(["--cache", "sm_90a"]) == 0 and "(cached)" in capsys.readouterr().out
+    assert check.main(["--cahce"]) == 2 and "not an arch: --cahce" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import numpy as np
 from ...kvcache.blocks import BLOCK_SIZE, blocks_for, pool_shape
 from ...kvcache.checks import (FAULT_TAIL, HOST_TAIL, ROWS_HOST_REFUSAL, check_fault_ring, check_host_pools,
                                check_pools, check_rows, check_state, host_args)
-from .common import ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
+from .common import cc_at_least, ceil_div, check_positive, check_tensor, pdl_ok, ptr, sm_count
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "attention_decode"
@@ -79,8 +79,7 @@ def _twin_ok(rt, env: str, min_cc: tuple[int, int]) -> bool:
     and is not turned off (``env`` = ``0``)."""
     if os.environ.get(env, "1") == "0":
         return False
-    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
-    return tuple(cc) >= min_cc
+    return cc_at_least(rt, min_cc)
 
 
 def mma_ok(rt) -> bool:

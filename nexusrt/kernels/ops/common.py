@@ -77,10 +77,27 @@ def blocks_per_sm(kernel, threads: int, shared: int) -> int:
     return max(1, resident_blocks(kernel, threads, shared))
 
 
+def cc_at_least(rt, cc: tuple[int, int]) -> bool:
+    """``rt``'s device has compute capability ``cc`` or later (False without a profile)."""
+    return tuple(getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))) >= cc
+
+
+def env_int(name: str, low: int, high: int | None = None) -> int | None:
+    """The integer in environment variable ``name`` (None when unset or blank), checked to lie in
+    ``[low, high]``; anything else is a ValueError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    value = int(raw) if raw.lstrip("-").isdigit() else None
+    if value is None or value < low or (high is not None and value > high):
+        want = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"{name}={raw!r}: expected {want} or unset")
+    return value
+
+
 def pdl_ok(rt) -> bool:
     """Programmatic dependent launch is available (sm_90+; see cu/pdl.cuh) and not turned off
     with ``NEXUSRT_PDL=0`` (for comparisons and diagnosis)."""
     if os.environ.get("NEXUSRT_PDL", "1") == "0":
         return False
-    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
-    return tuple(cc) >= (9, 0)
+    return cc_at_least(rt, (9, 0))

@@ -17,12 +17,11 @@ bulk-copy engine (``gemv_ring.py``; measured slower on the H200, so not the defa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import gemv_ring
-from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, epilogue_flags,
-                     pdl_ok, ptr, sm_count)
+from .common import (blocks_per_sm, ceil_div, check_aligned, check_positive, check_tensor, env_int,
+                     epilogue_flags, pdl_ok, ptr, sm_count)
 from .spec import BenchCase, LaunchSpec
 
 SOURCE = "gemv"
@@ -105,12 +104,7 @@ def blocks_cap() -> int | None:
     """``NEXUSRT_GEMV_BLOCKS_PER_SM=<n>``: at most n blocks of each decode GEMV per SM (unset: as
     many as fit). For comparisons: with fewer, the next kernel's blocks find room beside them and
     issue their first weight loads while this one runs (programmatic dependent launch)."""
-    raw = os.environ.get(BLOCKS_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{BLOCKS_ENV}={raw!r}: expected a positive integer or unset")
-    return int(raw)
+    return env_int(BLOCKS_ENV, 1)
 
 
 def resident_grid(rt, kernel, shared: int, tasks: int, splits: int = 1) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from .common import cc_at_least, env_int
+
 SOURCE = "gemv_ring"
 ENV = "NEXUSRT_GEMV_RING"
 STAGES_ENV = "NEXUSRT_GEMV_RING_STAGES"
@@ -35,25 +37,6 @@ def enabled() -> bool:
     return raw == "1"
 
 
-def available(rt) -> bool:
-    """The device has the bulk-copy engine (sm_90+)."""
-    cc = getattr(getattr(rt, "profile", None), "compute_capability", (0, 0))
-    return tuple(cc) >= (9, 0)
-
-
-def _stage_cap() -> int:
-    raw = os.environ.get(STAGES_ENV, "").strip()
-    if not raw:
-        return MAX_STAGES
-    try:
-        cap = int(raw)
-    except ValueError:
-        cap = 0
-    if not MIN_STAGES <= cap <= MAX_STAGES:
-        raise ValueError(f"{STAGES_ENV}={raw!r}: expected an integer from {MIN_STAGES} to {MAX_STAGES} or unset")
-    return cap
-
-
 def shared_bytes(k: int, stages: int) -> int:
     """Dynamic shared memory of one block: the x planes, then each warp's slots and barriers."""
     return k * 4 + WARPS * stages * (SLOT_BYTES + BARRIER_BYTES)
@@ -65,9 +48,10 @@ def stages_for(rt, k: int, ring: bool | None = None) -> int | None:
     sm_90+, K not a multiple of 8, fewer than two slots fit beside x)."""
     if ring is None:
         ring = enabled()
-    if not ring or k % 8 or not available(rt):
+    if not ring or k % 8 or not cc_at_least(rt, (9, 0)):  # the bulk-copy engine is sm_90's
         return None
     optin = int(getattr(getattr(rt, "profile", None), "shared_memory_per_block_optin", 0) or SMEM_OPTIN)
     budget = min(optin, SMEM_OPTIN) - STATIC_RESERVE - k * 4
-    stages = min(_stage_cap(), budget // (WARPS * (SLOT_BYTES + BARRIER_BYTES)))
+    cap = env_int(STAGES_ENV, MIN_STAGES, MAX_STAGES) or MAX_STAGES
+    stages = min(cap, budget // (WARPS * (SLOT_BYTES + BARRIER_BYTES)))
     return stages if stages >= MIN_STAGES else None

@@ -117,7 +117,7 @@ def qkv_rope(rt, q_out, k_pool, v_pool, block_table, pos, w, x, inv_freq, *, num
     tasks = rows // 2  # one rotate_half pair of one head per warp
     operands = (ptr(w), ptr(x), ptr(bias), ptr(norm_weight), float(eps), k, flags, ptr(inv_freq), ptr(pos),
                 ptr(block_table), ptr(q_out), ptr(k_pool), ptr(v_pool), num_q_heads, num_kv_heads)
-    pinned = depth is not None or bool(os.environ.get(DEPTH_ENV, "").strip())
+    pinned = _depths(depth) != DEPTHS  # an argument or the environment names one depth
     stages = None if pinned else gemv_ring.stages_for(rt, k, ring)
     if stages is not None:
         kernel = rt.kernels.get(SOURCE, f"gemv_qkv_rope_ring_d{head_dim}", RING_SIGNATURE)

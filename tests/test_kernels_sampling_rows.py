@@ -206,3 +206,19 @@ def test_each_row_draws_at_its_own_step_and_seed(gpu_rt):
     got = _run_rows(gpu_rt, logits, rows).tolist()
     assert got == [sample(logits[0], p, s) for p, s in rows]
     assert len(set(got)) > 40  # 1024 equally likely candidates: repeats are rare
+
+
+
+@pytest.mark.gpu
+def test_device_prefix_sums_are_the_spec_sequential_chain(gpu_rt):
+    """The one draw (tests/sampling_order_case.py) where the spec's sequential fp32 chain picks
+    index 0 and a chunked (parallel-scan shaped) sum picks far past it: both device samplers
+    pick the spec's token, so neither reorders the additions."""
+    import sampling_order_case as case
+
+    x, params, step = case.logits(), case.params(), case.step()
+    want = sample(x, params, step)
+    assert want == 0 and case.chunked_pick(x, params, step) >= 32
+    assert _run_one(gpu_rt, x, params, step) == want
+    rows = [(params, step), (SamplingParams(temperature=0.0, seed=0), 0)]
+    assert _run_rows(gpu_rt, np.stack([x, x]), rows).tolist() == [want, 0]

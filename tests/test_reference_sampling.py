@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sampling_order_case as order_case
 
-from nexusrt.reference.sampling import K_MAX, SamplingParams, candidates, sample, uniform
+from nexusrt.reference.sampling import (
+    K_MAX,
+    SamplingParams,
+    candidates,
+    sample,
+    uniform,
+)
 
 RNG = np.random.default_rng(99)
 
@@ -102,3 +109,9 @@ def test_infinite_logits_follow_ieee_without_warnings():
         huge = np.random.default_rng(1).standard_normal(100).astype(np.float32)
         huge[5] = 3e38  # z = l / T overflows to inf at a tiny temperature
         assert sample(huge, SamplingParams(temperature=1e-3, seed=1), 0) == 5
+
+
+def test_the_prefix_sums_are_one_sequential_chain():
+    x, params, step = order_case.logits(), order_case.params(), order_case.step()
+    assert sample(x, params, step) == 0  # each small weight rounds away against the 1.0
+    assert order_case.chunked_pick(x, params, step) >= 32  # summed in chunks first, they count

@@ -35,7 +35,10 @@ for s in "${stages[@]}"; do
     prefill) run_stage prefill python3 -m nexusrt.bench.main --stage prefill --model synthetic:llama-3.2-1b
              run_stage prefill8b python3 -m nexusrt.bench.main --stage prefill --model synthetic:llama-3.1-8b ;;
     decode) run_stage decode python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.2-1b
-            run_stage decode8b python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.1-8b ;;
+            run_stage decode8b python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.1-8b
+            # Issue 15's sampler target: a sampled token's cost over greedy, timed in pairs on one model.
+            run_stage decode_sampled python3 -m nexusrt.bench.main --stage decode --model synthetic:llama-3.2-1b \
+              --decode-paths graph --no-peers --temperature 0.7 --top-p 0.9 --versus-greedy ;;
     quality) run_stage quality python3 -m nexusrt.bench.main --stage quality --backend cuda ;;
     load) run_stage load python3 -m nexusrt.bench.main --stage load --model synthetic:llama-3.1-8b ;;
     serve) serve="python3 -m nexusrt.bench.main --stage serve --model synthetic:llama-3.1-8b --prompt-tokens 512 --new-tokens 256 --no-peers"

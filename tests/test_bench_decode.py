@@ -116,3 +116,57 @@ def test_env_set_restores_each_variable_even_after_an_error(monkeypatch):
             assert os.environ["NEXUSRT_DECODE"] == "persistent" and os.environ["NEXUSRT_PERSISTENT_PROFILE"] == "1"
             raise RuntimeError("a runner failed to build")
     assert os.environ["NEXUSRT_DECODE"] == "graph" and "NEXUSRT_PERSISTENT_PROFILE" not in os.environ
+
+
+def test_versus_greedy_pairs_every_sampled_run_with_a_greedy_one(capsys):
+    rc = main(["--stage", "decode", "--backend", "cpu", "--new-tokens", "4", "--prompt-tokens", "5", "--runs", "3",
+               "--temperature", "0.7", "--top-p", "0.9", "--versus-greedy", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    r = json.loads(out.out)
+    v = r["versus_greedy"]
+    assert len(v["delta_us_runs"]) == len(v["greedy_ms_per_token_runs"]) == 3
+    for d, ms, g in zip(v["delta_us_runs"], r["ms_per_token_runs"], v["greedy_ms_per_token_runs"]):
+        assert d == pytest.approx((ms - g) * 1e3)
+    assert v["delta_us"] == sorted(v["delta_us_runs"])[1] and min(v["greedy_ms_per_token_runs"]) > 0
+
+
+@pytest.mark.parametrize("extra, match", [([], "give --temperature > 0"),
+                                          (["--temperature", "0.7", "--tensor-parallel", "2"], "one device")])
+def test_versus_greedy_needs_sampling_and_one_device(extra, match, capsys):
+    assert main(["--stage", "decode", "--backend", "cpu", "--versus-greedy", *extra]) == 1
+    err = capsys.readouterr().err
+    assert "--versus-greedy" in err and match in err and "Traceback" not in err
+
+
+def test_versus_greedy_alternates_the_order_on_one_model(monkeypatch):
+    """Each pair runs on the same LLM, the asked pick first on even runs and greedy first on odd
+    ones (the warm-up is run 0), so neither side always runs on a warmer machine."""
+    import argparse
+
+    from nexusrt.bench import decode_timing
+    from nexusrt.engine import llm as llm_module
+    from nexusrt.reference.sampling import SamplingParams
+
+    built, calls = [], []
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            built.append(model)
+            self.config, self.runner = "cfg", object()
+
+        def close(self):
+            pass
+
+    def fake_generate(llm, prompt, new_tokens, params, label):
+        calls.append("greedy" if params.greedy else "sampled")
+        return 0.01, 2.0 if params.greedy else 2.5
+
+    monkeypatch.setattr(llm_module, "LLM", FakeLLM)
+    monkeypatch.setattr(decode_timing, "_generate", fake_generate)
+    args = argparse.Namespace(prompt_tokens=5, new_tokens=4, runs=2,
+                              sampling=SamplingParams(temperature=0.7, top_p=0.9, seed=0))
+    _, runs, _, _ = decode_timing.time_generation("m", [1, 2], args, "x", versus_greedy=True)
+    assert built == ["m"]
+    assert calls == ["sampled", "greedy", "greedy", "sampled", "sampled", "greedy"]
+    assert runs == [{"ttft_s": 0.01, "ms_per_token": 2.5, "greedy_ms_per_token": 2.0}] * 2

@@ -2,7 +2,9 @@
 
 Batch 1, a ``--prompt-tokens`` prompt (32), ``--new-tokens`` new tokens (128), greedy (or
 sampled: ``--temperature`` with ``--top-k`` / ``--top-p``, seed 0), one warm-up then the median
-of ``--runs`` runs (5). The floor is the bytes one token must read
+of ``--runs`` runs (5; with ``--versus-greedy`` each run is paired with a greedy one on the same
+model, in alternating order, and the stage reports sampled − greedy per token, the median of the
+pairs' differences). The floor is the bytes one token must read
 (every weight once, plus the KV cache at the average context) divided by the read
 bandwidth measured on this card in this run by the membw probe. When torch with CUDA is
 importable, a PyTorch eager loop and a ``torch.compile(mode="reduce-overhead")`` loop of the
@@ -59,6 +61,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--persistent-profile", action="store_true",
                         help="decode stage on sm_90: one more run of the persistent kernel with each instruction's "
                              "clocks recorded, reported per phase (waits, work, GB/s while working)")
+    parser.add_argument("--versus-greedy", action="store_true",
+                        help="decode stage, with --temperature: also generate greedily on the same model, "
+                             "alternating with the sampled runs, and report sampled - greedy per token "
+                             "(median of the pairs)")
     decode_tp.add_arguments(parser)
 
 
@@ -86,6 +92,11 @@ def _validate(args) -> None:
     for name in ("prompt_tokens", "new_tokens", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "versus_greedy", False):
+        if args.sampling.greedy:
+            raise ValueError("--versus-greedy times sampled against greedy decoding: give --temperature > 0")
+        if getattr(args, "tensor_parallel", 1) > 1:
+            raise ValueError("--versus-greedy is for one device; leave out --tensor-parallel")
 
 
 def run(args) -> dict:
@@ -108,7 +119,8 @@ def run(args) -> dict:
             _plot(result, args.plot)
         return result
     headline = decode_mode()
-    cfg, runs, load_s, host_launch_s = time_generation(model, prompt, args, f"{headline} path")
+    versus = bool(getattr(args, "versus_greedy", False))
+    cfg, runs, load_s, host_launch_s = time_generation(model, prompt, args, f"{headline} path", versus_greedy=versus)
     others = {}
     if rt.is_cuda:
         for path in args.decode_paths:
@@ -134,6 +146,8 @@ def run(args) -> dict:
         "ttft_s": ttft, "tokens_per_s": 1e3 / ms, "sampling": dataclasses.asdict(args.sampling), "bytes_per_token": nbytes,
         "achieved_bytes_s": nbytes["total"] / (ms / 1e3), "host_launch_s_per_token": host_launch_s,
     }
+    if versus:
+        result["versus_greedy"] = _versus_greedy(runs)
     if rt.is_cuda:
         from ..kernels.ops.membw import measure_read_bandwidth
 
@@ -153,6 +167,15 @@ def run(args) -> dict:
     if args.plot:
         _plot(result, args.plot)
     return result
+
+
+def _versus_greedy(runs: list[dict]) -> dict:
+    """A sampled token's extra cost from runs timed in pairs (``time_generation(versus_greedy=True)``):
+    each pair's difference, their median, and the greedy runs' median."""
+    greedy = [r["greedy_ms_per_token"] for r in runs]
+    delta = [(r["ms_per_token"] - r["greedy_ms_per_token"]) * 1e3 for r in runs]
+    return {"greedy_ms_per_token": statistics.median(greedy), "greedy_ms_per_token_runs": greedy,
+            "delta_us": statistics.median(delta), "delta_us_runs": delta}
 
 
 def _path_figures(other: dict, floor_ms: float) -> dict:
@@ -220,6 +243,11 @@ def render(r: dict) -> str:
             ["tokens / s", f"{r['tokens_per_s']:.1f}"], ["TTFT", f"{r['ttft_s'] * 1e3:.2f} ms"],
             ["bytes / token", f"{r['bytes_per_token']['total'] / 1e9:.3f} GB"],
             ["achieved", f"{r['achieved_bytes_s'] / 1e9:.0f} GB/s"]]
+    v = r.get("versus_greedy")
+    if v:
+        rows.append(["sampled - greedy", f"{v['delta_us']:.1f} us/token, median of {len(v['delta_us_runs'])} pairs "
+                                         f"({', '.join(f'{x:.1f}' for x in v['delta_us_runs'])}); "
+                                         f"greedy {v['greedy_ms_per_token']:.4f} ms/token"])
     if r.get("host_launch_s_per_token") is not None:
         rows.append(["host launch / token", f"{r['host_launch_s_per_token'] * 1e6:.1f} us"])
     if "floor_ms" in r:

@@ -4,6 +4,7 @@ generation loop on a fresh ``nrt.LLM``, and how the tokens were picked, in words
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 
@@ -25,39 +26,55 @@ def bytes_per_token(cfg, context: float, tensor_parallel: int = 1, elem: int = 2
     return {"weights": int(weights), "kv": int(kv), "total": int(weights + kv)}
 
 
-def time_generation(model, prompt, args, label: str, inspect=None, **llm_kwargs):
+def time_generation(model, prompt, args, label: str, inspect=None, versus_greedy: bool = False, **llm_kwargs):
     """(config, per-run figures, load seconds, host launch seconds) of ``args.runs`` generations
     (``args.sampling``: greedy unless --temperature) after one warm-up, on a fresh
     ``nrt.LLM(model, **llm_kwargs)`` (so the runner the environment selects now is the one
     built). ``inspect(llm)`` runs after the timed runs, before the LLM is closed (the
-    tensor-parallel half times the collectives there). ``label`` names the run in errors."""
+    tensor-parallel half times the collectives there). ``label`` names the run in errors.
+
+    ``versus_greedy``: each run (and the warm-up) also generates greedily on the same LLM, the
+    two in alternating order, and its figures gain ``greedy_ms_per_token``: a sampled token's
+    extra cost measured pairwise, free of the drift between processes and calls."""
     from ..engine.llm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16, **llm_kwargs)
     load_s = time.perf_counter() - t0
-    params = args.sampling
+    picks = {"asked": args.sampling}
+    if versus_greedy:
+        picks["greedy"] = dataclasses.replace(args.sampling, temperature=0.0)
     runs = []
     try:
         for r in range(args.runs + 1):  # the first is the warm-up
-            stamps = []
-
-            def on_token(_tok, stamps=stamps):
-                stamps.append(time.perf_counter())
-                return False
-
-            start = time.perf_counter()
-            n = llm.runner.generate_tokens(prompt, args.new_tokens, params, on_token)
-            if n != args.new_tokens:
-                raise RuntimeError(f"{label}: generated {n} of {args.new_tokens} tokens")
+            order = list(picks) if r % 2 == 0 else list(reversed(picks))
+            figures = {name: _generate(llm, prompt, args.new_tokens, picks[name], label) for name in order}
             if r:
-                runs.append({"ttft_s": stamps[0] - start,
-                             "ms_per_token": (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3})
+                ttft, ms = figures["asked"]
+                run = {"ttft_s": ttft, "ms_per_token": ms}
+                if versus_greedy:
+                    run["greedy_ms_per_token"] = figures["greedy"][1]
+                runs.append(run)
         if inspect is not None:
             inspect(llm)
         return llm.config, runs, load_s, getattr(llm.runner, "timings", {}).get("host_launch_s")
     finally:
         llm.close()
+
+
+def _generate(llm, prompt, new_tokens: int, params, label: str) -> tuple[float, float]:
+    """(seconds to the first token, ms per later token) of one generation of ``new_tokens``."""
+    stamps = []
+
+    def on_token(_tok):
+        stamps.append(time.perf_counter())
+        return False
+
+    start = time.perf_counter()
+    n = llm.runner.generate_tokens(prompt, new_tokens, params, on_token)
+    if n != new_tokens:
+        raise RuntimeError(f"{label}: generated {n} of {new_tokens} tokens")
+    return stamps[0] - start, (stamps[-1] - stamps[0]) / max(1, n - 1) * 1e3
 
 
 def pick_text(sampling: dict | None) -> str:

@@ -52,6 +52,13 @@ def test_ring_gemv_exists_from_sm90_on(arch):
         assert (name.encode() in cubin) == (arch == "sm_90a"), (name, arch)
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_gemv_has_the_slim_one_token_entries(arch):
+    cubin = compile_file("gemv", arch, use_cache=False).cubin
+    for name in ("gemv_m1_rows_v8_slim", "gemv_m1_gateup_v8_slim"):
+        assert name.encode() in cubin, (name, arch)
+
+
 def test_check_fills_the_cache_only_when_asked(tmp_path, monkeypatch, capsys):
     """`python -m nexusrt.kernels.check --cache sm_90a` leaves cubins a GPU machine can load
     (NEXUSRT_CACHE_DIR carried to it) instead of compiling on its first run."""

@@ -91,6 +91,36 @@ def test_blocks_per_sm_cap_from_the_environment(monkeypatch):
             gemv(FakeRuntime(), *args, n=4096, k=4096)
 
 
+def test_slim_entries_from_the_environment(monkeypatch):
+    from fakes import tensor
+    from nexusrt.kernels.ops import gemv as gv
+
+    monkeypatch.setattr(gv, "blocks_per_sm", lambda kernel, threads, shared: 3)
+    monkeypatch.delenv(gv.BLOCKS_ENV, raising=False)
+    one = (tensor((1, 4096), "fp32"), tensor((4096, 4096), "bf16"), tensor((1, 4096), "fp32"))
+    gate_up = (tensor((1, 4096), "fp32"), tensor((8192, 4096), "bf16"), tensor((1, 4096), "fp32"))
+    monkeypatch.delenv(gv.SLIM_ENV, raising=False)
+    assert gemv(FakeRuntime(), *one, n=4096, k=4096).kernel.name == "gemv_m1_rows_v8"
+    monkeypatch.setenv(gv.SLIM_ENV, "1")
+    spec = gemv(FakeRuntime(), *one, n=4096, k=4096)
+    assert spec.kernel.name == "gemv_m1_rows_v8_slim" and spec.grid == (396, 1, 1)
+    assert spec.name == "gemv_m1_rows_v8_slim[4096x4096]"
+    assert gemv(FakeRuntime(), *gate_up, n=4096, k=4096, gate_up=True).kernel.name == "gemv_m1_gateup_v8_slim"
+    monkeypatch.setenv(gv.BLOCKS_ENV, "2")  # two of the GEMV, the third slot left to the next kernel
+    assert gemv(FakeRuntime(), *one, n=4096, k=4096).grid == (264, 1, 1)
+    # Not taken: several tokens (gemv_m4), scalar loads (K % 8 != 0).
+    three = (tensor((3, 4096), "fp32"), one[1], tensor((3, 4096), "fp32"))
+    assert gemv(FakeRuntime(), *three, n=4096, k=4096, m=3).kernel.name == "gemv_m4_rows_v8"
+    ragged = (one[0], tensor((4096, 4100), "bf16"), tensor((1, 4100), "fp32"))
+    assert gemv(FakeRuntime(), *ragged, n=4096, k=4100).kernel.name == "gemv_m1_rows_v1"
+    monkeypatch.setenv(gv.SLIM_ENV, "0")
+    assert gemv(FakeRuntime(), *one, n=4096, k=4096).kernel.name == "gemv_m1_rows_v8"
+    for bad in ("2", "yes"):
+        monkeypatch.setenv(gv.SLIM_ENV, bad)
+        with pytest.raises(ValueError, match=gv.SLIM_ENV):
+            gemv(FakeRuntime(), *one, n=4096, k=4096)
+
+
 def _hopper(sm_count=132):
     rt = FakeRuntime(sm_count=sm_count)
     rt.profile.compute_capability = (9, 0)
@@ -387,3 +417,32 @@ def test_gemv_split_k_workspace_is_reusable(gpu_rt):
     assert not counters.any()
     for t in (ws, tw, tx, ty):
         t.free()
+
+
+SLIM_CASES = [(300, 520), (2048, 2048), (4096, 14336), (7, 8), (1111, 4104)]  # incl. the 8B down
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", SLIM_CASES)
+def test_slim_entries_give_the_default_bits_three_blocks_an_sm(gpu_rt, n, k, monkeypatch):
+    from nexusrt.kernels.ops import gemv as gv
+    from nexusrt.kernels.ops.common import blocks_per_sm
+
+    monkeypatch.delenv(gv.BLOCKS_ENV, raising=False)
+    rng = np.random.default_rng(n + 3 * k)
+    w, x = _inputs(n, k, seed=n * 11 + k)
+    wg, _ = _inputs(n, k, rows=2 * n, seed=n * 13 + k)
+    res = rng.standard_normal((1, n)).astype(np.float32)
+    norm_w = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+    bias = rng.standard_normal(2 * n).astype(BF16)
+    for kw in (dict(residual=res, in_place=True), dict(bias=bias[:n]), dict(norm_weight=norm_w),
+               dict(gate_up=True, norm_weight=norm_w, bias=bias)):
+        wk = wg if kw.get("gate_up") else w
+        monkeypatch.setenv(gv.SLIM_ENV, "1")
+        slim, plan = _run(gpu_rt, wk, x, ring=False, **kw)
+        kernel = gpu_rt.kernels.get(gv.SOURCE, gv.kernel_name(plan), gv.SIGNATURE)
+        assert kernel.name.endswith("_slim") and blocks_per_sm(kernel, gv.THREADS, plan.shared) == 3, plan
+        monkeypatch.setenv(gv.SLIM_ENV, "0")
+        regs, _ = _run(gpu_rt, wk, x, ring=False, **kw)
+        assert not np.isnan(slim).any()
+        np.testing.assert_array_equal(slim.view(np.uint32), regs.view(np.uint32), err_msg=str((kw.keys(), plan)))

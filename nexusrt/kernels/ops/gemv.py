@@ -13,6 +13,11 @@ deterministic: the last split of a row sums the partials in split order.
 One token, unsplit, on sm_90: ``ring=True`` (or ``NEXUSRT_GEMV_RING=1``) launches
 ``cu/gemv_ring.cu`` instead, the same sums with the weights streamed into shared memory by the
 bulk-copy engine (``gemv_ring.py``; measured slower on the H200, so not the default).
+
+One token with 16-byte loads: ``NEXUSRT_GEMV_SLIM=1`` launches the ``_slim`` entries (fewer
+loads a step, at most 80 registers: three blocks fit an SM), the same sums; with
+``NEXUSRT_GEMV_BLOCKS_PER_SM=2`` the third slot is left to the next kernel (a comparison of
+the boundary between GEMVs, not yet measured; kernels/NOTES.md, end of "gemv_ring").
 """
 
 from __future__ import annotations
@@ -98,6 +103,15 @@ def plan_gemv(n: int, k: int, m: int = 1, *, gate_up: bool = False,
 
 
 BLOCKS_ENV = "NEXUSRT_GEMV_BLOCKS_PER_SM"
+SLIM_ENV = "NEXUSRT_GEMV_SLIM"
+
+
+def kernel_name(plan: GemvPlan) -> str:
+    """The entry point for ``plan``: its own, or the ``_slim`` one where ``NEXUSRT_GEMV_SLIM=1``
+    asks for it and it exists (one token, 16-byte loads)."""
+    if plan.mmax == 1 and plan.vec == 8 and env_int(SLIM_ENV, 0, 1) == 1:
+        return plan.kernel_name + "_slim"
+    return plan.kernel_name
 
 
 def blocks_cap() -> int | None:
@@ -162,12 +176,13 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
                            flags, stages)
         return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, shared,
                           name=f"{kernel.name}[{n}x{k}]", pdl=pdl_ok(rt))
-    kernel = rt.kernels.get(SOURCE, plan.kernel_name, SIGNATURE)
+    name = kernel_name(plan)
+    kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
     grid_x = resident_grid(rt, kernel, plan.shared, n, plan.splits)
     args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
                        float(eps), m, n, k, ws_ptr, cnt_ptr, flags)
     return LaunchSpec(kernel, (grid_x, plan.splits, 1), (THREADS, 1, 1), args, plan.shared,
-                      name=f"{plan.kernel_name}[{n}x{k}]", pdl=pdl_ok(rt))
+                      name=f"{name}[{n}x{k}]", pdl=pdl_ok(rt))
 
 
 def gemv_bytes(n: int, k: int, m: int = 1, *, gate_up: bool = False, residual: bool = False,

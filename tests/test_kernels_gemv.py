@@ -115,6 +115,9 @@ def test_slim_entries_from_the_environment(monkeypatch):
     assert gemv(FakeRuntime(), *ragged, n=4096, k=4100).kernel.name == "gemv_m1_rows_v1"
     monkeypatch.setenv(gv.SLIM_ENV, "0")
     assert gemv(FakeRuntime(), *one, n=4096, k=4096).kernel.name == "gemv_m1_rows_v8"
+    assert gemv(FakeRuntime(), *one, n=4096, k=4096, slim=True).kernel.name == "gemv_m1_rows_v8_slim"
+    monkeypatch.setenv(gv.SLIM_ENV, "1")
+    assert gemv(FakeRuntime(), *one, n=4096, k=4096, slim=False).kernel.name == "gemv_m1_rows_v8"
     for bad in ("2", "yes"):
         monkeypatch.setenv(gv.SLIM_ENV, bad)
         with pytest.raises(ValueError, match=gv.SLIM_ENV):
@@ -253,7 +256,8 @@ def test_bench_cases_at_m8_build_on_the_cpu(cpu_rt, monkeypatch):
             ["gemv_m8_rows_v8"] * 2
         assert [c.notes["splits"] for c in cases] == [2, 2, 2, 5, 2]  # 8 * K * 4 bytes of x over 96 KB
         assert cases[2].bytes_moved == gemv_bytes(14336, 4096, 8, gate_up=True, norm=True)
-        assert [(c.name, c.notes["kernel"]) for c in one] == [("gemv o 4096x4096", "gemv_m1_rows_v8")]
+        assert [(c.name, c.notes["kernel"]) for c in one] == [("gemv o 4096x4096", "gemv_m1_rows_v8"),
+                                                               ("gemv o 4096x4096 (slim)", "gemv_m1_rows_v8_slim")]
     finally:
         for c in cases + one:
             for t in c.notes["_keep"]:

@@ -106,10 +106,12 @@ BLOCKS_ENV = "NEXUSRT_GEMV_BLOCKS_PER_SM"
 SLIM_ENV = "NEXUSRT_GEMV_SLIM"
 
 
-def kernel_name(plan: GemvPlan) -> str:
-    """The entry point for ``plan``: its own, or the ``_slim`` one where ``NEXUSRT_GEMV_SLIM=1``
-    asks for it and it exists (one token, 16-byte loads)."""
-    if plan.mmax == 1 and plan.vec == 8 and env_int(SLIM_ENV, 0, 1) == 1:
+def kernel_name(plan: GemvPlan, slim: bool | None = None) -> str:
+    """The entry point for ``plan``: its own, or the ``_slim`` one where ``slim`` (None: as
+    ``NEXUSRT_GEMV_SLIM=1`` says) asks for it and it exists (one token, 16-byte loads)."""
+    if slim is None:
+        slim = env_int(SLIM_ENV, 0, 1) == 1
+    if slim and plan.mmax == 1 and plan.vec == 8:
         return plan.kernel_name + "_slim"
     return plan.kernel_name
 
@@ -136,14 +138,16 @@ def resident_grid(rt, kernel, shared: int, tasks: int, splits: int = 1) -> int:
 
 def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str | None = None,
          residual=None, norm_weight=None, eps: float = 1e-5, gate_up: bool = False,
-         workspace=None, splits: int | None = None, ring: bool | None = None) -> LaunchSpec:
+         workspace=None, splits: int | None = None, ring: bool | None = None,
+         slim: bool | None = None) -> LaunchSpec:
     """Launch spec for ``y = W . x`` with the optional epilogues (see the module docstring).
 
     ``y`` fp32 [m, n]; ``w`` bf16 [n, k] ([2n, k] with ``gate_up``); ``x`` fp32 [m, k];
     ``bias`` bf16/fp32 [n] ([2n] with gate_up); ``residual`` fp32 [m, n] (may be ``y``);
     ``norm_weight`` fp32 [k]; ``workspace`` (zeroed, ``plan.workspace_bytes``) when the plan splits K.
     ``ring``: True takes the bulk-copy ring kernel where it applies, False never, None as
-    ``NEXUSRT_GEMV_RING`` says (gemv_ring.py; same bits either way).
+    ``NEXUSRT_GEMV_RING`` says (gemv_ring.py; same bits either way). ``slim``: the same for the
+    ``_slim`` register entries and ``NEXUSRT_GEMV_SLIM`` (:func:`kernel_name`), where no ring is taken.
     """
     plan = plan_gemv(n, k, m, gate_up=gate_up, splits=splits)
     rows = plan.rows
@@ -176,7 +180,7 @@ def gemv(rt, y, w, x, *, n: int, k: int, m: int = 1, bias=None, bias_dtype: str 
                            flags, stages)
         return LaunchSpec(kernel, (grid_x, 1, 1), (THREADS, 1, 1), args, shared,
                           name=f"{kernel.name}[{n}x{k}]", pdl=pdl_ok(rt))
-    name = kernel_name(plan)
+    name = kernel_name(plan, slim)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
     grid_x = resident_grid(rt, kernel, plan.shared, n, plan.splits)
     args = kernel.pack(ptr(y), ptr(w), ptr(x), ptr(bias), ptr(residual), ptr(norm_weight),
@@ -231,17 +235,19 @@ def bench_cases(rt, config, splits: int | None = None, only: str | None = None,
                             norm=opts.get("norm", False))
         label = f"gemv {name} {plan.rows}x{k}" + (f" m={m}" if m != 1 else "")
         seen = set()
-        for ring in (None, True, False):  # the kernel the decode step takes, then the other kind where it applies
+        # The kernel the decode step takes, then each other kind where it applies.
+        for tag, ring, slim in (("", None, None), (" (ring)", True, False), (" (registers)", False, False),
+                                (" (slim)", False, True)):
             specs = [gemv(rt, y, w, x, n=n, k=k, m=m, gate_up=gate_up, norm_weight=norm_w,
                           residual=y if opts.get("residual") else None, workspace=ws, splits=plan.splits,
-                          ring=ring) for w in weights]
+                          ring=ring, slim=slim) for w in weights]
             kernel = specs[0].kernel.name
             if kernel in seen:
                 continue
+            keep = () if seen else (weights, x, y, norm_w, ws)  # shared by the shape's cases: freed once
             seen.add(kernel)
             cases.append(BenchCase(
-                name=label + {None: "", True: " (ring)", False: " (registers)"}[ring], bytes_moved=nbytes,
+                name=label + tag, bytes_moved=nbytes,
                 launch=bench_util.rotate(specs), group="gemv",
-                notes={"splits": plan.splits, "copies": len(weights), "kernel": kernel,
-                       "_keep": (weights, x, y, norm_w, ws)}))
+                notes={"splits": plan.splits, "copies": len(weights), "kernel": kernel, "_keep": keep}))
     return cases

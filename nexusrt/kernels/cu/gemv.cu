@@ -50,6 +50,7 @@ NRT_GEMV_ALL(8)
 // (6 a row, 3 a gate_up row and its up row: 78 and 80 registers, no spills, nvcc 13.0 sm_90a)
 // so that three blocks fit an SM's 64 K registers: two of a GEMV and one of the kernel after it,
 // which can then land and issue its first weight loads before this one's blocks exit. Same
-// per-lane order of the chunks as the default entries, so the same sums.
+// per-lane order of the chunks as the default entries, so the same sums. Measured slower on the
+// H200, with the third slot free or not (kernels/NOTES.md, end of "gemv_ring"): a comparison.
 NRT_GEMV_ENTRY(gemv_m1_rows_v8_slim, (kThreads, 3), 1, 1, 8, 6)
 NRT_GEMV_ENTRY(gemv_m1_gateup_v8_slim, (kThreads, 3), 1, 2, 8, 3)

@@ -17,7 +17,7 @@ bulk-copy engine (``gemv_ring.py``; measured slower on the H200, so not the defa
 One token with 16-byte loads: ``NEXUSRT_GEMV_SLIM=1`` launches the ``_slim`` entries (fewer
 loads a step, at most 80 registers: three blocks fit an SM), the same sums; with
 ``NEXUSRT_GEMV_BLOCKS_PER_SM=2`` the third slot is left to the next kernel (a comparison of
-the boundary between GEMVs, not yet measured; kernels/NOTES.md, end of "gemv_ring").
+the boundary between GEMVs; both measured slower on the H200: kernels/NOTES.md, end of "gemv_ring").
 """
 
 from __future__ import annotations

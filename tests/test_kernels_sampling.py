@@ -56,7 +56,8 @@ def test_launcher_sizes_the_partial_grid_by_vocab_and_checks_tensors():
     word = tensor((1,), "int32")
     partial, gather, finish = ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word,
                                          tensor((16,), "int32"), 16)
-    assert partial.grid == gather.grid == (38, 1, 1) and partial.block == gather.block == (256, 1, 1)
+    assert n == -(-vocab // ops.PART_CHUNK) and partial.grid == gather.grid == (n, 1, 1)
+    assert partial.block == gather.block == (256, 1, 1)
     assert finish.grid == (1, 1, 1) and finish.block == (1024, 1, 1)
     assert finish.args[5] == n and finish.args[-1] == 16
     # The three launches share the grid-wide top-K's histogram (+ cursor) and pool.
@@ -149,7 +150,7 @@ def test_greedy_takes_the_lowest_index_among_equal_maxima(gpu_rt):
 
     vocab = 128256
     ring = nrt.memory.pinned((4,), "int32")
-    for first, second in [(5, 9000), (70000, 70001), (4095, 4096), (vocab - 2, vocab - 1)]:
+    for first, second in [(5, 9000), (70000, 70001), (1023, 1024), (4095, 4096), (vocab - 2, vocab - 1)]:
         logits = np.random.default_rng(first).standard_normal(vocab).astype(np.float32)
         logits[[first, second]] = 50.0
         bufs = ops.alloc_buffers(vocab)

@@ -60,7 +60,7 @@ def test_launcher_grids_and_arguments():
     a = _args(m, vocab, params=tensor((m, 24), "uint8", ptr=0x2000), steps=tensor((m,), "int32", ptr=0x3000),
               out=tensor((m,), "int32", ptr=0x4000))
     partial, finish = ops.sample_rows(FakeRuntime(), **a)
-    assert n == 38 and partial.grid == (38, m, 1) and partial.block == (256, 1, 1)
+    assert n == -(-vocab // ops.PART_CHUNK) and partial.grid == (n, m, 1) and partial.block == (256, 1, 1)
     assert finish.grid == (m, 1, 1) and finish.block == (1024, 1, 1)
     assert partial.args == (0x1000, vocab, 0x2000, 0x1000, 0x1000, m)
     assert finish.args == (0x1000, vocab, 0x2000, 0x3000, 0x1000, 0x1000, n, 0x4000, m)
@@ -78,8 +78,8 @@ def test_launcher_grids_and_arguments():
     ("params", tensor((4, 24), "uint8", ptr=0x1004), "8-byte aligned"),
     ("steps", tensor((3,), "int32"), "steps has shape"),
     ("steps", tensor((4,), "int64"), "steps has dtype"),
-    ("part_val", tensor((4, 37), "fp32"), "part_val has shape"),
-    ("part_idx", tensor((4, 38), "fp32"), "part_idx has dtype"),
+    ("part_val", tensor((4, ops.num_parts(151936) - 1), "fp32"), "part_val has shape"),
+    ("part_idx", tensor((4, ops.num_parts(151936)), "fp32"), "part_idx has dtype"),
     ("out", tensor((5,), "int32"), "out has shape"),
     ("out", None, "out is required"),
 ])
@@ -186,7 +186,7 @@ def test_rows_equal_the_one_row_kernels_bit_for_bit(gpu_rt, vocab):
 @pytest.mark.gpu
 def test_greedy_rows_take_the_lowest_index_among_equal_maxima(gpu_rt):
     vocab = 128256
-    pairs = [(5, 9000), (70000, 70001), (4095, 4096), (vocab - 2, vocab - 1), (0, 4096 * 31)]
+    pairs = [(5, 9000), (70000, 70001), (1023, 1024), (4095, 4096), (vocab - 2, vocab - 1), (0, 4096 * 31)]
     logits = np.random.default_rng(1).standard_normal((len(pairs) + 1, vocab)).astype(np.float32)
     for r, (first, second) in enumerate(pairs):
         logits[r, [first, second]] = 50.0

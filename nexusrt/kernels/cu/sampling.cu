@@ -8,7 +8,7 @@
 // Then it writes the token id to *token_out and ring[step % ring_size] (host-mapped, so the
 // host reads tokens without a sync per token) and advances the graph's state *pos, *step.
 //
-// Three launches, one block per 4096 logits in the first two: sample_argmax_partial,
+// Three launches, one block per 1024 logits in the first two: sample_argmax_partial,
 // sample_gather, then sample_finish (one block of 1024 threads). Greedy: the partials' (max,
 // index) per chunk, a gather that does nothing, the finish combining the partials. Sampled:
 // the grid-wide exact top-K of sampling_grid.cuh (the persistent kernel runs the same three
@@ -37,11 +37,13 @@ using nrt_argmax::better;
 using nrt_argmax::block_argmax;
 
 constexpr int kPartThreads = 256;
-constexpr int kPartChunk = 4096;  // logits per partial-argmax block
+// Logits per partial / gather block: 1024 (126 blocks for a 128k vocabulary) measured faster on
+// the H200 than 4096 (32 blocks) for greedy and sampled steps alike (kernels/NOTES.md, sampling.cu).
+constexpr int kPartChunk = 1024;
 constexpr int kFinishThreads = 1024;
 constexpr float kNegInf = -cuda::std::numeric_limits<float>::infinity();
 
-// The (max, lowest index) of logits[base, base + 4096) (block of 256; every thread gets it).
+// The (max, lowest index) of logits[base, base + kPartChunk) (block of 256; every thread gets it).
 __device__ __forceinline__ void chunk_argmax(const float* __restrict__ logits, int vocab, int base,
                                              float& best, int& bi, float* sv, int* si) {
     best = kNegInf;
@@ -72,7 +74,7 @@ __device__ __forceinline__ void combine_partials(const float* __restrict__ part_
 
 }  // namespace
 
-// grid ceil(vocab / 4096), block 256: greedy, the (max, lowest index) of each 4096 logits;
+// grid ceil(vocab / kPartChunk), block 256: greedy, the (max, lowest index) of each chunk;
 // sampled, their key histogram added to hist (uint32 [kBuckets + 1]: the buckets, then the pool
 // cursor; zero at the start of every step).
 extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial(
@@ -93,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_argmax_partial
     if (threadIdx.x == 0) { part_val[blockIdx.x] = best; part_idx[blockIdx.x] = bi; }
 }
 
-// grid ceil(vocab / 4096), block 256, after every partial: sampled, the block's chunk of
+// grid ceil(vocab / kPartChunk), block 256, after every partial: sampled, the block's chunk of
 // candidates (keys in the K-th key's bucket or above) appended to the pool when the complete
 // histogram says they all fit (phase 2 of sampling_grid.cuh); greedy, nothing.
 extern "C" __global__ void __launch_bounds__(kPartThreads) sample_gather(
@@ -110,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(kPartThreads) sample_gather(
                                                        hist + kCursorWord, pool, stage, kPartChunk, scratch);
 }
 
-// grid 1, block 1024. num_parts = ceil(vocab / 4096) <= 1024.
+// grid 1, block 1024. num_parts = ceil(vocab / kPartChunk) <= 1024.
 extern "C" __global__ void __launch_bounds__(kFinishThreads) sample_finish(
     const float* __restrict__ logits, int vocab, const SampleParams* __restrict__ params,
     const float* __restrict__ part_val, const int* __restrict__ part_idx, int num_parts,

@@ -41,7 +41,7 @@ __device__ __forceinline__ unsigned key_bucket(unsigned key) { return key >> (32
 // f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then blockDim.x apart, in
 // that order), kLoads of them loaded before any is used: a plain loop puts one load's whole
 // latency (DRAM or L2) between the next load and the shared-memory atomic before it, 16 times
-// in a row for sampling.cu's 4,096-logit chunks (which take all 16 in one batch).
+// in a row for sampling.cu's chunks (4,096 logits then; its 1,024 now take their 4 in one batch).
 template <int kLoads, class Logits, class F>
 __device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b, F f) {
     const int step = (int)blockDim.x;

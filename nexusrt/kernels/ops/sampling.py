@@ -1,7 +1,7 @@
 """Launchers for ``cu/sampling.cu``: the next token on the device, per
 :mod:`nexusrt.reference.sampling` (greedy or temperature/top-k/top-p with a seeded draw).
 
-Three launches per token: ``sample_argmax_partial`` and ``sample_gather`` (a block per 4096
+Three launches per token: ``sample_argmax_partial`` and ``sample_gather`` (a block per 1024
 logits each) and ``sample_finish`` (one block), which writes the token to a device word and to
 ``ring[step % ring_size]`` (pinned host memory the host polls), then advances ``*pos`` and
 ``*step``. Greedy: partial argmaxes, a gather that does nothing, their combine. Sampled: the
@@ -34,7 +34,7 @@ FINISH_SIGNATURE = "ptr i32 ptr ptr ptr i32 ptr ptr ptr ptr ptr ptr i32"
 ROWS_PARTIAL_SIGNATURE = "ptr i32 ptr ptr ptr i32"
 ROWS_FINISH_SIGNATURE = "ptr i32 ptr ptr ptr ptr i32 ptr i32"
 MAX_ROWS = 65535  # sample_rows_partial puts the rows on grid.y
-PART_CHUNK = 4096  # logits per partial-argmax block (kPartChunk)
+PART_CHUNK = 1024  # logits per partial / gather block (kPartChunk)
 PART_THREADS = 256
 FINISH_THREADS = 1024
 MAX_PARTS = FINISH_THREADS  # one partial per thread of sample_finish

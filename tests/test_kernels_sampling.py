@@ -47,6 +47,20 @@ def test_kernel_source_struct_fields_are_in_the_packed_order():
     assert [" ".join(d[:-1]) for d in decls] == ["float", "int", "float", "int", "unsigned long long"]
 
 
+def test_launcher_constants_are_the_kernel_sources():
+    """The launcher sizes grids and buffers from PART_CHUNK and the thread counts; the kernels
+    loop over kPartChunk. A launcher chunk larger than the kernel's would skip logits silently."""
+    import re
+
+    from nexusrt.kernels.compiler import SOURCE_DIR
+
+    src = (SOURCE_DIR / "sampling.cu").read_text()
+    consts = dict(re.findall(r"constexpr int (k\w+) = (\d+);", src))
+    assert int(consts["kPartChunk"]) == ops.PART_CHUNK == 1024
+    assert int(consts["kPartThreads"]) == ops.PART_THREADS
+    assert int(consts["kFinishThreads"]) == ops.FINISH_THREADS
+
+
 def test_launcher_sizes_the_partial_grid_by_vocab_and_checks_tensors():
     vocab = 151936
     n = ops.num_parts(vocab)
@@ -56,7 +70,7 @@ def test_launcher_sizes_the_partial_grid_by_vocab_and_checks_tensors():
     word = tensor((1,), "int32")
     partial, gather, finish = ops.sample(FakeRuntime(), tensor((vocab,), "fp32"), bufs, word, word, word,
                                          tensor((16,), "int32"), 16)
-    assert n == -(-vocab // ops.PART_CHUNK) and partial.grid == gather.grid == (n, 1, 1)
+    assert n == 149 and partial.grid == gather.grid == (149, 1, 1)  # ceil(151936 / 1024)
     assert partial.block == gather.block == (256, 1, 1)
     assert finish.grid == (1, 1, 1) and finish.block == (1024, 1, 1)
     assert finish.args[5] == n and finish.args[-1] == 16

@@ -167,6 +167,21 @@ def test_choose_splits_fills_the_gpu_and_never_exceeds_the_kernel_limit():
     assert dec.tokens_per_step(64, 4) == 64 and dec.tokens_per_step(128, 8) == 16
 
 
+def test_wide_splits_take_three_blocks_an_sm_in_one_wave_from_the_long_context_on():
+    start = dec.MMA_WIDE_FROM[64]
+    assert dec.wide_splits(8, 64, 4, start, 132) == 49  # Llama-3.2-1B: 392 blocks for 396 places
+    assert dec.choose_splits(8, 64, 4, start, 132) == 33
+    assert dec.wide_splits(8, 64, 4, start - 1, 132) == 0  # a runner that never reaches it: no wide graph
+    assert dec.wide_splits(8, 128, 4, 1 << 20, 132) == 0  # a 96 KiB ring: two blocks an SM only
+    assert dec.wide_splits(2, 64, 7, 1 << 20, 132) == 0  # both counts at MAX_SPLITS: nothing to gain
+    for hkv, sms in [(8, 132), (8, 78), (32, 132), (4, 108), (16, 16)]:
+        wide = dec.wide_splits(hkv, 64, 4, 1 << 20, sms)
+        assert wide == 0 or wide * hkv <= dec.MMA_WIDE_BLOCKS_PER_SM * sms  # never a second wave
+        assert wide == 0 or dec.choose_splits(hkv, 64, 4, 1 << 20, sms) < wide <= dec.MAX_SPLITS
+    with pytest.raises(ValueError, match="max_context"):
+        dec.wide_splits(8, 64, 4, 0, 132)
+
+
 def _decode_args(hq=32, hkv=8, d=128, blocks=10, splits=4):
     g = hq // hkv
     ws = dec.DecodeWorkspace(tensor((hkv, splits, g, d), "fp32"), tensor((hkv, splits, g, 2), "fp32"),

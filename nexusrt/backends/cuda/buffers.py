@@ -73,7 +73,7 @@ class RunnerBuffers(OwnedBuffers):
 
     def __init__(self, rt, cfg, max_context: int, chunk: int, positions: int | None = None,
                  pool_blocks: int | None = None, host_blocks: int = 0, faults=None,
-                 lm_head_rows: int | None = None):
+                 lm_head_rows: int | None = None, attn_wide_splits: int = 0):
         """``chunk``: rows of the largest prefill chunk; ``positions``: cache positions to hold
         (default ``max_context``; a runner adds room for the rows of a padded last chunk).
         ``pool_blocks``: a KV pool of that many blocks shared by many sequences (the batch
@@ -85,7 +85,9 @@ class RunnerBuffers(OwnedBuffers):
         ``faults.reserve_blocks`` more blocks after the sequence's own, no table entry naming them
         yet, and ``fault_ring`` holds the ring the decode kernels post host blocks to (else None).
         ``lm_head_rows``: the LM head's rows when it is not the whole vocabulary (a tensor-parallel
-        rank's slice), so the GEMV workspace also fits that shape's split-K plan."""
+        rank's slice), so the GEMV workspace also fits that shape's split-K plan.
+        ``attn_wide_splits`` > 0: ``attn_ws_wide``, a second decode-attention workspace of that many
+        splits, for the long-context graph (``attention_decode.wide_splits``; else None)."""
         super().__init__()
         d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.chunk = chunk
@@ -135,6 +137,8 @@ class RunnerBuffers(OwnedBuffers):
             self.gemv_ws = self._t(memory.zeros((max(ws, 4),), "uint8", tag=TAG))
             splits = attn_dec.choose_splits(hkv, d, hq // hkv, max_context, sm_count(rt))
             self.attn_ws = self._t(attn_dec.alloc_workspace(hq, hkv, d, splits, tag=TAG))
+            self.attn_ws_wide = self._t(attn_dec.alloc_workspace(
+                hq, hkv, d, attn_wide_splits, tag=TAG)) if attn_wide_splits else None
             self.sampler = self._t(sampling.alloc_buffers(cfg.vocab_size, tag=TAG))
             self.ring = self._t(memory.pinned((RING,), "int32", tag=TAG))
             self.ring.array[:] = -1

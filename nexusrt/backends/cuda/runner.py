@@ -25,6 +25,7 @@ from ...errors import ModelError, NexusRTError
 from ...driver.calls import call
 from ...kernels.ops import attention_decode as attn_dec
 from ...kernels.ops import qkv_rope
+from ...kernels.ops.common import sm_count
 from ...kernels.ops.cublaslt import LtContext
 from ...kvcache.blocks import blocks_for
 from ...kvcache.fault_plan import RING_SLOTS, FaultCounts, plan_faults
@@ -122,6 +123,13 @@ class CudaRunner:
         cluster = attn_dec.cluster_ok(rt) and not self.attn_mma and not self.kv_plan.host_blocks and tp is None
         self.cluster_limit = attn_dec.cluster_context_limit(
             cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads) if cluster else 0
+        # With them, at head_dim 64 and a max_context that reaches MMA_WIDE_FROM, a second graph whose
+        # attention takes splits for three blocks an SM, replayed from that context on (measured on
+        # one device with every KV block in HBM: not with a host tier or tensor parallelism).
+        wide = attn_dec.wide_splits(cfg.num_key_value_heads, cfg.head_dim,
+                                    cfg.num_attention_heads // cfg.num_key_value_heads, self.max_context,
+                                    sm_count(rt)) if self.attn_mma and tp is None and not self.kv_plan.host_blocks else 0
+        self.wide_from = attn_dec.MMA_WIDE_FROM[cfg.head_dim] if wide else 0
         self.stream = rt.streams["compute"]
         self.position = 0
         self._graphs: dict = {}
@@ -142,7 +150,8 @@ class CudaRunner:
             self.timings["upload_s"] = time.perf_counter() - t0
             self.buffers = RunnerBuffers(rt, cfg, self.max_context, self.chunk, positions=self.capacity,
                                          host_blocks=self.kv_plan.host_blocks, faults=self.fault_plan,
-                                         lm_head_rows=None if tp is None else tp.vocab_part)
+                                         lm_head_rows=None if tp is None else tp.vocab_part,
+                                         attn_wide_splits=wide)
             _check_host_mapped(self.buffers.k_host_pools + self.buffers.v_host_pools)
             if self.fault_plan is not None:
                 self._faults = FaultService(rt, cfg, self.buffers, self.fault_plan.reserve_blocks, self.stream)
@@ -153,6 +162,8 @@ class CudaRunner:
             self._decode_graph(sample=True)
             if self.cluster_limit:
                 self._decode_graph(sample=True, context=1)
+            if self.wide_from:
+                self._decode_graph(sample=True, context=self.wide_from)
             self._graph(("logits",), lambda: steps.logits_stages(rt, cfg, self.weights, self.buffers, tp))
             for m in self.buckets:
                 self._prefill_graph(m)
@@ -171,15 +182,17 @@ class CudaRunner:
     def _decode_graph(self, sample: bool, context: int | None = None):
         """The graph of one decode step whose attention reads ``context`` tokens (None: any; the
         graph whose attention kernels serve every context: the mma ones, or the plain CUDA-core ones;
-        a context within ``cluster_limit`` takes the cluster kernels' graph)."""
+        a context within ``cluster_limit`` takes the cluster kernels' graph, one from ``wide_from``
+        on the mma kernels' wide split count's)."""
         # NEXUSRT_DECODE=persistent: one launch per step, greedy or sampled alike (it reads the
         # same SampleParams struct and step word as the graph path's sampler).
         if self._persistent is not None:
             return self._graph(("persistent", sample), lambda: self._persistent.stages(sample))
         cluster = context is not None and context <= self.cluster_limit
-        return self._graph(("decode", sample, cluster), lambda: steps.decode_stages(
+        wide = bool(self.wide_from) and context is not None and context >= self.wide_from
+        return self._graph(("decode", sample, cluster) + (("wide",) if wide else ()), lambda: steps.decode_stages(
             self.rt, self.config, self.weights, self.buffers, sample=sample, tp=self.tp,
-            fuse_rope=qkv_rope.enabled(), cluster=cluster, mma=self.attn_mma))
+            fuse_rope=qkv_rope.enabled(), cluster=cluster, mma=self.attn_mma, wide=wide))
 
     def _prefill_graph(self, m: int):
         return self._graph(("prefill", m), lambda: steps.prefill_stages(

@@ -58,7 +58,7 @@ class _Chain:
 
 
 def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope: bool = False,
-                  cluster: bool = False, mma: bool = False) -> list:
+                  cluster: bool = False, mma: bool = False, wide: bool = False) -> list:
     """One token: embedding of ``b.token`` at ``b.pos`` through the LM head (and the sampler).
 
     ``meta`` (int32 ``[4]``: RoPE position, cache slot, 0, 0), for the serving runner's lone
@@ -83,7 +83,14 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
     ``mma``: decode attention by the tensor-core kernels (sm_80+:
     :func:`~nexusrt.kernels.ops.attention_decode.mma_ok`) where ``cluster`` is off; a layer whose
     KV has a host tier takes their host twins, which copy a host block as a device one, so the
-    tokens do not depend on where the blocks live."""
+    tokens do not depend on where the blocks live.
+
+    ``wide`` (with ``mma``): attention with the long-context split count, over ``b.attn_ws_wide``
+    (:func:`~nexusrt.kernels.ops.attention_decode.wide_splits`); the one-sequence runner captures a
+    graph each way and replays this one from ``MMA_WIDE_FROM`` tokens on."""
+    if wide and (not mma or cluster or b.attn_ws_wide is None):
+        raise ValueError("decode_stages(wide=True) needs the mma kernels (mma=True, cluster=False) and "
+                         "buffers with a wide attention workspace (attn_wide_splits > 0)")
     if meta is not None and (sample or b.k_host_pools):
         raise ValueError("decode_stages(meta=...) is the serving runner's lone decode: no sampler (sample=False) "
                          "and no host KV tier")
@@ -108,7 +115,8 @@ def decode_stages(rt, cfg, w, b, *, sample: bool, meta=None, tp=None, fuse_rope:
             _add_qkv_rope_unfused(ch, rt, cfg, w, b, i, meta)
         ch.add(f"{p}.attention", attn_dec.attention_decode(
             rt, q.reshape(hq, d), attn.reshape(hq * d), b.k_pools[i], b.v_pools[i], b.block_table, b.pos,
-            b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, host_pools=b.host_pools(i),
+            b.attn_ws_wide if wide else b.attn_ws, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+            host_pools=b.host_pools(i),
             fault_ring=b.fault_ring, cluster=cluster and b.host_pools(i) is None,
             mma=mma and not cluster),
             [q, b.k_pools[i], b.v_pools[i]], [attn])

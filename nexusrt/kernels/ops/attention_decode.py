@@ -6,8 +6,10 @@
 The grid is fixed at ``(Hkv, max_splits)`` (a captured graph cannot change it); the kernel
 reads ``seq_len = *pos + 1`` and decides on the device how many of the splits do work.
 :func:`choose_splits` sizes ``max_splits`` so that a long context fills the GPU with about
-two blocks per SM; a short one uses as few splits as it has 32/64-token steps. One
-:class:`DecodeWorkspace` serves every layer (launches on one stream never overlap).
+two blocks per SM; a short one uses as few splits as it has 32/64-token steps;
+:func:`wide_splits` is the mma kernels' count for three blocks per SM at long context (head_dim
+64), which a runner captures in a graph of its own. One :class:`DecodeWorkspace` serves every
+layer (launches on one stream never overlap).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ MMA_SOURCE = "attention_decode_mma"
 MMA_STAGES = {64: 4, 128: 3}  # nrt_decode_mma::stages<D>(): pages in flight per warp
 MMA_ONE_SPLIT_STEPS = {64: 6, 128: 4}  # mma_one_split_steps<D>(): one split up to this many steps
 MMA_MIN_SPLIT_STEPS = 2  # kMmaMinSplitSteps: above it, at least this many steps per split
+# The one-sequence mma kernels' wide split count (wide_splits): from this many tokens on, at the
+# head dims listed, splits sized for three blocks an SM stream faster than the two-block count.
+MMA_WIDE_FROM = {64: 14336}
+MMA_WIDE_BLOCKS_PER_SM = 3
 THREADS = 128
 
 
@@ -126,6 +132,28 @@ def choose_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int
     want = ceil_div(blocks_per_sm * sms, num_kv_heads)
     useful = ceil_div(max_context, tokens_per_step(head_dim, group))
     return max(1, min(MAX_SPLITS, want, useful))
+
+
+def wide_splits(num_kv_heads: int, head_dim: int, group: int, max_context: int, sms: int) -> int:
+    """``max_splits`` of the one-sequence mma kernels at long context, or 0 where none applies.
+
+    At head_dim 64 an mma block holds a 64 KiB ring and ~110 registers, so three fit an SM where
+    :func:`choose_splits` sizes the grid for two. Three blocks an SM stream a long context faster
+    and a shorter one slower (more partials to combine, fewer steps a split): on an H200, the
+    Llama-3.2-1B shape's layer at 12,288 tokens 10.4 µs with 33 splits against 11.2 with 49, at
+    14,336 12.0 against 11.9, at 16,384 13.4 against 12.5, at 32,768 24.3 against 20.9
+    (kernels/NOTES_attention.md). So a runner whose ``max_context`` reaches
+    ``MMA_WIDE_FROM[head_dim]`` captures a second decode graph with this many splits and replays
+    it from that context on. The count keeps the grid to one wave (rounded down, not up: 49 for 8
+    KV heads on 132 SMs, where up would be 400 blocks for 396 places); head_dim 128 has no wide
+    count (a 96 KiB ring: two blocks an SM), and neither has a shape whose wide count would not
+    exceed :func:`choose_splits`'s (many KV heads on few SMs, or both at ``MAX_SPLITS``)."""
+    check_positive(num_kv_heads=num_kv_heads, head_dim=head_dim, group=group, max_context=max_context, sms=sms)
+    start = MMA_WIDE_FROM.get(head_dim)
+    if start is None or max_context < start:
+        return 0
+    wide = min(MAX_SPLITS, MMA_WIDE_BLOCKS_PER_SM * sms // num_kv_heads)
+    return wide if wide > choose_splits(num_kv_heads, head_dim, group, max_context, sms) else 0
 
 
 @dataclass

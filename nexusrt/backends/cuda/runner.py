@@ -117,7 +117,7 @@ class CudaRunner:
         self.tp = tp
         self.kv_prefetch = bool(kv_prefetch)
         # Decode attention by the tensor-core kernels where they run (NEXUSRT_ATTN_MMA): one graph for
-        # every context. Without them, by the cluster kernels while the context fits one cluster of
+        # every context (two at long context, below). Without them, by the cluster kernels while the context fits one cluster of
         # steps (faster there, slower past it): two decode graphs, picked per step by context.
         self.attn_mma = attn_dec.mma_ok(rt)
         cluster = attn_dec.cluster_ok(rt) and not self.attn_mma and not self.kv_plan.host_blocks and tp is None

@@ -21,13 +21,16 @@ class FakeKernel:
     function = None
 
     def __init__(self, name: str = ""):
-        self.name, self.shared = name, None
+        self.name, self.shared, self.carveout = name, None, "as loaded"
 
     def pack(self, *values):
         return values
 
     def set_max_dynamic_shared(self, nbytes, device):
         self.shared = nbytes
+
+    def set_carveout(self, percent):
+        self.carveout = percent
 
 
 class FakeRuntime:

@@ -54,3 +54,15 @@ def test_every_kernel_asks_for_the_carveout(monkeypatch, value, want):
 def test_a_bad_carveout_is_refused_by_name(value):
     with pytest.raises(ValueError, match="NEXUSRT_SMEM_CARVEOUT"):
         launch.shared_carveout({launch.CARVEOUT_ENV: value})
+
+
+@pytest.mark.parametrize("percent, want", [(None, -1), (0, 0), (100, 100)])
+def test_a_kernel_can_take_its_own_carveout(monkeypatch, percent, want):
+    calls = _record(monkeypatch)
+    k = launch.Kernel(SimpleNamespace(handle="lib"), "k", "")
+    del calls[:]
+    k.set_carveout(percent)
+    assert calls == [("cuFuncSetAttribute", "cuKernelGetFunction-handle", "CARVEOUT", want)]
+    for bad in (-1, 101):
+        with pytest.raises(ValueError, match="carveout"):
+            k.set_carveout(bad)

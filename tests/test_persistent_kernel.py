@@ -123,6 +123,9 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     assert spec.name == "persistent_decode_d64_g2" and spec.shared == pk.FINISH_SHARED_BYTES + 64 * 40
     assert pk.FINISH_SHARED_BYTES > 4 * 512
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
+    kernel = FakeKernel()
+    _launch(FakeRuntime(kernel=kernel))
+    assert kernel.carveout is None  # the driver's L1/shared split, not the one the other kernels share
     k = FakeKernel()
     big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
     assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # opted in

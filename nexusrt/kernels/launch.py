@@ -70,7 +70,8 @@ def shared_carveout(env=None) -> int | None:
     mma decode attention's 64-96 KiB rings) and the GEMVs beside it (a few KiB) get different
     splits, so with PDL the next kernel's blocks cannot start on an SM until it drains. H200,
     1B shape at 8k context, mma attention: 1.0036 ms/token with the driver's choice, 0.9581 with
-    every kernel at 100 (BENCHMARKS.md)."""
+    every kernel at 100 (BENCHMARKS.md). The persistent decode kernel, alone in its graph, takes
+    the driver's choice instead (``ops/persistent.py``; :meth:`Kernel.set_carveout`)."""
     text = (os.environ if env is None else env).get(CARVEOUT_ENV, "100").strip().lower()
     if text == "default":
         return None
@@ -95,6 +96,15 @@ class Kernel:
 
     def pack(self, *values) -> ArgPack:
         return ArgPack(self.types, values)
+
+    def set_carveout(self, percent: int | None) -> None:
+        """Ask for ``percent`` of the unified L1/shared memory as shared memory, or (None) for no
+        preference, the driver's choice (``CU_SHAREDMEM_CARVEOUT_DEFAULT``): replaces what the
+        kernel asked for when it was loaded (:func:`shared_carveout`)."""
+        if percent is not None and not 0 <= int(percent) <= 100:
+            raise ValueError(f"carveout {percent!r}: give a percentage 0..100, or None for the driver's choice")
+        attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+        call("cuFuncSetAttribute", self.function, attr, -1 if percent is None else int(percent))
 
     def set_max_dynamic_shared(self, nbytes: int, device) -> None:
         """Opt in to ``nbytes`` of dynamic shared memory (more than 48 KiB needs it). The limit is

@@ -19,16 +19,14 @@ LIMIT = 256  # the qwen3 test checkpoint: head_dim 128, group 2
 # The wide graph's threshold, lowered for the tests from MMA_WIDE_FROM[64] (14,336): at 8 KV heads on
 # 132 SMs, 33 and 49 splits already cut a 6,400-token context differently (25 and 34 splits).
 WIDE_FROM = 6400
-_WIDE = {}
 
 
-def _wide_checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory):
     """head_dim 64 with 8 KV heads: enough heads that the wide count differs from the narrow one."""
-    if "path" not in _WIDE:
-        _WIDE["path"] = H.build_checkpoint(tmp_path_factory.mktemp("wide"), H.CheckpointSpec(), seed=61,
-                                           **{**GPU_SHAPE, "arch": "llama", "heads": 16, "kv_heads": 8,
-                                              "max_position_embeddings": 8192})
-    return _WIDE["path"]
+    return H.build_checkpoint(tmp_path_factory.mktemp("wide"), H.CheckpointSpec(), seed=61,
+                              **{**GPU_SHAPE, "arch": "llama", "heads": 16, "kv_heads": 8,
+                                 "max_position_embeddings": 8192})
 
 
 def _lower_the_wide_threshold(rt, monkeypatch):
@@ -110,7 +108,7 @@ def test_decode_with_the_mma_kernels_is_one_graph_for_every_context(gpu_rt, tmp_
 
 
 @pytest.mark.gpu
-def test_greedy_generation_into_the_wide_graph_matches_hf(gpu_rt, tmp_path_factory, monkeypatch):
+def test_greedy_generation_into_the_wide_graph_matches_hf(gpu_rt, wide_checkpoint, monkeypatch):
     from nexusrt.kernels.ops.common import sm_count
 
     _lower_the_wide_threshold(gpu_rt, monkeypatch)
@@ -122,18 +120,18 @@ def test_greedy_generation_into_the_wide_graph_matches_hf(gpu_rt, tmp_path_facto
                                  attn_dec.split_plan(c, narrow, step, mma_head_dim=64)
                                  for c in (WIDE_FROM, WIDE_FROM + 16))
     ids = np.random.default_rng(19).integers(0, 300, WIDE_FROM - 16).tolist()  # 16 steps each side
-    check_greedy_against_hf(_wide_checkpoint(tmp_path_factory), ids, 32, max_context=WIDE_FROM + 64,
+    check_greedy_against_hf(wide_checkpoint, ids, 32, max_context=WIDE_FROM + 64,
                             label="llama, 8 KV heads, into the wide graph")
 
 
 @pytest.mark.gpu
-def test_decode_picks_the_wide_graph_from_its_threshold_on(gpu_rt, tmp_path_factory, monkeypatch):
+def test_decode_picks_the_wide_graph_from_its_threshold_on(gpu_rt, wide_checkpoint, monkeypatch):
     import nexusrt as nrt
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.models.loader import load_model
 
     _lower_the_wide_threshold(gpu_rt, monkeypatch)
-    model = load_model(_wide_checkpoint(tmp_path_factory))
+    model = load_model(wide_checkpoint)
     runner = CudaRunner(model, nrt.firmware.runtime(), max_context=WIDE_FROM + 64)
     try:
         assert runner.wide_from == WIDE_FROM and runner.buffers.attn_ws_wide is not None

@@ -89,22 +89,25 @@ class Kernel:
         self.handle = call("cuLibraryGetKernel", library.handle, name.encode())
         self.function = call("cuKernelGetFunction", self.handle)
         self.max_dynamic_shared = 0  # the largest opt-in so far (the attribute never goes down)
-        carveout = shared_carveout()
-        if carveout is not None:
-            attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-            call("cuFuncSetAttribute", self.function, attr, carveout)
+        self.carveout = None  # what the kernel asks for (None: no preference, the driver's choice)
+        self.set_carveout(shared_carveout())
 
     def pack(self, *values) -> ArgPack:
         return ArgPack(self.types, values)
 
     def set_carveout(self, percent: int | None) -> None:
         """Ask for ``percent`` of the unified L1/shared memory as shared memory, or (None) for no
-        preference, the driver's choice (``CU_SHAREDMEM_CARVEOUT_DEFAULT``): replaces what the
-        kernel asked for when it was loaded (:func:`shared_carveout`)."""
+        preference, the driver's choice (``CU_SHAREDMEM_CARVEOUT_DEFAULT``). A kernel asks for
+        :func:`shared_carveout` when it is loaded; a launcher may ask for another. Asking for what
+        the kernel already asks for makes no driver call."""
         if percent is not None and not 0 <= int(percent) <= 100:
             raise ValueError(f"carveout {percent!r}: give a percentage 0..100, or None for the driver's choice")
+        percent = None if percent is None else int(percent)
+        if percent == self.carveout:
+            return
         attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
-        call("cuFuncSetAttribute", self.function, attr, -1 if percent is None else int(percent))
+        call("cuFuncSetAttribute", self.function, attr, -1 if percent is None else percent)
+        self.carveout = percent
 
     def set_max_dynamic_shared(self, nbytes: int, device) -> None:
         """Opt in to ``nbytes`` of dynamic shared memory (more than 48 KiB needs it). The limit is

@@ -147,11 +147,6 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
         raise ValueError(f"the program was lowered for {num_sms} SMs; this device has {sms} (one block per SM)")
     name = kernel_name(head_dim, num_q_heads // num_kv_heads)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
-    # The driver's own L1/shared split, not the one every other kernel asks for: that one lets a
-    # kernel share SMs with its neighbours under PDL, and this one runs alone in its graph. H200,
-    # decode stage: 1B 1.3455 ms/token at carveout 100 against 1.2218 with the driver's choice, 8B
-    # 5.54 against 5.13 (BENCHMARKS.md, twentieth session).
-    kernel.set_carveout(None)
     check_positive(slice_rows=slice_rows)
     shared = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
     if shared > SMEM_OPTIN_LIMIT:
@@ -161,6 +156,11 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
     # Always opt in: the kernel's static shared memory (attention, sampler scratch) plus a dynamic
     # part under 48 KiB can still pass the default 48 KiB a block gets without it.
     kernel.set_max_dynamic_shared(shared, rt.device.handle)
+    # The driver's own L1/shared split, not the one every other kernel asks for: that one lets a
+    # kernel share SMs with its neighbours under PDL, and this one runs alone in its graph. H200,
+    # decode stage: 1B 1.3455 ms/token at carveout 100 against 1.2218 with the driver's choice, 8B
+    # 5.54 against 5.13 (BENCHMARKS.md, twentieth session).
+    kernel.set_carveout(None)
     if resident_blocks(kernel, THREADS, shared) < 1:  # the cooperative launch would be refused anyway
         raise ValueError(f"{name} does not fit one block per SM with {shared} bytes of shared memory")
     return LaunchSpec(kernel, (num_sms, 1, 1), (THREADS, 1, 1), kernel.pack(params), shared, name,

@@ -22,6 +22,7 @@ class FakeKernel:
 
     def __init__(self, name: str = ""):
         self.name, self.shared, self.carveout = name, None, "as loaded"
+        self.static = 20 * 1024  # static shared memory, as a kernel's attribute says
 
     def pack(self, *values):
         return values
@@ -31,6 +32,10 @@ class FakeKernel:
 
     def set_carveout(self, percent):
         self.carveout = percent
+
+    def static_shared(self):
+        return self.static
+
 
 
 class FakeRuntime:

@@ -34,6 +34,11 @@ VARIANTS = {
 # A vocabulary above K_MAX = 1024: the sampled steps' grid-wide top-K has a real cut (at 384 every
 # logit is a candidate), so the pool path is what the sampled test checks there.
 WIDE_VOCAB = {"llama_v5000": dict(VARIANTS["llama"], vocab_size=5000)}
+# Weights large enough that every SM streams several times its weight ring's pages in a step
+# (~68 MB over 132 SMs: ~125 pages an SM against ~40 slots), with rows of one page and a half
+# (K = 1,024: 2 KB) and of two pages, the second short (K = 4,000: 8,000 bytes).
+RING = {"llama_ring": dict(VARIANTS["llama"], hidden_size=1024, intermediate_size=4000, num_attention_heads=16,
+                           num_key_value_heads=4, vocab_size=5000, tie_word_embeddings=False)}
 PROMPT = (np.arange(13, dtype=np.int32) * 29 + 5) % 384  # 13 tokens: decoding crosses 16, 32, 48
 STEPS = 40
 RTOL = 2e-3  # of the largest |logit|; bf16 weights/KV put the paths' common error near 1e-2
@@ -44,7 +49,7 @@ def _model(variant):
     from nexusrt.models.synthetic import SyntheticWeights
     from nexusrt.models.tokenizer import ByteTokenizer
 
-    cfg = dataclasses.replace(preset("tiny"), **{**SHAPE, **{**VARIANTS, **WIDE_VOCAB}[variant]})
+    cfg = dataclasses.replace(preset("tiny"), **{**SHAPE, **{**VARIANTS, **WIDE_VOCAB, **RING}[variant]})
     return LoadedModel(f"synthetic:{variant}", cfg, SyntheticWeights(cfg, seed=3), ByteTokenizer())
 
 
@@ -156,3 +161,57 @@ def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_
     finally:
         graph.close()
         pers.close()
+
+
+def test_the_weight_ring_refills_its_slots_and_keeps_the_bits_of_the_loads(gpu_rt, monkeypatch):
+    """The bulk-copy weight ring (cu/persistent_ring.cuh, NEXUSRT_PERSISTENT_RING=1) against the same
+    kernel loading its weights with 16-byte loads (the default): every GEMV row sums in the same order,
+    so the logits are equal to the bit after every teacher-forced step, and greedy generation gives
+    the graph path's ids. The shape makes each SM's step stream more than twice its ring's slots,
+    so every slot is refilled by the warps while later tiles' copies are in flight."""
+    from nexusrt.backends.cuda.runner import CudaRunner
+    from nexusrt.kernels.ops import persistent as pk
+    from nexusrt.reference.sampling import SamplingParams
+
+    monkeypatch.setenv(P.RING_ENV, "1")
+    graph, ring = _runners("llama_ring", gpu_rt, monkeypatch)
+    monkeypatch.setenv(P.RING_ENV, "0")
+    try:
+        loads = CudaRunner(_model("llama_ring"), gpu_rt, max_context=128)
+    except BaseException:
+        graph.close()
+        ring.close()
+        raise
+    try:
+        cfg = ring.config
+        prog, spec, _, _ = ring._persistent.program(False)
+        table, offsets = prog.pack()
+        starts = pk.ring_page_starts(table, offsets, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+                                     q_width=cfg.q_size)
+        lead = pk.shared_bytes(cfg.hidden_size, cfg.intermediate_size, cfg.q_size, int(np.diff(offsets).max()))
+        slots = (spec.shared - lead) // pk.RING_PAGE_BYTES
+        # The last row of each SM is the sampler's (no pages), so its start is the SM's total.
+        per_sm = starts[offsets[1:] - 1]
+        assert slots >= 8 and per_sm.min() > 2 * slots, (slots, per_sm.min())
+        assert ring._persistent.ring and not loads._persistent.ring
+        assert loads._persistent.program(False)[1].shared == lead  # no ring there
+        forced = (np.arange(12) * 37 + 11) % cfg.vocab_size
+        for r in (graph, ring, loads):
+            r.reset()
+            r.prefill(PROMPT)
+        for step, tok in enumerate(forced):
+            for r in (graph, ring, loads):
+                r.decode(int(tok))
+            got, same, want = ring.last_logits(), loads.last_logits(), graph.last_logits()
+            assert np.array_equal(got, same), f"step {step}: ring and loads differ by {np.abs(got - same).max()}"
+            assert np.abs(got - want).max() <= RTOL * np.abs(want).max(), f"step {step}"
+        ids = []
+        for r in (graph, ring):
+            out = []
+            r.generate_tokens(PROMPT, 24, SamplingParams(temperature=0.0), lambda t, out=out: out.append(t) and False)
+            ids.append(out)
+        assert ids[0] == ids[1] and _fault(ring) is None and _fault(loads) is None
+    finally:
+        graph.close()
+        ring.close()
+        loads.close()

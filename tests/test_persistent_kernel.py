@@ -118,20 +118,28 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     rt = FakeRuntime(sm_count=132)
     spec = _launch(rt)
     assert spec.grid == (132, 1, 1) and spec.block == (256, 1, 1) and spec.cooperative
-    # A small model: the sampling finish's top-K workspace (it overlays the staged input) sets it.
-    # the sampler's workspace (larger than this small model's staged input), then 40 program rows
-    assert spec.name == "persistent_decode_d64_g2" and spec.shared == pk.FINISH_SHARED_BYTES + 64 * 40
+    # A small model: the sampling finish's top-K workspace (larger than this small model's staged
+    # input, which it overlays), then 40 program rows; with the weight ring, every whole page left.
+    lead = pk.FINISH_SHARED_BYTES + 64 * 40
+    assert spec.name == "persistent_decode_d64_g2" and spec.shared == lead
+    ringed = _launch(rt, ring=True)
+    assert ringed.shared == lead + (pk.SMEM_OPTIN_LIMIT - 20 * 1024 - lead) // pk.RING_PAGE_BYTES * pk.RING_PAGE_BYTES
     assert pk.FINISH_SHARED_BYTES > 4 * 512
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
     kernel = FakeKernel()
     _launch(FakeRuntime(kernel=kernel))
     assert kernel.carveout is None  # the driver's L1/shared split, not the one the other kernels share
+    # The 8B shape: the ring takes what the opt-in limit leaves past the static and the lead part.
     k = FakeKernel()
-    big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
-    assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # opted in
-    small_k = FakeKernel()
-    _launch(FakeRuntime(small_k))
-    assert small_k.shared == pk.FINISH_SHARED_BYTES + 64 * 40  # under 48 KiB too: static memory adds to it
+    big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128, ring=True)
+    pages = (pk.SMEM_OPTIN_LIMIT - k.static - 4 * 14336 - 64 * 40) // pk.RING_PAGE_BYTES
+    assert 20 < pages < 64 and big.shared == 4 * 14336 + 64 * 40 + pages * pk.RING_PAGE_BYTES
+    assert k.shared == big.shared and k.shared + k.static <= pk.SMEM_OPTIN_LIMIT  # opted in, and it fits
+    full = FakeKernel()
+    full.static = pk.SMEM_OPTIN_LIMIT - lead - pk.RING_PAGE_BYTES + 1  # not one page left
+    with pytest.raises(ValueError, match="no 4096-byte page for the weight ring"):
+        _launch(FakeRuntime(full), ring=True)
+    assert _launch(FakeRuntime(full)).shared == lead  # the 16-byte loads need no page
     for over, msg in ((dict(head_dim=96), "head_dim"), (dict(num_q_heads=32, num_kv_heads=2), "up to 8"),
                       (dict(hidden=260), "multiple of 8"), (dict(splits=129), "splits 129"),
                       (dict(num_q_heads=5), "not a multiple"), (dict(inter=70000), "shared memory"),
@@ -145,6 +153,34 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     monkeypatch.setattr(pk, "resident_blocks", lambda kernel, threads, shared: 0)
     with pytest.raises(ValueError, match="does not fit one block per SM"):
         _launch(rt)
+
+
+def test_ring_page_starts_number_each_sms_weight_pages_in_list_order():
+    """The pad word of each program row: its first page in the SM's weight ring, counted from 0
+    per SM, with the kernel's rule (ceil(2K / 4096) pages a weight row; gate/up two rows an output;
+    every other op none). The GPU tests run the kernel on these numbers against the graph path."""
+    ops = [Op.QKV, Op.ROPE_APPEND, Op.GATE_UP, Op.LM_HEAD, Op.DOWN, Op.O_PROJ, Op.ATTENTION, Op.QKV]
+    t = np.zeros((len(ops), ROW_WORDS), np.int32)
+    t[:, 0] = ops
+    t[:, 2] = [0, 0, 16, 0, 32, 0, 0, 48]
+    t[:, 3] = [16, 1, 32, 16, 48, 16, 1, 64]
+    offsets = np.array([0, 2, 2, 7, 8])  # SM 1 has no rows
+    starts = pk.ring_page_starts(t, offsets, hidden=2048, inter=8200, q_width=1024)
+    # SM 0: QKV 16 rows of 4 KB, then the RoPE row (none); SM 2: gate/up 2 x 16 rows, LM head 16,
+    # down 16 rows of 16,400 bytes (5 pages each), then O (K = 1,024: half a page a row) and attention.
+    assert starts.tolist() == [0, 16, 0, 32, 48, 128, 144, 0]
+    assert starts.dtype == np.int32
+    assert pk.ring_page_starts(np.zeros((0, ROW_WORDS), np.int32), np.zeros(3, np.int64), hidden=8, inter=8,
+                               q_width=8).tolist() == []
+    with pytest.raises(ValueError, match="CSR offsets"):
+        pk.ring_page_starts(t, np.array([0, 3]), hidden=2048, inter=8192, q_width=1024)
+    with pytest.raises(ValueError, match="inter"):
+        pk.ring_page_starts(t, offsets, hidden=2048, inter=0, q_width=1024)
+    # The kernel's constants agree with the launcher's.
+    ring = (SOURCE_DIR / "persistent_ring.cuh").read_text()
+    assert int(re.search(r"kPageBytes = (\d+);", ring).group(1)) == pk.RING_PAGE_BYTES
+    assert int(re.search(r"kMaxPages = (\d+);", ring).group(1)) == pk.MAX_RING_PAGES
+    assert pk.PAGE_WORD == ROW_WORDS - 1
 
 
 # -- counters across steps -------------------------------------------------------------------
@@ -189,6 +225,10 @@ def test_decode_mode_reads_the_environment():
     assert P.decode_mode({"NEXUSRT_DECODE": " Persistent "}) == "persistent"
     with pytest.raises(ValueError, match="NEXUSRT_DECODE='megakernel': choose one of graph, persistent"):
         P.decode_mode({"NEXUSRT_DECODE": "megakernel"})
+    assert not P.weight_ring({}) and P.weight_ring({"NEXUSRT_PERSISTENT_RING": "1"})
+    assert not P.weight_ring({"NEXUSRT_PERSISTENT_RING": " 0 "})
+    with pytest.raises(ValueError, match="NEXUSRT_PERSISTENT_RING='yes'"):
+        P.weight_ring({"NEXUSRT_PERSISTENT_RING": "yes"})
 
 
 def test_attention_splits_fill_the_sms():
@@ -257,6 +297,11 @@ def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(
                 # The graph path's SampleParams struct: one captured launch follows every request's parameters.
                 assert slot("sample_params") == buffers.sampler.params.ptr
                 table, offsets = prog.pack()
+                (uploaded,) = [t.to_numpy() for t in dec.owned if t.is_live and t.ptr == slot("program")]
+                uploaded = uploaded.reshape(table.shape)
+                assert np.array_equal(uploaded[:, :pk.PAGE_WORD], table[:, :pk.PAGE_WORD])
+                assert np.array_equal(uploaded[:, pk.PAGE_WORD], pk.ring_page_starts(
+                    table, offsets, hidden=cfg.hidden_size, inter=cfg.intermediate_size, q_width=cfg.q_size))
                 assert np.count_nonzero(counters.to_numpy()) == 0 and np.count_nonzero(epoch.to_numpy()) == 0
                 assert len(offsets) == 8 and int(offsets[-1]) == len(table)
             layers = dec.layers.to_numpy().view(np.uint64).reshape(cfg.num_hidden_layers, len(pk.LAYER_SLOTS))
@@ -295,7 +340,8 @@ def test_the_presets_instruction_lists_fit_the_shared_memory(name):
 
 
 @pytest.mark.parametrize("name, value, match", [("NEXUSRT_DECODE", "megakernel", "choose one of graph"),
-                                                ("NEXUSRT_PERSISTENT_PROFILE", "yes", "1 records each")])
+                                                ("NEXUSRT_PERSISTENT_PROFILE", "yes", "1 records each"),
+                                                ("NEXUSRT_PERSISTENT_RING", "on", "1 streams the weights")])
 def test_the_runner_refuses_a_bad_decode_switch_before_any_upload(monkeypatch, name, value, match):
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.models.loader import load_model

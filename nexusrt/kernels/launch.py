@@ -109,6 +109,11 @@ class Kernel:
         call("cuFuncSetAttribute", self.function, attr, -1 if percent is None else percent)
         self.carveout = percent
 
+    def static_shared(self) -> int:
+        """The kernel's static shared memory in bytes (the driver's attribute)."""
+        attr = cu().CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+        return int(call("cuFuncGetAttribute", attr, self.function))
+
     def set_max_dynamic_shared(self, nbytes: int, device) -> None:
         """Opt in to ``nbytes`` of dynamic shared memory (more than 48 KiB needs it). The limit is
         the kernel's, not a launch's: it only ever rises, so building a launch that needs less

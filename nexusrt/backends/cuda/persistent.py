@@ -34,6 +34,7 @@ MODES = ("graph", "persistent")
 TILE_ROWS = 16  # NOTES_persistent.md: 16-row tiles balance the GEMVs over 132 SMs
 MAX_ATTN_SPLITS = 16
 PROFILE_ENV = "NEXUSRT_PERSISTENT_PROFILE"  # 1: record each instruction's clocks (bench --persistent-profile)
+RING_ENV = "NEXUSRT_PERSISTENT_RING"  # 1: GEMV weights through the bulk-copy ring (slower on the H200; opt-in)
 TAG = "persistent"
 _warned: set = set()
 
@@ -51,6 +52,16 @@ def profiling(env=None) -> bool:
     text = (os.environ if env is None else env).get(PROFILE_ENV, "0").strip()
     if text not in ("0", "1"):
         raise ValueError(f"{PROFILE_ENV}={text!r}: 1 records each instruction's clocks, 0 (default) does not")
+    return text == "1"
+
+
+def weight_ring(env=None) -> bool:
+    """``NEXUSRT_PERSISTENT_RING``: ``1`` streams the GEMV weights through the bulk-copy ring
+    (``cu/persistent_ring.cuh``), ``0`` (default) loads them with 16-byte loads, which measured
+    faster on the H200 (1B 1.23 against 1.39 ms/token, 8B 5.13 against 6.95: BENCHMARKS.md)."""
+    text = (os.environ if env is None else env).get(RING_ENV, "0").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"{RING_ENV}={text!r}: 1 streams the weights through the ring, 0 (default) loads them")
     return text == "1"
 
 
@@ -92,16 +103,16 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
             print(f"nexusrt: {reason}; decoding with the graph path", file=sys.stderr)
         return None
     check_config(cfg, sm_count(rt))
-    return PersistentDecode(rt, cfg, weights, buffers, profile=profiling(env))
+    return PersistentDecode(rt, cfg, weights, buffers, profile=profiling(env), ring=weight_ring(env))
 
 
 class PersistentDecode(OwnedBuffers):
     """The persistent decode programs of one runner (with and without the sampler's pick)."""
 
-    def __init__(self, rt, cfg, weights, buffers, profile: bool = False):
+    def __init__(self, rt, cfg, weights, buffers, profile: bool = False, ring: bool = False):
         super().__init__()
         self.rt, self.cfg, self.w, self.b = rt, cfg, weights, buffers
-        self.profile = profile
+        self.profile, self.ring = profile, ring
         self.num_sms = sm_count(rt)
         self.splits = attn_splits(self.num_sms, cfg.num_key_value_heads)
         hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -134,6 +145,9 @@ class PersistentDecode(OwnedBuffers):
         prog = lower(steps.decode_stages(self.rt, cfg, w, b, sample=sample), cfg, self.num_sms, TILE_ROWS,
                      attn_splits=self.splits)
         table, offsets = prog.pack()
+        # Each row's first page in its SM's weight ring, in the row's pad word (kernels/ops/persistent.py).
+        table[:, pk.PAGE_WORD] = pk.ring_page_starts(table, offsets, hidden=cfg.hidden_size,
+                                                     inter=cfg.intermediate_size, q_width=cfg.q_size)
         t = lambda a: self._t(memory.from_numpy(np.ascontiguousarray(a), tag=TAG))  # noqa: E731
         program, offs = t(table.reshape(-1)), t(offsets)
         slice_rows = max(1, int(np.diff(offsets).max()))
@@ -156,7 +170,7 @@ class PersistentDecode(OwnedBuffers):
         spec = pk.persistent_decode(self.rt, block, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
                                     num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                                     head_dim=cfg.head_dim, splits=self.splits, slice_rows=slice_rows,
-                                    num_sms=self.num_sms)
+                                    num_sms=self.num_sms, ring=self.ring)
         self.clocks[sample] = clocks
         return prog, spec, counters, epoch
 
@@ -177,8 +191,11 @@ class PersistentDecode(OwnedBuffers):
         return self.programs[sample][0], self.clocks[sample].to_numpy()
 
     def fault_record(self) -> str | None:
-        """What the kernel wrote before trapping (stuck wait or unknown opcode), or None."""
+        """What the kernel wrote before trapping (stuck counter or weight-ring wait, unknown opcode),
+        or None."""
         d = [int(v) for v in self.debug.array[:5]]
+        if d[0] > 0 and d[2] == -3:
+            return f"SM {d[0] - 1} stuck waiting for weight-ring page {d[1]} (slot {d[3]}, copy {d[4]})"
         if d[0] > 0:
             return f"SM {d[0] - 1} stuck at program row {d[1]}: counter {d[2]} at {d[3]} of {d[4]} this step"
         if d[0] < 0:

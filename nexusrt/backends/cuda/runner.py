@@ -105,9 +105,10 @@ class CudaRunner:
         self.kv_plan = plan_tiers(blocks_for(self.capacity), kv_gpu_budget, num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim)
         self.fault_plan = plan_faults(self.kv_plan, kv_fault_reserve, kv_fault_ring_slots)
-        # NEXUSRT_DECODE and NEXUSRT_PERSISTENT_PROFILE read (a bad value refused) before any
-        # upload, and the persistent path's clash with a host tier.
+        # NEXUSRT_DECODE, NEXUSRT_PERSISTENT_PROFILE and NEXUSRT_PERSISTENT_RING read (a bad value
+        # refused) before any upload, and the persistent path's clash with a host tier.
         persistent.profiling()
+        persistent.weight_ring()
         if persistent.decode_mode() == "persistent" and self.kv_plan.host_blocks:
             raise ModelError("NEXUSRT_DECODE=persistent reads KV from HBM only; a host KV tier (kv_gpu_budget) "
                              "needs the graph path (NEXUSRT_DECODE=graph)")

@@ -44,6 +44,20 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
         : "memory");
 }
 
+// Whether the barrier's phase with this parity has completed; while it has not, the thread may
+// sleep in the instruction (up to about a millisecond) instead of spinning. The caller loops.
+__device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done;
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, 1000000;\n\t"
+        "selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+
 // Copy ``bytes`` from global ``src`` to shared ``dst``; completes ``bytes`` of ``bar``'s
 // expected transactions. (The CTA's own shared memory is a valid shared::cluster address.)
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {

@@ -33,10 +33,12 @@
 // same token as the graph path's for the same seed, from one captured launch whatever the
 // parameters.
 //
-// Missing (NOTES_persistent.md, "Known missing"): the loader warp / cp.async.bulk weight ring
-// (tiles load their weights with 16-byte loads after their wait, two rows in flight per warp),
-// warp specialisation.
+// On sm_90 the GEMV tiles read their weights from a shared-memory ring that the bulk-copy engine
+// fills ahead of the instruction list (persistent_ring.cuh); without the engine (the sm_80 build,
+// compiled but not launched) they load them with 16-byte loads after their wait, two rows in
+// flight per warp. Missing (NOTES_persistent.md, "Known missing"): warp specialisation.
 #include "persistent_attention.cuh"
+#include "persistent_ring.cuh"
 
 namespace {
 
@@ -118,6 +120,64 @@ __device__ __forceinline__ void wait_row(const int* row, const u64* P, unsigned 
     }
 }
 
+#ifdef NRT_HAS_BULK_COPY
+// The row length K of the GEMV an opcode runs (0: not a GEMV). QW = Hq * D.
+__device__ __forceinline__ int gemv_k(int op, int H, int I, int QW) {
+    switch (op) {
+    case QKV: case GATE_UP: case LM_HEAD: return H;
+    case O_PROJ: return QW;
+    case DOWN: return I;
+    default: return 0;
+    }
+}
+
+// The ring pages of one program row (ops/persistent.py ring_page_starts counts them the same way).
+__device__ __forceinline__ int row_pages(const int* row, int H, int I, int QW) {
+    const int K = gemv_k(row[0], H, I, QW);
+    return K ? (row[3] - row[2]) * (row[0] == GATE_UP ? 2 : 1) * pages_per_row(K) : 0;
+}
+
+// Where a lane 0 is in the list for the pages it issues: the row of its last page and that row's
+// layout. Each thread asks for increasing pages, so it only moves forward.
+struct RingCursor {
+    int row, begin, end;       // slice row; its pages [begin, end)
+    int ppr, per, a, upper;    // pages a weight row; weight rows an output (gate/up 2); first output; up rows' offset
+    int row_bytes;
+    const char* W;
+};
+
+// One thread (a warp's lane 0, or thread 0 at the start): page Q of this SM's step into `slot`
+// as its copy `fill`.
+__device__ __forceinline__ void ring_issue(const WeightRing& ring, int Q, int slot, int fill, RingCursor& c,
+                                           const int* slice, const u64* P, const u64* layers, int H, int I, int QW) {
+    while (Q >= c.end) {
+        const int* row = slice + (size_t)(++c.row) * kRowWords;
+        const int op = row[0], K = gemv_k(op, H, I, QW);
+        c.begin = c.end = row[15];
+        if (K == 0) continue;
+        c.ppr = pages_per_row(K);
+        c.per = op == GATE_UP ? 2 : 1;
+        c.a = row[2];
+        c.upper = op == GATE_UP ? I : 0;
+        c.row_bytes = 2 * K;
+        c.end = c.begin + (row[3] - row[2]) * c.per * c.ppr;
+        int w_slot = kWqkv;
+        switch (op) {
+        case O_PROJ: w_slot = kWo; break;
+        case GATE_UP: w_slot = kWgateUp; break;
+        case DOWN: w_slot = kWdown; break;
+        default: break;
+        }
+        c.W = op == LM_HEAD ? slot_ptr<const char>(P, kLmHead)
+                            : reinterpret_cast<const char*>(__ldg(layers + (size_t)row[1] * kLayerSlots + w_slot));
+    }
+    const int t = Q - c.begin, rs = c.ppr == 1 ? t : t / c.ppr, piece = t - rs * c.ppr;
+    const int w_row = c.a + (c.per == 2 ? (rs >> 1) + ((rs & 1) ? c.upper : 0) : rs);
+    ring_fill(ring, slot, fill, c.W + (size_t)w_row * c.row_bytes + (size_t)piece * kPageBytes,
+              (unsigned)min(kPageBytes, c.row_bytes - piece * kPageBytes));
+}
+#endif
+
 template <int D, int GM>
 __device__ void run(const u64* __restrict__ params) {
     __shared__ u64 P[kNumSlots];
@@ -170,6 +230,36 @@ __device__ void run(const u64* __restrict__ params) {
     }
     __syncthreads();
     const unsigned epoch = epoch_s;
+    const int QW = Hq * D;
+#ifdef NRT_HAS_BULK_COPY
+    // The weight ring fills the dynamic shared memory past the longest list (the launcher sizes
+    // it); its barriers are initialised before the first instruction's barrier, which every
+    // reader passes before its first wait.
+    __shared__ alignas(8) unsigned long long ring_full[kMaxPages];
+    __shared__ int ring_fills[kMaxPages];
+    __shared__ RingCursor cursors[kWarps];  // each warp's lane 0's (shared memory: registers are short)
+    WeightRing ring;
+    ring.pages = reinterpret_cast<uint4*>(slice + (size_t)slot_int(P, kSliceRows) * kRowWords);
+    ring.full = ring_full;
+    ring.fills = ring_fills;
+    ring.debug = slot_ptr<int>(P, kDebug);
+    ring.n = min(kMaxPages, ((int)dynamic_smem_bytes() - (int)(reinterpret_cast<char*>(ring.pages) -
+                                                               reinterpret_cast<char*>(dyn_smem))) / kPageBytes);
+    ring.total = 0;
+    if (end > begin) {
+        const int* last = slice + (size_t)(end - begin - 1) * kRowWords;
+        ring.total = last[15] + row_pages(last, H, I, QW);
+    }
+    if (ring.n < 1) ring.n = 0, ring.total = 0;  // no ring (the launcher's switch): 16-byte loads
+    RingCursor& cursor = cursors[tid >> 5];
+    auto refill = [&](int q, int slot, int fill) { ring_issue(ring, q, slot, fill, cursor, slice, P, layers, H, I, QW); };
+    if ((tid & 31) == 0) cursor.row = -1, cursor.end = 0;
+    if (tid == 0) {
+        for (int i = 0; i < ring.n; ++i) nrt::mbar_init(ring_full + i, 1), ring_fills[i] = 0;
+        nrt::mbar_init_fence();
+        for (int q = 0; q < min(ring.n, ring.total); ++q) refill(q, q, 0);
+    }
+#endif
 
     for (int index = begin; index < end; ++index) {
         const int* row_s = slice + (size_t)(index - begin) * kRowWords;
@@ -185,14 +275,23 @@ __device__ void run(const u64* __restrict__ params) {
 
         const u64* L = layers + (size_t)layer * kLayerSlots;
         const int key = op << 16 | layer;
+        // A GEMV tile (rows [a, b) of y = W . xs, N outputs, rows of K): from the ring where there
+        // is one, the row's first page in the row's pad word; W is then only named for the other build.
+#ifdef NRT_HAS_BULK_COPY
+#define GEMV(y, W, bias, kind, N, K)                                                   \
+    if (ring.n) gemv_tile_ring(y, xs, bias, kind, a, b, K, ring, row_s[15], refill); \
+    else gemv_tile<(GM < 8)>(y, W, xs, bias, kind, a, b, N, K)
+#else
+#define GEMV(y, W, bias, kind, N, K) gemv_tile<(GM < 8)>(y, W, xs, bias, kind, a, b, N, K)
+#endif
         switch (op) {
         case EMBED:
             embed_tile(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(P, kEmbed), __ldcg(state + 2), H, V);
             break;
         case QKV:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kAttnNorm), eps, H, scratch);
-            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kQkv), slot_ptr<const __nv_bfloat16>(L, kWqkv), xs,
-                      slot_ptr<const float>(L, kQkvBias), L[kQkvBias] ? kBiasF32 : kPlain, a, b, 0, H);
+            GEMV(slot_ptr<float>(P, kQkv), slot_ptr<const __nv_bfloat16>(L, kWqkv), slot_ptr<const float>(L, kQkvBias),
+                 L[kQkvBias] ? kBiasF32 : kPlain, 0, H);
             break;
         case ROPE_APPEND:
             for (int kv = a; kv < b; ++kv)
@@ -220,19 +319,19 @@ __device__ void run(const u64* __restrict__ params) {
             break;
         case O_PROJ:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kAttn), nullptr, eps, Hq * D, scratch);
-            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWo), xs, nullptr, kResidual, a, b, H, Hq * D);
+            GEMV(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWo), nullptr, kResidual, H, QW);
             break;
         case GATE_UP:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(L, kMlpNorm), eps, H, scratch);
-            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), xs, nullptr, kGateUp, a, b, I, H);
+            GEMV(slot_ptr<float>(P, kMlp), slot_ptr<const __nv_bfloat16>(L, kWgateUp), nullptr, kGateUp, I, H);
             break;
         case DOWN:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kMlp), nullptr, eps, I, scratch);
-            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWdown), xs, nullptr, kResidual, a, b, H, I);
+            GEMV(slot_ptr<float>(P, kX), slot_ptr<const __nv_bfloat16>(L, kWdown), nullptr, kResidual, H, I);
             break;
         case LM_HEAD:
             if (staged != key) stage_input(xs, slot_ptr<const float>(P, kX), slot_ptr<const float>(P, kFinalNorm), eps, H, scratch);
-            gemv_tile<(GM < 8)>(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), xs, nullptr, kPlain, a, b, V, H);
+            GEMV(slot_ptr<float>(P, kLogits), slot_ptr<const __nv_bfloat16>(P, kLmHead), nullptr, kPlain, V, H);
             break;
         case SAMPLE_PARTIAL:
             // A sampled step's histogram overlays the staged GEMV input (every LM-head tile is
@@ -270,6 +369,7 @@ __device__ void run(const u64* __restrict__ params) {
             }
             __trap();
         }
+#undef GEMV
         if (op == QKV || op == O_PROJ || op == GATE_UP || op == DOWN || op == LM_HEAD) staged = key;
         __syncthreads();  // every store of the tile issued (and xs / attn_sh free for the next)
         if (tid == 0 && signal >= 0) {

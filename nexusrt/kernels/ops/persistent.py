@@ -2,6 +2,12 @@
 256-thread block per SM, each walking its own instruction list (the program that
 ``nexusrt.backends.cuda.megakernel.lower`` builds).
 
+With ``ring=True`` the GEMV tiles read their weights from a ring of shared-memory pages that the
+bulk-copy engine fills ahead of the list (``cu/persistent_ring.cuh``): :func:`ring_page_starts`
+numbers each row's pages in the row's pad word, and the launch gives the ring every byte of shared
+memory the block may have past the staged input and the list (:func:`ring_pages`). Without it (the
+default, faster on the H200) they load their weights with 16-byte loads.
+
 Everything the kernel reads is one device array of 64-bit slots (:data:`SLOTS`, in the order
 of ``enum Slot`` in the kernel; ``tests/test_persistent_kernel.py`` checks both lists agree):
 pointers, and the integer and float (bit pattern) scalars. ``sample_params`` points at the
@@ -64,6 +70,12 @@ def kernel_name(head_dim: int, group: int) -> str:
 
 
 ROW_BYTES = 64  # one program row: 16 int32
+PAGE_WORD = 15  # the row's pad word: its first ring page (ring_page_starts)
+RING_PAGE_BYTES = 4096  # kPageBytes in cu/persistent_ring.cuh: one step of a row's dot product
+MAX_RING_PAGES = 64  # kMaxPages: the ring's barriers are a static array of this many
+# The opcodes whose tiles stream weight rows, and which input length K their rows have.
+_GEMV_K = {2: "hidden", 6: "q_width", 7: "hidden", 8: "inter", 9: "hidden"}  # QKV, O, GATE_UP, DOWN, LM_HEAD
+_GATE_UP = 7
 
 
 def shared_bytes(hidden: int, inter: int, q_width: int, slice_rows: int = 0) -> int:
@@ -73,6 +85,41 @@ def shared_bytes(hidden: int, inter: int, q_width: int, slice_rows: int = 0) -> 
     the program), which each block copies in once per step."""
     lead = max(4 * max(hidden, inter, q_width), FINISH_SHARED_BYTES)
     return 16 * -(-lead // 16) + ROW_BYTES * slice_rows
+
+
+def ring_page_starts(table: np.ndarray, offsets: np.ndarray, *, hidden: int, inter: int,
+                     q_width: int) -> np.ndarray:
+    """int32 ``[rows]``: each program row's first page in its SM's weight ring (the kernel's
+    ``row_pages`` rule: a GEMV tile of rows ``[start, end)`` with rows of K bf16 takes
+    ``ceil(2K / RING_PAGE_BYTES)`` pages a row, gate/up two rows an output, every other op
+    none), counted from 0 at the start of each SM's list."""
+    table = np.asarray(table)
+    offsets = np.asarray(offsets, np.int64)
+    if table.ndim != 2 or table.shape[1] != ROW_BYTES // 4 or offsets.ndim != 1 or len(offsets) < 2 \
+            or offsets[0] != 0 or offsets[-1] != len(table) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"ring_page_starts needs a [rows, {ROW_BYTES // 4}] table and its CSR offsets")
+    lengths = dict(hidden=hidden, inter=inter, q_width=q_width)
+    check_positive(**lengths)
+    op = table[:, 0].astype(np.int64)
+    per_row = np.zeros(len(table), np.int64)
+    for code, name in _GEMV_K.items():
+        per_row[op == code] = -(-2 * lengths[name] // RING_PAGE_BYTES)
+    pages = (table[:, 3].astype(np.int64) - table[:, 2]) * per_row * np.where(op == _GATE_UP, 2, 1)
+    if not len(table):
+        return np.zeros(0, np.int32)
+    starts = np.cumsum(pages) - pages  # over the whole table, then from each SM's first row
+    counts = np.diff(offsets)
+    starts -= np.repeat(starts[np.minimum(offsets[:-1], len(table) - 1)], counts)
+    if (starts + pages).max() >= 2**31:
+        raise ValueError("an SM's weight pages overflow int32")
+    return starts.astype(np.int32)
+
+
+def ring_pages(static_shared: int, lead_bytes: int) -> int:
+    """Ring pages one block gets: what the opt-in limit leaves past the kernel's static shared
+    memory and ``lead_bytes`` of dynamic (staged input, instruction list), at most
+    :data:`MAX_RING_PAGES`."""
+    return max(0, min(MAX_RING_PAGES, (SMEM_OPTIN_LIMIT - int(static_shared) - int(lead_bytes)) // RING_PAGE_BYTES))
 
 
 def pack_params(values: dict) -> np.ndarray:
@@ -133,11 +180,15 @@ def check_shape(*, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
 
 
 def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
-                      head_dim: int, splits: int, slice_rows: int, num_sms: int | None = None) -> LaunchSpec:
+                      head_dim: int, splits: int, slice_rows: int, num_sms: int | None = None,
+                      ring: bool = False) -> LaunchSpec:
     """The cooperative launch of one decode step. ``params``: the device copy of
     :func:`pack_params` (``[len(SLOTS)]``, uploaded as int64: the arena has no uint64); the program it points at must have been
     lowered for ``num_sms`` SMs (default: the device's), one list per block, none longer than
-    ``slice_rows`` (the ``slice_rows`` slot must say the same: a longer list traps)."""
+    ``slice_rows`` (the ``slice_rows`` slot must say the same: a longer list traps), its rows' pad
+    words set by :func:`ring_page_starts`. ``ring=True`` gives the GEMV tiles a weight ring of every
+    page that fits; without one (the default: faster on the H200) they load their weights with
+    16-byte loads."""
     check_shape(hidden=hidden, inter=inter, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, splits=splits)
     check_tensor(params, "params", (len(SLOTS),), "int64")  # the uint64 slots, stored as int64 bits
@@ -148,11 +199,17 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
     name = kernel_name(head_dim, num_q_heads // num_kv_heads)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
     check_positive(slice_rows=slice_rows)
-    shared = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
-    if shared > SMEM_OPTIN_LIMIT:
+    lead = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
+    if lead > SMEM_OPTIN_LIMIT:
         raise ValueError(f"the staged GEMV input and the longest instruction list ({slice_rows} rows) need "
-                         f"{shared} bytes of shared memory; one block may have {SMEM_OPTIN_LIMIT} (larger tiles "
+                         f"{lead} bytes of shared memory; one block may have {SMEM_OPTIN_LIMIT} (larger tiles "
                          "make shorter lists)")
+    pages = ring_pages(kernel.static_shared(), lead) if ring else 0
+    if ring and pages < 1:
+        raise ValueError(f"the staged GEMV input and the longest instruction list ({slice_rows} rows) need "
+                         f"{lead} bytes of shared memory, which leaves no {RING_PAGE_BYTES}-byte page for the "
+                         f"weight ring in the {SMEM_OPTIN_LIMIT} one block may have (larger tiles make shorter lists)")
+    shared = lead + pages * RING_PAGE_BYTES
     # Always opt in: the kernel's static shared memory (attention, sampler scratch) plus a dynamic
     # part under 48 KiB can still pass the default 48 KiB a block gets without it.
     kernel.set_max_dynamic_shared(shared, rt.device.handle)

@@ -1,0 +1,142 @@
+// The persistent kernel's weight ring (issue 15 item 2; NOTES_persistent.md, "The weight ring").
+//
+// Every GEMV tile's weight rows reach shared memory through the bulk-copy engine instead of
+// 16-byte loads into registers. The SM's instruction list fixes, before the step starts, the
+// order in which its tiles will read weight bytes: tile after tile, row after row in a tile
+// (gate/up: the gate row, then its up row), each row cut into pages of kPageBytes (one step of
+// row_dot's loop; the last page of a row may be short). The host numbers those pages per SM
+// (kernels/ops/persistent.py ring_page_starts, in the pad word of each program row), and page q
+// lives in slot q % n of a ring of n pages.
+//
+// Thread 0 issues the first n pages when the step starts. From then on each page has exactly
+// one reader, the warp that owns its row, and that warp's lane 0 hands the slot on to page
+// q + n as soon as the warp has read page q. Weights depend on no counter, so the copies run
+// ahead of the instruction the CTA is in: while it waits for another SM's counter at a stage
+// boundary, the next tiles' weights are already in flight. A reader may reach page q + n before
+// page q is read (another warp's row), so each slot also counts the copies it was given
+// (fills), and a reader waits for its copy to be issued before it waits for it to land: a
+// barrier's parity alone cannot tell that copy from the one before it. No deadlock: the lowest
+// unread page has been issued (the page n before it was read, and its reader issued it), and
+// its reader, which reads its pages in increasing order, waits for nothing else; every page of
+// a tile is read before the tile's closing barrier, so the CTA's barriers never wait on a page
+// that needs a later tile. A wait that still never ends records itself and traps.
+//
+// Each row's sum is row_dot's (lane l adds chunks l, l + 32, ... in order, then warp_sum), so
+// the logits keep the bits of the kernel's 16-byte-load path and the graph path's GEMV order.
+#pragma once
+
+#include "bulk_copy.cuh"
+#include "persistent_tiles.cuh"
+
+#ifdef NRT_HAS_BULK_COPY
+namespace nrt_pk {
+
+constexpr int kPageBytes = 4096;  // kernels/ops/persistent.py RING_PAGE_BYTES
+constexpr int kPageChunks = kPageBytes / 16;
+static_assert(kPageChunks == 32 * kU, "a page is one step of row_dot's loop");
+constexpr int kMaxPages = 64;  // kernels/ops/persistent.py MAX_RING_PAGES
+
+constexpr long long kRingSpinLimit = 1ll << 26;
+
+struct WeightRing {
+    uint4* pages;              // n slots of kPageBytes in dynamic shared memory
+    unsigned long long* full;  // one transaction barrier per slot
+    volatile int* fills;       // copies issued into each slot this step (page q is copy q / n of slot q % n)
+    int n;                     // slots
+    int total;                 // pages this SM streams in a step
+    int* debug;                // the kernel's debug words
+};
+
+__device__ __forceinline__ int pages_per_row(int K) { return (2 * K + kPageBytes - 1) / kPageBytes; }
+
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+
+// One thread: `bytes` from src into `slot` as its copy number `fill` (0-based), completing on the
+// slot's barrier. The memory arena maps a tensor in 2 MiB pieces (memory/provider_cuda.py), and a
+// page that straddles two is copied in two parts, so that each copy reads inside one mapping (as
+// compute-sanitizer checks it). No fence before the fill count: a reader that sees it waits for
+// the phase of this copy, which the copy before it (already landed: its page was read) has
+// opened, and which cannot end before this arrival and these bytes.
+constexpr unsigned long long kMapBytes = 2ull << 20;
+__device__ __forceinline__ void ring_fill(const WeightRing& r, int slot, int fill, const char* src, unsigned bytes) {
+    char* dst = reinterpret_cast<char*>(r.pages + (size_t)slot * kPageChunks);
+    const unsigned long long room = kMapBytes - (reinterpret_cast<unsigned long long>(src) & (kMapBytes - 1));
+    const unsigned first = room < bytes ? (unsigned)room : bytes;
+    nrt::mbar_arrive_expect_tx(r.full + slot, bytes);
+    nrt::bulk_load(dst, src, first, r.full + slot);
+    if (first < bytes) nrt::bulk_load(dst + first, src + first, bytes - first, r.full + slot);
+    r.fills[slot] = fill + 1;
+}
+
+// Until copy `fill` of `slot` (page q) has been issued and has landed.
+__device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fill, int q) {
+    for (long long spin = 0;; ++spin) {
+        if (r.fills[slot] > fill && nrt::mbar_try_wait(r.full + slot, (unsigned)fill & 1u)) return;
+        if (spin == kRingSpinLimit) {
+            if ((threadIdx.x & 31) == 0) {
+                r.debug[0] = blockIdx.x + 1; r.debug[1] = q; r.debug[2] = -3; r.debug[3] = slot; r.debug[4] = fill;
+                __threadfence_system();
+            }
+            __trap();
+        }
+    }
+}
+
+// row_dot over a row whose pages are q, q + 1, ...; after each page the warp's lane 0 calls
+// refill(q + n, slot, fill + 1) (which issues that page into the slot just read) when the step
+// has one.
+template <class Refill>
+__device__ __forceinline__ float ring_row_dot(const WeightRing& r, int q, const float* xs, int nch, int lane,
+                                              Refill& refill) {
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    int slot = q % r.n, fill = q / r.n;
+    float acc = 0.0f;
+    for (int c0 = 0; c0 < nch; c0 += kPageChunks, ++q) {
+        ring_wait(r, slot, fill, q);
+        const uint4* page = r.pages + (size_t)slot * kPageChunks;
+        uint4 w[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) w[u] = page[u * 32 + lane];
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nch) acc += nrt::dot8(w[u], x4[c], x4[nch + c]);
+        }
+        __syncwarp();  // every lane has read the slot (its values are in the sum)
+        if (lane == 0 && q + r.n < r.total) {
+            nrt::fence_proxy_async();  // those generic reads before the copy's async write
+            refill(q + r.n, slot, fill + 1);
+        }
+        if (++slot == r.n) slot = 0, ++fill;
+    }
+    return nrt::warp_sum(acc);
+}
+
+// gemv_tile with its weights from the ring: rows [a, b) whose first page is q0. Warp w takes
+// rows a + w, a + w + kWarps, ... one at a time (gate/up: the gate row, then its up row),
+// in page order, so every warp reads its pages in increasing order.
+template <class Refill>
+__device__ __forceinline__ void gemv_tile_ring(float* y, const float* xs, const float* bias, int kind, int a, int b,
+                                               int K, const WeightRing& r, int q0, Refill& refill) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nch = K / 8, ppr = pages_per_row(K);
+    const int per = kind == kGateUp ? 2 : 1;
+    for (int j = a + warp; j < b; j += kWarps) {
+        const int q = q0 + (j - a) * per * ppr;
+        float v = ring_row_dot(r, q, xs, nch, lane, refill);
+        if (kind == kGateUp) v = nrt::silu(v) * ring_row_dot(r, q + ppr, xs, nch, lane, refill);
+        if (lane == 0) {
+            if (kind == kGateUp) y[j] = v;
+            else gemv_store(y, bias, kind, j, v);
+        }
+    }
+}
+
+}  // namespace nrt_pk
+#endif  // NRT_HAS_BULK_COPY

@@ -10,9 +10,9 @@
 // non-coherent read-only path), after the CTA's acquire of the guarding counter. Weights and
 // the KV rows of earlier steps are immutable during the launch and use the streaming loads.
 //
-// Version 0 loads with plain vectorised global loads. Later (NOTES_persistent.md): a loader
-// warp streams each tile's weight rows with cp.async.bulk into a shared-memory ring several
-// instructions ahead (weights need no counter), and these functions read from the ring.
+// gemv_tile loads its weights with 16-byte loads after the tile's wait (the default); with
+// NEXUSRT_PERSISTENT_RING=1 the kernel's GEMV tiles read them from the bulk-copy ring of
+// persistent_ring.cuh instead (weights need no counter, so the copies run ahead of the list).
 #pragma once
 
 #include "argmax.cuh"

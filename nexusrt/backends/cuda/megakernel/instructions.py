@@ -12,7 +12,9 @@ An instruction is one tile of one op of the decode step. Its row, as the kernel 
 - ``signal``: the counter the SM increments (with release semantics) once the tile's results
   are written, -1 for none;
 - ``nwaits`` pairs ``(counter, target)``: the SM spins (acquire) until every counter has
-  reached its target before it reads anything.
+  reached its target before it reads anything;
+- the last word is 0 here; the runner writes the row's first weight-ring page into it when it
+  uploads the program (``kernels/ops/persistent.py`` ``ring_page_starts``).
 
 Sixteen int32 (64 bytes) per row keep every row aligned for one vectorised load.
 """

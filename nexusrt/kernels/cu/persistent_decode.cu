@@ -33,10 +33,11 @@
 // same token as the graph path's for the same seed, from one captured launch whatever the
 // parameters.
 //
-// On sm_90 the GEMV tiles read their weights from a shared-memory ring that the bulk-copy engine
-// fills ahead of the instruction list (persistent_ring.cuh); without the engine (the sm_80 build,
-// compiled but not launched) they load them with 16-byte loads after their wait, two rows in
-// flight per warp. Missing (NOTES_persistent.md, "Known missing"): warp specialisation.
+// The GEMV tiles load their weights with 16-byte loads after their wait, two rows in flight per
+// warp. When the launch gives the block ring pages (NEXUSRT_PERSISTENT_RING=1, sm_90: slower on
+// the H200) they read them instead from a shared-memory ring that the bulk-copy engine fills ahead
+// of the instruction list (persistent_ring.cuh). Missing (NOTES_persistent.md, "Known missing"):
+// warp specialisation.
 #include "persistent_attention.cuh"
 #include "persistent_ring.cuh"
 

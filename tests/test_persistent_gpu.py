@@ -35,7 +35,7 @@ VARIANTS = {
 # logit is a candidate), so the pool path is what the sampled test checks there.
 WIDE_VOCAB = {"llama_v5000": dict(VARIANTS["llama"], vocab_size=5000)}
 # Weights large enough that every SM streams several times its weight ring's pages in a step
-# (~68 MB over 132 SMs: ~125 pages an SM against ~40 slots), with rows of one page and a half
+# (~68 MB over 132 SMs: ~125 pages an SM against ~40 slots), with rows of half a page
 # (K = 1,024: 2 KB) and of two pages, the second short (K = 4,000: 8,000 bytes).
 RING = {"llama_ring": dict(VARIANTS["llama"], hidden_size=1024, intermediate_size=4000, num_attention_heads=16,
                            num_key_value_heads=4, vocab_size=5000, tie_word_embeddings=False)}

@@ -178,7 +178,7 @@ def test_ring_page_starts_number_each_sms_weight_pages_in_list_order():
         pk.ring_page_starts(t, offsets, hidden=2048, inter=0, q_width=1024)
     # The kernel's constants agree with the launcher's.
     ring = (SOURCE_DIR / "persistent_ring.cuh").read_text()
-    assert int(re.search(r"kPageBytes = (\d+);", ring).group(1)) == pk.RING_PAGE_BYTES
+    assert int(re.search(r"#define NRT_RING_PAGE_BYTES (\d+)", ring).group(1)) == pk.RING_PAGE_BYTES
     assert int(re.search(r"kMaxPages = (\d+);", ring).group(1)) == pk.MAX_RING_PAGES
     assert pk.PAGE_WORD == ROW_WORDS - 1
 

@@ -58,7 +58,7 @@ def profiling(env=None) -> bool:
 def weight_ring(env=None) -> bool:
     """``NEXUSRT_PERSISTENT_RING``: ``1`` streams the GEMV weights through the bulk-copy ring
     (``cu/persistent_ring.cuh``), ``0`` (default) loads them with 16-byte loads, which measured
-    faster on the H200 (1B 1.23 against 1.40 ms/token, 8B 5.13 against 7.08: BENCHMARKS.md)."""
+    faster on the H200 (1B 1.23 against 1.54 ms/token, 8B 5.12 against 5.74: BENCHMARKS.md)."""
     text = (os.environ if env is None else env).get(RING_ENV, "0").strip()
     if text not in ("0", "1"):
         raise ValueError(f"{RING_ENV}={text!r}: 1 streams the weights through the ring, 0 (default) loads them")

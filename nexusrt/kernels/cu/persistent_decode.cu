@@ -141,8 +141,9 @@ __device__ __forceinline__ int row_pages(const int* row, int H, int I, int QW) {
 // Where a lane 0 is in the list for the pages it issues: the row of its last page and that row's
 // layout. Each thread asks for increasing pages, so it only moves forward.
 struct RingCursor {
-    int row, begin, end;       // slice row; its pages [begin, end)
-    int ppr, per, a, upper;    // pages a weight row; weight rows an output (gate/up 2); first output; up rows' offset
+    int row, begin, end;     // slice row; its pages [begin, end)
+    int ppr, vp, outputs;    // pages a weight row; pages an output (gate/up: 2 ppr); outputs of the tile
+    int a, upper;            // first output; the up rows' offset (gate/up)
     int row_bytes;
     const char* W;
 };
@@ -157,11 +158,12 @@ __device__ __forceinline__ void ring_issue(const WeightRing& ring, int Q, int sl
         c.begin = c.end = row[15];
         if (K == 0) continue;
         c.ppr = pages_per_row(K);
-        c.per = op == GATE_UP ? 2 : 1;
+        c.vp = (op == GATE_UP ? 2 : 1) * c.ppr;
+        c.outputs = row[3] - row[2];
         c.a = row[2];
         c.upper = op == GATE_UP ? I : 0;
         c.row_bytes = 2 * K;
-        c.end = c.begin + (row[3] - row[2]) * c.per * c.ppr;
+        c.end = c.begin + c.outputs * c.vp;
         int w_slot = kWqkv;
         switch (op) {
         case O_PROJ: w_slot = kWo; break;
@@ -172,8 +174,10 @@ __device__ __forceinline__ void ring_issue(const WeightRing& ring, int Q, int sl
         c.W = op == LM_HEAD ? slot_ptr<const char>(P, kLmHead)
                             : reinterpret_cast<const char*>(__ldg(layers + (size_t)row[1] * kLayerSlots + w_slot));
     }
-    const int t = Q - c.begin, rs = c.ppr == 1 ? t : t / c.ppr, piece = t - rs * c.ppr;
-    const int w_row = c.a + (c.per == 2 ? (rs >> 1) + ((rs & 1) ? c.upper : 0) : rs);
+    int v, piece;
+    tile_page(Q - c.begin, c.outputs, c.vp, v, piece);
+    int w_row = c.a + v;
+    if (piece >= c.ppr) w_row += c.upper, piece -= c.ppr;  // gate/up: the up row's pieces follow the gate row's
     ring_fill(ring, slot, fill, c.W + (size_t)w_row * c.row_bytes + (size_t)piece * kPageBytes,
               (unsigned)min(kPageBytes, c.row_bytes - piece * kPageBytes));
 }

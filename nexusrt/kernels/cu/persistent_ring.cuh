@@ -2,9 +2,9 @@
 //
 // Every GEMV tile's weight rows reach shared memory through the bulk-copy engine instead of
 // 16-byte loads into registers. The SM's instruction list fixes, before the step starts, the
-// order in which its tiles will read weight bytes: tile after tile, row after row in a tile
-// (gate/up: the gate row, then its up row), each row cut into pages of kPageBytes (one step of
-// row_dot's loop; the last page of a row may be short). The host numbers those pages per SM
+// order in which its tiles will read weight bytes: tile after tile, each weight row cut into
+// pages of kPageBytes (whole steps of row_dot's loop; the last page of a row may be short), a
+// tile's pages in the order its warps read them side by side (tile_page). The host numbers them per SM
 // (kernels/ops/persistent.py ring_page_starts, in the pad word of each program row), and page q
 // lives in slot q % n of a ring of n pages.
 //
@@ -31,9 +31,13 @@
 #ifdef NRT_HAS_BULK_COPY
 namespace nrt_pk {
 
-constexpr int kPageBytes = 4096;  // kernels/ops/persistent.py RING_PAGE_BYTES
+#ifndef NRT_RING_PAGE_BYTES
+#define NRT_RING_PAGE_BYTES 4096
+#endif
+constexpr int kPageBytes = NRT_RING_PAGE_BYTES;  // kernels/ops/persistent.py RING_PAGE_BYTES
 constexpr int kPageChunks = kPageBytes / 16;
-static_assert(kPageChunks == 32 * kU, "a page is one step of row_dot's loop");
+constexpr int kStepChunks = 32 * kU;  // one step of row_dot's loop
+static_assert(kPageChunks % kStepChunks == 0, "a page is whole steps of row_dot's loop");
 constexpr int kMaxPages = 64;  // kernels/ops/persistent.py MAX_RING_PAGES
 
 constexpr long long kRingSpinLimit = 1ll << 26;
@@ -86,54 +90,75 @@ __device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fil
     }
 }
 
-// row_dot over a row whose pages are q, q + 1, ...; after each page the warp's lane 0 calls
-// refill(q + n, slot, fill + 1) (which issues that page into the slot just read) when the step
-// has one.
+// row_dot over a row whose pages are q, q + stride, q + 2 stride, ...; after each page the
+// warp's lane 0 calls refill(q + n, slot, fill + 1) (which issues that page into the slot just
+// read) when the step has one.
 template <class Refill>
-__device__ __forceinline__ float ring_row_dot(const WeightRing& r, int q, const float* xs, int nch, int lane,
-                                              Refill& refill) {
+__device__ __forceinline__ float ring_row_dot(const WeightRing& r, int q, int stride, const float* xs, int nch,
+                                              int lane, Refill& refill) {
     const float4* x4 = reinterpret_cast<const float4*>(xs);
     int slot = q % r.n, fill = q / r.n;
     float acc = 0.0f;
-    for (int c0 = 0; c0 < nch; c0 += kPageChunks, ++q) {
+    for (int c0 = 0; c0 < nch; c0 += kPageChunks, q += stride) {
         ring_wait(r, slot, fill, q);
         const uint4* page = r.pages + (size_t)slot * kPageChunks;
-        uint4 w[kU];
+        for (int s0 = 0; s0 < kPageChunks && c0 + s0 < nch; s0 += kStepChunks) {
+            uint4 w[kU];
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
-            const int c = c0 + u * 32 + lane;
-            if (c < nch) w[u] = page[u * 32 + lane];
-        }
+            for (int u = 0; u < kU; ++u) {
+                const int c = c0 + s0 + u * 32 + lane;
+                if (c < nch) w[u] = page[s0 + u * 32 + lane];
+            }
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
-            const int c = c0 + u * 32 + lane;
-            if (c < nch) acc += nrt::dot8(w[u], x4[c], x4[nch + c]);
+            for (int u = 0; u < kU; ++u) {
+                const int c = c0 + s0 + u * 32 + lane;
+                if (c < nch) acc += nrt::dot8(w[u], x4[c], x4[nch + c]);
+            }
         }
         __syncwarp();  // every lane has read the slot (its values are in the sum)
         if (lane == 0 && q + r.n < r.total) {
             nrt::fence_proxy_async();  // those generic reads before the copy's async write
             refill(q + r.n, slot, fill + 1);
         }
-        if (++slot == r.n) slot = 0, ++fill;
+        for (slot += stride; slot >= r.n; slot -= r.n) ++fill;  // one pass unless the ring is under kWarps pages
     }
     return nrt::warp_sum(acc);
 }
 
-// gemv_tile with its weights from the ring: rows [a, b) whose first page is q0. Warp w takes
-// rows a + w, a + w + kWarps, ... one at a time (gate/up: the gate row, then its up row),
-// in page order, so every warp reads its pages in increasing order.
+// Where page t of a GEMV tile lives (the order the host counts and the cursor issues): the tile's
+// V outputs are taken kWarps at a time (a group: the rows the warps read side by side), and a
+// group's pages go piece by piece, each piece of every row of the group before the next piece,
+// so the pages are read about in the order they were issued. An output's pieces are its weight
+// row's (gate/up: the gate row's, then the up row's): vp of them. Returns the output v and the
+// piece p of t.
+__device__ __forceinline__ void tile_page(int t, int V, int vp, int& v, int& p) {
+    // No divisions where they can be avoided (this runs once a page): a tile has few groups, and
+    // all but the last one have kWarps rows.
+    const int span = kWarps * vp;
+    int g = 0, rest = t;
+    while (rest >= span) rest -= span, ++g;
+    const int rows = min(kWarps, V - g * kWarps);
+    p = rows == kWarps ? rest / kWarps : rest / rows;
+    v = g * kWarps + (rest - p * rows);
+}
+
+// gemv_tile with its weights from the ring: outputs [a, b), the tile's first page q0. Warp w
+// takes outputs a + w, a + w + kWarps, ... one at a time (gate/up: the gate row, then its up
+// row), each row's pieces kWarps pages apart (tile_page), so every warp reads its pages in
+// increasing order.
 template <class Refill>
 __device__ __forceinline__ void gemv_tile_ring(float* y, const float* xs, const float* bias, int kind, int a, int b,
                                                int K, const WeightRing& r, int q0, Refill& refill) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nch = K / 8, ppr = pages_per_row(K);
-    const int per = kind == kGateUp ? 2 : 1;
-    for (int j = a + warp; j < b; j += kWarps) {
-        const int q = q0 + (j - a) * per * ppr;
-        float v = ring_row_dot(r, q, xs, nch, lane, refill);
-        if (kind == kGateUp) v = nrt::silu(v) * ring_row_dot(r, q + ppr, xs, nch, lane, refill);
+    const int V = b - a, vp = (kind == kGateUp ? 2 : 1) * ppr;
+    for (int v = warp; v < V; v += kWarps) {
+        const int g = v / kWarps, rows = min(kWarps, V - g * kWarps);
+        const int q = q0 + g * kWarps * vp + (v - g * kWarps);
+        float s = ring_row_dot(r, q, rows, xs, nch, lane, refill);
+        if (kind == kGateUp) s = nrt::silu(s) * ring_row_dot(r, q + ppr * rows, rows, xs, nch, lane, refill);
         if (lane == 0) {
-            if (kind == kGateUp) y[j] = v;
-            else gemv_store(y, bias, kind, j, v);
+            if (kind == kGateUp) y[a + v] = s;
+            else gemv_store(y, bias, kind, a + v, s);
         }
     }
 }

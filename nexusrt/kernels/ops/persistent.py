@@ -71,7 +71,7 @@ def kernel_name(head_dim: int, group: int) -> str:
 
 ROW_BYTES = 64  # one program row: 16 int32
 PAGE_WORD = 15  # the row's pad word: its first ring page (ring_page_starts)
-RING_PAGE_BYTES = 4096  # kPageBytes in cu/persistent_ring.cuh: one step of a row's dot product
+RING_PAGE_BYTES = 4096  # NRT_RING_PAGE_BYTES in cu/persistent_ring.cuh: whole steps of a row's dot product
 MAX_RING_PAGES = 64  # kMaxPages: the ring's barriers are a static array of this many
 # The opcodes whose tiles stream weight rows, and which input length K their rows have.
 _GEMV_K = {2: "hidden", 6: "q_width", 7: "hidden", 8: "inter", 9: "hidden"}  # QKV, O, GATE_UP, DOWN, LM_HEAD

@@ -351,3 +351,20 @@ def test_the_runner_refuses_a_bad_decode_switch_before_any_upload(monkeypatch, n
     with pytest.raises(ValueError, match=match):
         CudaRunner(load_model("synthetic:tiny"), rt, max_context=64)
     assert rt.asked == []  # no kernel asked for: refused before the weights or any graph
+
+
+@pytest.mark.parametrize("words, text", [
+    ([0, 0, 0, 0, 0], None),
+    ([4, 17, 9, 2, 3], "SM 3 stuck at program row 17: counter 9 at 2 of 3 this step"),
+    ([6, 1234, -3, 5, 31], "SM 5 stuck waiting for weight-ring page 1234 (slot 5, copy 31)"),
+    ([-2, 40, 99, 0, 0], "SM 1 found opcode 99 at program row 40"),
+    ([-8, 612, -1, 0, 0], "SM 7's instruction list has 612 rows, more than the shared memory was sized for"),
+])
+def test_the_fault_record_names_what_the_kernel_was_stuck_on(words, text):
+    """The debug words a trapping kernel leaves (persistent_decode.cu wait_row, the unknown-opcode
+    default, the list-length check with -1 in the third word; persistent_ring.cuh ring_wait with -3)
+    read back as one sentence."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(debug=SimpleNamespace(array=np.array(words + [0, 0, 0], np.int32)))
+    assert P.PersistentDecode.fault_record(fake) == text

@@ -191,13 +191,15 @@ class PersistentDecode(OwnedBuffers):
         return self.programs[sample][0], self.clocks[sample].to_numpy()
 
     def fault_record(self) -> str | None:
-        """What the kernel wrote before trapping (stuck counter or weight-ring wait, unknown opcode),
-        or None."""
+        """What the kernel wrote before trapping (stuck counter or weight-ring wait, unknown opcode,
+        an instruction list longer than its shared memory), or None."""
         d = [int(v) for v in self.debug.array[:5]]
         if d[0] > 0 and d[2] == -3:
             return f"SM {d[0] - 1} stuck waiting for weight-ring page {d[1]} (slot {d[3]}, copy {d[4]})"
         if d[0] > 0:
             return f"SM {d[0] - 1} stuck at program row {d[1]}: counter {d[2]} at {d[3]} of {d[4]} this step"
+        if d[0] < 0 and d[2] == -1:
+            return f"SM {-d[0] - 1}'s instruction list has {d[1]} rows, more than the shared memory was sized for"
         if d[0] < 0:
             return f"SM {-d[0] - 1} found opcode {d[2]} at program row {d[1]}"
         return None

@@ -129,7 +129,11 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     kernel = FakeKernel()
     _launch(FakeRuntime(kernel=kernel))
     assert kernel.carveout is None  # the driver's L1/shared split, not the one the other kernels share
-    # The 8B shape: the ring takes what the opt-in limit leaves past the static and the lead part.
+    assert kernel.shared == lead  # opted in under 48 KiB too: static memory adds to it
+    k = FakeKernel()
+    big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128)
+    assert big.shared == 4 * 14336 + 64 * 40 and k.shared == big.shared  # the 8B shape's staged input sets it
+    # With the ring, the 8B shape: it takes what the opt-in limit leaves past the static and the lead part.
     k = FakeKernel()
     big = _launch(FakeRuntime(k), hidden=4096, inter=14336, num_q_heads=32, num_kv_heads=8, head_dim=128, ring=True)
     pages = (pk.SMEM_OPTIN_LIMIT - k.static - 4 * 14336 - 64 * 40) // pk.RING_PAGE_BYTES

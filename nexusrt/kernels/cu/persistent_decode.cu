@@ -280,8 +280,8 @@ __device__ void run(const u64* __restrict__ params) {
 
         const u64* L = layers + (size_t)layer * kLayerSlots;
         const int key = op << 16 | layer;
-        // A GEMV tile (rows [a, b) of y = W . xs, N outputs, rows of K): from the ring where there
-        // is one, the row's first page in the row's pad word; W is then only named for the other build.
+        // A GEMV tile (rows [a, b) of y = W . xs, N outputs, rows of K): from the ring when the launch
+        // gave one (the row's first page in its pad word), else by 16-byte loads from W.
 #ifdef NRT_HAS_BULK_COPY
 #define GEMV(y, W, bias, kind, N, K)                                                   \
     if (ring.n) gemv_tile_ring(y, xs, bias, kind, a, b, K, ring, row_s[15], refill); \

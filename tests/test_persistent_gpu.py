@@ -163,17 +163,19 @@ def test_seeded_sampled_generation_equals_the_graph_path(variant, sampling, gpu_
         pers.close()
 
 
-def test_the_weight_ring_refills_its_slots_and_keeps_the_bits_of_the_loads(gpu_rt, monkeypatch):
-    """The bulk-copy weight ring (cu/persistent_ring.cuh, NEXUSRT_PERSISTENT_RING=1) against the same
-    kernel loading its weights with 16-byte loads (the default): every GEMV row sums in the same order,
-    so the logits are equal to the bit after every teacher-forced step, and greedy generation gives
-    the graph path's ids. The shape makes each SM's step stream more than twice its ring's slots,
-    so every slot is refilled by the warps while later tiles' copies are in flight."""
+@pytest.mark.parametrize("mode", ["1", "loader"])
+def test_the_weight_ring_refills_its_slots_and_keeps_the_bits_of_the_loads(gpu_rt, monkeypatch, mode):
+    """The bulk-copy weight ring (cu/persistent_ring.cuh; NEXUSRT_PERSISTENT_RING=1: its readers refill
+    it, =loader: a loader warpgroup does) against the same kernel loading its weights with 16-byte
+    loads (the default): every GEMV row sums in the same order, so the logits are equal to the bit
+    after every teacher-forced step, and greedy generation gives the graph path's ids. The shape
+    makes each SM's step stream more than twice its ring's slots, so every slot is refilled while
+    later tiles' copies are in flight."""
     from nexusrt.backends.cuda.runner import CudaRunner
     from nexusrt.kernels.ops import persistent as pk
     from nexusrt.reference.sampling import SamplingParams
 
-    monkeypatch.setenv(P.RING_ENV, "1")
+    monkeypatch.setenv(P.RING_ENV, mode)
     graph, ring = _runners("llama_ring", gpu_rt, monkeypatch)
     monkeypatch.setenv(P.RING_ENV, "0")
     try:
@@ -193,8 +195,11 @@ def test_the_weight_ring_refills_its_slots_and_keeps_the_bits_of_the_loads(gpu_r
         # The last row of each SM is the sampler's (no pages), so its start is the SM's total.
         per_sm = starts[offsets[1:] - 1]
         assert slots >= 8 and per_sm.min() > 2 * slots, (slots, per_sm.min())
-        assert ring._persistent.ring and not loads._persistent.ring
+        assert ring._persistent.ring == mode and loads._persistent.ring == "0"
         assert loads._persistent.program(False)[1].shared == lead  # no ring there
+        assert spec.block[0] == pk.THREADS + (pk.LOADER_THREADS if mode == "loader" else 0)
+        assert spec.name == pk.kernel_name(cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads,
+                                           loader=mode == "loader")
         forced = (np.arange(12) * 37 + 11) % cfg.vocab_size
         for r in (graph, ring, loads):
             r.reset()

@@ -42,6 +42,9 @@ def test_the_kernel_compiles_with_every_instantiation(arch):
     assert cubin[:4] == b"\x7fELF"
     for name in KERNELS:
         assert name.encode() in cubin, f"{name} missing for {arch}"
+    # The entries with a loader warpgroup fill the weight ring with bulk copies: sm_90 only.
+    loaders = [pk.kernel_name(d, g, loader=True) for d in pk.HEAD_DIMS for g in pk.GROUP_BOUNDS]
+    assert all((name.encode() in cubin) == (arch == "sm_90a") for name in loaders), arch
 
 
 def test_kernel_enums_match_the_python_side():
@@ -66,6 +69,8 @@ def test_kernel_enums_match_the_python_side():
     assert sort == [topk.SORT_BUCKETS, topk.CROWDED, topk.BUCKET_SORT_MAX]
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
+    kernel = (SOURCE_DIR / "persistent_decode.cu").read_text()
+    assert int(re.search(r"kLoaderThreads = (\d+);", kernel).group(1)) == pk.LOADER_THREADS
     assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS
 
 
@@ -124,6 +129,12 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     assert spec.name == "persistent_decode_d64_g2" and spec.shared == lead
     ringed = _launch(rt, ring=True)
     assert ringed.shared == lead + (pk.SMEM_OPTIN_LIMIT - 20 * 1024 - lead) // pk.RING_PAGE_BYTES * pk.RING_PAGE_BYTES
+    assert ringed.name == "persistent_decode_d64_g2" and ringed.block == (256, 1, 1)  # its readers refill it
+    loaded = _launch(rt, ring=True, loader=True)  # a loader warpgroup fills it: the _loader entry, 384 threads
+    assert loaded.name == "persistent_decode_loader_d64_g2" and loaded.block == (256 + pk.LOADER_THREADS, 1, 1)
+    assert loaded.shared == ringed.shared
+    with pytest.raises(ValueError, match="loader=True needs ring=True"):
+        _launch(rt, loader=True)
     assert pk.FINISH_SHARED_BYTES > 4 * 512
     assert _launch(rt, num_q_heads=6, head_dim=128).name == "persistent_decode_d128_g4"  # G = 3 -> GM 4
     kernel = FakeKernel()
@@ -229,8 +240,9 @@ def test_decode_mode_reads_the_environment():
     assert P.decode_mode({"NEXUSRT_DECODE": " Persistent "}) == "persistent"
     with pytest.raises(ValueError, match="NEXUSRT_DECODE='megakernel': choose one of graph, persistent"):
         P.decode_mode({"NEXUSRT_DECODE": "megakernel"})
-    assert not P.weight_ring({}) and P.weight_ring({"NEXUSRT_PERSISTENT_RING": "1"})
-    assert not P.weight_ring({"NEXUSRT_PERSISTENT_RING": " 0 "})
+    assert P.weight_ring({}) == "0" and P.weight_ring({"NEXUSRT_PERSISTENT_RING": "1"}) == "1"
+    assert P.weight_ring({"NEXUSRT_PERSISTENT_RING": " 0 "}) == "0"
+    assert P.weight_ring({"NEXUSRT_PERSISTENT_RING": " loader "}) == "loader"
     with pytest.raises(ValueError, match="NEXUSRT_PERSISTENT_RING='yes'"):
         P.weight_ring({"NEXUSRT_PERSISTENT_RING": "yes"})
 
@@ -361,12 +373,14 @@ def test_the_runner_refuses_a_bad_decode_switch_before_any_upload(monkeypatch, n
     ([0, 0, 0, 0, 0], None),
     ([4, 17, 9, 2, 3], "SM 3 stuck at program row 17: counter 9 at 2 of 3 this step"),
     ([6, 1234, -3, 5, 31], "SM 5 stuck waiting for weight-ring page 1234 (slot 5, copy 31)"),
+    ([3, 77, -4, 9, 2], "SM 2's ring loader stuck before page 77: slot 9's copy 1 was never read"),
     ([-2, 40, 99, 0, 0], "SM 1 found opcode 99 at program row 40"),
     ([-8, 612, -1, 0, 0], "SM 7's instruction list has 612 rows, more than the shared memory was sized for"),
 ])
 def test_the_fault_record_names_what_the_kernel_was_stuck_on(words, text):
     """The debug words a trapping kernel leaves (persistent_decode.cu wait_row, the unknown-opcode
-    default, the list-length check with -1 in the third word; persistent_ring.cuh ring_wait with -3)
+    default, the list-length check with -1 in the third word; persistent_ring.cuh ring_wait with -3,
+    ring_wait_read, the loader's, with -4)
     read back as one sentence."""
     from types import SimpleNamespace
 

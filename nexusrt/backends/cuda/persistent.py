@@ -34,7 +34,8 @@ MODES = ("graph", "persistent")
 TILE_ROWS = 16  # NOTES_persistent.md: 16-row tiles balance the GEMVs over 132 SMs
 MAX_ATTN_SPLITS = 16
 PROFILE_ENV = "NEXUSRT_PERSISTENT_PROFILE"  # 1: record each instruction's clocks (bench --persistent-profile)
-RING_ENV = "NEXUSRT_PERSISTENT_RING"  # 1: GEMV weights through the bulk-copy ring (slower on the H200; opt-in)
+RING_ENV = "NEXUSRT_PERSISTENT_RING"  # 1 / loader: GEMV weights through the bulk-copy ring (slower on the H200; opt-in)
+RING_MODES = ("0", "1", "loader")  # weight_ring
 TAG = "persistent"
 _warned: set = set()
 
@@ -55,14 +56,16 @@ def profiling(env=None) -> bool:
     return text == "1"
 
 
-def weight_ring(env=None) -> bool:
-    """``NEXUSRT_PERSISTENT_RING``: ``1`` streams the GEMV weights through the bulk-copy ring
-    (``cu/persistent_ring.cuh``), ``0`` (default) loads them with 16-byte loads, which measured
-    faster on the H200 (1B 1.23 against 1.54 ms/token, 8B 5.12 against 5.74: BENCHMARKS.md)."""
+def weight_ring(env=None) -> str:
+    """``NEXUSRT_PERSISTENT_RING``: how the GEMV tiles get their weights. ``0`` (default): 16-byte
+    loads, which measured fastest on the H200 (BENCHMARKS.md); ``1``: the bulk-copy ring of
+    ``cu/persistent_ring.cuh``, each page's reader issuing the page that follows it into its slot;
+    ``loader``: the same ring filled by a loader warpgroup of its own (warp specialisation)."""
     text = (os.environ if env is None else env).get(RING_ENV, "0").strip()
-    if text not in ("0", "1"):
-        raise ValueError(f"{RING_ENV}={text!r}: 1 streams the weights through the ring, 0 (default) loads them")
-    return text == "1"
+    if text not in RING_MODES:
+        raise ValueError(f"{RING_ENV}={text!r}: 1 streams the weights through the ring, loader through the "
+                         "ring with a loader warpgroup, 0 (default) loads them")
+    return text
 
 
 def attn_splits(num_sms: int, num_kv_heads: int) -> int:
@@ -109,7 +112,7 @@ def maybe_build(rt, cfg, weights, buffers, env=None):
 class PersistentDecode(OwnedBuffers):
     """The persistent decode programs of one runner (with and without the sampler's pick)."""
 
-    def __init__(self, rt, cfg, weights, buffers, profile: bool = False, ring: bool = False):
+    def __init__(self, rt, cfg, weights, buffers, profile: bool = False, ring: str = "0"):
         super().__init__()
         self.rt, self.cfg, self.w, self.b = rt, cfg, weights, buffers
         self.profile, self.ring = profile, ring
@@ -170,7 +173,7 @@ class PersistentDecode(OwnedBuffers):
         spec = pk.persistent_decode(self.rt, block, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
                                     num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                                     head_dim=cfg.head_dim, splits=self.splits, slice_rows=slice_rows,
-                                    num_sms=self.num_sms, ring=self.ring)
+                                    num_sms=self.num_sms, ring=self.ring != "0", loader=self.ring == "loader")
         self.clocks[sample] = clocks
         return prog, spec, counters, epoch
 
@@ -196,6 +199,9 @@ class PersistentDecode(OwnedBuffers):
         d = [int(v) for v in self.debug.array[:5]]
         if d[0] > 0 and d[2] == -3:
             return f"SM {d[0] - 1} stuck waiting for weight-ring page {d[1]} (slot {d[3]}, copy {d[4]})"
+        if d[0] > 0 and d[2] == -4:
+            return (f"SM {d[0] - 1}'s ring loader stuck before page {d[1]}: slot {d[3]}'s copy {d[4] - 1} "
+                    "was never read")
         if d[0] > 0:
             return f"SM {d[0] - 1} stuck at program row {d[1]}: counter {d[2]} at {d[3]} of {d[4]} this step"
         if d[0] < 0 and d[2] == -1:

@@ -4,6 +4,8 @@
 
 #include <cuda/std/climits>
 
+#include "block.cuh"
+
 namespace nrt_argmax {
 
 // Is (v, i) better than (best, bi)? Larger value, then lower index; NaN never wins.
@@ -22,11 +24,11 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 
 // Block-wide argmax; every thread gets the result. `sv`/`si` hold one slot per warp.
 __device__ __forceinline__ void block_argmax(float& v, int& i, float* sv, int* si) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = nrt::block_threads() >> 5;
     warp_argmax(v, i);
-    __syncthreads();
+    nrt::block_sync();
     if (lane == 0) { sv[warp] = v; si[warp] = i; }
-    __syncthreads();
+    nrt::block_sync();
     v = lane < nwarps ? sv[lane] : -__int_as_float(0x7f800000);
     i = lane < nwarps ? si[lane] : INT_MAX;
     warp_argmax(v, i);

@@ -58,6 +58,12 @@ __device__ __forceinline__ bool mbar_try_wait(unsigned long long* bar, unsigned 
     return done != 0;
 }
 
+// One arrival on a plain barrier (count 1: a reader saying it is done with a slot). Release
+// semantics at CTA scope: the arriving thread's earlier accesses come before the phase's end.
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+
 // Copy ``bytes`` from global ``src`` to shared ``dst``; completes ``bytes`` of ``bar``'s
 // expected transactions. (The CTA's own shared memory is a valid shared::cluster address.)
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
@@ -72,6 +78,23 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned b
 // before a following async-proxy write to the same bytes.
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// A warpgroup's register budget (every warp of the four executes it): a warpgroup that only
+// issues copies gives registers back, and the compute warpgroups take them, so a block can hold a
+// loader warpgroup beside warps that need ~240 registers. sm_90a only (the arch-specific
+// features); elsewhere the budget stays the launch's.
+template <int N>
+__device__ __forceinline__ void warpgroup_regs_down() {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void warpgroup_regs_up() {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+#endif
 }
 
 }  // namespace nrt

@@ -2,6 +2,7 @@
 // Every kernel source includes this; keep it small and dependency-free (NVRTC has no libstdc++).
 #pragma once
 
+#include "block.cuh"
 #include "pdl.cuh"
 
 #include <cuda_bf16.h>
@@ -61,11 +62,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Starts with a barrier so back-to-back calls may reuse the same scratch.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nwarps = (blockDim.x + 31) >> 5;
+    const int nwarps = (nrt::block_threads() + 31) >> 5;
     v = warp_sum(v);
-    __syncthreads();
+    nrt::block_sync();
     if (lane == 0) scratch[warp] = v;
-    __syncthreads();
+    nrt::block_sync();
     float t = lane < nwarps ? scratch[lane] : 0.0f;
     return warp_sum(t);
 }

@@ -77,7 +77,7 @@ __device__ __forceinline__ void attention_tile(AttnShared<D, GM>& sh, const floa
 #pragma unroll
         for (int g = 0; g < GM; ++g) { sh.m[warp][g] = m[g]; sh.l[warp][g] = l[g]; }
     }
-    __syncthreads();
+    nrt::block_sync();
     for (int idx = tid; idx < G * D; idx += kThreads) {
         const int g = idx / D, d = idx % D;
         float mx = kNegBig;
@@ -121,7 +121,7 @@ __device__ __forceinline__ void combine_tile(AttnShared<D, GM>& sh, float* out, 
         __syncwarp();
         for (int sp = lane; sp < S; sp += 32) sh.weight[sp][g] /= sum;
     }
-    __syncthreads();
+    nrt::block_sync();
     for (int idx = tid; idx < G * D; idx += kThreads) {
         const int g = idx / D, d = idx % D;
         const float* src = part_acc + ((size_t)kv * S * G + g) * D + d;

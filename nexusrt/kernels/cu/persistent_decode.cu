@@ -34,16 +34,22 @@
 // parameters.
 //
 // The GEMV tiles load their weights with 16-byte loads after their wait, two rows in flight per
-// warp. When the launch gives the block ring pages (NEXUSRT_PERSISTENT_RING=1, sm_90: slower on
-// the H200) they read them instead from a shared-memory ring that the bulk-copy engine fills ahead
-// of the instruction list (persistent_ring.cuh). Missing (NOTES_persistent.md, "Known missing"):
-// warp specialisation.
+// warp. When the launch gives the block ring pages (NEXUSRT_PERSISTENT_RING=1 or loader, sm_90:
+// slower on the H200) they read them instead from a shared-memory ring that the bulk-copy engine
+// fills ahead of the instruction list (persistent_ring.cuh), its copies issued either by the
+// readers themselves (the plain entries) or by a loader warpgroup of its own (the _loader entries:
+// 384 threads, setmaxnreg moving the loader's registers to the compute warps).
+//
+// The tiles' barriers and loops cover the 256 compute threads only (block.cuh): the _loader
+// entries' block also holds the loader warpgroup, which runs none of them.
+#define NRT_BLOCK_THREADS 256
 #include "persistent_attention.cuh"
 #include "persistent_ring.cuh"
 
 namespace {
 
 using namespace nrt_pk;
+static_assert(NRT_BLOCK_THREADS == kThreads, "the compute threads are the tiles' kThreads");
 
 enum Slot : int {
     kEmbed, kLmHead, kFinalNorm, kInvFreq,
@@ -107,12 +113,7 @@ __device__ __forceinline__ void wait_row(const int* row, const u64* P, unsigned 
         for (long long spin = 0;; ++spin) {
             const int have = (int)(ld_acquire(counters + c) - base);
             if (have >= target) break;
-            if (spin == kSpinLimit) {
-                int* dbg = slot_ptr<int>(P, kDebug);
-                dbg[0] = blockIdx.x + 1; dbg[1] = index; dbg[2] = c; dbg[3] = have; dbg[4] = target;
-                __threadfence_system();
-                __trap();
-            }
+            if (spin == kSpinLimit) fail(slot_ptr<int>(P, kDebug), blockIdx.x + 1, index, c, have, target);
             // A short cap: the wake-up delay is paid at every stage boundary (~100 a step), and
             // one polling thread per SM costs L2 next to nothing.
             __nanosleep(ns);
@@ -138,8 +139,8 @@ __device__ __forceinline__ int row_pages(const int* row, int H, int I, int QW) {
     return K ? (row[3] - row[2]) * (row[0] == GATE_UP ? 2 : 1) * pages_per_row(K) : 0;
 }
 
-// Where a lane 0 is in the list for the pages it issues: the row of its last page and that row's
-// layout. Each thread asks for increasing pages, so it only moves forward.
+// Where an issuing thread is in the list for the pages it issues: the row of its last page and
+// that row's layout. Each thread asks for increasing pages, so it only moves forward.
 struct RingCursor {
     int row, begin, end;     // slice row; its pages [begin, end)
     int ppr, vp, outputs;    // pages a weight row; pages an output (gate/up: 2 ppr); outputs of the tile
@@ -148,8 +149,8 @@ struct RingCursor {
     const char* W;
 };
 
-// One thread (a warp's lane 0, or thread 0 at the start): page Q of this SM's step into `slot`
-// as its copy `fill`.
+// One thread (a warp's lane 0, thread 0 at the start, or a lane of the loader warp): page Q of this
+// SM's step into `slot` as its copy `fill`.
 __device__ __forceinline__ void ring_issue(const WeightRing& ring, int Q, int slot, int fill, RingCursor& c,
                                            const int* slice, const u64* P, const u64* layers, int H, int I, int QW) {
     while (Q >= c.end) {
@@ -181,9 +182,41 @@ __device__ __forceinline__ void ring_issue(const WeightRing& ring, int Q, int sl
     ring_fill(ring, slot, fill, c.W + (size_t)w_row * c.row_bytes + (size_t)piece * kPageBytes,
               (unsigned)min(kPageBytes, c.row_bytes - piece * kPageBytes));
 }
+
+// The loader warpgroup's first warp: every page of this SM's step in list order, each into its slot
+// as soon as the page before it there has been read. Lane l takes pages l, l + B, l + 2B, ... (B =
+// min(32, n) lanes, so the lanes' pages in flight never share a slot): one thread issuing every
+// page in turn could not keep up with the readers (H200: 8B 10.7 ms/token against 6.6 with the
+// warp). Each lane walks the list with a cursor of its own, so it only moves forward. No
+// deadlock: the lowest page not yet issued waits only for the page n below it, which was issued,
+// and whose reader, reading its own pages in increasing order, waits for nothing unissued.
+__device__ __noinline__ void ring_load(const WeightRing& ring, const int* slice, const u64* P, const u64* layers,
+                                       int H, int I, int QW) {
+    const int lane = threadIdx.x & 31, lanes = min(32, ring.n);
+    if (lane >= lanes) return;
+    RingCursor c;
+    c.row = -1, c.end = 0;
+    int slot = lane, fill = 0;  // page q is copy q / n of slot q % n
+    for (int q = lane; q < ring.total; q += lanes) {
+        if (fill > 0) ring_wait_read(ring, slot, fill, q);
+        ring_issue(ring, q, slot, fill, c, slice, P, layers, H, I, QW);
+        slot += lanes;
+        if (slot >= ring.n) slot -= ring.n, ++fill;
+    }
+}
+
+// The loader entries' register split (setmaxnreg): the launch gives each of the 384 threads 168;
+// the loader warpgroup keeps 40 and the two compute warpgroups take 232 (128 * 40 + 256 * 232 =
+// 384 * 168 registers).
+constexpr int kLoaderThreads = 128;
+constexpr int kLoaderRegs = 40, kComputeRegs = 232;
+static_assert(kLoaderThreads * kLoaderRegs + kThreads * kComputeRegs <= (kThreads + kLoaderThreads) * 168,
+              "the split must fit the registers the launch gave");
 #endif
 
-template <int D, int GM>
+// kLoader: the block has a loader warpgroup past the kThreads compute threads (the _loader
+// entries), which streams the weight ring; without it the readers hand their slots on themselves.
+template <int D, int GM, bool kLoader>
 __device__ void run(const u64* __restrict__ params) {
     __shared__ u64 P[kNumSlots];
     __shared__ unsigned epoch_s;
@@ -213,19 +246,13 @@ __device__ void run(const u64* __restrict__ params) {
     // launcher sizes it from the longest list): every row read is then a shared-memory read, not
     // an L2 round trip on thread 0's path before each instruction's wait.
     const int begin = __ldg(offsets + blockIdx.x), end = __ldg(offsets + blockIdx.x + 1);
-    if (end - begin > slot_int(P, kSliceRows)) {  // the launcher sized the slice from these offsets
-        if (tid == 0) {
-            int* dbg = slot_ptr<int>(P, kDebug);
-            dbg[0] = -(blockIdx.x + 1); dbg[1] = end - begin; dbg[2] = -1;
-            __threadfence_system();
-        }
-        __trap();
-    }
+    if (end - begin > slot_int(P, kSliceRows))  // the launcher sized the slice from these offsets
+        fail(slot_ptr<int>(P, kDebug), -(blockIdx.x + 1), end - begin, -1, 0, 0);  // every thread: the same words
     // The slice starts past the larger user of the area before it: the staged GEMV input or the
     // sampling finish's workspace (kernels/ops/persistent.py shared_bytes, the same rule).
     const int lead_words = max(max(max(H, I), Hq * D), (int)(sizeof(PoolShared) / 4));
     int* slice = reinterpret_cast<int*>(dyn_smem) + ((lead_words + 3) & ~3);
-    {
+    if (tid < kThreads) {
         const int4* src = reinterpret_cast<const int4*>(program + (size_t)begin * kRowWords);
         int4* dst = reinterpret_cast<int4*>(slice);
         for (int i = tid; i < (end - begin) * (kRowWords / 4); i += kThreads) dst[i] = __ldg(src + i);
@@ -256,13 +283,36 @@ __device__ void run(const u64* __restrict__ params) {
         ring.total = last[15] + row_pages(last, H, I, QW);
     }
     if (ring.n < 1) ring.n = 0, ring.total = 0;  // no ring (the launcher's switch): 16-byte loads
-    RingCursor& cursor = cursors[tid >> 5];
-    auto refill = [&](int q, int slot, int fill) { ring_issue(ring, q, slot, fill, cursor, slice, P, layers, H, I, QW); };
+    ring.empty = nullptr;
+    if constexpr (kLoader) {
+        __shared__ alignas(8) unsigned long long ring_empty[kMaxPages];
+        ring.empty = ring_empty;
+    }
+    RingCursor& cursor = cursors[(tid >> 5) % kWarps];
+    // A reader done with page q of `slot`: with a loader, it says so on the slot's barrier; without
+    // one, it issues page q + n into the slot itself.
+    auto refill = [&](int q, int slot, int fill) {
+        if constexpr (kLoader) nrt::mbar_arrive(ring.empty + slot);
+        else ring_issue(ring, q, slot, fill, cursor, slice, P, layers, H, I, QW);
+    };
     if ((tid & 31) == 0) cursor.row = -1, cursor.end = 0;
     if (tid == 0) {
-        for (int i = 0; i < ring.n; ++i) nrt::mbar_init(ring_full + i, 1), ring_fills[i] = 0;
+        for (int i = 0; i < ring.n; ++i) {
+            nrt::mbar_init(ring_full + i, 1), ring_fills[i] = 0;
+            if constexpr (kLoader) nrt::mbar_init(ring.empty + i, 1);
+        }
         nrt::mbar_init_fence();
-        for (int q = 0; q < min(ring.n, ring.total); ++q) refill(q, q, 0);
+        if constexpr (!kLoader)
+            for (int q = 0; q < min(ring.n, ring.total); ++q) refill(q, q, 0);
+    }
+    if constexpr (kLoader) {
+        __syncthreads();  // the barriers exist before the loader's first copy
+        if (tid >= kThreads) {
+            nrt::warpgroup_regs_down<kLoaderRegs>();
+            if (tid < kThreads + 32) ring_load(ring, slice, P, layers, H, I, QW);
+            return;
+        }
+        nrt::warpgroup_regs_up<kComputeRegs>();
     }
 #endif
 
@@ -275,7 +325,7 @@ __device__ void run(const u64* __restrict__ params) {
             if (waits_apply(row_s, P)) wait_row(row_s, P, epoch, index);
             if (profile) profile[3 * (size_t)index + 1] = clock64();
         }
-        __syncthreads();
+        nrt::block_sync();
         const int op = row_s[0], layer = row_s[1], a = row_s[2], b = row_s[3], arg = row_s[4], signal = row_s[5];
 
         const u64* L = layers + (size_t)layer * kLayerSlots;
@@ -312,14 +362,14 @@ __device__ void run(const u64* __restrict__ params) {
                                       slot_ptr<const __nv_bfloat16>(L, kKPool), slot_ptr<const __nv_bfloat16>(L, kVPool),
                                       slot_ptr<const int>(P, kBlockTable), __ldcg(state), kv, arg, S, Hkv, G,
                                       slot_float(P, kScale));
-                __syncthreads();  // attn_sh is reused by the next head
+                nrt::block_sync();  // attn_sh is reused by the next head
             }
             break;
         case ATTN_COMBINE:
             for (int kv = a; kv < b; ++kv) {
                 combine_tile<D, GM>(attn_sh, slot_ptr<float>(P, kAttn), slot_ptr<const float>(P, kPartAcc),
                                     slot_ptr<const float2>(P, kPartMl), kv, arg, G);
-                __syncthreads();
+                nrt::block_sync();
             }
             break;
         case O_PROJ:
@@ -367,16 +417,11 @@ __device__ void run(const u64* __restrict__ params) {
             staged = -1;
             break;
         default:
-            if (tid == 0) {
-                int* dbg = slot_ptr<int>(P, kDebug);
-                dbg[0] = -(blockIdx.x + 1); dbg[1] = index; dbg[2] = op;
-                __threadfence_system();
-            }
-            __trap();
+            fail(slot_ptr<int>(P, kDebug), -(blockIdx.x + 1), index, op, 0, 0);  // every thread: the same words
         }
 #undef GEMV
         if (op == QKV || op == O_PROJ || op == GATE_UP || op == DOWN || op == LM_HEAD) staged = key;
-        __syncthreads();  // every store of the tile issued (and xs / attn_sh free for the next)
+        nrt::block_sync();  // every store of the tile issued (and xs / attn_sh free for the next)
         if (tid == 0 && signal >= 0) {
             __threadfence();
             red_release_add(slot_ptr<unsigned>(P, kCounters) + signal, 1u);
@@ -402,11 +447,23 @@ __device__ void run(const u64* __restrict__ params) {
 // picks the smallest GM >= G). params: u64 [kNumSlots]. grid = SM count, block 256, one CTA
 // per SM, dynamic shared memory max(4 * max(H, I, Hq * D), sizeof(PoolShared)) bytes, then the
 // SM's instruction list.
+// persistent_decode_loader_d<D>_g<GM> (sm_90): the same with a loader warpgroup, 384 threads, for
+// a launch with a weight ring.
+#ifdef NRT_HAS_BULK_COPY
+#define NRT_PERSISTENT_LOADER(D, GM)                                                               \
+    extern "C" __global__ void __launch_bounds__(kThreads + kLoaderThreads, 1)                     \
+        persistent_decode_loader_d##D##_g##GM(const unsigned long long* params) {                  \
+        run<D, GM, true>(params);                                                                  \
+    }
+#else
+#define NRT_PERSISTENT_LOADER(D, GM)
+#endif
 #define NRT_PERSISTENT(D, GM)                                                                      \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                      \
         persistent_decode_d##D##_g##GM(const unsigned long long* params) {                         \
-        run<D, GM>(params);                                                                        \
-    }
+        run<D, GM, false>(params);                                                                 \
+    }                                                                                              \
+    NRT_PERSISTENT_LOADER(D, GM)
 
 NRT_PERSISTENT(64, 1)
 NRT_PERSISTENT(64, 2)

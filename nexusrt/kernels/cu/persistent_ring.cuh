@@ -21,6 +21,11 @@
 // a tile is read before the tile's closing barrier, so the CTA's barriers never wait on a page
 // that needs a later tile. A wait that still never ends records itself and traps.
 //
+// With a loader warpgroup (the _loader entries, NEXUSRT_PERSISTENT_RING=loader) the readers do
+// not issue copies: a reader done with page q arrives on its slot's `empty` barrier, and the
+// loader warp, which issues every page in order, waits for that before issuing page q + n
+// (persistent_decode.cu ring_load). Everything else above holds unchanged.
+//
 // Each row's sum is row_dot's (lane l adds chunks l, l + 32, ... in order, then warp_sum), so
 // the logits keep the bits of the kernel's 16-byte-load path and the graph path's GEMV order.
 #pragma once
@@ -46,6 +51,7 @@ struct WeightRing {
     uint4* pages;              // n slots of kPageBytes in dynamic shared memory
     unsigned long long* full;  // one transaction barrier per slot
     volatile int* fills;       // copies issued into each slot this step (page q is copy q / n of slot q % n)
+    unsigned long long* empty; // with a loader warpgroup: one barrier per slot, phase k ends when its copy k is read
     int n;                     // slots
     int total;                 // pages this SM streams in a step
     int* debug;                // the kernel's debug words
@@ -80,19 +86,22 @@ __device__ __forceinline__ void ring_fill(const WeightRing& r, int slot, int fil
 __device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fill, int q) {
     for (long long spin = 0;; ++spin) {
         if (r.fills[slot] > fill && nrt::mbar_try_wait(r.full + slot, (unsigned)fill & 1u)) return;
-        if (spin == kRingSpinLimit) {
-            if ((threadIdx.x & 31) == 0) {
-                r.debug[0] = blockIdx.x + 1; r.debug[1] = q; r.debug[2] = -3; r.debug[3] = slot; r.debug[4] = fill;
-                __threadfence_system();
-            }
-            __trap();
-        }
+        if (spin == kRingSpinLimit) fail(r.debug, blockIdx.x + 1, q, -3, slot, fill);
+    }
+}
+
+// The loader: until the page before copy `fill` (page q) in `slot`, page q - n, has been read.
+// A parity wait is exact here: copy fill - 1 was issued only after copy fill - 2 had been read.
+__device__ __forceinline__ void ring_wait_read(const WeightRing& r, int slot, int fill, int q) {
+    for (long long spin = 0;; ++spin) {
+        if (nrt::mbar_try_wait(r.empty + slot, (unsigned)(fill - 1) & 1u)) return;
+        if (spin == kRingSpinLimit) fail(r.debug, blockIdx.x + 1, q, -4, slot, fill);
     }
 }
 
 // row_dot over a row whose pages are q, q + stride, q + 2 stride, ...; after each page the
-// warp's lane 0 calls refill(q + n, slot, fill + 1) (which issues that page into the slot just
-// read) when the step has one.
+// warp's lane 0 calls refill(q + n, slot, fill + 1) when the step has that page (which issues it
+// into the slot just read, or with a loader says the slot is free).
 template <class Refill>
 __device__ __forceinline__ float ring_row_dot(const WeightRing& r, int q, int stride, const float* xs, int nch,
                                               int lane, Refill& refill) {

@@ -11,7 +11,7 @@
 // the KV rows of earlier steps are immutable during the launch and use the streaming loads.
 //
 // gemv_tile loads its weights with 16-byte loads after the tile's wait (the default); with
-// NEXUSRT_PERSISTENT_RING=1 the kernel's GEMV tiles read them from the bulk-copy ring of
+// NEXUSRT_PERSISTENT_RING=1 or loader the kernel's GEMV tiles read them from the bulk-copy ring of
 // persistent_ring.cuh instead (weights need no counter, so the copies run ahead of the list).
 #pragma once
 
@@ -28,6 +28,17 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kU = 8;            // 16-byte weight loads in flight per lane in a row dot
 constexpr int kMaxSplits = 128;  // attention parts per KV head the combine can weigh
 typedef unsigned long long u64;
+
+// Writes the kernel's five debug words (the host reads them back as a sentence:
+// backends/cuda/persistent.py fault_record) and traps. Out of line on purpose: a __trap inlined
+// into the compute warps' code made ptxas allocate that code with the launch's 168 registers
+// instead of the 232 the loader entries' setmaxnreg gives it (NOTES_persistent.md, "The loader
+// warpgroup").
+__device__ __noinline__ void fail(int* debug, int w0, int w1, int w2, int w3, int w4) {
+    debug[0] = w0; debug[1] = w1; debug[2] = w2; debug[3] = w3; debug[4] = w4;
+    __threadfence_system();
+    __trap();
+}
 
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
@@ -58,7 +69,7 @@ __device__ __forceinline__ void stage_input(float* xs, const float* x, const flo
         }
         xs4[(i & 1) * nch + (i >> 1)] = v;
     }
-    __syncthreads();
+    nrt::block_sync();
 }
 
 // One bf16 row (K = 8 * nch) times the staged input; every lane gets the total. Lane l sums

@@ -38,13 +38,13 @@ constexpr int kCursorWord = kBuckets;
 
 __device__ __forceinline__ unsigned key_bucket(unsigned key) { return key >> (32 - kBucketBits); }
 
-// f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then blockDim.x apart, in
+// f(key, i) for this thread's logits of [a, b) (i = a + threadIdx.x, then the block's thread count apart, in
 // that order), kLoads of them loaded before any is used: a plain loop puts one load's whole
 // latency (DRAM or L2) between the next load and the shared-memory atomic before it, 16 times
 // in a row for sampling.cu's chunks (4,096 logits then; its 1,024 now take their 4 in one batch).
 template <int kLoads, class Logits, class F>
 __device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b, F f) {
-    const int step = (int)blockDim.x;
+    const int step = nrt::block_threads();
     for (int base = a + (int)threadIdx.x; base < b; base += kLoads * step) {
         float x[kLoads];  // the loads first, unconditional (past b: logit b - 1 again, unused)
 #pragma unroll
@@ -60,11 +60,11 @@ __device__ __forceinline__ void for_chunk_keys(const Logits logits, int a, int b
 // non-empty bucket, not one per logit on a few hot buckets).
 template <int kLoads, class Logits>
 __device__ void add_chunk_histogram(const Logits logits, int a, int b, unsigned* sh_hist, unsigned* hist) {
-    for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) sh_hist[i] = 0u;
-    __syncthreads();
+    for (int i = threadIdx.x; i < kBuckets; i += nrt::block_threads()) sh_hist[i] = 0u;
+    nrt::block_sync();
     for_chunk_keys<kLoads>(logits, a, b, [&](unsigned key, int) { atomicAdd(&sh_hist[key_bucket(key)], 1u); });
-    __syncthreads();
-    for (int i = threadIdx.x; i < kBuckets; i += blockDim.x) {
+    nrt::block_sync();
+    for (int i = threadIdx.x; i < kBuckets; i += nrt::block_threads()) {
         const unsigned c = sh_hist[i];
         if (c != 0u) atomicAdd(hist + i, c);  // result unused: a RED
     }
@@ -103,12 +103,12 @@ __device__ PoolPlan threshold_bucket(const unsigned* hist, int K, int* scratch, 
                 before += asc[j];
             }
         }
-        __syncthreads();
+        nrt::block_sync();
         if (plan_sh.bucket >= 0) break;  // every thread reads the same word here
         above += total;
     }
     const PoolPlan plan = plan_sh;
-    __syncthreads();  // plan_sh may be rewritten by the next call
+    nrt::block_sync();  // plan_sh may be rewritten by the next call
     return plan;
 }
 
@@ -127,19 +127,19 @@ __device__ void gather_chunk_candidates(const Logits logits, int a, int b, const
     for (int s = a; s < b; s += stage_cap) {
         const int e = min(b, s + stage_cap);
         if (threadIdx.x == 0) counter[0] = 0;
-        __syncthreads();
+        nrt::block_sync();
         for_chunk_keys<kLoads>(logits, s, e, [&](unsigned key, int i) {
             if (key_bucket(key) >= lowest) stage[atomicAdd(counter, 1)] = candidate_key(key, i);
         });
-        __syncthreads();
+        nrt::block_sync();
         const int total = counter[0];
         if (total > 0) {  // the same answer in every thread
             if (threadIdx.x == 0) counter[1] = (int)atomicAdd(cursor, (unsigned)total);
-            __syncthreads();
+            nrt::block_sync();
             const int at = counter[1];
-            for (int r = threadIdx.x; r < total; r += blockDim.x) pool[at + r] = stage[r];
+            for (int r = threadIdx.x; r < total; r += nrt::block_threads()) pool[at + r] = stage[r];
         }
-        __syncthreads();  // the stage and counter are rewritten by the next segment (or the caller)
+        nrt::block_sync();  // the stage and counter are rewritten by the next segment (or the caller)
     }
 }
 
@@ -149,8 +149,8 @@ struct PoolList {
     const unsigned long long* pool;
     __device__ __forceinline__ unsigned long long operator[](int i) const { return __ldcg(pool + i); }
     __device__ __forceinline__ void into_shared(unsigned long long* cand, int count) const {
-        for (int r = threadIdx.x; r < count; r += blockDim.x) cand[r] = __ldcg(pool + r);
-        __syncthreads();
+        for (int r = threadIdx.x; r < count; r += nrt::block_threads()) cand[r] = __ldcg(pool + r);
+        nrt::block_sync();
     }
 };
 
@@ -181,18 +181,18 @@ __device__ int sample_from_pool(int vocab, const unsigned long long* pool, int c
 #pragma unroll
     for (int j = 0; j < kPer; ++j) held[j] = tid + j * kBlock < count ? sh.cand[tid + j * kBlock] : 0ull;
     if (tid == 0) sh.count = 0;
-    __syncthreads();
+    nrt::block_sync();
 #pragma unroll
     for (int j = 0; j < kPer; ++j)
         if (tid + j * kBlock < count && (unsigned)(held[j] >> 32) >= thr) sh.cand[atomicAdd(&sh.count, 1)] = held[j];
-    __syncthreads();
+    nrt::block_sync();
     return sort_and_draw<kBlock>(CandidateList{sh.cand}, sh.count, K, p, step, sh);  // K - k_rem + eq_count
 }
 
 // After the finish: the histogram and the cursor back to zero for the next step's partials.
 // Call it only once every thread of the block has read the cursor (a barrier after that read).
 __device__ __forceinline__ void clear_grid_topk(unsigned* hist) {
-    for (int i = threadIdx.x; i <= kCursorWord; i += blockDim.x) hist[i] = 0u;
+    for (int i = threadIdx.x; i <= kCursorWord; i += nrt::block_threads()) hist[i] = 0u;
 }
 
 }  // namespace

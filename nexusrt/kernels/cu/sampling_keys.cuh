@@ -96,7 +96,7 @@ struct TopkShared {
 // scanned by warp 0 with shuffles: at 1,024 threads a loop over 32 totals in every thread
 // cost more than the rest of the scan.
 __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (nrt::block_threads() + 31) >> 5;
     int incl = v;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -104,7 +104,7 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& tot
         if (lane >= off) incl += o;
     }
     if (lane == 31) scratch[warp] = incl;
-    __syncthreads();
+    nrt::block_sync();
     if (warp == 0) {
         int w = lane < warps ? scratch[lane] : 0;
 #pragma unroll
@@ -114,21 +114,21 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* scratch, int& tot
         }
         scratch[lane] = w;  // warps 0..lane together
     }
-    __syncthreads();
+    nrt::block_sync();
     const int before = warp > 0 ? scratch[warp - 1] : 0;
     total = scratch[warps - 1];
-    __syncthreads();  // scratch is the caller's again
+    nrt::block_sync();  // scratch is the caller's again
     return before + incl - v;
 }
 
 // How many of the ranks r < limit have pred(r) true (every thread gets it); ranks are taken
-// blockDim.x at a time so any block size counts all of them.
+// the block's threads at a time so any block size counts all of them.
 template <class Pred>
 __device__ __forceinline__ int block_count(int limit, Pred pred) {
     int total = 0;
-    for (int base = 0; base < limit; base += blockDim.x) {
+    for (int base = 0; base < limit; base += nrt::block_threads()) {
         const int r = base + (int)threadIdx.x;
-        total += __syncthreads_count(r < limit && pred(r));
+        total += nrt::block_count(r < limit && pred(r));
     }
     return total;
 }

@@ -18,11 +18,11 @@ __device__ __forceinline__ unsigned long long bitonic_shfl(unsigned long long v,
 }
 
 // The stages of sizes [size_lo, size_hi] whose strides are below 32, in registers: thread t holds
-// the elements t, t + blockDim.x, ... one at a time, so every partner index is a lane of its own
-// warp (blockDim.x is a multiple of 32) and no block barrier is needed between these stages.
+// the elements t, t + T, ... (T the block's threads) one at a time, so every partner index is a lane of its own
+// warp (T is a multiple of 32) and no block barrier is needed between these stages.
 template <class Shared>
 __device__ __forceinline__ void bitonic_warp_run(Shared& sh, int n, int size_lo, int size_hi) {
-    for (int base = 0; base < n; base += blockDim.x) {  // the same trip count in every thread
+    for (int base = 0; base < n; base += nrt::block_threads()) {  // the same trip count in every thread
         const int idx = base + (int)threadIdx.x;
         const bool live = idx < n;  // n < 32: the lanes past it shuffle zeros nobody keeps
         unsigned long long v = live ? sh.cand[idx] : 0ull;
@@ -34,18 +34,18 @@ __device__ __forceinline__ void bitonic_warp_run(Shared& sh, int n, int size_lo,
 
 // Sort sh.cand[0, n) descending (n a power of two; slots >= K are padded with 0). Strides of 32
 // and above pair elements of different warps: those stages go through shared memory with a
-// barrier each (each thread owns the pairs of indices tid, tid + blockDim.x, ...); the strides
+// barrier each (each thread owns the pairs of indices tid, tid + T, ...); the strides
 // below 32 of each size run in registers (bitonic_warp_run), all of sizes 2..32 in one run. At
 // n = 1,024 that is 21 block barriers instead of 55. Keys are unique (candidate_key) except the
 // zero padding, so any correct sort leaves the same array.
 template <class Shared>
 __device__ void bitonic_desc(Shared& sh, int n) {
-    __syncthreads();
+    nrt::block_sync();
     bitonic_warp_run(sh, n, 2, min(n, 32));
     for (int size = 64; size <= n; size <<= 1) {
         for (int stride = size >> 1; stride >= 32; stride >>= 1) {
-            __syncthreads();
-            for (int idx = threadIdx.x; idx < n; idx += blockDim.x) {
+            nrt::block_sync();
+            for (int idx = threadIdx.x; idx < n; idx += nrt::block_threads()) {
                 const int partner = idx ^ stride;
                 if (partner > idx) {
                     const unsigned long long a = sh.cand[idx], b = sh.cand[partner];
@@ -54,10 +54,10 @@ __device__ void bitonic_desc(Shared& sh, int n) {
                 }
             }
         }
-        __syncthreads();
+        nrt::block_sync();
         bitonic_warp_run(sh, n, size, size);
     }
-    __syncthreads();
+    nrt::block_sync();
 }
 
 // A candidate list already in shared memory (sh.cand), for bucket_sort_top and sort_and_draw.
@@ -109,14 +109,14 @@ __device__ bool bucket_sort_top(TopkShared<kCand>& sh, const Src src, int count,
     hi = __reduce_max_sync(0xffffffffu, hi);
     if (lane == 0) { sh.hist[warp] = lo; sh.hist[32 + warp] = hi; }
     for (int b = tid; b < kSortBuckets; b += kBlock) sh.bstart[b] = 0;
-    __syncthreads();  // also: every candidate is in a register before tmp overwrites cand's upper slots
+    nrt::block_sync();  // also: every candidate is in a register before tmp overwrites cand's upper slots
     for (int w = 0; w < kBlock / 32; ++w) { lo = min(lo, sh.hist[w]); hi = max(hi, sh.hist[32 + w]); }
     const float scale = (float)kSortBuckets / ((float)(hi - lo) + 1.f);
     int slot[kPer];  // place in its bucket, then in tmp (-1: dropped); buckets are recomputed, not held
 #pragma unroll
     for (int j = 0; j < kPer; ++j)
         if (tid + j * kBlock < count) slot[j] = atomicAdd(&sh.bstart[sort_bucket((unsigned)(held[j] >> 32), hi, scale)], 1);
-    __syncthreads();
+    nrt::block_sync();
     int size[kBPer], sum = 0;
     bool crowded = false;
 #pragma unroll
@@ -127,18 +127,18 @@ __device__ bool bucket_sort_top(TopkShared<kCand>& sh, const Src src, int count,
     }
     int total;
     int at = block_exclusive_sum(sum, sh.wi, total);  // its barriers order the reads above before the writes
-    if (__syncthreads_or(crowded)) return false;
+    if (nrt::block_or(crowded)) return false;
 #pragma unroll
     for (int q = 0; q < kBPer; ++q) { sh.bstart[tid * kBPer + q] = at; at += size[q]; }
     if (tid == 0) sh.bstart[kSortBuckets] = total;
-    __syncthreads();
+    nrt::block_sync();
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
         const int first = tid + j * kBlock < count ? sh.bstart[sort_bucket((unsigned)(held[j] >> 32), hi, scale)] : keep;
         slot[j] = first < keep ? first + slot[j] : -1;
         if (slot[j] >= 0) tmp[slot[j]] = held[j];
     }
-    __syncthreads();
+    nrt::block_sync();
     const float z0 = key_logit(hi) / temp;  // hi is the largest key: rank 0's
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
@@ -153,7 +153,7 @@ __device__ bool bucket_sort_top(TopkShared<kCand>& sh, const Src src, int count,
             }
         }
     }
-    __syncthreads();
+    nrt::block_sync();
     return true;
 }
 
@@ -164,12 +164,12 @@ template <class Shared>
 __device__ void bitonic_top(Shared& sh, int count, int K, float temp) {
     int n = 1;
     while (n < count) n <<= 1;
-    for (int r = count + (int)threadIdx.x; r < n; r += blockDim.x) sh.cand[r] = 0ull;
+    for (int r = count + (int)threadIdx.x; r < n; r += nrt::block_threads()) sh.cand[r] = 0ull;
     bitonic_desc(sh, n);
     const float z0 = key_logit((unsigned)(sh.cand[0] >> 32)) / temp;
-    for (int r = threadIdx.x; r < K; r += blockDim.x)
+    for (int r = threadIdx.x; r < K; r += nrt::block_threads())
         sh.cum[r] = expf(key_logit((unsigned)(sh.cand[r] >> 32)) / temp - z0);
-    __syncthreads();
+    nrt::block_sync();
 }
 
 }  // namespace

@@ -28,14 +28,14 @@ __device__ unsigned select_threshold(const Keys keys, int n, int K,
     unsigned prefix = 0, mask = 0;
     k_rem = K;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = tid; b < 256; b += blockDim.x) sh.hist[b] = 0;
-        __syncthreads();
+        for (int b = tid; b < 256; b += nrt::block_threads()) sh.hist[b] = 0;
+        nrt::block_sync();
 #pragma unroll 4
-        for (int i = tid; i < n; i += blockDim.x) {
+        for (int i = tid; i < n; i += nrt::block_threads()) {
             const unsigned key = keys[i];
             if ((key & mask) == prefix) atomicAdd(&sh.hist[(key >> shift) & 255u], 1u);
         }
-        __syncthreads();
+        nrt::block_sync();
         if (tid < 32) {
             // Lane L owns buckets 255-8L down to 248-8L: a scan from the top finds the
             // bucket where the k_rem-th largest key falls.
@@ -61,12 +61,12 @@ __device__ unsigned select_threshold(const Keys keys, int n, int K,
                 }
             }
         }
-        __syncthreads();
+        nrt::block_sync();
         prefix |= (unsigned)sh.bucket << shift;
         mask |= 255u << shift;
         k_rem = sh.k_rem;
         eq_count = sh.eq_count;
-        __syncthreads();  // sh.* is rewritten by the next pass
+        nrt::block_sync();  // sh.* is rewritten by the next pass
     }
     return prefix;
 }
@@ -78,29 +78,29 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
                                   unsigned thr, int k_rem, int eq_count, Shared& sh) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (tid == 0) sh.count = 0;
-    __syncthreads();
+    nrt::block_sync();
     const bool take_all_equal = eq_count == k_rem;  // the usual case: no tie at the threshold
-    for (int i = tid; i < vocab; i += blockDim.x) {
+    for (int i = tid; i < vocab; i += nrt::block_threads()) {
         const unsigned key = order_key(logits[i]);
         if (key > thr || (take_all_equal && key == thr)) {
             const int slot = atomicAdd(&sh.count, 1);
             sh.cand[slot] = candidate_key(key, i);
         }
     }
-    if (take_all_equal) { __syncthreads(); return; }
-    // Ties at the threshold: walk the vocabulary in index order, blockDim.x at a time, ranking
+    if (take_all_equal) { nrt::block_sync(); return; }
+    // Ties at the threshold: walk the vocabulary in index order, the block's threads at a time, ranking
     // the equal keys with a block scan; stop once k_rem of them are in.
     const int n_gt = K - k_rem;
     int taken = 0;
-    for (int base = 0; base < vocab && taken < k_rem; base += blockDim.x) {
+    for (int base = 0; base < vocab && taken < k_rem; base += nrt::block_threads()) {
         const int i = base + tid;
         const bool eq = i < vocab && order_key(logits[i]) == thr;
         const unsigned ballot = __ballot_sync(0xffffffffu, eq);
-        __syncthreads();
+        nrt::block_sync();
         if (lane == 0) sh.wi[warp] = __popc(ballot);
-        __syncthreads();
+        nrt::block_sync();
         int before = 0, total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+        for (int w = 0; w < (int)(nrt::block_threads() >> 5); ++w) {
             before += w < warp ? sh.wi[w] : 0;
             total += sh.wi[w];
         }
@@ -109,7 +109,7 @@ __device__ void gather_candidates(const Logits logits, int vocab, int K,
             sh.cand[n_gt + rank] = candidate_key(thr, i);
         taken += total;
     }
-    __syncthreads();
+    nrt::block_sync();
 }
 
 // cum[0, K) becomes its running fp32 sum in rank order: one thread, since the spec fixes the
@@ -152,7 +152,7 @@ __device__ __forceinline__ void running_sum(float* cum, int K) {
 template <class Shared>
 __device__ int draw_token(const SampleParams& p, int K, int step, Shared& sh) {
     if (threadIdx.x == 0) running_sum(sh.cum, K);
-    __syncthreads();
+    nrt::block_sync();
     const float cut = p.top_p * sh.cum[K - 1];  // fp32 product, as the spec says
     const int n = min(K, block_count(K, [&](int r) { return sh.cum[r] < cut; }) + 1);
     const double target = nrt::uniform01(p.seed, (unsigned long long)(unsigned)step) * (double)sh.cum[n - 1];

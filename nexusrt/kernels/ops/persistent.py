@@ -32,6 +32,7 @@ from .spec import LaunchSpec
 SOURCE = "persistent_decode"
 SIGNATURE = "ptr"
 THREADS = 256  # kThreads in persistent_tiles.cuh
+LOADER_THREADS = 128  # kLoaderThreads in persistent_decode.cu: the _loader entries' loader warpgroup
 HEAD_DIMS = (64, 128)
 GROUP_BOUNDS = (1, 2, 4, 8)  # the GM template arguments compiled
 MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weigh
@@ -63,10 +64,12 @@ def group_bound(group: int) -> int:
     raise ValueError(f"the persistent kernel takes up to {GROUP_BOUNDS[-1]} query heads per KV head, got {group}")
 
 
-def kernel_name(head_dim: int, group: int) -> str:
+def kernel_name(head_dim: int, group: int, loader: bool = False) -> str:
+    """The entry point for this head_dim and GQA group; ``loader``: the one whose block also holds
+    the warpgroup that streams the weight ring."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"the persistent kernel supports head_dim {HEAD_DIMS}, got {head_dim}")
-    return f"persistent_decode_d{head_dim}_g{group_bound(group)}"
+    return f"persistent_decode{'_loader' if loader else ''}_d{head_dim}_g{group_bound(group)}"
 
 
 ROW_BYTES = 64  # one program row: 16 int32
@@ -181,14 +184,16 @@ def check_shape(*, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
 
 def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, num_kv_heads: int,
                       head_dim: int, splits: int, slice_rows: int, num_sms: int | None = None,
-                      ring: bool = False) -> LaunchSpec:
+                      ring: bool = False, loader: bool = False) -> LaunchSpec:
     """The cooperative launch of one decode step. ``params``: the device copy of
     :func:`pack_params` (``[len(SLOTS)]``, uploaded as int64: the arena has no uint64); the program it points at must have been
     lowered for ``num_sms`` SMs (default: the device's), one list per block, none longer than
     ``slice_rows`` (the ``slice_rows`` slot must say the same: a longer list traps), its rows' pad
     words set by :func:`ring_page_starts`. ``ring=True`` gives the GEMV tiles a weight ring of every
     page that fits; without one (the default: faster on the H200) they load their weights with
-    16-byte loads."""
+    16-byte loads. ``loader=True`` (with the ring) launches the entry whose block adds a loader
+    warpgroup of :data:`LOADER_THREADS` that fills the ring; without it each page's reader issues
+    the page after it."""
     check_shape(hidden=hidden, inter=inter, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, splits=splits)
     check_tensor(params, "params", (len(SLOTS),), "int64")  # the uint64 slots, stored as int64 bits
@@ -196,7 +201,10 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
     num_sms = sms if num_sms is None else num_sms
     if num_sms != sms:
         raise ValueError(f"the program was lowered for {num_sms} SMs; this device has {sms} (one block per SM)")
-    name = kernel_name(head_dim, num_q_heads // num_kv_heads)
+    if loader and not ring:
+        raise ValueError("the loader warpgroup fills the weight ring: loader=True needs ring=True")
+    threads = THREADS + (LOADER_THREADS if loader else 0)
+    name = kernel_name(head_dim, num_q_heads // num_kv_heads, loader=loader)
     kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
     check_positive(slice_rows=slice_rows)
     lead = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
@@ -218,7 +226,7 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
     # decode stage: 1B 1.3455 ms/token at carveout 100 against 1.2218 with the driver's choice, 8B
     # 5.54 against 5.13 (BENCHMARKS.md, twentieth session).
     kernel.set_carveout(None)
-    if resident_blocks(kernel, THREADS, shared) < 1:  # the cooperative launch would be refused anyway
+    if resident_blocks(kernel, threads, shared) < 1:  # the cooperative launch would be refused anyway
         raise ValueError(f"{name} does not fit one block per SM with {shared} bytes of shared memory")
-    return LaunchSpec(kernel, (num_sms, 1, 1), (THREADS, 1, 1), kernel.pack(params), shared, name,
+    return LaunchSpec(kernel, (num_sms, 1, 1), (threads, 1, 1), kernel.pack(params), shared, name,
                       cooperative=True)

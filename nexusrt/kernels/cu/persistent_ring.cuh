@@ -45,7 +45,24 @@ constexpr int kStepChunks = 32 * kU;  // one step of row_dot's loop
 static_assert(kPageChunks % kStepChunks == 0, "a page is whole steps of row_dot's loop");
 constexpr int kMaxPages = 64;  // kernels/ops/persistent.py MAX_RING_PAGES
 
-constexpr long long kRingSpinLimit = 1ll << 26;
+// A ring wait that lasts this long is a bug (a copy never issued, or a page never read): it records
+// itself in the debug words and traps. Timed by the clock, not by a count of tries: a failed
+// try_wait may sleep up to its suspend hint (bulk_copy.cuh, 1 ms), so a count that bounds the
+// spinning loop at seconds would bound the sleeping one at hours.
+constexpr unsigned long long kRingWaitNs = 10ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Whether a wait that first failed at `since` (0: just now, which it records) has outlasted kRingWaitNs.
+__device__ __forceinline__ bool ring_wait_expired(unsigned long long& since) {
+    const unsigned long long now = global_ns();
+    if (since == 0) since = now;
+    return now - since > kRingWaitNs;
+}
 
 struct WeightRing {
     uint4* pages;              // n slots of kPageBytes in dynamic shared memory
@@ -84,18 +101,18 @@ __device__ __forceinline__ void ring_fill(const WeightRing& r, int slot, int fil
 
 // Until copy `fill` of `slot` (page q) has been issued and has landed.
 __device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fill, int q) {
-    for (long long spin = 0;; ++spin) {
+    for (unsigned long long since = 0;;) {
         if (r.fills[slot] > fill && nrt::mbar_try_wait(r.full + slot, (unsigned)fill & 1u)) return;
-        if (spin == kRingSpinLimit) fail(r.debug, blockIdx.x + 1, q, -3, slot, fill);
+        if (ring_wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -3, slot, fill);
     }
 }
 
 // The loader: until the page before copy `fill` (page q) in `slot`, page q - n, has been read.
 // A parity wait is exact here: copy fill - 1 was issued only after copy fill - 2 had been read.
 __device__ __forceinline__ void ring_wait_read(const WeightRing& r, int slot, int fill, int q) {
-    for (long long spin = 0;; ++spin) {
+    for (unsigned long long since = 0;;) {
         if (nrt::mbar_try_wait(r.empty + slot, (unsigned)(fill - 1) & 1u)) return;
-        if (spin == kRingSpinLimit) fail(r.debug, blockIdx.x + 1, q, -4, slot, fill);
+        if (ring_wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -4, slot, fill);
     }
 }
 

@@ -37,7 +37,6 @@ class FakeKernel:
         return self.static
 
 
-
 class FakeRuntime:
     """A runtime whose kernel cache records what was asked: ``(source, name, signature)``.
 

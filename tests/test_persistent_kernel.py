@@ -55,6 +55,11 @@ def test_kernel_enums_match_the_python_side():
     assert layer[-1] == "kLayerSlots" and tuple(_snake(s) for s in layer[:-1]) == pk.LAYER_SLOTS
     ops = _enum(text, "Op")
     assert ops[0] == "EMBED = 1" and [o.split()[0] for o in ops] == [o.name for o in Op]
+    # ring_page_starts names the weight-streaming opcodes by number (kernels/ops may not import the
+    # backends' Op): they must be the ones the kernel's gemv_k gives a row length.
+    assert {Op(code).name: length for code, length in pk._GEMV_K.items()} == {
+        "QKV": "hidden", "O_PROJ": "q_width", "GATE_UP": "hidden", "DOWN": "inter", "LM_HEAD": "hidden"}
+    assert Op(pk._GATE_UP).name == "GATE_UP"
     assert int(re.search(r"kRowWords = (\d+);", text).group(1)) == ROW_WORDS
     assert int(re.search(r"sizeof\(PoolShared\) == (\d+)", text).group(1)) == pk.FINISH_SHARED_BYTES
     # The grid-wide top-K: the kernel's constants, the launcher's buffer sizes and the CPU model agree.

@@ -38,17 +38,21 @@ def _snake(k: str) -> str:
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_the_kernel_compiles_with_every_instantiation(arch):
-    cubin = compile_file("persistent_decode", arch, use_cache=arch != "sm_90a").cubin
+    cubin = compile_file(pk.SOURCE, arch, use_cache=arch != "sm_90a").cubin
     assert cubin[:4] == b"\x7fELF"
     for name in KERNELS:
         assert name.encode() in cubin, f"{name} missing for {arch}"
-    # The entries with a loader warpgroup fill the weight ring with bulk copies: sm_90 only.
+    # The entries with a loader warpgroup fill the weight ring with bulk copies: sm_90 only, and a
+    # module of their own (the default launch never compiles them).
     loaders = [pk.kernel_name(d, g, loader=True) for d in pk.HEAD_DIMS for g in pk.GROUP_BOUNDS]
+    assert not any(name.encode() in cubin for name in loaders)
+    cubin = compile_file(pk.LOADER_SOURCE, arch).cubin
     assert all((name.encode() in cubin) == (arch == "sm_90a") for name in loaders), arch
+    assert not any(f"{name}\0".encode() in cubin for name in KERNELS)
 
 
 def test_kernel_enums_match_the_python_side():
-    text = (SOURCE_DIR / "persistent_decode.cu").read_text()
+    text = (SOURCE_DIR / "persistent_decode.cuh").read_text()
     slots = _enum(text, "Slot")
     assert slots[-1] == "kNumSlots" and tuple(_snake(s) for s in slots[:-1]) == pk.SLOTS
     layer = _enum(text, "LayerSlot")
@@ -74,7 +78,7 @@ def test_kernel_enums_match_the_python_side():
     assert sort == [topk.SORT_BUCKETS, topk.CROWDED, topk.BUCKET_SORT_MAX]
     tiles = (SOURCE_DIR / "persistent_tiles.cuh").read_text()
     assert int(re.search(r"kThreads = (\d+);", tiles).group(1)) == pk.THREADS
-    kernel = (SOURCE_DIR / "persistent_decode.cu").read_text()
+    kernel = (SOURCE_DIR / "persistent_decode.cuh").read_text()
     assert int(re.search(r"kLoaderThreads = (\d+);", kernel).group(1)) == pk.LOADER_THREADS
     assert int(re.search(r"kMaxSplits = (\d+);", tiles).group(1)) == pk.MAX_SPLITS
 
@@ -138,6 +142,9 @@ def test_launcher_grid_kernel_and_refusals(monkeypatch):
     loaded = _launch(rt, ring=True, loader=True)  # a loader warpgroup fills it: the _loader entry, 384 threads
     assert loaded.name == "persistent_decode_loader_d64_g2" and loaded.block == (256 + pk.LOADER_THREADS, 1, 1)
     assert loaded.shared == ringed.shared
+    # Each from its module: the loader entries are a module of their own, compiled only when asked for.
+    assert [a[:2] for a in rt.asked[-3:]] == [(pk.SOURCE, ringed.name), (pk.SOURCE, ringed.name),
+                                            (pk.LOADER_SOURCE, loaded.name)]
     with pytest.raises(ValueError, match="loader=True needs ring=True"):
         _launch(rt, loader=True)
     assert pk.FINISH_SHARED_BYTES > 4 * 512
@@ -334,7 +341,7 @@ def test_persistent_decode_uploads_the_program_and_points_at_the_runner_buffers(
             (st,) = dec.stages(True)
             assert st.name == "decode.persistent.sample" and st.kernel is dec.program(True)[1]
             for source, name, _ in rt.asked:
-                if source == pk.SOURCE:
+                if source in (pk.SOURCE, pk.LOADER_SOURCE):
                     assert name.encode() in compile_file(source, "sm_90a").cubin
         finally:
             dec.free()
@@ -383,7 +390,7 @@ def test_the_runner_refuses_a_bad_decode_switch_before_any_upload(monkeypatch, n
     ([-8, 612, -1, 0, 0], "SM 7's instruction list has 612 rows, more than the shared memory was sized for"),
 ])
 def test_the_fault_record_names_what_the_kernel_was_stuck_on(words, text):
-    """The debug words a trapping kernel leaves (persistent_decode.cu wait_row, the unknown-opcode
+    """The debug words a trapping kernel leaves (persistent_decode.cuh wait_row, the unknown-opcode
     default, the list-length check with -1 in the third word; persistent_ring.cuh ring_wait with -3,
     ring_wait_read, the loader's, with -4)
     read back as one sentence."""

@@ -1,5 +1,5 @@
 // Argmax with the sampler's tie rule: larger value, then lower index; NaN never wins.
-// Shared by sampling.cu and persistent_decode.cu (its greedy partials and finish).
+// Shared by sampling.cu and persistent_decode.cuh (its greedy partials and finish).
 #pragma once
 
 #include <cuda/std/climits>

@@ -169,7 +169,7 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kUnroll][GM], con
 }
 
 // Merge softmax state (m_o, l_o, acc_o) of the lane `off` away into (m, l, acc); all in the
-// exp2 domain. Shared by attention_decode.cu and persistent_decode.cu.
+// exp2 domain. Shared by attention_decode.cu and persistent_decode.cuh.
 template <int GM>
 __device__ __forceinline__ void merge_state(float (&m)[GM], float (&l)[GM], float (&acc)[GM][8], int off,
                                             int G) {
@@ -207,7 +207,7 @@ __device__ __forceinline__ void rope_pair(float& x1, float& x2, int t, float inv
 // and x2[k] = x[D/2 + lane + 32k]. Optional per-head RMSNorm (Qwen3 q_norm / k_norm; w null:
 // none), then RoPE at position t. The angle is computed like HF: freq = float(t) * inv_freq[j]
 // in fp32, then sincosf (accurate for the large arguments of long contexts). Shared by
-// rope.cu and persistent_decode.cu so both compute the same bits.
+// rope.cu and persistent_decode.cuh so both compute the same bits.
 template <int D>
 __device__ __forceinline__ void norm_rope_head(float (&x1)[D / 64], float (&x2)[D / 64], const float* w,
                                                float eps, int t, const float* __restrict__ inv_freq,

@@ -2,11 +2,12 @@
 //
 // Most kernels run every thread of the block through this code, and these are __syncthreads and
 // blockDim.x. The persistent decode kernel's warp-specialised entries also hold a loader
-// warpgroup that never runs it (persistent_decode.cu): that translation unit defines
+// warpgroup that never runs it (persistent_decode.cuh): that header defines
 // NRT_BLOCK_THREADS to its compute threads before including anything, and the barriers become
 // named barriers over those threads only (a block barrier would wait for the loader forever).
 // Named barrier 0 is __syncthreads's own; 1 and 2 are taken here.
 #pragma once
+#define NRT_BLOCK_CUH 1  // persistent_decode.cuh checks it was included first
 
 namespace nrt {
 

@@ -24,7 +24,7 @@
 // With a loader warpgroup (the _loader entries, NEXUSRT_PERSISTENT_RING=loader) the readers do
 // not issue copies: a reader done with page q arrives on its slot's `empty` barrier, and the
 // loader warp, which issues every page in order, waits for that before issuing page q + n
-// (persistent_decode.cu ring_load). Everything else above holds unchanged.
+// (persistent_decode.cuh ring_load). Everything else above holds unchanged.
 //
 // Each row's sum is row_dot's (lane l adds chunks l, l + 32, ... in order, then warp_sum), so
 // the logits keep the bits of the kernel's 16-byte-load path and the graph path's GEMV order.

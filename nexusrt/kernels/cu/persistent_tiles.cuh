@@ -1,4 +1,4 @@
-// The tiles of the persistent decode kernel (persistent_decode.cu): one device function per
+// The tiles of the persistent decode kernel (persistent_decode.cuh): one device function per
 // opcode of nexusrt/backends/cuda/megakernel/instructions.py Op, each the arithmetic of the
 // verified graph-path kernel it replaces (gemv.cu, rope.cu, attention_decode.cu, elementwise.cu
 // embedding, sampling.cu: its greedy partial/combine and, shared through sampling_topk.cuh, its
@@ -243,7 +243,7 @@ __device__ __forceinline__ void sample_partial_tile(const float* logits, int a, 
 }
 
 // SAMPLE_GATHER of chunk logits[a, b) (sampled steps only; a greedy step skips its waits and
-// this, see persistent_decode.cu): phase 2 of the grid-wide top-K, the chunk's candidates into
+// this, see persistent_decode.cuh): phase 2 of the grid-wide top-K, the chunk's candidates into
 // the pool when the complete histogram says they fit. stage (stage_cap keys) overlays the staged
 // GEMV input, which the caller must then consider lost.
 __device__ __forceinline__ void sample_gather_tile(const float* logits, int a, int b, int vocab,

@@ -1,6 +1,8 @@
-"""Launcher for ``cu/persistent_decode.cu``: a whole decode step in one cooperative launch of one
-256-thread block per SM, each walking its own instruction list (the program that
-``nexusrt.backends.cuda.megakernel.lower`` builds).
+"""Launcher for the persistent decode kernel (``cu/persistent_decode.cuh``): a whole decode step in
+one cooperative launch of one 256-thread block per SM, each walking its own instruction list (the
+program that ``nexusrt.backends.cuda.megakernel.lower`` builds). Its entries are two modules:
+``persistent_decode.cu`` and, for the loader warpgroup, ``persistent_decode_loader.cu``, which
+only a launch with ``loader=True`` compiles.
 
 With ``ring=True`` the GEMV tiles read their weights from a ring of shared-memory pages that the
 bulk-copy engine fills ahead of the list (``cu/persistent_ring.cuh``): :func:`ring_page_starts`
@@ -30,9 +32,10 @@ from .common import check_positive, check_tensor, ptr, resident_blocks, sm_count
 from .spec import LaunchSpec
 
 SOURCE = "persistent_decode"
+LOADER_SOURCE = "persistent_decode_loader"  # the _loader entries (sm_90): half the kernel's compile time
 SIGNATURE = "ptr"
 THREADS = 256  # kThreads in persistent_tiles.cuh
-LOADER_THREADS = 128  # kLoaderThreads in persistent_decode.cu: the _loader entries' loader warpgroup
+LOADER_THREADS = 128  # kLoaderThreads in persistent_decode.cuh: the _loader entries' loader warpgroup
 HEAD_DIMS = (64, 128)
 GROUP_BOUNDS = (1, 2, 4, 8)  # the GM template arguments compiled
 MAX_SPLITS = 128  # kMaxSplits: attention parts per KV head the combine can weigh
@@ -205,7 +208,7 @@ def persistent_decode(rt, params, *, hidden: int, inter: int, num_q_heads: int, 
         raise ValueError("the loader warpgroup fills the weight ring: loader=True needs ring=True")
     threads = THREADS + (LOADER_THREADS if loader else 0)
     name = kernel_name(head_dim, num_q_heads // num_kv_heads, loader=loader)
-    kernel = rt.kernels.get(SOURCE, name, SIGNATURE)
+    kernel = rt.kernels.get(LOADER_SOURCE if loader else SOURCE, name, SIGNATURE)
     check_positive(slice_rows=slice_rows)
     lead = shared_bytes(hidden, inter, num_q_heads * head_dim, slice_rows)
     if lead > SMEM_OPTIN_LIMIT:

@@ -1,4 +1,4 @@
-"""The persistent kernel's counters across steps, in Python: the rule ``persistent_decode.cu``
+"""The persistent kernel's counters across steps, in Python: the rule ``persistent_decode.cuh``
 applies, so it can be tested on the CPU (including the 2**32 wrap-around).
 
 Counters are uint32 in global memory and never reset between steps. Counter ``c`` receives

@@ -57,7 +57,7 @@ class StepResult:
 
 def waits_met(ins: Instruction, counters, sampling: SamplingParams) -> bool:
     """Whether ``ins`` may run: every wait met, except that a greedy step's gathers skip their
-    waits (``waits_apply`` of ``persistent_decode.cu``: they do nothing then)."""
+    waits (``waits_apply`` of ``persistent_decode.cuh``: they do nothing then)."""
     if ins.op == Op.SAMPLE_GATHER and sampling.greedy:
         return True
     return all(counters[c] >= t for c, t in ins.waits)

@@ -87,3 +87,30 @@ def test_byte_tokenizer():
     assert tok.decode(ids + [257, 300, 104]) == "héh"
     assert tok.decode(ids + [257], skip_special_tokens=False) == "<|bos|>hé<|eos|>"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_encoding_a_long_prompt_lets_other_threads_run():
+    """A server tokenizes on a worker thread; its event loop must go on meanwhile, so encode must
+    release the GIL (``tokenizers``' encode does not, its encode_batch does)."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import nexusrt
+
+    tok = HFTokenizer(Path(nexusrt.__file__).parent / "models" / "stdlib_tiny")
+    text = "import os\n" * 200_000
+    took = []
+    worker = threading.Thread(target=lambda: took.append((time.perf_counter(), len(tok.encode(text)),
+                                                          time.perf_counter())))
+    t0 = time.perf_counter()
+    worker.start()
+    ticks = 0
+    while worker.is_alive():
+        time.sleep(0.002)
+        ticks += 1
+    worker.join()
+    (_, n, t1), = took
+    assert n > 200_000
+    # Holding the GIL, the loop above would tick about once in the whole encode.
+    assert ticks >= min(20, (t1 - t0) / 0.02), (ticks, t1 - t0)

@@ -249,6 +249,8 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
                 r = c.post("/v1/completions", json=body)
             with lock:
                 statuses.append((r.status_code, r.json()))
+                if r.status_code == 429:
+                    assert r.headers["retry-after"] == "1"
 
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
@@ -283,6 +285,14 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
     finally:
         if srv.proc.poll() is None:
             srv.stop()
+
+
+def test_an_idle_server_stops_at_once_not_after_the_drain():
+    srv = ServerProcess("--drain-seconds", "8")
+    t0 = time.monotonic()
+    rc, out = srv.stop()
+    assert rc == 0 and "Traceback" not in out, out
+    assert time.monotonic() - t0 < 5, out  # it waited for the 8 s drain timer before
 
 
 def test_serve_without_the_server_packages_says_what_to_install(monkeypatch):

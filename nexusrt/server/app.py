@@ -4,8 +4,10 @@
 (streamed as server-sent events with ``"stream": true``), ``GET /metrics`` (Prometheus text).
 Every request goes through the engine (:meth:`nexusrt.engine.llm.LLM.submit`), so concurrent
 requests are batched. A bad request gets 400 with OpenAI's error body naming the field; a
-full queue 429; a server shutting down 503. A client that disconnects has its request
-cancelled and its KV blocks freed. One log line per request.
+full queue 429; a server shutting down 503; a body that does not arrive within
+:data:`BODY_TIMEOUT_S` 408. A client that disconnects has its request cancelled and its KV blocks
+freed. One log line per request. Tokenizing a prompt (up to the 4 MiB body: seconds) runs on a
+worker thread, so one long prompt does not hold up every other client.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -32,6 +34,8 @@ from .protocol import (CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, KV_FIE
                        parse_json)
 
 MAX_BODY = 4 << 20  # bytes of a request body
+BODY_TIMEOUT_S = 30.0  # seconds a client may take to send its body: a stalled sender holds a handler
+MAX_PATH_ECHO = 200  # characters of an unknown path an error message repeats
 log = logging.getLogger("nexusrt.server")
 
 
@@ -54,17 +58,27 @@ class ServerState:
                  (time.perf_counter() - t0) * 1e3, extra)
 
 
-def _error(e: BadRequest) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+class ClientGone(Exception):
+    """The client hung up before its request body had arrived."""
+
+
+def _error(e: BadRequest, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 async def _read_body(request: Request) -> bytes:
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"the request body exceeds {MAX_BODY} bytes", None, 413)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise BadRequest(f"the request body exceeds {MAX_BODY} bytes", None, 413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", None, 408) from None
+    except ClientDisconnect:
+        raise ClientGone from None
     return b"".join(chunks)
 
 
@@ -133,10 +147,13 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     try:
         c = parse(parse_json(await _read_body(request)), chat, state.model_id, state.llm.runner.max_context)
         bridge = Bridge(asyncio.get_running_loop())
-        req = _submit(state, c, bridge)
+        req = await asyncio.to_thread(_submit, state, c, bridge)  # tokenizing: off the event loop
+    except ClientGone:
+        state.done(request, 499, t0, error="'the client left before its body arrived'")
+        return Response(status_code=499)  # nobody reads it
     except BadRequest as e:
         state.done(request, e.status, t0, error=repr(e.message[:120]))
-        return _error(e)
+        return _error(e, {"retry-after": "1"} if e.status == 429 else None)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
             "model": state.model_id}
     watcher = asyncio.ensure_future(wait_disconnect(request.receive))
@@ -251,9 +268,11 @@ def create_app(llm, model_id: str, kv: dict | None = None) -> Starlette:
         return await _generate(state, request, chat=True)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        e = BadRequest(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code)
+        path = request.url.path
+        path = path if len(path) <= MAX_PATH_ECHO else path[:MAX_PATH_ECHO] + "..."
+        e = BadRequest(f"{request.method} {path}: {exc.detail}", None, exc.status_code)
         state.done(request, exc.status_code, time.perf_counter())
-        return _error(e)
+        return _error(e, exc.headers)  # a 405's Allow
 
     app = Starlette(routes=[
         Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),

@@ -76,6 +76,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
 
         class Server(uvicorn.Server):
             failure: BaseException | None = None
+            drain: threading.Timer | None = None
 
             async def on_tick(self, counter: int) -> bool:
                 # uvicorn ticks every 0.1 s; a dead worker leaves the engine unable to run a step
@@ -99,7 +100,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                     state.accepting = False
                     # Cancel in the engine, so every open request ends as a response, before uvicorn
                     # would cancel the tasks themselves.
-                    threading.Timer(drain_s, llm.engine.stop).start()
+                    self.drain = threading.Timer(drain_s, llm.engine.stop)
+                    self.drain.daemon = True  # an idle server exits when uvicorn is done, not after the drain
+                    self.drain.start()
                 super().handle_exit(sig, frame)
                 # uvicorn re-raises captured signals after its shutdown, which would end the process
                 # before llm.close(); a drained SIGTERM is a clean exit (status 0) instead.
@@ -110,7 +113,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
         server = Server(config)
-        server.run()
+        try:
+            server.run()
+        finally:
+            if server.drain is not None:
+                server.drain.cancel()  # every request ended before the drain did; llm.close() below
         return 0 if server.failure is None else 1
     finally:
         llm.close()  # cancels whatever is left; its blocks go back to the pool

@@ -58,6 +58,7 @@ def test_a_layer_over_budget_names_the_layer_and_both_counts():
     (dict(working="x", budgets={"working": -1}), "'working' must be an integer >= 0"),
     (dict(working="x", on_overflow="drop"), "on_overflow must be one of"),
     (dict(), "at least one non-empty layer"),
+    (dict(working="a\ud800b"), r"context layer 'working' is not valid UTF-8 text \(position 1"),  # JSON's \ud800
 ])
 def test_bad_contexts_are_refused_when_made(kw, match):
     with pytest.raises(ValueError, match=match):

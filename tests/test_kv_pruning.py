@@ -129,6 +129,9 @@ def test_a_cancelled_pruned_request_frees_everything(tiny_llm):
     (dict(kv_policy="lru", kv_budget=8), ValueError, "kv_policy must be one of"),
     (dict(kv_policy="h2o", kv_budget=64, kv_protect=["system"]), ValueError, "must be an nrt.Context"),
     (dict(kv_budget_tokens=64), TypeError, "unexpected keyword argument 'kv_budget_tokens'"),
+    (dict(kv_policy=False), ValueError, "kv_policy must be one of .*got False"),  # not taken as "full"
+    (dict(kv_policy="h2o", kv_budget=64, kv_protect=5), TypeError, "kv_protect must be a context layer's name"),
+    (dict(kv_policy="h2o", kv_budget=64, kv_protect={"system": 1}), TypeError, "kv_protect must be"),
 ])
 def test_bad_kv_options_fail_before_any_work(tiny_llm, kw, err, match):
     with pytest.raises(err, match=match):

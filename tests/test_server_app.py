@@ -1,6 +1,7 @@
 """The server's app in process (no socket): where a prompt is tokenized, clients that stall or leave
-while sending their body, and the HTTP details of its error answers. ``tests/test_server.py`` runs
-the whole server in a subprocess."""
+while sending their body, the HTTP details of its error answers, the OpenAI fields it refuses or
+takes, and the limits of a KV pool smaller than the context. ``tests/test_server.py`` runs the whole
+server in a subprocess."""
 
 from __future__ import annotations
 
@@ -96,3 +97,87 @@ def test_error_answers_keep_their_http_headers_and_a_short_path(app):
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     r = _request(app, "GET", "/" + "x" * 10_000)
     assert r.status_code == 404 and len(r.json()["error"]["message"]) < server_app.MAX_PATH_ECHO + 100
+
+
+def _parse(body: dict, chat: bool = False):
+    from nexusrt.server.protocol import parse
+
+    base = {"model": MODEL, **({"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"})}
+    return parse({**base, **body}, chat, MODEL, 256)
+
+
+def _refused(body: dict, chat: bool = False):
+    from nexusrt.server.protocol import BadRequest
+
+    with pytest.raises(BadRequest) as info:
+        _parse(body, chat)
+    return info.value
+
+
+@pytest.mark.parametrize("name, value", [
+    ("logprobs", 1), ("logprobs", 0), ("logprobs", True), ("top_logprobs", 2), ("echo", True), ("best_of", 3),
+    ("suffix", "x"), ("presence_penalty", 2.0), ("frequency_penalty", -1), ("logit_bias", {"1": 100}),
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("tool_choice", "required"),
+])
+def test_openai_fields_that_would_be_ignored_are_refused_by_name(name, value):
+    e = _refused({name: value}, chat=True)
+    assert e.param == name and "not supported" in e.message
+
+
+def test_their_no_op_values_and_null_are_taken_as_left_out():
+    c = _parse({"logprobs": False, "top_logprobs": 0, "echo": False, "best_of": 1, "suffix": "",
+                "presence_penalty": 0.0, "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+                "tools": [], "tool_choice": "none", "stream": None, "stream_options": None, "n": None})
+    assert not c.stream and not c.include_usage and c.max_tokens is None
+
+
+def test_stream_options_n_and_both_token_limits_are_checked():
+    assert _refused({"stream": False, "stream_options": {"include_usage": True}}).param == "stream_options"
+    assert _parse({"stream": True, "stream_options": {"include_usage": True}}).include_usage
+    e = _refused({"n": 2})
+    assert e.param == "n" and e.message == "only n=1 is supported"
+    assert _refused({"max_tokens": "abc", "max_completion_tokens": 2}, chat=True).param == "max_tokens"
+    assert _parse({"max_tokens": 9, "max_completion_tokens": 2}, chat=True).max_tokens == 2
+
+
+def test_chat_content_as_text_parts_null_assistant_turns_and_the_developer_role():
+    msgs = [{"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None}, {"role": "user", "content": "c"}]
+    c = _parse({"messages": msgs}, chat=True)
+    assert c.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
+                        {"role": "assistant", "content": ""}, {"role": "user", "content": "c"}]
+    image = {"type": "image_url", "image_url": {"url": "http://x"}}
+    e = _refused({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]}, chat=True)
+    assert e.param == "messages[0].content[1]" and "'image_url' part" in e.message
+    assert _refused({"messages": [{"role": "user", "content": None}]}, chat=True).param == "messages[0].content"
+    e = _refused({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, chat=True)
+    assert e.param == "messages[0].content[0].text" and "UTF-8" in e.message
+
+
+def test_a_prompt_beyond_the_context_says_so_with_openais_code_and_no_server_paths(app):
+    r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "word " * 400, "max_tokens": 4})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
+    assert "context is 256 tokens; the prompt is" in err["message"] and "config.json" not in err["message"]
+
+
+def test_a_kv_pool_smaller_than_the_context_bounds_the_default_and_takes_the_blame():
+    small = LLM(MODEL, backend="cpu", max_context=256, kv_memory=1 << 18)  # 4 blocks: 64 tokens
+    try:
+        app = server_app.create_app(small, MODEL)
+        assert app.state.server.max_request_tokens == 64
+        models = _request(app, "GET", "/v1/models").json()
+        assert models["data"][0]["max_model_len"] == 64
+        ok = _request(app, "POST", "/v1/chat/completions",
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "def f():"}]})
+        assert ok.status_code == 200 and ok.json()["usage"]["total_tokens"] <= 64  # chat's 256 fitted to the pool
+        long = {"role": "user", "content": "x " * 90}
+        r = _request(app, "POST", "/v1/chat/completions", json={"model": MODEL, "messages": [long]})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "messages" and "KV pool holds 64" in err["message"]
+        r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "def f():", "max_tokens": 100})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "max_tokens" and "KV pool holds 64" in err["message"]
+    finally:
+        small.close()

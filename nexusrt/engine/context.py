@@ -34,6 +34,15 @@ DEFAULT_BUDGETS = {"system": 256, "persona": 512, "instructions": 1024, "referen
 OVERFLOW = ("error", "truncate")
 
 
+def check_text(text: str, what: str) -> None:
+    """Text from outside (argv, a file, JSON with escapes) may carry lone surrogates, which no
+    tokenizer can take: a ValueError naming ``what`` and where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
+
+
 @dataclass(frozen=True)
 class Context:
     """A prompt built of the five ICM layers (empty layers are left out).
@@ -55,6 +64,7 @@ class Context:
         for name in LAYERS:
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"context layer {name!r} must be a string, got {type(getattr(self, name)).__name__}")
+            check_text(getattr(self, name), f"context layer {name!r}")
         if not isinstance(self.budgets, dict):
             raise TypeError(f"budgets must be a dict of layer -> tokens, got {type(self.budgets).__name__}")
         for name, b in self.budgets.items():

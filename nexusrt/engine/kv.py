@@ -58,10 +58,13 @@ def shape(prompt, options: dict, tokenizer):
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r} (KV options: {', '.join(OPTIONS)})")
-    policy = options.get("kv_policy") or "full"
+    policy = options.get("kv_policy")
+    policy = "full" if policy is None else policy  # anything else KvPolicy checks by name
     protect = options.get("kv_protect") or ()
     if isinstance(protect, str):
         protect = (protect,)
+    if not isinstance(protect, (list, tuple)) or not all(isinstance(name, str) for name in protect):
+        raise TypeError(f"kv_protect must be a context layer's name or a list of them, got {protect!r:.60}")
     ranges = ()
     if protect:
         if not isinstance(prompt, Rendered):

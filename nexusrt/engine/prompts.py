@@ -6,18 +6,19 @@ import time
 
 from ..reference.sampling import SamplingParams
 from ..errors import NexusRTError
-from .context import Context, Rendered, render
+from .context import Context, Rendered, check_text, render
 from .kv import Pruned
 from .kv import shape as kv_shape
 from .session import Session
 
 
-def check_text(text: str, what: str) -> None:
-    """Text from outside (argv, a file) may carry lone surrogates for invalid UTF-8 bytes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
+class PromptTooLong(ValueError):
+    """The prompt alone is longer than the context: ``tokens`` of it against ``limit``."""
+
+    def __init__(self, tokens: int, limit: int, source: str):
+        self.tokens, self.limit = tokens, limit
+        super().__init__(f"the prompt is {tokens} tokens but the context holds {limit} "
+                         f"(max_position_embeddings in {source}, or max_context)")
 
 
 def messages_for(prompt, chat: bool, system: str | None):
@@ -92,8 +93,7 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
         raise ValueError("the prompt encodes to no tokens (empty prompt and no BOS token)")
     limit = max_context
     if len(ids) > limit:
-        raise ValueError(f"the prompt is {len(ids)} tokens but the context holds {limit} "
-                         f"(max_position_embeddings in {model.config.source}, or max_context)")
+        raise PromptTooLong(len(ids), limit, model.config.source)
     session = Session(model.tokenizer, model.eos_token_ids, stops, len(ids), emit, max_new_tokens)
     session.context = report
     return session, ids, params, {"tokenize_s": tokenize_s}

@@ -25,7 +25,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..engine.context import Context
+from ..engine.prompts import PromptTooLong
 from ..engine.requests import Cancelled
+from ..kvcache.blocks import BLOCK_SIZE
 from ..errors import ModelError, NexusRTError
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render, swap_gauges
@@ -48,6 +50,12 @@ class ServerState:
         self.created = int(time.time())
         self.accepting = True
         self.http = Counter()  # status code -> responses
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Tokens one request may hold without KV pruning: the context, or the KV pool when that is
+        smaller (``--kv-memory``)."""
+        return min(self.llm.runner.max_context, self.llm.engine.engine.blocks.num_blocks * BLOCK_SIZE)
 
     def done(self, request: Request, status: int, t0: float, **fields) -> None:
         """Count the response and write its log line."""
@@ -86,6 +94,7 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
     if not state.accepting:
         raise BadRequest("the server is shutting down", None, 503, "server_error")
     field = CONTEXT_FIELD if isinstance(c.prompt, Context) else "messages" if c.chat else "prompt"
+    n = None
     try:
         limit = state.llm.runner.max_context
         wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
@@ -93,13 +102,23 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling,
                                 **kv)
         n = len(req.seq.prompt_ids)
-        if n + wanted > limit and c.max_tokens is None and n < limit:  # the default: what the context leaves
-            req = state.llm.prepare(c.prompt, limit - n, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end,
+        room = limit if req.seq.kv.prunes else state.max_request_tokens  # a pruned cache stays in its budget
+        if c.max_tokens is None and n + wanted > room:  # the default: what the context (or the pool) leaves
+            if n >= room:
+                where = (f"this server's KV pool holds {room} tokens for one request" if room < limit
+                         else f"this model's context is {limit} tokens")
+                raise BadRequest(f"{where}; the prompt is {n}, which leaves no room to generate", field,
+                                 code="context_length_exceeded")
+            req = state.llm.prepare(c.prompt, room - n, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end,
                                     **c.sampling, **kv)
         elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
             raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
-                             f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field)
+                             f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field,
+                             code="context_length_exceeded")
         return req.submit()
+    except PromptTooLong as e:
+        raise BadRequest(f"this model's context is {e.limit} tokens; the prompt is {e.tokens}", field,
+                         code="context_length_exceeded") from None
     except QueueFull as e:
         raise BadRequest(str(e), None, 429, "rate_limit_exceeded") from None
     except EngineStopped as e:
@@ -110,8 +129,11 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         raise BadRequest(str(e), None, 503, "server_error") from None
     except (ValueError, TypeError) as e:
         msg = str(e)
-        param = ("max_tokens" if "KV blocks" in msg else KV_FIELD if "kv_" in msg
-                 else field if "prompt" in msg or "context layer" in msg else None)
+        if "KV blocks" in msg:  # the pool (--kv-memory) is smaller than the context
+            room = state.max_request_tokens
+            blame = "max_tokens" if c.max_tokens is not None and n is not None and n < room else field
+            raise BadRequest(f"{msg}: this server's KV pool holds {room} tokens for one request", blame) from None
+        param = KV_FIELD if "kv_" in msg else field if "prompt" in msg or "context layer" in msg else None
         raise BadRequest(msg, param) from None
 
 
@@ -238,7 +260,7 @@ def create_app(llm, model_id: str, kv: dict | None = None) -> Starlette:
         state.done(request, 200, time.perf_counter())
         return JSONResponse({"object": "list", "data": [
             {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "nexusrt",
-             "max_model_len": state.llm.runner.max_context}]})
+             "max_model_len": state.max_request_tokens}]})
 
     async def metrics(request: Request) -> Response:
         loop = state.llm.engine

@@ -2,7 +2,10 @@
 
 Every problem raises :class:`BadRequest` naming the field (``param``), which the app turns
 into HTTP 400 with OpenAI's error body. Unknown fields are ignored, as OpenAI's clients send
-some we do not use (``user``, ``logit_bias`` when empty, ...).
+some we do not use (``user``, ``metadata``, ...); a field of OpenAI's that would change the answer
+and that this server does not implement (``logprobs``, ``echo``, penalties, ``tools``, ...) is
+refused by name unless it holds its no-op value, rather than silently ignored. ``null`` is the
+field left out, everywhere.
 """
 
 from __future__ import annotations
@@ -18,19 +21,24 @@ KV_FIELD = "nexusrt_kv"  # extension: {policy, budget, sinks, window, protect} K
 KV_KEYS = ("policy", "budget", "sinks", "window", "protect")
 MAX_STOPS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions (OpenAI's default), chat
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
+# OpenAI's fields this server does not implement, with the values that ask for nothing.
+UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+               "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+               "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+               "tool_choice": ("none", "auto"), "function_call": ("none", "auto")}
 
 
 class BadRequest(Exception):
     """A request the server refuses with HTTP ``status``; ``param`` names the field."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -92,6 +100,39 @@ def _text(v, name) -> str:
     return v
 
 
+def _content(m: dict, i: int) -> str:
+    """A message's text: a string, a list of text parts (joined by newlines), or null for an
+    assistant turn (one that only called tools)."""
+    where, c = f"messages[{i}].content", m.get("content")
+    if c is None and m["role"] == "assistant":
+        return ""
+    if not isinstance(c, list):
+        return _text(c, where)
+    texts = []
+    for j, part in enumerate(c):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRequest(f"{where}[{j}] is a {kind!r} part; this server takes text parts only "
+                             "({\"type\": \"text\", \"text\": ...})", f"{where}[{j}]")
+        texts.append(_text(part.get("text"), f"{where}[{j}].text"))
+    return "\n".join(texts)
+
+
+def _same(v, n) -> bool:
+    """JSON equality: 0 and 0.0 agree, false and 0 do not."""
+    if isinstance(v, bool) or isinstance(n, bool):
+        return v is n
+    return v == n and isinstance(v, (int, float)) == isinstance(n, (int, float))
+
+
+def _unsupported(body: dict) -> None:
+    for name, no_op in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is not None and not any(_same(v, n) for n in no_op):
+            raise BadRequest(f"'{name}' is not supported by this server (it would be ignored); leave it out",
+                             name)
+
+
 def _context(body: dict, chat: bool):
     """The ``nexusrt_context`` extension: an :class:`nrt.Context` object in place of messages/prompt."""
     other = "messages" if chat else "prompt"
@@ -132,7 +173,8 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise BadRequest(f"messages[{i}] must be an object with a role in {', '.join(ROLES)}",
                                  f"messages[{i}].role")
-            prompt.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content")})
+            role = "system" if m["role"] == "developer" else m["role"]
+            prompt.append({"role": role, "content": _content(m, i)})
     else:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1:
@@ -140,10 +182,12 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
         if not isinstance(p, str):
             raise BadRequest("'prompt' must be a string (or a list of one string)", "prompt")
         prompt = _text(p, "prompt")
-    if _integer(body, "n", 1, 1) not in (None, 1):
+    _unsupported(body)
+    if _integer(body, "n", 1, 1 << 31) not in (None, 1):
         raise BadRequest("only n=1 is supported", "n")
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, 1, max_context)  # None: the default, fitted to the prompt by the app
+    max_tokens = _integer(body, "max_tokens", 1, max_context)  # None: the default, fitted by the app
+    if chat and body.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
+        max_tokens = _integer(body, "max_completion_tokens", 1, max_context)
     top_k = _integer(body, "top_k", -1, 1 << 31)
     sampling = {"temperature": _number(body, "temperature", 0, 2),
                 "top_p": _number(body, "top_p", 0, 1, lo_open=True),
@@ -154,14 +198,17 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
         raise BadRequest(f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
     stops = [_text(s, "stop") for s in stops]
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise BadRequest("'stream_options' is only for streamed requests (\"stream\": true)", "stream_options")
+    options = options or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object with a boolean include_usage", "stream_options")
-    return Completion(model, prompt, chat, max_tokens, sampling, stops, stream, bool(options.get("include_usage")),
-                      _kv(body))
+    return Completion(model, prompt, chat, max_tokens, sampling, stops, bool(stream),
+                      bool(options.get("include_usage")), _kv(body))
 
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}

@@ -94,6 +94,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                         "serving %s on http://%s:%d (%s backend%s, context %d, max batch %d, %d KV blocks)", model,
                         host, port, llm.backend, ", deterministic" if deterministic else "", llm.runner.max_context,
                         max_batch, engine.blocks.num_blocks)
+                    if state.max_request_tokens < llm.runner.max_context:
+                        logging.getLogger("nexusrt.server").warning(
+                            "the KV pool holds %d tokens, fewer than the context of %d: a request without KV "
+                            "pruning may hold at most that many (raise --kv-memory)", state.max_request_tokens,
+                            llm.runner.max_context)
 
             def handle_exit(self, sig, frame):  # stop taking requests at the signal, not after the grace
                 if state.accepting:

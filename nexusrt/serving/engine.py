@@ -59,8 +59,9 @@ class Engine:
         if seq.kv.prunes:  # pruned back to the budget after every step, so a step adds at most a chunk
             longest = min(longest, seq.kv.budget + self.scheduler.config.token_budget)
         if blocks_for(longest) > self.blocks.num_blocks:
-            raise ValueError(f"{longest} tokens need {blocks_for(longest)} KV blocks; the pool has "
-                             f"{self.blocks.num_blocks} (raise the KV memory or lower max_tokens)")
+            raise ValueError(f"{longest} tokens ({len(seq.prompt_ids)} in the prompt, up to {seq.max_new_tokens} to "
+                             f"generate) need {blocks_for(longest)} KV blocks; the pool has {self.blocks.num_blocks} "
+                             "(raise the KV memory, or ask for fewer tokens)")
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)

@@ -129,6 +129,15 @@ def test_index_pointing_outside_is_refused_end_to_end(ckpt, tmp_path):
     ("{% set ns = namespace(s=['x']) %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "'\\+' over"),
     ("{{ 'x' | center(10**9) }}", "filter 'center' was given 1000000000"),
     ("{{ 'x'.ljust(10**9) }}", "call of 'ljust' was given"),
+    # Widths inside format strings, and arguments that multiply each other, allocate before any
+    # result can be measured: refused before the call.
+    ('{{ "%03000000000d" | format(1) }}', "filter 'format' writes the width 03000000000"),
+    ('{{ "{:>999999999}".format(1) }}', "call of 'format' writes the width 999999999"),
+    ('{{ ("a\n" * 2000000) | indent(2000000) | length }}', "filter 'indent' would build a value of"),
+    ("{{ (['x' * 4000000] * 1000) | join }}", "filter 'join' would build a value of"),
+    ("{{ (['x' * 4000000] * 1000) | map('lower') | join }}", "filter 'join' would build a value of"),
+    ("{{ ''.join(['x' * 4000000] * 1000) }}", "call of 'join' would build a value of"),
+    ("{{ ('x' * 4000000) | replace('x', 'yyyy') }}", "filter 'replace' would build a value of"),
     ("{{ 2 ** (10 ** 9) }}", "too large to compute"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
     ("{{ 1 / 0 }}", "ZeroDivisionError"),

@@ -193,6 +193,10 @@ def test_symlinks_must_stay_inside_unless_allowed(tmp_path):
                                          "the checkpoint directory"):
         SafetensorsIndex.from_dir(ckpt)
     assert "w" in SafetensorsIndex.from_dir(CheckpointDir(ckpt, allow=[other]))
+    # A bare string would be trusted character by character ("/" among them: the whole filesystem).
+    for bad, match in (("/nonexistent", "the single path '/nonexistent'"), (5, "got int"), ([""], "non-empty")):
+        with pytest.raises(TypeError, match=match):
+            CheckpointDir(ckpt, allow=bad)
     # a link inside the directory is fine
     (ckpt / "model.safetensors").unlink()
     _one_f32(ckpt / "real.bin")

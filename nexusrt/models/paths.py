@@ -29,6 +29,20 @@ def hf_repo_folder(real_dir: Path) -> Path | None:
     return None
 
 
+def trusted_folders(allow) -> list:
+    """``allow_paths`` checked: a list (or tuple) of non-empty folder paths. A bare string would be
+    read character by character, and ``"/"`` among them would trust the whole filesystem."""
+    if isinstance(allow, (str, bytes, os.PathLike)):
+        raise TypeError(f"allow_paths must be a list of folders, got the single path {allow!r:.80} "
+                        f"(write allow_paths=[{allow!r:.60}])")
+    if not isinstance(allow, (list, tuple)):
+        raise TypeError(f"allow_paths must be a list of folders, got {type(allow).__name__}")
+    for a in allow:
+        if not isinstance(a, (str, os.PathLike)) or not str(a):
+            raise TypeError(f"allow_paths holds {a!r:.80}; each entry must be a non-empty folder path")
+    return list(allow)
+
+
 class CheckpointDir:
     """A checkpoint directory that hands out only safe paths inside it."""
 
@@ -40,7 +54,7 @@ class CheckpointDir:
             raise ModelError(f"{root}: cannot open the checkpoint directory: {exc.strerror or exc}") from None
         if not real.is_dir():
             raise ModelError(f"{root}: not a directory (expected a checkpoint directory with config.json)")
-        self.allowed = [real] + [Path(a).resolve() for a in allow]
+        self.allowed = [real] + [Path(a).resolve() for a in trusted_folders(allow)]
         repo = hf_repo_folder(real)
         if repo is not None:
             self.allowed.append(repo)

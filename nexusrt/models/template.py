@@ -10,7 +10,12 @@ per render:
   template that loops, recurses or stalls stops within :attr:`Limits.seconds`;
 - a size limit on every string or list the template builds: ``*``, ``+``, ``**``, ``~``
   (concatenation), filter and method results, integer arguments to filters and methods (so
-  ``center(10**9)`` is refused before it allocates), and the rendered output itself.
+  ``center(10**9)`` is refused before it allocates), and the rendered output itself;
+- before the call, the size of what a filter or method would build where one argument multiplies
+  another (``join`` of many references to one long string, ``indent`` of many lines by a wide
+  margin, ``replace``, ``expandtabs``) and the widths written inside format strings
+  (``"%09999999d" | format(1)``, ``"{:>999999999}".format(1)``): these allocate before any result
+  can be measured.
 
 A template that breaks a limit raises :class:`~nexusrt.errors.ModelError` naming the
 template's file and the limit; so does any error the template raises while rendering.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import operator
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -66,11 +72,74 @@ def _check_int_args(args, kwargs, what: str) -> None:
             raise TemplateLimitError(f"{what} was given {a}, over the {limit} limit")
 
 
+def _format_widths(fmt: str, what: str) -> None:
+    # A width or precision inside a format string allocates as much as the number says.
+    limit = _limits.get().max_chars
+    for digits in re.findall(r"\d+", fmt):
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            raise TemplateLimitError(f"{what} writes the width {digits[:20]} in a format string, over the {limit} limit")
+
+
+def _predict(name: str, value, args, kwargs, what: str) -> None:
+    """Refuse, before it runs, a filter or str method (``value`` its subject) whose result would be
+    over the limit although no single argument is."""
+    if not isinstance(value, str) and name != "join":
+        return
+    arg = lambda i, key, default: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
+    size = 0
+    if name == "join" and isinstance(value, (list, tuple)):  # str.join(seq): value is the separator's seq
+        sep = arg(0, "d", "") if isinstance(arg(0, "d", ""), str) else ""
+        size = sum(_size(v) for v in value) + len(sep) * len(value)
+    elif name == "join" and isinstance(value, str) and args and isinstance(args[0], (list, tuple)):
+        size = sum(_size(v) for v in args[0]) + len(value) * len(args[0])
+    elif name == "indent" and isinstance(arg(0, "width", 4), int):
+        size = len(value) + (value.count("\n") + 1) * abs(arg(0, "width", 4))
+    elif name == "replace" and isinstance(arg(0, "old", None), str) and isinstance(arg(1, "new", None), str):
+        old, new = arg(0, "old", None), arg(1, "new", None)
+        size = len(value) + (len(value) + 1 if old == "" else value.count(old)) * len(new)
+    elif name == "expandtabs" and isinstance(arg(0, "tabsize", 8), int):
+        size = len(value) + value.count("\t") * abs(arg(0, "tabsize", 8))
+    elif name in ("format", "format_map"):
+        _format_widths(value, what)
+    if size > _limits.get().max_chars:
+        raise TemplateLimitError(f"{what} would build a value of {size} items, over the {_limits.get().max_chars} limit")
+
+
+def _bounded_list(items, what: str) -> list:
+    """``items`` (a generator) as a list, stopped as soon as the join of it would be over the limit:
+    a generator may make a new long string per item (``map('lower')``)."""
+    out, size, limit = [], 0, _limits.get().max_chars
+    for item in items:
+        out.append(item)
+        size += max(1, _size(item))
+        if size > limit:
+            raise TemplateLimitError(f"{what} would build a value of more than {limit} items, over the limit")
+    return out
+
+
+def _subject(args):
+    """A filter's value: its first argument after the context jinja passes to pass_* filters."""
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
+    rest = list(args)
+    while rest and (isinstance(rest[0], (EvalContext, Context)) or type(rest[0]).__name__.endswith("Environment")):
+        rest.pop(0)
+    return (rest[0], rest[1:]) if rest else (None, [])
+
+
 def _limited_filter(name: str, fn):
     @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment markers
     def wrapper(*args, **kwargs):
-        _check_int_args(args, kwargs, f"filter {name!r}")
-        return _check_size(fn(*args, **kwargs), f"filter {name!r}")
+        what = f"filter {name!r}"
+        _check_int_args(args, kwargs, what)
+        value, rest = _subject(args)
+        if name == "join" and value is not None and not isinstance(value, (str, list, tuple, dict)):
+            listed = _bounded_list(value, what)  # a generator (map, select): sized once it is a list
+            args = tuple(listed if a is value else a for a in args)
+            value = listed
+        _predict(name, value, rest, kwargs, what)
+        return _check_size(fn(*args, **kwargs), what)
     return wrapper
 
 
@@ -104,9 +173,26 @@ def make_environment(**options):
                 raise TemplateLimitError(f"'+' over the {_limits.get().max_chars} limit")
             return {"*": operator.mul, "**": operator.pow, "+": operator.add}[op](left, right)
 
+        def wrap_str_format(self, value):
+            # jinja hands a template str.format / format_map as its own wrapper (no __self__ by the
+            # time it is called), so the format string's widths are checked here.
+            wrapped = super().wrap_str_format(value)
+            if wrapped is None:
+                return None
+            fmt, what = value.__self__, f"call of {value.__name__!r}"
+
+            @functools.wraps(wrapped)
+            def checked(*args, **kwargs):
+                _format_widths(fmt, what)
+                return wrapped(*args, **kwargs)
+            return checked
+
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own spelling)
-            what = f"call of {getattr(__obj, '__name__', type(__obj).__name__)!r}"
+            name = getattr(__obj, "__name__", type(__obj).__name__)
+            what = f"call of {name!r}"
             _check_int_args(args, kwargs, what)
+            if isinstance(getattr(__obj, "__self__", None), str):  # a str method: "x".join(...), .format(...)
+                _predict(name, __obj.__self__, args, kwargs, what)
             return _check_size(super().call(__context, __obj, *args, **kwargs), what)
 
     return LimitedSandbox(**options)

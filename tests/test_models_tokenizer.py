@@ -114,3 +114,69 @@ def test_encoding_a_long_prompt_lets_other_threads_run():
     assert n > 200_000
     # Holding the GIL, the loop above would tick about once in the whole encode.
     assert ticks >= min(20, (t1 - t0) / 0.02), (ticks, t1 - t0)
+
+
+def _trained(kind: str):
+    """A small tokenizers.Tokenizer of one of the pipelines the checkpoints we load use."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    corpus = ["def main():\n    return os.path.join(a, b)  # café 東京 🙂 Москва", "    " * 40 + "x" * 60] * 50
+    if kind == "wordpiece":  # whitespace is dropped before the model sees it: no bound
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+        return tok
+    if kind == "metaspace":  # Llama 2 / Mistral: prepend and replace in the normalizer, byte fallback
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.ByteFallback()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"] + [f"<0x{i:02X}>" for i in range(256)])
+    else:  # byte-level, with NFC for "nfc" (Qwen 2) or without (Llama 3)
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if kind == "nfc":
+            tok.normalizer = normalizers.NFC()
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(["<|a_rather_long_special_token|>"])
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "nfc", "metaspace", "wordpiece"])
+def test_min_tokens_never_exceeds_what_encoding_gives(kind):
+    from nexusrt.models.tokenizer import _bytes_per_token
+
+    tok = _trained(kind)
+    per = _bytes_per_token(tok)
+    assert (per is None) == (kind == "wordpiece")
+    if per is None:
+        return
+    longest = max(tok.get_vocab(with_added_tokens=True), key=lambda s: len(s.encode()))
+    texts = ["    " * 500, "x" * 3000, "<|a_rather_long_special_token|>" * 100, "\u212a" * 500,  # Kelvin sign
+             "\U0001d400" * 500, "e\u0301" * 500, "\u1100\u1161\u11a8" * 300, "東京🙂" * 300, "\x00\x01\t" * 300,
+             longest.replace("Ġ", " ").replace("▁", " ") * 200]
+    for text in texts:
+        n = len(tok.encode_batch([text], add_special_tokens=False)[0].ids)
+        assert -(-len(text.encode()) // per) <= n, (kind, text[:20], per, n)
+
+
+def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(monkeypatch):
+    import time
+
+    import nexusrt as nrt
+    from nexusrt.engine.prompts import PromptTooLong
+
+    llm = nrt.LLM("nexusrt:stdlib-tiny", backend="cpu")
+    try:
+        calls = []
+        monkeypatch.setattr(llm.tokenizer, "encode", lambda *a, **k: calls.append(1) or [])
+        t0 = time.perf_counter()
+        with pytest.raises(PromptTooLong, match=r"at least \d+ tokens \(from its length, not tokenized\) but the "
+                                                r"context holds 2048") as info:
+            llm.generate("import os\n" * 5_000_000, max_new_tokens=1)  # 50 MB
+        assert info.value.at_least and info.value.tokens > 2048 and not calls
+        assert time.perf_counter() - t0 < 10  # the UTF-8 length of 50 MB; encoding it took 70 s and 9 GB
+        with pytest.raises(PromptTooLong, match="at least"):
+            llm.generate("x" * 1_000_000, max_new_tokens=1, chat=True)  # the rendered chat is what is bounded
+    finally:
+        llm.close()

@@ -12,12 +12,16 @@ from .kv import shape as kv_shape
 from .session import Session
 
 
+EXACT_COUNT_CHARS = 1 << 18  # a prompt this long or shorter is tokenized (well under a second) for an exact count
+
+
 class PromptTooLong(ValueError):
     """The prompt alone is longer than the context: ``tokens`` of it against ``limit``."""
 
-    def __init__(self, tokens: int, limit: int, source: str):
-        self.tokens, self.limit = tokens, limit
-        super().__init__(f"the prompt is {tokens} tokens but the context holds {limit} "
+    def __init__(self, tokens: int, limit: int, source: str, at_least: bool = False):
+        self.tokens, self.limit, self.at_least = tokens, limit, at_least
+        count = f"at least {tokens} tokens (from its length, not tokenized)" if at_least else f"{tokens} tokens"
+        super().__init__(f"the prompt is {count} but the context holds {limit} "
                          f"(max_position_embeddings in {source}, or max_context)")
 
 
@@ -84,16 +88,18 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
                   "truncated": {k: {"tokens": n, "budget": b} for k, (n, b) in prompt.truncated.items()}}
         prompt = prompt.prompt
     t0 = time.perf_counter()
-    if isinstance(prompt, list):
-        ids = model.tokenizer.encode_chat(prompt)
-    else:
-        ids = model.tokenizer.encode(prompt)
+    chat = isinstance(prompt, list)
+    text = model.tokenizer.apply_chat_template(prompt) if chat else prompt
+    if len(text) > EXACT_COUNT_CHARS:  # refused from its length alone: tokenizing 50 MB takes a minute and GBs
+        at_least = model.tokenizer.min_tokens(text)
+        if at_least > max_context:
+            raise PromptTooLong(at_least, max_context, model.config.source, at_least=True)
+    ids = model.tokenizer.encode(text, add_special_tokens=not chat)  # a rendered chat holds its specials
     tokenize_s = time.perf_counter() - t0
     if not ids:
         raise ValueError("the prompt encodes to no tokens (empty prompt and no BOS token)")
-    limit = max_context
-    if len(ids) > limit:
-        raise PromptTooLong(len(ids), limit, model.config.source)
+    if len(ids) > max_context:
+        raise PromptTooLong(len(ids), max_context, model.config.source)
     session = Session(model.tokenizer, model.eos_token_ids, stops, len(ids), emit, max_new_tokens)
     session.context = report
     return session, ids, params, {"tokenize_s": tokenize_s}

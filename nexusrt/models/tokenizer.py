@@ -9,6 +9,7 @@ tokens, so they are encoded with ``add_special_tokens=False``, as HF does.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import ModelError
@@ -31,6 +32,11 @@ class BaseTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the ids ``text`` encodes to, found without encoding it (0: none known),
+        so a prompt far over the context is refused before seconds and gigabytes of tokenizing."""
+        return 0
 
     def invisible(self, token_id: int) -> bool:
         """True when ``token_id`` never adds text in any context (streaming may skip it)."""
@@ -86,6 +92,47 @@ def _chat_template(files: CheckpointDir, cfg: Fields) -> tuple[str | None, str]:
     return template, source
 
 
+# The parts of a tokenizer.json pipeline after which a count of input bytes still bounds the
+# tokens from below: none of them drops input. (Whitespace splitting, BERT's cleaning, stripping
+# accents, or a BPE fusing unknown characters into one token could turn megabytes into a few ids.)
+_KEEPING_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace", "Sequence"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts", "Sequence"}
+NORMALIZED_SHRINK = 4  # input bytes per normalized byte at most (NFKC maps the 4-byte U+1D400 to "A")
+
+
+def _parts(state) -> list[dict]:
+    """Every component of a normalizer / pre-tokenizer JSON state, Sequences unrolled."""
+    out, todo = [], [state]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            out.append(node)
+            todo.extend(v for k in ("normalizers", "pretokenizers") for v in node.get(k) or [])
+    return out
+
+
+def _bytes_per_token(tok) -> int | None:
+    """The most input bytes one id of ``tok`` (a ``tokenizers.Tokenizer``) can stand for, or None
+    where its pipeline may drop input (then the bytes bound nothing)."""
+    model = tok.model
+    if type(model).__name__ != "BPE" or (model.unk_token and model.fuse_unk and not model.byte_fallback):
+        return None
+    for part in _parts(json.loads(tok.normalizer.__getstate__()) if tok.normalizer else None):
+        kind = part.get("type")
+        pattern = (part.get("pattern") or {}).get("String")
+        if kind not in _KEEPING_NORMALIZERS or (kind == "Replace" and (
+                pattern is None or len(part.get("content") or "") < len(pattern))):
+            return None
+    shrink = NORMALIZED_SHRINK if tok.normalizer else 1  # Lowercase too: the Kelvin sign's 3 bytes -> "k"
+    for part in _parts(json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer else None):
+        if part.get("type") not in _KEEPING_PRE_TOKENIZERS or part.get("behavior") == "Removed":
+            return None
+    # A token's text in the vocabulary is never shorter in UTF-8 than the input bytes it covers
+    # (byte-level BPE writes each byte as one 1-2 byte character, byte fallback as "<0x41>").
+    longest = max((len(s.encode("utf-8")) for s in tok.get_vocab(with_added_tokens=True)), default=1)
+    return max(longest, 4) * shrink  # an unknown character alone is one id of up to 4 bytes
+
+
 class HFTokenizer(BaseTokenizer):
     """``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``) of a checkpoint."""
 
@@ -114,6 +161,13 @@ class HFTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def min_tokens(self, text: str) -> int:
+        if not hasattr(self, "_per_token"):
+            self._per_token = _bytes_per_token(self._tok)
+        if self._per_token is None:
+            return 0
+        return -(-len(text.encode("utf-8", errors="surrogatepass")) // self._per_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch, not encode: the same ids, but it lets go of the GIL while it works, which
@@ -152,6 +206,9 @@ class ByteTokenizer(BaseTokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([self.BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
+
+    def min_tokens(self, text: str) -> int:
+        return len(text.encode("utf-8", errors="surrogatepass"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out, run = [], bytearray()

@@ -117,7 +117,8 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
                              code="context_length_exceeded")
         return req.submit()
     except PromptTooLong as e:
-        raise BadRequest(f"this model's context is {e.limit} tokens; the prompt is {e.tokens}", field,
+        raise BadRequest(f"this model's context is {e.limit} tokens; the prompt is {'at least ' * e.at_least}"
+                         f"{e.tokens}", field,
                          code="context_length_exceeded") from None
     except QueueFull as e:
         raise BadRequest(str(e), None, 429, "rate_limit_exceeded") from None

@@ -75,3 +75,7 @@ class ModelTooLarge(ModelError, MemoryError):
 
 class SchedulerError(NexusRTError):
     """Submitted work failed or a barrier timed out."""
+
+
+class NonFiniteLogits(NexusRTError):
+    """A step's logits hold a NaN, so no token is defined (broken weights: NaN or inf values)."""

@@ -284,3 +284,16 @@ def test_many_hostile_inputs_in_one_capped_process():
     assert len(out.splitlines()) == 7 and "t.jinja: chat template stopped" in out
     assert rss < 1024, f"peak RSS {rss:.0f} MiB"
     assert seconds < 60
+
+
+def test_nan_weights_are_a_clear_error_greedy_and_sampled(ckpt):
+    """A checkpoint of NaN weights: greedy argmax called every NaN row token 0, and a sampled step
+    died of an IndexError in the candidates; both now end with one line naming the cause."""
+    f = ckpt / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    f.write_bytes(raw[:8 + n] + b"\xc0\x7f" * ((len(raw) - 8 - n) // 2))  # bf16 NaN everywhere
+    for extra in ([], ["--temperature", "1"]):
+        rc, out, err, rss, seconds = run_bounded(CLI, "generate", "--model", str(ckpt), "--prompt", "hi",
+                                                 "--max-new-tokens", "3", *extra)
+        assert rc == 1 and "hold" in err and "NaN" in err and "not finite" in err and "Traceback" not in err, err

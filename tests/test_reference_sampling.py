@@ -115,3 +115,16 @@ def test_the_prefix_sums_are_one_sequential_chain():
     x, params, step = order_case.logits(), order_case.params(), order_case.step()
     assert sample(x, params, step) == 0  # each small weight rounds away against the 1.0
     assert order_case.chunked_pick(x, params, step) >= 32  # summed in chunks first, they count
+
+
+def test_nan_logits_define_no_pick():
+    import numpy as np
+
+    from nexusrt.errors import NonFiniteLogits
+    from nexusrt.reference.sampling import SamplingParams, sample
+
+    logits = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, seed=3)):
+        with pytest.raises(NonFiniteLogits, match="step 4 hold 1 NaN of 4"):
+            sample(logits, params, 4)
+    assert sample(np.array([0.5, np.inf, 2.0], np.float32), SamplingParams(), 0) == 1  # inf: still a pick

@@ -14,6 +14,9 @@ seed)`` and the 0-based index ``step`` of the token being generated:
 5. **Draw**: ``u = uniform(seed, step)``; in float64, ``target = u * c_{n-1}``; the pick
    is the first candidate ``j < n`` with ``c_j > target`` (``n-1`` if none).
 
+Logits holding a NaN define no pick: :func:`sample` raises
+:class:`~nexusrt.errors.NonFiniteLogits` (a checkpoint with NaN or inf weights gets there).
+
 ``uniform(seed, step) = (splitmix64(seed * 0x9E3779B97F4A7C15 + step) >> 11) * 2**-53``,
 all integer arithmetic mod 2**64 (``splitmix64``: :mod:`nexusrt.reference.rng`), so
 ``u`` is in ``[0, 1)`` with 53 random bits. A device ``expf`` may differ from NumPy's
@@ -28,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import NonFiniteLogits
 from .rng import GAMMA, MASK64, splitmix64
 
 K_MAX = 1024
@@ -92,6 +96,9 @@ def candidates(logits: np.ndarray, k: int) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     """The next token id under ``params`` at ``step`` (see the module docstring)."""
     logits = np.asarray(logits, dtype=np.float32)
+    if np.isnan(logits).any():  # argmax would call it token 0, and the candidates would be empty
+        raise NonFiniteLogits(f"the logits of step {step} hold {int(np.isnan(logits).sum())} NaN of {logits.size}: "
+                              "the model's weights (or what they computed) are not finite numbers")
     if params.greedy:
         return int(np.argmax(logits))
     return pick(logits, candidates(logits, candidate_count(params, logits.shape[0])), params, step)

@@ -66,8 +66,11 @@ def test_stream_not_iterated_holds_nothing_and_abandoned_stream_releases(llm):
     next(gen)
     with pytest.raises(NexusRTError, match="thread that holds an open stream"):
         llm.generate("inside my own stream", max_new_tokens=2)
+    with pytest.raises(NexusRTError, match=r"LLM\.close\(\) was called from the thread that holds an open stream"):
+        llm.close()  # refused before it stops anything: the LLM stays whole
     gen.close()
     assert llm.generate("after", max_new_tokens=2).token_ids
+    assert [r.token_ids for r in llm.generate(["a list", "goes through the engine"], max_new_tokens=2)]
 
 
 def test_calls_after_close_are_clear_errors(cpu_rt):

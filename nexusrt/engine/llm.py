@@ -326,6 +326,9 @@ class LLM:
         """
         if getattr(self, "runner", None) is None:
             return
+        if self._owner == threading.get_ident():  # refused before anything is stopped: nothing half closed
+            raise NexusRTError("LLM.close() was called from the thread that holds an open stream of this LLM; "
+                               "finish or close() that stream first")
         with self._loop_lock:  # no new engine loop may start once close() has taken this one
             self._closing = True
             loop, self._loop = self._loop, None

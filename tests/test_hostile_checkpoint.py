@@ -98,6 +98,28 @@ def test_deeply_nested_json_in_every_file(ckpt, name):
     _fails_fast(ckpt, f"{name}: nested deeper than 64 levels")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_an_integer_of_more_digits_than_python_converts(ckpt, name):
+    d = json.loads((ckpt / name).read_text())
+    (ckpt / name).write_text(json.dumps(d)[:-1] + ', "foo": ' + "1" * 5000 + "}")
+    _fails_fast(ckpt, f"{name}: not a JSON document this loader takes .*4300 digits")
+
+
+def test_a_hub_cache_ref_that_is_huge_or_binary_costs_nothing(tmp_path, monkeypatch):
+    from nexusrt.models.hub import find_cached
+
+    repo = tmp_path / "models--org--bad"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for content in (b"\xff\xfe", b"0" * (64 << 20)):  # binary; 64 MB (was read whole)
+        (repo / "refs" / "main").write_bytes(content)
+        t0 = time.perf_counter()
+        assert find_cached("org/bad") == repo / "snapshots" / "abc"  # no usable ref: the newest snapshot
+        assert time.perf_counter() - t0 < 1
+
+
 def test_tokenizer_json_nested(ckpt):
     (ckpt / "tokenizer.json").write_text("[" * 200000 + "]" * 200000)
     _fails_fast(ckpt, "tokenizer.json: cannot load")

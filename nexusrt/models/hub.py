@@ -29,6 +29,17 @@ def hub_cache() -> Path:
     return Path(home) / "hub"
 
 
+def _read_ref(ref: Path) -> str:
+    """A ref file's commit hash (40 hex digits and a newline), or "" for anything else: read at most
+    a few bytes of it, so a huge or binary file there costs nothing (the newest snapshot is used)."""
+    try:
+        with open(ref, "rb") as f:
+            raw = f.read(128)
+    except OSError:
+        return ""
+    return raw.decode("ascii", errors="replace").strip()
+
+
 def find_cached(repo_id: str, revision: str = "main") -> Path:
     """The snapshot directory of ``repo_id`` in the cache; ModelError saying how to fetch it if absent."""
     cache = hub_cache()
@@ -39,7 +50,7 @@ def find_cached(repo_id: str, revision: str = "main") -> Path:
         raise ModelError(f"model {repo_id!r}: not a directory, and not in the Hugging Face cache ({cache}); {fetch}")
     snapshots = repo / "snapshots"
     ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else ""
+    commit = _read_ref(ref) if ref.is_file() else ""
     if commit and re.fullmatch(r"[0-9a-f]{40}", commit) and (snapshots / commit).is_dir():
         return snapshots / commit
     found = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []

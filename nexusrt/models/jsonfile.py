@@ -62,6 +62,8 @@ def parse_json(raw: bytes | str, source: str):
         raise ModelError(f"{source}: not valid JSON ({exc})") from None
     except RecursionError:
         raise ModelError(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (Python's own limit)
+        raise ModelError(f"{source}: not a JSON document this loader takes ({exc})") from None
     _walk(value, source)
     return value
 

@@ -130,6 +130,8 @@ def test_a_cancelled_pruned_request_frees_everything(tiny_llm):
     (dict(kv_policy="h2o", kv_budget=64, kv_protect=["system"]), ValueError, "must be an nrt.Context"),
     (dict(kv_budget_tokens=64), TypeError, "unexpected keyword argument 'kv_budget_tokens'"),
     (dict(kv_policy=False), ValueError, "kv_policy must be one of .*got False"),  # not taken as "full"
+    (dict(kv_budget=8), ValueError, "kv_budget applies to a pruning policy, and kv_policy is 'full'"),  # was ignored
+    (dict(kv_policy="full", kv_window=4), ValueError, "kv_window applies to a pruning policy"),
     (dict(kv_policy="h2o", kv_budget=64, kv_protect=5), TypeError, "kv_protect must be a context layer's name"),
     (dict(kv_policy="h2o", kv_budget=64, kv_protect={"system": 1}), TypeError, "kv_protect must be"),
 ])

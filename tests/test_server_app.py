@@ -181,3 +181,28 @@ def test_a_kv_pool_smaller_than_the_context_bounds_the_default_and_takes_the_bla
         assert r.status_code == 400 and err["param"] == "max_tokens" and "KV pool holds 64" in err["message"]
     finally:
         small.close()
+
+
+def test_a_requests_full_policy_turns_the_servers_pruning_defaults_off(llm):
+    app = server_app.create_app(llm, MODEL, kv={"kv_policy": "sink-window", "kv_budget": 64})
+    body = {"model": MODEL, "prompt": "def f(x):", "max_tokens": 2}
+    for kv in ({"policy": "full"}, {"policy": "h2o", "budget": 48}, None):
+        r = _request(app, "POST", "/v1/completions", json={**body, "nexusrt_kv": kv})
+        assert r.status_code == 200, (kv, r.text)
+    r = _request(app, "POST", "/v1/completions", json={**body, "nexusrt_kv": {"budget": 48}})  # the server's policy
+    assert r.status_code == 200, r.text
+
+
+def test_submit_takes_chat_messages_with_pruning_and_checks_what_it_is_given(llm):
+    from nexusrt.engine.context import Context
+
+    msgs = [{"role": "user", "content": "def f(x):"}]
+    assert llm.submit(msgs, 3, kv_policy="sink-window", kv_budget=64).result(timeout=60).token_ids
+    assert llm.submit(Context(working="def f(x):"), 3).result(timeout=60).token_ids
+    for bad, err, match in ((None, TypeError, "prompt must be text, a list of chat messages or an nrt.Context"),
+                            ("\udcff", ValueError, "not valid UTF-8"), ([{"role": "user"}], TypeError, "messages must")):
+        with pytest.raises(err, match=match):
+            llm.submit(bad, 2)
+    for stop in (5, {"a": 1}):
+        with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+            llm.submit("x", 2, stop=stop)

@@ -60,6 +60,10 @@ def shape(prompt, options: dict, tokenizer):
         raise TypeError(f"unexpected keyword argument {unknown[0]!r} (KV options: {', '.join(OPTIONS)})")
     policy = options.get("kv_policy")
     policy = "full" if policy is None else policy  # anything else KvPolicy checks by name
+    stray = [k for k in ("kv_budget", "kv_sinks", "kv_window", "kv_protect") if options.get(k) is not None]
+    if policy == "full" and stray:  # they would be ignored: every token is kept
+        raise ValueError(f"{stray[0]} applies to a pruning policy, and kv_policy is 'full' (the default: every "
+                         "token is kept); pass kv_policy='sink-window' or 'h2o' with it")
     protect = options.get("kv_protect") or ()
     if isinstance(protect, str):
         protect = (protect,)

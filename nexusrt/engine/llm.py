@@ -27,7 +27,7 @@ from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
 from .context import Context
 from .kv import Pruned, one_sequence_report
-from .prompts import chat_messages, prompt_for, start_session
+from .prompts import chat_messages, prompt_for, request_prompt, start_session
 from .requests import Request, make_loop, run_all, serving_config
 from .requests import stream as engine_stream
 from .runners import check_tensor_parallel, make_runner, stream_tokens
@@ -187,7 +187,7 @@ class LLM:
                 **kv) -> Request:
         """:meth:`submit` without the queueing: the checked, tokenized request (``request.seq``), for
         a caller with rules of its own (a server refusing prompt + max_tokens beyond the context)."""
-        shaped = prompt_for(prompt, False, None, self.tokenizer, kv) if kv or isinstance(prompt, Context) else prompt
+        shaped = request_prompt(prompt, self.tokenizer, kv)
         return self._request("prepare", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:

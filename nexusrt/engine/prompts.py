@@ -48,6 +48,16 @@ def prompt_for(prompt, chat: bool, system: str | None, tokenizer, kv: dict | Non
     return kv_shape(shaped, kv or {}, tokenizer)
 
 
+def request_prompt(prompt, tokenizer, kv: dict):
+    """What ``LLM.submit`` / ``prepare`` take, checked and shaped like :func:`prompt_for`: text, a
+    list of chat messages (rendered with the chat template) or a Context."""
+    if isinstance(prompt, list):
+        return kv_shape(chat_messages(prompt, None), kv, tokenizer)
+    if not isinstance(prompt, (str, Context)):
+        raise TypeError(f"prompt must be text, a list of chat messages or an nrt.Context, got {type(prompt).__name__}")
+    return prompt_for(prompt, False, None, tokenizer, kv)
+
+
 def chat_messages(messages, system: str | None) -> list[dict]:
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -68,9 +78,11 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
     :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) for s in stops):
-        raise TypeError("stop must be a string or a list of strings")
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
+    if stops is None:
+        stops = []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.60}")
     for s in stops:
         check_text(s, "a stop string")
     gen = model.generation

@@ -98,7 +98,8 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
     try:
         limit = state.llm.runner.max_context
         wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
-        kv = {**state.kv, **c.kv}
+        # A request's own policy "full" turns the server's pruning defaults off rather than meeting them.
+        kv = dict(c.kv) if c.kv.get("kv_policy") == "full" else {**state.kv, **c.kv}
         req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling,
                                 **kv)
         n = len(req.seq.prompt_ids)

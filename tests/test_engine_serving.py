@@ -118,6 +118,16 @@ def test_a_full_queue_refuses(cpu_rt):
         llm.close()
 
 
+def test_a_list_longer_than_the_queue_goes_in_as_earlier_requests_end(cpu_rt):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128, max_batch=1, max_waiting=2)
+    try:
+        out = llm.generate([f"prompt {i}" for i in range(7)], max_new_tokens=3, temperature=0)
+        assert [r.prompt_tokens for r in out] == [1 + len(f"prompt {i}") for i in range(7)]
+        assert all(len(r.token_ids) == 3 for r in out) and no_leak(llm)
+    finally:
+        llm.close()
+
+
 def test_close_cancels_what_runs(cpu_rt):
     llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128)
     req = llm.submit("still running", max_new_tokens=120)
@@ -129,9 +139,10 @@ def test_close_cancels_what_runs(cpu_rt):
 
 
 @pytest.mark.parametrize("kw,match", [(dict(max_batch=0), "max_batch"), (dict(kv_memory=-5), "kv_memory"),
-                                      (dict(max_waiting=True), "max_waiting"), (dict(kv_memory=100), "no KV block")])
+                                      (dict(max_waiting=True), "max_waiting"), (dict(kv_memory=100), "no KV block"),
+                                      (dict(kv_memory=1 << 50), "more than this machine's available memory")])
 def test_bad_serving_arguments_are_clear_errors(cpu_rt, kw, match):
-    if match == "no KV block":  # checked when the engine starts: the block size depends on the model
+    if match in ("no KV block", "more than this machine's available memory"):  # checked when the engine starts
         llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)
         try:
             with pytest.raises(ValueError, match=match):

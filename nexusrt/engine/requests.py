@@ -16,7 +16,7 @@ from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
-from ..serving import Engine, EngineLoop, KvPolicy, SchedulerConfig, Sequence
+from ..serving import Engine, EngineLoop, KvPolicy, QueueFull, SchedulerConfig, Sequence
 from .kv import report
 from .session import GenerationResult, Session
 
@@ -81,6 +81,12 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
         num_blocks = blocks_for_bytes(runner.config, kv)
         if num_blocks < 1:
             raise ValueError(f"kv_memory={kv} bytes holds no KV block of this model")
+        try:
+            avail = mem_available()
+        except OSError:  # no /proc/meminfo (not Linux): NumPy's own MemoryError is what is left
+            avail = kv
+        if kv > avail:  # NumPy would take it lazily and the machine would swap or kill us mid-request
+            raise ValueError(f"kv_memory={kv} bytes is more than this machine's available memory ({avail} bytes)")
         config = SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch))
         return EngineLoop(Engine(CpuBatchRunner(runner.decoder, num_blocks, runner.max_context), config),
                           max_waiting=max_waiting)
@@ -149,11 +155,22 @@ class Request:
 
 
 def run_all(requests: list[Request]) -> list[GenerationResult]:
-    """Submit every request and wait for their results; a failure while queueing cancels the rest."""
+    """Submit every request and wait for their results; a failure while queueing cancels the rest.
+    More requests than the engine's queue holds go in as the earlier ones end (a list longer than
+    ``max_waiting`` failed every time with "retry later"); only a queue full of other callers'
+    requests, with none of these left in it, is :class:`~nexusrt.serving.QueueFull`."""
     queued = []
     try:
         for r in requests:
-            queued.append(r.submit())
+            while True:
+                try:
+                    queued.append(r.submit())
+                    break
+                except QueueFull:
+                    pending = [q for q in queued if not q.ended.is_set()]
+                    if not pending:
+                        raise
+                    pending[0].ended.wait(timeout=1.0)
         return [r.result() for r in requests]
     finally:
         for r in queued:

@@ -128,3 +128,11 @@ def test_nan_logits_define_no_pick():
         with pytest.raises(NonFiniteLogits, match="step 4 hold 1 NaN of 4"):
             sample(logits, params, 4)
     assert sample(np.array([0.5, np.inf, 2.0], np.float32), SamplingParams(), 0) == 1  # inf: still a pick
+
+
+def test_a_temperature_fp32_cannot_hold_is_refused():
+    from nexusrt.reference.sampling import MIN_TEMPERATURE, SamplingParams
+
+    with pytest.raises(ValueError, match="temperature 1e-320 is below 1.18e-38"):
+        SamplingParams(temperature=1e-320)
+    assert SamplingParams(temperature=MIN_TEMPERATURE).temperature > 0

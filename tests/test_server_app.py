@@ -206,3 +206,8 @@ def test_submit_takes_chat_messages_with_pruning_and_checks_what_it_is_given(llm
     for stop in (5, {"a": 1}):
         with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
             llm.submit("x", 2, stop=stop)
+
+
+def test_a_temperature_the_sampler_refuses_names_its_field(app):
+    r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 1e-320})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"

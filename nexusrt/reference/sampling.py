@@ -35,6 +35,7 @@ from ..errors import NonFiniteLogits
 from .rng import GAMMA, MASK64, splitmix64
 
 K_MAX = 1024
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)  # the least positive temperature: fp32's least normal
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SamplingParams:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if 0 < t < MIN_TEMPERATURE:  # as fp32 it would be 0 or subnormal: l / T divides by zero
+            raise ValueError(f"temperature {t!r} is below {MIN_TEMPERATURE:.3g}, the least fp32 holds as a normal "
+                             "number; use 0 for greedy")
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")

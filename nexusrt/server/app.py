@@ -135,7 +135,8 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
             room = state.max_request_tokens
             blame = "max_tokens" if c.max_tokens is not None and n is not None and n < room else field
             raise BadRequest(f"{msg}: this server's KV pool holds {room} tokens for one request", blame) from None
-        param = KV_FIELD if "kv_" in msg else field if "prompt" in msg or "context layer" in msg else None
+        named = next((name for name in ("temperature", "top_p", "top_k", "seed") if msg.startswith(name)), None)
+        param = named or (KV_FIELD if "kv_" in msg else field if "prompt" in msg or "context layer" in msg else None)
         raise BadRequest(msg, param) from None
 
 

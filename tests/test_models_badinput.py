@@ -50,6 +50,9 @@ def test_missing_files(ckpt, name, message):
 
 
 def test_missing_directory_and_unknown_synthetic(tmp_path):
+    for empty in ("", "  "):  # not the working directory
+        with pytest.raises(ModelError, match="is empty: name a checkpoint directory"):
+            load_model(empty)
     with pytest.raises(ModelError, match="no such directory"):
         load_model(tmp_path / "absent")
     with pytest.raises(ModelError, match="unknown synthetic model 'huge'.*synthetic:tiny"):

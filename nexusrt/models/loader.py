@@ -123,6 +123,9 @@ def locate(name: str) -> tuple[Path, str]:
     (hashes verified), a directory, or a Hugging Face repo id ``org/name`` in the local cache."""
     if name.startswith(SHIPPED_PREFIX):
         return shipped_dir(name), name
+    if not name.strip():  # Path("") is the working directory: not what an empty --model meant
+        raise ModelError(f"model name {name!r} is empty: name a checkpoint directory, synthetic:<preset>, a shipped "
+                         f"model ({', '.join(shipped_names())}) or a Hugging Face repo id org/name")
     d = Path(name)
     if not d.exists() and looks_like_repo_id(name):
         return find_cached(name), name

@@ -111,3 +111,37 @@ def test_collectives_check_their_buffers():
         g.all_reduce([np.zeros(3), np.zeros(4)])
     got = g.all_gather([np.ones((2, 3)), np.zeros((2, 1))], axis=-1)
     assert got.shape == (2, 4) and np.array_equal(got[:, :3], np.ones((2, 3)))
+
+
+def test_a_worker_whose_front_is_gone_ends_quietly(monkeypatch):
+    """A killed front leaves a broken pipe: the worker's answer fails to send. It used to end with
+    a BrokenPipeError traceback on the terminal; now it releases what it booted and returns."""
+    import threading
+    from multiprocessing import Pipe
+
+    from nexusrt.parallel import worker_side
+    from nexusrt.parallel.worker_side import serve_requests
+
+    monkeypatch.setattr(worker_side.signal, "signal", lambda *args: None)  # a worker's main, on a thread here
+    for gone_before in ("ready", "answer"):
+        front, worker = Pipe()
+        released, errors = [], []
+        boot = lambda: ((lambda message: "an answer"), lambda: released.append(1), {"pid": 0})  # noqa: E731
+
+        def run():
+            try:
+                serve_requests(worker, boot)
+            except BaseException as exc:  # noqa: BLE001 (what the test looks for)
+                errors.append(exc)
+
+        if gone_before == "ready":
+            front.close()
+        thread = threading.Thread(target=run)
+        thread.start()
+        if gone_before == "answer":
+            assert front.recv() == ("ok", {"pid": 0})
+            front.send(("step", 1))
+            front.close()  # before the answer comes back
+        thread.join(timeout=10)
+        worker.close()
+        assert not thread.is_alive() and errors == [] and released == [1], (gone_before, errors)

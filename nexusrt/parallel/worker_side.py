@@ -31,20 +31,38 @@ def serve_requests(conn, boot) -> None:
     try:
         handle, release, ready = boot()
     except BaseException as exc:
-        conn.send(("error", answerable(exc)))
+        _send(conn, ("error", answerable(exc)))
         return
-    conn.send(("ok", ready))
     try:
+        if not _send(conn, ("ok", ready)):
+            return
         while True:
             try:
                 message = conn.recv()  # unpickles the bytes the front pickled once for every rank
-            except EOFError:  # the front is gone
+            except (EOFError, OSError):  # the front is gone (it exited, or was killed)
                 return
             if message[0] == "close":
                 return
             try:
-                conn.send(("ok", handle(message)))
+                answer = ("ok", handle(message))
             except Exception as exc:  # the front decides: re-raise if every rank failed alike
-                conn.send(("error", answerable(exc)))
+                answer = ("error", answerable(exc))
+            if not _send(conn, answer):
+                return
     finally:
         release()
+
+
+def _send(conn, answer) -> bool:
+    """Send ``answer`` to the front; False when the front is gone (a killed front left a broken pipe,
+    which used to end every worker with a traceback on the terminal)."""
+    try:
+        try:
+            conn.send(answer)
+        except OSError:
+            raise
+        except Exception as exc:  # the answer does not pickle: the front gets that instead
+            conn.send(("error", answerable(exc)))
+        return True
+    except OSError:  # BrokenPipeError, ConnectionResetError
+        return False

@@ -45,7 +45,9 @@ def test_flag_parses_with_its_help():
 def test_a_non_integer_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--stage", "decode", "--tensor-parallel", "two"])
-    assert exit_.value.code == 2 and "argument --tensor-parallel: invalid int value: 'two'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # one line and status 1, as every error (not argparse's usage block and 2)
+    assert exit_.value.code == 1 and err == ("nexusrt-bench: error: argument --tensor-parallel: invalid int value: "
+                                             "'two' (see nexusrt-bench --help)\n")
 
 
 @pytest.mark.parametrize("argv, message", [

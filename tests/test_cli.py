@@ -37,7 +37,9 @@ def test_help():
     for flag in ("--model", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                  "--chat", "--json"):
         assert flag in out
-    assert _run().returncode == 2
+    bare = _run()  # no command: a usage error like any other, one line and status 1
+    assert bare.returncode == 1 and bare.stderr.strip().splitlines() == [
+        "nexusrt: error: the following arguments are required: COMMAND (see nexusrt --help)"]
 
 
 def test_json_and_stream_agree_with_the_api(cpu_rt):

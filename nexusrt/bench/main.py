@@ -11,6 +11,8 @@ import importlib
 import json
 import sys
 
+from ..cli.parsing import OneLineParser, parse_args
+
 STAGES = {
     "detect": "device, profile, features and boot phase times",
     "memory": "page map costs, arena vs cuMemAlloc, copy bandwidths",
@@ -27,7 +29,7 @@ STAGES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # usage errors: one line, status 1, as every other error
         prog="nexusrt-bench",
         description="Measure NexusRT on this machine. Every figure is measured here, in this run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,12 +59,15 @@ def _stage_module(stage: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``nexusrt-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, status = parse_args(parser, argv)
+    if args is None:  # --help (0) or a usage error, already said in one line (1)
+        return status
     module = _stage_module(args.stage)
     if module is None:
-        print(f"nexusrt-bench: stage {args.stage!r} is not available in this build", file=sys.stderr)
-        return 2
+        print(f"nexusrt-bench: error: stage {args.stage!r} is not available in this build", file=sys.stderr)
+        return 1
     from ..cli.guard import guarded
 
     def run() -> int:

@@ -25,6 +25,8 @@ import sys
 
 from .. import __version__
 from .guard import guarded
+from .parsing import OneLineParser, int_range, parse_args
+from .streams import protect_standard_streams, require_stdin, require_stdout
 
 MODEL_HELP = ("checkpoint directory, nexusrt:stdlib-tiny (the default: shipped, trained), "
               "synthetic:tiny / synthetic:llama-3.2-1b / synthetic:llama-3.1-8b, "
@@ -86,9 +88,10 @@ def kv_options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexusrt", description="NexusRT: LLM inference that owns the GPU.")
+    parser = OneLineParser(prog="nexusrt", description="NexusRT: LLM inference that owns the GPU.")
     parser.add_argument("--version", action="version", version=f"nexusrt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # required: a bare `nexusrt` is a usage error like any other (one line, status 1)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate a completion; streams to stdout, stats to stderr.")
     _common(p)
@@ -109,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(continuous batching, paged KV, prefix caching). SIGTERM drains and exits.")
     _load_flags(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--port", type=int_range(0, 65535), default=8000,
+                   help="port, 0..65535 (default 8000; 0: any free port)")
     s.add_argument("--max-batch", type=int, default=32, metavar="N", help="most requests running at once (32)")
     s.add_argument("--kv-memory", default=None, metavar="BYTES",
                    help="bytes of the KV block pool, e.g. 268435456 or 256M (default: CPU 256M; CUDA room "
@@ -134,11 +138,13 @@ def _bytes_flag(value, flag: str) -> int | None:
 
 def _serve(args) -> int:
     from ..server.run import serve
+    from .address import check_can_listen
 
     if args.kv_fault_reserve is not None:
         raise ValueError("--kv-fault-reserve: the server's batched engine has no fault ring (its host tier swaps "
                          "preempted requests; the ring is generate and chat only)")
     kv = _bytes_flag(args.kv_memory, "--kv-memory")
+    check_can_listen(args.host, args.port)  # a busy port or a bad --host: one line now, not after the load
     return serve(args.model, args.host, args.port, args.max_batch, kv, args.max_context, args.max_waiting,
                  args.allow_path, args.drain_seconds, kv_options(args), args.tensor_parallel, args.backend,
                  args.deterministic, _bytes_flag(args.kv_gpu_budget, "--kv-gpu-budget"), args.tp_processes)
@@ -147,6 +153,15 @@ def _serve(args) -> int:
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, stop=args.stop, seed=args.seed)
+
+
+def _check_streams(args) -> None:
+    """Fail before the model loads when a stream the command needs was closed (``<&-``, ``>&-``)."""
+    if args.command == "chat":
+        require_stdin("nexusrt chat reads each turn from it")
+    elif args.prompt == "-":
+        require_stdin("--prompt - reads the prompt from it")
+    require_stdout("nowhere to write the reply" if args.command == "chat" else "nowhere to write the completion")
 
 
 def _generate(llm, args) -> int:
@@ -180,6 +195,7 @@ def _run(args) -> int:
               "standard library, shipped with nexusrt)", file=sys.stderr)
     if args.command == "serve":
         return _serve(args)
+    _check_streams(args)
     llm = LLM(args.model, backend=args.backend, max_context=args.max_context, allow_paths=args.allow_path,
               tensor_parallel=args.tensor_parallel, tp_processes=args.tp_processes,
               kv_gpu_budget=_bytes_flag(args.kv_gpu_budget, "--kv-gpu-budget"),
@@ -195,11 +211,12 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    protect_standard_streams()  # before anything prints or opens a file
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
+    args, status = parse_args(parser, argv)
+    if args is None:
+        return status
 
     def run() -> int:
         try:

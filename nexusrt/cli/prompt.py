@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .streams import require_stdin
+
 MAX_PROMPT_BYTES = 64 * 1024 * 1024
 
 
@@ -16,6 +18,15 @@ def _decode(raw: bytes, where: str) -> str:
         raise ValueError(f"{where}: not valid UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
 
 
+def _read_stdin() -> bytes:
+    """Up to the limit (and one byte more) of stdin; a closed or unreadable stdin is a ValueError."""
+    require_stdin("--prompt - reads the prompt from it")
+    try:
+        return sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+    except OSError as exc:  # e.g. stdin is a directory (EISDIR)
+        raise ValueError(f"--prompt - (stdin): cannot read: {exc.strerror or exc}") from None
+
+
 def read_prompt(args) -> str:
     """The prompt text; errors name the flag or the file."""
     if args.prompt_file is not None:
@@ -26,7 +37,7 @@ def read_prompt(args) -> str:
             raise ValueError(f"--prompt-file {args.prompt_file}: {exc.strerror or exc}") from None
         return _decode(raw, f"--prompt-file {args.prompt_file}")
     if args.prompt == "-":
-        return _decode(sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1), "--prompt - (stdin)")
+        return _decode(_read_stdin(), "--prompt - (stdin)")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 arrive as lone surrogates

@@ -70,20 +70,36 @@ def test_chat_session_end_to_end():
 
 
 class _FakeLLM:
-    """Records the messages each turn sends; replies with the turn number."""
+    """Records the messages each turn sends; replies with the turn number. ``template_error``:
+    what its chat template raises on every conversation (the start-up probe included)."""
 
     backend = "cpu"
 
     class model:
         name = "fake"
 
-    def __init__(self):
+    def __init__(self, template_error=None):
         self.calls = []
+        self.template_error = template_error
+        llm = self
+
+        class tokenizer:
+            @staticmethod
+            def apply_chat_template(messages):
+                if llm.template_error is not None:
+                    raise llm.template_error
+                return "".join(m["content"] for m in messages)
+
+        self.tokenizer = tokenizer
 
     def stream_chat(self, history, system=None, **kw):
         self.calls.append(([dict(m) for m in history], system))
         if history[-1]["content"] == "too long":
             raise ValueError("the prompt is 999 tokens but the context holds 10")
+        if history[-1]["content"] == "refused":  # as a template's raise_exception, at the first next()
+            from nexusrt.errors import ModelError
+
+            raise ModelError("tokenizer_config.json (chat_template): chat template error: refused")
         yield f"reply{len(self.calls)}"
 
 
@@ -101,6 +117,129 @@ def test_chat_keeps_history_and_resets(capsys):
     out, err = capsys.readouterr()
     assert out.splitlines() == ["reply1", "reply2", "reply4"]
     assert "context holds 10; /reset starts over" in err and "not valid UTF-8" in err
+
+
+def test_a_template_error_in_one_turn_drops_that_turn_only(capsys):
+    import io
+
+    from nexusrt.cli.chat import run_chat
+
+    llm = _FakeLLM()
+    assert run_chat(llm, None, {}, stdin=io.BytesIO(b"a\nrefused\nb\n")) == 0  # the session went on
+    assert [[m["content"] for m in h] for h, _ in llm.calls][-1] == ["a", "reply1", "b"]  # 'refused' dropped
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["reply1", "reply3"]
+    assert "error: tokenizer_config.json (chat_template): chat template error: refused; /reset starts over" in err
+
+
+def test_chat_checks_the_template_before_the_first_prompt(capsys):
+    import io
+
+    from nexusrt.cli.chat import run_chat
+    from nexusrt.errors import ModelError
+
+    llm = _FakeLLM(ModelError("tokenizer.json: this tokenizer has no chat_template"))
+    with pytest.raises(ModelError, match="cannot chat with fake: tokenizer.json: this tokenizer has no chat_template"):
+        run_chat(llm, None, {}, stdin=io.BytesIO(b"a\n"))
+    assert llm.calls == [] and "nexusrt chat:" not in capsys.readouterr().err  # no greeting, no turn
+
+
+def _tiny_copy(tmp_path, template):
+    """nexusrt:stdlib-tiny copied with ``template`` as its chat template (None: none at all); its
+    manifest removed, since the SHA-256 check refuses a changed copy."""
+    import json as _json
+    from pathlib import Path
+
+    import nexusrt
+
+    dest = tmp_path / "tiny"
+    shutil.copytree(Path(nexusrt.__file__).parent / "models" / "stdlib_tiny", dest)
+    (dest / "manifest.json").unlink()
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = _json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    if template is not None:
+        cfg["chat_template"] = template
+    (dest / "tokenizer_config.json").write_text(_json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.parametrize("template, pattern", [
+    (None, r"cannot chat with tiny: .*tokenizer.json: this tokenizer has no chat_template"),
+    ("{% for m in messages %", r"cannot chat with tiny: .*chat template does not compile"),
+    ("{{ raise_exception('no chats here') }}", r"cannot chat with tiny: .*chat template error: no chats here"),
+])
+def test_chat_without_a_usable_template_fails_at_start(tmp_path, template, pattern):
+    model = _tiny_copy(tmp_path, template)
+    rc, out, err, _, _ = run_bounded(CLI, "chat", "--model", str(model), "--max-new-tokens", "2", stdin="hi\n")
+    _one_line_error(rc, err, pattern)  # one line: the greeting and the prompt never came
+    assert out == ""
+
+
+def test_chat_goes_on_after_a_turn_its_template_refuses(tmp_path):
+    template = ("{% for m in messages %}{% if 'bad' in m['content'] %}{{ raise_exception('bad is refused') }}"
+                "{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}<|assistant|>\n")
+    model = _tiny_copy(tmp_path, template)
+    rc, out, err, _, _ = run_bounded(CLI, "chat", "--model", str(model), "--max-new-tokens", "2",
+                                     "--temperature", "0", stdin="bad\nhi\n")
+    assert rc == 0, err
+    assert out.strip() and err.count("> ") == 3  # 'bad' refused, 'hi' answered, then end of input
+    assert "chat template error: bad is refused; /reset starts over" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["generate", "--prompt", "x", "--max-new-tokens", "1.5"],
+     r"^nexusrt: error: argument --max-new-tokens: invalid int value: '1.5' \(see nexusrt generate --help\)$"),
+    (["generate", "--prompt", "x", "--backend", "tpu"], r"argument --backend: invalid choice: 'tpu'"),
+    (["generate"], r"one of the arguments --prompt --prompt-file is required \(see nexusrt generate --help\)"),
+    (["generate", "--prompt", "x", "--nope"], r"unrecognized arguments: --nope"),
+    (["serve", "--port", "99999"], r"argument --port: must be in 0..65535, got 99999 \(see nexusrt serve --help\)"),
+    (["serve", "--port", "-1"], r"argument --port: must be in 0..65535, got -1"),
+    (["frobnicate"], r"argument COMMAND: invalid choice: 'frobnicate'"),
+    ([], r"the following arguments are required: COMMAND \(see nexusrt --help\)"),
+])
+def test_usage_errors_are_one_line_and_exit_1(argv, pattern, capsys):
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    _one_line_error(1, err, pattern)
+    assert out == "" and "usage:" not in err
+
+
+def test_help_and_version_still_exit_0(capsys):
+    assert cli.main(["generate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nexusrt generate") and "--max-new-tokens" in out
+    assert cli.main(["--version"]) == 0
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(tmp_path):
+    import socket
+
+    absent = str(tmp_path / "absent")  # loading it would fail: the address error must come first
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc, _, err, _, seconds = run_bounded(CLI, "serve", "--model", absent, "--port", str(port))
+    _one_line_error(rc, err, rf"cannot listen on 127\.0\.0\.1:{port}: Address already in use$")
+    rc, _, err, _, _ = run_bounded(CLI, "serve", "--model", absent, "--host", "999.1.1.1")
+    _one_line_error(rc, err, r"cannot listen on 999\.1\.1\.1:8000: ")
+
+
+def test_check_can_listen():
+    import socket
+
+    from nexusrt.cli.address import check_can_listen
+
+    check_can_listen("127.0.0.1", 0)  # any free port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: Address already in use$"):
+            check_can_listen("127.0.0.1", port)
+    check_can_listen("127.0.0.1", port)  # closed again: free, and the probe left nothing bound
+    check_can_listen("127.0.0.1", port)
 
 
 def test_hf_repo_id_from_the_local_cache(tmp_path):

@@ -4,13 +4,23 @@ Each line read is a user turn; the reply streams to stdout and both join the his
 model sees the whole conversation (rendered with its chat template) every turn. ``/reset``
 forgets the history, ``/exit`` (or end of input) quits; Ctrl-C during a reply stops that
 reply, Ctrl-C at the prompt quits. Prompts and notices go to stderr, replies to stdout.
+
+The model's chat template is tried on a one-message conversation before the first prompt: a
+model without one (or with one that cannot render a user turn) fails at start, in one line,
+rather than at the first reply. An error of one turn (the context outgrown, a template that
+refuses that conversation) drops the turn and the chat goes on.
 """
 
 from __future__ import annotations
 
 import sys
 
+from ..errors import ModelError
+from .guard import describe
+from .streams import require_stdin
+
 HELP = "/reset clears the history, /exit quits"
+PROBE = {"role": "user", "content": "hello"}  # the simplest conversation every chat template renders
 
 
 def _say(text: str) -> None:
@@ -29,9 +39,29 @@ def _read_line(stream) -> str | None:
         return "\udcff"  # reported by the caller as invalid text; the chat goes on
 
 
+def check_template(llm, system: str | None) -> None:
+    """Raise ModelError naming the model unless its chat template renders a user message (after
+    ``system`` when given); a bad ``system`` text fails here too (ValueError, TypeError)."""
+    from ..engine.prompts import chat_messages
+
+    messages = chat_messages([PROBE], system)
+    try:
+        llm.tokenizer.apply_chat_template(messages)
+    except ModelError as exc:
+        raise ModelError(f"cannot chat with {llm.model.name}: {describe(exc)} (nexusrt chat needs a chat "
+                         "template that renders a user message; nexusrt generate --prompt completes plain "
+                         "text without one)") from exc
+
+
 def run_chat(llm, system: str | None, sampling: dict, stdin=None) -> int:
-    """The read-reply loop over ``stdin`` (bytes; default the process's); returns the exit status."""
-    stdin = stdin or sys.stdin.buffer
+    """The read-reply loop over ``stdin`` (bytes; default the process's); returns the exit status.
+
+    Raises (before the first prompt) when the model's chat template cannot render a conversation.
+    """
+    if stdin is None:
+        require_stdin("nexusrt chat reads each turn from it")
+        stdin = sys.stdin.buffer
+    check_template(llm, system)
     history: list[dict] = []
     _say(f"nexusrt chat: {llm.model.name} on {llm.backend}; {HELP}")
     while True:
@@ -69,18 +99,25 @@ def run_chat(llm, system: str | None, sampling: dict, stdin=None) -> int:
 def _reply(llm, history, system, sampling) -> str | None:
     """Stream one reply; None when it failed or was interrupted (the turn is dropped)."""
     pieces: list[str] = []
-    stream = llm.stream_chat(history, system=system, **sampling)
+    stream = None
     try:
+        # Inside the try: stream_chat checks the messages at once, the template renders at the
+        # first next(); either failing is this turn's error, not the session's.
+        stream = llm.stream_chat(history, system=system, **sampling)
         for piece in stream:
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
-        stream.close()
+        if stream is not None:
+            stream.close()
         _say("\n[reply interrupted]")
         return None
-    except ValueError as exc:  # e.g. the conversation outgrew the context
-        _say(f"error: {exc}; /reset starts over")
+    except (ValueError, ModelError) as exc:  # e.g. the conversation outgrew the context, or the
+        # template refuses this history (raise_exception): a later turn or /reset can still work
+        if pieces:
+            sys.stdout.write("\n")  # the cut-short reply still ends its line
+        _say(f"error: {describe(exc)}; /reset starts over")
         return None
     sys.stdout.write("\n")
     sys.stdout.flush()

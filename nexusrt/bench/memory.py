@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from ..cli.parsing import int_range
 from ..memory.pages import PLAIN
 from .table import human_bytes, table
 
@@ -27,10 +28,15 @@ PCIE_FALLBACK = 64e9  # PCIe Gen5 x16, raw 32 GT/s x 16 lanes / 8
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("memory stage")
-    g.add_argument("--mem-size-mib", type=int, default=256, help="bytes per bandwidth copy, MiB (default 256)")
-    g.add_argument("--mem-reps", type=int, default=20, help="repetitions per bandwidth figure (default 20)")
-    g.add_argument("--mem-alloc-reps", type=int, default=200, help="repetitions per alloc size (default 200)")
-    g.add_argument("--mem-pages", type=int, default=64, help="pages for the page-cost figures (default 64)")
+    # Each at least 1, refused at parse time: a clamp would report figures of a size not asked for.
+    g.add_argument("--mem-size-mib", type=int_range(1), default=256,
+                   help="bytes per bandwidth copy, MiB, >= 1 (default 256)")
+    g.add_argument("--mem-reps", type=int_range(1), default=20,
+                   help="repetitions per bandwidth figure, >= 1 (default 20)")
+    g.add_argument("--mem-alloc-reps", type=int_range(1), default=200,
+                   help="repetitions per alloc size, >= 1 (default 200)")
+    g.add_argument("--mem-pages", type=int_range(1), default=64,
+                   help="pages for the page-cost figures, >= 1 (default 64)")
 
 
 def _median_us(samples: list[float]) -> float:
@@ -206,7 +212,7 @@ def run(args) -> dict:
 
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
-    nbytes = max(1, args.mem_size_mib) << 20
+    nbytes = args.mem_size_mib << 20  # >= 1: checked by the parser
     pcie = pcie_link(rt)
     result = {
         "backend": rt.backend,
@@ -216,9 +222,9 @@ def run(args) -> dict:
         "peak_bandwidth_bytes_s": rt.profile.peak_bandwidth_bytes_s or None,
         "peak_bandwidth_source": rt.profile.peak_bandwidth_source,
         "pcie": pcie,
-        "pages": page_costs(rt, max(1, args.mem_pages)),
-        "alloc": alloc_latency(rt, max(1, args.mem_alloc_reps)),
-        "bandwidth": bandwidth(rt, nbytes, max(1, args.mem_reps), pcie),
+        "pages": page_costs(rt, args.mem_pages),
+        "alloc": alloc_latency(rt, args.mem_alloc_reps),
+        "bandwidth": bandwidth(rt, nbytes, args.mem_reps, pcie),
     }
     if any((b["of_pcie"] or 0) > 1.0 for b in result["bandwidth"]):
         pcie["note"] = "a copy ran faster than this link's peak: the link figure is wrong for this machine"

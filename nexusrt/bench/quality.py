@@ -10,8 +10,10 @@ figure near chance, with no checkpoint for HF to load).
 
 from __future__ import annotations
 
+import sys
 import time
 
+from ..cli.parsing import int_range
 from .common import add_model_argument, resolve_model_config
 from .table import plain, table
 
@@ -20,8 +22,9 @@ def add_arguments(parser) -> None:
     add_model_argument(parser)
     parser.add_argument("--tokens", type=int, default=None, metavar="N",
                         help="quality, kv stages: score at most N held-out tokens (default: all; kv: 4 windows)")
-    parser.add_argument("--window", type=int, default=None, metavar="W",
-                        help="quality stage: tokens per teacher-forced window (default 512)")
+    parser.add_argument("--window", type=int_range(2), default=None, metavar="W",
+                        help="quality stage: tokens per teacher-forced window, >= 2 (default 512; at most the "
+                             "model's context, which a longer one is cut to, said on stderr)")
     parser.add_argument("--no-hf", action="store_true", help="quality stage: skip the HF transformers comparison")
 
 
@@ -31,7 +34,8 @@ def run(args) -> dict:
     from ..models import quality
     from ..models.shipped import DEFAULT_MODEL
 
-    window = args.window or quality.DEFAULT_WINDOW
+    # `is None`, not `or`: --window 0 is an error (the parser says so), never the default
+    window = quality.DEFAULT_WINDOW if args.window is None else args.window
     if window < 2 or (args.tokens is not None and args.tokens < 2):
         raise ValueError(f"--window and --tokens must be >= 2, got {args.window} and {args.tokens}")
     firmware.init(profile=args.profile, backend=args.backend)
@@ -43,7 +47,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, max_context=window)
     try:
-        window = min(window, llm.runner.max_context)  # a model with a shorter context scores shorter windows
+        window = _fit_window(window, args.window, model, llm.runner.max_context)
         ids = quality.heldout_tokens(llm.model.tokenizer, quality.heldout_documents(), args.tokens)
         t1 = time.perf_counter()
         ours = quality.perplexity(llm.runner.forward_all, ids, window)
@@ -58,6 +62,17 @@ def run(args) -> dict:
     elif not args.no_hf:
         result["hf"] = _hf(model_dir, ids, window, "cuda" if rt.is_cuda else "cpu", ours.perplexity)
     return result
+
+
+def _fit_window(window: int, asked: int | None, model: str, context: int) -> int:
+    """``window`` cut to the model's ``context``: a model with a shorter context scores shorter
+    windows. Said on stderr when the user ``asked`` for the longer one (the default is not theirs)."""
+    if window <= context:
+        return window
+    if asked is not None:
+        print(f"nexusrt-bench: --window {asked} is longer than {model}'s context of {context} tokens: "
+              f"scoring windows of {context}", file=sys.stderr)
+    return context
 
 
 def _hf(model_dir, ids, window: int, device: str, ours: float) -> dict:

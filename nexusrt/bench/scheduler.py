@@ -17,14 +17,16 @@ from __future__ import annotations
 import statistics
 import time
 
+from ..cli.parsing import int_range
 from .table import table
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--scheduler-launches", type=int, default=200, metavar="N",
-                        help="scheduler stage: launches (graph nodes) per timed repeat (default 200)")
-    parser.add_argument("--scheduler-repeats", type=int, default=30, metavar="R",
-                        help="scheduler stage: timed repeats; the median is reported (default 30)")
+    # At least 1 each, refused at parse time (a clamp reported "1 launches" for -5).
+    parser.add_argument("--scheduler-launches", type=int_range(1), default=200, metavar="N",
+                        help="scheduler stage: launches (graph nodes) per timed repeat, >= 1 (default 200)")
+    parser.add_argument("--scheduler-repeats", type=int_range(1), default=30, metavar="R",
+                        help="scheduler stage: timed repeats, >= 1; the median is reported (default 30)")
 
 
 def _median_us(fn, per: int, repeats: int, warmup: int = 3) -> float:
@@ -41,8 +43,8 @@ def _median_us(fn, per: int, repeats: int, warmup: int = 3) -> float:
 def run(args) -> dict:
     from .. import firmware, scheduler
 
-    n = max(1, int(getattr(args, "scheduler_launches", 200)))
-    reps = max(1, int(getattr(args, "scheduler_repeats", 30)))
+    n = int(getattr(args, "scheduler_launches", 200))  # >= 1: checked by the parser
+    reps = int(getattr(args, "scheduler_repeats", 30))
     dev = firmware.init(profile=getattr(args, "profile", "auto"), backend=getattr(args, "backend", None))
     rt = firmware.runtime()
     sched = scheduler.current("nexusrt-bench --stage scheduler")

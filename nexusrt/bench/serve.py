@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from ..cli.parsing import int_range
 from ..models.shipped import DEFAULT_MODEL
 from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
 from .table import plain, table
@@ -46,9 +47,12 @@ def add_arguments(parser) -> None:
                         help="serve stage: concurrent requests per level (1,8,32 on the CPU)")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="serve stage: tokens of a system prompt every request starts with (0)")
-    parser.add_argument("--kv-memory", type=int, default=None, metavar="BYTES",
-                        help="serve stage: KV pool bytes (default: room for every request at once)")
-    parser.add_argument("--kv-gpu-budget", type=int, default=None, metavar="BYTES",
+    # Negative byte counts are refused by the parser; one too small for a block by _batch_runner,
+    # which knows the model's block size.
+    parser.add_argument("--kv-memory", type=int_range(0), default=None, metavar="BYTES",
+                        help="serve stage: KV pool bytes, at least one KV block (default: room for every request "
+                             "at once)")
+    parser.add_argument("--kv-gpu-budget", type=int_range(0), default=None, metavar="BYTES",
                         help="serve stage on CUDA: cap the KV pool at BYTES and swap preempted requests to a pinned "
                              "host tier instead of recomputing them (compare with --kv-memory BYTES)")
     add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
@@ -234,25 +238,37 @@ def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: 
     """The backend's batch runner over ``llm``'s weights, with ``need`` blocks (or ``kv_memory`` bytes);
     on CUDA, prompt chunks by ``prefill_path`` (:data:`PREFILL_PATHS`), and with ``kv_gpu_budget`` the
     pool capped at it and a host tier for preempted requests (``engine.requests.engine_tiers``)."""
+    from ..kvcache.tiers import block_bytes
+
     if kv_gpu_budget is not None and cpu:
         raise ValueError("--kv-gpu-budget needs the CUDA backend (the CPU engine keeps its KV in one memory)")
+    cfg = llm.config
+    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)  # bf16, as on CUDA
     if cpu:
         from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 
-        blocks = need if kv_memory is None else blocks_for_bytes(llm.config, kv_memory)
+        blocks = need if kv_memory is None else blocks_for_bytes(cfg, kv_memory)
+        _holds_a_block("--kv-memory", kv_memory, blocks, 2 * unit)  # the CPU pools are fp32
         return CpuBatchRunner(llm.runner.decoder, blocks, llm.runner.max_context)
     from ..backends.cuda.batch import CudaBatchRunner
     from ..engine.requests import engine_tiers
-    from ..kvcache.tiers import block_bytes
 
-    cfg = llm.config
-    unit = block_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    for flag, value in (("--kv-memory", kv_memory), ("--kv-gpu-budget", kv_gpu_budget)):
+        _holds_a_block(flag, value, None if value is None else value // unit, unit)
     blocks, host = engine_tiers(cfg, max_batch, llm.runner.max_context,
                                 need * unit if kv_memory is None else kv_memory, kv_gpu_budget)
     if prefill_path not in PREFILL_PATHS:
         raise ValueError(f"--prefill-path must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}")
     return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic,
                            ragged_prefill=prefill_path == "ragged", host_blocks=host)
+
+
+def _holds_a_block(flag: str, value: int | None, blocks: int | None, unit: int) -> None:
+    """Refuse a byte count ``value`` given to ``flag`` that makes no KV block of ``unit`` bytes,
+    naming the flag (the runner's own "num_blocks must be >= 1" does not say which flag)."""
+    if value is not None and blocks < 1:
+        raise ValueError(f"{flag} {value} bytes holds no KV block ({unit} bytes) of this model; "
+                         f"give at least {unit}, or leave it out")
 
 
 def _peer(llm, model: str, args) -> dict:

@@ -117,16 +117,21 @@ def test_the_prefix_sums_are_one_sequential_chain():
     assert order_case.chunked_pick(x, params, step) >= 32  # summed in chunks first, they count
 
 
-def test_nan_logits_define_no_pick():
+def test_nan_logits_never_win_and_all_nan_define_no_pick():
     import numpy as np
 
     from nexusrt.errors import NonFiniteLogits
     from nexusrt.reference.sampling import SamplingParams, sample
 
-    logits = np.array([0.5, np.nan, 2.0, -1.0], np.float32)
+    some = np.array([0.5, np.nan, 2.0, -1.0, np.nan], np.float32)
+    assert sample(some, SamplingParams(), 0) == 2  # np.argmax alone would say 1, the first NaN
+    assert sample(np.array([np.nan, -np.inf, -np.inf], np.float32), SamplingParams(), 0) == 1
+    assert sample(some, SamplingParams(temperature=0.7, seed=3), 4) in (0, 2, 3)  # K = 5: every logit
+    with pytest.raises(NonFiniteLogits, match="step 4 hold 2 NaN of 5, too many to pick"):
+        sample(some, SamplingParams(temperature=0.7, top_k=4, seed=3), 4)  # 3 numbers for K = 4
     for params in (SamplingParams(), SamplingParams(temperature=0.7, top_p=0.9, seed=3)):
-        with pytest.raises(NonFiniteLogits, match="step 4 hold 1 NaN of 4"):
-            sample(logits, params, 4)
+        with pytest.raises(NonFiniteLogits, match="hold 3 NaN of 3"):
+            sample(np.full(3, np.nan, np.float32), params, 1)
     assert sample(np.array([0.5, np.inf, 2.0], np.float32), SamplingParams(), 0) == 1  # inf: still a pick
 
 

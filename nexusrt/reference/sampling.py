@@ -14,8 +14,10 @@ seed)`` and the 0-based index ``step`` of the token being generated:
 5. **Draw**: ``u = uniform(seed, step)``; in float64, ``target = u * c_{n-1}``; the pick
    is the first candidate ``j < n`` with ``c_j > target`` (``n-1`` if none).
 
-Logits holding a NaN define no pick: :func:`sample` raises
-:class:`~nexusrt.errors.NonFiniteLogits` (a checkpoint with NaN or inf weights gets there).
+A NaN never wins the greedy pick and is the smallest candidate (the device's rule). Logits that
+are all NaN, or a sampled step with fewer than K numbers among them (its candidate set is
+empty), define no pick: :func:`sample` raises :class:`~nexusrt.errors.NonFiniteLogits` (a
+checkpoint with NaN or inf weights gets there).
 
 ``uniform(seed, step) = (splitmix64(seed * 0x9E3779B97F4A7C15 + step) >> 11) * 2**-53``,
 all integer arithmetic mod 2**64 (``splitmix64``: :mod:`nexusrt.reference.rng`), so
@@ -100,12 +102,23 @@ def candidates(logits: np.ndarray, k: int) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, step: int) -> int:
     """The next token id under ``params`` at ``step`` (see the module docstring)."""
     logits = np.asarray(logits, dtype=np.float32)
-    if np.isnan(logits).any():  # argmax would call it token 0, and the candidates would be empty
-        raise NonFiniteLogits(f"the logits of step {step} hold {int(np.isnan(logits).sum())} NaN of {logits.size}: "
-                              "the model's weights (or what they computed) are not finite numbers")
+    nan = np.isnan(logits)
+    if nan.all():
+        raise _no_pick(step, logits.size, logits.size)
     if params.greedy:
-        return int(np.argmax(logits))
-    return pick(logits, candidates(logits, candidate_count(params, logits.shape[0])), params, step)
+        if not nan.any():
+            return int(np.argmax(logits))
+        best = logits[~nan].max()  # np.argmax would pick the first NaN: here a NaN never wins
+        return int(np.flatnonzero(~nan & (logits == best))[0])
+    idx = candidates(logits, candidate_count(params, logits.shape[0]))
+    if idx.size == 0:  # fewer than K numbers: the K largest are not defined
+        raise _no_pick(step, int(nan.sum()), logits.size)
+    return pick(logits, idx, params, step)
+
+
+def _no_pick(step: int, nans: int, size: int) -> NonFiniteLogits:
+    return NonFiniteLogits(f"the logits of step {step} hold {nans} NaN of {size}, too many to pick a token: the "
+                           "model's weights (or what they computed) are not finite numbers")
 
 
 def candidate_count(params: SamplingParams, vocab: int) -> int:

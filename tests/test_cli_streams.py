@@ -20,7 +20,7 @@ TINY = ("--model", "synthetic:tiny", "--backend", "cpu", "--max-new-tokens", "4"
 ABSENT = "/nonexistent/nexusrt-model"  # loading it would fail: an error about a stream proves it came first
 
 
-def _run(*args, close=(), read_only_stderr=False, stdin=subprocess.DEVNULL):
+def _run(*args, close=(), read_only_stderr=False, stdin=subprocess.DEVNULL, module="nexusrt.cli.main"):
     """``python -m nexusrt.cli.main ARGS`` with the descriptors in ``close`` closed at start-up;
     ``read_only_stderr``: descriptor 2 a file opened for reading (a launcher's script, as a pyenv
     shim leaves it). Returns (status, stdout bytes, stderr bytes, or None where it was closed)."""
@@ -34,17 +34,17 @@ def _run(*args, close=(), read_only_stderr=False, stdin=subprocess.DEVNULL):
     env.pop("NEXUSRT_DEBUG", None)
     out = None if 1 in close else subprocess.PIPE
     err = None if 2 in close or read_only_stderr else subprocess.PIPE
-    proc = subprocess.run([sys.executable, "-m", "nexusrt.cli.main", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           stdin=None if 0 in close else stdin, stdout=out, stderr=err,
                           preexec_fn=setup, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def _one_line_error(rc, err: bytes, pattern: str) -> None:
+def _one_line_error(rc, err: bytes, pattern: str, prog: str = "nexusrt") -> None:
     text = err.decode()
     lines = text.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and "Traceback" not in text, text
-    assert lines[0].startswith("nexusrt: error: ") and re.search(pattern, lines[0]), lines[0]
+    assert lines[0].startswith(f"{prog}: error: ") and re.search(pattern, lines[0]), lines[0]
     assert "internal error" not in lines[0]
 
 
@@ -99,3 +99,10 @@ def test_usable_judges_the_descriptor_mode(tmp_path):
     import io
 
     assert usable(io.StringIO(), readable=False)  # no descriptor: nothing known to fail
+
+
+def test_nexusrt_bench_with_a_closed_stdout_or_stderr():
+    rc, _, err = _run("--stage", "detect", close=(1,), module="nexusrt.bench.main")
+    _one_line_error(rc, err, r"stdout is closed: nowhere to write the figures", prog="nexusrt-bench")
+    rc, out, _ = _run("--stage", "detect", close=(2,), module="nexusrt.bench.main")
+    assert rc == 0 and b"total" in out, out

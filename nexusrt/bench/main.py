@@ -12,6 +12,7 @@ import json
 import sys
 
 from ..cli.parsing import OneLineParser, parse_args
+from ..cli.streams import protect_standard_streams, require_stdout
 
 STAGES = {
     "detect": "device, profile, features and boot phase times",
@@ -60,6 +61,7 @@ def _stage_module(stage: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``nexusrt-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    protect_standard_streams()  # a closed stderr drops the notices; the figures still come out
     parser = build_parser()
     args, status = parse_args(parser, argv)
     if args is None:  # --help (0) or a usage error, already said in one line (1)
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli.guard import guarded
 
     def run() -> int:
+        require_stdout("nowhere to write the figures")  # before any stage boots a device
         _refuse_other_stages_options(args)
         try:
             result = module.run(args)

@@ -87,6 +87,21 @@ def test_byte_tokenizer():
     assert tok.decode(ids + [257, 300, 104]) == "héh"
     assert tok.decode(ids + [257], skip_special_tokens=False) == "<|bos|>hé<|eos|>"
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+    # An id that adds no text (random weights pick ids far above 257) does not split a character:
+    # streaming skips such ids, so the streamed text must equal decode(ids) with them in.
+    assert tok.decode([0xE2, 300, 0x82, 5000, 0xAC]) == "€"
+
+
+def test_streamed_text_equals_decode_for_random_byte_ids():
+    import numpy as np
+
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # what synthetic weights emit: bytes, broken UTF-8, and ids the bytes never reach
+        ids = [int(i) for i in rng.choice(np.r_[rng.integers(0, 256, 40), [256, 257, 300, 70000]], 60)]
+        dec = IncrementalDecoder(tok)
+        streamed = "".join(dec.push(i) for i in ids) + dec.flush()
+        assert streamed == tok.decode(ids), ids
 
 
 def test_encoding_a_long_prompt_lets_other_threads_run():

@@ -215,11 +215,12 @@ class ByteTokenizer(BaseTokenizer):
         for i in (int(i) for i in ids):
             if i < 256:
                 run.append(i)
-                continue
-            out.append(run.decode("utf-8", errors="replace"))
-            run = bytearray()
-            if i in self.NAMES and not skip_special_tokens:
+            elif i in self.NAMES and not skip_special_tokens:
+                out.append(run.decode("utf-8", errors="replace"))
+                run = bytearray()
                 out.append(self.NAMES[i])
+            # An id that adds no text does not split the bytes around it either: `invisible` says
+            # it never changes the text, and streaming skips it (it used to split a character).
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 

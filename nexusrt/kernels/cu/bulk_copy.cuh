@@ -74,6 +74,19 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned b
         : "memory");
 }
 
+// bulk_load of a range that may straddle the memory arena's 2 MiB mappings (memory/provider_cuda.py
+// maps a tensor in pieces of that size): one copy per mapping it touches, so each copy reads inside
+// one mapping (compute-sanitizer reported a straddling copy out of bounds). At most two pieces for
+// `bytes` <= 2 MiB. The caller's expect_tx covers `bytes` in all.
+constexpr unsigned long long kMapBytes = 2ull << 20;
+__device__ __forceinline__ void bulk_load_mapped(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    const unsigned long long room = kMapBytes - (reinterpret_cast<unsigned long long>(src) & (kMapBytes - 1));
+    const unsigned first = room < bytes ? (unsigned)room : bytes;
+    bulk_load(dst, src, first, bar);
+    if (first < bytes)
+        bulk_load(static_cast<char*>(dst) + first, static_cast<const char*>(src) + first, bytes - first, bar);
+}
+
 // Order this thread's (and, after a warp/block sync, its peers') generic shared-memory reads
 // before a following async-proxy write to the same bytes.
 __device__ __forceinline__ void fence_proxy_async() {

@@ -36,7 +36,7 @@ __device__ __forceinline__ void ring_fill(uint4* slot, unsigned long long* bar, 
     nrt::mbar_arrive_expect_tx(bar, RPW * bytes);
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
-        nrt::bulk_load(slot + r * U * 32, W + (size_t)row_of(j, r) * K + (size_t)c0 * 8, bytes, bar);
+        nrt::bulk_load_mapped(slot + r * U * 32, W + (size_t)row_of(j, r) * K + (size_t)c0 * 8, bytes, bar);
 }
 
 // N tasks of RPW rows of length K (K % 8 == 0); x fp32 [K], normalised inside with kNorm.

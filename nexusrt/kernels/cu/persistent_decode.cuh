@@ -83,7 +83,6 @@ constexpr int kRowWords = 16;
 // kernels/ops/persistent.py FINISH_SHARED_BYTES sizes the dynamic shared memory with this.
 static_assert(sizeof(PoolShared) == 42272, "update FINISH_SHARED_BYTES in kernels/ops/persistent.py");
 static_assert(kBuckets * 4 <= (int)sizeof(PoolShared), "a partial's histogram overlays the finish's workspace");
-constexpr long long kSpinLimit = 1ll << 26;  // ~9 s of 128 ns backoff: a deadlock traps, it does not hang
 
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
     unsigned v;
@@ -117,10 +116,13 @@ __device__ __forceinline__ void wait_row(const int* row, const u64* P, unsigned 
         const int c = row[7 + 2 * w], target = row[8 + 2 * w];
         const unsigned base = epoch * (unsigned)__ldg(totals + c);
         unsigned ns = 32;
-        for (long long spin = 0;; ++spin) {
+        unsigned long long since = 0;
+        for (unsigned spin = 0;; ++spin) {
             const int have = (int)(ld_acquire(counters + c) - base);
             if (have >= target) break;
-            if (spin == kSpinLimit) fail(slot_ptr<int>(P, kDebug), blockIdx.x + 1, index, c, have, target);
+            // The clock every 64 tries (~8 us): a wait that is met soon never reads it.
+            if ((spin & 63) == 63 && wait_expired(since))
+                fail(slot_ptr<int>(P, kDebug), blockIdx.x + 1, index, c, have, target);
             // A short cap: the wake-up delay is paid at every stage boundary (~100 a step), and
             // one polling thread per SM costs L2 next to nothing.
             __nanosleep(ns);
@@ -302,7 +304,7 @@ __device__ void run(const u64* __restrict__ params) {
         if constexpr (kLoader) nrt::mbar_arrive(ring.empty + slot);
         else ring_issue(ring, q, slot, fill, cursor, slice, P, layers, H, I, QW);
     };
-    if ((tid & 31) == 0) cursor.row = -1, cursor.end = 0;
+    if ((tid & 31) == 0 && tid < kThreads) cursor.row = -1, cursor.end = 0;  // the readers' warps (not the loader's)
     if (tid == 0) {
         for (int i = 0; i < ring.n; ++i) {
             nrt::mbar_init(ring_full + i, 1), ring_fills[i] = 0;

@@ -45,25 +45,6 @@ constexpr int kStepChunks = 32 * kU;  // one step of row_dot's loop
 static_assert(kPageChunks % kStepChunks == 0, "a page is whole steps of row_dot's loop");
 constexpr int kMaxPages = 64;  // kernels/ops/persistent.py MAX_RING_PAGES
 
-// A ring wait that lasts this long is a bug (a copy never issued, or a page never read): it records
-// itself in the debug words and traps. Timed by the clock, not by a count of tries: a failed
-// try_wait may sleep up to its suspend hint (bulk_copy.cuh, 1 ms), so a count that bounds the
-// spinning loop at seconds would bound the sleeping one at hours.
-constexpr unsigned long long kRingWaitNs = 10ull * 1000 * 1000 * 1000;
-
-__device__ __forceinline__ unsigned long long global_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// Whether a wait that first failed at `since` (0: just now, which it records) has outlasted kRingWaitNs.
-__device__ __forceinline__ bool ring_wait_expired(unsigned long long& since) {
-    const unsigned long long now = global_ns();
-    if (since == 0) since = now;
-    return now - since > kRingWaitNs;
-}
-
 struct WeightRing {
     uint4* pages;              // n slots of kPageBytes in dynamic shared memory
     unsigned long long* full;  // one transaction barrier per slot
@@ -83,19 +64,13 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
 }
 
 // One thread: `bytes` from src into `slot` as its copy number `fill` (0-based), completing on the
-// slot's barrier. The memory arena maps a tensor in 2 MiB pieces (memory/provider_cuda.py), and a
-// page that straddles two is copied in two parts, so that each copy reads inside one mapping (as
-// compute-sanitizer checks it). No fence before the fill count: a reader that sees it waits for
+// slot's barrier (a page straddling two of the arena's 2 MiB mappings is copied in two parts,
+// bulk_copy.cuh bulk_load_mapped). No fence before the fill count: a reader that sees it waits for
 // the phase of this copy, which the copy before it (already landed: its page was read) has
 // opened, and which cannot end before this arrival and these bytes.
-constexpr unsigned long long kMapBytes = 2ull << 20;
 __device__ __forceinline__ void ring_fill(const WeightRing& r, int slot, int fill, const char* src, unsigned bytes) {
-    char* dst = reinterpret_cast<char*>(r.pages + (size_t)slot * kPageChunks);
-    const unsigned long long room = kMapBytes - (reinterpret_cast<unsigned long long>(src) & (kMapBytes - 1));
-    const unsigned first = room < bytes ? (unsigned)room : bytes;
     nrt::mbar_arrive_expect_tx(r.full + slot, bytes);
-    nrt::bulk_load(dst, src, first, r.full + slot);
-    if (first < bytes) nrt::bulk_load(dst + first, src + first, bytes - first, r.full + slot);
+    nrt::bulk_load_mapped(r.pages + (size_t)slot * kPageChunks, src, bytes, r.full + slot);
     r.fills[slot] = fill + 1;
 }
 
@@ -103,7 +78,7 @@ __device__ __forceinline__ void ring_fill(const WeightRing& r, int slot, int fil
 __device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fill, int q) {
     for (unsigned long long since = 0;;) {
         if (r.fills[slot] > fill && nrt::mbar_try_wait(r.full + slot, (unsigned)fill & 1u)) return;
-        if (ring_wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -3, slot, fill);
+        if (wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -3, slot, fill);
     }
 }
 
@@ -112,7 +87,7 @@ __device__ __forceinline__ void ring_wait(const WeightRing& r, int slot, int fil
 __device__ __forceinline__ void ring_wait_read(const WeightRing& r, int slot, int fill, int q) {
     for (unsigned long long since = 0;;) {
         if (nrt::mbar_try_wait(r.empty + slot, (unsigned)(fill - 1) & 1u)) return;
-        if (ring_wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -4, slot, fill);
+        if (wait_expired(since)) fail(r.debug, blockIdx.x + 1, q, -4, slot, fill);
     }
 }
 

@@ -40,6 +40,25 @@ __device__ __noinline__ void fail(int* debug, int w0, int w1, int w2, int w3, in
     __trap();
 }
 
+// A wait that lasts this long is a bug (a counter never signalled, a copy never issued, a page
+// never read): it records itself in the debug words and traps. Timed by the clock, not by a count
+// of tries: a counter wait sleeps up to 128 ns a try and a failed mbarrier try_wait up to its
+// suspend hint (bulk_copy.cuh, 1 ms), so a count would bound them at seconds and at hours.
+constexpr unsigned long long kWaitNs = 10ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Whether a wait that first failed at `since` (0: just now, which it records) has outlasted kWaitNs.
+__device__ __forceinline__ bool wait_expired(unsigned long long& since) {
+    const unsigned long long now = global_ns();
+    if (since == 0) since = now;
+    return now - since > kWaitNs;
+}
+
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // Stage x[0..K) (times rstd * norm_w when norm_w is set) into shared memory as gemv.cu's

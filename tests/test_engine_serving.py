@@ -128,6 +128,21 @@ def test_a_list_longer_than_the_queue_goes_in_as_earlier_requests_end(cpu_rt):
         llm.close()
 
 
+def test_a_prepared_request_takes_a_lower_length_before_it_is_submitted(cpu_rt):
+    llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128)
+    try:
+        req = llm.prepare("fit me", max_new_tokens=50, temperature=0).limit_new_tokens(3)
+        assert len(req.submit().result(timeout=30).token_ids) == 3  # not tokenized again to get there
+        for bad in (0, 51, True):
+            with pytest.raises(ValueError, match="limit_new_tokens takes 1..50"):
+                llm.prepare("x", max_new_tokens=50).limit_new_tokens(bad)
+        with pytest.raises(NexusRTError, match="after the request was submitted"):
+            req.limit_new_tokens(2)
+        assert no_leak(llm)
+    finally:
+        llm.close()
+
+
 def test_close_cancels_what_runs(cpu_rt):
     llm = nrt.LLM("synthetic:tiny", backend="cpu", max_context=128)
     req = llm.submit("still running", max_new_tokens=120)

@@ -78,11 +78,10 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
     :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
-    if stops is None:
-        stops = []
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
         raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.60}")
+    stops = list(stops)
     for s in stops:
         check_text(s, "a stop string")
     gen = model.generation

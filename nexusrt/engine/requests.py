@@ -124,14 +124,26 @@ class Request:
         self.seq = Sequence(ids, params, max_new_tokens, max_context,
                             on_token=lambda seq, token: session.on_token(token), on_finish=self._ended, kv=kv)
         self._result: GenerationResult | None = None
+        self.submitted = False
 
     def _ended(self, seq) -> None:
         self.ended.set()
         if self._on_end is not None:
             self._on_end(self)
 
+    def limit_new_tokens(self, n: int) -> "Request":
+        """Generate at most ``n`` tokens (before :meth:`submit`): a caller that fits the length to the
+        prompt once it is tokenized (a server's default max_tokens) need not tokenize it again."""
+        if self.submitted:
+            raise NexusRTError("limit_new_tokens() after the request was submitted")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.seq.max_new_tokens:
+            raise ValueError(f"limit_new_tokens takes 1..{self.seq.max_new_tokens}, got {n!r}")
+        self.seq.max_new_tokens = self.session.max_new_tokens = n
+        return self
+
     def submit(self) -> "Request":
         self.loop.submit(self.seq)
+        self.submitted = True
         return self
 
     def cancel(self) -> None:

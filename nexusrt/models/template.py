@@ -119,11 +119,12 @@ def _bounded_list(items, what: str) -> list:
 
 def _subject(args):
     """A filter's value: its first argument after the context jinja passes to pass_* filters."""
+    from jinja2 import Environment
     from jinja2.nodes import EvalContext
     from jinja2.runtime import Context
 
     rest = list(args)
-    while rest and (isinstance(rest[0], (EvalContext, Context)) or type(rest[0]).__name__.endswith("Environment")):
+    while rest and isinstance(rest[0], (EvalContext, Context, Environment)):
         rest.pop(0)
     return (rest[0], rest[1:]) if rest else (None, [])
 

@@ -9,6 +9,7 @@ tokens, so they are encoded with ``add_special_tokens=False``, as HF does.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -162,9 +163,11 @@ class HFTokenizer(BaseTokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def _per_token(self) -> int | None:
+        return _bytes_per_token(self._tok)  # on first need, not at load: it reads the whole vocabulary
+
     def min_tokens(self, text: str) -> int:
-        if not hasattr(self, "_per_token"):
-            self._per_token = _bytes_per_token(self._tok)
         if self._per_token is None:
             return 0
         return -(-len(text.encode("utf-8", errors="surrogatepass")) // self._per_token)

@@ -57,12 +57,9 @@ def _send(conn, answer) -> bool:
     """Send ``answer`` to the front; False when the front is gone (a killed front left a broken pipe,
     which used to end every worker with a traceback on the terminal)."""
     try:
-        try:
-            conn.send(answer)
-        except OSError:
-            raise
-        except Exception as exc:  # the answer does not pickle: the front gets that instead
-            conn.send(("error", answerable(exc)))
-        return True
+        conn.send(answer)
     except OSError:  # BrokenPipeError, ConnectionResetError
         return False
+    except Exception as exc:  # the answer does not pickle (nothing was written): the front gets that
+        return _send(conn, ("error", answerable(exc)))
+    return True

@@ -110,8 +110,7 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
                          else f"this model's context is {limit} tokens")
                 raise BadRequest(f"{where}; the prompt is {n}, which leaves no room to generate", field,
                                  code="context_length_exceeded")
-            req = state.llm.prepare(c.prompt, room - n, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end,
-                                    **c.sampling, **kv)
+            req.limit_new_tokens(room - n)
         elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
             raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
                              f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field,

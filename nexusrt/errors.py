@@ -79,3 +79,26 @@ class SchedulerError(NexusRTError):
 
 class NonFiniteLogits(NexusRTError):
     """A step's logits hold a NaN, so no token is defined (broken weights: NaN or inf values)."""
+
+
+class InvalidArgument(ValueError):
+    """An argument's value is outside what the call takes. ``argument`` names it as the caller
+    spelled it (``"temperature"``, ``"kv_budget"``, ``"prompt"``), so a front end such as the
+    server can point at its own field without reading the message."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of a type the call does not take (a TypeError as well)."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """A request's prompt and new tokens need more KV blocks than the engine's pool holds, so it
+    could never run to its end; ``tokens`` and ``pool_tokens`` say by how much."""
+
+    def __init__(self, message: str, tokens: int, pool_tokens: int):
+        super().__init__("max_new_tokens", message)
+        self.tokens, self.pool_tokens = tokens, pool_tokens

@@ -167,3 +167,32 @@ def test_bad_serving_arguments_are_clear_errors(cpu_rt, kw, match):
         return
     with pytest.raises(ValueError, match=match):
         nrt.LLM("synthetic:tiny", backend="cpu", max_context=64, **kw)
+
+
+@pytest.mark.parametrize("kw,argument", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(seed=-1), "seed"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(stop=[3]), "stop"),
+    (dict(stop="\ud800"), "stop"), (dict(kv_policy="lru"), "kv_policy"), (dict(kv_budget=8), "kv_budget"),
+    (dict(kv_policy="sink-window", kv_budget=4, kv_sinks=4), "kv_budget"),
+    (dict(kv_policy="sink-window", kv_budget=16, kv_window=True), "kv_window"),
+    (dict(kv_policy="sink-window", kv_budget=16, kv_protect="system"), "kv_protect"),
+    (dict(prompt="\udfff"), "prompt"), (dict(prompt=[{"role": "user"}]), "prompt")])
+def test_a_bad_argument_is_named_by_the_error(llm, kw, argument):
+    """What a front end needs to point at the field: the error's ``argument``, not its message;
+    the same through submit (the serving engine) and generate (either path)."""
+    kw = {"prompt": "hello", **kw}
+    for call in (llm.submit, llm.generate):
+        with pytest.raises(nrt.errors.InvalidArgument) as e:
+            call(**kw)
+        assert e.value.argument == argument and str(e.value) and isinstance(e.value, ValueError)
+    assert no_leak(llm)
+
+
+def test_a_request_larger_than_the_pool_says_by_how_much(cpu_rt):
+    with nrt.LLM("synthetic:tiny", backend="cpu", max_context=256, kv_memory=1 << 16) as llm:
+        pool = llm.engine.engine.blocks.num_blocks * 16
+        with pytest.raises(nrt.errors.RequestTooLarge) as e:
+            llm.submit("hello", max_new_tokens=pool + 8)
+        assert e.value.argument == "max_new_tokens" and e.value.pool_tokens == pool
+        assert e.value.tokens > pool and f"the pool has {pool // 16}" in str(e.value)
+        assert no_leak(llm)

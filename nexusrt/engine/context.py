@@ -29,18 +29,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import InvalidArgument
+
 LAYERS = ("system", "persona", "instructions", "reference", "working")
 DEFAULT_BUDGETS = {"system": 256, "persona": 512, "instructions": 1024, "reference": 8192, "working": 4096}
 OVERFLOW = ("error", "truncate")
 
 
-def check_text(text: str, what: str) -> None:
+def check_text(text: str, what: str, argument: str = "prompt") -> None:
     """Text from outside (argv, a file, JSON with escapes) may carry lone surrogates, which no
-    tokenizer can take: a ValueError naming ``what`` and where."""
+    tokenizer can take: an :class:`~nexusrt.errors.InvalidArgument` of ``argument`` naming
+    ``what`` and where."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
+        raise InvalidArgument(argument, f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def render(ctx: Context, tokenizer) -> Rendered:
         budget = ctx.budget(name)
         if len(ids) > budget:
             if ctx.on_overflow == "error":
-                raise ValueError(f"context layer {name!r} is {len(ids)} tokens, over its budget of {budget} "
+                raise InvalidArgument("prompt", f"context layer {name!r} is {len(ids)} tokens, over its budget of {budget} "
                                  "(raise budgets[...] or pass on_overflow='truncate')")
             cut[name] = (len(ids), budget)
             ids = ids[:budget]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..errors import InvalidArgument, InvalidArgumentType
 from ..kvcache.blocks import blocks_for
 from ..kvcache.fault_plan import FaultCounts
 from ..serving.pruning import DEFAULT_SINKS, KvPolicy
@@ -38,7 +39,7 @@ def protected_length(rendered: Rendered, layers, tokenizer) -> int:
     """Leading ids of ``rendered`` that belong to the layers up to the last of ``layers``."""
     unknown = [name for name in layers if name not in LAYERS]
     if unknown:
-        raise ValueError(f"kv_protect names unknown context layer {unknown[0]!r} (layers: {', '.join(LAYERS)})")
+        raise InvalidArgument("kv_protect", f"kv_protect names unknown context layer {unknown[0]!r} (layers: {', '.join(LAYERS)})")
     last = max(LAYERS.index(name) for name in layers)
     ctx = rendered.context
     head = {name: getattr(ctx, name) for name in LAYERS[:last + 1]}
@@ -62,17 +63,17 @@ def shape(prompt, options: dict, tokenizer):
     policy = "full" if policy is None else policy  # anything else KvPolicy checks by name
     stray = [k for k in ("kv_budget", "kv_sinks", "kv_window", "kv_protect") if options.get(k) is not None]
     if policy == "full" and stray:  # they would be ignored: every token is kept
-        raise ValueError(f"{stray[0]} applies to a pruning policy, and kv_policy is 'full' (the default: every "
+        raise InvalidArgument(stray[0], f"{stray[0]} applies to a pruning policy, and kv_policy is 'full' (the default: every "
                          "token is kept); pass kv_policy='sink-window' or 'h2o' with it")
     protect = options.get("kv_protect") or ()
     if isinstance(protect, str):
         protect = (protect,)
     if not isinstance(protect, (list, tuple)) or not all(isinstance(name, str) for name in protect):
-        raise TypeError(f"kv_protect must be a context layer's name or a list of them, got {protect!r:.60}")
+        raise InvalidArgumentType("kv_protect", f"kv_protect must be a context layer's name or a list of them, got {protect!r:.60}")
     ranges = ()
     if protect:
         if not isinstance(prompt, Rendered):
-            raise ValueError("kv_protect names context layers: the prompt must be an nrt.Context")
+            raise InvalidArgument("kv_protect", "kv_protect names context layers: the prompt must be an nrt.Context")
         ranges = ((0, protected_length(prompt, protect, tokenizer)),)
     sinks = options.get("kv_sinks")
     kv = KvPolicy(policy, options.get("kv_budget"), DEFAULT_SINKS if sinks is None else sinks,

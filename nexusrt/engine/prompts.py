@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..reference.sampling import SamplingParams
-from ..errors import NexusRTError
+from ..errors import InvalidArgument, InvalidArgumentType, NexusRTError
 from .context import Context, Rendered, check_text, render
 from .kv import Pruned
 from .kv import shape as kv_shape
@@ -15,20 +15,20 @@ from .session import Session
 EXACT_COUNT_CHARS = 1 << 18  # a prompt this long or shorter is tokenized (well under a second) for an exact count
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(InvalidArgument):
     """The prompt alone is longer than the context: ``tokens`` of it against ``limit``."""
 
     def __init__(self, tokens: int, limit: int, source: str, at_least: bool = False):
         self.tokens, self.limit, self.at_least = tokens, limit, at_least
         count = f"at least {tokens} tokens (from its length, not tokenized)" if at_least else f"{tokens} tokens"
-        super().__init__(f"the prompt is {count} but the context holds {limit} "
-                         f"(max_position_embeddings in {source}, or max_context)")
+        super().__init__("prompt", f"the prompt is {count} but the context holds {limit} "
+                                   f"(max_position_embeddings in {source}, or max_context)")
 
 
 def messages_for(prompt, chat: bool, system: str | None):
     """The text prompt, or with ``chat``/``system`` the messages to render."""
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        raise InvalidArgumentType("prompt", f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     check_text(prompt, "the prompt")
     if not chat and system is None:
         return prompt
@@ -41,7 +41,7 @@ def prompt_for(prompt, chat: bool, system: str | None, tokenizer, kv: dict | Non
     ``kv`` (the call's ``kv_*`` options) wraps it in :class:`~nexusrt.engine.kv.Pruned` when it prunes."""
     if isinstance(prompt, Context):
         if system is not None:
-            raise ValueError("a Context carries its own system layer; do not pass system= with it")
+            raise InvalidArgument("system", "a Context carries its own system layer; do not pass system= with it")
         shaped = render(prompt, tokenizer)
     else:
         shaped = messages_for(prompt, chat, system)
@@ -54,7 +54,7 @@ def request_prompt(prompt, tokenizer, kv: dict):
     if isinstance(prompt, list):
         return kv_shape(chat_messages(prompt, None), kv, tokenizer)
     if not isinstance(prompt, (str, Context)):
-        raise TypeError(f"prompt must be text, a list of chat messages or an nrt.Context, got {type(prompt).__name__}")
+        raise InvalidArgumentType("prompt", f"prompt must be text, a list of chat messages or an nrt.Context, got {type(prompt).__name__}")
     return prompt_for(prompt, False, None, tokenizer, kv)
 
 
@@ -62,13 +62,13 @@ def chat_messages(messages, system: str | None) -> list[dict]:
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
-        raise TypeError("messages must be a list of {'role': str, 'content': str} dicts")
+        raise InvalidArgumentType("prompt", "messages must be a list of {'role': str, 'content': str} dicts")
     for i, m in enumerate(messages):
         check_text(m["content"], f"message {i}")
     if system is not None:
         if not isinstance(system, str):
-            raise TypeError(f"system must be a string, got {type(system).__name__}")
-        check_text(system, "the system prompt")
+            raise InvalidArgumentType("system", f"system must be a string, got {type(system).__name__}")
+        check_text(system, "the system prompt", "system")
         messages = [{"role": "system", "content": system}] + list(messages)
     return messages
 
@@ -77,13 +77,13 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
     """Check the arguments and tokenize (``prompt``: text or a list of chat messages); the
     :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise InvalidArgument("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
-        raise TypeError(f"stop must be a string or a list of strings, got {stop!r:.60}")
+        raise InvalidArgumentType("stop", f"stop must be a string or a list of strings, got {stop!r:.60}")
     stops = list(stops)
     for s in stops:
-        check_text(s, "a stop string")
+        check_text(s, "a stop string", "stop")
     gen = model.generation
     params = SamplingParams(
         temperature=gen.temperature if temperature is None else temperature,
@@ -108,7 +108,7 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
     ids = model.tokenizer.encode(text, add_special_tokens=not chat)  # a rendered chat holds its specials
     tokenize_s = time.perf_counter() - t0
     if not ids:
-        raise ValueError("the prompt encodes to no tokens (empty prompt and no BOS token)")
+        raise InvalidArgument("prompt", "the prompt encodes to no tokens (empty prompt and no BOS token)")
     if len(ids) > max_context:
         raise PromptTooLong(len(ids), max_context, model.config.source)
     session = Session(model.tokenizer, model.eos_token_ids, stops, len(ids), emit, max_new_tokens)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import NonFiniteLogits
+from ..errors import InvalidArgument, NonFiniteLogits
 from .rng import GAMMA, MASK64, splitmix64
 
 K_MAX = 1024
@@ -53,19 +53,19 @@ class SamplingParams:
     def __post_init__(self):
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise InvalidArgument("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if 0 < t < MIN_TEMPERATURE:  # as fp32 it would be 0 or subnormal: l / T divides by zero
-            raise ValueError(f"temperature {t!r} is below {MIN_TEMPERATURE:.3g}, the least fp32 holds as a normal "
+            raise InvalidArgument("temperature", f"temperature {t!r} is below {MIN_TEMPERATURE:.3g}, the least fp32 holds as a normal "
                              "number; use 0 for greedy")
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+            raise InvalidArgument("top_k", f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+            raise InvalidArgument("top_p", f"top_p must be in (0, 1], got {p!r}")
         s = self.seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MASK64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {s!r}")
+            raise InvalidArgument("seed", f"seed must be an integer in [0, 2**64), got {s!r}")
 
     @property
     def greedy(self) -> bool:

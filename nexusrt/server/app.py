@@ -5,9 +5,10 @@
 Every request goes through the engine (:meth:`nexusrt.engine.llm.LLM.submit`), so concurrent
 requests are batched. A bad request gets 400 with OpenAI's error body naming the field; a
 full queue 429; a server shutting down 503; a body that does not arrive within
-:data:`BODY_TIMEOUT_S` 408. A client that disconnects has its request cancelled and its KV blocks
-freed. One log line per request. Tokenizing a prompt (up to the 4 MiB body: seconds) runs on a
-worker thread, so one long prompt does not hold up every other client.
+:data:`BODY_TIMEOUT_S` 408 (a head that does not arrive in time: :mod:`.connection`). A client
+that disconnects has its request cancelled and its KV blocks freed. One log line per request.
+Tokenizing a prompt (up to the 4 MiB body: seconds) runs on a worker thread, so one long prompt
+does not hold up every other client.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..engine.context import Context
 from ..engine.prompts import PromptTooLong
 from ..engine.requests import Cancelled
 from ..kvcache.blocks import BLOCK_SIZE
-from ..errors import ModelError, NexusRTError
+from ..errors import InvalidArgument, ModelError, NexusRTError, RequestTooLarge
 from ..serving import EngineStopped, QueueFull
 from ..serving.metrics import render, swap_gauges
 from .bridge import END, GONE, Bridge, EventStream, sse, wait_disconnect
@@ -128,15 +129,23 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge):
         raise BadRequest(str(e), field) from None
     except NexusRTError as e:  # the LLM closed: the server is going down
         raise BadRequest(str(e), None, 503, "server_error") from None
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        if "KV blocks" in msg:  # the pool (--kv-memory) is smaller than the context
-            room = state.max_request_tokens
-            blame = "max_tokens" if c.max_tokens is not None and n is not None and n < room else field
-            raise BadRequest(f"{msg}: this server's KV pool holds {room} tokens for one request", blame) from None
-        named = next((name for name in ("temperature", "top_p", "top_k", "seed") if msg.startswith(name)), None)
-        param = named or (KV_FIELD if "kv_" in msg else field if "prompt" in msg or "context layer" in msg else None)
-        raise BadRequest(msg, param) from None
+    except RequestTooLarge as e:  # the pool (--kv-memory) is smaller than the context
+        room = state.max_request_tokens
+        blame = "max_tokens" if c.max_tokens is not None and n is not None and n < room else field
+        raise BadRequest(f"{e}: this server's KV pool holds {room} tokens for one request", blame) from None
+    except InvalidArgument as e:
+        raise BadRequest(str(e), _param(e.argument, field)) from None
+    except (ValueError, TypeError) as e:  # an argument the engine does not name: no field to point at
+        raise BadRequest(str(e), None) from None
+
+
+def _param(argument: str, prompt_field: str) -> str | None:
+    """The request field an engine argument (:class:`~nexusrt.errors.InvalidArgument`) came from."""
+    if argument in ("temperature", "top_p", "top_k", "seed", "stop"):
+        return argument
+    if argument.startswith("kv_"):
+        return KV_FIELD
+    return {"max_new_tokens": "max_tokens", "prompt": prompt_field, "system": prompt_field}.get(argument)
 
 
 def _failure(exc: Exception) -> BadRequest:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends.base import BatchRunner, Rows
-from ..errors import FatalError
-from ..kvcache.blocks import blocks_for
+from ..errors import FatalError, InvalidArgument, RequestTooLarge
+from ..kvcache.blocks import BLOCK_SIZE, blocks_for
 from .block_manager import BlockManager
 from .metrics import EngineMetrics
 from .pruning import prune
@@ -51,7 +51,7 @@ class Engine:
             others = "".join(f" or {p!r}" for p in sorted(self.runner.prune_policies))
             why = " (h2o ranks tokens by attention scores, which this runner's attention does not add up)" \
                 if seq.kv.policy == "h2o" else ""
-            raise ValueError(f"kv_policy={seq.kv.policy!r} is not available on this backend's runner{why}; use "
+            raise InvalidArgument("kv_policy", f"kv_policy={seq.kv.policy!r} is not available on this backend's runner{why}; use "
                              f"kv_policy='full'{others}, or the CPU backend, which runs every policy")
         if seq.max_context > self.runner.max_context:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
@@ -59,9 +59,10 @@ class Engine:
         if seq.kv.prunes:  # pruned back to the budget after every step, so a step adds at most a chunk
             longest = min(longest, seq.kv.budget + self.scheduler.config.token_budget)
         if blocks_for(longest) > self.blocks.num_blocks:
-            raise ValueError(f"{longest} tokens ({len(seq.prompt_ids)} in the prompt, up to {seq.max_new_tokens} to "
-                             f"generate) need {blocks_for(longest)} KV blocks; the pool has {self.blocks.num_blocks} "
-                             "(raise the KV memory, or ask for fewer tokens)")
+            raise RequestTooLarge(f"{longest} tokens ({len(seq.prompt_ids)} in the prompt, up to {seq.max_new_tokens} "
+                                  f"to generate) need {blocks_for(longest)} KV blocks; the pool has "
+                                  f"{self.blocks.num_blocks} (raise the KV memory, or ask for fewer tokens)",
+                                  longest, self.blocks.num_blocks * BLOCK_SIZE)
 
     def add(self, seq: Sequence) -> None:
         self.check(seq)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 POLICIES = ("full", "sink-window", "h2o")
 DEFAULT_SINKS = 4  # StreamingLLM's sink count
 
@@ -47,23 +49,23 @@ class KvPolicy:
 
     def __post_init__(self):
         if self.policy not in POLICIES:
-            raise ValueError(f"kv_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise InvalidArgument("kv_policy", f"kv_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("budget", "sinks", "window"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"kv_{name} must be an integer >= 0, got {v!r}")
+                raise InvalidArgument(f"kv_{name}", f"kv_{name} must be an integer >= 0, got {v!r}")
         if self.policy == "full":
             return
         if self.budget is None:
-            raise ValueError(f"kv_policy {self.policy!r} needs kv_budget (tokens kept)")
+            raise InvalidArgument("kv_budget", f"kv_policy {self.policy!r} needs kv_budget (tokens kept)")
         if self.budget <= self.sinks:
-            raise ValueError(f"kv_budget ({self.budget}) must exceed kv_sinks ({self.sinks}): "
+            raise InvalidArgument("kv_budget", f"kv_budget ({self.budget}) must exceed kv_sinks ({self.sinks}): "
                              "the sinks alone would fill it")
         if self.window is not None and self.sinks + self.window > self.budget:
-            raise ValueError(f"kv_sinks + kv_window ({self.sinks} + {self.window}) exceed kv_budget ({self.budget})")
+            raise InvalidArgument("kv_window", f"kv_sinks + kv_window ({self.sinks} + {self.window}) exceed kv_budget ({self.budget})")
         for r in self.protect:
             if not (isinstance(r, tuple) and len(r) == 2 and 0 <= r[0] <= r[1]):
-                raise ValueError(f"protected ranges must be (lo, hi) with 0 <= lo <= hi, got {r!r}")
+                raise InvalidArgument("kv_protect", f"protected ranges must be (lo, hi) with 0 <= lo <= hi, got {r!r}")
 
     @property
     def prunes(self) -> bool:

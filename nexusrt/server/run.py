@@ -57,6 +57,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
         import uvicorn
 
         from .app import create_app
+        from .connection import HeadTimeoutProtocol
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("uvicorn", "starlette"):
             raise BackendUnavailable(f"nexusrt serve needs {exc.name.split('.')[0]}: install the server with "
@@ -116,6 +117,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                     captured.remove(sig)
 
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                http=HeadTimeoutProtocol,  # h11 with a limit on each request's head
                                 timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
         server = Server(config)
         try:

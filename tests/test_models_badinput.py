@@ -125,3 +125,31 @@ def test_failed_load_leaves_nothing_allocated(ckpt, monkeypatch, cpu_rt):
     gc.collect()
     assert len(calls) == 6
     assert not [o for o in gc.get_objects() if type(o) is CpuRunner]
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_non_finite_weights_end_in_one_clear_error_without_numpy_warnings(ckpt, cpu_rt, bad):
+    """inf/NaN in a weight: every op after it would warn; one NonFiniteLogits says what is wrong,
+    through the one-sequence runner and the serving engine, and the engine keeps no blocks."""
+    import warnings
+
+    import nexusrt as nrt
+    from nexusrt.errors import NonFiniteLogits
+
+    def poison(tensors):
+        name = next(k for k in sorted(tensors) if "mlp.down_proj" in k)
+        w = tensors[name].copy()
+        w.flat[:64] = bad
+        tensors[name] = w
+
+    _rewrite_weights(ckpt, poison)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from NumPy fails the test
+        with nrt.LLM(ckpt, backend="cpu") as llm:
+            with pytest.raises(NonFiniteLogits, match="not finite numbers"):
+                llm.generate("hello there", max_new_tokens=4)
+            with pytest.raises(NonFiniteLogits):
+                llm.submit("hello there", max_new_tokens=4).result()
+            blocks = llm.engine.engine.blocks
+            blocks.audit()
+            assert blocks.num_used == 0

@@ -107,11 +107,14 @@ class DecoderSteps:
     def forward_logits(self, batch: list[Rows], pools, rows) -> np.ndarray:
         """``forward`` the batch, then fp32 ``[len(rows), vocab]`` logits of hidden rows ``rows``
         (indices into the batch's rows; none: an empty array and no LM head work)."""
-        hidden = self.forward(batch, pools)
-        rows = np.asarray(rows, np.intp)
-        if rows.size == 0:
-            return np.zeros((0, self.config.vocab_size), F32)
-        return self.logits(hidden[rows])
+        # inf or NaN weights make every matmul and norm after them warn, dozens of lines a step;
+        # the sampler reports the step once, clearly (NonFiniteLogits), so the warnings are off.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            hidden = self.forward(batch, pools)
+            rows = np.asarray(rows, np.intp)
+            if rows.size == 0:
+                return np.zeros((0, self.config.vocab_size), F32)
+            return self.logits(hidden[rows])
 
     def compact_pools(self, pools, table: list[int], keep) -> None:
         """Move cache slots ``keep`` (checked by the caller) to the front of ``table`` in every pool."""

@@ -196,3 +196,25 @@ def test_a_request_larger_than_the_pool_says_by_how_much(cpu_rt):
         assert e.value.argument == "max_new_tokens" and e.value.pool_tokens == pool
         assert e.value.tokens > pool and f"the pool has {pool // 16}" in str(e.value)
         assert no_leak(llm)
+
+
+def test_siblings_share_the_prompt_and_sample_with_their_own_seeds(llm):
+    """Request.sibling: a server's n choices. Seed s+i gives what a request with that seed gives;
+    greedy siblings all give the greedy ids; the shared prompt blocks are computed once."""
+    prompt = "a prompt long enough to fill a few whole KV blocks " * 4
+    alone = [llm.submit(prompt, **{**KW, "seed": 11 + i}).result() for i in range(3)]
+    first = llm.prepare(prompt, **KW)
+    sibs = [first] + [first.sibling(seed=11 + i) for i in (1, 2)]
+    lookups, hits = llm.engine.engine.blocks.lookups, llm.engine.engine.blocks.hits
+    got = [r.result() for r in [s.submit() for s in sibs]]
+    assert [g.token_ids for g in got] == [a.token_ids for a in alone]
+    assert [g.seed for g in got] == [11, 12, 13] and [g.text for g in got] == [a.text for a in alone]
+    assert llm.engine.engine.blocks.hits - hits == llm.engine.engine.blocks.lookups - lookups > 0  # cached prompt
+    greedy = llm.prepare(prompt, max_new_tokens=6, temperature=0)
+    ids = {tuple(r.submit().result().token_ids) for r in [greedy, greedy.sibling(), greedy.sibling(seed=5)]}
+    assert len(ids) == 1
+    random = llm.prepare(prompt, **{**KW, "seed": None})
+    assert len({random.seq.params.seed, random.sibling().seq.params.seed, random.sibling().seq.params.seed}) == 3
+    with pytest.raises(nrt.errors.InvalidArgument, match="seed"):
+        first.sibling(seed=-1)
+    assert no_leak(llm)

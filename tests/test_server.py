@@ -124,7 +124,9 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "top_p": 1.5}, "top_p"),
     ({"model": MODEL, "prompt": "x", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": MODEL, "prompt": "x", "n": 3}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 65}, "n"),
+    ({"model": MODEL, "prompt": [17, 42]}, "prompt"),  # token ids
+    ({"model": MODEL, "prompt": ["x", "word " * 400]}, "prompt"),  # the second prompt is too long
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": "word " * 400}, "prompt"),  # longer than the 256-token context
     ({"model": MODEL, "prompt": "x" * 200, "max_tokens": 250}, "max_tokens"),  # prompt + max_tokens > context
@@ -200,6 +202,32 @@ def test_the_default_max_tokens_fits_what_the_context_leaves(server, client):
     prompt = "x" * 250  # the stdlib tokenizer: some 250 / k tokens; without max_tokens chat asks for 256
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
     assert r.usage.total_tokens <= 256 and r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_n_choices_and_lists_of_prompts_through_the_openai_client(server, client):
+    """Choice p * n + i is prompt p sampled with seed + i: what a lone request with that seed gives;
+    usage counts each prompt once; streamed choices carry their index and join to the same texts."""
+    prompts, kw = ["def f(x):", "import os"], dict(model=MODEL, max_tokens=6, temperature=0.9)
+    r = client.completions.create(prompt=prompts, n=3, seed=7, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    alone = [client.completions.create(prompt=p, seed=7 + i, **kw) for p in prompts for i in range(3)]
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in r.choices[:3]}) > 1  # the seeds differ, and so do the samples
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens + alone[3].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    messages = [{"role": "user", "content": "What does os.path.join do?"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, n=2, seed=3, max_tokens=8,
+                                           temperature=0.9)
+    texts, finishes, usage = ["", ""], [None, None], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, n=2, seed=3, max_tokens=8,
+                                                temperature=0.9, stream=True, stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            finishes[ch.index] = ch.finish_reason or finishes[ch.index]
+        usage = chunk.usage or usage
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [c.finish_reason for c in whole.choices] and usage.total_tokens == whole.usage.total_tokens
+    assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
 
 
 def test_nothing_a_client_sends_crashes_the_server(server):

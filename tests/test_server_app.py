@@ -134,10 +134,24 @@ def test_their_no_op_values_and_null_are_taken_as_left_out():
 def test_stream_options_n_and_both_token_limits_are_checked():
     assert _refused({"stream": False, "stream_options": {"include_usage": True}}).param == "stream_options"
     assert _parse({"stream": True, "stream_options": {"include_usage": True}}).include_usage
-    e = _refused({"n": 2})
-    assert e.param == "n" and e.message == "only n=1 is supported"
+    assert _parse({"n": 2}).n == 2 and _parse({"n": 3, "prompt": ["a", "b"]}).choices == 6
+    for n in (0, 65, 1.5, True, "2"):
+        assert _refused({"n": n}).param == "n"
+    e = _refused({"n": 33, "prompt": ["a", "b"]})
+    assert e.param == "n" and "66 choices" in e.message and "at most 64" in e.message
     assert _refused({"max_tokens": "abc", "max_completion_tokens": 2}, chat=True).param == "max_tokens"
     assert _parse({"max_tokens": 9, "max_completion_tokens": 2}, chat=True).max_tokens == 2
+
+
+def test_a_completions_prompt_is_text_or_a_list_of_texts_and_token_ids_are_refused_by_name():
+    assert _parse({"prompt": "a"}).prompts == ["a"] and _parse({"prompt": ["a", "b"]}).prompts == ["a", "b"]
+    assert _parse({"prompt": ["a"] * 64}).choices == 64
+    for bad, match in (([1, 2, 3], "token-id prompts are not supported"), ([[1, 2], [3]], "token-id prompts"),
+                       ([], "non-empty list of strings"), (["a", 1], "non-empty list of strings"),
+                       (None, "non-empty list of strings"), (["a"] * 65, "holds 65 prompts")):
+        e = _refused({"prompt": bad})
+        assert e.param == "prompt" and match in e.message, (bad, e.message)
+    assert _refused({"prompt": ["a", "\udc00"]}).param == "prompt[1]"
 
 
 def test_chat_content_as_text_parts_null_assistant_turns_and_the_developer_role():
@@ -145,7 +159,7 @@ def test_chat_content_as_text_parts_null_assistant_turns_and_the_developer_role(
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": None}, {"role": "user", "content": "c"}]
     c = _parse({"messages": msgs}, chat=True)
-    assert c.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
+    assert c.prompts[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
                         {"role": "assistant", "content": ""}, {"role": "user", "content": "c"}]
     image = {"type": "image_url", "image_url": {"url": "http://x"}}
     e = _refused({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]}, chat=True)
@@ -211,3 +225,34 @@ def test_submit_takes_chat_messages_with_pruning_and_checks_what_it_is_given(llm
 def test_a_temperature_the_sampler_refuses_names_its_field(app):
     r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "temperature": 1e-320})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_choices_beyond_the_queue_are_refused_and_a_queue_that_fills_midway_cancels_the_rest(monkeypatch):
+    from nexusrt.engine import requests as engine_requests
+    from nexusrt.serving import QueueFull
+
+    small = LLM(MODEL, backend="cpu", max_context=256, max_waiting=3)
+    try:
+        app = server_app.create_app(small, MODEL)
+        r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 4, "max_tokens": 2})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "n" and "queue of 3 requests (--max-waiting)" in err["message"]
+        real, submitted = engine_requests.Request.submit, []
+
+        def third_finds_the_queue_full(self):
+            if len(submitted) == 2:
+                raise QueueFull("the queue is full (test)")
+            submitted.append(real(self))
+            return self
+
+        monkeypatch.setattr(engine_requests.Request, "submit", third_finds_the_queue_full)
+        r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 3, "max_tokens": 200})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        for s in submitted:  # the two queued before it are cancelled, not left to run
+            s.ended.wait(10)
+            assert s.seq.finish_reason == "cancelled"
+        blocks = small.engine.engine.blocks
+        blocks.audit()
+        assert blocks.num_used == 0
+    finally:
+        small.close()

@@ -196,7 +196,7 @@ class LLM:
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
                                                   emit or (lambda piece: None))
         return Request(loop, session, ids, params, max_new_tokens, self.runner.max_context,
-                       lambda s: self._finish(s, params, extra), on_end, policy)
+                       lambda s, p: self._finish(s, p, extra), on_end, policy)
 
     @property
     def engine(self):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
 from typing import Callable, Iterator
 
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
 from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
+from ..reference.sampling import SamplingParams
 from ..serving import Engine, EngineLoop, KvPolicy, QueueFull, SchedulerConfig, Sequence
 from .kv import report
 from .session import GenerationResult, Session
@@ -116,9 +118,9 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
 class Request:
     """One prompt in the engine. ``on_end`` (engine thread) is called once when it ends."""
 
-    def __init__(self, loop: EngineLoop, session: Session, ids, params, max_new_tokens: int, max_context: int,
-                 finish: Callable[[Session], GenerationResult], on_end: Callable[["Request"], None] | None = None,
-                 kv: KvPolicy | None = None):
+    def __init__(self, loop: EngineLoop, session: Session, ids, params: SamplingParams, max_new_tokens: int,
+                 max_context: int, finish: Callable[[Session, SamplingParams], GenerationResult],
+                 on_end: Callable[["Request"], None] | None = None, kv: KvPolicy | None = None):
         self.loop, self.session, self._finish, self._on_end = loop, session, finish, on_end
         self.ended = threading.Event()
         self.seq = Sequence(ids, params, max_new_tokens, max_context,
@@ -141,6 +143,16 @@ class Request:
         self.seq.max_new_tokens = self.session.max_new_tokens = n
         return self
 
+    def sibling(self, seed: int | None = None, emit: Callable[[str], None] | None = None,
+                on_end: Callable[["Request"], None] | None = None) -> "Request":
+        """Another request for the same prompt, not tokenized again: the same ids, limits, stop rules,
+        sampling and KV policy, with ``seed`` (None: a random one) and callbacks of its own. A
+        server's ``n`` choices; the engine's prefix cache computes their shared prompt blocks once."""
+        params = replace(self.seq.params, seed=seed).resolved()  # seed checked here
+        seq = self.seq
+        return Request(self.loop, self.session.fresh(emit or (lambda piece: None)), seq.prompt_ids, params,
+                       seq.max_new_tokens, seq.max_context, self._finish, on_end, seq.kv)
+
     def submit(self) -> "Request":
         self.loop.submit(self.seq)
         self.submitted = True
@@ -159,7 +171,7 @@ class Request:
         if self.seq.finish_reason == "cancelled":
             raise Cancelled("the request was cancelled")
         if self._result is None:
-            self._result = self._finish(self.session)
+            self._result = self._finish(self.session, self.seq.params)
             seq = self.seq
             self._result.kv = report(seq.kv, seq.kv_kept, seq.evicted_total, seq.peak_blocks,
                                      preemptions=seq.preemptions, swaps=seq.swaps)

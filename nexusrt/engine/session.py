@@ -85,6 +85,7 @@ class Session:
 
     def __init__(self, tokenizer: BaseTokenizer, eos_ids, stop: list[str], prompt_tokens: int,
                  emit: Callable[[str], None], max_new_tokens: int):
+        self._tokenizer, self._stop = tokenizer, list(stop)
         self.text = StopText(tokenizer, stop)
         self.eos_ids = set(eos_ids)
         self.emit = emit
@@ -96,6 +97,13 @@ class Session:
         self.t_start = time.perf_counter()
         self.t_first = self.t_last = None
         self.context: dict | None = None  # set by start_session for an nrt.Context prompt
+
+    def fresh(self, emit: Callable[[str], None]) -> "Session":
+        """A session for another generation from the same prompt (another of a request's ``n``
+        choices): the same stop rules, limits and context report; its own text, ids and clock."""
+        other = Session(self._tokenizer, self.eos_ids, self._stop, self.prompt_tokens, emit, self.max_new_tokens)
+        other.context = self.context
+        return other
 
     def on_token(self, token_id: int) -> bool:
         now = time.perf_counter()

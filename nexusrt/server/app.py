@@ -91,52 +91,87 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _submit(state: ServerState, c: Completion, bridge: Bridge):
+def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
+    """Check, tokenize and queue every choice of ``c`` (each prompt once; its other ``n - 1``
+    choices are siblings with seeds ``seed + i``); the requests in choice order. Nothing stays
+    queued when any fails."""
     if not state.accepting:
         raise BadRequest("the server is shutting down", None, 503, "server_error")
-    field = CONTEXT_FIELD if isinstance(c.prompt, Context) else "messages" if c.chat else "prompt"
-    n = None
+    if c.choices > state.llm.engine.max_waiting:  # could never be queued at once
+        raise BadRequest(f"{c.choices} choices exceed this server's queue of {state.llm.engine.max_waiting} "
+                         "requests (--max-waiting)", "n")
+    field = CONTEXT_FIELD if isinstance(c.prompts[0], Context) else "messages" if c.chat else "prompt"
+    seed, reqs, where = c.sampling.get("seed"), [], {"n": None}
     try:
-        limit = state.llm.runner.max_context
-        wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
-        # A request's own policy "full" turns the server's pruning defaults off rather than meeting them.
-        kv = dict(c.kv) if c.kv.get("kv_policy") == "full" else {**state.kv, **c.kv}
-        req = state.llm.prepare(c.prompt, wanted, stop=c.stop, emit=bridge.emit, on_end=bridge.on_end, **c.sampling,
-                                **kv)
-        n = len(req.seq.prompt_ids)
-        room = limit if req.seq.kv.prunes else state.max_request_tokens  # a pruned cache stays in its budget
-        if c.max_tokens is None and n + wanted > room:  # the default: what the context (or the pool) leaves
-            if n >= room:
-                where = (f"this server's KV pool holds {room} tokens for one request" if room < limit
-                         else f"this model's context is {limit} tokens")
-                raise BadRequest(f"{where}; the prompt is {n}, which leaves no room to generate", field,
-                                 code="context_length_exceeded")
-            req.limit_new_tokens(room - n)
-        elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
-            raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
-                             f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field,
+        for p, prompt in enumerate(c.prompts):
+            first = _prepare(state, c, prompt, bridge, p * c.n, field, where)
+            reqs.append(first)
+            for i in range(1, c.n):
+                index = p * c.n + i
+                reqs.append(first.sibling(None if seed is None else (seed + i) % (1 << 64),
+                                          bridge.emitter(index), bridge.ender(index)))
+        for r in reqs:
+            r.submit()
+        return reqs
+    except BaseException as exc:
+        for r in reqs:
+            if r.submitted:
+                r.cancel()
+        refusal = _refusal(exc, state, c, field, where["n"])
+        if refusal is exc:
+            raise
+        raise refusal from None
+
+
+def _prepare(state: ServerState, c: Completion, prompt, bridge: Bridge, index: int, field: str, where: dict):
+    """The checked, tokenized request of one prompt, its length fitted to the context (or the pool)."""
+    limit = state.llm.runner.max_context
+    wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
+    # A request's own policy "full" turns the server's pruning defaults off rather than meeting them.
+    kv = dict(c.kv) if c.kv.get("kv_policy") == "full" else {**state.kv, **c.kv}
+    req = state.llm.prepare(prompt, wanted, stop=c.stop, emit=bridge.emitter(index), on_end=bridge.ender(index),
+                            **c.sampling, **kv)
+    n = where["n"] = len(req.seq.prompt_ids)
+    room = limit if req.seq.kv.prunes else state.max_request_tokens  # a pruned cache stays in its budget
+    if c.max_tokens is None and n + wanted > room:  # the default: what the context (or the pool) leaves
+        if n >= room:
+            what = (f"this server's KV pool holds {room} tokens for one request" if room < limit
+                    else f"this model's context is {limit} tokens")
+            raise BadRequest(f"{what}; the prompt is {n}, which leaves no room to generate", field,
                              code="context_length_exceeded")
-        return req.submit()
-    except PromptTooLong as e:
-        raise BadRequest(f"this model's context is {e.limit} tokens; the prompt is {'at least ' * e.at_least}"
-                         f"{e.tokens}", field,
-                         code="context_length_exceeded") from None
-    except QueueFull as e:
-        raise BadRequest(str(e), None, 429, "rate_limit_exceeded") from None
-    except EngineStopped as e:
-        raise BadRequest(str(e), None, 503, "server_error") from None
-    except ModelError as e:  # e.g. no chat template
-        raise BadRequest(str(e), field) from None
-    except NexusRTError as e:  # the LLM closed: the server is going down
-        raise BadRequest(str(e), None, 503, "server_error") from None
-    except RequestTooLarge as e:  # the pool (--kv-memory) is smaller than the context
+        req.limit_new_tokens(room - n)
+    elif n + wanted > limit:  # as OpenAI: refuse rather than stop early at the context's end
+        raise BadRequest(f"this model's context is {limit} tokens; the request asks for {n + wanted} "
+                         f"({n} in the prompt, {wanted} to generate)", "max_tokens" if n < limit else field,
+                         code="context_length_exceeded")
+    return req
+
+
+def _refusal(exc: BaseException, state: ServerState, c: Completion, field: str, n: int | None) -> BaseException:
+    """The BadRequest answering a failed submission (``n``: the last prompt's tokens, if it got
+    that far); an exception that is not a refusal is passed on as it is."""
+    if isinstance(exc, BadRequest):
+        return exc
+    if isinstance(exc, PromptTooLong):
+        return BadRequest(f"this model's context is {exc.limit} tokens; the prompt is {'at least ' * exc.at_least}"
+                          f"{exc.tokens}", field, code="context_length_exceeded")
+    if isinstance(exc, QueueFull):
+        return BadRequest(str(exc), None, 429, "rate_limit_exceeded")
+    if isinstance(exc, EngineStopped):
+        return BadRequest(str(exc), None, 503, "server_error")
+    if isinstance(exc, ModelError):  # e.g. no chat template
+        return BadRequest(str(exc), field)
+    if isinstance(exc, NexusRTError):  # the LLM closed: the server is going down
+        return BadRequest(str(exc), None, 503, "server_error")
+    if isinstance(exc, RequestTooLarge):  # the pool (--kv-memory) is smaller than the context
         room = state.max_request_tokens
         blame = "max_tokens" if c.max_tokens is not None and n is not None and n < room else field
-        raise BadRequest(f"{e}: this server's KV pool holds {room} tokens for one request", blame) from None
-    except InvalidArgument as e:
-        raise BadRequest(str(e), _param(e.argument, field)) from None
-    except (ValueError, TypeError) as e:  # an argument the engine does not name: no field to point at
-        raise BadRequest(str(e), None) from None
+        return BadRequest(f"{exc}: this server's KV pool holds {room} tokens for one request", blame)
+    if isinstance(exc, InvalidArgument):
+        return BadRequest(str(exc), _param(exc.argument, field))
+    if isinstance(exc, (ValueError, TypeError)):  # an argument the engine does not name: no field to point at
+        return BadRequest(str(exc), None)
+    return exc
 
 
 def _param(argument: str, prompt_field: str) -> str | None:
@@ -155,24 +190,34 @@ def _failure(exc: Exception) -> BadRequest:
     return BadRequest(f"generation failed: {exc}", None, 500, "server_error")
 
 
-def _choice(c: Completion, text: str, finish) -> dict:
+def _choice(c: Completion, index: int, text: str, finish) -> dict:
     if c.chat:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-def _chunk(c: Completion, head: dict, text: str | None, finish=None, role: bool = False) -> dict:
+def _chunk(c: Completion, head: dict, index: int, text: str | None, finish=None, role: bool = False) -> dict:
     if c.chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
     return {**head, "object": "chat.completion.chunk" if c.chat else "text_completion", "choices": [choice]}
 
 
-def _usage(result) -> dict:
-    n = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
+def _usage(c: Completion, results: list) -> dict:
+    """Each prompt's tokens counted once (its n choices share it), every choice's new tokens."""
+    prompt = sum(results[p * c.n].prompt_tokens for p in range(len(c.prompts)))
+    new = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def _log_fields(c: Completion, results: list) -> dict:
+    usage = _usage(c, results)
+    finishes = sorted({FINISH_REASONS[r.finish_reason] for r in results})
+    fields = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+              "finish": ",".join(finishes), "ttft_ms": f"{min(r.ttft_s for r in results) * 1e3:.1f}"}
+    return {**fields, "choices": len(results)} if len(results) > 1 else fields
 
 
 async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
@@ -180,7 +225,7 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     try:
         c = parse(parse_json(await _read_body(request)), chat, state.model_id, state.llm.runner.max_context)
         bridge = Bridge(asyncio.get_running_loop())
-        req = await asyncio.to_thread(_submit, state, c, bridge)  # tokenizing: off the event loop
+        reqs = await asyncio.to_thread(_submit, state, c, bridge)  # tokenizing: off the event loop
     except ClientGone:
         state.done(request, 499, t0, error="'the client left before its body arrived'")
         return Response(status_code=499)  # nobody reads it
@@ -191,20 +236,21 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
             "model": state.model_id}
     watcher = asyncio.ensure_future(wait_disconnect(request.receive))
     if c.stream:
-        return EventStream(_events(state, request, c, req, bridge, watcher, head, t0))
+        return EventStream(_events(state, request, c, reqs, bridge, watcher, head, t0))
     status, fields = 200, {}
     try:
-        while (item := await bridge.next(watcher)) is not END:
+        left = len(reqs)
+        while left:
+            item = await bridge.next(watcher)
             if item is GONE:
                 status = 499  # nginx's "client closed request": nobody reads it
                 return Response(status_code=status)
-        result = req.result()  # Cancelled: the server cancelled it while shutting down
-        finish = FINISH_REASONS[result.finish_reason]
-        fields = {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
-                  "finish": finish, "ttft_ms": f"{result.ttft_s * 1e3:.1f}"}
-        body = {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [_choice(c, result.text, finish)], "usage": _usage(result)}
-        return JSONResponse(body)
+            left -= item[1] is END
+        results = [r.result() for r in reqs]  # Cancelled: the server cancelled it while shutting down
+        fields = _log_fields(c, results)
+        choices = [_choice(c, i, r.text, FINISH_REASONS[r.finish_reason]) for i, r in enumerate(results)]
+        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                             "usage": _usage(c, results)})
     except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
         status = 503
         raise
@@ -214,47 +260,62 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
         return _error(e)
     finally:
         watcher.cancel()
-        if not req.ended.is_set():  # client gone, or the handler cancelled at shutdown
-            req.cancel()
+        _cancel_open(reqs)  # client gone, or the handler cancelled at shutdown
         state.done(request, status, t0, **fields)
 
 
-async def _events(state, request, c: Completion, req, bridge: Bridge, watcher, head: dict, t0: float):
-    status, fields, sent = 200, {"stream": "yes"}, []
+def _cancel_open(reqs: list) -> None:
+    for r in reqs:
+        if not r.ended.is_set():
+            r.cancel()
+
+
+async def _events(state, request, c: Completion, reqs: list, bridge: Bridge, watcher, head: dict, t0: float):
+    """The server-sent events of a streamed request: each choice's text as it comes (chunks name
+    their choice's index), its finish chunk when it ends, then the usage (if asked) and [DONE]."""
+    status, fields = 200, {"stream": "yes"}
+    sent: list[list[str]] = [[] for _ in reqs]
+    results: list = [None] * len(reqs)
     try:
         if c.chat:
-            yield sse(_chunk(c, head, None, role=True))
-        while (item := await bridge.next(watcher)) is not END:
+            for i in range(len(reqs)):
+                yield sse(_chunk(c, head, i, None, role=True))
+        left = len(reqs)
+        while left:
+            item = await bridge.next(watcher)
             if item is GONE:
                 status = 499
                 return
-            sent.append(item)
-            yield sse(_chunk(c, head, item))
-        try:
-            result = req.result()
-        except Exception as exc:  # cancelled at shutdown, or the engine failed it
-            e = _failure(exc)
-            status = e.status
-            yield sse(e.body())
-            return
-        tail = result.text[len("".join(sent)):]  # text held back for stop strings, flushed at the end
-        finish = FINISH_REASONS[result.finish_reason]
-        if tail:
-            yield sse(_chunk(c, head, tail))
-        yield sse(_chunk(c, head, None, finish))
+            i, piece = item
+            if results[i] is not None:  # the text result() flushed: sent below as the tail
+                continue
+            if piece is not END:
+                sent[i].append(piece)
+                yield sse(_chunk(c, head, i, piece))
+                continue
+            left -= 1
+            try:
+                result = results[i] = reqs[i].result()
+            except Exception as exc:  # cancelled at shutdown, or the engine failed it
+                e = _failure(exc)
+                status = e.status
+                yield sse(e.body())
+                return
+            tail = result.text[len("".join(sent[i])):]  # text held back for stop strings, flushed at the end
+            if tail:
+                yield sse(_chunk(c, head, i, tail))
+            yield sse(_chunk(c, head, i, None, FINISH_REASONS[result.finish_reason]))
         if c.include_usage:
             yield sse({**head, "object": "chat.completion.chunk" if c.chat else "text_completion",
-                       "choices": [], "usage": _usage(result)})
+                       "choices": [], "usage": _usage(c, results)})
         yield sse("[DONE]")
-        fields.update(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids), finish=finish,
-                      ttft_ms=f"{result.ttft_s * 1e3:.1f}")
+        fields.update(_log_fields(c, results))
     except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
         status = 503
         raise
     finally:
         watcher.cancel()
-        if not req.ended.is_set():
-            req.cancel()
+        _cancel_open(reqs)
         state.done(request, status, t0, **fields)
 
 

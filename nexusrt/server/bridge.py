@@ -1,8 +1,11 @@
-"""From the engine's thread to the event loop: a request's text, its end, the client's departure.
+"""From the engine's thread to the event loop: the text of a request's choices, their ends, the
+client's departure.
 
-The engine calls ``emit`` / ``on_end`` on its own thread; they hand the item to the event
-loop with ``call_soon_threadsafe``. If the loop is gone (the server is shutting down) the
-item is dropped: the request is cancelled by then, and the engine must not fail for it.
+The engine calls a choice's ``emitter`` / ``ender`` on its own thread; they hand ``(index,
+piece)`` or ``(index, END)`` to the event loop with ``call_soon_threadsafe``, one queue for all
+of a request's choices, in the order each choice produced them. If the loop is gone (the
+server is shutting down) the item is dropped: the request is cancelled by then, and the engine
+must not fail for it.
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ class Bridge:
         except RuntimeError:  # the loop closed
             pass
 
-    def emit(self, piece: str) -> None:
-        self._put(piece)
+    def emitter(self, index: int):
+        """The ``emit`` callback of choice ``index``."""
+        return lambda piece: self._put((index, piece))
 
-    def on_end(self, request) -> None:
-        self._put(END)
+    def ender(self, index: int):
+        """The ``on_end`` callback of choice ``index``."""
+        return lambda request: self._put((index, END))
 
     async def next(self, watcher: asyncio.Future):
-        """The next text piece, END, or GONE when ``watcher`` (the disconnect watch) finishes first."""
+        """The next ``(index, text piece or END)``, or GONE when ``watcher`` (the disconnect watch)
+        finishes first."""
         if not self.queue.empty():
             return self.queue.get_nowait()
         get = asyncio.ensure_future(self.queue.get())

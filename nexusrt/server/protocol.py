@@ -20,6 +20,7 @@ CONTEXT_FIELD = "nexusrt_context"  # extension: the layered context (engine/cont
 KV_FIELD = "nexusrt_kv"  # extension: {policy, budget, sinks, window, protect} KV pruning of this request
 KV_KEYS = ("policy", "budget", "sinks", "window", "protect")
 MAX_STOPS = 4  # as OpenAI
+MAX_CHOICES = 64  # choices one request may ask for: prompts (a completions list) times n
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions (OpenAI's default), chat
 ROLES = ("system", "user", "assistant", "developer")  # developer: OpenAI's newer name for system
 # OpenAI's fields this server does not implement, with the values that ask for nothing.
@@ -43,11 +44,13 @@ class BadRequest(Exception):
 
 @dataclass
 class Completion:
-    """What to generate: ``prompt`` is text (completions), messages (chat) or a
-    :class:`~nexusrt.engine.context.Context` (the ``nexusrt_context`` extension, either endpoint)."""
+    """What to generate: ``prompts`` holds text (completions: one, or the list it was sent), one
+    list of messages (chat) or one :class:`~nexusrt.engine.context.Context` (the
+    ``nexusrt_context`` extension, either endpoint); ``n`` choices each, choice ``p * n + i``
+    being prompt ``p``'s ``i``-th (OpenAI's order)."""
 
     model: str
-    prompt: str | list[dict] | Context
+    prompts: list
     chat: bool
     max_tokens: int | None  # None: up to DEFAULT_MAX_TOKENS, as many as the context leaves
     sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p, seed (None: the model's default)
@@ -55,6 +58,11 @@ class Completion:
     stream: bool = False
     include_usage: bool = False
     kv: dict = field(default_factory=dict)  # kv_* pruning options from nexusrt_kv
+    n: int = 1
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
 
 
 def parse_json(raw: bytes) -> dict:
@@ -118,6 +126,21 @@ def _content(m: dict, i: int) -> str:
     return "\n".join(texts)
 
 
+def _prompts(p) -> list[str]:
+    """``/v1/completions``' prompt: a string, or a list of 1 to ``MAX_CHOICES`` strings (a choice or
+    ``n`` for each). Token ids (a list of integers, or of such lists) are refused by name."""
+    if isinstance(p, str):
+        return [_text(p, "prompt")]
+    if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
+        ids = isinstance(p, list) and p and all(isinstance(x, int) or isinstance(x, list) for x in p)
+        raise BadRequest("token-id prompts are not supported by this server; send the text" if ids else
+                         "'prompt' must be a string or a non-empty list of strings", "prompt")
+    if len(p) > MAX_CHOICES:
+        raise BadRequest(f"'prompt' holds {len(p)} prompts; this server takes at most {MAX_CHOICES} in one request",
+                         "prompt")
+    return [_text(x, f"prompt[{i}]") for i, x in enumerate(p)]
+
+
 def _same(v, n) -> bool:
     """JSON equality: 0 and 0.0 agree, false and 0 do not."""
     if isinstance(v, bool) or isinstance(n, bool):
@@ -176,15 +199,13 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
             role = "system" if m["role"] == "developer" else m["role"]
             prompt.append({"role": role, "content": _content(m, i)})
     else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1:
-            p = p[0]
-        if not isinstance(p, str):
-            raise BadRequest("'prompt' must be a string (or a list of one string)", "prompt")
-        prompt = _text(p, "prompt")
+        prompt = _prompts(body.get("prompt"))
     _unsupported(body)
-    if _integer(body, "n", 1, 1 << 31) not in (None, 1):
-        raise BadRequest("only n=1 is supported", "n")
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    prompts = prompt if isinstance(prompt, list) and not chat else [prompt]
+    if len(prompts) * n > MAX_CHOICES:
+        raise BadRequest(f"{len(prompts)} prompts times n={n} is {len(prompts) * n} choices; this server takes at "
+                         f"most {MAX_CHOICES} in one request", "n")
     max_tokens = _integer(body, "max_tokens", 1, max_context)  # None: the default, fitted by the app
     if chat and body.get("max_completion_tokens") is not None:  # OpenAI's newer name wins
         max_tokens = _integer(body, "max_completion_tokens", 1, max_context)
@@ -207,8 +228,8 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
     options = options or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object with a boolean include_usage", "stream_options")
-    return Completion(model, prompt, chat, max_tokens, sampling, stops, bool(stream),
-                      bool(options.get("include_usage")), _kv(body))
+    return Completion(model, prompts, chat, max_tokens, sampling, stops, bool(stream),
+                      bool(options.get("include_usage")), _kv(body), n)
 
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}

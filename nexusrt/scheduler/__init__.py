@@ -17,11 +17,16 @@ The state lives on the runtime (``rt.scheduler``) and is released by ``nrt.firmw
 
 from __future__ import annotations
 
+import threading
+
 from .. import runtime as _runtime
 from .capture import CapturedGraph
 from .contract import Placeholder, StageContract, make_stage
 from .graph import Plan, PlanItem, TaskGraph
 from .state import Scheduler, as_graph, device_free_bytes
+
+
+_CREATE = threading.Lock()  # guards the lazy creation of a runtime's scheduler
 
 
 def stage(name: str, inputs=(), outputs=(), token_budget: int | None = None, sm_footprint_mb: float = 0,
@@ -66,10 +71,12 @@ def graph(stages=(), name: str = "graph") -> TaskGraph:
 
 
 def current(what: str = "nrt.scheduler") -> Scheduler:
-    """The running runtime's scheduler, created on first use."""
+    """The running runtime's scheduler, created on first use (once, whichever threads ask)."""
     rt = _runtime.current(what)
     if rt.scheduler is None:
-        rt.scheduler = Scheduler(rt)
+        with _CREATE:
+            if rt.scheduler is None:
+                rt.scheduler = Scheduler(rt)
     return rt.scheduler
 
 
@@ -106,7 +113,8 @@ def capture(graph_or_stages, stream: str = "compute") -> CapturedGraph:
     sched = current("nrt.scheduler.capture()")
     sched.rt.streams[stream]  # unknown role -> ValueError listing the roles
     captured = CapturedGraph(sched, sched.plan(graph_or_stages), stream)
-    sched.captured.append(captured)
+    with sched.lock:
+        sched.captured.append(captured)
     return captured
 
 

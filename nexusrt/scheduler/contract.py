@@ -17,12 +17,16 @@ Nothing in this module touches the driver, so contracts are built and checked on
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..driver.streams import ROLES
 
 MIB = 1 << 20
+MAX_CHUNKS = 1 << 20  # submissions one split may make
 
 
 class Placeholder:
@@ -82,8 +86,12 @@ class StageContract:
     def split(self, n_tokens: int) -> list[tuple[int, int]]:
         """Split ``n_tokens`` into ``(start, count)`` chunks of at most ``token_budget``.
 
-        The engine uses this for chunked prefill: one submission per chunk.
+        The engine uses this for chunked prefill: one submission per chunk. More than
+        :data:`MAX_CHUNKS` chunks is a ValueError (the list would not fit in memory long before).
         """
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, numbers.Integral):
+            raise TypeError(f"stage {self.name!r}: split takes an integer token count, got {n_tokens!r}")
+        n_tokens = int(n_tokens)
         if n_tokens < 0:
             raise ValueError(f"stage {self.name!r}: cannot split {n_tokens} tokens")
         if self.token_budget is None or n_tokens <= self.token_budget:
@@ -91,6 +99,9 @@ class StageContract:
         if self.token_budget == 0:
             raise ValueError(f"stage {self.name!r} has token_budget=0 and cannot take {n_tokens} tokens")
         step = self.token_budget
+        if -(-n_tokens // step) > MAX_CHUNKS:
+            raise ValueError(f"stage {self.name!r}: {n_tokens} tokens in chunks of {step} would be "
+                             f"{-(-n_tokens // step)} submissions, more than {MAX_CHUNKS}")
         return [(s, min(step, n_tokens - s)) for s in range(0, n_tokens, step)]
 
     def __repr__(self) -> str:
@@ -106,23 +117,29 @@ def check_contract(s: StageContract) -> None:
             raise ValueError(f"stage {s.name!r}: token_budget must be an int or None, got {s.token_budget!r}")
         if s.token_budget < 0:
             raise ValueError(f"stage {s.name!r}: token_budget must be non-negative, got {s.token_budget}")
-    try:
-        mb = float(s.sm_footprint_mb)
-    except (TypeError, ValueError):
-        raise ValueError(f"stage {s.name!r}: sm_footprint_mb must be a number, got {s.sm_footprint_mb!r}") from None
-    if not mb >= 0:  # also rejects NaN
-        raise ValueError(f"stage {s.name!r}: sm_footprint_mb must be non-negative, got {s.sm_footprint_mb}")
-    if isinstance(s.stream, str) and s.stream not in ROLES:
-        raise ValueError(f"stage {s.name!r}: unknown stream {s.stream!r}; streams are {', '.join(ROLES)}")
+    mb = s.sm_footprint_mb
+    if isinstance(mb, bool) or not isinstance(mb, numbers.Real):
+        raise ValueError(f"stage {s.name!r}: sm_footprint_mb must be a number, got {mb!r}")
+    if not 0 <= mb < math.inf:  # also rejects NaN
+        raise ValueError(f"stage {s.name!r}: sm_footprint_mb must be a finite number >= 0, got {mb}")
+    role = s.stream if isinstance(s.stream, str) else getattr(s.stream, "role", None)
+    if role not in ROLES:
+        raise ValueError(f"stage {s.name!r}: unknown stream {s.stream!r}; streams are {', '.join(ROLES)} "
+                         "(or a Stream of the runtime's pool)")
+    if isinstance(s.priority, bool) or not isinstance(s.priority, numbers.Integral):
+        raise ValueError(f"stage {s.name!r}: priority must be an integer, got {s.priority!r}")
     for d in s.depends_on:
         if not isinstance(d, str):
             raise ValueError(f"stage {s.name!r}: depends_on entries must be stage names, got {d!r}")
     if s.gate is not None:
+        if not (isinstance(s.gate, tuple) and len(s.gate) == 2):
+            raise ValueError(f"stage {s.name!r}: gate must be a Doorbell or (Doorbell, value), got {s.gate!r}")
         bell, value = s.gate
         if not hasattr(bell, "wait_on"):
             raise ValueError(f"stage {s.name!r}: gate must be a Doorbell or (Doorbell, value), got {bell!r}")
-        if value is not None and int(value) < 0:
-            raise ValueError(f"stage {s.name!r}: gate value must be non-negative, got {value}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0):
+            raise ValueError(f"stage {s.name!r}: a gate value must be an integer >= 0 (or None: the next ring), "
+                             f"got {value!r}")
     if s.ring is not None and not hasattr(s.ring, "ring"):
         raise ValueError(f"stage {s.name!r}: ring must be a Doorbell, got {s.ring!r}")
 
@@ -156,15 +173,24 @@ def make_stage(name, inputs=(), outputs=(), token_budget=None, sm_footprint_mb=0
                          f"got {type(kernel).__name__}")
     if isinstance(depends_on, (str, StageContract)):
         depends_on = (depends_on,)
-    deps = tuple(d.name if isinstance(d, StageContract) else d for d in depends_on)
+    deps = tuple(d.name if isinstance(d, StageContract) else d for d in _sequence(name, "depends_on", depends_on))
     if gate is not None and not isinstance(gate, tuple):
         gate = (gate, None)
+    if kind == "host":
+        args = tuple(_sequence(name, "args", args))
     return StageContract(
-        name=name, inputs=list(inputs), outputs=list(outputs), token_budget=token_budget,
-        sm_footprint_mb=sm_footprint_mb, kernel=kernel, args=tuple(args) if kind == "host" else (),
-        depends_on=deps, stream=stream, priority=0 if priority is None else int(priority),
-        gate=gate, ring=ring, kind=kind, wants_stream=wants_stream,
+        name=name, inputs=_sequence(name, "inputs", inputs), outputs=_sequence(name, "outputs", outputs),
+        token_budget=token_budget, sm_footprint_mb=sm_footprint_mb, kernel=kernel,
+        args=args if kind == "host" else (), depends_on=deps, stream=stream,
+        priority=0 if priority is None else priority, gate=gate, ring=ring, kind=kind, wants_stream=wants_stream,
     )
+
+
+def _sequence(stage: str, what: str, value) -> list:
+    """``value`` (a list, tuple or other non-text iterable) as a list; TypeError naming it otherwise."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
+        raise TypeError(f"stage {stage!r}: {what} must be a list or tuple, got {type(value).__name__} {value!r:.60}")
+    return list(value)
 
 
 def _accepts_stream(fn) -> bool:

@@ -135,7 +135,7 @@ class TaskGraph:
                     f"stage {s.name!r}: sm_footprint_mb={float(s.sm_footprint_mb):g} MiB "
                     f"({s.footprint_bytes} bytes) is more than the {free_bytes} bytes "
                     f"({free_bytes / MIB:,.1f} MiB) the device can still give ({free_source or 'device'})")
-        order, preds, externals = self._structure(set(known))
+        order, preds, externals = self._structure(known)  # a dict or set: no copy per submission
         pos = {idx: p for p, idx in enumerate(order)}
         items = []
         for p, idx in enumerate(order):
@@ -149,7 +149,7 @@ class TaskGraph:
         return Plan(self.name, items, free_bytes, free_source)
 
     # -- structure ---------------------------------------------------------------------------
-    def _structure(self, known: set):
+    def _structure(self, known):
         """(topological order, predecessors per stage, external deps per stage); cached."""
         names = Counter(s.name for s in self.stages)
         dup = [n for n, k in names.items() if k > 1]
@@ -163,7 +163,8 @@ class TaskGraph:
                 if d not in index:
                     if d not in known:
                         raise ValueError(f"stage {s.name!r} depends on {d!r}, which is not in graph "
-                                         f"{self.name!r} and was never submitted")
+                                         f"{self.name!r} and was never submitted (or finished long ago "
+                                         "and was forgotten)")
                     externals[i].append(d)
         if self._cache is None:
             self._cache = self._order(index)

@@ -7,6 +7,8 @@ wrong while waiting into a :class:`~nexusrt.errors.SchedulerError` naming the st
 
 from __future__ import annotations
 
+import numbers
+import threading
 import time
 from collections import defaultdict, deque
 
@@ -18,6 +20,9 @@ from .graph import Plan, TaskGraph
 # Completed records are dropped once a stream has this many outstanding, so a caller that
 # never waits does not grow the bookkeeping without bound.
 _PRUNE_AT = 4096
+# Names of finished stages are forgotten, oldest first, once more than this many are remembered
+# (a caller naming every step anew would otherwise grow ``last`` and every submission's check).
+REMEMBERED_NAMES = 1 << 16
 
 
 def device_free_bytes(rt) -> tuple[int | None, str]:
@@ -61,7 +66,9 @@ def as_graph(x) -> TaskGraph:
 
 
 class Scheduler:
-    """Submissions and barriers for one runtime."""
+    """Submissions and barriers for one runtime. Threads may submit and wait at once: a lock
+    guards the bookkeeping (held while a submission is validated and queued, not while a
+    barrier waits), and each engine guards its own queues."""
 
     def __init__(self, rt):
         self.rt = rt
@@ -76,29 +83,46 @@ class Scheduler:
         self.inflight: dict[str, deque] = defaultdict(deque)  # role -> (seq, stage, gate value)
         self.last: dict[str, tuple[str, int]] = {}  # stage name -> (role, seq) of its latest submission
         self.captured: list = []
+        self.lock = threading.RLock()
 
     # -- submission ---------------------------------------------------------------------------
     def plan(self, x) -> Plan:
         """Validate ``x`` against this runtime and return the plan, submitting nothing."""
         free, source = device_free_bytes(self.rt)
-        return as_graph(x).validate(self.rt.backend, free, source, known=self.last.keys())
+        with self.lock:
+            return as_graph(x).validate(self.rt.backend, free, source, known=self.last)
 
     def submit(self, x) -> Plan:
-        plan = self.plan(x)
-        self.enqueue(plan)
+        with self.lock:  # a stage named in depends_on must not be forgotten between the check and the queueing
+            plan = self.plan(x)
+            self.enqueue(plan)
         return plan
 
     def enqueue(self, plan: Plan, args_override: dict | None = None) -> None:
-        # "Next ring" gates are resolved before anything is enqueued: a stage of this same
-        # submission that rings the bell must not move the target of a waiter listed after it.
-        gates = {it.index: self.gate_value(it.stage) for it in plan.items if it.stage.gate is not None}
-        seqs = self.engine.enqueue(plan, gates, self.last, args_override)
-        for it, seq in zip(plan.items, seqs):
-            q = self.inflight[it.role]
-            q.append((seq, it.stage, gates.get(it.index)))
-            self.last[it.name] = (it.role, seq)
-            if len(q) > _PRUNE_AT:
-                self._prune(it.role)
+        with self.lock:
+            # "Next ring" gates are resolved before anything is enqueued: a stage of this same
+            # submission that rings the bell must not move the target of a waiter listed after it.
+            gates = {it.index: self.gate_value(it.stage) for it in plan.items if it.stage.gate is not None}
+            seqs = self.engine.enqueue(plan, gates, self.last, args_override)
+            for it, seq in zip(plan.items, seqs):
+                q = self.inflight[it.role]
+                q.append((seq, it.stage, gates.get(it.index)))
+                self.last.pop(it.name, None)  # re-inserted: the dict stays in order of latest submission
+                self.last[it.name] = (it.role, seq)
+                if len(q) > _PRUNE_AT:
+                    self._prune(it.role)
+            if len(self.last) > REMEMBERED_NAMES:
+                self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        """Drop the oldest names whose latest submission has finished, down to half the bound."""
+        excess = len(self.last) - REMEMBERED_NAMES // 2
+        for name, (role, seq) in list(self.last.items()):
+            if excess <= 0:
+                break
+            if seq <= self.engine.completed(role):
+                del self.last[name]
+                excess -= 1
 
     @staticmethod
     def gate_value(stage) -> int:
@@ -116,31 +140,41 @@ class Scheduler:
 
         ``timeout_ms`` None means the default bound (:mod:`nexusrt.driver.waits`), ``math.inf`` none.
         """
+        if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, numbers.Real)):
+            raise TypeError(f"timeout_ms must be a number of milliseconds, math.inf or None, got {timeout_ms!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"wait_barrier takes a stage name (a string) or None, got {name!r}")
         deadline = deadline_ms(timeout_ms, time.perf_counter())
         timeout_ms = timeout_ms if timeout_ms is not None else default_timeout_ms()
-        if name is not None and name not in self.last:
-            raise ValueError(f"no stage named {name!r} was submitted")
+        with self.lock:
+            target = None if name is None else self.last.get(name)
+        if name is not None and target is None:
+            raise ValueError(f"no stage named {name!r} was submitted (the scheduler forgets finished stages "
+                             f"beyond its latest {REMEMBERED_NAMES} names)")
         what = "everything submitted" if name is None else f"stage {name!r}"
         try:
             if self.rt.is_cuda:
                 if name is None:
                     self.engine.wait_all(deadline)
                 else:
-                    self.engine.wait(*self.last[name], deadline)
+                    self.engine.wait(*target, deadline)
             else:
-                self.engine.run(None if name is None else self.last[name], deadline)
+                self.engine.run(target, deadline)
         except TimeoutError:
             raise self._timeout_error(what, timeout_ms) from None
         except CudaError as exc:
             raise self._fault_error(what, exc) from exc
         finally:
-            for role in list(self.inflight):
-                self._prune(role)
+            with self.lock:
+                for role in list(self.inflight):
+                    self._prune(role)
 
     def _unfinished(self) -> list[tuple[str, int, object, int | None]]:
         """(role, seq, stage, gate value) of the first unfinished stage on each stream."""
         out = []
-        for role, q in self.inflight.items():
+        with self.lock:
+            queues = list(self.inflight.items())
+        for role, q in queues:
             done = self.engine.completed(role)
             for seq, stage, gate in q:
                 if seq > done:
@@ -180,14 +214,16 @@ class Scheduler:
 
     def pending(self) -> int:
         """Stages submitted and not known to be finished."""
-        return sum(1 for role in self.inflight for seq, _, _ in self.inflight[role]
-                   if seq > self.engine.completed(role))
+        with self.lock:
+            return sum(1 for role in self.inflight for seq, _, _ in self.inflight[role]
+                       if seq > self.engine.completed(role))
 
     def close(self) -> None:
-        for g in list(self.captured):
-            g.close()
-        self.captured.clear()
-        self.engine.close()
-        self.inflight.clear()
-        self.last.clear()
+        with self.lock:
+            for g in list(self.captured):
+                g.close()
+            self.captured.clear()
+            self.engine.close()
+            self.inflight.clear()
+            self.last.clear()
 

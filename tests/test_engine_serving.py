@@ -218,3 +218,121 @@ def test_siblings_share_the_prompt_and_sample_with_their_own_seeds(llm):
     with pytest.raises(nrt.errors.InvalidArgument, match="seed"):
         first.sibling(seed=-1)
     assert no_leak(llm)
+
+
+def test_a_request_is_submitted_once_and_a_second_submit_leaves_the_engine_alone(llm):
+    r = llm.prepare("hello", max_new_tokens=5, temperature=0)
+    with pytest.raises(NexusRTError, match="never submitted"):
+        r.result(1)
+    r.submit()
+    with pytest.raises(NexusRTError, match="submitted already"):
+        r.submit()
+    with pytest.raises(NexusRTError, match="submitted already"):
+        llm.engine.submit(r.seq)  # the engine loop refuses it too
+    first = r.result(30)
+    assert len(first.token_ids) == 5
+    with pytest.raises(NexusRTError, match="has ended"):
+        r.submit()
+    assert r.result().token_ids == first.token_ids and llm.failure is None
+    before = dict(llm.engine.engine.metrics.requests)
+    idle = llm.prepare("hello", max_new_tokens=5)
+    idle.cancel()  # never reached the engine: it just ends
+    with pytest.raises(Cancelled):
+        idle.result(1)
+    with pytest.raises(NexusRTError, match="has ended"):
+        idle.submit()
+    assert dict(llm.engine.engine.metrics.requests) == before
+    assert llm.generate(["x", "y"], max_new_tokens=2)[1].token_ids and no_leak(llm)
+
+
+def test_a_callback_raising_a_base_exception_ends_only_its_request(llm):
+    class Stop(BaseException):
+        pass
+
+    def emit(piece):
+        raise Stop("from the caller's emit")
+
+    other = llm.submit("class A:", max_new_tokens=20, temperature=0)
+    bad = llm.submit("def f():", max_new_tokens=20, emit=emit)
+    with pytest.raises(Stop):
+        bad.result(30)
+    assert len(other.result(30).token_ids) == 20 and llm.failure is None
+    assert llm.generate(["x"], max_new_tokens=2)[0].token_ids and no_leak(llm)
+
+
+def test_numpy_scalars_are_taken_and_kv_window_without_h2o_is_refused(llm):
+    import numpy as np
+
+    r = llm.generate("hello", max_new_tokens=np.int64(3), temperature=np.float32(0.5), top_k=np.int32(5),
+                     top_p=np.float32(0.9), seed=np.uint64(3))
+    assert len(r.token_ids) == 3 and r.seed == 3 and type(r.seed) is int
+    same = llm.generate("hello", max_new_tokens=3, temperature=0.5, top_k=5, top_p=float(np.float32(0.9)), seed=3)
+    assert same.token_ids == r.token_ids
+    assert llm.generate("hello", max_new_tokens=2, kv_policy="sink-window", kv_budget=np.int64(16)).token_ids
+    with pytest.raises(nrt.errors.InvalidArgument, match="kv_window applies to kv_policy 'h2o'") as e:
+        llm.generate("hello", max_new_tokens=2, kv_policy="sink-window", kv_budget=16, kv_window=2)
+    assert e.value.argument == "kv_window"
+
+
+def test_close_waits_for_a_step_that_outlasts_its_warning(cpu_rt, monkeypatch, caplog):
+    import time
+
+    from nexusrt.engine import llm as llm_mod
+
+    monkeypatch.setattr(llm_mod, "CLOSE_WARN_S", 0.2)
+    model = nrt.LLM("synthetic:tiny", backend="cpu", max_context=256)
+    forward, calls = model.runner.decoder.forward, []
+
+    def slow(batch, pools):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(1.0)  # a step longer than close()'s warning
+        return forward(batch, pools)
+
+    model.runner.decoder.forward = slow
+    r = model.submit("def f():", max_new_tokens=100, temperature=0)
+    while len(calls) < 3:
+        time.sleep(0.01)
+    with caplog.at_level("WARNING", logger="nexusrt"):
+        model.close()  # must not tear the pools down under the running step
+    assert "waiting for it" in caplog.text
+    with pytest.raises(Cancelled):
+        r.result(10)
+
+
+def test_a_stream_left_open_by_a_thread_that_exited_does_not_block_close_or_others(cpu_rt):
+    model = nrt.LLM("synthetic:tiny", backend="cpu", max_context=256)
+    kept = []
+
+    def consumer():
+        g = model.stream("def f():", max_new_tokens=50, temperature=0)
+        next(g)  # holds the one-sequence runner from here
+        kept.append(g)
+
+    t = threading.Thread(target=consumer)
+    t.start()
+    t.join()
+    out = []
+    other = threading.Thread(target=lambda: out.append(model.generate("x", max_new_tokens=2)))
+    other.start()
+    other.join(30)
+    assert out and out[0].token_ids  # not "called from the thread that holds an open stream"
+    done = threading.Event()
+    threading.Thread(target=lambda: (model.close(), done.set())).start()
+    assert done.wait(20), "close() hung on the abandoned stream"
+    assert model.runner is None
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0, kv_policy="sink-window", kv_budget=24),
+                                dict(temperature=0.8, seed=5, kv_policy="h2o", kv_budget=24)])
+def test_a_pruned_request_returns_what_it_returns_alone_beside_a_long_prompt(cpu_rt, kw):
+    """It is pruned after every step, so where its prompt is cut decides what it keeps: the cuts
+    must not depend on the budget another request took (they did: the ids diverged)."""
+    import argparse
+
+    src = open(argparse.__file__).read()
+    big, small = src[:1500], src[20500:21200]
+    with nrt.LLM("nexusrt:stdlib-tiny", backend="cpu") as model:
+        alone = model.generate(small, max_new_tokens=20, **kw).token_ids
+        beside = model.generate([big, small], max_new_tokens=20, **kw)[1].token_ids
+    assert beside == alone

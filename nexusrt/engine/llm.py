@@ -17,8 +17,10 @@ bf16 error); ``deterministic=True`` sends every call through the engine's batch-
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
+import weakref
 from typing import Iterator
 
 from .. import runtime as runtime_mod
@@ -33,6 +35,8 @@ from .requests import stream as engine_stream
 from .runners import check_tensor_parallel, make_runner, stream_tokens
 from .session import GenerationResult, Session
 
+log = logging.getLogger("nexusrt")
+CLOSE_WARN_S = 10.0  # close() says so when the engine's step outlasts this (then waits for it anyway)
 BACKENDS = ("cpu", "cuda")
 
 
@@ -85,7 +89,9 @@ class LLM:
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
-        self._owner: int | None = None  # thread that holds the lock
+        # The thread object (not its id: ids are reused once a thread exits) that holds the lock.
+        self._owner: threading.Thread | None = None
+        self._streams = weakref.WeakSet()  # one-sequence streams made here: close() ends one a dead thread left
         self._local = threading.local()  # last_result is per thread: another thread's stream must not replace it
         self.runner = None
         self._loop = None  # the serving engine's loop, started at first use
@@ -143,12 +149,12 @@ class LLM:
     # -- the lock -------------------------------------------------------------------------
     def _enter(self, what: str, need_open: bool = True, wait: bool = True) -> bool:
         """Take the runner; False (nothing taken) when ``wait`` is False and another call holds it."""
-        if self._owner == threading.get_ident():
+        if self._owner is threading.current_thread():
             raise NexusRTError(f"LLM.{what}() was called from the thread that holds an open stream of this LLM; "
                                "finish or close() that stream first")
-        if not self._lock.acquire(blocking=wait):
+        if not self._acquire(wait):
             return False
-        self._owner = threading.get_ident()
+        self._owner = threading.current_thread()
         if need_open and self.runner is None:
             self._leave()
             raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
@@ -195,13 +201,26 @@ class LLM:
         prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
                                                   emit or (lambda piece: None))
-        return Request(loop, session, ids, params, max_new_tokens, self.runner.max_context,
+        return Request(loop, session, ids, params, session.max_new_tokens, self.runner.max_context,
                        lambda s, p: self._finish(s, p, extra), on_end, policy)
 
     @property
     def engine(self):
         """The serving engine's :class:`~nexusrt.serving.EngineLoop` (started here if needed)."""
         return self._engine_loop("engine")
+
+    def _acquire(self, wait: bool) -> bool:
+        """The runner's lock. While waiting, a lock held by a thread that has exited (a stream it
+        left suspended, never finished or closed) is taken back by closing that stream."""
+        if not wait:
+            return self._lock.acquire(blocking=False)
+        while not self._lock.acquire(timeout=0.5):
+            owner = self._owner
+            if owner is not None and not owner.is_alive():
+                for gen in list(self._streams):
+                    if gen.gi_frame is not None and not gen.gi_running:
+                        gen.close()  # its finally releases the lock
+        return True
 
     def _leave(self) -> None:
         self._owner = None
@@ -261,7 +280,7 @@ class LLM:
         session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop,
                                                   seed, pieces.append)
         with self._watch():
-            self.runner.generate_tokens(ids, max_new_tokens, params, session.on_token)
+            self.runner.generate_tokens(ids, session.max_new_tokens, params, session.on_token)
         return self._finish(session, params, extra)
 
     def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
@@ -270,14 +289,18 @@ class LLM:
         """Yield text pieces as tokens are produced; afterwards ``self.last_result`` holds the
         :class:`GenerationResult` for this thread (same arguments as :meth:`generate`, one prompt)."""
         shaped = prompt_for(prompt, chat, system, self.tokenizer, kv)
-        return self._stream("stream", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed)
+        return self._tracked(self._stream("stream", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed))
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float | None = None,
                     top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
                     system: str | None = None) -> Iterator[str]:
         """:meth:`chat`, streamed as :meth:`stream` does."""
-        return self._stream("stream_chat", chat_messages(messages, system), max_new_tokens, temperature,
-                            top_k, top_p, stop, seed)
+        return self._tracked(self._stream("stream_chat", chat_messages(messages, system), max_new_tokens,
+                                          temperature, top_k, top_p, stop, seed))
+
+    def _tracked(self, gen):
+        self._streams.add(gen)
+        return gen
 
     def _stream(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed) -> Iterator[str]:
         # The lock is taken at the first next(), inside the generator: a stream that is never
@@ -296,13 +319,13 @@ class LLM:
         except BaseException:
             self._leave()
             raise
-        yield from self._stream_body(started, max_new_tokens, pieces)
+        yield from self._stream_body(started, pieces)
 
-    def _stream_body(self, started, max_new_tokens, pieces) -> Iterator[str]:
+    def _stream_body(self, started, pieces) -> Iterator[str]:
         session, ids, params, extra = started
         try:
             with self._watch():
-                yield from stream_tokens(self.runner, session, ids, max_new_tokens, params, pieces)
+                yield from stream_tokens(self.runner, session, ids, session.max_new_tokens, params, pieces)
             self._local.result = self._finish(session, params, extra)
             yield from pieces
         finally:
@@ -326,14 +349,17 @@ class LLM:
         """
         if getattr(self, "runner", None) is None:
             return
-        if self._owner == threading.get_ident():  # refused before anything is stopped: nothing half closed
+        if self._owner is threading.current_thread():  # refused before anything is stopped: nothing half closed
             raise NexusRTError("LLM.close() was called from the thread that holds an open stream of this LLM; "
                                "finish or close() that stream first")
         with self._loop_lock:  # no new engine loop may start once close() has taken this one
             self._closing = True
             loop, self._loop = self._loop, None
         if loop is not None:  # its requests end as cancelled; their callers get Cancelled
-            loop.stop()
+            if not loop.stop(timeout=CLOSE_WARN_S):  # the pools must outlive the step that runs on them
+                log.warning("closing the LLM: the serving engine's step has run for over %g s; waiting for it",
+                            CLOSE_WARN_S)
+                loop.stop(timeout=None)
             loop.engine.runner.close()  # the batch runner's pools and graphs (before the weights)
         self._enter("close", need_open=False)  # a generation in another thread finishes first
         try:

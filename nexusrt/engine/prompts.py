@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 
 from ..reference.sampling import SamplingParams
@@ -76,6 +77,8 @@ def chat_messages(messages, system: str | None) -> list[dict]:
 def start_session(model, max_context: int, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
     """Check the arguments and tokenize (``prompt``: text or a list of chat messages); the
     :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
+    if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool):
+        max_new_tokens = int(max_new_tokens)  # a NumPy integer is fine
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop

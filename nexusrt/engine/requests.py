@@ -18,7 +18,7 @@ from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
 from ..reference.sampling import SamplingParams
-from ..serving import Engine, EngineLoop, KvPolicy, QueueFull, SchedulerConfig, Sequence
+from ..serving import Engine, EngineLoop, KvPolicy, QueueFull, SchedulerConfig, Sequence, State
 from .kv import report
 from .session import GenerationResult, Session
 
@@ -154,16 +154,29 @@ class Request:
                        seq.max_new_tokens, seq.max_context, self._finish, on_end, seq.kv)
 
     def submit(self) -> "Request":
+        """Queue it in the engine (once; a request cancelled before it was submitted is refused)."""
+        if self.ended.is_set():
+            raise NexusRTError(f"this request has ended ({self.seq.finish_reason}); prepare a new one")
+        if self.submitted:
+            raise NexusRTError("this request was submitted already; prepare a new one (or sibling() it)")
         self.loop.submit(self.seq)
         self.submitted = True
         return self
 
     def cancel(self) -> None:
-        """Stop generating and free the request's KV blocks (at the engine's next step)."""
+        """Stop generating and free the request's KV blocks (at the engine's next step). A request
+        not yet submitted just ends, cancelled, without reaching the engine."""
+        if not self.submitted:
+            if not self.ended.is_set():
+                self.seq.state, self.seq.finish_reason = State.CANCELLED, "cancelled"
+                self._ended(self.seq)
+            return
         self.loop.cancel(self.seq)
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the end; the :class:`GenerationResult`, or the error that ended it."""
+        if not self.submitted and not self.ended.is_set():
+            raise NexusRTError("result() of a request that was never submitted: call submit() first")
         if not self.ended.wait(timeout):
             raise TimeoutError(f"the request did not finish within {timeout} s")
         if self.seq.finish_reason == "error":

@@ -28,6 +28,7 @@ by an ulp; that changes a pick only when ``u`` lands within ~1e-7 of a boundary.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, replace
 
@@ -51,6 +52,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        # NumPy scalars (np.int64 seeds, np.float32 temperatures) are taken, held as Python numbers.
+        for name, kind, cast in (("temperature", numbers.Real, float), ("top_k", numbers.Integral, int),
+                                 ("top_p", numbers.Real, float), ("seed", numbers.Integral, int)):
+            v = getattr(self, name)
+            if isinstance(v, kind) and not isinstance(v, (bool, np.bool_)) and type(v) not in (int, float):
+                object.__setattr__(self, name, cast(v))
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise InvalidArgument("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")

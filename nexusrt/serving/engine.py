@@ -51,8 +51,9 @@ class Engine:
             others = "".join(f" or {p!r}" for p in sorted(self.runner.prune_policies))
             why = " (h2o ranks tokens by attention scores, which this runner's attention does not add up)" \
                 if seq.kv.policy == "h2o" else ""
-            raise InvalidArgument("kv_policy", f"kv_policy={seq.kv.policy!r} is not available on this backend's runner{why}; use "
-                             f"kv_policy='full'{others}, or the CPU backend, which runs every policy")
+            raise InvalidArgument("kv_policy", f"kv_policy={seq.kv.policy!r} is not available on this backend's "
+                                               f"runner{why}; use kv_policy='full'{others}, or the CPU backend, "
+                                               "which runs every policy")
         if seq.max_context > self.runner.max_context:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
         longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)
@@ -86,7 +87,7 @@ class Engine:
         if seq.on_finish is not None:
             try:
                 seq.on_finish(seq)
-            except Exception:  # the caller's problem; the blocks are back and the engine must go on
+            except BaseException:  # the caller's problem (SystemExit too); the blocks are back, the engine goes on
                 m.callback_errors += 1
 
     def cancel(self, seq: Sequence) -> None:
@@ -124,7 +125,7 @@ class Engine:
                 continue
             try:
                 stop = seq.append(token)
-            except Exception as exc:  # the caller's on_token failed: only this sequence ends
+            except BaseException as exc:  # the caller's on_token failed (SystemExit too): only this sequence ends
                 self.end(seq, State.FINISHED, "error", exc)
                 continue
             if stop:

@@ -51,6 +51,8 @@ class EngineLoop:
         """Queue ``seq``; ValueError when it can never fit, QueueFull / EngineStopped as said above."""
         self.engine.check(seq)
         with self._cond:
+            if seq.queued or seq.done:  # a second submit would run one sequence twice and break the engine
+                raise NexusRTError(f"sequence {seq.seq_id} was submitted already; submit a new request instead")
             if self.error is not None:
                 raise EngineStopped(f"the engine stopped on an error and takes no new requests: {self.error}")
             if not self._accepting:
@@ -58,6 +60,7 @@ class EngineLoop:
             if self.num_waiting >= self.max_waiting:
                 raise QueueFull(f"{self.num_waiting} requests are waiting (the limit is {self.max_waiting}); "
                                 "retry later")
+            seq.queued = True
             self._inbox.append(seq)
             self._cond.notify()
         return seq
@@ -76,13 +79,16 @@ class EngineLoop:
         with self._cond:
             return not (self._inbox or self._cancels or self.engine.has_work)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking requests, cancel those still queued or running, join the thread."""
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop taking requests, cancel those still queued or running (at the end of the step
+        running now), join the thread for up to ``timeout`` seconds (None: until it exits).
+        True when the thread has exited."""
         with self._cond:
             self._accepting = False
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         engine = self.engine
@@ -113,7 +119,7 @@ class EngineLoop:
                 if seq.on_finish is not None:
                     try:  # one failing callback must not leave the other callers waiting
                         seq.on_finish(seq)
-                    except Exception:
+                    except BaseException:
                         pass
             for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
                 engine.end(seq, State.FINISHED, "error", exc)

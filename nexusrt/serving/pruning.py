@@ -25,6 +25,7 @@ the budget; a budget they fill leaves only them, the sinks and the newest token.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,9 @@ class KvPolicy:
             raise InvalidArgument("kv_policy", f"kv_policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("budget", "sinks", "window"):
             v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v) is not int:
+                v = int(v)  # a NumPy integer
+                object.__setattr__(self, name, v)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise InvalidArgument(f"kv_{name}", f"kv_{name} must be an integer >= 0, got {v!r}")
         if self.policy == "full":
@@ -61,8 +65,12 @@ class KvPolicy:
         if self.budget <= self.sinks:
             raise InvalidArgument("kv_budget", f"kv_budget ({self.budget}) must exceed kv_sinks ({self.sinks}): "
                              "the sinks alone would fill it")
+        if self.window is not None and self.policy != "h2o":  # sink-window's window is budget - sinks
+            raise InvalidArgument("kv_window", f"kv_window applies to kv_policy 'h2o'; with {self.policy!r} the "
+                                               "window is kv_budget - kv_sinks")
         if self.window is not None and self.sinks + self.window > self.budget:
-            raise InvalidArgument("kv_window", f"kv_sinks + kv_window ({self.sinks} + {self.window}) exceed kv_budget ({self.budget})")
+            raise InvalidArgument("kv_window", f"kv_sinks + kv_window ({self.sinks} + {self.window}) exceed "
+                                               f"kv_budget ({self.budget})")
         for r in self.protect:
             if not (isinstance(r, tuple) and len(r) == 2 and 0 <= r[0] <= r[1]):
                 raise InvalidArgument("kv_protect", f"protected ranges must be (lo, hi) with 0 <= lo <= hi, got {r!r}")

@@ -82,6 +82,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.preemptions = 0  # by recompute or by swap
+        # Where a pruned sequence's prompt chunks end (multiples of it): the largest chunk that
+        # always fits beside a full set of decodes, so it waits at most one step for budget.
+        self.pruned_chunk = max(1, config.token_budget - config.max_running)
 
     @property
     def has_work(self) -> bool:
@@ -147,8 +150,10 @@ class Scheduler:
         """Ids ``seq`` computes this step: all it has pending, as far as budget and blocks allow;
         with ``fixed_chunks``, up to the next multiple of it and only whole (else 0: it waits for
         budget), so a prompt is cut at the same places whatever else runs (batch invariance;
-        short of blocks it takes what fits, as preemption does, and the cut may then differ)."""
-        f = self.config.fixed_chunks
+        short of blocks it takes what fits, as preemption does, and the cut may then differ). A
+        sequence under a pruning policy is always cut so (at :attr:`pruned_chunk`): it is pruned
+        after every step, so where its prompt is cut decides which tokens it keeps."""
+        f = self.config.fixed_chunks or (self.pruned_chunk if seq.kv.prunes else 0)
         if not f or seq.is_decode:
             return min(seq.num_pending, budget, room)
         want = min(seq.num_pending, f - seq.num_computed % f)

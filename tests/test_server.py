@@ -125,7 +125,8 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "seed": -1}, "seed"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": MODEL, "prompt": "x", "n": 65}, "n"),
-    ({"model": MODEL, "prompt": [17, 42]}, "prompt"),  # token ids
+    ({"model": MODEL, "prompt": [17, 10 ** 9]}, "prompt"),  # a token id beyond the vocabulary
+    ({"model": MODEL, "prompt": [17] * 300}, "prompt"),  # 300 ids: longer than the context
     ({"model": MODEL, "prompt": ["x", "word " * 400]}, "prompt"),  # the second prompt is too long
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": "word " * 400}, "prompt"),  # longer than the 256-token context
@@ -228,6 +229,19 @@ def test_n_choices_and_lists_of_prompts_through_the_openai_client(server, client
     assert texts == [c.message.content for c in whole.choices]
     assert finishes == [c.finish_reason for c in whole.choices] and usage.total_tokens == whole.usage.total_tokens
     assert server.wait_metric(KV_USED, lambda v: v == 0) == 0
+
+
+def test_token_id_prompts_are_taken_as_they_are(server, client):
+    from nexusrt.models import load_model
+
+    text = "def main():"
+    ids = server.http.post("/v1/completions", json={"model": MODEL, "prompt": text, "max_tokens": 1}).json()
+    tok_ids = load_model(MODEL).tokenizer.encode(text)  # the ids the server tokenizes the text to
+    by_ids = client.completions.create(model=MODEL, prompt=tok_ids, max_tokens=8, temperature=0)
+    by_text = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and ids["usage"]["prompt_tokens"] == len(tok_ids)
+    both = client.completions.create(model=MODEL, prompt=[tok_ids, text], max_tokens=8, temperature=0)
+    assert [c.text for c in both.choices] == [by_text.choices[0].text] * 2
 
 
 def test_nothing_a_client_sends_crashes_the_server(server):

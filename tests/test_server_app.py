@@ -143,12 +143,15 @@ def test_stream_options_n_and_both_token_limits_are_checked():
     assert _parse({"max_tokens": 9, "max_completion_tokens": 2}, chat=True).max_tokens == 2
 
 
-def test_a_completions_prompt_is_text_or_a_list_of_texts_and_token_ids_are_refused_by_name():
+def test_a_completions_prompt_is_text_token_ids_or_a_list_of_them():
     assert _parse({"prompt": "a"}).prompts == ["a"] and _parse({"prompt": ["a", "b"]}).prompts == ["a", "b"]
+    assert _parse({"prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
+    assert _parse({"prompt": [[1, 2], "b", [3]]}).prompts == [[1, 2], "b", [3]]
     assert _parse({"prompt": ["a"] * 64}).choices == 64
-    for bad, match in (([1, 2, 3], "token-id prompts are not supported"), ([[1, 2], [3]], "token-id prompts"),
-                       ([], "non-empty list of strings"), (["a", 1], "non-empty list of strings"),
-                       (None, "non-empty list of strings"), (["a"] * 65, "holds 65 prompts")):
+    for bad, match in (([], "non-empty list of either"), (["a", 1], "non-empty list of either"),
+                       ([[1, 2], []], "non-empty list of either"), ([True, 2], "non-empty list of either"),
+                       ([1.5], "non-empty list of either"), (None, "non-empty list of either"),
+                       (["a"] * 65, "holds 65 prompts")):
         e = _refused({"prompt": bad})
         assert e.param == "prompt" and match in e.message, (bad, e.message)
     assert _refused({"prompt": ["a", "\udc00"]}).param == "prompt[1]"
@@ -213,8 +216,12 @@ def test_submit_takes_chat_messages_with_pruning_and_checks_what_it_is_given(llm
     msgs = [{"role": "user", "content": "def f(x):"}]
     assert llm.submit(msgs, 3, kv_policy="sink-window", kv_budget=64).result(timeout=60).token_ids
     assert llm.submit(Context(working="def f(x):"), 3).result(timeout=60).token_ids
-    for bad, err, match in ((None, TypeError, "prompt must be text, a list of chat messages or an nrt.Context"),
-                            ("\udcff", ValueError, "not valid UTF-8"), ([{"role": "user"}], TypeError, "messages must")):
+    ids = llm.tokenizer.encode("def f(x):")
+    assert llm.submit(ids, 3, temperature=0).result(timeout=60).token_ids == \
+        llm.submit("def f(x):", 3, temperature=0).result(timeout=60).token_ids  # token ids taken as they are
+    for bad, err, match in ((None, TypeError, "prompt must be text, a list of chat messages, a list of token ids"),
+                            ("\udcff", ValueError, "not valid UTF-8"), ([{"role": "user"}], TypeError, "messages must"),
+                            ([1, -1], ValueError, "token id -1 is outside"), ([True], TypeError, "messages must")):
         with pytest.raises(err, match=match):
             llm.submit(bad, 2)
     for stop in (5, {"a": 1}):

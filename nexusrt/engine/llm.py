@@ -178,7 +178,8 @@ class LLM:
     def submit(self, prompt, max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, stop=None, seed: int | None = None, *, emit=None, on_end=None,
                **kv) -> Request:
-        """Queue one prompt (text, or a list of chat messages) in the serving engine and return its
+        """Queue one prompt (text, a list of chat messages, a list of token ids taken as they are, or
+        an :class:`~nexusrt.engine.context.Context`) in the serving engine and return its
         :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``).
 
         ``emit(text)`` gets the text as it is produced (on the engine's thread, except the

@@ -49,14 +49,25 @@ def prompt_for(prompt, chat: bool, system: str | None, tokenizer, kv: dict | Non
     return kv_shape(shaped, kv or {}, tokenizer)
 
 
+class TokenIds(tuple):
+    """A prompt given as token ids (not tokenized again; checked against the vocabulary)."""
+
+
 def request_prompt(prompt, tokenizer, kv: dict):
     """What ``LLM.submit`` / ``prepare`` take, checked and shaped like :func:`prompt_for`: text, a
-    list of chat messages (rendered with the chat template) or a Context."""
+    list of chat messages (rendered with the chat template), a list of token ids, or a Context."""
+    if isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
+        return kv_shape(TokenIds(int(t) for t in prompt), kv, tokenizer)
     if isinstance(prompt, list):
         return kv_shape(chat_messages(prompt, None), kv, tokenizer)
     if not isinstance(prompt, (str, Context)):
-        raise InvalidArgumentType("prompt", f"prompt must be text, a list of chat messages or an nrt.Context, got {type(prompt).__name__}")
+        raise InvalidArgumentType("prompt", "prompt must be text, a list of chat messages, a list of token ids or "
+                                            f"an nrt.Context, got {type(prompt).__name__}")
     return prompt_for(prompt, False, None, tokenizer, kv)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def chat_messages(messages, system: str | None) -> list[dict]:
@@ -72,6 +83,13 @@ def chat_messages(messages, system: str | None) -> list[dict]:
         check_text(system, "the system prompt", "system")
         messages = [{"role": "system", "content": system}] + list(messages)
     return messages
+
+
+def _checked_ids(ids: TokenIds, vocab: int) -> list[int]:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidArgument("prompt", f"token id {bad} is outside this model's vocabulary [0, {vocab})")
+    return list(ids)
 
 
 def start_session(model, max_context: int, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
@@ -102,13 +120,16 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
                   "truncated": {k: {"tokens": n, "budget": b} for k, (n, b) in prompt.truncated.items()}}
         prompt = prompt.prompt
     t0 = time.perf_counter()
-    chat = isinstance(prompt, list)
-    text = model.tokenizer.apply_chat_template(prompt) if chat else prompt
-    if len(text) > EXACT_COUNT_CHARS:  # refused from its length alone: tokenizing 50 MB takes a minute and GBs
-        at_least = model.tokenizer.min_tokens(text)
-        if at_least > max_context:
-            raise PromptTooLong(at_least, max_context, model.config.source, at_least=True)
-    ids = model.tokenizer.encode(text, add_special_tokens=not chat)  # a rendered chat holds its specials
+    if isinstance(prompt, TokenIds):
+        ids = _checked_ids(prompt, model.config.vocab_size)
+    else:
+        chat = isinstance(prompt, list)
+        text = model.tokenizer.apply_chat_template(prompt) if chat else prompt
+        if len(text) > EXACT_COUNT_CHARS:  # refused from its length alone: tokenizing 50 MB takes a minute and GBs
+            at_least = model.tokenizer.min_tokens(text)
+            if at_least > max_context:
+                raise PromptTooLong(at_least, max_context, model.config.source, at_least=True)
+        ids = model.tokenizer.encode(text, add_special_tokens=not chat)  # a rendered chat holds its specials
     tokenize_s = time.perf_counter() - t0
     if not ids:
         raise InvalidArgument("prompt", "the prompt encodes to no tokens (empty prompt and no BOS token)")

@@ -126,19 +126,25 @@ def _content(m: dict, i: int) -> str:
     return "\n".join(texts)
 
 
-def _prompts(p) -> list[str]:
-    """``/v1/completions``' prompt: a string, or a list of 1 to ``MAX_CHOICES`` strings (a choice or
-    ``n`` for each). Token ids (a list of integers, or of such lists) are refused by name."""
+def _ids(p) -> bool:
+    """Whether ``p`` is one token-id prompt: a non-empty list of integers."""
+    return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def _prompts(p) -> list:
+    """``/v1/completions``' prompt as OpenAI takes it: a string, a list of token ids, or a list of
+    1 to ``MAX_CHOICES`` of either (a choice, or ``n``, for each). Token ids go to the model as
+    they are (the engine checks them against the vocabulary)."""
     if isinstance(p, str):
         return [_text(p, "prompt")]
-    if not isinstance(p, list) or not p or not all(isinstance(x, str) for x in p):
-        ids = isinstance(p, list) and p and all(isinstance(x, int) or isinstance(x, list) for x in p)
-        raise BadRequest("token-id prompts are not supported by this server; send the text" if ids else
-                         "'prompt' must be a string or a non-empty list of strings", "prompt")
+    if _ids(p):
+        return [p]
+    if not isinstance(p, list) or not p or not all(isinstance(x, str) or _ids(x) for x in p):
+        raise BadRequest("'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
     if len(p) > MAX_CHOICES:
         raise BadRequest(f"'prompt' holds {len(p)} prompts; this server takes at most {MAX_CHOICES} in one request",
                          "prompt")
-    return [_text(x, f"prompt[{i}]") for i, x in enumerate(p)]
+    return [_text(x, f"prompt[{i}]") if isinstance(x, str) else x for i, x in enumerate(p)]
 
 
 def _same(v, n) -> bool:
@@ -202,7 +208,7 @@ def parse(body: dict, chat: bool, model_id: str, max_context: int) -> Completion
         prompt = _prompts(body.get("prompt"))
     _unsupported(body)
     n = _integer(body, "n", 1, MAX_CHOICES) or 1
-    prompts = prompt if isinstance(prompt, list) and not chat else [prompt]
+    prompts = prompt if not chat and isinstance(prompt, list) else [prompt]
     if len(prompts) * n > MAX_CHOICES:
         raise BadRequest(f"{len(prompts)} prompts times n={n} is {len(prompts) * n} choices; this server takes at "
                          f"most {MAX_CHOICES} in one request", "n")

@@ -336,3 +336,16 @@ def test_a_pruned_request_returns_what_it_returns_alone_beside_a_long_prompt(cpu
         alone = model.generate(small, max_new_tokens=20, **kw).token_ids
         beside = model.generate([big, small], max_new_tokens=20, **kw)[1].token_ids
     assert beside == alone
+
+
+def test_the_cpu_pool_by_default_holds_a_whole_context_where_256_mib_does_not():
+    """Else a request the one-sequence path takes alone is refused when another thread is busy."""
+    from types import SimpleNamespace
+
+    from nexusrt.engine.requests import DEFAULT_KV_MEMORY, cpu_pool_bytes
+    from nexusrt.kvcache.tiers import mem_available
+
+    cfg = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=8, head_dim=128)  # 4 MiB a block in fp32
+    assert cpu_pool_bytes(cfg, 256) == DEFAULT_KV_MEMORY
+    assert cpu_pool_bytes(cfg, 2048) == max(DEFAULT_KV_MEMORY, min(128 << 22, mem_available() // 2))
+    assert cpu_pool_bytes(cfg, 131072) == max(DEFAULT_KV_MEMORY, min(8192 << 22, mem_available() // 2))

@@ -53,8 +53,10 @@ class LLM:
     weights_seed : seed of synthetic weights (ignored for checkpoints).
     allow_paths : folders outside the checkpoint directory its symlinks may lead into.
     max_batch, kv_memory, max_waiting : the serving engine's cap on running sequences, the
-        bytes of its KV block pool (CPU default 256 MiB; CUDA default: ``max_batch`` sequences
-        at full context) and its queue bound.
+        bytes of its KV block pool (CPU default 256 MiB, or one sequence at full context where
+        that is more; CUDA default: ``max_batch`` sequences at full context) and its queue bound.
+        A request the pool cannot hold is refused by the engine; a lone call that takes the
+        one-sequence path uses that runner's own cache of ``max_context`` tokens instead.
     deterministic : CUDA: every call goes through the serving engine in its batch-invariant
         mode (a request's ids do not depend on what runs beside it; prefix caching off). The
         CPU engine is batch invariant anyway.

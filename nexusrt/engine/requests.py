@@ -13,7 +13,7 @@ import threading
 from dataclasses import replace
 from typing import Callable, Iterator
 
-from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes
+from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes, cpu_block_bytes
 from ..errors import BackendUnavailable, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
@@ -70,6 +70,20 @@ def engine_tiers(config, max_batch: int, max_context: int, kv_memory: int | None
     return device, min(max(demand - device, 0), avail // 2 // unit)
 
 
+def cpu_pool_bytes(config, max_context: int) -> int:
+    """The CPU engine's default KV pool: 256 MiB, or one whole context where that is more (so a
+    request the one-sequence path takes alone also fits the engine, whatever runs beside it), at
+    most half the available memory then (the pool is committed only as blocks are written)."""
+    one = blocks_for(max_context) * cpu_block_bytes(config)
+    if one <= DEFAULT_KV_MEMORY:
+        return DEFAULT_KV_MEMORY
+    try:
+        avail = mem_available()
+    except OSError:  # not Linux: no figure to bound it by
+        return one
+    return max(DEFAULT_KV_MEMORY, min(one, avail // 2))
+
+
 def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_waiting: int,
               deterministic: bool = False, kv_gpu_budget: int | None = None) -> EngineLoop:
     """An :class:`EngineLoop` over the batch runner of ``runner``'s backend, sharing its weights
@@ -79,7 +93,7 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     gives it, else it is a ``CudaBatchRunner`` over the runner's weights, with the host tier
     :func:`engine_tiers` plans from ``kv_gpu_budget``."""
     if backend == "cpu":  # the CpuRunner's NumPy decoder, fp32 KV
-        kv = DEFAULT_KV_MEMORY if kv_memory is None else kv_memory
+        kv = cpu_pool_bytes(runner.config, runner.max_context) if kv_memory is None else kv_memory
         num_blocks = blocks_for_bytes(runner.config, kv)
         if num_blocks < 1:
             raise ValueError(f"kv_memory={kv} bytes holds no KV block of this model")

@@ -16,10 +16,14 @@ from ..base import Rows, sample_rows
 from .decoder import PagedDecoder
 
 
+def cpu_block_bytes(config) -> int:
+    """Bytes of one KV block on the CPU: K and V of every layer, fp32."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK_SIZE * config.head_dim * 4
+
+
 def blocks_for_bytes(config, kv_bytes: int) -> int:
     """KV blocks (K and V of every layer, fp32) that fit in ``kv_bytes``."""
-    per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * BLOCK_SIZE * config.head_dim * 4
-    return int(kv_bytes) // per_block
+    return int(kv_bytes) // cpu_block_bytes(config)
 
 
 class CpuBatchRunner:

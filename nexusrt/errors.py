@@ -49,11 +49,12 @@ class CompileError(NexusRTError):
 class OutOfMemory(NexusRTError, MemoryError):
     """The arena cannot satisfy a request. States what was asked for and what was available."""
 
-    def __init__(self, requested: int, available: int, where: str = "device arena"):
-        self.requested, self.available = requested, available
+    def __init__(self, requested: int, available: int, where: str = "device arena", unit: str = "bytes"):
+        # ``unit`` names what the two counts count: bytes for memory, "blocks" for the KV pools.
+        self.requested, self.available, self.unit = requested, available, unit
         super().__init__(
-            f"out of memory in the {where}: requested {requested} bytes, "
-            f"{available} bytes available"
+            f"out of memory in the {where}: requested {requested} {unit}, "
+            f"{available} {unit} available"
         )
 
 

@@ -48,12 +48,17 @@ def probe_driver() -> tuple[bool, str, int]:
 
 def choose_backend(requested: str | None = None) -> Probe:
     """Pick the backend from ``requested``, else ``NEXUSRT_BACKEND``, else by probing."""
-    forced = requested or os.environ.get("NEXUSRT_BACKEND") or None
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(f"backend must be one of {', '.join(map(repr, BACKENDS))} or None, "
+                        f"got {type(requested).__name__} {requested!r}")
+    # An explicit backend="" is a bad value, not "unset": only None falls back to the environment.
+    source = "backend=" if requested is not None else "NEXUSRT_BACKEND"
+    forced = requested if requested is not None else (os.environ.get("NEXUSRT_BACKEND") or None)
     if forced is not None:
         forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(
-                f"unknown backend {forced!r} (NEXUSRT_BACKEND or backend=): choose one of {', '.join(BACKENDS)}"
+                f"unknown backend {forced!r} ({source}): choose one of {', '.join(BACKENDS)}"
             )
         if forced == "cpu":
             return Probe("cpu", "forced by NEXUSRT_BACKEND=cpu")

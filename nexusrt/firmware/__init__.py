@@ -18,7 +18,8 @@ from ..driver.device import Device
 from ..driver.doorbell import Doorbell
 from ..driver.profile import HardwareProfile, profile_names
 from ..driver.streams import Event, Stream, StreamPool
-from .boot import PHASES, boot, shutdown
+from .boot import LOCK as BOOT_LOCK
+from .boot import PHASES, boot, check_args, shutdown
 
 
 def init(profile: str = "auto", backend: str | None = None, device: int = 0,
@@ -36,12 +37,18 @@ def init(profile: str = "auto", backend: str | None = None, device: int = 0,
     Calling ``init`` again while running returns the running device when the arguments agree
     with it (``profile="auto"`` and ``backend=None`` agree with anything); conflicting ones
     raise NexusRTError instead of being silently ignored: shut down first to boot differently.
+    Threads calling ``init`` at once get one runtime between them. A wrong type raises
+    TypeError and a bad value ValueError, naming the argument, before anything is probed.
     """
-    if _runtime.is_initialized():
-        rt = _runtime.current()
-        _check_same(rt, profile, backend, device, arena_bytes)
-        return rt.device
-    return boot(profile=profile, backend=backend, device=device, arena_bytes=arena_bytes).device
+    device, arena_bytes = check_args(profile, backend, device, arena_bytes)
+    # One lock from the check to the boot: threads calling init at once get one runtime, the
+    # first to boot it; the others find it up and get it back as a second call would.
+    with BOOT_LOCK:
+        if _runtime.is_initialized():
+            rt = _runtime.current()
+            _check_same(rt, profile, backend, device, arena_bytes)
+            return rt.device
+        return boot(profile=profile, backend=backend, device=device, arena_bytes=arena_bytes).device
 
 
 def _check_same(rt, profile, backend, device, arena_bytes) -> None:

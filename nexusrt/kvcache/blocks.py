@@ -22,6 +22,32 @@ from ..errors import OutOfMemory
 BLOCK_SIZE = 16  # tokens per KV block; the kernels' NRT_PAGE_SIZE (cu/common.cuh) must equal it
 
 
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """``value`` as an int of at least ``minimum``: TypeError for a bool, float or str (``1.5``
+    blocks must not quietly become 1, nor ``True`` become 1), ValueError below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    return int(value)
+
+
+def block_indices(values, name: str) -> list[int]:
+    """``values`` as a list of ints (NumPy integers converted); TypeError naming ``name`` for a
+    float or bool among them (``0.7`` must not free block 0)."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of block indices, got {type(values).__name__}") from None
+    # One pass over the types in C; the per-element check runs only when something is not an int.
+    if set(map(type, values)) - {int}:
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must hold ints (block indices), got {type(v).__name__} {v!r}")
+        values = [int(v) for v in values]
+    return values
+
+
 def blocks_for(tokens: int) -> int:
     """KV blocks needed to hold ``tokens`` tokens."""
     if tokens < 0:
@@ -56,10 +82,8 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, order=None):
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.num_blocks = int(num_blocks)
-        seq = list(range(self.num_blocks)) if order is None else [int(b) for b in order]
+        self.num_blocks = check_count(num_blocks, "num_blocks", 1)
+        seq = list(range(self.num_blocks)) if order is None else block_indices(order, "order")
         if sorted(seq) != list(range(self.num_blocks)):
             raise ValueError(f"order must be a permutation of range({self.num_blocks})")
         self._free = seq[::-1]  # pop() from the end hands them out in `order`
@@ -76,17 +100,19 @@ class BlockPool:
 
     def alloc(self, n: int) -> list[int]:
         """``n`` free blocks; :class:`OutOfMemory` (nothing taken) when fewer are left."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n must be an int (blocks), got {type(n).__name__} {n!r}")
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
         if n > len(self._free):
-            raise OutOfMemory(n, len(self._free), "KV block pool (blocks)")
+            raise OutOfMemory(n, len(self._free), "KV block pool", unit="blocks")
         blocks = [self._free.pop() for _ in range(n)]
         self._used.update(blocks)
         return blocks
 
     def free(self, blocks) -> None:
         """Return blocks; a block that is not allocated is a bug and raises ValueError."""
-        blocks = [int(b) for b in blocks]
+        blocks = block_indices(blocks, "blocks")
         bad = [b for b in blocks if b not in self._used]
         if bad or len(set(blocks)) != len(blocks):
             raise ValueError(f"freeing blocks that are not allocated (or twice): {bad or blocks}")
@@ -99,9 +125,7 @@ class SequenceBlocks:
     """The block table of one sequence, grown on demand from a :class:`BlockPool`."""
 
     def __init__(self, pool: BlockPool, max_blocks: int):
-        if max_blocks <= 0:
-            raise ValueError(f"max_blocks must be positive, got {max_blocks}")
-        self.pool, self.max_blocks = pool, int(max_blocks)
+        self.pool, self.max_blocks = pool, check_count(max_blocks, "max_blocks", 1)
         self.blocks: list[int] = []
 
     @property
@@ -111,6 +135,8 @@ class SequenceBlocks:
 
     def ensure(self, tokens: int) -> bool:
         """Make room for positions ``0 .. tokens-1``; True when blocks were added."""
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)):
+            raise TypeError(f"tokens must be an int, got {type(tokens).__name__} {tokens!r}")
         need = blocks_for(tokens)
         if need > self.max_blocks:
             raise ValueError(f"{tokens} tokens need {need} KV blocks; the table holds {self.max_blocks} "

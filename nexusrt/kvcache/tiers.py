@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OutOfMemory
-from .blocks import BLOCK_SIZE, BlockPool
+from .blocks import BLOCK_SIZE, BlockPool, block_indices, check_count
 
 
 def encode_host(h: int) -> int:
     """The table entry of host block ``h``."""
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)):
+        raise TypeError(f"host block index must be an int, got {type(h).__name__} {h!r}")
     if h < 0:
         raise ValueError(f"host block index must be >= 0, got {h}")
     return ~int(h)
@@ -93,9 +95,11 @@ def plan_tiers(total_blocks: int, kv_gpu_budget: int | None, *, num_layers: int,
       kept as the lowest budget the host tier was designed and tested for;
     * a host tier larger than ``available`` bytes (default: ``MemAvailable``) of pinnable memory.
     """
-    if total_blocks <= 0:
-        raise ValueError(f"total_blocks must be positive, got {total_blocks}")
-    unit = block_bytes(num_layers, num_kv_heads, head_dim)
+    total_blocks = check_count(total_blocks, "total_blocks", 1)
+    # Zero or negative sizes would divide by zero below or give a negative plan.
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        check_count(value, name, 1)
+    unit = block_bytes(int(num_layers), int(num_kv_heads), int(head_dim))
     if kv_gpu_budget is None:
         return TierPlan(total_blocks, 0, unit)
     if isinstance(kv_gpu_budget, bool) or not isinstance(kv_gpu_budget, (int, np.integer)):
@@ -162,6 +166,7 @@ class TieredBlockPool:
     """
 
     def __init__(self, device_blocks: int, host_blocks: int, device_order=None, host_order=None):
+        host_blocks = check_count(host_blocks, "host_blocks", 0)
         self.device = BlockPool(device_blocks, device_order)
         self.host = BlockPool(host_blocks, host_order) if host_blocks > 0 else None
 
@@ -178,10 +183,12 @@ class TieredBlockPool:
 
     def alloc(self, n: int) -> list[int]:
         """``n`` table entries: device blocks while there are any, then host ones."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n must be an int (blocks), got {type(n).__name__} {n!r}")
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
         if n > self.num_free:
-            raise OutOfMemory(n, self.num_free, "KV block pool (device and host tiers, blocks)")
+            raise OutOfMemory(n, self.num_free, "KV block pool (device and host tiers)", unit="blocks")
         on_dev = min(n, self.device.num_free)
         return self.device.alloc(on_dev) + self.alloc_host(n - on_dev)
 
@@ -189,21 +196,22 @@ class TieredBlockPool:
         if n == 0:
             return []
         if self.host is None:
-            raise OutOfMemory(n, 0, "KV host tier (blocks)")
+            raise OutOfMemory(n, 0, "KV host tier", unit="blocks")
         return [encode_host(h) for h in self.host.alloc(n)]
 
     def free(self, entries) -> None:
-        entries = [int(e) for e in entries]
+        """Return table entries of either tier; all-or-nothing: a bad entry frees none."""
+        entries = block_indices(entries, "entries")
         dev = [e for e in entries if e >= 0]
-        host = [host_index(e) for e in entries if e < 0]
+        host = [~e for e in entries if e < 0]
         if host and self.host is None:
             raise ValueError(f"freeing host entries {host} of a pool without a host tier")
-        # Check both before touching either, so a bad call changes nothing.
-        # Each free set built once (free_blocks makes a new one per read): the fault drain
-        # returns thousands of host blocks in one call.
-        dev_free = self.device.free_blocks if dev else frozenset()
-        host_free = self.host.free_blocks if host and self.host is not None else frozenset()
-        bad = [e for e in dev if e in dev_free] + [encode_host(h) for h in host if h in host_free]
+        # Check both before touching either, so a bad call changes nothing. Against the held
+        # sets, not the free ones: an entry past the pool's end is in neither, and must be
+        # refused here, not by host.free after device.free has already run.
+        dev_used = self.device._used
+        host_used = self.host._used if host else frozenset()
+        bad = [e for e in dev if e not in dev_used] + [~h for h in host if h not in host_used]
         if bad or len(set(entries)) != len(entries):
             raise ValueError(f"freeing entries that are not allocated (or twice): {bad or entries}")
         self.device.free(dev)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import runtime
-from ..errors import NotInitialized
+from ..errors import InvalidArgument, InvalidArgumentType, NotInitialized, OutOfMemory
 from . import arena as arena_mod
 from .dtypes import check_shape, from_numpy_dtype, nbytes_of, resolve
 from .tensor import Storage, Tensor
@@ -34,7 +36,11 @@ def alloc(shape, dtype, ilc: bool = False, device: bool = True, pinned: bool = F
     shape = check_shape(shape)
     nbytes = nbytes_of(shape, dt)
     if tag is not None and not isinstance(tag, str):
-        raise ValueError(f"tag must be a string or None, got {tag!r}")
+        raise InvalidArgumentType("tag", f"tag must be a string or None, got {tag!r}")
+    # Flags must be bools: a truthy string such as "no" would otherwise mean yes.
+    for name, flag in (("ilc", ilc), ("device", device), ("pinned", pinned)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InvalidArgumentType(name, f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
     if device and pinned:
         raise ValueError("pinned=True is for host memory: pass device=False with it")
     if ilc and not device:
@@ -49,9 +55,36 @@ def alloc(shape, dtype, ilc: bool = False, device: bool = True, pinned: bool = F
         storage = Storage(arena, block, block.ptr, nbytes, device=False, pinned=True, tag=tag,
                           host=block.view())
     else:
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = _host_bytes(nbytes)
         storage = Storage(None, None, buf.ctypes.data, nbytes, device=False, pinned=False, tag=tag, host=buf)
     return Tensor(storage, shape, dt)
+
+
+def _host_bytes(nbytes: int) -> np.ndarray:
+    """``nbytes`` of pageable host memory; OutOfMemory (requested and available bytes) where the
+    host refuses, as the arena reports it, instead of NumPy's MemoryError."""
+    try:
+        return np.empty(nbytes, dtype=np.uint8)
+    except (MemoryError, ValueError):  # ValueError: a size NumPy cannot even describe
+        raise OutOfMemory(nbytes, _host_available(), "pageable host memory (device=False)") from None
+
+
+def _host_available() -> int:
+    """Free physical host memory in bytes (0 where the host does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _byte_count(value, name: str) -> int:
+    """``value`` as a non-negative int of bytes: a NumPy integer is fine, a bool or float is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgumentType(name, f"{name} must be a non-negative int (bytes), "
+                                        f"got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise InvalidArgument(name, f"{name} must be a non-negative int (bytes), got {value}")
+    return int(value)
 
 
 def empty(shape, dtype, tag: str | None = None, **kw) -> Tensor:
@@ -116,14 +149,14 @@ def audit() -> list[dict]:
 
 def trim(keep_bytes: int = 0) -> int:
     """Return pooled free pages to the driver until ``keep_bytes`` stay; returns bytes released."""
-    return runtime.current("nrt.memory.trim").arena.trim(int(keep_bytes))
+    rt = runtime.current("nrt.memory.trim")
+    return rt.arena.trim(_byte_count(keep_bytes, "keep_bytes"))
 
 
 def set_high_water(nbytes: int | None) -> None:
     """Keep at most ``nbytes`` of free pages pooled from now on (None: keep all)."""
-    if nbytes is not None and (not isinstance(nbytes, int) or nbytes < 0):
-        raise ValueError(f"nbytes must be a non-negative int or None, got {nbytes!r}")
-    runtime.current("nrt.memory.set_high_water").arena.set_high_water(nbytes)
+    rt = runtime.current("nrt.memory.set_high_water")
+    rt.arena.set_high_water(None if nbytes is None else _byte_count(nbytes, "nbytes"))
 
 
 def reset_peak() -> None:

@@ -199,9 +199,10 @@ def open_arena(rt, arena_bytes: int | None = None) -> Arena:
         try:
             return Arena(rt, HostPageProvider(limit_bytes=arena_bytes), reserve,
                          high_water_bytes=high_water, debug=debug)
-        except OSError:
+        except (OSError, OverflowError):
             # A host that refuses a lazy reservation of its own RAM size (strict
-            # overcommit): the default shrinks, an explicit size is an error.
+            # overcommit): the default shrinks, an explicit size is an error. OverflowError:
+            # a size past what mmap takes (ssize_t) once rounded up to whole pages.
             if arena_bytes is not None or reserve <= (64 << 20):
                 raise OutOfMemory(reserve, 0, "host address space (CPU arena reservation)") from None
             reserve //= 2

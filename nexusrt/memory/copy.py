@@ -12,7 +12,7 @@ import ctypes
 
 from .. import runtime
 from ..driver.calls import call, cu
-from ..driver.streams import Event
+from ..driver.streams import Event, Stream
 
 _ROUTES = {  # (src on device, dst on device) -> (driver call, default stream role)
     (False, True): ("cuMemcpyHtoDAsync", "h2d"),
@@ -43,6 +43,7 @@ def copy_async(dst, src, stream=None) -> Event:
     """
     rt = runtime.current("nrt.memory.copy_async")
     _check(dst, src)
+    chosen = _stream(rt, stream)  # checked on every backend, though only CUDA queues on it
     route = _ROUTES.get((src.device, dst.device))
     if not rt.is_cuda or route is None:
         # Host to host, or the CPU backend: a plain memory copy, complete on return.
@@ -50,11 +51,21 @@ def copy_async(dst, src, stream=None) -> Event:
         ctypes.memmove(dst.ptr, src.ptr, dst.nbytes)
         return Event(rt.backend, timing=False).record()
     fn, role = route
-    s = rt.streams.get(stream or role)
+    s = chosen if chosen is not None else rt.streams[role]
     call(fn, dst.ptr, src.ptr, dst.nbytes, s.handle)
     event = Event(rt.backend, timing=False).record(s)
     dst._storage.pending = src._storage.pending = event
     return event
+
+
+def _stream(rt, stream):
+    """The Stream ``stream`` names (None stays None); a bad role is refused on the CPU backend
+    too, where the copy needs no stream, so code tested there does not fail first on a GPU."""
+    if stream is None:
+        return None
+    if not isinstance(stream, (str, Stream)):
+        raise TypeError(f"stream must be a role name or a Stream, got {type(stream).__name__} {stream!r}")
+    return rt.streams.get(stream)  # an unknown role: ValueError listing the roles
 
 
 def copy_2d_params(dst_ptr: int, dst_pitch: int, src_ptr: int, src_pitch: int, width: int, height: int):

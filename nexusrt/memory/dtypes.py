@@ -12,8 +12,26 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from ..errors import InvalidArgument, InvalidArgumentType
+
 # The largest tensor we describe: byte offsets are passed to kernels as signed 64-bit.
 MAX_NBYTES = 2**63 - 1
+
+
+def _numpy_max_ndim() -> int:
+    """The most dimensions a NumPy array may have here (64 from NumPy 2, 32 before)."""
+    for n in (64, 32):
+        try:
+            np.empty((1,) * n, np.uint8)
+            return n
+        except ValueError:
+            continue
+    return 32
+
+
+# A tensor's host side is a NumPy array (``tensor.array``, ``to_numpy``): a shape with more
+# dimensions would allocate and then fail at its first read, so it is refused up front.
+MAX_NDIM = _numpy_max_ndim()
 
 
 @dataclass(frozen=True)
@@ -90,16 +108,20 @@ def check_shape(shape, arg: str = "shape") -> tuple[int, ...]:
     """
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
+    # The type errors are InvalidArgumentType: a TypeError, and a ValueError as they always were.
     try:
         dims = tuple(shape)
     except TypeError:
-        raise ValueError(f"{arg} must be a tuple of ints, got {shape!r}") from None
+        raise InvalidArgumentType(arg, f"{arg} must be a tuple of ints, got {shape!r}") from None
+    if len(dims) > MAX_NDIM:
+        raise InvalidArgument(arg, f"{arg} has {len(dims)} dimensions; at most {MAX_NDIM} are supported "
+                                   f"(NumPy's limit, which tensor.array and to_numpy() go through)")
     out = []
     for i, d in enumerate(dims):
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
-            raise ValueError(f"{arg}[{i}] must be an int, got {d!r} in {arg}={dims!r}")
+            raise InvalidArgumentType(arg, f"{arg}[{i}] must be an int, got {d!r} in {arg}={dims!r}")
         if d <= 0:
-            raise ValueError(f"{arg}[{i}] is {int(d)}: every dimension must be positive ({arg}={dims!r})")
+            raise InvalidArgument(arg, f"{arg}[{i}] is {int(d)}: every dimension must be positive ({arg}={dims!r})")
         out.append(int(d))
     return tuple(out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidArgumentType
 from .copy import copy
 from .core import DoubleFree, UseAfterFree
 from .dtypes import DType, check_shape, numel_of, resolve
@@ -213,7 +214,15 @@ class Tensor:
     def reshape(self, *shape) -> "Tensor":
         """The same elements in another shape (one dimension may be -1)."""
         if len(shape) == 1 and not isinstance(shape[0], (int, np.integer)):
-            shape = tuple(shape[0])
+            try:
+                shape = tuple(shape[0])
+            except TypeError:
+                raise InvalidArgumentType("shape", f"reshape: shape must be ints or a tuple of ints, "
+                                                   f"got {shape[0]!r}") from None
+        # Types before the -1 arithmetic below, which would otherwise fail inside on a str.
+        for i, d in enumerate(shape):
+            if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+                raise InvalidArgumentType("shape", f"reshape: shape[{i}] must be an int, got {d!r} in shape={shape!r}")
         if sum(1 for d in shape if d == -1) > 1:
             raise ValueError(f"reshape: only one dimension may be -1, got {shape}")
         if -1 in shape:

@@ -16,7 +16,7 @@ On the CPU backend a "captured" graph is its validated plan, queued again on eac
 from __future__ import annotations
 
 from ..driver.calls import call, check, cu
-from ..driver.streams import Event
+from ..driver.streams import Event, Stream
 from .contract import dim3
 
 
@@ -85,12 +85,21 @@ class CapturedGraph:
     def replay(self, stream=None) -> None:
         """Launch the whole graph once (on the capture stream unless ``stream`` is given)."""
         if self._launch is not None:
-            handle = self._handle if stream is None else self.sched.rt.streams.get(stream).handle
+            handle = self._handle if stream is None else self._stream(stream).handle
             check(self._launch(self._exec, handle), "cuGraphLaunch")
             return
         if self.sched is None:
             raise ValueError("this captured graph was closed")
+        if stream is not None:
+            # The CPU replay queues the plan on its stages' own streams, but a bad role is
+            # still refused here, so code tested on the CPU does not fail first on a GPU.
+            self._stream(stream)
         self.sched.enqueue(self.plan, self._cpu_args)
+
+    def _stream(self, stream) -> Stream:
+        if not isinstance(stream, (str, Stream)):
+            raise TypeError(f"stream must be a role name or a Stream, got {type(stream).__name__} {stream!r}")
+        return self.sched.rt.streams.get(stream)  # an unknown role: ValueError listing the roles
 
     def update(self, stage_name: str, args=None, grid=None, block=None, shared: int | None = None) -> None:
         """Change a captured kernel stage's arguments (and grid/block/shared) without re-capturing.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 
@@ -146,3 +147,55 @@ def test_a_failed_boot_raises_and_leaves_no_process():
         WorkerGroup(fake_rank, 2, (True,), name="fake")
     assert not multiprocessing.active_children()
 
+
+
+def test_an_interrupt_while_the_ranks_work_waits_for_their_answers_and_keeps_the_group():
+    import _thread
+
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    try:
+        threading.Timer(0.2, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C stays Ctrl-C (a CLI exits 130 on it)
+            group.request(("slow", 1.0))
+        assert group.failure is None
+        assert group.request(("echo", "after")) == [(0, "after"), (1, "after")]  # in step: the answers were drained
+    finally:
+        group.close(("close",))
+
+
+def test_a_rank_that_stays_silent_after_the_others_answered_is_named(monkeypatch):
+    monkeypatch.setattr(procs, "ANSWER_GRACE", 0.5)
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    pids = group.pids
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDied, match=r"fake rank 1 \(pid \d+\) did not answer the request within 0.5 s of rank 0"):
+        group.request(("stall", 1))
+    assert time.monotonic() - t0 < 10 and all(gone(p) for p in pids)
+
+
+def test_threads_waiting_on_a_group_whose_rank_died_all_name_that_rank():
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    errors = []
+
+    def ask(message):
+        try:
+            group.request(message)
+        except WorkerDied as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=ask, args=(("slow", 2.0),))] + \
+        [threading.Thread(target=ask, args=(("echo", i),)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(group.pids[1], signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 4 and all("rank 1" in e and "SIGKILL" in e for e in errors), errors
+    assert "rank 1" in str(group.failure) and "SIGKILL" in str(group.failure)
+
+
+def test_a_rank_dying_at_the_start_points_at_the_main_guard():
+    with pytest.raises(WorkerDied, match=r"died during the start: exit code 1.*__name__ == \"__main__\""):
+        WorkerGroup(fake_rank, 2, (False, True), name="fake")
+    assert not multiprocessing.active_children()

@@ -203,3 +203,47 @@ def _is_worker_of(pid: int, parent: int) -> bool:
     except OSError:
         return False
     return int(stat[1]) == parent and b"spawn_main" in cmdline
+
+
+def test_a_front_dropped_without_close_stops_its_workers_and_unlinks_its_segment(checkpoint):
+    import gc
+
+    path, weights = checkpoint
+    workers = ProcessDecoder(WeightsOrigin(path), weights.config, 2)
+    pids, name = workers.pids, workers.segment_name
+    assert os.path.exists(f"/dev/shm/{name}")
+    del workers
+    gc.collect()
+    assert all(gone(p) for p in pids) and not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_a_script_left_open_at_exit_cleans_up_without_a_leak_warning(tmp_path, checkpoint):
+    import subprocess
+    import sys
+
+    path, _ = checkpoint
+    script = tmp_path / "open_at_exit.py"
+    script.write_text("import nexusrt as nrt\n"
+                      "if __name__ == '__main__':\n"
+                      f"    llm = nrt.LLM({path!r}, backend='cpu', tensor_parallel=2, tp_processes=True)\n"
+                      "    print(llm.runner.decoder.segment_name, flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    assert "leaked shared_memory" not in out.stderr, out.stderr
+    assert not os.path.exists(f"/dev/shm/{out.stdout.split()[-1]}")
+
+
+def test_ctrl_c_during_a_generation_on_workers_stays_ctrl_c_and_keeps_the_model(cpu_rt):
+    import _thread
+
+    with nrt.LLM("synthetic:tiny", backend="cpu", max_context=8192, tensor_parallel=2,
+                 tp_processes=True) as llm:
+        expect = llm.generate("x" * 8, max_new_tokens=6, temperature=0).token_ids
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):  # not WorkerDied: a CLI exits 130 on it
+            llm.generate("x" * 8, max_new_tokens=8000, temperature=0)  # seconds of steps: interrupted
+        timer.join()
+        assert llm.failure is None
+        assert llm.generate("x" * 8, max_new_tokens=6, temperature=0).token_ids == expect

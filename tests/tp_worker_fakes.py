@@ -16,7 +16,9 @@ def gone(pid: int) -> bool:
     return False
 
 
-def fake_rank(rank: int, conn, boot_fails: bool = False) -> None:
+def fake_rank(rank: int, conn, boot_fails: bool = False, dies_at_start: bool = False) -> None:
+    if dies_at_start:  # as a spawned child of a script without the main guard does
+        raise SystemExit(1)
     if boot_fails:
         conn.send(("error", ValueError(f"rank {rank} cannot load its shard")))
         return
@@ -35,6 +37,13 @@ def fake_rank(rank: int, conn, boot_fails: bool = False) -> None:
                 conn.send(("error", RuntimeError("out of step")))
             else:
                 time.sleep(600)
+        elif kind == "slow":  # a step that takes a while (every rank)
+            time.sleep(message[1])
+            conn.send(("ok", rank))
+        elif kind == "stall":  # one rank stops answering, alive (as a SIGSTOPped process)
+            if rank == message[1]:
+                time.sleep(600)
+            conn.send(("ok", rank))
         elif kind == "exit":
             if rank == message[1]:
                 raise SystemExit(3)

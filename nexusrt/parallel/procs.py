@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
 
@@ -29,6 +30,11 @@ from ..errors import FatalError, NexusRTError
 from .comm import check_repeats
 
 STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
+# Seconds the other ranks get to answer once one rank has answered a request: the ranks meet at
+# every collective, so they finish a step together; one that stays silent this long (stopped,
+# not dead) is reported instead of waited for forever. As long as a collective's own timeout.
+ANSWER_GRACE = 60.0
+DRAIN_S = 10.0  # seconds an interrupted request waits for the step the ranks are running to end
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
 
 
@@ -102,7 +108,7 @@ class WorkerGroup:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-            self.ready = self._unpack(self._collect("starting"), "starting")
+            self.ready = self._unpack(self._collect("start"), "start")
         except BaseException:
             self.close()
             raise
@@ -121,12 +127,20 @@ class WorkerGroup:
         return [p.pid for p in self._procs]
 
     def request(self, message, what: str = "request") -> list:
-        """Send ``message`` to every rank; their answers, rank order (see the module's protocol)."""
-        if self.failure is not None:  # every later call names the rank that died, not just "closed"
-            raise WorkerDied(str(self.failure))
-        if self._closed:
-            raise NexusRTError(f"{self.name} group is closed")
+        """Send ``message`` to every rank; their answers, rank order (see the module's protocol).
+
+        A KeyboardInterrupt while the ranks run it is re-raised as it is, once they have answered
+        (within :data:`DRAIN_S`): the group stays usable. One that cut the sending short, or
+        whose step does not end in time, stops the group first (later requests raise
+        :class:`WorkerDied`)."""
         with self._lock:  # one request at a time: the pipes carry no request ids
+            # Checked under the lock: a thread that waited here while another's request found a
+            # dead rank must report that rank, not the pipes the stop has closed since.
+            if self.failure is not None:  # every later call names the rank that died, not just "closed"
+                raise WorkerDied(str(self.failure))
+            if self._closed:
+                raise NexusRTError(f"{self.name} group is closed")
+            sent = 0
             try:
                 payload = ForkingPickler.dumps(message)  # once, not once per rank
                 for rank, conn in enumerate(self._conns):
@@ -134,27 +148,54 @@ class WorkerGroup:
                         conn.send_bytes(payload)
                     except (BrokenPipeError, OSError):
                         self._fail(rank, what)
-                answers = self._collect(what)
+                    sent += 1
+                answers = self._collect(what, grace=ANSWER_GRACE)
             except WorkerDied:
+                raise
+            except KeyboardInterrupt:
+                if sent < self.size or not self._drain(what):
+                    self._stop_all()
+                    self._failed(f"{self.name} group stopped: the {what} was interrupted (KeyboardInterrupt)")
                 raise
             except BaseException as exc:  # interrupted mid-request: answers may still be in the pipes
                 self._stop_all()
                 raise self._failed(f"{self.name} group stopped: the {what} was interrupted "
                                    f"({type(exc).__name__})") from exc
-        return self._unpack(answers, what)
+            return self._unpack(answers, what)
 
-    def _collect(self, what: str) -> dict[int, tuple]:
-        """Every rank's answer to the request just sent, or WorkerDied for the first that died."""
+    def _drain(self, what: str) -> bool:
+        """After an interrupt: read (and drop) every rank's answer to the request they are running;
+        True when all came within :data:`DRAIN_S` (the ranks are in step again)."""
+        try:
+            answers = self._collect(what, timeout=DRAIN_S, grace=ANSWER_GRACE)
+        except (WorkerDied, KeyboardInterrupt):  # a rank died meanwhile, or a second Ctrl-C: stop
+            return False
+        return len(answers) == self.size
+
+    def _collect(self, what: str, timeout: float | None = None, grace: float | None = None) -> dict[int, tuple]:
+        """Every rank's answer to the request just sent, or WorkerDied for the first that died (or
+        that stays silent ``grace`` seconds after another answered; None: no such bound, as while
+        the ranks load their shards). ``timeout``: the answers that came within it (a drain)."""
         answers: dict[int, tuple] = {}
+        end = None if timeout is None else time.monotonic() + timeout
         while len(answers) < self.size:
             pending = [r for r in range(self.size) if r not in answers]
             # Once a rank has failed, the others either fail alike at once (a bad input every rank
             # checks) or are stuck mid-collective: they get STOP_GRACE, not forever.
             erred = any(a[0] == "error" for a in answers.values())
-            ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending],
-                         STOP_GRACE if erred else None)
-            if not ready:  # only after an error: _unpack names the rank that failed alone
-                return answers
+            limit = STOP_GRACE if erred else grace if answers else None
+            if end is not None:
+                left = max(0.0, end - time.monotonic())
+                limit = left if limit is None else min(limit, left)
+            ready = wait([self._conns[r] for r in pending] + [self._procs[r].sentinel for r in pending], limit)
+            if not ready:
+                if erred or end is not None:  # _unpack names the rank that failed alone; a drain counts
+                    return answers
+                r = pending[0]  # alive but silent while another rank has answered: stopped or stuck
+                self._stop_all()
+                raise self._failed(f"{self.name} rank {r} (pid {self._procs[r].pid}) did not answer the {what} "
+                                   f"within {limit:g} s of rank {min(answers)} (stopped or stuck); every "
+                                   "rank was stopped")
             for r in pending:
                 if self._conns[r] in ready:  # an answer before the death is still an answer
                     try:
@@ -180,11 +221,19 @@ class WorkerGroup:
         proc = self._procs[rank]
         proc.join(1.0)  # the sentinel fired, or the pipe closed: the exit code follows at once
         self._stop_all()
+        # The usual way to die at the start: a script without the main guard, which every
+        # spawned worker imports again (Python prints why above, once per rank).
+        hint = (" (workers are spawned processes that import the main script: a script that starts them needs "
+                "the `if __name__ == \"__main__\":` guard; the worker's own error is printed above)"
+                if what == "start" and proc.exitcode == 1 else "")
         raise self._failed(f"{self.name} rank {rank} (pid {proc.pid}) died during the {what}: "
-                           f"{describe_exit(proc.exitcode)}; every rank was stopped")
+                           f"{describe_exit(proc.exitcode)}; every rank was stopped{hint}")
 
     def _failed(self, message: str) -> WorkerDied:
-        self.failure = WorkerDied(message)
+        """The group's failure: the first one found stays (a later symptom, such as the pipes the
+        stop closed, must not replace the rank that died)."""
+        if self.failure is None:
+            self.failure = WorkerDied(message)
         return self.failure
 
     def _stop_all(self) -> None:

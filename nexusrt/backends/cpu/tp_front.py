@@ -17,6 +17,8 @@ NCCL in place of :class:`~nexusrt.parallel.shm.ShmGroup`.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,15 +64,18 @@ class ProcessDecoder(RankFront):
     def __init__(self, weights: WeightsOrigin, config, size: int):
         self.config = config
         self.plan = ShardPlan(config, size)  # bad degrees and indivisible shapes fail here, no process yet
-        self._segment = create_segment(size)
+        self._segment = _Segment(create_segment(size))
         self.segment_name = self._segment.name  # the shared-memory segment of the collectives (unlinked by close)
         self._workers = None
         try:
             spec = RankSpec(weights, size, self.segment_name)
             self._workers = WorkerGroup(serve_rank, size, (spec,), name="tensor-parallel worker", env=blas_env(size))
         except BaseException:
-            self._release_segment()
+            self._segment.release()
             raise
+        # A front dropped or left open at exit still stops its workers and unlinks its segment
+        # (else Python's resource tracker warns of a leaked segment at every such exit).
+        weakref.finalize(self, _shut, self._workers, self._segment)
 
     def new_pools(self, num_blocks: int) -> RemotePools:
         """K/V pools of ``num_blocks`` blocks in every worker (each rank's own KV heads)."""
@@ -87,19 +92,36 @@ class ProcessDecoder(RankFront):
 
     def close(self) -> None:
         """Stop the workers (asked first, then terminated) and unlink the segment; safe twice."""
-        if self._workers is not None:
-            self._workers.close(("close",))
-        self._release_segment()
+        _shut(self._workers, self._segment)
 
     def _request(self, message, what: str) -> list:
         try:
             return self._workers.request(message, what)
         except WorkerDied:  # every worker is stopped by now: nothing uses the segment any more
-            self._release_segment()
+            self._segment.release()
             raise
 
-    def _release_segment(self) -> None:
-        if self._segment is not None:
-            self._segment.close()
-            self._segment.unlink()
-            self._segment = None
+
+class _Segment:
+    """The collectives' shared-memory segment, released once whichever thread (the one-sequence
+    caller, the engine's loop, close, the finalizer) gets there first."""
+
+    def __init__(self, segment):
+        self._segment, self.name = segment, segment.name
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.close()
+            try:
+                segment.unlink()
+            except FileNotFoundError:  # gone already (a worker's tracker, or the OS at exit)
+                pass
+
+
+def _shut(workers: WorkerGroup | None, segment: _Segment) -> None:
+    if workers is not None:
+        workers.close(("close",))
+    segment.release()

@@ -32,8 +32,9 @@ from .comm import check_repeats
 STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
 # Seconds the other ranks get to answer once one rank has answered a request: the ranks meet at
 # every collective, so they finish a step together; one that stays silent this long (stopped,
-# not dead) is reported instead of waited for forever. As long as a collective's own timeout.
-ANSWER_GRACE = 60.0
+# not dead) is reported instead of waited for forever. Generous: a request that compiles
+# kernels in every rank (a CUDA batch runner's first graphs) may end minutes apart on a cold cache.
+ANSWER_GRACE = 300.0
 DRAIN_S = 10.0  # seconds an interrupted request waits for the step the ranks are running to end
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
 

@@ -127,7 +127,7 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "n": 65}, "n"),
     ({"model": MODEL, "prompt": [17, 10 ** 9]}, "prompt"),  # a token id beyond the vocabulary
     ({"model": MODEL, "prompt": [17] * 300}, "prompt"),  # 300 ids: longer than the context
-    ({"model": MODEL, "prompt": ["x", "word " * 400]}, "prompt"),  # the second prompt is too long
+    ({"model": MODEL, "prompt": ["x", "word " * 400]}, "prompt[1]"),  # the second prompt is too long
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": "word " * 400}, "prompt"),  # longer than the 256-token context
     ({"model": MODEL, "prompt": "x" * 200, "max_tokens": 250}, "max_tokens"),  # prompt + max_tokens > context
@@ -330,11 +330,11 @@ def test_a_full_queue_gets_429_and_sigterm_drains_within_10_s():
 
 
 def test_an_idle_server_stops_at_once_not_after_the_drain():
-    srv = ServerProcess("--drain-seconds", "8")
+    srv = ServerProcess("--drain-seconds", "7")
     t0 = time.monotonic()
     rc, out = srv.stop()
     assert rc == 0 and "Traceback" not in out, out
-    assert time.monotonic() - t0 < 5, out  # it waited for the 8 s drain timer before
+    assert time.monotonic() - t0 < 5, out  # it waited for the 7 s drain timer before
 
 
 def test_serve_without_the_server_packages_says_what_to_install(monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -40,9 +41,10 @@ def _request(app, method: str, path: str, **kw) -> httpx.Response:
     return asyncio.run(go())
 
 
-async def _raw(app, parts: list[dict]) -> list[dict]:
-    """POST /v1/completions with the ASGI receive events ``parts``, after which the client neither
-    sends nor leaves; what the app sent back."""
+async def _raw(app, parts: list[dict], length: int = 100, fail_after: int | None = None) -> list[dict]:
+    """POST /v1/completions with the ASGI receive events ``parts`` (and a content-length of
+    ``length``), after which the client neither sends nor leaves; what the app sent back.
+    ``fail_after``: sends after that many raise OSError, as to a client that has gone."""
     sent, pending = [], list(parts)
 
     async def receive():
@@ -51,11 +53,13 @@ async def _raw(app, parts: list[dict]) -> list[dict]:
         await asyncio.sleep(3600)
 
     async def send(message):
+        if fail_after is not None and len(sent) >= fail_after:
+            raise OSError("the client has gone")
         sent.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(length).encode())],
              "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
     await app(scope, receive, send)
     return sent
@@ -244,6 +248,8 @@ def test_choices_beyond_the_queue_are_refused_and_a_queue_that_fills_midway_canc
         r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 4, "max_tokens": 2})
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "n" and "queue of 3 requests (--max-waiting)" in err["message"]
+        r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": ["x"] * 4, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # n=1: the prompts are too many
         real, submitted = engine_requests.Request.submit, []
 
         def third_finds_the_queue_full(self):
@@ -263,3 +269,32 @@ def test_choices_beyond_the_queue_are_refused_and_a_queue_that_fills_midway_canc
         assert blocks.num_used == 0
     finally:
         small.close()
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_any_of_it_is_read(app):
+    sent = asyncio.run(asyncio.wait_for(_raw(app, [], length=50 << 20), 10))  # receive() would block: not called
+    assert sent[0]["status"] == 413 and app.state.server.http[413] == 1
+
+
+def test_a_stream_whose_client_left_between_events_is_logged_499_not_200(app, llm):
+    body = json.dumps({"model": MODEL, "prompt": "def f(x):", "max_tokens": 60, "n": 2, "stream": True,
+                       "temperature": 0}).encode()
+    parts = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = asyncio.run(asyncio.wait_for(_raw(app, parts, length=len(body), fail_after=3), 60))
+    assert sent[0]["status"] == 200 and len(sent) == 3  # the head and two events, then the client was gone
+    state = app.state.server
+    assert state.http[499] == 1 and state.http[200] == 0
+    blocks = llm.engine.engine.blocks
+    for _ in range(100):  # the choices are cancelled at the engine's next step
+        if blocks.num_used == 0:
+            break
+        time.sleep(0.05)
+    assert blocks.num_used == 0
+
+
+def test_a_late_request_head_is_counted_as_a_408():
+    from nexusrt.server.app import ServerState
+
+    state = ServerState(None, MODEL)
+    state.head_timed_out("127.0.0.1", 10.0)
+    assert state.http[408] == 1

@@ -23,8 +23,14 @@ from nexusrt.server.connection import HeadTimeoutProtocol  # noqa: E402
 LIMIT_S = 0.6
 
 
+TIMED_OUT: list[str] = []
+
+
 class ShortHeadTimeout(HeadTimeoutProtocol):
     head_timeout_s = LIMIT_S
+
+    def head_timed_out(self) -> None:  # the hook a server counts its 408s in
+        TIMED_OUT.append(self.client[0] if self.client else "-")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +71,12 @@ def _connect(port: int) -> socket.socket:
 
 
 def test_a_silent_connection_gets_408_and_is_closed(port):
+    before = len(TIMED_OUT)
     with _connect(port) as s:
         out, took = _read_until_closed(s, 5)
     assert out.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 0.6 s" in out
     assert LIMIT_S * 0.8 < took < LIMIT_S + 2
+    assert TIMED_OUT[before:] == ["127.0.0.1"]
 
 
 def test_a_head_trickling_in_is_cut_off_in_bounded_time(port):

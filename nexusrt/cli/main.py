@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=256, metavar="N",
                    help="queued requests beyond which new ones get HTTP 429 (256)")
     s.add_argument("--drain-seconds", type=float, default=4.0, metavar="S",
-                   help="after SIGTERM, seconds requests in flight may take before they are cancelled (4)")
+                   help="after SIGTERM, seconds requests in flight may take before they are cancelled (4; at most 7)")
     _kv_flags(s)
     return parser
 

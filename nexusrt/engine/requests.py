@@ -167,6 +167,12 @@ class Request:
         return Request(self.loop, self.session.fresh(emit or (lambda piece: None)), seq.prompt_ids, params,
                        seq.max_new_tokens, seq.max_context, self._finish, on_end, seq.kv)
 
+    def check(self) -> "Request":
+        """Raise what :meth:`submit` would for a request the engine can never hold (its pool,
+        its policy), without queueing it: a caller with several requests checks all first."""
+        self.loop.engine.check(self.seq)
+        return self
+
     def submit(self) -> "Request":
         """Queue it in the engine (once; a request cancelled before it was submitted is refused)."""
         if self.ended.is_set():

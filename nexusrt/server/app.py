@@ -67,6 +67,13 @@ class ServerState:
                  (time.perf_counter() - t0) * 1e3, extra)
 
 
+    def head_timed_out(self, client: str, seconds: float) -> None:
+        """Count the 408 a connection got before its request reached the app, with a log line."""
+        self.http[408] += 1
+        log.info("%s - - 408 %.1fms error='the request line and headers did not arrive within %g s'", client,
+                 seconds * 1e3, seconds)
+
+
 class ClientGone(Exception):
     """The client hung up before its request body had arrived."""
 
@@ -76,6 +83,9 @@ def _error(e: BadRequest, headers: dict | None = None) -> JSONResponse:
 
 
 async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:  # before reading: no "100 Continue" for it either
+        raise BadRequest(f"the request body exceeds {MAX_BODY} bytes", None, 413)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -97,19 +107,24 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
     queued when any fails."""
     if not state.accepting:
         raise BadRequest("the server is shutting down", None, 503, "server_error")
+    field = CONTEXT_FIELD if isinstance(c.prompts[0], Context) else "messages" if c.chat else "prompt"
     if c.choices > state.llm.engine.max_waiting:  # could never be queued at once
         raise BadRequest(f"{c.choices} choices exceed this server's queue of {state.llm.engine.max_waiting} "
-                         "requests (--max-waiting)", "n")
-    field = CONTEXT_FIELD if isinstance(c.prompts[0], Context) else "messages" if c.chat else "prompt"
-    seed, reqs, where = c.sampling.get("seed"), [], {"n": None}
+                         "requests (--max-waiting)", "n" if c.n > 1 else field)
+    seed, reqs = c.sampling.get("seed"), []
+    where = {"n": None, "field": field}  # the prompt being worked on: its tokens and its field, for a refusal
     try:
         for p, prompt in enumerate(c.prompts):
-            first = _prepare(state, c, prompt, bridge, p * c.n, field, where)
+            where["field"] = f"{field}[{p}]" if len(c.prompts) > 1 else field
+            first = _prepare(state, c, prompt, bridge, p * c.n, where)
             reqs.append(first)
             for i in range(1, c.n):
                 index = p * c.n + i
                 reqs.append(first.sibling(None if seed is None else (seed + i) % (1 << 64),
                                           bridge.emitter(index), bridge.ender(index)))
+        for p in range(len(c.prompts)):  # every prompt fits the pool before any choice is queued
+            where.update(n=len(reqs[p * c.n].seq.prompt_ids), field=f"{field}[{p}]" if len(c.prompts) > 1 else field)
+            reqs[p * c.n].check()
         for r in reqs:
             r.submit()
         return reqs
@@ -117,14 +132,15 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
         for r in reqs:
             if r.submitted:
                 r.cancel()
-        refusal = _refusal(exc, state, c, field, where["n"])
+        refusal = _refusal(exc, state, c, where["field"], where["n"])
         if refusal is exc:
             raise
         raise refusal from None
 
 
-def _prepare(state: ServerState, c: Completion, prompt, bridge: Bridge, index: int, field: str, where: dict):
+def _prepare(state: ServerState, c: Completion, prompt, bridge: Bridge, index: int, where: dict):
     """The checked, tokenized request of one prompt, its length fitted to the context (or the pool)."""
+    field = where["field"]
     limit = state.llm.runner.max_context
     wanted = c.max_tokens or min(DEFAULT_MAX_TOKENS[c.chat], limit)
     # A request's own policy "full" turns the server's pruning defaults off rather than meeting them.
@@ -312,6 +328,9 @@ async def _events(state, request, c: Completion, reqs: list, bridge: Bridge, wat
         fields.update(_log_fields(c, results))
     except asyncio.CancelledError:  # the server is shutting down and gave up waiting for it
         status = 503
+        raise
+    except GeneratorExit:  # closed mid-stream: the client left between events, or the shutdown cut it off
+        status = 503 if not state.accepting else 499
         raise
     finally:
         watcher.cancel()

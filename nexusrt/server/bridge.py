@@ -38,7 +38,9 @@ class Bridge:
 
     async def next(self, watcher: asyncio.Future):
         """The next ``(index, text piece or END)``, or GONE when ``watcher`` (the disconnect watch)
-        finishes first."""
+        finishes first (or already has: a client gone while text was queued is not sent the rest)."""
+        if watcher.done():
+            return GONE
         if not self.queue.empty():
             return self.queue.get_nowait()
         get = asyncio.ensure_future(self.queue.get())

@@ -71,7 +71,11 @@ class HeadTimeoutProtocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or not self._between_requests():
             return
-        log.warning("closed a connection from %s: its request's headers did not arrive within %g s",
-                    "%s:%d" % self.client if self.client else "a client", self.head_timeout_s)
         self.transport.write(_timeout_response(self.head_timeout_s))
         self.transport.close()
+        self.head_timed_out()
+
+    def head_timed_out(self) -> None:
+        """Called once the 408 is written and the connection closed (a server counts it here)."""
+        log.warning("closed a connection from %s: its request's headers did not arrive within %g s",
+                    "%s:%d" % self.client if self.client else "a client", self.head_timeout_s)

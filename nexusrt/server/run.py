@@ -13,6 +13,7 @@ with status 1 (a supervisor restarts it) rather than answering 503 forever.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import signal
 import sys
@@ -21,7 +22,9 @@ import threading
 from ..errors import BackendUnavailable
 
 DRAIN_S = 4.0  # seconds in-flight requests may take to finish after SIGTERM, then they are cancelled
+MAX_DRAIN_S = 7.0  # the most --drain-seconds may be: with uvicorn's grace and the teardown, exit within 10 s
 GRACE_S = 6  # uvicorn's limit on open connections after the signal (the drain ends them first)
+MAX_GRACE_S = 8  # ... at most: a client that stops reading its stream is cut off by then
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -41,15 +44,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
           kv: dict | None = None, tensor_parallel: int = 1, backend: str | None = None,
           deterministic: bool = False, kv_gpu_budget: int | None = None, tp_processes: bool = False) -> int:
     """Serve ``model`` until SIGTERM/SIGINT; returns the exit status. ``drain_s``: seconds requests in
-    flight may take to finish after the signal (0 to 8). ``kv``: the requests' default ``kv_*``
+    flight may take to finish after the signal (0 to 7). ``kv``: the requests' default ``kv_*``
     pruning options (a request's ``nexusrt_kv`` overrides them). ``tensor_parallel``: ranks the
     model is split over (on the CPU in process, or with ``tp_processes`` one worker process each; on
     CUDA one worker process per GPU, the batched engine over them). ``backend``: cpu or cuda (default: the probe's);
     ``deterministic``: on CUDA, a request's ids do not depend on the batch around it.
     ``kv_gpu_budget``: bytes of KV on the GPU; the engine swaps the requests it preempts to a pinned
     host tier instead of recomputing them (``engine.requests.engine_tiers``)."""
-    if not 0 <= drain_s <= 8:  # uvicorn's grace and the 10 s promise bound it
-        raise ValueError(f"--drain-seconds must be in [0, 8], got {drain_s}")
+    if not 0 <= drain_s <= MAX_DRAIN_S:  # uvicorn's grace, the teardown and the 10 s promise bound it
+        raise ValueError(f"--drain-seconds must be in [0, {MAX_DRAIN_S:g}], got {drain_s}")
     from ..engine.kv import shape as kv_shape
 
     kv_shape("", kv or {}, None)  # bad --kv-* flags fail here, before the model loads
@@ -116,9 +119,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int 
                 if sig == signal.SIGTERM and sig in captured:
                     captured.remove(sig)
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                http=HeadTimeoutProtocol,  # h11 with a limit on each request's head
-                                timeout_graceful_shutdown=max(GRACE_S, drain_s + 1), lifespan="off")
+        class Protocol(HeadTimeoutProtocol):  # h11 with a limit on each request's head, counted
+            def head_timed_out(self) -> None:
+                state.head_timed_out(self.client[0] if self.client else "-", self.head_timeout_s)
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, http=Protocol,
+                                timeout_graceful_shutdown=min(max(GRACE_S, math.ceil(drain_s) + 1), MAX_GRACE_S),
+                                lifespan="off")
         server = Server(config)
         try:
             server.run()

@@ -349,3 +349,19 @@ def test_the_cpu_pool_by_default_holds_a_whole_context_where_256_mib_does_not():
     assert cpu_pool_bytes(cfg, 256) == DEFAULT_KV_MEMORY
     assert cpu_pool_bytes(cfg, 2048) == max(DEFAULT_KV_MEMORY, min(128 << 22, mem_available() // 2))
     assert cpu_pool_bytes(cfg, 131072) == max(DEFAULT_KV_MEMORY, min(8192 << 22, mem_available() // 2))
+
+
+def test_a_request_behind_anothers_many_choices_gets_the_next_free_place(cpu_rt):
+    """Admission is round-robin across requests (a request's siblings are one group): a lone request
+    behind one with six choices runs beside the third choice, not after the sixth."""
+    with nrt.LLM("synthetic:tiny", backend="cpu", max_context=256, max_batch=2) as model:
+        first = model.prepare("many", max_new_tokens=30, temperature=0)
+        many = [first] + [first.sibling() for _ in range(5)]
+        for r in many:
+            r.submit()
+        lone = model.submit("lone", max_new_tokens=30, temperature=0)
+        for r in many + [lone]:
+            r.result(60)
+        assert lone.seq.t_first < many[3].seq.t_first  # in arrival order it came after all six
+        assert [r.result().token_ids for r in many[1:]] == [many[0].result().token_ids] * 5
+        assert no_leak(model)

@@ -164,8 +164,10 @@ class Request:
         server's ``n`` choices; the engine's prefix cache computes their shared prompt blocks once."""
         params = replace(self.seq.params, seed=seed).resolved()  # seed checked here
         seq = self.seq
-        return Request(self.loop, self.session.fresh(emit or (lambda piece: None)), seq.prompt_ids, params,
-                       seq.max_new_tokens, seq.max_context, self._finish, on_end, seq.kv)
+        other = Request(self.loop, self.session.fresh(emit or (lambda piece: None)), seq.prompt_ids, params,
+                        seq.max_new_tokens, seq.max_context, self._finish, on_end, seq.kv)
+        other.seq.group = seq.group  # one request's choices: admitted fairly against other requests
+        return other
 
     def check(self) -> "Request":
         """Raise what :meth:`submit` would for a request the engine can never hold (its pool,

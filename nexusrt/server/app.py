@@ -122,6 +122,8 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
                 index = p * c.n + i
                 reqs.append(first.sibling(None if seed is None else (seed + i) % (1 << 64),
                                           bridge.emitter(index), bridge.ender(index)))
+        for r in reqs:  # one request's choices, whichever prompt: one group for fair admission
+            r.seq.group = reqs[0].seq.group
         for p in range(len(c.prompts)):  # every prompt fits the pool before any choice is queued
             where.update(n=len(reqs[p * c.n].seq.prompt_ids), field=f"{field}[{p}]" if len(c.prompts) > 1 else field)
             reqs[p * c.n].check()

@@ -2,10 +2,12 @@
 
 Each step, under a budget of ``token_budget`` ids: first every running decode (one id each,
 oldest first), then the running sequences still in their prompt (a chunk each: as much as
-the budget and the free blocks allow), then waiting sequences are admitted in arrival
-order (prefix-cache hits first, then a chunk) while fewer than ``max_running`` run. One
-whose next uncached block another running sequence is computing waits for it (see
-:meth:`BlockManager.blocked`): a shared prompt is computed once.
+the budget and the free blocks allow), then waiting sequences are admitted (prefix-cache hits
+first, then a chunk) while fewer than ``max_running`` run: preempted ones first, the others in
+arrival order round-robin across requests (a server request's ``n`` choices share a
+``Sequence.group``; :meth:`Scheduler._admission_order`), so one request's many choices do not
+hold back every request behind them. One whose next uncached block another running sequence
+is computing waits for it (see :meth:`BlockManager.blocked`): a shared prompt is computed once.
 
 **Preemption by recompute.** When a running sequence needs a block and none is free, the
 newest running sequence not yet scheduled this step gives its blocks back and returns to
@@ -121,7 +123,7 @@ class Scheduler:
                     continue  # a fixed chunk does not fit this step
                 work.append(self._take(seq, n, scheduled))
                 budget -= n
-        for seq in list(self.waiting):
+        for seq in self._admission_order():
             if budget == 0 or len(self.running) >= self.config.max_running:
                 break
             if seq.host_table:  # swapped out: its blocks come back from the host tier
@@ -145,6 +147,28 @@ class Scheduler:
             work.append(self._take(seq, n, scheduled))
             budget -= n
         return work
+
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting sequences in the order they are offered a place: the preempted first (at the
+        queue's front, in its order), then the others round-robin across their requests' groups
+        (a server request's ``n`` choices are one group): the i-th waiting sequence of a group
+        with r running comes at round r + i, ties by arrival. So a request behind another's 64
+        choices gets the next free place instead of waiting for all 64 to finish."""
+        front = [s for s in self.waiting if s.preemptions or s.host_table]
+        if not front and len({s.group for s in self.waiting}) <= 1:
+            return list(self.waiting)  # one group (the usual case): arrival order, no sort
+        running = {}
+        for s in self.running:
+            running[s.group] = running.get(s.group, 0) + 1
+        seen: dict[int, int] = {}
+        keyed = []
+        for pos, s in enumerate(self.waiting):
+            if s.preemptions or s.host_table:
+                continue
+            rank = seen.get(s.group, 0)
+            seen[s.group] = rank + 1
+            keyed.append((running.get(s.group, 0) + rank, pos, s))
+        return front + [s for _, _, s in sorted(keyed, key=lambda k: k[:2])]
 
     def _count(self, seq: Sequence, budget: int, room: int) -> int:
         """Ids ``seq`` computes this step: all it has pending, as far as budget and blocks allow;

@@ -54,6 +54,7 @@ class Sequence:
         if len(prompt_ids) > max_context:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the context holds {max_context}")
         self.seq_id = next(_ids)
+        self.group = self.seq_id  # sequences of one request (a server's n choices) share it: fair admission
         self.queued = False  # handed to an engine loop (once: EngineLoop.submit refuses a second time)
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.output_ids: list[int] = []

@@ -65,6 +65,23 @@ async def _raw(app, parts: list[dict], length: int = 100, fail_after: int | None
     return sent
 
 
+def test_a_big_body_is_parsed_off_the_event_loop(app, monkeypatch):
+    threads = []
+    real = server_app.parse
+
+    def spy(*args, **kw):
+        threads.append(threading.current_thread())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(server_app, "parse", spy)
+    ids = [17] * 40000  # ~200 KB of JSON
+    r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # longer than the 256 context
+    small = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert small.status_code == 200
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
+
+
 def test_prompts_are_tokenized_off_the_event_loop(app, llm, monkeypatch):
     threads = []
     real = llm.prepare

@@ -37,6 +37,7 @@ from .protocol import (CONTEXT_FIELD, DEFAULT_MAX_TOKENS, FINISH_REASONS, KV_FIE
                        parse_json)
 
 MAX_BODY = 4 << 20  # bytes of a request body
+INLINE_PARSE = 64 << 10  # bodies below this are parsed on the event loop, larger ones on a worker thread
 BODY_TIMEOUT_S = 30.0  # seconds a client may take to send its body: a stalled sender holds a handler
 MAX_PATH_ECHO = 200  # characters of an unknown path an error message repeats
 log = logging.getLogger("nexusrt.server")
@@ -241,7 +242,12 @@ def _log_fields(c: Completion, results: list) -> dict:
 async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
     t0 = time.perf_counter()
     try:
-        c = parse(parse_json(await _read_body(request)), chat, state.model_id, state.llm.runner.max_context)
+        raw = await _read_body(request)
+        args = (chat, state.model_id, state.llm.runner.max_context)
+        # A big body (a long prompt, a million token ids: ~0.2 s) is parsed on a worker thread, like
+        # the tokenizing, so it does not stall every other client; a small one is not worth the hop.
+        c = parse(parse_json(raw), *args) if len(raw) < INLINE_PARSE else \
+            await asyncio.to_thread(lambda: parse(parse_json(raw), *args))
         bridge = Bridge(asyncio.get_running_loop())
         reqs = await asyncio.to_thread(_submit, state, c, bridge)  # tokenizing: off the event loop
     except ClientGone:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .. import runtime
 from ..errors import InvalidArgument, InvalidArgumentType, NotInitialized, OutOfMemory
 from . import arena as arena_mod
 from .dtypes import check_shape, from_numpy_dtype, nbytes_of, resolve
+from .provider_host import free_physical_bytes
 from .tensor import Storage, Tensor
 
 
@@ -66,15 +65,7 @@ def _host_bytes(nbytes: int) -> np.ndarray:
     try:
         return np.empty(nbytes, dtype=np.uint8)
     except (MemoryError, ValueError):  # ValueError: a size NumPy cannot even describe
-        raise OutOfMemory(nbytes, _host_available(), "pageable host memory (device=False)") from None
-
-
-def _host_available() -> int:
-    """Free physical host memory in bytes (0 where the host does not say)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+        raise OutOfMemory(nbytes, free_physical_bytes() or 0, "pageable host memory (device=False)") from None
 
 
 def _byte_count(value, name: str) -> int:

@@ -22,6 +22,14 @@ PAGE_BYTES = 2 << 20  # the same 2 MiB granularity as the H100, so the arithmeti
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
+
+def free_physical_bytes() -> int | None:
+    """The host's free physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
 class HostPageProvider:
     """Host-memory pages with the page provider interface of :mod:`nexusrt.memory.core`."""
 
@@ -76,10 +84,8 @@ class HostPageProvider:
     def free_bytes(self) -> int:
         if self.limit_bytes is not None:
             return max(0, self.limit_bytes - self.live_handles * self.page_bytes)
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return 1 << 40
+        free = free_physical_bytes()
+        return 1 << 40 if free is None else free
 
     def fill(self, addr: int, nbytes: int, byte: int) -> None:
         self._find(addr)  # only our own memory

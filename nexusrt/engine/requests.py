@@ -140,7 +140,11 @@ class Request:
         self.seq = Sequence(ids, params, max_new_tokens, max_context,
                             on_token=lambda seq, token: session.on_token(token), on_finish=self._ended, kv=kv)
         self._result: GenerationResult | None = None
-        self.submitted = False
+
+    @property
+    def submitted(self) -> bool:
+        """Whether the engine loop has taken it (:attr:`Sequence.queued`, set by ``EngineLoop.submit``)."""
+        return self.seq.queued
 
     def _ended(self, seq) -> None:
         self.ended.set()
@@ -182,7 +186,6 @@ class Request:
         if self.submitted:
             raise NexusRTError("this request was submitted already; prepare a new one (or sibling() it)")
         self.loop.submit(self.seq)
-        self.submitted = True
         return self
 
     def cancel(self) -> None:

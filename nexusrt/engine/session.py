@@ -85,7 +85,6 @@ class Session:
 
     def __init__(self, tokenizer: BaseTokenizer, eos_ids, stop: list[str], prompt_tokens: int,
                  emit: Callable[[str], None], max_new_tokens: int):
-        self._tokenizer, self._stop = tokenizer, list(stop)
         self.text = StopText(tokenizer, stop)
         self.eos_ids = set(eos_ids)
         self.emit = emit
@@ -101,7 +100,8 @@ class Session:
     def fresh(self, emit: Callable[[str], None]) -> "Session":
         """A session for another generation from the same prompt (another of a request's ``n``
         choices): the same stop rules, limits and context report; its own text, ids and clock."""
-        other = Session(self._tokenizer, self.eos_ids, self._stop, self.prompt_tokens, emit, self.max_new_tokens)
+        other = Session(self.text.decoder.tokenizer, self.eos_ids, self.text.stop, self.prompt_tokens, emit,
+                        self.max_new_tokens)
         other.context = self.context
         return other
 

@@ -19,7 +19,7 @@ from ..driver.doorbell import Doorbell
 from ..driver.profile import HardwareProfile, profile_names
 from ..driver.streams import Event, Stream, StreamPool
 from .boot import LOCK as BOOT_LOCK
-from .boot import PHASES, boot, check_args, shutdown
+from .boot import PHASES, check_args, shutdown, start
 
 
 def init(profile: str = "auto", backend: str | None = None, device: int = 0,
@@ -48,7 +48,7 @@ def init(profile: str = "auto", backend: str | None = None, device: int = 0,
             rt = _runtime.current()
             _check_same(rt, profile, backend, device, arena_bytes)
             return rt.device
-        return boot(profile=profile, backend=backend, device=device, arena_bytes=arena_bytes).device
+        return start(profile, backend, device, arena_bytes).device  # checked above, the lock held
 
 
 def _check_same(rt, profile, backend, device, arena_bytes) -> None:

@@ -70,10 +70,12 @@ def boot(profile: str = "auto", backend: str | None = None, device: int = 0,
             # A second runtime would replace the first, which then is never shut down.
             raise NexusRTError("boot(): a runtime is already up: use nrt.firmware.init() to get it, "
                                "or nrt.firmware.shutdown() first")
-        return _boot(profile, backend, device, arena_bytes)
+        return start(profile, backend, device, arena_bytes)
 
 
-def _boot(profile: str, backend: str | None, device: int, arena_bytes: int | None) -> Runtime:
+def start(profile: str, backend: str | None, device: int, arena_bytes: int | None) -> Runtime:
+    """:func:`boot`'s phases, for a caller that checked the arguments (:func:`check_args`) and
+    holds :data:`LOCK` with no runtime up (``nrt.firmware.init``)."""
     times: dict[str, float] = {}
     with _phase(times, "driver_probe"):
         probe = choose_backend(backend)

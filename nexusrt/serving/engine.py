@@ -58,7 +58,7 @@ class Engine:
             raise ValueError(f"the sequence's context {seq.max_context} exceeds the runner's {self.runner.max_context}")
         longest = min(len(seq.prompt_ids) + seq.max_new_tokens, seq.max_context)
         if seq.kv.prunes:  # pruned back to the budget after every step, so a step adds at most a chunk
-            longest = min(longest, seq.kv.budget + self.scheduler.config.token_budget)
+            longest = min(longest, seq.kv.budget + (self.scheduler.cut(seq) or self.scheduler.config.token_budget))
         if blocks_for(longest) > self.blocks.num_blocks:
             raise RequestTooLarge(f"{longest} tokens ({len(seq.prompt_ids)} in the prompt, up to {seq.max_new_tokens} "
                                   f"to generate) need {blocks_for(longest)} KV blocks; the pool has "

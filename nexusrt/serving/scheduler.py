@@ -154,9 +154,9 @@ class Scheduler:
         (a server request's ``n`` choices are one group): the i-th waiting sequence of a group
         with r running comes at round r + i, ties by arrival. So a request behind another's 64
         choices gets the next free place instead of waiting for all 64 to finish."""
+        if len({s.group for s in self.waiting}) <= 1:  # one group (the usual case): the queue's order
+            return list(self.waiting)  # (preemption puts a sequence back at the front)
         front = [s for s in self.waiting if s.preemptions or s.host_table]
-        if not front and len({s.group for s in self.waiting}) <= 1:
-            return list(self.waiting)  # one group (the usual case): arrival order, no sort
         running = {}
         for s in self.running:
             running[s.group] = running.get(s.group, 0) + 1
@@ -170,6 +170,12 @@ class Scheduler:
             keyed.append((running.get(s.group, 0) + rank, pos, s))
         return front + [s for _, _, s in sorted(keyed, key=lambda k: k[:2])]
 
+    def cut(self, seq: Sequence) -> int:
+        """Where ``seq``'s prompt chunks end (multiples of it; 0: wherever the budget leaves off), so
+        also the most ids it computes in a step: ``fixed_chunks``, or :attr:`pruned_chunk` for a
+        sequence under a pruning policy."""
+        return self.config.fixed_chunks or (self.pruned_chunk if seq.kv.prunes else 0)
+
     def _count(self, seq: Sequence, budget: int, room: int) -> int:
         """Ids ``seq`` computes this step: all it has pending, as far as budget and blocks allow;
         with ``fixed_chunks``, up to the next multiple of it and only whole (else 0: it waits for
@@ -177,7 +183,7 @@ class Scheduler:
         short of blocks it takes what fits, as preemption does, and the cut may then differ). A
         sequence under a pruning policy is always cut so (at :attr:`pruned_chunk`): it is pruned
         after every step, so where its prompt is cut decides which tokens it keeps."""
-        f = self.config.fixed_chunks or (self.pruned_chunk if seq.kv.prunes else 0)
+        f = self.cut(seq)
         if not f or seq.is_decode:
             return min(seq.num_pending, budget, room)
         want = min(seq.num_pending, f - seq.num_computed % f)

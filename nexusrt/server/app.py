@@ -113,10 +113,11 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
         raise BadRequest(f"{c.choices} choices exceed this server's queue of {state.llm.engine.max_waiting} "
                          "requests (--max-waiting)", "n" if c.n > 1 else field)
     seed, reqs = c.sampling.get("seed"), []
+    fields = [f"{field}[{p}]" for p in range(len(c.prompts))] if len(c.prompts) > 1 else [field]
     where = {"n": None, "field": field}  # the prompt being worked on: its tokens and its field, for a refusal
     try:
         for p, prompt in enumerate(c.prompts):
-            where["field"] = f"{field}[{p}]" if len(c.prompts) > 1 else field
+            where["field"] = fields[p]
             first = _prepare(state, c, prompt, bridge, p * c.n, where)
             reqs.append(first)
             for i in range(1, c.n):
@@ -126,7 +127,7 @@ def _submit(state: ServerState, c: Completion, bridge: Bridge) -> list:
         for r in reqs:  # one request's choices, whichever prompt: one group for fair admission
             r.seq.group = reqs[0].seq.group
         for p in range(len(c.prompts)):  # every prompt fits the pool before any choice is queued
-            where.update(n=len(reqs[p * c.n].seq.prompt_ids), field=f"{field}[{p}]" if len(c.prompts) > 1 else field)
+            where.update(n=len(reqs[p * c.n].seq.prompt_ids), field=fields[p])
             reqs[p * c.n].check()
         for r in reqs:
             r.submit()

@@ -65,15 +65,20 @@ async def _raw(app, parts: list[dict], length: int = 100, fail_after: int | None
     return sent
 
 
-def test_a_big_body_is_parsed_off_the_event_loop(app, monkeypatch):
-    threads = []
-    real = server_app.parse
+def _thread_spy(monkeypatch, owner, name: str) -> list:
+    """The threads ``owner.name`` is called on, from now on (it still does its work)."""
+    threads, real = [], getattr(owner, name)
 
     def spy(*args, **kw):
         threads.append(threading.current_thread())
         return real(*args, **kw)
 
-    monkeypatch.setattr(server_app, "parse", spy)
+    monkeypatch.setattr(owner, name, spy)
+    return threads
+
+
+def test_a_big_body_is_parsed_off_the_event_loop(app, monkeypatch):
+    threads = _thread_spy(monkeypatch, server_app, "parse")
     ids = [17] * 40000  # ~200 KB of JSON
     r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # longer than the 256 context
@@ -83,14 +88,7 @@ def test_a_big_body_is_parsed_off_the_event_loop(app, monkeypatch):
 
 
 def test_prompts_are_tokenized_off_the_event_loop(app, llm, monkeypatch):
-    threads = []
-    real = llm.prepare
-
-    def spy(*args, **kw):
-        threads.append(threading.current_thread())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(llm, "prepare", spy)
+    threads = _thread_spy(monkeypatch, llm, "prepare")
     r = _request(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "def f(x):", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     # asyncio.run drives the app's event loop on this (the main) thread; the prompt went elsewhere.

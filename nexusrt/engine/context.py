@@ -43,7 +43,8 @@ def check_text(text: str, what: str, argument: str = "prompt") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidArgument(argument, f"{what} is not valid UTF-8 text (position {exc.start}: {text[exc.start:exc.end]!r})") from None
+        raise InvalidArgument(argument, f"{what} is not valid UTF-8 text "
+                                        f"(position {exc.start}: {text[exc.start:exc.end]!r})") from None
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,8 @@ def render(ctx: Context, tokenizer) -> Rendered:
         budget = ctx.budget(name)
         if len(ids) > budget:
             if ctx.on_overflow == "error":
-                raise InvalidArgument("prompt", f"context layer {name!r} is {len(ids)} tokens, over its budget of {budget} "
-                                 "(raise budgets[...] or pass on_overflow='truncate')")
+                raise InvalidArgument("prompt", f"context layer {name!r} is {len(ids)} tokens, over its budget of "
+                                                f"{budget} (raise budgets[...] or pass on_overflow='truncate')")
             cut[name] = (len(ids), budget)
             ids = ids[:budget]
             text = tokenizer.decode(ids, skip_special_tokens=False)

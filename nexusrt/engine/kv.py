@@ -39,7 +39,8 @@ def protected_length(rendered: Rendered, layers, tokenizer) -> int:
     """Leading ids of ``rendered`` that belong to the layers up to the last of ``layers``."""
     unknown = [name for name in layers if name not in LAYERS]
     if unknown:
-        raise InvalidArgument("kv_protect", f"kv_protect names unknown context layer {unknown[0]!r} (layers: {', '.join(LAYERS)})")
+        raise InvalidArgument("kv_protect", f"kv_protect names unknown context layer {unknown[0]!r} "
+                                            f"(layers: {', '.join(LAYERS)})")
     last = max(LAYERS.index(name) for name in layers)
     ctx = rendered.context
     head = {name: getattr(ctx, name) for name in LAYERS[:last + 1]}
@@ -63,13 +64,14 @@ def shape(prompt, options: dict, tokenizer):
     policy = "full" if policy is None else policy  # anything else KvPolicy checks by name
     stray = [k for k in ("kv_budget", "kv_sinks", "kv_window", "kv_protect") if options.get(k) is not None]
     if policy == "full" and stray:  # they would be ignored: every token is kept
-        raise InvalidArgument(stray[0], f"{stray[0]} applies to a pruning policy, and kv_policy is 'full' (the default: every "
-                         "token is kept); pass kv_policy='sink-window' or 'h2o' with it")
+        raise InvalidArgument(stray[0], f"{stray[0]} applies to a pruning policy, and kv_policy is 'full' (the "
+                                        "default: every token is kept); pass kv_policy='sink-window' or 'h2o' with it")
     protect = options.get("kv_protect") or ()
     if isinstance(protect, str):
         protect = (protect,)
     if not isinstance(protect, (list, tuple)) or not all(isinstance(name, str) for name in protect):
-        raise InvalidArgumentType("kv_protect", f"kv_protect must be a context layer's name or a list of them, got {protect!r:.60}")
+        raise InvalidArgumentType("kv_protect", "kv_protect must be a context layer's name or a list of them, "
+                                                f"got {protect!r:.60}")
     ranges = ()
     if protect:
         if not isinstance(prompt, Rendered):

@@ -29,7 +29,8 @@ class PromptTooLong(InvalidArgument):
 def messages_for(prompt, chat: bool, system: str | None):
     """The text prompt, or with ``chat``/``system`` the messages to render."""
     if not isinstance(prompt, str):
-        raise InvalidArgumentType("prompt", f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        raise InvalidArgumentType("prompt", "prompt must be a string or a list of strings, "
+                                            f"got {type(prompt).__name__}")
     check_text(prompt, "the prompt")
     if not chat and system is None:
         return prompt

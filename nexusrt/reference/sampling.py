@@ -62,8 +62,8 @@ class SamplingParams:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise InvalidArgument("temperature", f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if 0 < t < MIN_TEMPERATURE:  # as fp32 it would be 0 or subnormal: l / T divides by zero
-            raise InvalidArgument("temperature", f"temperature {t!r} is below {MIN_TEMPERATURE:.3g}, the least fp32 holds as a normal "
-                             "number; use 0 for greedy")
+            raise InvalidArgument("temperature", f"temperature {t!r} is below {MIN_TEMPERATURE:.3g}, the least "
+                                                 "fp32 holds as a normal number; use 0 for greedy")
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InvalidArgument("top_k", f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")

@@ -163,6 +163,67 @@ def test_an_interrupt_while_the_ranks_work_waits_for_their_answers_and_keeps_the
         group.close(("close",))
 
 
+class _CtrlCAfter:
+    """A pipe end that presses Ctrl-C (as the terminal would) right after one ``send_bytes`` or
+    ``recv`` of it: the interrupt lands inside the request at an exact place, not on a timer."""
+
+    def __init__(self, conn, on: str):
+        self._conn, self._on = conn, on
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def _interrupted(self, value):
+        import _thread
+
+        _thread.interrupt_main()
+        return value
+
+    def send_bytes(self, payload):
+        result = self._conn.send_bytes(payload)
+        return self._interrupted(result) if self._on == "send" else result
+
+    def recv(self):
+        answer = self._conn.recv()
+        return self._interrupted(answer) if self._on == "recv" else answer
+
+
+@pytest.mark.parametrize("on", ["send", "recv"])
+def test_a_ctrl_c_mid_message_waits_for_it_and_the_group_stays_in_step(monkeypatch, on):
+    # Rank 0 is the first written to and (answering at once) the first read: the Ctrl-C lands
+    # with rank 1's message unsent, or with rank 0's answer read and rank 1's still to come.
+    monkeypatch.setattr(procs, "DRAIN_S", 30.0)
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    try:
+        group._conns[0] = _CtrlCAfter(group._conns[0], on)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            group.request(("echo", "cut"))
+        assert time.monotonic() - t0 < 10  # the drain found every answer: no wait for DRAIN_S
+        assert group.failure is None
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        group._conns[0] = group._conns[0]._conn
+        assert group.request(("echo", "after")) == [(0, "after"), (1, "after")]
+    finally:
+        group.close(("close",))
+
+
+def test_a_programs_own_sigint_handler_stays_in_place_through_requests():
+    seen = []
+    mine = lambda signum, frame: seen.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGINT, mine)
+    group = WorkerGroup(fake_rank, 2, name="fake")
+    try:
+        assert group.request(("echo", 1)) == [(0, 1), (1, 1)]
+        assert signal.getsignal(signal.SIGINT) is mine
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert seen == [signal.SIGINT]
+    finally:
+        group.close(("close",))
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_rank_that_stays_silent_after_the_others_answered_is_named(monkeypatch):
     monkeypatch.setattr(procs, "ANSWER_GRACE", 0.5)
     group = WorkerGroup(fake_rank, 2, name="fake")

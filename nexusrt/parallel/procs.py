@@ -18,6 +18,7 @@ the ranks are out of step, and the group is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -37,6 +38,28 @@ STOP_GRACE = 5.0  # seconds a rank gets to exit after SIGTERM before SIGKILL
 ANSWER_GRACE = 300.0
 DRAIN_S = 10.0  # seconds an interrupted request waits for the step the ranks are running to end
 _ENV_LOCK = threading.Lock()  # one group at a time changes os.environ while its children start
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C that comes inside the block until the block ends, then raise it.
+
+    A pipe message is written and read in several system calls; a KeyboardInterrupt between them
+    leaves half a message in the pipe, and the ranks and the front out of step for good. Only the
+    main thread gets KeyboardInterrupt, and only Python's own handler is swapped: a program's own
+    SIGINT handler is left alone (an exception it raises mid-message stops the group)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class WorkerDied(FatalError):
@@ -109,7 +132,7 @@ class WorkerGroup:
                 finally:
                     for k, v in saved.items():
                         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-            self.ready = self._unpack(self._collect("start"), "start")
+            self.ready = self._unpack(self._collect("start", {}), "start")
         except BaseException:
             self.close()
             raise
@@ -131,9 +154,10 @@ class WorkerGroup:
         """Send ``message`` to every rank; their answers, rank order (see the module's protocol).
 
         A KeyboardInterrupt while the ranks run it is re-raised as it is, once they have answered
-        (within :data:`DRAIN_S`): the group stays usable. One that cut the sending short, or
-        whose step does not end in time, stops the group first (later requests raise
-        :class:`WorkerDied`)."""
+        (within :data:`DRAIN_S`): the group stays usable. A Ctrl-C never cuts a message in half
+        (it waits for the send or the read to end); one whose step does not end in time stops
+        the group first (later requests raise :class:`WorkerDied`), as does any other exception
+        raised mid-request (a program's own SIGINT handler's, say)."""
         with self._lock:  # one request at a time: the pipes carry no request ids
             # Checked under the lock: a thread that waited here while another's request found a
             # dead rank must report that rank, not the pipes the stop has closed since.
@@ -142,19 +166,23 @@ class WorkerGroup:
             if self._closed:
                 raise NexusRTError(f"{self.name} group is closed")
             sent = 0
+            answers: dict[int, tuple] = {}  # filled as they come: a drain goes on from there
             try:
                 payload = ForkingPickler.dumps(message)  # once, not once per rank
-                for rank, conn in enumerate(self._conns):
-                    try:
-                        conn.send_bytes(payload)
-                    except (BrokenPipeError, OSError):
-                        self._fail(rank, what)
-                    sent += 1
-                answers = self._collect(what, grace=ANSWER_GRACE)
+                with _ctrl_c_deferred():  # a message cut halfway would leave the pipe out of step
+                    for rank, conn in enumerate(self._conns):
+                        try:
+                            conn.send_bytes(payload)
+                        except (BrokenPipeError, OSError):
+                            self._fail(rank, what)
+                        sent += 1
+                self._collect(what, answers, grace=ANSWER_GRACE)
             except WorkerDied:
                 raise
             except KeyboardInterrupt:
-                if sent < self.size or not self._drain(what):
+                if sent == 0:  # nothing reached the ranks: they wait for a request, in step
+                    raise
+                if sent < self.size or not self._drain(what, answers):
                     self._stop_all()
                     self._failed(f"{self.name} group stopped: the {what} was interrupted (KeyboardInterrupt)")
                 raise
@@ -164,20 +192,22 @@ class WorkerGroup:
                                    f"({type(exc).__name__})") from exc
             return self._unpack(answers, what)
 
-    def _drain(self, what: str) -> bool:
-        """After an interrupt: read (and drop) every rank's answer to the request they are running;
-        True when all came within :data:`DRAIN_S` (the ranks are in step again)."""
+    def _drain(self, what: str, answers: dict[int, tuple]) -> bool:
+        """After an interrupt: read (and drop) the answers still to come to the request the ranks
+        are running (``answers``: those already read); True when all came within :data:`DRAIN_S`
+        (the ranks are in step again)."""
         try:
-            answers = self._collect(what, timeout=DRAIN_S, grace=ANSWER_GRACE)
+            self._collect(what, answers, timeout=DRAIN_S, grace=ANSWER_GRACE)
         except (WorkerDied, KeyboardInterrupt):  # a rank died meanwhile, or a second Ctrl-C: stop
             return False
         return len(answers) == self.size
 
-    def _collect(self, what: str, timeout: float | None = None, grace: float | None = None) -> dict[int, tuple]:
-        """Every rank's answer to the request just sent, or WorkerDied for the first that died (or
-        that stays silent ``grace`` seconds after another answered; None: no such bound, as while
-        the ranks load their shards). ``timeout``: the answers that came within it (a drain)."""
-        answers: dict[int, tuple] = {}
+    def _collect(self, what: str, answers: dict[int, tuple], timeout: float | None = None,
+                 grace: float | None = None) -> dict[int, tuple]:
+        """Read every rank's answer to the request just sent into ``answers`` (rank → answer; it
+        may hold some already), or WorkerDied for the first that died (or that stays silent
+        ``grace`` seconds after another answered; None: no such bound, as while the ranks load
+        their shards). ``timeout``: stop with the answers that came within it (a drain)."""
         end = None if timeout is None else time.monotonic() + timeout
         while len(answers) < self.size:
             pending = [r for r in range(self.size) if r not in answers]
@@ -200,7 +230,8 @@ class WorkerGroup:
             for r in pending:
                 if self._conns[r] in ready:  # an answer before the death is still an answer
                     try:
-                        answers[r] = self._conns[r].recv()
+                        with _ctrl_c_deferred():  # an answer read halfway could not be resumed
+                            answers[r] = self._conns[r].recv()
                     except (EOFError, OSError):
                         self._fail(r, what)
                 elif self._procs[r].sentinel in ready:

@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler for the test, so ``_thread.interrupt_main()`` raises
+    KeyboardInterrupt even where pytest was started with SIGINT ignored (a background job of a
+    non-interactive shell), in which case the interpreter keeps the ignore and the press is lost."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def cpu_rt():
     """A runtime on the CPU backend, shut down (and audited by its users) afterwards."""
     import nexusrt as nrt

@@ -149,7 +149,7 @@ def test_a_failed_boot_raises_and_leaves_no_process():
 
 
 
-def test_an_interrupt_while_the_ranks_work_waits_for_their_answers_and_keeps_the_group():
+def test_an_interrupt_while_the_ranks_work_waits_for_their_answers_and_keeps_the_group(ctrl_c):
     import _thread
 
     group = WorkerGroup(fake_rank, 2, name="fake")
@@ -189,7 +189,7 @@ class _CtrlCAfter:
 
 
 @pytest.mark.parametrize("on", ["send", "recv"])
-def test_a_ctrl_c_mid_message_waits_for_it_and_the_group_stays_in_step(monkeypatch, on):
+def test_a_ctrl_c_mid_message_waits_for_it_and_the_group_stays_in_step(monkeypatch, on, ctrl_c):
     # Rank 0 is the first written to and (answering at once) the first read: the Ctrl-C lands
     # with rank 1's message unsent, or with rank 0's answer read and rank 1's still to come.
     monkeypatch.setattr(procs, "DRAIN_S", 30.0)

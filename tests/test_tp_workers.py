@@ -234,7 +234,7 @@ def test_a_script_left_open_at_exit_cleans_up_without_a_leak_warning(tmp_path, c
     assert not os.path.exists(f"/dev/shm/{out.stdout.split()[-1]}")
 
 
-def test_ctrl_c_during_a_generation_on_workers_stays_ctrl_c_and_keeps_the_model(cpu_rt):
+def test_ctrl_c_during_a_generation_on_workers_stays_ctrl_c_and_keeps_the_model(cpu_rt, ctrl_c):
     import _thread
 
     with nrt.LLM("synthetic:tiny", backend="cpu", max_context=8192, tensor_parallel=2,

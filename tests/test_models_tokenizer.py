@@ -195,3 +195,100 @@ def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(monkeypatch
             llm.generate("x" * 1_000_000, max_new_tokens=1, chat=True)  # the rendered chat is what is bounded
     finally:
         llm.close()
+
+
+def _edit_json(path, edit) -> None:
+    import json
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _hf_and_ours_agree(path, texts) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    ours, hf = HFTokenizer(path), AutoTokenizer.from_pretrained(str(path))
+    for text in texts:
+        for specials in (True, False):
+            assert ours.encode(text, specials) == hf.encode(text, add_special_tokens=specials), (text, specials)
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    assert ours.encode_chat(MESSAGES) == list(hf.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                                     tokenize=True, return_dict=True)["input_ids"])
+    assert ours.eos_ids == (hf.eos_token_id,) and ours.bos_id == hf.bos_token_id
+    return ours
+
+
+@pytest.mark.parametrize("state", ["truncation", "padding"])
+def test_truncation_or_padding_saved_in_tokenizer_json_is_ignored_as_hf_does(tmp_path, state):
+    # transformers saves the backend as last configured; its encode ignores that state.
+    path = copy_checkpoint("llama", tmp_path / "m")
+    saved = {"truncation": {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0},
+             "padding": {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                         "pad_id": 1, "pad_type_id": 0, "pad_token": "</s>"}}[state]
+    _edit_json(path / "tokenizer.json", lambda t: t.__setitem__(state, saved))
+    ours = _hf_and_ours_agree(path, TEXTS[:3])
+    assert len(ours.encode("The quick brown fox jumps over the lazy dog.")) > 8  # neither cut nor padded
+    assert len(ours.encode("hi")) < 8
+
+
+def test_special_tokens_and_added_tokens_named_only_in_the_config_files_are_hfs(tmp_path):
+    # Tokens tokenizer.json lacks get the next ids in transformers' order (added_tokens_decoder,
+    # the special tokens, additional_special_tokens), whatever id a config file writes beside them.
+    path = copy_checkpoint("llama", tmp_path / "m")
+    vocab = HFTokenizer(path).vocab_size
+
+    def config(c):
+        c["eos_token"] = "<|im_end|>"  # not in tokenizer.json
+        c["added_tokens_decoder"] = {str(vocab + 7): {"content": "<|tool|>", "special": False},
+                                     "2": {"content": "<|user|>", "special": True}}  # already there
+        c["additional_special_tokens"] = ["<|extra|>"]
+
+    _edit_json(path / "tokenizer_config.json", config)
+    # With added_tokens_decoder there, transformers reads neither legacy file: no <|pad|>.
+    _edit_json(path / "special_tokens_map.json", lambda m: m.update(pad_token="<|pad|>", eos_token="<s>"))
+    (path / "added_tokens.json").write_text('{"<a1>": 5}')
+    texts = ["a<|im_end|>b<|tool|>c<|extra|>d<|pad|><a1>", "<|user|>x<|tool|>", "plain text"]
+    ours = _hf_and_ours_agree(path, texts)
+    assert ours.encode("<|tool|><|im_end|><|extra|>", False) == [vocab, vocab + 1, vocab + 2]
+    assert ours.decode([vocab, vocab + 1]) == "<|tool|>"  # a non-special added token stays in the text
+    assert "pad_token" not in ours.special_tokens
+
+    # An older checkpoint: special_tokens_map.json wins over tokenizer_config.json, and
+    # added_tokens.json's tokens come by id (<a1> first).
+    _edit_json(path / "tokenizer_config.json", lambda c: c.pop("added_tokens_decoder"))
+    (path / "added_tokens.json").write_text('{"<b2>": 999, "<a1>": 5}')
+    ours = _hf_and_ours_agree(path, texts + ["x<a1>y<b2>z"])
+    assert ours.encode("<a1><b2>", False) == [vocab, vocab + 1] and ours.eos_ids == (0,)
+    assert ours.encode("<|pad|>", False) == [vocab + 2]
+
+
+def test_an_absent_special_token_is_undefined_in_the_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = copy_checkpoint("llama", tmp_path / "m")
+    (path / "chat_template.jinja").write_text("{{ unk_token is defined }} {{ eos_token is defined }}")
+    assert HFTokenizer(path).apply_chat_template(MESSAGES) == "False True"
+    assert AutoTokenizer.from_pretrained(str(path)).apply_chat_template(MESSAGES, tokenize=False) == "False True"
+
+
+def test_a_whitespace_stripping_added_token_voids_the_length_bound(tmp_path):
+    # "<|user|>" with lstrip takes 300,000 spaces before it into its one id: no bound from bytes.
+    path = copy_checkpoint("llama", tmp_path / "m")
+    _edit_json(path / "tokenizer.json", lambda t: t["added_tokens"][2].__setitem__("lstrip", True))
+    ours = HFTokenizer(path)
+    text = " " * 300_000 + "<|user|>hi"
+    assert ours.min_tokens(text) <= len(ours.encode(text, False)) < 10
+
+
+def test_a_model_that_fails_only_when_encoding_is_named(tmp_path):
+    path = copy_checkpoint("llama", tmp_path / "m")
+
+    def unigram(t):
+        t.update(model={"type": "Unigram", "unk_id": None, "vocab": [["a", -1.0]]}, added_tokens=[],
+                 normalizer=None, pre_tokenizer=None, post_processor=None, decoder=None)
+
+    _edit_json(path / "tokenizer.json", unigram)
+    with pytest.raises(ModelError, match=r"tokenizer\.json: cannot encode the text: .*unk"):
+        HFTokenizer(path).encode("zzz")

@@ -60,6 +60,11 @@ class BaseTokenizer:
     template_source = "chat template"
 
 
+# transformers' special-token attributes in its order, which is also the order in which it gives
+# new ids to those the vocabulary lacks.
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 def _token_text(cfg: Fields, key: str) -> str:
     """tokenizer_config.json writes special tokens as strings or as AddedToken objects."""
     if not cfg.has(key):
@@ -67,6 +72,75 @@ def _token_text(cfg: Fields, key: str) -> str:
     if isinstance(cfg.d[key], dict):
         return cfg.obj(key).str("content")
     return cfg.str(key)
+
+
+def _legacy_files(files: CheckpointDir, cfg: Fields) -> tuple[Fields, dict]:
+    """``special_tokens_map.json`` and ``added_tokens.json``, which transformers reads only for a
+    tokenizer_config.json without ``added_tokens_decoder`` (older checkpoints); empty otherwise."""
+    if cfg.has("added_tokens_decoder"):
+        return Fields({}, "special_tokens_map.json"), {}
+    found = [files.file(name, required=False) for name in ("special_tokens_map.json", "added_tokens.json")]
+    mapped = Fields(read_json_object(found[0]) if found[0] else {}, str(found[0]))
+    listed = Fields(read_json_object(found[1]) if found[1] else {}, str(found[1]))
+    return mapped, {text: listed.int(text, lo=0) for text in listed.d}
+
+
+def _special_tokens(cfg: Fields, mapped: Fields) -> dict[str, str]:
+    """The special tokens a checkpoint names (only those it names: a template sees an absent one as
+    undefined, as in transformers); special_tokens_map.json's win over tokenizer_config.json's."""
+    out = {}
+    for key in SPECIAL_KEYS:
+        text = _token_text(mapped, key) or _token_text(cfg, key)
+        if text:
+            out[key] = text
+    return out
+
+
+def _added_token_entries(cfg: Fields, listed: dict[str, int], special_tokens: dict[str, str]) -> list[dict]:
+    """``tokenizers.AddedToken`` arguments for every token the config files declare, in the order
+    transformers adds those its tokenizer.json lacks: ``added_tokens_decoder`` by id (else
+    ``added_tokens.json``'s by id), the special tokens, then ``additional_special_tokens``."""
+    def token(text: str, special: bool, entry: Fields | None = None) -> dict:
+        flags = {k: entry.bool(k, False) for k in ("lstrip", "rstrip", "single_word")} if entry else {}
+        normalized = entry.bool("normalized", not special) if entry else not special
+        return {"content": text, "special": special, "normalized": normalized, **flags}
+
+    extra = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):  # transformers 4's name, 5's
+        items = cfg.list(key) if cfg.has(key) and isinstance(cfg.d[key], list) else []
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                item = Fields(item, cfg.source, f"{key}[{i}].").str("content")
+            if not isinstance(item, str) or not item:
+                raise cfg.fail(f"{key}[{i}]", "a token's text", item)
+            extra.append(item)
+    out = []
+    decoder = cfg.obj("added_tokens_decoder")
+    if decoder is not None:
+        for key in decoder.d:
+            if not key.isdigit():
+                raise ModelError(f"{cfg.source}: added_tokens_decoder keys must be token ids, got {key!r}")
+        for key in sorted(decoder.d, key=int):
+            entry = decoder.obj(key)
+            out.append(token(entry.str("content"), entry.bool("special", True), entry))
+    specials = set(special_tokens.values()) | set(extra)
+    out.extend(token(text, text in specials) for text in sorted(listed, key=lambda t: (listed[t], t)))
+    out.extend(token(text, True) for text in special_tokens.values())
+    out.extend(token(text, True) for text in extra)
+    return out
+
+
+def _add_missing_tokens(tok, entries: list[dict]) -> None:
+    """Add to ``tok`` the declared tokens (``entries``) its tokenizer.json lacks, as transformers
+    does: each the next id (the id a config file writes beside it is not used, by transformers
+    either)."""
+    from tokenizers import AddedToken
+
+    for entry in entries:
+        if tok.token_to_id(entry["content"]) is None:
+            content = entry.pop("content")
+            added = AddedToken(content, **entry)
+            tok.add_special_tokens([added]) if entry["special"] else tok.add_tokens([added])
 
 
 def _chat_template(files: CheckpointDir, cfg: Fields) -> tuple[str | None, str]:
@@ -128,6 +202,9 @@ def _bytes_per_token(tok) -> int | None:
     for part in _parts(json.loads(tok.pre_tokenizer.__getstate__()) if tok.pre_tokenizer else None):
         if part.get("type") not in _KEEPING_PRE_TOKENIZERS or part.get("behavior") == "Removed":
             return None
+    # An added token that strips the whitespace beside it takes any run of it into its one id.
+    if any(t.lstrip or t.rstrip for t in tok.get_added_tokens_decoder().values()):
+        return None
     # A token's text in the vocabulary is never shorter in UTF-8 than the input bytes it covers
     # (byte-level BPE writes each byte as one 1-2 byte character, byte fallback as "<0x41>").
     longest = max((len(s.encode("utf-8")) for s in tok.get_vocab(with_added_tokens=True)), default=1)
@@ -150,11 +227,17 @@ class HFTokenizer(BaseTokenizer):
             self._tok = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise ModelError(f"{path}: cannot load: {exc}") from None
+        # transformers encodes without the truncation or padding a saved tokenizer.json may carry
+        # (it keeps the state it was last used with): so do we, or a prompt is cut or padded.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         cfg_path = files.file("tokenizer_config.json", required=False)
         cfg = Fields(read_json_object(cfg_path) if cfg_path else {}, str(cfg_path or files.root / "tokenizer_config.json"))
-        self.special_tokens = {k: _token_text(cfg, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        self.bos_id = self._tok.token_to_id(self.special_tokens["bos_token"]) if self.special_tokens["bos_token"] else None
-        eos = self._tok.token_to_id(self.special_tokens["eos_token"]) if self.special_tokens["eos_token"] else None
+        mapped, listed = _legacy_files(files, cfg)
+        self.special_tokens = _special_tokens(cfg, mapped)
+        _add_missing_tokens(self._tok, _added_token_entries(cfg, listed, self.special_tokens))
+        self.bos_id = self._tok.token_to_id(self.special_tokens["bos_token"]) if "bos_token" in self.special_tokens else None
+        eos = self._tok.token_to_id(self.special_tokens["eos_token"]) if "eos_token" in self.special_tokens else None
         self.eos_ids = () if eos is None else (eos,)
         self.add_bos = cfg.bool("add_bos_token", False)
         self.chat_template, self.template_source = _chat_template(files, cfg)
@@ -175,7 +258,10 @@ class HFTokenizer(BaseTokenizer):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch, not encode: the same ids, but it lets go of the GIL while it works, which
         # encode does not (a 4 MB prompt takes seconds; a server's event loop must go on meanwhile).
-        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        try:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except Exception as exc:  # a model the file describes badly fails only here (no unk id...)
+            raise ModelError(f"{self.source}: cannot encode the text: {exc}") from None
         if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids

@@ -295,3 +295,50 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
 ])
 def test_describe(exc, text):
     assert describe(exc).startswith(text)
+
+
+class _GoneStdout:
+    """A stdout whose reader left (``| head``) or whose disk is full, after the first write."""
+
+    def __init__(self, exc: OSError):
+        self.exc, self.writes = exc, 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes > 1:
+            raise self.exc
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("exc", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device")])
+def test_a_chat_whose_stdout_fails_raises_that_error_and_leaves_the_model_closable(tiny_llm, monkeypatch, exc):
+    import io
+    import sys
+
+    from nexusrt.cli.chat import run_chat
+
+    monkeypatch.setattr(sys, "stdout", _GoneStdout(exc))
+    with pytest.raises(type(exc)) as info:  # not "close() was called ... an open stream", which hid it
+        run_chat(tiny_llm, None, {"max_new_tokens": 50, "temperature": 0}, stdin=io.BytesIO(b"hi\nthere\n"))
+    assert info.value is exc
+    tiny_llm.close()  # the reply's stream was closed on the way out: nothing holds the runner
+
+
+def test_a_chat_line_over_the_prompt_limit_ends_the_chat_in_bounded_memory(monkeypatch):
+    import io
+
+    from nexusrt.cli import chat
+
+    monkeypatch.setattr(chat, "MAX_PROMPT_BYTES", 1000)
+    stdin = io.BytesIO(b"x" * 5000)  # as /dev/zero: no newline at all
+    with pytest.raises(ValueError, match="standard input: a line longer than the 1000-byte prompt limit"):
+        chat.run_chat(_FakeLLM(), None, {}, stdin=stdin)
+    assert stdin.tell() == 1001  # read no further than the limit
+
+
+def test_text_the_output_encoding_cannot_hold_is_named_as_such():
+    rc, out, err, _, _ = run_bounded(CLI, "generate", *TINY, "--prompt", "hé", env={"PYTHONIOENCODING": "ascii"})
+    _one_line_error(rc, err, r"cannot write the text in the output's encoding \(ascii\).*PYTHONIOENCODING=utf-8")

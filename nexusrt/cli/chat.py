@@ -17,6 +17,7 @@ import sys
 
 from ..errors import ModelError
 from .guard import describe
+from .prompt import MAX_PROMPT_BYTES
 from .streams import require_stdin
 
 HELP = "/reset clears the history, /exit quits"
@@ -30,9 +31,11 @@ def _say(text: str) -> None:
 def _read_line(stream) -> str | None:
     sys.stderr.write("> ")
     sys.stderr.flush()
-    raw = stream.readline()
+    raw = stream.readline(MAX_PROMPT_BYTES + 1)  # bounded: stdin may be a file with no newline at all
     if not raw:
         return None
+    if len(raw) > MAX_PROMPT_BYTES:  # ends the chat: skipping the rest of the line may never end
+        raise ValueError(f"standard input: a line longer than the {MAX_PROMPT_BYTES}-byte prompt limit")
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
@@ -109,8 +112,6 @@ def _reply(llm, history, system, sampling) -> str | None:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
-        if stream is not None:
-            stream.close()
         _say("\n[reply interrupted]")
         return None
     except (ValueError, ModelError) as exc:  # e.g. the conversation outgrew the context, or the
@@ -119,6 +120,11 @@ def _reply(llm, history, system, sampling) -> str | None:
             sys.stdout.write("\n")  # the cut-short reply still ends its line
         _say(f"error: {describe(exc)}; /reset starts over")
         return None
+    finally:
+        # On every way out, an error that ends the chat too (stdout gone, out of memory): a stream
+        # left open, held by the traceback, would make the LLM's close refuse and hide that error.
+        if stream is not None:
+            stream.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(pieces)

@@ -29,6 +29,9 @@ def describe(exc: BaseException) -> str:
         return f"out of memory{': ' + text if text else ''} (try a smaller model or --max-context)"
     if isinstance(exc, RecursionError):
         return "input nested too deeply to process (RecursionError)"
+    if isinstance(exc, UnicodeEncodeError) and exc.encoding.replace("-", "").lower() != "utf8":
+        return (f"cannot write the text in the output's encoding ({exc.encoding}): {text} "
+                "(PYTHONIOENCODING=utf-8 or a UTF-8 locale writes it)")
     if isinstance(exc, UnicodeError):
         return f"invalid text: {text}"
     if isinstance(exc, OSError):

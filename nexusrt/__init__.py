@@ -11,15 +11,24 @@
 
 from __future__ import annotations
 
-from . import errors, firmware, memory, scheduler
+import importlib
+
+from . import errors
 from .errors import (BackendUnavailable, CompileError, CudaError, ModelError, NexusRTError,
                      NotInitialized, OutOfMemory, ProfileMismatch, SchedulerError)
 
 __version__ = "0.1.0"
 
 
+_LAYERS = ("firmware", "memory", "scheduler")
+
+
 def __getattr__(name):
-    # The model stack pulls in tokenizers and jinja2; load it only when asked for.
+    # Each loads on first use, not at `import nexusrt`: the runtime layers pull in NumPy and
+    # ml_dtypes (~0.6 s), the model stack tokenizers and jinja2. The commands import this package
+    # before their Ctrl-C handler is in place; a press in that second printed a traceback.
+    if name in _LAYERS:
+        return importlib.import_module(f".{name}", __name__)
     if name == "LLM":
         from .engine.llm import LLM
 
@@ -29,6 +38,10 @@ def __getattr__(name):
 
         return Context
     raise AttributeError(f"module 'nexusrt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = ["firmware", "memory", "scheduler", "errors", "LLM", "Context", "NexusRTError", "NotInitialized",

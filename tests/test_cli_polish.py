@@ -342,3 +342,29 @@ def test_a_chat_line_over_the_prompt_limit_ends_the_chat_in_bounded_memory(monke
 def test_text_the_output_encoding_cannot_hold_is_named_as_such():
     rc, out, err, _, _ = run_bounded(CLI, "generate", *TINY, "--prompt", "hé", env={"PYTHONIOENCODING": "ascii"})
     _one_line_error(rc, err, r"cannot write the text in the output's encoding \(ascii\).*PYTHONIOENCODING=utf-8")
+
+
+@pytest.mark.parametrize("after_s", [0.15, 0.4, 0.8])
+def test_ctrl_c_while_the_command_starts_is_one_line_not_a_traceback(after_s):
+    # The package used to import NumPy and ml_dtypes (~0.6 s) before the command's handler was
+    # in place: a press then printed a 20-line traceback.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers_bounded import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NEXUSRT_BACKEND": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "generate", *TINY, "--prompt", "hi"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    # 130 and one line; -2 if the press came before Python's handler existed; 0 if it came too late
+    assert proc.returncode in (130, -signal.SIGINT, 0), (proc.returncode, err)
+    if proc.returncode == 130:
+        assert err.strip().splitlines()[-1] == "nexusrt: interrupted", err

@@ -77,7 +77,7 @@ def _kv_flags(p) -> None:
     p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS", help="most tokens the KV cache keeps")
     p.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="leading tokens never evicted (4)")
     p.add_argument("--kv-window", type=int, default=None, metavar="N",
-                   help="recent tokens never evicted (h2o; default budget/2)")
+                   help="recent tokens never evicted (h2o; default budget/2 - sinks/2)")
 
 
 def kv_options(args) -> dict:

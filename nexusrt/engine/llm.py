@@ -24,13 +24,13 @@ import weakref
 from typing import Iterator
 
 from .. import runtime as runtime_mod
-from ..errors import FatalError, NexusRTError
+from ..errors import FatalError, InvalidArgument, InvalidArgumentType, NexusRTError
 from ..models.loader import load_model
 from ..reference.sampling import SamplingParams
 from .context import Context
 from .kv import Pruned, one_sequence_report
-from .prompts import chat_messages, prompt_for, request_prompt, start_session
-from .requests import Request, make_loop, run_all, serving_config
+from .prompts import chat_messages, check_generation, prompt_for, request_prompt, start_session
+from .requests import Request, check_callback, check_kv_memory, make_loop, run_all, serving_config
 from .requests import stream as engine_stream
 from .runners import check_tensor_parallel, make_runner, stream_tokens
 from .session import GenerationResult, Session
@@ -55,11 +55,14 @@ class LLM:
     max_batch, kv_memory, max_waiting : the serving engine's cap on running sequences, the
         bytes of its KV block pool (CPU default 256 MiB, or one sequence at full context where
         that is more; CUDA default: ``max_batch`` sequences at full context) and its queue bound.
-        A request the pool cannot hold is refused by the engine; a lone call that takes the
-        one-sequence path uses that runner's own cache of ``max_context`` tokens instead.
-    deterministic : CUDA: every call goes through the serving engine in its batch-invariant
-        mode (a request's ids do not depend on what runs beside it; prefix caching off). The
-        CPU engine is batch invariant anyway.
+        A ``kv_memory`` below one KV block of the model, or on the CPU above the machine's
+        available memory, is refused here (an InvalidArgument naming it), before the model's
+        runner is built. A request the pool cannot hold is refused by the engine; a lone call
+        that takes the one-sequence path uses that runner's own cache of ``max_context`` tokens
+        instead.
+    deterministic : ``True`` or ``False`` (anything else is refused). CUDA: every call goes
+        through the serving engine in its batch-invariant mode (a request's ids do not depend on
+        what runs beside it; prefix caching off). The CPU engine is batch invariant anyway.
     tensor_parallel : ranks the model is split over (CPU: in process; CUDA: one worker process
         per GPU, NCCL collectives; the serving engine batches over them too, each rank running
         its own batch runner, h2o pruning not offered). A script that uses CUDA ranks must guard its top level with
@@ -89,7 +92,9 @@ class LLM:
                  kv_gpu_budget: int | None = None, tp_processes: bool = False,
                  kv_fault_reserve: int | None = None):
         if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
+            raise InvalidArgument("backend", f"backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
+        if not isinstance(deterministic, bool):  # "no" would be taken as True
+            raise InvalidArgumentType("deterministic", f"deterministic must be True or False, got {deterministic!r}")
         self._lock, self._loop_lock = threading.Lock(), threading.Lock()
         # The thread object (not its id: ids are reused once a thread exits) that holds the lock.
         self._owner: threading.Thread | None = None
@@ -101,7 +106,7 @@ class LLM:
         self._closing = False  # set by close(): no engine loop starts after it
         self._serving_args = serving_config(max_batch, kv_memory, max_waiting)  # bad values fail here, not later
         self._kv_gpu_budget = kv_gpu_budget  # the serving engine's too: its host tier (engine.requests.engine_tiers)
-        self.deterministic = bool(deterministic)
+        self.deterministic = deterministic
         t0 = time.perf_counter()
         if not runtime_mod.is_initialized():
             from .. import firmware
@@ -112,6 +117,7 @@ class LLM:
         self.tensor_parallel = tensor_parallel  # ranks the runner's decoder is split over
         self.model = load_model(path_or_name, seed=weights_seed, allow_paths=allow_paths)
         try:
+            check_kv_memory(self.model.config, self.backend, kv_memory)  # not at the first call that needs the pool
             self.runner = make_runner(self.model, self.backend, max_context, tensor_parallel, kv_gpu_budget,
                                       tp_processes, kv_fault_reserve=kv_fault_reserve)
         except BaseException:
@@ -185,8 +191,10 @@ class LLM:
         :class:`~nexusrt.engine.requests.Request` (``result()``, ``cancel()``).
 
         ``emit(text)`` gets the text as it is produced (on the engine's thread, except the
-        last piece, which ``result()`` flushes); ``on_end(request)`` is called once when it ends.
-        Raises ValueError for bad arguments, ``serving.QueueFull`` when the queue is full.
+        last piece, which ``result()`` flushes); ``on_end(request)`` is called once when it ends;
+        either must be a callable or None. An empty list is refused (no message, no id).
+        Raises ValueError for bad arguments (TypeError as well for one of the wrong type), all
+        checked before the serving engine is started, ``serving.QueueFull`` when the queue is full.
         """
         return self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit=emit,
                             on_end=on_end, **kv).submit()
@@ -196,15 +204,23 @@ class LLM:
                 **kv) -> Request:
         """:meth:`submit` without the queueing: the checked, tokenized request (``request.seq``), for
         a caller with rules of its own (a server refusing prompt + max_tokens beyond the context)."""
+        check_callback(emit, "emit")
+        check_callback(on_end, "on_end")
         shaped = request_prompt(prompt, self.tokenizer, kv)
         return self._request("prepare", shaped, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end)
 
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
-        loop = self._engine_loop(what)
+        runner = self.runner
+        if self._closing or runner is None:
+            raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
         prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
-        session, ids, params, extra = self._start(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
-                                                  emit or (lambda piece: None))
-        return Request(loop, session, ids, params, session.max_new_tokens, self.runner.max_context,
+        # The arguments are checked (and the prompt tokenized) before the engine's loop, its
+        # thread and its pool are made: a refused call starts nothing.
+        session, ids, params, extra = start_session(self.model, runner.max_context, prompt, max_new_tokens,
+                                                    temperature, top_k, top_p, stop, seed,
+                                                    emit or (lambda piece: None))
+        loop = self._engine_loop(what)
+        return Request(loop, session, ids, params, session.max_new_tokens, runner.max_context,
                        lambda s, p: self._finish(s, p, extra), on_end, policy)
 
     @property
@@ -241,12 +257,21 @@ class LLM:
         message ``system`` when given (``system`` implies ``chat``). A prompt may be an
         :class:`~nexusrt.engine.context.Context` (budget-checked; its report: ``result.context``).
         KV pruning (through the serving engine; on CUDA ``sink-window`` only): ``kv_policy`` (``full``,
-        ``sink-window``, ``h2o``), ``kv_budget`` (tokens kept), ``kv_sinks``, ``kv_window``, ``kv_protect``
-        (context layers never evicted); see :mod:`nexusrt.serving.pruning`. ``result.kv`` reports it.
+        ``sink-window``, ``h2o``), ``kv_budget`` (tokens kept), ``kv_sinks`` (leading tokens always kept, default 4),
+        ``kv_window`` (h2o: the newest tokens always kept, default ``kv_budget // 2 - kv_sinks // 2``;
+        sink-window's is ``kv_budget - kv_sinks``), ``kv_protect`` (context layers never evicted);
+        see :mod:`nexusrt.serving.pruning`. ``result.kv`` reports it.
+
+        A list is a batch of prompts: an empty one gives an empty list (its arguments are
+        still checked). A chat needs a message: use :meth:`chat` for a list of messages.
         """
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         shaped = [prompt_for(p, chat, system, self.tokenizer, kv) for p in prompts]  # all checked before any runs
         args = (max_new_tokens, temperature, top_k, top_p, stop, seed)
+        if not prompts:  # nothing to run, but a bad argument is refused as it is with prompts
+            check_generation(self.model, *args)
+            prompt_for("", chat, system, self.tokenizer, {k: v for k, v in kv.items() if k != "kv_protect"})
+            return []
         if (isinstance(prompt, (list, tuple)) or self._engine_only
                 or any(isinstance(p, Pruned) for p in shaped)):
             out = self._generate_batched("generate", shaped, *args)  # pruning needs the engine
@@ -263,13 +288,13 @@ class LLM:
              top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
              system: str | None = None) -> GenerationResult:
         """The assistant's reply to ``messages`` (``[{"role": ..., "content": ...}]``), rendered with
-        the chat template; ``system`` is put first when given."""
+        the chat template; ``system`` is put first when given. An empty ``messages`` is refused."""
+        messages = chat_messages(messages, system, "messages")  # checked before the runner is taken
         if self._engine_only or not self._enter("chat", wait=False):
-            return self._generate_batched("chat", [chat_messages(messages, system)], max_new_tokens, temperature,
+            return self._generate_batched("chat", [messages], max_new_tokens, temperature,
                                           top_k, top_p, stop, seed)[0]
         try:
-            return self._generate_one(chat_messages(messages, system), max_new_tokens, temperature, top_k,
-                                      top_p, stop, seed)
+            return self._generate_one(messages, max_new_tokens, temperature, top_k, top_p, stop, seed)
         finally:
             self._leave()
 
@@ -298,8 +323,9 @@ class LLM:
                     top_k: int | None = None, top_p: float | None = None, stop=None, seed: int | None = None,
                     system: str | None = None) -> Iterator[str]:
         """:meth:`chat`, streamed as :meth:`stream` does."""
-        return self._tracked(self._stream("stream_chat", chat_messages(messages, system), max_new_tokens,
-                                          temperature, top_k, top_p, stop, seed))
+        messages = chat_messages(messages, system, "messages")
+        return self._tracked(self._stream("stream_chat", messages, max_new_tokens, temperature, top_k, top_p, stop,
+                                          seed))
 
     def _tracked(self, gen):
         self._streams.add(gen)

@@ -57,7 +57,9 @@ class TokenIds(tuple):
 def request_prompt(prompt, tokenizer, kv: dict):
     """What ``LLM.submit`` / ``prepare`` take, checked and shaped like :func:`prompt_for`: text, a
     list of chat messages (rendered with the chat template), a list of token ids, or a Context."""
-    if isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
+    if isinstance(prompt, list) and not prompt:  # neither a conversation nor ids: nothing to generate from
+        raise InvalidArgument("prompt", "the prompt is an empty list: give at least one chat message or token id")
+    if isinstance(prompt, list) and all(_is_id(t) for t in prompt):
         return kv_shape(TokenIds(int(t) for t in prompt), kv, tokenizer)
     if isinstance(prompt, list):
         return kv_shape(chat_messages(prompt, None), kv, tokenizer)
@@ -71,13 +73,19 @@ def _is_id(t) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-def chat_messages(messages, system: str | None) -> list[dict]:
+def chat_messages(messages, system: str | None, argument: str = "prompt") -> list[dict]:
+    """``messages`` checked (and ``system`` put first when given); errors name ``argument``, the
+    caller's name for the list (``submit``'s ``prompt``, ``chat``'s ``messages``). A chat needs at
+    least one message: an empty list is refused (``system`` alone is not a conversation)."""
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
-        raise InvalidArgumentType("prompt", "messages must be a list of {'role': str, 'content': str} dicts")
+        raise InvalidArgumentType(argument, "messages must be a list of {'role': str, 'content': str} dicts")
+    if not messages:
+        raise InvalidArgument(argument, "messages is empty: a chat needs at least one message "
+                                        "(e.g. [{'role': 'user', 'content': ...}])")
     for i, m in enumerate(messages):
-        check_text(m["content"], f"message {i}")
+        check_text(m["content"], f"message {i}", argument)
     if system is not None:
         if not isinstance(system, str):
             raise InvalidArgumentType("system", f"system must be a string, got {type(system).__name__}")
@@ -93,9 +101,8 @@ def _checked_ids(ids: TokenIds, vocab: int) -> list[int]:
     return list(ids)
 
 
-def start_session(model, max_context: int, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
-    """Check the arguments and tokenize (``prompt``: text or a list of chat messages); the
-    :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
+def check_generation(model, max_new_tokens, temperature, top_k, top_p, stop, seed):
+    """Check a call's generation arguments: ``(max_new_tokens, stop strings, resolved SamplingParams)``."""
     if isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool):
         max_new_tokens = int(max_new_tokens)  # a NumPy integer is fine
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -112,6 +119,13 @@ def start_session(model, max_context: int, prompt, max_new_tokens, temperature, 
         top_k=gen.top_k if top_k is None else top_k,
         top_p=gen.top_p if top_p is None else top_p,
         seed=seed).resolved()
+    return max_new_tokens, stops, params
+
+
+def start_session(model, max_context: int, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit):
+    """Check the arguments and tokenize (``prompt``: text or a list of chat messages); the
+    :class:`Session`, the ids, the resolved :class:`SamplingParams` and the timings so far."""
+    max_new_tokens, stops, params = check_generation(model, max_new_tokens, temperature, top_k, top_p, stop, seed)
     if isinstance(prompt, Pruned):
         raise NexusRTError("KV pruning runs only in the serving engine; the one-sequence runners (CPU and CUDA) "
                            "cannot prune, so a pruning request must not reach them")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Callable, Iterator
 
 from ..backends.cpu.batch import CpuBatchRunner, blocks_for_bytes, cpu_block_bytes
-from ..errors import BackendUnavailable, NexusRTError
+from ..errors import BackendUnavailable, InvalidArgument, InvalidArgumentType, NexusRTError
 from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
 from ..reference.sampling import SamplingParams
@@ -37,12 +37,44 @@ def serving_config(max_batch, kv_memory, max_waiting) -> tuple[int, int | None, 
     """Check the LLM's serving arguments: (max_batch, KV bytes or None for the backend's
     default, the queue bound)."""
     if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, int) or kv_memory <= 0):
-        raise ValueError(f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
+        raise InvalidArgument("kv_memory", f"kv_memory must be a positive number of bytes, got {kv_memory!r}")
     if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
-        raise ValueError(f"max_waiting must be an integer >= 1, got {max_waiting!r}")
+        raise InvalidArgument("max_waiting", f"max_waiting must be an integer >= 1, got {max_waiting!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        raise InvalidArgument("max_batch", f"max_batch must be an integer >= 1, got {max_batch!r}")
     return max_batch, kv_memory, max_waiting
+
+
+def check_kv_memory(config, backend: str, kv_memory: int | None, available: int | None = None) -> None:
+    """Refuse a ``kv_memory`` (bytes of the serving engine's KV pool, checked by
+    :func:`serving_config`) that cannot work for this model: below one KV block of the backend
+    (fp32 on the CPU, bf16 on CUDA) or, on the CPU, more than ``available`` bytes (default
+    ``MemAvailable``; NumPy would take the pool lazily and the machine would swap or kill the
+    process mid-request). ``nrt.LLM`` calls it before it builds its runner, so a bad value fails
+    there, not at the first call that starts the engine. None (the backend's default) passes."""
+    if kv_memory is None:
+        return
+    unit = (cpu_block_bytes(config) if backend == "cpu"
+            else block_bytes(config.num_hidden_layers, config.num_key_value_heads, config.head_dim))
+    if kv_memory // unit < 1:
+        raise InvalidArgument("kv_memory", f"kv_memory={kv_memory} bytes holds no KV block ({unit} bytes on "
+                                           f"{backend}) of this model")
+    if backend != "cpu":
+        return
+    if available is None:
+        try:
+            available = mem_available()
+        except OSError:  # no /proc/meminfo (not Linux): NumPy's own MemoryError is what is left
+            return
+    if kv_memory > available:
+        raise InvalidArgument("kv_memory", f"kv_memory={kv_memory} bytes is more than this machine's available "
+                                           f"memory ({available} bytes)")
+
+
+def check_callback(fn, argument: str) -> None:
+    """A callback argument (``emit``, ``on_end``) must be callable or None."""
+    if fn is not None and not callable(fn):
+        raise InvalidArgumentType(argument, f"{argument} must be a callable or None, got {type(fn).__name__}")
 
 
 def engine_tiers(config, max_batch: int, max_context: int, kv_memory: int | None, kv_gpu_budget: int | None,
@@ -93,16 +125,11 @@ def make_loop(runner, backend: str, max_batch: int, kv_memory: int | None, max_w
     gives it, else it is a ``CudaBatchRunner`` over the runner's weights, with the host tier
     :func:`engine_tiers` plans from ``kv_gpu_budget``."""
     if backend == "cpu":  # the CpuRunner's NumPy decoder, fp32 KV
+        # An explicit kv_memory was checked when the LLM was made; the default (and memory
+        # taken since) is checked here, as the pool is made.
         kv = cpu_pool_bytes(runner.config, runner.max_context) if kv_memory is None else kv_memory
+        check_kv_memory(runner.config, backend, kv)
         num_blocks = blocks_for_bytes(runner.config, kv)
-        if num_blocks < 1:
-            raise ValueError(f"kv_memory={kv} bytes holds no KV block of this model")
-        try:
-            avail = mem_available()
-        except OSError:  # no /proc/meminfo (not Linux): NumPy's own MemoryError is what is left
-            avail = kv
-        if kv > avail:  # NumPy would take it lazily and the machine would swap or kill us mid-request
-            raise ValueError(f"kv_memory={kv} bytes is more than this machine's available memory ({avail} bytes)")
         config = SchedulerConfig(max_running=max_batch, token_budget=max(512, max_batch))
         return EngineLoop(Engine(CpuBatchRunner(runner.decoder, num_blocks, runner.max_context), config),
                           max_waiting=max_waiting)
@@ -166,6 +193,8 @@ class Request:
         """Another request for the same prompt, not tokenized again: the same ids, limits, stop rules,
         sampling and KV policy, with ``seed`` (None: a random one) and callbacks of its own. A
         server's ``n`` choices; the engine's prefix cache computes their shared prompt blocks once."""
+        check_callback(emit, "emit")
+        check_callback(on_end, "on_end")
         params = replace(self.seq.params, seed=seed).resolved()  # seed checked here
         seq = self.seq
         other = Request(self.loop, self.session.fresh(emit or (lambda piece: None)), seq.prompt_ids, params,

@@ -40,7 +40,7 @@ DEFAULT_SINKS = 4  # StreamingLLM's sink count
 class KvPolicy:
     """A request's pruning policy. ``budget``: most tokens kept in the cache (None: no cap, only
     with ``full``); ``sinks``: leading tokens always kept; ``window``: the recent tokens always
-    kept (``sink-window``: ``budget - sinks``, fixed; ``h2o``: default ``budget // 2``)."""
+    kept (``sink-window``: ``budget - sinks``, fixed; ``h2o``: default ``budget // 2 - sinks // 2``)."""
 
     policy: str = "full"
     budget: int | None = None

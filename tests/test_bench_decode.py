@@ -38,10 +38,10 @@ def test_unknown_synthetic_name_lists_the_presets(capsys):
     assert "llama-9b" in err and "llama-3.2-1b" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("bad", [["--runs", "0"], ["--new-tokens", "-1"]])
-def test_bad_counts_are_rejected(bad, capsys):
+@pytest.mark.parametrize("bad, least", [(["--runs", "0"], 1), (["--new-tokens", "-1"], 2), (["--new-tokens", "1"], 2)])
+def test_bad_counts_are_rejected(bad, least, capsys):
     assert main(["--stage", "decode", "--backend", "cpu", *bad]) == 1
-    assert "must be >= 1" in capsys.readouterr().err
+    assert f"{bad[0]} must be >= {least}" in capsys.readouterr().err
 
 
 def test_bytes_per_token_matches_the_published_model_sizes():

@@ -105,3 +105,64 @@ def np_bytes(n: int) -> bytes:
     import numpy as np
 
     return np.random.default_rng(5).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture
+def no_checkpoint(monkeypatch):
+    """Reaching the checkpoint (saving or opening one) fails the test: a refusal must come first."""
+    def refuse(*_a, **_k):
+        raise AssertionError("the stage went past its checks")
+
+    monkeypatch.setattr(load_stage, "_checkpoint", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--load-buffer-mib", "-1"], "--load-buffer-mib must be >= 1, got -1"),
+    (["--load-buffer-mib", "0"], "--load-buffer-mib must be >= 1, got 0"),
+    (["--load-readers", "9"], "--load-readers must be in 1..5 (fewer than --load-buffers 6: a buffer is always being "
+                              "copied), got 9"),
+    (["--load-readers", "0", "--load-buffers", "3"], "--load-readers must be in 1..2 (fewer than --load-buffers 3: a "
+                                                     "buffer is always being copied), got 0"),
+    (["--load-buffers", "1"], "--load-buffers must be >= 2 (one filling, one copying), got 1"),
+    (["--load-budget-s", "-1"], "--load-budget-s must be >= 0, got -1.0"),
+    (["--load-budget-s", "nan"], "--load-budget-s must be >= 0, got nan"),
+])
+def test_staging_refusals_name_the_flags(argv, message, capsys, no_checkpoint):
+    assert main(["--stage", "load", "--backend", "cpu", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nexusrt-bench: error: {message}\n"
+    assert "buffer_bytes" not in err and "buffers-1" not in err
+
+
+def test_staging_buffers_past_the_available_memory_are_refused(capsys, monkeypatch, no_checkpoint):
+    from nexusrt.bench import common
+
+    monkeypatch.setattr(common, "host_available", lambda: (1 << 30, "MemAvailable"))
+    assert main(["--stage", "load", "--backend", "cpu", "--load-buffer-mib", "512"]) == 1
+    assert capsys.readouterr().err == (
+        "nexusrt-bench: error: --load-buffers 6 x --load-buffer-mib 512 (the staging buffers) needs 3.0 GiB of host "
+        "memory but this machine has 1.0 GiB available now (MemAvailable); give fewer or smaller buffers\n")
+
+
+def test_a_load_dir_that_cannot_take_the_checkpoint_is_said(tmp_path, capsys, no_checkpoint):
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    cases = [(str(tmp_path / "missing"), "does not exist"), (str(a_file), "is not a directory")]
+    if Path("/proc").is_dir():
+        cases.append(("/proc", "is not writable (no file can be created there)"))  # it exists: not "No such file"
+    for folder, why in cases:
+        assert main(["--stage", "load", "--backend", "cpu", "--model", "synthetic:tiny", "--load-dir", folder]) == 1
+        assert capsys.readouterr().err == f"nexusrt-bench: error: --load-dir {folder!r} {why}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # the checks leave nothing behind
+
+
+def test_a_folder_the_save_cannot_make_names_load_dir(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def refused(*_a, **_k):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    assert main(["--stage", "load", "--backend", "cpu", "--model", "synthetic:tiny", "--load-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"nexusrt-bench: error: --load-dir {str(tmp_path)!r} is not writable: no folder "
+                                       "can be created there (No such file or directory)\n")

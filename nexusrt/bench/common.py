@@ -98,3 +98,59 @@ def env_set(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def host_available() -> tuple[int, str]:
+    """(bytes, where the figure came from) that a new allocation on this machine can still get
+    now: ``MemAvailable`` (else the free physical pages), lowered by a cgroup limit or
+    ``RLIMIT_AS`` where tighter (:func:`nexusrt.engine.fit.cpu_available`, as the model fit check)."""
+    from ..engine.fit import cpu_available
+
+    return cpu_available()
+
+
+def check_host_memory(need: int, what: str, hint: str = "") -> None:
+    """Refuse, before any of it is allocated, a run whose host memory ``need`` (bytes) exceeds
+    what is available now; ``what`` names the flags that ask for it (the message's subject),
+    ``hint`` how to ask for less."""
+    from .table import human_bytes
+
+    free, where = host_available()
+    if need > free:
+        raise ValueError(f"{what} needs {human_bytes(need)} of host memory "
+                         f"but this machine has {human_bytes(free)} available now ({where})"
+                         + (f"; {hint}" if hint else ""))
+
+
+def writable_folder_problem(folder) -> str | None:
+    """Why no file can be made in ``folder`` (it does not exist, is not a folder, is not
+    writable), or None. Tried for real with a nameless temporary file, gone at once: a
+    permission check alone passes for root where the filesystem still refuses (/proc)."""
+    import tempfile
+
+    if not os.path.exists(folder):
+        return "does not exist"
+    if not os.path.isdir(folder):
+        return "is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        return "is not writable (no file can be created there)"
+    return None
+
+
+def refuse_off_backend(rt, stage: str, flag: str, given: bool, backend: str = "cuda") -> None:
+    """Refuse ``flag`` (when ``given``) on a run whose backend is not ``backend``: the stage reads it
+    there only, and ignored it would label figures with a choice that was never made."""
+    if given and rt.backend != backend:
+        name = backend.upper() if backend == "cuda" else backend
+        raise ValueError(f"{flag} applies to the {stage} stage on {name} only; this run's backend is {rt.backend}")
+
+
+def check_context(limit: int, total: int, model: str, backend: str, parts: str) -> None:
+    """Refuse a run whose longest sequence, ``total`` tokens (``parts``: the flags that make it,
+    in words), is past ``limit``, the context the runner gets for ``model`` on ``backend``."""
+    if total > limit:
+        raise ValueError(f"{parts} = {total} tokens exceed {model}'s context of {limit} tokens on {backend}; "
+                         f"give at most {limit} in all")

@@ -23,31 +23,40 @@ graph path only (:mod:`.decode_tp`); without it, or with 1, the stage is the one
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 
 import numpy as np
 
 from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
-from .common import add_model_argument, add_shared_argument, env_set, int_list, resolve_model_config
+from .common import (add_model_argument, add_shared_argument, env_set, int_list, refuse_off_backend,
+                     resolve_model_config, writable_folder_problem)
 from . import decode_tp
-from .decode_timing import bytes_per_token, pick_text, time_generation
+from .decode_timing import MIN_NEW_TOKENS, bytes_per_token, check_fits, pick_text, time_generation
 from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 DEFAULT_PATHS = "graph,persistent"
-OWN_OPTIONS = decode_tp.OWN_OPTIONS  # nexusrt-bench refuses them with another stage
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"model", "prompt_tokens", "new_tokens", "runs", "no_peers", "plot", "temperature", "top_k",
+                     "top_p", "decode_paths", "persistent_profile", "versus_greedy"}) | decode_tp.OPTIONS
 
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
     add_shared_argument(parser, "--prompt-tokens", default=None, metavar="N[,N...]",
                         help="decode stage: prompt length (32); prefill stage: lengths to time (512,2048,8192)")
-    parser.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode stage: tokens generated (128)")
+    parser.add_argument("--new-tokens", type=int, default=128, metavar="N",
+                        help=f"decode stage: tokens generated, >= {MIN_NEW_TOKENS} (a time per token is the interval "
+                             "from the first to the last); serve stage: tokens each request generates, >= 1. Prompt + "
+                             "new tokens must fit the model's context (default 128)")
     add_shared_argument(parser, "--runs", type=int, default=None, metavar="R",
                         help="timed runs, median reported (decode 5, prefill 3, serve 3, kv 3)")
     add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill stages: skip the PyTorch peers")
-    parser.add_argument("--plot", metavar="FILE.png", help="decode stage: draw ms/token against the floor and peers")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="decode stage: draw ms/token against the floor and peers (needs matplotlib; the folder "
+                             "must exist and be writable: both checked before the run)")
     add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
                         help="decode stage: sample every token at temperature T (with --top-k/--top-p, seed 0); "
                              "0 (default) is greedy")
@@ -56,11 +65,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
                         help="decode stage, with --temperature: the nucleus of mass P (1.0: none)")
     parser.add_argument("--decode-paths", default=None, metavar="P[,P...]",
-                        help="decode stage on CUDA: the NEXUSRT_DECODE paths to time, each beside the others "
-                             "(graph,persistent); the headline is the path NEXUSRT_DECODE selects")
+                        help="decode stage on CUDA (refused on the CPU, whose runner has one path): the "
+                             "NEXUSRT_DECODE paths to time, each beside the others (graph,persistent); the headline "
+                             "is the path NEXUSRT_DECODE selects")
     parser.add_argument("--persistent-profile", action="store_true",
-                        help="decode stage on sm_90: one more run of the persistent kernel with each instruction's "
-                             "clocks recorded, reported per phase (waits, work, GB/s while working)")
+                        help="decode stage on CUDA (refused on the CPU), an sm_90 GPU: one more run of the "
+                             "persistent kernel with each instruction's clocks recorded, reported per phase (waits, "
+                             "work, GB/s while working)")
     parser.add_argument("--versus-greedy", action="store_true",
                         help="decode stage, with --temperature: also generate greedily on the same model, "
                              "alternating with the sampled runs, and report sampled - greedy per token "
@@ -77,6 +88,7 @@ def _validate(args) -> None:
     from ..backends.cuda.persistent import MODES
 
     given = getattr(args, "decode_paths", None)  # None: the default, which --tensor-parallel may narrow
+    args.decode_paths_given = given is not None  # refused on the CPU once the backend is known
     paths = [p.strip().lower() for p in str(DEFAULT_PATHS if given is None else given).split(",") if p.strip()]
     bad = [p for p in paths if p not in MODES]
     if not paths or bad or len(set(paths)) != len(paths):
@@ -89,9 +101,13 @@ def _validate(args) -> None:
     args.sampling = SamplingParams(temperature=float(getattr(args, "temperature", 0.0) or 0.0),
                                    top_k=int(getattr(args, "top_k", 0) or 0),
                                    top_p=float(getattr(args, "top_p", 1.0)), seed=0)
-    for name in ("prompt_tokens", "new_tokens", "runs"):
+    for name in ("prompt_tokens", "runs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.new_tokens < MIN_NEW_TOKENS:
+        raise ValueError(f"--new-tokens must be >= {MIN_NEW_TOKENS} for the decode stage (a time per token is the "
+                         f"interval from the first new token to the last), got {args.new_tokens}")
+    check_plot(getattr(args, "plot", None))
     if getattr(args, "versus_greedy", False):
         if args.sampling.greedy:
             raise ValueError("--versus-greedy times sampled against greedy decoding: give --temperature > 0")
@@ -106,12 +122,16 @@ def run(args) -> dict:
     _validate(args)
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
+    refuse_off_backend(rt, "decode", "--decode-paths", getattr(args, "decode_paths_given", False))
+    refuse_off_backend(rt, "decode", "--persistent-profile", bool(getattr(args, "persistent_profile", False)))
     model = args.model
-    resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
+    cfg = resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     note = ""
     if not rt.is_cuda and model != CPU_MODEL and not getattr(args, "model_explicit", False):
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
+        cfg = resolve_model_config(model)
+    check_fits(cfg, rt.backend, model, args.prompt_tokens, args.new_tokens)  # before the model loads
     prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
     if args.tensor_parallel > 1:  # TP=N beside TP=1, the graph path only (decode_tp.validate)
         result = decode_tp.run(args, rt, model, note, prompt)
@@ -202,6 +222,37 @@ def _peers(cfg, args, ms: float) -> dict:
         if "ms_per_token" in p:
             p["nexusrt_speedup"] = p["ms_per_token"] / ms
     return peers
+
+
+def check_plot(path: str | None) -> None:
+    """Refuse, before the run, a ``--plot`` that could not be written at its end: an empty name,
+    a folder, a folder that does not exist or is not writable, a format matplotlib does not
+    write, or no matplotlib at all."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise ValueError("--plot needs a file name (FILE.png), got ''")
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path!r} is a directory; give a file name (FILE.png)")
+    folder = os.path.dirname(os.path.abspath(path))
+    why = writable_folder_problem(folder)
+    if why is None and os.path.exists(path) and not os.access(path, os.W_OK):
+        why = f"holds {os.path.basename(path)!r}, which is not writable"
+    if why is not None:
+        raise ValueError(f"--plot {path!r}: the folder {folder} {why}")
+    try:
+        import matplotlib
+        from matplotlib.backend_bases import FigureCanvasBase
+    except Exception as exc:
+        raise ValueError(f"--plot needs matplotlib, which does not import here ({exc})") from None
+    ext = os.path.splitext(path)[1][1:].lower()
+    try:
+        supported = FigureCanvasBase.get_supported_filetypes()
+    except Exception:  # no list to check against: savefig says at the end
+        supported = None
+    if ext and supported and ext not in supported:
+        raise ValueError(f"--plot {path!r}: matplotlib {matplotlib.__version__} writes no .{ext} files; "
+                         f"give one of {', '.join('.' + k for k in sorted(supported))}")
 
 
 def _plot(result: dict, path: str) -> None:

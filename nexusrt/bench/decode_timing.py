@@ -7,6 +7,34 @@ from __future__ import annotations
 import dataclasses
 import time
 
+# Options the timed loop reads (the decode stage and its tensor-parallel half declare them).
+OPTIONS = frozenset({"prompt_tokens", "new_tokens", "runs"})
+# Positions the runner is asked for past prompt + new tokens: slack only (the loop writes
+# prompt + new - 1 of them: the last id sampled is never fed back).
+CONTEXT_SLACK = 16
+MIN_NEW_TOKENS = 2  # a time per token is the interval from the first id to the last: two at least
+
+
+def decode_context(prompt_tokens: int, new_tokens: int) -> int:
+    """The ``max_context`` :func:`time_generation` asks ``nrt.LLM`` for. ``LLM`` caps it at the
+    model's context without a word (:func:`nexusrt.engine.fit.runner_context`: it is a cap, not a
+    demand), so a run past the context would load, generate up to the cap and then fail:
+    :func:`check_fits` refuses it first."""
+    return prompt_tokens + new_tokens + CONTEXT_SLACK
+
+
+def check_fits(cfg, backend: str, model: str, prompt_tokens: int, new_tokens: int) -> int:
+    """Refuse, before anything loads, ``--prompt-tokens`` + ``--new-tokens`` past the context the
+    runner of ``backend`` gets for ``model`` (``cfg``) when asked for :func:`decode_context`;
+    returns that context."""
+    from ..engine.fit import runner_context
+    from .common import check_context
+
+    limit = runner_context(cfg, backend, decode_context(prompt_tokens, new_tokens))
+    check_context(limit, prompt_tokens + new_tokens, model, backend,
+                  f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
+    return limit
+
 
 def bytes_per_token(cfg, context: float, tensor_parallel: int = 1, elem: int = 2) -> dict:
     """Bytes one decode token must read on one rank of ``tensor_parallel`` (1: the whole model on
@@ -39,7 +67,7 @@ def time_generation(model, prompt, args, label: str, inspect=None, versus_greedy
     from ..engine.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(model, max_context=args.prompt_tokens + args.new_tokens + 16, **llm_kwargs)
+    llm = LLM(model, max_context=decode_context(args.prompt_tokens, args.new_tokens), **llm_kwargs)
     load_s = time.perf_counter() - t0
     picks = {"asked": args.sampling}
     if versus_greedy:

@@ -30,13 +30,14 @@ import numpy as np
 
 from ..models.presets import preset
 from .common import resolve_model_config
+from . import decode_timing
 from .decode_timing import bytes_per_token, pick_text, time_generation
 from .table import table
 
 COLLECTIVE_STEPS = 20  # steps of collectives each rank times; the median is its figure
 HOST_PROBE_BYTES = 256 << 20  # the CPU read probe's buffer: past the caches of most hosts
-# Options only the decode stage reads; nexusrt-bench refuses them with another stage.
-OWN_OPTIONS = {"tensor_parallel": "--tensor-parallel", "tp_processes": "--tp-processes"}
+# The options this half reads (the decode stage declares them: nexusrt-bench refuses them elsewhere).
+OPTIONS = frozenset({"tensor_parallel", "tp_processes"}) | decode_timing.OPTIONS
 # Issue 17's targets: (preset whose shape, degree) -> (kind, bound).
 TARGETS = {("llama-3.1-8b", 2): ("ratio", 0.6), ("llama-3.1-70b", 4): ("floor", 0.8),
            ("llama-3.1-70b", 8): ("report", None)}
@@ -52,7 +53,8 @@ def add_arguments(parser) -> None:
                              "ms/token and their ratio, the floor of one rank's bytes, the all-reduce time per token "
                              "(default 1: one device only)")
     parser.add_argument("--tp-processes", action="store_true",
-                        help="decode stage on the CPU, with --tensor-parallel N: one worker process per rank")
+                        help="decode stage on the CPU, with --tensor-parallel N: one worker process per rank (on "
+                             "CUDA every rank is a worker process already: the flag changes nothing there)")
 
 
 def validate(args, explicit_paths: list[str] | None) -> None:

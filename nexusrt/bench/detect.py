@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .table import human_bytes, table
 
+OPTIONS = frozenset()  # none besides main's COMMON: any other option given with it is refused
+
 
 def run(args) -> dict:
     from .. import firmware

@@ -18,6 +18,7 @@ backend whatever ``--backend`` says; ``--kv-part`` runs one half alone.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -28,12 +29,22 @@ from .table import table
 FRACTIONS = (0.25, 0.5)
 TARGET = 1.05  # issue 16: sink-window and h2o at 50% within 5% perplexity of full
 PARTS = ("both", "quality", "speed")
+MIN_WINDOW = 8
+WINDOW = 512
+SINKS = 4
+# The options each half reads; the stage declares both (nexusrt-bench refuses them with another
+# stage; see main's docstring) and refuses one half's options given with --kv-part of the other.
+QUALITY_OPTIONS = frozenset({"kv_window", "kv_sinks", "tokens"})
+OPTIONS = QUALITY_OPTIONS | {"kv_part"} | kv_speed.OPTIONS
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--kv-window", type=int, default=512, metavar="W",
-                        help="kv stage: tokens per teacher-forced window, the context pruned (default 512)")
-    parser.add_argument("--kv-sinks", type=int, default=4, metavar="N", help="kv stage: sink tokens (default 4)")
+    parser.add_argument("--kv-window", type=int, default=WINDOW, metavar="W",
+                        help=f"kv stage: tokens per teacher-forced window, the context pruned, >= {MIN_WINDOW} and at "
+                             "most the shipped model's context; its 25%% budget must exceed --kv-sinks "
+                             f"(default {WINDOW})")
+    parser.add_argument("--kv-sinks", type=int, default=SINKS, metavar="N",
+                        help=f"kv stage: sink tokens, >= 0 and fewer than 25%% of --kv-window (default {SINKS})")
     parser.add_argument("--kv-part", choices=PARTS, default="both",
                         help="kv stage: the quality half (CPU, the shipped model), the speed half (CUDA, --model) "
                              "or both (default)")
@@ -67,6 +78,7 @@ def run(args) -> dict:
     then the quality half on the CPU backend."""
     from .. import firmware
 
+    _refuse_the_other_half(args)
     if args.kv_part != "speed":
         _check_quality_args(args)  # both halves' arguments fail before either runs
     speed = kv_speed.run(args) if args.kv_part != "quality" else {"skipped": "--kv-part quality"}
@@ -77,9 +89,49 @@ def run(args) -> dict:
 
 
 def _check_quality_args(args) -> None:
-    window = args.kv_window
-    if window < 8 or (args.tokens is not None and args.tokens < window):
-        raise ValueError(f"--kv-window must be >= 8 and --tokens at least one window, got {window} and {args.tokens}")
+    """Refuse, before any model loads, what the quality half cannot run, naming the stage's flags
+    (the pruning policy's own refusals name the engine's kv_budget and kv_sinks)."""
+    from ..engine.fit import runner_context
+    from ..models.shipped import DEFAULT_MODEL
+    from .common import resolve_model_config
+
+    window, sinks = args.kv_window, args.kv_sinks
+    if window < MIN_WINDOW or (args.tokens is not None and args.tokens < window):
+        raise ValueError(f"--kv-window must be >= {MIN_WINDOW} and --tokens at least one window, got {window} and "
+                         f"{args.tokens}")
+    if sinks < 0:
+        raise ValueError(f"--kv-sinks must be >= 0, got {sinks}")
+    fraction = min(FRACTIONS)
+    budget = int(fraction * window)  # the smallest budget run_quality prunes to
+    if budget <= sinks:
+        least = int(math.ceil((sinks + 1) / fraction))
+        while int(fraction * least) <= sinks:
+            least += 1
+        raise ValueError(f"--kv-sinks {sinks} fill the smallest budget, {fraction:.0%} of --kv-window {window} "
+                         f"({budget} tokens): the budget must hold more than the sinks; give --kv-window >= {least} "
+                         f"or --kv-sinks <= {budget - 1}")
+    limit = runner_context(resolve_model_config(DEFAULT_MODEL), "cpu", window)
+    if window > limit:
+        raise ValueError(f"--kv-window {window} is longer than {DEFAULT_MODEL}'s context of {limit} tokens; "
+                         f"give at most {limit}")
+
+
+def _refuse_the_other_half(args) -> None:
+    """A half's options given with ``--kv-part`` of the other half would be ignored: refused."""
+    speed = {"kv_contexts": ("--kv-contexts", args.kv_contexts is not None),
+             "kv_rows": ("--kv-rows", args.kv_rows is not None),
+             "kv_keep": ("--kv-keep", args.kv_keep != kv_speed.KEEP),
+             "runs": ("--runs", args.runs is not None),
+             "model": ("--model", bool(getattr(args, "model_explicit", False)))}
+    quality = {"kv_window": ("--kv-window", args.kv_window != WINDOW),
+               "kv_sinks": ("--kv-sinks", args.kv_sinks != SINKS),
+               "tokens": ("--tokens", args.tokens is not None)}
+    skipped, options = (("speed", speed) if args.kv_part == "quality" else
+                        ("quality", quality) if args.kv_part == "speed" else (None, {}))
+    for flag, given in options.values():
+        if given:
+            raise ValueError(f"{flag} applies to the kv stage's {skipped} half; --kv-part {args.kv_part} does not "
+                             f"run it")
 
 
 def run_quality(args) -> dict:

@@ -68,6 +68,8 @@ LINK_TARGET = 0.8  # issue 16: host->device traffic at least 80% of the pinned c
 PRUNED_TOLERANCE = 0.10  # issue 16: the pruned row within 10% of the kept slots' own speed
 ROWS = ("b", "c", "d", "e", "f")  # the rows measured besides (a), the all-HBM reference
 NOT_ASKED = "not asked for (--kv-rows)"
+# The options the speed half reads (the kv stage declares them; --kv-part quality refuses them).
+OPTIONS = frozenset({"model", "runs", "kv_contexts", "kv_rows", "kv_keep"})
 
 
 def parse_rows(text: str | None) -> frozenset[str]:

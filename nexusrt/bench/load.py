@@ -31,6 +31,9 @@ from .table import human_bytes, plain, table
 
 READ_BYTES = 64 << 20
 TARGET_RATIO = 0.8
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"model", "load_runs", "load_dir", "load_keep", "load_no_peer", "load_buffers", "load_buffer_mib",
+                     "load_readers", "drop_caches", "load_budget_s"})
 
 
 def add_arguments(parser) -> None:
@@ -135,7 +138,11 @@ def _checkpoint(args, rt) -> tuple[Path, str, dict]:
         return shipped_dir(DEFAULT_MODEL), f"CPU backend: loaded {DEFAULT_MODEL} instead of {model} (a CPU figure)", {}
     note = ""
     base = Path(args.load_dir or os.getcwd())
-    out = Path(tempfile.mkdtemp(prefix="nexusrt-load-", dir=base))
+    try:
+        out = Path(tempfile.mkdtemp(prefix="nexusrt-load-", dir=base))
+    except OSError as exc:  # checked up front; a folder that changed since is said the same way
+        flag = f"--load-dir {args.load_dir!r}" if args.load_dir else f"the current directory {str(base)!r} (--load-dir)"
+        raise ValueError(f"{flag} is not writable: no folder can be created there ({exc.strerror or exc})") from None
     t0 = time.perf_counter()
     try:
         save_synthetic_checkpoint(preset, out, rt=rt)
@@ -145,15 +152,40 @@ def _checkpoint(args, rt) -> tuple[Path, str, dict]:
     return out, note, {"save_s": time.perf_counter() - t0, "saved_to": str(out)}
 
 
+def _check_args(args) -> tuple[int, int, int]:
+    """Refuse, before anything boots, what the stage cannot run, naming its flags (the staging
+    path's own refusals name its fields: buffer_bytes, readers); returns the staging config's
+    (buffers, buffer bytes, readers)."""
+    from .common import check_host_memory, writable_folder_problem
+
+    if args.load_runs < 1:
+        raise ValueError(f"--load-runs must be >= 1, got {args.load_runs}")
+    if not args.load_budget_s >= 0:  # NaN too
+        raise ValueError(f"--load-budget-s must be >= 0, got {args.load_budget_s}")
+    buffers, mib, readers = args.load_buffers, args.load_buffer_mib, args.load_readers
+    if buffers < 2:
+        raise ValueError(f"--load-buffers must be >= 2 (one filling, one copying), got {buffers}")
+    if mib < 1:
+        raise ValueError(f"--load-buffer-mib must be >= 1, got {mib}")
+    if not 1 <= readers < buffers:
+        raise ValueError(f"--load-readers must be in 1..{buffers - 1} (fewer than --load-buffers {buffers}: a "
+                         f"buffer is always being copied), got {readers}")
+    check_host_memory(buffers * (mib << 20), f"--load-buffers {buffers} x --load-buffer-mib {mib} (the staging "
+                                              "buffers)", "give fewer or smaller buffers")
+    if args.load_dir is not None:
+        why = writable_folder_problem(args.load_dir) if str(args.load_dir).strip() else "is empty"
+        if why is not None:
+            raise ValueError(f"--load-dir {args.load_dir!r} {why}")
+    return buffers, mib << 20, readers
+
+
 def run(args) -> dict:
     from .. import firmware, memory
     from ..models.safetensors import SafetensorsIndex, read_tensor
     from ..models.streaming import LoadItem, ProgressBar, StagingConfig, load_tensors
     from ..models.streaming.pagecache import filesystem_of
 
-    if args.load_runs < 1:
-        raise ValueError(f"--load-runs must be >= 1, got {args.load_runs}")
-    staging = StagingConfig(args.load_buffers, args.load_buffer_mib << 20, args.load_readers)
+    staging = StagingConfig(*_check_args(args))
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
     model_dir, note, saved = _checkpoint(args, rt)

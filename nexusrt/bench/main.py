@@ -1,7 +1,26 @@
 """``nexusrt-bench``: measure one layer of the runtime on this machine.
 
 Each stage is a module ``nexusrt.bench.<stage>`` with ``add_arguments(parser)``,
-``run(args) -> dict`` (the JSON result) and ``render(result) -> str`` (the table).
+``run(args) -> dict`` (the JSON result), ``render(result) -> str`` (the table) and ``OPTIONS``.
+
+**Which stage takes which option.** The parser is one for every stage, so every option parses
+with any ``--stage``; an option a stage does not read would be silently ignored, and the run would
+print figures of something the user did not ask for. So each stage module declares ``OPTIONS``,
+the set of the parser's ``dest`` names it reads besides :data:`COMMON` (a helper module that
+reads some, as :mod:`.decode_tp` or :mod:`.kv_speed`, declares its own ``OPTIONS`` and the stage
+that uses it adds them to its own). Before a stage runs, every option outside :data:`COMMON`
+whose value differs from its default and that the chosen stage does not declare is refused,
+naming the stages that take it (:func:`refuse_other_stages_options`). Options shared by several
+stages (``--model``, ``--prompt-tokens``, ``--runs``, ...) are declared by each stage that reads
+them, whichever module registered them (:func:`.common.add_shared_argument`). A test
+(tests/test_bench_refusals.py) reads each stage's code, its module and the non-stage bench
+modules it hands ``args`` to, and checks that its ``OPTIONS`` are exactly the options that code
+reads, that every declared option exists and that every option has a stage.
+
+Options a stage reads on one backend only (``--deterministic``, ``--prefill-path`` and
+``--kv-gpu-budget`` of the serve stage, ``--decode-paths`` and ``--persistent-profile`` of the
+decode stage: CUDA) are refused by the stage itself on the other backend, once it knows which
+one it runs on, before any model loads (:func:`.common.refuse_off_backend`).
 """
 
 from __future__ import annotations
@@ -27,6 +46,8 @@ STAGES = {
           "half the KV on the host tier, restoring it, and a pruned cache",
     "serve": "the serving engine under N concurrent requests: tokens/s, TTFT, TPOT, KV blocks",
 }
+# Options every stage takes (main reads --json and --debug; every stage boots with --profile, --backend).
+COMMON = frozenset({"help", "stage", "json", "profile", "backend", "debug"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         require_stdout("nowhere to write the figures")  # before any stage boots a device
-        _refuse_other_stages_options(args)
+        refuse_other_stages_options(parser, args)
         try:
             result = module.run(args)
         finally:
@@ -90,15 +111,51 @@ def main(argv: list[str] | None = None) -> int:
     return guarded("nexusrt-bench", run, args.debug)
 
 
-def _refuse_other_stages_options(args) -> None:
-    """An option a stage lists in its ``OWN_OPTIONS`` (``dest -> flag``), given with another stage,
-    is an error: ignored, it would print figures of something the user did not ask for."""
+def stage_options() -> dict[str, frozenset[str]]:
+    """Each available stage's ``OPTIONS``: the parser dests it reads besides :data:`COMMON`."""
+    out = {}
     for stage in STAGES:
-        module = _stage_module(stage) if stage != args.stage else None
-        for dest, flag in (getattr(module, "OWN_OPTIONS", None) or {}).items():
-            if getattr(args, dest, None) not in (None, False):
-                raise ValueError(f"{flag} applies to the {stage} stage only (--stage {stage}); "
-                                 f"--stage {args.stage} does not take it")
+        module = _stage_module(stage)
+        if module is not None:
+            out[stage] = frozenset(getattr(module, "OPTIONS", ()))
+    return out
+
+
+def flag_of(action) -> str:
+    """The long form of an option (``--mem-size-mib``), as the messages name it."""
+    return max(action.option_strings, key=len)
+
+
+def given_options(parser, args) -> list:
+    """The parser's actions outside :data:`COMMON` whose value in ``args`` differs from the default."""
+    out = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in COMMON:
+            continue
+        default = action.default
+        if isinstance(default, str) and callable(action.type):
+            default = action.type(default)  # argparse converts a string default the same way
+        if getattr(args, action.dest, default) != default:
+            out.append(action)
+    return out
+
+
+def refuse_other_stages_options(parser, args) -> None:
+    """Refuse an option given with a stage that does not read it (see the module docstring):
+    ignored, it would print figures of something the user did not ask for."""
+    owners = stage_options()
+    for action in given_options(parser, args):
+        takers = [s for s, opts in owners.items() if action.dest in opts]
+        if not takers or args.stage in takers:
+            continue
+        flag = flag_of(action)
+        if len(takers) == 1:
+            where = f"the {takers[0]} stage only (--stage {takers[0]})"
+        else:
+            names = ", ".join(takers[:-1]) + f" and {takers[-1]}"
+            stages = ", ".join(f"--stage {t}" for t in takers[:-1]) + f" or --stage {takers[-1]}"
+            where = f"the {names} stages ({stages})"
+        raise ValueError(f"{flag} applies to {where}; --stage {args.stage} does not take it")
 
 
 def _json_default(o):

@@ -9,6 +9,12 @@ Everything is measured in this run and reported as the median of many repetition
   traffic per byte copied) and of the PCIe link's peak.
 
 On the CPU backend the same stage runs over host pages and NumPy copies and says so.
+
+Memory: the copies hold four buffers of ``--mem-size-mib`` at once (two device buffers, a
+pinned and a pageable host one: on the CPU all four are host memory), and on CUDA the page
+figures ``--mem-pages`` device pages (on the CPU they map address space only, never touched); a
+size whose peak would not fit what the host (and on CUDA the device) has available now is
+refused before anything is allocated (:func:`check_room`).
 """
 
 from __future__ import annotations
@@ -20,17 +26,26 @@ import numpy as np
 
 from ..cli.parsing import int_range
 from ..memory.pages import PLAIN
+from ..memory.provider_host import PAGE_BYTES
+from . import common
 from .table import human_bytes, table
 
 ALLOC_SIZES = (4 << 10, 1 << 20, 64 << 20)
 PCIE_FALLBACK = 64e9  # PCIe Gen5 x16, raw 32 GT/s x 16 lanes / 8
+FILL_CHUNK = 64 << 20  # the random fill of the copies' source, a chunk at a time (no full-size temporary)
+CHECK_BYTES = 1 << 16  # the bytes compared after the copies
+# Besides the buffers: the alloc figures' largest block (arena and np.empty), one fill chunk, the
+# compared bytes and the runtime's own pages.
+SLACK_BYTES = 2 * ALLOC_SIZES[-1] + FILL_CHUNK + (64 << 20)
+OPTIONS = frozenset({"mem_size_mib", "mem_reps", "mem_alloc_reps", "mem_pages"})
 
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("memory stage")
     # Each at least 1, refused at parse time: a clamp would report figures of a size not asked for.
     g.add_argument("--mem-size-mib", type=int_range(1), default=256,
-                   help="bytes per bandwidth copy, MiB, >= 1 (default 256)")
+                   help="bytes per bandwidth copy, MiB, >= 1 (default 256); four buffers of it are held at once "
+                        "(on CUDA two on the host, two on the device), refused up front where they do not fit")
     g.add_argument("--mem-reps", type=int_range(1), default=20,
                    help="repetitions per bandwidth figure, >= 1 (default 20)")
     g.add_argument("--mem-alloc-reps", type=int_range(1), default=200,
@@ -172,17 +187,77 @@ def pinned_h2d_rate(rt, nbytes: int = 1 << 30, reps: int = 5) -> float:
         pinned.free()
 
 
+def _fill_random(out: np.ndarray, chunk: int = FILL_CHUNK) -> None:
+    """Fill the uint8 array ``out`` with seeded random bytes in place, ``chunk`` bytes at a time,
+    so no temporary of the full size is made."""
+    rng = np.random.default_rng(0)
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        part = flat[start:start + chunk]
+        part[...] = rng.integers(0, 256, part.size, dtype=np.uint8)
+
+
+def memory_need(is_cuda: bool, nbytes: int, npages: int, page_bytes: int = PAGE_BYTES) -> dict:
+    """Peak bytes the stage holds: ``{"host": ..., "device": ...}`` (device 0 on the CPU, where
+    everything is host memory). The copies' four buffers of ``nbytes`` (two device, one pinned,
+    one pageable) are held at once; on CUDA the page figures map ``npages`` device pages and give
+    them back before the copies start, so the device's peak is the larger of the two (the CPU's
+    host pages are address space the figures never touch); :data:`SLACK_BYTES` besides."""
+    if is_cuda:
+        return {"host": 2 * nbytes + SLACK_BYTES, "device": max(2 * nbytes, npages * page_bytes) + SLACK_BYTES}
+    return {"host": 4 * nbytes + SLACK_BYTES, "device": 0}
+
+
+def check_room(is_cuda: bool, size_mib: int, npages: int, host: tuple[int, str],
+               device: tuple[int, str] | None = None) -> None:
+    """Refuse (ValueError naming --mem-size-mib, and on the device --mem-pages) a run whose peak
+    does not fit ``host`` (bytes, where that figure came from), or on CUDA ``device``, available now."""
+    need = memory_need(is_cuda, size_mib << 20, npages)
+    if not is_cuda:
+        _refuse_past(need["host"], host, f"--mem-size-mib {size_mib} (four buffers of {size_mib} MiB on the CPU "
+                                         "backend: two arena, one pinned, one pageable) needs", "host", 4)
+        return
+    _refuse_past(need["host"], host, f"--mem-size-mib {size_mib} (a pinned and a pageable host buffer of "
+                                     f"{size_mib} MiB) needs", "host", 2)
+    if device is not None:
+        pages = npages * PAGE_BYTES
+        what = (f"--mem-pages {npages} ({npages} pages of {PAGE_BYTES >> 20} MiB) need" if pages > 2 * (size_mib << 20)
+                else f"--mem-size-mib {size_mib} (two device buffers of {size_mib} MiB) needs")
+        _refuse_past(need["device"], device, what, "device", 2, pages)
+
+
+def _refuse_past(need: int, available: tuple[int, str], what: str, where: str, buffers: int, pages: int = 0) -> None:
+    """Refuse ``need`` bytes of ``where`` memory past ``available``; the hint is the largest
+    --mem-size-mib that fits (``buffers`` of it), or fewer --mem-pages where ``pages`` bytes bind."""
+    free, source = available
+    if need <= free:
+        return
+    fits = (free - SLACK_BYTES) // (buffers << 20)
+    hint = ("give fewer --mem-pages" if pages + SLACK_BYTES > free else
+            f"give --mem-size-mib {fits} or less" if fits >= 1 else "free some memory first")
+    raise ValueError(f"{what} {human_bytes(need)} of {where} memory but {human_bytes(free)} is available now "
+                     f"({source}); {hint}")
+
+
 def bandwidth(rt, nbytes: int, reps: int, pcie: dict) -> list[dict]:
     from .. import memory
 
     peak = rt.profile.peak_bandwidth_bytes_s or None
-    dev_a = memory.alloc((nbytes,), "uint8", tag="bench")
-    dev_b = memory.alloc((nbytes,), "uint8", tag="bench")
-    pinned = memory.pinned((nbytes,), "uint8", tag="bench")
-    pageable = memory.alloc((nbytes,), "uint8", device=False, tag="bench")
+    made = []
+    try:  # the room was checked (check_room); one that still fails is said with the flag, nothing kept
+        for make in (lambda: memory.alloc((nbytes,), "uint8", tag="bench"),
+                     lambda: memory.alloc((nbytes,), "uint8", tag="bench"),
+                     lambda: memory.pinned((nbytes,), "uint8", tag="bench"),
+                     lambda: memory.alloc((nbytes,), "uint8", device=False, tag="bench")):
+            made.append(make())
+    except MemoryError as exc:
+        for t in made:
+            t.free()
+        raise ValueError(f"--mem-size-mib {nbytes >> 20}: buffer {len(made) + 1} of 4 did not fit ({exc})") from None
+    dev_a, dev_b, pinned, pageable = made
     rows = []
     try:
-        pinned.array[...] = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+        _fill_random(pinned.array)
         pageable.array[...] = pinned.array
         cases = [("host->device (pinned)", dev_a, pinned, False, "pcie"),
                  ("host->device (pageable)", dev_a, pageable, True, "pcie"),
@@ -199,7 +274,8 @@ def bandwidth(rt, nbytes: int, reps: int, pcie: dict) -> list[dict]:
                 "of_peak_bandwidth": traffic / s / peak if peak else None,
                 "of_pcie": nbytes / s / pcie["peak_bytes_s"] if bound == "pcie" and pcie["peak_bytes_s"] else None,
             })
-        if dev_b.to_numpy()[: 1 << 16].tobytes() != pinned.array[: 1 << 16].tobytes():
+        check = min(CHECK_BYTES, nbytes)  # a view's copy: not a host copy of the whole buffer
+        if dev_b[:check].to_numpy().tobytes() != pinned.array[:check].tobytes():
             raise RuntimeError("bandwidth copies did not reproduce the data")
     finally:
         for t in (dev_a, dev_b, pinned, pageable):
@@ -212,6 +288,12 @@ def run(args) -> dict:
 
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
+    device = None
+    if rt.is_cuda:
+        from ..engine.fit import cuda_available
+
+        device = cuda_available()
+    check_room(rt.is_cuda, args.mem_size_mib, args.mem_pages, common.host_available(), device)  # before any work
     nbytes = args.mem_size_mib << 20  # >= 1: checked by the parser
     pcie = pcie_link(rt)
     result = {

@@ -25,6 +25,8 @@ CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 DEFAULT_LENGTHS = (512, 2048, 8192)
 CPU_MAX_TOKENS = 256  # the NumPy prefill is O(n^2) per layer in Python; keep the stage short
 ATTENTION_TOKENS = 8192
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"model", "prompt_tokens", "runs", "no_peers"})
 
 
 def add_arguments(parser) -> None:
@@ -53,6 +55,17 @@ def prompt_ids(n: int, vocab: int) -> np.ndarray:
     return ((np.arange(n, dtype=np.int64) * 7919 + 11) % vocab).astype(np.int32)
 
 
+def _check_context(model: str, backend: str, longest: int) -> None:
+    """Refuse a prompt past the context the runner gets for ``model`` when asked for one more
+    position than it (``LLM`` caps that at the model's context without a word)."""
+    from ..engine.fit import runner_context
+
+    limit = runner_context(resolve_model_config(model), backend, longest + 1)
+    if longest > limit:
+        raise ValueError(f"--prompt-tokens {longest} exceeds {model}'s context of {limit} tokens on {backend}; "
+                         f"give at most {limit}")
+
+
 def run(args) -> dict:
     from .. import firmware
     from ..engine.llm import LLM
@@ -74,6 +87,7 @@ def run(args) -> dict:
         if max(lengths) > CPU_MAX_TOKENS:
             notes.append(f"CPU backend: prompts capped at {CPU_MAX_TOKENS} tokens")
             lengths = sorted({min(n, CPU_MAX_TOKENS) for n in lengths})
+    _check_context(model, rt.backend, max(lengths))  # before the kernels compile and the model loads
     compile_s = None
     if rt.is_cuda:  # compile (or read from the disk cache) every kernel first, so capture_s is capture
         from ..kernels.compiler import all_sources

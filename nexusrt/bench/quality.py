@@ -17,6 +17,9 @@ from ..cli.parsing import int_range
 from .common import add_model_argument, resolve_model_config
 from .table import plain, table
 
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"model", "tokens", "window", "no_hf"})
+
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)

@@ -20,6 +20,9 @@ import time
 from ..cli.parsing import int_range
 from .table import table
 
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"scheduler_launches", "scheduler_repeats"})
+
 
 def add_arguments(parser) -> None:
     # At least 1 each, refused at parse time (a clamp reported "1 launches" for -5).

@@ -27,12 +27,17 @@ import numpy as np
 
 from ..cli.parsing import int_range
 from ..models.shipped import DEFAULT_MODEL
-from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
+from . import common
+from .common import add_model_argument, add_shared_argument, int_list, refuse_off_backend, resolve_model_config
 from .table import plain, table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 GOLDEN = 0.6180339887498949
 PREFILL_PATHS = ("ragged", "per-sequence")
+CONTEXT_SLACK = 16  # positions the runner is asked for past the longest request (slack only)
+# The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
+OPTIONS = frozenset({"model", "prompt_tokens", "new_tokens", "runs", "no_peers", "concurrency", "shared_prefix",
+                     "kv_memory", "kv_gpu_budget", "temperature", "deterministic", "prefill_path"})
 
 
 def add_arguments(parser) -> None:
@@ -53,17 +58,30 @@ def add_arguments(parser) -> None:
                         help="serve stage: KV pool bytes, at least one KV block (default: room for every request "
                              "at once)")
     parser.add_argument("--kv-gpu-budget", type=int_range(0), default=None, metavar="BYTES",
-                        help="serve stage on CUDA: cap the KV pool at BYTES and swap preempted requests to a pinned "
-                             "host tier instead of recomputing them (compare with --kv-memory BYTES)")
+                        help="serve stage on CUDA (refused on the CPU): cap the KV pool at BYTES and swap preempted "
+                             "requests to a pinned host tier instead of recomputing them (compare with --kv-memory "
+                             "BYTES)")
     add_shared_argument(parser, "--temperature", type=float, default=0.0, metavar="T",
                         help="serve stage: sample every request at temperature T (1024-candidate cap, no top-p), "
                              "request i with seed i; decode stage: every token at T (with --top-k/--top-p, "
                              "seed 0); 0 (default) is greedy")
     parser.add_argument("--deterministic", action="store_true",
-                        help="serve stage on CUDA: the batch-invariant engine mode (see nexusrt serve --deterministic)")
+                        help="serve stage on CUDA (refused on the CPU, whose engine is batch invariant already): the "
+                             "batch-invariant engine mode (see nexusrt serve --deterministic)")
     parser.add_argument("--prefill-path", choices=PREFILL_PATHS, default="ragged",
-                        help="serve stage on CUDA: a step's prompt chunks together through each GEMM (ragged, the "
-                             "default) or each alone through the one-sequence prefill graphs (per-sequence)")
+                        help="serve stage on CUDA (per-sequence is refused on the CPU, whose runner has one prompt "
+                             "path): a step's prompt chunks together through each GEMM (ragged, the default) or "
+                             "each alone through the one-sequence prefill graphs (per-sequence)")
+
+
+def prompt_length(i: int, prompt_tokens: int) -> int:
+    """Request ``i``'s own prompt length (after the shared prefix): 0.75-1.25 x ``prompt_tokens``."""
+    return max(1, round(prompt_tokens * (0.75 + 0.5 * ((i * GOLDEN) % 1.0))))
+
+
+def request_sizes(n: int, prompt_tokens: int, new_tokens: int, shared_prefix: int) -> list[int]:
+    """Tokens (prompt and new) of each of :func:`workload`'s ``n`` requests, without building them."""
+    return [shared_prefix + prompt_length(i, prompt_tokens) + new_tokens for i in range(n)]
 
 
 def workload(n: int, prompt_tokens: int, new_tokens: int, shared_prefix: int, vocab: int) -> list[tuple[list[int], int]]:
@@ -72,7 +90,7 @@ def workload(n: int, prompt_tokens: int, new_tokens: int, shared_prefix: int, vo
     prefix = [(j * 7919 + 11) % span + 8 for j in range(shared_prefix)]
     out = []
     for i in range(n):
-        length = max(1, round(prompt_tokens * (0.75 + 0.5 * ((i * GOLDEN) % 1.0))))
+        length = prompt_length(i, prompt_tokens)
         own = [((i + 1) * 104729 + j * 7919) % span + 8 for j in range(length)]
         out.append((prefix + own, new_tokens))
     return out
@@ -93,6 +111,43 @@ def _validate(args, cpu: bool) -> None:
     args.temperature = float(getattr(args, "temperature", 0.0))
     if not args.temperature >= 0:  # NaN too
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+
+
+def _check_before_loading(args, rt, cfg, model: str) -> None:
+    """What the run asks for against what it gets, before the model loads: flags its backend
+    ignores, the longest request against the context, and on the CPU the KV pool against the
+    host memory available now (the pool is host memory there, committed as blocks are written)."""
+    from ..engine.fit import runner_context
+
+    cpu = not rt.is_cuda
+    refuse_off_backend(rt, "serve", "--deterministic", bool(getattr(args, "deterministic", False)))
+    refuse_off_backend(rt, "serve", "--prefill-path", getattr(args, "prefill_path", "ragged") != "ragged")
+    refuse_off_backend(rt, "serve", "--kv-gpu-budget", getattr(args, "kv_gpu_budget", None) is not None)
+    top = max(args.concurrency)
+    if cpu and args.kv_memory is None:  # a bound first, cheap whatever --concurrency: a block a request at least
+        common.check_host_memory(top * _cpu_unit(cfg), f"--concurrency {top} requests at once (a KV block each at "
+                                 "least, fp32 on the CPU)", "give fewer --concurrency")
+    sizes = request_sizes(top, args.prompt_tokens, args.new_tokens, args.shared_prefix)
+    longest = max(sizes)
+    limit = runner_context(cfg, rt.backend, longest + CONTEXT_SLACK)
+    prefix = f"--shared-prefix {args.shared_prefix} + " if args.shared_prefix else ""
+    spread = longest - args.shared_prefix - args.new_tokens
+    common.check_context(limit, longest, model, rt.backend,
+                         f"the longest request: {prefix}--prompt-tokens {args.prompt_tokens} ({spread} with the "
+                         f"0.75-1.25x spread) + --new-tokens {args.new_tokens}")
+    if cpu:
+        from ..kvcache.blocks import blocks_for
+
+        unit = _cpu_unit(cfg)
+        if args.kv_memory is not None:
+            common.check_host_memory(args.kv_memory, f"--kv-memory {args.kv_memory} (the KV pool, fp32 on the CPU)",
+                                     "give a smaller --kv-memory")
+        else:
+            need = sum(blocks_for(n) for n in sizes) * unit
+            common.check_host_memory(
+                need, f"--concurrency {top} requests of up to {longest} tokens at once (their KV pool, fp32 on "
+                      "the CPU)",
+                "give fewer --concurrency, shorter --prompt-tokens/--new-tokens, or a --kv-memory to preempt within")
 
 
 def _pct(values, q) -> float:
@@ -179,16 +234,18 @@ def run(args) -> dict:
     cpu = not rt.is_cuda
     _validate(args, cpu=cpu)
     model = args.model
-    resolve_model_config(model)
+    cfg = resolve_model_config(model)
     note = "CPU backend: a CPU figure, not comparable to a GPU" if cpu else ""
     if cpu and model != CPU_MODEL and not getattr(args, "model_explicit", False):
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
+        cfg = resolve_model_config(model)
+    _check_before_loading(args, rt, cfg, model)
     deterministic = bool(getattr(args, "deterministic", False)) and not cpu
     prefill_path = None if cpu else getattr(args, "prefill_path", "ragged")  # the CPU runner has one path
     budget = 512 if cpu else CUDA_TOKEN_BUDGET + (FIXED_CHUNK if deterministic else 0)
-    longest = args.shared_prefix + round(args.prompt_tokens * 1.25) + args.new_tokens
-    llm = LLM(model, backend=rt.backend, max_context=longest + 16)
+    longest = max(request_sizes(max(args.concurrency), args.prompt_tokens, args.new_tokens, args.shared_prefix))
+    llm = LLM(model, backend=rt.backend, max_context=longest + CONTEXT_SLACK)
     cfg = llm.config
     levels, one_seq = {}, None
     runner = None
@@ -197,8 +254,7 @@ def run(args) -> dict:
         workloads = {n: workload(n, args.prompt_tokens, args.new_tokens, args.shared_prefix, cfg.vocab_size)
                      for n in args.concurrency}
         need = max(sum(blocks_for(len(p) + m) for p, m in w) for w in workloads.values())
-        runner = _batch_runner(llm, cpu, need, args.kv_memory, top, budget, deterministic, prefill_path,
-                               getattr(args, "kv_gpu_budget", None))
+        runner = _pool_runner(llm, cpu, need, args, top, budget, deterministic, prefill_path)
         fixed = FIXED_CHUNK if deterministic else 0
         for n in args.concurrency:
             run_level(runner, workload(1, 8, 2, 0, cfg.vocab_size), llm.runner.max_context, budget, fixed,
@@ -261,6 +317,31 @@ def _batch_runner(llm, cpu: bool, need: int, kv_memory, max_batch: int, budget: 
         raise ValueError(f"--prefill-path must be one of {', '.join(PREFILL_PATHS)}, got {prefill_path!r}")
     return CudaBatchRunner(llm.runner, blocks, max_batch, max_chunk=budget, deterministic=deterministic,
                            ragged_prefill=prefill_path == "ragged", host_blocks=host)
+
+
+def _cpu_unit(cfg) -> int:
+    from ..backends.cpu.batch import cpu_block_bytes
+
+    return cpu_block_bytes(cfg)
+
+
+def _pool_runner(llm, cpu: bool, need: int, args, top: int, budget: int, deterministic: bool, prefill_path):
+    """:func:`_batch_runner` with the stage's flags; a pool that does not fit the memory it goes
+    to is said naming the flag that sized it (not as the CLI's "--max-context", which the bench
+    does not have)."""
+    kv_memory, kv_gpu_budget = args.kv_memory, getattr(args, "kv_gpu_budget", None)
+    try:
+        return _batch_runner(llm, cpu, need, kv_memory, top, budget, deterministic, prefill_path, kv_gpu_budget)
+    except MemoryError as exc:
+        where = "host" if cpu else "device"
+        if kv_memory is not None or kv_gpu_budget is not None:
+            flags = " and ".join(f"{f} {v}" for f, v in (("--kv-memory", kv_memory), ("--kv-gpu-budget", kv_gpu_budget))
+                                 if v is not None)
+            raise ValueError(f"{flags} bytes: the KV pool does not fit the {where} memory ({exc}); "
+                             "give fewer bytes") from None
+        raise ValueError(f"the KV pool for --concurrency {top} requests at once ({need} blocks) does not fit the "
+                         f"{where} memory ({exc}); give fewer --concurrency, shorter requests, or --kv-memory "
+                         "BYTES to preempt within") from None
 
 
 def _holds_a_block(flag: str, value: int | None, blocks: int | None, unit: int) -> None:

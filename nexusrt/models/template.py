@@ -8,14 +8,21 @@ per render:
 - a time limit and a step limit: a trace function counts the lines the template's own
   compiled code runs (every loop iteration runs at least one) and checks the clock, so a
   template that loops, recurses or stalls stops within :attr:`Limits.seconds`;
-- a size limit on every string or list the template builds: ``*``, ``+``, ``**``, ``~``
-  (concatenation), filter and method results, integer arguments to filters and methods (so
-  ``center(10**9)`` is refused before it allocates), and the rendered output itself;
+- a size limit on every value the template builds, checked before it is built where building it
+  alone could take gigabytes: ``*``, ``+``, ``%``, ``~`` (concatenation), filter and method results,
+  integer arguments to filters and methods (so ``center(10**9)`` is refused before it allocates),
+  the joins of blocks and macros, and the rendered output itself;
+- the size of a value as text is what turning it into text would produce: a list holds the repr of
+  each item, recursively (``[s] * n`` is ``n`` copies of ``s``'s text, although only ``n``
+  references), counted without building it and no further than just past the limit. ``~``,
+  ``{{ value }}``, ``string``, ``join``, ``tojson``, ``%s`` and ``{}`` are sized so before they run;
 - before the call, the size of what a filter or method would build where one argument multiplies
   another (``join`` of many references to one long string, ``indent`` of many lines by a wide
-  margin, ``replace``, ``expandtabs``) and the widths written inside format strings
-  (``"%09999999d" | format(1)``, ``"{:>999999999}".format(1)``): these allocate before any result
-  can be measured.
+  margin, ``replace``, ``expandtabs``, ``translate``, ``wordwrap``, ``sum`` of lists) and the widths
+  in format strings (``"%09999999d" % 1``, ``"{:>{}}".format(1, "999999999")``: a width nested in a
+  ``{}`` field is checked once the argument is in it): these allocate before any result can be measured;
+- integers of at most :data:`MAX_INT_BITS` bits: ``*`` and ``**`` of bigger ones take minutes in C
+  code that no trace function or Ctrl-C interrupts.
 
 A template that breaks a limit raises :class:`~nexusrt.errors.ModelError` naming the
 template's file and the limit; so does any error the template raises while rendering.
@@ -25,15 +32,30 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import io
+import itertools
+import math
 import operator
 import re
 import sys
 import time
+import types
+from collections.abc import Mapping, MappingView
 from dataclasses import dataclass
 
 from ..errors import ModelError
 
 _TEMPLATE_FILENAME = "<template>"  # what jinja2 names the code it compiles from a string
+MAX_INT_BITS = 4096  # far above any chat template's arithmetic; x*x of 16-Mbit numbers takes minutes
+_CHUNK = 1 << 16  # a long string's repr is measured this many characters at a time
+_BINOPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+           "//": operator.floordiv, "%": operator.mod, "**": operator.pow}
+# Filters that turn their value and arguments into text (soft_str / str / escape) before working.
+_TEXT_FILTERS = frozenset(["capitalize", "center", "e", "escape", "forceescape", "indent", "lower", "pprint",
+                           "replace", "safe", "string", "striptags", "title", "trim", "truncate", "upper",
+                           "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr"])
+# Characters str.splitlines() breaks at (indent puts its margin on every line it finds).
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 @dataclass(frozen=True)
@@ -56,10 +78,19 @@ def _size(value) -> int:
     return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
 
 
+def _refuse_over(size: int, what: str) -> None:
+    limit = _limits.get().max_chars
+    if size > limit:
+        raise TemplateLimitError(f"{what} would build a value of about {size} items, over the {limit} limit")
+
+
 def _check_size(value, what: str):
     limit = _limits.get().max_chars
     if _size(value) > limit:
         raise TemplateLimitError(f"{what} built a value of {_size(value)} items, over the {limit} limit")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise TemplateLimitError(f"{what} built an integer of {value.bit_length()} bits, "
+                                 f"over the {MAX_INT_BITS}-bit limit")
     return value
 
 
@@ -69,52 +100,210 @@ def _check_int_args(args, kwargs, what: str) -> None:
     limit = _limits.get().max_chars
     for a in (*args, *kwargs.values()):
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > limit:
-            raise TemplateLimitError(f"{what} was given {a}, over the {limit} limit")
+            shown = a if a.bit_length() <= 64 else f"an integer of {a.bit_length()} bits"
+            raise TemplateLimitError(f"{what} was given {shown}, over the {limit} limit")
 
 
-def _format_widths(fmt: str, what: str) -> None:
-    # A width or precision inside a format string allocates as much as the number says.
-    limit = _limits.get().max_chars
-    for digits in re.findall(r"\d+", fmt):
+def _repr_len(s) -> int:
+    """``len(repr(s))`` of a str or bytes (to within its quotes), building at most a chunk of it."""
+    if isinstance(s, str) and s.isprintable():  # repr then escapes only backslashes and quotes
+        return len(s) + 2 + s.count("\\") + s.count("'")
+    return 3 + sum(len(repr(s[i:i + _CHUNK])) - 2 for i in range(0, len(s), _CHUNK))
+
+
+def _text_size(value, budget: int | None = None, seen: dict | None = None) -> int:
+    """About how many characters ``str(value)`` has, found without building it.
+
+    A string is its length; anything else is its repr, which for lists, tuples, dicts (and their
+    views) and namespaces holds the repr of every item, recursively. Counting stops as soon as it is
+    past ``budget`` (the limit by default) and an object referenced many times is measured once
+    (``seen``, shared by callers that size several values), so the work is bounded by the budget
+    however many references a value holds: ``[s] * 10**6`` costs two items, not a million.
+    """
+    if isinstance(value, str):
+        return len(value)
+    budget = _limits.get().max_chars if budget is None else budget
+    return _repr_size(value, budget, {} if seen is None else seen)
+
+
+def _repr_size(value, budget: int, seen: dict) -> int:
+    if isinstance(value, (str, bytes)):
+        return _repr_len(value)
+    if value is None or isinstance(value, bool):
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 2  # at least its decimal digits, and a sign
+    if isinstance(value, float):
+        return len(repr(value))
+    if id(value) in seen:
+        return seen[id(value)][1]
+    if isinstance(value, Mapping):
+        items, size = itertools.chain.from_iterable(value.items()), 2  # "k: v, " is two items and a separator
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items, size = value, 2
+    elif isinstance(value, MappingView):
+        items, size = value, 14  # "dict_items([...])"
+    else:
+        from jinja2.utils import Namespace
+
+        if isinstance(value, Namespace):  # its repr shows every attribute
+            return 12 + _repr_size(value._Namespace__attrs, budget, seen)
+        return 64  # loops, macros, cyclers, generators, Undefined: a short fixed repr
+    for item in items:
+        # Strings and numbers inline: a call per item would cost a trace event each.
+        kind = type(item)
+        if kind is str and item.isprintable():
+            size += len(item) + 4 + item.count("\\") + item.count("'")
+        elif kind is int:
+            size += item.bit_length() // 3 + 4
+        elif kind is float:
+            size += len(repr(item)) + 2
+        elif item is None or kind is bool:
+            size += 7
+        else:
+            size += 2 + _repr_size(item, budget - size, seen)
+        if size > budget:
+            break
+    seen[id(value)] = (value, size)  # the value kept alive, so that its id is not reused meanwhile
+    return size
+
+
+def _check_text(values, what: str) -> None:
+    """Refuse turning ``values`` into text if their text together would be over the limit."""
+    limit, size, seen = _limits.get().max_chars, 0, {}
+    for v in values:
+        size += _text_size(v, limit - size, seen)
+        _refuse_over(size, what)
+
+
+def text_of(value, what: str) -> str:
+    """``str(value)``, refused (:class:`TemplateLimitError`) before it is built if over the limit."""
+    _check_text((value,), what)
+    return str(value)
+
+
+def join_limited(chunks, what: str) -> str:
+    """The concatenation of an iterable of text ``chunks``, refused as soon as it is over the limit."""
+    out, size, limit = [], 0, _limits.get().max_chars
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise TemplateLimitError(f"{what} would build a value of more than {limit} items, over the limit")
+        out.append(chunk)
+    return "".join(out)
+
+
+def _format_widths(fmt: str, what: str) -> int:
+    """The sum of the numbers written in a format string: its widths and precisions (and any other
+    digits: an overestimate, never an underestimate however the format nests its keys). One number
+    over the limit is refused as it stands, as it allocates as much as it says."""
+    limit, total = _limits.get().max_chars, 0
+    for m in re.finditer(r"\d+", fmt):
+        digits = m.group()
         if len(digits) > len(str(limit)) or int(digits) > limit:
             raise TemplateLimitError(f"{what} writes the width {digits[:20]} in a format string, over the {limit} limit")
+        total += int(digits)
+        if total > limit:
+            break
+    return total
 
 
-def _predict(name: str, value, args, kwargs, what: str) -> None:
-    """Refuse, before it runs, a filter or str method (``value`` its subject) whose result would be
-    over the limit although no single argument is."""
-    if not isinstance(value, str) and name != "join":
-        return
+def _percent_size(fmt, args, what: str) -> int:
+    """An upper bound on ``len(fmt % args)``, found without formatting: the format's own text, the
+    numbers written in it, every integer a ``*`` may take as a width, and the text of each value
+    (a float's ``%f`` may write 310 digits; ``%r`` and ``%a`` at most a few times the text)."""
+    text = fmt.decode("latin-1") if isinstance(fmt, bytes) else fmt
+    limit, seen = _limits.get().max_chars, {}
+    size = len(text) + _format_widths(text, what)
+    if isinstance(args, Mapping):
+        # "%(key)s" may name one value any number of times: each use counts as the longest value,
+        # and a plain "%s" prints the mapping itself.
+        uses, longest = text.count("%("), 0
+        size += _text_size(args, limit - size, seen)
+        for v in args.values():
+            longest = max(longest, _text_size(v, limit, seen))
+            if size + uses * longest > limit:
+                break
+        return size + uses * longest
+    values = args if isinstance(args, tuple) else (args,)
+    for v in values:
+        size += _text_size(v, limit - size, seen) + (310 if isinstance(v, float) else 0)
+        if "*" in text and isinstance(v, int) and not isinstance(v, bool):
+            size += abs(v)  # "%*d": the width is an argument
+        if size > limit:
+            break
+    return size
+
+
+def _predict(name: str, value, args, kwargs, what: str, method: bool = False) -> None:
+    """Refuse, before it runs, a filter or (``method``) str or bytes method whose subject is ``value``
+    and whose result would be over the limit although no single argument is: one multiplies another."""
+    limit = _limits.get().max_chars
     arg = lambda i, key, default: args[i] if len(args) > i else kwargs.get(key, default)  # noqa: E731
     size = 0
-    if name == "join" and isinstance(value, (list, tuple)):  # str.join(seq): value is the separator's seq
-        sep = arg(0, "d", "") if isinstance(arg(0, "d", ""), str) else ""
-        size = sum(_size(v) for v in value) + len(sep) * len(value)
-    elif name == "join" and isinstance(value, str) and args and isinstance(args[0], (list, tuple)):
-        size = sum(_size(v) for v in args[0]) + len(value) * len(args[0])
-    elif name == "indent" and isinstance(arg(0, "width", 4), int):
-        size = len(value) + (value.count("\n") + 1) * abs(arg(0, "width", 4))
-    elif name == "replace" and isinstance(arg(0, "old", None), str) and isinstance(arg(1, "new", None), str):
-        old, new = arg(0, "old", None), arg(1, "new", None)
-        size = len(value) + (len(value) + 1 if old == "" else value.count(old)) * len(new)
-    elif name == "expandtabs" and isinstance(arg(0, "tabsize", 8), int):
-        size = len(value) + value.count("\t") * abs(arg(0, "tabsize", 8))
-    elif name in ("format", "format_map"):
-        _format_widths(value, what)
-    if size > _limits.get().max_chars:
-        raise TemplateLimitError(f"{what} would build a value of {size} items, over the {_limits.get().max_chars} limit")
+    if name == "join":  # every item's text, and the separator between each two
+        seq, sep = (arg(0, "iterable", None), value) if method else (value, arg(0, "d", ""))
+        if isinstance(seq, (list, tuple)):
+            size, seen = _text_size(sep) * max(len(seq) - 1, 0), {}
+            for item in seq:
+                size += _text_size(item, limit - size, seen)
+                if size > limit:
+                    break
+    elif name == "replace":
+        old, new, count = arg(0, "old", None), arg(1, "new", None), arg(2, "count", None)
+        if isinstance(value, str) and isinstance(old, str) or isinstance(value, bytes) and isinstance(old, bytes):
+            hits = value.count(old) if old else len(value) + 1
+        else:  # the filter replaces in str(value): at most one hit per character
+            hits = _text_size(value) + 1
+        if isinstance(count, int) and count >= 0:
+            hits = min(hits, count)
+        size = _text_size(value) + hits * _text_size(new)
+    elif name == "indent":
+        width = arg(0, "width", 4)
+        margin = len(width) if isinstance(width, str) else abs(width) if isinstance(width, int) else 0
+        lines = sum(map(value.count, _LINE_BREAKS)) if isinstance(value, str) else 0
+        size = _text_size(value) + (lines + 2) * margin  # + the first line, and `first=True`
+    elif name == "wordwrap" and not method:  # each line ends with the wrapstring (a line holds a character)
+        wrap, text = arg(2, "wrapstring", None), _text_size(value)
+        size = text + (text + 1) * (1 if wrap is None else _text_size(wrap))
+    elif name == "urlize" and not method:  # each link (a word: two characters at least) repeats target and rel
+        extra = sum(_text_size(a) for a in (arg(2, "target", None), arg(3, "rel", None)) if a is not None)
+        size = _text_size(value) + (_text_size(value) // 2 + 1) * extra
+    elif name == "expandtabs" and isinstance(value, (str, bytes)) and isinstance(arg(0, "tabsize", 8), int):
+        size = len(value) + value.count("\t" if isinstance(value, str) else b"\t") * abs(arg(0, "tabsize", 8))
+    elif name == "translate" and isinstance(value, str) and isinstance(arg(0, "table", None), Mapping):
+        longest = max((len(v) for v in arg(0, "table", None).values() if isinstance(v, str)), default=1)
+        size = len(value) * max(longest, 1)
+    elif name == "sum" and not method and isinstance(arg(1, "start", 0), (list, tuple)):
+        # sum(lists, start=[]) builds every partial sum in turn: count them all (quadratic).
+        total = size = len(arg(1, "start", 0))
+        for item in value if isinstance(value, (list, tuple)) else ():
+            total += _size(item)
+            size += total
+            if size > limit:
+                break
+    elif name == "format" and not method:  # the filter: str(value) % args
+        if not isinstance(value, str):
+            value = text_of(value, what)
+        size = _percent_size(value, kwargs or tuple(args), what)
+    _refuse_over(size, what)
 
 
 def _bounded_list(items, what: str) -> list:
-    """``items`` (a generator) as a list, stopped as soon as the join of it would be over the limit:
-    a generator may make a new long string per item (``map('lower')``)."""
-    out, size, limit = [], 0, _limits.get().max_chars
+    """``items`` (a generator) as a list, stopped as soon as the text of it would be over the limit:
+    a generator may make a new long value per item (``map('lower')``) for a filter to keep them all."""
+    out, size, limit, seen = [], 0, _limits.get().max_chars, {}
     for item in items:
         out.append(item)
-        size += max(1, _size(item))
+        size += max(1, _text_size(item, limit - size, seen))
         if size > limit:
             raise TemplateLimitError(f"{what} would build a value of more than {limit} items, over the limit")
     return out
+
+
+def _listed(values, what: str):
+    """``values`` (arguments) with every generator among them made a bounded list."""
+    return [_bounded_list(v, what) if isinstance(v, types.GeneratorType) else v for v in values]
 
 
 def _subject(args):
@@ -133,12 +322,16 @@ def _limited_filter(name: str, fn):
     @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment markers
     def wrapper(*args, **kwargs):
         what = f"filter {name!r}"
+        # A generator (map, select, ...) may make new values per item: listed within the limit first.
+        args = tuple(_listed(args, what))
+        kwargs = dict(zip(kwargs, _listed(kwargs.values(), what)))
         _check_int_args(args, kwargs, what)
         value, rest = _subject(args)
-        if name == "join" and value is not None and not isinstance(value, (str, list, tuple, dict)):
-            listed = _bounded_list(value, what)  # a generator (map, select): sized once it is a list
-            args = tuple(listed if a is value else a for a in args)
-            value = listed
+        if name == "int" and isinstance(value, (str, bytes)) and len(value) > MAX_INT_BITS:
+            raise TemplateLimitError(f"{what} was given a string of {len(value)} characters, "
+                                     f"over the {MAX_INT_BITS}-digit limit for a number")
+        if name in _TEXT_FILTERS:
+            _check_text((value, *rest, *kwargs.values()), what)
         _predict(name, value, rest, kwargs, what)
         return _check_size(fn(*args, **kwargs), what)
     return wrapper
@@ -146,61 +339,159 @@ def _limited_filter(name: str, fn):
 
 def _limited_join(join):
     def wrapper(seq):
-        parts = list(seq)
-        if sum(_size(p) if isinstance(p, str) else 0 for p in parts) > _limits.get().max_chars:
-            raise TemplateLimitError(f"string concatenation (~) over the {_limits.get().max_chars}-character limit")
+        # `a ~ b` turns each operand into text: a list of references to one long string is sized
+        # as the text it would make, before making it.
+        parts, limit, size, seen = list(seq), _limits.get().max_chars, 0, {}
+        for part in parts:
+            size += _text_size(part, limit - size, seen)
+            if size > limit:
+                raise TemplateLimitError(f"string concatenation (~) over the {limit}-character limit")
         return join(parts)
     return wrapper
 
 
+def _checked_output(value):
+    """jinja's ``finalize``: ``{{ value }}`` writes ``str(value)``, sized first when not a string."""
+    if not isinstance(value, str):
+        _check_text((value,), "output")
+    return value
+
+
+def _int_op(op: str, left: int, right: int) -> None:
+    """Refuse integer arithmetic on or to more than MAX_INT_BITS bits, before computing it."""
+    bits = max(abs(left).bit_length(), abs(right).bit_length())
+    if bits > MAX_INT_BITS:
+        raise TemplateLimitError(f"'{op}' was given an integer of {bits} bits, over the {MAX_INT_BITS}-bit limit")
+    if op == "*":
+        bits = abs(left).bit_length() + abs(right).bit_length()
+    elif op == "**" and right > 0 and abs(left) > 1:
+        bits = right * math.log2(abs(left))
+    if bits > MAX_INT_BITS:
+        raise TemplateLimitError(f"'{op}' would make an integer of about {int(bits)} bits, over the "
+                                 f"{MAX_INT_BITS}-bit limit: too large to compute")
+
+
+def _pprint(value) -> str:
+    """jinja's ``pprint`` filter, written into a buffer that refuses text past the limit: indentation
+    (every line of a value under a long dict key) can make it far longer than the repr sized first."""
+    import pprint
+
+    limit = _limits.get().max_chars
+
+    class Capped(io.StringIO):
+        def write(self, s):
+            if self.tell() + len(s) > limit:
+                raise TemplateLimitError(f"filter 'pprint' over the {limit}-character limit")
+            return super().write(s)
+
+    out = Capped()
+    pprint.PrettyPrinter(stream=out).pprint(value)  # pformat's text, and a newline
+    return out.getvalue()[:-1]
+
+
 def make_environment(**options):
-    """An ImmutableSandboxedEnvironment whose operators, filters and calls are size-checked."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """An ImmutableSandboxedEnvironment whose operators, filters, calls and output are size-checked."""
+    from jinja2.runtime import Macro
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+    from markupsafe import Markup
+
+    class LimitedFormatter(SandboxedFormatter):
+        """str.format's formatter, counting what it has built: each field is sized once its format
+        spec is resolved (``"{:>{}}"`` takes its width from an argument) and before it is formatted."""
+
+        def __init__(self, env, what: str, **kwargs):
+            super().__init__(env, **kwargs)
+            self.what, self.size = what, 0
+
+        def vformat(self, format_string, args, kwargs):
+            self.size = len(format_string)
+            return super().vformat(format_string, args, kwargs)
+
+        def convert_field(self, value, conversion):
+            if conversion is not None:  # !r !s !a build the text before format_field sees it
+                _refuse_over(self.size + _text_size(value), self.what)
+            return super().convert_field(value, conversion)
+
+        def format_field(self, value, format_spec):
+            widths = _format_widths(format_spec, self.what)
+            self.size += widths + _text_size(value) + (310 if isinstance(value, float) else 0)
+            _refuse_over(self.size, self.what)
+            return super().format_field(value, format_spec)
+
+    class LimitedEscapeFormatter(LimitedFormatter, SandboxedEscapeFormatter):
+        pass
 
     class LimitedSandbox(ImmutableSandboxedEnvironment):
-        # Intercepting also stops jinja from folding `10**10**10` at compile time.
-        intercepted_binops = frozenset(["*", "**", "+"])
+        # Every arithmetic operator (`%` formats strings too); intercepting also stops jinja from
+        # folding `10**10**10` or `"%09999999999d" % 1` at compile time.
+        intercepted_binops = frozenset(_BINOPS)
+
+        @staticmethod
+        def concat(parts):
+            # Blocks ({% set %}...{% endset %}), macros and {% filter %} join their output here, not
+            # through render_limited's count: many references to one long string would make gigabytes.
+            parts = parts if isinstance(parts, list) else list(parts)
+            _refuse_over(sum(map(len, parts)), "a block's output")
+            return "".join(parts)
 
         def call_binop(self, context, op, left, right):
-            if op == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 \
-                    and abs(left) > 1 and right * abs(left).bit_length() > 64 * 1024:
-                raise TemplateLimitError(f"{left} ** {right} is too large to compute")
-            if op == "*":
+            limit = _limits.get().max_chars
+            if isinstance(left, int) and isinstance(right, int):
+                if op != "**" and abs(left) >> 64 == 0 and abs(right) >> 64 == 0:
+                    return _BINOPS[op](left, right)  # the common case (loop.index0 % 2), at no cost
+                _int_op(op, left, right)
+            elif op == "*":
+                # A list repeated is references repeated (its text is sized where text is made of it).
                 for seq, n in ((left, right), (right, left)):
-                    if _size(seq) and isinstance(n, int) and _size(seq) * n > _limits.get().max_chars:
-                        raise TemplateLimitError(f"a value repeated {n} times is over the "
-                                                 f"{_limits.get().max_chars} limit")
-            if op == "+" and _size(left) + _size(right) > _limits.get().max_chars:
-                raise TemplateLimitError(f"'+' over the {_limits.get().max_chars} limit")
-            return {"*": operator.mul, "**": operator.pow, "+": operator.add}[op](left, right)
+                    if _size(seq) and isinstance(n, int) and _size(seq) * n > limit:
+                        raise TemplateLimitError(f"a value repeated {n} times is over the {limit} limit")
+            elif op == "+" and _size(left) + _size(right) > limit:
+                raise TemplateLimitError(f"'+' over the {limit} limit")
+            elif op == "%" and isinstance(left, (str, bytes)):
+                _refuse_over(_percent_size(left, right, "'%'"), "'%'")
+            return _check_size(_BINOPS[op](left, right), f"'{op}'")
 
         def wrap_str_format(self, value):
-            # jinja hands a template str.format / format_map as its own wrapper (no __self__ by the
-            # time it is called), so the format string's widths are checked here.
-            wrapped = super().wrap_str_format(value)
-            if wrapped is None:
+            # jinja hands a template str.format / format_map as a wrapper around a formatter of its own;
+            # this is the same wrapper (jinja 3.1's) around ours.
+            if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) \
+                    or value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
                 return None
-            fmt, what = value.__self__, f"call of {value.__name__!r}"
+            fmt, name = value.__self__, value.__name__
 
-            @functools.wraps(wrapped)
-            def checked(*args, **kwargs):
-                _format_widths(fmt, what)
-                return wrapped(*args, **kwargs)
-            return checked
+            def wrapper(*args, **kwargs):
+                if name == "format_map":
+                    if kwargs or len(args) != 1:
+                        raise TypeError("format_map() takes exactly one argument")
+                    args, kwargs = (), args[0]
+                what = f"call of {name!r}"
+                formatter = LimitedEscapeFormatter(self, what, escape=fmt.escape) if isinstance(fmt, Markup) \
+                    else LimitedFormatter(self, what)
+                return type(fmt)(formatter.vformat(fmt, args, kwargs))
+            return functools.update_wrapper(wrapper, value)
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own spelling)
             name = getattr(__obj, "__name__", type(__obj).__name__)
             what = f"call of {name!r}"
+            if not isinstance(__obj, Macro):  # a macro may test its argument: left as it is
+                args = tuple(_listed(args, what))
+                kwargs = dict(zip(kwargs, _listed(kwargs.values(), what)))
             _check_int_args(args, kwargs, what)
-            if isinstance(getattr(__obj, "__self__", None), str):  # a str method: "x".join(...), .format(...)
-                _predict(name, __obj.__self__, args, kwargs, what)
+            subject = getattr(__obj, "__self__", None)
+            if isinstance(subject, (str, bytes)):  # a str method: "x".join(...), .replace(...)
+                if isinstance(subject, Markup):  # Markup's methods escape (turn into text) their arguments
+                    _check_text((*args, *kwargs.values()), what)
+                _predict(name, subject, args, kwargs, what, method=True)
             return _check_size(super().call(__context, __obj, *args, **kwargs), what)
 
-    return LimitedSandbox(**options)
+    return LimitedSandbox(finalize=_checked_output, **options)
 
 
 def finish_environment(env) -> None:
-    """Wrap every filter (after the caller added its own) in the size checks."""
+    """Wrap every filter (after the caller added its own) in the size checks; ``pprint`` becomes
+    one that writes within the limit."""
+    if "pprint" in env.filters:
+        env.filters["pprint"] = _pprint
     env.filters = {name: _limited_filter(name, fn) for name, fn in env.filters.items()}
 
 
@@ -212,7 +503,8 @@ def compile_template(env, source_text: str, source: str):
         template = env.from_string(source_text)
     except TemplateError as exc:
         raise ModelError(f"{source}: chat template does not compile: {exc}") from None
-    except (RecursionError, MemoryError, TemplateLimitError) as exc:  # absurdly nested or folded source
+    except (RecursionError, MemoryError, ValueError, TemplateLimitError) as exc:  # absurdly nested or folded source
+        # (ValueError: an integer literal too long for the compiler to write back as decimal)
         raise ModelError(f"{source}: chat template does not compile: {type(exc).__name__}: {exc}") from None
     # The compiled code joins `~` concatenations through these module globals.
     ns = template.root_render_func.__globals__

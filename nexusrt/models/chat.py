@@ -14,8 +14,8 @@ from datetime import datetime
 from functools import lru_cache
 
 from ..errors import ModelError
-from .template import (Limits, TemplateLimitError, compile_template, finish_environment, join_limited,
-                       make_environment, render_limited, text_of)
+from .template import Limits, compile_template, finish_environment, make_environment, render_limited
+from .template_sizes import TemplateLimitError, join_limited, text_of
 
 MAX_JSON_INDENT = 256  # the encoder builds "\n" + indent * depth at each level before we can count it
 

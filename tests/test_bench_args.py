@@ -63,3 +63,18 @@ def test_a_window_longer_than_the_context_is_cut_and_said(capsys):
     assert json.loads(out)["window"] == 2048
     assert ("--window 100000 is longer than nexusrt:stdlib-tiny's context of 2048 tokens: scoring windows of 2048"
             in err)
+
+
+def test_ctrl_c_while_the_stages_are_imported_is_one_line(monkeypatch, capsys):
+    from nexusrt.bench import main as bench_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_main, "build_parser", interrupted)
+    try:
+        status = bench_main.main(["--stage", "detect"])
+    except KeyboardInterrupt:  # not let through: it would stop the whole test session
+        pytest.fail("the KeyboardInterrupt escaped nexusrt-bench's main")
+    assert status == 130
+    assert capsys.readouterr().err == "nexusrt-bench: interrupted\n"

@@ -83,7 +83,11 @@ def _stage_module(stage: str):
 def main(argv: list[str] | None = None) -> int:
     """Run ``nexusrt-bench`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     protect_standard_streams()  # a closed stderr drops the notices; the figures still come out
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every stage module (NumPy and more): a second or so
+    except KeyboardInterrupt:  # before the guard below exists: one line, as it would say
+        print("nexusrt-bench: interrupted", file=sys.stderr)
+        return 130
     args, status = parse_args(parser, argv)
     if args is None:  # --help (0) or a usage error, already said in one line (1)
         return status

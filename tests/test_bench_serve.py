@@ -66,6 +66,18 @@ def test_bad_arguments_are_refused(bad, capsys):
     assert "must be >= " in capsys.readouterr().err
 
 
+def test_a_concurrency_past_the_bound_is_refused_before_any_work(capsys, monkeypatch):
+    import time
+
+    from nexusrt.bench import serve
+
+    monkeypatch.setattr(serve, "request_sizes", lambda *a: pytest.fail("the workload was sized"))
+    t0 = time.perf_counter()
+    assert main(["--stage", "serve", "--backend", "cpu", "--no-peers", "--concurrency", "1,100000000"]) == 1
+    assert f"--concurrency values must be at most {serve.MAX_CONCURRENCY}, got 100000000" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30
+
+
 def test_the_prefill_path_option_reaches_the_cuda_runner(monkeypatch):
     """``--prefill-path`` picks CudaBatchRunner's ``ragged_prefill`` (constructed by a stand-in here)."""
     import argparse

@@ -34,6 +34,7 @@ from .table import plain, table
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
 GOLDEN = 0.6180339887498949
 PREFILL_PATHS = ("ragged", "per-sequence")
+MAX_CONCURRENCY = 4096  # requests at once: far past any engine's max_batch; the workload stays ~100 MB
 CONTEXT_SLACK = 16  # positions the runner is asked for past the longest request (slack only)
 # The options this stage reads (nexusrt-bench refuses them with another stage; see main's docstring).
 OPTIONS = frozenset({"model", "prompt_tokens", "new_tokens", "runs", "no_peers", "concurrency", "shared_prefix",
@@ -49,7 +50,8 @@ def add_arguments(parser) -> None:
                         help="timed runs, median reported (decode 5, prefill 3, serve 3)")
     add_shared_argument(parser, "--no-peers", action="store_true", help="decode/prefill/serve stages: skip the peers")
     parser.add_argument("--concurrency", default=None, metavar="N[,N...]",
-                        help="serve stage: concurrent requests per level (1,8,32 on the CPU)")
+                        help=f"serve stage: concurrent requests per level, each 1..{MAX_CONCURRENCY} (default 1,8,32 on "
+                             "the CPU, 1,8,64 on CUDA)")
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="serve stage: tokens of a system prompt every request starts with (0)")
     # Negative byte counts are refused by the parser; one too small for a block by _batch_runner,
@@ -102,6 +104,8 @@ def _validate(args, cpu: bool) -> None:
         raise ValueError(f"the serve stage takes one --prompt-tokens value, got {args.prompt_tokens!r}")
     args.prompt_tokens = lengths[0]
     args.concurrency = int_list(args.concurrency, (1, 8, 32) if cpu else (1, 8, 64), "--concurrency")
+    if max(args.concurrency) > MAX_CONCURRENCY:  # the workload is built as Python lists, request by request
+        raise ValueError(f"--concurrency values must be at most {MAX_CONCURRENCY}, got {max(args.concurrency)}")
     args.runs = 3 if args.runs is None else args.runs
     for name in ("new_tokens", "runs"):
         if getattr(args, name) < 1:

@@ -4,20 +4,12 @@ allowed range, instead of argparse's usage block and status 2, or a silent clamp
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
+from bench_helpers import one_line_error
+
 from nexusrt.bench.main import main
-
-
-def _one_line_error(capsys, argv, pattern):
-    assert main(argv) == 1
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "usage:" not in err and "Traceback" not in err, err
-    assert lines[0].startswith("nexusrt-bench: error: ") and re.search(pattern, lines[0]), lines[0]
-    assert out == ""
 
 
 @pytest.mark.parametrize("argv, pattern", [
@@ -26,7 +18,7 @@ def _one_line_error(capsys, argv, pattern):
     (["--nope"], r"unrecognized arguments: --nope"),
 ])
 def test_usage_errors_are_one_line_and_exit_1(capsys, argv, pattern):
-    _one_line_error(capsys, argv, pattern)
+    one_line_error(capsys, argv, pattern)
 
 
 def test_help_still_prints_usage_and_exits_0(capsys):
@@ -44,14 +36,14 @@ def test_help_still_prints_usage_and_exits_0(capsys):
 ])
 def test_out_of_range_numbers_are_refused_not_clamped(capsys, flag, value, allowed):
     stage = {"mem": "memory", "sch": "scheduler", "win": "quality", "kv-": "serve"}[flag[2:5]]
-    _one_line_error(capsys, ["--stage", stage, "--backend", "cpu", flag, value],
+    one_line_error(capsys, ["--stage", stage, "--backend", "cpu", flag, value],
                     rf"argument {flag}: must be {allowed}, got {value} \(see nexusrt-bench --help\)$")
 
 
 @pytest.mark.parametrize("value", ["0", "1", "40000"])
 def test_a_kv_memory_without_room_for_one_block_names_the_flag(capsys, value):
     # nexusrt:stdlib-tiny on the CPU: 4 layers x K,V x 2 KV heads x 16 tokens x 64 x fp32 = 65536 bytes a block
-    _one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--runs", "1",
+    one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--runs", "1",
                              "--prompt-tokens", "8", "--new-tokens", "2", "--concurrency", "1", "--kv-memory", value],
                     rf"--kv-memory {value} bytes holds no KV block \(65536 bytes\) of this model")
 

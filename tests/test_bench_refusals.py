@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from bench_helpers import one_line_error
+
 import nexusrt as nrt
 from nexusrt.bench import common, decode, decode_tp, kv, serve
 from nexusrt.bench.main import COMMON, STAGES, _stage_module, build_parser, main, refuse_other_stages_options
 
 BENCH = Path(decode.__file__).parent
-
-
-def _one_line_error(capsys, argv, pattern):
-    assert main(argv) == 1
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
-    assert lines[0].startswith("nexusrt-bench: error: ") and re.search(pattern, lines[0]), lines[0]
-    assert out == ""
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +154,7 @@ def test_an_option_of_other_stages_is_refused_before_the_stage_runs(stage, argv,
                                         and k != "run"}, run=run)
 
     monkeypatch.setattr(main_mod, "_stage_module", guarded)
-    line = _one_line_error(capsys, ["--stage", stage, "--backend", "cpu", *argv],
+    line = one_line_error(capsys, ["--stage", stage, "--backend", "cpu", *argv],
                            rf"{flag} applies to the .* --stage {stage} does not take it$")
     if len(takers) == 1:
         assert f"{flag} applies to the {takers[0]} stage only (--stage {takers[0]})" in line
@@ -191,7 +183,7 @@ def test_an_option_left_at_its_default_is_not_given():
 ])
 def test_options_read_on_cuda_only_are_refused_on_the_cpu(argv, flag, capsys, no_work):
     stage = argv[1]
-    _one_line_error(capsys, argv + ["--backend", "cpu", "--no-peers"],
+    one_line_error(capsys, argv + ["--backend", "cpu", "--no-peers"],
                     rf"^nexusrt-bench: error: {flag} applies to the {stage} stage on CUDA only; "
                     r"this run's backend is cpu$")
 
@@ -220,7 +212,7 @@ def test_the_help_says_which_options_a_backend_ignores():
      r"--new-tokens 2000 = \d+ tokens exceed .* context of 2048"),
 ])
 def test_a_run_past_the_context_is_refused_before_the_model_loads(argv, pattern, capsys, no_work):
-    _one_line_error(capsys, argv + ["--backend", "cpu", "--runs", "1", "--no-peers"], pattern)
+    one_line_error(capsys, argv + ["--backend", "cpu", "--runs", "1", "--no-peers"], pattern)
 
 
 def test_the_decode_refusal_agrees_with_the_context_the_runner_gets():
@@ -240,7 +232,7 @@ def test_the_decode_refusal_agrees_with_the_context_the_runner_gets():
 # -- one new token has no time per token ----------------------------------------------------------
 @pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
 def test_one_new_token_is_refused_by_the_decode_stage(extra, capsys, no_work):
-    _one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--new-tokens", "1", *extra],
+    one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--new-tokens", "1", *extra],
                     r"--new-tokens must be >= 2 for the decode stage \(a time per token is the interval .*\), got 1$")
     help_text = " ".join(build_parser().format_help().split())
     assert "decode stage: tokens generated, >= 2" in help_text and "serve stage: tokens each request generates, >= 1" \
@@ -254,21 +246,21 @@ def test_one_new_token_is_refused_by_the_decode_stage(extra, capsys, no_work):
                                           r"/nonexistent-folder-nexusrt does not exist$"),
 ])
 def test_a_plot_that_could_not_be_written_is_refused_first(path, pattern, capsys, no_work):
-    _one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", path], pattern)
+    one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", path], pattern)
 
 
 def test_a_plot_in_an_unwritable_folder_is_refused_first(capsys, no_work, tmp_path):
     if not Path("/proc").is_dir():
         pytest.skip("no /proc here")
-    _one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", "/proc/x.png"],
+    one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", "/proc/x.png"],
                     r"--plot '/proc/x.png': the folder /proc is not writable")
-    _one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", str(tmp_path)],
+    one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", str(tmp_path)],
                     r"is a directory; give a file name")
 
 
 def test_a_plot_without_matplotlib_is_refused_first(capsys, no_work, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    _one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", str(tmp_path / "x.png")],
+    one_line_error(capsys, ["--stage", "decode", "--backend", "cpu", "--plot", str(tmp_path / "x.png")],
                     r"--plot needs matplotlib, which does not import here")
 
 
@@ -300,12 +292,12 @@ def test_a_plot_format_matplotlib_does_not_write_is_refused(tmp_path, monkeypatc
     (["--model", "synthetic:tiny"], r"--model applies to the kv stage's speed half; --kv-part quality does not"),
 ])
 def test_the_kv_quality_half_refuses_what_it_cannot_run_before_loading(argv, pattern, capsys, no_work):
-    line = _one_line_error(capsys, ["--stage", "kv", "--backend", "cpu", "--kv-part", "quality", *argv], pattern)
+    line = one_line_error(capsys, ["--stage", "kv", "--backend", "cpu", "--kv-part", "quality", *argv], pattern)
     assert "kv_budget" not in line
 
 
 def test_the_kv_speed_half_refuses_the_quality_half_options(capsys, no_work):
-    _one_line_error(capsys, ["--stage", "kv", "--backend", "cpu", "--kv-part", "speed", "--kv-window", "64"],
+    one_line_error(capsys, ["--stage", "kv", "--backend", "cpu", "--kv-part", "speed", "--kv-window", "64"],
                     r"--kv-window applies to the kv stage's quality half; --kv-part speed does not run it$")
 
 
@@ -331,13 +323,13 @@ def test_the_smallest_window_named_is_enough():
 # -- the serve stage's KV pool --------------------------------------------------------------------
 def test_a_kv_pool_past_the_host_memory_names_kv_memory(capsys, no_work, monkeypatch):
     monkeypatch.setattr(common, "host_available", lambda: (8 << 30, "MemAvailable"))
-    line = _one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--kv-memory",
+    line = one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--kv-memory",
                                     "99999999999999"],
                            r"--kv-memory 99999999999999 \(the KV pool, fp32 on the CPU\) needs 90.9 TiB of host "
                            r"memory but this machine has 8.0 GiB available now \(MemAvailable\)")
     assert "--max-context" not in line
     monkeypatch.setattr(common, "host_available", lambda: (1 << 30, "MemAvailable"))  # a block each fits
-    _one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--concurrency", "4096"],
+    one_line_error(capsys, ["--stage", "serve", "--backend", "cpu", "--no-peers", "--concurrency", "4096"],
                     r"--concurrency 4096 requests of up to \d+ tokens at once \(their KV pool, fp32 on the CPU\) "
                     r"needs .* of host memory but this machine has 1.0 GiB available now")
 

@@ -104,7 +104,7 @@ def host_available() -> tuple[int, str]:
     """(bytes, where the figure came from) that a new allocation on this machine can still get
     now: ``MemAvailable`` (else the free physical pages), lowered by a cgroup limit or
     ``RLIMIT_AS`` where tighter (:func:`nexusrt.engine.fit.cpu_available`, as the model fit check)."""
-    from ..engine.fit import cpu_available
+    from ..engine.fit import cpu_available  # here, not at the top: engine.fit pulls in the model stack
 
     return cpu_available()
 

@@ -133,3 +133,5 @@ def test_kernels_stage_end_to_end(capsys):
     assert rc == 0, out
     assert "ERROR" not in out, out
     assert "gemv lm_head" in out and "% BW" in out
+    # The persistent kernel's phases beside the graph kernels (sm_90), or why it did not run.
+    assert "persistent decode step per phase" in out or "persistent decode step: not run:" in out, out

@@ -17,6 +17,7 @@ import statistics
 import time
 
 from ..cli.parsing import int_range
+from . import kernels_persistent
 from .common import add_model_argument, resolve_model_config
 from .table import table
 
@@ -30,7 +31,8 @@ OPTIONS = frozenset({"model", "kernel_filter", "kernel_repeats"})
 def add_arguments(parser) -> None:
     add_model_argument(parser)
     parser.add_argument("--kernel-filter", default="", metavar="TEXT",
-                        help="kernels stage: only cases whose name contains TEXT")
+                        help="kernels stage: only cases whose name contains TEXT (the persistent kernel's phase "
+                             f"table is named '{kernels_persistent.NAME}')")
     # At least 20, refused at parse time (it was raised to 20 without a word).
     parser.add_argument("--kernel-repeats", type=int_range(MIN_REPEATS), default=30, metavar="R",
                         help=f"kernels stage: timed graph replays per case, median reported, >= {MIN_REPEATS} "
@@ -165,10 +167,16 @@ def run(args) -> dict:
         finally:
             rt.device.synchronize()
             _free(cases)
+    persistent = None
+    if kernels_persistent.wanted(wanted):
+        try:
+            persistent = kernels_persistent.measure(rt, model)
+        except Exception as exc:  # reported beside the kernels' numbers, which stand
+            errors.append(f"{kernels_persistent.NAME}: {type(exc).__name__}: {exc}")
     p = rt.profile
     return {"backend": "cuda", "device": p.device_name, "arch": p.arch, "model": model,
             "read_bandwidth_bytes_s": bandwidth, "peak_bandwidth_bytes_s": p.peak_bandwidth_bytes_s,
-            "l2_bytes": p.l2_bytes, "repeats": repeats, "cases": rows, "errors": errors,
+            "l2_bytes": p.l2_bytes, "repeats": repeats, "cases": rows, "persistent": persistent, "errors": errors,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -193,4 +201,7 @@ def render(r: dict) -> str:
     headers = ["group", "kernel", "MB", "us", "GB/s", "% BW", "TFLOP/s", "split-K"]
     lines.append("")
     lines.append(table(headers, rows, title="Kernels alone (% BW = bytes / time / measured read bandwidth)"))
+    if r.get("persistent"):
+        lines.append("")
+        lines.append(kernels_persistent.render(r["persistent"], r["cases"], bw))
     return "\n".join(lines)

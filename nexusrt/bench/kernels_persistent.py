@@ -75,6 +75,7 @@ def render(profile: dict, rows: list[dict], bandwidth: float) -> str:
     title = (f"The {NAME} per phase beside the graph path's kernel alone (one launch; its clock record of "
              f"the last of {NEW_TOKENS} greedy tokens after a {PROMPT_TOKENS}-token prompt, context "
              f"{profile['context']}, cycles at the rated {profile['clock_mhz']:.0f} MHz). wait/work: shares of "
-             "the SMs' summed time; persistent GB/s: the phase's bytes over its tiles' working time")
+             "the SMs' summed time; persistent GB/s: the phase's bytes (each tile's re-read of its input vector, from "
+             "L2, included) over its tiles' working time at the rated clock, so above 100% of the probe can happen")
     headers = ["phase", "tiles", "wait", "work", "MB", "persistent GB/s", "% BW", "graph kernel GB/s", "% BW"]
     return table(headers, body, title=title)

@@ -22,7 +22,11 @@ per render:
   in format strings (``"%09999999d" % 1``, ``"{:>{}}".format(1, "999999999")``: a width nested in a
   ``{}`` field is checked once the argument is in it): these allocate before any result can be measured;
 - integers of at most :data:`MAX_INT_BITS` bits: ``*`` and ``**`` of bigger ones take minutes in C
-  code that no trace function or Ctrl-C interrupts.
+  code that no trace function or Ctrl-C interrupts;
+- what comparisons, hashes and sorts would walk, checked before they run (the same C code follows
+  every reference of ``[x, x]`` nested forty times: 2**41 items): :mod:`nexusrt.models.template_walks`;
+- what a render builds in all: :data:`~nexusrt.models.template_sizes.BUILT_FACTOR` times the limit on
+  one value (a loop that keeps each new long string it makes stays within every single-value limit).
 
 The sizes are worked out in :mod:`nexusrt.models.template_sizes`. A template that breaks a limit raises :class:`~nexusrt.errors.ModelError` naming the
 template's file and the limit; so does any error the template raises while rendering.
@@ -36,10 +40,11 @@ import time
 import types
 
 from ..errors import ModelError
-from .template_sizes import (BINOPS, check_int_args, check_int_op, check_size, check_text, checked_output,
-                             current_limits, format_widths, limited_filter, limited_join, Limits, listed,
-                             percent_size, pprint_limited, predict, refuse_over, size_of, TemplateLimitError,
-                             text_size)
+from .template_sizes import (BINOPS, BuiltCount, BUILT_FACTOR, check_int_args, check_int_op, check_size, check_text,
+                             checked_output, count_built, current_built, current_limits, format_widths,
+                             limited_filter, limited_join, Limits, listed, percent_size, pprint_limited, predict,
+                             refuse_over, size_of, TemplateLimitError, text_size)
+from .template_walks import check_walk, code_generator_class, walk_checked_filter, walk_checked_test, walked
 
 _TEMPLATE_FILENAME = "<template>"  # what jinja2 names the code it compiles from a string
 
@@ -80,13 +85,18 @@ def make_environment(**options):
         # Every arithmetic operator (`%` formats strings too); intercepting also stops jinja from
         # folding `10**10**10` or `"%09999999999d" % 1` at compile time.
         intercepted_binops = frozenset(BINOPS)
+        # Comparison operands and dict-literal keys go through walked() (template_walks.py).
+        code_generator_class = code_generator_class()
+        walked = staticmethod(walked)
 
         @staticmethod
         def concat(parts):
             # Blocks ({% set %}...{% endset %}), macros and {% filter %} join their output here, not
             # through render_limited's count: many references to one long string would make gigabytes.
             parts = parts if isinstance(parts, list) else list(parts)
-            refuse_over(sum(map(len, parts)), "a block's output")
+            size = sum(map(len, parts))
+            refuse_over(size, "a block's output")
+            count_built(size, "a block's output")
             return "".join(parts)
 
         def call_binop(self, context, op, left, right):
@@ -133,6 +143,8 @@ def make_environment(**options):
                 kwargs = dict(zip(kwargs, listed(kwargs.values(), what)))
             check_int_args(args, kwargs, what)
             subject = getattr(__obj, "__self__", None)
+            if not isinstance(__obj, Macro) and not isinstance(subject, str):
+                check_walk((*args, *kwargs.values(), subject), what)  # .index .count .get loop.changed dict()
             if isinstance(subject, (str, bytes)):  # a str method: "x".join(...), .replace(...)
                 if isinstance(subject, Markup):  # Markup's methods escape (turn into text) their arguments
                     check_text((*args, *kwargs.values()), what)
@@ -147,7 +159,8 @@ def finish_environment(env) -> None:
     one that writes within the limit."""
     if "pprint" in env.filters:
         env.filters["pprint"] = pprint_limited
-    env.filters = {name: limited_filter(name, fn) for name, fn in env.filters.items()}
+    env.filters = {name: walk_checked_filter(name, limited_filter(name, fn)) for name, fn in env.filters.items()}
+    env.tests = {name: walk_checked_test(name, fn) for name, fn in env.tests.items()}
 
 
 def compile_template(env, source_text: str, source: str):
@@ -197,6 +210,7 @@ def render_limited(template, source: str, limits: Limits | None = None, **contex
     """Render ``template`` with ``context`` under ``limits``; every failure names ``source``."""
     limits = limits or Limits()
     token = current_limits.set(limits)
+    built_token = current_built.set(BuiltCount(BUILT_FACTOR * limits.max_chars))
     tracer = _Tracer(limits)
     previous = sys.gettrace()
     sys.settrace(tracer.global_trace)  # this thread only
@@ -216,4 +230,5 @@ def render_limited(template, source: str, limits: Limits | None = None, **contex
         raise ModelError(f"{source}: chat template failed to render: {type(exc).__name__}: {exc}") from None
     finally:
         sys.settrace(previous)
+        current_built.reset(built_token)
         current_limits.reset(token)

@@ -48,6 +48,37 @@ class TemplateLimitError(Exception):
 
 current_limits: contextvars.ContextVar[Limits] = contextvars.ContextVar("nexusrt_template_limits", default=Limits())
 
+# Each value is within the limit, but a loop can keep making new ones (a list grown by a new long
+# string per iteration held 2 GB within the 2 s time limit): a render may build this many times the
+# limit on one value in all (characters of text, items of lists), counted where check_size looks.
+BUILT_FACTOR = 16
+
+
+class BuiltCount:
+    """What one render's operations have built so far, against its cap."""
+
+    def __init__(self, cap: int):
+        self.total, self.cap = 0, cap
+
+
+current_built: contextvars.ContextVar[BuiltCount | None] = contextvars.ContextVar("nexusrt_template_built",
+                                                                                 default=None)
+
+
+def count_built(n: int, what: str) -> None:
+    """Add ``n`` items built by ``what`` to the render's total; past its cap, stop the render."""
+    built = current_built.get()
+    if built is None or not n:
+        return
+    built.total += n
+    if built.total > built.cap:
+        _over_built(built, what)
+
+
+def _over_built(built: BuiltCount, what: str) -> None:
+    raise TemplateLimitError(f"{what}: the template has built {built.total} characters and list items in all, "
+                             f"over the {built.cap} limit ({BUILT_FACTOR} times the limit on one value)")
+
 
 def size_of(value) -> int:
     return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
@@ -60,12 +91,18 @@ def refuse_over(size: int, what: str) -> None:
 
 
 def check_size(value, what: str):
-    limit = current_limits.get().max_chars
-    if size_of(value) > limit:
-        raise TemplateLimitError(f"{what} built a value of {size_of(value)} items, over the {limit} limit")
+    limit, size = current_limits.get().max_chars, size_of(value)
+    if size > limit:
+        raise TemplateLimitError(f"{what} built a value of {size} items, over the {limit} limit")
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise TemplateLimitError(f"{what} built an integer of {value.bit_length()} bits, "
                                  f"over the {MAX_INT_BITS}-bit limit")
+    if size:  # count_built inlined: this runs on every operation's result, under the trace function
+        built = current_built.get()
+        if built is not None:
+            built.total += size
+            if built.total > built.cap:
+                _over_built(built, what)
     return value
 
 
@@ -321,6 +358,7 @@ def limited_join(join):
             size += text_size(part, limit - size, seen)
             if size > limit:
                 raise TemplateLimitError(f"string concatenation (~) over the {limit}-character limit")
+        count_built(size, "string concatenation (~)")
         return join(parts)
     return wrapper
 

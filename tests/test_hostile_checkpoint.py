@@ -125,6 +125,31 @@ def test_tokenizer_json_nested(ckpt):
     _fails_fast(ckpt, "tokenizer.json: cannot load")
 
 
+# A pattern that backtracks exponentially on "a" * 40 + "b": Oniguruma stops it at its retry limit,
+# and tokenizers' Rust code panics, which reaches Python as a BaseException (PanicException).
+_BACKTRACKS = {"type": "Replace", "pattern": {"Regex": "(a|aa)+$"}, "content": "x"}
+
+
+def test_a_tokenizer_regex_that_backtracks_is_an_error_naming_the_file(ckpt):
+    _edit(ckpt, "tokenizer.json", normalizer=_BACKTRACKS)
+    tok = load_model(ckpt).tokenizer
+    assert tok.encode("plain text")  # the pattern only fails where it backtracks
+    t0 = time.perf_counter()
+    with pytest.raises(ModelError, match=r"tokenizer\.json: cannot encode the text: .*retry-limit"):
+        tok.encode("a" * 40 + "b")
+    assert time.perf_counter() - t0 < 3
+
+
+def test_a_tokenizer_decoder_that_backtracks_is_an_error_naming_the_file(ckpt):
+    tokens = json.loads((ckpt / "tokenizer.json").read_text())
+    tokens["decoder"] = {"type": "Sequence", "decoders": [tokens["decoder"], _BACKTRACKS]}
+    (ckpt / "tokenizer.json").write_text(json.dumps(tokens))
+    tok = load_model(ckpt).tokenizer
+    ids = tok.encode("a" * 40 + "b")
+    with pytest.raises(ModelError, match=rf"tokenizer\.json: cannot decode {len(ids)} token ids: .*retry-limit"):
+        tok.decode(ids)
+
+
 def test_special_file_as_a_weight(ckpt):
     import os
 

@@ -225,8 +225,8 @@ class HFTokenizer(BaseTokenizer):
         raw = read_bytes(path, MAX_TOKENIZER_BYTES, "tokenizer")
         try:
             self._tok = Tokenizer.from_str(raw.decode("utf-8"))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise ModelError(f"{path}: cannot load: {exc}") from None
+        except BaseException as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise _library_error(exc, f"{path}: cannot load") from None
         # transformers encodes without the truncation or padding a saved tokenizer.json may carry
         # (it keeps the state it was last used with): so do we, or a prompt is cut or padded.
         self._tok.no_truncation()
@@ -260,14 +260,29 @@ class HFTokenizer(BaseTokenizer):
         # encode does not (a 4 MB prompt takes seconds; a server's event loop must go on meanwhile).
         try:
             ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        except Exception as exc:  # a model the file describes badly fails only here (no unk id...)
-            raise ModelError(f"{self.source}: cannot encode the text: {exc}") from None
+        except BaseException as exc:  # a model the file describes badly fails only here (no unk id...)
+            raise _library_error(exc, f"{self.source}: cannot encode the text") from None
         if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        try:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        except BaseException as exc:  # the file's decoder (a Replace pattern...) fails only here
+            raise _library_error(exc, f"{self.source}: cannot decode {len(ids)} token ids") from None
+
+
+def _library_error(exc: BaseException, what: str) -> BaseException:
+    """The ModelError for an error the tokenizers library raised while it worked, or ``exc`` itself
+    for Ctrl-C and the like. A panic in its Rust code reaches Python as pyo3's PanicException, a
+    BaseException that ``except Exception`` lets through (a regular expression of the file's that
+    backtracks past Oniguruma's retry limit on the text panics so), and is a ModelError here too."""
+    if isinstance(exc, Exception) or type(exc).__name__ == "PanicException":
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ModelError(f"{what}: {detail}")
+    return exc
 
 
 class ByteTokenizer(BaseTokenizer):

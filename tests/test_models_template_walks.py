@@ -45,6 +45,11 @@ HOSTILE = {
     "min": (DAG + "{{ [a.x, b.y] | min | length }}", "filter 'min' " + WALK),
     "dictsort": (DAG + "{{ {1: a.x, 2: b.y} | dictsort(by='value') | length }}", "filter 'dictsort' " + WALK),
     "groupby": (DAG + "{{ [{'k': a.x}, {'k': b.y}] | groupby('k') | list | length }}", "filter 'groupby' " + WALK),
+    # Few items, but each pair of equal 4 M-character strings is compared in full: 400 GB of memcmp.
+    "equal-strings": ("{% set s = 'x' * 4000000 %}{% set t = 'x' * 3999999 ~ 'x' %}{{ [s] * 100000 == [t] * 100000 }}",
+                      "a comparison " + WALK),
+    "long-literal-in": ("{% set l = ['x' * 99 ~ 'y'] * 100000 %}{{ '" + "x" * 100 + "' in l }}",
+                        "a comparison " + WALK),
     "too-deep": ("{% set a = namespace(x=[]) %}{% for i in range(3000) %}{% set a.x = [a.x] %}{% endfor %}"
                  "{{ a.x == b }}", "a comparison was given a value nested too deeply to compare"),
     # Each value within the limit, but a new 1 M-character string kept per iteration: 2 GB within
@@ -97,14 +102,15 @@ def test_the_walk_limit_is_the_limit_on_one_value(items, refused):
 
 def test_walk_size_counts_every_reference_and_works_each_object_out_once():
     x = [1, 2, "three"]
-    assert walk_size(x, 10**6, {}) == 4
-    assert walk_size([x, x], 10**6, {}) == 9
-    assert walk_size({"a": x, "b": (x,)}, 10**6, {}) == 1 + (1 + 4) + (1 + (1 + 4))  # the dict, keys, values
+    assert walk_size(x, 10**6, {}) == 1 + 1 + 1 + 5  # the list, two numbers, five characters
+    assert walk_size([x, x], 10**6, {}) == 1 + 8 + 8
+    assert walk_size({"a": x, "b": (x,)}, 10**6, {}) == 1 + (1 + 8) + (1 + (1 + 8))  # the dict, keys, values
     v = []
     for _ in range(200):  # 2**201 items as a walk; seen makes it 200 steps, the budget stops it early
         v = [v, v]
     assert walk_size(v, 1000, {}) > 1000
-    assert walk_size("a string is one item", 0, {}) == 1
+    assert walk_size("a string is its characters", 0, {}) == 26
+    assert walk_size(["", "ab", b"abc"], 10**6, {}) == 1 + 1 + 2 + 3
 
 
 def test_what_a_render_builds_in_all_is_bounded_and_ordinary_building_passes():

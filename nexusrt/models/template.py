@@ -44,14 +44,14 @@ from .template_sizes import (BINOPS, BuiltCount, BUILT_FACTOR, check_int_args, c
                              checked_output, count_built, current_built, current_limits, format_widths,
                              limited_filter, limited_join, Limits, listed, percent_size, pprint_limited, predict,
                              refuse_over, size_of, TemplateLimitError, text_size)
-from .template_walks import check_walk, code_generator_class, walk_checked_filter, walk_checked_test, walked
+from .template_walks import CONTAINERS, check_walk, code_generator_class, walk_checked_filter, walk_checked_test, walked
 
 _TEMPLATE_FILENAME = "<template>"  # what jinja2 names the code it compiles from a string
 
 
 def make_environment(**options):
     """An ImmutableSandboxedEnvironment whose operators, filters, calls and output are size-checked."""
-    from jinja2.runtime import Macro
+    from jinja2.runtime import LoopContext, Macro
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
     from markupsafe import Markup
 
@@ -143,7 +143,7 @@ def make_environment(**options):
                 kwargs = dict(zip(kwargs, listed(kwargs.values(), what)))
             check_int_args(args, kwargs, what)
             subject = getattr(__obj, "__self__", None)
-            if not isinstance(__obj, Macro) and not isinstance(subject, str):
+            if isinstance(subject, CONTAINERS + (LoopContext,)) or __obj is dict or subject is dict:
                 check_walk((*args, *kwargs.values(), subject), what)  # .index .count .get loop.changed dict()
             if isinstance(subject, (str, bytes)):  # a str method: "x".join(...), .replace(...)
                 if isinstance(subject, Markup):  # Markup's methods escape (turn into text) their arguments

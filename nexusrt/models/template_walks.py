@@ -5,16 +5,18 @@ value holds, in C code that neither :mod:`nexusrt.models.template`'s trace funct
 interrupts. A template can build a value that is small as objects but huge as references:
 ``{% set ns.x = [ns.x, ns.x] %}`` sixty times is sixty lists and 2**60 items to compare, and
 ``ns.x == other``, ``{ns.t: 1}``, ``[a, b]|sort``, ``x is eq(y)`` or ``{}.get(ns.t)`` would then run
-for ever. So every value about to be compared, hashed or sorted is counted first the way those
-operations walk it (:func:`walk_size`: each item once per reference, but each object's count
-worked out once), no further than just past the limit on one value (``Limits.max_chars``), and a
-larger one is refused with :class:`~nexusrt.models.template_sizes.TemplateLimitError`.
+for ever; so would ``[s] * 100000 == [t] * 100000`` with two equal 4 M-character strings (each pair
+compared character by character). So every value about to be compared, hashed or sorted is counted
+first the way those operations walk it (:func:`walk_size`: each item once per reference, a string
+as its characters, each container's count worked out once), no further than just past the limit on
+one value (``Limits.max_chars``), and a larger one is refused with
+:class:`~nexusrt.models.template_sizes.TemplateLimitError`.
 
 The places: the operands of every comparison (``==`` ... ``in``, ``not in``) and the keys of dict
 literals (the compiled template calls :meth:`walked` there, through :class:`WalkCheckingCodeGenerator`),
 every test that compares (:func:`walk_checked_test`), the filters that sort, hash or order their value
-(:data:`WALKING_FILTERS`) and the arguments (and list, tuple or dict subject) of every call the
-sandbox makes (``.index``, ``.count``, ``.get``, ``loop.changed``, ``dict(...)``).
+(:data:`WALKING_FILTERS`) and the calls that compare or hash their arguments: the methods of a list,
+tuple or dict (``.index``, ``.count``, ``.get``), ``loop.changed`` and ``dict(...)``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from collections.abc import Mapping, MappingView
 from .template_sizes import current_limits, TemplateLimitError
 
 CONTAINERS = (list, tuple, dict, set, frozenset, MappingView)  # what a comparison or hash walks into
+# A comparison with a string literal this short or a number is left unchecked: `"user" in l` compares
+# the literal with each of at most the limit's items, a few characters each.
+SHORT_LITERAL = 64
 WALKING_FILTERS = frozenset(["dictsort", "groupby", "max", "min", "sort", "unique"])
 # jinja's tests that compare nothing (type checks, numbers, identity): left unwrapped, as they run
 # on every message of most templates; every other test (eq, lt, in, ... and any added) is checked.
@@ -35,18 +40,22 @@ NON_WALKING_TESTS = frozenset(["boolean", "callable", "defined", "divisibleby", 
 
 
 def walk_size(value, budget: int, seen: dict) -> int:
-    """Items a comparison or hash of ``value`` may visit: 1 for a leaf, 1 + its items' for a
-    container, an object referenced twice counted twice. Stops as soon as it is past ``budget``;
-    ``seen`` (id -> (value, count)) holds each finished object's count so it is worked out once."""
+    """Items a comparison or hash of ``value`` may visit: a string its length (two equal-length
+    strings compare character by character), another leaf 1, a container 1 + its items', an object
+    referenced twice counted twice. Stops as soon as it is past ``budget``; ``seen`` (id -> (value,
+    count)) holds each finished container's count so it is worked out once."""
     if not isinstance(value, CONTAINERS):
-        return 1
+        return max(1, len(value)) if isinstance(value, (str, bytes)) else 1
     hit = seen.get(id(value))
     if hit is not None:
         return hit[1]
     items = itertools.chain.from_iterable(value.items()) if isinstance(value, Mapping) else value
     n = 1
     for item in items:
-        n += walk_size(item, budget - n, seen) if isinstance(item, CONTAINERS) else 1
+        if isinstance(item, CONTAINERS):
+            n += walk_size(item, budget - n, seen)
+        else:  # leaves inline: a call per item would cost a trace event each
+            n += max(1, len(item)) if isinstance(item, (str, bytes)) else 1
         if n > budget:
             return n  # partial: not kept in seen
     seen[id(value)] = (value, n)  # the value kept alive, so that its id is not reused meanwhile
@@ -62,8 +71,8 @@ def check_walk(values, what: str) -> None:
                 total += walk_size(v, limit - total, seen)
                 if total > limit:
                     raise TemplateLimitError(
-                        f"{what} would walk more than {limit} items (a value that holds references to one "
-                        "value counts it once per reference: comparing, hashing or sorting follows every one)")
+                        f"{what} would walk more than {limit} items (the characters of its strings, and a value "
+                        "it refers to twice counted twice: comparing, hashing or sorting follows every reference)")
     except RecursionError:
         raise TemplateLimitError(f"{what} was given a value nested too deeply to compare") from None
 
@@ -104,8 +113,9 @@ def code_generator_class():
         return isinstance(node, nodes.Const) or (isinstance(node, (nodes.List, nodes.Tuple))
                                                  and all(literal(item) for item in node.items))
 
-    def scalar(node) -> bool:  # a string or number literal: comparing anything with it walks nothing
-        return isinstance(node, nodes.Const) and isinstance(node.value, (str, int, float, type(None)))
+    def scalar(node) -> bool:  # a number or short string literal: comparing with it walks next to nothing
+        return isinstance(node, nodes.Const) and (isinstance(node.value, (int, float, type(None))) or (
+            isinstance(node.value, str) and len(node.value) <= SHORT_LITERAL))
 
     class WalkCheckingCodeGenerator(CodeGenerator):
         def walked(self, node, frame, what: str) -> None:
@@ -121,6 +131,7 @@ def code_generator_class():
             if len(node.ops) == 1 and (scalar(node.expr) or scalar(node.ops[0].expr)):
                 # `role == "user"`, `"x" in message`: a container against a string or number is unequal,
                 # unordered, or (for `in`) searched one top-level item at a time: no walk to check.
+                # (A long literal is walked: `in` compares it with every item, equal lengths in full.)
                 super().visit_Compare(node, frame)
                 return
             self.write("(")

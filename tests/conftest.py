@@ -33,6 +33,21 @@ def ctrl_c():
 
 
 @pytest.fixture
+def no_work(monkeypatch):
+    """nexusrt-bench must refuse before it works: loading a model or timing a generation (the decode
+    stage's, one device or tensor-parallel) fails the test."""
+    from nexusrt.bench import decode, decode_tp
+    from nexusrt.engine import llm
+
+    def refuse(*_a, **_k):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(llm, "LLM", refuse)
+    monkeypatch.setattr(decode, "time_generation", refuse)
+    monkeypatch.setattr(decode_tp, "time_generation", refuse)
+
+
+@pytest.fixture
 def cpu_rt():
     """A runtime on the CPU backend, shut down (and audited by its users) afterwards."""
     import nexusrt as nrt

@@ -22,18 +22,6 @@ from nexusrt.models.presets import preset
 SHORT = ["--stage", "decode", "--backend", "cpu", "--new-tokens", "4", "--prompt-tokens", "5", "--runs", "2"]
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Any timed generation fails the test: a refusal must come before one."""
-    def refuse(*_a, **_k):
-        raise AssertionError("a run started before the refusal")
-
-    monkeypatch.setattr(decode_tp, "time_generation", refuse)
-    from nexusrt.bench import decode
-
-    monkeypatch.setattr(decode, "time_generation", refuse)
-
-
 def test_flag_parses_with_its_help():
     parser = build_parser()
     assert parser.parse_args(["--stage", "decode", "--tensor-parallel", "4"]).tensor_parallel == 4

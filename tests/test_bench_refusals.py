@@ -16,7 +16,7 @@ import pytest
 from bench_helpers import one_line_error
 
 import nexusrt as nrt
-from nexusrt.bench import common, decode, decode_tp, kv, serve
+from nexusrt.bench import common, decode, kv, serve
 from nexusrt.bench.main import COMMON, STAGES, _stage_module, build_parser, main, refuse_other_stages_options
 
 BENCH = Path(decode.__file__).parent
@@ -27,19 +27,6 @@ def _shutdown():
     nrt.firmware.shutdown()
     yield
     nrt.firmware.shutdown()
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Loading a model or timing a generation fails the test: a refusal must come first."""
-    def refuse(*_a, **_k):
-        raise AssertionError("work started before the refusal")
-
-    from nexusrt.engine import llm
-
-    monkeypatch.setattr(llm, "LLM", refuse)
-    monkeypatch.setattr(decode, "time_generation", refuse)
-    monkeypatch.setattr(decode_tp, "time_generation", refuse)
 
 
 # -- which stage takes which option ---------------------------------------------------------------

@@ -216,6 +216,16 @@ def test_the_decode_refusal_agrees_with_the_context_the_runner_gets():
         check_fits(cfg, "cpu", "m", 4, 2045)
 
 
+def test_a_prefill_prompt_past_the_context_is_refused_before_the_model_loads(capsys, no_work, monkeypatch):
+    # The CPU caps prompts at CPU_MAX_TOKENS (256); lifted here so that the context check is what refuses.
+    from nexusrt.bench import prefill
+
+    monkeypatch.setattr(prefill, "CPU_MAX_TOKENS", 10**6)
+    one_line_error(capsys, ["--stage", "prefill", "--backend", "cpu", "--runs", "1", "--no-peers",
+                            "--prompt-tokens", "512,2049"],
+                   r"the longest --prompt-tokens = 2049 tokens exceed nexusrt:stdlib-tiny's context of 2048 tokens")
+
+
 # -- one new token has no time per token ----------------------------------------------------------
 @pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
 def test_one_new_token_is_refused_by_the_decode_stage(extra, capsys, no_work):

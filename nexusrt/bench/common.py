@@ -148,9 +148,15 @@ def refuse_off_backend(rt, stage: str, flag: str, given: bool, backend: str = "c
         raise ValueError(f"{flag} applies to the {stage} stage on {name} only; this run's backend is {rt.backend}")
 
 
-def check_context(limit: int, total: int, model: str, backend: str, parts: str) -> None:
+def check_context(cfg, backend: str, model: str, total: int, asked: int, parts: str) -> int:
     """Refuse a run whose longest sequence, ``total`` tokens (``parts``: the flags that make it,
-    in words), is past ``limit``, the context the runner gets for ``model`` on ``backend``."""
+    in words), is past the context the runner of ``backend`` gets for ``model`` (``cfg``) when the
+    run asks ``nrt.LLM`` for ``asked`` (LLM caps that at the model's context without a word:
+    :func:`nexusrt.engine.fit.runner_context`); returns that context."""
+    from ..engine.fit import runner_context  # here, not at the top: engine.fit pulls in the model stack
+
+    limit = runner_context(cfg, backend, asked)
     if total > limit:
         raise ValueError(f"{parts} = {total} tokens exceed {model}'s context of {limit} tokens on {backend}; "
                          f"give at most {limit} in all")
+    return limit

@@ -27,13 +27,10 @@ def check_fits(cfg, backend: str, model: str, prompt_tokens: int, new_tokens: in
     """Refuse, before anything loads, ``--prompt-tokens`` + ``--new-tokens`` past the context the
     runner of ``backend`` gets for ``model`` (``cfg``) when asked for :func:`decode_context`;
     returns that context."""
-    from ..engine.fit import runner_context
     from .common import check_context
 
-    limit = runner_context(cfg, backend, decode_context(prompt_tokens, new_tokens))
-    check_context(limit, prompt_tokens + new_tokens, model, backend,
-                  f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
-    return limit
+    return check_context(cfg, backend, model, prompt_tokens + new_tokens, decode_context(prompt_tokens, new_tokens),
+                         f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens}")
 
 
 def bytes_per_token(cfg, context: float, tensor_parallel: int = 1, elem: int = 2) -> dict:

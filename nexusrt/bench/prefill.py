@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ..models.shipped import DEFAULT_MODEL
-from .common import add_model_argument, add_shared_argument, int_list, resolve_model_config
+from .common import add_model_argument, add_shared_argument, check_context, int_list, resolve_model_config
 from .table import table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
@@ -55,17 +55,6 @@ def prompt_ids(n: int, vocab: int) -> np.ndarray:
     return ((np.arange(n, dtype=np.int64) * 7919 + 11) % vocab).astype(np.int32)
 
 
-def _check_context(model: str, backend: str, longest: int) -> None:
-    """Refuse a prompt past the context the runner gets for ``model`` when asked for one more
-    position than it (``LLM`` caps that at the model's context without a word)."""
-    from ..engine.fit import runner_context
-
-    limit = runner_context(resolve_model_config(model), backend, longest + 1)
-    if longest > limit:
-        raise ValueError(f"--prompt-tokens {longest} exceeds {model}'s context of {limit} tokens on {backend}; "
-                         f"give at most {limit}")
-
-
 def run(args) -> dict:
     from .. import firmware
     from ..engine.llm import LLM
@@ -78,16 +67,19 @@ def run(args) -> dict:
     firmware.init(profile=args.profile, backend=args.backend)
     rt = firmware.runtime()
     model = args.model
-    resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
+    cfg = resolve_model_config(model)  # an unknown name or a bad directory fails here, on any backend
     notes = []
     if not rt.is_cuda:
         if model != CPU_MODEL and not getattr(args, "model_explicit", False):
             notes.append(f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)")
             model = CPU_MODEL
+            cfg = resolve_model_config(model)
         if max(lengths) > CPU_MAX_TOKENS:
             notes.append(f"CPU backend: prompts capped at {CPU_MAX_TOKENS} tokens")
             lengths = sorted({min(n, CPU_MAX_TOKENS) for n in lengths})
-    _check_context(model, rt.backend, max(lengths))  # before the kernels compile and the model loads
+    # Before the kernels compile and the model loads; the runner is asked for one position more.
+    check_context(cfg, rt.backend, model, max(lengths), max(lengths) + 1,
+                  "the longest --prompt-tokens")
     compile_s = None
     if rt.is_cuda:  # compile (or read from the disk cache) every kernel first, so capture_s is capture
         from ..kernels.compiler import all_sources

@@ -121,8 +121,6 @@ def _check_before_loading(args, rt, cfg, model: str) -> None:
     """What the run asks for against what it gets, before the model loads: flags its backend
     ignores, the longest request against the context, and on the CPU the KV pool against the
     host memory available now (the pool is host memory there, committed as blocks are written)."""
-    from ..engine.fit import runner_context
-
     cpu = not rt.is_cuda
     refuse_off_backend(rt, "serve", "--deterministic", bool(getattr(args, "deterministic", False)))
     refuse_off_backend(rt, "serve", "--prefill-path", getattr(args, "prefill_path", "ragged") != "ragged")
@@ -133,10 +131,9 @@ def _check_before_loading(args, rt, cfg, model: str) -> None:
                                  "least, fp32 on the CPU)", "give fewer --concurrency")
     sizes = request_sizes(top, args.prompt_tokens, args.new_tokens, args.shared_prefix)
     longest = max(sizes)
-    limit = runner_context(cfg, rt.backend, longest + CONTEXT_SLACK)
     prefix = f"--shared-prefix {args.shared_prefix} + " if args.shared_prefix else ""
     spread = longest - args.shared_prefix - args.new_tokens
-    common.check_context(limit, longest, model, rt.backend,
+    common.check_context(cfg, rt.backend, model, longest, longest + CONTEXT_SLACK,
                          f"the longest request: {prefix}--prompt-tokens {args.prompt_tokens} ({spread} with the "
                          f"0.75-1.25x spread) + --new-tokens {args.new_tokens}")
     if cpu:

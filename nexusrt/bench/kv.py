@@ -117,19 +117,12 @@ def _check_quality_args(args) -> None:
 
 
 def _refuse_the_other_half(args) -> None:
-    """A half's options given with ``--kv-part`` of the other half would be ignored: refused."""
-    speed = {"kv_contexts": ("--kv-contexts", args.kv_contexts is not None),
-             "kv_rows": ("--kv-rows", args.kv_rows is not None),
-             "kv_keep": ("--kv-keep", args.kv_keep != kv_speed.KEEP),
-             "runs": ("--runs", args.runs is not None),
-             "model": ("--model", bool(getattr(args, "model_explicit", False)))}
-    quality = {"kv_window": ("--kv-window", args.kv_window != WINDOW),
-               "kv_sinks": ("--kv-sinks", args.kv_sinks != SINKS),
-               "tokens": ("--tokens", args.tokens is not None)}
-    skipped, options = (("speed", speed) if args.kv_part == "quality" else
-                        ("quality", quality) if args.kv_part == "speed" else (None, {}))
-    for flag, given in options.values():
-        if given:
+    """A half's options given with ``--kv-part`` of the other half would be ignored: refused
+    (``args.given_flags``: what nexusrt-bench's main found given, dest -> flag)."""
+    skipped, theirs = (("speed", kv_speed.OPTIONS) if args.kv_part == "quality" else
+                       ("quality", QUALITY_OPTIONS) if args.kv_part == "speed" else (None, frozenset()))
+    for dest, flag in getattr(args, "given_flags", {}).items():
+        if dest in theirs:
             raise ValueError(f"{flag} applies to the kv stage's {skipped} half; --kv-part {args.kv_part} does not "
                              f"run it")
 

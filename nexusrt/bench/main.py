@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         require_stdout("nowhere to write the figures")  # before any stage boots a device
         refuse_other_stages_options(parser, args)
+        # What the user gave, for a stage that refuses some of its own options in some modes (kv's halves).
+        args.given_flags = {a.dest: flag_of(a) for a in given_options(parser, args)}
         try:
             result = module.run(args)
         finally:
@@ -131,7 +133,8 @@ def flag_of(action) -> str:
 
 
 def given_options(parser, args) -> list:
-    """The parser's actions outside :data:`COMMON` whose value in ``args`` differs from the default."""
+    """The parser's actions outside :data:`COMMON` whose value in ``args`` differs from the default
+    (and ``--model`` whenever it was given: ``args.model_explicit``, set by its action)."""
     out = []
     for action in parser._actions:
         if not action.option_strings or action.dest in COMMON:
@@ -139,7 +142,8 @@ def given_options(parser, args) -> list:
         default = action.default
         if isinstance(default, str) and callable(action.type):
             default = action.type(default)  # argparse converts a string default the same way
-        if getattr(args, action.dest, default) != default:
+        explicit = action.dest == "model" and getattr(args, "model_explicit", False)
+        if explicit or getattr(args, action.dest, default) != default:
             out.append(action)
     return out
 

@@ -56,7 +56,7 @@ def test_a_size_past_the_available_memory_is_refused_before_any_allocation(capsy
     monkeypatch.setattr(common, "host_available", lambda: (2 << 30, "MemAvailable"))
     _refusal(capsys, ["--stage", "memory", "--backend", "cpu", "--mem-size-mib", "1024"],
              r"--mem-size-mib 1024 \(four buffers of 1024 MiB on the CPU backend: two arena, one pinned, "
-             r"one pageable\) needs 4.2 GiB of host memory but 2.0 GiB is available now \(MemAvailable\); "
+             r"one pageable\) needs 4.2 GiB of host memory but this machine has 2.0 GiB available now \(MemAvailable\); "
              r"give --mem-size-mib 448 or less$")
     assert not nrt.runtime.is_initialized() and nrt.memory.audit() == []
 
@@ -84,14 +84,14 @@ def test_on_cuda_the_host_holds_two_buffers_and_the_device_two():
     assert memory_need(True, n, 4096) == {"host": 2 * n + SLACK_BYTES, "device": 4096 * (2 << 20) + SLACK_BYTES}
     assert memory_need(False, n, 4096) == {"host": 4 * n + SLACK_BYTES, "device": 0}
     with pytest.raises(ValueError, match=r"^--mem-size-mib 8192 \(a pinned and a pageable host buffer of 8192 MiB\) "
-                                         r"needs 16.2 GiB of host memory but 12.0 GiB is available now"):
+                                         r"needs 16.2 GiB of host memory but this machine has 12.0 GiB available now"):
         check_room(True, 8192, 64, (12 << 30, "MemAvailable"), (80 << 30, "cuMemGetInfo"))
     with pytest.raises(ValueError, match=r"^--mem-size-mib 8192 \(two device buffers of 8192 MiB\) needs 16.2 GiB of "
-                                         r"device memory but 10.0 GiB is available now \(cuMemGetInfo\); "
+                                         r"device memory but this machine has 10.0 GiB available now \(cuMemGetInfo\); "
                                          r"give --mem-size-mib 4992 or less$"):
         check_room(True, 8192, 64, (64 << 30, "MemAvailable"), (10 << 30, "cuMemGetInfo"))
     with pytest.raises(ValueError, match=r"^--mem-pages 8000 \(8000 pages of 2 MiB\) need 15.9 GiB of device memory "
-                                         r"but 10.0 GiB is available now \(cuMemGetInfo\); give fewer --mem-pages$"):
+                                         r"but this machine has 10.0 GiB available now \(cuMemGetInfo\); give fewer --mem-pages$"):
         check_room(True, 64, 8000, (64 << 30, "MemAvailable"), (10 << 30, "cuMemGetInfo"))
     check_room(False, 64, 100000, (1 << 30, "MemAvailable"))  # CPU pages: address space, never touched
     check_room(True, 8192, 64, (20 << 30, "MemAvailable"), (20 << 30, "cuMemGetInfo"))  # fits both

@@ -109,17 +109,17 @@ def host_available() -> tuple[int, str]:
     return cpu_available()
 
 
-def check_host_memory(need: int, what: str, hint: str = "") -> None:
-    """Refuse, before any of it is allocated, a run whose host memory ``need`` (bytes) exceeds
-    what is available now; ``what`` names the flags that ask for it (the message's subject),
-    ``hint`` how to ask for less."""
+def check_memory(need: int, what: str, hint: str = "", available: tuple[int, str] | None = None,
+                 where: str = "host", verb: str = "needs") -> None:
+    """Refuse, before any of it is allocated, a run whose ``need`` (bytes) of ``where`` memory exceeds
+    ``available`` (bytes, where that figure came from; default :func:`host_available`); ``what``
+    names the flags that ask for it (the message's subject, then ``verb``), ``hint`` how to ask for less."""
     from .table import human_bytes
 
-    free, where = host_available()
+    free, source = host_available() if available is None else available
     if need > free:
-        raise ValueError(f"{what} needs {human_bytes(need)} of host memory "
-                         f"but this machine has {human_bytes(free)} available now ({where})"
-                         + (f"; {hint}" if hint else ""))
+        raise ValueError(f"{what} {verb} {human_bytes(need)} of {where} memory but this machine has "
+                         f"{human_bytes(free)} available now ({source})" + (f"; {hint}" if hint else ""))
 
 
 def writable_folder_problem(folder) -> str | None:

@@ -156,7 +156,7 @@ def _check_args(args) -> tuple[int, int, int]:
     """Refuse, before anything boots, what the stage cannot run, naming its flags (the staging
     path's own refusals name its fields: buffer_bytes, readers); returns the staging config's
     (buffers, buffer bytes, readers)."""
-    from .common import check_host_memory, writable_folder_problem
+    from .common import check_memory, writable_folder_problem
 
     if args.load_runs < 1:
         raise ValueError(f"--load-runs must be >= 1, got {args.load_runs}")
@@ -170,7 +170,7 @@ def _check_args(args) -> tuple[int, int, int]:
     if not 1 <= readers < buffers:
         raise ValueError(f"--load-readers must be in 1..{buffers - 1} (fewer than --load-buffers {buffers}: a "
                          f"buffer is always being copied), got {readers}")
-    check_host_memory(buffers * (mib << 20), f"--load-buffers {buffers} x --load-buffer-mib {mib} (the staging "
+    check_memory(buffers * (mib << 20), f"--load-buffers {buffers} x --load-buffer-mib {mib} (the staging "
                                               "buffers)", "give fewer or smaller buffers")
     if args.load_dir is not None:
         why = writable_folder_problem(args.load_dir) if str(args.load_dir).strip() else "is empty"

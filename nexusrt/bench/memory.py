@@ -215,28 +215,29 @@ def check_room(is_cuda: bool, size_mib: int, npages: int, host: tuple[int, str],
     need = memory_need(is_cuda, size_mib << 20, npages)
     if not is_cuda:
         _refuse_past(need["host"], host, f"--mem-size-mib {size_mib} (four buffers of {size_mib} MiB on the CPU "
-                                         "backend: two arena, one pinned, one pageable) needs", "host", 4)
+                                         "backend: two arena, one pinned, one pageable)", "host", 4)
         return
     _refuse_past(need["host"], host, f"--mem-size-mib {size_mib} (a pinned and a pageable host buffer of "
-                                     f"{size_mib} MiB) needs", "host", 2)
+                                     f"{size_mib} MiB)", "host", 2)
     if device is not None:
         pages = npages * PAGE_BYTES
-        what = (f"--mem-pages {npages} ({npages} pages of {PAGE_BYTES >> 20} MiB) need" if pages > 2 * (size_mib << 20)
-                else f"--mem-size-mib {size_mib} (two device buffers of {size_mib} MiB) needs")
-        _refuse_past(need["device"], device, what, "device", 2, pages)
+        if pages > 2 * (size_mib << 20):
+            _refuse_past(need["device"], device, f"--mem-pages {npages} ({npages} pages of {PAGE_BYTES >> 20} MiB)",
+                         "device", 2, pages, verb="need")
+        else:
+            _refuse_past(need["device"], device, f"--mem-size-mib {size_mib} (two device buffers of {size_mib} MiB)",
+                         "device", 2, pages)
 
 
-def _refuse_past(need: int, available: tuple[int, str], what: str, where: str, buffers: int, pages: int = 0) -> None:
-    """Refuse ``need`` bytes of ``where`` memory past ``available``; the hint is the largest
-    --mem-size-mib that fits (``buffers`` of it), or fewer --mem-pages where ``pages`` bytes bind."""
-    free, source = available
-    if need <= free:
-        return
+def _refuse_past(need: int, available: tuple[int, str], what: str, where: str, buffers: int, pages: int = 0,
+                 verb: str = "needs") -> None:
+    """:func:`.common.check_memory`, with the hint worked out: the largest --mem-size-mib that fits
+    (``buffers`` of it), or fewer --mem-pages where ``pages`` bytes bind."""
+    free = available[0]
     fits = (free - SLACK_BYTES) // (buffers << 20)
     hint = ("give fewer --mem-pages" if pages + SLACK_BYTES > free else
             f"give --mem-size-mib {fits} or less" if fits >= 1 else "free some memory first")
-    raise ValueError(f"{what} {human_bytes(need)} of {where} memory but {human_bytes(free)} is available now "
-                     f"({source}); {hint}")
+    common.check_memory(need, what, hint, available, where, verb)
 
 
 def bandwidth(rt, nbytes: int, reps: int, pcie: dict) -> list[dict]:

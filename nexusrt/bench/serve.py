@@ -127,7 +127,7 @@ def _check_before_loading(args, rt, cfg, model: str) -> None:
     refuse_off_backend(rt, "serve", "--kv-gpu-budget", getattr(args, "kv_gpu_budget", None) is not None)
     top = max(args.concurrency)
     if cpu and args.kv_memory is None:  # a bound first, cheap whatever --concurrency: a block a request at least
-        common.check_host_memory(top * _cpu_unit(cfg), f"--concurrency {top} requests at once (a KV block each at "
+        common.check_memory(top * _cpu_unit(cfg), f"--concurrency {top} requests at once (a KV block each at "
                                  "least, fp32 on the CPU)", "give fewer --concurrency")
     sizes = request_sizes(top, args.prompt_tokens, args.new_tokens, args.shared_prefix)
     longest = max(sizes)
@@ -141,11 +141,11 @@ def _check_before_loading(args, rt, cfg, model: str) -> None:
 
         unit = _cpu_unit(cfg)
         if args.kv_memory is not None:
-            common.check_host_memory(args.kv_memory, f"--kv-memory {args.kv_memory} (the KV pool, fp32 on the CPU)",
+            common.check_memory(args.kv_memory, f"--kv-memory {args.kv_memory} (the KV pool, fp32 on the CPU)",
                                      "give a smaller --kv-memory")
         else:
             need = sum(blocks_for(n) for n in sizes) * unit
-            common.check_host_memory(
+            common.check_memory(
                 need, f"--concurrency {top} requests of up to {longest} tokens at once (their KV pool, fp32 on "
                       "the CPU)",
                 "give fewer --concurrency, shorter --prompt-tokens/--new-tokens, or a --kv-memory to preempt within")

@@ -117,10 +117,11 @@ def _validate(args, cpu: bool) -> None:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
 
 
-def _check_before_loading(args, rt, cfg, model: str) -> None:
+def _check_before_loading(args, rt, cfg, model: str) -> int:
     """What the run asks for against what it gets, before the model loads: flags its backend
     ignores, the longest request against the context, and on the CPU the KV pool against the
-    host memory available now (the pool is host memory there, committed as blocks are written)."""
+    host memory available now (the pool is host memory there, committed as blocks are written).
+    Returns the longest request's tokens."""
     cpu = not rt.is_cuda
     refuse_off_backend(rt, "serve", "--deterministic", bool(getattr(args, "deterministic", False)))
     refuse_off_backend(rt, "serve", "--prefill-path", getattr(args, "prefill_path", "ragged") != "ragged")
@@ -142,13 +143,14 @@ def _check_before_loading(args, rt, cfg, model: str) -> None:
         unit = _cpu_unit(cfg)
         if args.kv_memory is not None:
             common.check_memory(args.kv_memory, f"--kv-memory {args.kv_memory} (the KV pool, fp32 on the CPU)",
-                                     "give a smaller --kv-memory")
+                                "give a smaller --kv-memory")
         else:
             need = sum(blocks_for(n) for n in sizes) * unit
             common.check_memory(
                 need, f"--concurrency {top} requests of up to {longest} tokens at once (their KV pool, fp32 on "
                       "the CPU)",
                 "give fewer --concurrency, shorter --prompt-tokens/--new-tokens, or a --kv-memory to preempt within")
+    return longest
 
 
 def _pct(values, q) -> float:
@@ -241,11 +243,10 @@ def run(args) -> dict:
         note = f"CPU backend: ran {CPU_MODEL} instead of {model} (a CPU figure, not comparable to a GPU)"
         model = CPU_MODEL
         cfg = resolve_model_config(model)
-    _check_before_loading(args, rt, cfg, model)
+    longest = _check_before_loading(args, rt, cfg, model)
     deterministic = bool(getattr(args, "deterministic", False)) and not cpu
     prefill_path = None if cpu else getattr(args, "prefill_path", "ragged")  # the CPU runner has one path
     budget = 512 if cpu else CUDA_TOKEN_BUDGET + (FIXED_CHUNK if deterministic else 0)
-    longest = max(request_sizes(max(args.concurrency), args.prompt_tokens, args.new_tokens, args.shared_prefix))
     llm = LLM(model, backend=rt.backend, max_context=longest + CONTEXT_SLACK)
     cfg = llm.config
     levels, one_seq = {}, None

@@ -40,6 +40,10 @@ CLOSE_WARN_S = 10.0  # close() says so when the engine's step outlasts this (the
 BACKENDS = ("cpu", "cuda")
 
 
+def _closed(what: str) -> NexusRTError:
+    return NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+
+
 class LLM:
     """A loaded model and its runner.
 
@@ -165,7 +169,7 @@ class LLM:
         self._owner = threading.current_thread()
         if need_open and self.runner is None:
             self._leave()
-            raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+            raise _closed(what)
         return True
 
     @property
@@ -176,7 +180,7 @@ class LLM:
     def _engine_loop(self, what: str):
         with self._loop_lock:
             if self._closing or self.runner is None:
-                raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+                raise _closed(what)
             if self._loop is None:
                 with self._watch():
                     self._loop = make_loop(self.runner, self.backend, *self._serving_args,
@@ -212,7 +216,7 @@ class LLM:
     def _request(self, what, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, emit, on_end) -> Request:
         runner = self.runner
         if self._closing or runner is None:
-            raise NexusRTError(f"LLM.{what}() after close(): this LLM released its model; create a new nrt.LLM")
+            raise _closed(what)
         prompt, policy = (prompt.prompt, prompt.policy) if isinstance(prompt, Pruned) else (prompt, None)
         # The arguments are checked (and the prompt tokenized) before the engine's loop, its
         # thread and its pool are made: a refused call starts nothing.

@@ -19,6 +19,7 @@ from ..kvcache.blocks import blocks_for
 from ..kvcache.tiers import KvBudgetError, block_bytes, mem_available
 from ..reference.sampling import SamplingParams
 from ..serving import Engine, EngineLoop, KvPolicy, QueueFull, SchedulerConfig, Sequence, State
+from .fit import cpu_available
 from .kv import report
 from .session import GenerationResult, Session
 
@@ -49,8 +50,8 @@ def check_kv_memory(config, backend: str, kv_memory: int | None, available: int 
     """Refuse a ``kv_memory`` (bytes of the serving engine's KV pool, checked by
     :func:`serving_config`) that cannot work for this model: below one KV block of the backend
     (fp32 on the CPU, bf16 on CUDA) or, on the CPU, more than ``available`` bytes (default
-    ``MemAvailable``; NumPy would take the pool lazily and the machine would swap or kill the
-    process mid-request). ``nrt.LLM`` calls it before it builds its runner, so a bad value fails
+    :func:`~nexusrt.engine.fit.cpu_available`, the bound the model's fit check uses: NumPy would
+    take the pool lazily and the machine would swap or kill the process mid-request). ``nrt.LLM`` calls it before it builds its runner, so a bad value fails
     there, not at the first call that starts the engine. None (the backend's default) passes."""
     if kv_memory is None:
         return
@@ -62,10 +63,7 @@ def check_kv_memory(config, backend: str, kv_memory: int | None, available: int 
     if backend != "cpu":
         return
     if available is None:
-        try:
-            available = mem_available()
-        except OSError:  # no /proc/meminfo (not Linux): NumPy's own MemoryError is what is left
-            return
+        available = cpu_available()[0]
     if kv_memory > available:
         raise InvalidArgument("kv_memory", f"kv_memory={kv_memory} bytes is more than this machine's available "
                                            f"memory ({available} bytes)")

@@ -160,3 +160,11 @@ def check_context(cfg, backend: str, model: str, total: int, asked: int, parts: 
         raise ValueError(f"{parts} = {total} tokens exceed {model}'s context of {limit} tokens on {backend}; "
                          f"give at most {limit} in all")
     return limit
+
+
+def prompt_ids(n: int, vocab: int = 256):
+    """The benchmarks' prompt: ``n`` int32 ids below ``vocab`` in a fixed, unrepeating-looking order
+    (the default 256 keeps them bytes, which every tokenizer and model here takes)."""
+    import numpy as np
+
+    return ((np.arange(n, dtype=np.int64) * 7919 + 11) % vocab).astype(np.int32)

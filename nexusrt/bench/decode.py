@@ -26,11 +26,9 @@ import dataclasses
 import os
 import statistics
 
-import numpy as np
-
 from ..errors import ModelError
 from ..models.shipped import DEFAULT_MODEL
-from .common import (add_model_argument, add_shared_argument, env_set, int_list, refuse_off_backend,
+from .common import (add_model_argument, add_shared_argument, env_set, int_list, prompt_ids, refuse_off_backend,
                      resolve_model_config, writable_folder_problem)
 from . import decode_tp
 from .decode_timing import MIN_NEW_TOKENS, bytes_per_token, check_fits, pick_text, time_generation
@@ -132,7 +130,7 @@ def run(args) -> dict:
         model = CPU_MODEL
         cfg = resolve_model_config(model)
     check_fits(cfg, rt.backend, model, args.prompt_tokens, args.new_tokens)  # before the model loads
-    prompt = (np.arange(args.prompt_tokens, dtype=np.int32) * 7919 + 11) % 256
+    prompt = prompt_ids(args.prompt_tokens)
     if args.tensor_parallel > 1:  # TP=N beside TP=1, the graph path only (decode_tp.validate)
         result = decode_tp.run(args, rt, model, note, prompt)
         if args.plot:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-
+from .common import prompt_ids
 from .table import table
 
 NAME = "persistent decode step"  # what --kernel-filter matches, as it matches a case's name
@@ -52,7 +51,7 @@ def measure(rt, model: str) -> dict:
     reason = device_reason(rt)
     if reason is not None:
         return {"skipped": reason}
-    prompt = (np.arange(PROMPT_TOKENS, dtype=np.int32) * 7919 + 11) % 256  # the decode stage's prompt
+    prompt = prompt_ids(PROMPT_TOKENS)  # the decode stage's prompt
     try:
         return profile_step(model, prompt, NEW_TOKENS)
     except ModelError as exc:  # a shape the kernel does not take: said, not fatal

@@ -18,7 +18,8 @@ import time
 import numpy as np
 
 from ..models.shipped import DEFAULT_MODEL
-from .common import add_model_argument, add_shared_argument, check_context, int_list, resolve_model_config
+from .common import (add_model_argument, add_shared_argument, check_context, int_list, prompt_ids,
+                     resolve_model_config)
 from .table import table
 
 CPU_MODEL = DEFAULT_MODEL  # the shipped trained model: small enough for NumPy
@@ -48,11 +49,6 @@ def prefill_flops(cfg, tokens: int) -> dict:
     attention = L * 4 * d * hq * (tokens * (tokens + 1) // 2)
     head = 2 * cfg.vocab_size * h
     return {"linear": linear, "attention": attention, "lm_head": head, "total": linear + attention + head}
-
-
-def prompt_ids(n: int, vocab: int) -> np.ndarray:
-    """A deterministic prompt of ``n`` ids spread over the vocabulary."""
-    return ((np.arange(n, dtype=np.int64) * 7919 + 11) % vocab).astype(np.int32)
 
 
 def run(args) -> dict:
